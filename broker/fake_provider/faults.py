@@ -1,0 +1,100 @@
+"""Which fault a request gets, parsed from a spec such as `stall-ping:after=3,times=1`.
+
+A fault is chosen by the `x-isopool-fault` header, by a model name ending in
+`@<spec>` (e.g. `claude-fake@reset:after=5`), or by server-wide probabilities.
+Header and model faults fire `times` times per distinct request body (default once),
+so that a retry of the same request is served cleanly and can be checked.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import msgspec
+
+FAULT_HEADER = "x-isopool-fault"
+LATENCY_HEADER = "x-isopool-latency"
+
+KINDS = {
+    "stall-first": "no first event; `event: ping` (Anthropic) or `: ping` comments every `interval`",
+    "stall-ping": "stall after `after` events while sending `event: ping` every `interval`",
+    "stall-comment": "stall after `after` events while sending `: keep-alive` comments",
+    "silent": "stall after `after` events with the connection open and silent",
+    "drip": "send every event `gap` seconds apart (healthy if gap < stale_timeout)",
+    "slow-first": "wait `delay` seconds before the first event, then stream normally",
+    "reset": "reset the TCP connection after `after` events",
+    "close": "close the connection cleanly after `after` events",
+    "http-429": "answer 429 rate_limit_error with `retry-after: <retry_after>`",
+    "http-500": "answer 500 api_error",
+    "http-529": "answer 529 overloaded_error",
+    "error-event": "send a mid-stream `error` event after `after` events",
+}
+
+
+class Fault(msgspec.Struct, frozen=True):
+    kind: str
+    after: int = 3
+    interval: float = 1.0
+    gap: float = 0.5
+    delay: float = 1.0
+    retry_after: float = 0.0
+    times: int = 1
+    hold: float = 600.0  # the longest a stall holds its connection open
+
+    @property
+    def stalls(self) -> bool:
+        return self.kind in ("stall-first", "stall-ping", "stall-comment", "silent")
+
+    @property
+    def http_status(self) -> int | None:
+        return int(self.kind[5:]) if self.kind.startswith("http-") else None
+
+
+def parse_params(text: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {item!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def parse_fault(spec: str) -> Fault:
+    """`kind[:key=value,...]` -> Fault; ValueError with the list of kinds when unknown."""
+    kind, _, params = spec.strip().partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"unknown fault {kind!r}; known: {', '.join(KINDS)}")
+    try:
+        return msgspec.convert({"kind": kind, **parse_params(params)}, Fault, strict=False)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"bad fault spec {spec!r}: {exc}") from None
+
+
+class FaultPlan:
+    """Decides each request's fault and counts what it injected."""
+
+    def __init__(self, rates: dict[str, float] | None = None, seed: int = 0) -> None:
+        self.rates = {parse_fault(spec): rate for spec, rate in (rates or {}).items()}
+        self._rng = random.Random(seed)
+        self._fired: Counter[tuple[str, Fault]] = Counter()
+        self.injected: Counter[str] = Counter()
+
+    def choose(self, header: str | None, model: str, body_key: str) -> Fault | None:
+        spec = header or (model.partition("@")[2] if "@" in model else "")
+        if spec:
+            fault = parse_fault(spec)
+            if self._fired[(body_key, fault)] >= fault.times:
+                return None
+            self._fired[(body_key, fault)] += 1
+            return fault
+        draw = self._rng.random()
+        for fault, rate in self.rates.items():
+            if draw < rate:
+                return fault
+            draw -= rate
+        return None
+
+    def record(self, fault: Fault) -> None:
+        self.injected[fault.kind] += 1

@@ -1,0 +1,94 @@
+"""Running the fake provider: in the foreground (`isopool fake-provider`) or as an owned child process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+from aiohttp import web
+
+from ..processes import python_command, stop_popen
+from .faults import FaultPlan
+from .server import FakeProvider, Latency
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    latency: Latency | None = None,
+    rates: dict[str, float] | None = None,
+    seed: int = 0,
+    exit_on_stdin_eof: bool = False,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or, for an owned child, until the parent's pipe closes)."""
+    provider = FakeProvider(latency, FaultPlan(rates, seed))
+    runner = web.AppRunner(provider.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0]
+    print(f"listening http://{bound[0]}:{bound[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_on_stdin_eof:
+        loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(4096) or stop.set())
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+class FakeProviderProcess:
+    """The fake provider as a child process owned by this one; a context manager.
+
+    The child exits by itself if this process dies (it watches its stdin pipe)."""
+
+    def __init__(
+        self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0
+    ) -> None:
+        latency = latency or Latency()
+        args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
+        args += ["--seed", str(seed), "--owned"]
+        for spec, rate in (rates or {}).items():
+            args += ["--fault-rate", f"{spec}={rate}"]
+        self._args = args
+        self._proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> FakeProviderProcess:
+        self._proc = subprocess.Popen(
+            python_command("broker.fake_provider", "--port", "0", *self._args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        line = self._proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        if not line.startswith("listening "):
+            self.stop()
+            raise RuntimeError(f"fake provider failed to start (said {line!r})")
+        self.url = line.removeprefix("listening ")
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_isopool/stats", timeout=10) as resp:
+            return json.load(resp)
+
+    def reset(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.url + "/_isopool/reset", method="POST"), timeout=10).close()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_popen(self._proc)
+            self._proc = None
+
+    def __enter__(self) -> FakeProviderProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,224 @@
+"""The fake provider: a real aiohttp server on loopback speaking the Anthropic Messages,
+OpenAI Chat Completions and OpenAI Responses APIs, with injected faults (F1-F7).
+
+Counters of what it served and injected are at `GET /_isopool/stats`
+(`POST /_isopool/reset` zeroes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections import Counter
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .content import Reply
+from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
+from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
+
+log = logging.getLogger(__name__)
+
+_ENC = msgspec.json.Encoder()
+_ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+
+
+class Latency(msgspec.Struct, frozen=True):
+    """Time to first event, time between events (0: as fast as the socket takes them), output length."""
+
+    ttft: float = 0.0
+    gap: float = 0.0
+    tokens: int = 16
+
+
+class FakeProvider:
+    def __init__(self, latency: Latency | None = None, faults: FaultPlan | None = None) -> None:
+        self.latency = latency or Latency()
+        self.faults = faults or FaultPlan()
+        self.served: Counter[str] = Counter()
+        self.completed = 0
+        self.disconnects = 0
+        self.active = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/messages", self._endpoint(AnthropicMessages, "anthropic"))
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/v1/chat/completions", self._endpoint(OpenAIChat, "openai"))
+        app.router.add_post("/v1/responses", self._endpoint(OpenAIResponses, "openai"))
+        app.router.add_get("/_isopool/stats", self.stats)
+        app.router.add_post("/_isopool/reset", self.reset)
+        return app
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "served": dict(self.served),
+            "faults": dict(self.faults.injected),
+            "completed": self.completed,
+            "disconnects": self.disconnects,
+            "active": self.active,
+        }
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.served.clear()
+        self.faults.injected.clear()
+        self.completed = self.disconnects = 0
+        return web.json_response({"ok": True})
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.served["messages.count_tokens"] += 1
+        self.completed += 1
+        return web.json_response({"input_tokens": Reply(body, 1).input_tokens})
+
+    def _endpoint(self, fmt: Any, dialect: str) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                body = await request.json()
+                latency = self._latency(request)
+                reply = Reply(body, latency.tokens)
+                fault = self.faults.choose(request.headers.get(FAULT_HEADER), reply.model, reply.key)
+            except ValueError as exc:
+                return _error(dialect, 400, "invalid_request_error", str(exc))
+            if fault is not None:
+                self.faults.record(fault)
+            stream = bool(body.get("stream"))
+            self.served[f"{request.path.removeprefix('/v1/').replace('/', '.')}.{'stream' if stream else 'plain'}"] += 1
+            if fault is not None and fault.http_status:
+                status = fault.http_status
+                headers = {"retry-after": f"{fault.retry_after:g}"} if status == 429 else {}
+                return _error(dialect, status, _ERROR_TYPES[status], f"injected {fault.kind}", headers)
+            if stream:
+                return await self._stream(request, fmt, reply, body, latency, fault)
+            return await self._plain(request, fmt, reply, body, latency, fault)
+
+        return handle
+
+    def _latency(self, request: web.Request) -> Latency:
+        spec = request.headers.get(LATENCY_HEADER)
+        if not spec:
+            return self.latency
+        fields = {**msgspec.structs.asdict(self.latency), **parse_params(spec)}
+        try:
+            return msgspec.convert(fields, Latency, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad {LATENCY_HEADER} header: {exc}") from None
+
+    async def _plain(
+        self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
+    ) -> web.StreamResponse:
+        delay = latency.ttft + latency.gap * reply.output_tokens
+        if fault is not None:
+            if fault.stalls:
+                await self._hold(request, fault, None, 0)
+                return web.Response(status=499)
+            if fault.kind in ("reset", "close"):
+                _drop(request, reset=fault.kind == "reset")
+                return web.Response(status=499)
+            delay += fault.delay if fault.kind == "slow-first" else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        self.completed += 1
+        return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
+
+    async def _stream(
+        self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
+    ) -> web.StreamResponse:
+        events = [_sse(name, data) for name, data in fmt.events(reply, body)]
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await response.prepare(request)
+        cut = len(events)
+        if fault is not None and fault.kind in ("stall-ping", "stall-comment", "silent", "reset", "close", "error-event"):
+            cut = min(fault.after, len(events) - 1)
+        elif fault is not None and fault.kind == "stall-first":
+            cut = 0
+        gap = fault.gap if fault is not None and fault.kind == "drip" else latency.gap
+        first_wait = latency.ttft + (fault.delay if fault is not None and fault.kind == "slow-first" else 0.0)
+        self.active += 1
+        try:
+            if cut and first_wait:
+                await asyncio.sleep(first_wait)
+            await _write_events(response, events[:cut], gap)
+            if cut == len(events):
+                self.completed += 1
+            elif fault is not None:
+                await self._misbehave(request, response, fmt, fault, cut)
+        except (ConnectionError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
+        finally:
+            self.active -= 1
+        return response
+
+    async def _misbehave(
+        self, request: web.Request, response: web.StreamResponse, fmt: Any, fault: Fault, sent: int
+    ) -> None:
+        if fault.kind == "error-event":
+            await response.write(_sse(*fmt.error_event("overloaded_error", "injected mid-stream error")))
+        elif fault.kind in ("reset", "close"):
+            _drop(request, reset=fault.kind == "reset")
+        else:
+            await self._hold(request, fault, response, sent)
+
+    async def _hold(self, request: web.Request, fault: Fault, response: web.StreamResponse | None, sent: int) -> None:
+        """Keep the connection open, sending keep-alives as the fault says, until the client leaves."""
+        keepalive = b""
+        if response is not None and fault.kind in ("stall-ping", "stall-first"):
+            keepalive = _sse(*AnthropicMessages.ping) if request.path == "/v1/messages" else b": ping\n\n"
+        elif response is not None and fault.kind == "stall-comment":
+            keepalive = b": keep-alive\n\n"
+        loop = asyncio.get_running_loop()
+        until = loop.time() + fault.hold
+        step = min(fault.interval, 0.1) if not keepalive else fault.interval
+        next_ping = loop.time() + fault.interval
+        while loop.time() < until:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("client went away during an injected stall")
+            if keepalive and loop.time() >= next_ping:
+                await response.write(keepalive)  # type: ignore[union-attr]
+                next_ping += fault.interval
+            await asyncio.sleep(step)
+
+
+async def _write_events(response: web.StreamResponse, events: list[bytes], gap: float) -> None:
+    if not gap:
+        if events:
+            await response.write(b"".join(events))
+        return
+    for i, event in enumerate(events):
+        if i:
+            await asyncio.sleep(gap)
+        await response.write(event)
+
+
+def _sse(name: str | None, data: Any) -> bytes:
+    payload = data.encode() if isinstance(data, str) else _ENC.encode(data)
+    if name is None:
+        return b"data: " + payload + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def _error(dialect: str, status: int, kind: str, message: str, headers: dict | None = None) -> web.Response:
+    if dialect == "anthropic":
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"type": kind, "message": message, "code": kind, "param": None}}
+    return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
+
+
+def _drop(request: web.Request, reset: bool) -> None:
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if reset and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort() if reset else transport.close()

@@ -1,0 +1,199 @@
+"""The wire protocol shared by client, broker and worker.
+
+Every message is a multipart ZeroMQ message of two or three frames:
+
+    [kind (1 byte)] [header (msgpack, per-kind Struct, array-like)] [payload (opaque bytes)]
+
+The broker decodes only the kind and the header; payloads (the SDK call's arguments,
+the provider's event JSON, results and error details) are forwarded untouched.
+Field order of the array-like headers is the contract: fields are only ever appended.
+
+Client <-> broker (frontend):  SUBMIT, CANCEL, STATS  ->   <- EVENT, RESULT, ERROR, STATS
+Broker <-> worker (backend):   RUN, ABORT             ->   <- READY, HEARTBEAT, HEAD,
+                                                              PROGRESS, EVENT, RESULT, ERROR
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4096
+
+
+class Kind(enum.IntEnum):
+    SUBMIT = 1
+    CANCEL = 2
+    STATS = 3
+    EVENT = 10
+    RESULT = 11
+    ERROR = 12
+    HEAD = 13
+    PROGRESS = 14
+    RUN = 20
+    ABORT = 21
+    READY = 30
+    HEARTBEAT = 31
+
+
+class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A call to run. `model` and `stream` are copied out of the payload so that the
+    broker can pick time limits without parsing it."""
+
+    rid: int
+    profile: str = ""
+    model: str = ""
+    stream: bool = False
+    first_event_timeout: float | None = None
+    stale_timeout: float | None = None
+    deadline: float | None = None
+    max_attempts: int | None = None
+
+
+class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Header of messages that only name a request: CANCEL, STATS, HEAD, PROGRESS, RESULT, ABORT."""
+
+    rid: int
+
+
+class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One real stream event; the payload is the provider's own `data:` JSON, unparsed."""
+
+    rid: int
+    seq: int
+    name: str = ""
+
+
+class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Header of an ERROR; the payload is an encoded `ErrorInfo`."""
+
+    rid: int
+    code: str
+
+
+class Run(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    rid: int
+    attempt: int = 1
+
+
+class Ready(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A worker's first message: nothing is routed to it before."""
+
+    worker: str
+    pid: int
+    version: int
+    capacity: int = 1
+
+
+class Heartbeat(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    worker: str
+
+
+HEADERS: dict[Kind, type[msgspec.Struct]] = {
+    Kind.SUBMIT: Submit,
+    Kind.CANCEL: Ref,
+    Kind.STATS: Ref,
+    Kind.EVENT: Event,
+    Kind.RESULT: Ref,
+    Kind.ERROR: Error,
+    Kind.HEAD: Ref,
+    Kind.PROGRESS: Ref,
+    Kind.RUN: Run,
+    Kind.ABORT: Ref,
+    Kind.READY: Ready,
+    Kind.HEARTBEAT: Heartbeat,
+}
+KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
+
+
+# Payloads. The broker never decodes these, except the ones it writes itself.
+
+
+class Call(msgspec.Struct, frozen=True):
+    """What a worker should run: an SDK method path such as `messages.create` and its kwargs."""
+
+    method: str
+    kwargs: dict[str, Any] = {}
+
+
+class Response(msgspec.Struct, frozen=True):
+    """HTTP status, headers and body of a finished call (body empty after a stream)."""
+
+    status: int
+    headers: list[tuple[str, str]] = []
+    body: bytes = b""
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """Everything the caller needs to raise a typed error.
+
+    `code` says who failed and how (see `broker.errors`); `status`, `body` and
+    `headers` are set for provider HTTP errors so that the SDK's own class can be
+    rebuilt; `delivered` counts the events the caller had already received."""
+
+    code: str
+    message: str
+    status: int | None = None
+    body: bytes | None = None
+    headers: list[tuple[str, str]] = []
+    delivered: int = 0
+    attempts: int = 0
+    error_type: str = ""
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; it is answered and dropped."""
+
+
+class Codec:
+    """Encoders and decoders built once per socket owner. Not thread-safe: one per thread."""
+
+    def __init__(self) -> None:
+        self._enc = msgspec.msgpack.Encoder()
+        self._headers = {kind: msgspec.msgpack.Decoder(t) for kind, t in HEADERS.items()}
+        self._call = msgspec.msgpack.Decoder(Call)
+        self._response = msgspec.msgpack.Decoder(Response)
+        self._error = msgspec.msgpack.Decoder(ErrorInfo)
+        self._any = msgspec.msgpack.Decoder()
+
+    def encode(self, obj: Any) -> bytes:
+        return self._enc.encode(obj)
+
+    def frames(self, kind: Kind, header: msgspec.Struct, payload: bytes | None = None) -> list[bytes]:
+        if payload is None:
+            return [KIND_BYTES[kind], self._enc.encode(header)]
+        return [KIND_BYTES[kind], self._enc.encode(header), payload]
+
+    def parse(self, frames: list[bytes]) -> tuple[Kind, Any, bytes]:
+        """Decode kind and header; raise ProtocolError for anything malformed."""
+        if len(frames) not in (2, 3):
+            raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
+        kind_frame, header = frames[0], frames[1]
+        if len(kind_frame) != 1:
+            raise ProtocolError("kind frame must be one byte")
+        try:
+            kind = Kind(kind_frame[0])
+        except ValueError:
+            raise ProtocolError(f"unknown message kind {kind_frame[0]}") from None
+        if len(header) > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            decoded = self._headers[kind].decode(header)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"bad {kind.name} header: {exc}") from None
+        return kind, decoded, frames[2] if len(frames) == 3 else b""
+
+    def call(self, payload: bytes) -> Call:
+        return self._call.decode(payload)
+
+    def response(self, payload: bytes) -> Response:
+        return self._response.decode(payload)
+
+    def error(self, payload: bytes) -> ErrorInfo:
+        return self._error.decode(payload)
+
+    def any(self, payload: bytes) -> Any:
+        return self._any.decode(payload)

@@ -8,7 +8,7 @@ The broker decodes only the kind and the header; payloads (the SDK call's argume
 the provider's event JSON, results and error details) are forwarded untouched.
 Field order of the array-like headers is the contract: fields are only ever appended.
 
-Client <-> broker (frontend):  SUBMIT, CANCEL, STATS  ->   <- EVENT, RESULT, ERROR, STATS
+Client <-> broker (frontend):  SUBMIT, CANCEL, STATS, PING  ->   <- EVENT, RESULT, ERROR, STATS
 Broker <-> worker (backend):   RUN, ABORT             ->   <- READY, HEARTBEAT, HEAD,
                                                               PROGRESS, EVENT, RESULT, ERROR
 """
@@ -24,10 +24,31 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 4096
 
 
+class Code(enum.StrEnum):
+    """What an ERROR means. Provider codes come from the worker, the rest from the broker or client."""
+
+    PROVIDER_STATUS = "provider_status"  # HTTP 4xx/5xx from the provider, after the SDK's own retries
+    PROVIDER_STREAM = "provider_stream"  # an `error` event in the middle of a stream
+    PROVIDER_CONNECTION = "provider_connection"
+    PROVIDER_TIMEOUT = "provider_timeout"  # the SDK's own HTTP timeout
+    BAD_REQUEST = "bad_request"  # unknown profile or method, bad arguments, refused override
+    CONFIG = "config"  # the worker could not build its SDK client (e.g. no API key)
+    STALLED = "stalled"  # the stream stopped producing events after the caller saw some
+    WORKER_LOST = "worker_lost"  # the worker died after the caller saw output
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # every attempt stalled or lost its worker
+    DEADLINE = "deadline"
+    SATURATED = "saturated"  # the pool's queue is full
+    CANCELLED = "cancelled"
+    SHUTTING_DOWN = "shutting_down"
+    PROTOCOL = "protocol"  # a malformed, oversized or unknown message
+    INTERNAL = "internal"
+
+
 class Kind(enum.IntEnum):
     SUBMIT = 1
     CANCEL = 2
     STATS = 3
+    PING = 4
     EVENT = 10
     RESULT = 11
     ERROR = 12
@@ -96,6 +117,7 @@ HEADERS: dict[Kind, type[msgspec.Struct]] = {
     Kind.SUBMIT: Submit,
     Kind.CANCEL: Ref,
     Kind.STATS: Ref,
+    Kind.PING: Ref,
     Kind.EVENT: Event,
     Kind.RESULT: Ref,
     Kind.ERROR: Error,

@@ -1,0 +1,58 @@
+"""isopool: a process-isolation worker pool for Anthropic and OpenAI SDK calls.
+
+The client side lives here: the embedded `Pool`, the low-level `Client`/`AsyncClient`,
+configuration, and the exceptions callers see.
+"""
+
+from .client import AsyncCall, AsyncClient, Client, Result, StreamEvent, SyncCall
+from .config import ConfigError, Limits, Profile, Settings, load_settings
+from .errors import (
+    AttemptsExhausted,
+    BadRequest,
+    BrokerUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    IsopoolError,
+    PoolSaturated,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderStatusError,
+    ProviderStreamError,
+    ProviderTimeoutError,
+    RequestError,
+    ShuttingDown,
+    StreamStalled,
+    WorkerLost,
+)
+from .pool import Pool
+
+__all__ = [
+    "AsyncCall",
+    "AsyncClient",
+    "AttemptsExhausted",
+    "BadRequest",
+    "BrokerUnavailable",
+    "Cancelled",
+    "Client",
+    "ConfigError",
+    "DeadlineExceeded",
+    "IsopoolError",
+    "Limits",
+    "Pool",
+    "PoolSaturated",
+    "Profile",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderStatusError",
+    "ProviderStreamError",
+    "ProviderTimeoutError",
+    "RequestError",
+    "Result",
+    "Settings",
+    "ShuttingDown",
+    "StreamEvent",
+    "StreamStalled",
+    "SyncCall",
+    "WorkerLost",
+    "load_settings",
+]

@@ -1,0 +1,394 @@
+"""The low-level client: submit SDK calls to a broker, iterate their events, get results.
+
+`AsyncClient` is the core (one DEALER socket, one reader task). `Client` is the thin
+sync wrapper: it runs an `AsyncClient` on a private event-loop thread, and each call's
+events are handed to the calling thread through a thread-safe queue, so iterating a
+stream costs no cross-thread round trip per event.
+
+    with Pool() as pool, pool.client() as client:
+        call = client.submit("anthropic", "messages.create", model=..., max_tokens=..., messages=..., stream=True)
+        for event in call:
+            print(event.name, event.json())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
+from .protocol import Call, Code, Codec, ErrorInfo, Kind, ProtocolError, Ref, Response, Submit
+
+log = logging.getLogger(__name__)
+_JSON = msgspec.json.Decoder()
+_END = object()
+
+
+class StreamEvent(msgspec.Struct, frozen=True, gc=False):
+    """One real event of a stream: the SSE event name and the provider's own JSON bytes."""
+
+    name: str
+    data: bytes
+
+    def json(self) -> Any:
+        return _JSON.decode(self.data)
+
+
+class Result(msgspec.Struct, frozen=True):
+    """How a call ended: HTTP status and headers, and (for non-streaming calls) the JSON body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def json(self) -> Any:
+        return _JSON.decode(self.body)
+
+
+class _Sink:
+    """Where the reader task puts one call's messages: an asyncio queue, or a thread-safe one."""
+
+    def __init__(self, threadsafe: bool) -> None:
+        self.queue: Any = queue.SimpleQueue() if threadsafe else asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self.queue.put_nowait(item)
+
+
+class _CallState:
+    __slots__ = ("rid", "sink", "raw", "head", "result", "error", "done")
+
+    def __init__(self, rid: int, sink: _Sink, raw: bool = False) -> None:
+        self.rid = rid
+        self.sink = sink
+        self.raw = raw  # a control call (STATS, PING): the result payload is not a Response
+        self.head: Response | None = None
+        self.result: Result | None = None
+        self.error: RequestError | None = None
+        self.done = False
+
+    def take(self, item: Any) -> Any:
+        """Account for one queued item; returns the event, or _END once the call has ended."""
+        if isinstance(item, StreamEvent):
+            return item
+        if isinstance(item, RequestError) or isinstance(item, BrokerUnavailable):
+            self.error = item  # type: ignore[assignment]
+        elif isinstance(item, Result):
+            self.result = item
+        self.done = True
+        return _END
+
+    def finish(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class AsyncCall:
+    """One submitted call (asyncio). Iterate it for stream events; await `result()` for the end."""
+
+    def __init__(self, client: AsyncClient, state: _CallState) -> None:
+        self._client, self._state = client, state
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        state = self._state
+        try:
+            while not state.done:
+                item = state.take(await state.sink.queue.get())
+                if item is _END:
+                    break
+                yield item
+        finally:
+            if not state.done:
+                await self.cancel()
+        state.finish()
+
+    async def result(self) -> Result:
+        """The end of the call, discarding any events not yet read; raises its RequestError."""
+        state = self._state
+        while not state.done:
+            state.take(await state.sink.queue.get())
+        return state.finish()
+
+    async def cancel(self) -> None:
+        await self._client._cancel(self._state)
+
+
+class SyncCall:
+    """One submitted call, for a `Client`'s caller thread."""
+
+    def __init__(self, client: Client, state: _CallState) -> None:
+        self._client, self._state = client, state
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        state = self._state
+        try:
+            while not state.done:
+                item = state.take(state.sink.queue.get())
+                if item is _END:
+                    break
+                yield item
+        finally:
+            if not state.done:
+                self.cancel()
+        state.finish()
+
+    def result(self) -> Result:
+        state = self._state
+        while not state.done:
+            state.take(state.sink.queue.get())
+        return state.finish()
+
+    def cancel(self) -> None:
+        self._client._call_soon(self._client._async._cancel(self._state))
+
+
+class AsyncClient:
+    """A connection to a broker. Not thread-safe: use it from one event loop (or use `Client`).
+
+    `broker_timeout`: with calls in flight and nothing heard for this long, the broker
+    is probed; if it stays silent as long again, every call fails with BrokerUnavailable."""
+
+    def __init__(self, url: str, broker_timeout: float = 10.0) -> None:
+        self.url = url
+        self.broker_timeout = broker_timeout
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        self._sock.connect(url)
+        self._codec = Codec()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _CallState] = {}
+        self._reader: asyncio.Task | None = None
+        self._closed = False
+
+    async def submit(
+        self,
+        profile: str,
+        method: str,
+        /,
+        *,
+        first_event_timeout: float | None = None,
+        stale_timeout: float | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        **kwargs: Any,
+    ) -> AsyncCall:
+        """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
+        limits = (first_event_timeout, stale_timeout, deadline, max_attempts)
+        state, frames = self._prepare(False, profile, method, kwargs, *limits)
+        self._send(frames)
+        return AsyncCall(self, state)
+
+    async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
+        """Submit and wait for the result."""
+        return await (await self.submit(profile, method, **kwargs)).result()
+
+    def _prepare(
+        self, threadsafe: bool, profile: str, method: str, kwargs: dict[str, Any], *limits: Any
+    ) -> tuple[_CallState, list[bytes]]:
+        """Register a call and encode it; safe from any thread (the send itself is the loop's)."""
+        if self._closed:
+            raise ClientClosed("this client is closed")
+        rid = next(self._ids)
+        try:
+            payload = self._codec.encode(Call(method, kwargs))
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise BadRequest(ErrorInfo(Code.BAD_REQUEST, f"arguments cannot be sent to the pool: {exc}")) from None
+        header = Submit(rid, profile, str(kwargs.get("model", "")), bool(kwargs.get("stream")), *limits)
+        state = _CallState(rid, _Sink(threadsafe))
+        self._calls[rid] = state
+        return state, self._codec.frames(Kind.SUBMIT, header, payload)
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Send on the loop's thread."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._sock.send_multipart(frames)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's stats snapshot (workers, counters, histograms)."""
+        state = self._control(Kind.STATS, False)
+        while not state.done:
+            state.take(await state.sink.queue.get())
+        return self._codec.any(state.finish().body)
+
+    async def ping(self) -> None:
+        state = self._control(Kind.PING, False)
+        while not state.done:
+            state.take(await state.sink.queue.get())
+        state.finish()
+
+    def _control(self, kind: Kind, threadsafe: bool) -> _CallState:
+        rid = next(self._ids)
+        state = _CallState(rid, _Sink(threadsafe), raw=True)
+        self._calls[rid] = state
+        self._send(self._codec.frames(kind, Ref(rid)))
+        return state
+
+    async def _cancel(self, state: _CallState) -> None:
+        if not state.done and state.rid in self._calls and not self._closed:
+            await self._sock.send_multipart(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
+
+    async def _read(self) -> None:
+        """Route every incoming message to its call; fail everything if the broker goes silent."""
+        sock, codec, calls = self._sock, self._codec, self._calls
+        probing = False
+        while True:
+            if not await sock.poll(self.broker_timeout * 1000, zmq.POLLIN):
+                if not calls:
+                    continue
+                if probing:
+                    self._fail_all(BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s"))
+                    probing = False
+                    continue
+                probing = True
+                await sock.send_multipart(codec.frames(Kind.PING, Ref(0)))
+                continue
+            probing = False
+            for _ in range(1024):
+                try:
+                    frames = await sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                try:
+                    kind, header, payload = codec.parse(frames)
+                except ProtocolError:
+                    log.warning("dropping a malformed message from the broker")
+                    continue
+                state = calls.get(header.rid)
+                if state is None:
+                    continue
+                if kind == Kind.EVENT:
+                    state.sink.put(StreamEvent(header.name, payload))
+                elif kind == Kind.HEAD:
+                    state.head = codec.response(payload)
+                elif kind in (Kind.RESULT, Kind.ERROR):
+                    del calls[header.rid]
+                    state.sink.put(self._ending(state, kind, payload))
+
+    def _ending(self, state: _CallState, kind: Kind, payload: bytes) -> Result | RequestError:
+        try:
+            if kind == Kind.ERROR:
+                return error_for(self._codec.error(payload), state.rid)
+            return self._result(state, payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error_for(ErrorInfo(Code.PROTOCOL, f"unreadable answer from the broker: {exc}"), state.rid)
+
+    def _result(self, state: _CallState, payload: bytes) -> Result:
+        if state.raw:
+            return Result(200, [], payload)
+        if not payload:
+            head = state.head
+            return Result(head.status, head.headers, b"") if head else Result(200, [], b"")
+        response = self._codec.response(payload)
+        return Result(response.status, response.headers, response.body)
+
+    def _fail_all(self, exc: Exception) -> None:
+        calls = list(self._calls.values())
+        self._calls.clear()
+        for state in calls:
+            state.sink.put(exc)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for state in list(self._calls.values()):
+            await self._cancel(state)
+        self._fail_all(ClientClosed("the client was closed while this call was in flight"))
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._sock.close(0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Client:
+    """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe."""
+
+    def __init__(self, url: str, broker_timeout: float = 10.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
+        self._thread.start()
+        self._async = self._run(_make_async(url, broker_timeout))
+        self.url = url
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _call_soon(self, coro: Any) -> None:
+        if not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def submit(
+        self,
+        profile: str,
+        method: str,
+        /,
+        *,
+        first_event_timeout: float | None = None,
+        stale_timeout: float | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        **kwargs: Any,
+    ) -> SyncCall:
+        limits = (first_event_timeout, stale_timeout, deadline, max_attempts)
+        state, frames = self._async._prepare(True, profile, method, kwargs, *limits)
+        self._loop.call_soon_threadsafe(self._async._send, frames)
+        return SyncCall(self, state)
+
+    def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
+        return self.submit(profile, method, **kwargs).result()
+
+    def stats(self) -> dict[str, Any]:
+        return self._run(self._async.stats())
+
+    def ping(self) -> None:
+        self._run(self._async.ping())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make_async(url: str, broker_timeout: float) -> AsyncClient:
+    return AsyncClient(url, broker_timeout)

@@ -1,0 +1,141 @@
+"""Pool configuration: a TOML file, then `ISOPOOL_<SETTING>` environment variables, then
+keyword arguments, each overriding the one before. A bad setting is a `ConfigError`
+at start that names the setting.
+
+Providers are named profiles. Two exist by default, `anthropic` and `openai`, which
+leave `base_url` and the key to the SDKs themselves, so `ANTHROPIC_API_KEY`,
+`ANTHROPIC_BASE_URL`, `OPENAI_API_KEY` and `OPENAI_BASE_URL` work exactly as with the
+SDKs. Time limits resolve per request, then per model glob, then per profile, then
+globally.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Time limits in seconds; None means "inherit from the wider scope"."""
+
+    first_event_timeout: float | None = None
+    stale_timeout: float | None = None
+    deadline: float | None = None
+
+
+class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One upstream: which SDK, where, with which key, how many workers and which limits."""
+
+    kind: Literal["anthropic", "openai"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    default_headers: dict[str, str] = {}
+    sdk_timeout: float = 600.0
+    sdk_max_retries: int = 2
+    min_workers: int = 1
+    max_workers: int = 8
+    spare_workers: int = 1
+    concurrency: int = 1
+    first_event_timeout: float | None = None
+    stale_timeout: float | None = None
+    deadline: float | None = None
+    models: dict[str, Limits] = {}
+
+
+def _default_profiles() -> dict[str, Profile]:
+    return {"anthropic": Profile(kind="anthropic"), "openai": Profile(kind="openai")}
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every setting of a pool, with its default. See the README's configuration table."""
+
+    first_event_timeout: float = 300.0
+    stale_timeout: float = 30.0
+    deadline: float = 1800.0
+    heartbeat_interval: float = 1.0
+    heartbeat_misses: int = 5
+    startup_timeout: float = 30.0
+    max_attempts: int = 3
+    retry_backoff: float = 0.02
+    queue_limit: int = 10_000
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_requests_per_worker: int = 0
+    max_memory_per_worker_mb: int = 0
+    respawn_backoff_max: float = 10.0
+    drain_timeout: float = 30.0
+    run_dir: str = ""
+    frontend: str = ""
+    log_level: str = "WARNING"
+    profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
+    models: dict[str, Limits] = {}
+
+    def __post_init__(self) -> None:
+        positive = ("first_event_timeout", "stale_timeout", "deadline", "heartbeat_interval", "startup_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"setting {name} must be > 0, got {getattr(self, name)}")
+        for name in ("heartbeat_misses", "max_attempts", "queue_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if not self.profiles:
+            raise ConfigError("setting profiles: at least one provider profile is needed")
+        for name, p in self.profiles.items():
+            if not (0 <= p.min_workers <= p.max_workers) or p.max_workers < 1:
+                raise ConfigError(f"profile {name}: need 0 <= min_workers <= max_workers and max_workers >= 1")
+            if p.concurrency < 1 or p.spare_workers < 0:
+                raise ConfigError(f"profile {name}: concurrency must be >= 1 and spare_workers >= 0")
+
+    def default_profile(self, kind: str) -> str:
+        """The profile a request of this SDK kind goes to when it names none."""
+        if kind in self.profiles:
+            return kind
+        return next((n for n, p in self.profiles.items() if p.kind == kind), "")
+
+    def limits(self, profile: str, model: str, request: Limits) -> tuple[float, float, float]:
+        """(first_event_timeout, stale_timeout, deadline) for one request."""
+        p = self.profiles[profile]
+        scopes = [request, *_matching(p.models, model), Limits(p.first_event_timeout, p.stale_timeout, p.deadline)]
+        scopes += [*_matching(self.models, model), Limits(self.first_event_timeout, self.stale_timeout, self.deadline)]
+        return tuple(  # type: ignore[return-value]
+            next(v for s in scopes if (v := getattr(s, f)) is not None)
+            for f in ("first_event_timeout", "stale_timeout", "deadline")
+        )
+
+
+def _matching(rules: dict[str, Limits], model: str) -> list[Limits]:
+    """Rules whose glob matches the model, most specific (longest pattern) first."""
+    return [rules[p] for p in sorted(rules, key=len, reverse=True) if fnmatch.fnmatchcase(model, p)]
+
+
+SCALAR_SETTINGS = [f for f in Settings.__struct_fields__ if f not in ("profiles", "models")]
+
+
+def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """File < environment (`ISOPOOL_<SETTING>`, and `ISOPOOL_CONFIG` for the file) < keyword arguments."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or env.get("ISOPOOL_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    for name in SCALAR_SETTINGS:
+        if (value := env.get(f"ISOPOOL_{name.upper()}")) is not None:
+            data[name] = value
+    data.update(overrides)
+    if "profiles" in data:
+        data["profiles"] = {k: msgspec.structs.asdict(v) if isinstance(v, Profile) else v for k, v in data["profiles"].items()}
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from None

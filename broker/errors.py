@@ -1,0 +1,164 @@
+"""Exceptions raised to callers of the pool.
+
+    IsopoolError
+    ├── BrokerUnavailable            no broker answered within the client's timeout
+    ├── ClientClosed                 the client was used after close()
+    └── RequestError                 one request ended in an error (.code, .info, .request_id)
+        ├── ProviderError            the provider answered with an error (not a stall)
+        │   ├── ProviderStatusError      HTTP 4xx/5xx after the SDK's own retries (.status, .body, .headers)
+        │   ├── ProviderStreamError      an `error` event in the middle of a stream
+        │   └── ProviderConnectionError  the SDK could not reach the provider
+        │       └── ProviderTimeoutError the SDK's own HTTP timeout
+        ├── StreamStalled            the stream stalled after the caller saw output; not retried
+        ├── WorkerLost               the worker died after the caller saw output; not retried
+        ├── AttemptsExhausted        every attempt stalled or lost its worker
+        ├── DeadlineExceeded         the request's whole-request deadline passed
+        ├── PoolSaturated            the pool's queue is full: back off and retry
+        ├── Cancelled                cancelled by the caller, or the caller went away
+        ├── ShuttingDown             the pool is draining
+        ├── BadRequest               unknown profile or method, bad or refused arguments
+        ├── WorkerConfigError        the worker could not build its SDK client (e.g. no API key)
+        ├── ProtocolViolation        the broker could not read what was sent
+        └── InternalError            a bug: please report it with the message
+
+Broker-side codes are translated in one place, `error_for`, most specific first.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .protocol import Code, ErrorInfo
+
+
+class IsopoolError(Exception):
+    """Base of every isopool exception."""
+
+
+class BrokerUnavailable(IsopoolError):
+    """No broker answered: start one (`isopool serve`) or check ISOPOOL_URL."""
+
+
+class ClientClosed(IsopoolError):
+    """The client was closed; make a new one."""
+
+
+class RequestError(IsopoolError):
+    code: Code = Code.INTERNAL
+
+    def __init__(self, info: ErrorInfo, request_id: int = 0) -> None:
+        super().__init__(f"[{info.code}] {info.message}" + (f" (request {request_id})" if request_id else ""))
+        self.info = info
+        self.request_id = request_id
+
+    @property
+    def delivered(self) -> int:
+        """How many events the caller had received before the error."""
+        return self.info.delivered
+
+
+class ProviderError(RequestError):
+    pass
+
+
+class ProviderStatusError(ProviderError):
+    code = Code.PROVIDER_STATUS
+
+    @property
+    def status(self) -> int | None:
+        return self.info.status
+
+    @property
+    def body(self) -> object:
+        return msgspec.json.decode(self.info.body) if self.info.body else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.info.headers)
+
+
+class ProviderStreamError(ProviderError):
+    code = Code.PROVIDER_STREAM
+
+
+class ProviderConnectionError(ProviderError):
+    code = Code.PROVIDER_CONNECTION
+
+
+class ProviderTimeoutError(ProviderConnectionError):
+    code = Code.PROVIDER_TIMEOUT
+
+
+class StreamStalled(RequestError):
+    code = Code.STALLED
+
+
+class WorkerLost(RequestError):
+    code = Code.WORKER_LOST
+
+
+class AttemptsExhausted(RequestError):
+    code = Code.ATTEMPTS_EXHAUSTED
+
+
+class DeadlineExceeded(RequestError):
+    code = Code.DEADLINE
+
+
+class PoolSaturated(RequestError):
+    code = Code.SATURATED
+
+
+class Cancelled(RequestError):
+    code = Code.CANCELLED
+
+
+class ShuttingDown(RequestError):
+    code = Code.SHUTTING_DOWN
+
+
+class BadRequest(RequestError):
+    code = Code.BAD_REQUEST
+
+
+class WorkerConfigError(RequestError):
+    code = Code.CONFIG
+
+
+class ProtocolViolation(RequestError):
+    code = Code.PROTOCOL
+
+
+class InternalError(RequestError):
+    code = Code.INTERNAL
+
+
+BY_CODE: dict[Code, type[RequestError]] = {
+    cls.code: cls
+    for cls in (
+        ProviderStatusError,
+        ProviderStreamError,
+        ProviderConnectionError,
+        ProviderTimeoutError,
+        StreamStalled,
+        WorkerLost,
+        AttemptsExhausted,
+        DeadlineExceeded,
+        PoolSaturated,
+        Cancelled,
+        ShuttingDown,
+        BadRequest,
+        WorkerConfigError,
+        ProtocolViolation,
+        InternalError,
+    )
+}
+
+
+def error_for(info: ErrorInfo, request_id: int = 0) -> RequestError:
+    """The exception for an ERROR; an unknown code (a newer broker) becomes InternalError."""
+    try:
+        cls = BY_CODE[Code(info.code)]
+    except ValueError:
+        cls = InternalError
+    return cls(info, request_id)

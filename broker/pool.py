@@ -1,0 +1,113 @@
+"""An embedded pool: a broker (with its zygote and workers) in a child process owned by this one.
+
+    with Pool(stale_timeout=20) as pool:
+        with pool.client() as client:
+            print(client.request("anthropic", "messages.count_tokens", model=..., messages=...).json())
+
+The child stops as soon as this process closes its stdin pipe: on `stop()`, at exit,
+or when this process dies for any reason, so no pool outlives its owner.
+"""
+
+from __future__ import annotations
+
+import selectors
+import subprocess
+import time
+import weakref
+from typing import Any
+
+import msgspec
+
+from .client import AsyncClient, Client
+from .config import Settings, load_settings
+from .errors import BrokerUnavailable
+from .processes import python_command, stop_popen
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Close the broker's stdin (it stops at once, killing its workers), wait, then make sure."""
+    try:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(5.0)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    stop_popen(proc, grace=1.0)
+
+
+class Pool:
+    """Start with `start()` or `with Pool(...) as pool`; `settings` or keyword settings (see `Settings`)."""
+
+    def __init__(self, settings: Settings | None = None, config: str | None = None, **overrides: Any) -> None:
+        self.settings = settings or load_settings(config, **overrides)
+        self.url = ""
+        self.pid = 0
+        self._proc: subprocess.Popen | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def start(self, wait: bool = True) -> Pool:
+        """Start the broker; with `wait`, return once every profile's `min_workers` are ready."""
+        self._proc = subprocess.Popen(python_command("broker.serve"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._finalizer = weakref.finalize(self, _stop, self._proc)
+        self._proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # type: ignore[union-attr]
+        self._proc.stdin.flush()  # type: ignore[union-attr]
+        line = self._readline(self.settings.startup_timeout)
+        try:
+            ready = msgspec.json.decode(line)
+            self.url, self.pid = ready["ready"], ready["pid"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            self.stop()
+            raise BrokerUnavailable(f"the pool's broker failed to start (said {line[:200]!r}); see its log above") from None
+        if wait:
+            self.wait_ready(self.settings.startup_timeout)
+        return self
+
+    def _readline(self, timeout: float) -> bytes:
+        out = self._proc.stdout  # type: ignore[union-attr]
+        with selectors.DefaultSelector() as sel:
+            sel.register(out, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                self.stop()
+                raise BrokerUnavailable(f"the pool's broker did not start within {timeout:g}s (startup_timeout)")
+        return out.readline()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until each profile has its `min_workers` ready; the error names the setting to change."""
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while True:
+                stats = client.stats()
+                ready: dict[str, int] = {}
+                for w in stats["workers"]:
+                    if w["state"] != "starting":
+                        ready[w["profile"]] = ready.get(w["profile"], 0) + 1
+                missing = {n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers}
+                if not missing:
+                    return
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(
+                        f"workers not ready within {timeout:g}s (startup_timeout) for profiles {sorted(missing)}"
+                    )
+                time.sleep(0.01)
+
+    def client(self, broker_timeout: float = 10.0) -> Client:
+        return Client(self.url, broker_timeout)
+
+    def async_client(self, broker_timeout: float = 10.0) -> AsyncClient:
+        return AsyncClient(self.url, broker_timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop the broker, which kills its workers and zygote; idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._proc = None
+
+    def __enter__(self) -> Pool:
+        return self.start() if self._proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

@@ -1,0 +1,44 @@
+"""Running a broker process: `isopool serve` in the foreground, or an embedded pool's owned child.
+
+The owned child (`python -P -m broker.serve --owned`) reads its settings as one JSON
+line on stdin, says `{"ready": frontend_url}` on stdout, and stops as soon as its
+stdin closes, so a pool never outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import msgspec
+
+from .config import Settings
+from .server import Broker
+
+log = logging.getLogger(__name__)
+
+
+def run_broker(settings: Settings, run_dir: str | None = None, owned: bool = False) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    broker = Broker(settings, run_dir)
+    try:
+        broker.start()
+        broker.install_signal_handlers()
+        if owned:
+            broker.stop_when_closed(sys.stdin.fileno())
+        sys.stdout.write(msgspec.json.encode({"ready": broker.frontend_url, "pid": os.getpid()}).decode() + "\n")
+        sys.stdout.flush()
+    except BaseException:
+        broker.close()
+        raise
+    broker.run()
+
+
+def main() -> None:
+    settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
+    run_broker(settings, owned=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+"""The broker: one process, one `zmq.Poller` loop, no blocking calls on it.
+
+Clients talk to a frontend ROUTER, workers to a backend ROUTER. Each pass of the
+loop reads what arrived, then runs the same short, idempotent verbs: `expire`
+(watchdog), `reconcile` (keep each profile's worker count right) and `dispatch`
+(queued requests to free worker slots). Every kill goes through `kill_worker`,
+counted by reason; a killed worker's unseen requests are retried on a fresh worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import psutil
+import zmq
+
+from . import endpoints
+from .config import Limits, Settings
+from .processes import kill_tree
+from .protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
+from .protocol import Error as ErrorHeader
+from .state import Reason, Request, Worker, WorkerState
+from .stats import Stats
+from .supervisor import Zygote
+from .watchdog import request_due, retry_delay, worker_due
+
+log = logging.getLogger(__name__)
+
+_KIND = {kind: bytes([kind]) for kind in Kind}
+_BATCH = 512  # messages read from one socket per pass, so neither side starves the other
+_MEMORY_CHECK_INTERVAL = 1.0
+
+
+class Broker:
+    def __init__(self, settings: Settings, run_dir: str | None = None) -> None:
+        self.settings = settings
+        self.run_dir = run_dir or endpoints.private_run_dir()
+        self.frontend_url = settings.frontend or endpoints.ipc_url(self.run_dir, "frontend")
+        self.backend_url = endpoints.ipc_url(self.run_dir, "backend")
+        self.codec = Codec()
+        self.stats = Stats()
+        self.started = time.monotonic()
+        self.liveness = settings.heartbeat_interval * settings.heartbeat_misses
+
+        self.workers: dict[bytes, Worker] = {}  # routable identity -> worker
+        self.by_pid: dict[int, Worker] = {}
+        self.generations: dict[tuple[str, int], int] = collections.Counter()
+        self.free: dict[str, collections.deque[Worker]] = {p: collections.deque() for p in settings.profiles}
+        self.queues: dict[str, collections.deque[Request]] = {p: collections.deque() for p in settings.profiles}
+        self.requests: dict[int, Request] = {}  # by key
+        self.by_client: dict[tuple[bytes, int], Request] = {}
+        self.next_key = 1
+        self.next_check = 0.0
+        self.next_memory_check = 0.0
+        self.spawn_failures: dict[str, int] = collections.Counter()
+        self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
+        self.spawn_after: dict[str, float] = collections.defaultdict(float)
+        self.draining_since: float | None = None
+        self.stopped = False
+
+        self.ctx = zmq.Context()
+        self.frontend = self._router(self.frontend_url)
+        self.backend = self._router(self.backend_url)
+        self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
+        self.zygote = Zygote(self.death_r)
+        self.wake_r, self.wake_w = os.pipe()
+        self.poller = zmq.Poller()
+        self.parent_fd = -1
+
+    # ----- set-up and tear-down -------------------------------------------------
+
+    def _router(self, url: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes + 65536)
+        sock.bind(url)
+        endpoints.restrict(url)
+        return sock
+
+    def start(self) -> None:
+        """Start the zygote and the minimum workers; install signal handlers if on the main thread."""
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.zygote.start()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.reconcile(time.monotonic())
+
+    def stop_when_closed(self, fd: int) -> None:
+        """Stop at once when `fd` reaches end of file: an embedded broker's parent has died."""
+        self.parent_fd = fd
+        os.set_blocking(fd, False)
+        self.poller.register(fd, zmq.POLLIN)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a graceful drain; handlers only enqueue (the wake-up pipe)."""
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+
+    def drain(self) -> None:
+        """Stop accepting; finish in-flight work within `drain_timeout`, then stop."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            for queue in self.queues.values():
+                while queue:
+                    self._finish(queue.popleft(), Code.SHUTTING_DOWN, "the pool is shutting down")
+
+    def close(self) -> None:
+        """Kill every worker and the zygote, close sockets, remove socket files. Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for req in list(self.requests.values()):
+            self._finish(req, Code.SHUTTING_DOWN, "the pool stopped before this request finished")
+        for worker in list(self.workers.values()) + list(self.by_pid.values()):
+            if worker.pid:
+                kill_tree(worker.pid)
+        self.zygote.stop()
+        os.close(self.death_w)
+        for fd in (self.death_r, self.wake_r, self.wake_w):
+            os.close(fd)
+        self.frontend.close(0)
+        self.backend.close(0)
+        self.ctx.term()
+        endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
+
+    # ----- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = max(0.0, min(self.next_check, now + 1.0) - now)
+                ready = dict(self.poller.poll(timeout * 1000))
+                if self.wake_r in ready:
+                    self._on_signal()
+                if self.parent_fd in ready and not _read_some(self.parent_fd):
+                    log.warning("the process that owns this pool is gone; stopping")
+                    return
+                if self.backend in ready:
+                    self._read(self.backend, self.on_backend)
+                if self.frontend in ready:
+                    self._read(self.frontend, self.on_frontend)
+                if self.zygote.fileno() in ready:
+                    self.on_zygote()
+                now = time.monotonic()
+                self.expire(now)
+                self.reconcile(now)
+                self.dispatch(now)
+                if self.draining_since is not None and self._drained(now):
+                    return
+        finally:
+            self.close()
+
+    def _on_signal(self) -> None:
+        try:
+            os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        log.warning("signal received: draining (finishing in-flight requests for up to %gs)", self.settings.drain_timeout)
+        self.drain()
+
+    def _drained(self, now: float) -> bool:
+        return not self.requests or now - self.draining_since > self.settings.drain_timeout  # type: ignore[operator]
+
+    def _read(self, sock: zmq.Socket, handle: Any) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames[0], frames[1:])
+
+    # ----- clients --------------------------------------------------------------
+
+    def on_frontend(self, client: bytes, frames: list[bytes]) -> None:
+        try:
+            kind, header, payload = self.codec.parse(frames)
+        except ProtocolError as exc:
+            self.stats.rejected[Code.PROTOCOL] += 1
+            self._reply_error(client, 0, Code.PROTOCOL, str(exc))
+            return
+        if kind == Kind.SUBMIT:
+            self.on_submit(client, header, payload)
+        elif kind == Kind.CANCEL:
+            self.on_cancel(client, header.rid)
+        elif kind == Kind.PING:
+            self._send_client(client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), b""])
+        elif kind == Kind.STATS:
+            self._send_client(client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), self.codec.encode(self.snapshot())])
+        else:
+            self.stats.rejected[Code.PROTOCOL] += 1
+            self._reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
+
+    def on_submit(self, client: bytes, sub: Submit, payload: bytes) -> None:
+        refusal = self._refusal(client, sub, payload)
+        if refusal is not None:
+            self.stats.rejected[refusal[0]] += 1
+            self._reply_error(client, sub.rid, *refusal)
+            return
+        now = time.monotonic()
+        fet, stale, deadline = self.settings.limits(
+            sub.profile, sub.model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
+        )
+        req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
+        self.next_key += 1
+        self.requests[req.key] = req
+        self.by_client[(client, sub.rid)] = req
+        self.queues[req.profile].append(req)
+        self.stats.requests["accepted"] += 1
+        self.next_check = min(self.next_check, req.deadline_at)
+
+    def _refusal(self, client: bytes, sub: Submit, payload: bytes) -> tuple[Code, str] | None:
+        if self.draining_since is not None:
+            return Code.SHUTTING_DOWN, "the pool is shutting down and accepts no new requests"
+        if sub.profile not in self.settings.profiles:
+            known = ", ".join(self.settings.profiles)
+            return Code.BAD_REQUEST, f"unknown provider profile {sub.profile!r}; this pool has: {known}"
+        if len(payload) > self.settings.max_message_bytes:
+            return Code.BAD_REQUEST, f"request of {len(payload)} bytes exceeds max_message_bytes"
+        if (client, sub.rid) in self.by_client:
+            return Code.BAD_REQUEST, f"request id {sub.rid} is already in flight for this client"
+        if len(self.requests) >= self.settings.queue_limit:
+            return Code.SATURATED, f"pool saturated: {len(self.requests)} requests in flight (queue_limit)"
+        return None
+
+    def on_cancel(self, client: bytes, crid: int) -> None:
+        req = self.by_client.get((client, crid))
+        if req is not None:
+            self._cancel(req, "cancelled by the caller")
+
+    def _cancel(self, req: Request, why: str) -> None:
+        """End the request for its caller now; a worker running it is told to abort (killed if it does not)."""
+        worker = req.worker
+        self._finish(req, Code.CANCELLED, why)
+        self.stats.requests["cancelled"] += 1
+        if worker is not None:
+            req.cancelled = True
+            req.abort_at = time.monotonic() + 1.0
+            worker.requests[req.key] = req  # keep the slot busy until the worker confirms
+            self._send_worker(worker, [_KIND[Kind.ABORT], self.codec.encode(Ref(req.key))])
+            self.next_check = min(self.next_check, req.abort_at)
+
+    # ----- workers --------------------------------------------------------------
+
+    def on_backend(self, ident: bytes, frames: list[bytes]) -> None:
+        try:
+            kind, header, payload = self.codec.parse(frames)
+        except ProtocolError as exc:
+            log.warning("dropping a malformed message from worker %r: %s", ident, exc)
+            return
+        if kind == Kind.HEARTBEAT:
+            worker = self.workers.get(header.worker.encode())
+            if worker is not None:
+                worker.last_beat = time.monotonic()
+            return
+        worker = self.workers.get(ident)
+        if worker is None:
+            return  # a killed predecessor's last words
+        worker.last_beat = time.monotonic()
+        if kind == Kind.READY:
+            self.on_ready(worker, header)
+            return
+        req = worker.requests.get(header.rid)
+        if req is None:
+            return
+        if req.cancelled:
+            if kind in (Kind.RESULT, Kind.ERROR):
+                self._release(worker, req)
+            return
+        if kind == Kind.EVENT:
+            self.on_event(req, header, payload)
+        elif kind == Kind.PROGRESS:
+            req.last_event_at = time.monotonic()
+        elif kind == Kind.HEAD:
+            req.head = payload
+        elif kind == Kind.RESULT:
+            self.on_result(worker, req, payload)
+        elif kind == Kind.ERROR:
+            self._release(worker, req)
+            self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, header.code)), payload])
+            self.stats.requests[f"error:{header.code}"] += 1
+
+    def on_ready(self, worker: Worker, ready: Any) -> None:
+        if ready.version != PROTOCOL_VERSION:
+            log.error("worker %s speaks protocol %s, not %s", worker.ident, ready.version, PROTOCOL_VERSION)
+            self.kill_worker(worker, Reason.PROTOCOL)
+            return
+        worker.state = WorkerState.READY
+        worker.capacity = max(1, ready.capacity)
+        self.spawn_failures[worker.profile] = 0
+        self._offer(worker)
+
+    def on_event(self, req: Request, event: Event, data: bytes) -> None:
+        now = time.monotonic()
+        if req.last_event_at is None:
+            self.stats.first_event.add(now - req.sent_at)
+        req.last_event_at = now
+        if req.head is not None:
+            if not self._send_client(req.client, [_KIND[Kind.HEAD], self.codec.encode(Ref(req.crid)), req.head]):
+                return
+            req.head = None
+        header = self.codec.encode(Event(req.crid, event.seq, event.name))
+        if self._send_client(req.client, [_KIND[Kind.EVENT], header, data]):
+            req.delivered += 1
+
+    def on_result(self, worker: Worker, req: Request, payload: bytes) -> None:
+        self._release(worker, req)
+        self.stats.requests["ok"] += 1
+        self.stats.latency.add(time.monotonic() - req.accepted_at)
+        self._forward_end(req, [_KIND[Kind.RESULT], self.codec.encode(Ref(req.crid)), payload or req.head or b""])
+
+    def on_zygote(self) -> None:
+        reports = self.zygote.read()
+        if reports is None:
+            log.error("the zygote exited; restarting it")
+            self.poller.unregister(self.zygote.fileno())
+            self.zygote.stop()
+            self.zygote.start()
+            self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+            for worker in self.workers.values():
+                if worker.state is WorkerState.STARTING and not worker.pid:
+                    self.zygote.spawn(self._spec(worker))
+            return
+        for report in reports:
+            if "spawned" in report:
+                worker = self.workers.get(report["spawned"].encode())
+                if worker is not None:
+                    worker.pid = report["pid"]
+                    self.by_pid[worker.pid] = worker
+            elif "exited" in report:
+                self.on_exit(report["exited"], report["status"])
+
+    def on_exit(self, pid: int, status: int) -> None:
+        worker = self.by_pid.pop(pid, None)
+        if worker is None:
+            return
+        self.stats.exits[str(status)] += 1
+        if worker.state is not WorkerState.CONDEMNED:  # it died on its own
+            log.warning("worker %s (pid %d) exited with status %d", worker.ident.decode(), pid, status)
+            if worker.state is WorkerState.STARTING:
+                self.spawn_failures[worker.profile] += 1
+            self.kill_worker(worker, Reason.CRASH)
+
+    # ----- verbs ----------------------------------------------------------------
+
+    def kill_worker(self, worker: Worker, reason: Reason) -> None:
+        """The one way a worker is killed: SIGKILL its tree, count why, retry or fail its requests."""
+        if worker.pid:
+            kill_tree(worker.pid)
+        if worker.state is not WorkerState.CONDEMNED:
+            self.stats.kills[reason] += 1
+            worker.state = WorkerState.CONDEMNED
+            if reason is not Reason.SHUTDOWN:
+                self.replacing[worker.profile] += 1
+        self.workers.pop(worker.ident, None)
+        requests = list(worker.requests.values())
+        worker.requests.clear()
+        for req in requests:
+            req.worker = None
+            if not req.cancelled:
+                self._retry_or_fail(req, reason)
+
+    def _retry_or_fail(self, req: Request, reason: Reason) -> None:
+        req.history.append(reason)
+        if reason.is_stall:
+            self.stats.stalls[reason] += 1
+        now = time.monotonic()
+        if reason is Reason.DEADLINE or now >= req.deadline_at:
+            self._finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
+        elif req.delivered:
+            code = Code.STALLED if reason.is_stall else Code.WORKER_LOST
+            self._finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
+        elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
+            tried = ", ".join(req.history)
+            self._finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")
+        else:
+            self.stats.retries += 1
+            req.head = None
+            req.last_event_at = None
+            delay = retry_delay(req.attempt + 1, self.settings.retry_backoff, 5.0, random.random())
+            req.not_before = now + delay
+            self.next_check = min(self.next_check, req.not_before)
+            self.queues[req.profile].appendleft(req)
+
+    def expire(self, now: float) -> None:
+        """The watchdog pass: stalls, deadlines, heartbeats, startups, abort timeouts, memory."""
+        if now < self.next_check:
+            return
+        next_check = now + 1.0
+        for worker in list(self.workers.values()):
+            due, reason = worker_due(worker, self.liveness, self.settings.startup_timeout)
+            if now >= due:
+                log.warning("worker %s: %s", worker.ident.decode(), reason)
+                if reason is Reason.STARTUP:
+                    self.spawn_failures[worker.profile] += 1
+                self.kill_worker(worker, reason)
+                continue
+            next_check = min(next_check, due)
+            for req in list(worker.requests.values()):
+                if req.cancelled:
+                    if now >= req.abort_at:
+                        self.kill_worker(worker, Reason.ABORT)
+                        break
+                    next_check = min(next_check, req.abort_at)
+                    continue
+                due, reason = request_due(req)
+                if now >= due:
+                    log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
+                    self.kill_worker(worker, reason)
+                    break
+                next_check = min(next_check, due)
+        for queue in self.queues.values():
+            for req in [r for r in queue if now >= r.deadline_at]:
+                queue.remove(req)
+                self._finish(req, Code.DEADLINE, "deadline passed while the request was queued")
+            if queue:
+                next_check = min(next_check, min(r.deadline_at for r in queue), queue[0].not_before)
+        if self.settings.max_memory_per_worker_mb and now >= self.next_memory_check:
+            self.next_memory_check = now + _MEMORY_CHECK_INTERVAL
+            self._check_memory()
+        self.next_check = next_check
+
+    def _check_memory(self) -> None:
+        limit = self.settings.max_memory_per_worker_mb * 1024 * 1024
+        for worker in list(self.workers.values()):
+            if worker.pid and _rss(worker.pid) > limit:
+                log.warning("worker %s is over max_memory_per_worker_mb", worker.ident.decode())
+                self.kill_worker(worker, Reason.MEMORY)
+
+    def reconcile(self, now: float) -> None:
+        """Keep each profile at busy + needed + spare workers, within [min_workers, max_workers]."""
+        if self.draining_since is not None:
+            return
+        for name, profile in self.settings.profiles.items():
+            mine = [w for w in self.workers.values() if w.profile == name]
+            busy = sum(1 for w in mine if w.requests)
+            waiting = len(self.queues[name])
+            wanted = busy + -(-waiting // profile.concurrency) + profile.spare_workers
+            target = max(profile.min_workers, min(profile.max_workers, wanted))
+            missing = target - len(mine)
+            if missing <= 0 or now < self.spawn_after[name]:
+                continue
+            failures = self.spawn_failures[name]
+            if failures:
+                self.spawn_after[name] = now + min(self.settings.respawn_backoff_max, 0.05 * 2**failures)
+                self.next_check = min(self.next_check, self.spawn_after[name])
+                if failures >= 5:
+                    self._fail_queue(name, f"workers of profile {name!r} keep failing at start; see the broker's log")
+                missing = 1
+            for _ in range(missing):
+                self._spawn(name, now)
+
+    def _fail_queue(self, profile: str, why: str) -> None:
+        queue = self.queues[profile]
+        while queue:
+            self._finish(queue.popleft(), Code.CONFIG, why)
+
+    def _spawn(self, profile: str, now: float) -> None:
+        taken = {w.slot for w in self.workers.values() if w.profile == profile}
+        slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        generation = self.generations[(profile, slot)]
+        self.generations[(profile, slot)] += 1
+        ident = f"{profile}.{slot}.{generation}".encode()
+        worker = Worker(ident, profile, slot, generation, now, self.settings.profiles[profile].concurrency)
+        self.workers[ident] = worker
+        self.stats.spawns += 1
+        if self.replacing[profile]:
+            self.replacing[profile] -= 1
+            self.stats.respawns += 1
+        if not self.zygote.spawn(self._spec(worker)):
+            log.error("could not reach the zygote; it will be restarted")
+        self.next_check = min(self.next_check, now + self.settings.startup_timeout)
+
+    def _spec(self, worker: Worker) -> dict[str, Any]:
+        return {
+            "ident": worker.ident.decode(),
+            "backend": self.backend_url,
+            "profile": self.settings.profiles[worker.profile],
+            "heartbeat_interval": self.settings.heartbeat_interval,
+            "death_fd": self.death_r,
+        }
+
+    def dispatch(self, now: float) -> None:
+        """Queued requests to free worker slots, least recently used worker first."""
+        for name, queue in self.queues.items():
+            free = self.free[name]
+            while queue and free:
+                req = queue[0]
+                if req.not_before > now:
+                    break
+                worker = free.popleft()
+                worker.queued_free = False
+                if worker.state is not WorkerState.READY or worker.free <= 0:
+                    continue
+                queue.popleft()
+                self._run(worker, req, now)
+                self._offer(worker)
+
+    def _run(self, worker: Worker, req: Request, now: float) -> None:
+        req.attempt += 1
+        req.worker = worker
+        req.sent_at = now
+        worker.requests[req.key] = req
+        header = self.codec.encode(Run(req.key, req.attempt))
+        if not self._send_worker(worker, [_KIND[Kind.RUN], header, req.payload]):
+            return
+        self.next_check = min(self.next_check, request_due(req)[0])
+
+    def _offer(self, worker: Worker) -> None:
+        """Put a worker with a free slot at the back of its profile's free queue (once)."""
+        if worker.free > 0 and not worker.queued_free:
+            worker.queued_free = True
+            self.free[worker.profile].append(worker)
+
+    def _release(self, worker: Worker, req: Request) -> None:
+        """The worker is done with the request: free the slot, or recycle a worker that served enough."""
+        worker.requests.pop(req.key, None)
+        req.worker = None
+        worker.served += 1
+        limit = self.settings.max_requests_per_worker
+        if limit and worker.served >= limit and not worker.requests:
+            self.kill_worker(worker, Reason.RECYCLE)
+        else:
+            self._offer(worker)
+
+    # ----- answers --------------------------------------------------------------
+
+    def _finish(self, req: Request, code: Code, message: str) -> None:
+        """End a request with a broker-made error (exactly one answer)."""
+        info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt)
+        self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, code)), self.codec.encode(info)])
+        if code != Code.CANCELLED:
+            self.stats.requests[f"error:{code}"] += 1
+
+    def _forward_end(self, req: Request, frames: list[bytes]) -> None:
+        if self.requests.pop(req.key, None) is None:
+            return
+        self.by_client.pop((req.client, req.crid), None)
+        if req.worker is None:
+            try:
+                self.queues[req.profile].remove(req)
+            except ValueError:
+                pass
+        else:
+            req.worker.requests.pop(req.key, None)
+        self._send_client(req.client, frames)
+
+    def _reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
+        info = self.codec.encode(ErrorInfo(code, message))
+        self._send_client(client, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(rid, code)), info])
+
+    def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the caller is gone (F11); EAGAIN: it stopped reading
+            log.info("client %r unreachable (%s): cancelling its requests", client, exc)
+            for (owner, _), req in list(self.by_client.items()):
+                if owner == client:
+                    self._cancel(req, "the caller went away")
+            return False
+
+    def _send_worker(self, worker: Worker, frames: list[bytes]) -> bool:
+        try:
+            self.backend.send_multipart([worker.ident, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            self.kill_worker(worker, Reason.CRASH)
+            return False
+
+    # ----- stats ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: (w.profile, w.slot)):
+            workers.append(
+                {
+                    "ident": worker.ident.decode(),
+                    "profile": worker.profile,
+                    "pid": worker.pid,
+                    "state": worker.state.value if not worker.requests else "busy",
+                    "requests": [r.key for r in worker.requests.values()],
+                    "age": round(now - worker.spawned_at, 3),
+                    "served": worker.served,
+                    "rss": _rss(worker.pid) if worker.pid else 0,
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 3),
+            "frontend": self.frontend_url,
+            "zygote_pid": self.zygote.pid,
+            "queued": {name: len(q) for name, q in self.queues.items()},
+            "in_flight": len(self.requests),
+            "draining": self.draining_since is not None,
+            "workers": workers,
+            **self.stats.snapshot(),
+        }
+
+
+def _read_some(fd: int) -> bool:
+    """False at end of file."""
+    try:
+        return bool(os.read(fd, 4096))
+    except BlockingIOError:
+        return True
+
+
+def _rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0

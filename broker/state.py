@@ -1,0 +1,79 @@
+"""What the broker knows about each worker and each request. Plain records; the verbs live on the Broker."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .protocol import Submit
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # asked of the zygote, not READY yet: nothing is routed to it
+    READY = "ready"
+    CONDEMNED = "condemned"  # killed or retiring: never gets new work
+
+
+class Reason(enum.StrEnum):
+    """Why a worker was killed (or a request given up); counted in stats."""
+
+    FIRST_EVENT = "first_event_timeout"
+    STALE = "stale_timeout"
+    DEADLINE = "deadline"
+    HEARTBEAT = "heartbeat_lost"
+    CRASH = "crashed"
+    MEMORY = "memory_limit"
+    STARTUP = "startup_timeout"
+    ABORT = "abort_timeout"
+    RECYCLE = "max_requests"
+    PROTOCOL = "protocol_mismatch"
+    SHUTDOWN = "shutdown"
+    SCALE_DOWN = "scale_down"
+
+    @property
+    def is_stall(self) -> bool:
+        return self in (Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT)
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    ident: bytes
+    profile: str
+    slot: int
+    generation: int
+    spawned_at: float
+    capacity: int = 1
+    state: WorkerState = WorkerState.STARTING
+    pid: int = 0
+    last_beat: float = 0.0
+    served: int = 0
+    requests: dict[int, Request] = field(default_factory=dict)
+    queued_free: bool = False  # whether it sits in its profile's free-slot queue
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.requests) if self.state is WorkerState.READY else 0
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    key: int  # the broker's own id, used with workers
+    client: bytes  # the client's ZeroMQ identity
+    crid: int  # the client's id for it
+    submit: Submit
+    payload: bytes
+    profile: str
+    first_event_timeout: float
+    stale_timeout: float
+    deadline_at: float
+    accepted_at: float
+    attempt: int = 0
+    worker: Worker | None = None
+    sent_at: float = 0.0
+    last_event_at: float | None = None
+    delivered: int = 0
+    head: bytes | None = None
+    not_before: float = 0.0
+    history: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    abort_at: float = 0.0

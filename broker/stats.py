@@ -1,0 +1,73 @@
+"""Counters and latency histograms kept by the broker and served to `isopool stats`."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from typing import Any
+
+# upper bounds in seconds; the last bucket is open-ended
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Histogram:
+    """Fixed buckets: constant memory whatever the traffic; quantiles are bucket upper bounds."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0
+        self.sum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += 1
+        self.sum += seconds
+
+    def quantile(self, q: float) -> float | None:
+        if not self.total:
+            return None
+        rank = q * self.total
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank and count:
+                return BUCKETS[i] if i < len(BUCKETS) else float("inf")
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "count": self.total,
+            "mean": self.sum / self.total if self.total else None,
+            "p50": self.quantile(0.5),
+            "p99": self.quantile(0.99),
+            "buckets": {f"le_{b:g}": c for b, c in zip(BUCKETS, self.counts, strict=False)}
+            | {"inf": self.counts[-1]},
+        }
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()  # accepted, ok, error:<code>, cancelled
+        self.kills: Counter[str] = Counter()  # by Reason
+        self.stalls: Counter[str] = Counter()  # by Reason (the stall kinds)
+        self.retries = 0
+        self.spawns = 0
+        self.respawns = 0
+        self.exits: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # malformed or refused messages, by code
+        self.latency = Histogram()
+        self.first_event = Histogram()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "kills": dict(self.kills),
+            "stalls": dict(self.stalls),
+            "retries": self.retries,
+            "spawns": self.spawns,
+            "respawns": self.respawns,
+            "exits": dict(self.exits),
+            "rejected": dict(self.rejected),
+            "latency": self.latency.snapshot(),
+            "first_event": self.first_event.snapshot(),
+        }

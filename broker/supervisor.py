@@ -1,0 +1,76 @@
+"""The zygote child as the broker sees it: spawn requests go in, spawned/exited reports come out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from typing import Any
+
+import msgspec
+
+from .processes import kill_tree, python_command
+
+log = logging.getLogger(__name__)
+_ENC = msgspec.json.Encoder()
+_DEC = msgspec.json.Decoder()
+
+
+class Zygote:
+    """Owns the zygote process. Non-blocking: `fileno()` goes into the broker's poller."""
+
+    def __init__(self, death_fd: int) -> None:
+        self._death_fd = death_fd
+        self.proc: subprocess.Popen | None = None
+        self._pending = b""
+        self.ready = False
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            python_command("worker.zygote"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._death_fd,)
+        )
+        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        self._pending = b""
+        self.ready = False
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def spawn(self, spec: Any) -> bool:
+        """Ask for a worker; False if the zygote is gone (the caller restarts it)."""
+        try:
+            os.write(self.proc.stdin.fileno(), _ENC.encode({"spawn": spec}) + b"\n")  # type: ignore[union-attr]
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def read(self) -> list[dict[str, Any]] | None:
+        """Reports available now; None once the zygote has exited."""
+        try:
+            chunk = os.read(self.fileno(), 65536)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            return None
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        reports = [_DEC.decode(line) for line in lines if line]
+        self.ready = self.ready or any("ready" in r for r in reports)
+        return reports
+
+    def stop(self) -> None:
+        """Close its stdin (it exits by itself), then make sure: kill the tree and reap."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        try:
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait(1.0)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        kill_tree(proc.pid)
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]

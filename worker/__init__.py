@@ -1,0 +1,1 @@
+"""isopool provider workers: forked from a preloaded zygote, each holds one fresh SDK client."""

@@ -1,0 +1,100 @@
+"""Running one SDK call inside a worker and sending what it produces.
+
+A call names a public method path of the SDK client (`messages.create`,
+`chat.completions.create`, `beta.messages.count_tokens`, ...). Every step of the path
+must be a public SDK resource, so a caller cannot reach private attributes or walk
+to arbitrary objects. Streams are read as raw bytes and every real event is sent on
+as the provider's own JSON; a non-streaming call of a streamable method is run as a
+stream and assembled here, so that its stalls are caught too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from broker.protocol import Response
+
+from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse
+from .sse import iter_events
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+_NOT_CALLS = {"with_raw_response", "with_streaming_response", "with_options", "copy"}
+_REFUSED_HEADERS = {"authorization", "x-api-key", "api-key", "proxy-authorization"}
+_REFUSED_KWARGS = {"extra_query"}
+
+# (SDK kind, method path) -> accumulator of its stream into the non-streaming body
+STREAMABLE: dict[tuple[str, str], type] = {
+    ("anthropic", "messages.create"): AnthropicMessage,
+    ("anthropic", "beta.messages.create"): AnthropicMessage,
+    ("openai", "chat.completions.create"): OpenAIChatCompletion,
+    ("openai", "responses.create"): OpenAIResponse,
+}
+
+_ENC = msgspec.json.Encoder()
+
+
+class BadCall(ValueError):
+    """The call cannot be run as given: unknown method, private path, refused argument."""
+
+
+def resolve(client: Any, method: str, resource_type: type) -> tuple[Any, str]:
+    """(resource, method name) for a public method path, or BadCall."""
+    parts = method.split(".")
+    if len(parts) < 2 or not all(_NAME.match(p) for p in parts) or parts[-1] in _NOT_CALLS:
+        raise BadCall(f"{method!r} is not a public SDK method path like 'messages.create'")
+    resource = client
+    for part in parts[:-1]:
+        resource = getattr(resource, part, None)
+        if not isinstance(resource, resource_type):
+            raise BadCall(f"{method!r}: {part!r} is not an SDK resource")
+    if not callable(getattr(resource, parts[-1], None)):
+        raise BadCall(f"{method!r}: no such method")
+    return resource, parts[-1]
+
+
+def check_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse per-request credentials and query overrides: the worker's key must go only to its provider."""
+    headers = kwargs.get("extra_headers") or {}
+    if not isinstance(headers, dict):
+        raise BadCall("extra_headers must be a mapping")
+    refused = sorted(h for h in headers if str(h).lower() in _REFUSED_HEADERS) + sorted(_REFUSED_KWARGS & kwargs.keys())
+    if refused:
+        raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
+
+
+async def run_call(
+    client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any
+) -> None:
+    """Run the call, reporting through `emit` (head, event, progress, result)."""
+    check_kwargs(kwargs)
+    resource, name = resolve(client, method, resource_type)
+    raw = getattr(resource.with_streaming_response, name)
+    accumulator = STREAMABLE.get((kind, method))
+    if kwargs.get("stream"):
+        async with raw(**kwargs) as resp:
+            http = resp.http_response
+            await emit.head(Response(http.status_code, list(http.headers.items())))
+            async for event_name, data in iter_events(http.aiter_bytes()):
+                await emit.event(event_name, data)
+        await emit.result(None)
+    elif accumulator is not None:
+        acc = accumulator()
+        args = {**kwargs, "stream": True}
+        if kind == "openai" and method == "chat.completions.create":
+            args["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        async with raw(**args) as resp:
+            http = resp.http_response
+            async for event_name, data in iter_events(http.aiter_bytes()):
+                acc.feed(event_name, data)
+                await emit.progress()
+            body = _ENC.encode(acc.result())
+        headers = [(k, v) for k, v in http.headers.items() if k.lower() != "content-type"]
+        await emit.result(Response(http.status_code, [*headers, ("content-type", "application/json")], body))
+    else:
+        async with raw(**kwargs) as resp:
+            body = await resp.read()
+            http = resp.http_response
+        await emit.result(Response(http.status_code, list(http.headers.items()), body))

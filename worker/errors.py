@@ -1,0 +1,59 @@
+"""SDK exceptions translated once, in the worker, into data that can cross a process.
+
+SDK exceptions hold live request/response objects; the caller's side rebuilds the
+SDK's own exception class from this `ErrorInfo` (status, body and headers intact).
+"""
+
+from __future__ import annotations
+
+import anthropic
+import msgspec
+import openai
+
+from broker.protocol import Code, ErrorInfo
+
+from .assemble import ProviderStreamError
+from .calls import BadCall
+
+_ENC = msgspec.json.Encoder()
+
+_STATUS = (anthropic.APIStatusError, openai.APIStatusError)
+_TIMEOUT = (anthropic.APITimeoutError, openai.APITimeoutError)
+_CONNECTION = (anthropic.APIConnectionError, openai.APIConnectionError)
+_API = (anthropic.APIError, openai.APIError)
+
+
+def _status_body(exc: anthropic.APIStatusError | openai.APIStatusError) -> bytes:
+    try:
+        return exc.response.content
+    except Exception:  # the body was never read (a streamed response)
+        return _ENC.encode(exc.body)
+
+
+def translate(exc: BaseException) -> ErrorInfo:
+    """Most specific first; everything unknown is INTERNAL, with its type name."""
+    name = type(exc).__name__
+    if isinstance(exc, _STATUS):
+        return ErrorInfo(
+            Code.PROVIDER_STATUS,
+            str(exc),
+            status=exc.status_code,
+            body=_status_body(exc),
+            headers=list(exc.response.headers.items()),
+            error_type=name,
+        )
+    if isinstance(exc, _TIMEOUT):
+        return ErrorInfo(Code.PROVIDER_TIMEOUT, str(exc), error_type=name)
+    if isinstance(exc, _CONNECTION):
+        cause = exc.__cause__
+        detail = f"{exc} ({type(cause).__name__}: {cause})" if cause else str(exc)
+        return ErrorInfo(Code.PROVIDER_CONNECTION, detail, error_type=name)
+    if isinstance(exc, ProviderStreamError):
+        return ErrorInfo(Code.PROVIDER_STREAM, f"error event mid-stream: {exc}", body=_ENC.encode(exc.body))
+    if isinstance(exc, _API):
+        return ErrorInfo(Code.PROVIDER_STREAM, str(exc), body=_ENC.encode(exc.body), error_type=name)
+    if isinstance(exc, (BadCall, TypeError)):
+        return ErrorInfo(Code.BAD_REQUEST, str(exc), error_type=name)
+    if isinstance(exc, (anthropic.AnthropicError, openai.OpenAIError)):
+        return ErrorInfo(Code.CONFIG, str(exc), error_type=name)
+    return ErrorInfo(Code.INTERNAL, f"{name}: {exc}", error_type=name)

@@ -1,0 +1,150 @@
+"""A provider worker: one process, one fresh SDK client, requests run as asyncio tasks.
+
+It connects a DEALER to the broker's backend, says READY, and runs what it is sent.
+A separate thread heart-beats on its own socket so that a hung interpreter (no
+heartbeats) is told apart from a stalled stream (heartbeats, no events), and exits
+the process as soon as the broker's liveness pipe closes: no orphans, ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import threading
+from typing import Any
+
+import anthropic
+import msgspec
+import openai
+import zmq
+import zmq.asyncio
+from anthropic._resource import AsyncAPIResource as AnthropicResource
+from openai._resource import AsyncAPIResource as OpenAIResource
+
+from broker.config import Profile
+from broker.protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Heartbeat, Kind, Ready, Ref, Response
+from broker.protocol import Error as ErrorHeader
+
+from .calls import run_call
+from .errors import translate
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """Everything a new worker needs, handed over by the zygote (no secrets: keys come from the environment)."""
+
+    ident: str
+    backend: str
+    profile: Profile
+    heartbeat_interval: float
+    death_fd: int
+
+
+def build_client(profile: Profile) -> tuple[Any, type]:
+    """A fresh async SDK client for the profile, and the SDK's resource base class."""
+    anthropic_kind = profile.kind == "anthropic"
+    cls = anthropic.AsyncAnthropic if anthropic_kind else openai.AsyncOpenAI
+    key = os.environ.get(profile.api_key_env) if profile.api_key_env else None
+    client = cls(
+        api_key=key,
+        base_url=profile.base_url,
+        timeout=profile.sdk_timeout,
+        max_retries=profile.sdk_max_retries,
+        default_headers=profile.default_headers or None,
+    )
+    return client, AnthropicResource if anthropic_kind else OpenAIResource
+
+
+class Emitter:
+    """Sends what one request produces, in order, tagged with its request id."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, codec: Codec, rid: int) -> None:
+        self._sock, self._codec, self._rid = sock, codec, rid
+        self._seq = 0
+        self._ref = codec.encode(Ref(rid))
+
+    async def head(self, response: Response) -> None:
+        await self._sock.send_multipart([bytes([Kind.HEAD]), self._ref, self._codec.encode(response)])
+
+    async def event(self, name: str, data: bytes) -> None:
+        self._seq += 1
+        header = self._codec.encode(Event(self._rid, self._seq, name))
+        await self._sock.send_multipart([bytes([Kind.EVENT]), header, data], copy=False)
+
+    async def progress(self) -> None:
+        await self._sock.send_multipart([bytes([Kind.PROGRESS]), self._ref])
+
+    async def result(self, response: Response | None) -> None:
+        payload = b"" if response is None else self._codec.encode(response)
+        await self._sock.send_multipart([bytes([Kind.RESULT]), self._ref, payload])
+
+    async def error(self, info: ErrorInfo) -> None:
+        header = self._codec.encode(ErrorHeader(self._rid, info.code))
+        await self._sock.send_multipart([bytes([Kind.ERROR]), header, self._codec.encode(info)])
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.codec = Codec()
+        self.tasks: dict[int, asyncio.Task] = {}
+        try:
+            self.client, self.resource_type = build_client(spec.profile)
+            self.client_error: Exception | None = None
+        except Exception as exc:  # e.g. openai without a key: every request gets this as a CONFIG error
+            self.client, self.resource_type, self.client_error = None, object, exc
+
+    async def run(self) -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.spec.ident.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.spec.backend)
+        threading.Thread(target=self._heartbeat, args=(zmq.Context.shadow(ctx.underlying),), daemon=True).start()
+        ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency)
+        await sock.send_multipart(self.codec.frames(Kind.READY, ready))
+        while True:
+            kind, header, payload = self.codec.parse(await sock.recv_multipart())
+            if kind == Kind.RUN:
+                self.tasks[header.rid] = asyncio.create_task(self._execute(sock, header.rid, payload))
+            elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
+                task.cancel()
+
+    async def _execute(self, sock: zmq.asyncio.Socket, rid: int, payload: bytes) -> None:
+        emit = Emitter(sock, self.codec, rid)
+        try:
+            if self.client_error is not None:
+                raise self.client_error
+            call = self.codec.call(payload)
+            await run_call(self.client, self.spec.profile.kind, self.resource_type, call.method, call.kwargs, emit)
+        except asyncio.CancelledError:
+            await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
+        except Exception as exc:
+            log.debug("request %d failed", rid, exc_info=True)
+            await emit.error(translate(exc))
+        finally:
+            self.tasks.pop(rid, None)
+
+    def _heartbeat(self, ctx: zmq.Context) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, (self.spec.ident + "/hb").encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self.spec.backend)
+        beat = Codec().frames(Kind.HEARTBEAT, Heartbeat(self.spec.ident))
+        interval = self.spec.heartbeat_interval
+        while True:
+            readable, _, _ = select.select([self.spec.death_fd], [], [], interval)
+            if readable:  # the broker's end of the liveness pipe closed: the broker is gone
+                os._exit(0)
+            try:
+                sock.send_multipart(beat, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    asyncio.run(Worker(spec).run())

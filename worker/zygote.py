@@ -1,0 +1,105 @@
+"""The zygote: a process that has imported the SDKs, zmq and msgspec, holds no sockets,
+threads or clients, and forks a new worker whenever the broker asks.
+
+It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
+    broker -> zygote   {"spawn": WorkerSpec}
+    zygote -> broker   {"ready": pid} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
+It exits when its stdin closes (the broker is gone). Forked workers watch the
+broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import selectors
+import signal
+import sys
+
+import msgspec
+
+from .main import WorkerSpec, run_worker
+
+_DEC = msgspec.json.Decoder(dict[str, WorkerSpec])
+_ENC = msgspec.json.Encoder()
+
+
+def _say(obj: dict) -> None:
+    os.write(1, _ENC.encode(obj) + b"\n")
+
+
+def _fork(spec: WorkerSpec, wake_fds: tuple[int, int], selector: selectors.BaseSelector) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # the child: forget the zygote's pipes and signal plumbing, then become a worker
+    try:
+        selector.close()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in wake_fds:
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        gc.unfreeze()
+        run_worker(spec)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(70)
+    os._exit(0)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _say({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle: it drains, then stops us
+    import anthropic  # noqa: F401  preload: what every worker would import anyway
+    import openai  # noqa: F401
+    import openai.lib.streaming.chat  # noqa: F401
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+    selector.register(rfd, selectors.EVENT_READ)
+    gc.collect()
+    gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
+    _say({"ready": os.getpid()})
+    stdin = os.fdopen(0, "rb", buffering=0)
+    pending = b""
+    while True:
+        for key, _ in selector.select():
+            if key.fd == rfd:
+                os.read(rfd, 4096)
+                _reap()
+                continue
+            chunk = stdin.read(65536)
+            if not chunk:
+                return  # the broker is gone
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                spec = _DEC.decode(line)["spawn"]
+                _say({"spawned": spec.ident, "pid": _fork(spec, (rfd, wfd), selector)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -65,7 +65,7 @@ class _Sink:
 
 
 class _CallState:
-    __slots__ = ("rid", "sink", "raw", "head", "result", "error", "done")
+    __slots__ = ("rid", "sink", "raw", "head", "result", "error", "done", "events")
 
     def __init__(self, rid: int, sink: _Sink, raw: bool = False) -> None:
         self.rid = rid
@@ -75,6 +75,7 @@ class _CallState:
         self.result: Result | None = None
         self.error: RequestError | None = None
         self.done = False
+        self.events = 0  # received by the reader: what the caller was delivered if it kept reading
 
     def take(self, item: Any) -> Any:
         """Account for one queued item; returns the event, or _END once the call has ended."""
@@ -279,6 +280,7 @@ class AsyncClient:
                 if state is None:
                     continue
                 if kind == Kind.EVENT:
+                    state.events += 1
                     state.sink.put(StreamEvent(header.name, payload))
                 elif kind == Kind.HEAD:
                     state.head = codec.response(payload)
@@ -289,7 +291,10 @@ class AsyncClient:
     def _ending(self, state: _CallState, kind: Kind, payload: bytes) -> Result | RequestError:
         try:
             if kind == Kind.ERROR:
-                return error_for(self._codec.error(payload), state.rid)
+                info = self._codec.error(payload)
+                if state.events > info.delivered:  # worker-made errors do not know what the caller saw
+                    info = msgspec.structs.replace(info, delivered=state.events)
+                return error_for(info, state.rid)
             return self._result(state, payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_for(ErrorInfo(Code.PROTOCOL, f"unreadable answer from the broker: {exc}"), state.rid)

@@ -18,27 +18,33 @@ from typing import Any
 
 import msgspec
 
+from . import endpoints
 from .client import AsyncClient, Client
 from .config import Settings, load_settings
 from .errors import BrokerUnavailable
 from .processes import python_command, stop_popen
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Close the broker's stdin (it stops at once, killing its workers), wait, then make sure."""
+def _stop(proc: subprocess.Popen, run_dir: str) -> None:
+    """Close the broker's stdin (it stops at once, killing its workers), wait, then make sure;
+    remove the socket files a killed broker could not."""
     try:
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(5.0)
     except (OSError, subprocess.TimeoutExpired):
         pass
     stop_popen(proc, grace=1.0)
+    if run_dir:
+        endpoints.cleanup(run_dir, endpoints.ipc_url(run_dir, "frontend"), endpoints.ipc_url(run_dir, "backend"))
 
 
 class Pool:
     """Start with `start()` or `with Pool(...) as pool`; `settings` or keyword settings (see `Settings`)."""
 
     def __init__(self, settings: Settings | None = None, config: str | None = None, **overrides: Any) -> None:
-        self.settings = settings or load_settings(config, **overrides)
+        settings = settings or load_settings(config, **overrides)
+        self._own_dir = not settings.run_dir
+        self.settings = settings if settings.run_dir else msgspec.structs.replace(settings, run_dir=endpoints.private_run_dir())
         self.url = ""
         self.pid = 0
         self._proc: subprocess.Popen | None = None
@@ -47,7 +53,7 @@ class Pool:
     def start(self, wait: bool = True) -> Pool:
         """Start the broker; with `wait`, return once every profile's `min_workers` are ready."""
         self._proc = subprocess.Popen(python_command("broker.serve"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._finalizer = weakref.finalize(self, _stop, self._proc)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self.settings.run_dir if self._own_dir else "")
         self._proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # type: ignore[union-attr]
         self._proc.stdin.flush()  # type: ignore[union-attr]
         line = self._readline(self.settings.startup_timeout)

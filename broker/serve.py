@@ -19,9 +19,9 @@ from .server import Broker
 log = logging.getLogger(__name__)
 
 
-def run_broker(settings: Settings, run_dir: str | None = None, owned: bool = False) -> None:
+def run_broker(settings: Settings, owned: bool = False) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    broker = Broker(settings, run_dir)
+    broker = Broker(settings)
     try:
         broker.start()
         broker.install_signal_handlers()

@@ -38,9 +38,9 @@ _MEMORY_CHECK_INTERVAL = 1.0
 
 
 class Broker:
-    def __init__(self, settings: Settings, run_dir: str | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.run_dir = run_dir or endpoints.private_run_dir()
+        self.run_dir = endpoints.ensure_private_dir(settings.run_dir) if settings.run_dir else endpoints.private_run_dir()
         self.frontend_url = settings.frontend or endpoints.ipc_url(self.run_dir, "frontend")
         self.backend_url = endpoints.ipc_url(self.run_dir, "backend")
         self.codec = Codec()
@@ -290,6 +290,9 @@ class Broker:
             self.on_result(worker, req, payload)
         elif kind == Kind.ERROR:
             self._release(worker, req)
+            if header.code == Code.PROVIDER_CONNECTION and not req.delivered:
+                self._retry_or_fail(req, Reason.CONNECTION, payload)
+                return
             self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, header.code)), payload])
             self.stats.requests[f"error:{header.code}"] += 1
 
@@ -373,7 +376,8 @@ class Broker:
             if not req.cancelled:
                 self._retry_or_fail(req, reason)
 
-    def _retry_or_fail(self, req: Request, reason: Reason) -> None:
+    def _retry_or_fail(self, req: Request, reason: Reason, last_error: bytes = b"") -> None:
+        """Requeue an unseen request (bounded, jittered), or end it with the error that says why not."""
         req.history.append(reason)
         if reason.is_stall:
             self.stats.stalls[reason] += 1
@@ -384,6 +388,10 @@ class Broker:
             code = Code.STALLED if reason.is_stall else Code.WORKER_LOST
             self._finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
         elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
+            if last_error:  # the provider's own error is the most useful answer
+                self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, Code.PROVIDER_CONNECTION)), last_error])
+                self.stats.requests[f"error:{Code.PROVIDER_CONNECTION}"] += 1
+                return
             tried = ", ".join(req.history)
             self._finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")
         else:
@@ -436,7 +444,7 @@ class Broker:
     def _check_memory(self) -> None:
         limit = self.settings.max_memory_per_worker_mb * 1024 * 1024
         for worker in list(self.workers.values()):
-            if worker.pid and _rss(worker.pid) > limit:
+            if worker.pid and _uss(worker.pid) > limit:
                 log.warning("worker %s is over max_memory_per_worker_mb", worker.ident.decode())
                 self.kill_worker(worker, Reason.MEMORY)
 
@@ -618,6 +626,14 @@ def _read_some(fd: int) -> bool:
         return bool(os.read(fd, 4096))
     except BlockingIOError:
         return True
+
+
+def _uss(pid: int) -> int:
+    """Unique memory: what killing the process frees (shared copy-on-write pages are not counted)."""
+    try:
+        return psutil.Process(pid).memory_full_info().uss
+    except psutil.Error:
+        return 0
 
 
 def _rss(pid: int) -> int:

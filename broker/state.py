@@ -29,6 +29,7 @@ class Reason(enum.StrEnum):
     PROTOCOL = "protocol_mismatch"
     SHUTDOWN = "shutdown"
     SCALE_DOWN = "scale_down"
+    CONNECTION = "provider_connection"  # not a kill: the provider dropped an unseen request; retried
 
     @property
     def is_stall(self) -> bool:

@@ -17,7 +17,7 @@ import msgspec
 
 from broker.protocol import Response
 
-from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse
+from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
 from .sse import iter_events
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -34,6 +34,12 @@ STREAMABLE: dict[tuple[str, str], type] = {
 }
 
 _ENC = msgspec.json.Encoder()
+_DEC = msgspec.json.Decoder()
+
+
+def is_error_event(name: str, data: bytes) -> bool:
+    """Anthropic and Responses send `event: error`; Chat Completions sends `data: {"error": ...}`."""
+    return name == "error" or (not name and data.startswith(b'{"error"'))
 
 
 class BadCall(ValueError):
@@ -79,6 +85,8 @@ async def run_call(
             await emit.head(Response(http.status_code, list(http.headers.items())))
             async for event_name, data in iter_events(http.aiter_bytes()):
                 await emit.event(event_name, data)
+                if is_error_event(event_name, data):
+                    raise ProviderStreamError(_DEC.decode(data))
         await emit.result(None)
     elif accumulator is not None:
         acc = accumulator()

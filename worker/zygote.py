@@ -18,7 +18,7 @@ import sys
 
 import msgspec
 
-from .main import WorkerSpec, run_worker
+from .main import WorkerSpec, preload, run_worker
 
 _DEC = msgspec.json.Decoder(dict[str, WorkerSpec])
 _ENC = msgspec.json.Encoder()
@@ -69,6 +69,8 @@ def main() -> None:
     import anthropic  # noqa: F401  preload: what every worker would import anyway
     import openai  # noqa: F401
     import openai.lib.streaming.chat  # noqa: F401
+
+    preload()
 
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)

@@ -124,7 +124,11 @@ class FakeProvider:
                 return web.Response(status=499)
             delay += fault.delay if fault.kind == "slow-first" else 0.0
         if delay:
-            await asyncio.sleep(delay)
+            try:
+                await _sleep(request, delay)
+            except ConnectionError:
+                self.disconnects += 1
+                return web.Response(status=499)
         self.completed += 1
         return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
 
@@ -144,13 +148,15 @@ class FakeProvider:
         self.active += 1
         try:
             if cut and first_wait:
-                await asyncio.sleep(first_wait)
-            await _write_events(response, events[:cut], gap)
+                await _sleep(request, first_wait)
+            await _write_events(request, response, events[:cut], gap)
             if cut == len(events):
                 self.completed += 1
             elif fault is not None:
                 await self._misbehave(request, response, fmt, fault, cut)
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:  # the client went away (a watchdog kill, a cancel): normal here
+            self.disconnects += 1
+        except asyncio.CancelledError:
             self.disconnects += 1
             raise
         finally:
@@ -189,14 +195,25 @@ class FakeProvider:
             await asyncio.sleep(step)
 
 
-async def _write_events(response: web.StreamResponse, events: list[bytes], gap: float) -> None:
+async def _sleep(request: web.Request, seconds: float) -> None:
+    """Sleep, but notice within 0.1 s that the client went away (so no stream outlives its client)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while (left := until - loop.time()) > 0:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        await asyncio.sleep(min(left, 0.1))
+
+
+async def _write_events(request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float) -> None:
     if not gap:
         if events:
             await response.write(b"".join(events))
         return
     for i, event in enumerate(events):
         if i:
-            await asyncio.sleep(gap)
+            await _sleep(request, gap)
         await response.write(event)
 
 

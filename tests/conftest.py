@@ -1,0 +1,112 @@
+"""Shared fixtures: one fake provider and one pool for the session, plus leak checks.
+
+Every process a test starts must be gone when it ends; the session checks that no
+child process and no socket file is left behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import pytest
+
+os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-isopool-0000"
+os.environ["OPENAI_API_KEY"] = "sk-test-isopool-0000"
+
+from broker import Pool  # noqa: E402
+from broker.fake_provider import FAULT_HEADER, FakeProviderProcess  # noqa: E402
+
+# Small heartbeats; generous limits that a test lowers per request.
+TEST_SETTINGS: dict[str, Any] = dict(
+    heartbeat_interval=0.1,
+    heartbeat_misses=10,
+    first_event_timeout=20.0,
+    stale_timeout=20.0,
+    deadline=120.0,
+    startup_timeout=60.0,
+    log_level="WARNING",
+)
+
+
+def profiles(url: str, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "anthropic": {"kind": "anthropic", "base_url": url, "min_workers": 2, "spare_workers": 1, **extra},
+        "openai": {"kind": "openai", "base_url": url + "/v1", "min_workers": 1, "spare_workers": 1, **extra},
+    }
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def anthropic_args(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "claude-fake", "max_tokens": 64, "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def openai_args(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-fake", "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def fault(spec: str) -> dict[str, Any]:
+    return {"extra_headers": {FAULT_HEADER: spec}}
+
+
+def worker_pids(client: Any) -> dict[str, int]:
+    return {w["ident"]: w["pid"] for w in client.stats()["workers"] if w["pid"]}
+
+
+def assert_dead(pids: set[int]) -> None:
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, f"pids {pids} to be gone")
+
+
+def descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers():
+    sockets_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "isopool-*")))
+    yield
+    wait_for(lambda: not descendants(), 15, "every child process to exit at the end of the session")
+    left = set(glob.glob(os.path.join(tempfile.gettempdir(), "isopool-*"))) - sockets_before
+    assert not left, f"socket directories left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def fake():
+    with FakeProviderProcess() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="session")
+def pool(fake):
+    with Pool(profiles=profiles(fake.url), **TEST_SETTINGS) as p:
+        yield p
+
+
+@pytest.fixture
+def client(pool):
+    with pool.client() as c:
+        yield c
+
+
+@pytest.fixture
+def own_processes():
+    """Fail a test that leaves behind any process it started beyond the session's."""
+    before = descendants()
+    yield
+    wait_for(lambda: not (descendants() - before), 15, "the test's own processes to exit")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 
 import click
+import msgspec
 
 from .fake_provider.faults import KINDS
 
@@ -66,3 +70,88 @@ def fake_provider(host, port, ttft, gap, tokens, fault_rates, seed, owned) -> No
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
+
+def _default_url() -> str:
+    from .endpoints import ipc_url, shared_run_dir
+
+    return os.environ.get("ISOPOOL_URL") or ipc_url(shared_run_dir(), "frontend")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file.")
+@click.option("--frontend", help="Endpoint for clients, e.g. ipc:///run/isopool/frontend.sock or tcp://127.0.0.1:5555.")
+def serve(config_path: str | None, frontend: str | None) -> None:
+    """Run a broker with its zygote and workers in the foreground.
+
+    Clients connect with ISOPOOL_URL (printed at start). Ctrl-C or SIGTERM drains:
+    no new requests, in-flight ones finish within drain_timeout, then everything stops."""
+    from .config import ConfigError, load_settings
+    from .endpoints import shared_run_dir
+    from .serve import run_broker
+
+    overrides = {"frontend": frontend} if frontend else {}
+    try:
+        settings = load_settings(config_path, **overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not settings.run_dir:
+        settings = msgspec.structs.replace(settings, run_dir=shared_run_dir())
+    try:
+        run_broker(settings)
+    except (PermissionError, OSError) as exc:
+        raise click.ClickException(f"cannot start the broker: {exc}") from None
+
+
+@main.command()
+@click.option("--url", default=None, help="Broker frontend (default: $ISOPOOL_URL, else the local `isopool serve`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
+def stats(url: str | None, as_json: bool) -> None:
+    """Show a running broker's workers, counters and latencies."""
+    from .client import Client
+    from .errors import BrokerUnavailable
+
+    url = url or _default_url()
+    with Client(url, broker_timeout=1.0) as client:
+        try:
+            snapshot = client.stats()
+        except BrokerUnavailable:
+            raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2))
+        return
+    from .render import print_stats
+
+    print_stats(snapshot)
+
+
+@main.command()
+@click.option("-n", "--requests", default=300, show_default=True, help="How many requests to send.")
+@click.option("-c", "--concurrency", default=24, show_default=True, help="How many in flight at once.")
+@click.option("--stall-rate", default=0.06, show_default=True, help="Share of requests whose stream stalls.")
+@click.option("--reset-rate", default=0.02, show_default=True, help="Share whose connection is reset mid-stream.")
+@click.option("--error-rate", default=0.02, show_default=True, help="Share answered with HTTP 429/500 first.")
+@click.option(
+    "--stale-timeout", default=1.0, show_default=True, help="Seconds without a real event that count as a stall."
+)
+@click.option("--seed", default=7, show_default=True, help="Seed of the fault draws.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def demo(requests, concurrency, stall_rate, reset_rate, error_rate, stale_timeout, seed, as_json) -> None:
+    """Watch the pool recover from injected stalls and faults, with nothing lost.
+
+    Starts a fake Anthropic/OpenAI provider that stalls (pings and keep-alives
+    included), resets and errors on a share of requests, a pool against it, and
+    pushes requests of both providers, streaming and not, through it. Exits 1 if any
+    request was lost or answered wrongly."""
+    from .demo import run_demo
+    from .render import demo_progress, print_demo
+
+    if not (0 <= stall_rate + reset_rate + error_rate <= 1):
+        raise click.BadParameter("the fault rates must add up to at most 1")
+    with demo_progress(requests, enabled=not as_json) as progress:
+        summary = run_demo(requests, concurrency, stall_rate, reset_rate, error_rate, stale_timeout, seed, progress)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        print_demo(summary)
+    if summary["lost"] or summary["wrong"]:
+        sys.exit(1)

@@ -259,7 +259,9 @@ class AsyncClient:
                 if not calls:
                     continue
                 if probing:
-                    self._fail_all(BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s"))
+                    self._fail_all(
+                        BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s")
+                    )
                     probing = False
                     continue
                 probing = True

@@ -119,7 +119,9 @@ def _matching(rules: dict[str, Limits], model: str) -> list[Limits]:
 SCALAR_SETTINGS = [f for f in Settings.__struct_fields__ if f not in ("profiles", "models")]
 
 
-def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
     """File < environment (`ISOPOOL_<SETTING>`, and `ISOPOOL_CONFIG` for the file) < keyword arguments."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
@@ -134,7 +136,9 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
             data[name] = value
     data.update(overrides)
     if "profiles" in data:
-        data["profiles"] = {k: msgspec.structs.asdict(v) if isinstance(v, Profile) else v for k, v in data["profiles"].items()}
+        data["profiles"] = {
+            k: msgspec.structs.asdict(v) if isinstance(v, Profile) else v for k, v in data["profiles"].items()
+        }
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:

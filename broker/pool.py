@@ -44,7 +44,9 @@ class Pool:
     def __init__(self, settings: Settings | None = None, config: str | None = None, **overrides: Any) -> None:
         settings = settings or load_settings(config, **overrides)
         self._own_dir = not settings.run_dir
-        self.settings = settings if settings.run_dir else msgspec.structs.replace(settings, run_dir=endpoints.private_run_dir())
+        self.settings = (
+            settings if settings.run_dir else msgspec.structs.replace(settings, run_dir=endpoints.private_run_dir())
+        )
         self.url = ""
         self.pid = 0
         self._proc: subprocess.Popen | None = None
@@ -62,7 +64,9 @@ class Pool:
             self.url, self.pid = ready["ready"], ready["pid"]
         except (msgspec.DecodeError, KeyError, TypeError):
             self.stop()
-            raise BrokerUnavailable(f"the pool's broker failed to start (said {line[:200]!r}); see its log above") from None
+            raise BrokerUnavailable(
+                f"the pool's broker failed to start (said {line[:200]!r}); see its log above"
+            ) from None
         if wait:
             self.wait_ready(self.settings.startup_timeout)
         return self
@@ -86,7 +90,9 @@ class Pool:
                 for w in stats["workers"]:
                     if w["state"] != "starting":
                         ready[w["profile"]] = ready.get(w["profile"], 0) + 1
-                missing = {n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers}
+                missing = {
+                    n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers
+                }
                 if not missing:
                     return
                 if time.monotonic() > deadline:
@@ -116,4 +122,3 @@ class Pool:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

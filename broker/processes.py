@@ -44,4 +44,3 @@ def stop_popen(proc: subprocess.Popen, grace: float = 2.0) -> None:
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
-

@@ -40,7 +40,9 @@ _MEMORY_CHECK_INTERVAL = 1.0
 class Broker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.run_dir = endpoints.ensure_private_dir(settings.run_dir) if settings.run_dir else endpoints.private_run_dir()
+        self.run_dir = (
+            endpoints.ensure_private_dir(settings.run_dir) if settings.run_dir else endpoints.private_run_dir()
+        )
         self.frontend_url = settings.frontend or endpoints.ipc_url(self.run_dir, "frontend")
         self.backend_url = endpoints.ipc_url(self.run_dir, "backend")
         self.codec = Codec()
@@ -147,7 +149,7 @@ class Broker:
                 if self.wake_r in ready:
                     self._on_signal()
                 if self.parent_fd in ready and not _read_some(self.parent_fd):
-                    log.warning("the process that owns this pool is gone; stopping")
+                    log.info("the process that owns this pool closed it (or died); stopping")
                     return
                 if self.backend in ready:
                     self._read(self.backend, self.on_backend)
@@ -169,7 +171,9 @@ class Broker:
             os.read(self.wake_r, 512)
         except BlockingIOError:
             return
-        log.warning("signal received: draining (finishing in-flight requests for up to %gs)", self.settings.drain_timeout)
+        log.warning(
+            "signal received: draining (finishing in-flight requests for up to %gs)", self.settings.drain_timeout
+        )
         self.drain()
 
     def _drained(self, now: float) -> bool:
@@ -199,7 +203,9 @@ class Broker:
         elif kind == Kind.PING:
             self._send_client(client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), b""])
         elif kind == Kind.STATS:
-            self._send_client(client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), self.codec.encode(self.snapshot())])
+            self._send_client(
+                client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), self.codec.encode(self.snapshot())]
+            )
         else:
             self.stats.rejected[Code.PROTOCOL] += 1
             self._reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
@@ -389,7 +395,10 @@ class Broker:
             self._finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
         elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
             if last_error:  # the provider's own error is the most useful answer
-                self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, Code.PROVIDER_CONNECTION)), last_error])
+                self._forward_end(
+                    req,
+                    [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, Code.PROVIDER_CONNECTION)), last_error],
+                )
                 self.stats.requests[f"error:{Code.PROVIDER_CONNECTION}"] += 1
                 return
             tried = ", ".join(req.history)
@@ -549,7 +558,9 @@ class Broker:
     def _finish(self, req: Request, code: Code, message: str) -> None:
         """End a request with a broker-made error (exactly one answer)."""
         info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt)
-        self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, code)), self.codec.encode(info)])
+        self._forward_end(
+            req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, code)), self.codec.encode(info)]
+        )
         if code != Code.CANCELLED:
             self.stats.requests[f"error:{code}"] += 1
 

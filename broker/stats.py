@@ -40,8 +40,7 @@ class Histogram:
             "mean": self.sum / self.total if self.total else None,
             "p50": self.quantile(0.5),
             "p99": self.quantile(0.99),
-            "buckets": {f"le_{b:g}": c for b, c in zip(BUCKETS, self.counts, strict=False)}
-            | {"inf": self.counts[-1]},
+            "buckets": {f"le_{b:g}": c for b, c in zip(BUCKETS, self.counts, strict=False)} | {"inf": self.counts[-1]},
         }
 
 

@@ -92,7 +92,9 @@ def test_stall_of_unseen_call_is_killed_and_retried(client, profile, spec):
 @pytest.mark.parametrize("spec", STALLS, ids=["F2-ping", "F3-comment", "F4-silent"])
 def test_stall_of_seen_stream_gives_typed_error(client, profile, spec):
     method, make = STREAMING[profile]
-    call = client.submit(profile, method, stale_timeout=0.4, stream=True, **make(f"seen {profile} {spec}"), **fault(spec))
+    call = client.submit(
+        profile, method, stale_timeout=0.4, stream=True, **make(f"seen {profile} {spec}"), **fault(spec)
+    )
     events = []
     start = time.monotonic()
     with pytest.raises(StreamStalled) as caught:
@@ -112,7 +114,9 @@ def test_stall_of_seen_stream_gives_typed_error(client, profile, spec):
 def test_f5_drip_faster_than_stale_timeout_is_not_killed(client):
     stale_before = kills(client, "stale_timeout")
     args = anthropic_args("f5 healthy drip")
-    call = client.submit("anthropic", "messages.create", stale_timeout=1.0, stream=True, **args, **fault("drip:gap=0.05"))
+    call = client.submit(
+        "anthropic", "messages.create", stale_timeout=1.0, stream=True, **args, **fault("drip:gap=0.05")
+    )
     events = list(call)
     clean = list(client.submit("anthropic", "messages.create", stream=True, **args))
     assert events == clean
@@ -184,7 +188,9 @@ def test_f7_mid_stream_error_event(client, profile):
     method, make = STREAMING[profile]
     events = []
     with pytest.raises(ProviderStreamError):
-        for event in client.submit(profile, method, stream=True, **make(f"f7 event {profile}"), **fault("error-event:after=4")):
+        for event in client.submit(
+            profile, method, stream=True, **make(f"f7 event {profile}"), **fault("error-event:after=4")
+        ):
             events.append(event)
     assert events and ("error" in (events[-1].name, *events[-1].json()))
     with pytest.raises(ProviderStreamError):
@@ -246,7 +252,9 @@ def test_f10_broker_killed_workers_exit_and_callers_get_clear_error(fake, own_pr
         family = {p.pid for p in psutil.Process(pool.pid).children(recursive=True)}
         assert len(family) >= 4  # zygote and workers
         with pool.client(broker_timeout=0.3) as client:
-            call = client.submit("anthropic", "messages.create", **anthropic_args("f10"), **fault("slow-first:delay=30"))
+            call = client.submit(
+                "anthropic", "messages.create", **anthropic_args("f10"), **fault("slow-first:delay=30")
+            )
             _busy_worker_pid(client)
             os.kill(pool.pid, signal.SIGKILL)
             start = time.monotonic()
@@ -327,7 +335,9 @@ def _raw(pool, frames: list[bytes]) -> tuple[int, str]:
 )
 def test_f12_malformed_messages_get_error_and_broker_keeps_serving(pool, client, frames, code):
     assert _raw(pool, frames)[1] == code
-    counted = client.request("anthropic", "messages.count_tokens", model="claude-fake", messages=[{"role": "user", "content": "hi"}])
+    counted = client.request(
+        "anthropic", "messages.count_tokens", model="claude-fake", messages=[{"role": "user", "content": "hi"}]
+    )
     assert counted.json() == {"input_tokens": 4}
 
 

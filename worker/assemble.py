@@ -88,7 +88,11 @@ class OpenAIChatCompletion:
         for delta_choice in chunk.get("choices", []):
             choice = self.choices.setdefault(
                 delta_choice["index"],
-                {"index": delta_choice["index"], "message": {"role": "assistant", "content": None}, "finish_reason": None},
+                {
+                    "index": delta_choice["index"],
+                    "message": {"role": "assistant", "content": None},
+                    "finish_reason": None,
+                },
             )
             if delta_choice.get("finish_reason") is not None:
                 choice["finish_reason"] = delta_choice["finish_reason"]

@@ -71,9 +71,7 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
         raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
 
 
-async def run_call(
-    client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any
-) -> None:
+async def run_call(client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any) -> None:
     """Run the call, reporting through `emit` (head, event, progress, result)."""
     check_kwargs(kwargs)
     resource, name = resolve(client, method, resource_type)

@@ -50,9 +50,7 @@ class FakeProviderProcess:
 
     The child exits by itself if this process dies (it watches its stdin pipe)."""
 
-    def __init__(
-        self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0
-    ) -> None:
+    def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0) -> None:
         latency = latency or Latency()
         args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
         args += ["--seed", str(seed), "--owned"]

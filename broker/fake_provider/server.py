@@ -139,7 +139,14 @@ class FakeProvider:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await response.prepare(request)
         cut = len(events)
-        if fault is not None and fault.kind in ("stall-ping", "stall-comment", "silent", "reset", "close", "error-event"):
+        if fault is not None and fault.kind in (
+            "stall-ping",
+            "stall-comment",
+            "silent",
+            "reset",
+            "close",
+            "error-event",
+        ):
             cut = min(fault.after, len(events) - 1)
         elif fault is not None and fault.kind == "stall-first":
             cut = 0

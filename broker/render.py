@@ -1,0 +1,106 @@
+"""Terminal output of the CLI (rich): the stats table, the demo's progress bar and summary."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .demo import REASKED
+
+console = Console()
+
+
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items())) or "none"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def print_stats(s: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]isopool broker[/] pid {s['pid']} at {s['frontend']}, up {s['uptime']:.0f}s"
+        + (" [yellow](draining)[/]" if s["draining"] else "")
+    )
+    workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
+    for w in s["workers"]:
+        rss = f"{w['rss'] / 2**20:.0f} MB" if w["rss"] else "-"
+        requests = ", ".join(map(str, w["requests"])) or "-"
+        workers.add_row(
+            w["ident"], str(w["pid"] or "-"), w["state"], requests, str(w["served"]), f"{w['age']:.0f}s", rss
+        )
+    console.print(workers)
+    counters = Table("", "", title="counters", show_header=False)
+    counters.add_row("in flight / queued", f"{s['in_flight']} / {_counts(s['queued'])}")
+    counters.add_row("requests", _counts(s["requests"]))
+    counters.add_row("stalls detected", _counts(s["stalls"]))
+    counters.add_row("workers killed", _counts(s["kills"]))
+    counters.add_row("spawned / respawned", f"{s['spawns']} / {s['respawns']}")
+    counters.add_row("retries", str(s["retries"]))
+    counters.add_row("rejected messages", _counts(s["rejected"]))
+    lat, first = s["latency"], s["first_event"]
+    counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}")
+    counters.add_row("first event p50 / p99 (≤)", f"{_ms(first['p50'])} / {_ms(first['p99'])}")
+    console.print(counters)
+
+
+@contextlib.contextmanager
+def demo_progress(total: int, enabled: bool = True) -> Iterator[Callable[[Counter], None]]:
+    """A live progress bar; yields the callback the demo calls after each request."""
+    if not enabled:
+        yield lambda tally: None
+        return
+    columns = (
+        TextColumn("[bold]demo"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("requests", total=total, note="starting the fake provider and the pool…")
+
+        def update(tally: Counter) -> None:
+            done = sum(v for k, v in tally.items() if k != REASKED)
+            note = f"ok {tally['ok']}  re-asked {tally[REASKED]}"
+            progress.update(task, completed=done, note=note)
+
+        yield update
+
+
+def print_demo(s: dict[str, Any]) -> None:
+    table = Table("", "", title="isopool demo summary", show_header=False)
+    table.add_row("requests", str(s["requests"]))
+    table.add_row("answered correctly", f"[green]{s['ok']}[/]")
+    table.add_row("answered wrongly", f"[red]{s['wrong']}[/]" if s["wrong"] else "0")
+    table.add_row("lost (no answer)", f"[red]{s['lost']}[/]" if s["lost"] else "0")
+    table.add_row("failed with a typed error", _counts(s["failed"]))
+    table.add_row("streams broken after output, re-asked", str(s["re_asked_after_broken_stream"]))
+    table.add_row("faults injected", _counts(s["faults_injected"]))
+    table.add_row("stalls detected", _counts(s["stalls_detected"]))
+    table.add_row("workers killed", _counts(s["workers_killed"]))
+    table.add_row("workers respawned", str(s["workers_respawned"]))
+    table.add_row("transparent retries by the pool", str(s["pool_retries"]))
+    table.add_row("latency p50 / p99", f"{_ms(s['latency_p50_s'])} / {_ms(s['latency_p99_s'])}")
+    table.add_row("wall time (pool start-up)", f"{s['wall_s']} s ({s['startup_s']} s)")
+    table.add_row("time lost to stalls", f"{s['time_lost_to_stalls_s']} s")
+    table.add_row(
+        "…with plain SDK calls", f"≥ {s['time_plain_sdk_would_lose_s']} s (keep-alives reset the SDK's read timeout)"
+    )
+    console.print(table)
+    for example in s["failure_examples"]:
+        console.print(f"[yellow]failure:[/] {escape(example)}")
+    if s["lost"] or s["wrong"]:
+        console.print("[red]requests were lost or answered wrongly[/]")
+    elif s["failed"]:
+        console.print("[yellow]nothing lost and no wrong answer, but some requests ended in typed errors (above)[/]")
+    else:
+        console.print("[green]nothing lost: every request answered, every answer correct[/]")

@@ -289,7 +289,7 @@ class Broker:
         if kind == Kind.EVENT:
             self.on_event(req, header, payload)
         elif kind == Kind.PROGRESS:
-            req.last_event_at = time.monotonic()
+            self._progress(req)
         elif kind == Kind.HEAD:
             req.head = payload
         elif kind == Kind.RESULT:
@@ -313,10 +313,7 @@ class Broker:
         self._offer(worker)
 
     def on_event(self, req: Request, event: Event, data: bytes) -> None:
-        now = time.monotonic()
-        if req.last_event_at is None:
-            self.stats.first_event.add(now - req.sent_at)
-        req.last_event_at = now
+        self._progress(req)
         if req.head is not None:
             if not self._send_client(req.client, [_KIND[Kind.HEAD], self.codec.encode(Ref(req.crid)), req.head]):
                 return
@@ -324,6 +321,14 @@ class Broker:
         header = self.codec.encode(Event(req.crid, event.seq, event.name))
         if self._send_client(req.client, [_KIND[Kind.EVENT], header, data]):
             req.delivered += 1
+
+    def _progress(self, req: Request) -> None:
+        """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
+        now = time.monotonic()
+        if req.last_event_at is None:
+            self.stats.first_event.add(now - req.sent_at)
+            self.next_check = min(self.next_check, now + req.stale_timeout)
+        req.last_event_at = now
 
     def on_result(self, worker: Worker, req: Request, payload: bytes) -> None:
         self._release(worker, req)

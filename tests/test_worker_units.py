@@ -36,13 +36,13 @@ def _collect(data: bytes, size: int) -> list[tuple[str, bytes]]:
 @pytest.mark.parametrize("size", [1, 7, 4096])
 def test_sse_drops_pings_comments_and_done_whatever_the_chunking(size):
     raw = (
-        b"event: message_start\ndata: {\"a\":1}\n\n"
-        b"event: ping\ndata: {\"type\": \"ping\"}\n\n"
+        b'event: message_start\ndata: {"a":1}\n\n'
+        b'event: ping\ndata: {"type": "ping"}\n\n'
         b": keep-alive\n\n"
         b"\n"
-        b"data: {\"b\":2}\r\n\r\n"
+        b'data: {"b":2}\r\n\r\n'
         b"data: [DONE]\n\n"
-        b"data: {\"after\":3}\n\n"
+        b'data: {"after":3}\n\n'
     )
     assert _collect(raw, size) == [("message_start", b'{"a":1}'), ("", b'{"b":2}')]
 
@@ -99,7 +99,10 @@ def test_openai_tool_calls_assemble():
     acc = OpenAIChatCompletion()
     base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     deltas = [
-        {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "get", "arguments": ""}}]},
+        {
+            "role": "assistant",
+            "tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "get", "arguments": ""}}],
+        },
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]},
     ]
@@ -130,7 +133,8 @@ def test_public_method_paths_resolve(sdk_client, method):
 
 
 @pytest.mark.parametrize(
-    "method", ["messages", "_client.get", "messages._post", "api_key.upper", "with_options.x", "messages.with_raw_response"]
+    "method",
+    ["messages", "_client.get", "messages._post", "api_key.upper", "with_options.x", "messages.with_raw_response"],
 )
 def test_private_or_non_resource_paths_are_refused(sdk_client, method):
     from anthropic._resource import AsyncAPIResource

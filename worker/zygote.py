@@ -43,7 +43,6 @@ def _fork(spec: WorkerSpec, wake_fds: tuple[int, int], selector: selectors.BaseS
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.close(devnull)
-        gc.unfreeze()
         run_worker(spec)
     except BaseException:
         import traceback

@@ -1,0 +1,172 @@
+"""The pool's headline figures, each a median over repeated runs next to a baseline measured
+in the same run (this machine is shared and noisy):
+
+- respawn: SIGKILL of an idle worker -> its replacement READY (zygote fork), against a
+  fresh interpreter importing the SDKs and building a client;
+- stale recovery: the moment `first_event_timeout` expires -> first event of the retry;
+- detection precision: stall noticed by the caller minus `stale_timeout`;
+- memory: unique memory (USS) of idle workers, the zygote and the broker;
+- overhead: a tiny non-streaming request through the pool vs the same SDK call made
+  directly against the fake provider.
+
+    python -m bench.pool_figures [--repeat 30] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import anthropic
+import psutil
+
+from broker import Pool, StreamStalled
+from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
+
+os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
+os.environ.setdefault("OPENAI_API_KEY", "bench-key")
+
+MSG = {"model": "claude-bench", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _median_ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 3)
+
+
+def _p99_ms(values: list[float]) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)
+
+
+def _uss(pid: int) -> int:
+    return psutil.Process(pid).memory_full_info().uss
+
+
+def respawn(client, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        workers = {w["ident"]: w for w in client.stats()["workers"]}
+        victim = next(w for w in workers.values() if w["state"] == "ready" and w["profile"] == "anthropic")
+        start = time.perf_counter()
+        os.kill(victim["pid"], 9)
+        while True:
+            fresh = [w for w in client.stats()["workers"] if w["ident"] not in workers and w["state"] == "ready"]
+            if fresh:
+                times.append(time.perf_counter() - start)
+                break
+        time.sleep(0.05)
+    return times
+
+
+def fresh_interpreter(repeat: int) -> list[float]:
+    code = "import anthropic, openai; anthropic.AsyncAnthropic(api_key='x'); openai.AsyncOpenAI(api_key='x')"
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-P", "-c", code], check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def stale_recovery(client, repeat: int, timeout: float) -> list[float]:
+    """Stream whose first attempt sends only pings: first event of the retry minus expiry."""
+    times = []
+    for i in range(repeat):
+        args = {**MSG, "messages": [{"role": "user", "content": f"recovery {i}"}]}
+        start = time.perf_counter()
+        call = client.submit(
+            "anthropic", "messages.create", stream=True, first_event_timeout=timeout,
+            extra_headers={FAULT_HEADER: "stall-first:interval=0.05"}, **args,
+        )  # fmt: skip
+        events = iter(call)
+        next(events)
+        times.append(time.perf_counter() - start - timeout)
+        for _ in events:  # read to the end (dropping the iterator early would cancel the call)
+            pass
+    return times
+
+
+def detection(client, repeat: int, timeout: float) -> list[float]:
+    """Seen stream stalling with pings: StreamStalled arrival minus (last event + stale_timeout)."""
+    lateness = []
+    for i in range(repeat):
+        args = {**MSG, "max_tokens": 10, "messages": [{"role": "user", "content": f"detect {i}"}]}
+        call = client.submit(
+            "anthropic", "messages.create", stream=True, stale_timeout=timeout,
+            extra_headers={FAULT_HEADER: "stall-ping:after=5,interval=0.05"}, **args,
+        )  # fmt: skip
+        last = time.perf_counter()
+        try:
+            for _ in call:
+                last = time.perf_counter()
+        except StreamStalled:
+            lateness.append(time.perf_counter() - last - timeout)
+    return lateness
+
+
+def overhead(client, direct: anthropic.Anthropic, repeat: int, method: str) -> tuple[list[float], list[float]]:
+    """Alternate pool and direct calls (ABAB) so that drift in machine load hits both alike."""
+    kwargs = MSG if method == "messages.create" else {"model": MSG["model"], "messages": MSG["messages"]}
+    direct_call = direct.messages.create if method == "messages.create" else direct.messages.count_tokens
+    pooled, plain = [], []
+    for _ in range(20):  # warm-up
+        client.request("anthropic", method, **kwargs)
+        direct_call(**kwargs)
+    for _ in range(repeat):
+        start = time.perf_counter()
+        client.request("anthropic", method, **kwargs)
+        mid = time.perf_counter()
+        direct_call(**kwargs)
+        pooled.append(mid - start)
+        plain.append(time.perf_counter() - mid)
+    return pooled, plain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=30, help="runs per figure (overhead uses 20x this)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    with FakeProviderProcess() as fake:
+        profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 4, "spare_workers": 2}}
+        with Pool(profiles=profiles, heartbeat_interval=0.2) as pool, pool.client() as client:
+            time.sleep(1.0)
+            stats = client.stats()
+            idle = [_uss(w["pid"]) for w in stats["workers"]]
+            results["memory_mb"] = {
+                "idle_worker_uss_median": round(statistics.median(idle) / 2**20, 2),
+                "zygote_uss": round(_uss(stats["zygote_pid"]) / 2**20, 2),
+                "broker_uss": round(_uss(pool.pid) / 2**20, 2),
+            }
+            r = respawn(client, args.repeat)
+            f = fresh_interpreter(max(3, args.repeat // 10))
+            results["respawn_ms"] = {"zygote_median": _median_ms(r), "fresh_interpreter_median": _median_ms(f)}
+            rec = stale_recovery(client, args.repeat, 0.2)
+            results["stale_recovery_ms"] = {"median": _median_ms(rec), "p99": _p99_ms(rec)}
+            det = detection(client, args.repeat, 0.2)
+            results["detection_lateness_ms"] = {"median": _median_ms(det), "p99": _p99_ms(det)}
+            direct = anthropic.Anthropic(base_url=fake.url, max_retries=0)
+            for method in ("messages.count_tokens", "messages.create"):
+                pooled, plain = overhead(client, direct, args.repeat * 20, method)
+                results[f"overhead_{method}_ms"] = {
+                    "pool_median": _median_ms(pooled),
+                    "direct_median": _median_ms(plain),
+                    "added_median": round(_median_ms(pooled) - _median_ms(plain), 3),
+                    "pool_p99": _p99_ms(pooled),
+                    "direct_p99": _p99_ms(plain),
+                }
+            direct.close()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

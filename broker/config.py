@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import msgspec
 
+ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
+
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or out of range; the message names it."""
@@ -71,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_requests_per_worker: int = 0
     max_memory_per_worker_mb: int = 0
     respawn_backoff_max: float = 10.0
+    idle_timeout: float = 60.0
     drain_timeout: float = 30.0
     run_dir: str = ""
     frontend: str = ""
@@ -79,7 +82,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, Limits] = {}
 
     def __post_init__(self) -> None:
-        positive = ("first_event_timeout", "stale_timeout", "deadline", "heartbeat_interval", "startup_timeout")
+        positive = (
+            "first_event_timeout",
+            "stale_timeout",
+            "deadline",
+            "heartbeat_interval",
+            "startup_timeout",
+            "idle_timeout",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting {name} must be > 0, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ import msgspec
 
 from . import endpoints
 from .client import AsyncClient, Client
-from .config import Settings, load_settings
+from .config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
 from .errors import BrokerUnavailable
 from .processes import python_command, stop_popen
 
@@ -68,7 +68,11 @@ class Pool:
                 f"the pool's broker failed to start (said {line[:200]!r}); see its log above"
             ) from None
         if wait:
-            self.wait_ready(self.settings.startup_timeout)
+            try:
+                self.wait_ready(self.settings.startup_timeout + ZYGOTE_BOOT_TIMEOUT)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _readline(self, timeout: float) -> bytes:
@@ -97,7 +101,7 @@ class Pool:
                     return
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(
-                        f"workers not ready within {timeout:g}s (startup_timeout) for profiles {sorted(missing)}"
+                        f"workers of profiles {sorted(missing)} not ready within {timeout:g}s; see the broker's log"
                     )
                 time.sleep(0.01)
 

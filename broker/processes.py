@@ -18,10 +18,13 @@ def python_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-P", "-m", module, *args]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and all its descendants; idempotent."""
+def kill_tree(target: int | psutil.Process) -> None:
+    """SIGKILL a process and all its descendants; idempotent. Given a `psutil.Process` taken
+    while the process was known alive, a recycled pid is never hit (psutil checks its start time)."""
     try:
-        parent = psutil.Process(pid)
+        parent = target if isinstance(target, psutil.Process) else psutil.Process(target)
+        if not parent.is_running():
+            return
         victims = parent.children(recursive=True) + [parent]
     except psutil.NoSuchProcess:
         return

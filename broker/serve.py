@@ -27,8 +27,15 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
         broker.install_signal_handlers()
         if owned:
             broker.stop_when_closed(sys.stdin.fileno())
-        sys.stdout.write(msgspec.json.encode({"ready": broker.frontend_url, "pid": os.getpid()}).decode() + "\n")
-        sys.stdout.flush()
+        if owned:
+            print(msgspec.json.encode({"ready": broker.frontend_url, "pid": os.getpid()}).decode(), flush=True)
+        else:
+            print(
+                f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}\n"
+                f"  clients: export ISOPOOL_URL={broker.frontend_url}\n"
+                "  Ctrl-C or SIGTERM drains (in-flight requests finish, then everything stops)",
+                flush=True,
+            )
     except BaseException:
         broker.close()
         raise

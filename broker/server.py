@@ -21,7 +21,7 @@ import psutil
 import zmq
 
 from . import endpoints
-from .config import Limits, Settings
+from .config import ZYGOTE_BOOT_TIMEOUT, Limits, Settings
 from .processes import kill_tree
 from .protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
 from .protocol import Error as ErrorHeader
@@ -71,6 +71,7 @@ class Broker:
         self.backend = self._router(self.backend_url)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
         self.zygote = Zygote(self.death_r)
+        self.zygote_generation = 0
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
         self.parent_fd = -1
@@ -127,13 +128,13 @@ class Broker:
         for req in list(self.requests.values()):
             self._finish(req, Code.SHUTTING_DOWN, "the pool stopped before this request finished")
         for worker in list(self.workers.values()) + list(self.by_pid.values()):
-            if worker.pid:
-                kill_tree(worker.pid)
+            if worker.proc is not None:
+                kill_tree(worker.proc)
         self.zygote.stop()
         os.close(self.death_w)
         for fd in (self.death_r, self.wake_r, self.wake_w):
             os.close(fd)
-        self.frontend.close(0)
+        self.frontend.close(linger=500)  # let the final answers above reach their callers
         self.backend.close(0)
         self.ctx.term()
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
@@ -309,6 +310,7 @@ class Broker:
             return
         worker.state = WorkerState.READY
         worker.capacity = max(1, ready.capacity)
+        worker.idle_since = time.monotonic()
         self.spawn_failures[worker.profile] = 0
         self._offer(worker)
 
@@ -339,21 +341,26 @@ class Broker:
     def on_zygote(self) -> None:
         reports = self.zygote.read()
         if reports is None:
-            log.error("the zygote exited; restarting it")
-            self.poller.unregister(self.zygote.fileno())
-            self.zygote.stop()
-            self.zygote.start()
-            self.poller.register(self.zygote.fileno(), zmq.POLLIN)
-            for worker in self.workers.values():
-                if worker.state is WorkerState.STARTING and not worker.pid:
-                    self.zygote.spawn(self._spec(worker))
+            self._restart_zygote("the zygote exited")
             return
         for report in reports:
-            if "spawned" in report:
+            if "ready" in report:  # spawn clocks start now, not while the zygote was importing
+                now = time.monotonic()
+                for worker in self.workers.values():
+                    if worker.state is WorkerState.STARTING and not worker.pid:
+                        worker.spawned_at = now
+            elif "spawned" in report:
                 worker = self.workers.get(report["spawned"].encode())
-                if worker is not None:
-                    worker.pid = report["pid"]
-                    self.by_pid[worker.pid] = worker
+                if worker is None:  # given up on (startup timeout) before the fork was reported
+                    kill_tree(report["pid"])
+                    continue
+                worker.pid = report["pid"]
+                worker.zygote = self.zygote_generation
+                try:
+                    worker.proc = psutil.Process(worker.pid)
+                except psutil.NoSuchProcess:
+                    pass  # already gone: its exit report follows
+                self.by_pid[worker.pid] = worker
             elif "exited" in report:
                 self.on_exit(report["exited"], report["status"])
 
@@ -368,16 +375,32 @@ class Broker:
                 self.spawn_failures[worker.profile] += 1
             self.kill_worker(worker, Reason.CRASH)
 
+    def _restart_zygote(self, why: str) -> None:
+        """Replace the zygote; spawns it had not reported are asked of the new one."""
+        log.error("%s; restarting it", why)
+        self.stats.zygote_restarts += 1
+        self.poller.unregister(self.zygote.fileno())
+        self.zygote.restart()
+        self.zygote_generation += 1
+        self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.state is WorkerState.STARTING and not worker.pid:
+                worker.spawned_at = now
+                self.zygote.spawn(self._spec(worker))
+
     # ----- verbs ----------------------------------------------------------------
 
     def kill_worker(self, worker: Worker, reason: Reason) -> None:
         """The one way a worker is killed: SIGKILL its tree, count why, retry or fail its requests."""
-        if worker.pid:
-            kill_tree(worker.pid)
+        if worker.proc is not None:
+            kill_tree(worker.proc)
+            if worker.zygote != self.zygote_generation:  # no exit report will come for it
+                self.by_pid.pop(worker.pid, None)
         if worker.state is not WorkerState.CONDEMNED:
             self.stats.kills[reason] += 1
             worker.state = WorkerState.CONDEMNED
-            if reason is not Reason.SHUTDOWN:
+            if reason not in (Reason.SHUTDOWN, Reason.SCALE_DOWN):
                 self.replacing[worker.profile] += 1
         self.workers.pop(worker.ident, None)
         requests = list(worker.requests.values())
@@ -422,13 +445,21 @@ class Broker:
         if now < self.next_check:
             return
         next_check = now + 1.0
+        if not self.zygote.ready:
+            if now - self.zygote.started_at > max(self.settings.startup_timeout, ZYGOTE_BOOT_TIMEOUT):
+                self._restart_zygote("the zygote did not finish importing the SDKs in time")
+            next_check = min(next_check, now + 0.1)
         for worker in list(self.workers.values()):
+            if not (self.zygote.ready or worker.pid):
+                continue  # its clock starts when the zygote is ready
             due, reason = worker_due(worker, self.liveness, self.settings.startup_timeout)
             if now >= due:
                 log.warning("worker %s: %s", worker.ident.decode(), reason)
-                if reason is Reason.STARTUP:
-                    self.spawn_failures[worker.profile] += 1
                 self.kill_worker(worker, reason)
+                if reason is Reason.STARTUP and not worker.pid:
+                    self._restart_zygote(f"the zygote did not fork {worker.ident.decode()} within startup_timeout")
+                elif reason is Reason.STARTUP:
+                    self.spawn_failures[worker.profile] += 1
                 continue
             next_check = min(next_check, due)
             for req in list(worker.requests.values()):
@@ -473,6 +504,8 @@ class Broker:
             wanted = busy + -(-waiting // profile.concurrency) + profile.spare_workers
             target = max(profile.min_workers, min(profile.max_workers, wanted))
             missing = target - len(mine)
+            if missing < 0:
+                self._retire_idle(mine, -missing, now)
             if missing <= 0 or now < self.spawn_after[name]:
                 continue
             failures = self.spawn_failures[name]
@@ -484,6 +517,13 @@ class Broker:
                 missing = 1
             for _ in range(missing):
                 self._spawn(name, now)
+
+    def _retire_idle(self, workers: list[Worker], surplus: int, now: float) -> None:
+        """Scale down: stop up to `surplus` workers idle for `idle_timeout`, longest idle first."""
+        idle = [w for w in workers if w.state is WorkerState.READY and not w.requests]
+        idle = [w for w in idle if now - w.idle_since >= self.settings.idle_timeout]
+        for worker in sorted(idle, key=lambda w: w.idle_since)[:surplus]:
+            self.kill_worker(worker, Reason.SCALE_DOWN)
 
     def _fail_queue(self, profile: str, why: str) -> None:
         queue = self.queues[profile]
@@ -555,8 +595,10 @@ class Broker:
         limit = self.settings.max_requests_per_worker
         if limit and worker.served >= limit and not worker.requests:
             self.kill_worker(worker, Reason.RECYCLE)
-        else:
-            self._offer(worker)
+            return
+        if not worker.requests:
+            worker.idle_since = time.monotonic()
+        self._offer(worker)
 
     # ----- answers --------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import psutil
+
 from .protocol import Submit
 
 
@@ -46,7 +48,10 @@ class Worker:
     capacity: int = 1
     state: WorkerState = WorkerState.STARTING
     pid: int = 0
+    proc: psutil.Process | None = None  # taken when forked: killing it never hits a recycled pid
+    zygote: int = 0  # which zygote generation forked it (a replaced zygote no longer reports its exit)
     last_beat: float = 0.0
+    idle_since: float = 0.0
     served: int = 0
     requests: dict[int, Request] = field(default_factory=dict)
     queued_free: bool = False  # whether it sits in its profile's free-slot queue

@@ -52,6 +52,7 @@ class Stats:
         self.retries = 0
         self.spawns = 0
         self.respawns = 0
+        self.zygote_restarts = 0
         self.exits: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()  # malformed or refused messages, by code
         self.latency = Histogram()
@@ -65,6 +66,7 @@ class Stats:
             "retries": self.retries,
             "spawns": self.spawns,
             "respawns": self.respawns,
+            "zygote_restarts": self.zygote_restarts,
             "exits": dict(self.exits),
             "rejected": dict(self.rejected),
             "latency": self.latency.snapshot(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from typing import Any
 
 import msgspec
@@ -23,7 +24,8 @@ class Zygote:
         self._death_fd = death_fd
         self.proc: subprocess.Popen | None = None
         self._pending = b""
-        self.ready = False
+        self.ready = False  # it has imported everything and forks on request
+        self.started_at = 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -32,6 +34,7 @@ class Zygote:
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         self._pending = b""
         self.ready = False
+        self.started_at = time.monotonic()
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()  # type: ignore[union-attr]
@@ -61,16 +64,29 @@ class Zygote:
         self.ready = self.ready or any("ready" in r for r in reports)
         return reports
 
+    def restart(self) -> None:
+        """Replace a dead or unresponsive zygote. Only the zygote itself is killed: the workers it
+        forked keep serving (their exits are no longer reported; heartbeats still watch them)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self._reap()
+        self.start()
+
     def stop(self) -> None:
         """Close its stdin (it exits by itself), then make sure: kill the tree and reap."""
         if self.proc is None:
             return
-        proc, self.proc = self.proc, None
         try:
-            proc.stdin.close()  # type: ignore[union-attr]
-            proc.wait(1.0)
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait(1.0)
         except (subprocess.TimeoutExpired, OSError):
             pass
-        kill_tree(proc.pid)
-        proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
+        kill_tree(self.proc.pid)
+        self._reap()
+
+    def _reap(self) -> None:
+        proc, self.proc = self.proc, None
+        proc.wait()  # type: ignore[union-attr]
+        for stream in (proc.stdin, proc.stdout):  # type: ignore[union-attr]
+            if not stream.closed:
+                stream.close()

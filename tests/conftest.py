@@ -104,9 +104,26 @@ def client(pool):
         yield c
 
 
+def started_by_test(before: set[int]) -> set[int]:
+    """Descendants that are new and not the children of processes the session already had
+    (a session pool may respawn a worker during any test)."""
+    me = os.getpid()
+    found = set()
+    for proc in psutil.Process(me).children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            ancestors = {p.pid for p in proc.parents()}
+        except psutil.NoSuchProcess:
+            continue
+        if not (ancestors & before):
+            found.add(proc.pid)
+    return found
+
+
 @pytest.fixture
 def own_processes():
-    """Fail a test that leaves behind any process it started beyond the session's."""
+    """Fail a test that leaves behind any process it started."""
     before = descendants()
     yield
-    wait_for(lambda: not (descendants() - before), 15, "the test's own processes to exit")
+    wait_for(lambda: not started_by_test(before), 15, "the test's own processes to exit")

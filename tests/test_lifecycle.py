@@ -1,0 +1,253 @@
+"""The pool's life cycle, end to end: recycling, scale-down, deadlines, backpressure, zygote
+loss, the SDKs' own environment variables, and `isopool serve`/`stats` with a graceful drain."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from broker import Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
+from broker.config import load_settings
+from broker.protocol import Submit
+from broker.server import Broker
+from broker.state import Reason
+
+from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
+
+ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
+
+
+def one_profile(fake, **extra):
+    return {"anthropic": profiles(fake.url)["anthropic"] | {"min_workers": 1, "spare_workers": 0, **extra}}
+
+
+def test_max_requests_per_worker_recycles_workers(fake, own_processes):
+    with Pool(profiles=one_profile(fake), max_requests_per_worker=3, **TEST_SETTINGS) as pool, pool.client() as c:
+        seen = set()
+        for i in range(7):
+            seen |= set(worker_pids(c).values())
+            assert c.request("anthropic", "messages.create", **anthropic_args(f"recycle {i}")).status == 200
+        seen |= set(wait_for(lambda: worker_pids(c), 10, "a worker").values())
+        assert c.stats()["kills"]["max_requests"] == 2
+        assert len(seen) == 3  # 3 + 3 + 1 requests on three successive workers
+        assert c.stats()["requests"]["ok"] == 7
+
+
+def test_idle_workers_beyond_min_and_spares_are_retired(fake, own_processes):
+    settings = dict(TEST_SETTINGS, idle_timeout=0.3)
+    with Pool(profiles=one_profile(fake, max_workers=4), **settings) as pool, pool.client() as c:
+        calls = [
+            c.submit("anthropic", "messages.create", **anthropic_args(f"burst {i}"), **fault("slow-first:delay=1"))
+            for i in range(4)
+        ]
+        wait_for(lambda: len(c.stats()["workers"]) == 4, 20, "the pool to grow to max_workers for the burst")
+        pids = set(worker_pids(c).values())
+        assert all(call.result().status == 200 for call in calls)
+        wait_for(lambda: len(c.stats()["workers"]) == 1, 20, "idle workers to be retired down to min_workers")
+        assert c.stats()["kills"]["scale_down"] == 3
+        assert c.stats()["respawns"] == 0  # retiring is not replacing
+        assert_dead(pids - set(worker_pids(c).values()))
+
+
+def test_deadline_ends_a_slow_request_across_retries(client):
+    args = anthropic_args("deadline")
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as caught:
+        client.request("anthropic", "messages.create", deadline=0.8, **args, **fault("drip:gap=0.2,times=9"))
+    assert 0.7 < time.monotonic() - start < 5
+    assert caught.value.code == "deadline"
+    # the worker that was still streaming it is killed, and the pool keeps serving
+    assert client.request("anthropic", "messages.create", **args).status == 200
+
+
+def test_burst_beyond_queue_limit_is_refused_as_saturated_never_lost(fake, own_processes):
+    with Pool(profiles=one_profile(fake, max_workers=1), queue_limit=3, **TEST_SETTINGS) as pool, pool.client() as c:
+        calls = [
+            c.submit("anthropic", "messages.create", **anthropic_args(f"burst {i}"), **fault("slow-first:delay=0.2"))
+            for i in range(10)
+        ]
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append(call.result().status)
+            except PoolSaturated as exc:
+                assert "queue_limit" in str(exc)
+                outcomes.append("saturated")
+        assert outcomes.count(200) == 3 and outcomes.count("saturated") == 7
+        stats = c.stats()
+        assert stats["in_flight"] == 0 and stats["queued"] == {"anthropic": 0}
+
+
+def test_killed_zygote_is_restarted_and_spawns_continue(client):
+    before = client.stats()
+    old_zygote = before["zygote_pid"]
+    os.kill(old_zygote, signal.SIGKILL)
+    wait_for(lambda: client.stats()["zygote_pid"] != old_zygote, 10, "a new zygote")
+    # a crash now needs a fork from the new zygote
+    victim = next(w for w in client.stats()["workers"] if w["profile"] == "openai")
+    os.kill(victim["pid"], signal.SIGKILL)
+    args = openai_args("after zygote loss")
+    assert client.request("openai", "chat.completions.create", **args).status == 200
+    wait_for(
+        lambda: any(w["profile"] == "openai" and w["pid"] not in (victim["pid"], 0) for w in client.stats()["workers"]),
+        10,
+        "the crashed worker to be replaced by the new zygote",
+    )
+    assert client.stats()["zygote_restarts"] == before["zygote_restarts"] + 1
+    assert_dead({old_zygote, victim["pid"]})
+
+
+def test_hung_zygote_is_replaced_when_a_spawn_times_out(fake, own_processes):
+    settings = dict(TEST_SETTINGS, startup_timeout=1.0)
+    with Pool(profiles=one_profile(fake), **settings) as pool, pool.client() as c:
+        zygote = c.stats()["zygote_pid"]
+        os.kill(zygote, signal.SIGSTOP)
+        (worker,) = c.stats()["workers"]
+        os.kill(worker["pid"], signal.SIGKILL)
+        args = anthropic_args("hung zygote")
+        assert c.request("anthropic", "messages.create", **args).status == 200
+        stats = c.stats()
+        assert stats["zygote_restarts"] == 1 and stats["zygote_pid"] != zygote
+        assert_dead({zygote})
+
+
+def test_sdk_environment_variables_drive_the_default_profiles(fake, own_processes, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.url + "/v1")
+    served = sum(fake.stats()["served"].values())
+    with Pool(**TEST_SETTINGS) as pool, pool.client() as c:
+        assert sorted(pool.settings.profiles) == ["anthropic", "openai"]
+        assert pool.settings.profiles["anthropic"].base_url is None  # left to the SDK, as without isopool
+        assert c.request("anthropic", "messages.create", **anthropic_args("env")).status == 200
+        assert c.request("openai", "chat.completions.create", **openai_args("env")).status == 200
+    assert sum(fake.stats()["served"].values()) == served + 2
+
+
+class _FakeZygote:
+    """Stands in for the zygote process in a unit test of the broker's spawn policy."""
+
+    def __init__(self) -> None:
+        self.spawns: list[str] = []
+        self.pid = 0
+
+    def spawn(self, spec) -> bool:
+        self.spawns.append(spec["ident"])
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+def test_flapping_profile_backs_off_then_fails_its_queue(tmp_path):
+    """Every worker of a profile dies at start: spawns space out exponentially instead of
+    looping, and once the profile counts as flapping its queued requests get a clear error."""
+    settings = load_settings(profiles={"p": {"kind": "openai", "min_workers": 1}}, run_dir=str(tmp_path / "run"))
+    broker = Broker(settings)
+    broker.zygote = _FakeZygote()
+    try:
+        spawned_at = []
+        now = 100.0
+        while now < 104.0:
+            broker.reconcile(now)
+            for worker in list(broker.workers.values()):
+                spawned_at.append(now)
+                broker.spawn_failures["p"] += 1
+                broker.kill_worker(worker, Reason.STARTUP)
+            now += 0.01
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(spawned_at)]
+        assert gaps[1:] == [0.1, 0.2, 0.4, 0.8, 1.6], gaps  # 7 spawns in 4 s, not 400
+        broker.on_submit(b"caller", Submit(rid=1, profile="p", model="m"), b"{}")
+        broker.reconcile(now + 10)
+        assert broker.stats.requests["error:config"] == 1  # a flapping profile refuses, it does not hang
+        assert not broker.requests
+    finally:
+        broker.close()
+
+
+# isopool serve / stats ------------------------------------------------------------
+
+
+def _start_serve(tmp_path, fake, **settings):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "isopool.toml"
+    lines = [f'run_dir = "{run_dir}"'] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[profiles.anthropic]", 'kind = "anthropic"', f'base_url = "{fake.url}"', "min_workers = 1"]
+    config.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([ISOPOOL, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+    banner = proc.stdout.readline()
+    assert "serving on ipc://" in banner, banner
+    url = banner.split("serving on ", 1)[1].split()[0]
+    return proc, url
+
+
+def test_serve_and_stats_then_sigterm_drains_in_flight_requests(tmp_path, fake, own_processes):
+    proc, url = _start_serve(tmp_path, fake, heartbeat_interval=0.1, drain_timeout=20)
+    try:
+        with Client(url) as c:
+            wait_for(lambda: any(w["state"] == "ready" for w in c.stats()["workers"]), 20, "a ready worker")
+            out = subprocess.run([ISOPOOL, "stats", "--url", url, "--json"], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["pid"] == proc.pid
+            table = subprocess.run([ISOPOOL, "stats", "--url", url], capture_output=True, text=True)
+            assert table.returncode == 0 and "anthropic" in table.stdout
+            family = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+
+            args = anthropic_args("drain")
+            in_flight = c.submit("anthropic", "messages.create", **args, **fault("slow-first:delay=1"))
+            wait_for(lambda: c.stats()["in_flight"] == 1, 10, "the request to be running")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: c.stats()["draining"], 10, "the broker to start draining")
+            with pytest.raises(ShuttingDown):
+                c.request("anthropic", "messages.create", **anthropic_args("too late"))
+            assert in_flight.result().status == 200  # finished, not cut off
+        assert proc.wait(20) == 0
+        assert_dead(family)
+        assert not (tmp_path / "run" / "frontend.sock").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_drain_timeout_ends_requests_that_do_not_finish(tmp_path, fake, own_processes):
+    proc, url = _start_serve(tmp_path, fake, heartbeat_interval=0.1, drain_timeout=0.5)
+    try:
+        with Client(url) as c:
+            wait_for(lambda: any(w["state"] == "ready" for w in c.stats()["workers"]), 20, "a ready worker")
+            stuck = c.submit("anthropic", "messages.create", **anthropic_args("stuck"), **fault("silent:after=0"))
+            wait_for(lambda: c.stats()["in_flight"] == 1, 10, "the request to be running")
+            answers: list[BaseException] = []
+            waiter = threading.Thread(target=lambda: answers.append(_error_of(stuck.result)))
+            waiter.start()
+            proc.send_signal(signal.SIGINT)  # Ctrl-C drains the same way
+            waiter.join(20)
+            assert len(answers) == 1 and isinstance(answers[0], ShuttingDown), answers
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def _error_of(fn) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_stats_without_a_broker_says_how_to_start_one(tmp_path):
+    url = f"ipc://{tmp_path}/nothing.sock"
+    out = subprocess.run([ISOPOOL, "stats", "--url", url], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "isopool serve" in out.stderr

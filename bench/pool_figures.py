@@ -3,7 +3,8 @@ in the same run (this machine is shared and noisy):
 
 - respawn: SIGKILL of an idle worker -> its replacement READY (zygote fork), against a
   fresh interpreter importing the SDKs and building a client;
-- stale recovery: the moment `first_event_timeout` expires -> first event of the retry;
+- stale recovery: the moment `first_event_timeout` expires -> first event of the retry,
+  next to a clean stream's submit -> first event (the provider's part of that time);
 - detection precision: stall noticed by the caller minus `stale_timeout`;
 - memory: unique memory (USS) of idle workers, the zygote and the broker;
 - overhead: a tiny non-streaming request through the pool vs the same SDK call made
@@ -73,22 +74,30 @@ def fresh_interpreter(repeat: int) -> list[float]:
     return times
 
 
-def stale_recovery(client, repeat: int, timeout: float) -> list[float]:
-    """Stream whose first attempt sends only pings: first event of the retry minus expiry."""
-    times = []
+def first_event(client, args: dict, fault: str = "", timeout: float = 0.0) -> float:
+    """Seconds from submit to the first event of a stream (minus `timeout`), read to the end."""
+    headers = {FAULT_HEADER: fault} if fault else {}
+    limits = {"first_event_timeout": timeout} if timeout else {}
+    start = time.perf_counter()
+    call = client.submit("anthropic", "messages.create", stream=True, extra_headers=headers, **limits, **args)
+    events = iter(call)
+    next(events)
+    elapsed = time.perf_counter() - start - timeout
+    for _ in events:  # read to the end (dropping the iterator early would cancel the call)
+        pass
+    return elapsed
+
+
+def stale_recovery(client, repeat: int, timeout: float) -> tuple[list[float], list[float]]:
+    """Stream whose first attempt sends only pings: first event of the retry minus expiry; and,
+    alternating with it, the first event of a clean stream: the provider's time to first event
+    as seen through the pool, which the recovery time includes."""
+    recovery, clean = [], []
     for i in range(repeat):
         args = {**MSG, "messages": [{"role": "user", "content": f"recovery {i}"}]}
-        start = time.perf_counter()
-        call = client.submit(
-            "anthropic", "messages.create", stream=True, first_event_timeout=timeout,
-            extra_headers={FAULT_HEADER: "stall-first:interval=0.05"}, **args,
-        )  # fmt: skip
-        events = iter(call)
-        next(events)
-        times.append(time.perf_counter() - start - timeout)
-        for _ in events:  # read to the end (dropping the iterator early would cancel the call)
-            pass
-    return times
+        recovery.append(first_event(client, args, "stall-first:interval=0.05", timeout))
+        clean.append(first_event(client, {**args, "max_tokens": 2}))
+    return recovery, clean
 
 
 def detection(client, repeat: int, timeout: float) -> list[float]:
@@ -147,8 +156,13 @@ def main() -> None:
             r = respawn(client, args.repeat)
             f = fresh_interpreter(max(3, args.repeat // 10))
             results["respawn_ms"] = {"zygote_median": _median_ms(r), "fresh_interpreter_median": _median_ms(f)}
-            rec = stale_recovery(client, args.repeat, 0.2)
-            results["stale_recovery_ms"] = {"median": _median_ms(rec), "p99": _p99_ms(rec)}
+            rec, clean = stale_recovery(client, args.repeat, 0.2)
+            results["stale_recovery_ms"] = {
+                "median": _median_ms(rec),
+                "p99": _p99_ms(rec),
+                "clean_first_event_median": _median_ms(clean),
+                "added_median": round(_median_ms(rec) - _median_ms(clean), 3),
+            }
             det = detection(client, args.repeat, 0.2)
             results["detection_lateness_ms"] = {"median": _median_ms(det), "p99": _p99_ms(det)}
             direct = anthropic.Anthropic(base_url=fake.url, max_retries=0)

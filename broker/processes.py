@@ -2,12 +2,14 @@
 
 Every child is started with `python -P` so that a caller's own `broker.py` or
 `worker.py` in the current directory can never shadow ours, and is ended by
-`kill_tree`, which SIGKILLs the whole tree, children first, and treats
-"no such process" as already done.
+`kill_tree`, which SIGKILLs the whole tree, children first, or, for workers, which
+lead their own process group, by `kill_group`; both treat "no such process" as done.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -18,13 +20,10 @@ def python_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-P", "-m", module, *args]
 
 
-def kill_tree(target: int | psutil.Process) -> None:
-    """SIGKILL a process and all its descendants; idempotent. Given a `psutil.Process` taken
-    while the process was known alive, a recycled pid is never hit (psutil checks its start time)."""
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants; idempotent."""
     try:
-        parent = target if isinstance(target, psutil.Process) else psutil.Process(target)
-        if not parent.is_running():
-            return
+        parent = psutil.Process(pid)
         victims = parent.children(recursive=True) + [parent]
     except psutil.NoSuchProcess:
         return
@@ -33,6 +32,18 @@ def kill_tree(target: int | psutil.Process) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def kill_group(proc: psutil.Process) -> None:
+    """SIGKILL a process that leads its own process group, and everything it started, in one
+    system call (no scan of the process table on the watchdog's path). `proc` was taken while
+    the process was known alive, so a recycled pid is never hit (psutil checks its start
+    time). Idempotent."""
+    try:
+        if proc.is_running():
+            os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        pass
 
 
 def stop_popen(proc: subprocess.Popen, grace: float = 2.0) -> None:

@@ -31,9 +31,13 @@ def _say(obj: dict) -> None:
 def _fork(spec: WorkerSpec, wake_fds: tuple[int, int], selector: selectors.BaseSelector) -> int:
     pid = os.fork()
     if pid:
+        os.setpgid(pid, pid)  # also done by the child: whichever runs first, it leads a group when reported
         return pid
-    # the child: forget the zygote's pipes and signal plumbing, then become a worker
+    # the child: lead its own process group (one killpg ends it and whatever it starts; a
+    # terminal's Ctrl-C goes to the broker, which drains), forget the zygote's pipes and
+    # signal plumbing, then become a worker
     try:
+        os.setpgid(0, 0)
         selector.close()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

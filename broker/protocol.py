@@ -134,11 +134,21 @@ KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
 # Payloads. The broker never decodes these, except the ones it writes itself.
 
 
-class Call(msgspec.Struct, frozen=True):
+class Call(msgspec.Struct, frozen=True, tag="sdk"):
     """What a worker should run: an SDK method path such as `messages.create` and its kwargs."""
 
     method: str
     kwargs: dict[str, Any] = {}
+
+
+class HttpCall(msgspec.Struct, frozen=True, tag="http"):
+    """An HTTP request the caller's own SDK built, for the worker to send with its own client:
+    `path` (with query) is relative to the profile's base URL; credentials are the worker's."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]] = []
+    body: bytes = b""
 
 
 class Response(msgspec.Struct, frozen=True):
@@ -176,7 +186,7 @@ class Codec:
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._headers = {kind: msgspec.msgpack.Decoder(t) for kind, t in HEADERS.items()}
-        self._call = msgspec.msgpack.Decoder(Call)
+        self._call = msgspec.msgpack.Decoder(Call | HttpCall)
         self._response = msgspec.msgpack.Decoder(Response)
         self._error = msgspec.msgpack.Decoder(ErrorInfo)
         self._any = msgspec.msgpack.Decoder()
@@ -208,7 +218,7 @@ class Codec:
             raise ProtocolError(f"bad {kind.name} header: {exc}") from None
         return kind, decoded, frames[2] if len(frames) == 3 else b""
 
-    def call(self, payload: bytes) -> Call:
+    def call(self, payload: bytes) -> Call | HttpCall:
         return self._call.decode(payload)
 
     def response(self, payload: bytes) -> Response:

@@ -33,6 +33,9 @@ STREAMABLE: dict[tuple[str, str], type] = {
     ("openai", "responses.create"): OpenAIResponse,
 }
 
+# Response headers that describe bytes as they came off the wire: the relayed body is decoded
+# (and possibly assembled), so these would mislead whoever reads it.
+_RELAYED_BY_US = {"content-length", "content-encoding", "transfer-encoding", "connection"}
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 
@@ -72,35 +75,47 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
 
 
 async def run_call(client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any) -> None:
-    """Run the call, reporting through `emit` (head, event, progress, result)."""
+    """Run an SDK method call, reporting through `emit` (head, event, progress, result)."""
     check_kwargs(kwargs)
     resource, name = resolve(client, method, resource_type)
     raw = getattr(resource.with_streaming_response, name)
+    streaming = bool(kwargs.get("stream"))
     accumulator = STREAMABLE.get((kind, method))
-    if kwargs.get("stream"):
-        async with raw(**kwargs) as resp:
-            http = resp.http_response
-            await emit.head(Response(http.status_code, list(http.headers.items())))
-            async for event_name, data in iter_events(http.aiter_bytes()):
-                await emit.event(event_name, data)
-                if is_error_event(event_name, data):
-                    raise ProviderStreamError(_DEC.decode(data))
+    if not streaming and accumulator is not None:
+        kwargs = as_stream(kind, method, kwargs)
+    async with raw(**kwargs) as resp:
+        await relay(resp.http_response, emit, streaming, accumulator)
+
+
+def as_stream(kind: str, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The streaming form of a non-streaming call, whose events are assembled into its body."""
+    args = {**kwargs, "stream": True}
+    if kind == "openai" and method == "chat.completions.create":
+        args["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+    return args
+
+
+async def relay(http: Any, emit: Any, streaming: bool, accumulator: type | None, raise_on_error: bool = True) -> None:
+    """Send what the provider answered: a plain body; each real event of a stream as it arrives
+    (pings and comments dropped); or a stream the worker opened for a non-streaming call,
+    assembled into that call's body. `raise_on_error`: a mid-stream error event ends the call
+    with a ProviderStreamError (else it is relayed like any event, for the caller's SDK)."""
+    headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _RELAYED_BY_US]
+    if not http.headers.get("content-type", "").startswith("text/event-stream"):
+        body = await http.aread()
+        await emit.result(Response(http.status_code, headers, body))
+    elif streaming or accumulator is None:
+        await emit.head(Response(http.status_code, headers))
+        async for event_name, data in iter_events(http.aiter_bytes()):
+            await emit.event(event_name, data)
+            if raise_on_error and is_error_event(event_name, data):
+                raise ProviderStreamError(_DEC.decode(data))
         await emit.result(None)
-    elif accumulator is not None:
-        acc = accumulator()
-        args = {**kwargs, "stream": True}
-        if kind == "openai" and method == "chat.completions.create":
-            args["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
-        async with raw(**args) as resp:
-            http = resp.http_response
-            async for event_name, data in iter_events(http.aiter_bytes()):
-                acc.feed(event_name, data)
-                await emit.progress()
-            body = _ENC.encode(acc.result())
-        headers = [(k, v) for k, v in http.headers.items() if k.lower() != "content-type"]
-        await emit.result(Response(http.status_code, [*headers, ("content-type", "application/json")], body))
     else:
-        async with raw(**kwargs) as resp:
-            body = await resp.read()
-            http = resp.http_response
-        await emit.result(Response(http.status_code, list(http.headers.items()), body))
+        acc = accumulator()
+        async for event_name, data in iter_events(http.aiter_bytes()):
+            acc.feed(event_name, data)
+            await emit.progress()
+        body = _ENC.encode(acc.result())
+        headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+        await emit.result(Response(http.status_code, [*headers, ("content-type", "application/json")], body))

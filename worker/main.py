@@ -34,6 +34,7 @@ from broker.protocol import (
     ErrorInfo,
     Event,
     Heartbeat,
+    HttpCall,
     Kind,
     Ready,
     Ref,
@@ -43,6 +44,7 @@ from broker.protocol import Error as ErrorHeader
 
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
+from .exchange import run_http
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,23 @@ def preload() -> None:
         except ImportError:
             pass
     for kind in ("anthropic", "openai"):
-        client, resource_type = build_client(Profile(kind=kind), api_key="warm-up")
+        clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
-                resource, name = resolve(client, method, resource_type)
+                resource, name = resolve(clients.sdk, method, clients.resource_type)
                 getattr(resource.with_streaming_response, name)
 
 
-def build_client(profile: Profile, api_key: str | None = None) -> tuple[Any, type]:
-    """A fresh async SDK client for the profile, and the SDK's resource base class."""
+class Clients(msgspec.Struct, frozen=True):
+    """A worker's fresh SDK client, the HTTP client under it, and the SDK's resource base class."""
+
+    sdk: Any
+    http: Any
+    resource_type: type
+
+
+def build_client(profile: Profile, api_key: str | None = None) -> Clients:
+    """A fresh async SDK client for the profile."""
     anthropic_kind = profile.kind == "anthropic"
     sdk = anthropic if anthropic_kind else openai
     cls = anthropic.AsyncAnthropic if anthropic_kind else openai.AsyncOpenAI
@@ -109,7 +119,7 @@ def build_client(profile: Profile, api_key: str | None = None) -> tuple[Any, typ
         max_retries=profile.sdk_max_retries,
         default_headers=profile.default_headers or None,
     )
-    return client, AnthropicResource if anthropic_kind else OpenAIResource
+    return Clients(client, http_client, AnthropicResource if anthropic_kind else OpenAIResource)
 
 
 class Emitter:
@@ -145,11 +155,12 @@ class Worker:
         self.spec = spec
         self.codec = Codec()
         self.tasks: dict[int, asyncio.Task] = {}
+        self.clients: Clients | None = None
+        self.client_error: Exception | None = None
         try:
-            self.client, self.resource_type = build_client(spec.profile)
-            self.client_error: Exception | None = None
+            self.clients = build_client(spec.profile)
         except Exception as exc:  # e.g. openai without a key: every request gets this as a CONFIG error
-            self.client, self.resource_type, self.client_error = None, object, exc
+            self.client_error = exc
 
     async def run(self) -> None:
         ctx = zmq.asyncio.Context()
@@ -170,10 +181,14 @@ class Worker:
     async def _execute(self, sock: zmq.asyncio.Socket, rid: int, payload: bytes) -> None:
         emit = Emitter(sock, self.codec, rid)
         try:
-            if self.client_error is not None:
-                raise self.client_error
+            if self.clients is None:
+                raise self.client_error  # type: ignore[misc]
             call = self.codec.call(payload)
-            await run_call(self.client, self.spec.profile.kind, self.resource_type, call.method, call.kwargs, emit)
+            kind, clients = self.spec.profile.kind, self.clients
+            if isinstance(call, HttpCall):
+                await run_http(clients.sdk, clients.http, kind, call, emit)
+            else:
+                await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
         except asyncio.CancelledError:
             await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
         except Exception as exc:

@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
-from .protocol import Call, Code, Codec, ErrorInfo, Kind, ProtocolError, Ref, Response, Submit
+from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -105,6 +105,11 @@ class AsyncCall:
     def request_id(self) -> int:
         return self._state.rid
 
+    @property
+    def head(self) -> Response | None:
+        """A stream's HTTP status and headers: set once its first event has arrived."""
+        return self._state.head
+
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:
         state = self._state
         try:
@@ -139,6 +144,11 @@ class SyncCall:
     def request_id(self) -> int:
         return self._state.rid
 
+    @property
+    def head(self) -> Response | None:
+        """A stream's HTTP status and headers: set once its first event has arrived."""
+        return self._state.head
+
     def __iter__(self) -> Iterator[StreamEvent]:
         state = self._state
         try:
@@ -171,8 +181,9 @@ class AsyncClient:
     def __init__(self, url: str, broker_timeout: float = 10.0) -> None:
         self.url = url
         self.broker_timeout = broker_timeout
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        # The process-wide context: a private one left unclosed would block the garbage
+        # collector in `term()` (an SDK client of the shim is often never closed).
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self._sock.connect(url)
@@ -195,8 +206,14 @@ class AsyncClient:
         **kwargs: Any,
     ) -> AsyncCall:
         """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
-        limits = (first_event_timeout, stale_timeout, deadline, max_attempts)
-        state, frames = self._prepare(False, profile, method, kwargs, *limits)
+        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
+        state, frames = self._prepare(False, profile, Call(method, kwargs), kwargs, limits)
+        self._send(frames)
+        return AsyncCall(self, state)
+
+    async def submit_http(self, profile: str, call: HttpCall, limits: CallLimits | None = None) -> AsyncCall:
+        """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
+        state, frames = self._prepare(False, profile, call, _body_fields(call), limits or CallLimits())
         self._send(frames)
         return AsyncCall(self, state)
 
@@ -205,17 +222,22 @@ class AsyncClient:
         return await (await self.submit(profile, method, **kwargs)).result()
 
     def _prepare(
-        self, threadsafe: bool, profile: str, method: str, kwargs: dict[str, Any], *limits: Any
+        self, threadsafe: bool, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits
     ) -> tuple[_CallState, list[bytes]]:
-        """Register a call and encode it; safe from any thread (the send itself is the loop's)."""
+        """Register a call and encode it; safe from any thread (the send itself is the loop's).
+        `fields`: the call's `model` and `stream`, which the broker reads without the payload."""
         if self._closed:
             raise ClientClosed("this client is closed")
         rid = next(self._ids)
         try:
-            payload = self._codec.encode(Call(method, kwargs))
+            payload = self._codec.encode(call)
         except (TypeError, msgspec.EncodeError) as exc:
             raise BadRequest(ErrorInfo(Code.BAD_REQUEST, f"arguments cannot be sent to the pool: {exc}")) from None
-        header = Submit(rid, profile, str(kwargs.get("model", "")), bool(kwargs.get("stream")), *limits)
+        model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
+        header = Submit(
+            rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
+            limits.max_attempts,
+        )  # fmt: skip
         state = _CallState(rid, _Sink(threadsafe))
         self._calls[rid] = state
         return state, self._codec.frames(Kind.SUBMIT, header, payload)
@@ -330,7 +352,6 @@ class AsyncClient:
             except asyncio.CancelledError:
                 pass
         self._sock.close(0)
-        self._ctx.term()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -368,8 +389,15 @@ class Client:
         max_attempts: int | None = None,
         **kwargs: Any,
     ) -> SyncCall:
-        limits = (first_event_timeout, stale_timeout, deadline, max_attempts)
-        state, frames = self._async._prepare(True, profile, method, kwargs, *limits)
+        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
+        return self._submit(profile, Call(method, kwargs), kwargs, limits)
+
+    def submit_http(self, profile: str, call: HttpCall, limits: CallLimits | None = None) -> SyncCall:
+        """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
+        return self._submit(profile, call, _body_fields(call), limits or CallLimits())
+
+    def _submit(self, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits) -> SyncCall:
+        state, frames = self._async._prepare(True, profile, call, fields, limits)
         self._loop.call_soon_threadsafe(self._async._send, frames)
         return SyncCall(self, state)
 
@@ -395,6 +423,24 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CallLimits(msgspec.Struct, frozen=True):
+    """Per-call overrides of the pool's time limits and attempts; None keeps the pool's."""
+
+    first_event_timeout: float | None = None
+    stale_timeout: float | None = None
+    deadline: float | None = None
+    max_attempts: int | None = None
+
+
+def _body_fields(call: HttpCall) -> dict[str, Any]:
+    """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
+    try:
+        body = _JSON.decode(call.body) if call.body.startswith(b"{") else {}
+    except msgspec.DecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 async def _make_async(url: str, broker_timeout: float) -> AsyncClient:

@@ -1,0 +1,126 @@
+"""Drop-in SDK clients whose every call runs in a pool worker.
+
+    from broker.shim import anthropic          # instead of `import anthropic`
+    client = anthropic.Anthropic()              # same arguments, same results, same exceptions
+
+The four client classes are subclasses of the SDKs' own, so `isinstance` checks pass.
+Only their HTTP transport is replaced (see `transport`): the SDK still builds every
+request and parses every answer here, so every method, helper and future endpoint
+works, while the request itself is sent by a fresh worker process holding the pool's
+key, which the broker kills and replaces if its stream stalls.
+
+The pool is `pool=` (a `Pool` or a broker URL), else `$ISOPOOL_URL`, else an embedded
+pool with the default profiles, started on first use and stopped at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import types
+from typing import Any
+
+import anthropic as _anthropic
+import httpx2
+import openai as _openai
+
+from ..client import Client
+from ..pool import Pool
+from .errors import ANTHROPIC, OPENAI, SdkErrors
+from .transport import AsyncPoolTransport, PoolTransport
+
+BASE_PATH = "/isopool"
+SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the transport takes every request
+
+_lock = threading.Lock()
+_embedded: Pool | None = None
+_clients: dict[tuple[str, float], Client] = {}
+
+
+def pool_url(pool: Pool | str | None) -> str:
+    """The broker a shim client talks to (starting the embedded pool if none is named)."""
+    global _embedded
+    if isinstance(pool, Pool):
+        return pool.url
+    if pool:
+        return pool
+    if os.environ.get("ISOPOOL_URL"):
+        return os.environ["ISOPOOL_URL"]
+    with _lock:
+        if _embedded is None:
+            _embedded = Pool().start()
+            atexit.register(_embedded.stop)
+        return _embedded.url
+
+
+def _sync_client(url: str, broker_timeout: float) -> Client:
+    """One pool connection per broker for all synchronous shim clients of this process."""
+    with _lock:
+        client = _clients.get((url, broker_timeout))
+        if client is None:
+            client = _clients[(url, broker_timeout)] = Client(url, broker_timeout)
+        return client
+
+
+def _options(
+    kind: str, errors: SdkErrors, asynchronous: bool, pool: Any, profile: str | None, broker_timeout: float,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The SDK constructor's arguments with the pool's transport in place of its HTTP client."""
+    base_url = kwargs.pop("base_url", None)
+    http_client = kwargs.pop("http_client", None)
+    if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
+        return {**kwargs, "base_url": base_url, "http_client": http_client}
+    if base_url is not None or http_client is not None:
+        raise ValueError(
+            "base_url and http_client belong to the pool: configure a provider profile with that base_url "
+            "(see the README's configuration) and pass profile=NAME"
+        )
+    url, profile = pool_url(pool), profile or kind
+    if asynchronous:
+        client: Any = httpx2.AsyncClient(transport=AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout))
+    else:
+        client = httpx2.Client(transport=PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors))
+    # The caller's key never leaves this process (the worker uses the pool's); the SDK wants one.
+    kwargs.setdefault("api_key", kwargs.get("api_key") or "isopool")
+    return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client}
+
+
+class Anthropic(_anthropic.Anthropic):
+    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(**_options("anthropic", ANTHROPIC, False, pool, profile, broker_timeout, kwargs))
+
+
+class AsyncAnthropic(_anthropic.AsyncAnthropic):
+    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(**_options("anthropic", ANTHROPIC, True, pool, profile, broker_timeout, kwargs))
+
+
+class OpenAI(_openai.OpenAI):
+    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(**_options("openai", OPENAI, False, pool, profile, broker_timeout, kwargs))
+
+
+class AsyncOpenAI(_openai.AsyncOpenAI):
+    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(**_options("openai", OPENAI, True, pool, profile, broker_timeout, kwargs))
+
+
+def _namespace(sdk: types.ModuleType, sync: type, asynchronous: type) -> types.ModuleType:
+    """The SDK module's public names, with its two client classes replaced by the pool's."""
+    module = types.ModuleType(f"broker.shim.{sdk.__name__}", sdk.__doc__)
+    module.__dict__.update({k: v for k, v in vars(sdk).items() if not k.startswith("_")})
+    module.__dict__.update({sync.__name__: sync, asynchronous.__name__: asynchronous, "Client": sync,
+                            "AsyncClient": asynchronous})  # fmt: skip
+    return module
+
+
+anthropic = _namespace(_anthropic, Anthropic, AsyncAnthropic)
+openai = _namespace(_openai, OpenAI, AsyncOpenAI)
+
+__all__ = ["Anthropic", "AsyncAnthropic", "AsyncOpenAI", "OpenAI", "anthropic", "openai", "pool_url"]

@@ -1,0 +1,73 @@
+"""What a pool failure looks like to code written for the SDKs.
+
+Before any output the pool has already retried what it could; what is left is raised
+as an `httpx2` timeout or connection error, which the caller's SDK turns into its own
+`APITimeoutError` / `APIConnectionError` (and retries by its own settings). After output
+has been delivered the SDK no longer wraps errors, so the shim raises subclasses of those
+same SDK classes itself, carrying the pool's request id and what was delivered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+
+from ..errors import AttemptsExhausted, DeadlineExceeded, IsopoolError, StreamStalled
+
+_TIMEOUTS = (StreamStalled, AttemptsExhausted, DeadlineExceeded)
+
+
+class _AfterOutput:
+    """Mixin: the SDK's connection error class with the pool's details."""
+
+    _sdk_base: type  # the SDK's APIConnectionError, whose constructor takes the message
+
+    def __init__(self, exc: IsopoolError, request: httpx2.Request) -> None:
+        self._sdk_base.__init__(self, message=str(exc), request=request)
+        self.pool_request_id = getattr(exc, "request_id", None)
+        self.delivered = getattr(exc, "delivered", 0)
+
+
+class AnthropicStreamStalled(_AfterOutput, anthropic.APITimeoutError):
+    """A stream stalled after it delivered output; not retried (its start was already read)."""
+
+    _sdk_base = anthropic.APIConnectionError
+
+
+class AnthropicStreamBroken(_AfterOutput, anthropic.APIConnectionError):
+    """A stream's worker or connection was lost after it delivered output."""
+
+    _sdk_base = anthropic.APIConnectionError
+
+
+class OpenAIStreamStalled(_AfterOutput, openai.APITimeoutError):
+    """A stream stalled after it delivered output; not retried (its start was already read)."""
+
+    _sdk_base = openai.APIConnectionError
+
+
+class OpenAIStreamBroken(_AfterOutput, openai.APIConnectionError):
+    """A stream's worker or connection was lost after it delivered output."""
+
+    _sdk_base = openai.APIConnectionError
+
+
+class SdkErrors:
+    """The error classes of one SDK."""
+
+    def __init__(self, stalled: type, broken: type) -> None:
+        self._stalled, self._broken = stalled, broken
+
+    def before_output(self, exc: IsopoolError, request: httpx2.Request) -> Exception:
+        cls: Any = httpx2.ReadTimeout if isinstance(exc, _TIMEOUTS) else httpx2.ConnectError
+        return cls(f"isopool: {exc}", request=request)
+
+    def after_output(self, exc: IsopoolError, request: httpx2.Request) -> Exception:
+        return (self._stalled if isinstance(exc, _TIMEOUTS) else self._broken)(exc, request)
+
+
+ANTHROPIC = SdkErrors(AnthropicStreamStalled, AnthropicStreamBroken)
+OPENAI = SdkErrors(OpenAIStreamStalled, OpenAIStreamBroken)

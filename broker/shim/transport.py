@@ -1,0 +1,121 @@
+"""The shim's HTTP transports: each request the caller's SDK builds goes through the pool.
+
+The SDK keeps building requests and parsing answers in the caller's process; only the
+bytes travel. A stream comes back event by event as real SSE (pings and keep-alives
+were dropped by the worker); a stall before any output was retried by the pool and
+never shows; a failure after output raises the SDK's own timeout or connection error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx2
+
+from ..client import AsyncClient, Client, StreamEvent
+from ..errors import IsopoolError
+from ..protocol import HttpCall
+from .errors import SdkErrors
+
+# Request headers that stay in the caller's process: credentials (the worker adds its own)
+# and what only the caller's HTTP connection means.
+_LOCAL = {"authorization", "x-api-key", "api-key", "proxy-authorization", "host", "content-length", "connection"}
+
+
+def to_http_call(request: httpx2.Request, base_path: str) -> HttpCall:
+    """The request as the worker should send it: path relative to the shim's base URL."""
+    path = request.url.raw_path.decode("ascii")
+    if base_path and path.startswith(base_path):
+        path = path[len(base_path) :] or "/"
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _LOCAL]
+    return HttpCall(request.method, path, headers, request.read())
+
+
+def sse(event: StreamEvent) -> bytes:
+    """One event back in SSE framing, as the provider sent it."""
+    lines = b"".join(b"data: " + line + b"\n" for line in event.data.split(b"\n"))
+    return (b"event: " + event.name.encode() + b"\n" + lines + b"\n") if event.name else lines + b"\n"
+
+
+class _Events(httpx2.SyncByteStream):
+    def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
+        self._first, self._events, self._errors, self._request = first, events, errors, request
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield sse(self._first)
+        try:
+            for event in self._events:
+                yield sse(event)
+        except IsopoolError as exc:
+            raise self._errors.after_output(exc, self._request) from exc
+
+    def close(self) -> None:
+        self._events.close()  # cancels the call if it had not ended
+
+
+class _AsyncEvents(httpx2.AsyncByteStream):
+    def __init__(self, first: StreamEvent, events: AsyncIterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
+        self._first, self._events, self._errors, self._request = first, events, errors, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield sse(self._first)
+        try:
+            async for event in self._events:
+                yield sse(event)
+        except IsopoolError as exc:
+            raise self._errors.after_output(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+
+class PoolTransport(httpx2.BaseTransport):
+    """Sends each request of a synchronous SDK client through a pool `Client`."""
+
+    def __init__(self, client: Client, profile: str, base_path: str, errors: SdkErrors) -> None:
+        self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        call = self._client.submit_http(self._profile, to_http_call(request, self._base_path))
+        events = iter(call)
+        try:
+            first = next(events, None)
+        except IsopoolError as exc:
+            raise self._errors.before_output(exc, request) from exc
+        if first is None:
+            result = call.result()
+            return httpx2.Response(result.status, headers=result.headers, content=result.body)
+        head = call.head
+        stream = _Events(first, events, self._errors, request)
+        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+
+
+class AsyncPoolTransport(httpx2.AsyncBaseTransport):
+    """Sends each request of an asyncio SDK client through a pool `AsyncClient`, made on first
+    use in the running event loop."""
+
+    def __init__(self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float) -> None:
+        self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
+        self._broker_timeout = broker_timeout
+        self._client: AsyncClient | None = None
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self._client is None:
+            self._client = AsyncClient(self._url, self._broker_timeout)
+        call = await self._client.submit_http(self._profile, to_http_call(request, self._base_path))
+        events = aiter(call)
+        try:
+            first = await anext(events, None)
+        except IsopoolError as exc:
+            raise self._errors.before_output(exc, request) from exc
+        if first is None:
+            result = await call.result()
+            return httpx2.Response(result.status, headers=result.headers, content=result.body)
+        head = call.head
+        stream = _AsyncEvents(first, events, self._errors, request)
+        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()

@@ -1,117 +1,271 @@
-"""The drop-in shim: the same scenario once with the real SDK client pointed at the fake
-provider and once with the shim's client running through the pool; results and
-exceptions must match."""
+"""The drop-in shim: each scenario runs once with the real SDK client pointed at the fake
+provider and once with the shim's client through the pool; results and exceptions must
+match. Then the pool's faults (F1-F8) as code written for the SDKs sees them."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
 
 import anthropic
 import openai
+import pydantic
 import pytest
 
 from broker import Pool
-from broker.shim import AsyncAnthropic, AsyncOpenAI
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .conftest import TEST_SETTINGS, fault, profiles
+from .conftest import TEST_SETTINGS, fault, profiles, wait_for
 
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "shim hello"}])
 CHAT = dict(model="gpt-fake", messages=[{"role": "user", "content": "shim hello"}])
+VOLATILE = {"id", "created", "created_at"}
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    degrees: int
+    sunny: bool
 
 
 @pytest.fixture(scope="module")
 def pool(fake):
-    """A pool with short stall limits: the shim has no per-call limits yet."""
+    """Short stall limits, so that faults are caught in well under a second."""
     settings = dict(TEST_SETTINGS, first_event_timeout=1.0, stale_timeout=0.5)
     with Pool(profiles=profiles(fake.url, min_workers=1), **settings) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def sdk(fake):
-    return anthropic.Anthropic(base_url=fake.url), openai.OpenAI(base_url=fake.url + "/v1")
+def pair(fake, pool):
+    """(direct SDK clients, shim clients), sync."""
+    direct = anthropic.Anthropic(base_url=fake.url), openai.OpenAI(base_url=fake.url + "/v1")
+    shim = shim_anthropic.Anthropic(pool=pool), shim_openai.OpenAI(pool=pool)
+    yield direct, shim
+    for client in (*direct, *shim):
+        client.close()
 
 
-@pytest.fixture(scope="module")
-def shim(pool):
-    return shim_anthropic.Anthropic(pool=pool), shim_openai.OpenAI(pool=pool)
+def plain(value):
+    """A comparable form of an SDK result: models dumped, volatile ids dropped."""
+    if isinstance(value, pydantic.BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
-def same(a, b) -> bool:
-    drop = {"id", "created", "created_at"}
-    return type(a) is type(b) and a.model_dump(exclude=drop) == b.model_dump(exclude=drop)
-
-
-def test_shim_clients_are_the_sdks_own_classes(shim):
-    assert isinstance(shim[0], anthropic.Anthropic) and isinstance(shim[1], openai.OpenAI)
-    assert shim_anthropic.RateLimitError is anthropic.RateLimitError and shim_openai.NOT_GIVEN is openai.NOT_GIVEN
-
-
-def test_anthropic_create_count_tokens_and_stream_match_the_sdk(sdk, shim):
-    assert same(sdk[0].messages.create(**MSG), shim[0].messages.create(**MSG))
+def anthropic_scenarios(c):
     count = dict(model=MSG["model"], messages=MSG["messages"])
-    assert same(sdk[0].messages.count_tokens(**count), shim[0].messages.count_tokens(**count))
-    direct = [e.model_dump() for e in sdk[0].messages.create(stream=True, **MSG)]
-    pooled = [e.model_dump() for e in shim[0].messages.create(stream=True, **MSG)]
-    assert [e["type"] for e in direct] == [e["type"] for e in pooled] and len(pooled) > 5
-    with sdk[0].messages.stream(**MSG) as a, shim[0].messages.stream(**MSG) as b:
-        assert "".join(a.text_stream) == "".join(b.text_stream)
-        assert same(a.get_final_message(), b.get_final_message())
-    raw = shim[0].messages.with_raw_response.create(**MSG)
-    assert raw.headers["content-type"] == "application/json" and raw.parse().stop_reason == "end_turn"
+    yield "create", c.messages.create(**MSG)
+    yield "stream", list(c.messages.create(stream=True, **MSG))
+    with c.messages.stream(**MSG) as stream:
+        yield "helper", ("".join(stream.text_stream), stream.get_final_message())
+    yield "count_tokens", c.messages.count_tokens(**count)
+    yield "beta.create", c.beta.messages.create(**MSG)
+    yield "beta.count_tokens", c.beta.messages.count_tokens(**count)
+    raw = c.messages.with_raw_response.create(**MSG)
+    yield "raw", (raw.status_code, raw.headers["content-type"], raw.parse())
+    with c.messages.with_streaming_response.create(**MSG) as resp:
+        yield "streaming_response", (resp.status_code, resp.parse())
+    extras = dict(extra_headers={"x-trace": "1"}, extra_query={"trace": "1"}, extra_body={"metadata": {"user_id": "u"}})
+    yield "extras", c.messages.create(stop_sequences=anthropic.NOT_GIVEN, **extras, **MSG)
 
 
-def test_openai_chat_and_responses_match_the_sdk(sdk, shim):
-    assert same(sdk[1].chat.completions.create(**CHAT), shim[1].chat.completions.create(**CHAT))
-    opts = dict(stream=True, stream_options={"include_usage": True}, **CHAT)
-    direct = [c.model_dump(exclude={"id", "created"}) for c in sdk[1].chat.completions.create(**opts)]
-    pooled = [c.model_dump(exclude={"id", "created"}) for c in shim[1].chat.completions.create(**opts)]
-    assert direct == pooled
-    resp = dict(model="gpt-fake", input="shim hello")
-    assert sdk[1].responses.create(**resp).output_text == shim[1].responses.create(**resp).output_text
+def openai_scenarios(c):
+    yield "chat", c.chat.completions.create(**CHAT)
+    yield "chat.stream", list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **CHAT))
+    yield "chat.parse", c.chat.completions.parse(response_format=Weather, **CHAT).choices[0].message.parsed
+    yield "responses", c.responses.create(model="gpt-fake", input="shim hello").output_text
+    yield "responses.stream", [e.type for e in c.responses.create(model="gpt-fake", input="shim hello", stream=True)]
+    raw = c.chat.completions.with_raw_response.create(**CHAT)
+    yield "raw", (raw.headers["content-type"], raw.parse())
+    with c.chat.completions.with_streaming_response.create(**CHAT) as resp:
+        yield "streaming_response", resp.parse()
+
+
+@pytest.mark.parametrize("scenarios", [anthropic_scenarios, openai_scenarios], ids=["anthropic", "openai"])
+def test_sync_shim_matches_the_sdk(pair, scenarios):
+    direct, shim = pair
+    which = 0 if scenarios is anthropic_scenarios else 1
+    expected = list(scenarios(direct[which]))
+    got = list(scenarios(shim[which]))
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (name, want), (_, have) in zip(expected, got, strict=True):
+        assert plain(have) == plain(want), name
+
+
+async def anthropic_async_scenarios(c):
+    yield "create", await c.messages.create(**MSG)
+    yield "stream", [e async for e in await c.messages.create(stream=True, **MSG)]
+    async with c.messages.stream(**MSG) as stream:
+        yield "helper", ("".join([t async for t in stream.text_stream]), await stream.get_final_message())
+    yield "count_tokens", await c.messages.count_tokens(model=MSG["model"], messages=MSG["messages"])
+    raw = await c.messages.with_raw_response.create(**MSG)
+    yield "raw", (raw.status_code, await raw.parse())
+
+
+async def openai_async_scenarios(c):
+    yield "chat", await c.chat.completions.create(**CHAT)
+    yield "chat.stream", [x async for x in await c.chat.completions.create(stream=True, **CHAT)]
+    parsed = await c.chat.completions.parse(response_format=Weather, **CHAT)
+    yield "chat.parse", parsed.choices[0].message.parsed
+    yield "responses", (await c.responses.create(model="gpt-fake", input="shim hello")).output_text
+    raw = await c.chat.completions.with_raw_response.create(**CHAT)
+    yield "raw", raw.parse()  # synchronous, as in the SDK
+
+
+def test_async_shim_matches_the_sdk(fake, pool):
+    async def run(scenarios, client):
+        async with client:
+            return [(name, plain(value)) async for name, value in scenarios(client)]
+
+    async def main():
+        for scenarios, sdk_cls, shim_cls, url in [
+            (anthropic_async_scenarios, anthropic.AsyncAnthropic, shim_anthropic.AsyncAnthropic, fake.url),
+            (openai_async_scenarios, openai.AsyncOpenAI, shim_openai.AsyncOpenAI, fake.url + "/v1"),
+        ]:
+            expected = await run(scenarios, sdk_cls(base_url=url))
+            assert await run(scenarios, shim_cls(pool=pool)) == expected
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_shim_clients_are_the_sdks_own_classes_and_carry_request_ids(pair):
+    _, (claude, gpt) = pair
+    assert isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI)
+    assert shim_anthropic.RateLimitError is anthropic.RateLimitError and shim_openai.NOT_GIVEN is openai.NOT_GIVEN
+    assert claude.messages.create(**MSG)._request_id.startswith("req_fake_")
+    assert gpt.chat.completions.create(**CHAT)._request_id.startswith("req_fake_")
+    stream = claude.messages.create(stream=True, **MSG)
+    assert stream.response.headers["content-type"].startswith("text/event-stream")
+    stream.close()
 
 
 @pytest.mark.parametrize(
     ("spec", "exc"),
-    [("http-429:retry_after=0,times=9", anthropic.RateLimitError), ("http-529:times=9", anthropic.OverloadedError)],
+    [
+        ("http-429:retry_after=0,times=9", anthropic.RateLimitError),
+        ("http-529:times=9", anthropic.OverloadedError),
+        ("http-500:times=9", anthropic.InternalServerError),
+    ],
 )
-def test_provider_errors_raise_the_sdks_classes(sdk, shim, spec, exc):
-    for client in (sdk[0].with_options(max_retries=0), shim[0].with_options(max_retries=0)):
+def test_f7_provider_errors_raise_the_sdks_classes_with_its_retries(pair, fake, spec, exc):
+    direct, shim = pair
+    for client in (direct[0], shim[0]):
+        served = sum(fake.stats()["served"].values())
         with pytest.raises(exc) as caught:
-            client.messages.create(**MSG, **fault(spec))
-        assert caught.value.status_code in (429, 529)
+            client.with_options(max_retries=1).messages.create(**MSG, **fault(spec))
+        assert caught.value.status_code == int(spec[5:8]) and caught.value.request_id.startswith("req_fake_")
+        assert sum(fake.stats()["served"].values()) - served == 2  # the SDK's own retry setting applies
 
 
-def test_async_clients_and_a_seen_stall_raise_the_sdks_timeout_error(pool, fake):
-    async def scenario():
-        client = AsyncAnthropic(pool=pool)
-        direct = anthropic.AsyncAnthropic(base_url=fake.url)
-        assert same(await direct.messages.create(**MSG), await client.messages.create(**MSG))
-        async with AsyncOpenAI(pool=pool) as oai:
-            chat = await oai.chat.completions.create(**CHAT)
-        assert chat.choices[0].finish_reason == "stop"
-        stream = await client.messages.create(
-            stream=True, **MSG, **fault("stall-ping:after=3,interval=0.05")
-        )  # fmt: skip
-        seen = 0
-        with pytest.raises(anthropic.APITimeoutError) as caught:
-            async for _ in stream:
-                seen += 1
-        assert seen >= 1 and caught.value.delivered >= 1
-        await client.close()
-        await direct.close()
-
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+def test_f7_mid_stream_error_event_raises_the_sdks_class(pair):
+    direct, shim = pair
+    for client in (direct[0], shim[0]):
+        with pytest.raises(anthropic.APIStatusError):
+            list(client.messages.create(stream=True, **MSG, **fault("error-event:after=3,times=2")))
 
 
-def test_unseen_stall_is_invisible_through_the_shim(sdk, shim):
-    args = dict(MSG, messages=[{"role": "user", "content": "shim unseen stall"}])
-    faulted = shim[0].messages.create(**args, **fault("stall-first:interval=0.05"), timeout=60)
-    assert same(faulted, sdk[0].messages.create(**args))
+UNSEEN = ["stall-first:interval=0.05", "stall-ping:after=3,interval=0.05", "stall-comment:after=3,interval=0.05",
+          "silent:after=3", "reset:after=3"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", UNSEEN, ids=["F1", "F2", "F3", "F4", "F6"])
+def test_f1_to_f6_unseen_faults_are_invisible(pair, spec):
+    direct, shim = pair
+    args = dict(MSG, messages=[{"role": "user", "content": f"unseen {spec}"}])
+    assert plain(shim[0].messages.create(**args, **fault(spec))) == plain(direct[0].messages.create(**args))
+    chat = dict(CHAT, messages=[{"role": "user", "content": f"unseen {spec}"}])
+    assert plain(shim[1].chat.completions.create(**chat, **fault(spec))) == plain(
+        direct[1].chat.completions.create(**chat)
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "exc", "pool_exc"),
+    [
+        ("stall-ping:after=3,interval=0.05", anthropic.APITimeoutError, shim_anthropic.APITimeoutError),
+        ("reset:after=3", anthropic.APIConnectionError, shim_anthropic.APIConnectionError),
+    ],
+    ids=["F2-seen", "F6-seen"],
+)
+def test_seen_stream_failures_raise_the_sdks_error_classes(pair, spec, exc, pool_exc):
+    _, (claude, gpt) = pair
+    seen = 0
+    with pytest.raises(exc) as caught:
+        for _ in claude.messages.create(stream=True, **MSG, **fault(spec)):
+            seen += 1
+    assert isinstance(caught.value, pool_exc) and seen >= 2 and caught.value.delivered >= seen
+    assert caught.value.pool_request_id
+    with pytest.raises(openai.APIConnectionError):
+        list(gpt.chat.completions.create(stream=True, **CHAT, **fault(spec)))
+
+
+def test_f5_slow_healthy_drip_is_not_killed(pair, pool):
+    _, (claude, _) = pair
+    with pool.client() as c:
+        kills = sum(c.stats()["kills"].values())
+        events = list(claude.messages.create(stream=True, **MSG, **fault("drip:gap=0.2")))
+        assert events[-1].type == "message_stop"
+        assert sum(c.stats()["kills"].values()) == kills
+
+
+def test_hung_anthropic_stream_with_pings_is_recovered_for_async_callers(fake, pool):
+    """The field case: `event: ping` every second and nothing else, called with stream=True."""
+
+    async def main():
+        async with shim_anthropic.AsyncAnthropic(pool=pool) as client, anthropic.AsyncAnthropic(
+            base_url=fake.url
+        ) as direct:  # fmt: skip
+            args = dict(MSG, messages=[{"role": "user", "content": "hung with pings"}])
+            stream = await client.messages.create(stream=True, **args, **fault("stall-first:interval=1"))
+            got = [e async for e in stream]
+            want = [e async for e in await direct.messages.create(stream=True, **args)]
+            assert plain(got) == plain(want)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_f8_hung_worker_is_replaced_and_the_call_answered(pair, pool):
+    direct, (claude, _) = pair
+    args = dict(MSG, messages=[{"role": "user", "content": "f8 through the shim"}])
+    answers = []
+    caller = threading.Thread(
+        target=lambda: answers.append(claude.messages.create(**args, **fault("slow-first:delay=2")))
+    )
+    caller.start()
+    with pool.client() as c:
+        busy = wait_for(lambda: [w for w in c.stats()["workers"] if w["requests"]], 10, "a busy worker")
+        os.kill(busy[0]["pid"], signal.SIGSTOP)
+    caller.join(30)
+    assert answers and plain(answers[0]) == plain(direct[0].messages.create(**args))
 
 
 def test_base_url_override_is_a_clear_error_at_construction(pool):
     with pytest.raises(ValueError, match="profile"):
         shim_anthropic.Anthropic(pool=pool, base_url="http://elsewhere.example")
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    from broker.shim import anthropic
+    client = anthropic.Anthropic()  # no pool named: an embedded one starts, owned by this process
+    print(client.messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "x"}]).type)
+    """
+)
+
+
+def test_embedded_pool_starts_on_first_use_and_stops_at_exit(fake, own_processes):
+    env = {k: v for k, v in os.environ.items() if k != "ISOPOOL_URL"} | {"ANTHROPIC_BASE_URL": fake.url}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "message"

@@ -28,7 +28,13 @@ class Reply:
         rng = random.Random(digest)
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
         count = max(1, min(tokens, int(limit))) if limit else max(1, tokens)
-        self.pieces = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
+        schema = _json_schema(body)
+        if schema is not None:  # structured output: a JSON value of the schema, streamed in pieces
+            text = json.dumps(sample(schema, rng))
+            self.pieces = [text[i : i + 8] for i in range(0, len(text), 8)]
+            count, limit = len(self.pieces), None
+        else:
+            self.pieces = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
         self.text = "".join(self.pieces)
         self.model = str(body.get("model", "fake-model"))
         self.input_tokens = max(1, len(json.dumps(body.get("messages", body.get("input", ""))).split()))
@@ -42,3 +48,37 @@ class Reply:
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:
     """What decides the answer: everything but transport flags."""
     return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+
+
+def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema a Chat Completions (`response_format`) or Responses (`text.format`) call asks for."""
+    fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") != "json_schema":
+        return None
+    return fmt.get("json_schema", {}).get("schema") or fmt.get("schema") or {}
+
+
+def sample(schema: dict[str, Any], rng: random.Random, defs: dict[str, Any] | None = None) -> Any:
+    """A deterministic value that validates against a (pydantic-made) JSON schema."""
+    defs = defs if defs is not None else schema.get("$defs", {})
+    if "$ref" in schema:
+        return sample(defs[schema["$ref"].rsplit("/", 1)[1]], rng, defs)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return sample(schema[key][0], rng, defs)
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        return {name: sample(sub, rng, defs) for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [sample(schema.get("items", {}), rng, defs) for _ in range(2)]
+    if kind == "integer":
+        return rng.randint(1, 99)
+    if kind == "number":
+        return rng.randint(1, 99) / 4
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    return rng.choice(_WORDS)

@@ -40,6 +40,7 @@ class FakeProvider:
         self.latency = latency or Latency()
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
+        self.answered = 0
         self.completed = 0
         self.disconnects = 0
         self.active = 0
@@ -52,7 +53,19 @@ class FakeProvider:
         app.router.add_post("/v1/responses", self._endpoint(OpenAIResponses, "openai"))
         app.router.add_get("/_isopool/stats", self.stats)
         app.router.add_post("/_isopool/reset", self.reset)
+        app.router.add_get("/v1/models", self.models)
+        app.on_response_prepare.append(self._request_id)
         return app
+
+    async def _request_id(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Both providers name each answer; the SDKs expose it as `_request_id`."""
+        self.answered += 1
+        response.headers["request-id"] = response.headers["x-request-id"] = f"req_fake_{self.answered:08d}"
+
+    async def models(self, request: web.Request) -> web.Response:
+        names = ["claude-fake", "gpt-fake"]
+        data = [{"id": n, "object": "model", "type": "model", "created": 0, "owned_by": "fake"} for n in names]
+        return web.json_response({"object": "list", "data": data, "has_more": False})
 
     def snapshot(self) -> dict[str, Any]:
         return {

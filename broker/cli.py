@@ -80,7 +80,12 @@ def _default_url() -> str:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file.")
 @click.option("--frontend", help="Endpoint for clients, e.g. ipc:///run/isopool/frontend.sock or tcp://127.0.0.1:5555.")
-def serve(config_path: str | None, frontend: str | None) -> None:
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Also serve Anthropic/OpenAI-compatible HTTP endpoints here (any program with a base_url can use the pool).",
+)
+def serve(config_path: str | None, frontend: str | None, http: str | None) -> None:
     """Run a broker with its zygote and workers in the foreground.
 
     Clients connect with ISOPOOL_URL (printed at start). Ctrl-C or SIGTERM drains:
@@ -89,7 +94,7 @@ def serve(config_path: str | None, frontend: str | None) -> None:
     from .endpoints import shared_run_dir
     from .serve import run_broker
 
-    overrides = {"frontend": frontend} if frontend else {}
+    overrides = {k: v for k, v in (("frontend", frontend), ("http", http)) if v}
     try:
         settings = load_settings(config_path, **overrides)
     except ConfigError as exc:

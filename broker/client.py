@@ -42,6 +42,11 @@ class StreamEvent(msgspec.Struct, frozen=True, gc=False):
     def json(self) -> Any:
         return _JSON.decode(self.data)
 
+    def sse(self) -> bytes:
+        """The event in SSE framing again, as the provider sent it (for relays)."""
+        lines = b"".join(b"data: " + line + b"\n" for line in self.data.split(b"\n"))
+        return (b"event: " + self.name.encode() + b"\n" + lines + b"\n") if self.name else lines + b"\n"
+
 
 class Result(msgspec.Struct, frozen=True):
     """How a call ended: HTTP status and headers, and (for non-streaming calls) the JSON body."""

@@ -12,6 +12,7 @@ globally.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -77,6 +78,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout: float = 30.0
     run_dir: str = ""
     frontend: str = ""
+    http: str = ""
+    gateway_token: str = ""
     log_level: str = "WARNING"
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
     models: dict[str, Limits] = {}
@@ -96,6 +99,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("heartbeat_misses", "max_attempts", "queue_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.http:
+            host, sep, port = self.http.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ConfigError(f"setting http must be HOST:PORT, got {self.http!r}")
+            if not is_loopback(host) and not self.gateway_token:
+                raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
         if not self.profiles:
             raise ConfigError("setting profiles: at least one provider profile is needed")
         for name, p in self.profiles.items():
@@ -119,6 +128,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             next(v for s in scopes if (v := getattr(s, f)) is not None)
             for f in ("first_event_timeout", "stale_timeout", "deadline")
         )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _matching(rules: dict[str, Limits], model: str) -> list[Limits]:

@@ -48,6 +48,7 @@ class Pool:
             settings if settings.run_dir else msgspec.structs.replace(settings, run_dir=endpoints.private_run_dir())
         )
         self.url = ""
+        self.http_url = ""  # the HTTP gateway's base URL, with the `http` setting
         self.pid = 0
         self._proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None
@@ -62,6 +63,7 @@ class Pool:
         try:
             ready = msgspec.json.decode(line)
             self.url, self.pid = ready["ready"], ready["pid"]
+            self.http_url = ready.get("http", "")
         except (msgspec.DecodeError, KeyError, TypeError):
             self.stop()
             raise BrokerUnavailable(

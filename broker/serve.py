@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 
 import msgspec
 
 from .config import Settings
+from .processes import python_command, stop_popen
 from .server import Broker
 
 log = logging.getLogger(__name__)
@@ -22,24 +24,59 @@ log = logging.getLogger(__name__)
 def run_broker(settings: Settings, owned: bool = False) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     broker = Broker(settings)
+    gateway: GatewayProcess | None = None
     try:
         broker.start()
         broker.install_signal_handlers()
         if owned:
             broker.stop_when_closed(sys.stdin.fileno())
+        ready = {"ready": broker.frontend_url, "pid": os.getpid()}
+        if settings.http:
+            gateway = GatewayProcess(broker.frontend_url, settings.http, settings.gateway_token)
+            ready["http"] = gateway.url
         if owned:
-            print(msgspec.json.encode({"ready": broker.frontend_url, "pid": os.getpid()}).decode(), flush=True)
+            print(msgspec.json.encode(ready).decode(), flush=True)
         else:
-            print(
-                f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}\n"
-                f"  clients: export ISOPOOL_URL={broker.frontend_url}\n"
+            lines = [
+                f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}",
+                f"  clients: export ISOPOOL_URL={broker.frontend_url}",
                 "  Ctrl-C or SIGTERM drains (in-flight requests finish, then everything stops)",
-                flush=True,
-            )
-    except BaseException:
+            ]
+            if gateway is not None:
+                lines.insert(2, f"  HTTP gateway: base_url {gateway.url} (Anthropic), {gateway.url}/v1 (OpenAI)")
+            print("\n".join(lines), flush=True)
+        broker.run()
+    finally:
+        if gateway is not None:
+            gateway.stop()
         broker.close()
-        raise
-    broker.run()
+
+
+class GatewayProcess:
+    """The HTTP gateway child (`broker.gateway`): started listening, stopped by closing its stdin."""
+
+    def __init__(self, frontend: str, listen: str, token: str) -> None:
+        self.proc = subprocess.Popen(
+            python_command("broker.gateway", "--url", frontend, "--listen", listen),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.proc.stdin.write(token.encode() + b"\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        try:
+            self.url = msgspec.json.decode(line)["listening"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            self.stop()
+            raise RuntimeError(f"the HTTP gateway did not start on {listen}; see its error above") from None
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop_popen(self.proc, grace=1.0)
 
 
 def main() -> None:

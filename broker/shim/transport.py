@@ -32,21 +32,15 @@ def to_http_call(request: httpx2.Request, base_path: str) -> HttpCall:
     return HttpCall(request.method, path, headers, request.read())
 
 
-def sse(event: StreamEvent) -> bytes:
-    """One event back in SSE framing, as the provider sent it."""
-    lines = b"".join(b"data: " + line + b"\n" for line in event.data.split(b"\n"))
-    return (b"event: " + event.name.encode() + b"\n" + lines + b"\n") if event.name else lines + b"\n"
-
-
 class _Events(httpx2.SyncByteStream):
     def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
         self._first, self._events, self._errors, self._request = first, events, errors, request
 
     def __iter__(self) -> Iterator[bytes]:
-        yield sse(self._first)
+        yield self._first.sse()
         try:
             for event in self._events:
-                yield sse(event)
+                yield event.sse()
         except IsopoolError as exc:
             raise self._errors.after_output(exc, self._request) from exc
 
@@ -59,10 +53,10 @@ class _AsyncEvents(httpx2.AsyncByteStream):
         self._first, self._events, self._errors, self._request = first, events, errors, request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield sse(self._first)
+        yield self._first.sse()
         try:
             async for event in self._events:
-                yield sse(event)
+                yield event.sse()
         except IsopoolError as exc:
             raise self._errors.after_output(exc, self._request) from exc
 

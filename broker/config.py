@@ -80,6 +80,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     frontend: str = ""
     http: str = ""
     gateway_token: str = ""
+    allow_overrides: bool = False
     log_level: str = "WARNING"
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
     models: dict[str, Limits] = {}

@@ -149,6 +149,13 @@ class HttpCall(msgspec.Struct, frozen=True, tag="http"):
     path: str
     headers: list[tuple[str, str]] = []
     body: bytes = b""
+    base_url: str = ""  # per-request upstream and key: refused unless the pool allows overrides
+    api_key: str = ""
+
+    def __repr__(self) -> str:  # never show the key
+        return (
+            f"HttpCall({self.method} {self.path}, base_url={self.base_url!r}, api_key={'***' if self.api_key else ''})"
+        )
 
 
 class Response(msgspec.Struct, frozen=True):

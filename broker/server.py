@@ -553,6 +553,7 @@ class Broker:
             "profile": self.settings.profiles[worker.profile],
             "heartbeat_interval": self.settings.heartbeat_interval,
             "death_fd": self.death_r,
+            "allow_overrides": self.settings.allow_overrides,
         }
 
     def dispatch(self, now: float) -> None:
@@ -679,6 +680,7 @@ class Broker:
             "queued": {name: len(q) for name, q in self.queues.items()},
             "in_flight": len(self.requests),
             "draining": self.draining_since is not None,
+            "allow_overrides": self.settings.allow_overrides,
             "workers": workers,
             **self.stats.snapshot(),
         }

@@ -17,7 +17,8 @@ import openai
 import pydantic
 import pytest
 
-from broker import Pool
+from broker import BadRequest, Pool
+from broker.protocol import HttpCall
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
@@ -250,9 +251,28 @@ def test_f8_hung_worker_is_replaced_and_the_call_answered(pair, pool):
     assert answers and plain(answers[0]) == plain(direct[0].messages.create(**args))
 
 
-def test_base_url_override_is_a_clear_error_at_construction(pool):
-    with pytest.raises(ValueError, match="profile"):
-        shim_anthropic.Anthropic(pool=pool, base_url="http://elsewhere.example")
+def test_a_shared_pool_refuses_a_clients_own_key_or_base_url_at_construction(pool):
+    for own in ({"api_key": "sk-ant-mine"}, {"base_url": "http://elsewhere.example"}):
+        with pytest.raises(ValueError, match="allow_overrides"):
+            shim_anthropic.Anthropic(pool=pool, **own)
+
+
+def test_worker_refuses_an_override_the_pool_does_not_allow_without_connecting(pool, fake):
+    served = sum(fake.stats()["served"].values())
+    call = HttpCall("POST", "/v1/messages", [], b"{}", base_url="http://127.0.0.1:9")
+    with pool.client() as client, pytest.raises(BadRequest, match="allow_overrides"):
+        client.submit_http("anthropic", call).result()
+    assert sum(fake.stats()["served"].values()) == served
+
+
+def test_a_pool_that_allows_overrides_uses_the_clients_own_base_url_and_key(fake):
+    settings = dict(TEST_SETTINGS, allow_overrides=True)
+    with Pool(profiles=profiles(fake.url, min_workers=1), **settings) as own:
+        with shim_anthropic.Anthropic(pool=own, api_key="sk-ant-own") as client:
+            assert client.messages.create(**MSG).type == "message"
+        with shim_anthropic.Anthropic(pool=own, base_url=fake.url + "/elsewhere") as client:
+            with pytest.raises(anthropic.NotFoundError):  # the request went to the client's own base_url
+                client.messages.create(**MSG)
 
 
 _SCRIPT = textwrap.dedent(

@@ -43,15 +43,22 @@ _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 
 
+def _auth(kind: str, key: str) -> list[tuple[str, str]]:
+    return [("x-api-key", key)] if kind == "anthropic" else [("authorization", f"Bearer {key}")]
+
+
 def check_path(path: str) -> None:
     route = path.split("?", 1)[0]
     if not route.startswith("/") or route.startswith("//") or ".." in route.split("/") or "#" in path:
         raise BadCall(f"path {path!r} must be a plain absolute path under the profile's base URL")
 
 
-async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any) -> None:
-    """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk`."""
+async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, allow_overrides: bool = False) -> None:
+    """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk` (or the
+    request's own, where the pool allows overrides)."""
     check_path(call.path)
+    if (call.base_url or call.api_key) and not allow_overrides:
+        raise BadCall("this pool does not allow per-request base_url or api_key (setting allow_overrides)")
     route = call.path.split("?", 1)[0]
     body = call.body
     method = _ENDPOINTS.get((kind, route)) if call.method == "POST" else None
@@ -66,8 +73,8 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any) ->
             accumulator = STREAMABLE[(kind, method)]
             body = _ENC.encode(as_stream(kind, method, args))
     headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
-    headers += list(sdk.auth_headers.items())
-    url = str(sdk.base_url).rstrip("/") + call.path
+    headers += _auth(kind, call.api_key) if call.api_key else list(sdk.auth_headers.items())
+    url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
     response = await http.send(http.build_request(call.method, url, headers=headers, content=body), stream=True)
     try:
         await relay(response, emit, streaming, accumulator, raise_on_error=False)

@@ -57,6 +57,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     profile: Profile
     heartbeat_interval: float
     death_fd: int
+    allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
 
 
 _ssl_context: ssl.SSLContext | None = None
@@ -186,7 +187,7 @@ class Worker:
             call = self.codec.call(payload)
             kind, clients = self.spec.profile.kind, self.clients
             if isinstance(call, HttpCall):
-                await run_http(clients.sdk, clients.http, kind, call, emit)
+                await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
             else:
                 await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
         except asyncio.CancelledError:

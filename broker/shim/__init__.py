@@ -28,7 +28,7 @@ import openai as _openai
 from ..client import Client
 from ..pool import Pool
 from .errors import ANTHROPIC, OPENAI, SdkErrors
-from .transport import AsyncPoolTransport, PoolTransport
+from .transport import AsyncPoolTransport, Overrides, PoolTransport
 
 BASE_PATH = "/isopool"
 SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the transport takes every request
@@ -49,7 +49,7 @@ def pool_url(pool: Pool | str | None) -> str:
         return os.environ["ISOPOOL_URL"]
     with _lock:
         if _embedded is None:
-            _embedded = Pool().start()
+            _embedded = Pool(allow_overrides=True).start()  # owned by this process: its clients' keys are ours
             atexit.register(_embedded.stop)
         return _embedded.url
 
@@ -72,18 +72,23 @@ def _options(
     http_client = kwargs.pop("http_client", None)
     if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
         return {**kwargs, "base_url": base_url, "http_client": http_client}
-    if base_url is not None or http_client is not None:
-        raise ValueError(
-            "base_url and http_client belong to the pool: configure a provider profile with that base_url "
-            "(see the README's configuration) and pass profile=NAME"
-        )
+    if http_client is not None:
+        raise ValueError("http_client belongs to the pool: its workers make the HTTP requests")
     url, profile = pool_url(pool), profile or kind
+    overrides = Overrides(str(base_url or ""), kwargs.get("api_key") or "")
+    if overrides and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
+        raise ValueError(
+            f"the pool at {url} holds the provider keys and does not allow a client's own api_key or base_url "
+            "(setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
+        )
     if asynchronous:
-        client: Any = httpx2.AsyncClient(transport=AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout))
+        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, overrides)
+        client: Any = httpx2.AsyncClient(transport=transport)
     else:
-        client = httpx2.Client(transport=PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors))
-    # The caller's key never leaves this process (the worker uses the pool's); the SDK wants one.
-    kwargs.setdefault("api_key", kwargs.get("api_key") or "isopool")
+        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, overrides)
+        client = httpx2.Client(transport=transport)
+    # Without its own key the client uses the pool's (in the worker); the SDK wants one to build requests.
+    kwargs["api_key"] = overrides.api_key or "isopool"
     return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client}
 
 

@@ -9,7 +9,7 @@ never shows; a failure after output raises the SDK's own timeout or connection e
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2
 
@@ -23,13 +23,26 @@ from .errors import SdkErrors
 _LOCAL = {"authorization", "x-api-key", "api-key", "proxy-authorization", "host", "content-length", "connection"}
 
 
-def to_http_call(request: httpx2.Request, base_path: str) -> HttpCall:
+class Overrides(NamedTuple):
+    """A client's own upstream and key, for pools that allow them (embedded pools do)."""
+
+    base_url: str = ""
+    api_key: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.base_url or self.api_key)
+
+
+NO_OVERRIDES = Overrides()
+
+
+def to_http_call(request: httpx2.Request, base_path: str, overrides: Overrides) -> HttpCall:
     """The request as the worker should send it: path relative to the shim's base URL."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _LOCAL]
-    return HttpCall(request.method, path, headers, request.read())
+    return HttpCall(request.method, path, headers, request.read(), overrides.base_url, overrides.api_key)
 
 
 class _Events(httpx2.SyncByteStream):
@@ -67,11 +80,14 @@ class _AsyncEvents(httpx2.AsyncByteStream):
 class PoolTransport(httpx2.BaseTransport):
     """Sends each request of a synchronous SDK client through a pool `Client`."""
 
-    def __init__(self, client: Client, profile: str, base_path: str, errors: SdkErrors) -> None:
+    def __init__(
+        self, client: Client, profile: str, base_path: str, errors: SdkErrors, overrides: Overrides = NO_OVERRIDES
+    ) -> None:
         self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
+        self._overrides = overrides
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        call = self._client.submit_http(self._profile, to_http_call(request, self._base_path))
+        call = self._client.submit_http(self._profile, to_http_call(request, self._base_path, self._overrides))
         events = iter(call)
         try:
             first = next(events, None)
@@ -89,15 +105,18 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
     """Sends each request of an asyncio SDK client through a pool `AsyncClient`, made on first
     use in the running event loop."""
 
-    def __init__(self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float) -> None:
+    def __init__(
+        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float,
+        overrides: Overrides = NO_OVERRIDES,
+    ) -> None:  # fmt: skip
         self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
-        self._broker_timeout = broker_timeout
+        self._broker_timeout, self._overrides = broker_timeout, overrides
         self._client: AsyncClient | None = None
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if self._client is None:
             self._client = AsyncClient(self._url, self._broker_timeout)
-        call = await self._client.submit_http(self._profile, to_http_call(request, self._base_path))
+        call = await self._client.submit_http(self._profile, to_http_call(request, self._base_path, self._overrides))
         events = aiter(call)
         try:
             first = await anext(events, None)

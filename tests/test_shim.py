@@ -29,6 +29,14 @@ CHAT = dict(model="gpt-fake", messages=[{"role": "user", "content": "shim hello"
 VOLATILE = {"id", "created", "created_at"}
 
 
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CHAT_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_TOOL["input_schema"]}}
+
+
 class Weather(pydantic.BaseModel):
     city: str
     degrees: int
@@ -77,6 +85,12 @@ def anthropic_scenarios(c):
     yield "raw", (raw.status_code, raw.headers["content-type"], raw.parse())
     with c.messages.with_streaming_response.create(**MSG) as resp:
         yield "streaming_response", (resp.status_code, resp.parse())
+    call = c.messages.create(tools=[WEATHER_TOOL], **MSG)
+    yield "tool_use", call
+    yield "tool_use.stream", list(c.messages.create(tools=[WEATHER_TOOL], stream=True, **MSG))
+    result = {"type": "tool_result", "tool_use_id": call.content[0].id, "content": "sunny"}
+    turns = [*MSG["messages"], {"role": "assistant", "content": call.content}, {"role": "user", "content": [result]}]
+    yield "tool_result", c.messages.create(tools=[WEATHER_TOOL], **{**MSG, "messages": turns})
     extras = dict(extra_headers={"x-trace": "1"}, extra_query={"trace": "1"}, extra_body={"metadata": {"user_id": "u"}})
     yield "extras", c.messages.create(stop_sequences=anthropic.NOT_GIVEN, **extras, **MSG)
 
@@ -87,6 +101,10 @@ def openai_scenarios(c):
     yield "chat.parse", c.chat.completions.parse(response_format=Weather, **CHAT).choices[0].message.parsed
     yield "responses", c.responses.create(model="gpt-fake", input="shim hello").output_text
     yield "responses.stream", [e.type for e in c.responses.create(model="gpt-fake", input="shim hello", stream=True)]
+    yield "tool_calls", c.chat.completions.create(tools=[CHAT_TOOL], **CHAT)
+    yield "tool_calls.stream", list(c.chat.completions.create(tools=[CHAT_TOOL], stream=True, **CHAT))
+    fn = {"type": "function", **{k: CHAT_TOOL["function"][k] for k in ("name", "parameters")}}
+    yield "responses.function_call", c.responses.create(model="gpt-fake", input="weather?", tools=[fn]).output
     raw = c.chat.completions.with_raw_response.create(**CHAT)
     yield "raw", (raw.headers["content-type"], raw.parse())
     with c.chat.completions.with_streaming_response.create(**CHAT) as resp:

@@ -28,8 +28,15 @@ class Reply:
         rng = random.Random(digest)
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
         count = max(1, min(tokens, int(limit))) if limit else max(1, tokens)
+        self.tool = _tool_to_call(body)
+        self.tool_input: Any = None
         schema = _json_schema(body)
-        if schema is not None:  # structured output: a JSON value of the schema, streamed in pieces
+        if self.tool is not None:  # a tool call, its JSON arguments streamed in pieces
+            self.tool_input = sample(self.tool[1], rng)
+            text = json.dumps(self.tool_input)
+            self.pieces = [text[i : i + 8] for i in range(0, len(text), 8)]
+            count, limit = len(self.pieces), None
+        elif schema is not None:  # structured output: a JSON value of the schema, streamed in pieces
             text = json.dumps(sample(schema, rng))
             self.pieces = [text[i : i + 8] for i in range(0, len(text), 8)]
             count, limit = len(self.pieces), None
@@ -48,6 +55,24 @@ class Reply:
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:
     """What decides the answer: everything but transport flags."""
     return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+
+
+def _tool_to_call(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(name, JSON schema) of the tool to call: the first one offered, unless the conversation
+    already ends with a tool's result (then the model answers in text)."""
+    tools = body.get("tools") or []
+    if not tools or body.get("tool_choice") in ("none", {"type": "none"}):
+        return None
+    turns = body.get("messages") or (body["input"] if isinstance(body.get("input"), list) else [])
+    last = turns[-1] if turns else {}
+    content = last.get("content") if isinstance(last, dict) else None
+    if last.get("role") == "tool" or last.get("type") == "function_call_output":
+        return None
+    if isinstance(content, list) and any(isinstance(c, dict) and c.get("type") == "tool_result" for c in content):
+        return None
+    tool = tools[0]
+    function = tool.get("function", tool)  # Chat Completions nests the function
+    return function["name"], tool.get("input_schema") or function.get("parameters") or {}
 
 
 def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:

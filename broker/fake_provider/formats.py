@@ -29,27 +29,36 @@ class AnthropicMessages:
             "usage": {"input_tokens": reply.input_tokens, "output_tokens": out},
         }
 
+    @staticmethod
+    def _stop(reply: Reply) -> str:
+        return "tool_use" if reply.tool else "max_tokens" if reply.stopped_by_limit else "end_turn"
+
+    @staticmethod
+    def _block(reply: Reply, done: bool) -> dict[str, Any]:
+        if reply.tool:
+            input_ = reply.tool_input if done else {}
+            return {"type": "tool_use", "id": reply.ident("toolu_"), "name": reply.tool[0], "input": input_}
+        return {"type": "text", "text": reply.text if done else ""}
+
     @classmethod
     def final(cls, reply: Reply, body: dict[str, Any]) -> dict[str, Any]:
-        stop = "max_tokens" if reply.stopped_by_limit else "end_turn"
-        return cls._message(reply, [{"type": "text", "text": reply.text}], stop, reply.output_tokens)
+        return cls._message(reply, [cls._block(reply, True)], cls._stop(reply), reply.output_tokens)
 
     @classmethod
     def events(cls, reply: Reply, body: dict[str, Any]) -> list[SseEvent]:
-        stop = "max_tokens" if reply.stopped_by_limit else "end_turn"
+        stop = cls._stop(reply)
         events: list[SseEvent] = [
             ("message_start", {"type": "message_start", "message": cls._message(reply, [], None, 1)}),
             (
                 "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_start", "index": 0, "content_block": cls._block(reply, False)},
             ),
             cls.ping,
         ]
+        delta = {"type": "input_json_delta", "partial_json": ""} if reply.tool else {"type": "text_delta", "text": ""}
+        key = "partial_json" if reply.tool else "text"
         events += [
-            (
-                "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
-            )
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {**delta, key: piece}})
             for piece in reply.pieces
         ]
         events += [
@@ -79,6 +88,18 @@ class OpenAIChat:
         total = reply.input_tokens + reply.output_tokens
         return {"prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens, "total_tokens": total}
 
+    @staticmethod
+    def _finish(reply: Reply) -> str:
+        return "tool_calls" if reply.tool else "length" if reply.stopped_by_limit else "stop"
+
+    @staticmethod
+    def _message(reply: Reply) -> dict[str, Any]:
+        if not reply.tool:
+            return {"role": "assistant", "content": reply.text, "refusal": None}
+        function = {"name": reply.tool[0], "arguments": reply.text}
+        call = {"id": reply.ident("call_"), "type": "function", "function": function}
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+
     @classmethod
     def final(cls, reply: Reply, body: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -89,8 +110,8 @@ class OpenAIChat:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                    "finish_reason": "length" if reply.stopped_by_limit else "stop",
+                    "message": cls._message(reply),
+                    "finish_reason": cls._finish(reply),
                     "logprobs": None,
                 }
             ],
@@ -109,9 +130,15 @@ class OpenAIChat:
             "created": FIXED_CREATED,
             "model": reply.model,
         }
-        events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": piece}) for piece in reply.pieces]
-        events.append(chunk({}, "length" if reply.stopped_by_limit else "stop"))
+        if reply.tool:
+            call = {"index": 0, "id": reply.ident("call_"), "type": "function"}
+            events = [chunk({"role": "assistant", "content": None, "tool_calls": [
+                {**call, "function": {"name": reply.tool[0], "arguments": ""}}]})]  # fmt: skip
+            events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in reply.pieces]
+        else:
+            events = [chunk({"role": "assistant", "content": ""})]
+            events += [chunk({"content": piece}) for piece in reply.pieces]
+        events.append(chunk({}, cls._finish(reply)))
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append((None, {**head, "choices": [], "usage": cls._usage(reply)}))
         events.append((None, "[DONE]"))
@@ -156,6 +183,9 @@ class OpenAIResponses:
 
     @staticmethod
     def _item(reply: Reply, text: str, status: str) -> dict[str, Any]:
+        if reply.tool:
+            return {"type": "function_call", "id": reply.ident("fc_"), "call_id": reply.ident("call_"),
+                    "name": reply.tool[0], "arguments": text, "status": status}  # fmt: skip
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"type": "message", "id": reply.ident("msg_"), "status": status, "role": "assistant", "content": content}
 
@@ -165,6 +195,8 @@ class OpenAIResponses:
 
     @classmethod
     def events(cls, reply: Reply, body: dict[str, Any]) -> list[SseEvent]:
+        if reply.tool:
+            return cls._tool_events(reply, body)
         item_id = reply.ident("msg_")
         part = {"type": "output_text", "text": "", "annotations": []}
         raw: list[tuple[str, dict[str, Any]]] = [
@@ -179,6 +211,22 @@ class OpenAIResponses:
         raw += [
             ("response.output_text.done", {**place, "text": reply.text, "logprobs": []}),
             ("response.content_part.done", {**place, "part": done_part}),
+            ("response.output_item.done", {"output_index": 0, "item": cls._item(reply, reply.text, "completed")}),
+            ("response.completed", {"response": cls.final(reply, body)}),
+        ]
+        return [(name, {"type": name, "sequence_number": i, **data}) for i, (name, data) in enumerate(raw)]
+
+    @classmethod
+    def _tool_events(cls, reply: Reply, body: dict[str, Any]) -> list[SseEvent]:
+        place = {"item_id": reply.ident("fc_"), "output_index": 0}
+        raw: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": cls._response(reply, "in_progress", [], False)}),
+            ("response.in_progress", {"response": cls._response(reply, "in_progress", [], False)}),
+            ("response.output_item.added", {"output_index": 0, "item": cls._item(reply, "", "in_progress")}),
+        ]
+        raw += [("response.function_call_arguments.delta", {**place, "delta": p}) for p in reply.pieces]
+        raw += [
+            ("response.function_call_arguments.done", {**place, "arguments": reply.text}),
             ("response.output_item.done", {"output_index": 0, "item": cls._item(reply, reply.text, "completed")}),
             ("response.completed", {"response": cls.final(reply, body)}),
         ]

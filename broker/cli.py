@@ -129,6 +129,27 @@ def stats(url: str | None, as_json: bool) -> None:
     print_stats(snapshot)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
+    """Run an existing Anthropic/OpenAI Python script unchanged through a pool.
+
+    Every `anthropic.Anthropic`, `AsyncAnthropic`, `openai.OpenAI` and `AsyncOpenAI`
+    the script makes is the pool's drop-in client: its calls run in worker processes
+    that are killed and replaced when a stream stalls. ARGS are passed to the script."""
+    import runpy
+
+    from .shim import install
+
+    if pool_url:
+        os.environ["ISOPOOL_URL"] = pool_url
+    install()
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
 @main.command()
 @click.option("-n", "--requests", default=300, show_default=True, help="How many requests to send.")
 @click.option("-c", "--concurrency", default=24, show_default=True, help="How many in flight at once.")

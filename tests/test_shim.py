@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import anthropic
 import openai
@@ -307,3 +308,39 @@ def test_embedded_pool_starts_on_first_use_and_stops_at_exit(fake, own_processes
     out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "message"
+
+
+def test_unreachable_broker_is_the_sdks_connection_error_within_the_timeout(tmp_path):
+    client = shim_anthropic.Anthropic(pool=f"ipc://{tmp_path}/nobody.sock", broker_timeout=0.3, max_retries=0)
+    start = time.monotonic()
+    with pytest.raises(anthropic.APIConnectionError) as caught:
+        client.messages.create(**MSG)
+    assert time.monotonic() - start < 5
+    assert "no answer from the broker" in str(caught.value.__cause__)  # the SDK keeps ours as the cause
+
+
+_EXISTING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import anthropic
+
+    client = anthropic.Anthropic()
+    stream = client.messages.create(model="claude-fake", max_tokens=8, stream=True,
+                                    messages=[{"role": "user", "content": sys.argv[1]}],
+                                    extra_headers={"x-isopool-fault": "stall-first:interval=0.05"})
+    print(type(client).__module__, [event.type for event in stream][-1])
+    """
+)
+
+
+def test_isopool_run_takes_an_existing_sdk_script_through_the_pool(tmp_path, fake, own_processes):
+    """The script stalls before its first event: the plain SDK would wait out its 600 s read
+    timeout (pings reset it); through the pool it is retried after first_event_timeout."""
+    script = tmp_path / "existing.py"
+    script.write_text(_EXISTING_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "ISOPOOL_URL"}
+    env |= {"ANTHROPIC_BASE_URL": fake.url, "ISOPOOL_FIRST_EVENT_TIMEOUT": "1"}
+    isopool = os.path.join(os.path.dirname(sys.executable), "isopool")
+    out = subprocess.run([isopool, "run", str(script), "hi"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["broker.shim", "message_stop"]

@@ -128,4 +128,15 @@ def _namespace(sdk: types.ModuleType, sync: type, asynchronous: type) -> types.M
 anthropic = _namespace(_anthropic, Anthropic, AsyncAnthropic)
 openai = _namespace(_openai, OpenAI, AsyncOpenAI)
 
-__all__ = ["Anthropic", "AsyncAnthropic", "AsyncOpenAI", "OpenAI", "anthropic", "openai", "pool_url"]
+
+def install() -> None:
+    """Put the pool's client classes into the real `anthropic` and `openai` modules, so that a
+    script runs through the pool without a change (`isopool run`). Module-level clients such
+    as `openai.chat.completions` are not covered: they are built from a private class."""
+    for sdk, sync, asynchronous in ((_anthropic, Anthropic, AsyncAnthropic), (_openai, OpenAI, AsyncOpenAI)):
+        for name, cls in ((sync.__name__, sync), (asynchronous.__name__, asynchronous)):
+            setattr(sdk, name, cls)
+        sdk.Client, sdk.AsyncClient = sync, asynchronous  # type: ignore[attr-defined]
+
+
+__all__ = ["Anthropic", "AsyncAnthropic", "AsyncOpenAI", "OpenAI", "anthropic", "install", "openai", "pool_url"]

@@ -241,7 +241,7 @@ class AsyncClient:
         model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
-            limits.max_attempts,
+            limits.max_attempts, limits.read_timeout,
         )  # fmt: skip
         state = _CallState(rid, _Sink(threadsafe))
         self._calls[rid] = state
@@ -437,6 +437,7 @@ class CallLimits(msgspec.Struct, frozen=True):
     stale_timeout: float | None = None
     deadline: float | None = None
     max_attempts: int | None = None
+    read_timeout: float | None = None  # caps first_event_timeout and stale_timeout (an SDK's per-call timeout)
 
 
 def _body_fields(call: HttpCall) -> dict[str, Any]:

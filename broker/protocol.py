@@ -72,6 +72,7 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     stale_timeout: float | None = None
     deadline: float | None = None
     max_attempts: int | None = None
+    read_timeout: float | None = None  # the SDK's per-call read timeout: caps the first-event and stale limits
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):

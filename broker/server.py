@@ -221,6 +221,8 @@ class Broker:
         fet, stale, deadline = self.settings.limits(
             sub.profile, sub.model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
         )
+        if sub.read_timeout:
+            fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
         self.next_key += 1
         self.requests[req.key] = req

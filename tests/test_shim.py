@@ -131,6 +131,10 @@ async def anthropic_async_scenarios(c):
     yield "count_tokens", await c.messages.count_tokens(model=MSG["model"], messages=MSG["messages"])
     raw = await c.messages.with_raw_response.create(**MSG)
     yield "raw", (raw.status_code, await raw.parse())
+    async with c.messages.with_streaming_response.create(**MSG) as resp:
+        yield "streaming_response", (resp.status_code, await resp.parse())
+    yield "beta.create", await c.beta.messages.create(**MSG)
+    yield "tool_use", await c.messages.create(tools=[WEATHER_TOOL], **MSG)
 
 
 async def openai_async_scenarios(c):
@@ -141,6 +145,11 @@ async def openai_async_scenarios(c):
     yield "responses", (await c.responses.create(model="gpt-fake", input="shim hello")).output_text
     raw = await c.chat.completions.with_raw_response.create(**CHAT)
     yield "raw", raw.parse()  # synchronous, as in the SDK
+    async with c.chat.completions.with_streaming_response.create(**CHAT) as resp:
+        yield "streaming_response", await resp.parse()
+    stream = await c.responses.create(model="gpt-fake", input="shim hello", stream=True)
+    yield "responses.stream", [e.type async for e in stream]
+    yield "tool_calls", await c.chat.completions.create(tools=[CHAT_TOOL], **CHAT)
 
 
 def test_async_shim_matches_the_sdk(fake, pool):
@@ -344,3 +353,14 @@ def test_isopool_run_takes_an_existing_sdk_script_through_the_pool(tmp_path, fak
     out = subprocess.run([isopool, "run", str(script), "hi"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["broker.shim", "message_stop"]
+
+
+def test_per_call_timeout_caps_the_pools_stall_limits(pair):
+    """A first event slower than the caller's own `timeout=`: the SDK's timeout error either way."""
+    direct, shim = pair
+    slow = fault("slow-first:delay=5,times=9")
+    for client in (direct[0], shim[0]):
+        start = time.monotonic()
+        with pytest.raises(anthropic.APITimeoutError):
+            client.with_options(max_retries=0).messages.create(**MSG, **slow, timeout=0.5)
+        assert time.monotonic() - start < 4.5  # not the 5 s delay, nor the pool's own limits

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import httpx2
 
-from ..client import AsyncClient, Client, StreamEvent
+from ..client import AsyncClient, CallLimits, Client, StreamEvent
 from ..errors import IsopoolError
 from ..protocol import HttpCall
 from .errors import SdkErrors
@@ -34,6 +34,13 @@ class Overrides(NamedTuple):
 
 
 NO_OVERRIDES = Overrides()
+
+
+def limits_of(request: httpx2.Request) -> CallLimits:
+    """The SDK's read timeout for this call (its default or a per-call `timeout=`) as a cap on
+    the pool's stall limits: the pool never waits longer than the SDK itself would have."""
+    read = (request.extensions.get("timeout") or {}).get("read")
+    return CallLimits(read_timeout=read) if read else CallLimits()
 
 
 def to_http_call(request: httpx2.Request, base_path: str, overrides: Overrides) -> HttpCall:
@@ -87,7 +94,8 @@ class PoolTransport(httpx2.BaseTransport):
         self._overrides = overrides
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        call = self._client.submit_http(self._profile, to_http_call(request, self._base_path, self._overrides))
+        http_call = to_http_call(request, self._base_path, self._overrides)
+        call = self._client.submit_http(self._profile, http_call, limits_of(request))
         events = iter(call)
         try:
             first = next(events, None)
@@ -116,7 +124,8 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if self._client is None:
             self._client = AsyncClient(self._url, self._broker_timeout)
-        call = await self._client.submit_http(self._profile, to_http_call(request, self._base_path, self._overrides))
+        http_call = to_http_call(request, self._base_path, self._overrides)
+        call = await self._client.submit_http(self._profile, http_call, limits_of(request))
         events = aiter(call)
         try:
             first = await anext(events, None)

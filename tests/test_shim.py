@@ -355,6 +355,12 @@ def test_isopool_run_takes_an_existing_sdk_script_through_the_pool(tmp_path, fak
     assert out.stdout.split() == ["broker.shim", "message_stop"]
 
 
+def test_an_async_client_survives_being_used_from_successive_event_loops(pool):
+    client = shim_anthropic.AsyncAnthropic(pool=pool)
+    for _ in range(2):
+        assert asyncio.run(client.messages.create(**MSG)).type == "message"
+
+
 def test_per_call_timeout_caps_the_pools_stall_limits(pair):
     """A first event slower than the caller's own `timeout=`: the SDK's timeout error either way."""
     direct, shim = pair

@@ -8,6 +8,7 @@ never shows; a failure after output raises the SDK's own timeout or connection e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple
 
@@ -120,10 +121,12 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
         self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
         self._broker_timeout, self._overrides = broker_timeout, overrides
         self._client: AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        if self._client is None:
-            self._client = AsyncClient(self._url, self._broker_timeout)
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # a client serves one event loop
+            self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
         http_call = to_http_call(request, self._base_path, self._overrides)
         call = await self._client.submit_http(self._profile, http_call, limits_of(request))
         events = aiter(call)

@@ -129,6 +129,48 @@ def stats(url: str | None, as_json: bool) -> None:
     print_stats(snapshot)
 
 
+@main.command()
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file (appended, resumable)."
+)
+@click.option("--format", "fmt", type=click.Choice(["openai", "anthropic"]), help="Input format (default: detected).")
+@click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
+@click.option("-c", "--concurrency", default=32, show_default=True, help="Requests in flight at once.")
+@click.option(
+    "--skip-invalid", is_flag=True, help="Write invalid lines as errored results instead of refusing to start."
+)
+@click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def batch(input_path, output, fmt, pool_url, concurrency, skip_invalid, allow_failures, as_json) -> None:
+    """Run a provider batch file through the pool: every custom_id answered exactly once.
+
+    IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
+    Anthropic Message Batches requests ({"custom_id", "params"}); results are written in
+    the matching provider's batch result format. Re-running the same command after a
+    crash resumes: ids already in the output are skipped, a torn last line is repaired.
+    Exits 1 if any request failed (unless --allow-failures), 2 if the input is invalid."""
+    import msgspec
+
+    from .batch import BatchInputError, run
+    from .render import BatchProgress, print_batch
+
+    try:
+        with BatchProgress(enabled=not as_json) as progress:
+            summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
+                          skip_invalid=skip_invalid, on_result=progress.result, on_start=progress.start)  # fmt: skip
+    except BatchInputError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    data = msgspec.structs.asdict(summary)
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        print_batch(data, output)
+    if summary.failed and not allow_failures:
+        sys.exit(1)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
 @click.argument("script", type=click.Path(exists=True, dir_okay=False))

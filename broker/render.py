@@ -1,8 +1,9 @@
-"""Terminal output of the CLI (rich): the stats table, the demo's progress bar and summary."""
+"""Terminal output of the CLI (rich): the stats table, the demo's and the batch's progress and summaries."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,3 +105,65 @@ def print_demo(s: dict[str, Any]) -> None:
         console.print("[yellow]nothing lost and no wrong answer, but some requests ended in typed errors (above)[/]")
     else:
         console.print("[green]nothing lost: every request answered, every answer correct[/]")
+
+
+class BatchProgress:
+    """The batch's live display: a progress bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool = True, every: float = 5.0) -> None:
+        self.enabled, self.every = enabled, every
+        self.tally: Counter[str] = Counter()
+        self.todo = 0
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> BatchProgress:
+        if self.enabled and console.is_terminal:
+            columns = (TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[note]}"))  # fmt: skip
+            self._progress = Progress(*columns, console=console)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("batch", total=None, note="validating and starting the pool…")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, todo: int) -> None:
+        self.todo, self._started = todo, time.monotonic()
+        if self._progress is not None:
+            self._progress.update(self._task, total=todo)
+
+    def result(self, record: dict[str, Any]) -> None:
+        from .batch.runner import is_ok
+
+        self.tally["ok" if is_ok(record) else "failed"] += 1
+        done = self.tally["ok"] + self.tally["failed"]
+        elapsed = max(1e-9, time.monotonic() - self._started)
+        rate = done / elapsed
+        eta = (self.todo - done) / rate if rate else 0
+        note = f"ok {self.tally['ok']}  failed {self.tally['failed']}  {rate:.1f}/s  ETA {eta:.0f}s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, note=note)
+        elif self.enabled and (time.monotonic() - self._last_line >= self.every or done == self.todo):
+            self._last_line = time.monotonic()
+            console.print(f"batch: {done}/{self.todo} done, {note}", highlight=False)
+
+
+def print_batch(s: dict[str, Any], output: str) -> None:
+    table = Table("", "", title="isopool batch summary", show_header=False)
+    table.add_row("lines in the input", str(s["total"]))
+    table.add_row("already done (earlier run)", str(s["already_done"]))
+    table.add_row("succeeded", f"[green]{s['ok']}[/]")
+    table.add_row("failed", f"[red]{s['failed']}[/]" if s["failed"] else "0")
+    table.add_row("failures by kind", _counts(s["errors"]))
+    table.add_row("invalid lines", str(s["invalid"]))
+    table.add_row("stalls recovered / pool retries", f"{s['stalls_recovered']} / {s['retries']}")
+    table.add_row("wall time, rate", f"{s['wall_s']} s, {s['per_s']}/s")
+    if s["repaired_bytes"]:
+        table.add_row("torn last line repaired", f"{s['repaired_bytes']} bytes cut")
+    console.print(table)
+    console.print(f"results: {escape(output)} ({s['format']} batch result format)")

@@ -1,0 +1,214 @@
+"""Running a batch file through the pool, exactly once per custom_id, resumable.
+
+    from broker.batch import run
+    summary = run("requests.jsonl", "results.jsonl")      # or iter_results(...) for each result
+
+Validation comes first: every problem is reported with its line number and nothing is
+sent (or, with `skip_invalid`, invalid lines are written as errored results). Ids that
+already have a result in the output (a run that was killed) are skipped. Every other
+line gets exactly one result line, written as soon as its answer is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+
+from ..client import AsyncClient
+from ..errors import IsopoolError, ProviderStatusError
+from ..pool import Pool
+from .formats import Format, Invalid, Item, failed, parse_line, provider_failed, succeeded
+from .ledger import Ledger
+
+_DEC = msgspec.json.Decoder()
+
+
+class BatchInputError(ValueError):
+    """The input has invalid lines; `problems` lists them with their line numbers."""
+
+    def __init__(self, path: str, problems: list[Invalid]) -> None:
+        self.problems = problems
+        lines = [f"{path}:{p.line}: {p.reason}" for p in problems[:50]]
+        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(
+            f"{len(problems)} invalid line(s); nothing was sent (use --skip-invalid to write them as errors):\n"
+            + "\n".join(lines)
+            + more
+        )
+
+
+class Summary(msgspec.Struct):
+    total: int = 0  # lines in the input
+    already_done: int = 0  # had a result from an earlier run
+    invalid: int = 0
+    ok: int = 0
+    failed: int = 0
+    errors: dict[str, int] = {}
+    stalls_recovered: int = 0
+    retries: int = 0
+    wall_s: float = 0.0
+    per_s: float = 0.0
+    format: str = ""
+    repaired_bytes: int = 0
+
+
+def load(path: str, fmt: Format | None = None) -> tuple[list[Item], list[Invalid], Format | None]:
+    """Parse and validate every line: (items, invalid lines, format)."""
+    items: list[Item] = []
+    invalid: list[Invalid] = []
+    first_seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            parsed, fmt = parse_line(number, raw, fmt)
+            if isinstance(parsed, Item) and parsed.custom_id in first_seen:
+                parsed = Invalid(number, None, f"duplicate custom_id {parsed.custom_id!r} (first on line "
+                                 f"{first_seen[parsed.custom_id]})")  # fmt: skip
+            elif isinstance(parsed, Item | Invalid) and parsed.custom_id:
+                first_seen.setdefault(parsed.custom_id, number)
+            (items if isinstance(parsed, Item) else invalid).append(parsed)  # type: ignore[arg-type]
+    return items, invalid, fmt
+
+
+async def _one(client: AsyncClient, item: Item) -> dict[str, Any]:
+    """Run one item; always returns its result line (never raises for the item's own failure)."""
+    try:
+        call = await client.submit(item.kind, item.method, **item.params)
+        result = await call.result()
+        return succeeded(item, result.status, result.headers, _DEC.decode(result.body))
+    except ProviderStatusError as exc:
+        info = exc.info
+        body = _DEC.decode(info.body) if info.body else {"message": info.message}
+        return provider_failed(item, info.status or 0, info.headers, body)
+    except IsopoolError as exc:
+        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind)
+
+
+async def _run(
+    url: str, items: list[Item], ledger: Ledger, concurrency: int, on_result: Callable[[dict[str, Any]], None],
+    on_start: Callable[[int], None],
+) -> dict[str, Any]:  # fmt: skip
+    """Feed items to the pool, at most `concurrency` in flight; returns the broker's stats delta."""
+    pending = iter(items)
+    async with AsyncClient(url) as client:
+        before = await client.stats()
+        on_start(len(items))
+
+        async def lane() -> None:
+            for item in pending:  # shared iterator: each item is taken by exactly one lane
+                record = await _one(client, item)
+                ledger.write(record)
+                on_result(record)
+
+        await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+        after = await client.stats()
+    return {
+        "stalls": sum(after["stalls"].values()) - sum(before["stalls"].values()),
+        "retries": after["retries"] - before["retries"],
+    }
+
+
+def is_ok(record: dict[str, Any]) -> bool:
+    if "result" in record:
+        return record["result"]["type"] == "succeeded"
+    response = record.get("response")
+    return bool(response) and 200 <= response["status_code"] < 300
+
+
+def error_kind(record: dict[str, Any]) -> str:
+    if "result" in record:
+        error = record["result"].get("error") or {}
+        return (error.get("error") or {}).get("type", "error")
+    if record.get("error"):
+        return str(record["error"].get("code"))
+    return f"http {record['response']['status_code']}"
+
+
+def run(
+    input_path: str,
+    output_path: str,
+    *,
+    pool: Pool | str | None = None,
+    fmt: Format | None = None,
+    concurrency: int = 32,
+    skip_invalid: bool = False,
+    on_result: Callable[[dict[str, Any]], None] = lambda record: None,
+    on_start: Callable[[int], None] = lambda todo: None,
+) -> Summary:
+    """Run the batch and return its summary; raises BatchInputError before sending anything."""
+    started = time.monotonic()
+    items, invalid, fmt = load(input_path, fmt)
+    if invalid and not skip_invalid:
+        raise BatchInputError(input_path, invalid)
+    summary = Summary(total=len(items) + len(invalid), invalid=len(invalid), format=fmt or "")
+    errors: Counter[str] = Counter()
+
+    def count(record: dict[str, Any]) -> None:
+        if is_ok(record):
+            summary.ok += 1
+        else:
+            summary.failed += 1
+            errors[error_kind(record)] += 1
+        on_result(record)
+
+    ledger = Ledger(output_path)
+    try:
+        summary.repaired_bytes = ledger.repaired
+        for bad in invalid:  # with skip_invalid: an errored result each, never silently dropped
+            custom_id = bad.custom_id or f"line-{bad.line}"
+            if custom_id not in ledger.done and not bad.reason.startswith("duplicate"):
+                record = failed(bad, "invalid", f"line {bad.line}: {bad.reason}", fmt or "openai")
+                ledger.write(record)
+                count(record)
+        todo = [item for item in items if item.custom_id not in ledger.done]
+        summary.already_done = len(items) - len(todo)
+        if todo:
+            delta = _with_pool(pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start)))
+            summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
+    finally:
+        ledger.close()
+    summary.errors = dict(errors)
+    summary.wall_s = round(time.monotonic() - started, 3)
+    done = summary.ok + summary.failed
+    summary.per_s = round(done / summary.wall_s, 1) if summary.wall_s else 0.0
+    return summary
+
+
+def _with_pool(pool: Pool | str | None, use: Callable[[str], Any]) -> Any:
+    """Run `use(url)` against the named pool, `$ISOPOOL_URL`, or an embedded pool for this run."""
+    if isinstance(pool, Pool):
+        return use(pool.url)
+    if pool or os.environ.get("ISOPOOL_URL"):
+        return use(pool or os.environ["ISOPOOL_URL"])
+    with Pool() as embedded:
+        return use(embedded.url)
+
+
+def iter_results(input_path: str, output_path: str, **options: Any) -> Iterator[dict[str, Any]]:
+    """Each result line as it is written (the run happens in a background thread)."""
+    import queue
+    import threading
+
+    results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            outcome.append(run(input_path, output_path, on_result=results.put, **options))
+        except BaseException as exc:  # handed to the iterating thread
+            outcome.append(exc)
+        results.put(end)
+
+    threading.Thread(target=work, name="isopool-batch", daemon=True).start()
+    while (record := results.get()) is not end:
+        yield record
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]

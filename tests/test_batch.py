@@ -1,0 +1,203 @@
+"""Batch jobs: provider batch files through the pool, exactly once per custom_id, resumable
+after SIGKILL, both formats in and out, invalid input refused with line numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from broker import Pool
+from broker.batch import BatchInputError, iter_results, run
+from broker.fake_provider import FakeProviderProcess
+from broker.fake_provider.server import Latency
+
+from .conftest import TEST_SETTINGS, profiles
+
+ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
+
+
+# first_event_timeout outlasts the SDK's own retry backoff (0.5 s, 1 s) inside a worker, which
+# the watchdog cannot tell from silence (see the issue note).
+LIMITS = dict(first_event_timeout=3.0, stale_timeout=0.5)
+
+
+@pytest.fixture(scope="module")
+def pool(fake):
+    settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=5)
+    with Pool(profiles=profiles(fake.url, min_workers=2, max_workers=16), **settings) as p:
+        yield p
+
+
+def openai_lines(n: int, model: str = "gpt-fake", start: int = 0) -> list[dict]:
+    return [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": model, "messages": [{"role": "user", "content": f"question {i}"}]}}
+        for i in range(start, start + n)
+    ]  # fmt: skip
+
+
+def anthropic_lines(n: int, model: str = "claude-fake") -> list[dict]:
+    return [
+        {"custom_id": f"msg-{i}",
+         "params": {"model": model, "max_tokens": 24, "messages": [{"role": "user", "content": f"question {i}"}]}}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def bodies(records: list[dict]) -> dict[str, object]:
+    """custom_id -> what the provider answered (request ids differ from run to run)."""
+    out = {}
+    for r in records:
+        out[r["custom_id"]] = r["result"] if "result" in r else (r["response"] or {}).get("body")
+    return out
+
+
+def test_2000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_path, fake, pool):
+    rates = {"stall-ping:after=2,interval=0.05": 0.03, "stall-first:interval=0.05": 0.02,
+             "reset:after=2": 0.01, "http-500": 0.02}  # fmt: skip
+    lines = openai_lines(1990) + openai_lines(10, model="gpt-fake@http-529:times=9", start=1990)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    clean = run(source, str(tmp_path / "clean.jsonl"), pool=pool, concurrency=32)
+    assert clean.ok == 1990 and clean.failed == 10
+    with FakeProviderProcess(rates=rates, seed=3) as faulty:
+        settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=6)
+        with Pool(profiles=profiles(faulty.url, min_workers=4, max_workers=32), **settings) as faulty_pool:
+            summary = run(source, str(tmp_path / "out.jsonl"), pool=faulty_pool, concurrency=32)
+        injected = faulty.stats()["faults"]
+    results = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)  # exactly once
+    assert sum(injected.values()) > 100 and summary.stalls_recovered > 30
+    assert summary.ok == 1990 and summary.failed == 10
+    assert bodies(results) == bodies(read_jsonl(tmp_path / "clean.jsonl"))  # byte for byte what a clean run says
+    overloaded = [r for r in results if int(r["custom_id"].split("-")[1]) >= 1990]
+    assert all(r["response"]["status_code"] == 529 for r in overloaded)
+    assert all(r["response"]["body"]["error"]["type"] == "overloaded_error" for r in overloaded)
+
+
+def test_sigkill_at_random_points_then_resume_gives_each_id_once(tmp_path):
+    # ~150 ms per request, so that the kills land in the middle of the run
+    with FakeProviderProcess(Latency(ttft=0.05, gap=0.005, tokens=20)) as slow:
+        with Pool(profiles=profiles(slow.url, min_workers=8, max_workers=8), **TEST_SETTINGS) as pool:
+            source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(200))
+            reference = tmp_path / "reference.jsonl"
+            run(source, str(reference), pool=pool, concurrency=8)
+            out = tmp_path / "out.jsonl"
+            command = [ISOPOOL, "batch", source, "-o", str(out), "--pool", pool.url, "-c", "8", "--json"]
+            rng = random.Random(5)
+            done_before_kill = []
+            for _ in range(4):
+                runner = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.8, 1.6))
+                runner.send_signal(signal.SIGKILL)
+                runner.wait()
+                done_before_kill.append(len(out.read_text().splitlines()) if out.exists() else 0)
+                with open(out, "ab") as f:  # a torn last line, as a kill in the middle of a write leaves it
+                    f.write(b'{"custom_id": "msg-torn", "res')
+            final = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads(final.stdout)
+    assert summary["repaired_bytes"] > 0 and summary["already_done"] > 0
+    assert 0 < done_before_kill[0] < 200 and done_before_kill == sorted(done_before_kill)  # killed mid-run
+    results = read_jsonl(out)
+    ids = [r["custom_id"] for r in results]
+    assert len(ids) == len(set(ids)) == 200
+    assert bodies(results) == bodies(read_jsonl(reference))
+
+
+def test_result_lines_follow_the_providers_documented_schemas(tmp_path, pool):
+    anthropic_in = anthropic_lines(2)
+    anthropic_in.append({"custom_id": "msg-bad", "params": {"model": "claude-fake@http-529:times=9",
+                         "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}})  # fmt: skip
+    out = tmp_path / "anthropic.jsonl"
+    run(write_jsonl(tmp_path / "a.jsonl", anthropic_in), str(out), pool=pool)
+    by_id = {r["custom_id"]: r for r in read_jsonl(out)}
+    ok = by_id["msg-0"]
+    assert set(ok) == {"custom_id", "result"} and ok["result"]["type"] == "succeeded"
+    message = ok["result"]["message"]
+    assert message["type"] == "message" and message["role"] == "assistant" and message["stop_reason"] == "end_turn"
+    assert message["content"][0]["type"] == "text" and set(message["usage"]) >= {"input_tokens", "output_tokens"}
+    bad = by_id["msg-bad"]["result"]
+    assert bad["type"] == "errored" and bad["error"]["type"] == "error"
+    assert bad["error"]["error"]["type"] == "overloaded_error" and bad["error"]["error"]["message"]
+
+    openai_in = openai_lines(1) + [
+        {"custom_id": "emb", "method": "POST", "url": "/v1/responses", "body": {"model": "gpt-fake", "input": "hi"}},
+        *openai_lines(1, model="gpt-fake@http-529:times=9", start=7),
+    ]
+    out = tmp_path / "openai.jsonl"
+    run(write_jsonl(tmp_path / "o.jsonl", openai_in), str(out), pool=pool)
+    by_id = {r["custom_id"]: r for r in read_jsonl(out)}
+    ok = by_id["req-0"]
+    assert set(ok) == {"id", "custom_id", "response", "error"} and ok["error"] is None
+    assert ok["id"].startswith("batch_req_") and ok["response"]["status_code"] == 200
+    assert ok["response"]["request_id"].startswith("req_fake_")
+    assert ok["response"]["body"]["object"] == "chat.completion"
+    assert by_id["emb"]["response"]["body"]["object"] == "response"
+    failed = by_id["req-7"]
+    assert failed["response"]["status_code"] == 529 and failed["error"] is None
+
+
+def test_invalid_lines_are_reported_with_line_numbers_and_nothing_is_sent(tmp_path, fake, pool):
+    good = openai_lines(2)
+    text = "\n".join(
+        [
+            json.dumps(good[0]),
+            "{not json",
+            json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}),
+            json.dumps(good[0]),
+            json.dumps({**good[1], "url": "/v1/images"}),
+            json.dumps({"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions"}),
+        ]
+    )
+    source = tmp_path / "bad.jsonl"
+    source.write_text(text + "\n")
+    served = sum(fake.stats()["served"].values())
+    with pytest.raises(BatchInputError) as caught:
+        run(str(source), str(tmp_path / "out.jsonl"), pool=pool)
+    message = str(caught.value)
+    for expected in (":2: malformed JSON", ":3: missing custom_id", ":4: duplicate custom_id 'req-0' (first on line 1)",
+                     ":5: unknown url '/v1/images'", ":6: missing body"):  # fmt: skip
+        assert expected in message, message
+    assert sum(fake.stats()["served"].values()) == served and not (tmp_path / "out.jsonl").exists()
+
+    cli = subprocess.run([ISOPOOL, "batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--pool", pool.url],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 2 and ":5: unknown url" in cli.stderr
+
+    summary = run(str(source), str(tmp_path / "out.jsonl"), pool=pool, skip_invalid=True)
+    results = {r["custom_id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert summary.ok == 1 and summary.invalid == 5
+    assert set(results) == {"req-0", "line-2", "line-3", "req-1", "nobody"}  # the duplicate is reported, not rewritten
+    assert results["req-1"]["error"]["code"] == "invalid" and "line 5" in results["req-1"]["error"]["message"]
+
+
+def test_python_api_iterates_results_as_they_are_written(tmp_path, pool):
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(20))
+    seen = [r["custom_id"] for r in iter_results(source, str(tmp_path / "out.jsonl"), pool=pool, concurrency=4)]
+    assert sorted(seen) == sorted(f"msg-{i}" for i in range(20))
+    again = list(iter_results(source, str(tmp_path / "out.jsonl"), pool=pool))
+    assert again == []  # everything was already done
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, pool):
+    source = write_jsonl(tmp_path / "in.jsonl", openai_lines(30))
+    out = subprocess.run([ISOPOOL, "batch", source, "-o", str(tmp_path / "o.jsonl"), "--pool", pool.url],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "batch: 30/30 done" in out.stdout and "isopool batch summary" in out.stdout

@@ -135,6 +135,7 @@ def stats(url: str | None, as_json: bool) -> None:
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file (appended, resumable)."
 )
 @click.option("--format", "fmt", type=click.Choice(["openai", "anthropic"]), help="Input format (default: detected).")
+@click.option("--job", metavar="MODULE:FUNCTION", help="Call this agent function per line instead (see below).")
 @click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
 @click.option("-c", "--concurrency", default=32, show_default=True, help="Requests in flight at once.")
 @click.option(
@@ -142,23 +143,36 @@ def stats(url: str | None, as_json: bool) -> None:
 )
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def batch(input_path, output, fmt, pool_url, concurrency, skip_invalid, allow_failures, as_json) -> None:
+def batch(input_path, output, fmt, job, pool_url, concurrency, skip_invalid, allow_failures, as_json) -> None:
     """Run a provider batch file through the pool: every custom_id answered exactly once.
 
     IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
     Anthropic Message Batches requests ({"custom_id", "params"}); results are written in
     the matching provider's batch result format. Re-running the same command after a
     crash resumes: ids already in the output are skipped, a torn last line is repaired.
-    Exits 1 if any request failed (unless --allow-failures), 2 if the input is invalid."""
+
+    With --job, FUNCTION(line, ctx) is called once per line (in a thread, or on an event
+    loop if it is a coroutine function); ctx.anthropic and ctx.openai are SDK clients whose
+    every call goes through the pool. Its return value or exception is the line's result.
+
+    Exits 1 if any line failed (unless --allow-failures), 2 if the input is invalid."""
     import msgspec
 
-    from .batch import BatchInputError, run
+    from .batch import BatchInputError, load_job, run, run_job
     from .render import BatchProgress, print_batch
 
     try:
+        function = load_job(job) if job else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--job") from None
+    try:
         with BatchProgress(enabled=not as_json) as progress:
-            summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
-                          skip_invalid=skip_invalid, on_result=progress.result, on_start=progress.start)  # fmt: skip
+            callbacks = dict(on_result=progress.result, on_start=progress.start)
+            if function is not None:
+                summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency, **callbacks)
+            else:
+                summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
+                              skip_invalid=skip_invalid, **callbacks)  # fmt: skip
     except BatchInputError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

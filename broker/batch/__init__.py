@@ -1,6 +1,17 @@
 """Batch jobs: provider batch files through the pool, exactly once per custom_id, resumable."""
 
 from .formats import OPENAI_URLS
+from .jobs import JobContext, load_job, run_job
 from .runner import BatchInputError, Summary, iter_results, load, run
 
-__all__ = ["OPENAI_URLS", "BatchInputError", "Summary", "iter_results", "load", "run"]
+__all__ = [
+    "OPENAI_URLS",
+    "BatchInputError",
+    "JobContext",
+    "Summary",
+    "iter_results",
+    "load",
+    "load_job",
+    "run",
+    "run_job",
+]

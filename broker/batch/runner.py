@@ -170,7 +170,7 @@ def run(
         todo = [item for item in items if item.custom_id not in ledger.done]
         summary.already_done = len(items) - len(todo)
         if todo:
-            delta = _with_pool(pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start)))
+            delta = with_pool(pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start)))
             summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
     finally:
         ledger.close()
@@ -181,7 +181,7 @@ def run(
     return summary
 
 
-def _with_pool(pool: Pool | str | None, use: Callable[[str], Any]) -> Any:
+def with_pool(pool: Pool | str | None, use: Callable[[str], Any]) -> Any:
     """Run `use(url)` against the named pool, `$ISOPOOL_URL`, or an embedded pool for this run."""
     if isinstance(pool, Pool):
         return use(pool.url)

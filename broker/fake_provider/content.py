@@ -58,21 +58,27 @@ def _content_key(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_to_call(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """(name, JSON schema) of the tool to call: the first one offered, unless the conversation
-    already ends with a tool's result (then the model answers in text)."""
+    """(name, JSON schema) of the tool to call: each offered tool once, in order, one per turn
+    (an agent loop of len(tools) + 1 turns); then the model answers in text."""
     tools = body.get("tools") or []
     if not tools or body.get("tool_choice") in ("none", {"type": "none"}):
         return None
     turns = body.get("messages") or (body["input"] if isinstance(body.get("input"), list) else [])
-    last = turns[-1] if turns else {}
-    content = last.get("content") if isinstance(last, dict) else None
-    if last.get("role") == "tool" or last.get("type") == "function_call_output":
+    results = sum(_tool_results(turn) for turn in turns if isinstance(turn, dict))
+    if results >= len(tools):
         return None
-    if isinstance(content, list) and any(isinstance(c, dict) and c.get("type") == "tool_result" for c in content):
-        return None
-    tool = tools[0]
+    tool = tools[results]
     function = tool.get("function", tool)  # Chat Completions nests the function
     return function["name"], tool.get("input_schema") or function.get("parameters") or {}
+
+
+def _tool_results(turn: dict[str, Any]) -> int:
+    """Tool results a conversation turn carries, in any of the three APIs' shapes."""
+    if turn.get("role") == "tool" or turn.get("type") == "function_call_output":
+        return 1
+    content = turn.get("content")
+    return sum(1 for c in content if isinstance(c, dict) and c.get("type") == "tool_result") if isinstance(
+        content, list) else 0  # fmt: skip
 
 
 def _json_schema(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,0 +1,185 @@
+"""Agent functions as batch jobs: `isopool batch IN.jsonl -o OUT.jsonl --job pkg.module:function`.
+
+The function is called once per input line with the line's JSON and a `JobContext`
+whose SDK clients (`ctx.anthropic`, `ctx.openai`: the drop-in shim) and low-level
+`ctx.pool` client all go through the pool, so a stall inside a 20-turn agent run is
+caught and retried at that one call, not by restarting the run. A plain function runs
+in a thread, a coroutine function on an event loop (`ctx` then holds async clients).
+Its return value (JSON-serialisable) or its exception becomes the line's result, with
+the same exactly-once, resumable ledger as request files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import inspect
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..client import AsyncClient, Client
+from ..pool import Pool
+from .formats import Invalid
+from .ledger import Ledger
+from .runner import BatchInputError, Summary, with_pool
+
+_DEC = msgspec.json.Decoder()
+_ENC = msgspec.json.Encoder()
+
+
+@dataclass
+class JobContext:
+    """What a job function gets besides its line: pool-backed clients and the line's id."""
+
+    custom_id: str
+    anthropic: Any
+    openai: Any
+    pool: Client | AsyncClient
+
+
+def load_job(spec: str) -> Callable[..., Any]:
+    """`package.module:function`, importable from the current directory too."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"--job must look like package.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load job {spec!r}: {exc}") from None
+    if not callable(function):
+        raise ValueError(f"job {spec!r} is not callable")
+    return function
+
+
+def _lines(path: str) -> tuple[list[tuple[str, Any]], list[Invalid]]:
+    """(custom_id, JSON) per line (custom_id from the line, else `line-N`), and the invalid lines."""
+    lines: list[tuple[str, Any]] = []
+    problems: list[Invalid] = []
+    seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                data = _DEC.decode(raw)
+            except msgspec.DecodeError as exc:
+                problems.append(Invalid(number, None, f"malformed JSON: {exc}"))
+                continue
+            custom_id = data.get("custom_id") if isinstance(data, dict) else None
+            custom_id = custom_id if isinstance(custom_id, str) and custom_id else f"line-{number}"
+            if custom_id in seen:
+                problems.append(
+                    Invalid(number, None, f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
+                )
+                continue
+            seen[custom_id] = number
+            lines.append((custom_id, data))
+    return lines, problems
+
+
+def _record(custom_id: str, outcome: Any, error: BaseException | None) -> dict[str, Any]:
+    if error is None:
+        try:
+            _ENC.encode(outcome)
+        except (TypeError, msgspec.EncodeError) as exc:
+            error = TypeError(f"the job returned a value that is not JSON-serialisable: {exc}")
+        else:
+            return {"custom_id": custom_id, "result": {"type": "succeeded", "output": outcome}}
+    frames = traceback.extract_tb(error.__traceback__)[-5:]
+    where = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]
+    failure = {"type": type(error).__name__, "message": str(error), "traceback": where}
+    return {"custom_id": custom_id, "result": {"type": "errored", "error": failure}}
+
+
+def run_job(
+    input_path: str,
+    output_path: str,
+    job: str | Callable[..., Any],
+    *,
+    pool: Pool | str | None = None,
+    concurrency: int = 16,
+    on_result: Callable[[dict[str, Any]], None] = lambda record: None,
+    on_start: Callable[[int], None] = lambda todo: None,
+) -> Summary:
+    """Call `job(line, ctx)` once per line not yet in the output; returns the summary."""
+    started = time.monotonic()
+    function = load_job(job) if isinstance(job, str) else job
+    lines, problems = _lines(input_path)
+    if problems:
+        raise BatchInputError(input_path, problems)
+    summary = Summary(total=len(lines), format="job")
+    ledger = Ledger(output_path)
+    errors: dict[str, int] = {}
+
+    def write(record: dict[str, Any]) -> None:
+        ledger.write(record)
+        if record["result"]["type"] == "succeeded":
+            summary.ok += 1
+        else:
+            summary.failed += 1
+            kind = record["result"]["error"]["type"]
+            errors[kind] = errors.get(kind, 0) + 1
+        on_result(record)
+
+    try:
+        summary.repaired_bytes = ledger.repaired
+        todo = [(cid, data) for cid, data in lines if cid not in ledger.done]
+        summary.already_done = len(lines) - len(todo)
+        if todo:
+            runner = _run_async if inspect.iscoroutinefunction(function) else _run_threads
+            with_pool(pool, lambda url: runner(url, function, todo, concurrency, write, on_start))
+    finally:
+        ledger.close()
+    summary.errors = errors
+    summary.wall_s = round(time.monotonic() - started, 3)
+    summary.per_s = round((summary.ok + summary.failed) / summary.wall_s, 1) if summary.wall_s else 0.0
+    return summary
+
+
+def _run_threads(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):
+    from ..shim import Anthropic, OpenAI
+
+    with Client(url) as client:
+        claude, gpt = Anthropic(pool=url), OpenAI(pool=url)
+        on_start(len(todo))
+
+        def call(custom_id: str, data: Any) -> dict[str, Any]:
+            try:
+                return _record(custom_id, function(data, JobContext(custom_id, claude, gpt, client)), None)
+            except Exception as exc:
+                return _record(custom_id, None, exc)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as executor:
+            for future in concurrent.futures.as_completed([executor.submit(call, *item) for item in todo]):
+                write(future.result())  # from this one thread: the ledger is not shared between threads
+
+
+def _run_async(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):
+    from ..shim import AsyncAnthropic, AsyncOpenAI
+
+    async def main() -> None:
+        async with AsyncClient(url) as client, AsyncAnthropic(pool=url) as claude, AsyncOpenAI(pool=url) as gpt:
+            on_start(len(todo))
+            pending = iter(todo)
+
+            async def lane() -> None:
+                for custom_id, data in pending:
+                    try:
+                        outcome = await function(data, JobContext(custom_id, claude, gpt, client))
+                        write(_record(custom_id, outcome, None))
+                    except Exception as exc:
+                        write(_record(custom_id, None, exc))
+
+            await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+
+    asyncio.run(main())

@@ -135,21 +135,24 @@ def stats(url: str | None, as_json: bool) -> None:
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file (appended, resumable)."
 )
 @click.option("--format", "fmt", type=click.Choice(["openai", "anthropic"]), help="Input format (default: detected).")
-@click.option("--job", metavar="MODULE:FUNCTION", help="Call this agent function per line instead (see below).")
+@click.option("--job", metavar="MODULE:FUNCTION", help="Call this agent function per line instead (see above).")
 @click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
 @click.option("-c", "--concurrency", default=32, show_default=True, help="Requests in flight at once.")
+@click.option("--retry-budget", default=5, show_default=True, help="Times a throttled (429/529) request is re-sent.")
 @click.option(
     "--skip-invalid", is_flag=True, help="Write invalid lines as errored results instead of refusing to start."
 )
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def batch(input_path, output, fmt, job, pool_url, concurrency, skip_invalid, allow_failures, as_json) -> None:
+def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, skip_invalid, allow_failures, as_json):
     """Run a provider batch file through the pool: every custom_id answered exactly once.
 
     IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
     Anthropic Message Batches requests ({"custom_id", "params"}); results are written in
     the matching provider's batch result format. Re-running the same command after a
     crash resumes: ids already in the output are skipped, a torn last line is repaired.
+    A 429/529 that outlasts the SDK's own retries halves the concurrency (which grows
+    back as answers come), pauses for its retry-after, and is re-sent up to --retry-budget.
 
     With --job, FUNCTION(line, ctx) is called once per line (in a thread, or on an event
     loop if it is a coroutine function); ctx.anthropic and ctx.openai are SDK clients whose
@@ -172,7 +175,7 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, skip_invalid, all
                 summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency, **callbacks)
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
-                              skip_invalid=skip_invalid, **callbacks)  # fmt: skip
+                              retry_budget=retry_budget, skip_invalid=skip_invalid, **callbacks)  # fmt: skip
     except BatchInputError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

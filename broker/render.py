@@ -162,6 +162,9 @@ def print_batch(s: dict[str, Any], output: str) -> None:
     table.add_row("failures by kind", _counts(s["errors"]))
     table.add_row("invalid lines", str(s["invalid"]))
     table.add_row("stalls recovered / pool retries", f"{s['stalls_recovered']} / {s['retries']}")
+    if s["throttled"]:
+        table.add_row("throttled (429/529) / re-sent", f"{s['throttled']} / {s['batch_retries']}")
+        table.add_row("lowest concurrency", str(s["lowest_concurrency"]))
     table.add_row("wall time, rate", f"{s['wall_s']} s, {s['per_s']}/s")
     if s["repaired_bytes"]:
         table.add_row("torn last line repaired", f"{s['repaired_bytes']} bytes cut")

@@ -71,14 +71,14 @@ def bodies(records: list[dict]) -> dict[str, object]:
 def test_2000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_path, fake, pool):
     rates = {"stall-ping:after=2,interval=0.05": 0.03, "stall-first:interval=0.05": 0.02,
              "reset:after=2": 0.01, "http-500": 0.02}  # fmt: skip
-    lines = openai_lines(1990) + openai_lines(10, model="gpt-fake@http-529:times=9", start=1990)
+    lines = openai_lines(1990) + openai_lines(10, model="gpt-fake@http-529:times=99", start=1990)
     source = write_jsonl(tmp_path / "in.jsonl", lines)
-    clean = run(source, str(tmp_path / "clean.jsonl"), pool=pool, concurrency=32)
+    clean = run(source, str(tmp_path / "clean.jsonl"), pool=pool, concurrency=32, retry_budget=1)
     assert clean.ok == 1990 and clean.failed == 10
     with FakeProviderProcess(rates=rates, seed=3) as faulty:
         settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=6)
         with Pool(profiles=profiles(faulty.url, min_workers=4, max_workers=32), **settings) as faulty_pool:
-            summary = run(source, str(tmp_path / "out.jsonl"), pool=faulty_pool, concurrency=32)
+            summary = run(source, str(tmp_path / "out.jsonl"), pool=faulty_pool, concurrency=32, retry_budget=1)
         injected = faulty.stats()["faults"]
     results = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)  # exactly once
@@ -125,7 +125,7 @@ def test_result_lines_follow_the_providers_documented_schemas(tmp_path, pool):
     anthropic_in.append({"custom_id": "msg-bad", "params": {"model": "claude-fake@http-529:times=9",
                          "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}})  # fmt: skip
     out = tmp_path / "anthropic.jsonl"
-    run(write_jsonl(tmp_path / "a.jsonl", anthropic_in), str(out), pool=pool)
+    run(write_jsonl(tmp_path / "a.jsonl", anthropic_in), str(out), pool=pool, retry_budget=0)
     by_id = {r["custom_id"]: r for r in read_jsonl(out)}
     ok = by_id["msg-0"]
     assert set(ok) == {"custom_id", "result"} and ok["result"]["type"] == "succeeded"
@@ -141,7 +141,7 @@ def test_result_lines_follow_the_providers_documented_schemas(tmp_path, pool):
         *openai_lines(1, model="gpt-fake@http-529:times=9", start=7),
     ]
     out = tmp_path / "openai.jsonl"
-    run(write_jsonl(tmp_path / "o.jsonl", openai_in), str(out), pool=pool)
+    run(write_jsonl(tmp_path / "o.jsonl", openai_in), str(out), pool=pool, retry_budget=0)
     by_id = {r["custom_id"]: r for r in read_jsonl(out)}
     ok = by_id["req-0"]
     assert set(ok) == {"id", "custom_id", "response", "error"} and ok["error"] is None
@@ -201,3 +201,22 @@ def test_progress_lines_when_not_a_terminal(tmp_path, pool):
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "batch: 30/30 done" in out.stdout and "isopool batch summary" in out.stdout
+
+
+def test_429_storm_lowers_concurrency_and_every_request_stays_within_its_budget(tmp_path):
+    """Half of all HTTP attempts are throttled; the SDK in the worker does not retry here,
+    so every 429 reaches the runner, which halves its concurrency and re-sends."""
+    budget = 4
+    with FakeProviderProcess(rates={"http-429:retry_after=0": 0.5}, seed=11) as storm:
+        pool_profiles = profiles(storm.url, min_workers=2, max_workers=16, sdk_max_retries=0)
+        with Pool(profiles=pool_profiles, **TEST_SETTINGS) as pool:
+            source = write_jsonl(tmp_path / "in.jsonl", openai_lines(120))
+            summary = run(source, str(tmp_path / "out.jsonl"), pool=pool, concurrency=16, retry_budget=budget)
+        served = sum(storm.stats()["served"].values())
+    results = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(120))
+    assert summary.throttled > 30 and summary.lowest_concurrency < 16
+    assert served <= 120 * (budget + 1) and summary.batch_retries == summary.throttled - summary.failed
+    failures = [r for r in results if r["response"]["status_code"] != 200]
+    assert all(r["response"]["status_code"] == 429 for r in failures)
+    assert summary.ok + summary.failed == 120 and summary.ok >= 110

@@ -12,6 +12,7 @@ line gets exactly one result line, written as soon as its answer is in.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from ..client import AsyncClient
 from ..errors import IsopoolError, ProviderStatusError
 from ..pool import Pool
 from .formats import Format, Invalid, Item, failed, parse_line, provider_failed, succeeded
+from .lane import Lane
 from .ledger import Ledger
 
 _DEC = msgspec.json.Decoder()
@@ -51,7 +53,10 @@ class Summary(msgspec.Struct):
     failed: int = 0
     errors: dict[str, int] = {}
     stalls_recovered: int = 0
-    retries: int = 0
+    retries: int = 0  # the pool's transparent retries
+    throttled: int = 0  # 429/529 answers after the SDK's own retries
+    batch_retries: int = 0  # throttled requests sent again by the runner
+    lowest_concurrency: int = 0
     wall_s: float = 0.0
     per_s: float = 0.0
     format: str = ""
@@ -77,41 +82,81 @@ def load(path: str, fmt: Format | None = None) -> tuple[list[Item], list[Invalid
     return items, invalid, fmt
 
 
-async def _one(client: AsyncClient, item: Item) -> dict[str, Any]:
-    """Run one item; always returns its result line (never raises for the item's own failure)."""
+THROTTLED = (429, 529)
+
+
+async def _one(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float | None]:
+    """Run one item: its result line, and the retry-after if the provider throttled it."""
     try:
         call = await client.submit(item.kind, item.method, **item.params)
         result = await call.result()
-        return succeeded(item, result.status, result.headers, _DEC.decode(result.body))
+        return succeeded(item, result.status, result.headers, _DEC.decode(result.body)), None
     except ProviderStatusError as exc:
         info = exc.info
         body = _DEC.decode(info.body) if info.body else {"message": info.message}
-        return provider_failed(item, info.status or 0, info.headers, body)
+        record = provider_failed(item, info.status or 0, info.headers, body)
+        return record, _retry_after(info.headers) if info.status in THROTTLED else None
     except IsopoolError as exc:
-        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind)
+        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind), None
+
+
+def _retry_after(headers: list[tuple[str, str]]) -> float:
+    for key, value in headers:
+        if key.lower() == "retry-after":
+            try:
+                return min(60.0, max(0.0, float(value)))
+            except ValueError:
+                return 1.0
+    return 1.0
 
 
 async def _run(
     url: str, items: list[Item], ledger: Ledger, concurrency: int, on_result: Callable[[dict[str, Any]], None],
-    on_start: Callable[[int], None],
+    on_start: Callable[[int], None], retry_budget: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Feed items to the pool, at most `concurrency` in flight; returns the broker's stats delta."""
-    pending = iter(items)
+    """Feed items to the pool under the lane's adaptive limit; a throttled item goes back in
+    the queue until its retry budget is spent. Returns counters for the summary."""
+    lane = Lane(concurrency)
+    queue = collections.deque((item, 0) for item in items)
+    remaining = len(items)
+    wake = asyncio.Event()
+    counters = {"batch_retries": 0, "throttled": 0}
+    tasks: set[asyncio.Task] = set()
     async with AsyncClient(url) as client:
         before = await client.stats()
         on_start(len(items))
 
-        async def lane() -> None:
-            for item in pending:  # shared iterator: each item is taken by exactly one lane
-                record = await _one(client, item)
-                ledger.write(record)
-                on_result(record)
+        async def process(item: Item, attempt: int) -> None:
+            nonlocal remaining
+            record, retry_after = await _one(client, item)
+            await lane.release(retry_after is not None, retry_after or 0.0)
+            if retry_after is not None:
+                counters["throttled"] += 1
+                if attempt < retry_budget:
+                    counters["batch_retries"] += 1
+                    queue.append((item, attempt + 1))
+                    wake.set()
+                    return
+            ledger.write(record)
+            on_result(record)
+            remaining -= 1
+            wake.set()
 
-        await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+        while remaining:
+            if not queue:
+                await wake.wait()
+                wake.clear()
+                continue
+            await lane.acquire()
+            task = asyncio.create_task(process(*queue.popleft()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         after = await client.stats()
     return {
         "stalls": sum(after["stalls"].values()) - sum(before["stalls"].values()),
         "retries": after["retries"] - before["retries"],
+        "lowest_concurrency": lane.lowest,
+        **counters,
     }
 
 
@@ -138,6 +183,7 @@ def run(
     pool: Pool | str | None = None,
     fmt: Format | None = None,
     concurrency: int = 32,
+    retry_budget: int = 5,
     skip_invalid: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
@@ -170,8 +216,12 @@ def run(
         todo = [item for item in items if item.custom_id not in ledger.done]
         summary.already_done = len(items) - len(todo)
         if todo:
-            delta = with_pool(pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start)))
+            delta = with_pool(
+                pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start, retry_budget))
+            )
             summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
+            summary.throttled, summary.batch_retries = delta["throttled"], delta["batch_retries"]
+            summary.lowest_concurrency = delta["lowest_concurrency"]
     finally:
         ledger.close()
     summary.errors = dict(errors)

@@ -139,12 +139,15 @@ def stats(url: str | None, as_json: bool) -> None:
 @click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
 @click.option("-c", "--concurrency", default=32, show_default=True, help="Requests in flight at once.")
 @click.option("--retry-budget", default=5, show_default=True, help="Times a throttled (429/529) request is re-sent.")
+@click.option("--rpm", default=0, help="At most this many requests per minute (0: no ceiling).")
+@click.option("--tpm", default=0, help="At most this many estimated tokens (input + max output) per minute.")
 @click.option(
     "--skip-invalid", is_flag=True, help="Write invalid lines as errored results instead of refusing to start."
 )
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, skip_invalid, allow_failures, as_json):
+def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm, tpm, skip_invalid, allow_failures,
+          as_json):  # fmt: skip
     """Run a provider batch file through the pool: every custom_id answered exactly once.
 
     IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
@@ -175,7 +178,8 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, ski
                 summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency, **callbacks)
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
-                              retry_budget=retry_budget, skip_invalid=skip_invalid, **callbacks)  # fmt: skip
+                              retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,
+                              **callbacks)  # fmt: skip
     except BatchInputError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

@@ -220,3 +220,26 @@ def test_429_storm_lowers_concurrency_and_every_request_stays_within_its_budget(
     failures = [r for r in results if r["response"]["status_code"] != 200]
     assert all(r["response"]["status_code"] == 429 for r in failures)
     assert summary.ok + summary.failed == 120 and summary.ok >= 110
+
+
+def test_lane_holds_requests_to_the_rpm_and_tpm_ceilings(monkeypatch):
+    """The sliding-window ceilings, on a clock the test moves (a unit test of the lane)."""
+    import asyncio
+
+    from broker.batch import lane as lane_module
+
+    now = [1000.0]
+    monkeypatch.setattr(lane_module.time, "monotonic", lambda: now[0])
+
+    async def scenario():
+        lane = lane_module.Lane(ceiling=50, rpm=3, tpm=1000)
+        for _ in range(3):
+            await lane.acquire(tokens=100)
+        assert lane._ceiling_wait(now[0], 100) == pytest.approx(60.0)  # a 4th request waits for the window
+        now[0] += 61
+        assert lane._ceiling_wait(now[0], 100) == 0
+        await lane.acquire(tokens=900)  # 900 tokens now in the window
+        assert lane._ceiling_wait(now[0], 200) == pytest.approx(60.0)  # 1,100 > tpm until it leaves
+        assert lane._ceiling_wait(now[0], 100) == 0
+
+    asyncio.run(scenario())

@@ -29,6 +29,7 @@ from .lane import Lane
 from .ledger import Ledger
 
 _DEC = msgspec.json.Decoder()
+_ENC = msgspec.json.Encoder()
 
 
 class BatchInputError(ValueError):
@@ -100,6 +101,13 @@ async def _one(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float |
         return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind), None
 
 
+def estimate_tokens(item: Item) -> int:
+    """Input (about 4 bytes a token) plus the output the request allows: what a tpm limit counts."""
+    params = item.params
+    output = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens") or 0
+    return len(_ENC.encode(params)) // 4 + int(output)
+
+
 def _retry_after(headers: list[tuple[str, str]]) -> float:
     for key, value in headers:
         if key.lower() == "retry-after":
@@ -112,11 +120,11 @@ def _retry_after(headers: list[tuple[str, str]]) -> float:
 
 async def _run(
     url: str, items: list[Item], ledger: Ledger, concurrency: int, on_result: Callable[[dict[str, Any]], None],
-    on_start: Callable[[int], None], retry_budget: int,
+    on_start: Callable[[int], None], retry_budget: int, rpm: int, tpm: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Feed items to the pool under the lane's adaptive limit; a throttled item goes back in
     the queue until its retry budget is spent. Returns counters for the summary."""
-    lane = Lane(concurrency)
+    lane = Lane(concurrency, rpm, tpm)
     queue = collections.deque((item, 0) for item in items)
     remaining = len(items)
     wake = asyncio.Event()
@@ -147,8 +155,10 @@ async def _run(
                 await wake.wait()
                 wake.clear()
                 continue
-            await lane.acquire()
-            task = asyncio.create_task(process(*queue.popleft()))
+            item, attempt = queue[0]
+            await lane.acquire(estimate_tokens(item) if tpm else 0)
+            queue.popleft()
+            task = asyncio.create_task(process(item, attempt))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         after = await client.stats()
@@ -184,6 +194,8 @@ def run(
     fmt: Format | None = None,
     concurrency: int = 32,
     retry_budget: int = 5,
+    rpm: int = 0,
+    tpm: int = 0,
     skip_invalid: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
@@ -217,7 +229,8 @@ def run(
         summary.already_done = len(items) - len(todo)
         if todo:
             delta = with_pool(
-                pool, lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start, retry_budget))
+                pool,
+                lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start, retry_budget, rpm, tpm)),
             )
             summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
             summary.throttled, summary.batch_retries = delta["throttled"], delta["batch_retries"]

@@ -179,7 +179,7 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,
-                              **callbacks)  # fmt: skip
+                              on_status=progress.status, **callbacks)  # fmt: skip
     except BatchInputError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

@@ -118,6 +118,7 @@ class BatchProgress:
         self._task: Any = None
         self._last_line = 0.0
         self._started = 0.0
+        self._status = ""
 
     def __enter__(self) -> BatchProgress:
         if self.enabled and console.is_terminal:
@@ -137,6 +138,11 @@ class BatchProgress:
         if self._progress is not None:
             self._progress.update(self._task, total=todo)
 
+    def status(self, status: dict[str, int]) -> None:
+        self._status = (
+            f"  concurrency {status['concurrency']}  stalls recovered {status['stalls']}  re-sent {status['resent']}"
+        )
+
     def result(self, record: dict[str, Any]) -> None:
         from .batch.runner import is_ok
 
@@ -145,7 +151,7 @@ class BatchProgress:
         elapsed = max(1e-9, time.monotonic() - self._started)
         rate = done / elapsed
         eta = (self.todo - done) / rate if rate else 0
-        note = f"ok {self.tally['ok']}  failed {self.tally['failed']}  {rate:.1f}/s  ETA {eta:.0f}s"
+        note = f"ok {self.tally['ok']}  failed {self.tally['failed']}  {rate:.1f}/s  ETA {eta:.0f}s{self._status}"
         if self._progress is not None:
             self._progress.update(self._task, completed=done, note=note)
         elif self.enabled and (time.monotonic() - self._last_line >= self.every or done == self.todo):

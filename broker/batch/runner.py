@@ -121,6 +121,7 @@ def _retry_after(headers: list[tuple[str, str]]) -> float:
 async def _run(
     url: str, items: list[Item], ledger: Ledger, concurrency: int, on_result: Callable[[dict[str, Any]], None],
     on_start: Callable[[int], None], retry_budget: int, rpm: int, tpm: int,
+    on_status: Callable[[dict[str, int]], None],
 ) -> dict[str, Any]:  # fmt: skip
     """Feed items to the pool under the lane's adaptive limit; a throttled item goes back in
     the queue until its retry budget is spent. Returns counters for the summary."""
@@ -132,7 +133,17 @@ async def _run(
     tasks: set[asyncio.Task] = set()
     async with AsyncClient(url) as client:
         before = await client.stats()
+        stalls_before = sum(before["stalls"].values())
         on_start(len(items))
+
+        async def report() -> None:
+            """What the live display shows besides the counts: concurrency, re-sends, stalls."""
+            while True:
+                await asyncio.sleep(1.0)
+                stalls = sum((await client.stats())["stalls"].values()) - stalls_before
+                on_status({"concurrency": int(lane.limit), "resent": counters["batch_retries"], "stalls": stalls})
+
+        reporter = asyncio.create_task(report())
 
         async def process(item: Item, attempt: int) -> None:
             nonlocal remaining
@@ -161,6 +172,7 @@ async def _run(
             task = asyncio.create_task(process(item, attempt))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        reporter.cancel()
         after = await client.stats()
     return {
         "stalls": sum(after["stalls"].values()) - sum(before["stalls"].values()),
@@ -199,6 +211,7 @@ def run(
     skip_invalid: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
+    on_status: Callable[[dict[str, int]], None] = lambda status: None,
 ) -> Summary:
     """Run the batch and return its summary; raises BatchInputError before sending anything."""
     started = time.monotonic()
@@ -230,7 +243,9 @@ def run(
         if todo:
             delta = with_pool(
                 pool,
-                lambda url: asyncio.run(_run(url, todo, ledger, concurrency, count, on_start, retry_budget, rpm, tpm)),
+                lambda url: asyncio.run(
+                    _run(url, todo, ledger, concurrency, count, on_start, retry_budget, rpm, tpm, on_status)
+                ),
             )
             summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
             summary.throttled, summary.batch_retries = delta["throttled"], delta["batch_retries"]

@@ -156,7 +156,7 @@ class BatchProgress:
             self._progress.update(self._task, completed=done, note=note)
         elif self.enabled and (time.monotonic() - self._last_line >= self.every or done == self.todo):
             self._last_line = time.monotonic()
-            console.print(f"batch: {done}/{self.todo} done, {note}", highlight=False)
+            console.print(f"batch: {done}/{self.todo} done, {note}", highlight=False, soft_wrap=True)
 
 
 def print_batch(s: dict[str, Any], output: str) -> None:

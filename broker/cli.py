@@ -137,7 +137,9 @@ def stats(url: str | None, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["openai", "anthropic"]), help="Input format (default: detected).")
 @click.option("--job", metavar="MODULE:FUNCTION", help="Call this agent function per line instead (see above).")
 @click.option("--pool", "pool_url", help="Broker URL (default: $ISOPOOL_URL, else an embedded pool for this run).")
-@click.option("-c", "--concurrency", default=32, show_default=True, help="Requests in flight at once.")
+@click.option(
+    "-c", "--concurrency", type=int, help="Requests in flight at once (default: what the pool's workers carry)."
+)
 @click.option("--retry-budget", default=5, show_default=True, help="Times a throttled (429/529) request is re-sent.")
 @click.option("--rpm", default=0, help="At most this many requests per minute (0: no ceiling).")
 @click.option("--tpm", default=0, help="At most this many estimated tokens (input + max output) per minute.")
@@ -175,7 +177,9 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
         with BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
             if function is not None:
-                summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency, **callbacks)
+                summary = run_job(
+                    input_path, output, function, pool=pool_url, concurrency=concurrency or 16, **callbacks
+                )
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,

@@ -556,6 +556,7 @@ class Broker:
             "heartbeat_interval": self.settings.heartbeat_interval,
             "death_fd": self.death_r,
             "allow_overrides": self.settings.allow_overrides,
+            "capacity": {name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
         }
 
     def dispatch(self, now: float) -> None:
@@ -683,6 +684,7 @@ class Broker:
             "in_flight": len(self.requests),
             "draining": self.draining_since is not None,
             "allow_overrides": self.settings.allow_overrides,
+            "capacity": {name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
             "workers": workers,
             **self.stats.snapshot(),
         }

@@ -119,13 +119,12 @@ def _retry_after(headers: list[tuple[str, str]]) -> float:
 
 
 async def _run(
-    url: str, items: list[Item], ledger: Ledger, concurrency: int, on_result: Callable[[dict[str, Any]], None],
+    url: str, items: list[Item], ledger: Ledger, concurrency: int | None, on_result: Callable[[dict[str, Any]], None],
     on_start: Callable[[int], None], retry_budget: int, rpm: int, tpm: int,
     on_status: Callable[[dict[str, int]], None],
 ) -> dict[str, Any]:  # fmt: skip
     """Feed items to the pool under the lane's adaptive limit; a throttled item goes back in
     the queue until its retry budget is spent. Returns counters for the summary."""
-    lane = Lane(concurrency, rpm, tpm)
     queue = collections.deque((item, 0) for item in items)
     remaining = len(items)
     wake = asyncio.Event()
@@ -134,6 +133,8 @@ async def _run(
     async with AsyncClient(url) as client:
         before = await client.stats()
         stalls_before = sum(before["stalls"].values())
+        # default: as many in flight as the provider's workers can carry (max_workers x concurrency)
+        lane = Lane(concurrency or before.get("capacity", {}).get(items[0].kind, 32), rpm, tpm)
         on_start(len(items))
 
         async def report() -> None:
@@ -204,7 +205,7 @@ def run(
     *,
     pool: Pool | str | None = None,
     fmt: Format | None = None,
-    concurrency: int = 32,
+    concurrency: int | None = None,
     retry_budget: int = 5,
     rpm: int = 0,
     tpm: int = 0,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -28,6 +27,8 @@ from broker import Pool  # noqa: E402
 from broker.batch import run  # noqa: E402
 from broker.fake_provider import FakeProviderProcess  # noqa: E402
 from broker.fake_provider.server import Latency  # noqa: E402
+
+from .common import emit, machine  # noqa: E402
 
 STALL = {"stall-ping:after=3,interval=1,hold=3600": 0.05}
 LATENCY = Latency(ttft=0.05, gap=0.01, tokens=24)
@@ -109,15 +110,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "inputs": {"requests": args.requests, "concurrency": args.concurrency, "stall_rate": 0.05},
         "isopool_batch": through_isopool(args.requests, args.concurrency, args.stale_timeout),
         "plain_sdk": plain_sdk(args.requests, args.concurrency, args.cap),
     }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ in the same run (this machine is shared and noisy):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,19 +28,12 @@ import psutil
 from broker import Pool, StreamStalled
 from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
 
+from .common import alternate, emit, machine, median_ms, p99_ms
+
 os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
 os.environ.setdefault("OPENAI_API_KEY", "bench-key")
 
 MSG = {"model": "claude-bench", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def _median_ms(values: list[float]) -> float:
-    return round(statistics.median(values) * 1000, 3)
-
-
-def _p99_ms(values: list[float]) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)
 
 
 def _uss(pid: int) -> int:
@@ -119,21 +111,10 @@ def detection(client, repeat: int, timeout: float) -> list[float]:
 
 
 def overhead(client, direct: anthropic.Anthropic, repeat: int, method: str) -> tuple[list[float], list[float]]:
-    """Alternate pool and direct calls (ABAB) so that drift in machine load hits both alike."""
+    """The pool against the same SDK call made directly, timed in turn."""
     kwargs = MSG if method == "messages.create" else {"model": MSG["model"], "messages": MSG["messages"]}
     direct_call = direct.messages.create if method == "messages.create" else direct.messages.count_tokens
-    pooled, plain = [], []
-    for _ in range(20):  # warm-up
-        client.request("anthropic", method, **kwargs)
-        direct_call(**kwargs)
-    for _ in range(repeat):
-        start = time.perf_counter()
-        client.request("anthropic", method, **kwargs)
-        mid = time.perf_counter()
-        direct_call(**kwargs)
-        pooled.append(mid - start)
-        plain.append(time.perf_counter() - mid)
-    return pooled, plain
+    return alternate(lambda: client.request("anthropic", method, **kwargs), lambda: direct_call(**kwargs), repeat)
 
 
 def main() -> None:
@@ -141,7 +122,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30, help="runs per figure (overhead uses 20x this)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: dict[str, object] = {"machine": machine()}
     with FakeProviderProcess() as fake:
         profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 4, "spare_workers": 2}}
         with Pool(profiles=profiles, heartbeat_interval=0.2) as pool, pool.client() as client:
@@ -155,31 +136,28 @@ def main() -> None:
             }
             r = respawn(client, args.repeat)
             f = fresh_interpreter(max(3, args.repeat // 10))
-            results["respawn_ms"] = {"zygote_median": _median_ms(r), "fresh_interpreter_median": _median_ms(f)}
+            results["respawn_ms"] = {"zygote_median": median_ms(r), "fresh_interpreter_median": median_ms(f)}
             rec, clean = stale_recovery(client, args.repeat, 0.2)
             results["stale_recovery_ms"] = {
-                "median": _median_ms(rec),
-                "p99": _p99_ms(rec),
-                "clean_first_event_median": _median_ms(clean),
-                "added_median": round(_median_ms(rec) - _median_ms(clean), 3),
+                "median": median_ms(rec),
+                "p99": p99_ms(rec),
+                "clean_first_event_median": median_ms(clean),
+                "added_median": round(median_ms(rec) - median_ms(clean), 3),
             }
             det = detection(client, args.repeat, 0.2)
-            results["detection_lateness_ms"] = {"median": _median_ms(det), "p99": _p99_ms(det)}
+            results["detection_lateness_ms"] = {"median": median_ms(det), "p99": p99_ms(det)}
             direct = anthropic.Anthropic(base_url=fake.url, max_retries=0)
             for method in ("messages.count_tokens", "messages.create"):
                 pooled, plain = overhead(client, direct, args.repeat * 20, method)
                 results[f"overhead_{method}_ms"] = {
-                    "pool_median": _median_ms(pooled),
-                    "direct_median": _median_ms(plain),
-                    "added_median": round(_median_ms(pooled) - _median_ms(plain), 3),
-                    "pool_p99": _p99_ms(pooled),
-                    "direct_p99": _p99_ms(plain),
+                    "pool_median": median_ms(pooled),
+                    "direct_median": median_ms(plain),
+                    "added_median": round(median_ms(pooled) - median_ms(plain), 3),
+                    "pool_p99": p99_ms(pooled),
+                    "direct_p99": p99_ms(plain),
                 }
             direct.close()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

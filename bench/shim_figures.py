@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
@@ -26,24 +24,9 @@ from broker import Pool  # noqa: E402
 from broker.fake_provider import FakeProviderProcess  # noqa: E402
 from broker.shim import Anthropic, OpenAI  # noqa: E402
 
-from .pool_figures import _median_ms, _p99_ms  # noqa: E402
+from .common import alternate, emit, machine, median_ms, p99_ms  # noqa: E402
 
 ASK = [{"role": "user", "content": "hi"}]
-
-
-def alternate(first, second, repeat: int) -> tuple[list[float], list[float]]:
-    """ABAB timing so that drift in machine load hits both alike."""
-    a, b = [], []
-    for _ in range(20):
-        first(), second()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        a.append(t1 - t0)
-        b.append(time.perf_counter() - t1)
-    return a, b
 
 
 def events_per_second(make_stream, tokens: int) -> float:
@@ -58,7 +41,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=5000, help="events of the long stream")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    results: dict[str, object] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: dict[str, object] = {"machine": machine()}
     with FakeProviderProcess() as fake:
         profiles = {
             "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 2},
@@ -78,9 +61,9 @@ def main() -> None:
             ):
                 pooled, plain = alternate(lambda c=shim, f=call: f(c), lambda c=direct, f=call: f(c), args.repeat)
                 results[f"overhead {name} ms"] = {
-                    "shim_median": _median_ms(pooled), "direct_median": _median_ms(plain),
-                    "added_median": round(_median_ms(pooled) - _median_ms(plain), 3),
-                    "shim_p99": _p99_ms(pooled), "direct_p99": _p99_ms(plain),
+                    "shim_median": median_ms(pooled), "direct_median": median_ms(plain),
+                    "added_median": round(median_ms(pooled) - median_ms(plain), 3),
+                    "shim_p99": p99_ms(pooled), "direct_p99": p99_ms(plain),
                 }  # fmt: skip
             latency = {"extra_headers": {"x-isopool-latency": f"tokens={args.tokens}"}}
             long = dict(model="claude-bench", max_tokens=args.tokens, messages=ASK, stream=True, **latency)
@@ -94,10 +77,7 @@ def main() -> None:
             }
             for client in (direct_a, shim_a, direct_o, shim_o, gate_a):
                 client.close()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

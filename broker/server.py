@@ -556,7 +556,7 @@ class Broker:
             "heartbeat_interval": self.settings.heartbeat_interval,
             "death_fd": self.death_r,
             "allow_overrides": self.settings.allow_overrides,
-            "capacity": {name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
+            "log_level": self.settings.log_level,
         }
 
     def dispatch(self, now: float) -> None:

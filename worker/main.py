@@ -58,6 +58,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     heartbeat_interval: float
     death_fd: int
     allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
+    log_level: str = "WARNING"
 
 
 _ssl_context: ssl.SSLContext | None = None
@@ -217,4 +218,7 @@ class Worker:
 
 
 def run_worker(spec: WorkerSpec) -> None:
+    logging.basicConfig(
+        level=spec.log_level.upper(), format=f"%(asctime)s worker {spec.ident} %(name)s %(levelname)s %(message)s"
+    )
     asyncio.run(Worker(spec).run())

@@ -69,3 +69,26 @@ def test_limits_resolve_request_then_model_then_profile_then_global():
     assert s.limits("openai", "o3-mini", Limits()) == (900.0, 120.0, 1800.0)
     assert s.limits("openai", "o3-pro-high", Limits()) == (900.0, 600.0, 1800.0)  # most specific glob
     assert s.limits("openai", "o3-pro", Limits(stale_timeout=5)) == (900.0, 5.0, 1800.0)
+
+
+def test_socket_directory_is_private_and_one_others_can_write_is_refused(tmp_path):
+    import os
+    import stat
+
+    import zmq
+
+    from broker.endpoints import ensure_private_dir, ipc_url, restrict
+
+    private = ensure_private_dir(str(tmp_path / "run"))
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+    url = ipc_url(private, "frontend")
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.bind(url)
+        restrict(url)
+        assert stat.S_IMODE(os.stat(url[6:]).st_mode) == 0o600
+        sock.setsockopt(zmq.LINGER, 0)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        ensure_private_dir(str(shared))

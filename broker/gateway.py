@@ -30,11 +30,10 @@ from aiohttp import web
 from .client import AsyncClient
 from .config import is_loopback
 from .errors import AttemptsExhausted, DeadlineExceeded, IsopoolError, PoolSaturated, ShuttingDown, StreamStalled
-from .protocol import HttpCall
+from .protocol import LOCAL_HEADERS, HttpCall
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
-_LOCAL = {"authorization", "x-api-key", "api-key", "proxy-authorization", "host", "content-length", "connection"}
 _ENC = msgspec.json.Encoder()
 
 
@@ -68,7 +67,7 @@ class Gateway:
         profile, kind, path = self.route(request)
         if not self._authorized(request):
             return _error(kind, 401, "authentication_error", "this gateway needs its own token (gateway_token)")
-        headers = [(str(k), v) for k, v in request.headers.items() if k.lower() not in _LOCAL | {PROFILE_HEADER}]
+        headers = [(str(k), v) for k, v in request.headers.items() if k.lower() not in LOCAL_HEADERS | {PROFILE_HEADER}]
         try:
             call = await self.client.submit_http(profile, HttpCall(request.method, path, headers, await request.read()))
             events = aiter(call)
@@ -77,9 +76,9 @@ class Gateway:
             return _pool_error(kind, exc)
         if first is None:
             result = await call.result()
-            return web.Response(status=result.status, headers=_relayed(result.headers), body=result.body)
+            return web.Response(status=result.status, headers=result.headers, body=result.body)
         head = call.head
-        response = web.StreamResponse(status=head.status, headers=_relayed(head.headers))  # type: ignore[union-attr]
+        response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
         await response.prepare(request)
         try:
             await response.write(first.sse())
@@ -92,10 +91,6 @@ class Gateway:
             raise
         await response.write_eof()
         return response
-
-
-def _relayed(headers: list[tuple[str, str]]) -> dict[str, str]:
-    return {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection")}
 
 
 def _status(exc: IsopoolError) -> tuple[int, str]:

@@ -184,6 +184,12 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     error_type: str = ""
 
 
+# Request headers that never leave the caller's process: credentials (a worker adds its
+# own key) and what only the caller's own HTTP connection means.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization"})
+LOCAL_HEADERS = CREDENTIAL_HEADERS | {"host", "content-length", "connection"}
+
+
 class ProtocolError(ValueError):
     """A message that does not follow this protocol; it is answered and dropped."""
 

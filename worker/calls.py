@@ -15,14 +15,13 @@ from typing import Any
 
 import msgspec
 
-from broker.protocol import Response
+from broker.protocol import CREDENTIAL_HEADERS, Response
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
 from .sse import iter_events
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _NOT_CALLS = {"with_raw_response", "with_streaming_response", "with_options", "copy"}
-_REFUSED_HEADERS = {"authorization", "x-api-key", "api-key", "proxy-authorization"}
 _REFUSED_KWARGS = {"extra_query"}
 
 # (SDK kind, method path) -> accumulator of its stream into the non-streaming body
@@ -69,7 +68,8 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     headers = kwargs.get("extra_headers") or {}
     if not isinstance(headers, dict):
         raise BadCall("extra_headers must be a mapping")
-    refused = sorted(h for h in headers if str(h).lower() in _REFUSED_HEADERS) + sorted(_REFUSED_KWARGS & kwargs.keys())
+    refused = sorted(h for h in headers if str(h).lower() in CREDENTIAL_HEADERS)
+    refused += sorted(_REFUSED_KWARGS & kwargs.keys())
     if refused:
         raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
 

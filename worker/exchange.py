@@ -16,23 +16,13 @@ from typing import Any
 
 import msgspec
 
-from broker.protocol import HttpCall
+from broker.protocol import LOCAL_HEADERS, HttpCall
 
 from .calls import STREAMABLE, BadCall, as_stream, relay
 
-# Headers of the caller's request that never go upstream: credentials (the worker's own
-# are added) and what the worker's HTTP client sets itself.
-_DROPPED = {
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "proxy-authorization",
-    "host",
-    "content-length",
-    "connection",
-    "transfer-encoding",
-    "accept-encoding",
-}
+# The caller's request headers that never go upstream: its local ones (credentials: the
+# worker adds its own) and the transfer details the worker's HTTP client sets itself.
+_DROPPED = LOCAL_HEADERS | {"transfer-encoding", "accept-encoding"}
 # Streamable endpoints, by path relative to each SDK's default base URL.
 _ENDPOINTS = {
     ("anthropic", "/v1/messages"): "messages.create",

@@ -16,12 +16,8 @@ import httpx2
 
 from ..client import AsyncClient, CallLimits, Client, StreamEvent
 from ..errors import IsopoolError
-from ..protocol import HttpCall
+from ..protocol import LOCAL_HEADERS, HttpCall
 from .errors import SdkErrors
-
-# Request headers that stay in the caller's process: credentials (the worker adds its own)
-# and what only the caller's HTTP connection means.
-_LOCAL = {"authorization", "x-api-key", "api-key", "proxy-authorization", "host", "content-length", "connection"}
 
 
 class Overrides(NamedTuple):
@@ -49,7 +45,7 @@ def to_http_call(request: httpx2.Request, base_path: str, overrides: Overrides) 
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _LOCAL]
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in LOCAL_HEADERS]
     return HttpCall(request.method, path, headers, request.read(), overrides.base_url, overrides.api_key)
 
 

@@ -8,6 +8,7 @@ provider's batch *result* lines, so tooling that reads provider results reads ou
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -37,6 +38,18 @@ class Invalid(msgspec.Struct, frozen=True):
     line: int
     custom_id: str | None
     reason: str
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                yield number, raw
+
+
+def duplicate(line: int, custom_id: str, first: int) -> Invalid:
+    return Invalid(line, None, f"duplicate custom_id {custom_id!r} (first on line {first})")
 
 
 def detect(first: dict[str, Any]) -> Format | None:

@@ -27,7 +27,7 @@ import msgspec
 
 from ..client import AsyncClient, Client
 from ..pool import Pool
-from .formats import Invalid
+from .formats import Invalid, duplicate, numbered_lines
 from .ledger import Ledger
 from .runner import BatchInputError, Summary, with_pool
 
@@ -66,24 +66,19 @@ def _lines(path: str) -> tuple[list[tuple[str, Any]], list[Invalid]]:
     lines: list[tuple[str, Any]] = []
     problems: list[Invalid] = []
     seen: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                data = _DEC.decode(raw)
-            except msgspec.DecodeError as exc:
-                problems.append(Invalid(number, None, f"malformed JSON: {exc}"))
-                continue
-            custom_id = data.get("custom_id") if isinstance(data, dict) else None
-            custom_id = custom_id if isinstance(custom_id, str) and custom_id else f"line-{number}"
-            if custom_id in seen:
-                problems.append(
-                    Invalid(number, None, f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
-                )
-                continue
-            seen[custom_id] = number
-            lines.append((custom_id, data))
+    for number, raw in numbered_lines(path):
+        try:
+            data = _DEC.decode(raw)
+        except msgspec.DecodeError as exc:
+            problems.append(Invalid(number, None, f"malformed JSON: {exc}"))
+            continue
+        custom_id = data.get("custom_id") if isinstance(data, dict) else None
+        custom_id = custom_id if isinstance(custom_id, str) and custom_id else f"line-{number}"
+        if custom_id in seen:
+            problems.append(duplicate(number, custom_id, seen[custom_id]))
+            continue
+        seen[custom_id] = number
+        lines.append((custom_id, data))
     return lines, problems
 
 
@@ -119,16 +114,10 @@ def run_job(
         raise BatchInputError(input_path, problems)
     summary = Summary(total=len(lines), format="job")
     ledger = Ledger(output_path)
-    errors: dict[str, int] = {}
 
     def write(record: dict[str, Any]) -> None:
         ledger.write(record)
-        if record["result"]["type"] == "succeeded":
-            summary.ok += 1
-        else:
-            summary.failed += 1
-            kind = record["result"]["error"]["type"]
-            errors[kind] = errors.get(kind, 0) + 1
+        summary.count(record)
         on_result(record)
 
     try:
@@ -140,10 +129,7 @@ def run_job(
             with_pool(pool, lambda url: runner(url, function, todo, concurrency, write, on_start))
     finally:
         ledger.close()
-    summary.errors = errors
-    summary.wall_s = round(time.monotonic() - started, 3)
-    summary.per_s = round((summary.ok + summary.failed) / summary.wall_s, 1) if summary.wall_s else 0.0
-    return summary
+    return summary.finish(started)
 
 
 def _run_threads(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):

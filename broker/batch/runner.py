@@ -15,7 +15,6 @@ import asyncio
 import collections
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +23,17 @@ import msgspec
 from ..client import AsyncClient
 from ..errors import IsopoolError, ProviderStatusError
 from ..pool import Pool
-from .formats import Format, Invalid, Item, failed, parse_line, provider_failed, succeeded
+from .formats import (
+    Format,
+    Invalid,
+    Item,
+    duplicate,
+    failed,
+    numbered_lines,
+    parse_line,
+    provider_failed,
+    succeeded,
+)  # fmt: skip
 from .lane import Lane
 from .ledger import Ledger
 
@@ -63,23 +72,33 @@ class Summary(msgspec.Struct):
     format: str = ""
     repaired_bytes: int = 0
 
+    def count(self, record: dict[str, Any]) -> None:
+        """Tally one result line, by kind of failure."""
+        if is_ok(record):
+            self.ok += 1
+        else:
+            self.failed += 1
+            kind = error_kind(record)
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def finish(self, started: float) -> Summary:
+        self.wall_s = round(time.monotonic() - started, 3)
+        self.per_s = round((self.ok + self.failed) / self.wall_s, 1) if self.wall_s else 0.0
+        return self
+
 
 def load(path: str, fmt: Format | None = None) -> tuple[list[Item], list[Invalid], Format | None]:
     """Parse and validate every line: (items, invalid lines, format)."""
     items: list[Item] = []
     invalid: list[Invalid] = []
     first_seen: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            parsed, fmt = parse_line(number, raw, fmt)
-            if isinstance(parsed, Item) and parsed.custom_id in first_seen:
-                parsed = Invalid(number, None, f"duplicate custom_id {parsed.custom_id!r} (first on line "
-                                 f"{first_seen[parsed.custom_id]})")  # fmt: skip
-            elif isinstance(parsed, Item | Invalid) and parsed.custom_id:
-                first_seen.setdefault(parsed.custom_id, number)
-            (items if isinstance(parsed, Item) else invalid).append(parsed)  # type: ignore[arg-type]
+    for number, raw in numbered_lines(path):
+        parsed, fmt = parse_line(number, raw, fmt)
+        if isinstance(parsed, Item) and parsed.custom_id in first_seen:
+            parsed = duplicate(number, parsed.custom_id, first_seen[parsed.custom_id])
+        elif isinstance(parsed, Item | Invalid) and parsed.custom_id:
+            first_seen.setdefault(parsed.custom_id, number)
+        (items if isinstance(parsed, Item) else invalid).append(parsed)  # type: ignore[arg-type]
     return items, invalid, fmt
 
 
@@ -191,9 +210,9 @@ def is_ok(record: dict[str, Any]) -> bool:
 
 
 def error_kind(record: dict[str, Any]) -> str:
-    if "result" in record:
+    if "result" in record:  # Anthropic's nested error object, or a job's exception
         error = record["result"].get("error") or {}
-        return (error.get("error") or {}).get("type", "error")
+        return (error.get("error") or error).get("type", "error")
     if record.get("error"):
         return str(record["error"].get("code"))
     return f"http {record['response']['status_code']}"
@@ -220,14 +239,9 @@ def run(
     if invalid and not skip_invalid:
         raise BatchInputError(input_path, invalid)
     summary = Summary(total=len(items) + len(invalid), invalid=len(invalid), format=fmt or "")
-    errors: Counter[str] = Counter()
 
     def count(record: dict[str, Any]) -> None:
-        if is_ok(record):
-            summary.ok += 1
-        else:
-            summary.failed += 1
-            errors[error_kind(record)] += 1
+        summary.count(record)
         on_result(record)
 
     ledger = Ledger(output_path)
@@ -253,11 +267,7 @@ def run(
             summary.lowest_concurrency = delta["lowest_concurrency"]
     finally:
         ledger.close()
-    summary.errors = dict(errors)
-    summary.wall_s = round(time.monotonic() - started, 3)
-    done = summary.ok + summary.failed
-    summary.per_s = round(done / summary.wall_s, 1) if summary.wall_s else 0.0
-    return summary
+    return summary.finish(started)
 
 
 def with_pool(pool: Pool | str | None, use: Callable[[str], Any]) -> Any:

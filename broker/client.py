@@ -440,13 +440,22 @@ class CallLimits(msgspec.Struct, frozen=True):
     read_timeout: float | None = None  # caps first_event_timeout and stale_timeout (an SDK's per-call timeout)
 
 
+class _BodyFields(msgspec.Struct):
+    model: Any = ""
+    stream: Any = False
+
+
+_BODY_FIELDS = msgspec.json.Decoder(_BodyFields)
+
+
 def _body_fields(call: HttpCall) -> dict[str, Any]:
-    """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
+    """`model` and `stream` of a JSON request body (for the broker's per-model limits), read
+    without building the rest of the body."""
     try:
-        body = _JSON.decode(call.body) if call.body.startswith(b"{") else {}
-    except msgspec.DecodeError:
+        fields = _BODY_FIELDS.decode(call.body) if call.body.startswith(b"{") else None
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return {}
-    return body if isinstance(body, dict) else {}
+    return {"model": fields.model, "stream": fields.stream} if fields else {}
 
 
 async def _make_async(url: str, broker_timeout: float) -> AsyncClient:

@@ -1,28 +1,77 @@
-"""What every figure script shares: the machine description, medians and p99s in
-milliseconds, ABAB timing against a baseline, and printing/saving the results."""
+"""What every scenario shares: sizes, the machine description, percentiles, ABAB timing
+against a baseline, process memory and CPU, targets, and the table printed at the end."""
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
 import os
+import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import msgspec
+import psutil
+
+os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
+os.environ.setdefault("OPENAI_API_KEY", "bench-key")
+
+SIZES = ("full", "quick", "tiny")  # tiny: the test suite's smoke run
+
+
+def pick(size: str, full: Any, quick: Any, tiny: Any) -> Any:
+    return {"full": full, "quick": quick, "tiny": tiny}[size]
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu or platform.processor(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
-def median_ms(values: list[float]) -> float:
-    return round(statistics.median(values) * 1000, 3)
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
-def p99_ms(values: list[float]) -> float:
+def versions() -> dict[str, str]:
+    names = ("isopool", "anthropic", "openai", "pyzmq", "msgspec", "httpx", "aiohttp", "pebble")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def latency(values: list[float]) -> dict[str, float]:
+    """Median, p99 and mean of durations in seconds, in milliseconds."""
+    return {
+        "median_ms": ms(statistics.median(values)),
+        "p99_ms": ms(percentile(values, 0.99)),
+        "mean_ms": ms(statistics.fmean(values)),
+        "n": len(values),
+    }
 
 
 def alternate(first: Callable[[], Any], second: Callable[[], Any], repeat: int, warmup: int = 20):
@@ -40,9 +89,47 @@ def alternate(first: Callable[[], Any], second: Callable[[], Any], repeat: int, 
     return a, b
 
 
-def emit(results: dict[str, Any], path: str | None) -> None:
-    """Print the figures as JSON, and write them to `path` if given."""
-    print(json.dumps(results, indent=2))
-    if path:
-        with open(path, "w") as out:
-            json.dump(results, out, indent=2)
+def uss(pids: Iterable[int]) -> int:
+    """Unique memory of the processes in bytes (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_full_info().uss
+        except psutil.Error:
+            pass
+    return total
+
+
+def pool_pids(stats: dict[str, Any], broker_pid: int) -> list[int]:
+    """Broker, zygote and every worker of a pool, from its stats snapshot."""
+    return [broker_pid, stats["zygote_pid"], *(w["pid"] for w in stats["workers"] if w["pid"])]
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+class Target(msgspec.Struct, frozen=True):
+    """One target of the issue: the figure, what it must be, and whether this run met it."""
+
+    name: str
+    value: float | None
+    goal: str
+    met: bool
+
+
+def target(name: str, value: float | None, goal: str, ok: Callable[[float], bool]) -> Target:
+    return Target(name, value, goal, value is not None and ok(value))
+
+
+def result(inputs: dict[str, Any], figures: dict[str, Any], targets: list[Target], started: float) -> dict[str, Any]:
+    """One scenario's JSON object."""
+    return {
+        "inputs": inputs,
+        "figures": figures,
+        "targets": [msgspec.structs.asdict(t) for t in targets],
+        "machine": machine(),
+        "versions": versions(),
+        "seconds": round(time.monotonic() - started, 1),
+    }

@@ -33,7 +33,7 @@ _JSON = msgspec.json.Decoder()
 _END = object()
 
 
-class StreamEvent(msgspec.Struct, frozen=True, gc=False):
+class StreamEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One real event of a stream: the SSE event name and the provider's own JSON bytes."""
 
     name: str
@@ -46,6 +46,9 @@ class StreamEvent(msgspec.Struct, frozen=True, gc=False):
         """The event in SSE framing again, as the provider sent it (for relays)."""
         lines = b"".join(b"data: " + line + b"\n" for line in self.data.split(b"\n"))
         return (b"event: " + self.name.encode() + b"\n" + lines + b"\n") if self.name else lines + b"\n"
+
+
+_EVENTS = msgspec.msgpack.Decoder(list[StreamEvent])
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -83,8 +86,8 @@ class _CallState:
         self.events = 0  # received by the reader: what the caller was delivered if it kept reading
 
     def take(self, item: Any) -> Any:
-        """Account for one queued item; returns the event, or _END once the call has ended."""
-        if isinstance(item, StreamEvent):
+        """Account for one queued item; returns a list of events, or _END once the call has ended."""
+        if isinstance(item, list):
             return item
         if isinstance(item, RequestError) or isinstance(item, BrokerUnavailable):
             self.error = item  # type: ignore[assignment]
@@ -122,7 +125,8 @@ class AsyncCall:
                 item = state.take(await state.sink.queue.get())
                 if item is _END:
                     break
-                yield item
+                for event in item:
+                    yield event
         finally:
             if not state.done:
                 await self.cancel()
@@ -161,7 +165,8 @@ class SyncCall:
                 item = state.take(state.sink.queue.get())
                 if item is _END:
                     break
-                yield item
+                for event in item:
+                    yield event
         finally:
             if not state.done:
                 self.cancel()
@@ -309,8 +314,15 @@ class AsyncClient:
                 if state is None:
                     continue
                 if kind == Kind.EVENT:
-                    state.events += 1
-                    state.sink.put(StreamEvent(header.name, payload))
+                    try:
+                        events = _EVENTS.decode(payload)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        del calls[header.rid]
+                        info = ErrorInfo(Code.PROTOCOL, f"unreadable events from the broker: {exc}")
+                        state.sink.put(error_for(info, state.rid))
+                        continue
+                    state.events += len(events)
+                    state.sink.put(events)
                 elif kind == Kind.HEAD:
                     state.head = codec.response(payload)
                 elif kind in (Kind.RESULT, Kind.ERROR):

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 4096
 
 
@@ -82,11 +82,13 @@ class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """One real stream event; the payload is the provider's own `data:` JSON, unparsed."""
+    """Header of the real stream events that arrived in one read from the provider (never
+    held back to fill a batch). The payload is a msgpack array of `[name, data]` pairs,
+    `data` being the provider's own `data:` JSON, unparsed; `seq` numbers the first one."""
 
     rid: int
     seq: int
-    name: str = ""
+    count: int = 1
 
 
 class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):

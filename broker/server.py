@@ -322,9 +322,9 @@ class Broker:
             if not self._send_client(req.client, [_KIND[Kind.HEAD], self.codec.encode(Ref(req.crid)), req.head]):
                 return
             req.head = None
-        header = self.codec.encode(Event(req.crid, event.seq, event.name))
+        header = self.codec.encode(Event(req.crid, event.seq, event.count))
         if self._send_client(req.client, [_KIND[Kind.EVENT], header, data]):
-            req.delivered += 1
+            req.delivered += event.count
 
     def _progress(self, req: Request) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""

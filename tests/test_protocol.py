@@ -25,7 +25,7 @@ SAMPLES = {
     Kind.CANCEL: Ref(2),
     Kind.STATS: Ref(3),
     Kind.PING: Ref(4),
-    Kind.EVENT: Event(5, 6, "content_block_delta"),
+    Kind.EVENT: Event(5, 6, 3),
     Kind.RESULT: Ref(7),
     Kind.ERROR: ErrorInfo,  # placeholder, replaced below
     Kind.HEAD: Ref(8),

@@ -18,7 +18,7 @@ from broker.protocol import Code, ErrorInfo
 from worker.assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse
 from worker.calls import BadCall, check_kwargs, resolve
 from worker.errors import translate
-from worker.sse import iter_events
+from worker.sse import iter_batches
 
 
 async def _chunks(data: bytes, size: int):
@@ -28,7 +28,7 @@ async def _chunks(data: bytes, size: int):
 
 def _collect(data: bytes, size: int) -> list[tuple[str, bytes]]:
     async def collect() -> list[tuple[str, bytes]]:
-        return [e async for e in iter_events(_chunks(data, size))]
+        return [e async for batch in iter_batches(_chunks(data, size)) for e in batch]
 
     return asyncio.run(collect())
 

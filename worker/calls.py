@@ -18,7 +18,7 @@ import msgspec
 from broker.protocol import CREDENTIAL_HEADERS, Response
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
-from .sse import iter_events
+from .sse import iter_batches
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _NOT_CALLS = {"with_raw_response", "with_streaming_response", "with_options", "copy"}
@@ -106,15 +106,16 @@ async def relay(http: Any, emit: Any, streaming: bool, accumulator: type | None,
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
         await emit.head(Response(http.status_code, headers))
-        async for event_name, data in iter_events(http.aiter_bytes()):
-            await emit.event(event_name, data)
-            if raise_on_error and is_error_event(event_name, data):
-                raise ProviderStreamError(_DEC.decode(data))
+        async for batch in iter_batches(http.aiter_bytes()):
+            await emit.events(batch)
+            if raise_on_error and (error := next((d for n, d in batch if is_error_event(n, d)), None)) is not None:
+                raise ProviderStreamError(_DEC.decode(error))
         await emit.result(None)
     else:
         acc = accumulator()
-        async for event_name, data in iter_events(http.aiter_bytes()):
-            acc.feed(event_name, data)
+        async for batch in iter_batches(http.aiter_bytes()):
+            for event_name, data in batch:
+                acc.feed(event_name, data)
             await emit.progress()
         body = _ENC.encode(acc.result())
         headers = [(k, v) for k, v in headers if k.lower() != "content-type"]

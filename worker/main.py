@@ -135,10 +135,10 @@ class Emitter:
     async def head(self, response: Response) -> None:
         await self._sock.send_multipart([bytes([Kind.HEAD]), self._ref, self._codec.encode(response)])
 
-    async def event(self, name: str, data: bytes) -> None:
-        self._seq += 1
-        header = self._codec.encode(Event(self._rid, self._seq, name))
-        await self._sock.send_multipart([bytes([Kind.EVENT]), header, data], copy=False)
+    async def events(self, batch: list[tuple[str, bytes]]) -> None:
+        header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch)))
+        self._seq += len(batch)
+        await self._sock.send_multipart([bytes([Kind.EVENT]), header, self._codec.encode(batch)], copy=False)
 
     async def progress(self) -> None:
         await self._sock.send_multipart([bytes([Kind.PROGRESS]), self._ref])

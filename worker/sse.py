@@ -25,20 +25,27 @@ def parse_block(block: bytes) -> tuple[str, bytes] | None:
     return name, data[0] if len(data) == 1 else b"\n".join(data)
 
 
-async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """Real events from a byte stream; stops at OpenAI's `data: [DONE]`."""
+async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """The real events of a byte stream, as lists of those completed by each read (so a
+    fast stream is relayed in few messages and a slow one without delay); stops at
+    OpenAI's `data: [DONE]`."""
     tail = b""
     async for chunk in chunks:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         blocks = (tail + chunk).split(b"\n\n")
         tail = blocks.pop()
+        batch = []
         for block in blocks:
             event = parse_block(block)
             if event is None:
                 continue
             if event[1] == DONE:
+                if batch:
+                    yield batch
                 return
-            yield event
+            batch.append(event)
+        if batch:
+            yield batch
     if tail.strip() and (event := parse_block(tail)) is not None and event[1] != DONE:
-        yield event
+        yield [event]

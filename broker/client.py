@@ -1,9 +1,9 @@
 """The low-level client: submit SDK calls to a broker, iterate their events, get results.
 
-`AsyncClient` is the core (one DEALER socket, one reader task). `Client` is the thin
-sync wrapper: it runs an `AsyncClient` on a private event-loop thread, and each call's
-events are handed to the calling thread through a thread-safe queue, so iterating a
-stream costs no cross-thread round trip per event.
+`AsyncClient` is the core (one DEALER socket, read by its event loop). `Client` is the
+thin sync wrapper: it runs an `AsyncClient` on a private event-loop thread; callers send
+from their own threads, and each call's events are handed to the calling thread through
+a thread-safe queue, so iterating a stream costs no cross-thread round trip per event.
 
     with Pool() as pool, pool.client() as client:
         call = client.submit("anthropic", "messages.create", model=..., max_tokens=..., messages=..., stream=True)
@@ -18,14 +18,15 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
+from .loopsock import LoopSocket
 from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class AsyncCall:
         return state.finish()
 
     async def cancel(self) -> None:
-        await self._client._cancel(self._state)
+        self._client._cancel(self._state)
 
 
 class SyncCall:
@@ -165,8 +166,7 @@ class SyncCall:
                 item = state.take(state.sink.queue.get())
                 if item is _END:
                     break
-                for event in item:
-                    yield event
+                yield from item
         finally:
             if not state.done:
                 self.cancel()
@@ -179,11 +179,15 @@ class SyncCall:
         return state.finish()
 
     def cancel(self) -> None:
-        self._client._call_soon(self._client._async._cancel(self._state))
+        self._client._async._cancel(self._state)
 
 
 class AsyncClient:
-    """A connection to a broker. Not thread-safe: use it from one event loop (or use `Client`).
+    """A connection to a broker, used from one event loop (or through `Client`).
+
+    The socket is a `LoopSocket`: the loop drains every waiting message straight into its
+    call's queue, and a send goes out at once from the caller, so `Client`'s threads send
+    without waking the loop's thread.
 
     `broker_timeout`: with calls in flight and nothing heard for this long, the broker
     is probed; if it stays silent as long again, every call fails with BrokerUnavailable."""
@@ -193,14 +197,18 @@ class AsyncClient:
         self.broker_timeout = broker_timeout
         # The process-wide context: a private one left unclosed would block the garbage
         # collector in `term()` (an SDK client of the shim is often never closed).
-        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        self._sock.connect(url)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock.connect(url)
+        self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
-        self._reader: asyncio.Task | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._heard = time.monotonic()
+        self._probing = False
         self._closed = False
 
     async def submit(
@@ -216,47 +224,53 @@ class AsyncClient:
         **kwargs: Any,
     ) -> AsyncCall:
         """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
+        self._attach()
         limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
-        state, frames = self._prepare(False, profile, Call(method, kwargs), kwargs, limits)
-        self._send(frames)
-        return AsyncCall(self, state)
+        return AsyncCall(self, self._submit(False, profile, Call(method, kwargs), kwargs, limits))
 
     async def submit_http(self, profile: str, call: HttpCall, limits: CallLimits | None = None) -> AsyncCall:
         """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
-        state, frames = self._prepare(False, profile, call, _body_fields(call), limits or CallLimits())
-        self._send(frames)
-        return AsyncCall(self, state)
+        self._attach()
+        return AsyncCall(self, self._submit(False, profile, call, _body_fields(call), limits or CallLimits()))
 
     async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         """Submit and wait for the result."""
         return await (await self.submit(profile, method, **kwargs)).result()
 
-    def _prepare(
+    def _submit(
         self, threadsafe: bool, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits
-    ) -> tuple[_CallState, list[bytes]]:
-        """Register a call and encode it; safe from any thread (the send itself is the loop's).
+    ) -> _CallState:
+        """Register a call and send it; safe from any thread once the loop is attached.
         `fields`: the call's `model` and `stream`, which the broker reads without the payload."""
         if self._closed:
             raise ClientClosed("this client is closed")
         rid = next(self._ids)
-        try:
-            payload = self._codec.encode(call)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise BadRequest(ErrorInfo(Code.BAD_REQUEST, f"arguments cannot be sent to the pool: {exc}")) from None
         model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
             limits.max_attempts, limits.read_timeout,
         )  # fmt: skip
+        try:
+            payload = self._codec.encode(call)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise BadRequest(ErrorInfo(Code.BAD_REQUEST, f"arguments cannot be sent to the pool: {exc}")) from None
         state = _CallState(rid, _Sink(threadsafe))
-        self._calls[rid] = state
-        return state, self._codec.frames(Kind.SUBMIT, header, payload)
+        self._send(self._codec.frames(Kind.SUBMIT, header, payload), state)
+        return state
 
-    def _send(self, frames: list[bytes]) -> None:
-        """Send on the loop's thread."""
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-        self._sock.send_multipart(frames)
+    def _attach(self) -> None:
+        """Have the running loop watch the socket (on first use)."""
+        if not self._sock.attached:
+            loop = asyncio.get_running_loop()
+            self._sock.attach(loop)
+            self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
+
+    def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
+        """Send (registering the call first, so that its answer finds it); safe from any thread."""
+        with self._sock.lock:
+            if state is not None:
+                self._calls[state.rid] = state
+            self._sock.send(frames)
 
     async def stats(self) -> dict[str, Any]:
         """The broker's stats snapshot (workers, counters, histograms)."""
@@ -272,62 +286,60 @@ class AsyncClient:
         state.finish()
 
     def _control(self, kind: Kind, threadsafe: bool) -> _CallState:
+        self._attach()
         rid = next(self._ids)
         state = _CallState(rid, _Sink(threadsafe), raw=True)
-        self._calls[rid] = state
-        self._send(self._codec.frames(kind, Ref(rid)))
+        self._send(self._codec.frames(kind, Ref(rid)), state)
         return state
 
-    async def _cancel(self, state: _CallState) -> None:
+    def _cancel(self, state: _CallState) -> None:
+        """Tell the broker to stop a call; safe from any thread."""
         if not state.done and state.rid in self._calls and not self._closed:
-            await self._sock.send_multipart(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
+            self._send(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
 
-    async def _read(self) -> None:
-        """Route every incoming message to its call; fail everything if the broker goes silent."""
-        sock, codec, calls = self._sock, self._codec, self._calls
-        probing = False
-        while True:
-            if not await sock.poll(self.broker_timeout * 1000, zmq.POLLIN):
-                if not calls:
-                    continue
-                if probing:
-                    self._fail_all(
-                        BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s")
-                    )
-                    probing = False
-                    continue
-                probing = True
-                await sock.send_multipart(codec.frames(Kind.PING, Ref(0)))
-                continue
-            probing = False
-            for _ in range(1024):
-                try:
-                    frames = await sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                try:
-                    kind, header, payload = codec.parse(frames)
-                except ProtocolError:
-                    log.warning("dropping a malformed message from the broker")
-                    continue
-                state = calls.get(header.rid)
-                if state is None:
-                    continue
-                if kind == Kind.EVENT:
-                    try:
-                        events = _EVENTS.decode(payload)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        del calls[header.rid]
-                        info = ErrorInfo(Code.PROTOCOL, f"unreadable events from the broker: {exc}")
-                        state.sink.put(error_for(info, state.rid))
-                        continue
-                    state.events += len(events)
-                    state.sink.put(events)
-                elif kind == Kind.HEAD:
-                    state.head = codec.response(payload)
-                elif kind in (Kind.RESULT, Kind.ERROR):
-                    del calls[header.rid]
-                    state.sink.put(self._ending(state, kind, payload))
+    def _route(self, frames: list[bytes]) -> None:
+        """One message from the broker, to its call (run by the loop, under the socket's lock)."""
+        self._heard = time.monotonic()
+        self._probing = False
+        try:
+            kind, header, payload = self._codec.parse(frames)
+        except ProtocolError:
+            log.warning("dropping a malformed message from the broker")
+            return
+        state = self._calls.get(header.rid)
+        if state is None:
+            return
+        if kind == Kind.EVENT:
+            try:
+                events = _EVENTS.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                del self._calls[header.rid]
+                info = ErrorInfo(Code.PROTOCOL, f"unreadable events from the broker: {exc}")
+                state.sink.put(error_for(info, state.rid))
+                return
+            state.events += len(events)
+            state.sink.put(events)
+        elif kind == Kind.HEAD:
+            state.head = self._codec.response(payload)
+        elif kind in (Kind.RESULT, Kind.ERROR):
+            del self._calls[header.rid]
+            state.sink.put(self._ending(state, kind, payload))
+
+    def _check_broker(self) -> None:
+        """With calls in flight, probe a silent broker; fail every call if it stays silent."""
+        self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._check_broker)
+        silent = time.monotonic() - self._heard
+        if not self._calls or silent < self.broker_timeout:
+            return
+        if not self._probing:
+            self._probing = True
+            self._control(Kind.PING, False)
+        elif silent >= 2 * self.broker_timeout:
+            with self._sock.lock:
+                self._fail_all(
+                    BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s")
+                )
+            self._probing = False
 
     def _ending(self, state: _CallState, kind: Kind, payload: bytes) -> Result | RequestError:
         try:
@@ -350,6 +362,7 @@ class AsyncClient:
         return Result(response.status, response.headers, response.body)
 
     def _fail_all(self, exc: Exception) -> None:
+        """End every call with `exc`; hold the lock (a `Client` caller could be registering one)."""
         calls = list(self._calls.values())
         self._calls.clear()
         for state in calls:
@@ -358,17 +371,14 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         for state in list(self._calls.values()):
-            await self._cancel(state)
-        self._fail_all(ClientClosed("the client was closed while this call was in flight"))
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
-        self._sock.close(0)
+            self._cancel(state)
+        with self._sock.lock:
+            self._closed = True
+            self._fail_all(ClientClosed("the client was closed while this call was in flight"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._sock.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -390,10 +400,6 @@ class Client:
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _call_soon(self, coro: Any) -> None:
-        if not self._loop.is_closed():
-            asyncio.run_coroutine_threadsafe(coro, self._loop)
-
     def submit(
         self,
         profile: str,
@@ -414,9 +420,7 @@ class Client:
         return self._submit(profile, call, _body_fields(call), limits or CallLimits())
 
     def _submit(self, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits) -> SyncCall:
-        state, frames = self._async._prepare(True, profile, call, fields, limits)
-        self._loop.call_soon_threadsafe(self._async._send, frames)
-        return SyncCall(self, state)
+        return SyncCall(self, self._async._submit(True, profile, call, fields, limits))
 
     def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         return self.submit(profile, method, **kwargs).result()
@@ -471,4 +475,7 @@ def _body_fields(call: HttpCall) -> dict[str, Any]:
 
 
 async def _make_async(url: str, broker_timeout: float) -> AsyncClient:
-    return AsyncClient(url, broker_timeout)
+    """An AsyncClient watched by the running loop, so that other threads may send at once."""
+    client = AsyncClient(url, broker_timeout)
+    client._attach()
+    return client

@@ -22,12 +22,13 @@ import httpx2
 import msgspec
 import openai
 import zmq
-import zmq.asyncio
 from anthropic._resource import AsyncAPIResource as AnthropicResource
 from openai._resource import AsyncAPIResource as OpenAIResource
 
 from broker.config import Profile
+from broker.loopsock import LoopSocket
 from broker.protocol import (
+    KIND_BYTES,
     PROTOCOL_VERSION,
     Code,
     Codec,
@@ -36,6 +37,7 @@ from broker.protocol import (
     Heartbeat,
     HttpCall,
     Kind,
+    ProtocolError,
     Ready,
     Ref,
     Response,
@@ -125,31 +127,33 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
 
 
 class Emitter:
-    """Sends what one request produces, in order, tagged with its request id."""
+    """Sends what one request produces, in order, tagged with its request id. The sends
+    do not wait (the broker reads as fast as it can); the methods are coroutines so that
+    the call runners need not know."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, codec: Codec, rid: int) -> None:
+    def __init__(self, sock: LoopSocket, codec: Codec, rid: int) -> None:
         self._sock, self._codec, self._rid = sock, codec, rid
         self._seq = 0
         self._ref = codec.encode(Ref(rid))
 
     async def head(self, response: Response) -> None:
-        await self._sock.send_multipart([bytes([Kind.HEAD]), self._ref, self._codec.encode(response)])
+        self._sock.send([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
 
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch)))
         self._seq += len(batch)
-        await self._sock.send_multipart([bytes([Kind.EVENT]), header, self._codec.encode(batch)], copy=False)
+        self._sock.send([KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)])
 
     async def progress(self) -> None:
-        await self._sock.send_multipart([bytes([Kind.PROGRESS]), self._ref])
+        self._sock.send([KIND_BYTES[Kind.PROGRESS], self._ref])
 
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)
-        await self._sock.send_multipart([bytes([Kind.RESULT]), self._ref, payload])
+        self._sock.send([KIND_BYTES[Kind.RESULT], self._ref, payload])
 
     async def error(self, info: ErrorInfo) -> None:
         header = self._codec.encode(ErrorHeader(self._rid, info.code))
-        await self._sock.send_multipart([bytes([Kind.ERROR]), header, self._codec.encode(info)])
+        self._sock.send([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
 
 
 class Worker:
@@ -165,23 +169,32 @@ class Worker:
             self.client_error = exc
 
     async def run(self) -> None:
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.spec.ident.encode())
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1_000_000)
         sock.connect(self.spec.backend)
-        threading.Thread(target=self._heartbeat, args=(zmq.Context.shadow(ctx.underlying),), daemon=True).start()
+        self.sock = LoopSocket(sock, self._on_message)
+        threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency)
-        await sock.send_multipart(self.codec.frames(Kind.READY, ready))
-        while True:
-            kind, header, payload = self.codec.parse(await sock.recv_multipart())
-            if kind == Kind.RUN:
-                self.tasks[header.rid] = asyncio.create_task(self._execute(sock, header.rid, payload))
-            elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
-                task.cancel()
+        self.sock.send(self.codec.frames(Kind.READY, ready))
+        self.sock.attach(asyncio.get_running_loop())
+        await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
 
-    async def _execute(self, sock: zmq.asyncio.Socket, rid: int, payload: bytes) -> None:
-        emit = Emitter(sock, self.codec, rid)
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            kind, header, payload = self.codec.parse(frames)
+        except ProtocolError as exc:
+            log.error("dropping a malformed message from the broker: %s", exc)
+            return
+        if kind == Kind.RUN:
+            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload))
+        elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
+            task.cancel()
+
+    async def _execute(self, rid: int, payload: bytes) -> None:
+        emit = Emitter(self.sock, self.codec, rid)
         try:
             if self.clients is None:
                 raise self.client_error  # type: ignore[misc]

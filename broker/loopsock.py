@@ -1,0 +1,62 @@
+"""A plain ZeroMQ socket driven by an asyncio loop through its file descriptor.
+
+`zmq.asyncio` wraps every send and receive in futures and extra loop turns, which cost
+tens of microseconds per hop; the client and the worker make several hops per request.
+Here the loop calls `drain` when the socket's descriptor becomes readable, and `drain`
+hands every waiting message to `on_message` at once; sends go out directly, from any
+thread (under the lock). ZeroMQ's descriptor signals edges, not levels: a send may
+swallow the edge of a message that arrived meanwhile, so every send checks for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import zmq
+
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+class LoopSocket:
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
+        self.sock = sock
+        self.lock = threading.RLock()  # every use of the socket; hold it to do more under it
+        self._on_message = on_message
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._loop is not None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.FD, self.drain)
+        loop.call_soon(self.drain)  # messages that arrived before the loop watched
+
+    def send(self, frames: list[bytes]) -> None:
+        """Send now; safe from any thread."""
+        with self.lock:
+            self.sock.send_multipart(frames, copy=False)
+            pending = self.sock.getsockopt(_EVENTS) & _POLLIN
+        if pending and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        """Hand every waiting message to `on_message` (the loop calls this when readable)."""
+        with self.lock:
+            sock = self.sock
+            if sock.closed:
+                return
+            while sock.getsockopt(_EVENTS) & _POLLIN:
+                self._on_message(sock.recv_multipart(_NOBLOCK))
+
+    def close(self) -> None:
+        """Stop watching and close; call on the loop's thread."""
+        with self.lock:
+            if self._loop is not None and not self.sock.closed:
+                self._loop.remove_reader(self.sock.FD)
+            self.sock.close(0)

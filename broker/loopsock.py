@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import zmq
 
+from .zmqio import recv_frames, send_frames
+
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class LoopSocket:
@@ -40,7 +41,7 @@ class LoopSocket:
     def send(self, frames: list[bytes]) -> None:
         """Send now; safe from any thread."""
         with self.lock:
-            self.sock.send_multipart(frames, copy=False)
+            send_frames(self.sock, frames)
             pending = self.sock.getsockopt(_EVENTS) & _POLLIN
         if pending and self._loop is not None:
             self._loop.call_soon_threadsafe(self.drain)
@@ -52,7 +53,7 @@ class LoopSocket:
             if sock.closed:
                 return
             while sock.getsockopt(_EVENTS) & _POLLIN:
-                self._on_message(sock.recv_multipart(_NOBLOCK))
+                self._on_message(recv_frames(sock))
 
     def close(self) -> None:
         """Stop watching and close; call on the loop's thread."""

@@ -29,6 +29,7 @@ from .state import Reason, Request, Worker, WorkerState
 from .stats import Stats
 from .supervisor import Zygote
 from .watchdog import request_due, retry_delay, worker_due
+from .zmqio import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Broker:
             self.draining_since = time.monotonic()
             for queue in self.queues.values():
                 while queue:
-                    self._finish(queue.popleft(), Code.SHUTTING_DOWN, "the pool is shutting down")
+                    self._finish(self._unqueue(queue.popleft()), Code.SHUTTING_DOWN, "the pool is shutting down")
 
     def close(self) -> None:
         """Kill every worker and the zygote, close sockets, remove socket files. Idempotent."""
@@ -183,7 +184,7 @@ class Broker:
     def _read(self, sock: zmq.Socket, handle: Any) -> None:
         for _ in range(_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             handle(frames[0], frames[1:])
@@ -228,6 +229,7 @@ class Broker:
         self.requests[req.key] = req
         self.by_client[(client, sub.rid)] = req
         self.queues[req.profile].append(req)
+        req.queued = True
         self.stats.requests["accepted"] += 1
         self.next_check = min(self.next_check, req.deadline_at)
 
@@ -441,6 +443,7 @@ class Broker:
             req.not_before = now + delay
             self.next_check = min(self.next_check, req.not_before)
             self.queues[req.profile].appendleft(req)
+            req.queued = True
 
     def expire(self, now: float) -> None:
         """The watchdog pass: stalls, deadlines, heartbeats, startups, abort timeouts, memory."""
@@ -479,7 +482,7 @@ class Broker:
                 next_check = min(next_check, due)
         for queue in self.queues.values():
             for req in [r for r in queue if now >= r.deadline_at]:
-                queue.remove(req)
+                queue.remove(self._unqueue(req))
                 self._finish(req, Code.DEADLINE, "deadline passed while the request was queued")
             if queue:
                 next_check = min(next_check, min(r.deadline_at for r in queue), queue[0].not_before)
@@ -530,7 +533,7 @@ class Broker:
     def _fail_queue(self, profile: str, why: str) -> None:
         queue = self.queues[profile]
         while queue:
-            self._finish(queue.popleft(), Code.CONFIG, why)
+            self._finish(self._unqueue(queue.popleft()), Code.CONFIG, why)
 
     def _spawn(self, profile: str, now: float) -> None:
         taken = {w.slot for w in self.workers.values() if w.profile == profile}
@@ -577,7 +580,7 @@ class Broker:
                 worker.queued_free = False
                 if worker.state is not WorkerState.READY or worker.free <= 0:
                     continue
-                queue.popleft()
+                self._unqueue(queue.popleft())
                 self._run(worker, req, now)
                 self._offer(worker)
 
@@ -625,14 +628,16 @@ class Broker:
         if self.requests.pop(req.key, None) is None:
             return
         self.by_client.pop((req.client, req.crid), None)
-        if req.worker is None:
-            try:
-                self.queues[req.profile].remove(req)
-            except ValueError:
-                pass
-        else:
+        if req.queued:
+            self.queues[req.profile].remove(self._unqueue(req))
+        elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
         self._send_client(req.client, frames)
+
+    @staticmethod
+    def _unqueue(req: Request) -> Request:
+        req.queued = False
+        return req
 
     def _reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
         info = self.codec.encode(ErrorInfo(code, message))
@@ -640,7 +645,7 @@ class Broker:
 
     def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
         try:
-            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            send_frames(self.frontend, [client, *frames], NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the caller is gone (F11); EAGAIN: it stopped reading
             log.info("client %r unreachable (%s): cancelling its requests", client, exc)
@@ -651,7 +656,7 @@ class Broker:
 
     def _send_worker(self, worker: Worker, frames: list[bytes]) -> bool:
         try:
-            self.backend.send_multipart([worker.ident, *frames], zmq.NOBLOCK)
+            send_frames(self.backend, [worker.ident, *frames], NOBLOCK)
             return True
         except zmq.ZMQError:
             self.kill_worker(worker, Reason.CRASH)

@@ -83,3 +83,4 @@ class Request:
     history: list[str] = field(default_factory=list)
     cancelled: bool = False
     abort_at: float = 0.0
+    queued: bool = False  # whether it waits in its profile's queue

@@ -1,0 +1,33 @@
+"""Multipart sends and receives without pyzmq's per-frame enum arithmetic.
+
+`send_multipart` and `recv_multipart` combine `zmq.Flag` enums and read `RCVMORE`
+through the generic option path for every frame, about 4 µs per message that the
+broker pays twice per relayed message. These do the same with plain integers.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
+    """Send a multipart message (`flags`: 0 or NOBLOCK). ZeroMQ queues a message's frames
+    atomically, so a failure on the first frame sends nothing."""
+    send = sock.send
+    more = flags | _MORE
+    for frame in frames[:-1]:
+        send(frame, more)
+    send(frames[-1], flags)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
+    """Receive one multipart message; raises zmq.Again if none is waiting (with NOBLOCK)."""
+    recv, get = sock.recv, sock.get
+    frames = [recv(flags)]
+    while get(_RCVMORE):
+        frames.append(recv(flags))
+    return frames

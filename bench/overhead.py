@@ -1,16 +1,26 @@
 """overhead: a tiny non-streaming request through the pool against the same SDK call made
 directly to the fake provider, timed in turn (ABAB), sync and asyncio, Anthropic and OpenAI.
 
+A request through the pool makes four ZeroMQ hops (caller -> broker -> worker and back);
+the same run measures their floor: a bare ZeroMQ round trip between two processes that do
+nothing else (two of those are the four hops), and a ping through the broker.
+
 Target: <= 0.3 ms added at the median; p99 <= 1.5x the direct p99 + 1 ms."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
 
 import anthropic
 import openai
+import zmq
 
 from broker import Pool
 from broker.fake_provider import FakeProviderProcess
@@ -25,6 +35,41 @@ CALLS = [
     ("openai", "models.list", {}),
     ("openai", "chat.completions.create", {"model": "gpt-bench", "messages": ASK, "max_completion_tokens": 1}),
 ]
+
+
+_ECHO = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.REP)
+sock.bind(sys.argv[1])
+print("ready", flush=True)
+while (frames := sock.recv_multipart()) != [b"stop"]:
+    sock.send_multipart(frames)
+sock.send(b"")
+"""
+
+
+def zmq_round_trip(repeat: int) -> float:
+    """Median seconds of a bare ZeroMQ ipc round trip to another process (REQ/REP echo)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"ipc://{os.path.join(tmp, 'echo')}"
+        echo = subprocess.Popen([sys.executable, "-c", _ECHO, url], stdout=subprocess.PIPE)
+        try:
+            echo.stdout.readline()  # type: ignore[union-attr]
+            sock = zmq.Context.instance().socket(zmq.REQ)
+            sock.connect(url)
+            times = []
+            for i in range(repeat + 100):
+                start = time.perf_counter()
+                sock.send_multipart([b"\x01", b"header", b"payload"])
+                sock.recv_multipart()
+                if i >= 100:
+                    times.append(time.perf_counter() - start)
+            sock.send(b"stop")
+            sock.recv()
+            sock.close(0)
+            return statistics.median(times)
+        finally:
+            echo.wait(5)
 
 
 def _method(sdk: Any, path: str) -> Any:
@@ -106,6 +151,13 @@ def run(size: str) -> dict[str, Any]:
             for sdk in direct.values():
                 sdk.close()
             rows.extend(asyncio.run(_async_rows(pool, fake.url, repeat)))
+            pings = alternate(client.ping, lambda: None, repeat)[0]
+        bare = zmq_round_trip(repeat)
+    floor = {
+        "zmq_round_trip_us": round(bare * 1e6),
+        "four_hops_us": round(2 * bare * 1e6),
+        "broker_ping_us": round(statistics.median(pings) * 1e6),
+    }
     targets = []
     for row in rows:
         targets.append(target(f"{row['call']}: added median", row["added_median_us"], "<= 300 us", lambda v: v <= 300))
@@ -113,7 +165,8 @@ def run(size: str) -> dict[str, Any]:
         targets.append(
             target(f"{row['call']}: p99", row["pool"]["p99_ms"], f"<= {limit:.2f} ms", lambda v, m=limit: v <= m)
         )
-    return result({"repeat": repeat, "calls": [f"{p} {m}" for p, m, _ in CALLS]}, {"rows": rows}, targets, started)
+    figures = {"rows": rows, "floor": floor}
+    return result({"repeat": repeat, "calls": [f"{p} {m}" for p, m, _ in CALLS]}, figures, targets, started)
 
 
 def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -123,4 +176,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
          r["pool"]["p99_ms"]]
         for r in data["figures"]["rows"]
     ]  # fmt: skip
+    floor = data["figures"]["floor"]
+    rows.append([f"floor: bare ZeroMQ round trip x2 = {floor['four_hops_us']} µs; ping via the broker "
+                 f"{floor['broker_ping_us']} µs", None, None, floor["four_hops_us"], None, None])  # fmt: skip
     return head, rows

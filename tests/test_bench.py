@@ -1,0 +1,70 @@
+"""The benchmark suite runs end to end at tiny sizes and writes every field; speed is not
+asserted here (that is what the benchmarks themselves report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("pebble")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory")
+
+
+def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "all", "--size", "tiny", "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(results.read_text())
+    assert set(data) == set(SCENARIOS)
+    for name, entry in data.items():
+        assert {"inputs", "figures", "targets", "machine", "versions", "seconds", "size"} <= set(entry), name
+        assert entry["size"] == "tiny"
+        assert entry["machine"]["cpus"] >= 1 and entry["versions"]["anthropic"] != "not installed"
+        assert entry["targets"], f"{name} states no target"
+        for t in entry["targets"]:
+            assert set(t) == {"name", "value", "goal", "met"} and isinstance(t["met"], bool), (name, t)
+        assert name in run.stderr  # its table was printed
+
+    overhead = data["overhead"]["figures"]
+    assert len(overhead["rows"]) == 8 and all(r["pool"]["n"] == 20 for r in overhead["rows"])
+    assert overhead["floor"]["zmq_round_trip_us"] > 0
+    stream = data["stream"]["figures"]["rows"]
+    assert {(r["provider"], r["path"]) for r in stream} == {
+        (p, path) for p in ("anthropic", "openai") for path in ("direct SDK", "pool client", "shim")
+    }
+    assert all(r["events"] >= 200 and r["events_per_s"] > 0 for r in stream)
+    scale = data["scale"]["figures"]["rows"]
+    assert [r["concurrency"] for r in scale] == [1, 4] and all(r["pool_events_per_s"] > 0 for r in scale)
+    faults = data["faults"]["figures"]
+    assert faults["clean_isopool"]["correct"] == 40
+    assert set(faults["contenders"]) == {"isopool", "plain SDK", "in-process watchdog", "pebble ProcessPool"}
+    assert faults["contenders"]["isopool"]["correct"] == 40  # every request answered correctly, faults or not
+    for r in faults["contenders"].values():
+        assert r["correct"] + r["wrong"] + r["failed"] + r["hanging_at_cap"] + r["never_started"] <= 40
+    respawn = data["respawn"]["figures"]
+    assert respawn["respawn_zygote"]["n"] == 3 and respawn["detection_lateness"]["n"] == 3
+    memory = data["memory"]["figures"]
+    assert [r["workers"] for r in memory["idle"]] == [1, 2] and memory["after_requests"]["requests"] == 100
+
+    out = tmp_path / "report"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "bench", "report", "--json", str(results), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for name in SCENARIOS:
+        assert f"## {name}" in report
+    for plot in ("overhead", "stream", "scale", "faults", "memory"):
+        png = out / f"{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -112,8 +112,9 @@ def run(size: str) -> dict[str, Any]:
     targets = [
         target("respawn median (ms)", figures["respawn_zygote"]["median_ms"], "<= 20", lambda v: v <= 20),
         target("recovery minus a clean first event (ms)", added, "<= 10", lambda v: v <= 10),
-        target("detection lateness median (ms)", figures["detection_lateness"]["median_ms"], "<= 50",
-               lambda v: v <= 50),  # fmt: skip
+        target(
+            "detection lateness median (ms)", figures["detection_lateness"]["median_ms"], "<= 50", lambda v: v <= 50
+        ),  # fmt: skip
     ]
     return result({"repeat": repeat, "timeout_s": TIMEOUT}, figures, targets, started)
 

@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("scenario", choices=[*SCENARIOS, "all", "report"])
-    parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="small sizes (< 2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="size",
+        default="full",
+        help="small sizes: every scenario in under two minutes",
+    )
     parser.add_argument("--size", choices=["full", "quick", "tiny"], default="full", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument("--out", help="report: directory for report.md and the plots (default: next to the JSON)")

@@ -199,7 +199,10 @@ def _pebble_task(url: str, i: int) -> str:
     global _task_client
     if _task_client is None:
         _task_client = openai.OpenAI(base_url=url)
-    return _stream_text(_task_client, i)
+    try:
+        return _stream_text(_task_client, i)
+    except Exception as exc:  # the SDK's exceptions do not pickle, and one that does not breaks the pool
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
 def pebble_pool(n: int, concurrency: int, faults: dict[str, float], cap: float,

@@ -64,6 +64,8 @@ def run(size: str) -> dict[str, Any]:
         with Pool(profiles=profiles) as pool, pool.client() as client:
             for provider, goal in (("anthropic", 0.9), ("openai", 1.0)):
                 paths = _paths(pool, client, fake.url, provider, tokens)
+                for make in paths.values():  # warm: a worker's first stream pays its copy-on-write faults
+                    _time(make)
                 runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
                 for _ in range(repeat):  # in turn, so that drift in machine load hits every path alike
                     for name, make in paths.items():

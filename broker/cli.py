@@ -85,16 +85,26 @@ def _default_url() -> str:
     metavar="HOST:PORT",
     help="Also serve Anthropic/OpenAI-compatible HTTP endpoints here (any program with a base_url can use the pool).",
 )
-def serve(config_path: str | None, frontend: str | None, http: str | None) -> None:
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a tcp:// frontend without CURVE keys: anyone who reaches the port can spend the provider keys.",
+)
+def serve(config_path: str | None, frontend: str | None, http: str | None, insecure: bool) -> None:
     """Run a broker with its zygote and workers in the foreground.
 
     Clients connect with ISOPOOL_URL (printed at start). Ctrl-C or SIGTERM drains:
-    no new requests, in-flight ones finish within drain_timeout, then everything stops."""
+    no new requests, in-flight ones finish within drain_timeout, then everything stops.
+
+    A tcp:// frontend requires CURVE keys (settings curve_server_key and curve_clients_dir;
+    see `isopool keygen`), or --insecure."""
     from .config import ConfigError, load_settings
     from .endpoints import shared_run_dir
     from .serve import run_broker
 
-    overrides = {k: v for k, v in (("frontend", frontend), ("http", http)) if v}
+    overrides: dict[str, object] = {k: v for k, v in (("frontend", frontend), ("http", http)) if v}
+    if insecure:
+        overrides["insecure"] = True
     try:
         settings = load_settings(config_path, **overrides)
     except ConfigError as exc:
@@ -105,6 +115,24 @@ def serve(config_path: str | None, frontend: str | None, http: str | None) -> No
         run_broker(settings)
     except (PermissionError, OSError) as exc:
         raise click.ClickException(f"cannot start the broker: {exc}") from None
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="broker", show_default=True, help="Files: NAME.key and NAME.key_secret.")
+def keygen(directory: str, name: str) -> None:
+    """Make a CURVE key pair for a tcp:// broker or one of its clients.
+
+    \b
+    The broker:   isopool keygen keys --name broker
+                  curve_server_key = "keys/broker.key_secret", curve_clients_dir = "allowed/"
+    A client:     isopool keygen keys --name alice; copy keys/alice.key into allowed/
+                  ISOPOOL_CLIENT_KEY=keys/alice.key_secret ISOPOOL_BROKER_KEY=keys/broker.key
+    Hand out only the .key files; the .key_secret files (0600) stay with their owner."""
+    from .curve import keygen as make_keys
+
+    public, secret = make_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
 
 
 @main.command()

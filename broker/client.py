@@ -25,9 +25,11 @@ from typing import Any
 import msgspec
 import zmq
 
+from .curve import secure_client
 from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
 from .loopsock import LoopSocket
 from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit
+from .zmqio import NOBLOCK
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -201,6 +203,7 @@ class AsyncClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 1_000_000)
         sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        secure_client(sock, url)
         sock.connect(url)
         self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
         self._codec = Codec()
@@ -266,11 +269,20 @@ class AsyncClient:
             self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
-        """Send (registering the call first, so that its answer finds it); safe from any thread."""
+        """Send (registering the call first, so that its answer finds it); safe from any thread.
+        Never blocks: with no connection to the broker (none made yet, or refused, as a
+        CURVE handshake with a key the broker does not allow is), raise BrokerUnavailable."""
         with self._sock.lock:
             if state is not None:
                 self._calls[state.rid] = state
-            self._sock.send(frames)
+            try:
+                self._sock.send(frames, NOBLOCK)
+            except zmq.Again:
+                if state is not None:
+                    del self._calls[state.rid]
+                raise BrokerUnavailable(
+                    f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"
+                ) from None
 
     async def stats(self) -> dict[str, Any]:
         """The broker's stats snapshot (workers, counters, histograms)."""
@@ -295,7 +307,10 @@ class AsyncClient:
     def _cancel(self, state: _CallState) -> None:
         """Tell the broker to stop a call; safe from any thread."""
         if not state.done and state.rid in self._calls and not self._closed:
-            self._send(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
+            try:
+                self._send(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
+            except BrokerUnavailable:
+                pass  # nothing runs it there any more
 
     def _route(self, frames: list[bytes]) -> None:
         """One message from the broker, to its call (run by the loop, under the socket's lock)."""
@@ -331,15 +346,19 @@ class AsyncClient:
         silent = time.monotonic() - self._heard
         if not self._calls or silent < self.broker_timeout:
             return
-        if not self._probing:
-            self._probing = True
-            self._control(Kind.PING, False)
-        elif silent >= 2 * self.broker_timeout:
-            with self._sock.lock:
-                self._fail_all(
-                    BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s")
-                )
-            self._probing = False
+        try:
+            if not self._probing:
+                self._probing = True
+                self._control(Kind.PING, False)
+                return
+            if silent < 2 * self.broker_timeout:
+                return
+            error = BrokerUnavailable(f"no answer from the broker at {self.url} for {2 * self.broker_timeout:g}s")
+        except BrokerUnavailable as exc:  # not even connected
+            error = exc
+        with self._sock.lock:
+            self._fail_all(error)
+        self._probing = False
 
     def _ending(self, state: _CallState, kind: Kind, payload: bytes) -> Result | RequestError:
         try:

@@ -78,6 +78,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drain_timeout: float = 30.0
     run_dir: str = ""
     frontend: str = ""
+    curve_server_key: str = ""  # the broker's secret certificate (`isopool keygen`), for a tcp:// frontend
+    curve_clients_dir: str = ""  # public certificates (*.key) of the clients allowed over tcp://
+    insecure: bool = False  # allow a tcp:// frontend without CURVE (anyone reaching the port may use the keys)
     http: str = ""
     gateway_token: str = ""
     allow_overrides: bool = False
@@ -106,6 +109,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"setting http must be HOST:PORT, got {self.http!r}")
             if not is_loopback(host) and not self.gateway_token:
                 raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
+        if bool(self.curve_server_key) != bool(self.curve_clients_dir):
+            raise ConfigError("settings curve_server_key and curve_clients_dir are set together or not at all")
+        if self.curve_server_key:
+            from .curve import check_server_keys
+
+            check_server_keys(self.curve_server_key, self.curve_clients_dir)
+        if self.frontend.startswith("tcp://") and not self.curve_server_key and not self.insecure:
+            raise ConfigError(
+                f"setting frontend: {self.frontend} needs CURVE authentication (curve_server_key and "
+                "curve_clients_dir; make the keys with `isopool keygen`), or insecure = true (`--insecure`) "
+                "if every host that can reach the port may spend the provider keys"
+            )
         if not self.profiles:
             raise ConfigError("setting profiles: at least one provider profile is needed")
         for name, p in self.profiles.items():

@@ -38,10 +38,10 @@ class LoopSocket:
         loop.add_reader(self.sock.FD, self.drain)
         loop.call_soon(self.drain)  # messages that arrived before the loop watched
 
-    def send(self, frames: list[bytes]) -> None:
-        """Send now; safe from any thread."""
+    def send(self, frames: list[bytes], flags: int = 0) -> None:
+        """Send now (`flags`: 0, or NOBLOCK to raise zmq.Again rather than wait); safe from any thread."""
         with self.lock:
-            send_frames(self.sock, frames)
+            send_frames(self.sock, frames, flags)
             pending = self.sock.getsockopt(_EVENTS) & _POLLIN
         if pending and self._loop is not None:
             self._loop.call_soon_threadsafe(self.drain)

@@ -22,6 +22,7 @@ import zmq
 
 from . import endpoints
 from .config import ZYGOTE_BOOT_TIMEOUT, Limits, Settings
+from .curve import CurveServer
 from .processes import kill_group, kill_tree
 from .protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
 from .protocol import Error as ErrorHeader
@@ -68,7 +69,16 @@ class Broker:
         self.stopped = False
 
         self.ctx = zmq.Context()
-        self.frontend = self._router(self.frontend_url)
+        self.curve: CurveServer | None = None
+        if self.frontend_url.startswith("tcp://"):
+            if settings.curve_server_key:
+                self.curve = CurveServer(self.ctx, settings.curve_server_key, settings.curve_clients_dir)
+            else:
+                log.warning("frontend %s has no CURVE authentication (insecure): whoever reaches it can "
+                            "spend the provider keys", self.frontend_url)  # fmt: skip
+        self.frontend = self._router(self.frontend_url, self.curve)
+        if self.frontend_url.startswith("tcp://"):  # the port chosen for `tcp://HOST:*`
+            self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
         self.zygote = Zygote(self.death_r)
@@ -79,8 +89,10 @@ class Broker:
 
     # ----- set-up and tear-down -------------------------------------------------
 
-    def _router(self, url: str) -> zmq.Socket:
+    def _router(self, url: str, curve: CurveServer | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
+        if curve is not None:
+            curve.secure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1_000_000)
@@ -137,6 +149,8 @@ class Broker:
             os.close(fd)
         self.frontend.close(linger=500)  # let the final answers above reach their callers
         self.backend.close(0)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
 

@@ -92,9 +92,9 @@ class PoolTransport(httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         http_call = to_http_call(request, self._base_path, self._overrides)
-        call = self._client.submit_http(self._profile, http_call, limits_of(request))
-        events = iter(call)
         try:
+            call = self._client.submit_http(self._profile, http_call, limits_of(request))
+            events = iter(call)
             first = next(events, None)
         except IsopoolError as exc:
             raise self._errors.before_output(exc, request) from exc
@@ -124,9 +124,9 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
         if self._client is None or self._loop is not loop:  # a client serves one event loop
             self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
         http_call = to_http_call(request, self._base_path, self._overrides)
-        call = await self._client.submit_http(self._profile, http_call, limits_of(request))
-        events = aiter(call)
         try:
+            call = await self._client.submit_http(self._profile, http_call, limits_of(request))
+            events = aiter(call)
             first = await anext(events, None)
         except IsopoolError as exc:
             raise self._errors.before_output(exc, request) from exc

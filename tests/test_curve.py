@@ -1,0 +1,95 @@
+"""A tcp:// frontend requires CURVE: allowed clients get through, others never reach the
+broker (and get BrokerUnavailable, not a hang); without keys it needs --insecure, and then
+the broker says so in its log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from broker import BrokerUnavailable, Pool
+from broker.config import ConfigError, load_settings
+from broker.curve import keygen
+
+from .conftest import TEST_SETTINGS, anthropic_args, profiles
+
+ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
+
+
+def test_a_tcp_frontend_without_curve_keys_is_refused_unless_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="isopool keygen"):
+        load_settings(frontend="tcp://127.0.0.1:5555")
+    assert load_settings(frontend="tcp://127.0.0.1:5555", insecure=True).insecure
+    with pytest.raises(ConfigError, match="together"):
+        load_settings(frontend="tcp://127.0.0.1:5555", curve_server_key=str(tmp_path / "broker.key_secret"))
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keygen(str(keys), "broker")
+    allowed.mkdir()
+    curve = {"frontend": "tcp://127.0.0.1:*", "curve_clients_dir": str(allowed)}
+    with pytest.raises(ConfigError, match="no client public keys"):  # nobody could ever connect
+        Pool(curve_server_key=str(keys / "broker.key_secret"), **curve, **TEST_SETTINGS)
+    keygen(str(keys), "alice")
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    with pytest.raises(ConfigError, match="no secret key"):  # the public half given by mistake
+        Pool(curve_server_key=str(keys / "broker.key"), **curve, **TEST_SETTINGS)
+    with pytest.raises(ConfigError, match="cannot read"):
+        Pool(curve_server_key=str(keys / "nobody.key_secret"), **curve, **TEST_SETTINGS)
+
+
+def test_keygen_writes_a_private_secret_half(tmp_path):
+    run = subprocess.run([ISOPOOL, "keygen", str(tmp_path / "k"), "--name", "alice"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert os.stat(tmp_path / "k").st_mode & 0o777 == 0o700
+    assert os.stat(tmp_path / "k" / "alice.key_secret").st_mode & 0o777 == 0o600
+    assert "secret-key" in (tmp_path / "k" / "alice.key_secret").read_text()
+    assert "secret-key" not in (tmp_path / "k" / "alice.key").read_text()
+
+
+def test_curve_admits_the_allowed_clients_only(fake, tmp_path, monkeypatch):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    keygen(str(keys), "broker")
+    for name in ("alice", "mallory"):
+        keygen(str(keys), name)
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+
+    def as_client(name: str | None) -> None:
+        for var in ("ISOPOOL_CLIENT_KEY", "ISOPOOL_BROKER_KEY"):
+            monkeypatch.delenv(var, raising=False)
+        if name:
+            monkeypatch.setenv("ISOPOOL_CLIENT_KEY", str(keys / f"{name}.key_secret"))
+            monkeypatch.setenv("ISOPOOL_BROKER_KEY", str(keys / "broker.key"))
+
+    as_client("alice")  # the pool's own readiness check is a client too
+    settings = dict(TEST_SETTINGS, frontend="tcp://127.0.0.1:*", curve_server_key=str(keys / "broker.key_secret"),
+                    curve_clients_dir=str(allowed))  # fmt: skip
+    with Pool(profiles=profiles(fake.url), **settings) as pool:
+        assert pool.url.startswith("tcp://127.0.0.1:") and not pool.url.endswith("*")
+        with pool.client() as client:
+            assert client.request("anthropic", "messages.create", **anthropic_args("hello")).json()["content"]
+        served = fake.stats()["completed"]
+        for outsider in ("mallory", None):  # a key the broker does not know; no CURVE at all
+            as_client(outsider)
+            with pool.client(broker_timeout=0.3) as client, pytest.raises(BrokerUnavailable):
+                client.request("anthropic", "messages.create", **anthropic_args(f"from {outsider}"))
+        assert fake.stats()["completed"] == served  # nothing of theirs reached the provider
+
+
+def test_an_insecure_tcp_frontend_logs_a_warning(tmp_path):
+    env = dict(os.environ, ISOPOOL_RUN_DIR=str(tmp_path / "run"))
+    proc = subprocess.Popen(
+        [ISOPOOL, "serve", "--frontend", "tcp://127.0.0.1:*", "--insecure"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        banner = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "serving on tcp://127.0.0.1:" in banner
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "no CURVE authentication" in err

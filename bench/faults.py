@@ -214,8 +214,11 @@ def pebble_pool(n: int, concurrency: int, faults: dict[str, float], cap: float,
     with FakeProviderProcess(LATENCY, faults, seed=1) as fake, ProcessPool(max_workers=concurrency) as pool:
         url = fake.url + "/v1"
         running: dict[int, Any] = {}
+        stopping = threading.Event()
 
         def schedule(i: int, attempt: int) -> None:
+            if stopping.is_set():  # at the cap: what is left stays unanswered
+                return
             future = pool.schedule(_pebble_task, args=(url, i), timeout=TASK_TIMEOUT)
             running[i] = future
             future.add_done_callback(lambda f: done(i, attempt, f))
@@ -239,6 +242,7 @@ def pebble_pool(n: int, concurrency: int, faults: dict[str, float], cap: float,
             out["hanging_at_cap"] = sum(1 for f in active if f.running())
             out["never_started"] = len(active) - out["hanging_at_cap"]
         injected = fake.stats()["faults"]
+        stopping.set()
         pool.stop()
     return out | {"faults_injected": injected, "task_timeout_s": TASK_TIMEOUT}
 
@@ -252,7 +256,7 @@ def _lost_per_stall(run: dict[str, Any], clean: float, concurrency: int, cap: fl
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    n, concurrency, cap = pick(size, (1000, 64, 60.0), (300, 32, 20.0), (40, 8, 5.0))
+    n, concurrency, cap = pick(size, (1000, 64, 60.0), (300, 32, 12.0), (40, 8, 5.0))
     clean, expected = isopool(n, concurrency, {}, cap)
     runs = {"isopool": isopool(n, concurrency, FAULTS, cap)[0]}
     runs["plain SDK"] = _threads(n, concurrency, FAULTS, cap, expected, watchdog=False)

@@ -112,8 +112,8 @@ def level(url: str, concurrency: int, seconds: float, tokens: int) -> dict[str, 
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    levels = pick(size, [1, 8, 64, 256, 512], [1, 8, 64, 256], [1, 4])
-    seconds, tokens = pick(size, (4.0, 500), (2.0, 500), (0.5, 50))
+    levels = pick(size, [1, 8, 64, 256, 512], [1, 8, 64], [1, 4])
+    seconds, tokens = pick(size, (4.0, 500), (1.5, 500), (0.5, 50))
     with FakeProviderProcess() as fake:
         rows = [level(fake.url, c, seconds, tokens) for c in levels]
     targets = []

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from broker import Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
+from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
 from broker.protocol import Submit
 from broker.server import Broker
@@ -251,3 +251,55 @@ def test_stats_without_a_broker_says_how_to_start_one(tmp_path):
     out = subprocess.run([ISOPOOL, "stats", "--url", url], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "isopool serve" in out.stderr
+
+
+def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_client(tmp_path, fake, own_processes):
+    """SIGKILL of the broker: its zygote and workers exit by themselves, a caller blocked on a
+    request gets BrokerUnavailable within its broker_timeout (never a hang), and a broker
+    started again at the same address is used by the same client object."""
+    proc, url = _start_serve(tmp_path, fake, heartbeat_interval=0.1)
+    second = None
+    try:
+        with Client(url, broker_timeout=0.5) as c:
+            wait_for(lambda: any(w["state"] == "ready" for w in c.stats()["workers"]), 20, "a ready worker")
+            assert c.request("anthropic", "messages.create", **anthropic_args("before")).status == 200
+            family = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            blocked = c.submit("anthropic", "messages.create", **anthropic_args("stuck"), **fault("silent:after=0"))
+            wait_for(lambda: c.stats()["in_flight"] == 1, 10, "the request to be running")
+            start = time.monotonic()
+            proc.kill()
+            proc.wait()
+            with pytest.raises(BrokerUnavailable):
+                blocked.result()
+            assert time.monotonic() - start < 5  # 2 x broker_timeout, plus a probe's slack
+            wait_for(lambda: not _alive(family), 10, "the dead broker's zygote and workers to exit")
+
+            second, _ = _start_serve(tmp_path, fake, heartbeat_interval=0.1)
+            wait_for(lambda: _ready_broker(c) == second.pid, 20, "the new broker and its worker")
+            assert c.request("anthropic", "messages.create", **anthropic_args("after")).status == 200
+    finally:
+        for p in (proc, second):
+            if p is not None:
+                p.kill()
+                p.wait()
+                p.stdout.close()
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _ready_broker(client: Client) -> int:
+    """The broker's pid once it has a ready worker; 0 while it cannot be reached."""
+    try:
+        stats = client.stats()
+    except BrokerUnavailable:
+        return 0
+    return stats["pid"] if any(w["state"] == "ready" for w in stats["workers"]) else 0

@@ -30,7 +30,7 @@ SDK_DEFAULT_TIMEOUT = 600.0  # what a stalled plain-SDK stream waits at least (p
 REASKED = "re-asked"  # tally key: a stream broken after output, asked again by the caller
 
 
-def _shapes(i: int) -> tuple[str, str, dict[str, Any], bool]:
+def request_shape(i: int) -> tuple[str, str, dict[str, Any], bool]:
     """Request number i: (profile, method, kwargs, stream), cycling through the APIs."""
     prompt = [{"role": "user", "content": f"demo request {i}"}]
     kind = i % 5
@@ -45,7 +45,7 @@ def _shapes(i: int) -> tuple[str, str, dict[str, Any], bool]:
     return "openai", "responses.create", {"model": "gpt-demo", "input": f"demo request {i}"}, False
 
 
-def _text(method: str, stream: bool, events: list[Any], body: Any) -> str:
+def answer_text(method: str, stream: bool, events: list[Any], body: Any) -> str:
     """The answer's text, from the final body or from the stream's deltas."""
     if not stream:
         if method == "messages.create":
@@ -59,7 +59,7 @@ def _text(method: str, stream: bool, events: list[Any], body: Any) -> str:
 
 
 async def _one(client: AsyncClient, i: int, tokens: int, tally: Counter, failures: list[str]) -> float:
-    profile, method, kwargs, stream = _shapes(i)
+    profile, method, kwargs, stream = request_shape(i)
     expected = Reply(kwargs, tokens).text
     start = time.monotonic()
     for _ in range(3):
@@ -67,7 +67,7 @@ async def _one(client: AsyncClient, i: int, tokens: int, tally: Counter, failure
             call = await client.submit(profile, method, stream=stream, **kwargs)
             events = [e.json() async for e in call] if stream else []
             result = await call.result()
-            text = _text(method, stream, events, None if stream else result.json())
+            text = answer_text(method, stream, events, None if stream else result.json())
             tally["ok" if text == expected else "wrong"] += 1
             return time.monotonic() - start
         except (StreamStalled, ProviderConnectionError) as exc:

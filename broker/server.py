@@ -268,9 +268,10 @@ class Broker:
 
     def _cancel(self, req: Request, why: str) -> None:
         """End the request for its caller now; a worker running it is told to abort (killed if it does not)."""
+        if req.key not in self.requests:  # already ended (while cancelling a vanished caller's others)
+            return
         worker = req.worker
         self._finish(req, Code.CANCELLED, why)
-        self.stats.requests["cancelled"] += 1
         if worker is not None:
             req.cancelled = True
             req.abort_at = time.monotonic() + 1.0
@@ -318,8 +319,8 @@ class Broker:
             if header.code == Code.PROVIDER_CONNECTION and not req.delivered:
                 self._retry_or_fail(req, Reason.CONNECTION, payload)
                 return
-            self._forward_end(req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, header.code)), payload])
-            self.stats.requests[f"error:{header.code}"] += 1
+            header_frame = self.codec.encode(ErrorHeader(req.crid, header.code))
+            self._forward_end(req, [_KIND[Kind.ERROR], header_frame, payload], f"error:{header.code}")
 
     def on_ready(self, worker: Worker, ready: Any) -> None:
         if ready.version != PROTOCOL_VERSION:
@@ -352,9 +353,8 @@ class Broker:
 
     def on_result(self, worker: Worker, req: Request, payload: bytes) -> None:
         self._release(worker, req)
-        self.stats.requests["ok"] += 1
         self.stats.latency.add(time.monotonic() - req.accepted_at)
-        self._forward_end(req, [_KIND[Kind.RESULT], self.codec.encode(Ref(req.crid)), payload or req.head or b""])
+        self._forward_end(req, [_KIND[Kind.RESULT], self.codec.encode(Ref(req.crid)), payload or req.head or b""], "ok")
 
     def on_zygote(self) -> None:
         reports = self.zygote.read()
@@ -441,11 +441,8 @@ class Broker:
             self._finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
         elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
             if last_error:  # the provider's own error is the most useful answer
-                self._forward_end(
-                    req,
-                    [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, Code.PROVIDER_CONNECTION)), last_error],
-                )
-                self.stats.requests[f"error:{Code.PROVIDER_CONNECTION}"] += 1
+                header = self.codec.encode(ErrorHeader(req.crid, Code.PROVIDER_CONNECTION))
+                self._forward_end(req, [_KIND[Kind.ERROR], header, last_error], f"error:{Code.PROVIDER_CONNECTION}")
                 return
             tried = ", ".join(req.history)
             self._finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")
@@ -632,15 +629,14 @@ class Broker:
     def _finish(self, req: Request, code: Code, message: str) -> None:
         """End a request with a broker-made error (exactly one answer)."""
         info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt)
-        self._forward_end(
-            req, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, code)), self.codec.encode(info)]
-        )
-        if code != Code.CANCELLED:
-            self.stats.requests[f"error:{code}"] += 1
+        frames = [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(req.crid, code)), self.codec.encode(info)]
+        self._forward_end(req, frames, "cancelled" if code == Code.CANCELLED else f"error:{code}")
 
-    def _forward_end(self, req: Request, frames: list[bytes]) -> None:
+    def _forward_end(self, req: Request, frames: list[bytes], outcome: str) -> None:
+        """Send a live request's one answer and count its outcome; nothing for one already ended."""
         if self.requests.pop(req.key, None) is None:
             return
+        self.stats.requests[outcome] += 1
         self.by_client.pop((req.client, req.crid), None)
         if req.queued:
             self.queues[req.profile].remove(self._unqueue(req))

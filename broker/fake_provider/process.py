@@ -73,6 +73,10 @@ class FakeProviderProcess:
         self.url = line.removeprefix("listening ")
         return self
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc is not None else 0
+
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/_isopool/stats", timeout=10) as resp:
             return json.load(resp)

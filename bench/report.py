@@ -65,24 +65,25 @@ def plot_stream(data: dict[str, Any], out: str) -> str:
     return _save(fig, out, "stream")
 
 
+def _against_concurrency(ax: Any, rows: list[dict], lines: dict[str, str], ylabel: str, title: str) -> None:
+    """One line per (label, field) of the rows, against concurrent streams on a log axis."""
+    x = [r["concurrency"] for r in rows]
+    for (label, key), style in zip(lines.items(), ("o-", "s--"), strict=False):
+        ax.plot(x, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.set_title(title)
+
+
 def plot_scale(data: dict[str, Any], out: str) -> str:
     rows = data["figures"]["rows"]
-    x = [r["concurrency"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(x, [r["pool_events_per_s"] for r in rows], "o-", label="through isopool")
-    left.plot(x, [r["direct_events_per_s"] for r in rows], "s--", label="direct async SDK")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("concurrent streams")
-    left.set_ylabel("events/s")
-    left.legend()
-    left.set_title("Aggregate events/s")
-    right.plot(x, [r["uss_idle_mb"] for r in rows], "o-", label="idle")
-    right.plot(x, [r["uss_busy_mb"] for r in rows], "s--", label="under load")
-    right.set_xscale("log", base=2)
-    right.set_xlabel("concurrent streams")
-    right.set_ylabel("USS of broker + zygote + workers (MB)")
-    right.legend()
-    right.set_title("Memory")
+    rates = {"through isopool": "pool_events_per_s", "direct async SDK": "direct_events_per_s"}
+    _against_concurrency(left, rows, rates, "events/s", "Aggregate events/s")
+    _against_concurrency(right, rows, {"idle": "uss_idle_mb", "under load": "uss_busy_mb"},
+                         "USS of broker + zygote + workers (MB)", "Memory")  # fmt: skip
     return _save(fig, out, "scale")
 
 

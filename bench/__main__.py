@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .common import SIZES
+
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory")
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="small sizes: every scenario in under two minutes",
     )
-    parser.add_argument("--size", choices=["full", "quick", "tiny"], default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=SIZES, default="full", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument("--out", help="report: directory for report.md and the plots (default: next to the JSON)")
     args = parser.parse_args(argv)

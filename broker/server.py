@@ -359,7 +359,7 @@ class Broker:
     def on_zygote(self) -> None:
         reports = self.zygote.read()
         if reports is None:
-            self._restart_zygote("the zygote exited")
+            self._restart_zygote(f"the zygote exited (status {self.zygote.exit_status()})")
             return
         for report in reports:
             if "ready" in report:  # spawn clocks start now, not while the zygote was importing

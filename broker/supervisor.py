@@ -64,6 +64,13 @@ class Zygote:
         self.ready = self.ready or any("ready" in r for r in reports)
         return reports
 
+    def exit_status(self) -> int | None:
+        """How a zygote whose pipe closed ended (negative: the signal that killed it)."""
+        try:
+            return self.proc.wait(1.0)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            return None
+
     def restart(self) -> None:
         """Replace a dead or unresponsive zygote. Only the zygote itself is killed: the workers it
         forked keep serving (their exits are no longer reported; heartbeats still watch them)."""

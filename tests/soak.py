@@ -141,30 +141,32 @@ class Soak:
         self.owned.add(proc.pid)
 
     def _chaos(self, stats: dict[str, Any], url: str, remaining: float) -> None:
-        """One act of chaos, chosen at random."""
+        """One act of chaos, chosen at random (first the act, then whether it applies now: a
+        zygote kill must not become likelier while no worker is up)."""
         self.owned.update(w["pid"] for w in stats["workers"] if w["pid"])
         self.owned.add(stats["zygote_pid"])
         workers = [w for w in stats["workers"] if w["pid"] and w["state"] in ("ready", "busy")]
-        roll = self.rng.random()
+        act = self.rng.choices(["worker SIGKILL", "worker SIGSTOP", "zygote SIGKILL", "client process SIGKILL", "none"],
+                               weights=[45, 20, 5, 10, 20])[0]  # fmt: skip
         try:
-            if roll < 0.45 and workers:
+            if act == "worker SIGKILL" and workers:
                 os.kill(self.rng.choice(workers)["pid"], signal.SIGKILL)
-                self.chaos["worker SIGKILL"] += 1
-            elif roll < 0.65 and workers:
+            elif act == "worker SIGSTOP" and workers:
                 os.kill(self.rng.choice(workers)["pid"], signal.SIGSTOP)  # a hung interpreter
-                self.chaos["worker SIGSTOP"] += 1
-            elif roll < 0.72 and stats["zygote_pid"]:
+            elif act == "zygote SIGKILL" and stats["zygote_pid"]:
                 os.kill(stats["zygote_pid"], signal.SIGKILL)
-                self.chaos["zygote SIGKILL"] += 1
-            elif roll < 0.85 and remaining > 3:
+            elif act == "client process SIGKILL" and remaining > 3:
                 running = [s for s, p in self.procs.items() if p.poll() is None]
-                if running:
-                    victim = self.procs.pop(self.rng.choice(running))
-                    victim.kill()
-                    victim.wait()
-                    victim.stdout.close()  # type: ignore[union-attr]
-                    self.chaos["client process SIGKILL"] += 1
-                    self._start_client(url, remaining)
+                if not running:
+                    return
+                victim = self.procs.pop(self.rng.choice(running))
+                victim.kill()
+                victim.wait()
+                victim.stdout.close()  # type: ignore[union-attr]
+                self._start_client(url, remaining)
+            else:
+                return
+            self.chaos[act] += 1
         except ProcessLookupError:
             pass
 

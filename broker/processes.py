@@ -20,6 +20,19 @@ def python_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-P", "-m", module, *args]
 
 
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` still running. A zombie has ended: an orphan whose new parent (a
+    container's init, say) does not reap it stays one, yet runs nothing."""
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL `pid` and all its descendants; idempotent."""
     try:

@@ -70,14 +70,14 @@ class Broker:
 
         self.ctx = zmq.Context()
         self.curve: CurveServer | None = None
-        if self.frontend_url.startswith("tcp://"):
-            if settings.curve_server_key:
-                self.curve = CurveServer(self.ctx, settings.curve_server_key, settings.curve_clients_dir)
-            else:
-                log.warning("frontend %s has no CURVE authentication (insecure): whoever reaches it can "
-                            "spend the provider keys", self.frontend_url)  # fmt: skip
+        tcp = self.frontend_url.startswith("tcp://")
+        if tcp and settings.curve_server_key:
+            self.curve = CurveServer(self.ctx, settings.curve_server_key, settings.curve_clients_dir)
+        elif tcp:
+            log.warning("frontend %s has no CURVE authentication (insecure): whoever reaches it can "
+                        "spend the provider keys", self.frontend_url)  # fmt: skip
         self.frontend = self._router(self.frontend_url, self.curve)
-        if self.frontend_url.startswith("tcp://"):  # the port chosen for `tcp://HOST:*`
+        if tcp:  # the port chosen for `tcp://HOST:*`
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes

@@ -36,6 +36,7 @@ from broker.demo import answer_text, request_shape
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.content import Reply
 from broker.fake_provider.faults import KINDS
+from broker.processes import running
 
 # Every fault of the fake provider, 20% of attempts in all.
 FAULT_SPECS = {
@@ -224,13 +225,7 @@ class Soak:
     def _alive(self, deadline: float) -> set[int]:
         """The soak's processes still running (waiting until `deadline` for them to go)."""
         while True:
-            alive = set()
-            for pid in self.owned:
-                try:
-                    if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                        alive.add(pid)
-                except psutil.NoSuchProcess:
-                    pass
+            alive = running(self.owned)
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.1)

@@ -17,6 +17,7 @@ import pytest
 
 from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
+from broker.processes import running
 from broker.protocol import Submit
 from broker.server import Broker
 from broker.state import Reason
@@ -272,7 +273,7 @@ def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_c
             with pytest.raises(BrokerUnavailable):
                 blocked.result()
             assert time.monotonic() - start < 5  # 2 x broker_timeout, plus a probe's slack
-            wait_for(lambda: not _alive(family), 10, "the dead broker's zygote and workers to exit")
+            wait_for(lambda: not running(family), 10, "the dead broker's zygote and workers to exit")
 
             second, _ = _start_serve(tmp_path, fake, heartbeat_interval=0.1)
             wait_for(lambda: _ready_broker(c) == second.pid, 20, "the new broker and its worker")
@@ -283,17 +284,6 @@ def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_c
                 p.kill()
                 p.wait()
                 p.stdout.close()
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.add(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def _ready_broker(client: Client) -> int:

@@ -70,6 +70,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: int = 3
     retry_backoff: float = 0.02
     queue_limit: int = 10_000
+    client_queue_limit: int = 0  # requests in flight per client connection; 0 = queue_limit
+    client_rate: float = 0.0  # requests per second per client connection; 0 = unlimited
+    client_burst: int = 0  # requests a connection may send at once under client_rate; 0 = one second's worth
+    client_buffer: int = 10_000  # messages held for a client that stopped reading before it is cut off
     max_message_bytes: int = 16 * 1024 * 1024
     max_requests_per_worker: int = 0
     max_memory_per_worker_mb: int = 0
@@ -100,9 +104,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting {name} must be > 0, got {getattr(self, name)}")
-        for name in ("heartbeat_misses", "max_attempts", "queue_limit"):
+        for name in ("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("client_queue_limit", "client_rate", "client_burst"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         if self.http:
             host, sep, port = self.http.rpartition(":")
             if not sep or not port.isdigit():

@@ -13,7 +13,8 @@
         ├── WorkerLost               the worker died after the caller saw output; not retried
         ├── AttemptsExhausted        every attempt stalled or lost its worker
         ├── DeadlineExceeded         the request's whole-request deadline passed
-        ├── PoolSaturated            the pool's queue is full: back off and retry
+        ├── PoolSaturated            the pool's queue (or this connection's share) is full: back off and retry
+        │   └── RateLimited          over this connection's client_rate: retry after the time in the message
         ├── Cancelled                cancelled by the caller, or the caller went away
         ├── ShuttingDown             the pool is draining
         ├── BadRequest               unknown profile or method, bad or refused arguments
@@ -109,6 +110,10 @@ class PoolSaturated(RequestError):
     code = Code.SATURATED
 
 
+class RateLimited(PoolSaturated):
+    code = Code.RATE_LIMITED
+
+
 class Cancelled(RequestError):
     code = Code.CANCELLED
 
@@ -145,6 +150,7 @@ BY_CODE: dict[Code, type[RequestError]] = {
         AttemptsExhausted,
         DeadlineExceeded,
         PoolSaturated,
+        RateLimited,
         Cancelled,
         ShuttingDown,
         BadRequest,

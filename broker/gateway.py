@@ -29,7 +29,15 @@ from aiohttp import web
 
 from .client import AsyncClient
 from .config import is_loopback
-from .errors import AttemptsExhausted, DeadlineExceeded, IsopoolError, PoolSaturated, ShuttingDown, StreamStalled
+from .errors import (
+    AttemptsExhausted,
+    DeadlineExceeded,
+    IsopoolError,
+    PoolSaturated,
+    RateLimited,
+    ShuttingDown,
+    StreamStalled,
+)
 from .protocol import LOCAL_HEADERS, HttpCall
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,8 @@ class Gateway:
 def _status(exc: IsopoolError) -> tuple[int, str]:
     if isinstance(exc, StreamStalled | AttemptsExhausted | DeadlineExceeded):
         return 504, "timeout_error"
+    if isinstance(exc, RateLimited):
+        return 429, "rate_limit_error"
     if isinstance(exc, PoolSaturated | ShuttingDown):
         return 503, "overloaded_error"
     return 502, "api_error"

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 4096
 
 
@@ -37,7 +37,8 @@ class Code(enum.StrEnum):
     WORKER_LOST = "worker_lost"  # the worker died after the caller saw output
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # every attempt stalled or lost its worker
     DEADLINE = "deadline"
-    SATURATED = "saturated"  # the pool's queue is full
+    SATURATED = "saturated"  # the pool's queue, or this connection's share of it, is full
+    RATE_LIMITED = "rate_limited"  # over this connection's client_rate
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting_down"
     PROTOCOL = "protocol"  # a malformed, oversized or unknown message
@@ -110,10 +111,12 @@ class Ready(msgspec.Struct, array_like=True, frozen=True, gc=False):
     pid: int
     version: int
     capacity: int = 1
+    token: str = ""  # the secret the broker gave this worker at spawn: READY and HEARTBEAT prove who sent them
 
 
 class Heartbeat(msgspec.Struct, array_like=True, frozen=True, gc=False):
     worker: str
+    token: str
 
 
 HEADERS: dict[Kind, type[msgspec.Struct]] = {

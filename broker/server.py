@@ -10,6 +10,7 @@ counted by reason; a killed worker's unseen requests are retried on a fresh work
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import os
 import random
@@ -22,7 +23,9 @@ import zmq
 
 from . import endpoints
 from .config import ZYGOTE_BOOT_TIMEOUT, Limits, Settings
+from .connections import Connections
 from .curve import CurveServer
+from .fairqueue import FairQueue
 from .processes import kill_group, kill_tree
 from .protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
 from .protocol import Error as ErrorHeader
@@ -36,7 +39,9 @@ log = logging.getLogger(__name__)
 
 _KIND = {kind: bytes([kind]) for kind in Kind}
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
-_MEMORY_CHECK_INTERVAL = 1.0
+_HOUSEKEEPING_INTERVAL = 1.0
+_PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
+_ENDS = (_KIND[Kind.RESULT], _KIND[Kind.ERROR])
 
 
 class Broker:
@@ -56,12 +61,17 @@ class Broker:
         self.by_pid: dict[int, Worker] = {}
         self.generations: dict[tuple[str, int], int] = collections.Counter()
         self.free: dict[str, collections.deque[Worker]] = {p: collections.deque() for p in settings.profiles}
-        self.queues: dict[str, collections.deque[Request]] = {p: collections.deque() for p in settings.profiles}
+        self.queues: dict[str, FairQueue] = {p: FairQueue() for p in settings.profiles}
+        self.connections = Connections(
+            settings.client_rate,
+            settings.client_burst or max(1, int(settings.client_rate)),
+            settings.client_queue_limit or settings.queue_limit,
+        )
         self.requests: dict[int, Request] = {}  # by key
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.next_check = 0.0
-        self.next_memory_check = 0.0
+        self.next_housekeeping = 0.0
         self.spawn_failures: dict[str, int] = collections.Counter()
         self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
         self.spawn_after: dict[str, float] = collections.defaultdict(float)
@@ -76,10 +86,10 @@ class Broker:
         elif tcp:
             log.warning("frontend %s has no CURVE authentication (insecure): whoever reaches it can "
                         "spend the provider keys", self.frontend_url)  # fmt: skip
-        self.frontend = self._router(self.frontend_url, self.curve)
+        self.frontend = self._router(self.frontend_url, settings.client_buffer, self.curve)
         if tcp:  # the port chosen for `tcp://HOST:*`
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.backend = self._router(self.backend_url)
+        self.backend = self._router(self.backend_url, 1_000_000)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
         self.zygote = Zygote(self.death_r)
         self.zygote_generation = 0
@@ -89,13 +99,13 @@ class Broker:
 
     # ----- set-up and tear-down -------------------------------------------------
 
-    def _router(self, url: str, curve: CurveServer | None = None) -> zmq.Socket:
+    def _router(self, url: str, sndhwm: int, curve: CurveServer | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         if curve is not None:
             curve.secure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.RCVHWM, 1_000_000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes + 65536)
         sock.bind(url)
@@ -130,8 +140,8 @@ class Broker:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
             for queue in self.queues.values():
-                while queue:
-                    self._finish(self._unqueue(queue.popleft()), Code.SHUTTING_DOWN, "the pool is shutting down")
+                for req in queue.clear():
+                    self._finish(req, Code.SHUTTING_DOWN, "the pool is shutting down")
 
     def close(self) -> None:
         """Kill every worker and the zygote, close sockets, remove socket files. Idempotent."""
@@ -242,8 +252,7 @@ class Broker:
         self.next_key += 1
         self.requests[req.key] = req
         self.by_client[(client, sub.rid)] = req
-        self.queues[req.profile].append(req)
-        req.queued = True
+        self.queues[req.profile].push(req)
         self.stats.requests["accepted"] += 1
         self.next_check = min(self.next_check, req.deadline_at)
 
@@ -259,7 +268,7 @@ class Broker:
             return Code.BAD_REQUEST, f"request id {sub.rid} is already in flight for this client"
         if len(self.requests) >= self.settings.queue_limit:
             return Code.SATURATED, f"pool saturated: {len(self.requests)} requests in flight (queue_limit)"
-        return None
+        return self.connections.admit(client, time.monotonic())
 
     def on_cancel(self, client: bytes, crid: int) -> None:
         req = self.by_client.get((client, crid))
@@ -289,16 +298,20 @@ class Broker:
             return
         if kind == Kind.HEARTBEAT:
             worker = self.workers.get(header.worker.encode())
-            if worker is not None:
+            if worker is not None and hmac.compare_digest(worker.token, header.token):
                 worker.last_beat = time.monotonic()
             return
         worker = self.workers.get(ident)
         if worker is None:
             return  # a killed predecessor's last words
-        worker.last_beat = time.monotonic()
         if kind == Kind.READY:
+            if not hmac.compare_digest(worker.token, header.token):
+                log.warning("a READY for worker %s without its token (not the process we forked): ignored", ident)
+                return
+            worker.last_beat = time.monotonic()
             self.on_ready(worker, header)
             return
+        worker.last_beat = time.monotonic()
         req = worker.requests.get(header.rid)
         if req is None:
             return
@@ -453,11 +466,11 @@ class Broker:
             delay = retry_delay(req.attempt + 1, self.settings.retry_backoff, 5.0, random.random())
             req.not_before = now + delay
             self.next_check = min(self.next_check, req.not_before)
-            self.queues[req.profile].appendleft(req)
-            req.queued = True
+            self.queues[req.profile].push(req, front=True)
 
     def expire(self, now: float) -> None:
-        """The watchdog pass: stalls, deadlines, heartbeats, startups, abort timeouts, memory."""
+        """The watchdog pass: stalls, deadlines, heartbeats, startups, abort timeouts; once a
+        second also parked answers, idle connection records and worker memory."""
         if now < self.next_check:
             return
         next_check = now + 1.0
@@ -493,13 +506,15 @@ class Broker:
                 next_check = min(next_check, due)
         for queue in self.queues.values():
             for req in [r for r in queue if now >= r.deadline_at]:
-                queue.remove(self._unqueue(req))
+                queue.remove(req)
                 self._finish(req, Code.DEADLINE, "deadline passed while the request was queued")
-            if queue:
-                next_check = min(next_check, min(r.deadline_at for r in queue), queue[0].not_before)
-        if self.settings.max_memory_per_worker_mb and now >= self.next_memory_check:
-            self.next_memory_check = now + _MEMORY_CHECK_INTERVAL
-            self._check_memory()
+            next_check = min(next_check, queue.next_due())
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + _HOUSEKEEPING_INTERVAL
+            next_check = min(next_check, self._resend_parked(now))
+            self.connections.prune(now)
+            if self.settings.max_memory_per_worker_mb:
+                self._check_memory()
         self.next_check = next_check
 
     def _check_memory(self) -> None:
@@ -542,9 +557,8 @@ class Broker:
             self.kill_worker(worker, Reason.SCALE_DOWN)
 
     def _fail_queue(self, profile: str, why: str) -> None:
-        queue = self.queues[profile]
-        while queue:
-            self._finish(self._unqueue(queue.popleft()), Code.CONFIG, why)
+        for req in self.queues[profile].clear():
+            self._finish(req, Code.CONFIG, why)
 
     def _spawn(self, profile: str, now: float) -> None:
         taken = {w.slot for w in self.workers.values() if w.profile == profile}
@@ -569,6 +583,7 @@ class Broker:
             "profile": self.settings.profiles[worker.profile],
             "heartbeat_interval": self.settings.heartbeat_interval,
             "death_fd": self.death_r,
+            "token": worker.token,
             "allow_overrides": self.settings.allow_overrides,
             "log_level": self.settings.log_level,
         }
@@ -584,16 +599,16 @@ class Broker:
             free = self.free[name]
             take = free.pop if self.settings.profiles[name].concurrency == 1 else free.popleft
             while queue and free:
-                req = queue[0]
-                if req.not_before > now:
-                    break
                 worker = take()
                 worker.queued_free = False
                 if worker.state is not WorkerState.READY or worker.free <= 0:
                     continue
-                self._unqueue(queue.popleft())
-                self._run(worker, req, now)
+                req = queue.pop(now)
+                if req is not None:
+                    self._run(worker, req, now)
                 self._offer(worker)
+                if req is None:
+                    break
 
     def _run(self, worker: Worker, req: Request, now: float) -> None:
         req.attempt += 1
@@ -638,31 +653,73 @@ class Broker:
             return
         self.stats.requests[outcome] += 1
         self.by_client.pop((req.client, req.crid), None)
+        self.connections.done(req.client)
         if req.queued:
-            self.queues[req.profile].remove(self._unqueue(req))
+            self.queues[req.profile].remove(req)
         elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
         self._send_client(req.client, frames)
-
-    @staticmethod
-    def _unqueue(req: Request) -> Request:
-        req.queued = False
-        return req
 
     def _reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
         info = self.codec.encode(ErrorInfo(code, message))
         self._send_client(client, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(rid, code)), info])
 
     def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
+        """Send to a caller; one that is gone or stopped reading has its requests cancelled.
+
+        A caller that stopped reading (EAGAIN: `client_buffer` messages wait for it) keeps its
+        final answers parked for `_PARKED_FOR` seconds, so each of its requests still ends in
+        one answer if it resumes; the broker's memory stays bounded meanwhile."""
+        conn = self.connections.get(client)
+        if conn is not None and conn.parked is not None:
+            if frames[0] in _ENDS:
+                conn.parked.append(frames)
+            return False
         try:
             send_frames(self.frontend, [client, *frames], NOBLOCK)
             return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the caller is gone (F11); EAGAIN: it stopped reading
-            log.info("client %r unreachable (%s): cancelling its requests", client, exc)
+        except zmq.ZMQError as exc:
+            gone = exc.errno == zmq.EHOSTUNREACH  # the caller is gone (F11); else EAGAIN
+            log.info("client %r %s: cancelling its requests", client, "went away" if gone else "stopped reading")
+            self.connections.park(client, frames if frames[0] in _ENDS else None, time.monotonic())
+            why = (
+                "the caller went away"
+                if gone
+                else f"the caller stopped reading ({self.settings.client_buffer} messages waiting; client_buffer)"
+            )
             for (owner, _), req in list(self.by_client.items()):
                 if owner == client:
-                    self._cancel(req, "the caller went away")
+                    self._cancel(req, why)
+            if gone:
+                self.connections.forget(client)
+            else:
+                self.next_check = min(self.next_check, time.monotonic() + _HOUSEKEEPING_INTERVAL)
             return False
+
+    def _resend_parked(self, now: float) -> float:
+        """Try again to hand parked answers to callers that stopped reading; when to try next."""
+        due = float("inf")
+        for client, conn in self.connections.parked():
+            answers = conn.parked
+            while answers:
+                try:
+                    send_frames(self.frontend, [client, *answers[0]], NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone for good
+                    answers.clear()
+                    break
+                answers.pop(0)
+            if not answers:
+                self.connections.unpark(client)
+            elif now - conn.parked_at > _PARKED_FOR:
+                log.warning(
+                    "client %r did not read for %gs: dropping %d answers for it", client, _PARKED_FOR, len(answers)
+                )
+                self.connections.forget(client)
+            else:
+                due = now + _HOUSEKEEPING_INTERVAL
+        return due
 
     def _send_worker(self, worker: Worker, frames: list[bytes]) -> bool:
         try:
@@ -697,6 +754,7 @@ class Broker:
             "zygote_pid": self.zygote.pid,
             "queued": {name: len(q) for name, q in self.queues.items()},
             "in_flight": len(self.requests),
+            "connections": len(self.connections),
             "draining": self.draining_since is not None,
             "allow_overrides": self.settings.allow_overrides,
             "capacity": {name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},

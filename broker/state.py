@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
 
 import psutil
@@ -46,6 +47,7 @@ class Worker:
     generation: int
     spawned_at: float
     capacity: int = 1
+    token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)  # proves READY/HEARTBEAT
     state: WorkerState = WorkerState.STARTING
     pid: int = 0
     proc: psutil.Process | None = None  # taken when forked: killing it never hits a recycled pid

@@ -7,10 +7,13 @@ replayed request id, and must keep every well-formed request answered correctly.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import msgspec
+import psutil
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +21,7 @@ from hypothesis import strategies as st
 
 from broker import Pool
 from broker.endpoints import ipc_url
-from broker.protocol import HEADERS, Call, Code, Codec, Kind, Ref, Submit
+from broker.protocol import HEADERS, PROTOCOL_VERSION, Call, Code, Codec, Heartbeat, Kind, Ref, Submit
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles
 
@@ -173,8 +176,10 @@ def test_replayed_and_unknown_request_ids(fuzz_pool):
                   st.integers(0, 50)).map(lambda t: [bytes([t[0]]), _ENC.encode([t[1], 1, 1])
                                                      if t[0] == Kind.EVENT else _ENC.encode([t[1], "x"])
                                                      if t[0] == Kind.ERROR else _ENC.encode([t[1]]), b"{}"]),
-        st.builds(lambda name: [bytes([Kind.READY]), _ENC.encode([name, 1, 99, 1])], st.text(max_size=12)),
-        st.builds(lambda name: [bytes([Kind.HEARTBEAT]), _ENC.encode([name])], st.text(max_size=12)),
+        st.builds(lambda name, v, token: [bytes([Kind.READY]), _ENC.encode([name, 1, v, 1, token])],
+                  st.text(max_size=12), st.sampled_from([99, PROTOCOL_VERSION]), st.text(max_size=32)),
+        st.builds(lambda name, token: [bytes([Kind.HEARTBEAT]), _ENC.encode([name, token])],
+                  st.text(max_size=12), st.text(max_size=32)),
     ),
     identity=st.sampled_from([None, b"anthropic.0.0", b"anthropic.1.0", b"openai.0.0", b"nobody"]),
 )  # fmt: skip
@@ -189,6 +194,29 @@ def test_forged_worker_messages_are_ignored(fuzz_pool, frames, identity):
     finally:
         sock.close(0)
     assert fuzz_pool.running
+
+
+def test_forged_heartbeats_do_not_keep_a_hung_worker_alive(fuzz_pool):
+    """Heartbeats carry the secret each worker got at spawn: a process that names a hung
+    worker in forged heartbeats cannot stop the broker from replacing it."""
+    CASES["backend"] += 1
+    with fuzz_pool.client() as client:
+        victim = next(w for w in client.stats()["workers"] if w["profile"] == "openai" and w["pid"])
+        killed_before = client.stats()["kills"].get("heartbeat_lost", 0)
+        sock = _socket(ipc_url(fuzz_pool.settings.run_dir, "backend"), b"impostor")
+        forged = Codec().frames(Kind.HEARTBEAT, Heartbeat(victim["ident"], "0" * 32))
+        os.kill(victim["pid"], signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 10
+            while psutil.pid_exists(victim["pid"]) and psutil.Process(victim["pid"]).status() != "zombie":
+                assert time.monotonic() < deadline, "forged heartbeats kept a hung worker alive"
+                sock.send_multipart(forged)
+                time.sleep(0.02)
+        finally:
+            sock.close(0)
+            if psutil.pid_exists(victim["pid"]):
+                os.kill(victim["pid"], signal.SIGKILL)
+        assert client.stats()["kills"]["heartbeat_lost"] == killed_before + 1
 
 
 def test_an_oversized_message_is_dropped_and_the_pool_keeps_serving(fuzz_pool):

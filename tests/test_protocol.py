@@ -33,7 +33,7 @@ SAMPLES = {
     Kind.RUN: Run(10, 2),
     Kind.ABORT: Ref(11),
     Kind.READY: Ready("anthropic.0.0", 1234, 1, 1),
-    Kind.HEARTBEAT: Heartbeat("anthropic.0.0"),
+    Kind.HEARTBEAT: Heartbeat("anthropic.0.0", "0f" * 16),
 }
 
 

@@ -59,6 +59,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     profile: Profile
     heartbeat_interval: float
     death_fd: int
+    token: str = ""  # proves to the broker that READY and HEARTBEAT come from the process it forked
     allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
     log_level: str = "WARNING"
 
@@ -177,7 +178,7 @@ class Worker:
         sock.connect(self.spec.backend)
         self.sock = LoopSocket(sock, self._on_message)
         threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
-        ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency)
+        ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
         self.sock.attach(asyncio.get_running_loop())
         await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
@@ -218,7 +219,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4)
         sock.connect(self.spec.backend)
-        beat = Codec().frames(Kind.HEARTBEAT, Heartbeat(self.spec.ident))
+        beat = Codec().frames(Kind.HEARTBEAT, Heartbeat(self.spec.ident, self.spec.token))
         interval = self.spec.heartbeat_interval
         while True:
             readable, _, _ = select.select([self.spec.death_fd], [], [], interval)

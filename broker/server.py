@@ -183,6 +183,8 @@ class Broker:
                     self._read(self.frontend, self.on_frontend)
                 if self.zygote.fileno() in ready:
                     self.on_zygote()
+                if self.zygote.outbox:
+                    self.zygote.flush()
                 now = time.monotonic()
                 self.expire(now)
                 self.dispatch(now)  # before reconcile: a retry is sent before its replacement is forked
@@ -478,6 +480,8 @@ class Broker:
             if now - self.zygote.started_at > max(self.settings.startup_timeout, ZYGOTE_BOOT_TIMEOUT):
                 self._restart_zygote("the zygote did not finish importing the SDKs in time")
             next_check = min(next_check, now + 0.1)
+        if self.zygote.outbox:  # spawn requests wait for its pipe
+            next_check = min(next_check, now + 0.05)
         for worker in list(self.workers.values()):
             if not (self.zygote.ready or worker.pid):
                 continue  # its clock starts when the zygote is ready

@@ -24,6 +24,7 @@ class Zygote:
         self._death_fd = death_fd
         self.proc: subprocess.Popen | None = None
         self._pending = b""
+        self.outbox = b""  # spawn requests its pipe could not take yet (it is busy or hung)
         self.ready = False  # it has imported everything and forks on request
         self.started_at = 0.0
 
@@ -32,7 +33,9 @@ class Zygote:
             python_command("worker.zygote"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._death_fd,)
         )
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(self.proc.stdin.fileno(), False)  # type: ignore[union-attr]  # a hung zygote never blocks us
         self._pending = b""
+        self.outbox = b""
         self.ready = False
         self.started_at = time.monotonic()
 
@@ -45,11 +48,20 @@ class Zygote:
 
     def spawn(self, spec: Any) -> bool:
         """Ask for a worker; False if the zygote is gone (the caller restarts it)."""
+        self.outbox += _ENC.encode({"spawn": spec}) + b"\n"
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write what the pipe takes now, never blocking: a hung zygote's full pipe must not stop
+        the broker (the startup timeout replaces that zygote). False if the zygote is gone."""
         try:
-            os.write(self.proc.stdin.fileno(), _ENC.encode({"spawn": spec}) + b"\n")  # type: ignore[union-attr]
+            written = os.write(self.proc.stdin.fileno(), self.outbox)  # type: ignore[union-attr]
+        except BlockingIOError:
             return True
-        except (BrokenPipeError, OSError):
+        except OSError:
             return False
+        self.outbox = self.outbox[written:]
+        return True
 
     def read(self) -> list[dict[str, Any]] | None:
         """Reports available now; None once the zygote has exited."""

@@ -21,6 +21,7 @@ from broker.processes import running
 from broker.protocol import Submit
 from broker.server import Broker
 from broker.state import Reason
+from broker.supervisor import Zygote
 
 from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
 
@@ -86,6 +87,25 @@ def test_burst_beyond_queue_limit_is_refused_as_saturated_never_lost(fake, own_p
         assert outcomes.count(200) == 3 and outcomes.count("saturated") == 7
         stats = c.stats()
         assert stats["in_flight"] == 0 and stats["queued"] == {"anthropic": 0}
+
+
+def test_spawn_requests_never_block_on_a_hung_zygote(own_processes):
+    """A SIGSTOPped zygote stops reading its pipe; 200 spawn requests (~100 KB, more than a
+    pipe holds) are kept in an outbox instead of blocking the broker's loop."""
+    death_r, death_w = os.pipe()
+    zygote = Zygote(death_r)
+    zygote.start()
+    try:
+        os.kill(zygote.pid, signal.SIGSTOP)
+        spec = {"ident": "anthropic.0.0", "padding": "x" * 500}
+        start = time.monotonic()
+        assert all(zygote.spawn(spec) for _ in range(200))
+        assert time.monotonic() - start < 2.0 and zygote.outbox  # the rest waits
+        os.kill(zygote.pid, signal.SIGCONT)
+    finally:
+        zygote.stop()
+        os.close(death_r)
+        os.close(death_w)
 
 
 def test_killed_zygote_is_restarted_and_spawns_continue(client):

@@ -3,9 +3,7 @@ against a baseline, process memory and CPU, targets, and the table printed at th
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -13,6 +11,8 @@ from typing import Any
 
 import msgspec
 import psutil
+
+from broker.machine import machine, versions
 
 os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
 os.environ.setdefault("OPENAI_API_KEY", "bench-key")
@@ -22,37 +22,6 @@ SIZES = ("full", "quick", "tiny")  # tiny: the test suite's smoke run
 
 def pick(size: str, full: Any, quick: Any, tiny: Any) -> Any:
     return {"full": full, "quick": quick, "tiny": tiny}[size]
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu or platform.processor(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
-
-
-def versions() -> dict[str, str]:
-    names = ("isopool", "anthropic", "openai", "pyzmq", "msgspec", "httpx", "aiohttp", "pebble")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def ms(seconds: float) -> float:

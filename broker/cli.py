@@ -1,4 +1,4 @@
-"""The `isopool` command line: serve, stats, demo and fake-provider."""
+"""The `isopool` command line: serve, stats, keygen, batch, run, demo, fake-provider and loadtest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 import click
 import msgspec
 
+from .cli_options import fault_rates_option, parse_rates
 from .fake_provider.faults import KINDS
+from .loadtest.cli import loadtest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,19 +22,6 @@ def main() -> None:
     Stalled streams are detected (even while keep-alive pings arrive), their worker
     process is killed and replaced, and the request is retried if the caller has not
     seen any of it yet."""
-
-
-def _rates(specs: tuple[str, ...]) -> dict[str, float]:
-    rates: dict[str, float] = {}
-    for item in specs:
-        spec, sep, rate = item.rpartition("=")
-        if not sep:
-            raise click.BadParameter(f"expected SPEC=RATE, got {item!r}", param_hint="--fault-rate")
-        try:
-            rates[spec] = float(rate)
-        except ValueError:
-            raise click.BadParameter(f"rate {rate!r} is not a number", param_hint="--fault-rate") from None
-    return rates
 
 
 _FAKE_HELP = """Run the fault-injecting fake Anthropic/OpenAI provider in the foreground.
@@ -52,13 +41,7 @@ Fault kinds:
 @click.option("--ttft", default=0.0, show_default=True, help="Seconds before the first event.")
 @click.option("--gap", default=0.0, show_default=True, help="Seconds between events.")
 @click.option("--tokens", default=16, show_default=True, help="Output tokens per answer.")
-@click.option(
-    "--fault-rate",
-    "fault_rates",
-    multiple=True,
-    metavar="SPEC=RATE",
-    help="Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.",
-)
+@fault_rates_option("Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
 def fake_provider(host, port, ttft, gap, tokens, fault_rates, seed, owned) -> None:
@@ -66,7 +49,7 @@ def fake_provider(host, port, ttft, gap, tokens, fault_rates, seed, owned) -> No
     from .fake_provider.server import Latency
 
     try:
-        asyncio.run(serve(host, port, Latency(ttft, gap, tokens), _rates(fault_rates), seed, owned))
+        asyncio.run(serve(host, port, Latency(ttft, gap, tokens), parse_rates(fault_rates), seed, owned))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -276,3 +259,6 @@ def demo(requests, concurrency, stall_rate, reset_rate, error_rate, stale_timeou
         print_demo(summary)
     if summary["lost"] or summary["wrong"]:
         sys.exit(1)
+
+
+main.add_command(loadtest)

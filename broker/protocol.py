@@ -140,6 +140,24 @@ KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
 # Payloads. The broker never decodes these, except the ones it writes itself.
 
 
+TICK = "isopool.tick"  # the event name of a timed call's ticks
+
+
+class Tick(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, gc=False):
+    """What a timed call's worker sends for each read of the stream instead of its events:
+    when the bytes arrived (`time.monotonic_ns()`, the same clock in every process of the
+    machine), how many of them were output (content deltas), and, once known, the usage
+    and a mid-stream error. The first tick is the response head, with the send time."""
+
+    t: int
+    tokens: int = 0
+    sent: int = 0  # first tick only: when the worker sent the request
+    status: int = 0  # first tick only: the HTTP status
+    output_tokens: int = -1  # from the provider's usage, when it reports it
+    input_tokens: int = -1
+    error: str = ""  # the type of a mid-stream error event, e.g. overloaded_error
+
+
 class Call(msgspec.Struct, frozen=True, tag="sdk"):
     """What a worker should run: an SDK method path such as `messages.create` and its kwargs."""
 
@@ -157,6 +175,7 @@ class HttpCall(msgspec.Struct, frozen=True, tag="http"):
     body: bytes = b""
     base_url: str = ""  # per-request upstream and key: refused unless the pool allows overrides
     api_key: str = ""
+    timed: bool = False  # a load test's call: the worker sends a `Tick` per read instead of the events
 
     def __repr__(self) -> str:  # never show the key
         return (

@@ -12,6 +12,7 @@ SDK raises its own exception classes and applies its own retry settings.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -19,6 +20,7 @@ import msgspec
 from broker.protocol import LOCAL_HEADERS, HttpCall
 
 from .calls import STREAMABLE, BadCall, as_stream, relay
+from .timing import api_of, time_stream
 
 # The caller's request headers that never go upstream: its local ones (credentials: the
 # worker adds its own) and the transfer details the worker's HTTP client sets itself.
@@ -53,7 +55,7 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
     body = call.body
     method = _ENDPOINTS.get((kind, route)) if call.method == "POST" else None
     streaming, accumulator = True, None
-    if method is not None and body:
+    if method is not None and body and not call.timed:  # a timed call is measured as the caller sent it
         try:
             args = _DEC.decode(body)
         except msgspec.DecodeError:
@@ -65,8 +67,12 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
     headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
     headers += _auth(kind, call.api_key) if call.api_key else list(sdk.auth_headers.items())
     url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
+    sent = time.monotonic_ns()
     response = await http.send(http.build_request(call.method, url, headers=headers, content=body), stream=True)
     try:
-        await relay(response, emit, streaming, accumulator, raise_on_error=False)
+        if call.timed:
+            await time_stream(response, emit, api_of(kind, route), sent)
+        else:
+            await relay(response, emit, streaming, accumulator, raise_on_error=False)
     finally:
         await response.aclose()

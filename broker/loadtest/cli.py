@@ -1,0 +1,120 @@
+"""`isopool loadtest` and `isopool loadtest report`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+
+import click
+
+from ..cli_options import fault_rates_option, parse_rates
+
+
+def _numbers(kind: type, text: str | None) -> list:
+    if not text:
+        return []
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+_HELP = """Load-test an Anthropic- or OpenAI-compatible endpoint from the process pool.
+
+Every request is timed in its worker when the bytes arrive; a stream that stalls
+(even while the server sends keep-alives) is cut at --stale-timeout and counted as a
+stall, so the run always finishes. With no --target, the built-in fake provider is the
+target, so a first run needs no key and no network.
+
+\b
+  isopool loadtest                                    # fake provider, 8 streams, 100 requests
+  isopool loadtest -c 16,64,256 --duration 30 --warmup 5
+  isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
+  isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
+  isopool loadtest report loadtest-20261125-120000    # a finished or killed run
+
+Results: OUT/records.jsonl (one line per request, written as each ends),
+OUT/results.json (options, machine, per load point: summary, generator, series),
+OUT/results.csv (one row per load point)."""
+
+
+@click.group(invoke_without_command=True, help=_HELP)
+@click.option(
+    "--target",
+    default="fake",
+    show_default=True,
+    help="fake, anthropic, openai (keys from the usual variables), or an OpenAI-compatible base URL.",
+)
+@click.option(
+    "--api",
+    type=click.Choice(["messages", "chat", "responses"]),
+    help="Which API to call (default: messages for anthropic, else chat).",
+)
+@click.option("--model", default="", help="Model name (default: one per API).")
+@click.option("-c", "--concurrency", help="Closed loop: requests in flight at once; a comma list sweeps.")
+@click.option("--rate", help="Open loop: requests per second; a comma list sweeps.")
+@click.option("--max-concurrency", default=0, help="Cap on requests in flight under --rate (0: none).")
+@click.option(
+    "--arrival",
+    type=click.Choice(["poisson", "constant"]),
+    default="poisson",
+    show_default=True,
+    help="Inter-arrival times under --rate.",
+)
+@click.option("-n", "--requests", default=0, help="Requests per load point (default 100 unless --duration).")
+@click.option("--duration", default=0.0, help="Seconds per load point.")
+@click.option("--warmup", default=0.0, help="Seconds at the start of each point recorded but left out of the figures.")
+@click.option("--ramp-up", default=0.0, help="Seconds over which the load rises to its level.")
+@click.option("--input-tokens", default="256", show_default=True, help="N, or mean=N,sd=S,min=A,max=B.")
+@click.option("--output-tokens", default="128", show_default=True, help="N, or mean=N,sd=S,min=A,max=B.")
+@click.option("--no-stream", is_flag=True, help="Ask for plain (non-streaming) answers.")
+@click.option("--stale-timeout", default=10.0, show_default=True, help="Seconds without output before a stall is cut.")
+@click.option("--first-event-timeout", default=60.0, show_default=True, help="Seconds to the first event.")
+@click.option("--slo", default="", help="Goodput limits, e.g. ttft=500ms,tpot=50ms,e2e=20.")
+@click.option("--seed", default=0, show_default=True, help="Seed of prompts, lengths and arrivals.")
+@click.option("--fake-ttft", default=0.0, show_default=True, help="The fake provider's time to first token (s).")
+@click.option("--fake-gap", default=0.0, show_default=True, help="The fake provider's time between tokens (s).")
+@fault_rates_option("Make the fake provider inject this fault into a share of requests, e.g. silent:after=5=0.1.")
+@click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.pass_context
+def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from .report import LoadProgress, print_results, write_csv
+    from .runner import Options, run
+
+    try:
+        opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
+                       fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
+    with LoadProgress(enabled=not as_json) as progress:
+        results = run(opts, out, progress)
+    write_csv(results, f"{out}/results.csv")
+    if as_json:
+        json.dump(results, sys.stdout, indent=1)
+        print()
+    else:
+        print_results(results, out)
+
+
+@loadtest.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+def report(directory: str, as_json: bool) -> None:
+    """Summarize a load test's records (a finished run, or one killed half-way)."""
+    from ..render import console
+    from .report import print_results, rebuild
+
+    results = rebuild(directory)
+    if not results["points"]:
+        console.print(f"no request records in {directory} yet")
+        sys.exit(1)
+    if as_json:
+        json.dump(results, sys.stdout, indent=1)
+        print()
+    else:
+        print_results(results, directory)

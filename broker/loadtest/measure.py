@@ -1,0 +1,158 @@
+"""One request's record, built from the ticks its worker sent (see `worker/timing.py`).
+
+Times are `time.monotonic_ns()` values from the worker (when the bytes arrived) and from
+the generator (when the request was due and when it was submitted); both read the same
+machine-wide clock. Every record says how the request ended, in one of these classes:
+ok, http_error (the server answered 4xx/5xx), stream_error (an `error` event mid-stream),
+stall (no output for the stale timeout, or none before the first-event timeout: cut, and
+counted with the token it stalled after), connection, and pool (the pool refused or lost it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..errors import (
+    AttemptsExhausted,
+    DeadlineExceeded,
+    ProviderConnectionError,
+    RequestError,
+    StreamStalled,
+)
+from ..protocol import TICK, Tick
+
+_TICK = msgspec.msgpack.Decoder(Tick)
+_NS = 1e-9
+
+
+class Measurement:
+    """Collects one request's ticks; `record()` turns them into the JSON-able record."""
+
+    def __init__(self, index: int, scheduled: int, submitted: int, input_tokens: int, requested: int) -> None:
+        self.index, self.scheduled, self.submitted = index, scheduled, submitted
+        self.input_estimate, self.requested = input_tokens, requested
+        self.sent = self.head = self.first = self.last = 0
+        self.status = 0
+        self.arrivals: list[tuple[int, int]] = []  # (arrival ns, output deltas in that read)
+        self.tokens = 0
+        self.output_tokens = self.input_tokens = -1
+        self.outcome, self.error = "ok", ""
+        self.end = 0
+
+    def tick(self, name: str, data: bytes) -> None:
+        if name != TICK:
+            return
+        tick = _TICK.decode(data)
+        if tick.sent:
+            self.sent, self.head, self.status = tick.sent, tick.t, tick.status
+        if tick.tokens:
+            self.first = self.first or tick.t
+            self.arrivals.append((tick.t, tick.tokens))
+            self.tokens += tick.tokens
+        self.last = tick.t
+        self.output_tokens = max(self.output_tokens, tick.output_tokens)
+        self.input_tokens = max(self.input_tokens, tick.input_tokens)
+        if tick.error and self.outcome == "ok":
+            self.outcome, self.error = "stream_error", tick.error
+
+    def finish(self, now: int, status: int = 0, body: bytes = b"") -> None:
+        """The call ended with a result (`status` and body only for a plain, non-stream answer).
+        A stream ended when its last bytes reached the worker, not when the end was relayed."""
+        self.end = self.last if self.last and not body else now
+        status = self.status or status  # the head tick's status is the server's own
+        if status >= 400:
+            self.outcome, self.error = "http_error", f"HTTP {status}"
+        elif body:  # a non-streaming answer: the whole body is its first token
+            self.first = self.first or self.head or now
+            usage = _usage(body)
+            self.output_tokens, self.input_tokens = usage
+            self.tokens = max(self.output_tokens, 0)
+        self.status = status
+
+    def fail(self, now: int, exc: RequestError) -> None:
+        self.end = now
+        self.error = str(exc)
+        if isinstance(exc, StreamStalled | AttemptsExhausted):
+            self.outcome = "stall"
+        elif isinstance(exc, DeadlineExceeded):
+            self.outcome = "deadline"
+        elif isinstance(exc, ProviderConnectionError):
+            self.outcome = "connection"
+        else:
+            self.outcome = "pool"
+
+    def record(self, origin: int, point: int, warmup: bool) -> dict[str, Any]:
+        """The JSON record: times in seconds from `origin` (the run's start), durations in seconds."""
+
+        def at(t: int) -> float | None:
+            return round((t - origin) * _NS, 6) if t else None
+
+        def span(a: int, b: int) -> float | None:
+            return round((b - a) * _NS, 6) if a and b else None
+
+        gaps = []
+        previous = self.first
+        for t, n in self.arrivals[1:] if self.arrivals else []:
+            gaps.append(round((t - previous) * _NS, 6))
+            gaps.extend([0.0] * (n - 1))  # deltas that arrived in the same read
+            previous = t
+        if self.arrivals:
+            gaps = [0.0] * (self.arrivals[0][1] - 1) + gaps
+        output = self.output_tokens if self.output_tokens >= 0 else self.tokens
+        ok = self.outcome == "ok"
+        ttft, e2e = span(self.sent, self.first), span(self.sent, self.end)
+        return {
+            "id": self.index,
+            "point": point,
+            "warmup": warmup,
+            "scheduled": at(self.scheduled),
+            "submitted": at(self.submitted),
+            "sent": at(self.sent),
+            "first_token": at(self.first),
+            "end": at(self.end),
+            "ttft": ttft,
+            "ttft_from_schedule": span(self.scheduled, self.first),
+            "e2e": e2e,
+            "e2e_from_schedule": span(self.scheduled, self.end),
+            "tpot": round((e2e - ttft) / (output - 1), 6) if ok and ttft is not None and e2e and output > 1 else None,
+            "gaps": gaps,
+            "output_tokens": output,
+            "chunks": self.tokens,
+            "input_tokens": self.input_tokens if self.input_tokens >= 0 else self.input_estimate,
+            "requested_tokens": self.requested,
+            "status": self.status,
+            "outcome": self.outcome,
+            "error": self.error,
+            "stall": self._stall() if self.outcome == "stall" else None,
+        }
+
+    def _stall(self) -> dict[str, Any]:
+        since = self.last or self.sent or self.submitted
+        return {"after_tokens": self.tokens, "waited": round((self.end - since) * _NS, 6)}
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = -1
+    output_tokens: int = -1
+    prompt_tokens: int = -1
+    completion_tokens: int = -1
+
+
+class _Body(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_BODY = msgspec.json.Decoder(_Body)
+
+
+def _usage(body: bytes) -> tuple[int, int]:
+    """(output, input) tokens of a plain answer."""
+    try:
+        usage = _BODY.decode(body).usage
+    except msgspec.DecodeError:
+        return -1, -1
+    if usage is None:
+        return -1, -1
+    return max(usage.output_tokens, usage.completion_tokens), max(usage.input_tokens, usage.prompt_tokens)

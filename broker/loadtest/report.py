@@ -1,0 +1,169 @@
+"""What a load test shows and writes: the live display, the console summary, the CSV, and
+results rebuilt from `records.jsonl` alone (`isopool loadtest report DIR`), which is what a
+run killed half-way leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..render import console
+from .summary import parse_slo, point_result
+
+
+class LoadProgress:
+    """One progress line per load point on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool = True, every: float = 5.0) -> None:
+        self.enabled, self.every = enabled, every
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._label = ""
+        self._tally: Counter[str] = Counter()
+        self._sample: dict[str, Any] = {}
+        self._total: int | None = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> LoadProgress:
+        if self.enabled and console.is_terminal:
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("{task.fields[note]}"))  # fmt: skip
+            self._progress = Progress(*columns, console=console)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def point(self, label: str, total: int | None, seconds: float | None) -> None:
+        self._label, self._total, self._tally = label, total, Counter()
+        if self._progress is not None:
+            self._task = self._progress.add_task(label, total=total, note=f"{seconds:g} s" if seconds else "")
+
+    def record(self, record: dict[str, Any]) -> None:
+        self._tally[record["outcome"]] += 1
+        self._show()
+
+    def sample(self, sample: dict[str, Any]) -> None:
+        self._sample = sample
+        self._show()
+
+    def _show(self) -> None:
+        done = sum(self._tally.values())
+        s = self._sample
+        note = f"ok {self._tally['ok']}  failed {done - self._tally['ok'] - self._tally['stall']}  "
+        note += f"stalls {self._tally['stall']}"
+        if s:
+            note += f"  in flight {s['in_flight']}  {s['ticks_per_s']:.0f} reads/s  CPU {s['cpu_cores']:.2f} cores"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, note=note)
+        elif self.enabled and time.monotonic() - self._last_line >= self.every:
+            self._last_line = time.monotonic()
+            total = f"/{self._total}" if self._total else ""
+            console.print(f"loadtest {self._label}: {done}{total} done, {note}", highlight=False, soft_wrap=True)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def label(load: dict[str, Any]) -> str:
+    if "concurrency" in load:
+        return f"c={load['concurrency']}"
+    cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
+    return f"{load['rate']:g}/s {load['arrival']}{cap}" if "rate" in load else str(load.get("name", "?"))
+
+
+def print_results(results: dict[str, Any], out_dir: str) -> None:
+    """One column per load point (a sweep reads left to right), one row per figure."""
+    points = results["points"]
+    table = Table(title=f"isopool loadtest — {results['options']['target']}, {results['api']}")
+    table.add_column("")
+    for point in points:
+        table.add_column(label(point["load"]), justify="right")
+
+    def row(name: str, cell: Any) -> None:
+        table.add_row(name, *(cell(p["summary"], p["generator"], p["summary"]["latency"]) for p in points))
+
+    row("requests (warm-up left out)", lambda s, g, lat: f"{s['requests']} ({s['warmup_requests']})")
+    row("ok / stalls / errors", lambda s, g, lat: f"{s['outcomes'].get('ok', 0)} / {s['stalls']['count']} / "
+        f"{s['requests'] - s['outcomes'].get('ok', 0) - s['stalls']['count']}")  # fmt: skip
+    row("requests/s", lambda s, g, lat: f"{s['throughput']['requests_per_s']:.1f}")
+    row("output tokens/s", lambda s, g, lat: f"{s['throughput']['output_tokens_per_s']:,.0f}")
+    row("streams in flight (mean)", lambda s, g, lat: f"{g['in_flight_mean']:.1f}")
+    for name, key in (("TTFT", "ttft"), ("TTFT from schedule", "ttft_from_schedule"), ("inter-token", "itl"),
+                      ("time per output token", "tpot"), ("end to end", "e2e"),
+                      ("end to end from schedule", "e2e_from_schedule")):  # fmt: skip
+        row(f"{name} p50 / p99 ms", lambda s, g, lat, k=key: f"{_ms(lat[k]['p50'])} / {_ms(lat[k]['p99'])}")
+    row("generator CPU (cores)",
+        lambda s, g, lat: "-" if g.get("cpu_cores_mean") is None else f"{g['cpu_cores_mean']:.2f}")  # fmt: skip
+    console.print(table)
+    for point in results["points"]:
+        s, g = point["summary"], point["generator"]
+        head = f"{label(point['load'])}: "
+        if s["errors"]:
+            console.print(head + "errors: " + escape(", ".join(f"{k} ×{v}" for k, v in s["errors"].items())))
+        if s["stalls"]["count"]:
+            after = Counter(s["stalls"]["after_tokens"])
+            where = ", ".join(f"{n} after {t} tokens" for t, n in sorted(after.items()))
+            console.print(head + f"stalls cut at the stale timeout: {where}")
+        if s["goodput"]:
+            console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
+        colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
+        console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
+    console.print(f"results: {escape(out_dir)}/results.json, records.jsonl, results.csv")
+
+
+def write_csv(results: dict[str, Any], path: str) -> None:
+    """One row per point: the load, counts, throughput, and every latency percentile (seconds)."""
+    rows = []
+    for point in results["points"]:
+        s = point["summary"]
+        row: dict[str, Any] = {"load": label(point["load"]), "requests": s["requests"],
+                               "ok": s["outcomes"].get("ok", 0), "stalls": s["stalls"]["count"],
+                               **s["throughput"], "in_flight_mean": point["generator"]["in_flight_mean"],
+                               "verdict": point["generator"]["verdict"]}  # fmt: skip
+        for metric, dist in s["latency"].items():
+            row |= {f"{metric}_{k}": v for k, v in dist.items() if k != "n"}
+        rows.append(row)
+    with open(path, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def rebuild(out_dir: str) -> dict[str, Any]:
+    """Results from `records.jsonl` (and the options in `results.json`, if the run got that far):
+    what `isopool loadtest report` shows for a run that was killed. Torn last lines are skipped."""
+    records_path = os.path.join(out_dir, "records.jsonl")
+    if not os.path.exists(records_path):
+        raise FileNotFoundError(f"{records_path} does not exist: is {out_dir} a load test's output directory?")
+    results: dict[str, Any] = {"options": {"target": "?", "slo": ""}, "api": "?", "points": []}
+    saved = os.path.join(out_dir, "results.json")  # written (atomically) at the start and after each point
+    if os.path.exists(saved):
+        with open(saved) as f:
+            results |= {k: v for k, v in json.load(f).items() if k != "points"}
+    by_point: dict[int, list[dict[str, Any]]] = {}
+    with open(records_path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the line a killed run was writing
+            by_point.setdefault(record["point"], []).append(record)
+    loads = results.get("load_points", [])
+    slo = parse_slo(results["options"].get("slo", ""))
+    for number in sorted(by_point):
+        load = loads[number] if number < len(loads) else {"name": f"point {number}"}
+        results["points"].append(point_result(load, by_point[number], [], [], slo))
+    return results

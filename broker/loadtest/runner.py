@@ -1,0 +1,334 @@
+"""Running a load test: a pool (and by default the fake provider as target), then one
+load point after another (a sweep over concurrencies or rates), every request timed in
+its worker. Records are appended to `records.jsonl` as requests end, so a run killed
+half-way still leaves usable results; `results.json` is written at the end.
+
+A stalled stream is cut by the pool's watchdog at `stale_timeout` (or `first_event_timeout`
+before any output) and recorded as a stall, never retried (`max_attempts = 1`): the run
+always finishes, and stalls are counted rather than hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import msgspec
+import psutil
+
+from ..client import AsyncClient
+from ..errors import RequestError
+from ..fake_provider import FakeProviderProcess
+from ..fake_provider.server import Latency
+from ..machine import machine, versions
+from ..pool import Pool
+from .measure import Measurement
+from .schedule import arrivals
+from .summary import parse_slo, point_result
+from .workload import APIS, Lengths, Synthetic
+
+_TARGETS = ("fake", "anthropic", "openai")
+_DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
+_URL_KEY = "ISOPOOL_LOADTEST_KEY"  # the key a URL target gets: $OPENAI_API_KEY, or a placeholder
+_LAG_TICK = 0.05
+
+
+class Options(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything `isopool loadtest` takes (see its --help)."""
+
+    target: str = "fake"  # fake, anthropic, openai, or the base URL of an OpenAI-compatible server
+    api: str = ""  # messages, chat or responses; by default the target's own
+    model: str = ""
+    concurrency: list[int] = []  # closed loop: this many requests always in flight, one point each
+    rate: list[float] = []  # open loop: requests per second, one point each
+    max_concurrency: int = 0  # cap of an open loop (0: none)
+    arrival: str = "poisson"  # or constant
+    requests: int = 0  # per point; 0 with no duration means 100
+    duration: float = 0.0  # seconds per point
+    warmup: float = 0.0  # seconds at the start of each point left out of the figures
+    ramp_up: float = 0.0  # seconds over which the load rises to its level
+    input_tokens: str = "256"
+    output_tokens: str = "128"
+    stream: bool = True
+    stale_timeout: float = 10.0
+    first_event_timeout: float = 60.0
+    slo: str = ""
+    seed: int = 0
+    streams_per_worker: int = 32
+    fake_ttft: float = 0.0  # the built-in fake provider's latency model
+    fake_gap: float = 0.0
+    fake_faults: dict[str, float] = {}  # fault spec -> share of requests, e.g. {"stall-ping:after=5": 0.1}
+
+    def __post_init__(self) -> None:
+        if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
+            raise ValueError(f"target must be fake, anthropic, openai or an http(s):// URL, not {self.target!r}")
+        if self.api and self.api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, not {self.api!r}")
+        if self.target == "anthropic" and self.api not in ("", "messages"):
+            raise ValueError("the anthropic target speaks the messages api")
+        if self.target not in ("fake", "anthropic") and self.api == "messages":
+            raise ValueError("the messages api needs --target anthropic or fake")
+        if self.concurrency and self.rate:
+            raise ValueError("give --concurrency (closed loop) or --rate (open loop), not both")
+        if any(c < 1 for c in self.concurrency) or any(r <= 0 for r in self.rate):
+            raise ValueError("concurrency must be >= 1 and rate > 0")
+        if self.requests < 0 or self.duration < 0 or self.warmup < 0 or self.ramp_up < 0:
+            raise ValueError("requests, duration, warmup and ramp-up cannot be negative")
+        if self.arrival not in ("poisson", "constant"):
+            raise ValueError(f"arrival must be poisson or constant, not {self.arrival!r}")
+        Lengths.parse(self.input_tokens), Lengths.parse(self.output_tokens), parse_slo(self.slo)
+
+    @property
+    def chosen_api(self) -> str:
+        return self.api or ("messages" if self.target == "anthropic" else "chat")
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        if self.rate:
+            return [{"rate": r, "max_concurrency": self.max_concurrency, "arrival": self.arrival} for r in self.rate]
+        return [{"concurrency": c} for c in self.concurrency or [8]]
+
+    @property
+    def capacity(self) -> int:
+        """Streams the pool must carry at once."""
+        if self.rate:
+            return self.max_concurrency or 256
+        return max(self.concurrency or [8])
+
+
+class Progress(Protocol):
+    def point(self, label: str, total: int | None, seconds: float | None) -> None: ...
+    def record(self, record: dict[str, Any]) -> None: ...
+    def sample(self, sample: dict[str, Any]) -> None: ...
+
+
+class _Quiet:
+    def point(self, label: str, total: int | None, seconds: float | None) -> None:
+        pass
+
+    def record(self, record: dict[str, Any]) -> None:
+        pass
+
+    def sample(self, sample: dict[str, Any]) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def target_pool(options: Options) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
+    """A pool whose one profile points at the target; the fake provider too when that is the target."""
+    api = options.chosen_api
+    kind = APIS[api][0]
+    with contextlib.ExitStack() as stack:
+        profile: dict[str, Any] = {"kind": kind}
+        fake = None
+        if options.target == "fake":
+            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
+            fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
+            profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
+            os.environ.setdefault("ANTHROPIC_API_KEY" if kind == "anthropic" else "OPENAI_API_KEY", "fake-key")
+        elif options.target.startswith("http"):
+            os.environ.setdefault(_URL_KEY, os.environ.get("OPENAI_API_KEY", "EMPTY"))
+            profile |= {"base_url": options.target.rstrip("/"), "api_key_env": _URL_KEY}
+        workers = math.ceil(options.capacity / options.streams_per_worker)
+        profile |= {"min_workers": workers, "max_workers": workers, "spare_workers": 0,
+                    "concurrency": options.streams_per_worker, "sdk_max_retries": 0}  # fmt: skip
+        pool = stack.enter_context(
+            Pool(
+                profiles={kind: profile},
+                max_attempts=1,
+                stale_timeout=options.stale_timeout,
+                first_event_timeout=options.first_event_timeout,
+                deadline=max(3600.0, options.duration * 2),
+                queue_limit=1_000_000,
+            )
+        )
+        yield pool, kind, fake
+
+
+def run(options: Options, out_dir: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Run every load point; write `records.jsonl` (as requests end) and `results.json` into `out_dir`."""
+    progress = progress or _Quiet()
+    os.makedirs(out_dir, exist_ok=True)
+    api = options.chosen_api
+    workload = Synthetic(api, options.model or _DEFAULT_MODEL[api], Lengths.parse(options.input_tokens),
+                         Lengths.parse(options.output_tokens), options.stream, options.seed)  # fmt: skip
+    results: dict[str, Any] = {
+        "schema": 1,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "options": msgspec.to_builtins(options),
+        "api": api,
+        "machine": machine(),
+        "versions": versions(),
+        "load_points": options.points,
+        "points": [],
+    }
+    _write_json(os.path.join(out_dir, "results.json"), results)
+    with open(os.path.join(out_dir, "records.jsonl"), "ab") as sink, target_pool(options) as (pool, profile, fake):
+        results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
+                           "streams_per_worker": options.streams_per_worker}  # fmt: skip
+        for number, load in enumerate(options.points):
+            point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
+            results["points"].append(point)
+            if fake is not None:  # what the target itself counted (faults it injected, answers)
+                results["fake_provider"] = fake.stats()
+            _write_json(os.path.join(out_dir, "results.json"), results)
+    return results
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.format(msgspec.json.encode(data)))
+    os.replace(tmp, path)
+
+
+async def _run_point(
+    pool: Pool, profile: str, workload: Synthetic, options: Options, number: int, load: dict[str, Any],
+    sink: Any, progress: Progress,
+) -> dict[str, Any]:  # fmt: skip
+    records: list[dict[str, Any]] = []
+    total = options.requests or (0 if options.duration else 100)
+    label = f"concurrency {load['concurrency']}" if "concurrency" in load else f"rate {load['rate']:g}/s"
+    progress.point(label, total or None, options.duration or None)
+    live = _Live()
+    start = time.monotonic_ns()
+    ends_at = start + int(options.duration * 1e9) if options.duration else 0
+    warmup_ns = int(options.warmup * 1e9)
+
+    async with AsyncClient(pool.url) as client:
+
+        async def one(index: int, scheduled: int) -> None:
+            call, n_in, n_out = workload.next(index)
+            m = Measurement(index, scheduled, time.monotonic_ns(), n_in, n_out)
+            live.in_flight += 1
+            try:
+                pending = await client.submit_http(profile, call)
+                async for event in pending:
+                    m.tick(event.name, event.data)
+                    live.chunks += 1
+                result = await pending.result()
+                m.finish(time.monotonic_ns(), result.status, result.body)
+            except RequestError as exc:
+                m.fail(time.monotonic_ns(), exc)
+            finally:
+                live.in_flight -= 1
+            record = m.record(start, number, scheduled - start < warmup_ns)
+            records.append(record)
+            sink.write(msgspec.json.encode(record) + b"\n")
+            sink.flush()
+            progress.record(record)
+
+        sampler = asyncio.create_task(_sample(live, pool.pid, progress))
+        try:
+            if "concurrency" in load:
+                await _closed_loop(one, load["concurrency"], total, ends_at, options.ramp_up)
+            else:
+                await _open_loop(one, load, total, ends_at, options, start)
+        finally:
+            sampler.cancel()
+    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo))
+
+
+async def _closed_loop(one: Any, concurrency: int, total: int, ends_at: int, ramp_up: float) -> None:
+    """`concurrency` lanes, each sending its next request when its last one ends (that moment is
+    its scheduled time); lanes start spread over `ramp_up` seconds."""
+    issued = 0
+
+    def take() -> int | None:
+        nonlocal issued
+        if (total and issued >= total) or (ends_at and time.monotonic_ns() >= ends_at):
+            return None
+        issued += 1
+        return issued - 1
+
+    async def lane(k: int) -> None:
+        await asyncio.sleep(ramp_up * k / concurrency)
+        while (index := take()) is not None:
+            await one(index, time.monotonic_ns())
+
+    await asyncio.gather(*(lane(k) for k in range(concurrency)))
+
+
+async def _open_loop(one: Any, load: dict[str, Any], total: int, ends_at: int, options: Options, start: int) -> None:
+    """Requests at their scheduled times; with a cap, a due request waits for a free slot, and
+    that wait counts against its from-schedule latencies."""
+    cap = asyncio.Semaphore(load["max_concurrency"]) if load["max_concurrency"] else None
+    tasks: set[asyncio.Task] = set()
+
+    async def capped(index: int, due: int) -> None:
+        if cap is None:
+            await one(index, due)
+            return
+        async with cap:
+            await one(index, due)
+
+    for index, offset in enumerate(arrivals(load["rate"], load["arrival"], options.ramp_up, options.seed)):
+        due = start + int(offset * 1e9)
+        if (total and index >= total) or (ends_at and due >= ends_at):
+            break
+        delay = (due - time.monotonic_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(capped(index, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
+        await asyncio.gather(*list(tasks))
+
+
+class _Live:
+    """Counters the sampler reads each second."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.chunks = 0
+        self.lags: list[float] = []
+        self.samples: list[dict[str, Any]] = []
+
+
+async def _sample(live: _Live, broker_pid: int, progress: Progress) -> None:
+    """Once a second: the generator's CPU (this process, the broker, its zygote and workers; not
+    the target), its event loop's lag, ticks received and requests in flight."""
+    me = psutil.Process()
+    procs: dict[int, psutil.Process] = {}
+    cores = os.cpu_count() or 1
+
+    def cpu() -> float:
+        try:
+            family = [me, psutil.Process(broker_pid), *psutil.Process(broker_pid).children(recursive=True)]
+        except psutil.Error:
+            family = [me]
+        total = 0.0
+        for proc in family:
+            proc = procs.setdefault(proc.pid, proc)
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    last_cpu, last_t, last_chunks = cpu(), time.monotonic(), 0
+    while True:
+        lag = 0.0
+        for _ in range(int(1 / _LAG_TICK)):
+            before = time.monotonic()
+            await asyncio.sleep(_LAG_TICK)
+            late = time.monotonic() - before - _LAG_TICK
+            live.lags.append(late)
+            lag = max(lag, late)
+        now, used = time.monotonic(), cpu()
+        sample = {
+            "cpu_cores": round((used - last_cpu) / (now - last_t), 3),
+            "cpu_share": round((used - last_cpu) / (now - last_t) / cores, 3),
+            "loop_lag_max": round(lag, 6),
+            "ticks_per_s": round((live.chunks - last_chunks) / (now - last_t), 1),
+            "in_flight": live.in_flight,
+        }
+        live.samples.append(sample)
+        progress.sample(sample)
+        last_cpu, last_t, last_chunks = used, now, live.chunks

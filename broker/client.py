@@ -28,7 +28,7 @@ import zmq
 from .curve import secure_client
 from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
 from .loopsock import LoopSocket
-from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit
+from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit, TimedCall
 from .zmqio import NOBLOCK
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,10 @@ class AsyncClient:
         limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
         return AsyncCall(self, self._submit(False, profile, Call(method, kwargs), kwargs, limits))
 
-    async def submit_http(self, profile: str, call: HttpCall, limits: CallLimits | None = None) -> AsyncCall:
-        """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
+    async def submit_http(
+        self, profile: str, call: HttpCall | TimedCall, limits: CallLimits | None = None
+    ) -> AsyncCall:
+        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key."""
         self._attach()
         return AsyncCall(self, self._submit(False, profile, call, _body_fields(call), limits or CallLimits()))
 
@@ -241,7 +243,12 @@ class AsyncClient:
         return await (await self.submit(profile, method, **kwargs)).result()
 
     def _submit(
-        self, threadsafe: bool, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits
+        self,
+        threadsafe: bool,
+        profile: str,
+        call: Call | HttpCall | TimedCall,
+        fields: dict[str, Any],
+        limits: CallLimits,
     ) -> _CallState:
         """Register a call and send it; safe from any thread once the loop is attached.
         `fields`: the call's `model` and `stream`, which the broker reads without the payload."""
@@ -438,7 +445,9 @@ class Client:
         """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
         return self._submit(profile, call, _body_fields(call), limits or CallLimits())
 
-    def _submit(self, profile: str, call: Call | HttpCall, fields: dict[str, Any], limits: CallLimits) -> SyncCall:
+    def _submit(
+        self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
+    ) -> SyncCall:
         return SyncCall(self, self._async._submit(True, profile, call, fields, limits))
 
     def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
@@ -483,9 +492,11 @@ class _BodyFields(msgspec.Struct):
 _BODY_FIELDS = msgspec.json.Decoder(_BodyFields)
 
 
-def _body_fields(call: HttpCall) -> dict[str, Any]:
+def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
     """`model` and `stream` of a JSON request body (for the broker's per-model limits), read
     without building the rest of the body."""
+    if isinstance(call, TimedCall):
+        call = call.http
     try:
         fields = _BODY_FIELDS.decode(call.body) if call.body.startswith(b"{") else None
     except (msgspec.DecodeError, msgspec.ValidationError):

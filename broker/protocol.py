@@ -175,12 +175,23 @@ class HttpCall(msgspec.Struct, frozen=True, tag="http"):
     body: bytes = b""
     base_url: str = ""  # per-request upstream and key: refused unless the pool allows overrides
     api_key: str = ""
-    timed: bool = False  # a load test's call: the worker sends a `Tick` per read instead of the events
 
     def __repr__(self) -> str:  # never show the key
         return (
             f"HttpCall({self.method} {self.path}, base_url={self.base_url!r}, api_key={'***' if self.api_key else ''})"
         )
+
+
+class TimedCall(msgspec.Struct, frozen=True, tag="timed"):
+    """A load test's call: `http` is sent as it is, and the worker sends back a `Tick` per read
+    instead of the events. It ends a stream that produced nothing for `stale_timeout` (or
+    before its first event for `first_event_timeout`) itself, with STALLED, so that one stall
+    does not take the other streams of its worker down with it; the broker's watchdog, set a
+    little later, remains the backstop for a worker that hangs."""
+
+    http: HttpCall
+    first_event_timeout: float
+    stale_timeout: float
 
 
 class Response(msgspec.Struct, frozen=True):
@@ -224,7 +235,7 @@ class Codec:
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._headers = {kind: msgspec.msgpack.Decoder(t) for kind, t in HEADERS.items()}
-        self._call = msgspec.msgpack.Decoder(Call | HttpCall)
+        self._call = msgspec.msgpack.Decoder(Call | HttpCall | TimedCall)
         self._response = msgspec.msgpack.Decoder(Response)
         self._error = msgspec.msgpack.Decoder(ErrorInfo)
         self._any = msgspec.msgpack.Decoder()
@@ -256,7 +267,7 @@ class Codec:
             raise ProtocolError(f"bad {kind.name} header: {exc}") from None
         return kind, decoded, frames[2] if len(frames) == 3 else b""
 
-    def call(self, payload: bytes) -> Call | HttpCall:
+    def call(self, payload: bytes) -> Call | HttpCall | TimedCall:
         return self._call.decode(payload)
 
     def response(self, payload: bytes) -> Response:

@@ -12,7 +12,6 @@ SDK raises its own exception classes and applies its own retry settings.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
@@ -20,7 +19,6 @@ import msgspec
 from broker.protocol import LOCAL_HEADERS, HttpCall
 
 from .calls import STREAMABLE, BadCall, as_stream, relay
-from .timing import api_of, time_stream
 
 # The caller's request headers that never go upstream: its local ones (credentials: the
 # worker adds its own) and the transfer details the worker's HTTP client sets itself.
@@ -47,15 +45,12 @@ def check_path(path: str) -> None:
 
 async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, allow_overrides: bool = False) -> None:
     """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk` (or the
-    request's own, where the pool allows overrides)."""
-    check_path(call.path)
-    if (call.base_url or call.api_key) and not allow_overrides:
-        raise BadCall("this pool does not allow per-request base_url or api_key (setting allow_overrides)")
+    request's own, where the pool allows overrides), and relay the answer."""
     route = call.path.split("?", 1)[0]
     body = call.body
     method = _ENDPOINTS.get((kind, route)) if call.method == "POST" else None
     streaming, accumulator = True, None
-    if method is not None and body and not call.timed:  # a timed call is measured as the caller sent it
+    if method is not None and body:
         try:
             args = _DEC.decode(body)
         except msgspec.DecodeError:
@@ -64,15 +59,20 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
         if not streaming:
             accumulator = STREAMABLE[(kind, method)]
             body = _ENC.encode(as_stream(kind, method, args))
+    response = await send(sdk, http, kind, call, body, allow_overrides)
+    try:
+        await relay(response, emit, streaming, accumulator, raise_on_error=False)
+    finally:
+        await response.aclose()
+
+
+async def send(sdk: Any, http: Any, kind: str, call: HttpCall, body: bytes, allow_overrides: bool) -> Any:
+    """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
+    the worker's own credentials unless the pool allows the request's own."""
+    check_path(call.path)
+    if (call.base_url or call.api_key) and not allow_overrides:
+        raise BadCall("this pool does not allow per-request base_url or api_key (setting allow_overrides)")
     headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
     headers += _auth(kind, call.api_key) if call.api_key else list(sdk.auth_headers.items())
     url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
-    sent = time.monotonic_ns()
-    response = await http.send(http.build_request(call.method, url, headers=headers, content=body), stream=True)
-    try:
-        if call.timed:
-            await time_stream(response, emit, api_of(kind, route), sent)
-        else:
-            await relay(response, emit, streaming, accumulator, raise_on_error=False)
-    finally:
-        await response.aclose()
+    return await http.send(http.build_request(call.method, url, headers=headers, content=body), stream=True)

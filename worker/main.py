@@ -41,12 +41,14 @@ from broker.protocol import (
     Ready,
     Ref,
     Response,
+    TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
 
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
+from .timing import run_timed
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +203,9 @@ class Worker:
                 raise self.client_error  # type: ignore[misc]
             call = self.codec.call(payload)
             kind, clients = self.spec.profile.kind, self.clients
-            if isinstance(call, HttpCall):
+            if isinstance(call, TimedCall):
+                await run_timed(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            elif isinstance(call, HttpCall):
                 await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
             else:
                 await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)

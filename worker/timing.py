@@ -1,21 +1,24 @@
 """Timing a load test's stream where its bytes arrive, instead of relaying its events.
 
-A timed call (`HttpCall.timed`) is sent like any other, but what goes back to the caller
-is one `Tick` per read of the stream: the arrival time taken here, before anything is
-parsed or relayed, the number of output deltas in that read, and the usage and errors
-once the provider reports them. The broker still sees one EVENT per read, so its watchdog
-cuts stalled streams exactly as for any call; the caller builds no SDK objects.
+A `TimedCall` is sent like any other HTTP call, but what goes back to the caller is one
+`Tick` per read of the stream: the arrival time taken here, before anything is parsed or
+relayed, the number of output deltas in that read, and the usage and errors once the
+provider reports them; the caller builds no SDK objects. A stream without output for its
+stale timeout is ended here with STALLED (the worker's other streams go on); the broker's
+watchdog, set later, still kills a worker that hangs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import msgspec
 
-from broker.protocol import TICK, Response, Tick
+from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
+from .exchange import send
 from .sse import iter_batches
 
 
@@ -124,26 +127,47 @@ def api_of(kind: str, route: str) -> str:
     return "responses" if route.endswith("/responses") else "chat"
 
 
-async def time_stream(http: Any, emit: Any, api: str, sent: int) -> None:
-    """Send a `Tick` for the head and for each read of the stream; a plain (non-stream)
-    answer is relayed as it is, after a head tick, so the caller still knows when it came."""
-    head = Tick(time.monotonic_ns(), sent=sent, status=http.status_code)
-    await emit.events([(TICK, msgspec.msgpack.encode(head))])
-    if not http.headers.get("content-type", "").startswith("text/event-stream"):
-        body = await http.aread()
-        await emit.result(Response(http.status_code, list(http.headers.items()), body))
-        return
+async def run_timed(sdk: Any, http: Any, kind: str, call: TimedCall, emit: Any, allow_overrides: bool) -> None:
+    """Send a load test's request and time its answer: a `Tick` for the head and for each read of
+    a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
+    sent = time.monotonic_ns()
+    response = await send(sdk, http, kind, call.http, call.http.body, allow_overrides)
+    try:
+        head = Tick(time.monotonic_ns(), sent=sent, status=response.status_code)
+        await emit.events([(TICK, msgspec.msgpack.encode(head))])
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            await _time_stream(response, emit, api_of(kind, call.http.path.split("?", 1)[0]), call)
+        else:
+            body = await response.aread()
+            await emit.result(Response(response.status_code, list(response.headers.items()), body))
+    finally:
+        await response.aclose()
+
+
+async def _time_stream(response: Any, emit: Any, api: str, call: TimedCall) -> None:
     arrived = 0
 
     async def stamped() -> Any:
         nonlocal arrived
-        async for chunk in http.aiter_bytes():
+        async for chunk in response.aiter_bytes():
             arrived = time.monotonic_ns()  # before any parsing
             yield chunk
 
-    async for batch in iter_batches(stamped()):
-        counts = _count(api, batch)
-        tick = Tick(arrived, counts.tokens, output_tokens=counts.output_tokens, input_tokens=counts.input_tokens,
-                    error=counts.error)  # fmt: skip
-        await emit.events([(TICK, msgspec.msgpack.encode(tick))])
+    loop = asyncio.get_running_loop()
+    events = tokens = 0
+    try:  # pings and comments do not move the timer: only real events do
+        async with asyncio.timeout(call.first_event_timeout) as timer:
+            async for batch in iter_batches(stamped()):
+                timer.reschedule(loop.time() + call.stale_timeout)
+                events += 1
+                counts = _count(api, batch)
+                tokens += counts.tokens
+                tick = Tick(arrived, counts.tokens, output_tokens=counts.output_tokens,
+                            input_tokens=counts.input_tokens, error=counts.error)  # fmt: skip
+                await emit.events([(TICK, msgspec.msgpack.encode(tick))])
+    except TimeoutError:
+        what = f"stale_timeout: no output for {call.stale_timeout:g}s" if events else (
+            f"first_event_timeout: no event in {call.first_event_timeout:g}s")  # fmt: skip
+        await emit.error(ErrorInfo(Code.STALLED, f"{what} after {tokens} tokens"))
+        return
     await emit.result(None)

@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import msgspec
 import psutil
 
-from ..client import AsyncClient
+from ..client import AsyncClient, CallLimits
 from ..errors import RequestError
 from ..fake_provider import FakeProviderProcess
 from ..fake_provider.server import Latency
 from ..machine import machine, versions
 from ..pool import Pool
+from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
 from .summary import parse_slo, point_result
@@ -37,6 +38,7 @@ _TARGETS = ("fake", "anthropic", "openai")
 _DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
 _URL_KEY = "ISOPOOL_LOADTEST_KEY"  # the key a URL target gets: $OPENAI_API_KEY, or a placeholder
 _LAG_TICK = 0.05
+_BACKSTOP = 5.0  # seconds the broker's watchdog waits beyond the worker's own stall limits
 
 
 class Options(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,14 +203,17 @@ async def _run_point(
     ends_at = start + int(options.duration * 1e9) if options.duration else 0
     warmup_ns = int(options.warmup * 1e9)
 
+    # the worker cuts stalls itself; the broker's watchdog only catches a worker that hangs
+    backstop = CallLimits(options.first_event_timeout + _BACKSTOP, options.stale_timeout + _BACKSTOP)
     async with AsyncClient(pool.url) as client:
 
         async def one(index: int, scheduled: int) -> None:
-            call, n_in, n_out = workload.next(index)
+            http, n_in, n_out = workload.next(index)
+            call = TimedCall(http, options.first_event_timeout, options.stale_timeout)
             m = Measurement(index, scheduled, time.monotonic_ns(), n_in, n_out)
             live.in_flight += 1
             try:
-                pending = await client.submit_http(profile, call)
+                pending = await client.submit_http(profile, call, backstop)
                 async for event in pending:
                     m.tick(event.name, event.data)
                     live.chunks += 1

@@ -80,7 +80,7 @@ class Synthetic:
         body = request_body(self.api, self.model, prompt, n_out, self.stream)
         path = APIS[self.api][1]
         return (
-            HttpCall("POST", path, [("content-type", "application/json")], _ENC.encode(body), timed=True),
+            HttpCall("POST", path, [("content-type", "application/json")], _ENC.encode(body)),
             n_in,
             n_out,
         )

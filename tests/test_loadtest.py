@@ -1,0 +1,169 @@
+"""`isopool loadtest` against the built-in fake provider: timings match its latency
+model, stalls are cut and counted where they happened, schedules keep their rate and
+shape, a killed run leaves records that `report` renders, and sweeps have every field."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from broker.loadtest import Options, rebuild, run
+from broker.loadtest.report import write_csv
+from broker.loadtest.schedule import arrivals
+from broker.loadtest.summary import LATENCIES, parse_slo
+from broker.loadtest.workload import Lengths
+
+from .conftest import wait_for
+
+ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
+RECORD_FIELDS = {
+    "id", "point", "warmup", "scheduled", "submitted", "sent", "first_token", "end", "ttft", "ttft_from_schedule",
+    "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks", "input_tokens", "requested_tokens",
+    "status", "outcome", "error", "stall",
+}  # fmt: skip
+
+
+def _records(out) -> list[dict]:
+    with open(os.path.join(out, "records.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_measured_ttft_and_gaps_match_the_fake_providers_latency_model(tmp_path, own_processes):
+    # chat streams a role chunk at ttft, then a token every gap: the first token comes at ttft + gap
+    options = Options(concurrency=[2], requests=12, output_tokens="20", fake_ttft=0.05, fake_gap=0.01)
+    point = run(options, str(tmp_path))["points"][0]
+    latency = point["summary"]["latency"]
+    assert point["summary"]["outcomes"] == {"ok": 12}
+    assert 0.060 <= latency["ttft"]["p50"] <= 0.066, latency["ttft"]
+    assert 0.0098 <= latency["itl"]["p50"] <= 0.0115, latency["itl"]
+    assert latency["itl"]["n"] == 12 * 19
+    for record in _records(tmp_path):
+        assert set(record) == RECORD_FIELDS
+        assert record["output_tokens"] == record["chunks"] == 20 and len(record["gaps"]) == 19
+        assert record["scheduled"] <= record["submitted"] <= record["sent"] < record["first_token"] <= record["end"]
+
+
+def test_stalls_are_cut_counted_at_their_token_and_leave_the_rest_alone(tmp_path, own_processes):
+    stalls = {"stall-ping:after=5": 0.04, "stall-comment:after=5": 0.03, "silent:after=5": 0.03}
+    options = Options(concurrency=[16], requests=150, output_tokens="20", fake_gap=0.005, stale_timeout=1.0,
+                      fake_faults=stalls, seed=3)  # fmt: skip
+    results = run(options, str(tmp_path))
+    summary = results["points"][0]["summary"]
+    injected = results["fake_provider"]["faults"]
+    expected = sum(injected.get(kind, 0) for kind in ("stall-ping", "stall-comment", "silent"))
+    assert expected >= 5, injected  # the draw did inject stalls of the kinds asked for
+    assert summary["requests"] == 150 and summary["outcomes"] == {"ok": 150 - expected, "stall": expected}
+    # after=5 events of a chat stream: the role chunk, then 4 tokens
+    assert summary["stalls"]["after_tokens"] == [4] * expected
+    assert 0.9 <= summary["stalls"]["waited"]["p50"] <= 1.5
+    # a stalled stream holds only its own lane: the others never waited on it
+    assert summary["latency"]["e2e"]["p99"] < 0.5
+    stalled = [r for r in _records(tmp_path) if r["outcome"] == "stall"]
+    assert all(r["stall"]["after_tokens"] == 4 and r["chunks"] == 4 and r["tpot"] is None for r in stalled)
+
+
+def test_arrival_schedules_have_their_rate_and_shape():
+    poisson = list(_take(arrivals(50.0, "poisson", seed=1), 20_000))
+    gaps = [b - a for a, b in zip(poisson, poisson[1:], strict=False)]
+    assert statistics.fmean(gaps) == pytest.approx(1 / 50, rel=0.03)
+    assert statistics.stdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, rel=0.05)  # exponential: CV 1
+    constant = list(_take(arrivals(20.0, "constant"), 100))
+    assert constant[0] == 0.0 and all(
+        b - a == pytest.approx(0.05) for a, b in zip(constant, constant[1:], strict=False)
+    )
+    ramped = list(_take(arrivals(10.0, "constant", ramp=4.0), 200))
+    first_ramp = sum(1 for t in ramped if t < 4.0)
+    assert first_ramp == pytest.approx(10.0 * 4.0 / 2, abs=1)  # half the arrivals of a full-rate 4 s
+    assert ramped[-1] - ramped[-2] == pytest.approx(0.1)
+
+
+def _take(iterator, n):
+    for _, value in zip(range(n), iterator, strict=False):
+        yield value
+
+
+@pytest.mark.parametrize("arrival", ["poisson", "constant"])
+def test_an_open_loop_sends_at_the_requested_rate(tmp_path, own_processes, arrival):
+    options = Options(rate=[40.0], arrival=arrival, requests=160, output_tokens="10", seed=5)
+    point = run(options, str(tmp_path))["points"][0]
+    sent = sorted(r["sent"] for r in _records(tmp_path))
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert 1 / statistics.fmean(gaps) == pytest.approx(40.0, rel=0.2 if arrival == "poisson" else 0.03)
+    cv = statistics.stdev(gaps) / statistics.fmean(gaps)
+    assert (0.75 < cv < 1.25) if arrival == "poisson" else cv < 0.25
+    assert point["generator"]["submit_late_p99"] < 0.02
+    assert point["generator"]["verdict"] == "the generator kept up"
+
+
+def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes):
+    out = str(tmp_path / "run")
+    args = ["-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "-o", out]
+    proc = subprocess.Popen(ISOPOOL + ["loadtest", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        records = os.path.join(out, "records.jsonl")
+        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > 20_000, 60, "records to be written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with open(os.path.join(out, "records.jsonl"), "rb") as f:
+        complete = sum(1 for line in f.read().split(b"\n") if line.endswith(b"}"))
+    report = subprocess.run(ISOPOOL + ["loadtest", "report", out, "--json"], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    rebuilt = json.loads(report.stdout)
+    summary = rebuilt["points"][0]["summary"]
+    assert summary["requests"] == complete and summary["outcomes"] == {"ok": complete}
+    assert rebuilt["points"][0]["load"] == {"concurrency": 4}
+    table = subprocess.run(ISOPOOL + ["loadtest", "report", out], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "TTFT" in table.stdout and "c=4" in table.stdout
+
+
+def test_a_sweep_has_every_field_per_point(tmp_path, own_processes):
+    options = Options(concurrency=[2, 6], requests=30, output_tokens="mean=12,sd=4,min=2,max=20", warmup=0.05, fake_gap=0.005,
+                      slo="ttft=500ms,tpot=0.1")  # fmt: skip
+    results = run(options, str(tmp_path))
+    assert [p["load"] for p in results["points"]] == [{"concurrency": 2}, {"concurrency": 6}]
+    for point in results["points"]:
+        summary = point["summary"]
+        assert summary["requests"] + summary["warmup_requests"] == 30
+        assert set(summary["latency"]) == set(LATENCIES)
+        assert all(d["p50"] is not None for d in summary["latency"].values())
+        assert summary["goodput"]["requests"] == summary["outcomes"]["ok"]
+        assert set(point["generator"]) == {"in_flight_mean", "submit_late_p99", "loop_lag_p99", "cpu_cores_mean",
+                                           "verdict"}  # fmt: skip
+        assert point["series"] and {"offered", "sent", "completed", "in_flight"} <= set(point["series"][0])
+    lengths = {r["output_tokens"] for r in _records(tmp_path)}
+    assert len(lengths) > 3 and min(lengths) >= 2 and max(lengths) <= 20  # drawn from the distribution
+    write_csv(results, str(tmp_path / "results.csv"))
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["load"] for r in rows] == ["c=2", "c=6"] and all(all(v != "" for v in r.values()) for r in rows)
+    assert [p["summary"] for p in rebuild(str(tmp_path))["points"]] == [p["summary"] for p in results["points"]]
+
+
+@pytest.mark.parametrize("api,stream", [("messages", True), ("responses", True), ("chat", False)])
+def test_every_api_is_timed(tmp_path, own_processes, api, stream):
+    results = run(Options(api=api, stream=stream, concurrency=[2], requests=6, output_tokens="15"), str(tmp_path))
+    summary = results["points"][0]["summary"]
+    assert summary["outcomes"] == {"ok": 6}
+    assert {(r["output_tokens"], r["status"]) for r in _records(tmp_path)} == {(15, 200)}
+    assert summary["latency"]["ttft"]["p50"] > 0
+
+
+def test_bad_options_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="not both"):
+        Options(concurrency=[4], rate=[2.0])
+    with pytest.raises(ValueError, match="mean"):
+        Lengths.parse("sd=3")
+    with pytest.raises(ValueError, match="ttft"):
+        parse_slo("latency=3")
+    with pytest.raises(ValueError, match="target"):
+        Options(target="ftp://x")
+    cli = subprocess.run(ISOPOOL + ["loadtest", "--input-tokens", "lots"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and "mean=N" in cli.stderr

@@ -424,8 +424,10 @@ class Broker:
 
     # ----- verbs ----------------------------------------------------------------
 
-    def kill_worker(self, worker: Worker, reason: Reason) -> None:
-        """The one way a worker is killed: SIGKILL its tree, count why, retry or fail its requests."""
+    def kill_worker(self, worker: Worker, reason: Reason, culprit: Request | None = None) -> None:
+        """The one way a worker is killed: SIGKILL its tree, count why, retry or fail its requests.
+        With a `culprit` (the request that stalled), its other streams end as killed with a
+        neighbour, not as stalls of their own."""
         if worker.proc is not None:
             kill_group(worker.proc)
             if worker.zygote != self.zygote_generation:  # no exit report will come for it
@@ -441,7 +443,7 @@ class Broker:
         for req in requests:
             req.worker = None
             if not req.cancelled:
-                self._retry_or_fail(req, reason)
+                self._retry_or_fail(req, reason if culprit in (None, req) else Reason.NEIGHBOUR)
 
     def _retry_or_fail(self, req: Request, reason: Reason, last_error: bytes = b"") -> None:
         """Requeue an unseen request (bounded, jittered), or end it with the error that says why not."""
@@ -505,7 +507,7 @@ class Broker:
                 due, reason = request_due(req)
                 if now >= due:
                     log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
-                    self.kill_worker(worker, reason)
+                    self.kill_worker(worker, reason, req)
                     break
                 next_check = min(next_check, due)
         for queue in self.queues.values():

@@ -23,6 +23,7 @@ from broker import (
     ProviderStatusError,
     ProviderStreamError,
     StreamStalled,
+    WorkerLost,
 )
 from broker.protocol import Code, Codec, Kind, Ref, Submit
 
@@ -362,3 +363,26 @@ def test_f12_per_request_credentials_are_refused(client, fake):
     with pytest.raises(BadRequest, match="(?i)x-api-key"):
         client.request("anthropic", "messages.create", **anthropic_args("steal"), extra_headers={"X-Api-Key": "other"})
     assert sum(fake.stats()["served"].values()) == served  # no connection was attempted
+
+
+def test_a_stall_on_a_multi_stream_worker_is_the_only_stall_counted(fake, own_processes):
+    """Killing a worker that carries several streams ends them all; only the stalled one is
+    a stall. A neighbour that had delivered output gets WorkerLost saying why; an unseen
+    neighbour is retried on the replacement."""
+    one = {"anthropic": profiles(fake.url)["anthropic"] | {"min_workers": 1, "max_workers": 1, "concurrency": 4}}
+    with Pool(profiles=one, **TEST_SETTINGS) as pool, pool.client() as client:
+        stalled = client.submit("anthropic", "messages.create", stream=True, stale_timeout=1.0,
+                                **anthropic_args("stalls"), **fault("silent:after=3"))  # fmt: skip
+        seen = client.submit("anthropic", "messages.create", stream=True,
+                             **anthropic_args("drips"), **fault("drip:gap=0.3,times=1"))  # fmt: skip
+        unseen = client.submit("anthropic", "messages.create", **anthropic_args("slow"),
+                               **fault("slow-first:delay=3,times=1"))  # fmt: skip
+        events = iter(seen)
+        next(events)  # the neighbour has delivered output
+        with pytest.raises(StreamStalled):
+            list(stalled)
+        with pytest.raises(WorkerLost, match="killed_with_a_stalled_neighbour"):
+            list(events)
+        assert unseen.result().status == 200  # retried on the replacement worker
+        stats = client.stats()
+        assert stats["stalls"] == {"stale_timeout": 1} and stats["kills"]["stale_timeout"] == 1

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .common import SIZES
 
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory")
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen")
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 
 

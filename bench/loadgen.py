@@ -57,7 +57,7 @@ async def _sdk_lanes(url: str, concurrency: int, seconds: float, warmup: float, 
     await asyncio.gather(*(lane(k) for k in range(concurrency)))
     cpu = time.process_time() - cpu_before
     await client.close()
-    return {"chunks_per_s": chunks / seconds, "in_flight": busy / seconds, "ttft_p50": statistics.median(ttfts),
+    return {"chunks_per_s": chunks / seconds, "in_flight": busy / seconds, "ttft_p50": statistics.median(ttfts) if ttfts else None,
             "cpu_per_1000_chunks": cpu / max(every_chunk, 1) * 1000}  # fmt: skip
 
 
@@ -111,7 +111,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = [
         [r["concurrency"], round(r["isopool_chunks_per_s"]), round(r["sdk_chunks_per_s"]),
          round(r["isopool_in_flight"], 1), round(r["sdk_in_flight"], 1),
-         ms(r["isopool_ttft_p50"]), ms(r["sdk_ttft_p50"]),
+         ms(r["isopool_ttft_p50"]), r["sdk_ttft_p50"] and ms(r["sdk_ttft_p50"]),
          round(r["isopool_cpu_per_1000_chunks"], 4), round(r["sdk_cpu_per_1000_chunks"], 4),
          f"{r['isopool_fake_cpu_cores']} / {r['sdk_fake_cpu_cores']}"]
         for r in data["figures"]["rows"]

@@ -39,7 +39,7 @@ class Measurement:
         self.tokens = 0
         self.output_tokens = self.input_tokens = -1
         self.outcome, self.error = "ok", ""
-        self.end = 0
+        self.end = self.received = 0
 
     def tick(self, name: str, data: bytes) -> None:
         if name != TICK:
@@ -61,6 +61,7 @@ class Measurement:
         """The call ended with a result (`status` and body only for a plain, non-stream answer).
         A stream ended when its last bytes reached the worker, not when the end was relayed."""
         self.end = self.last if self.last and not body else now
+        self.received = now
         status = self.status or status  # the head tick's status is the server's own
         if status >= 400:
             self.outcome, self.error = "http_error", f"HTTP {status}"
@@ -72,7 +73,7 @@ class Measurement:
         self.status = status
 
     def fail(self, now: int, exc: RequestError) -> None:
-        self.end = now
+        self.end = self.received = now
         self.error = str(exc)
         if isinstance(exc, StreamStalled | AttemptsExhausted):
             self.outcome = "stall"
@@ -112,6 +113,7 @@ class Measurement:
             "sent": at(self.sent),
             "first_token": at(self.first),
             "end": at(self.end),
+            "received": at(self.received),  # when the generator had the end (relay and queueing included)
             "ttft": ttft,
             "ttft_from_schedule": span(self.scheduled, self.first),
             "e2e": e2e,

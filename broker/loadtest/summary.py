@@ -103,11 +103,13 @@ def point_result(
     finish = max((r["end"] for r in measured), default=0.0)
     window = max(finish - begin, 1e-9)
     summary = summarize(records, window if measured else 0.0, slo or None)
-    # Streams in flight while requests were still being issued (not during the drain at the end)
+    # Streams in flight at the target (worker's send to the last bytes) while requests were still
+    # being issued, warm-up requests included while they overlap (not during the drain at the end)
     steady_end = max((r["scheduled"] for r in measured), default=0.0)
     steady = steady_end - begin
+    timed = [r for r in records if r["sent"] is not None and r["end"] is not None]
     in_flight = (
-        sum(max(0.0, min(r["end"], steady_end) - max(r["sent"], begin)) for r in measured) / steady
+        sum(max(0.0, min(r["end"], steady_end) - max(r["sent"], begin)) for r in timed) / steady
         if steady > 0.01
         else sum(r["end"] - r["sent"] for r in measured) / window
     )

@@ -29,7 +29,8 @@ from .conftest import wait_for
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
 RECORD_FIELDS = {
     "id", "point", "warmup", "scheduled", "submitted", "sent", "first_token", "end", "received", "ttft",
-    "ttft_from_schedule", "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks", "input_tokens", "requested_tokens",
+    "ttft_from_schedule", "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks", "input_tokens",
+    "requested_tokens",
     "status", "outcome", "error", "stall",
 }  # fmt: skip
 

@@ -19,7 +19,7 @@ import pytest
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
 from broker.loadtest import Options, rebuild, run
-from broker.loadtest.report import write_csv
+from broker.loadtest.report import save_outputs
 from broker.loadtest.schedule import arrivals
 from broker.loadtest.summary import LATENCIES, parse_slo
 from broker.loadtest.workload import Lengths
@@ -165,7 +165,10 @@ def test_a_sweep_has_every_field_per_point(tmp_path, own_processes):
         assert point["series"] and {"offered", "sent", "completed", "in_flight"} <= set(point["series"][0])
     lengths = {r["output_tokens"] for r in _records(tmp_path)}
     assert len(lengths) > 3 and min(lengths) >= 2 and max(lengths) <= 20  # drawn from the distribution
-    write_csv(results, str(tmp_path / "results.csv"))
+    save_outputs(results, str(tmp_path))
+    for plot in ("latency.png", "series.png", "sweep.png"):
+        with open(tmp_path / plot, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["load"] for r in rows] == ["c=2", "c=6"] and all(all(v != "" for v in r.values()) for r in rows)

@@ -36,7 +36,8 @@ target, so a first run needs no key and no network.
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
 OUT/results.json (options, machine, per load point: summary, generator, series),
-OUT/results.csv (one row per load point)."""
+OUT/results.csv (one row per load point), and PNG plots (latency.png, series.png,
+sweep.png for a sweep; with the `plots` extra)."""
 
 
 @click.group(invoke_without_command=True, help=_HELP)
@@ -82,7 +83,7 @@ OUT/results.csv (one row per load point)."""
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from .report import LoadProgress, print_results, write_csv
+    from .report import LoadProgress, print_results, save_outputs
     from .runner import Options, run
 
     try:
@@ -93,7 +94,7 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
     with LoadProgress(enabled=not as_json) as progress:
         results = run(opts, out, progress)
-    write_csv(results, f"{out}/results.csv")
+    save_outputs(results, out)
     if as_json:
         json.dump(results, sys.stdout, indent=1)
         print()
@@ -107,12 +108,13 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
 def report(directory: str, as_json: bool) -> None:
     """Summarize a load test's records (a finished run, or one killed half-way)."""
     from ..render import console
-    from .report import print_results, rebuild
+    from .report import print_results, rebuild, save_outputs
 
     results = rebuild(directory)
     if not results["points"]:
         console.print(f"no request records in {directory} yet")
         sys.exit(1)
+    save_outputs(results, directory)
     if as_json:
         json.dump(results, sys.stdout, indent=1)
         print()

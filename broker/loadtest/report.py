@@ -120,7 +120,7 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
-    console.print(f"results: {escape(out_dir)}/results.json, records.jsonl, results.csv")
+    console.print(f"results: {escape(out_dir)}/ results.json, records.jsonl, results.csv, *.png")
 
 
 def write_csv(results: dict[str, Any], path: str) -> None:
@@ -142,6 +142,29 @@ def write_csv(results: dict[str, Any], path: str) -> None:
             writer.writerows(rows)
 
 
+def read_records(out_dir: str) -> list[dict[str, Any]]:
+    """Every complete record of `records.jsonl` (a killed run's torn last line is skipped)."""
+    records = []
+    with open(os.path.join(out_dir, "records.jsonl"), "rb") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def save_outputs(results: dict[str, Any], out_dir: str) -> None:
+    """results.csv and the PNG plots next to the records (plots need the `plots` extra)."""
+    from . import plots
+
+    write_csv(results, os.path.join(out_dir, "results.csv"))
+    if plots.available():
+        plots.write(results, read_records(out_dir), out_dir)
+    else:
+        console.print(f"[yellow]no plots: matplotlib is not installed ({plots.INSTALL})[/]")
+
+
 def rebuild(out_dir: str) -> dict[str, Any]:
     """Results from `records.jsonl` (and the options in `results.json`, if the run got that far):
     what `isopool loadtest report` shows for a run that was killed. Torn last lines are skipped."""
@@ -154,13 +177,8 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         with open(saved) as f:
             results |= {k: v for k, v in json.load(f).items() if k != "points"}
     by_point: dict[int, list[dict[str, Any]]] = {}
-    with open(records_path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the line a killed run was writing
-            by_point.setdefault(record["point"], []).append(record)
+    for record in read_records(out_dir):
+        by_point.setdefault(record["point"], []).append(record)
     loads = results.get("load_points", [])
     slo = parse_slo(results["options"].get("slo", ""))
     for number in sorted(by_point):

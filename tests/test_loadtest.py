@@ -61,7 +61,7 @@ def test_measured_ttft_and_gaps_match_the_fake_providers_latency_model(tmp_path,
     # chat streams a role chunk at ttft, then a token every gap: the first token comes at ttft + gap
     with FakeProviderProcess(Latency(ttft=0.05, gap=0.01, tokens=1_000_000)) as fake:
         direct = statistics.median(_direct_ttfts(fake.url, 12))
-        options = Options(target=fake.url + "/v1", concurrency=[2], requests=12, output_tokens="20")
+        options = Options(calibrate=False, target=fake.url + "/v1", concurrency=[2], requests=12, output_tokens="20")
         point = run(options, str(tmp_path))["points"][0]
         direct = min(direct, statistics.median(_direct_ttfts(fake.url, 12)))  # before and after: the quieter
     latency = point["summary"]["latency"]
@@ -77,8 +77,8 @@ def test_measured_ttft_and_gaps_match_the_fake_providers_latency_model(tmp_path,
 
 def test_stalls_are_cut_counted_at_their_token_and_leave_the_rest_alone(tmp_path, own_processes):
     stalls = {"stall-ping:after=5": 0.04, "stall-comment:after=5": 0.03, "silent:after=5": 0.03}
-    options = Options(concurrency=[16], requests=150, output_tokens="20", fake_gap=0.005, stale_timeout=1.0,
-                      fake_faults=stalls, seed=3)  # fmt: skip
+    options = Options(calibrate=False, concurrency=[16], requests=150, output_tokens="20", fake_gap=0.005,
+                      stale_timeout=1.0, fake_faults=stalls, seed=3)  # fmt: skip
     results = run(options, str(tmp_path))
     summary = results["points"][0]["summary"]
     injected = results["fake_provider"]["faults"]
@@ -116,7 +116,7 @@ def _take(iterator, n):
 
 @pytest.mark.parametrize("arrival", ["poisson", "constant"])
 def test_an_open_loop_sends_at_the_requested_rate(tmp_path, own_processes, arrival):
-    options = Options(rate=[40.0], arrival=arrival, requests=160, output_tokens="10", seed=5)
+    options = Options(calibrate=False, rate=[40.0], arrival=arrival, requests=160, output_tokens="10", seed=5)
     point = run(options, str(tmp_path))["points"][0]
     sent = sorted(r["sent"] for r in _records(tmp_path))
     gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
@@ -129,7 +129,7 @@ def test_an_open_loop_sends_at_the_requested_rate(tmp_path, own_processes, arriv
 
 def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes):
     out = str(tmp_path / "run")
-    args = ["-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "-o", out]
+    args = ["-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "--no-calibrate", "-o", out]
     proc = subprocess.Popen(ISOPOOL + ["loadtest", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         records = os.path.join(out, "records.jsonl")
@@ -154,6 +154,8 @@ def test_a_sweep_has_every_field_per_point(tmp_path, own_processes):
                       fake_gap=0.005, slo="ttft=500ms,tpot=0.1")  # fmt: skip
     results = run(options, str(tmp_path))
     assert [p["load"] for p in results["points"]] == [{"concurrency": 2}, {"concurrency": 6}]
+    calibration = results["calibration"]  # the generator's ceiling, measured first at the highest concurrency
+    assert calibration["concurrency"] == 6 and calibration["chunks_per_s"] > 0 and calibration["requests_per_s"] > 0
     for point in results["points"]:
         summary = point["summary"]
         assert summary["requests"] + summary["warmup_requests"] == 30
@@ -177,7 +179,8 @@ def test_a_sweep_has_every_field_per_point(tmp_path, own_processes):
 
 @pytest.mark.parametrize("api,stream", [("messages", True), ("responses", True), ("chat", False)])
 def test_every_api_is_timed(tmp_path, own_processes, api, stream):
-    results = run(Options(api=api, stream=stream, concurrency=[2], requests=6, output_tokens="15"), str(tmp_path))
+    options = Options(calibrate=False, api=api, stream=stream, concurrency=[2], requests=6, output_tokens="15")
+    results = run(options, str(tmp_path))
     summary = results["points"][0]["summary"]
     assert summary["outcomes"] == {"ok": 6}
     assert {(r["output_tokens"], r["status"]) for r in _records(tmp_path)} == {(15, 200)}
@@ -186,12 +189,12 @@ def test_every_api_is_timed(tmp_path, own_processes, api, stream):
 
 def test_bad_options_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="not both"):
-        Options(concurrency=[4], rate=[2.0])
+        Options(calibrate=False, concurrency=[4], rate=[2.0])
     with pytest.raises(ValueError, match="mean"):
         Lengths.parse("sd=3")
     with pytest.raises(ValueError, match="ttft"):
         parse_slo("latency=3")
     with pytest.raises(ValueError, match="target"):
-        Options(target="ftp://x")
+        Options(calibrate=False, target="ftp://x")
     cli = subprocess.run(ISOPOOL + ["loadtest", "--input-tokens", "lots"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "mean=N" in cli.stderr

@@ -77,6 +77,12 @@ sweep.png for a sweep; with the `plots` extra)."""
 @click.option("--fake-ttft", default=0.0, show_default=True, help="The fake provider's time to first token (s).")
 @click.option("--fake-gap", default=0.0, show_default=True, help="The fake provider's time between tokens (s).")
 @fault_rates_option("Make the fake provider inject this fault into a share of requests, e.g. silent:after=5=0.1.")
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="First measure the generator's own ceiling against the built-in fake (a few seconds).",
+)
 @click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.pass_context

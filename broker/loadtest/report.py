@@ -44,6 +44,10 @@ class LoadProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
+    def note(self, text: str) -> None:
+        if self.enabled:
+            console.print(text, highlight=False)
+
     def point(self, label: str, total: int | None, seconds: float | None) -> None:
         self._label, self._total, self._tally = label, total, Counter()
         if self._progress is not None:

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -66,6 +67,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     fake_ttft: float = 0.0  # the built-in fake provider's latency model
     fake_gap: float = 0.0
     fake_faults: dict[str, float] = {}  # fault spec -> share of requests, e.g. {"stall-ping:after=5": 0.1}
+    calibrate: bool = True  # first measure the generator's own ceiling against the built-in fake
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -105,12 +107,16 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Progress(Protocol):
+    def note(self, text: str) -> None: ...
     def point(self, label: str, total: int | None, seconds: float | None) -> None: ...
     def record(self, record: dict[str, Any]) -> None: ...
     def sample(self, sample: dict[str, Any]) -> None: ...
 
 
 class _Quiet:
+    def note(self, text: str) -> None:
+        pass
+
     def point(self, label: str, total: int | None, seconds: float | None) -> None:
         pass
 
@@ -170,17 +176,53 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
         "load_points": options.points,
         "points": [],
     }
+    if options.calibrate:
+        results["calibration"] = calibration = _calibrate(options)
+        progress.note(
+            f"generator ceiling on this machine: {calibration['chunks_per_s']:,.0f} chunks/s, "
+            f"{calibration['requests_per_s']:,.1f} requests/s at {calibration['concurrency']} streams "
+            "(against the built-in fake provider, which shares the CPU: a lower bound)"
+        )
     _write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "records.jsonl"), "ab") as sink, target_pool(options) as (pool, profile, fake):
+    with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
                            "streams_per_worker": options.streams_per_worker}  # fmt: skip
         for number, load in enumerate(options.points):
             point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
+            if options.calibrate:
+                _compare_with_ceiling(point, results["calibration"])
             results["points"].append(point)
             if fake is not None:  # what the target itself counted (faults it injected, answers)
                 results["fake_provider"] = fake.stats()
             _write_json(os.path.join(out_dir, "results.json"), results)
     return results
+
+
+def _calibrate(options: Options) -> dict[str, Any]:
+    """The generator's own ceiling here: a few seconds at the run's highest concurrency and the
+    same request shapes, against the built-in fake provider answering as fast as it can."""
+    trial = msgspec.structs.replace(
+        options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
+        ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="",
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        point = run(trial, scratch)["points"][0]
+    throughput = point["summary"]["throughput"]
+    return {"concurrency": options.capacity, "chunks_per_s": throughput["chunks_per_s"],
+            "requests_per_s": throughput["requests_per_s"], "in_flight_mean": point["generator"]["in_flight_mean"],
+            "cpu_cores_mean": point["generator"]["cpu_cores_mean"]}  # fmt: skip
+
+
+def _compare_with_ceiling(point: dict[str, Any], calibration: dict[str, Any]) -> None:
+    chunks = point["summary"]["throughput"]["chunks_per_s"]
+    if calibration["chunks_per_s"] and chunks >= 0.9 * calibration["chunks_per_s"]:
+        generator = point["generator"]
+        ceiling = (f"it delivered {chunks:,.0f} chunks/s, at its calibrated ceiling of "
+                   f"{calibration['chunks_per_s']:,.0f}")  # fmt: skip
+        if generator["verdict"] == "the generator kept up":
+            generator["verdict"] = "the generator was the limit: " + ceiling
+        else:
+            generator["verdict"] += "; " + ceiling
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:

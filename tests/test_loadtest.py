@@ -28,10 +28,9 @@ from .conftest import wait_for
 
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
 RECORD_FIELDS = {
-    "id", "point", "warmup", "scheduled", "submitted", "sent", "first_token", "end", "received", "ttft",
-    "ttft_from_schedule", "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks", "input_tokens",
-    "requested_tokens",
-    "status", "outcome", "error", "stall",
+    "id", "point", "conversation", "turn", "warmup", "scheduled", "submitted", "sent", "first_token", "end",
+    "received", "ttft", "ttft_from_schedule", "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks",
+    "input_tokens", "requested_tokens", "status", "outcome", "error", "stall",
 }  # fmt: skip
 
 
@@ -198,3 +197,34 @@ def test_bad_options_are_refused_with_what_to_do():
         Options(calibrate=False, target="ftp://x")
     cli = subprocess.run(ISOPOOL + ["loadtest", "--input-tokens", "lots"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "mean=N" in cli.stderr
+
+
+def test_multi_turn_conversations_grow_and_go_in_order(tmp_path, own_processes):
+    options = Options(calibrate=False, turns=3, concurrency=[2], requests=12, input_tokens="4", output_tokens="5")
+    run(options, str(tmp_path))
+    records = _records(tmp_path)
+    conversations: dict[int, list[dict]] = {}
+    for record in records:
+        conversations.setdefault(record["conversation"], []).append(record)
+    assert len(conversations) == 4 and all(len(turns) == 3 for turns in conversations.values())
+    for turns in conversations.values():
+        turns.sort(key=lambda r: r["turn"])
+        assert [r["turn"] for r in turns] == [0, 1, 2]
+        assert turns[0]["input_tokens"] < turns[1]["input_tokens"] < turns[2]["input_tokens"]  # the history grows
+        assert all(b["scheduled"] >= a["received"] for a, b in zip(turns, turns[1:], strict=False))  # one at a time
+
+
+def test_a_dataset_in_the_batch_format_is_sent_as_it_is(tmp_path, own_processes):
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-fake", "max_tokens": 7 + i, "messages": [{"role": "user", "content": f"q{i}"}]}}
+             for i in range(3)]  # fmt: skip
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = run(Options(calibrate=False, dataset=str(path), concurrency=[2], requests=6), str(tmp_path / "out"))
+    assert results["api"] == "chat" and results["points"][0]["summary"]["outcomes"] == {"ok": 6}
+    assert sorted(r["output_tokens"] for r in _records(tmp_path / "out")) == [7, 7, 8, 8, 9, 9]  # cycled
+    bad = tmp_path / "embeddings.jsonl"
+    bad.write_text(json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                               "body": {"model": "e", "input": "x"}}) + "\n")  # fmt: skip
+    with pytest.raises(ValueError, match="one API"):
+        Options(dataset=str(bad)).workload()

@@ -69,6 +69,18 @@ sweep.png for a sweep; with the `plots` extra)."""
 @click.option("--ramp-up", default=0.0, help="Seconds over which the load rises to its level.")
 @click.option("--input-tokens", default="256", show_default=True, help="N, or mean=N,sd=S,min=A,max=B.")
 @click.option("--output-tokens", default="128", show_default=True, help="N, or mean=N,sd=S,min=A,max=B.")
+@click.option(
+    "--turns",
+    default=1,
+    show_default=True,
+    help="Synthetic conversations of this many turns, each carrying the ones before (under --rate, "
+    "arrivals are conversations).",
+)
+@click.option(
+    "--dataset",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Send these requests (JSONL in the `isopool batch` formats) instead of synthetic prompts.",
+)
 @click.option("--no-stream", is_flag=True, help="Ask for plain (non-streaming) answers.")
 @click.option("--stale-timeout", default=10.0, show_default=True, help="Seconds without output before a stall is cut.")
 @click.option("--first-event-timeout", default=60.0, show_default=True, help="Seconds to the first event.")
@@ -95,6 +107,7 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     try:
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
+        opts.workload()  # a dataset is read (and checked) before anything starts
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")

@@ -84,7 +84,7 @@ class Measurement:
         else:
             self.outcome = "pool"
 
-    def record(self, origin: int, point: int, warmup: bool) -> dict[str, Any]:
+    def record(self, origin: int, point: int, warmup: bool, conversation: int = 0, turn: int = 0) -> dict[str, Any]:
         """The JSON record: times in seconds from `origin` (the run's start), durations in seconds."""
 
         def at(t: int) -> float | None:
@@ -107,6 +107,8 @@ class Measurement:
         return {
             "id": self.index,
             "point": point,
+            "conversation": conversation,
+            "turn": turn,
             "warmup": warmup,
             "scheduled": at(self.scheduled),
             "submitted": at(self.submitted),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import math
 import os
 import tempfile
@@ -33,7 +34,9 @@ from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
 from .summary import parse_slo, point_result
-from .workload import APIS, Lengths, Synthetic
+from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
+
+Workload = Synthetic | Dataset
 
 _TARGETS = ("fake", "anthropic", "openai")
 _DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
@@ -68,6 +71,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     fake_gap: float = 0.0
     fake_faults: dict[str, float] = {}  # fault spec -> share of requests, e.g. {"stall-ping:after=5": 0.1}
     calibrate: bool = True  # first measure the generator's own ceiling against the built-in fake
+    turns: int = 1  # synthetic conversations of this many turns (each turn carries the ones before)
+    dataset: str = ""  # a JSONL of requests in the batch formats, instead of synthetic prompts
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -84,9 +89,24 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("concurrency must be >= 1 and rate > 0")
         if self.requests < 0 or self.duration < 0 or self.warmup < 0 or self.ramp_up < 0:
             raise ValueError("requests, duration, warmup and ramp-up cannot be negative")
+        if self.turns < 1:
+            raise ValueError("turns must be >= 1")
+        if self.dataset and self.turns > 1:
+            raise ValueError("--turns makes synthetic conversations; a dataset's requests are sent as they are")
         if self.arrival not in ("poisson", "constant"):
             raise ValueError(f"arrival must be poisson or constant, not {self.arrival!r}")
         Lengths.parse(self.input_tokens), Lengths.parse(self.output_tokens), parse_slo(self.slo)
+
+    def workload(self) -> Workload:
+        """What to send: the dataset's requests, or synthetic conversations."""
+        if self.dataset:
+            dataset = Dataset(self.dataset, self.stream, self.model)
+            if self.api and self.api != dataset.api:
+                raise ValueError(f"{self.dataset} holds {dataset.api} requests, not {self.api}")
+            return dataset
+        api = self.chosen_api
+        return Synthetic(api, self.model or _DEFAULT_MODEL[api], Lengths.parse(self.input_tokens),
+                         Lengths.parse(self.output_tokens), self.stream, self.seed, self.turns)  # fmt: skip
 
     @property
     def chosen_api(self) -> str:
@@ -128,9 +148,8 @@ class _Quiet:
 
 
 @contextlib.contextmanager
-def target_pool(options: Options) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
+def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
     """A pool whose one profile points at the target; the fake provider too when that is the target."""
-    api = options.chosen_api
     kind = APIS[api][0]
     with contextlib.ExitStack() as stack:
         profile: dict[str, Any] = {"kind": kind}
@@ -163,9 +182,8 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
     """Run every load point; write `records.jsonl` (as requests end) and `results.json` into `out_dir`."""
     progress = progress or _Quiet()
     os.makedirs(out_dir, exist_ok=True)
-    api = options.chosen_api
-    workload = Synthetic(api, options.model or _DEFAULT_MODEL[api], Lengths.parse(options.input_tokens),
-                         Lengths.parse(options.output_tokens), options.stream, options.seed)  # fmt: skip
+    workload = options.workload()
+    api = workload.api
     results: dict[str, Any] = {
         "schema": 1,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -184,7 +202,7 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
             "(against the built-in fake provider, which shares the CPU: a lower bound)"
         )
     _write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options) as (pool, profile, fake):
+    with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options, api) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
                            "streams_per_worker": options.streams_per_worker}  # fmt: skip
         for number, load in enumerate(options.points):
@@ -233,7 +251,7 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 
 async def _run_point(
-    pool: Pool, profile: str, workload: Synthetic, options: Options, number: int, load: dict[str, Any],
+    pool: Pool, profile: str, workload: Workload, options: Options, number: int, load: dict[str, Any],
     sink: Any, progress: Progress,
 ) -> dict[str, Any]:  # fmt: skip
     records: list[dict[str, Any]] = []
@@ -242,87 +260,101 @@ async def _run_point(
     progress.point(label, total or None, options.duration or None)
     live = _Live()
     start = time.monotonic_ns()
-    ends_at = start + int(options.duration * 1e9) if options.duration else 0
+    budget = _Budget(total, start + int(options.duration * 1e9) if options.duration else 0)
     warmup_ns = int(options.warmup * 1e9)
-
+    cap = asyncio.Semaphore(load["max_concurrency"]) if load.get("max_concurrency") else None
     # the worker cuts stalls itself; the broker's watchdog only catches a worker that hangs
     backstop = CallLimits(options.first_event_timeout + _BACKSTOP, options.stale_timeout + _BACKSTOP)
     async with AsyncClient(pool.url) as client:
 
-        async def one(index: int, scheduled: int) -> None:
-            http, n_in, n_out = workload.next(index)
-            call = TimedCall(http, options.first_event_timeout, options.stale_timeout)
-            m = Measurement(index, scheduled, time.monotonic_ns(), n_in, n_out)
-            live.in_flight += 1
-            try:
-                pending = await client.submit_http(profile, call, backstop)
-                async for event in pending:
-                    m.tick(event.name, event.data)
-                    live.chunks += 1
-                result = await pending.result()
-                m.finish(time.monotonic_ns(), result.status, result.body)
-            except RequestError as exc:
-                m.fail(time.monotonic_ns(), exc)
-            finally:
-                live.in_flight -= 1
-            record = m.record(start, number, scheduled - start < warmup_ns)
+        async def one(index: int, conversation: int, turn: int, request: Turn, scheduled: int) -> None:
+            """Send one request and record it; under a cap, waiting for a slot counts against it."""
+            async with cap or contextlib.nullcontext():
+                call = TimedCall(to_http(workload.api, request.body), options.first_event_timeout,
+                                 options.stale_timeout)  # fmt: skip
+                m = Measurement(index, scheduled, time.monotonic_ns(), request.input_tokens, request.requested)
+                live.in_flight += 1
+                try:
+                    pending = await client.submit_http(profile, call, backstop)
+                    async for event in pending:
+                        m.tick(event.name, event.data)
+                        live.chunks += 1
+                    result = await pending.result()
+                    m.finish(time.monotonic_ns(), result.status, result.body)
+                except RequestError as exc:
+                    m.fail(time.monotonic_ns(), exc)
+                finally:
+                    live.in_flight -= 1
+            record = m.record(start, number, scheduled - start < warmup_ns, conversation, turn)
             records.append(record)
             sink.write(msgspec.json.encode(record) + b"\n")
             sink.flush()
             progress.record(record)
 
+        async def converse(conversation: int, due: int) -> None:
+            """A conversation's turns one after another: each is due when the one before ended."""
+            for turn, request in enumerate(workload.conversation(conversation)):
+                index = budget.claim()
+                if index is None:
+                    return
+                await one(index, conversation, turn, request, due)
+                due = time.monotonic_ns()
+
         sampler = asyncio.create_task(_sample(live, pool.pid, progress))
         try:
             if "concurrency" in load:
-                await _closed_loop(one, load["concurrency"], total, ends_at, options.ramp_up)
+                await _closed_loop(converse, load["concurrency"], budget, options.ramp_up)
             else:
-                await _open_loop(one, load, total, ends_at, options, start)
+                starts = -(-total // workload.turns) if total else 0
+                await _open_loop(converse, load, starts, budget, options, start)
         finally:
             sampler.cancel()
     return point_result(load, records, live.samples, live.lags, parse_slo(options.slo))
 
 
-async def _closed_loop(one: Any, concurrency: int, total: int, ends_at: int, ramp_up: float) -> None:
-    """`concurrency` lanes, each sending its next request when its last one ends (that moment is
-    its scheduled time); lanes start spread over `ramp_up` seconds."""
-    issued = 0
+class _Budget:
+    """Request numbers for one point, until `total` requests (0: no limit) or `ends_at` (0: none)."""
 
-    def take() -> int | None:
-        nonlocal issued
-        if (total and issued >= total) or (ends_at and time.monotonic_ns() >= ends_at):
+    def __init__(self, total: int, ends_at: int) -> None:
+        self.total, self.ends_at, self.issued = total, ends_at, 0
+
+    def open(self) -> bool:
+        return not (self.total and self.issued >= self.total) and not (
+            self.ends_at and time.monotonic_ns() >= self.ends_at
+        )
+
+    def claim(self) -> int | None:
+        if not self.open():
             return None
-        issued += 1
-        return issued - 1
+        self.issued += 1
+        return self.issued - 1
+
+
+async def _closed_loop(converse: Any, concurrency: int, budget: _Budget, ramp_up: float) -> None:
+    """`concurrency` lanes, each starting its next conversation when its last one ends (that
+    moment is its scheduled time); lanes start spread over `ramp_up` seconds."""
+    conversations = itertools.count()
 
     async def lane(k: int) -> None:
         await asyncio.sleep(ramp_up * k / concurrency)
-        while (index := take()) is not None:
-            await one(index, time.monotonic_ns())
+        while budget.open():
+            await converse(next(conversations), time.monotonic_ns())
 
     await asyncio.gather(*(lane(k) for k in range(concurrency)))
 
 
-async def _open_loop(one: Any, load: dict[str, Any], total: int, ends_at: int, options: Options, start: int) -> None:
-    """Requests at their scheduled times; with a cap, a due request waits for a free slot, and
-    that wait counts against its from-schedule latencies."""
-    cap = asyncio.Semaphore(load["max_concurrency"]) if load["max_concurrency"] else None
+async def _open_loop(converse: Any, load: dict[str, Any], starts: int, budget: _Budget, options: Options,
+                     start: int) -> None:  # fmt: skip
+    """Conversations (single requests, unless --turns) start at their scheduled times."""
     tasks: set[asyncio.Task] = set()
-
-    async def capped(index: int, due: int) -> None:
-        if cap is None:
-            await one(index, due)
-            return
-        async with cap:
-            await one(index, due)
-
-    for index, offset in enumerate(arrivals(load["rate"], load["arrival"], options.ramp_up, options.seed)):
+    for conversation, offset in enumerate(arrivals(load["rate"], load["arrival"], options.ramp_up, options.seed)):
         due = start + int(offset * 1e9)
-        if (total and index >= total) or (ends_at and due >= ends_at):
+        if (starts and conversation >= starts) or (budget.ends_at and due >= budget.ends_at):
             break
         delay = (due - time.monotonic_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)
-        task = asyncio.create_task(capped(index, due))
+        task = asyncio.create_task(converse(conversation, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     while tasks:

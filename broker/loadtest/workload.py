@@ -5,6 +5,7 @@ token each), so no tokenizer is ever downloaded; the server's `usage` gives exac
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -61,39 +62,90 @@ class Lengths(msgspec.Struct, frozen=True):
         return text + (f" [{self.min}, {self.max}]" if self.max or self.min > 1 else "")
 
 
+class Turn(msgspec.Struct, frozen=True):
+    """One request of a workload: the JSON body (also the SDK's keyword arguments), its input
+    length (estimated: words, or JSON bytes / 4) and the output length it asks for (-1: unsaid)."""
+
+    body: dict[str, Any]
+    input_tokens: int
+    requested: int
+
+
 class Synthetic:
-    """Synthetic requests: a fresh prompt of a drawn length, asking for a drawn number of tokens."""
+    """Synthetic conversations: each turn a fresh prompt of a drawn length asking for a drawn
+    number of tokens; later turns carry the earlier ones (the answers as words of the length
+    asked for, since a load test does not keep the text), as a chat client would."""
 
     def __init__(self, api: str, model: str, input_tokens: Lengths, output_tokens: Lengths, stream: bool = True,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, turns: int = 1) -> None:  # fmt: skip
         if api not in APIS:
             raise ValueError(f"unknown api {api!r}; choose one of {', '.join(APIS)}")
-        self.api, self.model, self.stream = api, model, stream
+        if turns < 1:
+            raise ValueError("turns must be >= 1")
+        self.api, self.model, self.stream, self.turns = api, model, stream, turns
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
         self.rng = random.Random(seed)
 
-    def next(self, index: int) -> tuple[HttpCall, int, int]:
-        """The call for request `index`, with its input length and requested output length."""
-        n_in, n_out = self.input_tokens.sample(self.rng), self.output_tokens.sample(self.rng)
-        words = [f"#{index}"] + [self.rng.choice(_WORDS) for _ in range(n_in - 1)]
-        prompt = " ".join(words)
-        body = request_body(self.api, self.model, prompt, n_out, self.stream)
-        path = APIS[self.api][1]
-        return (
-            HttpCall("POST", path, [("content-type", "application/json")], _ENC.encode(body)),
-            n_in,
-            n_out,
+    def conversation(self, index: int) -> Iterator[Turn]:
+        history: list[dict[str, str]] = []
+        total_in = 0
+        for turn in range(self.turns):
+            n_in, n_out = self.input_tokens.sample(self.rng), self.output_tokens.sample(self.rng)
+            prompt = " ".join([f"#{index}.{turn}"] + [self.rng.choice(_WORDS) for _ in range(n_in - 1)])
+            history.append({"role": "user", "content": prompt})
+            total_in += n_in
+            yield Turn(request_body(self.api, self.model, history, n_out, self.stream), total_in, n_out)
+            history.append({"role": "assistant", "content": " ".join(self.rng.choice(_WORDS) for _ in range(n_out))})
+            total_in += n_out
+
+
+class Dataset:
+    """Requests from a JSONL file in the batch formats (OpenAI Batch or Anthropic Message
+    Batches lines, as `isopool batch` takes them), sent in file order and cycled."""
+
+    def __init__(self, path: str, stream: bool = True, model: str = "") -> None:
+        from ..batch.runner import load
+
+        items, invalid, _ = load(path)
+        if invalid:
+            shown = "; ".join(f"line {i.line}: {i.reason}" for i in invalid[:3])
+            raise ValueError(f"{path}: {len(invalid)} invalid line(s): {shown}")
+        if not items:
+            raise ValueError(f"{path}: no requests")
+        apis = {_API_OF_METHOD.get(item.method) for item in items}
+        if None in apis or len(apis) != 1:
+            raise ValueError(f"{path}: a load test takes requests of one API (messages, chat completions or "
+                             f"responses), not {sorted(item.method for item in items)[:3]}")  # fmt: skip
+        self.api = apis.pop()
+        self.items, self.stream, self.model = items, stream, model
+        self.turns = 1
+
+    def conversation(self, index: int) -> Iterator[Turn]:
+        body = dict(self.items[index % len(self.items)].params, stream=self.stream)
+        if self.model:
+            body["model"] = self.model
+        if self.stream and self.api == "chat":
+            body["stream_options"] = {"include_usage": True}
+        requested = next(
+            (body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in body), -1
         )
+        yield Turn(body, len(_ENC.encode(body.get("messages") or body.get("input") or "")) // 4, int(requested))
 
 
-def request_body(api: str, model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+_API_OF_METHOD = {"messages.create": "messages", "chat.completions.create": "chat", "responses.create": "responses"}
+
+
+def to_http(api: str, body: dict[str, Any]) -> HttpCall:
+    return HttpCall("POST", APIS[api][1], [("content-type", "application/json")], _ENC.encode(body))
+
+
+def request_body(api: str, model: str, history: list[dict[str, str]], max_tokens: int, stream: bool) -> dict[str, Any]:
     if api == "messages":
-        return {"model": model, "max_tokens": max_tokens, "stream": stream,
-                "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+        return {"model": model, "max_tokens": max_tokens, "stream": stream, "messages": list(history)}
     if api == "responses":
-        return {"model": model, "max_output_tokens": max_tokens, "stream": stream, "input": prompt}
-    body = {"model": model, "max_tokens": max_tokens, "stream": stream,
-            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+        text = history[0]["content"] if len(history) == 1 else list(history)
+        return {"model": model, "max_output_tokens": max_tokens, "stream": stream, "input": text}
+    body = {"model": model, "max_tokens": max_tokens, "stream": stream, "messages": list(history)}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body

@@ -228,3 +228,19 @@ def test_a_dataset_in_the_batch_format_is_sent_as_it_is(tmp_path, own_processes)
                                "body": {"model": "e", "input": "x"}}) + "\n")  # fmt: skip
     with pytest.raises(ValueError, match="one API"):
         Options(dataset=str(bad)).workload()
+
+
+def test_the_sdk_path_times_parsed_events_and_counts_stalls(tmp_path, own_processes):
+    """--sdk: the official SDK parses every event in the generator; the pool still cuts stalls
+    (one stream per worker, so a kill takes no neighbour) and they are counted as stalls."""
+    options = Options(calibrate=False, sdk=True, concurrency=[4], requests=40, output_tokens="20", fake_gap=0.005,
+                      stale_timeout=1.0, fake_faults={"stall-ping:after=5": 0.15}, seed=2)  # fmt: skip
+    results = run(options, str(tmp_path))
+    summary = results["points"][0]["summary"]
+    stalled = results["fake_provider"]["faults"].get("stall-ping", 0)
+    assert stalled >= 2 and summary["outcomes"] == {"ok": 40 - stalled, "stall": stalled}
+    assert summary["stalls"]["after_tokens"] == [4] * stalled
+    assert results["pool"]["streams_per_worker"] == 1
+    ok = [r for r in _records(tmp_path) if r["outcome"] == "ok"]
+    assert all(r["output_tokens"] == r["chunks"] == 20 and len(r["gaps"]) == 19 for r in ok)
+    assert 0.004 <= summary["latency"]["itl"]["p50"] <= 0.008

@@ -82,6 +82,15 @@ sweep.png for a sweep; with the `plots` extra)."""
     help="Send these requests (JSONL in the `isopool batch` formats) instead of synthetic prompts.",
 )
 @click.option("--no-stream", is_flag=True, help="Ask for plain (non-streaming) answers.")
+@click.option(
+    "--sdk",
+    is_flag=True,
+    help="Time events as the official SDK hands them over, parsed, in this process (what applications "
+    "pay), instead of where the bytes arrive in the workers.",
+)
+@click.option(
+    "--streams-per-worker", default=0, help="Streams each worker process carries (default: 32; 1 with --sdk)."
+)
 @click.option("--stale-timeout", default=10.0, show_default=True, help="Seconds without output before a stall is cut.")
 @click.option("--first-event-timeout", default=60.0, show_default=True, help="Seconds to the first event.")
 @click.option("--slo", default="", help="Goodput limits, e.g. ttft=500ms,tpot=50ms,e2e=20.")

@@ -42,20 +42,25 @@ class Measurement:
         self.end = self.received = 0
 
     def tick(self, name: str, data: bytes) -> None:
+        """A worker's tick (the fast path)."""
         if name != TICK:
             return
         tick = _TICK.decode(data)
         if tick.sent:
             self.sent, self.head, self.status = tick.sent, tick.t, tick.status
-        if tick.tokens:
-            self.first = self.first or tick.t
-            self.arrivals.append((tick.t, tick.tokens))
-            self.tokens += tick.tokens
-        self.last = tick.t
-        self.output_tokens = max(self.output_tokens, tick.output_tokens)
-        self.input_tokens = max(self.input_tokens, tick.input_tokens)
-        if tick.error and self.outcome == "ok":
-            self.outcome, self.error = "stream_error", tick.error
+        self.observe(tick.t, tick.tokens, tick.output_tokens, tick.input_tokens, tick.error)
+
+    def observe(self, t: int, tokens: int, output_tokens: int = -1, input_tokens: int = -1, error: str = "") -> None:
+        """Something arrived at `t`: `tokens` output deltas, usage once reported, a mid-stream error."""
+        if tokens:
+            self.first = self.first or t
+            self.arrivals.append((t, tokens))
+            self.tokens += tokens
+        self.last = t
+        self.output_tokens = max(self.output_tokens, output_tokens)
+        self.input_tokens = max(self.input_tokens, input_tokens)
+        if error and self.outcome == "ok":
+            self.outcome, self.error = "stream_error", error
 
     def finish(self, now: int, status: int = 0, body: bytes = b"") -> None:
         """The call ended with a result (`status` and body only for a plain, non-stream answer).
@@ -73,16 +78,19 @@ class Measurement:
         self.status = status
 
     def fail(self, now: int, exc: RequestError) -> None:
-        self.end = self.received = now
-        self.error = str(exc)
         if isinstance(exc, StreamStalled | AttemptsExhausted):
-            self.outcome = "stall"
+            outcome = "stall"
         elif isinstance(exc, DeadlineExceeded):
-            self.outcome = "deadline"
+            outcome = "deadline"
         elif isinstance(exc, ProviderConnectionError):
-            self.outcome = "connection"
+            outcome = "connection"
         else:
-            self.outcome = "pool"
+            outcome = "pool"
+        self.end_with(now, outcome, str(exc))
+
+    def end_with(self, now: int, outcome: str, error: str) -> None:
+        self.end = self.received = now
+        self.outcome, self.error = outcome, error
 
     def record(self, origin: int, point: int, warmup: bool, conversation: int = 0, turn: int = 0) -> dict[str, Any]:
         """The JSON record: times in seconds from `origin` (the run's start), durations in seconds."""

@@ -33,6 +33,8 @@ from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
+from .sdkpath import measure as sdk_measure
+from .sdkpath import sdk_client
 from .summary import parse_slo, point_result
 from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
 
@@ -66,7 +68,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     first_event_timeout: float = 60.0
     slo: str = ""
     seed: int = 0
-    streams_per_worker: int = 32
+    streams_per_worker: int = 0  # 0: 32 on the fast path; 1 with `sdk` (a stall's kill then takes no neighbour)
+    sdk: bool = False  # time events as the official SDK hands them over, parsed (what applications pay)
     fake_ttft: float = 0.0  # the built-in fake provider's latency model
     fake_gap: float = 0.0
     fake_faults: dict[str, float] = {}  # fault spec -> share of requests, e.g. {"stall-ping:after=5": 0.1}
@@ -107,6 +110,12 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         api = self.chosen_api
         return Synthetic(api, self.model or _DEFAULT_MODEL[api], Lengths.parse(self.input_tokens),
                          Lengths.parse(self.output_tokens), self.stream, self.seed, self.turns)  # fmt: skip
+
+    @property
+    def worker_streams(self) -> int:
+        """Streams per worker. The fast path cuts a stall in the worker, so its neighbours go on; on
+        the SDK path the broker kills a stalled stream's worker, so each stream gets its own."""
+        return self.streams_per_worker or (1 if self.sdk else 32)
 
     @property
     def chosen_api(self) -> str:
@@ -162,9 +171,10 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
         elif options.target.startswith("http"):
             os.environ.setdefault(_URL_KEY, os.environ.get("OPENAI_API_KEY", "EMPTY"))
             profile |= {"base_url": options.target.rstrip("/"), "api_key_env": _URL_KEY}
-        workers = math.ceil(options.capacity / options.streams_per_worker)
+        streams = options.worker_streams
+        workers = math.ceil(options.capacity / streams)
         profile |= {"min_workers": workers, "max_workers": workers, "spare_workers": 0,
-                    "concurrency": options.streams_per_worker, "sdk_max_retries": 0}  # fmt: skip
+                    "concurrency": streams, "sdk_max_retries": 0}  # fmt: skip
         pool = stack.enter_context(
             Pool(
                 profiles={kind: profile},
@@ -204,7 +214,7 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
     _write_json(os.path.join(out_dir, "results.json"), results)
     with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options, api) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
-                           "streams_per_worker": options.streams_per_worker}  # fmt: skip
+                           "streams_per_worker": options.worker_streams}  # fmt: skip
         for number, load in enumerate(options.points):
             point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
             if options.calibrate:
@@ -265,6 +275,7 @@ async def _run_point(
     cap = asyncio.Semaphore(load["max_concurrency"]) if load.get("max_concurrency") else None
     # the worker cuts stalls itself; the broker's watchdog only catches a worker that hangs
     backstop = CallLimits(options.first_event_timeout + _BACKSTOP, options.stale_timeout + _BACKSTOP)
+    sdk = sdk_client(workload.api, pool.url, profile) if options.sdk else None
     async with AsyncClient(pool.url) as client:
 
         async def one(index: int, conversation: int, turn: int, request: Turn, scheduled: int) -> None:
@@ -275,12 +286,15 @@ async def _run_point(
                 m = Measurement(index, scheduled, time.monotonic_ns(), request.input_tokens, request.requested)
                 live.in_flight += 1
                 try:
-                    pending = await client.submit_http(profile, call, backstop)
-                    async for event in pending:
-                        m.tick(event.name, event.data)
-                        live.chunks += 1
-                    result = await pending.result()
-                    m.finish(time.monotonic_ns(), result.status, result.body)
+                    if sdk is not None:
+                        await sdk_measure(sdk, workload.api, request, m)
+                    else:
+                        pending = await client.submit_http(profile, call, backstop)
+                        async for event in pending:
+                            m.tick(event.name, event.data)
+                            live.chunks += 1
+                        result = await pending.result()
+                        m.finish(time.monotonic_ns(), result.status, result.body)
                 except RequestError as exc:
                     m.fail(time.monotonic_ns(), exc)
                 finally:
@@ -309,6 +323,8 @@ async def _run_point(
                 await _open_loop(converse, load, starts, budget, options, start)
         finally:
             sampler.cancel()
+            if sdk is not None:
+                await sdk.close()
     return point_result(load, records, live.samples, live.lags, parse_slo(options.slo))
 
 

@@ -1,0 +1,93 @@
+"""The `--sdk` measurement path: requests go through the official SDK (the drop-in shim's
+clients, over the same pool), and each event is timed in the generator when the SDK hands
+it over parsed, so the figures include what applications pay for the SDK's parsing. The
+fast path (ticks from the worker) shows what the target does; this one, what an
+application built on the SDK sees."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anthropic
+import openai
+
+from ..shim import AsyncAnthropic, AsyncOpenAI
+from .measure import Measurement
+from .workload import Turn
+
+_STATUS = (anthropic.APIStatusError, openai.APIStatusError)
+_TIMEOUT = (anthropic.APITimeoutError, openai.APITimeoutError)
+_CONNECTION = (anthropic.APIConnectionError, openai.APIConnectionError)
+_API_ERROR = (anthropic.APIError, openai.APIError)
+
+
+def sdk_client(api: str, pool_url: str, profile: str) -> Any:
+    """The shim's async client of the API's SDK, with the SDK's own retries off (a load test counts every failure)."""
+    cls = AsyncAnthropic if api == "messages" else AsyncOpenAI
+    return cls(pool=pool_url, profile=profile, max_retries=0)
+
+
+async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:
+    body = dict(turn.body)
+    stream = bool(body.pop("stream", False))
+    create = client.messages.create if api == "messages" else (
+        client.chat.completions.create if api == "chat" else client.responses.create)  # fmt: skip
+    m.sent = time.monotonic_ns()
+    try:
+        if not stream:
+            body.pop("stream_options", None)
+            answer = await create(**body)
+            now = time.monotonic_ns()
+            output, given = _usage(getattr(answer, "usage", None))
+            m.head = m.first = m.last = now
+            m.observe(now, 0, output, given)
+            m.tokens = max(output, 0)
+            m.end = m.received = now
+            m.status = 200
+            return
+        events = await create(**body, stream=True)
+        m.head, m.status = time.monotonic_ns(), 200
+        async for event in events:
+            m.observe(time.monotonic_ns(), *_read(api, event))
+        m.end = m.received = m.last or time.monotonic_ns()
+    except _STATUS as exc:
+        m.status = exc.status_code
+        m.end_with(time.monotonic_ns(), "http_error", f"HTTP {exc.status_code}")
+    except _TIMEOUT as exc:  # the pool cut a stalled stream (before or after output)
+        m.end_with(time.monotonic_ns(), "stall", str(exc))
+    except _CONNECTION as exc:
+        m.end_with(time.monotonic_ns(), "connection", str(exc))
+    except _API_ERROR as exc:  # an `error` event in the stream
+        m.end_with(time.monotonic_ns(), "stream_error", str(exc))
+
+
+def _read(api: str, event: Any) -> tuple[int, int, int]:
+    """(output deltas, output tokens, input tokens) of one parsed event (-1: not reported here)."""
+    if api == "chat":
+        delta = event.choices[0].delta if event.choices else None
+        tokens = int(bool(delta and (delta.content or getattr(delta, "reasoning_content", None) or delta.tool_calls)))
+        return (tokens, *_usage(event.usage))
+    kind = getattr(event, "type", "")
+    if api == "messages":
+        if kind == "content_block_delta":
+            return 1, -1, -1
+        if kind == "message_start":
+            return 0, -1, event.message.usage.input_tokens
+        if kind == "message_delta":
+            return 0, event.usage.output_tokens, -1
+        return 0, -1, -1
+    if kind.endswith(".delta"):
+        return 1, -1, -1
+    if kind == "response.completed":
+        return (0, *_usage(event.response.usage))
+    return 0, -1, -1
+
+
+def _usage(usage: Any) -> tuple[int, int]:
+    """(output, input) tokens of an SDK usage object, whichever API's names it uses."""
+    if usage is None:
+        return -1, -1
+    output = getattr(usage, "output_tokens", None) or getattr(usage, "completion_tokens", None)
+    given = getattr(usage, "input_tokens", None) or getattr(usage, "prompt_tokens", None)
+    return (output if output is not None else -1), (given if given is not None else -1)

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("pebble")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory")
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen")
 
 
 def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
@@ -55,6 +55,11 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
     assert respawn["respawn_zygote"]["n"] == 3 and respawn["detection_lateness"]["n"] == 3
     memory = data["memory"]["figures"]
     assert [r["workers"] for r in memory["idle"]] == [1, 2] and memory["after_requests"]["requests"] == 100
+    loadgen = data["loadgen"]["figures"]["rows"]
+    assert [r["concurrency"] for r in loadgen] == [1, 8]
+    assert all(
+        r["isopool_chunks_per_s"] > 0 and r["sdk_chunks_per_s"] > 0 and r["isopool_in_flight"] > 0 for r in loadgen
+    )
 
     out = tmp_path / "report"
     rendered = subprocess.run(

@@ -143,6 +143,24 @@ KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
 TICK = "isopool.tick"  # the event name of a timed call's ticks
 
 
+class Usage(msgspec.Struct, gc=False):
+    """Token usage as any of the three APIs reports it (Anthropic and Responses: input/output;
+    Chat Completions: prompt/completion); -1 where not given."""
+
+    input_tokens: int = -1
+    output_tokens: int = -1
+    prompt_tokens: int = -1
+    completion_tokens: int = -1
+
+    @property
+    def output(self) -> int:
+        return max(self.output_tokens, self.completion_tokens)
+
+    @property
+    def input(self) -> int:
+        return max(self.input_tokens, self.prompt_tokens)
+
+
 class Tick(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, gc=False):
     """What a timed call's worker sends for each read of the stream instead of its events:
     when the bytes arrived (`time.monotonic_ns()`, the same clock in every process of the

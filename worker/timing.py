@@ -16,17 +16,10 @@ from typing import Any
 
 import msgspec
 
-from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
+from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall, Usage
 
 from .exchange import send
 from .sse import iter_batches
-
-
-class _Usage(msgspec.Struct):
-    input_tokens: int = -1
-    output_tokens: int = -1
-    prompt_tokens: int = -1
-    completion_tokens: int = -1
 
 
 class _Delta(msgspec.Struct):
@@ -42,17 +35,17 @@ class _Choice(msgspec.Struct):
 
 class _ChatChunk(msgspec.Struct):
     choices: list[_Choice] = []
-    usage: _Usage | None = None
+    usage: Usage | None = None
     error: dict[str, Any] | None = None
 
 
 class _Message(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: Usage | None = None
 
 
 class _AnthropicEvent(msgspec.Struct):
     message: _Message | None = None  # message_start
-    usage: _Usage | None = None  # message_delta
+    usage: Usage | None = None  # message_delta
     error: dict[str, Any] | None = None
 
 
@@ -76,10 +69,10 @@ class _Counts:
     def __init__(self) -> None:
         self.tokens, self.input_tokens, self.output_tokens, self.error = 0, -1, -1, ""
 
-    def usage(self, usage: _Usage | None) -> None:
+    def usage(self, usage: Usage | None) -> None:
         if usage is not None:
-            self.input_tokens = max(usage.input_tokens, usage.prompt_tokens, self.input_tokens)
-            self.output_tokens = max(usage.output_tokens, usage.completion_tokens, self.output_tokens)
+            self.input_tokens = max(usage.input, self.input_tokens)
+            self.output_tokens = max(usage.output, self.output_tokens)
 
 
 def _count(api: str, batch: list[tuple[str, bytes]]) -> _Counts:

@@ -110,7 +110,7 @@ sweep.png for a sweep; with the `plots` extra)."""
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from .report import LoadProgress, print_results, save_outputs
+    from .report import LoadProgress
     from .runner import Options, run
 
     try:
@@ -122,12 +122,7 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
     with LoadProgress(enabled=not as_json) as progress:
         results = run(opts, out, progress)
-    save_outputs(results, out)
-    if as_json:
-        json.dump(results, sys.stdout, indent=1)
-        print()
-    else:
-        print_results(results, out)
+    _show(results, out, as_json)
 
 
 @loadtest.command()
@@ -135,16 +130,21 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 def report(directory: str, as_json: bool) -> None:
     """Summarize a load test's records (a finished run, or one killed half-way)."""
-    from ..render import console
-    from .report import print_results, rebuild, save_outputs
+    from .report import rebuild
 
     results = rebuild(directory)
     if not results["points"]:
-        console.print(f"no request records in {directory} yet")
-        sys.exit(1)
-    save_outputs(results, directory)
+        raise click.ClickException(f"no request records in {directory} yet")
+    _show(results, directory, as_json)
+
+
+def _show(results: dict, out: str, as_json: bool) -> None:
+    """Write the CSV and plots next to the records; print the table, or the results as JSON."""
+    from .report import print_results, save_outputs
+
+    save_outputs(results, out, quiet=as_json)
     if as_json:
         json.dump(results, sys.stdout, indent=1)
         print()
     else:
-        print_results(results, directory)
+        print_results(results, out)

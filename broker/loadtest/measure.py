@@ -21,7 +21,7 @@ from ..errors import (
     RequestError,
     StreamStalled,
 )
-from ..protocol import TICK, Tick
+from ..protocol import TICK, Tick, Usage
 
 _TICK = msgspec.msgpack.Decoder(Tick)
 _NS = 1e-9
@@ -145,15 +145,8 @@ class Measurement:
         return {"after_tokens": self.tokens, "waited": round((self.end - since) * _NS, 6)}
 
 
-class _Usage(msgspec.Struct):
-    input_tokens: int = -1
-    output_tokens: int = -1
-    prompt_tokens: int = -1
-    completion_tokens: int = -1
-
-
 class _Body(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: Usage | None = None
 
 
 _BODY = msgspec.json.Decoder(_Body)
@@ -167,4 +160,4 @@ def _usage(body: bytes) -> tuple[int, int]:
         return -1, -1
     if usage is None:
         return -1, -1
-    return max(usage.output_tokens, usage.completion_tokens), max(usage.input_tokens, usage.prompt_tokens)
+    return usage.output, usage.input

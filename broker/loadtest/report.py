@@ -158,14 +158,14 @@ def read_records(out_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def save_outputs(results: dict[str, Any], out_dir: str) -> None:
+def save_outputs(results: dict[str, Any], out_dir: str, quiet: bool = False) -> None:
     """results.csv and the PNG plots next to the records (plots need the `plots` extra)."""
     from . import plots
 
     write_csv(results, os.path.join(out_dir, "results.csv"))
     if plots.available():
         plots.write(results, read_records(out_dir), out_dir)
-    else:
+    elif not quiet:
         console.print(f"[yellow]no plots: matplotlib is not installed ({plots.INSTALL})[/]")
 
 

@@ -69,11 +69,16 @@ def _default_url() -> str:
     help="Also serve Anthropic/OpenAI-compatible HTTP endpoints here (any program with a base_url can use the pool).",
 )
 @click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Also serve Prometheus metrics here (GET /metrics; names in the README).",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     help="Allow a tcp:// frontend without CURVE keys: anyone who reaches the port can spend the provider keys.",
 )
-def serve(config_path: str | None, frontend: str | None, http: str | None, insecure: bool) -> None:
+def serve(config_path: str | None, frontend: str | None, http: str | None, metrics: str | None, insecure: bool) -> None:
     """Run a broker with its zygote and workers in the foreground.
 
     Clients connect with ISOPOOL_URL (printed at start). Ctrl-C or SIGTERM drains:
@@ -85,7 +90,9 @@ def serve(config_path: str | None, frontend: str | None, http: str | None, insec
     from .endpoints import shared_run_dir
     from .serve import run_broker
 
-    overrides: dict[str, object] = {k: v for k, v in (("frontend", frontend), ("http", http)) if v}
+    overrides: dict[str, object] = {
+        k: v for k, v in (("frontend", frontend), ("http", http), ("metrics", metrics)) if v
+    }
     if insecure:
         overrides["insecure"] = True
     try:

@@ -86,6 +86,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     curve_clients_dir: str = ""  # public certificates (*.key) of the clients allowed over tcp://
     insecure: bool = False  # allow a tcp:// frontend without CURVE (anyone reaching the port may use the keys)
     http: str = ""
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint (`isopool serve --metrics`)
     gateway_token: str = ""
     allow_overrides: bool = False
     log_level: str = "WARNING"
@@ -110,10 +111,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("client_queue_limit", "client_rate", "client_burst"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("http", "metrics"):
+            host, sep, port = getattr(self, name).rpartition(":")
+            if getattr(self, name) and (not sep or not port.isdigit()):
+                raise ConfigError(f"setting {name} must be HOST:PORT, got {getattr(self, name)!r}")
         if self.http:
-            host, sep, port = self.http.rpartition(":")
-            if not sep or not port.isdigit():
-                raise ConfigError(f"setting http must be HOST:PORT, got {self.http!r}")
+            host = self.http.rpartition(":")[0]
             if not is_loopback(host) and not self.gateway_token:
                 raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
         if bool(self.curve_server_key) != bool(self.curve_clients_dir):

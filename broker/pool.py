@@ -49,6 +49,7 @@ class Pool:
         )
         self.url = ""
         self.http_url = ""  # the HTTP gateway's base URL, with the `http` setting
+        self.metrics_url = ""  # the Prometheus endpoint, with the `metrics` setting
         self.pid = 0
         self._proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None
@@ -64,6 +65,7 @@ class Pool:
             ready = msgspec.json.decode(line)
             self.url, self.pid = ready["ready"], ready["pid"]
             self.http_url = ready.get("http", "")
+            self.metrics_url = ready.get("metrics", "")
         except (msgspec.DecodeError, KeyError, TypeError):
             self.stop()
             raise BrokerUnavailable(

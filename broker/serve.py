@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def run_broker(settings: Settings, owned: bool = False) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     broker = Broker(settings)
-    gateway: GatewayProcess | None = None
+    children: dict[str, ChildServer] = {}
     try:
         broker.start()
         broker.install_signal_handlers()
@@ -32,8 +32,10 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
             broker.stop_when_closed(sys.stdin.fileno())
         ready = {"ready": broker.frontend_url, "pid": os.getpid()}
         if settings.http:
-            gateway = GatewayProcess(broker.frontend_url, settings.http, settings.gateway_token)
-            ready["http"] = gateway.url
+            children["http"] = ChildServer("broker.gateway", broker.frontend_url, settings.http, settings.gateway_token)
+        if settings.metrics:
+            children["metrics"] = ChildServer("broker.metrics", broker.frontend_url, settings.metrics)
+        ready |= {name: child.url for name, child in children.items()}
         if owned:
             print(msgspec.json.encode(ready).decode(), flush=True)
         else:
@@ -42,33 +44,38 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
                 f"  clients: export ISOPOOL_URL={broker.frontend_url}",
                 "  Ctrl-C or SIGTERM drains (in-flight requests finish, then everything stops)",
             ]
-            if gateway is not None:
-                lines.insert(2, f"  HTTP gateway: base_url {gateway.url} (Anthropic), {gateway.url}/v1 (OpenAI)")
+            if "http" in children:
+                url = children["http"].url
+                lines.insert(2, f"  HTTP gateway: base_url {url} (Anthropic), {url}/v1 (OpenAI)")
+            if "metrics" in children:
+                lines.insert(2, f"  Prometheus metrics: {children['metrics'].url}")
             print("\n".join(lines), flush=True)
         broker.run()
     finally:
-        if gateway is not None:
-            gateway.stop()
+        for child in children.values():
+            child.stop()
         broker.close()
 
 
-class GatewayProcess:
-    """The HTTP gateway child (`broker.gateway`): started listening, stopped by closing its stdin."""
+class ChildServer:
+    """An HTTP server child of the broker (the gateway `broker.gateway`, the metrics endpoint
+    `broker.metrics`): a secret, if any, goes on its stdin (never the command line); it says
+    where it listens; it stops when its stdin closes, so it never outlives the broker."""
 
-    def __init__(self, frontend: str, listen: str, token: str) -> None:
+    def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
         self.proc = subprocess.Popen(
-            python_command("broker.gateway", "--url", frontend, "--listen", listen),
+            python_command(module, "--url", frontend, "--listen", listen),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        self.proc.stdin.write(token.encode() + b"\n")  # type: ignore[union-attr]
+        self.proc.stdin.write(secret.encode() + b"\n")  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         try:
             self.url = msgspec.json.decode(line)["listening"]
         except (msgspec.DecodeError, KeyError, TypeError):
             self.stop()
-            raise RuntimeError(f"the HTTP gateway did not start on {listen}; see its error above") from None
+            raise RuntimeError(f"{module} did not start on {listen}; see its error above") from None
 
     def stop(self) -> None:
         try:

@@ -1,0 +1,106 @@
+"""`isopool serve --metrics HOST:PORT`: the pool's counters, gauges and histograms for
+Prometheus, through its official client library.
+
+A child process of the broker (like the HTTP gateway): each scrape asks the broker for
+its stats (one STATS round trip) and renders them, so the broker's loop carries no HTTP
+server, no thread and no lock. It exits when the broker closes its stdin.
+
+Metrics (all prefixed `isopool_`): `requests_total{outcome}` (accepted, ok, error:<code>,
+cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{reason}`,
+`worker_spawns_total`, `worker_respawns_total`, `zygote_restarts_total`, `retries_total`,
+`requests_in_flight`, `queue_depth{profile}`, `workers{profile,state}`,
+`request_duration_seconds` and `time_to_first_event_seconds` (histograms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .client import Client
+from .stats import BUCKETS
+
+_ENC_LISTENING = '{{"listening": "http://{host}:{port}/metrics"}}'
+
+
+class PoolCollector(Collector):
+    """Renders one stats snapshot of the broker per scrape."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Any]:
+        return iter(families(self.client.stats()))
+
+
+def families(s: dict[str, Any]) -> list[Any]:
+    """The metric families of one stats snapshot (see the module docstring)."""
+    out: list[Any] = []
+
+    def counters(name: str, doc: str, label: str, values: dict[str, int]) -> None:
+        family = CounterMetricFamily(f"isopool_{name}", doc, labels=[label])
+        for key, value in sorted(values.items()):
+            family.add_metric([key], value)
+        out.append(family)
+
+    counters("requests", "Requests by outcome (accepted, ok, error:<code>, cancelled)", "outcome", s["requests"])
+    counters("rejected", "Messages refused or unreadable, by error code", "code", s["rejected"])
+    counters("stalls", "Stalls detected, by kind", "kind", s["stalls"])
+    counters("worker_kills", "Workers killed, by reason", "reason", s["kills"])
+    for name, doc in (("spawns", "Workers forked"), ("respawns", "Workers forked to replace a killed one")):
+        out.append(CounterMetricFamily(f"isopool_worker_{name}", doc, value=s[name]))
+    out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s["zygote_restarts"]))
+    out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s["retries"]))
+    out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
+                                 value=s["in_flight"]))  # fmt: skip
+    queued = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker", labels=["profile"])
+    for profile, depth in sorted(s["queued"].items()):
+        queued.add_metric([profile], depth)
+    out.append(queued)
+    workers = GaugeMetricFamily("isopool_workers", "Workers by profile and state", labels=["profile", "state"])
+    by_state = collections.Counter((w["profile"], w["state"]) for w in s["workers"])
+    for (profile, state), count in sorted(by_state.items()):
+        workers.add_metric([profile, state], count)
+    out.append(workers)
+    out.append(_histogram("isopool_request_duration_seconds", "Accepted to answered, successful requests",
+                          s["latency"]))  # fmt: skip
+    out.append(_histogram("isopool_time_to_first_event_seconds", "Sent to a worker to its first real event",
+                          s["first_event"]))  # fmt: skip
+    return out
+
+
+def _histogram(name: str, doc: str, h: dict[str, Any]) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound in BUCKETS:
+        cumulative += h["buckets"][f"le_{bound:g}"]
+        buckets.append((f"{bound:g}", cumulative))
+    buckets.append(("+Inf", h["count"]))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=(h["mean"] or 0.0) * h["count"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="isopool's Prometheus endpoint (started by `isopool serve --metrics`)")
+    parser.add_argument("--url", required=True, help="the broker's frontend")
+    parser.add_argument("--listen", required=True, help="HOST:PORT")
+    args = parser.parse_args()
+    sys.stdin.readline()  # the broker's hand-over line (the gateway gets its token there; nothing here)
+    host, _, port = args.listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    with Client(args.url) as client:
+        registry.register(PoolCollector(client))
+        server, _ = start_http_server(int(port), host, registry=registry)
+        print(_ENC_LISTENING.format(host=host, port=server.server_port), flush=True)
+        while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
+            pass
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from broker.fake_provider.server import Latency
 from broker.loadtest import Options, rebuild, run
 from broker.loadtest.report import save_outputs
 from broker.loadtest.schedule import arrivals
-from broker.loadtest.summary import LATENCIES, parse_slo
+from broker.loadtest.summary import LATENCIES, parse_slo, verdict
 from broker.loadtest.workload import Lengths
 
 from .conftest import wait_for
@@ -122,8 +122,16 @@ def test_an_open_loop_sends_at_the_requested_rate(tmp_path, own_processes, arriv
     assert 1 / statistics.fmean(gaps) == pytest.approx(40.0, rel=0.2 if arrival == "poisson" else 0.03)
     cv = statistics.stdev(gaps) / statistics.fmean(gaps)
     assert (0.75 < cv < 1.25) if arrival == "poisson" else cv < 0.25
-    assert point["generator"]["submit_late_p99"] < 0.02
-    assert point["generator"]["verdict"] == "the generator kept up"
+    assert point["generator"]["submit_late_p99"] < 0.05  # sent on schedule (generous: a shared machine)
+
+
+def test_the_verdict_names_what_limited_the_generator():
+    kept_up = {"in_flight_mean": 63.5, "loop_lag_p99": 0.002, "submit_late_p99": 0.001}
+    assert verdict({"concurrency": 64}, kept_up) == "the generator kept up"
+    starved = verdict({"concurrency": 64}, kept_up | {"in_flight_mean": 31.0, "loop_lag_p99": 0.2})
+    assert starved.startswith("the generator was the limit") and "31.0 of the 64" in starved and "200 ms" in starved
+    late = verdict({"rate": 50.0, "max_concurrency": 0}, kept_up | {"submit_late_p99": 0.3})
+    assert "300 ms after their schedule" in late
 
 
 def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes):

@@ -121,11 +121,11 @@ def point_result(
         "loop_lag_p99": round(lags[int(0.99 * (len(lags) - 1))], 6) if lags else None,
         "cpu_cores_mean": round(sum(s["cpu_cores"] for s in samples) / len(samples), 3) if samples else None,
     }
-    generator["verdict"] = _verdict(load, generator)
+    generator["verdict"] = verdict(load, generator)
     return {"load": load, "summary": summary, "generator": generator, "series": _series(records, samples)}
 
 
-def _verdict(load: dict[str, Any], g: dict[str, Any]) -> str:
+def verdict(load: dict[str, Any], g: dict[str, Any]) -> str:
     """Say plainly whether the generator, not the target, was the limit."""
     problems = []
     asked = load.get("concurrency")

@@ -95,8 +95,8 @@ sweep.png for a sweep; with the `plots` extra)."""
 @click.option("--first-event-timeout", default=60.0, show_default=True, help="Seconds to the first event.")
 @click.option("--slo", default="", help="Goodput limits, e.g. ttft=500ms,tpot=50ms,e2e=20.")
 @click.option("--seed", default=0, show_default=True, help="Seed of prompts, lengths and arrivals.")
-@click.option("--fake-ttft", default=0.0, show_default=True, help="The fake provider's time to first token (s).")
-@click.option("--fake-gap", default=0.0, show_default=True, help="The fake provider's time between tokens (s).")
+@click.option("--fake-ttft", default=0.05, show_default=True, help="The fake provider's time to first token (s).")
+@click.option("--fake-gap", default=0.005, show_default=True, help="The fake provider's time between tokens (s).")
 @fault_rates_option("Make the fake provider inject this fault into a share of requests, e.g. silent:after=5=0.1.")
 @click.option(
     "--calibrate/--no-calibrate",

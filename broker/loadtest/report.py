@@ -124,7 +124,10 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
-    console.print(f"results: {escape(out_dir)}/ results.json, records.jsonl, results.csv, *.png")
+    pngs = sorted(name for name in os.listdir(out_dir) if name.endswith(".png")) if os.path.isdir(out_dir) else []
+    console.print(
+        f"results in {escape(out_dir)}/: " + ", ".join(["results.json", "records.jsonl", "results.csv", *pngs])
+    )
 
 
 def write_csv(results: dict[str, Any], path: str) -> None:
@@ -166,7 +169,7 @@ def save_outputs(results: dict[str, Any], out_dir: str, quiet: bool = False) -> 
     if plots.available():
         plots.write(results, read_records(out_dir), out_dir)
     elif not quiet:
-        console.print(f"[yellow]no plots: matplotlib is not installed ({plots.INSTALL})[/]")
+        console.print(f"[yellow]no plots: matplotlib is not installed ({escape(plots.INSTALL)})[/]")
 
 
 def rebuild(out_dir: str) -> dict[str, Any]:

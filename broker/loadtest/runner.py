@@ -70,8 +70,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     streams_per_worker: int = 0  # 0: 32 on the fast path; 1 with `sdk` (a stall's kill then takes no neighbour)
     sdk: bool = False  # time events as the official SDK hands them over, parsed (what applications pay)
-    fake_ttft: float = 0.0  # the built-in fake provider's latency model
-    fake_gap: float = 0.0
+    fake_ttft: float = 0.05  # the built-in fake provider's latency model: a fast server
+    fake_gap: float = 0.005
     fake_faults: dict[str, float] = {}  # fault spec -> share of requests, e.g. {"stall-ping:after=5": 0.1}
     calibrate: bool = True  # first measure the generator's own ceiling against the built-in fake
     turns: int = 1  # synthetic conversations of this many turns (each turn carries the ones before)
@@ -268,7 +268,8 @@ async def _run_point(
     total = options.requests or (0 if options.duration else 100)
     label = f"concurrency {load['concurrency']}" if "concurrency" in load else f"rate {load['rate']:g}/s"
     progress.point(label, total or None, options.duration or None)
-    live = _Live()
+    live = _Live(pool.pid)
+    cpu_before, started = live.cpu.seconds(), time.monotonic()
     start = time.monotonic_ns()
     budget = _Budget(total, start + int(options.duration * 1e9) if options.duration else 0)
     warmup_ns = int(options.warmup * 1e9)
@@ -314,7 +315,7 @@ async def _run_point(
                 await one(index, conversation, turn, request, due)
                 due = time.monotonic_ns()
 
-        sampler = asyncio.create_task(_sample(live, pool.pid, progress))
+        sampler = asyncio.create_task(_sample(live, progress))
         try:
             if "concurrency" in load:
                 await _closed_loop(converse, load["concurrency"], budget, options.ramp_up)
@@ -325,7 +326,8 @@ async def _run_point(
             sampler.cancel()
             if sdk is not None:
                 await sdk.close()
-    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo))
+    cores = (live.cpu.seconds() - cpu_before) / (time.monotonic() - started)
+    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo), cores)
 
 
 class _Budget:
@@ -380,33 +382,41 @@ async def _open_loop(converse: Any, load: dict[str, Any], starts: int, budget: _
 class _Live:
     """Counters the sampler reads each second."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker_pid: int) -> None:
+        self.cpu = _GeneratorCpu(broker_pid)
         self.in_flight = 0
         self.chunks = 0
         self.lags: list[float] = []
         self.samples: list[dict[str, Any]] = []
 
 
-async def _sample(live: _Live, broker_pid: int, progress: Progress) -> None:
-    """Once a second: the generator's CPU (this process, the broker, its zygote and workers; not
-    the target), its event loop's lag, ticks received and requests in flight."""
-    me = psutil.Process()
-    procs: dict[int, psutil.Process] = {}
-    cores = os.cpu_count() or 1
+class _GeneratorCpu:
+    """CPU seconds the generator has used: this process, the broker, its zygote and workers (not
+    the target). A process that has ended keeps the time last read for it."""
 
-    def cpu() -> float:
+    def __init__(self, broker_pid: int) -> None:
+        self.me, self.broker_pid = psutil.Process(), broker_pid
+        self.procs: dict[int, psutil.Process] = {}
+        self.used: dict[int, float] = {}
+
+    def seconds(self) -> float:
         try:
-            family = [me, psutil.Process(broker_pid), *psutil.Process(broker_pid).children(recursive=True)]
+            broker = psutil.Process(self.broker_pid)
+            family = [self.me, broker, *broker.children(recursive=True)]
         except psutil.Error:
-            family = [me]
-        total = 0.0
+            family = [self.me]
         for proc in family:
-            proc = procs.setdefault(proc.pid, proc)
+            proc = self.procs.setdefault(proc.pid, proc)
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+                self.used[proc.pid] = times.user + times.system
+        return sum(self.used.values())
 
+
+async def _sample(live: _Live, progress: Progress) -> None:
+    """Once a second: the generator's CPU, its event loop's lag, ticks received and requests in flight."""
+    cores = os.cpu_count() or 1
+    cpu = live.cpu.seconds
     last_cpu, last_t, last_chunks = cpu(), time.monotonic(), 0
     while True:
         lag = 0.0

@@ -94,10 +94,11 @@ def _short(error: str) -> str:
 
 def point_result(
     load: dict[str, Any], records: list[dict[str, Any]], samples: list[dict[str, Any]], lags: list[float],
-    slo: dict[str, float],
+    slo: dict[str, float], cpu_cores: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """A point's figures: the summary, how the generator did (`samples` and `lags` come from the
-    live sampler; a report rebuilt from records alone has neither), and its per-second series."""
+    """A point's figures: the summary, how the generator did (`samples`, `lags` and `cpu_cores`, the
+    generator's mean CPU, come from the live run; a report rebuilt from records alone has none of
+    them), and its per-second series."""
     measured = [r for r in records if not r["warmup"] and r["sent"] is not None and r["end"] is not None]
     begin = min((r["scheduled"] for r in measured), default=0.0)
     finish = max((r["end"] for r in measured), default=0.0)
@@ -119,7 +120,7 @@ def point_result(
         "in_flight_mean": round(in_flight, 2),
         "submit_late_p99": round(late[int(0.99 * (len(late) - 1))], 6) if late else None,
         "loop_lag_p99": round(lags[int(0.99 * (len(lags) - 1))], 6) if lags else None,
-        "cpu_cores_mean": round(sum(s["cpu_cores"] for s in samples) / len(samples), 3) if samples else None,
+        "cpu_cores_mean": round(cpu_cores, 3) if cpu_cores is not None else None,
     }
     generator["verdict"] = verdict(load, generator)
     return {"load": load, "summary": summary, "generator": generator, "series": _series(records, samples)}

@@ -33,11 +33,15 @@ class Connections:
     def get(self, client: bytes) -> Connection | None:
         return self._all.get(client)
 
-    def admit(self, client: bytes, now: float) -> tuple[Code, str] | None:
-        """Why a new request from `client` is refused, or None (then it counts as in flight)."""
+    def _entry(self, client: bytes, now: float) -> Connection:
         conn = self._all.get(client)
         if conn is None:
             conn = self._all[client] = Connection(float(self.burst), now)
+        return conn
+
+    def admit(self, client: bytes, now: float) -> tuple[Code, str] | None:
+        """Why a new request from `client` is refused, or None (then it counts as in flight)."""
+        conn = self._entry(client, now)
         if conn.parked is not None:
             return Code.SATURATED, "this connection stopped reading its answers; earlier answers are waiting for it"
         if conn.in_flight >= self.limit:
@@ -58,9 +62,7 @@ class Connections:
             conn.in_flight -= 1
 
     def park(self, client: bytes, frames: list[bytes] | None, now: float) -> None:
-        conn = self._all.get(client)
-        if conn is None:
-            conn = self._all[client] = Connection(float(self.burst), now)
+        conn = self._entry(client, now)
         if conn.parked is None:
             conn.parked, conn.parked_at = [], now
         if frames is not None:

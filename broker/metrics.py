@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -26,8 +27,6 @@ from prometheus_client.registry import Collector
 
 from .client import Client
 from .stats import BUCKETS
-
-_ENC_LISTENING = '{{"listening": "http://{host}:{port}/metrics"}}'
 
 
 class PoolCollector(Collector):
@@ -96,7 +95,7 @@ def main() -> None:
     with Client(args.url) as client:
         registry.register(PoolCollector(client))
         server, _ = start_http_server(int(port), host, registry=registry)
-        print(_ENC_LISTENING.format(host=host, port=server.server_port), flush=True)
+        print(json.dumps({"listening": f"http://{host}:{server.server_port}/metrics"}), flush=True)
         while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
             pass
         server.shutdown()

@@ -517,7 +517,7 @@ class Broker:
             next_check = min(next_check, queue.next_due())
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + _HOUSEKEEPING_INTERVAL
-            next_check = min(next_check, self._resend_parked(now))
+            self._resend_parked(now)
             self.connections.prune(now)
             if self.settings.max_memory_per_worker_mb:
                 self._check_memory()
@@ -610,11 +610,11 @@ class Broker:
                 if worker.state is not WorkerState.READY or worker.free <= 0:
                     continue
                 req = queue.pop(now)
-                if req is not None:
-                    self._run(worker, req, now)
-                self._offer(worker)
-                if req is None:
+                if req is None:  # only retries waiting out their backoff are left
+                    self._offer(worker)
                     break
+                self._run(worker, req, now)
+                self._offer(worker)
 
     def _run(self, worker: Worker, req: Request, now: float) -> None:
         req.attempt += 1
@@ -698,13 +698,10 @@ class Broker:
                     self._cancel(req, why)
             if gone:
                 self.connections.forget(client)
-            else:
-                self.next_check = min(self.next_check, time.monotonic() + _HOUSEKEEPING_INTERVAL)
             return False
 
-    def _resend_parked(self, now: float) -> float:
-        """Try again to hand parked answers to callers that stopped reading; when to try next."""
-        due = float("inf")
+    def _resend_parked(self, now: float) -> None:
+        """Try again (once a second) to hand parked answers to callers that stopped reading."""
         for client, conn in self.connections.parked():
             answers = conn.parked
             while answers:
@@ -723,9 +720,6 @@ class Broker:
                     "client %r did not read for %gs: dropping %d answers for it", client, _PARKED_FOR, len(answers)
                 )
                 self.connections.forget(client)
-            else:
-                due = now + _HOUSEKEEPING_INTERVAL
-        return due
 
     def _send_worker(self, worker: Worker, frames: list[bytes]) -> bool:
         try:

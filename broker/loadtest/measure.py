@@ -70,12 +70,15 @@ class Measurement:
         status = self.status or status  # the head tick's status is the server's own
         if status >= 400:
             self.outcome, self.error = "http_error", f"HTTP {status}"
-        elif body:  # a non-streaming answer: the whole body is its first token
-            self.first = self.first or self.head or now
-            usage = _usage(body)
-            self.output_tokens, self.input_tokens = usage
-            self.tokens = max(self.output_tokens, 0)
+        elif body:
+            self.plain(now, *_usage(body))
         self.status = status
+
+    def plain(self, now: int, output_tokens: int, input_tokens: int) -> None:
+        """A non-streaming answer arrived at `now`: the whole body is its first token."""
+        self.first = self.first or self.head or now
+        self.output_tokens, self.input_tokens = output_tokens, input_tokens
+        self.tokens = max(output_tokens, 0)
 
     def fail(self, now: int, exc: RequestError) -> None:
         if isinstance(exc, StreamStalled | AttemptsExhausted):

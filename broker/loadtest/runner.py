@@ -42,7 +42,9 @@ Workload = Synthetic | Dataset
 
 _TARGETS = ("fake", "anthropic", "openai")
 _DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
-_URL_KEY = "ISOPOOL_LOADTEST_KEY"  # the key a URL target gets: $OPENAI_API_KEY, or a placeholder
+# The key of a fake or URL target (a URL gets $OPENAI_API_KEY, or a placeholder), in a variable of
+# our own for the workers to read, so the caller's ANTHROPIC_API_KEY and OPENAI_API_KEY stay as they are.
+_TARGET_KEY = "ISOPOOL_LOADTEST_KEY"
 _LAG_TICK = 0.05
 _BACKSTOP = 5.0  # seconds the broker's watchdog waits beyond the worker's own stall limits
 
@@ -167,10 +169,11 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
             latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
             fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
             profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
-            os.environ.setdefault("ANTHROPIC_API_KEY" if kind == "anthropic" else "OPENAI_API_KEY", "fake-key")
+            os.environ[_TARGET_KEY] = "fake-key"
+            profile["api_key_env"] = _TARGET_KEY
         elif options.target.startswith("http"):
-            os.environ.setdefault(_URL_KEY, os.environ.get("OPENAI_API_KEY", "EMPTY"))
-            profile |= {"base_url": options.target.rstrip("/"), "api_key_env": _URL_KEY}
+            os.environ[_TARGET_KEY] = os.environ.get("OPENAI_API_KEY", "EMPTY")
+            profile |= {"base_url": options.target.rstrip("/"), "api_key_env": _TARGET_KEY}
         streams = options.worker_streams
         workers = math.ceil(options.capacity / streams)
         profile |= {"min_workers": workers, "max_workers": workers, "spare_workers": 0,

@@ -38,19 +38,15 @@ async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:
         if not stream:
             body.pop("stream_options", None)
             answer = await create(**body)
-            now = time.monotonic_ns()
-            output, given = _usage(getattr(answer, "usage", None))
-            m.head = m.first = m.last = now
-            m.observe(now, 0, output, given)
-            m.tokens = max(output, 0)
-            m.end = m.received = now
-            m.status = 200
+            m.head = now = time.monotonic_ns()
+            m.plain(now, *_usage(getattr(answer, "usage", None)))
+            m.finish(now, 200)
             return
         events = await create(**body, stream=True)
-        m.head, m.status = time.monotonic_ns(), 200
+        m.head = time.monotonic_ns()
         async for event in events:
             m.observe(time.monotonic_ns(), *_read(api, event))
-        m.end = m.received = m.last or time.monotonic_ns()
+        m.finish(time.monotonic_ns(), 200)  # ends at its last event; received now
     except _STATUS as exc:
         m.status = exc.status_code
         m.end_with(time.monotonic_ns(), "http_error", f"HTTP {exc.status_code}")

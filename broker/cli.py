@@ -166,8 +166,18 @@ def stats(url: str | None, as_json: bool) -> None:
 )
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option(
+    "--ray", "ray_address", metavar="auto|ADDRESS",
+    help="Run on a Ray cluster, one pool per node ('auto': $RAY_ADDRESS or the one started on this machine).",
+)  # fmt: skip
+@click.option("--per-node-concurrency", type=click.IntRange(min=1), help="With --ray: requests in flight on each node.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="With --ray: each node serves Prometheus metrics on this port (0: any).",
+)
 def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm, tpm, skip_invalid, allow_failures,
-          as_json):  # fmt: skip
+          as_json, ray_address, per_node_concurrency, metrics_port):  # fmt: skip
     """Run a provider batch file through the pool: every custom_id answered exactly once.
 
     IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
@@ -181,16 +191,26 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     loop if it is a coroutine function); ctx.anthropic and ctx.openai are SDK clients whose
     every call goes through the pool. Its return value or exception is the line's result.
 
+    With --ray, one pool runs on every node of a Ray cluster (needs `pip install
+    'isopool[ray]'` here and on the nodes); this process deals the lines to the nodes and
+    alone writes the output. A lost node's unanswered lines run again on the others, and
+    the summary counts them (each may have been paid twice).
+
     Exits 1 if any line failed (unless --allow-failures), 2 if the input is invalid."""
     import msgspec
 
-    from .batch import BatchInputError, load_job, run, run_job
+    from .batch import BatchInputError, RayOptions, RayUnavailable, load_job, run, run_job
     from .render import BatchProgress, print_batch
 
+    if not ray_address and (per_node_concurrency or metrics_port is not None):
+        raise click.UsageError("--per-node-concurrency and --metrics-port go with --ray")
+    if ray_address and (job or pool_url or concurrency or rpm or tpm):
+        raise click.UsageError("--ray runs its own pool on each node: --job, --pool, -c, --rpm and --tpm do not apply")
     try:
         function = load_job(job) if job else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--job") from None
+    ray = RayOptions(ray_address, per_node_concurrency, metrics_port) if ray_address else None
     try:
         with BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
@@ -201,11 +221,13 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,
-                              on_status=progress.status, **callbacks)  # fmt: skip
+                              on_status=progress.status, ray=ray, **callbacks)  # fmt: skip
     except BatchInputError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
-    data = msgspec.structs.asdict(summary)
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    data = msgspec.to_builtins(summary)
     if as_json:
         click.echo(json.dumps(data))
     else:

@@ -138,13 +138,16 @@ class BatchProgress:
         if self._progress is not None:
             self._progress.update(self._task, total=todo)
 
-    def status(self, status: dict[str, int]) -> None:
+    def status(self, status: dict[str, Any]) -> None:
         self._status = (
             f"  concurrency {status['concurrency']}  stalls recovered {status['stalls']}  re-sent {status['resent']}"
         )
+        if nodes := status.get("nodes"):  # on Ray: what each node has done
+            shares = [f"{name} {'lost' if n['lost'] else n['done']}" for name, n in nodes.items()]
+            self._status += "  nodes: " + ", ".join(shares)
 
     def result(self, record: dict[str, Any]) -> None:
-        from .batch.runner import is_ok
+        from .batch.formats import is_ok
 
         self.tally["ok" if is_ok(record) else "failed"] += 1
         done = self.tally["ok"] + self.tally["failed"]
@@ -157,6 +160,18 @@ class BatchProgress:
         elif self.enabled and (time.monotonic() - self._last_line >= self.every or done == self.todo):
             self._last_line = time.monotonic()
             console.print(f"batch: {done}/{self.todo} done, {note}", highlight=False, soft_wrap=True)
+
+
+def _print_nodes(nodes: dict[str, dict[str, Any]]) -> None:
+    table = Table("node", "done", "ok", "failed", "stalls recovered", "pool retries", "state", title="per node")
+    for name, n in nodes.items():
+        state = "up"
+        if n["lost"]:
+            recovered = "" if n["recovered_s"] is None else f"; its items done elsewhere {n['recovered_s']} s later"
+            state = f"[red]lost[/] ({escape(n['error'])}{recovered})"
+        table.add_row(escape(name), str(n["done"]), str(n["ok"]), str(n["failed"]), str(n["stalls_recovered"]),
+                      str(n["retries"]), state)  # fmt: skip
+    console.print(table)
 
 
 def print_batch(s: dict[str, Any], output: str) -> None:
@@ -174,5 +189,12 @@ def print_batch(s: dict[str, Any], output: str) -> None:
     table.add_row("wall time, rate", f"{s['wall_s']} s, {s['per_s']}/s")
     if s["repaired_bytes"]:
         table.add_row("torn last line repaired", f"{s['repaired_bytes']} bytes cut")
+    if s["nodes"]:
+        lost = sum(n["lost"] for n in s["nodes"].values())
+        table.add_row("Ray nodes (lost)", f"{len(s['nodes'])} ({lost})")
+        warn = "[yellow]{}[/] (each may have been paid twice)" if s["reexecuted"] else "{}"
+        table.add_row("run again after a node was lost", warn.format(s["reexecuted"]))
     console.print(table)
+    if s["nodes"]:
+        _print_nodes(s["nodes"])
     console.print(f"results: {escape(output)} ({s['format']} batch result format)")

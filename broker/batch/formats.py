@@ -138,3 +138,19 @@ def _openai_line(item: Item, response: dict[str, Any], error: Any) -> dict[str, 
 
 def _batch_request_id(custom_id: str) -> str:
     return "batch_req_" + hashlib.sha256(custom_id.encode()).hexdigest()[:24]
+
+
+def is_ok(record: dict[str, Any]) -> bool:
+    if "result" in record:
+        return record["result"]["type"] == "succeeded"
+    response = record.get("response")
+    return bool(response) and 200 <= response["status_code"] < 300
+
+
+def error_kind(record: dict[str, Any]) -> str:
+    if "result" in record:  # Anthropic's nested error object, or a job's exception
+        error = record["result"].get("error") or {}
+        return (error.get("error") or error).get("type", "error")
+    if record.get("error"):
+        return str(record["error"].get("code"))
+    return f"http {record['response']['status_code']}"

@@ -12,7 +12,6 @@ line gets exactly one result line, written as soon as its answer is in.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,24 +20,12 @@ from typing import Any
 import msgspec
 
 from ..client import AsyncClient
-from ..errors import IsopoolError, ProviderStatusError
 from ..pool import Pool
-from .formats import (
-    Format,
-    Invalid,
-    Item,
-    duplicate,
-    failed,
-    numbered_lines,
-    parse_line,
-    provider_failed,
-    succeeded,
-)  # fmt: skip
+from .cluster import NodeStats, RayOptions, require_ray, run_on_ray
+from .execute import Settler, estimate_tokens
+from .formats import Format, Invalid, Item, duplicate, error_kind, failed, is_ok, numbered_lines, parse_line
 from .lane import Lane
 from .ledger import Ledger
-
-_DEC = msgspec.json.Decoder()
-_ENC = msgspec.json.Encoder()
 
 
 class BatchInputError(ValueError):
@@ -71,6 +58,9 @@ class Summary(msgspec.Struct):
     per_s: float = 0.0
     format: str = ""
     repaired_bytes: int = 0
+    # on a Ray cluster (`ray=`): each node's share, and the items dealt again after a node was lost
+    nodes: dict[str, NodeStats] = {}
+    reexecuted: int = 0  # each may have reached the provider twice (and been paid twice)
 
     def count(self, record: dict[str, Any]) -> None:
         """Tally one result line, by kind of failure."""
@@ -102,58 +92,18 @@ def load(path: str, fmt: Format | None = None) -> tuple[list[Item], list[Invalid
     return items, invalid, fmt
 
 
-THROTTLED = (429, 529)
-
-
-async def _one(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float | None]:
-    """Run one item: its result line, and the retry-after if the provider throttled it."""
-    try:
-        call = await client.submit(item.kind, item.method, **item.params)
-        result = await call.result()
-        return succeeded(item, result.status, result.headers, _DEC.decode(result.body)), None
-    except ProviderStatusError as exc:
-        info = exc.info
-        body = _DEC.decode(info.body) if info.body else {"message": info.message}
-        record = provider_failed(item, info.status or 0, info.headers, body)
-        return record, _retry_after(info.headers) if info.status in THROTTLED else None
-    except IsopoolError as exc:
-        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind), None
-
-
-def estimate_tokens(item: Item) -> int:
-    """Input (about 4 bytes a token) plus the output the request allows: what a tpm limit counts."""
-    params = item.params
-    output = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens") or 0
-    return len(_ENC.encode(params)) // 4 + int(output)
-
-
-def _retry_after(headers: list[tuple[str, str]]) -> float:
-    for key, value in headers:
-        if key.lower() == "retry-after":
-            try:
-                return min(60.0, max(0.0, float(value)))
-            except ValueError:
-                return 1.0
-    return 1.0
-
-
 async def _run(
     url: str, items: list[Item], ledger: Ledger, concurrency: int | None, on_result: Callable[[dict[str, Any]], None],
     on_start: Callable[[int], None], retry_budget: int, rpm: int, tpm: int,
-    on_status: Callable[[dict[str, int]], None],
+    on_status: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:  # fmt: skip
-    """Feed items to the pool under the lane's adaptive limit; a throttled item goes back in
-    the queue until its retry budget is spent. Returns counters for the summary."""
-    queue = collections.deque((item, 0) for item in items)
-    remaining = len(items)
-    wake = asyncio.Event()
-    counters = {"batch_retries": 0, "throttled": 0}
-    tasks: set[asyncio.Task] = set()
+    """Feed items to the pool under the lane's adaptive limit. Returns counters for the summary."""
     async with AsyncClient(url) as client:
         before = await client.stats()
         stalls_before = sum(before["stalls"].values())
         # default: as many in flight as the provider's workers can carry (max_workers x concurrency)
         lane = Lane(concurrency or before.get("capacity", {}).get(items[0].kind, 32), rpm, tpm)
+        settle = Settler(client, lane, retry_budget)
         on_start(len(items))
 
         async def report() -> None:
@@ -161,61 +111,28 @@ async def _run(
             while True:
                 await asyncio.sleep(1.0)
                 stalls = sum((await client.stats())["stalls"].values()) - stalls_before
-                on_status({"concurrency": int(lane.limit), "resent": counters["batch_retries"], "stalls": stalls})
+                on_status({"concurrency": int(lane.limit), "resent": settle.batch_retries, "stalls": stalls})
 
-        reporter = asyncio.create_task(report())
-
-        async def process(item: Item, attempt: int) -> None:
-            nonlocal remaining
-            record, retry_after = await _one(client, item)
-            await lane.release(retry_after is not None, retry_after or 0.0)
-            if retry_after is not None:
-                counters["throttled"] += 1
-                if attempt < retry_budget:
-                    counters["batch_retries"] += 1
-                    queue.append((item, attempt + 1))
-                    wake.set()
-                    return
+        async def process(item: Item) -> None:
+            record = await settle(item, holding=True)
             ledger.write(record)
             on_result(record)
-            remaining -= 1
-            wake.set()
 
-        while remaining:
-            if not queue:
-                await wake.wait()
-                wake.clear()
-                continue
-            item, attempt = queue[0]
+        reporter = asyncio.create_task(report())
+        tasks = []
+        for item in items:
             await lane.acquire(estimate_tokens(item) if tpm else 0)
-            queue.popleft()
-            task = asyncio.create_task(process(item, attempt))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks.append(asyncio.create_task(process(item)))
+        await asyncio.gather(*tasks)
         reporter.cancel()
         after = await client.stats()
     return {
-        "stalls": sum(after["stalls"].values()) - sum(before["stalls"].values()),
+        "stalls": sum(after["stalls"].values()) - stalls_before,
         "retries": after["retries"] - before["retries"],
         "lowest_concurrency": lane.lowest,
-        **counters,
+        "throttled": settle.throttled,
+        "batch_retries": settle.batch_retries,
     }
-
-
-def is_ok(record: dict[str, Any]) -> bool:
-    if "result" in record:
-        return record["result"]["type"] == "succeeded"
-    response = record.get("response")
-    return bool(response) and 200 <= response["status_code"] < 300
-
-
-def error_kind(record: dict[str, Any]) -> str:
-    if "result" in record:  # Anthropic's nested error object, or a job's exception
-        error = record["result"].get("error") or {}
-        return (error.get("error") or error).get("type", "error")
-    if record.get("error"):
-        return str(record["error"].get("code"))
-    return f"http {record['response']['status_code']}"
 
 
 def run(
@@ -231,10 +148,21 @@ def run(
     skip_invalid: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
-    on_status: Callable[[dict[str, int]], None] = lambda status: None,
+    on_status: Callable[[dict[str, Any]], None] = lambda status: None,
+    ray: RayOptions | str | None = None,
 ) -> Summary:
-    """Run the batch and return its summary; raises BatchInputError before sending anything."""
+    """Run the batch and return its summary; raises BatchInputError before sending anything.
+
+    With `ray` (a cluster address such as "auto", or `RayOptions`), the items run on one
+    pool per node of that Ray cluster instead of `pool`; this process still writes the output."""
     started = time.monotonic()
+    if ray is not None:
+        ray = RayOptions(address=ray) if isinstance(ray, str) else ray
+        refused = {"pool": pool, "concurrency": concurrency, "rpm": rpm, "tpm": tpm}
+        if given := [name for name, value in refused.items() if value]:
+            raise ValueError(f"{', '.join(given)} cannot be used with ray (each node runs its own pool; "
+                             "see RayOptions.per_node_concurrency)")  # fmt: skip
+        require_ray()  # before the output file is touched
     items, invalid, fmt = load(input_path, fmt)
     if invalid and not skip_invalid:
         raise BatchInputError(input_path, invalid)
@@ -255,13 +183,17 @@ def run(
                 count(record)
         todo = [item for item in items if item.custom_id not in ledger.done]
         summary.already_done = len(items) - len(todo)
-        if todo:
+        if todo and ray is not None:
+            delta = run_on_ray(ray, todo, ledger, retry_budget, count, on_start, on_status)
+            summary.nodes, summary.reexecuted = delta["nodes"], delta["reexecuted"]
+        elif todo:
             delta = with_pool(
                 pool,
                 lambda url: asyncio.run(
                     _run(url, todo, ledger, concurrency, count, on_start, retry_budget, rpm, tpm, on_status)
                 ),
             )
+        if todo:
             summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
             summary.throttled, summary.batch_retries = delta["throttled"], delta["batch_retries"]
             summary.lowest_concurrency = delta["lowest_concurrency"]

@@ -40,6 +40,7 @@ class FakeProvider:
         self.latency = latency or Latency()
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
+        self.bodies: Counter[str] = Counter()  # times each distinct request was served: a repeat ran twice
         self.answered = 0
         self.completed = 0
         self.disconnects = 0
@@ -74,6 +75,7 @@ class FakeProvider:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "active": self.active,
+            "repeated": sum(n - 1 for n in self.bodies.values()),
         }
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -81,6 +83,7 @@ class FakeProvider:
 
     async def reset(self, request: web.Request) -> web.Response:
         self.served.clear()
+        self.bodies.clear()
         self.faults.injected.clear()
         self.completed = self.disconnects = 0
         return web.json_response({"ok": True})
@@ -104,6 +107,7 @@ class FakeProvider:
                 self.faults.record(fault)
             stream = bool(body.get("stream"))
             self.served[f"{request.path.removeprefix('/v1/').replace('/', '.')}.{'stream' if stream else 'plain'}"] += 1
+            self.bodies[reply.key] += 1
             if fault is not None and fault.http_status:
                 status = fault.http_status
                 headers = {"retry-after": f"{fault.retry_after:g}"} if status == 429 else {}
@@ -137,11 +141,14 @@ class FakeProvider:
                 return web.Response(status=499)
             delay += fault.delay if fault.kind == "slow-first" else 0.0
         if delay:
+            self.active += 1
             try:
                 await _sleep(request, delay)
             except ConnectionError:
                 self.disconnects += 1
                 return web.Response(status=499)
+            finally:
+                self.active -= 1
         self.completed += 1
         return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
 

@@ -1,0 +1,80 @@
+"""One batch item through a pool, under a lane: the same code on one machine and on each Ray node.
+
+A 429/529 that outlasts the SDK's own retries halves the lane's limit, pauses it for the
+provider's retry-after, and the item is sent again, up to its retry budget; its last
+answer is then its result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..client import AsyncClient
+from ..errors import IsopoolError, ProviderStatusError
+from .formats import Item, failed, provider_failed, succeeded
+from .lane import Lane
+
+_DEC = msgspec.json.Decoder()
+_ENC = msgspec.json.Encoder()
+
+THROTTLED = (429, 529)
+
+
+class Settler:
+    """Runs items to their result lines and counts the throttled answers and re-sends."""
+
+    def __init__(self, client: AsyncClient, lane: Lane, retry_budget: int) -> None:
+        self.client, self.lane, self.retry_budget = client, lane, retry_budget
+        self.throttled = 0
+        self.batch_retries = 0
+
+    async def __call__(self, item: Item, holding: bool = False) -> dict[str, Any]:
+        """The item's result line; `holding` when the caller already acquired its lane slot."""
+        attempt = 0
+        while True:
+            if not holding:
+                await self.lane.acquire(estimate_tokens(item) if self.lane.tpm else 0)
+            holding = False
+            record, retry_after = await answer(self.client, item)
+            await self.lane.release(retry_after is not None, retry_after or 0.0)
+            if retry_after is None:
+                return record
+            self.throttled += 1
+            if attempt >= self.retry_budget:
+                return record
+            self.batch_retries += 1
+            attempt += 1
+
+
+async def answer(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float | None]:
+    """Run one item once: its result line, and the retry-after if the provider throttled it."""
+    try:
+        call = await client.submit(item.kind, item.method, **item.params)
+        result = await call.result()
+        return succeeded(item, result.status, result.headers, _DEC.decode(result.body)), None
+    except ProviderStatusError as exc:
+        info = exc.info
+        body = _DEC.decode(info.body) if info.body else {"message": info.message}
+        record = provider_failed(item, info.status or 0, info.headers, body)
+        return record, _retry_after(info.headers) if info.status in THROTTLED else None
+    except IsopoolError as exc:
+        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind), None
+
+
+def estimate_tokens(item: Item) -> int:
+    """Input (about 4 bytes a token) plus the output the request allows: what a tpm limit counts."""
+    params = item.params
+    output = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens") or 0
+    return len(_ENC.encode(params)) // 4 + int(output)
+
+
+def _retry_after(headers: list[tuple[str, str]]) -> float:
+    for key, value in headers:
+        if key.lower() == "retry-after":
+            try:
+                return min(60.0, max(0.0, float(value)))
+            except ValueError:
+                return 1.0
+    return 1.0

@@ -1,0 +1,83 @@
+"""One pool per Ray node: the actor that runs the items the driver deals it.
+
+The actor owns an embedded `Pool` (broker, zygote, workers) on its node; when the actor
+dies, the broker sees its stdin close and takes its processes with it. Stalls and
+retries stay inside that broker, as on one machine. Results go back to the driver one
+by one as they are in (a streaming generator), so one slow item does not hold back
+the others of its chunk; the driver alone writes them down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from ..client import AsyncClient
+from ..config import Settings
+from ..pool import Pool
+from .execute import Settler
+from .formats import Item
+from .lane import Lane
+
+
+class NodePool:
+    """Created by the driver, pinned to one node: `start`, then `run` chunks, `stats`, `close`."""
+
+    def __init__(
+        self, settings: bytes, kind: str, concurrency: int | None, retry_budget: int, metrics_port: int | None
+    ) -> None:
+        self.settings = msgspec.json.decode(settings, type=Settings)
+        self.kind, self.concurrency, self.retry_budget, self.metrics_port = concurrency, retry_budget, metrics_port
+        self.pool: Pool | None = None
+        self.client: AsyncClient | None = None
+        self.settler: Settler | None = None
+        self.before: dict[str, Any] = {}
+
+    async def start(self) -> dict[str, Any]:
+        """Start this node's pool; what the driver needs to know about the node."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        metrics = f"{ip}:{self.metrics_port}" if self.metrics_port is not None else ""
+        settings = msgspec.structs.replace(self.settings, run_dir="", metrics=metrics)
+        self.pool = await asyncio.to_thread(Pool(settings).start)
+        self.client = AsyncClient(self.pool.url)
+        self.before = await self.client.stats()
+        limit = self.concurrency or self.before["capacity"][self.kind]  # default: what the workers carry
+        self.settler = Settler(self.client, Lane(limit), self.retry_budget)
+        return {
+            "limit": limit,
+            "ip": ip,
+            "pid": os.getpid(),
+            "pool_pid": self.pool.pid,
+            "metrics_url": self.pool.metrics_url,
+        }
+
+    async def run(self, items: list[Item]) -> AsyncIterator[dict[str, Any]]:
+        """Each item's result line, in the order they finish."""
+        assert self.settler is not None, "start() first"
+        tasks = [asyncio.create_task(self.settler(item)) for item in items]
+        for finished in asyncio.as_completed(tasks):
+            yield await finished
+
+    async def stats(self) -> dict[str, Any]:
+        """This node's pool counters since the start: stalls recovered, retries, throttling."""
+        assert self.client is not None and self.settler is not None, "start() first"
+        now = await self.client.stats()
+        return {
+            "stalls_recovered": sum(now["stalls"].values()) - sum(self.before["stalls"].values()),
+            "retries": now["retries"] - self.before["retries"],
+            "throttled": self.settler.throttled,
+            "batch_retries": self.settler.batch_retries,
+            "lowest_concurrency": self.settler.lane.lowest,
+        }
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.stop)

@@ -1,0 +1,308 @@
+"""Batch jobs on a Ray cluster: three local nodes on 127.0.0.1, one pool actor each, the
+driver as the single writer. Same output as a local run under stalls; a node SIGKILLed
+mid-run loses nothing and its re-run items are counted as the fake provider served them;
+a SIGKILLed driver resumes; without Ray, a clear error and nothing sent; the nodes'
+metrics agree with the summary.
+
+Every process the cluster starts is recorded and ended by pid; Ray is never stopped by
+process name. Select these tests with `-m ray`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import Pool
+from broker.batch import RayOptions, run
+from broker.config import load_settings
+from broker.fake_provider import FakeProviderProcess
+from broker.fake_provider.content import Reply
+from broker.fake_provider.server import Latency
+
+from .conftest import TEST_SETTINGS, profiles, wait_for
+from .test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.ray
+
+LOOPBACK = "127.0.0.1"
+# A dead node is noticed within ~2 s (the defaults take 30 s or more).
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
+LIMITS = dict(first_event_timeout=1.0, stale_timeout=0.5, max_attempts=5)
+TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
+
+
+class LocalCluster:
+    """`ray.cluster_utils.Cluster` with every pid it started recorded, and ended by pid."""
+
+    def __init__(self, nodes: int) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
+        head = {"num_cpus": 1, "node_ip_address": LOOPBACK, "temp_dir": self.temp_dir, "_system_config": HEALTH_CHECKS}
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        self.nodes = [self.cluster.head_node]
+        self.pids: set[int] = set()
+        for _ in range(nodes - 1):
+            self.add_node()
+        self._record()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self):
+        node = self.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+        self.nodes.append(node)
+        self._record()
+        return node
+
+    def _record(self) -> None:
+        for node in self.nodes:
+            for infos in node.all_processes.values():
+                self.pids.update(info.process.pid for info in infos)
+
+    def tree(self, node) -> set[int]:
+        """The node's processes now: its raylet and everything under it (Ray workers, their pools)."""
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        found = {raylet.pid, *(p.pid for p in raylet.children(recursive=True))}
+        self.pids |= found
+        return found
+
+    def pool_processes(self, node) -> set[int]:
+        """The isopool processes of the node: those below its Ray worker processes."""
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        ray_workers = raylet.children()
+        return {p.pid for w in ray_workers for p in w.children(recursive=True)}
+
+    def kill_node(self, node) -> set[int]:
+        """SIGKILL the node's Ray processes (raylet and its workers) by pid, as a machine that
+        dies takes them; returns the isopool processes that must now end on their own."""
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        ray_processes = [raylet, *raylet.children()]
+        pool = self.pool_processes(node)
+        self.pids |= pool | {p.pid for p in ray_processes}
+        for proc in ray_processes:
+            os.kill(proc.pid, signal.SIGKILL)
+        return pool
+
+    def shutdown(self) -> None:
+        for node in self.nodes:
+            try:
+                self.tree(node)
+            except psutil.NoSuchProcess:
+                pass
+        self.cluster.shutdown()
+        for pid in self.pids:  # whatever the shutdown missed, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not any(_alive(pid) for pid in self.pids), 15, "every Ray process to be gone")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+    local = LocalCluster(nodes=3)
+    try:
+        yield local
+    finally:
+        local.shutdown()
+
+
+def node_settings(url: str, min_workers: int = 2, max_workers: int = 4):
+    return load_settings(profiles=profiles(url, min_workers=min_workers, max_workers=max_workers),
+                         **{**TEST_SETTINGS, **LIMITS})  # fmt: skip
+
+
+def check_answers(results: list[dict], lines: list[dict]) -> None:
+    """Every id exactly once, and each answer the one the fake gives that request."""
+    ids = [r["custom_id"] for r in results]
+    assert sorted(ids) == sorted(line["custom_id"] for line in lines) and len(set(ids)) == len(ids)
+    params = {line["custom_id"]: line["params"] for line in lines}
+    for record in results:
+        message = record["result"]["message"]
+        assert message["content"][0]["text"] == Reply(params[record["custom_id"]], TOKENS).text
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(scraped: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in scraped.items() if n == name and want <= set(lab))
+
+
+@pytest.fixture(scope="module")
+def stalled_run(cluster, tmp_path_factory):
+    """300 items, every tenth stalling once, run locally and on the cluster; the cluster's
+    nodes are scraped mid-run and as the last answer is written."""
+    tmp = tmp_path_factory.mktemp("ray-stalls")
+    lines = anthropic_lines(300)
+    for line in lines[::10]:
+        line["params"]["model"] = "claude-fake@stall-ping:after=1,interval=0.05"
+    source = write_jsonl(tmp / "in.jsonl", lines)
+    with FakeProviderProcess(Latency(ttft=0.02, gap=0.002, tokens=TOKENS)) as fake:
+        with Pool(node_settings(fake.url, max_workers=12)) as pool:  # as many slots as the three nodes
+            local = run(source, str(tmp / "local.jsonl"), pool=pool)
+        fake.reset()
+        nodes: dict = {}
+        scrapes: list[dict] = []
+        written = []
+
+        def on_result(record: dict) -> None:
+            written.append(record["custom_id"])
+            if len(written) in (150, 300) and nodes:  # mid-run, and with the last answer in (the pools still up)
+                scrapes.append({name: scrape(n["metrics_url"]) for name, n in nodes.items() if not n["lost"]})
+
+        options = RayOptions(cluster.address, per_node_concurrency=4, metrics_port=0, settings=node_settings(fake.url))
+        summary = run(source, str(tmp / "ray.jsonl"), ray=options, on_result=on_result,
+                      on_status=lambda status: nodes.update(status["nodes"]))  # fmt: skip
+        served = fake.stats()
+    return dict(lines=lines, tmp=tmp, local=local, summary=summary, served=served, scrapes=scrapes)
+
+
+def test_300_items_with_stalls_give_the_local_runners_output(stalled_run):
+    tmp, local, summary = stalled_run["tmp"], stalled_run["local"], stalled_run["summary"]
+    assert sorted(open(tmp / "ray.jsonl")) == sorted(open(tmp / "local.jsonl"))  # byte for byte, line for line
+    check_answers(read_jsonl(tmp / "ray.jsonl"), stalled_run["lines"])
+    assert summary.ok == local.ok == 300 and summary.failed == 0
+    assert summary.stalls_recovered == local.stalls_recovered == 30  # each stalled once, retried in its node
+    assert len(summary.nodes) == 3 and not any(n.lost for n in summary.nodes.values())
+    assert all(n.done > 0 for n in summary.nodes.values())  # every node took a share
+    assert sum(n.done for n in summary.nodes.values()) == 300
+    assert sum(n.stalls_recovered for n in summary.nodes.values()) == 30
+    assert summary.reexecuted == 0 and stalled_run["served"]["repeated"] == 30  # the stalls' retries, nothing else
+
+
+def test_node_metrics_scraped_during_the_run_match_the_summary(stalled_run):
+    summary, scrapes = stalled_run["summary"], stalled_run["scrapes"]
+    assert len(scrapes) == 2, "scraped mid-run and at the end"
+    mid, end = scrapes
+    assert set(end) == set(summary.nodes)
+    for name, node in summary.nodes.items():
+        assert total(end[name], "isopool_requests_total", outcome="ok") == node.done
+        assert total(end[name], "isopool_stalls_total") == node.stalls_recovered
+        assert total(end[name], "isopool_retries_total") == node.retries
+        assert total(end[name], "isopool_worker_kills_total", reason="first_event_timeout") == node.stalls_recovered
+        assert total(mid[name], "isopool_requests_total") <= total(end[name], "isopool_requests_total")
+    assert sum(total(s, "isopool_requests_total") for s in mid.values()) < 300  # mid-run indeed
+    assert sum(total(s, "isopool_stalls_total") for s in end.values()) == summary.stalls_recovered == 30
+    assert sum(total(s, "isopool_request_duration_seconds_count") for s in end.values()) == 300
+
+
+def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(cluster, tmp_path):
+    lines = anthropic_lines(96)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    events: dict = {}
+    # 1.3 s an item: when all 12 slots are busy at the fake, every item dealt has reached it
+    with FakeProviderProcess(Latency(ttft=0.3, gap=0.05, tokens=TOKENS)) as fake:
+
+        def chaos() -> None:
+            wait_for(lambda: fake.stats()["active"] == 12, 60, "every node's slots to be busy")
+            victim = cluster.nodes[2]
+            events["pool"] = cluster.kill_node(victim)
+            events["killed_at"] = time.time()
+            events["new_node"] = cluster.add_node()  # a node that joins during the run gets an actor
+
+        helper = threading.Thread(target=chaos, daemon=True)
+        helper.start()
+        options = RayOptions(cluster.address, per_node_concurrency=4, settings=node_settings(fake.url, min_workers=4))
+        summary = run(source, str(tmp_path / "out.jsonl"), ray=options)
+        helper.join(30)
+        served = fake.stats()
+    check_answers(read_jsonl(tmp_path / "out.jsonl"), lines)
+    assert summary.ok == 96
+    lost = [n for n in summary.nodes.values() if n.lost]
+    assert len(lost) == 1 and ("ActorDiedError" in lost[0].error or "no longer alive" in lost[0].error)
+    assert summary.reexecuted == 4 == served["repeated"]  # its four in flight ran twice, and only those
+    assert lost[0].recovered_s is not None and lost[0].lost_at - events["killed_at"] < 10
+    assert len(summary.nodes) == 4 and min(n.done for n in summary.nodes.values() if not n.lost) > 0
+    assert events["pool"], "the killed node ran a pool"
+    wait_for(lambda: not any(_alive(pid) for pid in events["pool"]), 15, "the dead node's isopool processes to end")
+
+
+def test_a_sigkilled_driver_resumes_with_the_same_command(cluster, tmp_path):
+    lines = anthropic_lines(160)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    with FakeProviderProcess(Latency(ttft=0.1, gap=0.01, tokens=TOKENS)) as fake:
+        config = tmp_path / "isopool.toml"
+        config.write_text(toml(node_settings(fake.url)))
+        env = dict(os.environ, ISOPOOL_CONFIG=str(config))
+        command = [ISOPOOL, "batch", source, "-o", str(out), "--ray", cluster.address, "--per-node-concurrency", "4",
+                   "--json"]  # fmt: skip
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: out.exists() and len(out.read_bytes().splitlines()) >= 30, 90, "30 results")
+            pools = set().union(*(cluster.pool_processes(node) for node in cluster.nodes))
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        assert pools, "the nodes ran pools for the driver"
+        wait_for(lambda: not any(_alive(pid) for pid in pools), 30, "the killed driver's node pools to end")
+        before = len(out.read_bytes().splitlines())
+        final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads(final.stdout)
+    assert 30 <= before < 160 and summary["already_done"] >= 30 and summary["ok"] == 160 - summary["already_done"]
+    check_answers(read_jsonl(out), lines)
+
+
+def test_without_ray_a_clear_error_and_nothing_is_sent(tmp_path, fake):
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(5))
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "isopool.toml"
+    config.write_text(toml(node_settings(fake.url)))
+    served = sum(fake.stats()["served"].values())
+    no_ray = "import sys; sys.modules['ray'] = None; from broker.cli import main; main()"  # `import ray` fails
+    result = subprocess.run([sys.executable, "-c", no_ray, "batch", source, "-o", str(out), "--ray", "auto"],
+                            env=dict(os.environ, ISOPOOL_CONFIG=str(config)), capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "--ray needs Ray, which is not installed: pip install 'isopool[ray]'" in result.stderr
+    assert not out.exists() and sum(fake.stats()["served"].values()) == served
+
+
+def toml(settings) -> str:
+    """The settings as an isopool config file (what a user would write for the nodes)."""
+    lines, tables = [], []
+    for key, value in _fields(settings):
+        if key == "profiles":
+            for name, profile in value.items():
+                body = [f"{k} = {json.dumps(v)}" for k, v in _fields(profile) if v is not None and v != {}]
+                tables.append(f"[profiles.{name}]\n" + "\n".join(body))
+        elif value not in (None, {}):
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def _fields(struct) -> list[tuple[str, object]]:
+    return [(name, getattr(struct, name)) for name in struct.__struct_fields__]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -211,8 +212,10 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--job") from None
     ray = RayOptions(ray_address, per_node_concurrency, metrics_port) if ray_address else None
+    # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the summary
+    notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext()
     try:
-        with BatchProgress(enabled=not as_json) as progress:
+        with notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
             if function is not None:
                 summary = run_job(

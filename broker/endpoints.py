@@ -38,14 +38,31 @@ def restrict(url: str) -> None:
         os.chmod(url[6:], 0o600)
 
 
-def cleanup(run_dir: str, *urls: str) -> None:
+def cleanup(run_dir: str, *urls: str, only: dict[str, int] | None = None) -> None:
+    """Remove the ipc socket files of `urls` (with `only`: those still the files of `inodes`),
+    then the directory if nothing else lives there."""
     for url in urls:
-        if url.startswith("ipc://"):
-            try:
-                os.unlink(url[6:])
-            except FileNotFoundError:
-                pass
+        if not url.startswith("ipc://"):
+            continue
+        path = url[6:]
+        try:
+            if only is None or os.stat(path).st_ino == only.get(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
     try:
         os.rmdir(run_dir)  # only if nothing else lives there
     except OSError:
         pass
+
+
+def inodes(*urls: str) -> dict[str, int]:
+    """The ipc socket files of `urls` as they are now: `cleanup(only=...)` removes them and no newer ones."""
+    found = {}
+    for url in urls:
+        if url.startswith("ipc://"):
+            try:
+                found[url[6:]] = os.stat(url[6:]).st_ino
+            except FileNotFoundError:
+                pass
+    return found

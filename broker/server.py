@@ -91,7 +91,7 @@ class Broker:
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url, 1_000_000)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
-        self.zygote = Zygote(self.death_r)
+        self.zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url))
         self.zygote_generation = 0
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()

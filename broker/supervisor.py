@@ -20,8 +20,9 @@ _DEC = msgspec.json.Decoder()
 class Zygote:
     """Owns the zygote process. Non-blocking: `fileno()` goes into the broker's poller."""
 
-    def __init__(self, death_fd: int) -> None:
+    def __init__(self, death_fd: int, sockets: tuple[str, ...] = ()) -> None:
         self._death_fd = death_fd
+        self._sockets = sockets  # the broker's run dir and socket urls, removed by the zygote if the broker is killed
         self.proc: subprocess.Popen | None = None
         self._pending = b""
         self.outbox = b""  # spawn requests its pipe could not take yet (it is busy or hung)
@@ -30,7 +31,10 @@ class Zygote:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            python_command("worker.zygote"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self._death_fd,)
+            python_command("worker.zygote", *self._sockets),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=(self._death_fd,),
         )
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         os.set_blocking(self.proc.stdin.fileno(), False)  # type: ignore[union-attr]  # a hung zygote never blocks us

@@ -275,9 +275,10 @@ def test_stats_without_a_broker_says_how_to_start_one(tmp_path):
 
 
 def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_client(tmp_path, fake, own_processes):
-    """SIGKILL of the broker: its zygote and workers exit by themselves, a caller blocked on a
-    request gets BrokerUnavailable within its broker_timeout (never a hang), and a broker
-    started again at the same address is used by the same client object."""
+    """SIGKILL of the broker: its zygote and workers exit by themselves (the zygote removes the
+    broker's socket files), a caller blocked on a request gets BrokerUnavailable within its
+    broker_timeout (never a hang), and a broker started again at the same address is used by
+    the same client object."""
     proc, url = _start_serve(tmp_path, fake, heartbeat_interval=0.1)
     second = None
     try:
@@ -294,6 +295,7 @@ def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_c
                 blocked.result()
             assert time.monotonic() - start < 5  # 2 x broker_timeout, plus a probe's slack
             wait_for(lambda: not running(family), 10, "the dead broker's zygote and workers to exit")
+            assert not (tmp_path / "run").exists()  # its socket files and directory: removed by its zygote
 
             second, _ = _start_serve(tmp_path, fake, heartbeat_interval=0.1)
             wait_for(lambda: _ready_broker(c) == second.pid, 20, "the new broker and its worker")

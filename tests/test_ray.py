@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -122,12 +121,20 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Ray turns 127.0.0.1 in an address into the machine's address unless it is told that
+    # the cluster is local: then the drivers (this process, the CLI's) and nodes use loopback.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     local = LocalCluster(nodes=3)
     try:
         yield local
     finally:
         local.shutdown()
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        ray_constants.ENABLE_RAY_CLUSTER = True
 
 
 def node_settings(url: str, min_workers: int = 2, max_workers: int = 4):
@@ -211,9 +218,10 @@ def test_node_metrics_scraped_during_the_run_match_the_summary(stalled_run):
         assert total(end[name], "isopool_requests_total", outcome="ok") == node.done
         assert total(end[name], "isopool_stalls_total") == node.stalls_recovered
         assert total(end[name], "isopool_retries_total") == node.retries
-        assert total(end[name], "isopool_worker_kills_total", reason="first_event_timeout") == node.stalls_recovered
+        assert total(end[name], "isopool_stalls_total", kind="stale_timeout") == node.stalls_recovered  # after 1 event
+        assert total(end[name], "isopool_worker_kills_total", reason="stale_timeout") == node.stalls_recovered
         assert total(mid[name], "isopool_requests_total") <= total(end[name], "isopool_requests_total")
-    assert sum(total(s, "isopool_requests_total") for s in mid.values()) < 300  # mid-run indeed
+    assert 150 <= sum(total(s, "isopool_requests_total", outcome="ok") for s in mid.values()) < 300  # mid-run
     assert sum(total(s, "isopool_stalls_total") for s in end.values()) == summary.stalls_recovered == 30
     assert sum(total(s, "isopool_request_duration_seconds_count") for s in end.values()) == 300
 
@@ -221,32 +229,40 @@ def test_node_metrics_scraped_during_the_run_match_the_summary(stalled_run):
 def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(cluster, tmp_path):
     lines = anthropic_lines(96)
     source = write_jsonl(tmp_path / "in.jsonl", lines)
-    events: dict = {}
+    out = tmp_path / "out.jsonl"
     # 1.3 s an item: when all 12 slots are busy at the fake, every item dealt has reached it
     with FakeProviderProcess(Latency(ttft=0.3, gap=0.05, tokens=TOKENS)) as fake:
-
-        def chaos() -> None:
-            wait_for(lambda: fake.stats()["active"] == 12, 60, "every node's slots to be busy")
-            victim = cluster.nodes[2]
-            events["pool"] = cluster.kill_node(victim)
-            events["killed_at"] = time.time()
-            events["new_node"] = cluster.add_node()  # a node that joins during the run gets an actor
-
-        helper = threading.Thread(target=chaos, daemon=True)
-        helper.start()
-        options = RayOptions(cluster.address, per_node_concurrency=4, settings=node_settings(fake.url, min_workers=4))
-        summary = run(source, str(tmp_path / "out.jsonl"), ray=options)
-        helper.join(30)
+        driver = start_driver(cluster, fake, source, out, tmp_path, min_workers=4)
+        try:
+            wait_for(lambda: fake.stats()["active"] == 12, 90, "every node's slots to be busy")
+            pool = cluster.kill_node(cluster.nodes[2])
+            killed_at = time.time()
+            cluster.add_node()  # a node that joins during the run gets an actor
+            stdout, stderr = driver.communicate(timeout=120)
+        finally:
+            driver.kill()
         served = fake.stats()
-    check_answers(read_jsonl(tmp_path / "out.jsonl"), lines)
-    assert summary.ok == 96
-    lost = [n for n in summary.nodes.values() if n.lost]
-    assert len(lost) == 1 and ("ActorDiedError" in lost[0].error or "no longer alive" in lost[0].error)
-    assert summary.reexecuted == 4 == served["repeated"]  # its four in flight ran twice, and only those
-    assert lost[0].recovered_s is not None and lost[0].lost_at - events["killed_at"] < 10
-    assert len(summary.nodes) == 4 and min(n.done for n in summary.nodes.values() if not n.lost) > 0
-    assert events["pool"], "the killed node ran a pool"
-    wait_for(lambda: not any(_alive(pid) for pid in events["pool"]), 15, "the dead node's isopool processes to end")
+    assert driver.returncode == 0, stderr
+    summary = json.loads(stdout)
+    check_answers(read_jsonl(out), lines)
+    assert summary["ok"] == 96
+    lost = [n for n in summary["nodes"].values() if n["lost"]]
+    assert len(lost) == 1 and ("ActorDiedError" in lost[0]["error"] or "no longer alive" in lost[0]["error"])
+    assert summary["reexecuted"] == 4 == served["repeated"]  # its four in flight ran twice, and only those
+    assert lost[0]["recovered_s"] is not None and lost[0]["lost_at"] - killed_at < 10
+    assert len(summary["nodes"]) == 4 and min(n["done"] for n in summary["nodes"].values() if not n["lost"]) > 0
+    assert pool, "the killed node ran a pool"
+    wait_for(lambda: not any(_alive(pid) for pid in pool), 15, "the dead node's isopool processes to end")
+
+
+def start_driver(cluster, fake, source: str, out, tmp_path, min_workers: int = 2) -> subprocess.Popen:
+    """`isopool batch --ray` in its own process, its nodes' pools configured by a config file."""
+    config = tmp_path / "isopool.toml"
+    config.write_text(toml(node_settings(fake.url, min_workers=min_workers)))
+    command = [ISOPOOL, "batch", source, "-o", str(out), "--ray", cluster.address, "--per-node-concurrency", "4",
+               "--json"]  # fmt: skip
+    env = dict(os.environ, ISOPOOL_CONFIG=str(config))
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_sigkilled_driver_resumes_with_the_same_command(cluster, tmp_path):
@@ -254,25 +270,21 @@ def test_a_sigkilled_driver_resumes_with_the_same_command(cluster, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
     with FakeProviderProcess(Latency(ttft=0.1, gap=0.01, tokens=TOKENS)) as fake:
-        config = tmp_path / "isopool.toml"
-        config.write_text(toml(node_settings(fake.url)))
-        env = dict(os.environ, ISOPOOL_CONFIG=str(config))
-        command = [ISOPOOL, "batch", source, "-o", str(out), "--ray", cluster.address, "--per-node-concurrency", "4",
-                   "--json"]  # fmt: skip
-        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        driver = start_driver(cluster, fake, source, out, tmp_path)
         try:
             wait_for(lambda: out.exists() and len(out.read_bytes().splitlines()) >= 30, 90, "30 results")
             pools = set().union(*(cluster.pool_processes(node) for node in cluster.nodes))
         finally:
-            driver.send_signal(signal.SIGKILL)
-            driver.wait()
+            driver.kill()  # SIGKILL
+            driver.communicate()
         assert pools, "the nodes ran pools for the driver"
         wait_for(lambda: not any(_alive(pid) for pid in pools), 30, "the killed driver's node pools to end")
         before = len(out.read_bytes().splitlines())
-        final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    summary = json.loads(final.stdout)
-    assert 30 <= before < 160 and summary["already_done"] >= 30 and summary["ok"] == 160 - summary["already_done"]
+        again = start_driver(cluster, fake, source, out, tmp_path)
+        stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert 30 <= before < 160 and summary["already_done"] == before and summary["ok"] == 160 - before
     check_answers(read_jsonl(out), lines)
 
 

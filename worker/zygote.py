@@ -6,6 +6,8 @@ It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
     zygote -> broker   {"ready": pid} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
+Its arguments are the broker's run dir and socket urls: a broker that was killed
+(this process re-parented) cannot remove its socket files, so the zygote does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import signal
 import sys
 
 import msgspec
+
+from broker import endpoints
 
 from .main import WorkerSpec, preload, run_worker
 
@@ -85,6 +89,8 @@ def main() -> None:
     selector.register(rfd, selectors.EVENT_READ)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
+    run_dir, *urls = sys.argv[1:] or [""]
+    broker, sockets = os.getppid(), endpoints.inodes(*urls)  # the broker bound them before starting us
     _say({"ready": os.getpid()})
     stdin = os.fdopen(0, "rb", buffering=0)
     pending = b""
@@ -95,8 +101,10 @@ def main() -> None:
                 _reap()
                 continue
             chunk = stdin.read(65536)
-            if not chunk:
-                return  # the broker is gone
+            if not chunk:  # the broker is gone; if it was killed, its socket files are ours to remove
+                if os.getppid() != broker and run_dir:
+                    endpoints.cleanup(run_dir, *urls, only=sockets)
+                return
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 spec = _DEC.decode(line)["spawn"]

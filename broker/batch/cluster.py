@@ -332,7 +332,9 @@ class Dealer:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    """The error's type and its cause's last line (Ray's messages carry the actor's whole traceback)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}"[:300]
 
 
 def run_on_ray(options: RayOptions, items: list[Item], ledger: Ledger, retry_budget: int,

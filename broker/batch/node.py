@@ -31,7 +31,12 @@ class NodePool:
         self, settings: bytes, kind: str, concurrency: int | None, retry_budget: int, metrics_port: int | None
     ) -> None:
         self.settings = msgspec.json.decode(settings, type=Settings)
-        self.kind, self.concurrency, self.retry_budget, self.metrics_port = concurrency, retry_budget, metrics_port
+        self.kind, self.concurrency, self.retry_budget, self.metrics_port = (
+            kind,
+            concurrency,
+            retry_budget,
+            metrics_port,
+        )
         self.pool: Pool | None = None
         self.client: AsyncClient | None = None
         self.settler: Settler | None = None

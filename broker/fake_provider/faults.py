@@ -96,5 +96,10 @@ class FaultPlan:
             draw -= rate
         return None
 
+    def reset(self) -> None:
+        """Forget what was injected: a header or model fault fires again for a body it fired for."""
+        self._fired.clear()
+        self.injected.clear()
+
     def record(self, fault: Fault) -> None:
         self.injected[fault.kind] += 1

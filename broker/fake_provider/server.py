@@ -2,7 +2,7 @@
 OpenAI Chat Completions and OpenAI Responses APIs, with injected faults (F1-F7).
 
 Counters of what it served and injected are at `GET /_isopool/stats`
-(`POST /_isopool/reset` zeroes them).
+(`POST /_isopool/reset` zeroes them and re-arms the faults chosen by header or model).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class FakeProvider:
     async def reset(self, request: web.Request) -> web.Response:
         self.served.clear()
         self.bodies.clear()
-        self.faults.injected.clear()
+        self.faults.reset()
         self.completed = self.disconnects = 0
         return web.json_response({"ok": True})
 

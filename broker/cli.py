@@ -1,4 +1,4 @@
-"""The `isopool` command line: serve, stats, keygen, batch, run, demo, fake-provider and loadtest."""
+"""The `isopool` command line: serve, stats, keygen, batch, ray-cluster, run, demo, fake-provider and loadtest."""
 
 from __future__ import annotations
 
@@ -237,6 +237,39 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
         print_batch(data, output)
     if summary.failed and not allow_failures:
         sys.exit(1)
+
+
+@main.command("ray-cluster")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(min=1), help="Ray nodes to start.")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="CPUs each node offers Ray.")
+def ray_cluster(nodes: int, cpus: int) -> None:
+    """Run a Ray cluster of several nodes on this machine until Ctrl-C, to try `batch --ray`.
+
+    Each node has its own raylet, so `isopool batch --ray` puts a pool on each, as on a
+    real cluster. Ctrl-C or SIGTERM stops every process it started (by pid)."""
+    import signal
+    import time
+
+    from .batch import RayUnavailable
+    from .batch.cluster import require_ray
+
+    try:
+        require_ray()
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc).replace("--ray needs", "ray-cluster needs")) from None
+    from .batch.localcluster import LocalCluster
+
+    click.echo(f"starting {nodes} Ray node(s)...", err=True)
+    with LocalCluster(nodes, cpus) as cluster:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        click.echo(f"Ray cluster of {nodes} node(s) at {cluster.address}; in another terminal:\n"
+                   f"  isopool batch IN.jsonl -o OUT.jsonl --ray {cluster.address}\n"
+                   "Ctrl-C stops it.")  # fmt: skip
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            click.echo("stopping the Ray nodes...", err=True)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

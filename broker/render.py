@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from .demo import REASKED
 
@@ -163,15 +163,16 @@ class BatchProgress:
 
 
 def _print_nodes(nodes: dict[str, dict[str, Any]]) -> None:
-    table = Table("node", "done", "ok", "failed", "stalls recovered", "pool retries", "state", title="per node")
+    table = Table(Column("node", no_wrap=True), "done", "ok", "failed", "stalls recovered", "pool retries", "state",
+                  title="per node")  # fmt: skip
     for name, n in nodes.items():
-        state = "up"
-        if n["lost"]:
-            recovered = "" if n["recovered_s"] is None else f"; its items done elsewhere {n['recovered_s']} s later"
-            state = f"[red]lost[/] ({escape(n['error'])}{recovered})"
         table.add_row(escape(name), str(n["done"]), str(n["ok"]), str(n["failed"]), str(n["stalls_recovered"]),
-                      str(n["retries"]), state)  # fmt: skip
+                      str(n["retries"]), "[red]lost[/]" if n["lost"] else "up")  # fmt: skip
     console.print(table)
+    for name, n in nodes.items():
+        if n["lost"]:
+            after = "" if n["recovered_s"] is None else f"; its lines answered elsewhere {n['recovered_s']} s later"
+            console.print(f"[red]lost[/] {escape(name)}: {escape(n['error'])}{after}", soft_wrap=True)
 
 
 def print_batch(s: dict[str, Any], output: str) -> None:

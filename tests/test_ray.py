@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import Pool
 from broker.batch import RayOptions, run
+from broker.batch.localcluster import alive
 from broker.config import load_settings
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.content import Reply
@@ -35,106 +32,18 @@ from .test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.ray
 
-LOOPBACK = "127.0.0.1"
-# A dead node is noticed within ~2 s (the defaults take 30 s or more).
-HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
 LIMITS = dict(first_event_timeout=1.0, stale_timeout=0.5, max_attempts=5)
 TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
 
 
-class LocalCluster:
-    """`ray.cluster_utils.Cluster` with every pid it started recorded, and ended by pid."""
-
-    def __init__(self, nodes: int) -> None:
-        from ray.cluster_utils import Cluster
-
-        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
-        head = {"num_cpus": 1, "node_ip_address": LOOPBACK, "temp_dir": self.temp_dir, "_system_config": HEALTH_CHECKS}
-        self.cluster = Cluster(initialize_head=True, head_node_args=head)
-        self.nodes = [self.cluster.head_node]
-        self.pids: set[int] = set()
-        for _ in range(nodes - 1):
-            self.add_node()
-        self._record()
-
-    @property
-    def address(self) -> str:
-        return self.cluster.address
-
-    def add_node(self):
-        node = self.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
-        self.nodes.append(node)
-        self._record()
-        return node
-
-    def _record(self) -> None:
-        for node in self.nodes:
-            for infos in node.all_processes.values():
-                self.pids.update(info.process.pid for info in infos)
-
-    def tree(self, node) -> set[int]:
-        """The node's processes now: its raylet and everything under it (Ray workers, their pools)."""
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        found = {raylet.pid, *(p.pid for p in raylet.children(recursive=True))}
-        self.pids |= found
-        return found
-
-    def pool_processes(self, node) -> set[int]:
-        """The isopool processes of the node: those below its Ray worker processes."""
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        ray_workers = raylet.children()
-        return {p.pid for w in ray_workers for p in w.children(recursive=True)}
-
-    def kill_node(self, node) -> set[int]:
-        """SIGKILL the node's Ray processes (raylet and its workers) by pid, as a machine that
-        dies takes them; returns the isopool processes that must now end on their own."""
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        ray_processes = [raylet, *raylet.children()]
-        pool = self.pool_processes(node)
-        self.pids |= pool | {p.pid for p in ray_processes}
-        for proc in ray_processes:
-            os.kill(proc.pid, signal.SIGKILL)
-        return pool
-
-    def shutdown(self) -> None:
-        for node in self.nodes:
-            try:
-                self.tree(node)
-            except psutil.NoSuchProcess:
-                pass
-        self.cluster.shutdown()
-        for pid in self.pids:  # whatever the shutdown missed, by pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_for(lambda: not any(_alive(pid) for pid in self.pids), 15, "every Ray process to be gone")
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    # Ray turns 127.0.0.1 in an address into the machine's address unless it is told that
-    # the cluster is local: then the drivers (this process, the CLI's) and nodes use loopback.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
-    from ray._private import ray_constants
+    from broker.batch.localcluster import LocalCluster
 
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    local = LocalCluster(nodes=3)
-    try:
+    with LocalCluster(nodes=3, loopback=True) as local:  # every pid it starts recorded, ended by pid
         yield local
-    finally:
-        local.shutdown()
-        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-        ray_constants.ENABLE_RAY_CLUSTER = True
+    assert not any(alive(pid) for pid in local.pids)
 
 
 def node_settings(url: str, min_workers: int = 2, max_workers: int = 4):
@@ -252,7 +161,7 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
     assert lost[0]["recovered_s"] is not None and lost[0]["lost_at"] - killed_at < 10
     assert len(summary["nodes"]) == 4 and min(n["done"] for n in summary["nodes"].values() if not n["lost"]) > 0
     assert pool, "the killed node ran a pool"
-    wait_for(lambda: not any(_alive(pid) for pid in pool), 15, "the dead node's isopool processes to end")
+    wait_for(lambda: not any(alive(pid) for pid in pool), 15, "the dead node's isopool processes to end")
 
 
 def start_driver(cluster, fake, source: str, out, tmp_path, min_workers: int = 2) -> subprocess.Popen:
@@ -278,7 +187,7 @@ def test_a_sigkilled_driver_resumes_with_the_same_command(cluster, tmp_path):
             driver.kill()  # SIGKILL
             driver.communicate()
         assert pools, "the nodes ran pools for the driver"
-        wait_for(lambda: not any(_alive(pid) for pid in pools), 30, "the killed driver's node pools to end")
+        wait_for(lambda: not any(alive(pid) for pid in pools), 30, "the killed driver's node pools to end")
         before = len(out.read_bytes().splitlines())
         again = start_driver(cluster, fake, source, out, tmp_path)
         stdout, stderr = again.communicate(timeout=120)

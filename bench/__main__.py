@@ -22,6 +22,7 @@ from rich.table import Table
 from .common import SIZES
 
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen")
+NEEDS_RAY = ("cluster",)  # only by name: the `ray` extra is not in `bench`
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("scenario", choices=[*SCENARIOS, "all", "report"])
+    parser.add_argument("scenario", choices=[*SCENARIOS, *NEEDS_RAY, "all", "report"])
     parser.add_argument(
         "--quick",
         action="store_const",

@@ -143,8 +143,8 @@ class BatchProgress:
             f"  concurrency {status['concurrency']}  stalls recovered {status['stalls']}  re-sent {status['resent']}"
         )
         if nodes := status.get("nodes"):  # on Ray: what each node has done
-            shares = [f"{name} {'lost' if n['lost'] else n['done']}" for name, n in nodes.items()]
-            self._status += "  nodes: " + ", ".join(shares)
+            shares = [f"{name} {_node_share(n)}" for name, n in nodes.items()]
+            self._status += "  nodes: " + "; ".join(shares)
 
     def result(self, record: dict[str, Any]) -> None:
         from .batch.formats import is_ok
@@ -160,6 +160,18 @@ class BatchProgress:
         elif self.enabled and (time.monotonic() - self._last_line >= self.every or done == self.todo):
             self._last_line = time.monotonic()
             console.print(f"batch: {done}/{self.todo} done, {note}", highlight=False, soft_wrap=True)
+
+
+def _node_share(n: dict[str, Any]) -> str:
+    """One node in the progress line: what it has done, its failures and stalls, or that it is lost."""
+    if n["lost"]:
+        return "lost"
+    parts = [f"{n['done']} done"]
+    if n["failed"]:
+        parts.append(f"{n['failed']} failed")
+    if n["stalls_recovered"]:
+        parts.append(f"{n['stalls_recovered']} stalls")
+    return ", ".join(parts)
 
 
 def _print_nodes(nodes: dict[str, dict[str, Any]]) -> None:

@@ -212,6 +212,17 @@ def test_without_ray_a_clear_error_and_nothing_is_sent(tmp_path, fake):
     assert not out.exists() and sum(fake.stats()["served"].values()) == served
 
 
+def test_ray_options_that_do_not_apply_are_refused_before_anything_runs(tmp_path, fake):
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(3))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="concurrency, rpm cannot be used with ray"):
+        run(source, str(out), ray="auto", concurrency=4, rpm=10)
+    for extra in (["--per-node-concurrency", "4"], ["--ray", "auto", "--job", "x:y"], ["--ray", "auto", "-c", "4"]):
+        result = subprocess.run([ISOPOOL, "batch", source, "-o", str(out), *extra], capture_output=True, text=True)
+        assert result.returncode == 2 and "--ray" in result.stderr, result.stderr
+    assert not out.exists()
+
+
 def toml(settings) -> str:
     """The settings as an isopool config file (what a user would write for the nodes)."""
     lines, tables = [], []

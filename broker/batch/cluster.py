@@ -139,7 +139,10 @@ class Dealer:
             await self._discover(wait=True)
             if not any(node.usable for node in self.nodes.values()):
                 errors = "; ".join(f"{n.name}: {n.stats.error}" for n in self.nodes.values()) or "no alive node"
-                raise RayUnavailable(f"no node of the Ray cluster could start a pool ({errors})")
+                raise RayUnavailable(
+                    f"no node of the Ray cluster could start a pool ({errors}); is isopool installed on every "
+                    "node, in the same Python version as here?"
+                )
             self.on_start(self.todo)
             watcher = self._spawn(self._watch())
             while self.remaining and self.fatal is None:

@@ -83,13 +83,19 @@ class LocalCluster:
             os.kill(proc.pid, signal.SIGKILL)
         return pool
 
-    def shutdown(self, timeout: float = 15.0) -> None:
-        """Stop the cluster, then SIGKILL by pid whatever it left; remove its temp dir."""
+    def live_pids(self) -> set[int]:
+        """Every process of the cluster now (recorded from here on): its head processes, and each
+        node's raylet with everything below it."""
         for node in self.nodes:
             try:
                 self.pids |= {self.raylet(node).pid, *(p.pid for p in self.raylet(node).children(recursive=True))}
             except psutil.NoSuchProcess:
                 pass
+        return {pid for pid in self.pids if alive(pid)}
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop the cluster, then SIGKILL by pid whatever it left; remove its temp dir."""
+        self.live_pids()
         self.cluster.shutdown()
         for pid in self.pids:
             try:

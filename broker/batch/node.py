@@ -1,7 +1,8 @@
 """One pool per Ray node: the actor that runs the items the driver deals it.
 
 The actor owns an embedded `Pool` (broker, zygote, workers) on its node; when the actor
-dies, the broker sees its stdin close and takes its processes with it. Stalls and
+dies, its pool goes with it (Ray ends the actor's process tree, and a broker whose stdin
+closes stops anyway). Stalls and
 retries stay inside that broker, as on one machine. Results go back to the driver one
 by one as they are in (a streaming generator), so one slow item does not hold back
 the others of its chunk; the driver alone writes them down.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +24,23 @@ from ..pool import Pool
 from .execute import Settler
 from .formats import Item
 from .lane import Lane
+
+MAX_SESSION_PATH = 70  # + "/isopool-XXXXXXXX/frontend.sock" stays within the 107 bytes of a socket path
+
+
+def _run_dir() -> str:
+    """The pool's socket directory, in this node's Ray session directory: Ray kills an actor's
+    whole process tree, so a pool whose actor is killed cannot remove its sockets, and there
+    they go with the Ray session's own. In the system's temp dir if the path would be too long."""
+    try:
+        from ray._private.worker import global_worker
+
+        session = global_worker.node.get_session_dir_path()
+    except (ImportError, AttributeError):  # a Ray without it: the default place
+        session = ""
+    if not session or len(session) > MAX_SESSION_PATH:
+        session = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="isopool-", dir=session)
 
 
 class NodePool:
@@ -48,7 +67,7 @@ class NodePool:
 
         ip = ray.util.get_node_ip_address()
         metrics = f"{ip}:{self.metrics_port}" if self.metrics_port is not None else ""
-        settings = msgspec.structs.replace(self.settings, run_dir="", metrics=metrics)
+        settings = msgspec.structs.replace(self.settings, run_dir=_run_dir(), metrics=metrics)
         self.pool = await asyncio.to_thread(Pool(settings).start)
         self.client = AsyncClient(self.pool.url)
         self.before = await self.client.stats()

@@ -62,9 +62,9 @@ async def _sdk_lanes(url: str, concurrency: int, seconds: float, warmup: float, 
             "cpu_per_1000_chunks": cpu / max(every_chunk, 1) * 1000}  # fmt: skip
 
 
-def _isopool(url: str, concurrency: int, seconds: float, warmup: float, tokens: int) -> dict[str, Any]:
+def _isopool(url: str, concurrency: int, seconds: float, warmup: float, tokens: int, calibrate: bool) -> dict[str, Any]:
     options = Options(target=url + "/v1", concurrency=[concurrency], duration=warmup + seconds, warmup=warmup,
-                      output_tokens=str(tokens), input_tokens="8")  # fmt: skip
+                      output_tokens=str(tokens), input_tokens="8", calibrate=calibrate)  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         point = loadtest(options, out)["points"][0]
     s, g = point["summary"], point["generator"]
@@ -89,7 +89,8 @@ def run(size: str) -> dict[str, Any]:
                 if measure is None:
                     figures = asyncio.run(_sdk_lanes(fake.url, concurrency, seconds, warmup, tokens))
                 else:
-                    figures = measure(fake.url, concurrency, seconds, warmup, tokens)
+                    # the test suite's tiny run checks the path, not the generator's ceiling
+                    figures = measure(fake.url, concurrency, seconds, warmup, tokens, calibrate=size != "tiny")
                 fake_cpu.append((cpu_seconds(fake.pid) - before) / (seconds + warmup))
                 row |= {f"{name}_{k}": v for k, v in figures.items()}
                 row[f"{name}_fake_cpu_cores"] = round(fake_cpu[-1], 2)

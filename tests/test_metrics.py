@@ -13,7 +13,8 @@ from broker import Pool
 from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for
 
 
-def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the endpoint: (name, sorted labels) -> value."""
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     return {
@@ -30,7 +31,7 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
                                **anthropic_args(f"m{i}"), **fault("stall-ping:after=1,times=1"))
                  for i in range(3)]  # fmt: skip
         calls += [client.submit("anthropic", "messages.create", **anthropic_args(f"ok{i}")) for i in range(5)]
-        mid_run = _scrape(pool.metrics_url)  # scraped while the stalls are being cut
+        mid_run = scrape(pool.metrics_url)  # scraped while the stalls are being cut
         assert ("isopool_requests_in_flight", ()) in mid_run
         for call in calls[3:]:
             call.result()
@@ -41,7 +42,7 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
                 pass
         wait_for(lambda: client.stats()["in_flight"] == 0, 10, "every request to end")
         stats = client.stats()
-        scraped = _scrape(pool.metrics_url)
+        scraped = scrape(pool.metrics_url)
         assert stats["stalls"]["stale_timeout"] >= 3
         for outcome, count in stats["requests"].items():
             assert scraped[("isopool_requests_total", (("outcome", outcome),))] == count

@@ -14,10 +14,8 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from broker import Pool
 from broker.batch import RayOptions, run
@@ -29,6 +27,7 @@ from broker.fake_provider.server import Latency
 
 from .conftest import TEST_SETTINGS, profiles, wait_for
 from .test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
+from .test_metrics import scrape
 
 pytestmark = pytest.mark.ray
 
@@ -59,16 +58,6 @@ def check_answers(results: list[dict], lines: list[dict]) -> None:
     for record in results:
         message = record["result"]["message"]
         assert message["content"][0]["text"] == Reply(params[record["custom_id"]], TOKENS).text
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def total(scraped: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:

@@ -30,6 +30,8 @@ from .ledger import Ledger
 from .node import NodePool
 
 INSTALL_HINT = "pip install 'isopool[ray]'"
+log = logging.getLogger(__name__)
+
 CHUNK = 4  # items per deal: small, so a lost node takes few with it and slow items do not queue behind others
 NODE_START_TIMEOUT = 120.0  # a node's pool: its broker, zygote and first workers
 NO_NODE_TIMEOUT = 60.0  # how long a run waits for a node to join when every node is gone
@@ -173,8 +175,9 @@ class Dealer:
         joins = [self._join(node_id) for node_id in alive - self.nodes.keys()]
         if wait:
             await asyncio.gather(*joins)
-        for join in joins if not wait else ():
-            self._spawn(join)
+        else:
+            for join in joins:
+                self._spawn(join)
 
     async def _join(self, node_id: str) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -196,6 +199,7 @@ class Dealer:
         except Exception as exc:  # the node's pool did not start (or the node died): leave the node out
             node.stats.lost, node.stats.error = True, _reason(exc)
             self.ray.kill(node.actor)
+            log.warning("node %s left out: its pool did not start (%s)", node.node_id[:8], node.stats.error)
             return
         node.stats.ip, node.stats.metrics_url, node.limit = info["ip"], info["metrics_url"], info["limit"]
         self.wake.set()
@@ -262,9 +266,7 @@ class Dealer:
         self.maybe_ran.update(node.orphans)
         self.queue.extendleft(reversed(orphans))
         self.ray.kill(node.actor)  # an unreachable actor that is still alive must not go on with them
-        logging.getLogger(__name__).warning(
-            "node %s lost (%s): %d item(s) dealt again", node.name, reason, len(orphans)
-        )
+        log.warning("node %s lost (%s): %d item(s) dealt again", node.name, reason, len(orphans))
         self.wake.set()
 
     async def _watch(self) -> None:

@@ -6,8 +6,9 @@ It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
     zygote -> broker   {"ready": pid} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
-Its arguments are the broker's run dir and socket urls: a broker that was killed
-(this process re-parented) cannot remove its socket files, so the zygote does.
+Its arguments are the broker's run dir and socket urls: its stdin closes only when the
+broker is done with them (closing, or killed), and a killed broker cannot remove its
+socket files, so the zygote does (those it saw at its start, never a newer broker's).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
     run_dir, *urls = sys.argv[1:] or [""]
-    broker, sockets = os.getppid(), endpoints.inodes(*urls)  # the broker bound them before starting us
+    sockets = endpoints.inodes(*urls)  # the broker bound them before starting us
     _say({"ready": os.getpid()})
     stdin = os.fdopen(0, "rb", buffering=0)
     pending = b""
@@ -101,8 +102,8 @@ def main() -> None:
                 _reap()
                 continue
             chunk = stdin.read(65536)
-            if not chunk:  # the broker is gone; if it was killed, its socket files are ours to remove
-                if os.getppid() != broker and run_dir:
+            if not chunk:  # the broker is closing or gone
+                if run_dir:
                     endpoints.cleanup(run_dir, *urls, only=sockets)
                 return
             *lines, pending = (pending + chunk).split(b"\n")

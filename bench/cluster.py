@@ -21,8 +21,8 @@ from typing import Any
 from broker import Pool
 from broker.batch import RayOptions
 from broker.batch import run as run_batch
+from broker.batch.cluster import pool_actor
 from broker.batch.localcluster import LocalCluster
-from broker.batch.node import NodePool
 from broker.config import load_settings
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
@@ -72,7 +72,6 @@ def idle_memory(cluster: LocalCluster, fake: FakeProviderProcess) -> dict[str, A
     with `PER_NODE` idle workers."""
     import msgspec
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     time.sleep(2.0)  # let the nodes settle after their start
     cluster_mb = uss(cluster.live_pids()) / MB
@@ -80,10 +79,7 @@ def idle_memory(cluster: LocalCluster, fake: FakeProviderProcess) -> dict[str, A
     try:
         node_settings = msgspec.json.encode(settings(fake.url, PER_NODE))
         actors = [
-            ray.remote(NodePool)
-            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False), num_cpus=0)
-            .remote(node_settings, "anthropic", PER_NODE, 0, None)
-            for node in cluster.nodes
+            pool_actor(ray, node.node_id, node_settings, "anthropic", PER_NODE, 0, None) for node in cluster.nodes
         ]
         infos = ray.get([actor.start.remote() for actor in actors])
         time.sleep(1.0)

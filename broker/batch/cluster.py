@@ -100,7 +100,6 @@ class Node:
         self.in_flight: dict[str, Item] = {}
         self.stats = NodeStats()
         self.counters: dict[str, int] = {}
-        self.lost_at = 0.0
         self.orphans: set[str] = set()  # its items re-dealt after its loss, not yet answered
 
     @property
@@ -180,20 +179,9 @@ class Dealer:
                 self._spawn(join)
 
     async def _join(self, node_id: str) -> None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        remote = self.ray.remote(NodePool).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            num_cpus=0,  # the pool's processes wait on the network; they take no CPU slot from the node's tasks
-            max_restarts=0, max_task_retries=0,  # never re-run by Ray: the driver decides what runs again
-        )  # fmt: skip
-        node = self.nodes[node_id] = Node(
-            node_id,
-            remote.remote(
-                self.settings_json, self.kind, self.options.per_node_concurrency, self.retry_budget,
-                self.options.metrics_port,
-            ),
-        )  # fmt: skip
+        args = (self.settings_json, self.kind, self.options.per_node_concurrency, self.retry_budget,
+                self.options.metrics_port)  # fmt: skip
+        node = self.nodes[node_id] = Node(node_id, pool_actor(self.ray, node_id, *args))
         try:
             info = await asyncio.wait_for(node.actor.start.remote(), NODE_START_TIMEOUT)
         except Exception as exc:  # the node's pool did not start (or the node died): leave the node out
@@ -249,7 +237,7 @@ class Dealer:
             if custom_id in lost.orphans:
                 lost.orphans.discard(custom_id)
                 if not lost.orphans:
-                    lost.stats.recovered_s = round(time.monotonic() - lost.lost_at, 3)
+                    lost.stats.recovered_s = round(time.time() - lost.stats.lost_at, 3)
         self.wake.set()
 
     def _lose(self, node: Node, reason: str) -> None:
@@ -257,7 +245,6 @@ class Dealer:
         if node.stats.lost:
             return
         node.stats.lost, node.stats.error, node.stats.lost_at = True, reason, time.time()
-        node.lost_at = time.monotonic()
         orphans = list(node.in_flight.values())
         node.in_flight.clear()
         node.orphans = {item.custom_id for item in orphans}
@@ -285,8 +272,8 @@ class Dealer:
             self.on_status(self._status())
 
     def _waited_for_nodes(self) -> bool:
-        last_loss = max((n.lost_at for n in self.nodes.values()), default=0.0)
-        return time.monotonic() - last_loss > NO_NODE_TIMEOUT
+        last_loss = max((n.stats.lost_at for n in self.nodes.values()), default=0.0)
+        return time.time() - last_loss > NO_NODE_TIMEOUT
 
     async def _poll_stats(self) -> None:
         async def poll(node: Node) -> None:
@@ -334,6 +321,22 @@ class Dealer:
             self.ray.kill(node.actor)
 
         await asyncio.gather(*(close(node) for node in self.nodes.values() if not node.stats.lost))
+
+
+def pool_actor(ray: Any, node_id: str, *args: Any) -> Any:
+    """A `NodePool` actor pinned to the node (`args`: its constructor's)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(NodePool)
+        .options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            num_cpus=0,  # the pool's processes wait on the network; they take no CPU slot from the node's tasks
+            max_restarts=0,
+            max_task_retries=0,  # never re-run by Ray: the driver decides what runs again
+        )  # fmt: skip
+        .remote(*args)
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,16 +25,19 @@ def test_keys_never_appear_in_logs_stats_errors_or_outputs(fake, monkeypatch, ca
     seen: list[str] = []
     settings = dict(TEST_SETTINGS, first_event_timeout=1.0, stale_timeout=0.5, log_level="DEBUG", http="127.0.0.1:0")
     with Pool(profiles=profiles(fake.url, min_workers=1), **settings) as pool, pool.client() as client:
-        for spec in FAULTS:
-            for stream in (False, True):
-                for profile, method, make in (("anthropic", "messages.create", anthropic_args),
-                                              ("openai", "chat.completions.create", openai_args)):  # fmt: skip
-                    try:
-                        call = client.submit(profile, method, stream=stream, **make(f"leak {spec}"), **fault(spec))
-                        seen += [event.data.decode() for event in call]
-                        seen.append(repr(call.result()))
-                    except RequestError as exc:
-                        seen += [str(exc), repr(exc), repr(exc.info)]
+        calls = [  # all in flight at once: the faults' timeouts and backoffs overlap
+            client.submit(profile, method, stream=stream, **make(f"leak {spec}"), **fault(spec))
+            for spec in FAULTS
+            for stream in (False, True)
+            for profile, method, make in (("anthropic", "messages.create", anthropic_args),
+                                          ("openai", "chat.completions.create", openai_args))
+        ]  # fmt: skip
+        for call in calls:
+            try:
+                seen += [event.data.decode() for event in call]
+                seen.append(repr(call.result()))
+            except RequestError as exc:
+                seen += [str(exc), repr(exc), repr(exc.info)]
         for refused in ({"extra_headers": {"x-api-key": "sk-other"}}, {}):
             try:
                 client.request("anthropic", "_client.post" if not refused else "messages.create",

@@ -41,10 +41,7 @@ def restrict(url: str) -> None:
 def cleanup(run_dir: str, *urls: str, only: dict[str, int] | None = None) -> None:
     """Remove the ipc socket files of `urls` (with `only`: those still the files of `inodes`),
     then the directory if nothing else lives there."""
-    for url in urls:
-        if not url.startswith("ipc://"):
-            continue
-        path = url[6:]
+    for path in _ipc_paths(urls):
         try:
             if only is None or os.stat(path).st_ino == only.get(path):
                 os.unlink(path)
@@ -59,10 +56,14 @@ def cleanup(run_dir: str, *urls: str, only: dict[str, int] | None = None) -> Non
 def inodes(*urls: str) -> dict[str, int]:
     """The ipc socket files of `urls` as they are now: `cleanup(only=...)` removes them and no newer ones."""
     found = {}
-    for url in urls:
-        if url.startswith("ipc://"):
-            try:
-                found[url[6:]] = os.stat(url[6:]).st_ino
-            except FileNotFoundError:
-                pass
+    for path in _ipc_paths(urls):
+        try:
+            found[path] = os.stat(path).st_ino
+        except FileNotFoundError:
+            pass
     return found
+
+
+def _ipc_paths(urls: tuple[str, ...]) -> list[str]:
+    """The socket file of each `ipc://` url (tcp:// ones have none)."""
+    return [url[6:] for url in urls if url.startswith("ipc://")]

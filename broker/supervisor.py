@@ -22,7 +22,7 @@ class Zygote:
 
     def __init__(self, death_fd: int, sockets: tuple[str, ...] = ()) -> None:
         self._death_fd = death_fd
-        self._sockets = sockets  # the broker's run dir and socket urls, removed by the zygote if the broker is killed
+        self._sockets = sockets  # the broker's run dir and socket urls: the zygote removes them when its stdin closes
         self.proc: subprocess.Popen | None = None
         self._pending = b""
         self.outbox = b""  # spawn requests its pipe could not take yet (it is busy or hung)

@@ -26,7 +26,7 @@ import msgspec
 import zmq
 
 from .curve import secure_client
-from .errors import BadRequest, BrokerUnavailable, ClientClosed, RequestError, error_for
+from .errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
 from .loopsock import LoopSocket
 from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit, TimedCall
 from .zmqio import NOBLOCK
@@ -84,7 +84,7 @@ class _CallState:
         self.raw = raw  # a control call (STATS, PING): the result payload is not a Response
         self.head: Response | None = None
         self.result: Result | None = None
-        self.error: RequestError | None = None
+        self.error: IsopoolError | None = None
         self.done = False
         self.events = 0  # received by the reader: what the caller was delivered if it kept reading
 
@@ -92,7 +92,7 @@ class _CallState:
         """Account for one queued item; returns a list of events, or _END once the call has ended."""
         if isinstance(item, list):
             return item
-        if isinstance(item, RequestError) or isinstance(item, BrokerUnavailable):
+        if isinstance(item, IsopoolError):
             self.error = item  # type: ignore[assignment]
         elif isinstance(item, Result):
             self.result = item

@@ -73,9 +73,11 @@ class FairQueue:
         self._len = 0
         return taken
 
-    def next_due(self) -> float:
-        """When something here next needs the watchdog: the earliest deadline or retry time."""
+    def next_due(self, now: float) -> float:
+        """When something here next needs the watchdog: the earliest deadline, or a retry's end of
+        backoff. A request free to run waits for a worker slot, whose freeing wakes the loop anyway."""
         due = float("inf")
         for line in self._lines.values():
-            due = min(due, line[0].not_before, min(r.deadline_at for r in line))
+            first = line[0].not_before
+            due = min(due, first if first > now else due, min(r.deadline_at for r in line))
         return due

@@ -33,7 +33,7 @@ from .state import Reason, Request, Worker, WorkerState
 from .stats import Stats
 from .supervisor import Zygote
 from .watchdog import request_due, retry_delay, worker_due
-from .zmqio import NOBLOCK, recv_frames, send_frames
+from .zmqio import NOBLOCK, recv_frames, seed_routing_ids, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Broker:
         self.stopped = False
 
         self.ctx = zmq.Context()
+        seed_routing_ids()
         self.curve: CurveServer | None = None
         tcp = self.frontend_url.startswith("tcp://")
         if tcp and settings.curve_server_key:
@@ -514,7 +515,7 @@ class Broker:
             for req in [r for r in queue if now >= r.deadline_at]:
                 queue.remove(req)
                 self._finish(req, Code.DEADLINE, "deadline passed while the request was queued")
-            next_check = min(next_check, queue.next_due())
+            next_check = min(next_check, queue.next_due(now))
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + _HOUSEKEEPING_INTERVAL
             self._resend_parked(now)

@@ -7,6 +7,9 @@ broker pays twice per relayed message. These do the same with plain integers.
 
 from __future__ import annotations
 
+import ctypes
+import secrets
+
 import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
@@ -31,3 +34,15 @@ def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
     while get(_RCVMORE):
         frames.append(recv(flags))
     return frames
+
+
+def seed_routing_ids() -> None:
+    """Make the routing ids a ROUTER generates unpredictable; call before creating one.
+
+    A ROUTER names a peer that set no routing id with a zero byte and a 32-bit counter that
+    starts at the C library's `rand()`, never seeded by libzmq, so the same ids in every
+    process; when a generated id is already taken by a peer that chose it, libzmq aborts the
+    process (`socket_base.cpp`, "Assertion failed: ok"). A client cannot see the id it was
+    given, so with a secret start it cannot claim the next ones. ZAP cannot refuse chosen ids
+    instead: its request carries the server's own routing id, never the peer's."""
+    ctypes.CDLL(None).srand(secrets.randbits(32))

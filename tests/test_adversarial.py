@@ -1,0 +1,95 @@
+"""The broker survives any client (issue 15, F18): each test is one way a careless or hostile
+caller broke it, and proves that the pool now refuses it with a typed error while everyone
+else is served. The gateway, the shim, batch output and the machine have files of their own
+(`test_adversarial_*.py`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import zmq
+
+from broker import ClientClosed, Pool
+from broker.protocol import Codec, Kind, Ref
+
+from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for
+
+
+def one_worker(fake, **extra):
+    profile = profiles(fake.url)["anthropic"] | {"min_workers": 1, "max_workers": 1, "spare_workers": 0}
+    return {"anthropic": profile | extra}
+
+
+def test_closing_a_client_ends_its_calls_in_flight_with_client_closed(pool):
+    client = pool.client()
+    calls = [
+        client.submit("anthropic", "messages.create", **anthropic_args(f"closing {i}"), **fault("slow-first:delay=2"))
+        for i in range(2)
+    ]
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    for call in calls:
+        with pytest.raises(ClientClosed, match="closed while this call was in flight"):
+            call.result()
+    closer.join(10)
+    assert not closer.is_alive()
+
+
+def _unseeded_auto_ids(count: int = 8) -> set[int]:
+    """The first routing ids a ROUTER of a process whose C library was never seeded would make:
+    libzmq starts its counter at `generate_random()`, two `rand()` calls."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import ctypes; r = ctypes.CDLL(None).rand; print([r() for _ in range(40)])"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    draws = eval(out)  # noqa: S307 - a list of ints printed by our own child
+    return {(draws[i + 1] << 31 | draws[i]) & 0xFFFFFFFF for i in range(0, 2 * count, 2)}
+
+
+def test_a_client_choosing_routing_ids_cannot_crash_the_broker(fake, own_processes):
+    """libzmq aborts the process when a ROUTER's generated id (a zero byte and a 32-bit counter
+    from an unseeded `rand()`) is already taken by a peer that chose it. A hostile client
+    that claims the ids an unseeded broker would hand out next must not take it down."""
+    with Pool(profiles=one_worker(fake), **TEST_SETTINGS) as pool:
+        hostile = []
+        ctx = zmq.Context.instance()
+        for start in _unseeded_auto_ids():
+            for n in range(48):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTING_ID, b"\x00" + ((start + n) & 0xFFFFFFFF).to_bytes(4, "big"))
+                sock.connect(pool.url)
+                sock.send_multipart(Codec().frames(Kind.PING, Ref(1)))
+                hostile.append(sock)
+        try:
+            wait_for(lambda: all(s.poll(0) for s in hostile), 20, "the hostile connections to be answered")
+            for i in range(3):  # ordinary clients: each gets a generated id
+                with pool.client() as client:
+                    assert client.request("anthropic", "messages.create", **anthropic_args(f"after {i}")).status == 200
+            assert pool.running, "the broker died"
+        finally:
+            for sock in hostile:
+                sock.close(0)
+
+
+def test_the_broker_sleeps_while_requests_wait_in_its_queue(fake, own_processes):
+    """Queued requests wait for a worker to free up, an event the loop is woken for; they must
+    not make the broker poll with a zero timeout (it burned a whole core while anything was queued)."""
+    with Pool(profiles=one_worker(fake), **TEST_SETTINGS) as pool, pool.client() as client:
+        busy = client.submit("anthropic", "messages.create", **anthropic_args("busy"), **fault("slow-first:delay=4"))
+        waiting = [client.submit("anthropic", "messages.create", **anthropic_args(f"w {i}")) for i in range(2)]
+        wait_for(lambda: client.stats()["queued"]["anthropic"] == 2, 10, "two requests queued")
+        broker = psutil.Process(client.stats()["pid"])
+        before = broker.cpu_times()
+        time.sleep(2.0)  # a measurement window, not a synchronisation
+        after = broker.cpu_times()
+        used = (after.user + after.system) - (before.user + before.system)
+        assert client.stats()["queued"]["anthropic"] == 2, "the window must be spent with requests queued"
+        assert used < 0.5, f"the broker used {used:.2f}s of CPU in 2s with two requests queued"
+        assert busy.result().status == 200 and all(w.result().status == 200 for w in waiting)
+

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import math
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
+from .protocol import Submit
 
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
 
@@ -75,6 +78,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_burst: int = 0  # requests a connection may send at once under client_rate; 0 = one second's worth
     client_buffer: int = 10_000  # messages held for a client that stopped reading before it is cut off
     max_message_bytes: int = 16 * 1024 * 1024
+    # Bounds on what one request may ask for itself: a caller cannot make the pool spin on
+    # sub-second kills, wait forever, or retry without end.
+    request_min_timeout: float = 0.25  # a request's own time limits are raised to at least this
+    request_max_timeout: float = 7200.0  # ... and lowered to at most this
+    request_max_attempts: int = 10  # a request's own max_attempts is lowered to this
     max_requests_per_worker: int = 0
     max_memory_per_worker_mb: int = 0
     respawn_backoff_max: float = 10.0
@@ -87,7 +95,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     insecure: bool = False  # allow a tcp:// frontend without CURVE (anyone reaching the port may use the keys)
     http: str = ""
     metrics: str = ""  # HOST:PORT of the Prometheus endpoint (`isopool serve --metrics`)
-    gateway_token: str = ""
+    gateway_token: str = ""  # "auto": a token generated at start and printed on stderr
+    gateway_token_file: str = ""  # a file holding the gateway's token (instead of gateway_token)
+    gateway_origins: str = ""  # browser origins (comma-separated) allowed to use the gateway; others get 403
+    gateway_read_timeout: float = 60.0  # seconds a gateway caller gets to send its request's headers, then its body
     allow_overrides: bool = False
     log_level: str = "WARNING"
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
@@ -105,7 +116,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"setting {name} must be > 0, got {getattr(self, name)}")
-        for name in ("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer"):
+        if not 0 < self.request_min_timeout <= self.request_max_timeout < math.inf:
+            raise ConfigError("settings request_min_timeout and request_max_timeout: need 0 < min <= max, finite")
+        for name in ("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer", "request_max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         for name in ("client_queue_limit", "client_rate", "client_burst"):
@@ -117,8 +130,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"setting {name} must be HOST:PORT, got {getattr(self, name)!r}")
         if self.http:
             host = self.http.rpartition(":")[0]
-            if not is_loopback(host) and not self.gateway_token:
+            if not is_loopback(host) and not (self.gateway_token or self.gateway_token_file):
                 raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
+            if self.gateway_token and self.gateway_token_file:
+                raise ConfigError("settings gateway_token and gateway_token_file: set one of them, not both")
+            if not self.gateway_read_timeout > 0:
+                raise ConfigError(f"setting gateway_read_timeout must be > 0, got {self.gateway_read_timeout}")
         if bool(self.curve_server_key) != bool(self.curve_clients_dir):
             raise ConfigError("settings curve_server_key and curve_clients_dir are set together or not at all")
         if self.curve_server_key:
@@ -144,6 +161,23 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if kind in self.profiles:
             return kind
         return next((n for n, p in self.profiles.items() if p.kind == kind), "")
+
+    def bound(self, sub: Submit) -> Submit:
+        """A request's own limits within `request_min_timeout`..`request_max_timeout` and
+        `request_max_attempts`; ValueError naming a limit that is not a positive number."""
+        times = {}
+        for name in ("first_event_timeout", "stale_timeout", "deadline", "read_timeout"):
+            value = getattr(sub, name)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+            if value is not None:
+                times[name] = min(max(float(value), self.request_min_timeout), self.request_max_timeout)
+        attempts = sub.max_attempts
+        if attempts is not None and (isinstance(attempts, bool) or attempts < 1):
+            raise ValueError(f"max_attempts must be >= 1, got {attempts!r}")
+        if attempts is not None:
+            times["max_attempts"] = min(attempts, self.request_max_attempts)
+        return msgspec.structs.replace(sub, **times) if times else sub
 
     def limits(self, profile: str, model: str, request: Limits) -> tuple[float, float, float]:
         """(first_event_timeout, stale_timeout, deadline) for one request."""

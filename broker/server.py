@@ -10,6 +10,7 @@ counted by reason; a killed worker's unseen requests are retried on a fresh work
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hmac
 import logging
 import os
@@ -240,7 +241,12 @@ class Broker:
             self._reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
 
     def on_submit(self, client: bytes, sub: Submit, payload: bytes) -> None:
-        refusal = self._refusal(client, sub, payload)
+        try:
+            sub = self.settings.bound(sub)
+        except ValueError as exc:
+            refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))
+        else:
+            refusal = self._refusal(client, sub, payload)
         if refusal is not None:
             self.stats.rejected[refusal[0]] += 1
             self._reply_error(client, sub.rid, *refusal)
@@ -251,7 +257,9 @@ class Broker:
         )
         if sub.read_timeout:
             fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
+        pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
+        req.own_limits = fet < pool_fet or stale < pool_stale
         self.next_key += 1
         self.requests[req.key] = req
         self.by_client[(client, sub.rid)] = req
@@ -446,6 +454,21 @@ class Broker:
             if not req.cancelled:
                 self._retry_or_fail(req, reason if culprit in (None, req) else Reason.NEIGHBOUR)
 
+    def _shed(self, worker: Worker, req: Request, reason: Reason) -> None:
+        """Take one stream off a worker that carries others, when a limit of the request's own
+        (its deadline, or a time limit tighter than the pool's) passed: the worker is told to
+        abort it (and killed if it does not), the request is retried or ended like a killed one,
+        and the neighbours go on. A caller's short limit never kills another caller's stream."""
+        log.info("request %d on worker %s: %s (its own limit)", req.key, worker.ident.decode(), reason)
+        now = time.monotonic()
+        worker.requests[req.key] = dataclasses.replace(req, cancelled=True, abort_at=now + 1.0)  # busy until confirmed
+        self._send_worker(worker, [_KIND[Kind.ABORT], self.codec.encode(Ref(req.key))])
+        req.worker = None
+        del self.requests[req.key]  # a retry runs under a new key: the old one is the worker's until it confirms
+        req.key, self.next_key = self.next_key, self.next_key + 1
+        self.requests[req.key] = req
+        self._retry_or_fail(req, reason)
+
     def _retry_or_fail(self, req: Request, reason: Reason, last_error: bytes = b"") -> None:
         """Requeue an unseen request (bounded, jittered), or end it with the error that says why not."""
         req.history.append(reason)
@@ -506,7 +529,10 @@ class Broker:
                     next_check = min(next_check, req.abort_at)
                     continue
                 due, reason = request_due(req)
-                if now >= due:
+                if now >= due and (reason is Reason.DEADLINE or req.own_limits) and len(worker.requests) > 1:
+                    self._shed(worker, req, reason)  # its own limit: the neighbours' streams are healthy
+                    next_check = min(next_check, now + 1.0)
+                elif now >= due:
                     log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
                     self.kill_worker(worker, reason, req)
                     break

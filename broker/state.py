@@ -87,3 +87,4 @@ class Request:
     cancelled: bool = False
     abort_at: float = 0.0
     queued: bool = False  # whether it waits in its profile's queue
+    own_limits: bool = False  # the caller set a time limit tighter than the pool's: its breach spares neighbours

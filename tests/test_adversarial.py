@@ -14,10 +14,10 @@ import psutil
 import pytest
 import zmq
 
-from broker import ClientClosed, Pool
+from broker import AttemptsExhausted, BadRequest, ClientClosed, Pool, StreamStalled
 from broker.protocol import Codec, Kind, Ref
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for
+from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for, worker_pids
 
 
 def one_worker(fake, **extra):
@@ -93,3 +93,52 @@ def test_the_broker_sleeps_while_requests_wait_in_its_queue(fake, own_processes)
         assert used < 0.5, f"the broker used {used:.2f}s of CPU in 2s with two requests queued"
         assert busy.result().status == 200 and all(w.result().status == 200 for w in waiting)
 
+
+
+@pytest.mark.parametrize(
+    "limit", [{"stale_timeout": float("nan")}, {"deadline": float("inf")}, {"first_event_timeout": -1.0},
+              {"max_attempts": 0}],  # fmt: skip
+)
+def test_a_request_limit_that_is_not_a_positive_number_is_refused(client, fake, limit):
+    served = fake.stats()["completed"]
+    with pytest.raises(BadRequest, match=next(iter(limit))):
+        client.request("anthropic", "messages.create", **anthropic_args("bad limit"), **limit)
+    assert fake.stats()["completed"] == served
+
+
+def test_a_tiny_stale_timeout_is_raised_to_the_operators_floor(client):
+    """0.02 s between events would kill a healthy stream that sends one every 0.1 s, over and over."""
+    kills = sum(client.stats()["kills"].values())
+    call = client.submit("anthropic", "messages.create", stream=True, stale_timeout=0.02,
+                         **anthropic_args("tiny stale"), **fault("drip:gap=0.1"))  # fmt: skip
+    assert len(list(call)) > 3 and call.result().status == 200
+    assert sum(client.stats()["kills"].values()) == kills
+
+
+def test_a_huge_max_attempts_is_capped_by_the_operator(fake, own_processes):
+    settings = dict(TEST_SETTINGS, request_max_attempts=3)
+    with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as client:
+        call = client.submit("anthropic", "messages.create", first_event_timeout=0.3, max_attempts=10**9,
+                             **anthropic_args("never"), **fault("stall-first:interval=0.1,times=1000"))  # fmt: skip
+        with pytest.raises(AttemptsExhausted) as caught:
+            call.result()
+        assert caught.value.info.attempts == 3
+
+
+def test_a_callers_short_limit_never_kills_a_neighbours_healthy_stream(fake, own_processes):
+    """On a worker that carries several streams, a request whose own stale_timeout (tighter than
+    the pool's) passes is aborted alone; the worker and the other caller's stream go on."""
+    with Pool(profiles=one_worker(fake, concurrency=4), **TEST_SETTINGS) as pool, pool.client() as client:
+        healthy = client.submit("anthropic", "messages.create", stream=True,
+                                **anthropic_args("healthy neighbour"), **fault("drip:gap=0.15"))  # fmt: skip
+        events = iter(healthy)
+        next(events)
+        pid = worker_pids(client)
+        culprit = client.submit("anthropic", "messages.create", stream=True, stale_timeout=0.5,
+                                **anthropic_args("culprit"), **fault("silent:after=2"))  # fmt: skip
+        with pytest.raises(StreamStalled):
+            list(culprit)
+        assert len(list(events)) > 3 and healthy.result().status == 200
+        stats = client.stats()
+        assert stats["stalls"] == {"stale_timeout": 1} and not stats["kills"], stats["kills"]
+        assert worker_pids(client) == pid

@@ -370,8 +370,9 @@ def test_a_stall_on_a_multi_stream_worker_is_the_only_stall_counted(fake, own_pr
     a stall. A neighbour that had delivered output gets WorkerLost saying why; an unseen
     neighbour is retried on the replacement."""
     one = {"anthropic": profiles(fake.url)["anthropic"] | {"min_workers": 1, "max_workers": 1, "concurrency": 4}}
-    with Pool(profiles=one, **TEST_SETTINGS) as pool, pool.client() as client:
-        stalled = client.submit("anthropic", "messages.create", stream=True, stale_timeout=1.0,
+    settings = dict(TEST_SETTINGS, stale_timeout=1.0)  # the pool's own limit (a caller's own would spare neighbours)
+    with Pool(profiles=one, **settings) as pool, pool.client() as client:
+        stalled = client.submit("anthropic", "messages.create", stream=True,
                                 **anthropic_args("stalls"), **fault("silent:after=3"))  # fmt: skip
         seen = client.submit("anthropic", "messages.create", stream=True,
                              **anthropic_args("drips"), **fault("drip:gap=0.3,times=1"))  # fmt: skip

@@ -78,6 +78,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_burst: int = 0  # requests a connection may send at once under client_rate; 0 = one second's worth
     client_buffer: int = 10_000  # messages held for a client that stopped reading before it is cut off
     max_message_bytes: int = 16 * 1024 * 1024
+    queue_bytes_limit: int = 256 * 1024 * 1024  # request bytes the broker holds (queued or running) at once
+    client_queue_bytes_limit: int = 0  # ... of them for one client connection; 0 = a quarter of queue_bytes_limit
     # Bounds on what one request may ask for itself: a caller cannot make the pool spin on
     # sub-second kills, wait forever, or retry without end.
     request_min_timeout: float = 0.25  # a request's own time limits are raised to at least this
@@ -121,7 +123,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer", "request_max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("client_queue_limit", "client_rate", "client_burst"):
+        if self.queue_bytes_limit < self.max_message_bytes:
+            raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
+        for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         for name in ("http", "metrics"):

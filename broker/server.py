@@ -67,7 +67,9 @@ class Broker:
             settings.client_rate,
             settings.client_burst or max(1, int(settings.client_rate)),
             settings.client_queue_limit or settings.queue_limit,
+            settings.client_queue_bytes_limit or settings.queue_bytes_limit // 4,
         )
+        self.held_bytes = 0  # payloads of the requests in `self.requests`
         self.requests: dict[int, Request] = {}  # by key
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
@@ -230,6 +232,8 @@ class Broker:
             self.on_submit(client, header, payload)
         elif kind == Kind.CANCEL:
             self.on_cancel(client, header.rid)
+        elif self._parked(client):  # what it asks would only pile up behind the answers it does not read
+            self.stats.rejected[Code.SATURATED] += 1
         elif kind == Kind.PING:
             self._send_client(client, [_KIND[Kind.RESULT], self.codec.encode(Ref(header.rid)), b""])
         elif kind == Kind.STATS:
@@ -239,6 +243,10 @@ class Broker:
         else:
             self.stats.rejected[Code.PROTOCOL] += 1
             self._reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
+
+    def _parked(self, client: bytes) -> bool:
+        conn = self.connections.get(client)
+        return conn is not None and conn.parked is not None
 
     def on_submit(self, client: bytes, sub: Submit, payload: bytes) -> None:
         try:
@@ -262,6 +270,7 @@ class Broker:
         req.own_limits = fet < pool_fet or stale < pool_stale
         self.next_key += 1
         self.requests[req.key] = req
+        self.held_bytes += len(payload)
         self.by_client[(client, sub.rid)] = req
         self.queues[req.profile].push(req)
         self.stats.requests["accepted"] += 1
@@ -279,7 +288,9 @@ class Broker:
             return Code.BAD_REQUEST, f"request id {sub.rid} is already in flight for this client"
         if len(self.requests) >= self.settings.queue_limit:
             return Code.SATURATED, f"pool saturated: {len(self.requests)} requests in flight (queue_limit)"
-        return self.connections.admit(client, time.monotonic())
+        if self.held_bytes + len(payload) > self.settings.queue_bytes_limit:
+            return Code.SATURATED, f"pool saturated: requests hold {self.held_bytes} bytes (queue_bytes_limit)"
+        return self.connections.admit(client, time.monotonic(), len(payload))
 
     def on_cancel(self, client: bytes, crid: int) -> None:
         req = self.by_client.get((client, crid))
@@ -685,8 +696,9 @@ class Broker:
         if self.requests.pop(req.key, None) is None:
             return
         self.stats.requests[outcome] += 1
+        self.held_bytes -= len(req.payload)
         self.by_client.pop((req.client, req.crid), None)
-        self.connections.done(req.client)
+        self.connections.done(req.client, len(req.payload))
         if req.queued:
             self.queues[req.profile].remove(req)
         elif req.worker is not None:

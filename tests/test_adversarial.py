@@ -14,8 +14,9 @@ import psutil
 import pytest
 import zmq
 
-from broker import AttemptsExhausted, BadRequest, ClientClosed, Pool, StreamStalled
-from broker.protocol import Codec, Kind, Ref
+from broker import AttemptsExhausted, BadRequest, ClientClosed, Pool, PoolSaturated, StreamStalled
+from broker.fake_provider import LATENCY_HEADER
+from broker.protocol import Call, Codec, Kind, Ref, Submit
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for, worker_pids
 
@@ -142,3 +143,56 @@ def test_a_callers_short_limit_never_kills_a_neighbours_healthy_stream(fake, own
         stats = client.stats()
         assert stats["stalls"] == {"stale_timeout": 1} and not stats["kills"], stats["kills"]
         assert worker_pids(client) == pid
+
+
+def test_request_bytes_held_by_the_broker_have_a_global_and_a_per_connection_budget(fake, own_processes):
+    """Thirty queued 15 MiB requests took the broker from 32 to 692 MiB. Now what requests hold
+    is bounded: past a connection's share or the pool's budget they are refused, typed."""
+    mib = 2**20
+    settings = dict(TEST_SETTINGS, max_message_bytes=8 * mib, queue_bytes_limit=40 * mib,
+                    client_queue_bytes_limit=24 * mib)  # fmt: skip
+    with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as first, pool.client() as second:
+        broker = psutil.Process(pool.pid)
+        rss_before = broker.memory_info().rss
+        busy = first.submit("anthropic", "messages.create", **anthropic_args("busy"), **fault("slow-first:delay=30"))
+        big = "x" * (6 * mib)
+        mine = [first.submit("anthropic", "messages.create", **anthropic_args(big + str(i))) for i in range(5)]
+        theirs = [second.submit("anthropic", "messages.create", **anthropic_args(big + str(i))) for i in range(5)]
+        wait_for(lambda: first.stats()["rejected"].get("saturated", 0) == 4, 20, "four refusals")
+        for calls, accepted, setting in ((mine, 3, "client_queue_bytes_limit"), (theirs, 3, "queue_bytes_limit")):
+            for call in calls[accepted:]:
+                with pytest.raises(PoolSaturated, match=setting):
+                    call.result()
+        assert first.stats()["queued"]["anthropic"] == 6
+        assert broker.memory_info().rss - rss_before < 120 * mib
+        busy.cancel()
+
+
+def test_a_connection_that_stopped_reading_gets_no_control_replies_queued(fake, own_processes):
+    """Answers wait (parked) for a caller that stopped reading; PING and STATS replies must not
+    pile up behind them, each a copy of the broker's whole snapshot."""
+    settings = dict(TEST_SETTINGS, client_buffer=50)
+    with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as other:
+        codec = Codec()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(pool.url)
+        try:
+            args = anthropic_args("a long one", max_tokens=100_000, stream=True)
+            args["extra_headers"] = {LATENCY_HEADER: "tokens=100000"}
+            sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(1, "anthropic", "claude-fake", True),
+                                             codec.encode(Call("messages.create", args))))  # fmt: skip
+            wait_for(lambda: other.stats()["requests"].get("cancelled") == 1, 30, "the unread stream to be cut off")
+            for rid in range(2, 202):
+                sock.send_multipart(codec.frames(Kind.STATS, Ref(rid)))
+            wait_for(lambda: other.stats()["rejected"].get("saturated", 0) == 200, 10, "the STATS to be refused")
+            ends = []
+            while sock.poll(2000):
+                kind, header, _ = codec.parse(sock.recv_multipart())
+                if kind in (Kind.RESULT, Kind.ERROR):
+                    ends.append((kind, header.rid))
+            assert ends == [(Kind.ERROR, 1)], ends[:5]
+        finally:
+            sock.close(0)

@@ -9,28 +9,46 @@ Each request is sent on as the caller made it (its credentials dropped: the work
 the pool's key), to the profile named by an `x-isopool-profile` header, else to the
 default Anthropic profile for `/v1/messages…` and requests carrying `anthropic-version`,
 else to the default OpenAI one. Streams are relayed event by event as they arrive.
-Bound to loopback it needs no credentials; bound elsewhere it requires its own bearer
-token (`gateway_token`), never the provider's key.
+
+It is a server on a developer's laptop, so it trusts no caller:
+- Without a token it answers only to loopback names in `Host` (a web page that rebinds its
+  own name to 127.0.0.1 still sends that name); bound elsewhere it requires a token.
+  The token (`gateway_token`, `gateway_token_file`, or `auto`: made and printed at start)
+  is the caller's API key, never the provider's.
+- A request from a browser (an `Origin` header) is refused unless `gateway_origins` lists
+  its origin; those get CORS answers.
+- A body is capped at the pool's `max_message_bytes` (413), must be a JSON object when it
+  says it is JSON (400), and must arrive, like the headers, within `gateway_read_timeout`.
+  A path with dot segments or backslashes, however encoded, is refused (400).
+- Only the headers a provider reads go on (an allowlist), and a caller that leaves before
+  its answer is complete cancels its pool call.
 
 It runs as a child of the broker (`python -P -m broker.gateway`), a client of its
-frontend, and exits when the broker closes its stdin.
+frontend, reads the broker's settings as one JSON line on stdin, and exits when the
+broker closes its stdin.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import logging
+import re
+import secrets
 import sys
+import urllib.parse
+from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
-from .client import AsyncClient
-from .config import is_loopback
+from .client import AsyncCall, AsyncClient
+from .config import Settings, is_loopback
 from .errors import (
     AttemptsExhausted,
+    BadRequest,
     DeadlineExceeded,
     IsopoolError,
     PoolSaturated,
@@ -38,29 +56,53 @@ from .errors import (
     ShuttingDown,
     StreamStalled,
 )
-from .protocol import LOCAL_HEADERS, HttpCall
+from .protocol import HttpCall
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
+# The request headers a provider reads, from what the anthropic and openai SDKs send
+# (content type, accept, user agent, `anthropic-version`/`-beta`/`-workspace-id`,
+# `openai-organization`/`-project`/`-beta`, `x-stainless-*`) and the fake provider's
+# `x-isopool-fault`/`-latency`. Everything else stays here: hop-by-hop and framing
+# headers, cookies, proxies' `X-Forwarded-*`, and the caller's credentials.
+FORWARDED = frozenset({"accept", "content-type", "user-agent", "idempotency-key"})
+FORWARDED_PREFIXES = ("anthropic-", "openai-", "x-stainless-", "x-isopool-")
+# Anthropic's error type per status of the gateway's own refusals; OpenAI uses invalid_request_error for all.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    408: "timeout_error",
+    413: "request_too_large",
+}
+_HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:\d{1,5})?")
 _ENC = msgspec.json.Encoder()
+_JSON_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])  # checks the whole body, builds only its top level
+_MSGPACK = msgspec.msgpack.Encoder()
+
+
+class Refused(Exception):
+    """A request the gateway answers itself, before anything reaches the pool; the message says what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Gateway:
-    def __init__(self, client: AsyncClient, token: str = "", profiles: dict[str, str] | None = None) -> None:
+    def __init__(self, client: AsyncClient, settings: Settings, token: str = "") -> None:
         self.client = client
         self.token = token
-        self.defaults = profiles or {"anthropic": "anthropic", "openai": "openai"}
+        self.max_bytes = settings.max_message_bytes
+        self.read_timeout = settings.gateway_read_timeout
+        self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
+        self.defaults = {kind: settings.default_profile(kind) for kind in ("anthropic", "openai")}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.max_bytes)
         app.router.add_route("*", "/v1/{tail:.*}", self.handle)
+        app.on_response_prepare.append(self._allow_origin)
         return app
-
-    def _authorized(self, request: web.Request) -> bool:
-        if not self.token:
-            return True
-        offered = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        return hmac.compare_digest(offered.encode(), self.token.encode())
 
     def route(self, request: web.Request) -> tuple[str, str, str]:
         """(profile, SDK kind, path relative to that SDK's base URL)."""
@@ -73,32 +115,133 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         profile, kind, path = self.route(request)
-        if not self._authorized(request):
-            return _error(kind, 401, "authentication_error", "this gateway needs its own token (gateway_token)")
-        headers = [(str(k), v) for k, v in request.headers.items() if k.lower() not in LOCAL_HEADERS | {PROFILE_HEADER}]
         try:
-            call = await self.client.submit_http(profile, HttpCall(request.method, path, headers, await request.read()))
-            events = aiter(call)
-            first = await anext(events, None)
+            self.check_caller(request)
+            if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+                return _preflight(request)
+            self.check_token(request)
+            check_path(request.raw_path)
+            call = HttpCall(request.method, path, _forwarded(request), await self.read_body(request))
+            if _encoded_size(call) > self.max_bytes:
+                raise Refused(413, f"the request is over the pool's max_message_bytes ({self.max_bytes} bytes)")
+        except Refused as exc:
+            return _refusal(kind, exc)
+        try:
+            submitted = await self.client.submit_http(profile, call)
         except IsopoolError as exc:
             return _pool_error(kind, exc)
-        if first is None:
-            result = await call.result()
-            return web.Response(status=result.status, headers=result.headers, body=result.body)
-        head = call.head
-        response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
-        await response.prepare(request)
+        return await self.relay(request, kind, submitted)
+
+    def check_caller(self, request: web.Request) -> None:
+        """Without a token, only loopback names (a rebinding page sends its own); browsers only from gateway_origins."""
+        if not self.token and not names_loopback(request.headers.get("host", "")):
+            raise Refused(
+                403,
+                "without a token this gateway answers only to 127.0.0.1, localhost or [::1]: use one of those "
+                "names, or set gateway_token (or gateway_token_file) to reach it under others",
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and origin.lower() not in self.origins:
+            raise Refused(403, f"browser origin {origin!r} is not allowed: list it in gateway_origins to let it in")
+
+    def check_token(self, request: web.Request) -> None:
+        if not self.token:
+            return
+        offered = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(offered.encode(), self.token.encode()):
+            raise Refused(
+                401,
+                "this gateway needs its own gateway token (gateway_token; printed at start for `auto`) "
+                "as the API key (x-api-key or Authorization: Bearer), not a provider's key",
+            )
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object."""
+        too_large = Refused(413, f"the request body is over the pool's max_message_bytes ({self.max_bytes} bytes)")
+        if (request.content_length or 0) > self.max_bytes:
+            raise too_large
         try:
-            await response.write(first.sse())
-            async for event in events:
-                await response.write(event.sse())
-        except IsopoolError as exc:  # after output: say it in the stream, as the provider would
-            await response.write(_error_event(kind, exc))
-        except (ConnectionResetError, asyncio.CancelledError):
-            await events.aclose()  # the caller left: the pool cancels the call
-            raise
-        await response.write_eof()
-        return response
+            async with asyncio.timeout(self.read_timeout):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        except TimeoutError:
+            late = f"the request body took longer than gateway_read_timeout ({self.read_timeout:g} s)"
+            raise Refused(408, late) from None
+        if body and (request.content_type == "application/json" or request.content_type.endswith("+json")):
+            try:
+                _JSON_OBJECT.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise Refused(400, f"the request body is not a JSON object: {exc}") from None
+        return body
+
+    async def relay(self, request: web.Request, kind: str, call: AsyncCall) -> web.StreamResponse:
+        """Answer with the call's result or stream. The server cancels this handler when the caller
+        leaves (handler_cancellation): closing the call's events then cancels it in the pool."""
+        async with contextlib.aclosing(aiter(call)) as events:
+            try:
+                first = await anext(events, None)
+            except IsopoolError as exc:
+                return _pool_error(kind, exc)
+            if first is None:
+                result = await call.result()
+                return web.Response(status=result.status, headers=result.headers, body=result.body)
+            head = call.head
+            response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
+            await response.prepare(request)
+            try:
+                await response.write(first.sse())
+                async for event in events:
+                    await response.write(event.sse())
+            except IsopoolError as exc:  # after output: say it in the stream, as the provider would
+                await response.write(_error_event(kind, exc))
+            await response.write_eof()
+            return response
+
+    async def _allow_origin(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None and origin.lower() in self.origins:
+            response.headers["access-control-allow-origin"] = origin
+            response.headers.add("vary", "Origin")
+
+
+def names_loopback(host: str) -> bool:
+    """Whether a Host header names loopback (127.0.0.1, localhost, [::1]), with or without a port."""
+    match = _HOST.fullmatch(host)
+    return match is not None and is_loopback(match[1].lower())
+
+
+def check_path(raw: str) -> None:
+    """Refuse dot segments and backslashes however often encoded: an upstream (or a proxy in front of it)
+    that decodes `%2e%2e` or `..%2f` would resolve them above the API's root."""
+    route = decoded = raw.partition("?")[0]
+    while (once := urllib.parse.unquote(decoded)) != decoded:  # each pass shortens it
+        decoded = once
+    if "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/")):
+        raise Refused(400, f"path {route!r} has dot segments or backslashes (perhaps encoded): send a plain path")
+
+
+def _forwarded(request: web.Request) -> list[tuple[str, str]]:
+    return [
+        (str(k), v)  # aiohttp's names are `istr`, which the wire cannot carry
+        for k, v in request.headers.items()
+        if (name := k.lower()) in FORWARDED or (name.startswith(FORWARDED_PREFIXES) and name != PROFILE_HEADER)
+    ]
+
+
+def _encoded_size(call: HttpCall) -> int:
+    """The call's size on the wire, as the broker measures it (the body counted, not copied)."""
+    return len(_MSGPACK.encode(msgspec.structs.replace(call, body=b""))) + len(call.body) + 4
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """A browser's CORS check from an allowed origin (Allow-Origin is added to every answer to it)."""
+    headers = {
+        "access-control-allow-methods": "GET, POST, DELETE",
+        "access-control-allow-headers": request.headers.get("access-control-request-headers", ""),
+        "access-control-max-age": "600",
+    }
+    return web.Response(status=204, headers=headers)
 
 
 def _status(exc: IsopoolError) -> tuple[int, str]:
@@ -108,6 +251,8 @@ def _status(exc: IsopoolError) -> tuple[int, str]:
         return 429, "rate_limit_error"
     if isinstance(exc, PoolSaturated | ShuttingDown):
         return 503, "overloaded_error"
+    if isinstance(exc, BadRequest):
+        return 400, "invalid_request_error"
     return 502, "api_error"
 
 
@@ -117,6 +262,14 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
     else:
         body = {"error": {"type": kind_name, "message": message, "code": None, "param": None}}
     return web.Response(status=status, body=_ENC.encode(body), content_type="application/json")
+
+
+def _refusal(kind: str, exc: Refused) -> web.Response:
+    name = _ANTHROPIC_TYPES[exc.status] if kind == "anthropic" else "invalid_request_error"
+    response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
+    if exc.status == 408:
+        response.force_close()  # the rest of a stalled body is not waited for
+    return response
 
 
 def _pool_error(kind: str, exc: IsopoolError) -> web.Response:
@@ -132,12 +285,38 @@ def _error_event(kind: str, exc: IsopoolError) -> bytes:
     return b"data: " + _ENC.encode({"error": {"type": name, "message": f"isopool: {exc}"}}) + b"\n\n"
 
 
-async def serve(url: str, host: str, port: int, token: str) -> None:
+def gateway_token(settings: Settings) -> str:
+    """The token callers must present: gateway_token, the content of gateway_token_file, or, for
+    `auto`, one made now and printed on stderr (where `isopool serve` shows it)."""
+    if settings.gateway_token_file:
+        try:
+            token = Path(settings.gateway_token_file).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"isopool gateway: cannot read gateway_token_file: {exc}") from None
+        if not token:
+            raise SystemExit(f"isopool gateway: gateway_token_file {settings.gateway_token_file} is empty")
+        return token
+    if settings.gateway_token == "auto":
+        token = secrets.token_urlsafe(24)
+        print(f"isopool gateway token: {token} (made at start; callers send it as their API key)", file=sys.stderr)
+        return token
+    return settings.gateway_token
+
+
+async def serve(url: str, host: str, port: int, settings: Settings) -> None:
     """Serve until stdin closes (the broker that owns this process stopped or died)."""
+    token = gateway_token(settings)
     if not is_loopback(host) and not token:
         raise SystemExit(f"refusing to expose the gateway on {host} without a gateway_token")
     async with AsyncClient(url) as client:
-        runner = web.AppRunner(Gateway(client, token).app(), access_log=None)
+        # keepalive_timeout: aiohttp closes a connection whose next request has not sent all its headers
+        # this long after the connection opened or its last answer: the headers' read limit.
+        runner = web.AppRunner(
+            Gateway(client, settings, token).app(),
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=settings.gateway_read_timeout,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -156,8 +335,9 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
-    token = sys.stdin.readline().strip()  # the token comes on stdin, never on the command line
-    asyncio.run(serve(args.url, host or "127.0.0.1", int(port), token))
+    # The broker's settings come on stdin (with the token: never on the command line).
+    settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
+    asyncio.run(serve(args.url, host or "127.0.0.1", int(port), settings))
 
 
 if __name__ == "__main__":

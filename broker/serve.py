@@ -31,8 +31,9 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
         if owned:
             broker.stop_when_closed(sys.stdin.fileno())
         ready = {"ready": broker.frontend_url, "pid": os.getpid()}
-        if settings.http:
-            children["http"] = ChildServer("broker.gateway", broker.frontend_url, settings.http, settings.gateway_token)
+        if settings.http:  # the gateway's hand-over is every setting (its token among them), as one JSON line
+            handover = msgspec.json.encode(settings).decode()
+            children["http"] = ChildServer("broker.gateway", broker.frontend_url, settings.http, handover)
         if settings.metrics:
             children["metrics"] = ChildServer("broker.metrics", broker.frontend_url, settings.metrics)
         ready |= {name: child.url for name, child in children.items()}

@@ -1,0 +1,235 @@
+"""The HTTP gateway against hostile or careless callers (issue 15, items 6, 10 and 11).
+
+Each test sends what a web page, a DNS-rebinding attacker, a slowloris or a broken client
+would send, over a raw socket or `http.client`, to the real gateway of a real pool in front
+of the fake provider (and, for what reaches an upstream, a real echoing HTTP server).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import anthropic
+import pytest
+
+from broker import Pool
+
+from .conftest import TEST_SETTINGS, anthropic_args, profiles, wait_for
+
+MAX = 256 * 1024  # the pool's max_message_bytes here: small, so that twice as much is quick to send
+ORIGIN = "http://app.example:3000"
+MSG = anthropic_args("through the gateway")
+BODY = json.dumps({"model": "claude-fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """An upstream that answers every request with the path and the headers it received."""
+
+    def _echo(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _echo
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, echo):
+    settings = dict(
+        TEST_SETTINGS,
+        http="127.0.0.1:0",
+        max_message_bytes=MAX,
+        gateway_read_timeout=1.0,
+        gateway_origins=ORIGIN,
+    )
+    upstreams = profiles(fake.url, min_workers=1, spare_workers=0)
+    upstreams["echo"] = {"kind": "openai", "base_url": echo + "/v1", "min_workers": 0, "spare_workers": 0}
+    with Pool(profiles=upstreams, **settings) as pool:
+        yield pool
+
+
+def _port(pool: Pool) -> int:
+    return int(pool.http_url.rsplit(":", 1)[1])
+
+
+def send(pool: Pool, method: str, path: str, body=b"", **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly these headers (`Host` included when given); (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", _port(pool), timeout=15)
+    try:
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        headers.setdefault("Host", f"127.0.0.1:{_port(pool)}")
+        chunked = not isinstance(body, bytes)
+        conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def raw_post(extra: str = "") -> bytes:
+    """The head of a POST of BODY to /v1/messages, for a raw socket."""
+    return (
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode()
+
+
+def error_of(body: bytes) -> dict:
+    """The `error` object of an Anthropic- or OpenAI-shaped error body."""
+    return json.loads(body)["error"]
+
+
+def accepted(pool: Pool) -> int:
+    with pool.client() as client:
+        return client.stats()["requests"].get("accepted", 0)
+
+
+def test_body_over_max_message_bytes_is_413_and_never_reaches_the_pool(gateway):
+    before = accepted(gateway)
+    big = b'{"model": "claude-fake", "pad": "' + b"x" * (2 * MAX) + b'"}'
+    status, _, body = send(gateway, "POST", "/v1/messages", big, content_type="application/json")
+    assert status == 413, body
+    assert error_of(body)["type"] == "request_too_large" and "max_message_bytes" in error_of(body)["message"]
+    pieces = iter([big[:1000], big[1000:]])  # chunked: no Content-Length to refuse it by
+    status, _, body = send(gateway, "POST", "/v1/chat/completions", pieces, content_type="application/json")
+    assert status == 413 and error_of(body)["type"] == "invalid_request_error", body
+    assert accepted(gateway) == before
+    with anthropic.Anthropic(base_url=gateway.http_url) as client:  # the gateway's pool connection is intact
+        assert client.messages.create(**MSG).type == "message"
+
+
+def test_invalid_json_is_400_and_never_reaches_the_pool(gateway):
+    before = accepted(gateway)
+    for path, text in (("/v1/messages", b'{"model": "claude-fake", '), ("/v1/chat/completions", b"[1, 2]")):
+        status, _, body = send(gateway, "POST", path, text, content_type="application/json")
+        assert status == 400, body
+        assert error_of(body)["type"] == "invalid_request_error" and "JSON" in error_of(body)["message"]
+    assert accepted(gateway) == before
+
+
+def test_foreign_host_is_403_without_a_token(gateway):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name: the Host header gives it away."""
+    port = _port(gateway)
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+        status, _, body = send(gateway, "GET", "/v1/models", Host=host)
+        assert status == 403, (host, body)
+        assert "gateway_token" in error_of(body)["message"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+        status, _, body = send(gateway, "GET", "/v1/models", Host=host)
+        assert status == 200, (host, body)
+
+
+def test_browser_origin_is_403_unless_configured(gateway):
+    evil = {"Origin": "https://evil.example", "Content-Type": "application/json"}
+    status, _, body = send(gateway, "POST", "/v1/messages", BODY, **evil)
+    assert status == 403 and "gateway_origins" in error_of(body)["message"], body
+    status, _, body = send(gateway, "GET", "/v1/models", Origin="null")
+    assert status == 403, body
+    asks = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,x-api-key"}
+    status, headers, _ = send(gateway, "OPTIONS", "/v1/messages", Origin=ORIGIN, **asks)
+    assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in headers["access-control-allow-headers"]
+    status, headers, body = send(gateway, "POST", "/v1/messages", BODY, content_type="application/json", Origin=ORIGIN)
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN, body
+
+
+def test_token_from_a_file_or_generated_at_start_is_required(fake, tmp_path, capfd):
+    token_file = tmp_path / "gateway.token"
+    token_file.write_text("tok-from-file\n")
+    generated = re.compile(r"gateway token: (\S+)")
+    for source in ({"gateway_token_file": str(token_file)}, {"gateway_token": "auto"}):
+        settings = dict(TEST_SETTINGS, http="127.0.0.1:0", **source)
+        with Pool(profiles=profiles(fake.url, min_workers=1, spare_workers=0), **settings) as pool:
+            token = "tok-from-file" if "gateway_token_file" in source else generated.search(capfd.readouterr().err)[1]
+            status, _, body = send(pool, "GET", "/v1/models")
+            assert status == 401 and "gateway token" in error_of(body)["message"], body
+            status, _, _ = send(pool, "GET", "/v1/models", Host="my-laptop.lan:8787", Authorization=f"Bearer {token}")
+            assert status == 200  # with its token the gateway may be reached under any name
+            with anthropic.Anthropic(base_url=pool.http_url, api_key=token) as client:
+                assert client.messages.create(**MSG).type == "message"
+
+
+def test_stalled_request_header_is_cut_off(gateway):
+    with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+        assert sock.recv(4096) == b""  # closed by the gateway (gateway_read_timeout = 1 s), not held
+
+
+def test_stalled_request_body_is_408(gateway):
+    with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=10) as sock:
+        sock.sendall(raw_post() + BODY[:10])
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()  # answered (gateway_read_timeout = 1 s), not held
+        assert reply.status == 408 and reply.getheader("connection") == "close"
+        assert "gateway_read_timeout" in error_of(reply.read())["message"]
+
+
+def test_caller_leaving_before_the_first_byte_cancels_its_call(fake, gateway):
+    with gateway.client() as client:
+        cancelled = client.stats()["requests"].get("cancelled", 0)
+        disconnects = fake.stats()["disconnects"]
+        with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=15) as sock:
+            sock.sendall(raw_post("x-isopool-latency: ttft=15\r\n") + BODY)
+            wait_for(lambda: fake.stats()["active"], 10, "the provider to be working on the call")
+        wait_for(lambda: client.stats()["requests"].get("cancelled", 0) > cancelled, 5, "the call to be cancelled")
+        wait_for(lambda: fake.stats()["disconnects"] > disconnects, 5, "the provider to see the call dropped")
+
+
+def test_only_allowlisted_headers_reach_the_provider(gateway):
+    sent = {
+        "anthropic-beta": "b1",
+        "openai-organization": "org-1",
+        "openai-project": "proj-1",
+        "x-stainless-lang": "python",
+        "user-agent": "tester/1",
+        "cookie": "session=secret",
+        "x-forwarded-host": "evil.example",
+        "x-forwarded-for": "1.2.3.4",
+        "forwarded": "host=evil.example",
+        "te": "trailers",
+        "keep-alive": "timeout=5",
+        "proxy-connection": "keep-alive",
+        "upgrade": "h2c",
+        "x-custom-secret": "s3",
+    }
+    status, _, body = send(gateway, "GET", "/v1/models", x_isopool_profile="echo", **sent)
+    assert status == 200, body
+    received = json.loads(body)["headers"]
+    for name in ("anthropic-beta", "openai-organization", "openai-project", "x-stainless-lang", "user-agent"):
+        assert received.get(name) == sent[name], name
+    leaked = {"cookie", "x-forwarded-host", "x-forwarded-for", "forwarded", "te", "keep-alive", "proxy-connection"}
+    assert not (leaked | {"upgrade", "x-custom-secret", "x-isopool-profile"}) & set(received), received
+
+
+def test_encoded_dot_segments_are_400(gateway):
+    before = accepted(gateway)
+    for path in ("/v1/%2e%2e/admin", "/v1/..%2fadmin", "/v1/%2E%2E%2Fadmin", "/v1/a%5c..%5cadmin", "/v1/a\\..\\admin",
+                 "/v1/%252e%252e/admin", "/v1/x/../../admin", "/v1/./models"):  # fmt: skip
+        status, _, body = send(gateway, "GET", path, x_isopool_profile="echo")
+        assert status == 400, (path, body)
+        assert error_of(body)["type"] == "invalid_request_error"
+    assert accepted(gateway) == before

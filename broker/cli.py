@@ -165,6 +165,10 @@ def stats(url: str | None, as_json: bool) -> None:
 @click.option(
     "--skip-invalid", is_flag=True, help="Write invalid lines as errored results instead of refusing to start."
 )
+@click.option(
+    "--rerun-changed", is_flag=True,
+    help="Run again the ids done in OUT whose request in IN changed (default: refuse to start).",
+)  # fmt: skip
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option(
@@ -177,14 +181,18 @@ def stats(url: str | None, as_json: bool) -> None:
     type=click.IntRange(0, 65535),
     help="With --ray: each node serves Prometheus metrics on this port (0: any).",
 )
-def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm, tpm, skip_invalid, allow_failures,
-          as_json, ray_address, per_node_concurrency, metrics_port):  # fmt: skip
+def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm, tpm, skip_invalid, rerun_changed,
+          allow_failures, as_json, ray_address, per_node_concurrency, metrics_port):  # fmt: skip
     """Run a provider batch file through the pool: every custom_id answered exactly once.
 
     IN.jsonl holds OpenAI Batch input lines ({"custom_id", "method", "url", "body"}) or
     Anthropic Message Batches requests ({"custom_id", "params"}); results are written in
     the matching provider's batch result format. Re-running the same command after a
     crash resumes: ids already in the output are skipped, a torn last line is repaired.
+    One run writes an output at a time (a second is refused); OUT.manifest records which
+    request each result answers, and an input that reuses a done id for a different request
+    is refused (--rerun-changed runs those ids again). If a result cannot be written (a full
+    disk), no more lines are sent: free space and run the same command again.
     A 429/529 that outlasts the SDK's own retries halves the concurrency (which grows
     back as answers come), pauses for its retry-after, and is re-sent up to --retry-budget.
 
@@ -197,14 +205,19 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     alone writes the output. A lost node's unanswered lines run again on the others, and
     the summary counts them (each may have been paid twice).
 
-    Exits 1 if any line failed (unless --allow-failures), 2 if the input is invalid."""
+    Exits 1 if any line failed (unless --allow-failures), 2 if the input is invalid or the
+    output refused (another run writes it, it is damaged, or it answers a different input),
+    3 if a result could not be written."""
     import msgspec
 
     from .batch import BatchInputError, RayOptions, RayUnavailable, load_job, run, run_job
+    from .batch.ledger import BatchOutputError, OutputWriteFailed
     from .render import BatchProgress, print_batch
 
     if not ray_address and (per_node_concurrency or metrics_port is not None):
         raise click.UsageError("--per-node-concurrency and --metrics-port go with --ray")
+    if job and rerun_changed:
+        raise click.UsageError("--rerun-changed applies to request files, not to --job")
     if ray_address and (job or pool_url or concurrency or rpm or tpm):
         raise click.UsageError("--ray runs its own pool on each node: --job, --pool, -c, --rpm and --tpm do not apply")
     try:
@@ -224,10 +237,11 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,
-                              on_status=progress.status, ray=ray, **callbacks)  # fmt: skip
-    except BatchInputError as exc:
+                              rerun_changed=rerun_changed, on_status=progress.status, ray=ray,
+                              **callbacks)  # fmt: skip
+    except (BatchInputError, BatchOutputError) as exc:
         click.echo(str(exc), err=True)
-        sys.exit(2)
+        sys.exit(3 if isinstance(exc, OutputWriteFailed) else 2)
     except RayUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     data = msgspec.to_builtins(summary)

@@ -26,7 +26,7 @@ import msgspec
 
 from ..config import Settings, load_settings
 from .formats import Item, is_ok
-from .ledger import Ledger
+from .ledger import Ledger, OutputWriteFailed
 from .node import NodePool
 
 INSTALL_HINT = "pip install 'isopool[ray]'"
@@ -214,7 +214,7 @@ class Dealer:
         try:
             async for ref in node.actor.run.remote(chunk):
                 self._record(node, await ref)
-        except self.ray.exceptions.RayTaskError as exc:  # the actor's own code failed: a bug, stop the run
+        except (self.ray.exceptions.RayTaskError, OutputWriteFailed) as exc:  # a bug, or a full disk: stop the run
             self.fatal = exc
         except self.ray.exceptions.RayError as exc:  # the actor or its node died (or is unreachable)
             self._lose(node, _reason(exc))

@@ -22,6 +22,7 @@ OPENAI_URLS = {
     "/v1/embeddings": "embeddings.create",
 }
 _DEC = msgspec.json.Decoder()
+_CANONICAL = msgspec.json.Encoder(order="sorted")
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -91,6 +92,14 @@ def parse_line(number: int, raw: bytes, fmt: Format | None) -> tuple[Item | Inva
             return Invalid(number, custom_id, "body.stream is not allowed in a batch"), fmt
         return Item(number, custom_id, "openai", OPENAI_URLS[url], body), fmt
     return Invalid(number, custom_id, "neither an OpenAI batch line (url, body) nor an Anthropic one (params)"), fmt
+
+
+def fingerprint(line: Item | Invalid) -> str:
+    """A short hash of what the line asks (its API method and parameters, keys sorted, so that a
+    reformatted file is the same input; an invalid line: why it is invalid): the ledger compares it
+    with what an existing result answered."""
+    what = (line.method, line.params) if isinstance(line, Item) else ("invalid", line.reason)
+    return hashlib.sha256(_CANONICAL.encode(what)).hexdigest()[:16]
 
 
 def _request_id(headers: list[tuple[str, str]]) -> str | None:

@@ -5,8 +5,11 @@
 
 Validation comes first: every problem is reported with its line number and nothing is
 sent (or, with `skip_invalid`, invalid lines are written as errored results). Ids that
-already have a result in the output (a run that was killed) are skipped. Every other
-line gets exactly one result line, written as soon as its answer is in.
+already have a result in the output (a run that was killed) are skipped, if their request
+is the one this input has (else InputChanged, see the ledger). Every other line gets
+exactly one result line, written as soon as its answer is in; if a write fails (a full
+disk), no more lines are sent, those in flight are cancelled, and OutputWriteFailed says
+how to go on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from ..client import AsyncClient
 from ..pool import Pool
 from .cluster import NodeStats, RayOptions, require_ray, run_on_ray
 from .execute import Settler, estimate_tokens
-from .formats import Format, Invalid, Item, duplicate, error_kind, failed, is_ok, numbered_lines, parse_line
+from .formats import (
+    Format,
+    Invalid,
+    Item,
+    duplicate,
+    error_kind,
+    failed,
+    fingerprint,
+    is_ok,
+    numbered_lines,
+    parse_line,
+)
 from .lane import Lane
 from .ledger import Ledger
 
@@ -61,6 +75,7 @@ class Summary(msgspec.Struct):
     # on a Ray cluster (`ray=`): each node's share, and the items dealt again after a node was lost
     nodes: dict[str, NodeStats] = {}
     reexecuted: int = 0  # each may have reached the provider twice (and been paid twice)
+    rerun_changed: int = 0  # done ids whose request changed, run again (`rerun_changed`)
 
     def count(self, record: dict[str, Any]) -> None:
         """Tally one result line, by kind of failure."""
@@ -119,12 +134,10 @@ async def _run(
             on_result(record)
 
         reporter = asyncio.create_task(report())
-        tasks = []
-        for item in items:
-            await lane.acquire(estimate_tokens(item) if tpm else 0)
-            tasks.append(asyncio.create_task(process(item)))
-        await asyncio.gather(*tasks)
-        reporter.cancel()
+        try:
+            await _feed(items, lane, process, tpm)
+        finally:
+            reporter.cancel()
         after = await client.stats()
     return {
         "stalls": sum(after["stalls"].values()) - stalls_before,
@@ -133,6 +146,18 @@ async def _run(
         "throttled": settle.throttled,
         "batch_retries": settle.batch_retries,
     }
+
+
+async def _feed(items: list[Item], lane: Lane, process: Callable[[Item], Any], tpm: int) -> None:
+    """Start each item when the lane lets it; the first one that fails (its result could not be
+    written) stops the feeding and cancels those in flight, and its error is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for item in items:
+                await lane.acquire(estimate_tokens(item) if tpm else 0)
+                group.create_task(process(item))
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
 
 
 def run(
@@ -146,12 +171,16 @@ def run(
     rpm: int = 0,
     tpm: int = 0,
     skip_invalid: bool = False,
+    rerun_changed: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
     on_status: Callable[[dict[str, Any]], None] = lambda status: None,
     ray: RayOptions | str | None = None,
 ) -> Summary:
-    """Run the batch and return its summary; raises BatchInputError before sending anything.
+    """Run the batch and return its summary. Raises before sending anything: BatchInputError for
+    invalid lines, and a BatchOutputError (from the ledger) when another run writes the output, when
+    it is damaged, or when it holds results for ids whose request in this input is different (with
+    `rerun_changed`, those are run again instead); OutputWriteFailed when a result cannot be written.
 
     With `ray` (a cluster address such as "auto", or `RayOptions`), the items run on one
     pool per node of that Ray cluster instead of `pool`; this process still writes the output."""
@@ -175,9 +204,10 @@ def run(
     ledger = Ledger(output_path)
     try:
         summary.repaired_bytes = ledger.repaired
+        summary.rerun_changed = len(ledger.match_input(_fingerprints(items, invalid), input_path, rerun_changed))
         for bad in invalid:  # with skip_invalid: an errored result each, never silently dropped
-            custom_id = bad.custom_id or f"line-{bad.line}"
-            if custom_id not in ledger.done and not bad.reason.startswith("duplicate"):
+            custom_id = _invalid_id(bad)
+            if custom_id is not None and custom_id not in ledger.done:
                 record = failed(bad, "invalid", f"line {bad.line}: {bad.reason}", fmt or "openai")
                 ledger.write(record)
                 count(record)
@@ -200,6 +230,18 @@ def run(
     finally:
         ledger.close()
     return summary.finish(started)
+
+
+def _invalid_id(bad: Invalid) -> str | None:
+    """The id an invalid line's errored result is written under (None: a duplicate, reported, not written)."""
+    return None if bad.reason.startswith("duplicate") else bad.custom_id or f"line-{bad.line}"
+
+
+def _fingerprints(items: list[Item], invalid: list[Invalid]) -> dict[str, str]:
+    """custom_id -> fingerprint of its line, in input order: what each result will answer."""
+    ids = {item.line: (item.custom_id, item) for item in items}
+    ids.update((bad.line, (custom_id, bad)) for bad in invalid if (custom_id := _invalid_id(bad)) is not None)
+    return {custom_id: fingerprint(line) for _, (custom_id, line) in sorted(ids.items())}
 
 
 def with_pool(pool: Pool | str | None, use: Callable[[str], Any]) -> Any:

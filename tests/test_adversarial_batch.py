@@ -1,0 +1,187 @@
+"""Batch output stays exactly-once when people make mistakes: a second writer on the same output,
+a re-run with a different input under the same ids, a damaged output file, short writes, a
+full disk, and results that are private data (issue 15, items 12-15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+
+import pytest
+
+from broker.batch import run
+from broker.batch.ledger import InputChanged, Ledger, OutputDamaged, OutputLocked
+
+from .conftest import wait_for
+from .test_batch import ISOPOOL, bodies, openai_lines, read_jsonl, write_jsonl
+
+
+def served(fake) -> int:
+    return sum(fake.stats()["served"].values())
+
+
+def cli(*args: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([ISOPOOL, "batch", *args], capture_output=True, text=True, timeout=120, **options)
+
+
+def test_a_second_batch_on_the_same_output_is_refused_and_each_id_is_written_once(tmp_path, pool, own_processes):
+    # each line takes about 0.6 s, four at once: the first run holds the output for several seconds
+    source = write_jsonl(tmp_path / "in.jsonl", openai_lines(40, model="gpt-fake@slow-first:delay=0.6"))
+    out = tmp_path / "out.jsonl"
+    command = [ISOPOOL, "batch", source, "-o", str(out), "--pool", pool.url, "-c", "4", "--json"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: out.exists() and out.stat().st_size > 0, 60, "the first run's first result")
+        second = cli(source, "-o", str(out), "--pool", pool.url, "-c", "4", "--json")
+        with pytest.raises(OutputLocked) as caught:
+            run(source, str(out), pool=pool)
+        assert first.poll() is None, "the first run ended before the second tried: the test proved nothing"
+    finally:
+        stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert "another isopool batch is writing" in second.stderr and "Traceback" not in second.stderr
+    assert f"pid {first.pid}" in str(caught.value)
+    assert first.returncode == 0, stderr
+    ids = [r["custom_id"] for r in read_jsonl(out)]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(40))  # each once
+
+
+def test_a_rerun_with_a_different_input_reusing_ids_is_refused_and_names_them(tmp_path, fake, pool):
+    first = openai_lines(5)
+    out = tmp_path / "out.jsonl"
+    run(write_jsonl(tmp_path / "a.jsonl", first), str(out), pool=pool)
+    written = out.read_bytes()
+
+    # the same requests reformatted (keys reordered) are the same requests: nothing to do
+    reordered = tmp_path / "a2.jsonl"
+    reordered.write_text("".join(json.dumps(dict(reversed(list(line.items())))) + "\n" for line in first))
+    assert run(str(reordered), str(out), pool=pool).already_done == 5
+
+    second = openai_lines(5)
+    for i in (1, 3):
+        second[i]["body"]["messages"][0]["content"] = f"another question {i}"
+    second += openai_lines(1, start=9)
+    source = write_jsonl(tmp_path / "b.jsonl", second)
+    before = served(fake)
+    with pytest.raises(InputChanged) as caught:
+        run(source, str(out), pool=pool)
+    message = str(caught.value)
+    assert "'req-1', 'req-3'" in message and "'req-0'" not in message and "--rerun-changed" in message
+    refused = cli(source, "-o", str(out), "--pool", pool.url)
+    assert refused.returncode == 2 and "'req-1', 'req-3'" in refused.stderr and "Traceback" not in refused.stderr
+    assert served(fake) == before and out.read_bytes() == written  # nothing sent, nothing changed
+
+    summary = run(source, str(out), pool=pool, rerun_changed=True)
+    assert summary.rerun_changed == 2 and summary.already_done == 3 and summary.ok == 3
+    reference = tmp_path / "reference.jsonl"
+    run(source, str(reference), pool=pool)
+    results = read_jsonl(out)
+    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in second)  # each once
+    assert bodies(results) == bodies(read_jsonl(reference))  # req-1 and req-3 answer the second input
+    assert all(set(r) == {"id", "custom_id", "response", "error"} for r in results)  # the provider's schema
+
+
+def test_a_bad_line_in_the_middle_of_the_output_keeps_the_good_lines_after_it(tmp_path, fake, pool):
+    source = write_jsonl(tmp_path / "in.jsonl", openai_lines(6))
+    out = tmp_path / "out.jsonl"
+    run(source, str(out), pool=pool)
+    lines = out.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"custom_id": "req-2", "respo\n'  # damaged by an editor, a bad merge, a disk
+    out.write_bytes(b"".join(lines))
+    before = served(fake)
+    with pytest.raises(OutputDamaged) as caught:
+        run(source, str(out), pool=pool)
+    assert f"{out}:3: not JSON" in str(caught.value) and "nothing was sent" in str(caught.value)
+    assert out.read_bytes() == b"".join(lines) and served(fake) == before  # the good lines after it are kept
+
+    refused = cli(source, "-o", str(out), "--pool", pool.url)
+    assert refused.returncode == 2 and f"{out}:3: not JSON" in refused.stderr and "Traceback" not in refused.stderr
+
+    del lines[2]  # what the message says to do: fix or delete the line; its id runs again
+    out.write_bytes(b"".join(lines))
+    summary = run(source, str(out), pool=pool)
+    assert summary.already_done == 5 and summary.ok == 1
+    assert sorted(r["custom_id"] for r in read_jsonl(out)) == [f"req-{i}" for i in range(6)]
+
+
+def test_only_a_torn_last_line_is_repaired_and_a_whole_one_is_completed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    whole = b'{"custom_id":"a","result":{"type":"succeeded"}}\n'
+    out.write_bytes(whole + b"\n" + whole.replace(b'"a"', b'"b"') + b'{"custom_id":"c","res\n')
+    ledger = Ledger(str(out))
+    ledger.close()
+    assert ledger.done == {"a", "b"} and ledger.repaired == len(b'{"custom_id":"c","res\n')
+    out.write_bytes(whole + whole.replace(b'"a"', b'"b"').rstrip(b"\n"))  # killed just before the newline
+    ledger = Ledger(str(out))
+    ledger.write({"custom_id": "c", "result": {"type": "succeeded"}})
+    ledger.close()
+    assert [r["custom_id"] for r in read_jsonl(out)] == ["a", "b", "c"]
+
+
+def test_an_output_with_an_id_answered_twice_is_refused_with_both_lines(tmp_path):
+    out = tmp_path / "out.jsonl"  # what two unlocked runs used to leave
+    line = b'{"custom_id":"a","result":{"type":"succeeded"}}\n'
+    out.write_bytes(line + line.replace(b'"a"', b'"b"') + line)
+    with pytest.raises(OutputDamaged) as caught:
+        Ledger(str(out))
+    assert f"{out}:3: a second result for 'a' (first on line 1)" in str(caught.value)
+    assert out.read_bytes() == line + line.replace(b'"a"', b'"b"') + line
+
+
+def test_short_writes_are_looped_until_the_whole_line_is_written(tmp_path, monkeypatch):
+    real_write = os.write
+    calls = []
+
+    def short_write(fd: int, data: bytes) -> int:  # as a signal or a nearly full disk can make os.write do
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:7]))
+
+    out = tmp_path / "out.jsonl"
+    ledger = Ledger(str(out))
+    record = {"custom_id": "x", "result": {"type": "succeeded", "message": {"text": "a long enough answer"}}}
+    monkeypatch.setattr(os, "write", short_write)
+    ledger.write(record)
+    monkeypatch.undo()
+    ledger.close()
+    assert len(calls) > 5 and read_jsonl(out) == [record]
+
+
+def test_a_full_disk_stops_sending_and_a_rerun_finishes_exactly_once(tmp_path, fake, pool, own_processes):
+    lines = openai_lines(100)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    reference = tmp_path / "reference.jsonl"
+    run(source, str(reference), pool=pool)
+    limit = len(reference.read_bytes()) * 2 // 5  # room for about 40 of the 100 results
+
+    def full_disk() -> None:  # in the child: a file may not grow past `limit` (EFBIG, as Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out.jsonl"
+    before = served(fake)
+    full = cli(source, "-o", str(out), "--pool", pool.url, "-c", "4", preexec_fn=full_disk)
+    sent = served(fake) - before
+    assert full.returncode == 3, full.stderr
+    assert "free space and re-run the same command" in full.stderr and "Traceback" not in full.stderr
+    written = read_jsonl(out)  # whole lines only: the partial one was taken back
+    assert 20 < len(written) < 60 and len(out.read_bytes()) <= limit
+    assert sent <= len(written) + 4 + 1  # stopped feeding: the lines written, the failed one and those in flight
+
+    again = cli(source, "-o", str(out), "--pool", pool.url, "-c", "4", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["already_done"] == len(written)
+    results = read_jsonl(out)
+    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)  # each once
+    assert bodies(results) == bodies(read_jsonl(reference))
+
+
+def test_output_lock_and_manifest_files_are_created_0600(tmp_path, pool):
+    out = tmp_path / "out.jsonl"
+    umask = os.umask(0o022)
+    try:
+        run(write_jsonl(tmp_path / "in.jsonl", openai_lines(2)), str(out), pool=pool)
+    finally:
+        os.umask(umask)
+    for path in (out, tmp_path / "out.jsonl.lock", tmp_path / "out.jsonl.manifest"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path

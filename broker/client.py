@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from .config import MAX_MESSAGE_BYTES
 from .curve import secure_client
 from .errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
 from .loopsock import LoopSocket
@@ -192,11 +194,19 @@ class AsyncClient:
     without waking the loop's thread.
 
     `broker_timeout`: with calls in flight and nothing heard for this long, the broker
-    is probed; if it stays silent as long again, every call fails with BrokerUnavailable."""
+    is probed; if it stays silent as long again, every call fails with BrokerUnavailable.
 
-    def __init__(self, url: str, broker_timeout: float = 10.0) -> None:
+    `max_message_bytes`: the broker's limit (default `$ISOPOOL_MAX_MESSAGE_BYTES`, else the
+    pool's default). A larger request is refused here: sent, ZeroMQ would drop the whole
+    connection. A connection dropped all the same (a broker with a lower limit, a restart)
+    ends every call in flight on it with BrokerUnavailable, since no answer can come back."""
+
+    def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
         self.url = url
         self.broker_timeout = broker_timeout
+        self.max_message_bytes = max_message_bytes or int(
+            os.environ.get("ISOPOOL_MAX_MESSAGE_BYTES") or MAX_MESSAGE_BYTES
+        )
         # The process-wide context: a private one left unclosed would block the garbage
         # collector in `term()` (an SDK client of the shim is often never closed).
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -204,8 +214,10 @@ class AsyncClient:
         sock.setsockopt(zmq.RCVHWM, 1_000_000)
         sock.setsockopt(zmq.SNDHWM, 1_000_000)
         secure_client(sock, url)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(url)
         self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
+        self._monitor = LoopSocket(monitor, self._on_disconnect)
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
@@ -264,6 +276,11 @@ class AsyncClient:
             payload = self._codec.encode(call)
         except (TypeError, msgspec.EncodeError) as exc:
             raise BadRequest(ErrorInfo(Code.BAD_REQUEST, f"arguments cannot be sent to the pool: {exc}")) from None
+        if len(payload) > self.max_message_bytes:
+            raise BadRequest(ErrorInfo(Code.BAD_REQUEST, (
+                f"request of {len(payload)} bytes exceeds max_message_bytes ({self.max_message_bytes}): "
+                "send less, or raise max_message_bytes on the broker and on this client"
+            )))  # fmt: skip
         state = _CallState(rid, _Sink(threadsafe))
         self._send(self._codec.frames(Kind.SUBMIT, header, payload), state)
         return state
@@ -273,6 +290,7 @@ class AsyncClient:
         if not self._sock.attached:
             loop = asyncio.get_running_loop()
             self._sock.attach(loop)
+            self._monitor.attach(loop)
             self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
@@ -347,6 +365,17 @@ class AsyncClient:
             del self._calls[header.rid]
             state.sink.put(self._ending(state, kind, payload))
 
+    def _on_disconnect(self, frames: list[bytes]) -> None:
+        """The connection to the broker was dropped: nothing in flight on it can be answered
+        (ZeroMQ reconnects under a new identity), so end those calls now rather than never."""
+        with self._sock.lock:
+            if self._calls:
+                log.warning("the connection to the broker was dropped with %d calls in flight", len(self._calls))
+            self._fail_all(BrokerUnavailable(
+                f"the connection to the broker at {self.url} was dropped (a message over its max_message_bytes, "
+                "or the broker restarted) while this call was in flight; it was not answered"
+            ))  # fmt: skip
+
     def _check_broker(self) -> None:
         """With calls in flight, probe a silent broker; fail every call if it stays silent."""
         self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._check_broker)
@@ -404,6 +433,8 @@ class AsyncClient:
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self._monitor.close()
+        self._sock.sock.disable_monitor()
         self._sock.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -416,11 +447,11 @@ class AsyncClient:
 class Client:
     """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe."""
 
-    def __init__(self, url: str, broker_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
         self._thread.start()
-        self._async = self._run(_make_async(url, broker_timeout))
+        self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
         self.url = url
 
     def _run(self, coro: Any) -> Any:
@@ -504,8 +535,8 @@ def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
     return {"model": fields.model, "stream": fields.stream} if fields else {}
 
 
-async def _make_async(url: str, broker_timeout: float) -> AsyncClient:
+async def _make_async(url: str, broker_timeout: float, max_message_bytes: int | None) -> AsyncClient:
     """An AsyncClient watched by the running loop, so that other threads may send at once."""
-    client = AsyncClient(url, broker_timeout)
+    client = AsyncClient(url, broker_timeout, max_message_bytes)
     client._attach()
     return client

@@ -23,6 +23,7 @@ import msgspec
 
 from .protocol import Submit
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default: clients that know no better refuse larger requests
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
 
 
@@ -77,7 +78,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_rate: float = 0.0  # requests per second per client connection; 0 = unlimited
     client_burst: int = 0  # requests a connection may send at once under client_rate; 0 = one second's worth
     client_buffer: int = 10_000  # messages held for a client that stopped reading before it is cut off
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     queue_bytes_limit: int = 256 * 1024 * 1024  # request bytes the broker holds (queued or running) at once
     client_queue_bytes_limit: int = 0  # ... of them for one client connection; 0 = a quarter of queue_bytes_limit
     # Bounds on what one request may ask for itself: a caller cannot make the pool spin on

@@ -110,10 +110,10 @@ class Pool:
                 time.sleep(0.01)
 
     def client(self, broker_timeout: float = 10.0) -> Client:
-        return Client(self.url, broker_timeout)
+        return Client(self.url, broker_timeout, self.settings.max_message_bytes)
 
     def async_client(self, broker_timeout: float = 10.0) -> AsyncClient:
-        return AsyncClient(self.url, broker_timeout)
+        return AsyncClient(self.url, broker_timeout, self.settings.max_message_bytes)
 
     @property
     def running(self) -> bool:

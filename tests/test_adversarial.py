@@ -14,7 +14,16 @@ import psutil
 import pytest
 import zmq
 
-from broker import AttemptsExhausted, BadRequest, ClientClosed, Pool, PoolSaturated, StreamStalled
+from broker import (
+    AttemptsExhausted,
+    BadRequest,
+    BrokerUnavailable,
+    Client,
+    ClientClosed,
+    Pool,
+    PoolSaturated,
+    StreamStalled,
+)
 from broker.fake_provider import LATENCY_HEADER
 from broker.protocol import Call, Codec, Kind, Ref, Submit
 
@@ -197,3 +206,47 @@ def test_a_connection_that_stopped_reading_gets_no_control_replies_queued(fake, 
             assert ends == [(Kind.ERROR, 1)], ends[:5]
         finally:
             sock.close(0)
+
+
+def _ends_within(call, seconds: float):
+    """The call's end (result or exception) if it comes within `seconds`, else AssertionError."""
+    outcome: list = []
+    waiter = threading.Thread(target=lambda: outcome.append(_outcome(call)), daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    assert outcome, f"the call did not end within {seconds}s"
+    return outcome[0]
+
+
+def _outcome(call):
+    try:
+        return call.result()
+    except Exception as exc:  # noqa: BLE001 - the outcome is what the test inspects
+        return exc
+
+
+def test_an_oversized_request_is_refused_by_the_client_and_its_other_calls_go_on(fake, own_processes):
+    """Sent, a request over max_message_bytes made ZeroMQ drop the connection silently, and the
+    client's other calls in flight never ended."""
+    settings = dict(TEST_SETTINGS, max_message_bytes=2**20, queue_bytes_limit=2**22)
+    with Pool(profiles=one_worker(fake, concurrency=2), **settings) as pool, pool.client(broker_timeout=1) as client:
+        running = client.submit("anthropic", "messages.create", **anthropic_args("running"),
+                                **fault("slow-first:delay=1"))  # fmt: skip
+        with pytest.raises(BadRequest, match="max_message_bytes"):
+            client.submit("anthropic", "messages.create", **anthropic_args("x" * (2 * 2**20)))
+        assert _ends_within(running, 20).status == 200
+
+
+def test_a_dropped_connection_ends_its_calls_in_flight(fake, own_processes):
+    """A client that believes the broker takes more than it does: the broker's ZeroMQ drops the
+    connection; the calls in flight on it end with BrokerUnavailable at once, and the client
+    goes on over its new connection."""
+    settings = dict(TEST_SETTINGS, max_message_bytes=2**20, queue_bytes_limit=2**22)
+    with Pool(profiles=one_worker(fake, concurrency=2), **settings) as pool:
+        with Client(pool.url, broker_timeout=30, max_message_bytes=2**24) as client:
+            running = client.submit("anthropic", "messages.create", **anthropic_args("running"),
+                                    **fault("slow-first:delay=3"))  # fmt: skip
+            too_big = client.submit("anthropic", "messages.create", **anthropic_args("x" * (2 * 2**20)))
+            for call in (running, too_big):
+                assert isinstance(_ends_within(call, 10), BrokerUnavailable)
+            assert client.request("anthropic", "messages.create", **anthropic_args("after")).status == 200

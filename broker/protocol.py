@@ -238,9 +238,26 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its
-# own key) and what only the caller's own HTTP connection means.
+# own key) and those that frame the HTTP exchange itself (the host, the body's length, the
+# hop-by-hop ones, `Proxy-*`), which each HTTP client sets for its own connection: forwarded,
+# they would point the worker's request, with the pool's key, elsewhere or smuggle a second one.
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization"})
-LOCAL_HEADERS = CREDENTIAL_HEADERS | {"host", "content-length", "connection"}
+FRAMING_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive",
+     "proxy-connection"}
+)  # fmt: skip
+LOCAL_HEADERS = CREDENTIAL_HEADERS | FRAMING_HEADERS
+
+
+def is_framing_header(name: str) -> bool:
+    """One of FRAMING_HEADERS, or any `Proxy-*` (none of them is meant for the provider)."""
+    name = name.lower()
+    return name in FRAMING_HEADERS or name.startswith("proxy-")
+
+
+def is_local_header(name: str) -> bool:
+    """A header a client (the shim, the gateway) never forwards to a worker."""
+    return name.lower() in CREDENTIAL_HEADERS or is_framing_header(name)
 
 
 class ProtocolError(ValueError):

@@ -11,11 +11,12 @@ stream and assembled here, so that its stalls are caught too.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
-from broker.protocol import CREDENTIAL_HEADERS, Response
+from broker.protocol import CREDENTIAL_HEADERS, Response, is_framing_header
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
 from .sse import iter_batches
@@ -63,8 +64,18 @@ def resolve(client: Any, method: str, resource_type: type) -> tuple[Any, str]:
     return resource, parts[-1]
 
 
+def check_headers(names: Iterable[str]) -> None:
+    """Refuse headers that frame the HTTP request itself: the worker's HTTP client sets them for its
+    own connection, and a caller's would point the request, with the pool's key, elsewhere."""
+    refused = sorted({str(name) for name in names if is_framing_header(str(name))})
+    if refused:
+        raise BadCall(f"headers {', '.join(refused)} frame the HTTP request and are set by the pool's HTTP client: "
+                      "drop them")  # fmt: skip
+
+
 def check_kwargs(kwargs: dict[str, Any]) -> None:
-    """Refuse per-request credentials and query overrides: the worker's key must go only to its provider."""
+    """Refuse per-request credentials, framing headers and query overrides: the worker's key must go
+    only to its provider."""
     headers = kwargs.get("extra_headers") or {}
     if not isinstance(headers, dict):
         raise BadCall("extra_headers must be a mapping")
@@ -72,6 +83,7 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     refused += sorted(_REFUSED_KWARGS & kwargs.keys())
     if refused:
         raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
+    check_headers(headers)
 
 
 async def run_call(client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any) -> None:

@@ -3,26 +3,33 @@
 This is how the drop-in shim works: the caller's SDK builds the request (any method,
 helper or future endpoint) and parses the answer; only its transport is replaced, and
 the worker performs the request against its profile's base URL with its own key.
-The path must stay under that base URL and the caller's credentials are dropped, so a
-caller can never send the worker's key elsewhere. A non-streaming call to an endpoint
-that can stream is sent as a stream and assembled here, so its stalls are caught too.
-Provider errors and mid-stream `error` events are relayed as they are: the caller's
-SDK raises its own exception classes and applies its own retry settings.
+The path must stay under that base URL, the caller's credentials are dropped and headers
+that frame the request are refused, so a caller can never send the worker's key elsewhere.
+Where the pool allows it, a call brings its own key (and may then name its own base URL),
+and nothing of the pool's goes with it but the profile's headers to the profile's upstream.
+A non-streaming call to an endpoint that can stream is sent as a stream and assembled
+here, so its stalls are caught too. Provider errors and mid-stream `error` events are
+relayed as they are: the caller's SDK raises its own exception classes and applies its
+own retry settings.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import httpx2
 import msgspec
 
-from broker.protocol import LOCAL_HEADERS, HttpCall
+from broker.protocol import CREDENTIAL_HEADERS, HttpCall
 
-from .calls import STREAMABLE, BadCall, as_stream, relay
+from .calls import STREAMABLE, BadCall, as_stream, check_headers, relay
 
-# The caller's request headers that never go upstream: its local ones (credentials: the
-# worker adds its own) and the transfer details the worker's HTTP client sets itself.
-_DROPPED = LOCAL_HEADERS | {"transfer-encoding", "accept-encoding"}
+# The caller's request headers that never go upstream: its credentials (the worker adds the
+# pool's, or the call's own `api_key`) and the encodings it accepts (the worker's client decodes).
+_DROPPED = CREDENTIAL_HEADERS | {"accept-encoding"}
+# Who pays for a call made with the pool's key: what an OpenAI client read from OPENAI_ORG_ID and
+# OPENAI_PROJECT_ID. They go with that key only, and give way to the caller's own.
+_BILLING = ("OpenAI-Organization", "OpenAI-Project")
 # Streamable endpoints, by path relative to each SDK's default base URL.
 _ENDPOINTS = {
     ("anthropic", "/v1/messages"): "messages.create",
@@ -31,10 +38,6 @@ _ENDPOINTS = {
 }
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
-
-
-def _auth(kind: str, key: str) -> list[tuple[str, str]]:
-    return [("x-api-key", key)] if kind == "anthropic" else [("authorization", f"Bearer {key}")]
 
 
 def check_path(path: str) -> None:
@@ -70,9 +73,40 @@ async def send(sdk: Any, http: Any, kind: str, call: HttpCall, body: bytes, allo
     """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
     the worker's own credentials unless the pool allows the request's own."""
     check_path(call.path)
+    check_overrides(call, allow_overrides)
+    url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
+    request = http.build_request(call.method, url, headers=request_headers(sdk, call), content=body)
+    return await http.send(request, stream=True)
+
+
+def check_overrides(call: HttpCall, allow_overrides: bool) -> None:
     if (call.base_url or call.api_key) and not allow_overrides:
         raise BadCall("this pool does not allow per-request base_url or api_key (setting allow_overrides)")
-    headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
-    headers += _auth(kind, call.api_key) if call.api_key else list(sdk.auth_headers.items())
-    url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
-    return await http.send(http.build_request(call.method, url, headers=headers, content=body), stream=True)
+    if call.base_url and not call.api_key:
+        raise BadCall("a per-request base_url needs the caller's own api_key with it: the pool's key goes only "
+                      "to the pool's own provider")  # fmt: skip
+
+
+def request_headers(sdk: Any, call: HttpCall) -> httpx2.Headers:
+    """The caller's headers, then what the pool adds where the caller set none: to the profile's own
+    upstream, the profile's default headers; with the pool's key, the organization and project its
+    SDK client read. Last the credentials, the call's own key (sent as the worker's SDK sends a key)
+    or the pool's."""
+    check_headers(name for name, _ in call.headers)
+    headers = httpx2.Headers([(k, v) for k, v in call.headers if k.lower() not in _DROPPED])
+    defaults = {} if call.base_url else profile_headers(sdk)
+    if call.api_key:
+        credentials = sdk.copy(api_key=call.api_key).auth_headers
+    else:
+        credentials = sdk.auth_headers
+        defaults |= {k: v for k in _BILLING if isinstance(v := sdk.default_headers.get(k), str)}
+    for name, value in defaults.items():
+        headers.setdefault(name, value)
+    headers.update(credentials)
+    return headers
+
+
+def profile_headers(sdk: Any) -> dict[str, str]:
+    """The headers the operator set for the profile's upstream: its `default_headers` (and the SDK's
+    own *_CUSTOM_HEADERS variable), which the SDK client keeps as its custom headers."""
+    return {k: v for k, v in sdk._custom_headers.items() if isinstance(v, str)}

@@ -30,6 +30,7 @@ from broker.loopsock import LoopSocket
 from broker.protocol import (
     KIND_BYTES,
     PROTOCOL_VERSION,
+    Call,
     Code,
     Codec,
     ErrorInfo,
@@ -103,20 +104,35 @@ def preload() -> None:
                 getattr(resource.with_streaming_response, name)
 
 
+# The key of a client built without one of the pool's own. It never leaves the worker: only calls
+# that bring their own key run on such a client (an SDK needs a key to be built at all).
+STAND_IN_KEY = "isopool-worker-has-no-key"
+
+
 class Clients(msgspec.Struct, frozen=True):
-    """A worker's fresh SDK client, the HTTP client under it, and the SDK's resource base class."""
+    """A worker's fresh SDK client, the HTTP client under it, the SDK's resource base class, and,
+    when the pool has no credentials of its own, why not (raised for every call that needs them)."""
 
     sdk: Any
     http: Any
     resource_type: type
+    no_key: Any = None  # the SDK's own error, e.g. openai's "Missing credentials ... OPENAI_API_KEY"
 
 
 def build_client(profile: Profile, api_key: str | None = None) -> Clients:
-    """A fresh async SDK client for the profile."""
+    """A fresh async SDK client for the profile, with the pool's key from the environment, or
+    without one (a stand-in) when the SDK refuses to be built for want of it."""
+    key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
+    try:
+        return _clients(profile, key)
+    except (anthropic.AnthropicError, openai.OpenAIError) as exc:
+        return msgspec.structs.replace(_clients(profile, STAND_IN_KEY), no_key=exc)
+
+
+def _clients(profile: Profile, key: str | None) -> Clients:
     anthropic_kind = profile.kind == "anthropic"
     sdk = anthropic if anthropic_kind else openai
     cls = anthropic.AsyncAnthropic if anthropic_kind else openai.AsyncOpenAI
-    key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
     http_client = sdk.DefaultAsyncHttpxClient(verify=_ssl_context or True)
     client = cls(
         http_client=http_client,
@@ -127,6 +143,11 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
         default_headers=profile.default_headers or None,
     )
     return Clients(client, http_client, AnthropicResource if anthropic_kind else OpenAIResource)
+
+
+def brings_own_key(call: Call | HttpCall | TimedCall) -> bool:
+    http = call.http if isinstance(call, TimedCall) else call
+    return isinstance(http, HttpCall) and bool(http.api_key)
 
 
 class Emitter:
@@ -168,7 +189,7 @@ class Worker:
         self.client_error: Exception | None = None
         try:
             self.clients = build_client(spec.profile)
-        except Exception as exc:  # e.g. openai without a key: every request gets this as a CONFIG error
+        except Exception as exc:  # every request gets this error
             self.client_error = exc
 
     async def run(self) -> None:
@@ -199,10 +220,8 @@ class Worker:
     async def _execute(self, rid: int, payload: bytes) -> None:
         emit = Emitter(self.sock, self.codec, rid)
         try:
-            if self.clients is None:
-                raise self.client_error  # type: ignore[misc]
             call = self.codec.call(payload)
-            kind, clients = self.spec.profile.kind, self.clients
+            kind, clients = self.spec.profile.kind, self._clients_for(call)
             if isinstance(call, TimedCall):
                 await run_timed(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
             elif isinstance(call, HttpCall):
@@ -216,6 +235,15 @@ class Worker:
             await emit.error(translate(exc))
         finally:
             self.tasks.pop(rid, None)
+
+    def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
+        """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.
+        (A stored error is raised without the tracebacks of its earlier raises, which would pile up.)"""
+        if self.clients is None:
+            raise self.client_error.with_traceback(None)  # type: ignore[union-attr]
+        if self.clients.no_key is not None and not brings_own_key(call):
+            raise self.clients.no_key.with_traceback(None)
+        return self.clients
 
     def _heartbeat(self, ctx: zmq.Context) -> None:
         sock = ctx.socket(zmq.DEALER)

@@ -2,7 +2,9 @@
 OpenAI Chat Completions and OpenAI Responses APIs, with injected faults (F1-F7).
 
 Counters of what it served and injected are at `GET /_isopool/stats`
-(`POST /_isopool/reset` zeroes them and re-arms the faults chosen by header or model).
+(`POST /_isopool/reset` zeroes them and re-arms the faults chosen by header or model); the
+headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
+answered with), so that tests can check what reached the provider: keys, organization, others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _ENC = msgspec.json.Encoder()
 _ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+_REMEMBERED = 1000  # requests whose headers are kept
 
 
 class Latency(msgspec.Struct, frozen=True):
@@ -45,6 +48,7 @@ class FakeProvider:
         self.completed = 0
         self.disconnects = 0
         self.active = 0
+        self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -54,6 +58,7 @@ class FakeProvider:
         app.router.add_post("/v1/responses", self._endpoint(OpenAIResponses, "openai"))
         app.router.add_get("/_isopool/stats", self.stats)
         app.router.add_post("/_isopool/reset", self.reset)
+        app.router.add_get("/_isopool/requests/{rid}", self.request_headers)
         app.router.add_get("/v1/models", self.models)
         app.on_response_prepare.append(self._request_id)
         return app
@@ -61,7 +66,15 @@ class FakeProvider:
     async def _request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         """Both providers name each answer; the SDKs expose it as `_request_id`."""
         self.answered += 1
-        response.headers["request-id"] = response.headers["x-request-id"] = f"req_fake_{self.answered:08d}"
+        rid = f"req_fake_{self.answered:08d}"
+        response.headers["request-id"] = response.headers["x-request-id"] = rid
+        self.received[rid] = {k.lower(): v for k, v in request.headers.items()}
+        if len(self.received) > _REMEMBERED:
+            del self.received[next(iter(self.received))]
+
+    async def request_headers(self, request: web.Request) -> web.Response:
+        headers = self.received.get(request.match_info["rid"])
+        return web.json_response(headers) if headers is not None else web.json_response({}, status=404)
 
     async def models(self, request: web.Request) -> web.Response:
         names = ["claude-fake", "gpt-fake"]

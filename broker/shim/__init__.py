@@ -28,10 +28,18 @@ import openai as _openai
 from ..client import Client
 from ..pool import Pool
 from .errors import ANTHROPIC, OPENAI, SdkErrors
-from .transport import AsyncPoolTransport, Overrides, PoolTransport
+from .transport import STAND_IN_KEY, AsyncPoolTransport, PoolTransport
 
 BASE_PATH = "/isopool"
 SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the transport takes every request
+
+# Each SDK's constructor arguments that give a client credentials of its own. With one of them, or
+# with its own base_url (where the SDK then finds its key as it would without the pool), a client
+# sends what its SDK put on each request; with none, the pool's key.
+_CREDENTIALS = {
+    "anthropic": ("api_key", "auth_token", "credentials", "config"),
+    "openai": ("api_key", "admin_api_key", "workload_identity"),
+}
 
 _lock = threading.Lock()
 _embedded: Pool | None = None
@@ -74,21 +82,21 @@ def _options(
         return {**kwargs, "base_url": base_url, "http_client": http_client}
     if http_client is not None:
         raise ValueError("http_client belongs to the pool: its workers make the HTTP requests")
-    url, profile = pool_url(pool), profile or kind
-    overrides = Overrides(str(base_url or ""), kwargs.get("api_key") or "")
-    if overrides and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
+    url, profile, base_url = pool_url(pool), profile or kind, str(base_url or "")
+    own = base_url or any(kwargs.get(name) is not None for name in _CREDENTIALS[kind])
+    if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
         raise ValueError(
-            f"the pool at {url} holds the provider keys and does not allow a client's own api_key or base_url "
+            f"the pool at {url} holds the provider keys and does not allow a client's own credentials or base_url "
             "(setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
         )
     if asynchronous:
-        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, overrides)
+        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, base_url)
         client: Any = httpx2.AsyncClient(transport=transport)
     else:
-        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, overrides)
+        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, base_url)
         client = httpx2.Client(transport=transport)
-    # Without its own key the client uses the pool's (in the worker); the SDK wants one to build requests.
-    kwargs["api_key"] = overrides.api_key or "isopool"
+    if not own:  # the pool's key then (in the worker); the SDK wants one to build requests
+        kwargs["api_key"] = STAND_IN_KEY
     return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client}
 
 

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx2
 
 from ..client import AsyncClient, CallLimits, Client, StreamEvent
 from ..errors import IsopoolError
-from ..protocol import LOCAL_HEADERS, HttpCall
+from ..protocol import HttpCall, is_local_header
 from .errors import SdkErrors
 
-
-class Overrides(NamedTuple):
-    """A client's own upstream and key, for pools that allow them (embedded pools do)."""
-
-    base_url: str = ""
-    api_key: str = ""
-
-    def __bool__(self) -> bool:
-        return bool(self.base_url or self.api_key)
-
-
-NO_OVERRIDES = Overrides()
+# The key a shim client is built with when it has none of its own (its SDK wants one to build
+# requests): a request that carries it is sent with the pool's key.
+STAND_IN_KEY = "isopool"
 
 
 def limits_of(request: httpx2.Request) -> CallLimits:
@@ -40,13 +31,25 @@ def limits_of(request: httpx2.Request) -> CallLimits:
     return CallLimits(read_timeout=read) if read else CallLimits()
 
 
-def to_http_call(request: httpx2.Request, base_path: str, overrides: Overrides) -> HttpCall:
-    """The request as the worker should send it: path relative to the shim's base URL."""
+def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> HttpCall:
+    """The request as the worker should send it: path relative to the shim's base URL; the
+    client's own key, if its SDK put one on the request, apart; none of the headers that frame
+    the request (the worker's HTTP client sets its own, whatever the caller added)."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in LOCAL_HEADERS]
-    return HttpCall(request.method, path, headers, request.read(), overrides.base_url, overrides.api_key)
+    headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k)]
+    return HttpCall(request.method, path, headers, request.read(), base_url, own_key(request))
+
+
+def own_key(request: httpx2.Request) -> str:
+    """The credential the caller's SDK put on the request (an api_key, a bearer token, one its
+    credentials provider made), or "" for the stand-in: the pool's key then."""
+    for name in ("authorization", "x-api-key", "api-key"):
+        key = request.headers.get(name, "").removeprefix("Bearer ")
+        if key and key != STAND_IN_KEY:
+            return key
+    return ""
 
 
 class _Events(httpx2.SyncByteStream):
@@ -84,14 +87,12 @@ class _AsyncEvents(httpx2.AsyncByteStream):
 class PoolTransport(httpx2.BaseTransport):
     """Sends each request of a synchronous SDK client through a pool `Client`."""
 
-    def __init__(
-        self, client: Client, profile: str, base_path: str, errors: SdkErrors, overrides: Overrides = NO_OVERRIDES
-    ) -> None:
+    def __init__(self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "") -> None:
         self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
-        self._overrides = overrides
+        self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        http_call = to_http_call(request, self._base_path, self._overrides)
+        http_call = to_http_call(request, self._base_path, self._base_url)
         try:
             call = self._client.submit_http(self._profile, http_call, limits_of(request))
             events = iter(call)
@@ -111,11 +112,10 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
     use in the running event loop."""
 
     def __init__(
-        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float,
-        overrides: Overrides = NO_OVERRIDES,
-    ) -> None:  # fmt: skip
+        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = ""
+    ) -> None:
         self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
-        self._broker_timeout, self._overrides = broker_timeout, overrides
+        self._broker_timeout, self._base_url = broker_timeout, base_url
         self._client: AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -123,7 +123,7 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # a client serves one event loop
             self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
-        http_call = to_http_call(request, self._base_path, self._overrides)
+        http_call = to_http_call(request, self._base_path, self._base_url)
         try:
             call = await self._client.submit_http(self._profile, http_call, limits_of(request))
             events = aiter(call)

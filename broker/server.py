@@ -100,6 +100,7 @@ class Broker:
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
         self.parent_fd = -1
+        self.signals_installed = False
 
     # ----- set-up and tear-down -------------------------------------------------
 
@@ -136,6 +137,7 @@ class Broker:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a graceful drain; handlers only enqueue (the wake-up pipe)."""
         signal.set_wakeup_fd(self.wake_w)
+        self.signals_installed = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
 
@@ -159,6 +161,8 @@ class Broker:
                 kill_group(worker.proc)
         self.zygote.stop()
         os.close(self.death_w)
+        if self.signals_installed:  # a late signal would write to the closed pipe ("Exception ignored ... EBADF")
+            signal.set_wakeup_fd(-1)
         for fd in (self.death_r, self.wake_r, self.wake_w):
             os.close(fd)
         self.frontend.close(linger=500)  # let the final answers above reach their callers

@@ -5,6 +5,7 @@ else is served. The gateway, the shim, batch output and the machine have files o
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -24,8 +25,10 @@ from broker import (
     PoolSaturated,
     StreamStalled,
 )
+from broker.config import load_settings
 from broker.fake_provider import LATENCY_HEADER
 from broker.protocol import Call, Codec, Kind, Ref, Submit
+from broker.server import Broker
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for, worker_pids
 
@@ -250,3 +253,22 @@ def test_a_dropped_connection_ends_its_calls_in_flight(fake, own_processes):
             for call in (running, too_big):
                 assert isinstance(_ends_within(call, 10), BrokerUnavailable)
             assert client.request("anthropic", "messages.create", **anthropic_args("after")).status == 200
+
+
+def test_a_signal_after_the_broker_closed_prints_nothing(fake, capfd):
+    """The broker's signal handlers write to a wake-up pipe; once it was closed, a late Ctrl-C
+    printed "Exception ignored when trying to write to the signal wakeup fd ... EBADF"."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    broker = Broker(load_settings(profiles=profiles(fake.url), **TEST_SETTINGS))
+    try:
+        broker.start()
+        broker.install_signal_handlers()
+    finally:
+        broker.close()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the first may be consumed as the pending wake-up
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert "wakeup fd" not in capfd.readouterr().err

@@ -80,6 +80,11 @@ _EMBEDDED = textwrap.dedent(
                                     project="proj-caller", max_retries=0)
         reply = await client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "x"}])
         print(reply._request_id)
+        keyless = openai.AsyncOpenAI(max_retries=0)  # the pool's key: there is none
+        try:
+            await keyless.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "x"}])
+        except openai.APIConnectionError as exc:
+            print(exc.__cause__)
 
     asyncio.run(main())
     """
@@ -90,10 +95,15 @@ def test_an_embedded_pool_sends_an_explicit_key_organization_and_project_with_no
     fake, own_processes
 ):
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ISOPOOL_URL")}
+    env["OPENAI_BASE_URL"] = fake.url + "/v1"  # the embedded pool's own upstream, too
+    before = served(fake)
     out = subprocess.run([sys.executable, "-c", _EMBEDDED, fake.url + "/v1"], env=env, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    seen = received(fake, out.stdout.strip())
+    request_id, keyless = out.stdout.strip().split("\n")
+    assert "set the `OPENAI_API_KEY`" in keyless  # a call that needs the pool's key gets the SDK's own reason
+    assert served(fake) == before + 1  # and is never sent
+    seen = received(fake, request_id)
     want = {"authorization": "Bearer sk-caller-own", "openai-organization": "org-caller",
             "openai-project": "proj-caller"}  # fmt: skip
     assert pick(seen, tuple(want)) == want

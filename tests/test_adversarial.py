@@ -26,6 +26,7 @@ from broker import (
     StreamStalled,
 )
 from broker.config import load_settings
+from broker.curve import keygen, secure_client
 from broker.fake_provider import LATENCY_HEADER
 from broker.protocol import Call, Codec, Kind, Ref, Submit
 from broker.server import Broker
@@ -64,23 +65,38 @@ def _unseeded_auto_ids(count: int = 8) -> set[int]:
     return {(draws[i + 1] << 31 | draws[i]) & 0xFFFFFFFF for i in range(0, 2 * count, 2)}
 
 
-def test_a_client_choosing_routing_ids_cannot_crash_the_broker(fake, own_processes):
+def _curve_settings(tmp_path, monkeypatch) -> dict:
+    """A tcp:// frontend with CURVE, and this process's clients holding an allowed key."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    keygen(str(keys), "broker")
+    keygen(str(keys), "alice")
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    monkeypatch.setenv("ISOPOOL_CLIENT_KEY", str(keys / "alice.key_secret"))
+    monkeypatch.setenv("ISOPOOL_BROKER_KEY", str(keys / "broker.key"))
+    return dict(frontend="tcp://127.0.0.1:*", curve_server_key=str(keys / "broker.key_secret"),
+                curve_clients_dir=str(allowed))  # fmt: skip
+
+
+@pytest.mark.parametrize("transport", ["ipc", "curve-tcp"])
+def test_a_client_choosing_routing_ids_cannot_crash_the_broker(fake, own_processes, transport, tmp_path, monkeypatch):
     """libzmq aborts the process when a ROUTER's generated id (a zero byte and a 32-bit counter
     from an unseeded `rand()`) is already taken by a peer that chose it. A hostile client
     that claims the ids an unseeded broker would hand out next must not take it down."""
-    with Pool(profiles=one_worker(fake), **TEST_SETTINGS) as pool:
+    frontend = _curve_settings(tmp_path, monkeypatch) if transport == "curve-tcp" else {}
+    with Pool(profiles=one_worker(fake), **TEST_SETTINGS, **frontend) as pool:
         hostile = []
-        ctx = zmq.Context.instance()
         for start in _unseeded_auto_ids():
             for n in range(48):
-                sock = ctx.socket(zmq.DEALER)
+                sock = zmq.Context.instance().socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTING_ID, b"\x00" + ((start + n) & 0xFFFFFFFF).to_bytes(4, "big"))
+                secure_client(sock, pool.url)
                 sock.connect(pool.url)
                 sock.send_multipart(Codec().frames(Kind.PING, Ref(1)))
                 hostile.append(sock)
         try:
-            wait_for(lambda: all(s.poll(0) for s in hostile), 20, "the hostile connections to be answered")
+            wait_for(lambda: all(s.poll(0) for s in hostile), 30, "the hostile connections to be answered")
             for i in range(3):  # ordinary clients: each gets a generated id
                 with pool.client() as client:
                     assert client.request("anthropic", "messages.create", **anthropic_args(f"after {i}")).status == 200

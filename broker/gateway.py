@@ -38,7 +38,6 @@ import logging
 import re
 import secrets
 import sys
-import urllib.parse
 from pathlib import Path
 
 import msgspec
@@ -56,7 +55,7 @@ from .errors import (
     ShuttingDown,
     StreamStalled,
 )
-from .protocol import HttpCall
+from .protocol import HttpCall, path_problem
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -212,13 +211,9 @@ def names_loopback(host: str) -> bool:
 
 
 def check_path(raw: str) -> None:
-    """Refuse dot segments and backslashes however often encoded: an upstream (or a proxy in front of it)
-    that decodes `%2e%2e` or `..%2f` would resolve them above the API's root."""
-    route = decoded = raw.partition("?")[0]
-    while (once := urllib.parse.unquote(decoded)) != decoded:  # each pass shortens it
-        decoded = once
-    if "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/")):
-        raise Refused(400, f"path {route!r} has dot segments or backslashes (perhaps encoded): send a plain path")
+    """Refuse a path that could leave the API's root (the workers refuse it too; here before the pool)."""
+    if problem := path_problem(raw):
+        raise Refused(400, problem)
 
 
 def _forwarded(request: web.Request) -> list[tuple[str, str]]:

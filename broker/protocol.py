@@ -16,6 +16,7 @@ Broker <-> worker (backend):   RUN, ABORT             ->   <- READY, HEARTBEAT, 
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -198,6 +199,20 @@ class HttpCall(msgspec.Struct, frozen=True, tag="http"):
         return (
             f"HttpCall({self.method} {self.path}, base_url={self.base_url!r}, api_key={'***' if self.api_key else ''})"
         )
+
+
+def path_problem(path: str) -> str | None:
+    """Why an HttpCall's `path` could leave its base URL, or None. Dot segments and backslashes are
+    refused however often encoded: an upstream (or a proxy before it) that decodes `%2e%2e` or
+    `..%2f` would resolve them above the API's root."""
+    route = decoded = path.partition("?")[0]
+    while (once := urllib.parse.unquote(decoded)) != decoded:  # each pass shortens it
+        decoded = once
+    if not route.startswith("/") or decoded.startswith("//") or "#" in path:
+        return f"path {route!r} must be a plain absolute path under the profile's base URL"
+    if "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/")):
+        return f"path {route!r} has dot segments or backslashes (perhaps encoded): send a plain path"
+    return None
 
 
 class TimedCall(msgspec.Struct, frozen=True, tag="timed"):

@@ -179,3 +179,13 @@ def test_the_shim_never_forwards_framing_headers_a_caller_adds(fake, own):
         seen = received(fake, client.messages.create(**MSG, extra_headers=added)._request_id)
     assert seen["host"] == fake.url.removeprefix("http://")
     assert not {name.lower() for name in added if name != "Host"} & seen.keys()
+
+
+@pytest.mark.parametrize("path", ["/v1/%2e%2e/admin", "/v1/..%2fadmin", "/v1/%252e%252e/admin", "/v1/a\\..\\admin"])
+def test_encoded_dot_segments_never_leave_the_base_url(client, fake, path):
+    """The workers confined paths by their raw text: `%2e%2e` and `..%2f` went upstream unchanged,
+    for a server (or a proxy before it) that decodes them to climb above the API's root."""
+    served = fake.stats()["completed"]
+    with pytest.raises(BadRequest, match="dot segments"):
+        client.submit_http("anthropic", HttpCall("GET", path)).result()
+    assert fake.stats()["completed"] == served

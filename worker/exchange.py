@@ -20,7 +20,7 @@ from typing import Any
 import httpx2
 import msgspec
 
-from broker.protocol import CREDENTIAL_HEADERS, HttpCall
+from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 
 from .calls import STREAMABLE, BadCall, as_stream, check_headers, relay
 
@@ -41,9 +41,8 @@ _DEC = msgspec.json.Decoder()
 
 
 def check_path(path: str) -> None:
-    route = path.split("?", 1)[0]
-    if not route.startswith("/") or route.startswith("//") or ".." in route.split("/") or "#" in path:
-        raise BadCall(f"path {path!r} must be a plain absolute path under the profile's base URL")
+    if problem := path_problem(path):
+        raise BadCall(problem)
 
 
 async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, allow_overrides: bool = False) -> None:
@@ -62,14 +61,14 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
         if not streaming:
             accumulator = STREAMABLE[(kind, method)]
             body = _ENC.encode(as_stream(kind, method, args))
-    response = await send(sdk, http, kind, call, body, allow_overrides)
+    response = await send(sdk, http, call, body, allow_overrides)
     try:
         await relay(response, emit, streaming, accumulator, raise_on_error=False)
     finally:
         await response.aclose()
 
 
-async def send(sdk: Any, http: Any, kind: str, call: HttpCall, body: bytes, allow_overrides: bool) -> Any:
+async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool) -> Any:
     """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
     the worker's own credentials unless the pool allows the request's own."""
     check_path(call.path)

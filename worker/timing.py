@@ -124,7 +124,7 @@ async def run_timed(sdk: Any, http: Any, kind: str, call: TimedCall, emit: Any, 
     """Send a load test's request and time its answer: a `Tick` for the head and for each read of
     a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
     sent = time.monotonic_ns()
-    response = await send(sdk, http, kind, call.http, call.http.body, allow_overrides)
+    response = await send(sdk, http, call.http, call.http.body, allow_overrides)
     try:
         head = Tick(time.monotonic_ns(), sent=sent, status=response.status_code)
         await emit.events([(TICK, msgspec.msgpack.encode(head))])

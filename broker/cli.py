@@ -75,11 +75,20 @@ def _default_url() -> str:
     help="Also serve Prometheus metrics here (GET /metrics; names in the README).",
 )
 @click.option(
+    "--token",
+    metavar="auto|FILE",
+    help="The gateway's own token: 'auto' makes one and prints it at start; else a file holding it "
+    "(never the token itself, which `ps` would show). Needed off loopback.",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     help="Allow a tcp:// frontend without CURVE keys: anyone who reaches the port can spend the provider keys.",
 )
-def serve(config_path: str | None, frontend: str | None, http: str | None, metrics: str | None, insecure: bool) -> None:
+def serve(
+    config_path: str | None, frontend: str | None, http: str | None, metrics: str | None, token: str | None,
+    insecure: bool,
+) -> None:
     """Run a broker with its zygote and workers in the foreground.
 
     Clients connect with ISOPOOL_URL (printed at start). Ctrl-C or SIGTERM drains:
@@ -96,6 +105,8 @@ def serve(config_path: str | None, frontend: str | None, http: str | None, metri
     }
     if insecure:
         overrides["insecure"] = True
+    if token:
+        overrides["gateway_token" if token == "auto" else "gateway_token_file"] = token
     try:
         settings = load_settings(config_path, **overrides)
     except ConfigError as exc:
@@ -167,7 +178,7 @@ def stats(url: str | None, as_json: bool) -> None:
 )
 @click.option(
     "--rerun-changed", is_flag=True,
-    help="Run again the ids done in OUT whose request in IN changed (default: refuse to start).",
+    help="Run again the ids done in OUT whose request (or --job line) in IN changed (default: refuse to start).",
 )  # fmt: skip
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even if some requests failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -210,14 +221,20 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     3 if a result could not be written."""
     import msgspec
 
-    from .batch import BatchInputError, RayOptions, RayUnavailable, load_job, run, run_job
-    from .batch.ledger import BatchOutputError, OutputWriteFailed
+    from .batch import (
+        BatchInputError,
+        BatchOutputError,
+        OutputWriteFailed,
+        RayOptions,
+        RayUnavailable,
+        load_job,
+        run,
+        run_job,
+    )
     from .render import BatchProgress, print_batch
 
     if not ray_address and (per_node_concurrency or metrics_port is not None):
         raise click.UsageError("--per-node-concurrency and --metrics-port go with --ray")
-    if job and rerun_changed:
-        raise click.UsageError("--rerun-changed applies to request files, not to --job")
     if ray_address and (job or pool_url or concurrency or rpm or tpm):
         raise click.UsageError("--ray runs its own pool on each node: --job, --pool, -c, --rpm and --tpm do not apply")
     try:
@@ -231,9 +248,8 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
         with notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
             if function is not None:
-                summary = run_job(
-                    input_path, output, function, pool=pool_url, concurrency=concurrency or 16, **callbacks
-                )
+                summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency or 16,
+                                  rerun_changed=rerun_changed, **callbacks)  # fmt: skip
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,3 +237,25 @@ def test_encoded_dot_segments_are_400(gateway):
         assert status == 400, (path, body)
         assert error_of(body)["type"] == "invalid_request_error"
     assert accepted(gateway) == before
+
+
+def test_serve_token_auto_prints_the_token_the_gateway_then_requires(fake, tmp_path):
+    """`isopool serve --http … --token auto`: the token is made at start, printed once, and required."""
+    config = tmp_path / "isopool.toml"
+    config.write_text(f'[profiles.anthropic]\nkind = "anthropic"\nbase_url = "{fake.url}"\nmin_workers = 1\n')
+    env = dict(os.environ, ISOPOOL_RUN_DIR=str(tmp_path / "run"))
+    isopool = os.path.join(os.path.dirname(sys.executable), "isopool")
+    proc = subprocess.Popen([isopool, "serve", "--config", str(config), "--http", "127.0.0.1:0", "--token", "auto"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        token = re.search(r"gateway token: (\S+)", proc.stderr.readline())[1]  # type: ignore[union-attr,index]
+        banner = "".join(proc.stdout.readline() for _ in range(4))  # type: ignore[union-attr]
+        url = re.search(r"base_url (http://\S+) \(Anthropic\)", banner)[1]  # type: ignore[index]
+        with anthropic.Anthropic(base_url=url, api_key="not-the-token", max_retries=0) as client:
+            with pytest.raises(anthropic.AuthenticationError, match="token"):
+                client.messages.create(**MSG)
+        with anthropic.Anthropic(base_url=url, api_key=token, max_retries=0) as client:
+            assert client.messages.create(**MSG).type == "message"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)

@@ -202,6 +202,8 @@ def print_batch(s: dict[str, Any], output: str) -> None:
     table.add_row("wall time, rate", f"{s['wall_s']} s, {s['per_s']}/s")
     if s["repaired_bytes"]:
         table.add_row("torn last line repaired", f"{s['repaired_bytes']} bytes cut")
+    if s["rerun_changed"]:
+        table.add_row("request changed, run again", f"[yellow]{s['rerun_changed']}[/] (old results replaced)")
     if s["nodes"]:
         lost = sum(n["lost"] for n in s["nodes"].values())
         table.add_row("Ray nodes (lost)", f"{len(s['nodes'])} ({lost})")

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from broker.batch import run
+import broker.batch
+from broker.batch import ledger, run, run_job
 from broker.batch.ledger import InputChanged, Ledger, OutputDamaged, OutputLocked
 
 from .conftest import wait_for
@@ -185,3 +186,112 @@ def test_output_lock_and_manifest_files_are_created_0600(tmp_path, pool):
         os.umask(umask)
     for path in (out, tmp_path / "out.jsonl.lock", tmp_path / "out.jsonl.manifest"):
         assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+
+
+JOBS = """
+def echo(line, ctx):
+    return line["question"]
+
+
+def ask(line, ctx):
+    messages = [{"role": "user", "content": line["question"]}]
+    return ctx.openai.chat.completions.create(model="gpt-fake", messages=messages).choices[0].message.content
+
+
+async def ask_async(line, ctx):
+    messages = [{"role": "user", "content": line["question"]}]
+    return (await ctx.openai.chat.completions.create(model="gpt-fake", messages=messages)).choices[0].message.content
+"""
+
+
+def questions(n: int) -> list[dict]:
+    return [{"custom_id": f"q{i}", "question": f"question {i}"} for i in range(n)]
+
+
+def job_cli(tmp_path, source: str, out, job: str, *args: str, **options) -> subprocess.CompletedProcess:
+    """`isopool batch --job isopool_test_jobs:JOB`, the module importable from the run's directory."""
+    (tmp_path / "isopool_test_jobs.py").write_text(JOBS)
+    return cli(source, "-o", str(out), "--job", f"isopool_test_jobs:{job}", *args, cwd=tmp_path, **options)
+
+
+def outputs(path) -> dict[str, object]:
+    results = read_jsonl(path)
+    assert len({r["custom_id"] for r in results}) == len(results)  # each id once
+    return {r["custom_id"]: r["result"]["output"] for r in results}
+
+
+def test_a_job_rerun_with_a_different_input_reusing_ids_is_refused_or_run_again(tmp_path, pool):
+    calls = []
+
+    def echo(line, ctx):
+        calls.append(line["custom_id"])
+        return line["question"]
+
+    first = questions(5)
+    out = tmp_path / "out.jsonl"
+    run_job(write_jsonl(tmp_path / "a.jsonl", first), str(out), echo, pool=pool)
+    written = out.read_bytes()
+    reordered = write_jsonl(tmp_path / "a2.jsonl", [dict(reversed(list(line.items()))) for line in first])
+    assert run_job(reordered, str(out), echo, pool=pool).already_done == 5  # the same lines, keys reordered
+
+    second = questions(5) + [{"custom_id": "q9", "question": "question 9"}]
+    for i in (1, 3):
+        second[i]["question"] = f"another question {i}"
+    source = write_jsonl(tmp_path / "b.jsonl", second)
+    calls.clear()
+    with pytest.raises(InputChanged) as caught:
+        run_job(source, str(out), echo, pool=pool)
+    assert "'q1', 'q3'" in str(caught.value) and "'q0'" not in str(caught.value)
+    refused = job_cli(tmp_path, source, out, "echo", "--pool", pool.url)
+    assert refused.returncode == 2 and "'q1', 'q3'" in refused.stderr and "Traceback" not in refused.stderr
+    assert calls == [] and out.read_bytes() == written  # nothing run, nothing changed
+
+    again = job_cli(tmp_path, source, out, "echo", "--pool", pool.url, "--rerun-changed", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["rerun_changed"] == 2 and summary["already_done"] == 3 and summary["ok"] == 3
+    assert outputs(out) == {line["custom_id"]: line["question"] for line in second}  # q1, q3 answer the new input
+
+
+@pytest.mark.parametrize("job", ["ask", "ask_async"])
+def test_a_full_disk_stops_a_job_batch_and_a_rerun_finishes_exactly_once(tmp_path, fake, pool, own_processes, job):
+    source = write_jsonl(tmp_path / "in.jsonl", questions(100))
+    reference = tmp_path / "reference.jsonl"
+    assert job_cli(tmp_path, source, reference, job, "--pool", pool.url).returncode == 0
+    limit = len(reference.read_bytes()) * 2 // 5  # room for about 40 of the 100 results
+
+    def full_disk() -> None:  # in the child: a file may not grow past `limit` (EFBIG, as Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out.jsonl"
+    before = served(fake)
+    full = job_cli(tmp_path, source, out, job, "--pool", pool.url, "-c", "4", preexec_fn=full_disk)
+    sent = served(fake) - before
+    assert full.returncode == 3, full.stderr
+    assert "free space and re-run the same command" in full.stderr and "Traceback" not in full.stderr
+    written = read_jsonl(out)  # whole lines only
+    assert 20 < len(written) < 60 and len(out.read_bytes()) <= limit
+    assert sent <= len(written) + 4 + 1, sent  # stopped: the lines written, the failed one and those in flight
+
+    again = job_cli(tmp_path, source, out, job, "--pool", pool.url, "-c", "4", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["already_done"] == len(written)
+    assert outputs(out) == outputs(reference)
+
+
+def test_the_output_errors_are_exported_by_the_batch_package():
+    for name in ("BatchOutputError", "OutputLocked", "OutputDamaged", "InputChanged", "OutputWriteFailed"):
+        assert name in broker.batch.__all__ and getattr(broker.batch, name, None) is getattr(ledger, name), name
+
+
+def test_the_summary_shows_how_many_changed_requests_ran_again(tmp_path, pool):
+    out = tmp_path / "out.jsonl"
+    first = openai_lines(3)
+    run(write_jsonl(tmp_path / "a.jsonl", first), str(out), pool=pool)
+    unchanged = cli(write_jsonl(tmp_path / "a.jsonl", first), "-o", str(out), "--pool", pool.url)
+    assert unchanged.returncode == 0 and "changed" not in unchanged.stdout  # shown only when there are some
+    first[1]["body"]["messages"][0]["content"] = "another question"
+    summary = cli(write_jsonl(tmp_path / "b.jsonl", first), "-o", str(out), "--pool", pool.url, "--rerun-changed")
+    assert summary.returncode == 0, summary.stderr
+    row = next((line for line in summary.stdout.splitlines() if "request changed, run again" in line), "")
+    assert row.split("│")[2].split()[0] == "1", summary.stdout

@@ -3,12 +3,18 @@
 from .cluster import RayOptions, RayUnavailable
 from .formats import OPENAI_URLS
 from .jobs import JobContext, load_job, run_job
+from .ledger import BatchOutputError, InputChanged, OutputDamaged, OutputLocked, OutputWriteFailed
 from .runner import BatchInputError, Summary, iter_results, load, run
 
 __all__ = [
     "OPENAI_URLS",
     "BatchInputError",
+    "BatchOutputError",
+    "InputChanged",
     "JobContext",
+    "OutputDamaged",
+    "OutputLocked",
+    "OutputWriteFailed",
     "RayOptions",
     "RayUnavailable",
     "Summary",

@@ -6,13 +6,16 @@ whose SDK clients (`ctx.anthropic`, `ctx.openai`: the drop-in shim) and low-leve
 caught and retried at that one call, not by restarting the run. A plain function runs
 in a thread, a coroutine function on an event loop (`ctx` then holds async clients).
 Its return value (JSON-serialisable) or its exception becomes the line's result, with
-the same exactly-once, resumable ledger as request files.
+the same exactly-once, resumable ledger as request files: a done id whose line changed is
+refused (or run again), and a result that cannot be written (a full disk) starts no more
+jobs and cancels those on the event loop (a job in a thread finishes; threads cannot be stopped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import importlib
 import inspect
 import os
@@ -33,6 +36,7 @@ from .runner import BatchInputError, Summary, with_pool
 
 _DEC = msgspec.json.Decoder()
 _ENC = msgspec.json.Encoder()
+_CANONICAL = msgspec.json.Encoder(order="sorted")
 
 
 @dataclass
@@ -82,6 +86,12 @@ def _lines(path: str) -> tuple[list[tuple[str, Any]], list[Invalid]]:
     return lines, problems
 
 
+def _fingerprints(lines: list[tuple[str, Any]]) -> dict[str, str]:
+    """custom_id -> a short hash of its line (keys sorted: a reformatted file is the same input), in input
+    order: what each result answers, for the ledger to compare with an earlier run's."""
+    return {custom_id: hashlib.sha256(_CANONICAL.encode(data)).hexdigest()[:16] for custom_id, data in lines}
+
+
 def _record(custom_id: str, outcome: Any, error: BaseException | None) -> dict[str, Any]:
     if error is None:
         try:
@@ -103,10 +113,13 @@ def run_job(
     *,
     pool: Pool | str | None = None,
     concurrency: int = 16,
+    rerun_changed: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
 ) -> Summary:
-    """Call `job(line, ctx)` once per line not yet in the output; returns the summary."""
+    """Call `job(line, ctx)` once per line not yet in the output; returns the summary. Raises as `run`
+    does: BatchInputError, a BatchOutputError before anything runs (with `rerun_changed`, the done ids
+    whose line changed run again instead of InputChanged), OutputWriteFailed when a result cannot be written."""
     started = time.monotonic()
     function = load_job(job) if isinstance(job, str) else job
     lines, problems = _lines(input_path)
@@ -122,6 +135,7 @@ def run_job(
 
     try:
         summary.repaired_bytes = ledger.repaired
+        summary.rerun_changed = len(ledger.match_input(_fingerprints(lines), input_path, rerun_changed))
         todo = [(cid, data) for cid, data in lines if cid not in ledger.done]
         summary.already_done = len(lines) - len(todo)
         if todo:
@@ -145,9 +159,12 @@ def _run_threads(url: str, function: Callable, todo: list, concurrency: int, wri
             except Exception as exc:
                 return _record(custom_id, None, exc)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency)) as executor:
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
+        try:
             for future in concurrent.futures.as_completed([executor.submit(call, *item) for item in todo]):
                 write(future.result())  # from this one thread: the ledger is not shared between threads
+        finally:
+            executor.shutdown(cancel_futures=True)  # a failed write (or Ctrl-C) starts no more jobs
 
 
 def _run_async(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):
@@ -158,14 +175,21 @@ def _run_async(url: str, function: Callable, todo: list, concurrency: int, write
             on_start(len(todo))
             pending = iter(todo)
 
+            async def call(custom_id: str, data: Any) -> dict[str, Any]:
+                try:
+                    return _record(custom_id, await function(data, JobContext(custom_id, claude, gpt, client)), None)
+                except Exception as exc:
+                    return _record(custom_id, None, exc)
+
             async def lane() -> None:
                 for custom_id, data in pending:
-                    try:
-                        outcome = await function(data, JobContext(custom_id, claude, gpt, client))
-                        write(_record(custom_id, outcome, None))
-                    except Exception as exc:
-                        write(_record(custom_id, None, exc))
+                    write(await call(custom_id, data))
 
-            await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+            try:  # a failed write ends its lane, and the group cancels the others' jobs
+                async with asyncio.TaskGroup() as lanes:
+                    for _ in range(max(1, concurrency)):
+                        lanes.create_task(lane())
+            except BaseExceptionGroup as failures:
+                raise failures.exceptions[0] from None
 
     asyncio.run(main())

@@ -98,8 +98,12 @@ def fingerprint(line: Item | Invalid) -> str:
     """A short hash of what the line asks (its API method and parameters, keys sorted, so that a
     reformatted file is the same input; an invalid line: why it is invalid): the ledger compares it
     with what an existing result answered."""
-    what = (line.method, line.params) if isinstance(line, Item) else ("invalid", line.reason)
-    return hashlib.sha256(_CANONICAL.encode(what)).hexdigest()[:16]
+    return digest((line.method, line.params) if isinstance(line, Item) else ("invalid", line.reason))
+
+
+def digest(value: Any) -> str:
+    """16 hex of the sha256 of `value` as JSON with sorted keys: the same data hashes the same however written."""
+    return hashlib.sha256(_CANONICAL.encode(value)).hexdigest()[:16]
 
 
 def _request_id(headers: list[tuple[str, str]]) -> str | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import importlib
 import inspect
 import os
@@ -30,13 +29,12 @@ import msgspec
 
 from ..client import AsyncClient, Client
 from ..pool import Pool
-from .formats import Invalid, duplicate, numbered_lines
+from .formats import Invalid, digest, duplicate, numbered_lines
 from .ledger import Ledger
 from .runner import BatchInputError, Summary, with_pool
 
 _DEC = msgspec.json.Decoder()
 _ENC = msgspec.json.Encoder()
-_CANONICAL = msgspec.json.Encoder(order="sorted")
 
 
 @dataclass
@@ -89,7 +87,7 @@ def _lines(path: str) -> tuple[list[tuple[str, Any]], list[Invalid]]:
 def _fingerprints(lines: list[tuple[str, Any]]) -> dict[str, str]:
     """custom_id -> a short hash of its line (keys sorted: a reformatted file is the same input), in input
     order: what each result answers, for the ledger to compare with an earlier run's."""
-    return {custom_id: hashlib.sha256(_CANONICAL.encode(data)).hexdigest()[:16] for custom_id, data in lines}
+    return {custom_id: digest(data) for custom_id, data in lines}
 
 
 def _record(custom_id: str, outcome: Any, error: BaseException | None) -> dict[str, Any]:

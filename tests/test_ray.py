@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from broker import Pool
@@ -211,6 +213,65 @@ def test_ray_options_that_do_not_apply_are_refused_before_anything_runs(tmp_path
         result = subprocess.run([ISOPOOL, "batch", source, "-o", str(out), *extra], capture_output=True, text=True)
         assert result.returncode == 2 and "--ray" in result.stderr, result.stderr
     assert not out.exists()
+
+
+RAY_CLUSTER_STARTED = "Ray cluster of 2 node(s) at "
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_a_signal(tmp_path, stop):
+    """A new machine has no /tmp/ray, where Ray's `Cluster` writes the address that `--ray auto`
+    reads whatever temp dir it is given. With $TMPDIR set, Ray's default dir is $TMPDIR/ray:
+    an empty one here. Ctrl-C (SIGINT to the terminal's process group) or SIGTERM stops every
+    process it started."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([ISOPOOL, "ray-cluster", "--nodes", "2"], env=dict(os.environ, TMPDIR=str(tmp_path)),
+                                stdout=stdout, stderr=stderr, start_new_session=True,
+                                preexec_fn=default_sigint)  # fmt: skip
+    try:
+        wait_for(lambda: proc.poll() is not None or RAY_CLUSTER_STARTED in out.read_text(), 90, "the cluster")
+        assert proc.poll() is None, err.read_text()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert sum(p.name() == "raylet" for p in children) == 2, "one raylet a node"
+        address = (tmp_path / "ray" / "ray_current_cluster").read_text()  # what `ray.init(address="auto")` reads
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    started = {p.pid for p in children}
+    assert proc.returncode == 0, err.read_text()
+    assert f"{RAY_CLUSTER_STARTED}{address}" in out.read_text()
+    wait_for(lambda: not any(alive(pid) for pid in started), 15, "every process of the cluster to end")
+    assert not (tmp_path / "ray" / "ray_current_cluster").exists()  # `auto` finds no stopped cluster
+
+
+def default_sigint() -> None:
+    """Ctrl-C as at a terminal, even when these tests run in a background job (which ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+FAILED_START = """
+import psutil
+from broker.batch.localcluster import LocalCluster, alive
+try:
+    LocalCluster(nodes=1)
+except IsADirectoryError:
+    print(sorted(p.pid for p in psutil.Process().children(recursive=True) if alive(p.pid)))
+"""
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_process(tmp_path):
+    """Ray's `Cluster` writes its address after the head's processes run; when that fails (here
+    the address file is a directory), every process started so far is ended before the error."""
+    (tmp_path / "ray" / "ray_current_cluster").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-c", FAILED_START], env=dict(os.environ, TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def toml(settings) -> str:

@@ -29,6 +29,7 @@ class LocalCluster:
     def __init__(self, nodes: int = 3, cpus: int = 1, loopback: bool = False) -> None:
         from ray.cluster_utils import Cluster
 
+        create_ray_address_dir()
         self.loopback, self.cpus = loopback, cpus
         if loopback:
             from ray._private import ray_constants
@@ -37,23 +38,25 @@ class LocalCluster:
             os.environ[LOCAL_ONLY] = "0"  # "no cluster beyond this machine": loopback addresses
             ray_constants.ENABLE_RAY_CLUSTER = False
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
-        head: dict[str, Any] = {"num_cpus": cpus, "temp_dir": self.temp_dir, "_system_config": HEALTH_CHECKS}
-        if loopback:
-            head["node_ip_address"] = "127.0.0.1"
         self.pids: set[int] = set()
-        self.cluster = Cluster(initialize_head=True, head_node_args=head)
-        self.nodes = [self.cluster.head_node]
-        self._record(self.cluster.head_node)
-        for _ in range(nodes - 1):
-            self.add_node()
+        self.nodes: list[Any] = []
+        self.cluster = Cluster()  # the head is added below, so that a start that fails is shut down too
+        try:
+            self.add_node(temp_dir=self.temp_dir, _system_config=HEALTH_CHECKS)
+            for _ in range(nodes - 1):
+                self.add_node()
+        except BaseException:
+            self.shutdown()
+            raise
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
-    def add_node(self) -> Any:
-        """One more node (from the main thread: Ray installs signal handlers)."""
-        node = self.cluster.add_node(num_cpus=self.cpus, **({"node_ip_address": "127.0.0.1"} if self.loopback else {}))
+    def add_node(self, **args: Any) -> Any:
+        """One more node (from the main thread: Ray installs signal handlers); the first is the head."""
+        args = {"num_cpus": self.cpus, **({"node_ip_address": "127.0.0.1"} if self.loopback else {}), **args}
+        node = self.cluster.add_node(**args)
         self.nodes.append(node)
         self._record(node)
         return node
@@ -95,6 +98,8 @@ class LocalCluster:
 
     def shutdown(self, timeout: float = 15.0) -> None:
         """Stop the cluster, then SIGKILL by pid whatever it left; remove its temp dir."""
+        for node in {self.cluster.head_node, *self.cluster.worker_nodes} - {None}:
+            self._record(node)  # with a node whose start failed half-way, which Ray holds and we never got
         self.live_pids()
         self.cluster.shutdown()
         for pid in self.pids:
@@ -120,6 +125,25 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def create_ray_address_dir() -> None:
+    """Create Ray's default temp dir (/tmp/ray; $RAY_TMPDIR/ray or $TMPDIR/ray if set) as Ray does, shared.
+
+    `Cluster` writes the head's address there, to `ray_current_cluster`, whatever `temp_dir` it
+    is given: that file is how `ray.init(address="auto")` (`--ray auto`) in another process
+    finds the cluster (ray-project/ray#16458). Ray creates the dir only for a node that uses it
+    as its own temp dir, so on a new machine the write fails with FileNotFoundError. It is made
+    0777 as Ray makes it (`try_make_directory_shared`), so that another user's `ray start` can
+    still use it."""
+    from ray._private.utils import get_ray_address_file
+
+    directory = os.path.dirname(get_ray_address_file(None))
+    try:
+        os.makedirs(directory)
+    except FileExistsError:
+        return
+    os.chmod(directory, 0o777)
 
 
 def alive(pid: int) -> bool:

@@ -7,6 +7,10 @@ import stat
 import tempfile
 
 
+class UnsafeRunDir(PermissionError):
+    """The run directory is not one only we can enter: the message says what to do."""
+
+
 def private_run_dir() -> str:
     """A fresh 0700 directory for one embedded pool's sockets."""
     return tempfile.mkdtemp(prefix="isopool-")
@@ -18,14 +22,39 @@ def shared_run_dir() -> str:
     return os.path.join(base, f"isopool-{os.getuid()}")
 
 
+_OWN_DIR = "set run_dir (ISOPOOL_RUN_DIR) to a directory of your own"
+
+
 def ensure_private_dir(path: str) -> str:
-    """Create `path` 0700, or refuse one that others can write or that we do not own."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    info = os.stat(path)
-    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"{path} is writable by others or not ours; refusing to put sockets there")
-    os.chmod(path, 0o700)
+    """Create `path` 0700, or refuse a symlink, another user's directory, or one that others can write.
+
+    The checks and the chmod go through one descriptor opened with `O_NOFOLLOW`, so they apply to
+    the directory itself: a link planted in a shared /tmp can neither redirect our sockets nor get
+    what it points to chmodded, even if it is swapped between the checks."""
+    try:
+        os.makedirs(path, mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:  # ELOOP: the last part is a symlink; ENOTDIR: a file
+        kind = "a symlink" if os.path.islink(path) else "not a directory"
+        raise UnsafeRunDir(f"{path} is {kind}; refusing to put sockets there: remove it, or {_OWN_DIR}") from exc
+    try:
+        _check_private(path, os.fstat(fd))
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
+
+
+def _check_private(path: str, info: os.stat_result) -> None:
+    if info.st_uid != os.getuid():
+        raise UnsafeRunDir(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); refusing to put "
+                           f"sockets there: {_OWN_DIR}")  # fmt: skip
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeRunDir(f"{path} is writable by others, who may have put files in it; refusing to put sockets "
+                           f"there: remove it, or {_OWN_DIR}")  # fmt: skip
 
 
 def ipc_url(run_dir: str, name: str) -> str:

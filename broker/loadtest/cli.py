@@ -32,6 +32,7 @@ target, so a first run needs no key and no network.
   isopool loadtest -c 16,64,256 --duration 30 --warmup 5
   isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
+  isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
@@ -45,7 +46,14 @@ sweep.png for a sweep; with the `plots` extra)."""
     "--target",
     default="fake",
     show_default=True,
-    help="fake, anthropic, openai (keys from the usual variables), or an OpenAI-compatible base URL.",
+    help="fake, anthropic, openai (keys from the usual variables), or an OpenAI-compatible base URL (sent "
+    "no key unless --api-key-env).",
+)
+@click.option(
+    "--api-key-env",
+    default="",
+    metavar="NAME",
+    help="Send the key in $NAME to the target; for anthropic and openai, instead of their usual variable.",
 )
 @click.option(
     "--api",

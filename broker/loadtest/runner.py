@@ -42,9 +42,11 @@ Workload = Synthetic | Dataset
 
 _TARGETS = ("fake", "anthropic", "openai")
 _DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
-# The key of a fake or URL target (a URL gets $OPENAI_API_KEY, or a placeholder), in a variable of
-# our own for the workers to read, so the caller's ANTHROPIC_API_KEY and OPENAI_API_KEY stay as they are.
+# The placeholder key of the fake or a URL target (the OpenAI SDK needs one; "EMPTY" as vLLM's docs use),
+# in a variable of our own for the workers to read, so the caller's ANTHROPIC_API_KEY and OPENAI_API_KEY stay
+# as they are, and go to their own provider only.
 _TARGET_KEY = "ISOPOOL_LOADTEST_KEY"
+_NO_KEY = "EMPTY"
 _LAG_TICK = 0.05
 _BACKSTOP = 5.0  # seconds the broker's watchdog waits beyond the worker's own stall limits
 
@@ -78,6 +80,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     calibrate: bool = True  # first measure the generator's own ceiling against the built-in fake
     turns: int = 1  # synthetic conversations of this many turns (each turn carries the ones before)
     dataset: str = ""  # a JSONL of requests in the batch formats, instead of synthetic prompts
+    api_key_env: str = ""  # the variable whose key goes to the target (a URL gets no key without it)
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -101,6 +104,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         if self.arrival not in ("poisson", "constant"):
             raise ValueError(f"arrival must be poisson or constant, not {self.arrival!r}")
         Lengths.parse(self.input_tokens), Lengths.parse(self.output_tokens), parse_slo(self.slo)
+        if self.api_key_env and self.target == "fake":
+            raise ValueError("the fake provider takes no key: leave --api-key-env out")
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise ValueError(f"{self.api_key_env} is not set: put the target's key in it, or leave --api-key-env out")
 
     def workload(self) -> Workload:
         """What to send: the dataset's requests, or synthetic conversations."""
@@ -169,11 +176,10 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
             latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
             fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
             profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
-            os.environ[_TARGET_KEY] = "fake-key"
-            profile["api_key_env"] = _TARGET_KEY
         elif options.target.startswith("http"):
-            os.environ[_TARGET_KEY] = os.environ.get("OPENAI_API_KEY", "EMPTY")
-            profile |= {"base_url": options.target.rstrip("/"), "api_key_env": _TARGET_KEY}
+            profile["base_url"] = options.target.rstrip("/")
+        if key_env := target_key_env(options):
+            profile["api_key_env"] = key_env
         streams = options.worker_streams
         workers = math.ceil(options.capacity / streams)
         profile |= {"min_workers": workers, "max_workers": workers, "spare_workers": 0,
@@ -189,6 +195,18 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
             )
         )
         yield pool, kind, fake
+
+
+def target_key_env(options: Options) -> str | None:
+    """The variable whose key the workers send: --api-key-env's if given; else a provider's key goes to its
+    own provider only (None: the profile kind's ANTHROPIC_API_KEY or OPENAI_API_KEY), and the fake or a URL,
+    which may be anyone's server, gets a placeholder."""
+    if options.api_key_env:
+        return options.api_key_env
+    if options.target in ("anthropic", "openai"):
+        return None
+    os.environ[_TARGET_KEY] = _NO_KEY
+    return _TARGET_KEY
 
 
 def run(options: Options, out_dir: str, progress: Progress | None = None) -> dict[str, Any]:
@@ -234,7 +252,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
     same request shapes, against the built-in fake provider answering as fast as it can."""
     trial = msgspec.structs.replace(
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
-        ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="",
+        ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]

@@ -1,0 +1,119 @@
+"""Trust on the machine itself: a provider key goes only where it belongs, and the pool's run
+directory cannot be redirected by a link another user planted.
+
+- `isopool loadtest --target URL` sends no provider key to that URL unless told which one to send
+  (`--api-key-env NAME`); a name that is not set is refused before anything runs.
+- `run_dir` refuses a symlink and a directory owned by another user, and never changes the mode
+  of what a link points to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from broker.endpoints import UnsafeRunDir, ensure_private_dir
+from broker.fake_provider import FakeProviderProcess
+from broker.loadtest import Options, run
+
+PROVIDER_KEYS = (os.environ["ANTHROPIC_API_KEY"], os.environ["OPENAI_API_KEY"])  # set by conftest
+ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
+
+
+def received_headers(fake: FakeProviderProcess, requests: int) -> list[dict[str, str]]:
+    """The headers of the fake's first answers (it numbers them from 1)."""
+    headers = []
+    for number in range(1, requests + 1):
+        with urllib.request.urlopen(f"{fake.url}/_isopool/requests/req_fake_{number:08d}", timeout=10) as resp:
+            headers.append(json.load(resp))
+    return headers
+
+
+def test_loadtest_sends_no_provider_key_to_a_url_target(tmp_path, own_processes):
+    with FakeProviderProcess() as fake:
+        options = Options(calibrate=False, target=fake.url + "/v1", concurrency=[1], requests=2, output_tokens="4")
+        assert run(options, str(tmp_path))["points"][0]["summary"]["outcomes"] == {"ok": 2}
+        headers = received_headers(fake, 2)
+    for sent in headers:
+        assert sent["authorization"] == "Bearer EMPTY"  # the OpenAI SDK needs one; servers without keys take any
+        assert not any(key in value for key in PROVIDER_KEYS for value in sent.values())
+
+
+def test_loadtest_sends_the_key_named_by_api_key_env_to_a_url_target(tmp_path, own_processes):
+    with FakeProviderProcess() as fake:
+        command = ISOPOOL + ["loadtest", "--target", fake.url + "/v1", "--api-key-env", "MY_SERVER_KEY", "-c", "1",
+                             "-n", "2", "--output-tokens", "4", "--no-calibrate", "--json",
+                             "-o", str(tmp_path)]  # fmt: skip
+        result = subprocess.run(command, env=dict(os.environ, MY_SERVER_KEY="sk-my-server"), capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        headers = received_headers(fake, 2)
+    assert [sent["authorization"] for sent in headers] == ["Bearer sk-my-server"] * 2
+    assert json.loads(result.stdout)["options"]["api_key_env"] == "MY_SERVER_KEY"  # the name is recorded, not the key
+    assert "sk-my-server" not in (tmp_path / "results.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "target, name, error",
+    [
+        ("http://127.0.0.1:9/v1", "ISOPOOL_TEST_UNSET_KEY", "ISOPOOL_TEST_UNSET_KEY is not set"),
+        ("fake", "OPENAI_API_KEY", "the fake provider takes no key"),
+    ],
+)
+def test_loadtest_refuses_an_api_key_env_it_cannot_use_before_anything_runs(tmp_path, target, name, error):
+    command = ISOPOOL + ["loadtest", "--target", target, "--api-key-env", name, "-o", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and error in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="making files another user owns needs root")
+NOBODY = 65534
+
+
+@needs_root
+def test_run_dir_refuses_another_users_symlink_and_leaves_its_target_alone(tmp_path):
+    victim = tmp_path / "victim"  # say, the user's own ~/.ssh
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    link = tmp_path / "isopool-run"
+    link.symlink_to(victim)
+    os.lchown(link, NOBODY, NOBODY)  # planted by another user in a shared /tmp
+    with pytest.raises(UnsafeRunDir, match=f"{link} is a symlink.*remove it"):
+        ensure_private_dir(str(link))
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+
+
+def test_run_dir_refuses_a_dangling_symlink_with_what_to_do(tmp_path):
+    link = tmp_path / "isopool-run"
+    link.symlink_to(tmp_path / "not-yet")  # where a later `mkdir` by its owner would put our sockets
+    with pytest.raises(UnsafeRunDir, match=f"{link} is a symlink.*remove it"):
+        ensure_private_dir(str(link))
+    assert not (tmp_path / "not-yet").exists()
+
+
+@needs_root
+def test_run_dir_refuses_a_directory_another_user_owns_and_leaves_its_mode(tmp_path):
+    theirs = tmp_path / "isopool-run"
+    theirs.mkdir(mode=0o755)
+    theirs.chmod(0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(UnsafeRunDir, match=f"{theirs} belongs to uid {NOBODY}"):
+        ensure_private_dir(str(theirs))
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o755
+
+
+def test_run_dir_is_created_private_and_an_own_open_one_is_refused(tmp_path):
+    made = ensure_private_dir(str(tmp_path / "a" / "run"))
+    assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # others may already have put sockets in it
+    with pytest.raises(UnsafeRunDir, match="writable by others"):
+        ensure_private_dir(str(shared))

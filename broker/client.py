@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from .config import MAX_MESSAGE_BYTES
 from .curve import secure_client
@@ -36,6 +37,7 @@ from .zmqio import NOBLOCK
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
 _END = object()
+_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class StreamEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -207,17 +209,9 @@ class AsyncClient:
         self.max_message_bytes = max_message_bytes or int(
             os.environ.get("ISOPOOL_MAX_MESSAGE_BYTES") or MAX_MESSAGE_BYTES
         )
-        # The process-wide context: a private one left unclosed would block the garbage
-        # collector in `term()` (an SDK client of the shim is often never closed).
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        secure_client(sock, url)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(url)
+        sock, monitor = self._connect()
         self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
-        self._monitor = LoopSocket(monitor, self._on_disconnect)
+        self._monitor = LoopSocket(monitor, self._on_connection_event)
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
@@ -365,16 +359,46 @@ class AsyncClient:
             del self._calls[header.rid]
             state.sink.put(self._ending(state, kind, payload))
 
-    def _on_disconnect(self, frames: list[bytes]) -> None:
-        """The connection to the broker was dropped: nothing in flight on it can be answered
-        (ZeroMQ reconnects under a new identity), so end those calls now rather than never."""
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """A DEALER connecting to the broker, and the monitor that reports it dropped or refused."""
+        # The process-wide context: a private one left unclosed would block the garbage
+        # collector in `term()` (an SDK client of the shim is often never closed).
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        secure_client(sock, self.url)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _REFUSED)
+        sock.connect(self.url)
+        return sock, monitor
+
+    def _on_connection_event(self, frames: list[bytes]) -> None:
+        """The connection to the broker was dropped, or the broker refused this client's CURVE key:
+        nothing in flight on it can be answered (ZeroMQ reconnects under a new identity), so those
+        calls end now rather than never. Requests still queued in the socket would go out on the
+        next connection, to run unanswered: the socket is replaced, and they are dropped with it."""
+        event = zmq_monitor.parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_MONITOR_STOPPED:
+            return
+        if event & _REFUSED:
+            why = (f"the broker at {self.url} refused this client's CURVE key (ISOPOOL_CLIENT_KEY): add its public "
+                   "key to the broker's curve_clients_dir")  # fmt: skip
+        else:
+            why = (f"the connection to the broker at {self.url} was dropped (a message over its max_message_bytes, "
+                   "or the broker restarted) while this call was in flight; it was not answered")  # fmt: skip
         with self._sock.lock:
-            if self._calls:
-                log.warning("the connection to the broker was dropped with %d calls in flight", len(self._calls))
-            self._fail_all(BrokerUnavailable(
-                f"the connection to the broker at {self.url} was dropped (a message over its max_message_bytes, "
-                "or the broker restarted) while this call was in flight; it was not answered"
-            ))  # fmt: skip
+            self._sock.drain()  # answers that arrived before the drop
+            if not self._calls:
+                return
+            log.warning("%s (%d calls in flight)", why.partition(" while")[0], len(self._calls))
+            self._fail_all(BrokerUnavailable(why))
+            old_monitor = self._monitor
+            sock, monitor = self._connect()
+            self._sock.replace(sock)
+            self._monitor = LoopSocket(monitor, self._on_connection_event)
+        loop = asyncio.get_running_loop()
+        self._monitor.attach(loop)
+        loop.call_soon(old_monitor.close)  # not from inside its own drain
 
     def _check_broker(self) -> None:
         """With calls in flight, probe a silent broker; fail every call if it stays silent."""

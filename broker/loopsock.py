@@ -50,10 +50,17 @@ class LoopSocket:
         """Hand every waiting message to `on_message` (the loop calls this when readable)."""
         with self.lock:
             sock = self.sock
-            if sock.closed:
-                return
-            while sock.getsockopt(_EVENTS) & _POLLIN:
+            while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:  # `on_message` may replace it
                 self._on_message(recv_frames(sock))
+
+    def replace(self, sock: zmq.Socket) -> None:
+        """Use `sock` from now on; the old socket is closed with whatever it still had to send."""
+        with self.lock:
+            old, self.sock = self.sock, sock
+            if self._loop is not None:
+                self._loop.remove_reader(old.FD)
+                self._loop.add_reader(sock.FD, self.drain)
+            old.close(0)
 
     def close(self) -> None:
         """Stop watching and close; call on the loop's thread."""

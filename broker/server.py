@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import hmac
 import logging
 import os
 import random
+import resource
 import signal
 import time
 from typing import Any
@@ -42,6 +44,7 @@ _KIND = {kind: bytes([kind]) for kind in Kind}
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
 _HOUSEKEEPING_INTERVAL = 1.0
 _PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
+_ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
 _ENDS = (_KIND[Kind.RESULT], _KIND[Kind.ERROR])
 
 
@@ -83,6 +86,7 @@ class Broker:
 
         self.ctx = zmq.Context()
         seed_routing_ids()
+        _raise_fd_limit()
         self.curve: CurveServer | None = None
         tcp = self.frontend_url.startswith("tcp://")
         if tcp and settings.curve_server_key:
@@ -271,7 +275,8 @@ class Broker:
             fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
         pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
-        req.own_limits = fet < pool_fet or stale < pool_stale
+        req.own_limits = {Reason.DEADLINE} | {r for r, own in ((Reason.FIRST_EVENT, fet < pool_fet),
+                                                                (Reason.STALE, stale < pool_stale)) if own}  # fmt: skip
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)
@@ -309,7 +314,7 @@ class Broker:
         self._finish(req, Code.CANCELLED, why)
         if worker is not None:
             req.cancelled = True
-            req.abort_at = time.monotonic() + 1.0
+            req.abort_at = time.monotonic() + _ABORT_GRACE
             worker.requests[req.key] = req  # keep the slot busy until the worker confirms
             self._send_worker(worker, [_KIND[Kind.ABORT], self.codec.encode(Ref(req.key))])
             self.next_check = min(self.next_check, req.abort_at)
@@ -476,7 +481,8 @@ class Broker:
         and the neighbours go on. A caller's short limit never kills another caller's stream."""
         log.info("request %d on worker %s: %s (its own limit)", req.key, worker.ident.decode(), reason)
         now = time.monotonic()
-        worker.requests[req.key] = dataclasses.replace(req, cancelled=True, abort_at=now + 1.0)  # busy until confirmed
+        tombstone = dataclasses.replace(req, cancelled=True, abort_at=now + _ABORT_GRACE)
+        worker.requests[req.key] = tombstone  # the slot stays busy until the worker confirms
         self._send_worker(worker, [_KIND[Kind.ABORT], self.codec.encode(Ref(req.key))])
         req.worker = None
         del self.requests[req.key]  # a retry runs under a new key: the old one is the worker's until it confirms
@@ -544,9 +550,9 @@ class Broker:
                     next_check = min(next_check, req.abort_at)
                     continue
                 due, reason = request_due(req)
-                if now >= due and (reason is Reason.DEADLINE or req.own_limits) and len(worker.requests) > 1:
+                if now >= due and reason in req.own_limits and len(worker.requests) > 1:
                     self._shed(worker, req, reason)  # its own limit: the neighbours' streams are healthy
-                    next_check = min(next_check, now + 1.0)
+                    next_check = min(next_check, now + _ABORT_GRACE)
                 elif now >= due:
                     log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
                     self.kill_worker(worker, reason, req)
@@ -710,6 +716,8 @@ class Broker:
         self._send_client(req.client, frames)
 
     def _reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
+        if self._parked(client):  # it reads nothing: a refusal would only pile up behind its answers
+            return
         info = self.codec.encode(ErrorInfo(code, message))
         self._send_client(client, [_KIND[Kind.ERROR], self.codec.encode(ErrorHeader(rid, code)), info])
 
@@ -729,7 +737,7 @@ class Broker:
             return True
         except zmq.ZMQError as exc:
             gone = exc.errno == zmq.EHOSTUNREACH  # the caller is gone (F11); else EAGAIN
-            log.info("client %r %s: cancelling its requests", client, "went away" if gone else "stopped reading")
+            log.info("client %s %s: cancelling its requests", _who(client), "went away" if gone else "stopped reading")
             self.connections.park(client, frames if frames[0] in _ENDS else None, time.monotonic())
             why = (
                 "the caller went away"
@@ -759,9 +767,8 @@ class Broker:
             if not answers:
                 self.connections.unpark(client)
             elif now - conn.parked_at > _PARKED_FOR:
-                log.warning(
-                    "client %r did not read for %gs: dropping %d answers for it", client, _PARKED_FOR, len(answers)
-                )
+                log.warning("client %s did not read for %gs: dropping %d answers for it",
+                            _who(client), _PARKED_FOR, len(answers))  # fmt: skip
                 self.connections.forget(client)
 
     def _send_worker(self, worker: Worker, frames: list[bytes]) -> bool:
@@ -804,6 +811,20 @@ class Broker:
             "workers": workers,
             **self.stats.snapshot(),
         }
+
+
+def _who(client: bytes) -> str:
+    """A client's name for the log: a hash of its routing id (the id itself would show the counter
+    libzmq generates ids from, and let a reader of the log claim the next ones)."""
+    return hashlib.blake2b(client, digest_size=4).hexdigest()
+
+
+def _raise_fd_limit() -> None:
+    """Every client connection costs the broker a descriptor, and libzmq's ipc listener aborts the
+    process when accept() finds none left: take as many as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _read_some(fd: int) -> bool:

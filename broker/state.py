@@ -87,4 +87,6 @@ class Request:
     cancelled: bool = False
     abort_at: float = 0.0
     queued: bool = False  # whether it waits in its profile's queue
-    own_limits: bool = False  # the caller set a time limit tighter than the pool's: its breach spares neighbours
+    # Limits of its own (its deadline; a time limit the caller set tighter than the pool's): when one
+    # passes on a worker that carries other streams, this one is aborted alone.
+    own_limits: set[Reason] = field(default_factory=lambda: {Reason.DEADLINE})

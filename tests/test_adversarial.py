@@ -197,9 +197,9 @@ def test_request_bytes_held_by_the_broker_have_a_global_and_a_per_connection_bud
         busy.cancel()
 
 
-def test_a_connection_that_stopped_reading_gets_no_control_replies_queued(fake, own_processes):
-    """Answers wait (parked) for a caller that stopped reading; PING and STATS replies must not
-    pile up behind them, each a copy of the broker's whole snapshot."""
+def test_a_connection_that_stopped_reading_gets_nothing_but_its_answers_queued(fake, own_processes):
+    """Answers wait (parked) for a caller that stopped reading; STATS replies (each a copy of the
+    broker's snapshot) and refusals of what it goes on sending must not pile up behind them."""
     settings = dict(TEST_SETTINGS, client_buffer=50)
     with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as other:
         codec = Codec()
@@ -214,9 +214,13 @@ def test_a_connection_that_stopped_reading_gets_no_control_replies_queued(fake, 
             sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(1, "anthropic", "claude-fake", True),
                                              codec.encode(Call("messages.create", args))))  # fmt: skip
             wait_for(lambda: other.stats()["requests"].get("cancelled") == 1, 30, "the unread stream to be cut off")
+            call = codec.encode(Call("messages.create", anthropic_args("more")))
             for rid in range(2, 202):
                 sock.send_multipart(codec.frames(Kind.STATS, Ref(rid)))
-            wait_for(lambda: other.stats()["rejected"].get("saturated", 0) == 200, 10, "the STATS to be refused")
+                sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(rid, "anthropic", "claude-fake"), call))
+                sock.send_multipart([b"\xff", b"garbage"])
+            wait_for(lambda: other.stats()["rejected"].get("saturated", 0) == 400, 10, "STATS and SUBMITs refused")
+            wait_for(lambda: other.stats()["rejected"].get("protocol", 0) == 200, 10, "the garbage refused")
             ends = []
             while sock.poll(2000):
                 kind, header, _ = codec.parse(sock.recv_multipart())
@@ -256,19 +260,24 @@ def test_an_oversized_request_is_refused_by_the_client_and_its_other_calls_go_on
         assert _ends_within(running, 20).status == 200
 
 
-def test_a_dropped_connection_ends_its_calls_in_flight(fake, own_processes):
+def test_a_dropped_connection_ends_its_calls_in_flight_and_sends_none_of_them_later(fake, own_processes):
     """A client that believes the broker takes more than it does: the broker's ZeroMQ drops the
-    connection; the calls in flight on it end with BrokerUnavailable at once, and the client
-    goes on over its new connection."""
-    settings = dict(TEST_SETTINGS, max_message_bytes=2**20, queue_bytes_limit=2**22)
-    with Pool(profiles=one_worker(fake, concurrency=2), **settings) as pool:
+    connection. Its calls in flight end with BrokerUnavailable at once, and none of them is sent
+    on the next connection to run unanswered (requests queued behind the big one used to be)."""
+    settings = dict(TEST_SETTINGS, max_message_bytes=2**20, queue_bytes_limit=2**24)
+    with Pool(profiles=one_worker(fake, concurrency=8), **settings) as pool, pool.client() as other:
         with Client(pool.url, broker_timeout=30, max_message_bytes=2**24) as client:
-            running = client.submit("anthropic", "messages.create", **anthropic_args("running"),
-                                    **fault("slow-first:delay=3"))  # fmt: skip
-            too_big = client.submit("anthropic", "messages.create", **anthropic_args("x" * (2 * 2**20)))
-            for call in (running, too_big):
-                assert isinstance(_ends_within(call, 10), BrokerUnavailable)
+            assert client.request("anthropic", "messages.create", **anthropic_args("warm")).status == 200
+            served = fake.stats()["completed"]
+            calls = [client.submit("anthropic", "messages.create", **anthropic_args("x" * (2 * 2**20)))]
+            calls += [client.submit("anthropic", "messages.create", **anthropic_args(f"small {i}")) for i in range(100)]
+            outcomes = [_ends_within(call, 20) for call in calls]
+            assert isinstance(outcomes[0], BrokerUnavailable) and "dropped" in str(outcomes[0])
+            answered = sum(not isinstance(o, Exception) for o in outcomes)
+            assert all(isinstance(o, BrokerUnavailable) for o in outcomes if isinstance(o, Exception))
             assert client.request("anthropic", "messages.create", **anthropic_args("after")).status == 200
+            wait_for(lambda: other.stats()["in_flight"] == 0, 10, "nothing left in flight")
+            assert fake.stats()["completed"] - served == answered + 1, "a call reported unanswered was run"
 
 
 def test_a_signal_after_the_broker_closed_prints_nothing(fake, capfd):

@@ -131,9 +131,14 @@ def keygen(directory: str, name: str) -> None:
     A client:     isopool keygen keys --name alice; copy keys/alice.key into allowed/
                   ISOPOOL_CLIENT_KEY=keys/alice.key_secret ISOPOOL_BROKER_KEY=keys/broker.key
     Hand out only the .key files; the .key_secret files (0600) stay with their owner."""
+    from .config import ConfigError
     from .curve import keygen as make_keys
+    from .endpoints import UnsafeRunDir
 
-    public, secret = make_keys(directory, name)
+    try:
+        public, secret = make_keys(directory, name)
+    except (ConfigError, UnsafeRunDir) as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
 
 

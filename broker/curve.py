@@ -21,6 +21,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from .config import ConfigError
+from .endpoints import ensure_private_dir
 
 
 class KeyPair(msgspec.Struct, frozen=True):
@@ -29,11 +30,18 @@ class KeyPair(msgspec.Struct, frozen=True):
 
 
 def keygen(directory: str, name: str) -> tuple[str, str]:
-    """Write `NAME.key` (public, to hand out) and `NAME.key_secret` (0600) into a 0700 directory."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
-    os.chmod(secret, 0o600)
-    return public, secret
+    """Write `NAME.key` (public, to hand out) and `NAME.key_secret` into a 0700 directory of ours.
+
+    The secret file is created 0600 before pyzmq writes the key into it (written through the
+    umask and chmodded afterwards, it was readable by others for a moment), and an existing one
+    is never overwritten: ConfigError says so."""
+    ensure_private_dir(directory, "write secret keys there", "choose a directory of your own")
+    secret = os.path.join(directory, f"{name}.key_secret")
+    try:
+        os.close(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{secret} exists already: keep using it, or remove it to make a new pair") from None
+    return zmq.auth.create_certificates(directory, name)
 
 
 def load_pair(path: str, what: str) -> KeyPair:

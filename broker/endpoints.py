@@ -25,8 +25,9 @@ def shared_run_dir() -> str:
 _OWN_DIR = "set run_dir (ISOPOOL_RUN_DIR) to a directory of your own"
 
 
-def ensure_private_dir(path: str) -> str:
-    """Create `path` 0700, or refuse a symlink, another user's directory, or one that others can write.
+def ensure_private_dir(path: str, purpose: str = "put sockets there", instead: str = _OWN_DIR) -> str:
+    """Create `path` 0700, or refuse a symlink, another user's directory, or one that others can write
+    (the refusal says what we would not do there, `purpose`, and what to do `instead`).
 
     The checks and the chmod go through one descriptor opened with `O_NOFOLLOW`, so they apply to
     the directory itself: a link planted in a shared /tmp can neither redirect our sockets nor get
@@ -39,22 +40,22 @@ def ensure_private_dir(path: str) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:  # ELOOP: the last part is a symlink; ENOTDIR: a file
         kind = "a symlink" if os.path.islink(path) else "not a directory"
-        raise UnsafeRunDir(f"{path} is {kind}; refusing to put sockets there: remove it, or {_OWN_DIR}") from exc
+        raise UnsafeRunDir(f"{path} is {kind}; refusing to {purpose}: remove it, or {instead}") from exc
     try:
-        _check_private(path, os.fstat(fd))
+        _check_private(path, os.fstat(fd), purpose, instead)
         os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
     return path
 
 
-def _check_private(path: str, info: os.stat_result) -> None:
+def _check_private(path: str, info: os.stat_result, purpose: str, instead: str) -> None:
     if info.st_uid != os.getuid():
-        raise UnsafeRunDir(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); refusing to put "
-                           f"sockets there: {_OWN_DIR}")  # fmt: skip
+        raise UnsafeRunDir(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); refusing to "
+                           f"{purpose}: {instead}")  # fmt: skip
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeRunDir(f"{path} is writable by others, who may have put files in it; refusing to put sockets "
-                           f"there: remove it, or {_OWN_DIR}")  # fmt: skip
+        raise UnsafeRunDir(f"{path} is writable by others, who may have put files in it; refusing to {purpose}: "
+                           f"remove it, or {instead}")  # fmt: skip
 
 
 def ipc_url(run_dir: str, name: str) -> str:

@@ -94,3 +94,22 @@ def test_an_insecure_tcp_frontend_logs_a_warning(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "no CURVE authentication" in err
+
+
+def test_keygen_keeps_secrets_private_whatever_the_umask_and_never_overwrites_one(tmp_path):
+    """With umask 000 the secret used to be written world-readable, then chmodded; an existing
+    directory kept its mode; and a second run replaced a key pair already handed out."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o755)
+    keys.chmod(0o755)
+    run = [sys.executable, "-c", "import os, sys; os.umask(0); from broker.cli import main; main()",
+           "keygen", str(keys), "--name", "alice"]  # fmt: skip
+    first = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert os.stat(keys).st_mode & 0o777 == 0o700
+    secret = keys / "alice.key_secret"
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    before = secret.read_text()
+    again = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert secret.read_text() == before

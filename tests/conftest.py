@@ -15,12 +15,14 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
 os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-isopool-0000"
 os.environ["OPENAI_API_KEY"] = "sk-test-isopool-0000"
 
 from broker import Pool  # noqa: E402
-from broker.fake_provider import FAULT_HEADER, FakeProviderProcess  # noqa: E402
+from broker.fake_provider import FAULT_HEADER, LATENCY_HEADER, FakeProviderProcess  # noqa: E402
+from broker.protocol import Call, Codec, Kind, Submit  # noqa: E402
 
 # Small heartbeats; generous limits that a test lowers per request.
 TEST_SETTINGS: dict[str, Any] = dict(
@@ -127,3 +129,19 @@ def own_processes():
     before = descendants()
     yield
     wait_for(lambda: not started_by_test(before), 15, "the test's own processes to exit")
+
+
+def stop_reading_after_a_long_stream(url: str) -> zmq.Socket:
+    """A raw caller that submits a 100,000-event stream (request id 1) and reads nothing: the
+    broker's buffer for it fills, and it is cut off (parked) once `client_buffer` messages wait."""
+    codec = Codec()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 10)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(url)
+    args = anthropic_args("a long one", max_tokens=100_000, stream=True)
+    args["extra_headers"] = {LATENCY_HEADER: "tokens=100000"}
+    call = codec.encode(Call("messages.create", args))
+    sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(1, "anthropic", "claude-fake", True), call))
+    return sock

@@ -27,11 +27,18 @@ from broker import (
 )
 from broker.config import load_settings
 from broker.curve import keygen, secure_client
-from broker.fake_provider import LATENCY_HEADER
 from broker.protocol import Call, Codec, Kind, Ref, Submit
 from broker.server import Broker
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for, worker_pids
+from .conftest import (
+    TEST_SETTINGS,
+    anthropic_args,
+    fault,
+    profiles,
+    stop_reading_after_a_long_stream,
+    wait_for,
+    worker_pids,
+)
 
 
 def one_worker(fake, **extra):
@@ -203,16 +210,8 @@ def test_a_connection_that_stopped_reading_gets_nothing_but_its_answers_queued(f
     settings = dict(TEST_SETTINGS, client_buffer=50)
     with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as other:
         codec = Codec()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 10)
-        sock.setsockopt(zmq.RCVBUF, 4096)
-        sock.connect(pool.url)
+        sock = stop_reading_after_a_long_stream(pool.url)
         try:
-            args = anthropic_args("a long one", max_tokens=100_000, stream=True)
-            args["extra_headers"] = {LATENCY_HEADER: "tokens=100000"}
-            sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(1, "anthropic", "claude-fake", True),
-                                             codec.encode(Call("messages.create", args))))  # fmt: skip
             wait_for(lambda: other.stats()["requests"].get("cancelled") == 1, 30, "the unread stream to be cut off")
             call = codec.encode(Call("messages.create", anthropic_args("more")))
             for rid in range(2, 202):

@@ -8,14 +8,12 @@ import time
 
 import psutil
 import pytest
-import zmq
 
 from broker import Pool, PoolSaturated, RateLimited
 from broker.config import ConfigError
-from broker.fake_provider import LATENCY_HEADER
-from broker.protocol import Call, Code, Codec, Kind, Submit
+from broker.protocol import Code, Codec, Kind
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, wait_for
+from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles, stop_reading_after_a_long_stream, wait_for
 
 
 def one_worker(fake):
@@ -87,16 +85,8 @@ def test_a_caller_that_stops_reading_is_cut_off_and_still_gets_one_answer(fake, 
         broker = psutil.Process(pool.pid)
         rss_before = broker.memory_info().rss
         codec = Codec()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 10)
-        sock.setsockopt(zmq.RCVBUF, 4096)
-        sock.connect(pool.url)
+        sock = stop_reading_after_a_long_stream(pool.url)
         try:
-            args = anthropic_args("a long one", max_tokens=100_000, stream=True)
-            args["extra_headers"] = {LATENCY_HEADER: "tokens=100000"}
-            call = codec.encode(Call("messages.create", args))
-            sock.send_multipart(codec.frames(Kind.SUBMIT, Submit(1, "anthropic", "claude-fake", True), call))
             wait_for(lambda: other.stats()["requests"].get("cancelled") == 1, 30, "the unread stream to be cut off")
             assert other.request("anthropic", "messages.create", **anthropic_args("meanwhile")).status == 200
             assert broker.memory_info().rss - rss_before < 50 * 2**20

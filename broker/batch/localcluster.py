@@ -1,9 +1,10 @@
 """A Ray cluster of several nodes on this one machine: for trying `--ray`, the tests and the bench.
 
 Built on `ray.cluster_utils.Cluster` (one GCS, one raylet per node). Every process it
-starts is recorded by pid and ended by pid at `shutdown`, never by name, so other Ray
-instances on the machine are left alone. Health checks are shortened so that a dead node
-is noticed within about two seconds (Ray's defaults take half a minute or more).
+starts is recorded by pid and ended by pid at `shutdown` (or as soon as a start fails or is
+interrupted), never by name, so other Ray instances on the machine are left alone. Health
+checks are shortened so that a dead node is noticed within about two seconds (Ray's defaults
+take half a minute or more).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import psutil
 
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
 LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray's constants while a cluster runs. Each node's start installs Ray's SIGTERM handler, which first
+# drains the node for up to 30 s (for Ray Serve under Kubernetes): a local cluster has nothing to drain.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": 0.0}
+LOOPBACK = {"ENABLE_RAY_CLUSTER": False}  # "no cluster beyond this machine": loopback addresses
 
 
 class LocalCluster:
@@ -31,12 +36,9 @@ class LocalCluster:
 
         create_ray_address_dir()
         self.loopback, self.cpus = loopback, cpus
+        self._was = os.environ.get(LOCAL_ONLY), set_ray_constants(NO_DRAIN | (LOOPBACK if loopback else {}))
         if loopback:
-            from ray._private import ray_constants
-
-            self._was = os.environ.get(LOCAL_ONLY), ray_constants.ENABLE_RAY_CLUSTER
-            os.environ[LOCAL_ONLY] = "0"  # "no cluster beyond this machine": loopback addresses
-            ray_constants.ENABLE_RAY_CLUSTER = False
+            os.environ[LOCAL_ONLY] = "0"
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
         self.pids: set[int] = set()
         self.nodes: list[Any] = []
@@ -111,10 +113,9 @@ class LocalCluster:
         while any(alive(pid) for pid in self.pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        env, constants = self._was
+        set_ray_constants(constants)
         if self.loopback:
-            from ray._private import ray_constants
-
-            env, ray_constants.ENABLE_RAY_CLUSTER = self._was
             if env is None:
                 os.environ.pop(LOCAL_ONLY, None)
             else:
@@ -125,6 +126,16 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def set_ray_constants(values: dict[str, Any]) -> dict[str, Any]:
+    """Set those of Ray's constants this Ray has (read when used); returns their values before."""
+    from ray._private import ray_constants
+
+    was = {name: getattr(ray_constants, name) for name in values if hasattr(ray_constants, name)}
+    for name in was:
+        setattr(ray_constants, name, values[name])
+    return was
 
 
 def create_ray_address_dir() -> None:

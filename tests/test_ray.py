@@ -38,8 +38,13 @@ TOKENS = 20  # the fakes' answer length, so that every answer can be checked wit
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+def ray_extra():
+    """Skip, saying how to install it, where the ray extra is not installed (README command 2)."""
+    return pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_extra):
     from broker.batch.localcluster import LocalCluster
 
     with LocalCluster(nodes=3, loopback=True) as local:  # every pid it starts recorded, ended by pid
@@ -219,7 +224,7 @@ RAY_CLUSTER_STARTED = "Ray cluster of 2 node(s) at "
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
-def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_a_signal(tmp_path, stop):
+def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_a_signal(ray_extra, tmp_path, stop):
     """A new machine has no /tmp/ray, where Ray's `Cluster` writes the address that `--ray auto`
     reads whatever temp dir it is given. With $TMPDIR set, Ray's default dir is $TMPDIR/ray:
     an empty one here. Ctrl-C (SIGINT to the terminal's process group) or SIGTERM stops every
@@ -247,7 +252,7 @@ def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_
     assert not (tmp_path / "ray" / "ray_current_cluster").exists()  # `auto` finds no stopped cluster
 
 
-def test_ray_cluster_stopped_while_it_starts_ends_everything_at_once(tmp_path):
+def test_ray_cluster_stopped_while_it_starts_ends_everything_at_once(ray_extra, tmp_path):
     """SIGTERM while the nodes start meets Ray's own handler, which drains a node for up to 30 s
     (for Ray Serve under Kubernetes) before it stops anything; a local cluster has nothing to drain."""
     proc, out, err = start_ray_cluster(tmp_path, nodes=3)
@@ -293,7 +298,7 @@ except IsADirectoryError:
 """
 
 
-def test_a_cluster_that_fails_to_start_leaves_no_process(tmp_path):
+def test_a_cluster_that_fails_to_start_leaves_no_process(ray_extra, tmp_path):
     """Ray's `Cluster` writes its address after the head's processes run; when that fails (here
     the address file is a directory), every process started so far is ended before the error."""
     (tmp_path / "ray" / "ray_current_cluster").mkdir(parents=True)

@@ -83,8 +83,14 @@ def test_2000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_pa
     results = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)  # exactly once
     assert sum(injected.values()) > 100 and summary.stalls_recovered > 30
-    assert summary.ok == 1990 and summary.failed == 10
-    assert bodies(results) == bodies(read_jsonl(tmp_path / "clean.jsonl"))  # byte for byte what a clean run says
+    # The fake draws http-500 for each attempt anew, so a line can meet it on all three of its SDK's
+    # tries (p = 8e-6 a line, about one run in sixty): that line fails, rightly, as a 500.
+    unlucky = {r["custom_id"] for r in results if (r["response"] or {}).get("status_code") == 500}
+    assert len(unlucky) <= 2 and summary.ok == 1990 - len(unlucky) and summary.failed == 10 + len(unlucky)
+    clean_bodies = bodies(read_jsonl(tmp_path / "clean.jsonl"))
+    assert {k: v for k, v in bodies(results).items() if k not in unlucky} == {
+        k: v for k, v in clean_bodies.items() if k not in unlucky
+    }  # byte for byte what a clean run says
     overloaded = [r for r in results if int(r["custom_id"].split("-")[1]) >= 1990]
     assert all(r["response"]["status_code"] == 529 for r in overloaded)
     assert all(r["response"]["body"]["error"]["type"] == "overloaded_error" for r in overloaded)

@@ -275,8 +275,10 @@ class Broker:
             fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
         pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
-        req.own_limits = {Reason.DEADLINE} | {r for r, own in ((Reason.FIRST_EVENT, fet < pool_fet),
-                                                                (Reason.STALE, stale < pool_stale)) if own}  # fmt: skip
+        if fet < pool_fet:
+            req.own_limits.add(Reason.FIRST_EVENT)
+        if stale < pool_stale:
+            req.own_limits.add(Reason.STALE)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)

@@ -9,6 +9,7 @@ process name. Select these tests with `-m ray`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -229,8 +230,7 @@ def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_
     reads whatever temp dir it is given. With $TMPDIR set, Ray's default dir is $TMPDIR/ray:
     an empty one here. Ctrl-C (SIGINT to the terminal's process group) or SIGTERM stops every
     process it started."""
-    proc, out, err = start_ray_cluster(tmp_path, nodes=2)
-    try:
+    with ray_cluster(tmp_path, nodes=2) as (proc, out, err):
         wait_for(lambda: proc.poll() is not None or RAY_CLUSTER_STARTED in out.read_text(), 90, "the cluster")
         assert proc.poll() is None, err.read_text()
         assert raylets(proc.pid) == 2, "one raylet a node"
@@ -241,10 +241,6 @@ def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_
         else:
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     started = {p.pid for p in children}
     assert proc.returncode == 0, err.read_text()
     assert f"{RAY_CLUSTER_STARTED}{address}" in out.read_text()
@@ -255,28 +251,30 @@ def test_ray_cluster_starts_without_rays_temp_dir_is_found_by_auto_and_stops_on_
 def test_ray_cluster_stopped_while_it_starts_ends_everything_at_once(ray_extra, tmp_path):
     """SIGTERM while the nodes start meets Ray's own handler, which drains a node for up to 30 s
     (for Ray Serve under Kubernetes) before it stops anything; a local cluster has nothing to drain."""
-    proc, out, err = start_ray_cluster(tmp_path, nodes=3)
-    try:
+    with ray_cluster(tmp_path, nodes=3) as (proc, out, _):
         wait_for(lambda: raylets(proc.pid), 90, "the first node's raylet")
         started = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert RAY_CLUSTER_STARTED not in out.read_text(), "stopped while starting"
     wait_for(lambda: not any(alive(pid) for pid in started), 15, "every process of the cluster to end")
 
 
-def start_ray_cluster(tmp_path, nodes: int):
-    """`isopool ray-cluster` in its own session, its output in files, Ray's default temp dir under tmp_path."""
+@contextlib.contextmanager
+def ray_cluster(tmp_path, nodes: int):
+    """`isopool ray-cluster` in its own session, its output in files, Ray's default temp dir under
+    tmp_path; SIGKILLed with its whole session if it still runs when the block ends."""
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.Popen([ISOPOOL, "ray-cluster", "--nodes", str(nodes)],
                                 env=dict(os.environ, TMPDIR=str(tmp_path)), stdout=stdout, stderr=stderr,
                                 start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
-    return proc, out, err
+    try:
+        yield proc, out, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def raylets(pid: int) -> int:

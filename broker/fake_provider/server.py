@@ -31,11 +31,16 @@ _REMEMBERED = 1000  # requests whose headers are kept
 
 
 class Latency(msgspec.Struct, frozen=True):
-    """Time to first event, time between events (0: as fast as the socket takes them), output length."""
+    """Time to first event, time between events (0: as fast as the socket takes them), output length.
+
+    Unpaced events go out one write each, as real servers write each token when their engine
+    yields it; `batched` writes them all at once, which flatters a client (one read for a whole
+    answer) and is kept only to show the difference."""
 
     ttft: float = 0.0
     gap: float = 0.0
     tokens: int = 16
+    batched: bool = False
 
 
 class FakeProvider:
@@ -48,6 +53,7 @@ class FakeProvider:
         self.completed = 0
         self.disconnects = 0
         self.active = 0
+        self.chunks = 0  # stream events written, so that a load test's throughput can be counted here
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
 
     def app(self) -> web.Application:
@@ -88,6 +94,7 @@ class FakeProvider:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "active": self.active,
+            "chunks": self.chunks,
             "repeated": sum(n - 1 for n in self.bodies.values()),
         }
 
@@ -98,7 +105,7 @@ class FakeProvider:
         self.served.clear()
         self.bodies.clear()
         self.faults.reset()
-        self.completed = self.disconnects = 0
+        self.completed = self.disconnects = self.chunks = 0
         return web.json_response({"ok": True})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
@@ -189,7 +196,7 @@ class FakeProvider:
         try:
             if cut and first_wait:
                 await _sleep(request, first_wait)
-            await _write_events(request, response, events[:cut], gap)
+            await self._write_events(request, response, events[:cut], gap, latency.batched)
             if cut == len(events):
                 self.completed += 1
             elif fault is not None:
@@ -202,6 +209,22 @@ class FakeProvider:
         finally:
             self.active -= 1
         return response
+
+    async def _write_events(
+        self, request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float, batched: bool
+    ) -> None:
+        """One write per event, with a turn of the event loop (or the gap) between two, so that
+        concurrent streams interleave and each event reaches the socket in its own send."""
+        if batched and not gap:
+            if events:
+                await response.write(b"".join(events))
+                self.chunks += len(events)
+            return
+        for i, event in enumerate(events):
+            if i:
+                await (_sleep(request, gap) if gap else asyncio.sleep(0))
+            await response.write(event)  # drains (waits for a slow reader) every 64 KiB, as aiohttp does
+            self.chunks += 1
 
     async def _misbehave(
         self, request: web.Request, response: web.StreamResponse, fmt: Any, fault: Fault, sent: int
@@ -244,17 +267,6 @@ async def _sleep(request: web.Request, seconds: float) -> None:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
         await asyncio.sleep(min(left, 0.1))
-
-
-async def _write_events(request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float) -> None:
-    if not gap:
-        if events:
-            await response.write(b"".join(events))
-        return
-    for i, event in enumerate(events):
-        if i:
-            await _sleep(request, gap)
-        await response.write(event)
 
 
 def _sse(name: str | None, data: Any) -> bytes:

@@ -21,7 +21,7 @@ from broker.fake_provider.server import Latency
 from broker.loadtest import Options, rebuild, run
 from broker.loadtest.report import save_outputs
 from broker.loadtest.schedule import arrivals
-from broker.loadtest.summary import LATENCIES, parse_slo, verdict
+from broker.loadtest.summary import LATENCIES, parse_slo, steady_window, verdict, window_flow
 from broker.loadtest.workload import Lengths
 
 from .conftest import wait_for
@@ -252,3 +252,41 @@ def test_the_sdk_path_times_parsed_events_and_counts_stalls(tmp_path, own_proces
     ok = [r for r in _records(tmp_path) if r["outcome"] == "ok"]
     assert all(r["output_tokens"] == r["chunks"] == 20 and len(r["gaps"]) == 19 for r in ok)
     assert 0.004 <= summary["latency"]["itl"]["p50"] <= 0.008
+
+
+def _timed(sent, first, gaps, end, chunks=None, warmup=False):
+    """A hand-made record: only what the window counting reads."""
+    chunks = len(gaps) + 1 if chunks is None else chunks
+    return {"scheduled": sent, "sent": sent, "first_token": first, "gaps": gaps, "end": end, "chunks": chunks,
+            "output_tokens": chunks, "outcome": "ok", "warmup": warmup}  # fmt: skip
+
+
+def test_the_window_counts_chunks_and_streams_inside_it_whenever_their_requests_ran():
+    records = [
+        _timed(5, 6, [1.0] * 9, 15, warmup=True),  # started before: tokens at 6..15, 6 inside
+        _timed(15, 16, [1.0] * 9, 25),  # ends after: 16..25, 4 inside
+        _timed(0, 1, [1.0] * 29, 30, warmup=True),  # both: 1..30, 10 inside
+        _timed(11, 12, [0.0, 1.0, 1.0], 14),  # inside: two deltas in one read at 12, then 13 and 14
+        _timed(0, 1, [1.0], 2, warmup=True),  # over before the window
+        _timed(17, 18, [], 18, chunks=5),  # a plain answer arrives whole
+    ]
+    flow = window_flow(records, 10.0, 20.0)
+    assert flow["chunks"] == 6 + 4 + 10 + 4 + 0 + 5
+    assert flow["in_flight"] == pytest.approx((5 + 5 + 10 + 3 + 0 + 1) / 10)
+    assert steady_window(records, warmup=10.0, duration=20.0) == (10.0, 20.0)  # the run's own window, when known
+    assert steady_window(records) == (11, 17)  # else from the first to the last schedule past the warm-up
+
+
+def test_figures_survive_requests_longer_than_the_window(tmp_path, own_processes):
+    # every request streams 150 tokens 40 ms apart (~6 s), three times the 2 s point: none ends inside it
+    concurrency, gap = 4, 0.04
+    options = Options(concurrency=[concurrency], duration=2.0, warmup=0.5, output_tokens="150", fake_ttft=0.01,
+                      fake_gap=gap, calibrate=False)  # fmt: skip
+    point = run(options, str(tmp_path))["points"][0]
+    records = _records(tmp_path)
+    assert len(records) == concurrency and all(r["e2e"] > 2 * options.duration for r in records)
+    # the fake writes a token every `gap` on each stream, so the window saw about concurrency / gap chunks a second
+    assert point["summary"]["throughput"]["chunks_per_s"] == pytest.approx(concurrency / gap, rel=0.2)
+    assert point["generator"]["in_flight_mean"] == pytest.approx(concurrency, rel=0.05)
+    note = point["summary"]["window"]["note"]
+    assert "outlast" in note and "--duration" in note

@@ -103,6 +103,7 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
         f"{s['requests'] - s['outcomes'].get('ok', 0) - s['stalls']['count']}")  # fmt: skip
     row("requests/s", lambda s, g, lat: f"{s['throughput']['requests_per_s']:.1f}")
     row("output tokens/s", lambda s, g, lat: f"{s['throughput']['output_tokens_per_s']:,.0f}")
+    row("chunks/s", lambda s, g, lat: f"{s['throughput']['chunks_per_s']:,.0f}")
     row("streams in flight (mean)", lambda s, g, lat: f"{g['in_flight_mean']:.1f}")
     for name, key in (("TTFT", "ttft"), ("TTFT from schedule", "ttft_from_schedule"), ("inter-token", "itl"),
                       ("time per output token", "tpot"), ("end to end", "e2e"),
@@ -122,6 +123,8 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             console.print(head + f"stalls cut at the stale timeout: {where}")
         if s["goodput"]:
             console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
+        if s["window"]["note"]:
+            console.print(head + f"[yellow]{escape(s['window']['note'])}[/]")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
     pngs = sorted(name for name in os.listdir(out_dir) if name.endswith(".png")) if os.path.isdir(out_dir) else []

@@ -6,7 +6,10 @@ figures instead of being hidden (a closed loop's schedule is the moment a slot f
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
+import math
 import statistics
 from typing import Any
 
@@ -48,9 +51,12 @@ def meets(record: dict[str, Any], slo: dict[str, float]) -> bool:
     return True
 
 
-def summarize(records: list[dict[str, Any]], seconds: float, slo: dict[str, float] | None = None) -> dict[str, Any]:
-    """The point's figures over its measured (non-warm-up) records; `seconds` is the
-    measured window (first measured send to last end)."""
+def summarize(
+    records: list[dict[str, Any]], seconds: float, flow: dict[str, Any], slo: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The point's figures: latencies, outcomes and requests/s over its measured (non-warm-up) records, with
+    `seconds` the measured span (first measured send to last end); chunks and output tokens a second from
+    `flow`, what arrived inside the steady window (see `window_flow`)."""
     measured = [r for r in records if not r["warmup"]]
     ok = [r for r in measured if r["outcome"] == "ok"]
     latencies: dict[str, list[float]] = {name: [] for name in LATENCIES}
@@ -63,8 +69,6 @@ def summarize(records: list[dict[str, Any]], seconds: float, slo: dict[str, floa
     outcomes = collections.Counter(r["outcome"] for r in measured)
     errors = collections.Counter(f"{r['outcome']}: {_short(r['error'])}" for r in measured if r["outcome"] != "ok")
     stalls = [r["stall"] for r in measured if r["stall"]]
-    chunks = sum(r["chunks"] for r in measured)
-    output = sum(r["output_tokens"] for r in ok)
     per_second = 1 / seconds if seconds > 0 else 0.0
     good = sum(1 for r in measured if meets(r, slo or {}))
     return {
@@ -76,9 +80,10 @@ def summarize(records: list[dict[str, Any]], seconds: float, slo: dict[str, floa
         "latency": {name: distribution(values) for name, values in latencies.items()},
         "throughput": {
             "requests_per_s": round(len(ok) * per_second, 3),
-            "output_tokens_per_s": round(output * per_second, 1),
-            "chunks_per_s": round(chunks * per_second, 1),
+            "output_tokens_per_s": round(flow["output_tokens"] / flow["seconds"], 1) if flow["seconds"] else 0.0,
+            "chunks_per_s": round(flow["chunks"] / flow["seconds"], 1) if flow["seconds"] else 0.0,
         },
+        "window": {k: flow[k] for k in ("begin", "end", "seconds", "chunks", "note")},
         "goodput": {"slo": slo, "requests": good, "requests_per_s": round(good * per_second, 3)} if slo else None,
         "stalls": {
             "count": len(stalls),
@@ -94,36 +99,91 @@ def _short(error: str) -> str:
 
 def point_result(
     load: dict[str, Any], records: list[dict[str, Any]], samples: list[dict[str, Any]], lags: list[float],
-    slo: dict[str, float], cpu_cores: float | None = None,
+    slo: dict[str, float], cpu_cores: float | None = None, window: tuple[float, float] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A point's figures: the summary, how the generator did (`samples`, `lags` and `cpu_cores`, the
     generator's mean CPU, come from the live run; a report rebuilt from records alone has none of
-    them), and its per-second series."""
-    measured = [r for r in records if not r["warmup"] and r["sent"] is not None and r["end"] is not None]
+    them), and its per-second series. `window` is the steady window (see `steady_window`)."""
+    measured = _measured(records)
     begin = min((r["scheduled"] for r in measured), default=0.0)
     finish = max((r["end"] for r in measured), default=0.0)
-    window = max(finish - begin, 1e-9)
-    summary = summarize(records, window if measured else 0.0, slo or None)
-    # Streams in flight at the target (worker's send to the last bytes) while requests were still
-    # being issued, warm-up requests included while they overlap (not during the drain at the end)
-    steady_end = max((r["scheduled"] for r in measured), default=0.0)
-    steady = steady_end - begin
-    timed = [r for r in records if r["sent"] is not None and r["end"] is not None]
-    in_flight = (
-        sum(max(0.0, min(r["end"], steady_end) - max(r["sent"], begin)) for r in timed) / steady
-        if steady > 0.01
-        else sum(r["end"] - r["sent"] for r in measured) / window
-    )
+    flow = window_flow(records, *(window or steady_window(records)))
+    flow["note"] = _outlasting(records, flow)
+    summary = summarize(records, max(finish - begin, 1e-9) if measured else 0.0, flow, slo or None)
     late = sorted(r["submitted"] - r["scheduled"] for r in measured)
     lags = sorted(lags)
     generator = {
-        "in_flight_mean": round(in_flight, 2),
+        "in_flight_mean": round(flow["in_flight"], 2),
         "submit_late_p99": round(late[int(0.99 * (len(late) - 1))], 6) if late else None,
         "loop_lag_p99": round(lags[int(0.99 * (len(lags) - 1))], 6) if lags else None,
         "cpu_cores_mean": round(cpu_cores, 3) if cpu_cores is not None else None,
     }
     generator["verdict"] = verdict(load, generator)
     return {"load": load, "summary": summary, "generator": generator, "series": _series(records, samples)}
+
+
+def steady_window(
+    records: list[dict[str, Any]], warmup: float | None = None, duration: float | None = None
+) -> tuple[float, float]:
+    """Where the load was steady, in seconds from the point's start: from the end of the warm-up (else the
+    first measured request's schedule) to the end of `--duration` (else the last measured schedule, when
+    requests stopped going out); when everything went out at once, to the last measured end. With nothing
+    measured (every request began in the warm-up), the warm-up's requests stand in."""
+    measured = _measured(records) or [r for r in records if r["sent"] is not None and r["end"] is not None]
+    begin = warmup if warmup is not None else min((r["scheduled"] for r in measured), default=0.0)
+    end = duration or max((r["scheduled"] for r in measured), default=begin)
+    if end - begin <= 0.01:
+        end = max((r["end"] for r in measured), default=begin)
+    return begin, end
+
+
+def window_flow(records: list[dict[str, Any]], begin: float, end: float) -> dict[str, Any]:
+    """What moved inside [begin, end): chunks by when each arrived (rebuilt from `first_token` and `gaps`),
+    output tokens in proportion, and streams in flight at the target (send to last bytes), whenever their
+    requests started or ended, warm-up ones included: a request longer than the window still counts."""
+    seconds = end - begin
+    timed = [r for r in records if r["sent"] is not None and r["end"] is not None]
+    chunks = output = busy = 0.0
+    for r in timed:
+        arrivals = _arrivals(r)
+        inside = bisect.bisect_left(arrivals, end) - bisect.bisect_left(arrivals, begin)
+        chunks += inside
+        if r["outcome"] == "ok" and r["output_tokens"] > 0 and arrivals:
+            output += r["output_tokens"] * inside / len(arrivals)
+        overlap = min(r["end"], end) - max(r["sent"], begin)
+        busy += max(overlap, 0.0)
+    return {"begin": round(begin, 3), "end": round(end, 3), "seconds": round(max(seconds, 0.0), 3),
+            "chunks": int(chunks), "output_tokens": output, "in_flight": busy / seconds if seconds > 0 else 0.0}
+
+
+def _measured(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records past the warm-up that were sent and ended."""
+    return [r for r in records if not r["warmup"] and r["sent"] is not None and r["end"] is not None]
+
+
+def _arrivals(record: dict[str, Any]) -> list[float]:
+    """When each chunk of a record arrived: the first at `first_token`, the rest one gap after another
+    (a plain answer's chunks all arrive with it)."""
+    if record["first_token"] is None or not record["chunks"]:
+        return []
+    times = list(itertools.accumulate(record["gaps"], initial=record["first_token"]))
+    return times + [times[-1]] * (record["chunks"] - len(times))
+
+
+def _outlasting(records: list[dict[str, Any]], flow: dict[str, Any]) -> str | None:
+    """Say so when the typical request in the window took longer than the window, or none began after the
+    warm-up: chunks and streams still count inside it, but few requests (or none) were measured whole."""
+    begin, end, seconds = flow["begin"], flow["end"], flow["seconds"]
+    lasting = [r["end"] - r["sent"] for r in records
+               if r["sent"] is not None and r["end"] is not None and r["sent"] < end and r["end"] > begin]  # fmt: skip
+    typical = statistics.median(lasting) if lasting else 0.0
+    unmeasured = bool(lasting) and not _measured(records)
+    if not unmeasured and typical <= seconds:
+        return None
+    whole = "none began after the warm-up" if unmeasured else "few were measured whole"
+    return (f"requests outlast the steady window ({begin:.1f}-{end:.1f} s): they took {typical:.1f} s (median) "
+            f"and {whole}; chunks/s and streams in flight count what moved inside the window. "
+            f"Try --duration {math.ceil(begin + 5 * typical)} or more.")
 
 
 def verdict(load: dict[str, Any], g: dict[str, Any]) -> str:

@@ -288,5 +288,6 @@ def test_figures_survive_requests_longer_than_the_window(tmp_path, own_processes
     # the fake writes a token every `gap` on each stream, so the window saw about concurrency / gap chunks a second
     assert point["summary"]["throughput"]["chunks_per_s"] == pytest.approx(concurrency / gap, rel=0.2)
     assert point["generator"]["in_flight_mean"] == pytest.approx(concurrency, rel=0.05)
-    note = point["summary"]["window"]["note"]
-    assert "outlast" in note and "--duration" in note
+    window = point["summary"]["window"]
+    assert (window["begin"], window["end"]) == (options.warmup, options.duration)  # the steady window, exactly
+    assert "outlast" in window["note"] and "--duration" in window["note"]

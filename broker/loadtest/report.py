@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..render import console
-from .summary import parse_slo, point_result
+from .summary import parse_slo, point_result, steady_window
 
 
 class LoadProgress:
@@ -190,8 +190,10 @@ def rebuild(out_dir: str) -> dict[str, Any]:
     for record in read_records(out_dir):
         by_point.setdefault(record["point"], []).append(record)
     loads = results.get("load_points", [])
-    slo = parse_slo(results["options"].get("slo", ""))
+    options = results["options"]
+    slo = parse_slo(options.get("slo", ""))
     for number in sorted(by_point):
         load = loads[number] if number < len(loads) else {"name": f"point {number}"}
-        results["points"].append(point_result(load, by_point[number], [], [], slo))
+        window = steady_window(by_point[number], options.get("warmup"), options.get("duration"))
+        results["points"].append(point_result(load, by_point[number], [], [], slo, window=window))
     return results

@@ -35,7 +35,7 @@ from .measure import Measurement
 from .schedule import arrivals
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
-from .summary import parse_slo, point_result
+from .summary import parse_slo, point_result, steady_window
 from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
 
 Workload = Synthetic | Dataset
@@ -348,7 +348,8 @@ async def _run_point(
             if sdk is not None:
                 await sdk.close()
     cores = (live.cpu.seconds() - cpu_before) / (time.monotonic() - started)
-    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo), cores)
+    window = steady_window(records, options.warmup, options.duration)
+    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo), cores, window)
 
 
 class _Budget:

@@ -42,15 +42,18 @@ Fault kinds:
 @click.option("--ttft", default=0.0, show_default=True, help="Seconds before the first event.")
 @click.option("--gap", default=0.0, show_default=True, help="Seconds between events.")
 @click.option("--tokens", default=16, show_default=True, help="Output tokens per answer.")
+@click.option("--batched", is_flag=True,
+              help="Write an unpaced answer in one write (real servers, and the default, write each event alone).")
 @fault_rates_option("Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
-def fake_provider(host, port, ttft, gap, tokens, fault_rates, seed, owned) -> None:
+def fake_provider(host, port, ttft, gap, tokens, batched, fault_rates, seed, owned) -> None:
     from .fake_provider.process import serve
     from .fake_provider.server import Latency
 
     try:
-        asyncio.run(serve(host, port, Latency(ttft, gap, tokens), parse_rates(fault_rates), seed, owned))
+        latency = Latency(ttft, gap, tokens, batched)
+        asyncio.run(serve(host, port, latency, parse_rates(fault_rates), seed, owned))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from broker.fake_provider import LATENCY_HEADER
+from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite")
@@ -47,11 +47,15 @@ def test_the_fake_writes_each_unpaced_event_in_its_own_write_and_counts_them(fak
     assert len(batched) == 1 and b"".join(batched).count(b"\n\n") == len(chunks)
 
 
+def test_a_batched_fake_process_writes_an_answer_at_once(own_processes):
+    """`FakeProviderProcess(Latency(batched=True))` passes --batched on: it was silently dropped."""
+    with FakeProviderProcess(Latency(batched=True)) as batched:
+        assert len(_http_chunks(batched.url, "tokens=40")) == 1  # the header sets the length only
+
+
 def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("pebble")
-
-
     results = tmp_path / "results.json"
     run = subprocess.run(
         [sys.executable, "-m", "bench", "all", "--size", "tiny", "--json", str(results)],

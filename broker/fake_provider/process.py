@@ -53,6 +53,7 @@ class FakeProviderProcess:
     def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0) -> None:
         latency = latency or Latency()
         args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
+        args += ["--batched"] if latency.batched else []
         args += ["--seed", str(seed), "--owned"]
         for spec, rate in (rates or {}).items():
             args += ["--fault-rate", f"{spec}={rate}"]

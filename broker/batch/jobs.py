@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import importlib
 import inspect
+import itertools
 import os
 import sys
 import time
@@ -157,12 +158,20 @@ def _run_threads(url: str, function: Callable, todo: list, concurrency: int, wri
             except Exception as exc:
                 return _record(custom_id, None, exc)
 
+        # A job starts only when one has ended and been written, so that a failed write (or Ctrl-C)
+        # leaves at most the jobs already running: queued all at once, the threads ran ahead of it.
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
+        pending = iter(todo)
+        running = {executor.submit(call, *item) for item in itertools.islice(pending, max(1, concurrency))}
         try:
-            for future in concurrent.futures.as_completed([executor.submit(call, *item) for item in todo]):
-                write(future.result())  # from this one thread: the ledger is not shared between threads
+            while running:
+                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    write(future.result())  # from this one thread: the ledger is not shared between threads
+                    if (item := next(pending, None)) is not None:
+                        running.add(executor.submit(call, *item))
         finally:
-            executor.shutdown(cancel_futures=True)  # a failed write (or Ctrl-C) starts no more jobs
+            executor.shutdown(cancel_futures=True)
 
 
 def _run_async(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):

@@ -273,12 +273,13 @@ class Broker:
         )
         if sub.read_timeout:
             fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
-        pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
-        if fet < pool_fet:
-            req.own_limits.add(Reason.FIRST_EVENT)
-        if stale < pool_stale:
-            req.own_limits.add(Reason.STALE)
+        if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one
+            pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
+            if fet < pool_fet:
+                req.own_limits.add(Reason.FIRST_EVENT)
+            if stale < pool_stale:
+                req.own_limits.add(Reason.STALE)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)

@@ -261,7 +261,6 @@ FRAMING_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive",
      "proxy-connection"}
 )  # fmt: skip
-LOCAL_HEADERS = CREDENTIAL_HEADERS | FRAMING_HEADERS
 
 
 def is_framing_header(name: str) -> bool:

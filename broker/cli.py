@@ -42,8 +42,11 @@ Fault kinds:
 @click.option("--ttft", default=0.0, show_default=True, help="Seconds before the first event.")
 @click.option("--gap", default=0.0, show_default=True, help="Seconds between events.")
 @click.option("--tokens", default=16, show_default=True, help="Output tokens per answer.")
-@click.option("--batched", is_flag=True,
-              help="Write an unpaced answer in one write (real servers, and the default, write each event alone).")
+@click.option(
+    "--batched",
+    is_flag=True,
+    help="Write an unpaced answer in one write (real servers, and the default, write each event alone).",
+)
 @fault_rates_option("Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
@@ -89,7 +92,11 @@ def _default_url() -> str:
     help="Allow a tcp:// frontend without CURVE keys: anyone who reaches the port can spend the provider keys.",
 )
 def serve(
-    config_path: str | None, frontend: str | None, http: str | None, metrics: str | None, token: str | None,
+    config_path: str | None,
+    frontend: str | None,
+    http: str | None,
+    metrics: str | None,
+    token: str | None,
     insecure: bool,
 ) -> None:
     """Run a broker with its zygote and workers in the foreground.

@@ -130,10 +130,14 @@ def test_the_broker_sleeps_while_requests_wait_in_its_queue(fake, own_processes)
         assert busy.result().status == 200 and all(w.result().status == 200 for w in waiting)
 
 
-
 @pytest.mark.parametrize(
-    "limit", [{"stale_timeout": float("nan")}, {"deadline": float("inf")}, {"first_event_timeout": -1.0},
-              {"max_attempts": 0}],  # fmt: skip
+    "limit",
+    [
+        {"stale_timeout": float("nan")},
+        {"deadline": float("inf")},
+        {"first_event_timeout": -1.0},
+        {"max_attempts": 0},
+    ],  # fmt: skip
 )
 def test_a_request_limit_that_is_not_a_positive_number_is_refused(client, fake, limit):
     served = fake.stats()["completed"]

@@ -291,3 +291,23 @@ def test_figures_survive_requests_longer_than_the_window(tmp_path, own_processes
     window = point["summary"]["window"]
     assert (window["begin"], window["end"]) == (options.warmup, options.duration)  # the steady window, exactly
     assert "outlast" in window["note"] and "--duration" in window["note"]
+
+
+def test_every_way_a_timed_request_ends_is_told_apart(tmp_path, own_processes):
+    """A connection reset or closed mid-stream, an HTTP error and an error event mid-stream each get
+    their own outcome, after the tokens that came before."""
+    faults = {"reset:after=5": 0.1, "http-500": 0.1, "error-event:after=5": 0.1, "close:after=5": 0.1}
+    options = Options(calibrate=False, concurrency=[8], requests=120, output_tokens="20", fake_gap=0.001,
+                      fake_faults=faults, seed=5)  # fmt: skip
+    results = run(options, str(tmp_path))
+    injected = results["fake_provider"]["faults"]
+    assert all(injected.get(kind, 0) >= 3 for kind in ("reset", "http-500", "error-event", "close")), injected
+    outcomes = results["points"][0]["summary"]["outcomes"]
+    broken = injected["reset"] + injected["close"]
+    ok = 120 - broken - injected["http-500"] - injected["error-event"]
+    assert outcomes == {"ok": ok, "connection": broken, "http_error": injected["http-500"],
+                        "stream_error": injected["error-event"]}  # fmt: skip
+    records = _records(tmp_path)
+    assert {r["error"] for r in records if r["outcome"] == "http_error"} == {"HTTP 500"}
+    assert all(r["chunks"] == 4 for r in records if r["outcome"] in ("connection", "stream_error"))
+    assert all(r["chunks"] == 20 for r in records if r["outcome"] == "ok")

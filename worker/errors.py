@@ -6,6 +6,7 @@ SDK's own exception class from this `ErrorInfo` (status, body and headers intact
 
 from __future__ import annotations
 
+import aiohttp
 import anthropic
 import httpx2
 import msgspec
@@ -49,9 +50,10 @@ def translate(exc: BaseException) -> ErrorInfo:
         cause = exc.__cause__
         detail = f"{exc} ({type(cause).__name__}: {cause})" if cause else str(exc)
         return ErrorInfo(Code.PROVIDER_CONNECTION, detail, error_type=name)
-    if isinstance(exc, httpx2.TimeoutException):  # raised by a raw stream read, outside the SDK's wrapping
+    # raised by a raw stream read (outside the SDK's wrapping) or by a load test's aiohttp transport
+    if isinstance(exc, httpx2.TimeoutException | aiohttp.ServerTimeoutError):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, f"{name}: {exc}", error_type=name)
-    if isinstance(exc, httpx2.TransportError):  # e.g. the connection was reset mid-stream
+    if isinstance(exc, httpx2.TransportError | aiohttp.ClientError):  # e.g. the connection was reset mid-stream
         detail = f"{name}: {exc}" if str(exc) else name
         return ErrorInfo(Code.PROVIDER_CONNECTION, f"connection to the provider lost ({detail})", error_type=name)
     if isinstance(exc, ProviderStreamError):

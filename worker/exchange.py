@@ -71,11 +71,18 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
 async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool) -> Any:
     """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
     the worker's own credentials unless the pool allows the request's own."""
+    url, headers = destination(sdk, call, allow_overrides)
+    request = http.build_request(call.method, url, headers=headers, content=body)
+    return await http.send(request, stream=True)
+
+
+def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, httpx2.Headers]:
+    """Where `call` goes and with which headers: confined to the profile's base URL, with the
+    worker's own credentials unless the pool allows the request's own."""
     check_path(call.path)
     check_overrides(call, allow_overrides)
     url = (call.base_url or str(sdk.base_url)).rstrip("/") + call.path
-    request = http.build_request(call.method, url, headers=request_headers(sdk, call), content=body)
-    return await http.send(request, stream=True)
+    return url, request_headers(sdk, call)
 
 
 def check_overrides(call: HttpCall, allow_overrides: bool) -> None:

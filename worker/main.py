@@ -49,7 +49,7 @@ from broker.protocol import Error as ErrorHeader
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
-from .timing import run_timed
+from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class Emitter:
         self._sock.send([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
 
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
+        self.send_events(batch)
+
+    def send_events(self, batch: list[tuple[str, bytes]]) -> None:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch)))
         self._seq += len(batch)
         self._sock.send([KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)])
@@ -187,6 +190,7 @@ class Worker:
         self.tasks: dict[int, asyncio.Task] = {}
         self.clients: Clients | None = None
         self.client_error: Exception | None = None
+        self.timed = TimedTransport(_ssl_context)
         try:
             self.clients = build_client(spec.profile)
         except Exception as exc:  # every request gets this error
@@ -223,7 +227,7 @@ class Worker:
             call = self.codec.call(payload)
             kind, clients = self.spec.profile.kind, self._clients_for(call)
             if isinstance(call, TimedCall):
-                await run_timed(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+                await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
             elif isinstance(call, HttpCall):
                 await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
             else:

@@ -25,27 +25,49 @@ def parse_block(block: bytes) -> tuple[str, bytes] | None:
     return name, data[0] if len(data) == 1 else b"\n".join(data)
 
 
-async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
-    """The real events of a byte stream, as lists of those completed by each read (so a
-    fast stream is relayed in few messages and a slow one without delay); stops at
-    OpenAI's `data: [DONE]`."""
-    tail = b""
-    async for chunk in chunks:
+class EventSplitter:
+    """Raw bytes in, the real events they complete out; `done` once OpenAI's `data: [DONE]` or the
+    end of the bytes has been seen."""
+
+    __slots__ = ("tail", "done")
+
+    def __init__(self) -> None:
+        self.tail, self.done = b"", False
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        blocks = (tail + chunk).split(b"\n\n")
-        tail = blocks.pop()
+        blocks = (self.tail + chunk).split(b"\n\n")
+        self.tail = blocks.pop()
         batch = []
         for block in blocks:
             event = parse_block(block)
             if event is None:
                 continue
             if event[1] == DONE:
-                if batch:
-                    yield batch
-                return
+                self.done = True
+                break
             batch.append(event)
-        if batch:
+        return batch
+
+    def end(self) -> list[tuple[str, bytes]]:
+        """The bytes ended: the last event, if they ended without a blank line."""
+        tail, self.tail = self.tail, b""
+        done, self.done = self.done, True
+        if done or not tail.strip() or (event := parse_block(tail)) is None or event[1] == DONE:
+            return []
+        return [event]
+
+
+async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """The real events of a byte stream, as lists of those completed by each read (so a
+    fast stream is relayed in few messages and a slow one without delay); stops at
+    OpenAI's `data: [DONE]`."""
+    splitter = EventSplitter()
+    async for chunk in chunks:
+        if batch := splitter.feed(chunk):
             yield batch
-    if tail.strip() and (event := parse_block(tail)) is not None and event[1] != DONE:
-        yield [event]
+        if splitter.done:
+            return
+    if batch := splitter.end():
+        yield batch

@@ -6,161 +6,180 @@ relayed, the number of output deltas in that read, and the usage and errors once
 provider reports them; the caller builds no SDK objects. A stream without output for its
 stale timeout is ended here with STALLED (the worker's other streams go on); the broker's
 watchdog, set later, still kills a worker that hangs.
+
+A server that streams one token per write makes one read per token, so the cost of a read
+decides how fast the generator is: reads go through aiohttp's C parser rather than the SDK's
+httpx stack, a stream's deadline is one timer rather than one moved at every read, and the
+ticks of all the worker's streams leave together a few times a second (each keeps its own
+arrival time, so only the caller's live view waits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import ssl
 import time
+import urllib.request
 from typing import Any
 
+import aiohttp
 import msgspec
 
-from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall, Usage
+from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
-from .exchange import send
-from .sse import iter_batches
+from .counts import api_of, count
+from .exchange import destination
+from .sse import EventSplitter
 
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[Any] | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta | None = None
-    text: str | None = None  # legacy completions
+FLUSH_EVERY = 0.05  # seconds a tick may wait to leave with the others
+_DRAIN = 1.0  # seconds to read what follows `[DONE]`, so that the connection can be used again
+_TICK = msgspec.msgpack.Encoder()
 
 
-class _ChatChunk(msgspec.Struct):
-    choices: list[_Choice] = []
-    usage: Usage | None = None
-    error: dict[str, Any] | None = None
+class TimedTransport:
+    """What a worker needs for timed calls: an aiohttp session, opened on the first one (it reaches
+    a proxy the way the SDKs do, from HTTP(S)_PROXY and NO_PROXY), and the outbox of their ticks."""
+
+    def __init__(self, ssl: ssl.SSLContext | None) -> None:
+        self._ssl, self._session = ssl, None
+        self.outbox = Outbox()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl or True)
+            # trust_env would look up ~/.netrc in a thread at every request; proxies are found below
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
 
 
-class _Message(msgspec.Struct):
-    usage: Usage | None = None
+@functools.lru_cache(maxsize=64)
+def proxy_for(scheme: str, host: str) -> str | None:
+    proxies = urllib.request.getproxies_environment()
+    if not proxies or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    return proxies.get(scheme)
 
 
-class _AnthropicEvent(msgspec.Struct):
-    message: _Message | None = None  # message_start
-    usage: Usage | None = None  # message_delta
-    error: dict[str, Any] | None = None
-
-
-class _ResponsesEvent(msgspec.Struct):
-    response: _Message | None = None  # response.completed
-    error: dict[str, Any] | None = None
-    code: str | None = None
-    type: str = ""
-
-
-_CHAT = msgspec.json.Decoder(_ChatChunk)
-_ANTHROPIC = msgspec.json.Decoder(_AnthropicEvent)
-_RESPONSES = msgspec.json.Decoder(_ResponsesEvent)
-
-
-class _Counts:
-    """What one read's events add up to."""
-
-    __slots__ = ("tokens", "input_tokens", "output_tokens", "error")
+class Outbox:
+    """The ticks of every stream of the worker that wait to be sent: all leave in one burst every
+    FLUSH_EVERY seconds (one wake-up of the socket's I/O thread instead of one per stream), and a
+    stream's own leave at once when it ends, ahead of its end."""
 
     def __init__(self) -> None:
-        self.tokens, self.input_tokens, self.output_tokens, self.error = 0, -1, -1, ""
+        self.pending: dict[Any, list[tuple[str, bytes]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
 
-    def usage(self, usage: Usage | None) -> None:
-        if usage is not None:
-            self.input_tokens = max(usage.input, self.input_tokens)
-            self.output_tokens = max(usage.output, self.output_tokens)
+    def add(self, emit: Any, tick: Tick) -> None:
+        batch = self.pending.get(emit)
+        if batch is None:
+            batch = self.pending[emit] = []
+            if self.timer is None:
+                self.timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+        batch.append((TICK, _TICK.encode(tick)))
 
+    def flush(self) -> None:
+        self.timer = None
+        pending, self.pending = self.pending, {}
+        for emit, batch in pending.items():
+            emit.send_events(batch)
 
-def _count(api: str, batch: list[tuple[str, bytes]]) -> _Counts:
-    counts = _Counts()
-    for name, data in batch:
-        try:
-            if api == "chat":
-                chunk = _CHAT.decode(data)
-                if any(_is_output(c) for c in chunk.choices):
-                    counts.tokens += 1
-                counts.usage(chunk.usage)
-                if chunk.error is not None:
-                    counts.error = str(chunk.error.get("type") or chunk.error.get("code") or "error")
-            elif api == "messages":
-                if name == "content_block_delta":
-                    counts.tokens += 1
-                elif name in ("message_start", "message_delta", "error"):
-                    event = _ANTHROPIC.decode(data)
-                    counts.usage(event.usage or (event.message.usage if event.message else None))
-                    if event.error is not None:
-                        counts.error = str(event.error.get("type") or "error")
-            elif name.endswith(".delta"):
-                counts.tokens += 1
-            elif name in ("response.completed", "response.incomplete", "response.failed", "error"):
-                event = _RESPONSES.decode(data)
-                counts.usage(event.response.usage if event.response else None)
-                if name in ("error", "response.failed"):
-                    counts.error = str(event.code or (event.error or {}).get("code") or event.type or "error")
-        except msgspec.DecodeError:
-            counts.error = counts.error or "unreadable_event"
-    return counts
+    def flush_one(self, emit: Any) -> None:
+        if batch := self.pending.pop(emit, None):
+            emit.send_events(batch)
 
 
-def _is_output(choice: _Choice) -> bool:
-    delta = choice.delta
-    if delta is not None:
-        return bool(delta.content or delta.reasoning_content or delta.tool_calls)
-    return bool(choice.text)
+class _Watch:
+    """Raises TimeoutError in the stream's task when no real event came for `stale` seconds (none
+    in `first`, before the first). One timer: when it goes off before the last event's deadline,
+    it sets itself again for that deadline. Times are `time.monotonic()`, which `loop.time()` is."""
 
+    def __init__(self, first: float, stale: float) -> None:
+        self.loop, self.task = asyncio.get_running_loop(), asyncio.current_task()
+        self.stale, self.last, self.fired = stale, 0, False
+        self.due = self.loop.time() + first
+        self.handle = self.loop.call_at(self.due, self._check)
 
-def api_of(kind: str, route: str) -> str:
-    """Which stream format a route speaks: messages, chat or responses."""
-    if kind == "anthropic":
-        return "messages"
-    return "responses" if route.endswith("/responses") else "chat"
+    def saw(self, arrived_ns: int) -> None:
+        if not self.last:  # the first event: from now on the stale timeout counts, not the first-event one
+            self.handle.cancel()
+            self.handle = self.loop.call_at(arrived_ns * 1e-9 + self.stale, self._check)
+        self.last = arrived_ns
 
-
-async def run_timed(sdk: Any, http: Any, kind: str, call: TimedCall, emit: Any, allow_overrides: bool) -> None:
-    """Send a load test's request and time its answer: a `Tick` for the head and for each read of
-    a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
-    sent = time.monotonic_ns()
-    response = await send(sdk, http, call.http, call.http.body, allow_overrides)
-    try:
-        head = Tick(time.monotonic_ns(), sent=sent, status=response.status_code)
-        await emit.events([(TICK, msgspec.msgpack.encode(head))])
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            await _time_stream(response, emit, api_of(kind, call.http.path.split("?", 1)[0]), call)
+    def _check(self) -> None:
+        if self.last:
+            self.due = self.last * 1e-9 + self.stale
+        if self.loop.time() < self.due:
+            self.handle = self.loop.call_at(self.due, self._check)
         else:
-            body = await response.aread()
-            await emit.result(Response(response.status_code, list(response.headers.items()), body))
-    finally:
-        await response.aclose()
+            self.fired = True
+            self.task.cancel()  # type: ignore[union-attr]
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.handle.cancel()
+        if self.fired and kind is asyncio.CancelledError and self.task.uncancel() == 0:  # type: ignore[union-attr]
+            raise TimeoutError
 
 
-async def _time_stream(response: Any, emit: Any, api: str, call: TimedCall) -> None:
-    arrived = 0
-
-    async def stamped() -> Any:
-        nonlocal arrived
-        async for chunk in response.aiter_bytes():
-            arrived = time.monotonic_ns()  # before any parsing
-            yield chunk
-
-    loop = asyncio.get_running_loop()
-    events = tokens = 0
-    try:  # pings and comments do not move the timer: only real events do
-        async with asyncio.timeout(call.first_event_timeout) as timer:
-            async for batch in iter_batches(stamped()):
-                timer.reschedule(loop.time() + call.stale_timeout)
-                events += 1
-                counts = _count(api, batch)
-                tokens += counts.tokens
-                tick = Tick(arrived, counts.tokens, output_tokens=counts.output_tokens,
-                            input_tokens=counts.input_tokens, error=counts.error)  # fmt: skip
-                await emit.events([(TICK, msgspec.msgpack.encode(tick))])
+async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedCall, emit: Any,
+                    allow_overrides: bool) -> None:  # fmt: skip
+    """Send a load test's request and time its answer: a `Tick` for the head, then one for each read
+    of a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
+    url, headers = destination(sdk, call.http, allow_overrides)
+    session, outbox = transport.session(), transport.outbox
+    target = session._build_url(url)  # noqa: SLF001 - the URL aiohttp will request, for its proxy
+    proxy = proxy_for(target.scheme, target.host or "")
+    sent = time.monotonic_ns()
+    try:
+        async with asyncio.timeout(call.first_event_timeout):
+            response = await session.request(call.http.method, target, headers=headers.multi_items(),
+                                             data=call.http.body, proxy=proxy)  # fmt: skip
     except TimeoutError:
+        await emit.error(ErrorInfo(Code.STALLED, f"first_event_timeout: no response in {call.first_event_timeout:g}s"))
+        return
+    try:
+        outbox.add(emit, Tick(time.monotonic_ns(), sent=sent, status=response.status))
+        if response.content_type == "text/event-stream":
+            await _time_stream(response, emit, outbox, api_of(kind, call.http.path.split("?", 1)[0]), call)
+        else:
+            body = await response.read()
+            outbox.flush_one(emit)
+            headers = [(str(k), v) for k, v in response.headers.items()]  # aiohttp's names are `istr`
+            await emit.result(Response(response.status, headers, body))
+    finally:
+        outbox.flush_one(emit)
+        response.release()
+
+
+async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call: TimedCall) -> None:
+    splitter, read = EventSplitter(), response.content.readany
+    events = tokens = 0
+    try:
+        with _Watch(call.first_event_timeout, call.stale_timeout) as watch:
+            while not splitter.done:
+                chunk = await read()
+                arrived = time.monotonic_ns()  # before any parsing
+                batch = splitter.feed(chunk) if chunk else splitter.end()
+                if batch:  # pings and comments do not move the deadline: only real events do
+                    watch.saw(arrived)
+                    events += 1
+                    counts = count(api, batch)
+                    tokens += counts.tokens
+                    outbox.add(emit, Tick(arrived, counts.tokens, output_tokens=counts.output_tokens,
+                                          input_tokens=counts.input_tokens, error=counts.error))  # fmt: skip
+    except TimeoutError:
+        outbox.flush_one(emit)
         what = f"stale_timeout: no output for {call.stale_timeout:g}s" if events else (
             f"first_event_timeout: no event in {call.first_event_timeout:g}s")  # fmt: skip
         await emit.error(ErrorInfo(Code.STALLED, f"{what} after {tokens} tokens"))
         return
+    outbox.flush_one(emit)
     await emit.result(None)
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(_DRAIN):
+            while await read():
+                pass

@@ -97,7 +97,9 @@ sweep.png for a sweep; with the `plots` extra)."""
     "pay), instead of where the bytes arrive in the workers.",
 )
 @click.option(
-    "--streams-per-worker", default=0, help="Streams each worker process carries (default: 32; 1 with --sdk)."
+    "--streams-per-worker",
+    default=0,
+    help="Streams each worker process carries (default: spread over one worker per core; 1 with --sdk).",
 )
 @click.option("--stale-timeout", default=10.0, show_default=True, help="Seconds without output before a stall is cut.")
 @click.option("--first-event-timeout", default=60.0, show_default=True, help="Seconds to the first event.")

@@ -10,6 +10,7 @@ counted with the token it stalled after), connection, and pool (the pool refused
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 import msgspec
@@ -35,7 +36,9 @@ class Measurement:
         self.input_estimate, self.requested = input_tokens, requested
         self.sent = self.head = self.first = self.last = 0
         self.status = 0
-        self.arrivals: list[tuple[int, int]] = []  # (arrival ns, output deltas in that read)
+        # when each read with output arrived (ns) and its output deltas: flat arrays, not a tuple per
+        # read, so that thousands of streams leave the garbage collector nothing to walk
+        self.arrived, self.deltas = array.array("q"), array.array("q")
         self.tokens = 0
         self.output_tokens = self.input_tokens = -1
         self.outcome, self.error = "ok", ""
@@ -54,7 +57,8 @@ class Measurement:
         """Something arrived at `t`: `tokens` output deltas, usage once reported, a mid-stream error."""
         if tokens:
             self.first = self.first or t
-            self.arrivals.append((t, tokens))
+            self.arrived.append(t)
+            self.deltas.append(tokens)
             self.tokens += tokens
         self.last = t
         self.output_tokens = max(self.output_tokens, output_tokens)
@@ -104,14 +108,11 @@ class Measurement:
         def span(a: int, b: int) -> float | None:
             return round((b - a) * _NS, 6) if a and b else None
 
-        gaps = []
-        previous = self.first
-        for t, n in self.arrivals[1:] if self.arrivals else []:
+        gaps = [0.0] * (self.deltas[0] - 1) if self.deltas else []
+        for previous, t, n in zip(self.arrived[:-1], self.arrived[1:], self.deltas[1:], strict=True):
             gaps.append(round((t - previous) * _NS, 6))
-            gaps.extend([0.0] * (n - 1))  # deltas that arrived in the same read
-            previous = t
-        if self.arrivals:
-            gaps = [0.0] * (self.arrivals[0][1] - 1) + gaps
+            if n > 1:
+                gaps.extend([0.0] * (n - 1))  # deltas that arrived in the same read
         output = self.output_tokens if self.output_tokens >= 0 else self.tokens
         ok = self.outcome == "ok"
         ttft, e2e = span(self.sent, self.first), span(self.sent, self.end)

@@ -72,7 +72,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     first_event_timeout: float = 60.0
     slo: str = ""
     seed: int = 0
-    streams_per_worker: int = 0  # 0: 32 on the fast path; 1 with `sdk` (a stall's kill then takes no neighbour)
+    streams_per_worker: int = (
+        0  # 0: one worker per core on the fast path; 1 with `sdk` (a stall's kill takes no neighbour)
+    )
     sdk: bool = False  # time events as the official SDK hands them over, parsed (what applications pay)
     fake_ttft: float = 0.05  # the built-in fake provider's latency model: a fast server
     fake_gap: float = 0.005
@@ -122,9 +124,13 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def worker_streams(self) -> int:
-        """Streams per worker. The fast path cuts a stall in the worker, so its neighbours go on; on
-        the SDK path the broker kills a stalled stream's worker, so each stream gets its own."""
-        return self.streams_per_worker or (1 if self.sdk else 32)
+        """Streams per worker. The fast path cuts a stall in the worker, so its neighbours go on, and
+        one worker per core spends the least on switching between processes (at 256 streams on two
+        cores, 2 workers served 1.5x the chunks/s of 8); on the SDK path the broker kills a stalled
+        stream's worker, so each stream gets its own."""
+        if self.streams_per_worker or self.sdk:
+            return self.streams_per_worker or 1
+        return math.ceil(self.capacity / (os.cpu_count() or 1))
 
     @property
     def chosen_api(self) -> str:

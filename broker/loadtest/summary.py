@@ -152,8 +152,14 @@ def window_flow(records: list[dict[str, Any]], begin: float, end: float) -> dict
             output += r["output_tokens"] * inside / len(arrivals)
         overlap = min(r["end"], end) - max(r["sent"], begin)
         busy += max(overlap, 0.0)
-    return {"begin": round(begin, 3), "end": round(end, 3), "seconds": round(max(seconds, 0.0), 3),
-            "chunks": int(chunks), "output_tokens": output, "in_flight": busy / seconds if seconds > 0 else 0.0}
+    return {
+        "begin": round(begin, 3),
+        "end": round(end, 3),
+        "seconds": round(max(seconds, 0.0), 3),
+        "chunks": int(chunks),
+        "output_tokens": output,
+        "in_flight": busy / seconds if seconds > 0 else 0.0,
+    }
 
 
 def _measured(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -181,9 +187,11 @@ def _outlasting(records: list[dict[str, Any]], flow: dict[str, Any]) -> str | No
     if not unmeasured and typical <= seconds:
         return None
     whole = "none began after the warm-up" if unmeasured else "few were measured whole"
-    return (f"requests outlast the steady window ({begin:.1f}-{end:.1f} s): they took {typical:.1f} s (median) "
-            f"and {whole}; chunks/s and streams in flight count what moved inside the window. "
-            f"Try --duration {math.ceil(begin + 5 * typical)} or more.")
+    return (
+        f"requests outlast the steady window ({begin:.1f}-{end:.1f} s): they took {typical:.1f} s (median) "
+        f"and {whole}; chunks/s and streams in flight count what moved inside the window. "
+        f"Try --duration {math.ceil(begin + 5 * typical)} or more."
+    )
 
 
 def verdict(load: dict[str, Any], g: dict[str, Any]) -> str:

@@ -183,3 +183,20 @@ def test_every_error_code_has_an_exception_class():
     for code, cls in BY_CODE.items():
         assert isinstance(error_for(ErrorInfo(code, "m")), cls)
     assert isinstance(error_for(ErrorInfo("from_the_future", "m")), InternalError)
+
+
+def test_timed_calls_reach_a_proxy_the_way_the_sdks_do(monkeypatch):
+    """The load test's aiohttp transport reads HTTP(S)_PROXY and NO_PROXY as httpx does (aiohttp's own
+    trust_env would also look up ~/.netrc in a thread at every request)."""
+    from worker.timing import proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    proxy_for.cache_clear()
+    try:
+        assert proxy_for("https", "api.example.com") == "http://proxy.example:3128"
+        assert proxy_for("https", "gpu.internal") is None
+        assert proxy_for("https", "localhost") is None
+        assert proxy_for("http", "api.example.com") is None  # no HTTP_PROXY
+    finally:
+        proxy_for.cache_clear()

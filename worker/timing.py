@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import yarl
 
 from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
@@ -131,7 +132,7 @@ async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedC
     of a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
     url, headers = destination(sdk, call.http, allow_overrides)
     session, outbox = transport.session(), transport.outbox
-    target = session._build_url(url)  # noqa: SLF001 - the URL aiohttp will request, for its proxy
+    target = yarl.URL(url)
     proxy = proxy_for(target.scheme, target.host or "")
     sent = time.monotonic_ns()
     try:

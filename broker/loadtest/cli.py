@@ -116,6 +116,21 @@ sweep.png for a sweep; with the `plots` extra)."""
 )
 @click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--server-metrics",
+    default="",
+    metavar="URL",
+    help="Scrape the target's Prometheus endpoint during each point (vLLM, SGLang, TGI: http://HOST:PORT/metrics; "
+    "`target`: the target's own /metrics, the built-in fake's too).",
+)
+@click.option("--server-metrics-interval", default=1.0, show_default=True, help="Seconds between two scrapes.")
+@click.option(
+    "--server-metrics-series",
+    default="",
+    metavar="NAMES",
+    help="Series to keep, comma-separated names or glob patterns, e.g. 'vllm:num_requests_*,vllm:*tokens_total' "
+    "(default: every counter and gauge; histograms as their _sum, _count and window quantiles).",
+)
 @click.pass_context
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
     if ctx.invoked_subcommand is not None:
@@ -129,9 +144,14 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
         opts.workload()  # a dataset is read (and checked) before anything starts
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    from .scrape import EndpointError
+
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
     with LoadProgress(enabled=not as_json) as progress:
-        results = run(opts, out, progress)
+        try:
+            results = run(opts, out, progress)
+        except EndpointError as exc:  # checked before anything runs
+            raise click.UsageError(str(exc)) from None
     _show(results, out, as_json)
 
 

@@ -10,8 +10,10 @@ import asyncio
 import csv
 import json
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -22,10 +24,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 
 from broker.loadtest import Options, run
 from broker.loadtest.cli import loadtest
+from broker.loadtest.compare import compare
 from broker.loadtest.promtext import Selection, quantile
 from broker.loadtest.report import save_outputs
 from broker.loadtest.scrape import check
 from broker.loadtest.servermetrics import describe
+
+from .conftest import wait_for
+from .test_loadtest import ISOPOOL
 
 FAKE_SERIES = "fake:num_requests_*,fake:generation_tokens*,fake:time_to_first_token_seconds"
 
@@ -214,3 +220,69 @@ def test_an_endpoint_that_is_no_use_is_refused_before_anything_runs(tmp_path):
                        (["--server-metrics-series", "vllm:*"], "give that too")):  # fmt: skip
         result = cli.invoke(loadtest, args)
         assert result.exit_code == 2 and says in result.output, (args, result.output)
+
+
+@pytest.fixture(scope="module")
+def fast_and_slow(tmp_path_factory):
+    """Two sweeps over the same concurrencies, the second against a fake 10 times slower per token."""
+    dirs = []
+    for name, gap in (("fast", 0.002), ("slow", 0.02)):
+        out = str(tmp_path_factory.mktemp(name))
+        run(Options(calibrate=False, concurrency=[2, 4], requests=12, output_tokens="10", fake_gap=gap,
+                    slo="e2e=1"), out)  # fmt: skip
+        dirs.append(out)
+    return dirs
+
+
+def test_compare_shows_the_slower_run_slower_point_by_point(fast_and_slow, tmp_path):
+    fast, slow = fast_and_slow
+    result = CliRunner().invoke(loadtest, ["compare", fast, slow, "--json", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads(result.output)
+    assert [r["dir"] for r in comparison["runs"]] == [fast, slow] and all(r["finished"] for r in comparison["runs"])
+    assert [p["label"] for p in comparison["points"]] == ["c=2", "c=4"]
+    for point in comparison["points"]:
+        m = point["metrics"]
+        # 9 gaps of 20 ms instead of 2 ms: about 160 ms more from end to end, 18 ms more between tokens
+        assert 100 < m["e2e_p50_ms"]["diff"][1] < 400 and m["e2e_p50_ms"]["pct"][1] > 50, m["e2e_p50_ms"]
+        assert 12 < m["itl_p50_ms"]["diff"][1] < 30, m["itl_p50_ms"]
+        assert m["e2e_p50_ms"]["diff"][1] == pytest.approx(m["e2e_p50_ms"]["values"][1] - m["e2e_p50_ms"]["values"][0])
+        assert m["requests_per_s"]["diff"][1] < 0 and m["output_tokens_per_s"]["pct"][1] < -20
+        assert m["stalls"]["values"] == [0, 0] and m["errors"]["diff"] == [None, 0]
+        assert m["goodput_per_s"]["values"][1] > 0  # within e2e=1 s, both
+    for plot in ("compare-latency.png", "compare-throughput.png"):
+        assert _png_height(tmp_path / plot) > 0
+    table = CliRunner().invoke(loadtest, ["compare", fast, slow, "--out", str(tmp_path)])
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if "end to end p50 ms" in line)
+    assert "(+" in row and "%)" in row, row  # slower: a positive difference, in ms and per cent
+
+
+def test_compare_takes_a_killed_run(fast_and_slow, tmp_path, own_processes):
+    fast, _ = fast_and_slow
+    killed = str(tmp_path / "killed")
+    args = ["loadtest", "-c", "2,4", "-n", "5000", "--output-tokens", "10", "--fake-gap", "0.002", "--no-calibrate"]
+    proc = subprocess.Popen([*ISOPOOL, *args, "-o", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        records = os.path.join(killed, "records.jsonl")
+        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > 4_000, 60, "records to be written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = CliRunner().invoke(loadtest, ["compare", fast, killed, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "killed" in result.output and "1 of its 2 points" in result.output, result.output
+    comparison = compare([fast, killed])
+    c2, c4 = comparison["points"]
+    assert c2["in"] == [True, True] and c4["in"] == [True, False]
+    assert c2["metrics"]["requests_per_s"]["values"][1] > 0 and c4["metrics"]["requests_per_s"]["diff"] == [None, None]
+
+
+def test_compare_refuses_runs_that_cannot_be_matched(fast_and_slow, tmp_path, own_processes):
+    fast, _ = fast_and_slow
+    rate = str(tmp_path / "rate")
+    run(Options(calibrate=False, rate=[20.0], requests=4, output_tokens="5"), rate)
+    for dirs, says in (([fast, rate], "swept different loads"), ([fast, str(tmp_path)], "no records.jsonl"),
+                       ([fast], "two or more")):  # fmt: skip
+        result = CliRunner().invoke(loadtest, ["compare", *dirs, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and says in result.output, (dirs, result.output)

@@ -34,6 +34,7 @@ target, so a first run needs no key and no network.
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
+  isopool loadtest compare RUN-A RUN-B                # point by point, B against A
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
 OUT/results.json (options, machine, per load point: summary, generator, series),
@@ -166,6 +167,30 @@ def report(directory: str, as_json: bool) -> None:
     if not results["points"]:
         raise click.ClickException(f"no request records in {directory} yet")
     _show(results, directory, as_json)
+
+
+@loadtest.command()
+@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=".", show_default=True, help="Where to write compare-latency.png and "
+              "compare-throughput.png.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of the table.")
+def compare(directories: tuple[str, ...], out: str, as_json: bool) -> None:
+    """Compare load tests point by point (finished runs, or killed ones): each later run against the first."""
+    from . import plots
+    from .compare import CompareError, print_comparison, write_plots
+    from .compare import compare as compare_runs
+
+    try:
+        comparison = compare_runs(list(directories))
+    except CompareError as exc:
+        raise click.UsageError(str(exc)) from None
+    written = write_plots(comparison, out) if plots.available() else []
+    if as_json:
+        json.dump(comparison, sys.stdout, indent=1)
+        print()
+        return
+    print_comparison(comparison)
+    click.echo("plots: " + ", ".join(written) if written else f"no plots: matplotlib is missing ({plots.INSTALL})")
 
 
 def _show(results: dict, out: str, as_json: bool) -> None:

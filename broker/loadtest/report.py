@@ -213,6 +213,7 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         with open(saved) as f:
             results |= json.load(f)
         finished, results["points"] = results["points"], []
+        results["finished_points"] = len(finished)
     by_point: dict[int, list[dict[str, Any]]] = {}
     for record in read_records(out_dir):
         by_point.setdefault(record["point"], []).append(record)

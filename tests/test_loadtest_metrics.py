@@ -10,10 +10,8 @@ import asyncio
 import csv
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -22,7 +20,7 @@ from aiohttp import web
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
-from broker.loadtest import Options, run
+from broker.loadtest import Options, rebuild, run
 from broker.loadtest.cli import loadtest
 from broker.loadtest.compare import compare
 from broker.loadtest.promtext import Selection, quantile
@@ -30,8 +28,7 @@ from broker.loadtest.report import save_outputs
 from broker.loadtest.scrape import check
 from broker.loadtest.servermetrics import describe
 
-from .conftest import wait_for
-from .test_loadtest import ISOPOOL
+from .test_loadtest import kill_a_run
 
 FAKE_SERIES = "fake:num_requests_*,fake:generation_tokens*,fake:time_to_first_token_seconds"
 
@@ -140,6 +137,7 @@ def test_the_fakes_own_metrics_agree_with_what_the_generator_did(tmp_path, own_p
     assert _png_height(tmp_path / "series.png") == 1200  # two more panels than without server metrics
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["points"][0]["server_metrics"]["window"] == window
+    assert rebuild(str(tmp_path))["points"][0]["server_metrics"] == metrics  # `report` keeps what was scraped
 
 
 def test_a_third_party_prometheus_page_is_read_as_the_standard_says():
@@ -228,7 +226,7 @@ def fast_and_slow(tmp_path_factory):
     dirs = []
     for name, gap in (("fast", 0.002), ("slow", 0.02)):
         out = str(tmp_path_factory.mktemp(name))
-        run(Options(calibrate=False, concurrency=[2, 4], requests=12, output_tokens="10", fake_gap=gap,
+        run(Options(calibrate=False, concurrency=[2, 4], requests=8, output_tokens="10", fake_gap=gap,
                     slo="e2e=1"), out)  # fmt: skip
         dirs.append(out)
     return dirs
@@ -261,14 +259,8 @@ def test_compare_shows_the_slower_run_slower_point_by_point(fast_and_slow, tmp_p
 def test_compare_takes_a_killed_run(fast_and_slow, tmp_path, own_processes):
     fast, _ = fast_and_slow
     killed = str(tmp_path / "killed")
-    args = ["loadtest", "-c", "2,4", "-n", "5000", "--output-tokens", "10", "--fake-gap", "0.002", "--no-calibrate"]
-    proc = subprocess.Popen([*ISOPOOL, *args, "-o", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        records = os.path.join(killed, "records.jsonl")
-        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > 4_000, 60, "records to be written")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_a_run(killed, ["-c", "2,4", "-n", "5000", "--output-tokens", "10", "--fake-gap", "0.002", "--no-calibrate"],
+               4_000)  # fmt: skip
     result = CliRunner().invoke(loadtest, ["compare", fast, killed, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "killed" in result.output and "1 of its 2 points" in result.output, result.output

@@ -32,6 +32,7 @@ target, so a first run needs no key and no network.
   isopool loadtest -c 16,64,256 --duration 30 --warmup 5
   isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
+  isopool loadtest --target http://localhost:8000/v1 -c 32 --server-metrics target   # + vLLM's /metrics
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
   isopool loadtest compare RUN-A RUN-B                # point by point, B against A

@@ -41,8 +41,9 @@ class ServerMetrics:
         if not self.url:
             self.url = endpoint(self.spec, self.target, fake_url)
             self.page = check(self.url, self.checked)
-        note = (f"scraping {self.url} every {self.interval:g} s: {len(self.page.kinds)} series"
-                f" ({len(self.page.buckets)} histograms)")  # fmt: skip
+        histograms = len(self.page.buckets)
+        note = (f"scraping {self.url} every {self.interval:g} s: {len(self.page.kinds)} series, "
+                f"{histograms} histogram{'' if histograms == 1 else 's'}")  # fmt: skip
         if self.checked.unmatched():
             note += "; nothing matches " + ", ".join(self.checked.unmatched()) + " yet"
         return note

@@ -7,8 +7,8 @@ lines, 13 histograms), which the interpreter hands back to the loop every 5 ms (
 interval). A scrape that fails or outlasts its timeout (the interval, at most 5 s) is
 counted with its reason and the next one goes out on time; the run never waits for the
 endpoint, and a point's end does not wait for a scrape in flight (the thread drops its
-answer and ends within the timeout). Direct connections only, as the pool's workers make
-them: a proxy set in the environment is not used for a server on the local network.
+answer and ends within the timeout). A proxy set in the environment (and its no_proxy) is
+used as the pool's workers use it for the target (`worker/timing.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import NamedTuple
 from .promtext import Page, Selection, parse
 
 _CHECK_TIMEOUT = 5.0
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class EndpointError(ValueError):
@@ -58,7 +57,7 @@ def endpoint(spec: str, target: str, fake_url: str = "") -> str:
 
 
 def fetch(url: str, select: Selection, timeout: float) -> Page:
-    with _OPENER.open(url, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         text = response.read().decode("utf-8", errors="replace")
     return parse(text, select)
 

@@ -134,16 +134,21 @@ def test_the_verdict_names_what_limited_the_generator():
     assert "300 ms after their schedule" in late
 
 
-def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes):
-    out = str(tmp_path / "run")
-    args = ["-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "--no-calibrate", "-o", out]
-    proc = subprocess.Popen(ISOPOOL + ["loadtest", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_a_run(out: str, args: list[str], written: int) -> None:
+    """Run `isopool loadtest ARGS -o OUT` and SIGKILL it once `written` bytes of records are out."""
+    proc = subprocess.Popen(ISOPOOL + ["loadtest", *args, "-o", out], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         records = os.path.join(out, "records.jsonl")
-        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > 20_000, 60, "records to be written")
+        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > written, 60, "records to be written")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes):
+    out = str(tmp_path / "run")
+    kill_a_run(out, ["-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "--no-calibrate"], 20_000)
     with open(os.path.join(out, "records.jsonl"), "rb") as f:
         complete = sum(1 for line in f.read().split(b"\n") if line.endswith(b"}"))
     report = subprocess.run(ISOPOOL + ["loadtest", "report", out, "--json"], capture_output=True, text=True, timeout=60)

@@ -5,6 +5,7 @@ Counters of what it served and injected are at `GET /_isopool/stats`
 (`POST /_isopool/reset` zeroes them and re-arms the faults chosen by header or model); the
 headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
 answered with), so that tests can check what reached the provider: keys, organization, others.
+What a vLLM-like server shows Prometheus is at `GET /metrics` (see `metrics.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aiohttp import web
 from .content import Reply
 from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
+from .metrics import FakeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,10 @@ class FakeProvider:
         self.completed = 0
         self.disconnects = 0
         self.active = 0
+        self.waiting = 0  # of the active streams, those before their first event
         self.chunks = 0  # stream events written, so that a load test's throughput can be counted here
+        self.tokens = 0  # tokens of answers written to their end (never reset, as Prometheus counters)
+        self.metrics = FakeMetrics(self)
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
 
     def app(self) -> web.Application:
@@ -66,6 +71,7 @@ class FakeProvider:
         app.router.add_post("/_isopool/reset", self.reset)
         app.router.add_get("/_isopool/requests/{rid}", self.request_headers)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics.handle)
         app.on_response_prepare.append(self._request_id)
         return app
 
@@ -170,11 +176,13 @@ class FakeProvider:
             finally:
                 self.active -= 1
         self.completed += 1
+        self.tokens += reply.output_tokens
         return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
 
     async def _stream(
         self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
     ) -> web.StreamResponse:
+        arrived = asyncio.get_running_loop().time()
         events = [_sse(name, data) for name, data in fmt.events(reply, body)]
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await response.prepare(request)
@@ -194,11 +202,12 @@ class FakeProvider:
         first_wait = latency.ttft + (fault.delay if fault is not None and fault.kind == "slow-first" else 0.0)
         self.active += 1
         try:
-            if cut and first_wait:
-                await _sleep(request, first_wait)
+            if cut:
+                await self._first_wait(request, first_wait, arrived)
             await self._write_events(request, response, events[:cut], gap, latency.batched)
             if cut == len(events):
                 self.completed += 1
+                self.tokens += reply.output_tokens
             elif fault is not None:
                 await self._misbehave(request, response, fmt, fault, cut)
         except ConnectionError:  # the client went away (a watchdog kill, a cancel): normal here
@@ -209,6 +218,16 @@ class FakeProvider:
         finally:
             self.active -= 1
         return response
+
+    async def _first_wait(self, request: web.Request, seconds: float, arrived: float) -> None:
+        """Wait the time to first token, counted as waiting, and observed from the stream's arrival."""
+        if seconds:
+            self.waiting += 1
+            try:
+                await _sleep(request, seconds)
+            finally:
+                self.waiting -= 1
+        self.metrics.ttft.observe(asyncio.get_running_loop().time() - arrived)
 
     async def _write_events(
         self, request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float, batched: bool

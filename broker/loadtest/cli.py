@@ -32,8 +32,10 @@ target, so a first run needs no key and no network.
   isopool loadtest -c 16,64,256 --duration 30 --warmup 5
   isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
+  isopool loadtest --target http://localhost:8000/v1 -c 32 --server-metrics target   # + vLLM's /metrics
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
+  isopool loadtest compare RUN-A RUN-B                # point by point, B against A
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
 OUT/results.json (options, machine, per load point: summary, generator, series),
@@ -116,6 +118,21 @@ sweep.png for a sweep; with the `plots` extra)."""
 )
 @click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--server-metrics",
+    default="",
+    metavar="URL",
+    help="Scrape the target's Prometheus endpoint during each point (vLLM, SGLang, TGI: http://HOST:PORT/metrics; "
+    "`target`: the target's own /metrics, the built-in fake's too).",
+)
+@click.option("--server-metrics-interval", default=1.0, show_default=True, help="Seconds between two scrapes.")
+@click.option(
+    "--server-metrics-series",
+    default="",
+    metavar="NAMES",
+    help="Series to keep, comma-separated names or glob patterns, e.g. 'vllm:num_requests_*,vllm:*tokens_total' "
+    "(default: every counter and gauge; histograms as their _sum, _count and window quantiles).",
+)
 @click.pass_context
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
     if ctx.invoked_subcommand is not None:
@@ -129,9 +146,14 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
         opts.workload()  # a dataset is read (and checked) before anything starts
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    from .scrape import EndpointError
+
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
     with LoadProgress(enabled=not as_json) as progress:
-        results = run(opts, out, progress)
+        try:
+            results = run(opts, out, progress)
+        except EndpointError as exc:  # checked before anything runs
+            raise click.UsageError(str(exc)) from None
     _show(results, out, as_json)
 
 
@@ -146,6 +168,30 @@ def report(directory: str, as_json: bool) -> None:
     if not results["points"]:
         raise click.ClickException(f"no request records in {directory} yet")
     _show(results, directory, as_json)
+
+
+@loadtest.command()
+@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=".", show_default=True, help="Where to write compare-latency.png and "
+              "compare-throughput.png.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of the table.")
+def compare(directories: tuple[str, ...], out: str, as_json: bool) -> None:
+    """Compare load tests point by point (finished runs, or killed ones): each later run against the first."""
+    from . import plots
+    from .compare import CompareError, print_comparison, write_plots
+    from .compare import compare as compare_runs
+
+    try:
+        comparison = compare_runs(list(directories))
+    except CompareError as exc:
+        raise click.UsageError(str(exc)) from None
+    written = write_plots(comparison, out) if plots.available() else []
+    if as_json:
+        json.dump(comparison, sys.stdout, indent=1)
+        print()
+        return
+    print_comparison(comparison)
+    click.echo("plots: " + ", ".join(written) if written else f"no plots: matplotlib is missing ({plots.INSTALL})")
 
 
 def _show(results: dict, out: str, as_json: bool) -> None:

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .report import label
+from .serverplots import server_panels
 
 INSTALL = "pip install 'isopool[plots]'"
 
@@ -55,10 +56,14 @@ def _distributions(plt: Any, results: dict[str, Any], records: list[dict[str, An
 
 
 def _series(plt: Any, results: dict[str, Any], out_dir: str) -> str:
-    """Offered against achieved load and streams in flight, second by second, points one after another."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
-    offset = 0
+    """Offered against achieved load and streams in flight, second by second, points one after another;
+    below them, the server's own gauges and counters (--server-metrics) on the same seconds."""
+    scraped = any("server_metrics" in p for p in results["points"])
+    fig, axes = plt.subplots(4 if scraped else 2, 1, figsize=(12, 12 if scraped else 6), sharex=True)
+    top, bottom = axes[:2]
+    offset, starts = 0, []
     for point in results["points"]:
+        starts.append(offset)
         rows = point["series"]
         xs = [offset + r["second"] for r in rows]
         top.plot(xs, [r["offered"] for r in rows], color="tab:gray", linestyle="--")
@@ -72,8 +77,10 @@ def _series(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     top.legend(["offered (scheduled)", "sent", "completed"], loc="best")
     top.set_ylabel("requests per second")
     bottom.set_ylabel("streams in flight")
-    bottom.set_xlabel("seconds")
-    for ax in (top, bottom):
+    if scraped:
+        server_panels(axes[2], axes[3], results["points"], starts)
+    axes[-1].set_xlabel("seconds")
+    for ax in axes:
         ax.grid(alpha=0.3)
     return _save(fig, plt, out_dir, "series.png")
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..render import console
+from .servermetrics import csv_columns, describe, figures
 from .summary import parse_slo, point_result, steady_window
 
 
@@ -112,9 +113,13 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
     row("generator CPU (cores)",
         lambda s, g, lat: "-" if g.get("cpu_cores_mean") is None else f"{g['cpu_cores_mean']:.2f}")  # fmt: skip
     console.print(table)
+    _print_server_metrics(points)
     for point in results["points"]:
         s, g = point["summary"], point["generator"]
         head = f"{label(point['load'])}: "
+        if "server_metrics" in point:
+            colour = "yellow" if point["server_metrics"]["failed"] else "default"
+            console.print(head + f"[{colour}]{escape(describe(point['server_metrics']))}[/]")
         if s["errors"]:
             console.print(head + "errors: " + escape(", ".join(f"{k} ×{v}" for k, v in s["errors"].items())))
         if s["stalls"]["count"]:
@@ -133,6 +138,23 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
     )
 
 
+def _print_server_metrics(points: list[dict[str, Any]]) -> None:
+    """The target's own figures over each point's steady window (--server-metrics), a row per series."""
+    rows: dict[str, dict[int, str]] = {}
+    for number, point in enumerate(points):
+        for key, text in figures(point.get("server_metrics") or {"window": {}, "histograms": {}}):
+            rows.setdefault(key, {})[number] = text
+    if not rows:
+        return
+    table = Table(title="the server's own metrics, steady window (all in results.json and results.csv)")
+    table.add_column("")
+    for point in points:
+        table.add_column(label(point["load"]), justify="right")
+    for key, cells in rows.items():
+        table.add_row(escape(key), *(cells.get(number, "-") for number in range(len(points))))
+    console.print(table)
+
+
 def write_csv(results: dict[str, Any], path: str) -> None:
     """One row per point: the load, counts, throughput, and every latency percentile (seconds)."""
     rows = []
@@ -144,10 +166,12 @@ def write_csv(results: dict[str, Any], path: str) -> None:
                                "verdict": point["generator"]["verdict"]}  # fmt: skip
         for metric, dist in s["latency"].items():
             row |= {f"{metric}_{k}": v for k, v in dist.items() if k != "n"}
+        if "server_metrics" in point:
+            row |= csv_columns(point["server_metrics"])
         rows.append(row)
     with open(path, "w", newline="") as f:
         if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -176,16 +200,20 @@ def save_outputs(results: dict[str, Any], out_dir: str, quiet: bool = False) -> 
 
 
 def rebuild(out_dir: str) -> dict[str, Any]:
-    """Results from `records.jsonl` (and the options in `results.json`, if the run got that far):
-    what `isopool loadtest report` shows for a run that was killed. Torn last lines are skipped."""
+    """Results from `records.jsonl` (and the options in `results.json`, if the run got that far, with the
+    server metrics scraped for each point it finished): what `isopool loadtest report` shows for a run
+    that was killed. Torn last lines are skipped."""
     records_path = os.path.join(out_dir, "records.jsonl")
     if not os.path.exists(records_path):
         raise FileNotFoundError(f"{records_path} does not exist: is {out_dir} a load test's output directory?")
     results: dict[str, Any] = {"options": {"target": "?", "slo": ""}, "api": "?", "points": []}
     saved = os.path.join(out_dir, "results.json")  # written (atomically) at the start and after each point
+    finished: list[dict[str, Any]] = []
     if os.path.exists(saved):
         with open(saved) as f:
-            results |= {k: v for k, v in json.load(f).items() if k != "points"}
+            results |= json.load(f)
+        finished, results["points"] = results["points"], []
+        results["finished_points"] = len(finished)
     by_point: dict[int, list[dict[str, Any]]] = {}
     for record in read_records(out_dir):
         by_point.setdefault(record["point"], []).append(record)
@@ -195,5 +223,8 @@ def rebuild(out_dir: str) -> dict[str, Any]:
     for number in sorted(by_point):
         load = loads[number] if number < len(loads) else {"name": f"point {number}"}
         window = steady_window(by_point[number], options.get("warmup"), options.get("duration"))
-        results["points"].append(point_result(load, by_point[number], [], [], slo, window=window))
+        point = point_result(load, by_point[number], [], [], slo, window=window)
+        if number < len(finished) and "server_metrics" in finished[number]:  # scraped live: not in the records
+            point["server_metrics"] = finished[number]["server_metrics"]
+        results["points"].append(point)
     return results

@@ -33,8 +33,10 @@ from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
+from .scrape import validate as validate_server_metrics
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
+from .servermetrics import ServerMetrics, point_metrics
 from .summary import parse_slo, point_result, steady_window
 from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
 
@@ -83,6 +85,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     turns: int = 1  # synthetic conversations of this many turns (each turn carries the ones before)
     dataset: str = ""  # a JSONL of requests in the batch formats, instead of synthetic prompts
     api_key_env: str = ""  # the variable whose key goes to the target (a URL gets no key without it)
+    server_metrics: str = ""  # a Prometheus endpoint scraped during each point; "target": the target's /metrics
+    server_metrics_interval: float = 1.0  # seconds between two scrapes
+    server_metrics_series: str = ""  # names or glob patterns, comma-separated; "": every numeric series
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -110,6 +115,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the fake provider takes no key: leave --api-key-env out")
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise ValueError(f"{self.api_key_env} is not set: put the target's key in it, or leave --api-key-env out")
+        validate_server_metrics(self.server_metrics, self.target, self.server_metrics_interval,
+                                self.server_metrics_series)  # fmt: skip
 
     def workload(self) -> Workload:
         """What to send: the dataset's requests, or synthetic conversations."""
@@ -218,6 +225,7 @@ def target_key_env(options: Options) -> str | None:
 def run(options: Options, out_dir: str, progress: Progress | None = None) -> dict[str, Any]:
     """Run every load point; write `records.jsonl` (as requests end) and `results.json` into `out_dir`."""
     progress = progress or _Quiet()
+    server = ServerMetrics.of(options)  # None without --server-metrics; a server we did not start is checked now
     os.makedirs(out_dir, exist_ok=True)
     workload = options.workload()
     api = workload.api
@@ -242,8 +250,14 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
     with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options, api) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
                            "streams_per_worker": options.worker_streams}  # fmt: skip
+        if server is not None:
+            progress.note(server.start(fake.url if fake else ""))
         for number, load in enumerate(options.points):
-            point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
+            scraper = server.scraper() if server is not None else None
+            with scraper or contextlib.nullcontext():
+                point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
+            if scraper is not None:
+                point["server_metrics"] = point_metrics(scraper, point["summary"]["window"])
             if options.calibrate:
                 _compare_with_ceiling(point, results["calibration"])
             results["points"].append(point)
@@ -259,6 +273,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
     trial = msgspec.structs.replace(
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
         ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
+        server_metrics="", server_metrics_series="",
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]

@@ -13,6 +13,7 @@ import sys
 import msgspec
 import pytest
 
+from broker.fake_provider.prefix_cache import PrefixCache
 from broker.loadtest import Options, run
 from broker.loadtest.summary import distribution
 from broker.protocol import Tick
@@ -100,10 +101,13 @@ def test_a_trace_of_batch_requests_with_timestamps_goes_out_at_its_times(tmp_pat
     assert all(r["cached_tokens"] == 0 for r in records)  # responses report their cached tokens, none here
 
 
-@pytest.mark.parametrize("api", ["messages", "chat", "responses"])
-def test_a_shared_prefix_workload_is_cached_by_the_fake(tmp_path, own_processes, api):
+@pytest.mark.parametrize("api,how", [("messages", "stream"), ("chat", "plain"), ("responses", "stream"),
+                                     ("messages", "sdk")])  # fmt: skip
+def test_a_shared_prefix_workload_is_cached_by_the_fake(tmp_path, own_processes, api, how):
+    """Each API's usage, read from the stream's events, from a plain answer, or from the SDK's objects."""
     options = Options(calibrate=False, api=api, concurrency=[1], requests=10, prefix_tokens=BLOCK, prefix_groups=3,
-                      input_tokens="40", output_tokens="3", seed=4)  # fmt: skip
+                      input_tokens="40", output_tokens="3", seed=4, stream=how != "plain",
+                      sdk=how == "sdk")  # fmt: skip
     point = run(options, str(tmp_path))["points"][0]
     records = _records(tmp_path)
     prompt = (0 if api == "responses" else JSON_WORDS) + BLOCK + 40  # responses: the prompt is a bare string
@@ -168,3 +172,15 @@ def test_a_tick_from_before_cached_tokens_still_decodes():
     old = msgspec.msgpack.encode([5, 1, 0, 0, 7, 30])  # t, tokens, sent, status, output_tokens, input_tokens
     tick = msgspec.msgpack.Decoder(Tick).decode(old)
     assert (tick.output_tokens, tick.input_tokens, tick.cached_tokens, tick.cache_creation_tokens) == (7, 30, -1, -1)
+
+
+def test_the_fakes_prefix_cache_counts_whole_leading_blocks_and_forgets_the_least_recently_used():
+    cache = PrefixCache(capacity=4, block=2)
+    a, b = "a b c d e".split(), "x y z w v".split()
+    assert cache.admit("m", a) == (0, 4)  # two whole blocks written; the last word is never cached
+    assert cache.admit("m", a[:4] + ["q", "r"]) == (4, 0)  # the same two blocks found, nothing new in whole blocks
+    assert cache.admit("other-model", a) == (0, 4)  # a prefix is cached per model
+    assert cache.admit("m", ["a", "b", "z", "z", "y"]) == (2, 2)  # the shared first block only
+    assert cache.admit("m", b) == (0, 4)  # 4 blocks kept at most: the least recently used went first
+    assert cache.admit("m", a) == (2, 2)  # `a b`, used again above, stayed; `c d`, not since, went
+    assert cache.admit("other-model", a) == (0, 4)  # and the other model's blocks, older still

@@ -5,8 +5,9 @@ Counters of what it served and injected are at `GET /_isopool/stats` (`POST /_is
 zeroes them, empties the prefix cache and re-arms the faults chosen by header or model); the
 headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
 answered with), so that tests can check what reached the provider: keys, organization, others.
-Its usage reports cached input tokens as a server with automatic prefix caching would (see
-`prefix_cache.py`).
+With `prefix_cache`, its usage reports cached input tokens as a server with automatic prefix
+caching would (see `prefix_cache.py`); it is off by default, since a request sent again would
+then be answered with other usage, and tests check that a retried answer is byte-identical.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Latency(msgspec.Struct, frozen=True):
 
 
 class FakeProvider:
-    def __init__(self, latency: Latency | None = None, faults: FaultPlan | None = None) -> None:
+    def __init__(self, latency: Latency | None = None, faults: FaultPlan | None = None,
+                 prefix_cache: bool = False) -> None:  # fmt: skip
         self.latency = latency or Latency()
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
@@ -58,7 +60,7 @@ class FakeProvider:
         self.active = 0
         self.chunks = 0  # stream events written, so that a load test's throughput can be counted here
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
-        self.prefixes = PrefixCache()  # prompts seen, so that usage reports cached tokens
+        self.prefixes = PrefixCache() if prefix_cache else None  # prompts seen, so that usage reports cached tokens
         self.cached_tokens = 0  # input tokens answered from it
 
     def app(self) -> web.Application:
@@ -111,7 +113,8 @@ class FakeProvider:
         self.served.clear()
         self.bodies.clear()
         self.faults.reset()
-        self.prefixes.clear()
+        if self.prefixes is not None:
+            self.prefixes.clear()
         self.completed = self.disconnects = self.chunks = self.cached_tokens = 0
         return web.json_response({"ok": True})
 

@@ -32,11 +32,11 @@ from ..machine import machine, versions
 from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
+from .prompts import SharedPrefix
 from .schedule import arrivals
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
 from .summary import parse_slo, point_result, steady_window
-from .prompts import SharedPrefix
 from .trace import Trace
 from .workload import APIS, DEFAULT_MODEL, Dataset, Lengths, Synthetic, Turn, to_http
 
@@ -121,7 +121,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         if self.speedup <= 0 or (self.speedup != 1.0 and not self.trace):
             raise ValueError("--speedup must be > 0, and goes with --trace")
         given = {"--rate": self.rate, "--concurrency": self.concurrency, "--dataset": self.dataset,
-                 "--turns": self.turns > 1, "--ramp-up": self.ramp_up, "--prefix-tokens": self.prefix_tokens}  # fmt: skip
+                 "--turns": self.turns > 1, "--ramp-up": self.ramp_up,
+                 "--prefix-tokens": self.prefix_tokens}  # fmt: skip
         if self.trace and (clash := [name for name, value in given.items() if value]):
             raise ValueError(f"--trace replays the trace's own requests at its own times: leave out {', '.join(clash)}")
         if self.prefix_tokens < 0 or self.prefix_groups < 1:
@@ -203,7 +204,9 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
         fake = None
         if options.target == "fake":
             latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
-            fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
+            fake = stack.enter_context(
+                FakeProviderProcess(latency, options.fake_faults, options.seed, prefix_cache=True)
+            )
             profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
         elif options.target.startswith("http"):
             profile["base_url"] = options.target.rstrip("/")

@@ -64,7 +64,9 @@ class Trace:
             yield turn_of(line.params, self.api, self.stream, self.model)
             return
         prompt = from_hash_ids(line.hash_ids, line.input_length, index)
-        body = request_body(self.api, self.model, [{"role": "user", "content": prompt}], line.output_length, self.stream)
+        body = request_body(
+            self.api, self.model, [{"role": "user", "content": prompt}], line.output_length, self.stream
+        )
         yield Turn(body, line.input_length, line.output_length)
 
 
@@ -84,8 +86,9 @@ def read(path: str) -> tuple[list[float], list[MooncakeLine] | list[Item]]:
         kind = "mooncake" if "hash_ids" in data or "input_length" in data else (
             "batch" if any(k in data for k in _BATCH_KEYS) else None)  # fmt: skip
         if kind is None:
-            raise ValueError(f"{where} is neither a Mooncake line (timestamp, input_length, output_length, hash_ids) "
-                             "nor a batch request with a timestamp (custom_id and url and body, or params)")  # fmt: skip
+            raise ValueError(f"{where} is neither a Mooncake line (timestamp, input_length, output_length, "
+                             "hash_ids) nor a batch request with a timestamp (custom_id with url and body, "
+                             "or params)")  # fmt: skip
         first = first or (kind, number)
         if kind != first[0]:
             raise ValueError(f"{where} is {_KINDS[kind]}, but line {first[1]} is {_KINDS[first[0]]}: "

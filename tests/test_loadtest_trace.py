@@ -47,14 +47,13 @@ def _mooncake(n: int = 30, spacing_ms: int = 50) -> list[dict]:
     return lines
 
 
-def _expected_cached(lines: list[dict]) -> list[int]:
-    """What a prefix cache holds for each request in order: the leading blocks some earlier request had."""
+def _expected_cached(lines: list[dict], order: list[int]) -> list[int]:
+    """What a prefix cache holds for each request, taken in `order`: the leading blocks an earlier one had."""
     seen: set[tuple[int, ...]] = set()
-    cached = []
-    for line in lines:
-        ids = line["hash_ids"]
-        hits = next((k for k in range(len(ids), 0, -1) if tuple(ids[:k]) in seen), 0)
-        cached.append(BLOCK * hits)
+    cached = [0] * len(lines)
+    for i in order:
+        ids = lines[i]["hash_ids"]
+        cached[i] = BLOCK * next((k for k in range(len(ids), 0, -1) if tuple(ids[:k]) in seen), 0)
         seen.update(tuple(ids[:k]) for k in range(1, len(ids) + 1))
     return cached
 
@@ -72,11 +71,13 @@ def test_a_mooncake_trace_goes_out_at_its_times_with_its_lengths_and_shared_pref
     for line, r in zip(lines, records, strict=True):
         assert r["outcome"] == "ok"
         assert r["scheduled"] == pytest.approx(line["timestamp"] / 1000 / 2, abs=1e-5)  # the trace's time, halved
-        assert 0 <= r["submitted"] - r["scheduled"] < 0.05 and r["sent"] >= r["scheduled"]
+        assert 0 <= r["submitted"] - r["scheduled"] < 0.25 and r["sent"] >= r["submitted"]  # generous: a shared CPU
         assert r["output_tokens"] == r["requested_tokens"] == line["output_length"]
         assert r["input_tokens"] == line["input_length"] + JSON_WORDS  # what the fake counted of the prompt
-    assert 0 <= point["generator"]["submit_late_p99"] < 0.05
-    expected = _expected_cached(lines)
+    late = sorted(r["submitted"] - r["scheduled"] for r in records)
+    assert point["generator"]["submit_late_p99"] == pytest.approx(late[int(0.99 * 29)], abs=1e-6)
+    # in the order the fake saw them (the trace's, unless a busy machine held one worker back)
+    expected = _expected_cached(lines, sorted(range(30), key=lambda i: records[i]["sent"]))
     assert sum(1 for c in expected if c) >= 20 and {c for c in expected} == {0, BLOCK, 2 * BLOCK}
     assert [r["cached_tokens"] for r in records] == expected
     cache = point["summary"]["cache"]
@@ -124,13 +125,14 @@ def test_a_shared_prefix_workload_is_cached_by_the_fake(tmp_path, own_processes,
 
 
 def test_a_stall_in_a_trace_is_cut_and_counted(tmp_path, own_processes):
-    trace = _write(tmp_path / "trace.jsonl", _mooncake(20, 25))
-    options = Options(calibrate=False, trace=trace, speedup=1.0, stale_timeout=1.0, fake_gap=0.002, seed=3,
+    trace = _write(tmp_path / "trace.jsonl", _mooncake(20, 25))  # 20 requests 25 ms apart
+    options = Options(calibrate=False, trace=trace, duration=0.3, stale_timeout=1.0, fake_gap=0.002, seed=3,
                       fake_faults={"silent:after=3": 0.25})  # fmt: skip
     results = run(options, str(tmp_path / "out"))
     stalled = results["fake_provider"]["faults"].get("silent", 0)
     summary = results["points"][0]["summary"]
-    assert stalled >= 2 and summary["outcomes"] == {"ok": 20 - stalled, "stall": stalled}
+    assert len(_records(tmp_path / "out")) == 12  # --duration 0.3 cut the trace after those due before 0.3 s
+    assert stalled >= 2 and summary["outcomes"] == {"ok": 12 - stalled, "stall": stalled}
     assert summary["stalls"]["after_tokens"] == [2] * stalled  # the role chunk, then 2 tokens
     assert 0.9 <= summary["stalls"]["waited"]["p50"] <= 1.5
 

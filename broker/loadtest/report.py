@@ -90,10 +90,9 @@ def _cached(cache: dict[str, Any] | None) -> str:
 def label(load: dict[str, Any]) -> str:
     if "concurrency" in load:
         return f"c={load['concurrency']}"
-    if "trace" in load:
-        cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
-        return f"{load['trace']} ×{load['speedup']:g}{cap}"
     cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
+    if "trace" in load:
+        return f"{load['trace']} ×{load['speedup']:g}{cap}"
     return f"{load['rate']:g}/s {load['arrival']}{cap}" if "rate" in load else str(load.get("name", "?"))
 
 

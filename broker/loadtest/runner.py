@@ -133,7 +133,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("--prefix-tokens makes synthetic prompts; a dataset's requests are sent as they are")
 
     def workload(self) -> Workload:
-        """What to send: the dataset's requests, or synthetic conversations."""
+        """What to send: the dataset's requests, the trace's, or synthetic conversations."""
         if self.dataset:
             return Dataset(self.dataset, self.stream, self.model, self.api)
         api = self.chosen_api

@@ -49,9 +49,6 @@ class Trace:
         else:
             self.api, self.model = api, model or DEFAULT_MODEL[api]
 
-    def __len__(self) -> int:
-        return len(self.lines)
-
     def offsets(self) -> Iterator[float]:
         """Seconds from the first request to each."""
         first = self.times[0]

@@ -49,14 +49,19 @@ Fault kinds:
 )
 @fault_rates_option("Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
+@click.option(
+    "--prefix-cache",
+    is_flag=True,
+    help="Remember prompt prefixes and report cached input tokens in usage, as a server with prefix caching does.",
+)
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
-def fake_provider(host, port, ttft, gap, tokens, batched, fault_rates, seed, owned) -> None:
+def fake_provider(host, port, ttft, gap, tokens, batched, fault_rates, seed, prefix_cache, owned) -> None:
     from .fake_provider.process import serve
     from .fake_provider.server import Latency
 
     try:
         latency = Latency(ttft, gap, tokens, batched)
-        asyncio.run(serve(host, port, latency, parse_rates(fault_rates), seed, owned))
+        asyncio.run(serve(host, port, latency, parse_rates(fault_rates), seed, owned, prefix_cache))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -144,14 +144,26 @@ KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
 TICK = "isopool.tick"  # the event name of a timed call's ticks
 
 
+class CachedDetails(msgspec.Struct, gc=False):
+    """OpenAI's `prompt_tokens_details` (Chat Completions) or `input_tokens_details` (Responses)."""
+
+    cached_tokens: int | None = None
+
+
 class Usage(msgspec.Struct, gc=False):
     """Token usage as any of the three APIs reports it (Anthropic and Responses: input/output;
-    Chat Completions: prompt/completion); -1 where not given."""
+    Chat Completions: prompt/completion); -1 where not given. Cached input: Anthropic's
+    `cache_read_input_tokens` (its `input_tokens` leaves out what was read from or written to
+    the cache), OpenAI's `cached_tokens` in the details (a part of its input count)."""
 
     input_tokens: int = -1
     output_tokens: int = -1
     prompt_tokens: int = -1
     completion_tokens: int = -1
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    prompt_tokens_details: CachedDetails | None = None
+    input_tokens_details: CachedDetails | None = None
 
     @property
     def output(self) -> int:
@@ -159,7 +171,21 @@ class Usage(msgspec.Struct, gc=False):
 
     @property
     def input(self) -> int:
-        return max(self.input_tokens, self.prompt_tokens)
+        """All the prompt's tokens, cached ones included."""
+        anthropic = self.input_tokens + (self.cache_read_input_tokens or 0) + (self.cache_creation_input_tokens or 0)
+        return max(anthropic if self.input_tokens >= 0 else -1, self.prompt_tokens)
+
+    @property
+    def cached(self) -> int:
+        """Input tokens read from the server's cache (-1: not reported)."""
+        details = self.prompt_tokens_details or self.input_tokens_details
+        given = self.cache_read_input_tokens if details is None else details.cached_tokens
+        return -1 if given is None else given
+
+    @property
+    def cache_creation(self) -> int:
+        """Input tokens written to the cache (Anthropic only; -1: not reported)."""
+        return -1 if self.cache_creation_input_tokens is None else self.cache_creation_input_tokens
 
 
 class Tick(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, gc=False):
@@ -175,6 +201,8 @@ class Tick(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, gc=
     output_tokens: int = -1  # from the provider's usage, when it reports it
     input_tokens: int = -1
     error: str = ""  # the type of a mid-stream error event, e.g. overloaded_error
+    cached_tokens: int = -1  # input tokens the server read from its cache, when it reports them
+    cache_creation_tokens: int = -1  # input tokens it wrote to its cache (Anthropic)
 
 
 class Call(msgspec.Struct, frozen=True, tag="sdk"):

@@ -30,7 +30,7 @@ ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
 RECORD_FIELDS = {
     "id", "point", "conversation", "turn", "warmup", "scheduled", "submitted", "sent", "first_token", "end",
     "received", "ttft", "ttft_from_schedule", "e2e", "e2e_from_schedule", "tpot", "gaps", "output_tokens", "chunks",
-    "input_tokens", "requested_tokens", "status", "outcome", "error", "stall",
+    "input_tokens", "requested_tokens", "status", "outcome", "error", "stall", "cached_tokens", "cache_creation_tokens",
 }  # fmt: skip
 
 

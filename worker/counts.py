@@ -52,15 +52,18 @@ _RESPONSES = msgspec.json.Decoder(_ResponsesEvent)
 class Counts:
     """What one read's events add up to."""
 
-    __slots__ = ("tokens", "input_tokens", "output_tokens", "error")
+    __slots__ = ("tokens", "input_tokens", "output_tokens", "cached_tokens", "cache_creation_tokens", "error")
 
     def __init__(self) -> None:
         self.tokens, self.input_tokens, self.output_tokens, self.error = 0, -1, -1, ""
+        self.cached_tokens = self.cache_creation_tokens = -1
 
     def usage(self, usage: Usage | None) -> None:
         if usage is not None:
             self.input_tokens = max(usage.input, self.input_tokens)
             self.output_tokens = max(usage.output, self.output_tokens)
+            self.cached_tokens = max(usage.cached, self.cached_tokens)
+            self.cache_creation_tokens = max(usage.cache_creation, self.cache_creation_tokens)
 
 
 def count(api: str, batch: list[tuple[str, bytes]]) -> Counts:

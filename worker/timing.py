@@ -171,7 +171,9 @@ async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call:
                     counts = count(api, batch)
                     tokens += counts.tokens
                     outbox.add(emit, Tick(arrived, counts.tokens, output_tokens=counts.output_tokens,
-                                          input_tokens=counts.input_tokens, error=counts.error))  # fmt: skip
+                                          input_tokens=counts.input_tokens, error=counts.error,
+                                          cached_tokens=counts.cached_tokens,
+                                          cache_creation_tokens=counts.cache_creation_tokens))  # fmt: skip
     except TimeoutError:
         outbox.flush_one(emit)
         what = f"stale_timeout: no output for {call.stale_timeout:g}s" if events else (

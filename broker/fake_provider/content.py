@@ -11,6 +11,8 @@ import json
 import random
 from typing import Any
 
+from .prefix_cache import PrefixCache
+
 _WORDS = (
     "the pool kills stalled streams and retries them on a fresh worker so nothing hangs "
     "while keep alive pings arrive every process starts clean from the zygote and answers once"
@@ -20,9 +22,10 @@ FIXED_CREATED = 1_767_225_600  # 2026-01-01, so that retried answers are byte-id
 
 
 class Reply:
-    """The text, ids and token counts of one answer."""
+    """The text, ids and token counts of one answer; with a prefix cache, how much of the prompt it held
+    (the prompt's blocks are kept there as it is read)."""
 
-    def __init__(self, body: dict[str, Any], tokens: int) -> None:
+    def __init__(self, body: dict[str, Any], tokens: int, cache: PrefixCache | None = None) -> None:
         digest = hashlib.sha256(json.dumps(_content_key(body), sort_keys=True).encode()).hexdigest()
         self.key = digest
         rng = random.Random(digest)
@@ -44,7 +47,9 @@ class Reply:
             self.pieces = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
         self.text = "".join(self.pieces)
         self.model = str(body.get("model", "fake-model"))
-        self.input_tokens = max(1, len(json.dumps(body.get("messages", body.get("input", ""))).split()))
+        words = json.dumps(body.get("messages", body.get("input", ""))).split()
+        self.input_tokens = max(1, len(words))
+        self.cached_tokens, self.cache_writes = cache.admit(self.model, words) if cache is not None else (0, 0)
         self.output_tokens = count
         self.stopped_by_limit = bool(limit) and count < tokens
 

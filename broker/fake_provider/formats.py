@@ -26,7 +26,13 @@ class AnthropicMessages:
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
-            "usage": {"input_tokens": reply.input_tokens, "output_tokens": out},
+            "usage": {
+                # Anthropic counts apart what was read from the cache and what was written to it
+                "input_tokens": reply.input_tokens - reply.cached_tokens - reply.cache_writes,
+                "cache_creation_input_tokens": reply.cache_writes,
+                "cache_read_input_tokens": reply.cached_tokens,
+                "output_tokens": out,
+            },
         }
 
     @staticmethod
@@ -86,7 +92,8 @@ class OpenAIChat:
     @staticmethod
     def _usage(reply: Reply) -> dict[str, int]:
         total = reply.input_tokens + reply.output_tokens
-        return {"prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens, "total_tokens": total}
+        return {"prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens, "total_tokens": total,
+                "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}  # fmt: skip
 
     @staticmethod
     def _finish(reply: Reply) -> str:
@@ -172,7 +179,7 @@ class OpenAIResponses:
             "top_p": 1.0,
             "usage": {
                 "input_tokens": reply.input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": reply.cached_tokens},
                 "output_tokens": reply.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": reply.input_tokens + reply.output_tokens,

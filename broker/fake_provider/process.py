@@ -24,9 +24,10 @@ async def serve(
     rates: dict[str, float] | None = None,
     seed: int = 0,
     exit_on_stdin_eof: bool = False,
+    prefix_cache: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or, for an owned child, until the parent's pipe closes)."""
-    provider = FakeProvider(latency, FaultPlan(rates, seed))
+    provider = FakeProvider(latency, FaultPlan(rates, seed), prefix_cache)
     runner = web.AppRunner(provider.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -50,10 +51,12 @@ class FakeProviderProcess:
 
     The child exits by itself if this process dies (it watches its stdin pipe)."""
 
-    def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0,
+                 prefix_cache: bool = False) -> None:  # fmt: skip
         latency = latency or Latency()
         args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
         args += ["--batched"] if latency.batched else []
+        args += ["--prefix-cache"] if prefix_cache else []
         args += ["--seed", str(seed), "--owned"]
         for spec, rate in (rates or {}).items():
             args += ["--fault-rate", f"{spec}={rate}"]

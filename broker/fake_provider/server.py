@@ -1,11 +1,14 @@
 """The fake provider: a real aiohttp server on loopback speaking the Anthropic Messages,
 OpenAI Chat Completions and OpenAI Responses APIs, with injected faults (F1-F7).
 
-Counters of what it served and injected are at `GET /_isopool/stats`
-(`POST /_isopool/reset` zeroes them and re-arms the faults chosen by header or model); the
+Counters of what it served and injected are at `GET /_isopool/stats` (`POST /_isopool/reset`
+zeroes them, empties the prefix cache and re-arms the faults chosen by header or model); the
 headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
 answered with), so that tests can check what reached the provider: keys, organization, others.
 What a vLLM-like server shows Prometheus is at `GET /metrics` (see `metrics.py`).
+With `prefix_cache`, its usage reports cached input tokens as a server with automatic prefix
+caching would (see `prefix_cache.py`); it is off by default, since a request sent again would
+then be answered with other usage, and tests check that a retried answer is byte-identical.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .content import Reply
 from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
 from .metrics import FakeMetrics
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ class Latency(msgspec.Struct, frozen=True):
 
 
 class FakeProvider:
-    def __init__(self, latency: Latency | None = None, faults: FaultPlan | None = None) -> None:
+    def __init__(self, latency: Latency | None = None, faults: FaultPlan | None = None,
+                 prefix_cache: bool = False) -> None:  # fmt: skip
         self.latency = latency or Latency()
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
@@ -60,6 +65,8 @@ class FakeProvider:
         self.tokens = 0  # tokens of answers written to their end (never reset, as Prometheus counters)
         self.metrics = FakeMetrics(self)
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
+        self.prefixes = PrefixCache() if prefix_cache else None  # prompts seen, so that usage reports cached tokens
+        self.cached_tokens = 0  # input tokens answered from it
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -102,6 +109,7 @@ class FakeProvider:
             "active": self.active,
             "chunks": self.chunks,
             "repeated": sum(n - 1 for n in self.bodies.values()),
+            "cached_tokens": self.cached_tokens,
         }
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -111,7 +119,9 @@ class FakeProvider:
         self.served.clear()
         self.bodies.clear()
         self.faults.reset()
-        self.completed = self.disconnects = self.chunks = 0
+        if self.prefixes is not None:
+            self.prefixes.clear()
+        self.completed = self.disconnects = self.chunks = self.cached_tokens = 0
         return web.json_response({"ok": True})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
@@ -125,7 +135,8 @@ class FakeProvider:
             try:
                 body = await request.json()
                 latency = self._latency(request)
-                reply = Reply(body, latency.tokens)
+                reply = Reply(body, latency.tokens, self.prefixes)
+                self.cached_tokens += reply.cached_tokens
                 fault = self.faults.choose(request.headers.get(FAULT_HEADER), reply.model, reply.key)
             except ValueError as exc:
                 return _error(dialect, 400, "invalid_request_error", str(exc))

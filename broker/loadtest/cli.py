@@ -33,6 +33,8 @@ target, so a first run needs no key and no network.
   isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
   isopool loadtest --target http://localhost:8000/v1 -c 32 --server-metrics target   # + vLLM's /metrics
+  isopool loadtest --trace mooncake_trace.jsonl --speedup 4 --target http://localhost:8000/v1
+  isopool loadtest -c 16 --prefix-tokens 2048 --prefix-groups 4     # prompts that share prefixes
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
   isopool loadtest compare RUN-A RUN-B                # point by point, B against A
@@ -91,6 +93,15 @@ sweep.png for a sweep; with the `plots` extra)."""
     type=click.Path(exists=True, dir_okay=False),
     help="Send these requests (JSONL in the `isopool batch` formats) instead of synthetic prompts.",
 )
+@click.option(
+    "--trace",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Replay this trace at its own times, open loop: Mooncake JSONL (timestamp, input_length, output_length, "
+    "hash_ids), or requests in the `isopool batch` formats with a timestamp (ms).",
+)
+@click.option("--speedup", default=1.0, show_default=True, help="Divide the trace's times by this.")
+@click.option("--prefix-tokens", default=0, help="Synthetic prompts open with a shared prefix this many tokens long.")
+@click.option("--prefix-groups", default=1, show_default=True, help="How many shared prefixes (one drawn per prompt).")
 @click.option("--no-stream", is_flag=True, help="Ask for plain (non-streaming) answers.")
 @click.option(
     "--sdk",
@@ -143,7 +154,7 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     try:
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
-        opts.workload()  # a dataset is read (and checked) before anything starts
+        opts.workload()  # a dataset or trace is read (and checked) before anything starts
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     from .scrape import EndpointError

@@ -40,7 +40,7 @@ class Measurement:
         # read, so that thousands of streams leave the garbage collector nothing to walk
         self.arrived, self.deltas = array.array("q"), array.array("q")
         self.tokens = 0
-        self.output_tokens = self.input_tokens = -1
+        self.output_tokens = self.input_tokens = self.cached_tokens = self.cache_creation_tokens = -1
         self.outcome, self.error = "ok", ""
         self.end = self.received = 0
 
@@ -51,9 +51,11 @@ class Measurement:
         tick = _TICK.decode(data)
         if tick.sent:
             self.sent, self.head, self.status = tick.sent, tick.t, tick.status
-        self.observe(tick.t, tick.tokens, tick.output_tokens, tick.input_tokens, tick.error)
+        self.observe(tick.t, tick.tokens, tick.output_tokens, tick.input_tokens, tick.error, tick.cached_tokens,
+                     tick.cache_creation_tokens)  # fmt: skip
 
-    def observe(self, t: int, tokens: int, output_tokens: int = -1, input_tokens: int = -1, error: str = "") -> None:
+    def observe(self, t: int, tokens: int, output_tokens: int = -1, input_tokens: int = -1, error: str = "",
+                cached_tokens: int = -1, cache_creation_tokens: int = -1) -> None:  # fmt: skip
         """Something arrived at `t`: `tokens` output deltas, usage once reported, a mid-stream error."""
         if tokens:
             self.first = self.first or t
@@ -63,6 +65,8 @@ class Measurement:
         self.last = t
         self.output_tokens = max(self.output_tokens, output_tokens)
         self.input_tokens = max(self.input_tokens, input_tokens)
+        self.cached_tokens = max(self.cached_tokens, cached_tokens)
+        self.cache_creation_tokens = max(self.cache_creation_tokens, cache_creation_tokens)
         if error and self.outcome == "ok":
             self.outcome, self.error = "stream_error", error
 
@@ -78,10 +82,12 @@ class Measurement:
             self.plain(now, *_usage(body))
         self.status = status
 
-    def plain(self, now: int, output_tokens: int, input_tokens: int) -> None:
+    def plain(self, now: int, output_tokens: int, input_tokens: int, cached_tokens: int = -1,
+              cache_creation_tokens: int = -1) -> None:  # fmt: skip
         """A non-streaming answer arrived at `now`: the whole body is its first token."""
         self.first = self.first or self.head or now
         self.output_tokens, self.input_tokens = output_tokens, input_tokens
+        self.cached_tokens, self.cache_creation_tokens = cached_tokens, cache_creation_tokens
         self.tokens = max(output_tokens, 0)
 
     def fail(self, now: int, exc: RequestError) -> None:
@@ -138,6 +144,8 @@ class Measurement:
             "chunks": self.tokens,
             "input_tokens": self.input_tokens if self.input_tokens >= 0 else self.input_estimate,
             "requested_tokens": self.requested,
+            "cached_tokens": self.cached_tokens if self.cached_tokens >= 0 else None,  # None: the server did not say
+            "cache_creation_tokens": self.cache_creation_tokens if self.cache_creation_tokens >= 0 else None,
             "status": self.status,
             "outcome": self.outcome,
             "error": self.error,
@@ -156,12 +164,12 @@ class _Body(msgspec.Struct):
 _BODY = msgspec.json.Decoder(_Body)
 
 
-def _usage(body: bytes) -> tuple[int, int]:
-    """(output, input) tokens of a plain answer."""
+def _usage(body: bytes) -> tuple[int, int, int, int]:
+    """(output, input, cached input, input written to the cache) tokens of a plain answer."""
     try:
         usage = _BODY.decode(body).usage
     except msgspec.DecodeError:
-        return -1, -1
+        return -1, -1, -1, -1
     if usage is None:
-        return -1, -1
-    return usage.output, usage.input
+        return -1, -1, -1, -1
+    return usage.output, usage.input, usage.cached, usage.cache_creation

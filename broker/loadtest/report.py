@@ -81,10 +81,19 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
+def _cached(cache: dict[str, Any] | None) -> str:
+    if not cache:
+        return "not reported"
+    share = "-" if cache["cached_share"] is None else f"{cache['cached_share']:.1%}"
+    return f"{cache['cached_input_tokens']:,} ({share})"
+
+
 def label(load: dict[str, Any]) -> str:
     if "concurrency" in load:
         return f"c={load['concurrency']}"
     cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
+    if "trace" in load:
+        return f"{load['trace']} ×{load['speedup']:g}{cap}"
     return f"{load['rate']:g}/s {load['arrival']}{cap}" if "rate" in load else str(load.get("name", "?"))
 
 
@@ -110,6 +119,10 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
                       ("time per output token", "tpot"), ("end to end", "e2e"),
                       ("end to end from schedule", "e2e_from_schedule")):  # fmt: skip
         row(f"{name} p50 / p99 ms", lambda s, g, lat, k=key: f"{_ms(lat[k]['p50'])} / {_ms(lat[k]['p99'])}")
+    if any(p["summary"].get("cache") for p in points):
+        row("cached input tokens (share)", lambda s, g, lat: _cached(s.get("cache")))
+        row("TTFT cache hit / miss p50 ms", lambda s, g, lat: "-" if not s.get("cache") else
+            f"{_ms(s['cache']['ttft_hit']['p50'])} / {_ms(s['cache']['ttft_miss']['p50'])}")  # fmt: skip
     row("generator CPU (cores)",
         lambda s, g, lat: "-" if g.get("cpu_cores_mean") is None else f"{g['cpu_cores_mean']:.2f}")  # fmt: skip
     console.print(table)
@@ -164,6 +177,8 @@ def write_csv(results: dict[str, Any], path: str) -> None:
                                "ok": s["outcomes"].get("ok", 0), "stalls": s["stalls"]["count"],
                                **s["throughput"], "in_flight_mean": point["generator"]["in_flight_mean"],
                                "verdict": point["generator"]["verdict"]}  # fmt: skip
+        cache = s.get("cache") or {}
+        row |= {"cached_input_tokens": cache.get("cached_input_tokens"), "cached_share": cache.get("cached_share")}
         for metric, dist in s["latency"].items():
             row |= {f"{metric}_{k}": v for k, v in dist.items() if k != "n"}
         if "server_metrics" in point:

@@ -32,18 +32,19 @@ from ..machine import machine, versions
 from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
+from .prompts import SharedPrefix
 from .schedule import arrivals
 from .scrape import validate as validate_server_metrics
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
 from .servermetrics import ServerMetrics, point_metrics
 from .summary import parse_slo, point_result, steady_window
-from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
+from .trace import Trace
+from .workload import APIS, DEFAULT_MODEL, Dataset, Lengths, Synthetic, Turn, to_http
 
-Workload = Synthetic | Dataset
+Workload = Synthetic | Dataset | Trace
 
 _TARGETS = ("fake", "anthropic", "openai")
-_DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
 # The placeholder key of the fake or a URL target (the OpenAI SDK needs one; "EMPTY" as vLLM's docs use),
 # in a variable of our own for the workers to read, so the caller's ANTHROPIC_API_KEY and OPENAI_API_KEY stay
 # as they are, and go to their own provider only.
@@ -88,6 +89,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     server_metrics: str = ""  # a Prometheus endpoint scraped during each point; "target": the target's /metrics
     server_metrics_interval: float = 1.0  # seconds between two scrapes
     server_metrics_series: str = ""  # names or glob patterns, comma-separated; "": every numeric series
+    trace: str = ""  # replay this trace (Mooncake, or batch requests with timestamps) at its own times
+    speedup: float = 1.0  # the trace's times divided by this
+    prefix_tokens: int = 0  # synthetic prompts open with one of `prefix_groups` shared prefixes this long
+    prefix_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -117,17 +122,33 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"{self.api_key_env} is not set: put the target's key in it, or leave --api-key-env out")
         validate_server_metrics(self.server_metrics, self.target, self.server_metrics_interval,
                                 self.server_metrics_series)  # fmt: skip
+        self._check_trace_and_prefix()
+
+    def _check_trace_and_prefix(self) -> None:
+        if self.speedup <= 0 or (self.speedup != 1.0 and not self.trace):
+            raise ValueError("--speedup must be > 0, and goes with --trace")
+        given = {"--rate": self.rate, "--concurrency": self.concurrency, "--dataset": self.dataset,
+                 "--turns": self.turns > 1, "--ramp-up": self.ramp_up,
+                 "--prefix-tokens": self.prefix_tokens}  # fmt: skip
+        if self.trace and (clash := [name for name, value in given.items() if value]):
+            raise ValueError(f"--trace replays the trace's own requests at its own times: leave out {', '.join(clash)}")
+        if self.prefix_tokens < 0 or self.prefix_groups < 1:
+            raise ValueError("--prefix-tokens must be >= 0 and --prefix-groups >= 1")
+        if self.prefix_groups > 1 and not self.prefix_tokens:
+            raise ValueError("--prefix-groups needs --prefix-tokens (how long each shared prefix is)")
+        if self.prefix_tokens and self.dataset:
+            raise ValueError("--prefix-tokens makes synthetic prompts; a dataset's requests are sent as they are")
 
     def workload(self) -> Workload:
-        """What to send: the dataset's requests, or synthetic conversations."""
+        """What to send: the dataset's requests, the trace's, or synthetic conversations."""
         if self.dataset:
-            dataset = Dataset(self.dataset, self.stream, self.model)
-            if self.api and self.api != dataset.api:
-                raise ValueError(f"{self.dataset} holds {dataset.api} requests, not {self.api}")
-            return dataset
+            return Dataset(self.dataset, self.stream, self.model, self.api)
         api = self.chosen_api
-        return Synthetic(api, self.model or _DEFAULT_MODEL[api], Lengths.parse(self.input_tokens),
-                         Lengths.parse(self.output_tokens), self.stream, self.seed, self.turns)  # fmt: skip
+        if self.trace:
+            return Trace(self.trace, self.speedup, self.stream, self.model, api, self.api)
+        prefix = SharedPrefix(self.prefix_tokens, self.prefix_groups, self.seed) if self.prefix_tokens else None
+        return Synthetic(api, self.model or DEFAULT_MODEL[api], Lengths.parse(self.input_tokens),
+                         Lengths.parse(self.output_tokens), self.stream, self.seed, self.turns, prefix)  # fmt: skip
 
     @property
     def worker_streams(self) -> int:
@@ -145,6 +166,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def points(self) -> list[dict[str, Any]]:
+        if self.trace:
+            return [{"trace": os.path.basename(self.trace), "speedup": self.speedup,
+                     "max_concurrency": self.max_concurrency}]  # fmt: skip
         if self.rate:
             return [{"rate": r, "max_concurrency": self.max_concurrency, "arrival": self.arrival} for r in self.rate]
         return [{"concurrency": c} for c in self.concurrency or [8]]
@@ -152,7 +176,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def capacity(self) -> int:
         """Streams the pool must carry at once."""
-        if self.rate:
+        if self.rate or self.trace:
             return self.max_concurrency or 256
         return max(self.concurrency or [8])
 
@@ -187,7 +211,9 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
         fake = None
         if options.target == "fake":
             latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
-            fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
+            fake = stack.enter_context(
+                FakeProviderProcess(latency, options.fake_faults, options.seed, prefix_cache=True)
+            )
             profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
         elif options.target.startswith("http"):
             profile["base_url"] = options.target.rstrip("/")
@@ -274,6 +300,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
         ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
         server_metrics="", server_metrics_series="",
+        trace="", speedup=1.0,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]
@@ -307,8 +334,9 @@ async def _run_point(
     sink: Any, progress: Progress,
 ) -> dict[str, Any]:  # fmt: skip
     records: list[dict[str, Any]] = []
-    total = options.requests or (0 if options.duration else 100)
-    label = f"concurrency {load['concurrency']}" if "concurrency" in load else f"rate {load['rate']:g}/s"
+    total = options.requests or (0 if options.duration or options.trace else 100)  # a trace: to its end
+    label = f"concurrency {load['concurrency']}" if "concurrency" in load else (
+        f"rate {load['rate']:g}/s" if "rate" in load else f"trace {load['trace']} ×{load['speedup']:g}")  # fmt: skip
     progress.point(label, total or None, options.duration or None)
     live = _Live(pool.pid)
     cpu_before, started = live.cpu.seconds(), time.monotonic()
@@ -363,7 +391,9 @@ async def _run_point(
                 await _closed_loop(converse, load["concurrency"], budget, options.ramp_up)
             else:
                 starts = -(-total // workload.turns) if total else 0
-                await _open_loop(converse, load, starts, budget, options, start)
+                offsets = workload.offsets() if isinstance(workload, Trace) else arrivals(
+                    load["rate"], load["arrival"], options.ramp_up, options.seed)  # fmt: skip
+                await _open_loop(converse, offsets, starts, budget, start)
         finally:
             sampler.cancel()
             if sdk is not None:
@@ -404,11 +434,11 @@ async def _closed_loop(converse: Any, concurrency: int, budget: _Budget, ramp_up
     await asyncio.gather(*(lane(k) for k in range(concurrency)))
 
 
-async def _open_loop(converse: Any, load: dict[str, Any], starts: int, budget: _Budget, options: Options,
-                     start: int) -> None:  # fmt: skip
-    """Conversations (single requests, unless --turns) start at their scheduled times."""
+async def _open_loop(converse: Any, offsets: Iterator[float], starts: int, budget: _Budget, start: int) -> None:
+    """Conversations (single requests, unless --turns) start at their scheduled times (`offsets` seconds
+    from `start`: a rate's arrivals, or a trace's)."""
     tasks: set[asyncio.Task] = set()
-    for conversation, offset in enumerate(arrivals(load["rate"], load["arrival"], options.ramp_up, options.seed)):
+    for conversation, offset in enumerate(offsets):
         due = start + int(offset * 1e9)
         if (starts and conversation >= starts) or (budget.ends_at and due >= budget.ends_at):
             break

@@ -10,8 +10,10 @@ import time
 from typing import Any
 
 import anthropic
+import msgspec
 import openai
 
+from ..protocol import Usage
 from ..shim import AsyncAnthropic, AsyncOpenAI
 from .measure import Measurement
 from .workload import Turn
@@ -45,7 +47,8 @@ async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:
         events = await create(**body, stream=True)
         m.head = time.monotonic_ns()
         async for event in events:
-            m.observe(time.monotonic_ns(), *_read(api, event))
+            tokens, output, given, cached, created = _read(api, event)
+            m.observe(time.monotonic_ns(), tokens, output, given, "", cached, created)
         m.finish(time.monotonic_ns(), 200)  # ends at its last event; received now
     except _STATUS as exc:
         m.status = exc.status_code
@@ -58,8 +61,12 @@ async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:
         m.end_with(time.monotonic_ns(), "stream_error", str(exc))
 
 
-def _read(api: str, event: Any) -> tuple[int, int, int]:
-    """(output deltas, output tokens, input tokens) of one parsed event (-1: not reported here)."""
+_NOTHING = (-1, -1, -1, -1)
+
+
+def _read(api: str, event: Any) -> tuple[int, int, int, int, int]:
+    """(output deltas, output tokens, input tokens, cached input, input written to the cache) of one parsed
+    event (-1: not reported here)."""
     if api == "chat":
         delta = event.choices[0].delta if event.choices else None
         tokens = int(bool(delta and (delta.content or getattr(delta, "reasoning_content", None) or delta.tool_calls)))
@@ -67,23 +74,23 @@ def _read(api: str, event: Any) -> tuple[int, int, int]:
     kind = getattr(event, "type", "")
     if api == "messages":
         if kind == "content_block_delta":
-            return 1, -1, -1
+            return 1, *_NOTHING
         if kind == "message_start":
-            return 0, -1, event.message.usage.input_tokens
+            return (0, *_usage(event.message.usage))
         if kind == "message_delta":
-            return 0, event.usage.output_tokens, -1
-        return 0, -1, -1
+            return 0, event.usage.output_tokens, -1, -1, -1
+        return 0, *_NOTHING
     if kind.endswith(".delta"):
-        return 1, -1, -1
+        return 1, *_NOTHING
     if kind == "response.completed":
         return (0, *_usage(event.response.usage))
-    return 0, -1, -1
+    return 0, *_NOTHING
 
 
-def _usage(usage: Any) -> tuple[int, int]:
-    """(output, input) tokens of an SDK usage object, whichever API's names it uses."""
+def _usage(usage: Any) -> tuple[int, int, int, int]:
+    """(output, input, cached input, input written to the cache) tokens of an SDK usage object, whichever
+    API's names it uses: the SDKs' models have the wire's fields, so the wire's own reading applies."""
     if usage is None:
-        return -1, -1
-    output = getattr(usage, "output_tokens", None) or getattr(usage, "completion_tokens", None)
-    given = getattr(usage, "input_tokens", None) or getattr(usage, "prompt_tokens", None)
-    return (output if output is not None else -1), (given if given is not None else -1)
+        return _NOTHING
+    wire = msgspec.convert(usage.model_dump(exclude_none=True), Usage)
+    return wire.output, wire.input, wire.cached, wire.cache_creation

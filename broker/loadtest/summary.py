@@ -90,6 +90,30 @@ def summarize(
             "after_tokens": [s["after_tokens"] for s in stalls],
             "waited": distribution([s["waited"] for s in stalls]),
         },
+        "cache": cache_figures(ok),
+    }
+
+
+def cache_figures(ok: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Cached input tokens, as the server's usage reported them (None: it never did), and time to first token
+    apart for requests that found part of their prompt in the cache (hits) and those that did not."""
+    reported = [r for r in ok if r.get("cached_tokens") is not None]  # records of older runs have no such field
+    if not reported:
+        return None
+    cached, given = sum(r["cached_tokens"] for r in reported), sum(r["input_tokens"] for r in reported)
+    written = [r["cache_creation_tokens"] for r in reported if r["cache_creation_tokens"] is not None]
+    hits = [r["ttft"] for r in reported if r["cached_tokens"] > 0 and r["ttft"] is not None]
+    misses = [r["ttft"] for r in reported if r["cached_tokens"] == 0 and r["ttft"] is not None]
+    return {
+        "reported": len(reported),
+        "input_tokens": given,
+        "cached_input_tokens": cached,
+        "cached_share": round(cached / given, 4) if given > 0 else None,
+        "cache_creation_tokens": sum(written) if written else None,
+        "hits": sum(1 for r in reported if r["cached_tokens"] > 0),
+        "misses": sum(1 for r in reported if r["cached_tokens"] == 0),
+        "ttft_hit": distribution(hits),
+        "ttft_miss": distribution(misses),
     }
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 
 from ..protocol import HttpCall
+from .prompts import WORDS as _WORDS
+from .prompts import SharedPrefix
 
 # api -> (SDK kind of the profile, path under its base URL)
 APIS: dict[str, tuple[str, str]] = {
@@ -18,11 +20,7 @@ APIS: dict[str, tuple[str, str]] = {
     "chat": ("openai", "/chat/completions"),
     "responses": ("openai", "/responses"),
 }
-_WORDS = (
-    "time year people way day man thing woman life child world school state family student group country "
-    "problem hand part place case week company system program question work government number night point "
-    "home water room mother area money story fact month lot right study book eye job word business issue"
-).split()
+DEFAULT_MODEL = {"messages": "claude-sonnet-4-5", "chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini"}
 _ENC = msgspec.json.Encoder()
 
 
@@ -74,24 +72,28 @@ class Turn(msgspec.Struct, frozen=True):
 class Synthetic:
     """Synthetic conversations: each turn a fresh prompt of a drawn length asking for a drawn
     number of tokens; later turns carry the earlier ones (the answers as words of the length
-    asked for, since a load test does not keep the text), as a chat client would."""
+    asked for, since a load test does not keep the text), as a chat client would. With `prefix`,
+    a conversation's first prompt opens with one of its shared prefixes."""
 
     def __init__(self, api: str, model: str, input_tokens: Lengths, output_tokens: Lengths, stream: bool = True,
-                 seed: int = 0, turns: int = 1) -> None:  # fmt: skip
+                 seed: int = 0, turns: int = 1, prefix: SharedPrefix | None = None) -> None:  # fmt: skip
         if api not in APIS:
             raise ValueError(f"unknown api {api!r}; choose one of {', '.join(APIS)}")
         if turns < 1:
             raise ValueError("turns must be >= 1")
         self.api, self.model, self.stream, self.turns = api, model, stream, turns
-        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.input_tokens, self.output_tokens, self.prefix = input_tokens, output_tokens, prefix
         self.rng = random.Random(seed)
 
     def conversation(self, index: int) -> Iterator[Turn]:
         history: list[dict[str, str]] = []
         total_in = 0
+        lead = self.prefix.pick(self.rng) + " " if self.prefix else ""  # opens the first prompt
         for turn in range(self.turns):
             n_in, n_out = self.input_tokens.sample(self.rng), self.output_tokens.sample(self.rng)
             prompt = " ".join([f"#{index}.{turn}"] + [self.rng.choice(_WORDS) for _ in range(n_in - 1)])
+            if turn == 0 and self.prefix:
+                prompt, total_in = lead + prompt, self.prefix.tokens
             history.append({"role": "user", "content": prompt})
             total_in += n_in
             yield Turn(request_body(self.api, self.model, history, n_out, self.stream), total_in, n_out)
@@ -103,36 +105,47 @@ class Dataset:
     """Requests from a JSONL file in the batch formats (OpenAI Batch or Anthropic Message
     Batches lines, as `isopool batch` takes them), sent in file order and cycled."""
 
-    def __init__(self, path: str, stream: bool = True, model: str = "") -> None:
+    def __init__(self, path: str, stream: bool = True, model: str = "", wanted: str = "") -> None:
         from ..batch.runner import load
 
         items, invalid, _ = load(path)
         if invalid:
             shown = "; ".join(f"line {i.line}: {i.reason}" for i in invalid[:3])
             raise ValueError(f"{path}: {len(invalid)} invalid line(s): {shown}")
-        if not items:
-            raise ValueError(f"{path}: no requests")
-        apis = {_API_OF_METHOD.get(item.method) for item in items}
-        if None in apis or len(apis) != 1:
-            raise ValueError(f"{path}: a load test takes requests of one API (messages, chat completions or "
-                             f"responses), not {sorted(item.method for item in items)[:3]}")  # fmt: skip
-        self.api = apis.pop()
+        self.api = api_of_items(path, items, wanted)
         self.items, self.stream, self.model = items, stream, model
         self.turns = 1
 
     def conversation(self, index: int) -> Iterator[Turn]:
-        body = dict(self.items[index % len(self.items)].params, stream=self.stream)
-        if self.model:
-            body["model"] = self.model
-        if self.stream and self.api == "chat":
-            body["stream_options"] = {"include_usage": True}
-        requested = next(
-            (body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in body), -1
-        )
-        yield Turn(body, len(_ENC.encode(body.get("messages") or body.get("input") or "")) // 4, int(requested))
+        yield turn_of(self.items[index % len(self.items)].params, self.api, self.stream, self.model)
 
 
 _API_OF_METHOD = {"messages.create": "messages", "chat.completions.create": "chat", "responses.create": "responses"}
+
+
+def api_of_items(path: str, items: list[Any], wanted: str = "") -> str:
+    """The one API a file's batch requests call (and `wanted`, if given, must be it)."""
+    if not items:
+        raise ValueError(f"{path}: no requests")
+    apis = {_API_OF_METHOD.get(item.method) for item in items}
+    if None in apis or len(apis) != 1:
+        raise ValueError(f"{path}: a load test takes requests of one API (messages, chat completions or "
+                         f"responses), not {sorted(item.method for item in items)[:3]}")  # fmt: skip
+    api = apis.pop()
+    if wanted and wanted != api:
+        raise ValueError(f"{path} holds {api} requests, not {wanted}")
+    return api  # type: ignore[return-value]
+
+
+def turn_of(params: dict[str, Any], api: str, stream: bool, model: str) -> Turn:
+    """A batch request's parameters as a load test sends them: streamed as asked, `model` if given."""
+    body = dict(params, stream=stream)
+    if model:
+        body["model"] = model
+    if stream and api == "chat":
+        body["stream_options"] = {"include_usage": True}
+    requested = next((body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in body), -1)
+    return Turn(body, len(_ENC.encode(body.get("messages") or body.get("input") or "")) // 4, int(requested))
 
 
 def to_http(api: str, body: dict[str, Any]) -> HttpCall:

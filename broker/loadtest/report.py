@@ -11,11 +11,13 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgspec
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..render import console
+from .search import Search, conclude
 from .summary import parse_slo, point_result, steady_window
 
 
@@ -122,11 +124,14 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             where = ", ".join(f"{n} after {t} tokens" for t, n in sorted(after.items()))
             console.print(head + f"stalls cut at the stale timeout: {where}")
         if s["goodput"]:
-            console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
+            console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s "
+                          f"({s['goodput']['share']:.0%} of requests) within {s['goodput']['slo']}")  # fmt: skip
         if s["window"]["note"]:
             console.print(head + f"[yellow]{escape(s['window']['note'])}[/]")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
+    for line in results.get("search", {}).get("text", []):
+        console.print(f"[bold]{escape(line)}[/]")
     pngs = sorted(name for name in os.listdir(out_dir) if name.endswith(".png")) if os.path.isdir(out_dir) else []
     console.print(
         f"results in {escape(out_dir)}/: " + ", ".join(["results.json", "records.jsonl", "results.csv", *pngs])
@@ -142,6 +147,8 @@ def write_csv(results: dict[str, Any], path: str) -> None:
                                "ok": s["outcomes"].get("ok", 0), "stalls": s["stalls"]["count"],
                                **s["throughput"], "in_flight_mean": point["generator"]["in_flight_mean"],
                                "verdict": point["generator"]["verdict"]}  # fmt: skip
+        if s["goodput"]:
+            row["goodput_share"] = s["goodput"]["share"]
         for metric, dist in s["latency"].items():
             row |= {f"{metric}_{k}": v for k, v in dist.items() if k != "n"}
         rows.append(row)
@@ -183,9 +190,12 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{records_path} does not exist: is {out_dir} a load test's output directory?")
     results: dict[str, Any] = {"options": {"target": "?", "slo": ""}, "api": "?", "points": []}
     saved = os.path.join(out_dir, "results.json")  # written (atomically) at the start and after each point
+    finished = 0
     if os.path.exists(saved):
         with open(saved) as f:
-            results |= {k: v for k, v in json.load(f).items() if k != "points"}
+            saved_results = json.load(f)
+        results |= {k: v for k, v in saved_results.items() if k != "points"}
+        finished = len(saved_results["points"])
     by_point: dict[int, list[dict[str, Any]]] = {}
     for record in read_records(out_dir):
         by_point.setdefault(record["point"], []).append(record)
@@ -196,4 +206,8 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         load = loads[number] if number < len(loads) else {"name": f"point {number}"}
         window = steady_window(by_point[number], options.get("warmup"), options.get("duration"))
         results["points"].append(point_result(load, by_point[number], [], [], slo, window=window))
+    if options.get("find_max"):  # concluded from the probes that ran to their end
+        search = msgspec.convert(options["find_max"], Search)
+        ended = [point for number, point in zip(sorted(by_point), results["points"], strict=True) if number < finished]
+        results["search"] = conclude(search, slo, ended)
     return results

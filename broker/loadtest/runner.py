@@ -1,6 +1,6 @@
 """Running a load test: a pool (and by default the fake provider as target), then one
-load point after another (a sweep over concurrencies or rates), every request timed in
-its worker. Records are appended to `records.jsonl` as requests end, so a run killed
+load point after another (a sweep over concurrencies or rates, or the probes of a
+`--find-max` search, see `search.py`), every request timed in its worker. Records are appended to `records.jsonl` as requests end, so a run killed
 half-way still leaves usable results; `results.json` is written at the end.
 
 A stalled stream is cut by the pool's watchdog at `stale_timeout` (or `first_event_timeout`
@@ -33,6 +33,7 @@ from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
+from .search import Search, conclude, loads, probe_note
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
 from .summary import parse_slo, point_result, steady_window
@@ -83,6 +84,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     turns: int = 1  # synthetic conversations of this many turns (each turn carries the ones before)
     dataset: str = ""  # a JSONL of requests in the batch formats, instead of synthetic prompts
     api_key_env: str = ""  # the variable whose key goes to the target (a URL gets no key without it)
+    fake_load_knee: int = 0  # the built-in fake slows beyond this many answers in progress ...
+    fake_load_slope: float = 0.0  # ... its ttft and gap each growing by this share per answer (0: never slows)
+    find_max: Search | None = None  # instead of the listed loads, search for the highest that meets the SLO
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -110,6 +114,13 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the fake provider takes no key: leave --api-key-env out")
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise ValueError(f"{self.api_key_env} is not set: put the target's key in it, or leave --api-key-env out")
+        if self.fake_load_knee < 0 or self.fake_load_slope < 0:
+            raise ValueError("--fake-load-knee and --fake-load-slope cannot be negative")
+        if self.find_max and not self.slo:
+            raise ValueError("--find-max needs --slo: the limits a request must meet, e.g. --slo ttft=500ms,tpot=50ms")
+        if self.find_max and (self.rate or self.concurrency):
+            raise ValueError("--find-max chooses the loads itself: leave out --rate and --concurrency "
+                             "(bound the search with --start and --max)")  # fmt: skip
 
     def workload(self) -> Workload:
         """What to send: the dataset's requests, or synthetic conversations."""
@@ -138,15 +149,26 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def points(self) -> list[dict[str, Any]]:
+        """The loads listed (none under --find-max, whose search picks them as it goes)."""
+        if self.find_max:
+            return []
         if self.rate:
-            return [{"rate": r, "max_concurrency": self.max_concurrency, "arrival": self.arrival} for r in self.rate]
-        return [{"concurrency": c} for c in self.concurrency or [8]]
+            return [self.load("rate", r) for r in self.rate]
+        return [self.load("concurrency", c) for c in self.concurrency or [8]]
+
+    def load(self, kind: str, level: float) -> dict[str, Any]:
+        """A load point: a rate (with its cap and arrival process) or a concurrency."""
+        if kind == "rate":
+            return {"rate": level, "max_concurrency": self.max_concurrency, "arrival": self.arrival}
+        return {"concurrency": int(level)}
 
     @property
     def capacity(self) -> int:
         """Streams the pool must carry at once."""
-        if self.rate:
+        if self.rate or (self.find_max and self.find_max.over == "rate"):
             return self.max_concurrency or 256
+        if self.find_max:
+            return int(self.find_max.ceiling)
         return max(self.concurrency or [8])
 
 
@@ -179,7 +201,8 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
         profile: dict[str, Any] = {"kind": kind}
         fake = None
         if options.target == "fake":
-            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
+            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000,  # max_tokens decides
+                              knee=options.fake_load_knee, slope=options.fake_load_slope)  # fmt: skip
             fake = stack.enter_context(FakeProviderProcess(latency, options.fake_faults, options.seed))
             profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
         elif options.target.startswith("http"):
@@ -242,13 +265,20 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
     with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options, api) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
                            "streams_per_worker": options.worker_streams}  # fmt: skip
-        for number, load in enumerate(options.points):
+        search = options.find_max
+        for number, load in enumerate(loads(options, results["points"]) if search else options.points):
+            if search:  # a probe's load is known only now: recorded before it runs, for a run killed during it
+                results["load_points"].append(load)
+                _write_json(os.path.join(out_dir, "results.json"), results)
             point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
             if options.calibrate:
                 _compare_with_ceiling(point, results["calibration"])
             results["points"].append(point)
             if fake is not None:  # what the target itself counted (faults it injected, answers)
                 results["fake_provider"] = fake.stats()
+            if search:
+                results["search"] = conclude(search, parse_slo(options.slo), results["points"])
+                progress.note(probe_note(search, point))
             _write_json(os.path.join(out_dir, "results.json"), results)
     return results
 
@@ -259,6 +289,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
     trial = msgspec.structs.replace(
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
         ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
+        find_max=None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]

@@ -114,19 +114,28 @@ def test_find_max_finds_the_highest_rate_the_slowing_fake_serves_within_the_slo(
 
 
 def test_find_max_over_concurrency_from_the_cli_and_its_report(tmp_path, own_processes):
-    # with more than 8 answers in progress the fake takes (1 + c - 8) times its ttft: 9 streams see 168 ms, 10 see 252
+    # c streams in progress beyond the knee of 8 take (1 + c - 8) times the fake's ttft: 9 see 408 ms, 10 see 612 ms
+    ttft, knee = 0.2, 8
+    known = max(c for c in range(1, 13) if (1 + max(0, c - knee)) * (ttft + GAP) <= 0.5)
     out = str(tmp_path / "run")
-    args = ["--find-max", "concurrency", "--slo", "ttft=200ms", "--start", "4", "--duration", "1", "--warmup", "0.2",
-            "--output-tokens", str(TOKENS), "--fake-ttft", str(TTFT), "--fake-gap", str(GAP), "--fake-load-knee", "8",
-            "--fake-load-slope", "1", "--no-calibrate", "-o", out]  # fmt: skip
-    done = subprocess.run(ISOPOOL + ["loadtest", *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "highest concurrency meeting ttft<=200ms for 95% of requests: 9 streams" in done.stdout, done.stdout
+    args = ["--find-max", "concurrency", "--slo", "ttft=500ms", "--start", "4", "--max", "12", "--duration", "1",
+            "--warmup", "0.2", "--output-tokens", str(TOKENS), "--fake-ttft", str(ttft), "--fake-gap", str(GAP),
+            "--fake-load-knee", str(knee), "--fake-load-slope", "1", "--no-calibrate", "-o", out]  # fmt: skip
+    done = CliRunner().invoke(main, ["loadtest", *args])
+    assert done.exit_code == 0, done.output
+    answer = f"highest concurrency meeting ttft<=500ms for 95% of requests: {known} streams"
+    assert answer in _flat(done.output), done.output
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
-    assert [p["load"]["concurrency"] for p in results["points"]] == [4, 8, 16, 11, 9, 10]
-    report = subprocess.run(ISOPOOL + ["loadtest", "report", out], capture_output=True, text=True, timeout=60)
-    assert report.returncode == 0 and "9 streams" in report.stdout and "c=16" in report.stdout, report.stdout
+    assert [p["load"]["concurrency"] for p in results["points"]] == [4, 8, 12, 10, 9]
+    report = CliRunner().invoke(main, ["loadtest", "report", out])
+    assert report.exit_code == 0 and "c=12" in report.output, report.output
+    assert answer in _flat(report.output) and f"and {known + 1} streams" in _flat(report.output)
+
+
+def _flat(output: str) -> str:
+    """Console output with its line wrapping undone."""
+    return " ".join(output.split())
 
 
 def test_a_killed_search_keeps_its_probes_for_report(tmp_path, own_processes):
@@ -139,9 +148,9 @@ def test_a_killed_search_keeps_its_probes_for_report(tmp_path, own_processes):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    report = subprocess.run(ISOPOOL + ["loadtest", "report", out, "--json"], capture_output=True, text=True, timeout=60)
-    assert report.returncode == 0, report.stderr
-    rebuilt = json.loads(report.stdout)
+    report = CliRunner().invoke(main, ["loadtest", "report", out, "--json"])
+    assert report.exit_code == 0, report.output
+    rebuilt = json.loads(report.output)
     assert [p["load"]["rate"] for p in rebuilt["points"][:2]] == [4, 8]
     assert all(p["summary"]["goodput"]["share"] == 1.0 for p in rebuilt["points"][:2])
     assert not rebuilt["search"]["done"] and rebuilt["search"]["answer"] >= 8

@@ -50,12 +50,15 @@ Fault kinds:
 @fault_rates_option("Inject a fault into this share of requests, e.g. 'stall-ping:after=3=0.05'. Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
-@click.option("--load-knee", default=0, show_default=True, help="Answers in progress before the server slows (see --load-slope).")
+@click.option(
+    "--load-knee", default=0, show_default=True, help="Answers in progress before the server slows (see --load-slope)."
+)
 @click.option(
     "--load-slope",
     default=0.0,
     show_default=True,
-    help="Per answer in progress beyond --load-knee, ttft and gap each grow by this share of their value (0: no slowdown).",
+    help="Per answer in progress beyond --load-knee, ttft and gap each grow by this share of their value "
+    "(0: no slowdown).",
 )
 def fake_provider(host, port, ttft, gap, tokens, batched, fault_rates, seed, owned, load_knee, load_slope) -> None:
     from .fake_provider.process import serve

@@ -39,7 +39,7 @@ target, so a first run needs no key and no network.
 Results: OUT/records.jsonl (one line per request, written as each ends),
 OUT/results.json (options, machine, per load point: summary, generator, series),
 OUT/results.csv (one row per load point), and PNG plots (latency.png, series.png,
-sweep.png for a sweep; with the `plots` extra)."""
+sweep.png for a sweep, search.png for --find-max; with the `plots` extra)."""
 
 
 @click.group(invoke_without_command=True, help=_HELP)

@@ -1,7 +1,8 @@
 """Running a load test: a pool (and by default the fake provider as target), then one
 load point after another (a sweep over concurrencies or rates, or the probes of a
-`--find-max` search, see `search.py`), every request timed in its worker. Records are appended to `records.jsonl` as requests end, so a run killed
-half-way still leaves usable results; `results.json` is written at the end.
+`--find-max` search, see `search.py`), every request timed in its worker. Records are
+appended to `records.jsonl` as requests end, so a run killed half-way still leaves usable
+results; `results.json` is written at the start and after each point.
 
 A stalled stream is cut by the pool's watchdog at `stale_timeout` (or `first_event_timeout`
 before any output) and recorded as a stall, never retried (`max_attempts = 1`): the run
@@ -33,9 +34,9 @@ from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
 from .schedule import arrivals
-from .search import Search, conclude, loads, probe_note
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
+from .search import Search, conclude, loads, probe_note
 from .summary import parse_slo, point_result, steady_window
 from .workload import APIS, Dataset, Lengths, Synthetic, Turn, to_http
 

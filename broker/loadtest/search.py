@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 GROWTH = 2.0
 _CONCURRENCY_LIMIT = 256  # streams the pool is sized for when --max does not say
-_KEPT_UP = "the generator kept up"
+_KEPT_UP = "the generator kept up"  # the verdicts of summary.verdict
+_LIMIT = "the generator was the limit: "
 
 
 class Search(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,14 +121,15 @@ def loads(options: Options, points: list[dict[str, Any]]) -> Iterator[dict[str, 
 
 
 def conclude(search: Search, slo: dict[str, float], points: list[dict[str, Any]]) -> dict[str, Any]:
-    """The answer so far: the highest passing load below the lowest failure, the probes that bracket it,
-    whether it is only a lower bound (the generator was the limit at either, or nothing failed), whether
-    the search is over, and sentences that say all of it."""
+    """The answer so far: the highest passing load below the lowest failure and the two probes that
+    bracket it; whether it is only a lower bound (nothing failed, or the generator was the limit where
+    the bar failed, so the failure may be the generator's) or may overstate (the generator was the limit
+    where it passed, so the target saw less than that load); whether the search is over; and sentences
+    that say all of it."""
     failed = min((p for p in points if not search.passed(p)), key=search.load_of, default=None)
     fails_at = search.load_of(failed) if failed else math.inf
-    passes = [p for p in points if search.passed(p) and search.load_of(p) < fails_at]
-    passed = max(passes, key=search.load_of, default=None)
-    limited = [p for p in (passed, failed) if p is not None and p["generator"]["verdict"] != _KEPT_UP]
+    passed = max((p for p in points if search.passed(p) and search.load_of(p) < fails_at), key=search.load_of,
+                 default=None)  # fmt: skip
     return {
         "over": search.over,
         "goodput": search.goodput,
@@ -135,24 +137,23 @@ def conclude(search: Search, slo: dict[str, float], points: list[dict[str, Any]]
         "answer": search.load_of(passed) if passed else None,
         "passed": _brief(search, passed),
         "failed": _brief(search, failed),
-        "lower_bound": bool(limited) or (passed is not None and failed is None),
+        "lower_bound": passed is not None and (failed is None or _limited(failed)),
+        "may_overstate": passed is not None and _limited(passed),
         "done": next_load(search, probes(search, points)) is None,
         "probes": len(points),
-        "text": _sentences(search, slo, points, passed, failed, limited),
+        "text": _sentences(search, slo, points, passed, failed),
     }
 
 
 def probe_note(search: Search, point: dict[str, Any]) -> str:
     """One line after each probe, for the live display."""
     verdict = "passes" if search.passed(point) else "fails"
-    return (f"probe at {search.shown(search.load_of(point))}: {share(point):.0%} of requests met the SLO "
-            f"(bar {search.goodput:.0%}): {verdict}")  # fmt: skip
+    return f"probe {_probe(search, point)} (bar {search.goodput:.0%}): {verdict}"
 
 
 def _sentences(
-    search: Search, slo: dict[str, float], points: list[dict[str, Any]], passed: dict | None, failed: dict | None,
-    limited: list[dict],
-) -> list[str]:  # fmt: skip
+    search: Search, slo: dict[str, float], points: list[dict[str, Any]], passed: dict | None, failed: dict | None
+) -> list[str]:
     limits = ", ".join(f"{key}<={_duration(limit)}" for key, limit in slo.items())
     bar = f"{search.goodput:.0%} of requests"
     lines = []
@@ -165,15 +166,26 @@ def _sentences(
     elif passed is not None:
         bound = f" up to --max ({search.shown(search.ceiling)})" if search.load_of(passed) >= search.ceiling else ""
         lines.append(f"no probe failed{bound}: the answer is a lower bound")
-    for point in limited:
-        lines.append(f"the generator was the limit at {search.shown(search.load_of(point))}, so the answer is a "
-                     f"lower bound: {point['generator']['verdict']}")  # fmt: skip
+    if passed is not None and failed is not None and _limited(failed):
+        lines.append(f"the generator was the limit at {search.shown(search.load_of(failed))}, where the bar failed, "
+                     f"so the failure may be its own and the answer is a lower bound: {_why(failed)}")  # fmt: skip
+    if passed is not None and _limited(passed):
+        lines.append(f"the generator was the limit at {search.shown(search.load_of(passed))}, where the bar passed, "
+                     f"so the target saw less than that and the answer may overstate it: {_why(passed)}")  # fmt: skip
     ran = probes(search, points)
     if next_load(search, ran) is not None:
         lines.append(f"the run ended before the search did ({len(points)} probes)")
     elif next_load(msgspec.structs.replace(search, max_probes=len(ran) + 1), ran) is not None:
         lines.append(f"the {len(ran)} probes (--max-probes) ran out before the search was over")
     return lines
+
+
+def _limited(point: dict[str, Any]) -> bool:
+    return point["generator"]["verdict"] != _KEPT_UP
+
+
+def _why(point: dict[str, Any]) -> str:
+    return point["generator"]["verdict"].removeprefix(_LIMIT)
 
 
 def _brief(search: Search, point: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -183,7 +195,8 @@ def _brief(search: Search, point: dict[str, Any] | None) -> dict[str, Any] | Non
 
 
 def _probe(search: Search, point: dict[str, Any]) -> str:
-    return f"{search.shown(search.load_of(point))} ({share(point):.0%} good)"
+    measured = point["summary"]["requests"]
+    return f"{search.shown(search.load_of(point))} ({share(point):.0%} of {measured} requests good)"
 
 
 def _duration(seconds: float) -> str:

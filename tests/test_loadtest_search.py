@@ -184,6 +184,7 @@ def _saved_points(out: str) -> list:
         (["--find-max", "--slo", "ttft=1", "--goodput", "95"], "goodput"),
         (["--find-max", "concurrency", "--slo", "ttft=1", "--start", "1.5"], "whole"),
         (["--find-max", "--slo", "ttft=1", "--start", "10", "--max", "5"], "--max"),
+        (["--fake-load-slope", "-1"], "cannot be negative"),
     ],
 )
 def test_bad_find_max_options_are_refused_with_what_to_do(args, error):

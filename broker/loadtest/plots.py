@@ -117,7 +117,11 @@ def _search(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     ax.axhline(found["goodput"] * 100, color="black", linestyle=":", label=f"bar ({found['goodput']:.0%})")
     if found["answer"] is not None:
         ax.axvline(found["answer"], color="tab:green", alpha=0.4, label=f"answer ({found['answer']:g})")
-    ax.set_xscale("log")
+    loads = sorted({point["load"].get(found["over"]) for point in results["points"]})
+    ax.set_xscale("log")  # the probes grow and close in geometrically
+    ax.set_xticks(loads, [f"{load:g}" for load in loads])
+    ax.minorticks_off()
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel("requests per second" if found["over"] == "rate" else "concurrency")
     ax.set_ylabel("requests meeting the SLO (%)")
     ax.set_title("--find-max: probes in the order run")

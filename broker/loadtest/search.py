@@ -148,7 +148,8 @@ def conclude(search: Search, slo: dict[str, float], points: list[dict[str, Any]]
 def probe_note(search: Search, point: dict[str, Any]) -> str:
     """One line after each probe, for the live display."""
     verdict = "passes" if search.passed(point) else "fails"
-    return f"probe {_probe(search, point)} (bar {search.goodput:.0%}): {verdict}"
+    return (f"probe at {search.shown(search.load_of(point))}: {share(point):.0%} of {point['summary']['requests']} "
+            f"requests met the SLO (bar {search.goodput:.0%}): {verdict}")  # fmt: skip
 
 
 def _sentences(

@@ -29,7 +29,7 @@ _FAKE_HELP = """Run the fault-injecting fake Anthropic/OpenAI provider in the fo
 
 Per request, a fault is chosen by the `x-isopool-fault` header or by a model name
 ending in `@SPEC` (SPEC is `kind[:key=value,...]`, e.g. `stall-ping:after=3`);
-latency by the `x-isopool-latency` header (`ttft=0.1,gap=0.01,tokens=50`).
+latency by the `x-isopool-latency` header (`ttft=0.1,gap=0.01,tokens=50,knee=4,slope=0.5`).
 
 \b
 Fault kinds:
@@ -55,12 +55,24 @@ Fault kinds:
     help="Remember prompt prefixes and report cached input tokens in usage, as a server with prefix caching does.",
 )
 @click.option("--owned", is_flag=True, hidden=True, help="Exit when stdin closes (child of another process).")
-def fake_provider(host, port, ttft, gap, tokens, batched, fault_rates, seed, prefix_cache, owned) -> None:
+@click.option(
+    "--load-knee", default=0, show_default=True, help="Answers in progress before the server slows (see --load-slope)."
+)
+@click.option(
+    "--load-slope",
+    default=0.0,
+    show_default=True,
+    help="Per answer in progress beyond --load-knee, ttft and gap each grow by this share of their value "
+    "(0: no slowdown).",
+)
+def fake_provider(
+    host, port, ttft, gap, tokens, batched, fault_rates, seed, prefix_cache, owned, load_knee, load_slope
+) -> None:
     from .fake_provider.process import serve
     from .fake_provider.server import Latency
 
     try:
-        latency = Latency(ttft, gap, tokens, batched)
+        latency = Latency(ttft, gap, tokens, batched, load_knee, load_slope)
         asyncio.run(serve(host, port, latency, parse_rates(fault_rates), seed, owned, prefix_cache))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

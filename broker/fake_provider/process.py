@@ -57,6 +57,7 @@ class FakeProviderProcess:
         args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
         args += ["--batched"] if latency.batched else []
         args += ["--prefix-cache"] if prefix_cache else []
+        args += ["--load-knee", str(latency.knee), "--load-slope", str(latency.slope)] if latency.slope else []
         args += ["--seed", str(seed), "--owned"]
         for spec, rate in (rates or {}).items():
             args += ["--fault-rate", f"{spec}={rate}"]

@@ -41,12 +41,26 @@ class Latency(msgspec.Struct, frozen=True):
 
     Unpaced events go out one write each, as real servers write each token when their engine
     yields it; `batched` writes them all at once, which flatters a client (one read for a whole
-    answer) and is kept only to show the difference."""
+    answer) and is kept only to show the difference.
+
+    With a `slope`, the server slows under load as a real one's batch does: with more than `knee`
+    answers in progress (itself included), ttft and gap each grow by `slope` times their value per
+    answer beyond the knee, so that a load test has a highest load that meets an SLO to find."""
 
     ttft: float = 0.0
     gap: float = 0.0
     tokens: int = 16
     batched: bool = False
+    knee: int = 0
+    slope: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.knee < 0 or self.slope < 0:
+            raise ValueError("the load knee and slope cannot be negative")
+
+    def slowdown(self, in_progress: int) -> float:
+        """How many times its ttft and gap an answer takes with `in_progress` answers under way."""
+        return 1.0 + self.slope * max(0, in_progress - self.knee)
 
 
 class FakeProvider:
@@ -168,7 +182,7 @@ class FakeProvider:
     async def _plain(
         self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
     ) -> web.StreamResponse:
-        delay = latency.ttft + latency.gap * reply.output_tokens
+        delay = (latency.ttft + latency.gap * reply.output_tokens) * latency.slowdown(self.active + 1)
         if fault is not None:
             if fault.stalls:
                 await self._hold(request, fault, None, 0)
@@ -210,12 +224,13 @@ class FakeProvider:
         elif fault is not None and fault.kind == "stall-first":
             cut = 0
         gap = fault.gap if fault is not None and fault.kind == "drip" else latency.gap
-        first_wait = latency.ttft + (fault.delay if fault is not None and fault.kind == "slow-first" else 0.0)
         self.active += 1
+        first_wait = latency.ttft * latency.slowdown(self.active)
+        first_wait += fault.delay if fault is not None and fault.kind == "slow-first" else 0.0
         try:
             if cut:
                 await self._first_wait(request, first_wait, arrived)
-            await self._write_events(request, response, events[:cut], gap, latency.batched)
+            await self._write_events(request, response, events[:cut], gap, latency)
             if cut == len(events):
                 self.completed += 1
                 self.tokens += reply.output_tokens
@@ -241,18 +256,18 @@ class FakeProvider:
         self.metrics.ttft.observe(asyncio.get_running_loop().time() - arrived)
 
     async def _write_events(
-        self, request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float, batched: bool
+        self, request: web.Request, response: web.StreamResponse, events: list[bytes], gap: float, latency: Latency
     ) -> None:
-        """One write per event, with a turn of the event loop (or the gap) between two, so that
-        concurrent streams interleave and each event reaches the socket in its own send."""
-        if batched and not gap:
+        """One write per event, with a turn of the event loop (or the gap, slowed by the load) between
+        two, so that concurrent streams interleave and each event reaches the socket in its own send."""
+        if latency.batched and not gap:
             if events:
                 await response.write(b"".join(events))
                 self.chunks += len(events)
             return
         for i, event in enumerate(events):
             if i:
-                await (_sleep(request, gap) if gap else asyncio.sleep(0))
+                await (_sleep(request, gap * latency.slowdown(self.active)) if gap else asyncio.sleep(0))
             await response.write(event)  # drains (waits for a slow reader) every 64 KiB, as aiohttp does
             self.chunks += 1
 

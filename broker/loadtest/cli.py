@@ -36,13 +36,14 @@ target, so a first run needs no key and no network.
   isopool loadtest --trace mooncake_trace.jsonl --speedup 4 --target http://localhost:8000/v1
   isopool loadtest -c 16 --prefix-tokens 2048 --prefix-groups 4     # prompts that share prefixes
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
+  isopool loadtest --find-max --slo ttft=500ms,tpot=50ms --duration 20 --warmup 5
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
   isopool loadtest compare RUN-A RUN-B                # point by point, B against A
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
 OUT/results.json (options, machine, per load point: summary, generator, series),
 OUT/results.csv (one row per load point), and PNG plots (latency.png, series.png,
-sweep.png for a sweep; with the `plots` extra)."""
+sweep.png for a sweep, search.png for --find-max; with the `plots` extra)."""
 
 
 @click.group(invoke_without_command=True, help=_HELP)
@@ -127,6 +128,27 @@ sweep.png for a sweep; with the `plots` extra)."""
     show_default=True,
     help="First measure the generator's own ceiling against the built-in fake (a few seconds).",
 )
+@click.option(
+    "--find-max",
+    type=click.Choice(["rate", "concurrency"]),
+    is_flag=False,
+    flag_value="rate",
+    help="Search for the highest rate (the default; open loop) or concurrency whose goodput meets --goodput "
+    "under --slo (required), instead of listing loads: from --start, doubling until a probe fails or --max, then "
+    "bisecting to --precision. Each probe is a point of --duration or --requests (with --warmup).",
+)
+@click.option("--goodput", type=float, help="With --find-max: the share of requests that must meet the SLO [0.95].")
+@click.option("--start", type=float, help="With --find-max: the first load probed [1 req/s, or 1 stream].")
+@click.option("--max", "limit", type=float, help="With --find-max: the highest load probed [none; 256 streams].")
+@click.option("--precision", type=float, help="With --find-max: stop when the bracket is this close, relatively [0.1].")
+@click.option("--max-probes", type=int, help="With --find-max: the most probes to run [12].")
+@click.option("--fake-load-knee", default=0, help="The fake provider slows beyond this many answers in progress ...")
+@click.option(
+    "--fake-load-slope",
+    default=0.0,
+    help="... its ttft and gap each growing by this share per answer beyond the knee, as a real server's batch "
+    "does (0: it never slows).",
+)
 @click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.option(
@@ -145,15 +167,23 @@ sweep.png for a sweep; with the `plots` extra)."""
     "(default: every counter and gauge; histograms as their _sum, _count and window quantiles).",
 )
 @click.pass_context
-def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
+def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, find_max, goodput, start,
+             limit, precision, max_probes, **options) -> None:  # fmt: skip
     if ctx.invoked_subcommand is not None:
         return
     from .report import LoadProgress
     from .runner import Options, run
+    from .search import Search
 
+    steering = {"goodput": goodput, "start": start, "limit": limit, "precision": precision, "max_probes": max_probes}
+    steering = {name: value for name, value in steering.items() if value is not None}
     try:
+        if steering and not find_max:
+            named = ", ".join("--" + {"limit": "max"}.get(name, name).replace("_", "-") for name in steering)
+            raise ValueError(f"{named} steer the search of --find-max: give --find-max too")
+        search = Search(over=find_max, **steering) if find_max else None
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
-                       fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
+                       fake_faults=parse_rates(fault_rates), find_max=search, **options)  # fmt: skip
         opts.workload()  # a dataset or trace is read (and checked) before anything starts
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

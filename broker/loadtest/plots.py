@@ -1,6 +1,6 @@
 """PNG plots of a load test (matplotlib, from the `plots` extra): latency distributions per
-load point, the per-second series, and, for a sweep, throughput and latency against the
-swept concurrency or rate."""
+load point, the per-second series, for a sweep (or a search's probes) throughput and latency
+against the swept concurrency or rate, and for a search each probe's goodput against the bar."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def write(results: dict[str, Any], records: list[dict[str, Any]], out_dir: str) 
     written = [_distributions(plt, results, records, out_dir), _series(plt, results, out_dir)]
     if len(results["points"]) > 1:
         written.append(_sweep(plt, results, out_dir))
+    if results.get("search"):
+        written.append(_search(plt, results, out_dir))
     return written
 
 
@@ -88,6 +90,7 @@ def _series(plt: Any, results: dict[str, Any], out_dir: str) -> str:
 def _sweep(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     points = results["points"]
     swept = "concurrency" if "concurrency" in points[0]["load"] else "rate"
+    points = sorted(points, key=lambda p: p["load"].get(swept, 0))  # a search probes out of order
     xs = [p["load"][swept] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     left.plot(xs, [p["summary"]["throughput"]["output_tokens_per_s"] for p in points], marker="o")
@@ -107,6 +110,31 @@ def _sweep(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     left.set_title("throughput")
     right.set_title("latency")
     return _save(fig, plt, out_dir, "sweep.png")
+
+
+def _search(plt: Any, results: dict[str, Any], out_dir: str) -> str:
+    """Each probe's goodput against its load, passes and failures apart, with the bar and the answer."""
+    found = results["search"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for number, point in enumerate(results["points"]):
+        load, share = point["load"].get(found["over"]), point["summary"]["goodput"]["share"]
+        passed = share >= found["goodput"]
+        ax.plot(load, share * 100, marker="o" if passed else "x", color="tab:green" if passed else "tab:red")
+        ax.annotate(str(number + 1), (load, share * 100), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(found["goodput"] * 100, color="black", linestyle=":", label=f"bar ({found['goodput']:.0%})")
+    if found["answer"] is not None:
+        ax.axvline(found["answer"], color="tab:green", alpha=0.4, label=f"answer ({found['answer']:g})")
+    loads = sorted({point["load"].get(found["over"]) for point in results["points"]})
+    ax.set_xscale("log")  # the probes grow and close in geometrically
+    ax.set_xticks(loads, [f"{load:g}" for load in loads])
+    ax.minorticks_off()
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.set_xlabel("requests per second" if found["over"] == "rate" else "concurrency")
+    ax.set_ylabel("requests meeting the SLO (%)")
+    ax.set_title("--find-max: probes in the order run")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, out_dir, "search.png")
 
 
 def _save(fig: Any, plt: Any, out_dir: str, name: str) -> str:

@@ -11,11 +11,13 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgspec
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..render import console
+from .search import Search, conclude
 from .servermetrics import csv_columns, describe, figures
 from .summary import parse_slo, point_result, steady_window
 
@@ -140,11 +142,14 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             where = ", ".join(f"{n} after {t} tokens" for t, n in sorted(after.items()))
             console.print(head + f"stalls cut at the stale timeout: {where}")
         if s["goodput"]:
-            console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s within {s['goodput']['slo']}")
+            console.print(head + f"goodput {s['goodput']['requests_per_s']:.2f} req/s "
+                          f"({s['goodput']['share']:.0%} of requests) within {s['goodput']['slo']}")  # fmt: skip
         if s["window"]["note"]:
             console.print(head + f"[yellow]{escape(s['window']['note'])}[/]")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
+    for line in results.get("search", {}).get("text", []):
+        console.print(f"[bold]{escape(line)}[/]")
     pngs = sorted(name for name in os.listdir(out_dir) if name.endswith(".png")) if os.path.isdir(out_dir) else []
     console.print(
         f"results in {escape(out_dir)}/: " + ", ".join(["results.json", "records.jsonl", "results.csv", *pngs])
@@ -179,6 +184,8 @@ def write_csv(results: dict[str, Any], path: str) -> None:
                                "verdict": point["generator"]["verdict"]}  # fmt: skip
         cache = s.get("cache") or {}
         row |= {"cached_input_tokens": cache.get("cached_input_tokens"), "cached_share": cache.get("cached_share")}
+        if s["goodput"]:
+            row["goodput_share"] = s["goodput"]["share"]
         for metric, dist in s["latency"].items():
             row |= {f"{metric}_{k}": v for k, v in dist.items() if k != "n"}
         if "server_metrics" in point:
@@ -242,4 +249,8 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         if number < len(finished) and "server_metrics" in finished[number]:  # scraped live: not in the records
             point["server_metrics"] = finished[number]["server_metrics"]
         results["points"].append(point)
+    if options.get("find_max"):  # concluded from the probes that ran to their end
+        search = msgspec.convert(options["find_max"], Search)
+        ended = [p for number, p in zip(sorted(by_point), results["points"], strict=True) if number < len(finished)]
+        results["search"] = conclude(search, slo, ended)
     return results

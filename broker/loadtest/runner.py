@@ -1,7 +1,8 @@
 """Running a load test: a pool (and by default the fake provider as target), then one
-load point after another (a sweep over concurrencies or rates), every request timed in
-its worker. Records are appended to `records.jsonl` as requests end, so a run killed
-half-way still leaves usable results; `results.json` is written at the end.
+load point after another (a sweep over concurrencies or rates, or the probes of a
+`--find-max` search, see `search.py`), every request timed in its worker. Records are
+appended to `records.jsonl` as requests end, so a run killed half-way still leaves usable
+results; `results.json` is written at the start and after each point.
 
 A stalled stream is cut by the pool's watchdog at `stale_timeout` (or `first_event_timeout`
 before any output) and recorded as a stall, never retried (`max_attempts = 1`): the run
@@ -37,6 +38,7 @@ from .schedule import arrivals
 from .scrape import validate as validate_server_metrics
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
+from .search import Search, conclude, loads, probe_note
 from .servermetrics import ServerMetrics, point_metrics
 from .summary import parse_slo, point_result, steady_window
 from .trace import Trace
@@ -93,6 +95,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     speedup: float = 1.0  # the trace's times divided by this
     prefix_tokens: int = 0  # synthetic prompts open with one of `prefix_groups` shared prefixes this long
     prefix_groups: int = 1
+    fake_load_knee: int = 0  # the built-in fake slows beyond this many answers in progress ...
+    fake_load_slope: float = 0.0  # ... its ttft and gap each growing by this share per answer (0: never slows)
+    find_max: Search | None = None  # instead of the listed loads, search for the highest that meets the SLO
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -138,6 +143,13 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("--prefix-groups needs --prefix-tokens (how long each shared prefix is)")
         if self.prefix_tokens and self.dataset:
             raise ValueError("--prefix-tokens makes synthetic prompts; a dataset's requests are sent as they are")
+        if self.fake_load_knee < 0 or self.fake_load_slope < 0:
+            raise ValueError("--fake-load-knee and --fake-load-slope cannot be negative")
+        if self.find_max and not self.slo:
+            raise ValueError("--find-max needs --slo: the limits a request must meet, e.g. --slo ttft=500ms,tpot=50ms")
+        if self.find_max and (self.rate or self.concurrency or self.trace):
+            raise ValueError("--find-max chooses the loads itself: leave out --rate, --concurrency and --trace "
+                             "(bound the search with --start and --max)")  # fmt: skip
 
     def workload(self) -> Workload:
         """What to send: the dataset's requests, the trace's, or synthetic conversations."""
@@ -166,18 +178,29 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def points(self) -> list[dict[str, Any]]:
+        """The loads listed (none under --find-max, whose search picks them as it goes)."""
+        if self.find_max:
+            return []
         if self.trace:
             return [{"trace": os.path.basename(self.trace), "speedup": self.speedup,
                      "max_concurrency": self.max_concurrency}]  # fmt: skip
         if self.rate:
-            return [{"rate": r, "max_concurrency": self.max_concurrency, "arrival": self.arrival} for r in self.rate]
-        return [{"concurrency": c} for c in self.concurrency or [8]]
+            return [self.load("rate", r) for r in self.rate]
+        return [self.load("concurrency", c) for c in self.concurrency or [8]]
+
+    def load(self, kind: str, level: float) -> dict[str, Any]:
+        """A load point: a rate (with its cap and arrival process) or a concurrency."""
+        if kind == "rate":
+            return {"rate": level, "max_concurrency": self.max_concurrency, "arrival": self.arrival}
+        return {"concurrency": int(level)}
 
     @property
     def capacity(self) -> int:
         """Streams the pool must carry at once."""
-        if self.rate or self.trace:
+        if self.rate or self.trace or (self.find_max and self.find_max.over == "rate"):
             return self.max_concurrency or 256
+        if self.find_max:
+            return int(self.find_max.ceiling)
         return max(self.concurrency or [8])
 
 
@@ -210,7 +233,8 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
         profile: dict[str, Any] = {"kind": kind}
         fake = None
         if options.target == "fake":
-            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000)  # max_tokens decides
+            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000,  # max_tokens decides
+                              knee=options.fake_load_knee, slope=options.fake_load_slope)  # fmt: skip
             fake = stack.enter_context(
                 FakeProviderProcess(latency, options.fake_faults, options.seed, prefix_cache=True)
             )
@@ -278,7 +302,11 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
                            "streams_per_worker": options.worker_streams}  # fmt: skip
         if server is not None:
             progress.note(server.start(fake.url if fake else ""))
-        for number, load in enumerate(options.points):
+        search = options.find_max
+        for number, load in enumerate(loads(options, results["points"]) if search else options.points):
+            if search:  # a probe's load is known only now: recorded before it runs, for a run killed during it
+                results["load_points"].append(load)
+                _write_json(os.path.join(out_dir, "results.json"), results)
             scraper = server.scraper() if server is not None else None
             with scraper or contextlib.nullcontext():
                 point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
@@ -289,6 +317,9 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
             results["points"].append(point)
             if fake is not None:  # what the target itself counted (faults it injected, answers)
                 results["fake_provider"] = fake.stats()
+            if search:
+                results["search"] = conclude(search, parse_slo(options.slo), results["points"])
+                progress.note(probe_note(search, point))
             _write_json(os.path.join(out_dir, "results.json"), results)
     return results
 
@@ -300,7 +331,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
         ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
         server_metrics="", server_metrics_series="",
-        trace="", speedup=1.0,
+        trace="", speedup=1.0, find_max=None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]

@@ -84,7 +84,14 @@ def summarize(
             "chunks_per_s": round(flow["chunks"] / flow["seconds"], 1) if flow["seconds"] else 0.0,
         },
         "window": {k: flow[k] for k in ("begin", "end", "seconds", "chunks", "note")},
-        "goodput": {"slo": slo, "requests": good, "requests_per_s": round(good * per_second, 3)} if slo else None,
+        "goodput": {
+            "slo": slo,
+            "requests": good,
+            "requests_per_s": round(good * per_second, 3),
+            "share": round(good / len(measured), 4) if measured else 0.0,
+        }
+        if slo
+        else None,
         "stalls": {
             "count": len(stalls),
             "after_tokens": [s["after_tokens"] for s in stalls],

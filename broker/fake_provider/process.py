@@ -50,9 +50,12 @@ class FakeProviderProcess:
 
     The child exits by itself if this process dies (it watches its stdin pipe)."""
 
-    def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
         latency = latency or Latency()
-        args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
+        args = ["--host", host, "--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
         args += ["--batched"] if latency.batched else []
         args += ["--seed", str(seed), "--owned"]
         for spec, rate in (rates or {}).items():

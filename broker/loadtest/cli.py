@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
@@ -33,6 +34,7 @@ target, so a first run needs no key and no network.
   isopool loadtest --rate 5,10,20 --max-concurrency 64 --requests 500
   isopool loadtest --target http://localhost:8000/v1 --model my-model -c 32
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
+  isopool loadtest --ray auto -c 96 --duration 30     # a generator on every Ray node
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
 
 Results: OUT/records.jsonl (one line per request, written as each ends),
@@ -116,10 +118,18 @@ sweep.png for a sweep; with the `plots` extra)."""
 )
 @click.option("-o", "--out", default="", help="Output directory (default: loadtest-DATE-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option(
+    "--ray",
+    default="",
+    metavar="auto|ADDRESS",
+    help="Run a generator pool on every node of a Ray cluster, the load split among them ('auto': "
+    "$RAY_ADDRESS or the one started on this machine; needs pip install 'isopool[ray]').",
+)
 @click.pass_context
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, **options) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    from ..batch.cluster import RayUnavailable, require_ray
     from .report import LoadProgress
     from .runner import Options, run
 
@@ -127,11 +137,20 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
         opts.workload()  # a dataset is read (and checked) before anything starts
+        if opts.ray:
+            require_ray()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
-    with LoadProgress(enabled=not as_json) as progress:
-        results = run(opts, out, progress)
+    # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the results
+    notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if opts.ray and as_json else contextlib.nullcontext()
+    try:
+        with notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
+            results = run(opts, out, progress)
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     _show(results, out, as_json)
 
 

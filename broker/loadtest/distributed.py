@@ -185,7 +185,7 @@ class _Driver:
             point["nodes"][node.name] = mine | {"alignment": node.clock.report(drift)}
         if calibration:
             compare_with_ceiling(point, calibration)
-        point["generator"]["verdict"] = _verdict(point["generator"]["verdict"], point["nodes"])
+        point["generator"]["verdict"] = point_verdict(point["generator"]["verdict"], point["nodes"])
         return point
 
     async def _stream(self, node: _Node, number: int, load: dict[str, Any], share: Share, sink: Any) -> PointRun:
@@ -272,7 +272,7 @@ def _combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _verdict(overall: str, nodes: dict[str, dict[str, Any]]) -> str:
+def point_verdict(overall: str, nodes: dict[str, dict[str, Any]]) -> str:
     """The point's verdict, naming the nodes whose generator was the limit."""
     limited = {name: n["generator"]["verdict"] for name, n in nodes.items() if n["generator"]["verdict"] != KEPT_UP}
     if not limited:

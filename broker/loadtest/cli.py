@@ -134,6 +134,7 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     from .runner import Options, run
 
     try:
+        options |= {"api": options["api"] or "", "dataset": options["dataset"] or ""}  # as --ray's nodes read them
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), **options)  # fmt: skip
         opts.workload()  # a dataset is read (and checked) before anything starts

@@ -57,16 +57,13 @@ KEPT_UP = "the generator kept up"
 class _Node:
     """The driver's view of one node: its actor, its clock, what it measured."""
 
-    def __init__(self, node_id: str, actor: Any) -> None:
+    def __init__(self, node_id: str, ip: str, actor: Any) -> None:
         self.node_id, self.actor = node_id, actor
+        self.name = f"{ip} {node_id[:8]}"
         self.started: NodeStarted | None = None
         self.calibration: dict[str, Any] = {}
         self.clock = Alignment(0, 0.0, 0.0, 0.0)
         self.latest: dict[str, Any] = {}  # its last sample, for the live display
-
-    @property
-    def name(self) -> str:
-        return f"{self.started.ip if self.started else '?'} {self.node_id[:8]}"
 
 
 def run_on_ray(options: Options, out_dir: str, progress: Progress) -> dict[str, Any]:
@@ -108,12 +105,13 @@ class _Driver:
 
     async def _start(self, fake_url: str) -> dict[str, Any]:
         """An actor with a generator pool on every alive node; a node whose pool does not start is left out."""
-        ids = sorted(n["NodeID"] for n in await asyncio.to_thread(self.ray.nodes) if n["Alive"])
-        for number, node_id in enumerate(ids):
-            options = _node_options(self.options, Share(number, len(ids)))
+        alive = sorted((n["NodeID"], n["NodeManagerAddress"]) for n in await asyncio.to_thread(self.ray.nodes)
+                       if n["Alive"])  # fmt: skip
+        for number, (node_id, ip) in enumerate(alive):
+            options = _node_options(self.options, Share(number, len(alive)))
             workload = msgspec.structs.replace(self.options, seed=self.options.seed + 1_000_003 * number).workload()
             actor = pinned_actor(self.ray, NodeGenerator, node_id, msgspec.json.encode(options), workload, fake_url)
-            self.nodes.append(_Node(node_id, actor))
+            self.nodes.append(_Node(node_id, ip, actor))
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(n.actor.start.remote(), NODE_START_TIMEOUT) for n in self.nodes), return_exceptions=True
         )
@@ -127,8 +125,9 @@ class _Driver:
             else:
                 node.started = outcome
         if not self.nodes:
-            raise RayUnavailable(f"no node of the Ray cluster could start a load generator ({left_out or 'no node'}); "
-                                 "is isopool installed on every node, in the same Python version as here?")  # fmt: skip
+            why = "; ".join(f"{name}: {error}" for name, error in left_out.items()) or "no node is alive"
+            raise RayUnavailable(f"no node of the Ray cluster could start a load generator ({why}); is isopool "
+                                 "installed on every node, in the same Python version as here?")  # fmt: skip
         return {
             "address": self.options.ray,
             "nodes": {n.name: {"node_id": n.node_id, **msgspec.to_builtins(n.started)} for n in self.nodes},

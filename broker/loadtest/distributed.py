@@ -171,13 +171,19 @@ class _Driver:
                 f"{self.out_dir}/records.jsonl: `isopool loadtest report {self.out_dir}`"
             ) from None
         drifts = [(await align(node.actor)).offset_ns - node.clock.offset_ns for node in taking]
+        return self._merge(load, list(zip(taking, shares, runs, drifts, strict=True)), calibration)
+
+    def _merge(self, load: dict[str, Any], parts: list[tuple[_Node, Share, PointRun, int]],
+               calibration: dict | None) -> dict[str, Any]:  # fmt: skip
+        """The point's figures over every node's records, and each node's over its own."""
+        runs = [run for _, _, run, _ in parts]
         records = [r for run in runs for r in run.records]
         window = steady_window(records, self.options.warmup, self.options.duration)
         samples = [_combine([s for s in row if s]) for row in itertools.zip_longest(*(run.samples for run in runs))]
         lags = [lag for run in runs for lag in run.lags]
         point = point_result(load, records, samples, lags, self.slo, sum(run.cpu_cores for run in runs), window)
         point["nodes"] = {}
-        for node, share, run, drift in zip(taking, shares, runs, drifts, strict=True):
+        for node, share, run, drift in parts:
             mine = _node_figures(share, load, run, self.slo, window)
             if calibration:
                 compare_with_ceiling(mine, node.calibration)
@@ -264,7 +270,6 @@ def _combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
     the worst loop lag."""
     return {
         "cpu_cores": round(sum(s["cpu_cores"] for s in samples), 3),
-        "cpu_share": round(sum(s["cpu_share"] for s in samples) / len(samples), 3),
         "loop_lag_max": max(s["loop_lag_max"] for s in samples),
         "ticks_per_s": round(sum(s["ticks_per_s"] for s in samples), 1),
         "in_flight": sum(s["in_flight"] for s in samples),

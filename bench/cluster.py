@@ -21,8 +21,9 @@ from typing import Any
 from broker import Pool
 from broker.batch import RayOptions
 from broker.batch import run as run_batch
-from broker.batch.cluster import pool_actor
+from broker.batch.cluster import pinned_actor
 from broker.batch.localcluster import LocalCluster
+from broker.batch.node import NodePool
 from broker.config import load_settings
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
@@ -79,7 +80,8 @@ def idle_memory(cluster: LocalCluster, fake: FakeProviderProcess) -> dict[str, A
     try:
         node_settings = msgspec.json.encode(settings(fake.url, PER_NODE))
         actors = [
-            pool_actor(ray, node.node_id, node_settings, "anthropic", PER_NODE, 0, None) for node in cluster.nodes
+            pinned_actor(ray, NodePool, node.node_id, node_settings, "anthropic", PER_NODE, 0, None)
+            for node in cluster.nodes
         ]
         infos = ray.get([actor.start.remote() for actor in actors])
         time.sleep(1.0)

@@ -305,10 +305,10 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(min=1), help="Ray nodes to start.")
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(min=1), help="CPUs each node offers Ray.")
 def ray_cluster(nodes: int, cpus: int) -> None:
-    """Run a Ray cluster of several nodes on this machine until Ctrl-C, to try `batch --ray`.
+    """Run a Ray cluster of several nodes on this machine until Ctrl-C, to try `batch --ray` or `loadtest --ray`.
 
-    Each node has its own raylet, so `isopool batch --ray` puts a pool on each, as on a
-    real cluster. Ctrl-C or SIGTERM stops every process it started (by pid)."""
+    Each node has its own raylet, so `isopool batch --ray` (or `loadtest --ray`) puts a pool on
+    each, as on a real cluster. Ctrl-C or SIGTERM stops every process it started (by pid)."""
     import signal
     import time
 
@@ -326,6 +326,7 @@ def ray_cluster(nodes: int, cpus: int) -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         click.echo(f"Ray cluster of {nodes} node(s) at {cluster.address}; in another terminal:\n"
                    f"  isopool batch IN.jsonl -o OUT.jsonl --ray {cluster.address}\n"
+                   f"  isopool loadtest --ray {cluster.address}\n"
                    "Ctrl-C stops it.")  # fmt: skip
         try:
             while True:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -181,11 +182,11 @@ class Dealer:
     async def _join(self, node_id: str) -> None:
         args = (self.settings_json, self.kind, self.options.per_node_concurrency, self.retry_budget,
                 self.options.metrics_port)  # fmt: skip
-        node = self.nodes[node_id] = Node(node_id, pool_actor(self.ray, node_id, *args))
+        node = self.nodes[node_id] = Node(node_id, pinned_actor(self.ray, NodePool, node_id, *args))
         try:
             info = await asyncio.wait_for(node.actor.start.remote(), NODE_START_TIMEOUT)
         except Exception as exc:  # the node's pool did not start (or the node died): leave the node out
-            node.stats.lost, node.stats.error = True, _reason(exc)
+            node.stats.lost, node.stats.error = True, short_error(exc)
             self.ray.kill(node.actor)
             log.warning("node %s left out: its pool did not start (%s)", node.node_id[:8], node.stats.error)
             return
@@ -217,7 +218,7 @@ class Dealer:
         except (self.ray.exceptions.RayTaskError, OutputWriteFailed) as exc:  # a bug, or a full disk: stop the run
             self.fatal = exc
         except self.ray.exceptions.RayError as exc:  # the actor or its node died (or is unreachable)
-            self._lose(node, _reason(exc))
+            self._lose(node, short_error(exc))
         self.wake.set()
 
     def _record(self, node: Node, record: dict[str, Any]) -> None:
@@ -323,12 +324,12 @@ class Dealer:
         await asyncio.gather(*(close(node) for node in self.nodes.values() if not node.stats.lost))
 
 
-def pool_actor(ray: Any, node_id: str, *args: Any) -> Any:
-    """A `NodePool` actor pinned to the node (`args`: its constructor's)."""
+def pinned_actor(ray: Any, cls: type, node_id: str, *args: Any) -> Any:
+    """An actor of `cls` pinned to the node (`args`: its constructor's)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return (
-        ray.remote(NodePool)
+        ray.remote(cls)
         .options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             num_cpus=0,  # the pool's processes wait on the network; they take no CPU slot from the node's tasks
@@ -339,7 +340,7 @@ def pool_actor(ray: Any, node_id: str, *args: Any) -> Any:
     )
 
 
-def _reason(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """The error's type and its cause's last line (Ray's messages carry the actor's whole traceback)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}"[:300]
@@ -349,18 +350,25 @@ def run_on_ray(options: RayOptions, items: list[Item], ledger: Ledger, retry_bud
                on_result: Callable[[dict[str, Any]], None], on_start: Callable[[int], None],
                on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:  # fmt: skip
     """Connect to the cluster (unless this process already is), deal the items, disconnect."""
+    with connected(options.address) as ray:
+        return asyncio.run(Dealer(ray, options, items, ledger, retry_budget, on_result, on_start, on_status).run())
+
+
+@contextlib.contextmanager
+def connected(address: str) -> Iterator[Any]:
+    """The `ray` module, connected to the cluster at `address` (unless this process already is) until the end."""
     ray = require_ray()
     ours = not ray.is_initialized()
     if ours:
         try:
-            ray.init(address=options.address, logging_level=logging.ERROR, log_to_driver=False)
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise RayUnavailable(
-                f"no Ray cluster answered at {options.address!r} ({exc}); start one with `ray start --head` "
+                f"no Ray cluster answered at {address!r} ({exc}); start one with `ray start --head` "
                 "or pass its address (--ray HOST:6379)"
             ) from None
     try:
-        return asyncio.run(Dealer(ray, options, items, ledger, retry_budget, on_result, on_start, on_status).run())
+        yield ray
     finally:
         if ours:
             ray.shutdown()

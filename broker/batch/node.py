@@ -28,7 +28,7 @@ from .lane import Lane
 MAX_SESSION_PATH = 70  # + "/isopool-XXXXXXXX/frontend.sock" stays within the 107 bytes of a socket path
 
 
-def _run_dir() -> str:
+def session_run_dir() -> str:
     """The pool's socket directory, in this node's Ray session directory: Ray kills an actor's
     whole process tree, so a pool whose actor is killed cannot remove its sockets, and there
     they go with the Ray session's own. In the system's temp dir if the path would be too long."""
@@ -67,7 +67,7 @@ class NodePool:
 
         ip = ray.util.get_node_ip_address()
         metrics = f"{ip}:{self.metrics_port}" if self.metrics_port is not None else ""
-        settings = msgspec.structs.replace(self.settings, run_dir=_run_dir(), metrics=metrics)
+        settings = msgspec.structs.replace(self.settings, run_dir=session_run_dir(), metrics=metrics)
         self.pool = await asyncio.to_thread(Pool(settings).start)
         self.client = AsyncClient(self.pool.url)
         self.before = await self.client.stats()

@@ -51,10 +51,12 @@ class FakeProviderProcess:
 
     The child exits by itself if this process dies (it watches its stdin pipe)."""
 
-    def __init__(self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0,
-                 prefix_cache: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, latency: Latency | None = None, rates: dict[str, float] | None = None, seed: int = 0,
+        prefix_cache: bool = False, host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
         latency = latency or Latency()
-        args = ["--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
+        args = ["--host", host, "--ttft", str(latency.ttft), "--gap", str(latency.gap), "--tokens", str(latency.tokens)]
         args += ["--batched"] if latency.batched else []
         args += ["--prefix-cache"] if prefix_cache else []
         args += ["--load-knee", str(latency.knee), "--load-slope", str(latency.slope)] if latency.slope else []

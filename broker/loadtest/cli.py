@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
@@ -37,6 +38,7 @@ target, so a first run needs no key and no network.
   isopool loadtest -c 16 --prefix-tokens 2048 --prefix-groups 4     # prompts that share prefixes
   isopool loadtest --target https://gateway.example/v1 --api-key-env GATEWAY_KEY
   isopool loadtest --find-max --slo ttft=500ms,tpot=50ms --duration 20 --warmup 5
+  isopool loadtest --ray auto -c 96 --duration 30     # a generator on every Ray node
   isopool loadtest report loadtest-20261125-120000    # a finished or killed run
   isopool loadtest compare RUN-A RUN-B                # point by point, B against A
 
@@ -166,11 +168,19 @@ sweep.png for a sweep, search.png for --find-max; with the `plots` extra)."""
     help="Series to keep, comma-separated names or glob patterns, e.g. 'vllm:num_requests_*,vllm:*tokens_total' "
     "(default: every counter and gauge; histograms as their _sum, _count and window quantiles).",
 )
+@click.option(
+    "--ray",
+    default="",
+    metavar="auto|ADDRESS",
+    help="Run a generator pool on every node of a Ray cluster, the load split among them ('auto': "
+    "$RAY_ADDRESS or the one started on this machine; needs pip install 'isopool[ray]').",
+)
 @click.pass_context
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, find_max, goodput, start,
              limit, precision, max_probes, **options) -> None:  # fmt: skip
     if ctx.invoked_subcommand is not None:
         return
+    from ..batch.cluster import RayUnavailable, require_ray
     from .report import LoadProgress
     from .runner import Options, run
     from .search import Search
@@ -182,19 +192,28 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
             named = ", ".join("--" + {"limit": "max"}.get(name, name).replace("_", "-") for name in steering)
             raise ValueError(f"{named} steer the search of --find-max: give --find-max too")
         search = Search(over=find_max, **steering) if find_max else None
+        options |= {name: options[name] or "" for name in ("api", "dataset", "trace")}  # as --ray's nodes read them
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), find_max=search, **options)  # fmt: skip
         opts.workload()  # a dataset or trace is read (and checked) before anything starts
+        if opts.ray:
+            require_ray()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     from .scrape import EndpointError
 
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
-    with LoadProgress(enabled=not as_json) as progress:
-        try:
+    # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the results
+    notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if opts.ray and as_json else contextlib.nullcontext()
+    try:
+        with notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
             results = run(opts, out, progress)
-        except EndpointError as exc:  # checked before anything runs
-            raise click.UsageError(str(exc)) from None
+    except EndpointError as exc:  # checked before anything runs
+        raise click.UsageError(str(exc)) from None
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     _show(results, out, as_json)
 
 

@@ -148,6 +148,8 @@ def print_results(results: dict[str, Any], out_dir: str) -> None:
             console.print(head + f"[yellow]{escape(s['window']['note'])}[/]")
         colour = "yellow" if g["verdict"] != "the generator kept up" else "green"
         console.print(head + f"[{colour}]{escape(g['verdict'])}[/]")
+        if point.get("nodes"):
+            print_nodes(point)
     for line in results.get("search", {}).get("text", []):
         console.print(f"[bold]{escape(line)}[/]")
     pngs = sorted(name for name in os.listdir(out_dir) if name.endswith(".png")) if os.path.isdir(out_dir) else []
@@ -170,6 +172,25 @@ def _print_server_metrics(points: list[dict[str, Any]]) -> None:
         table.add_column(label(point["load"]), justify="right")
     for key, cells in rows.items():
         table.add_row(escape(key), *(cells.get(number, "-") for number in range(len(points))))
+    console.print(table)
+
+
+def print_nodes(point: dict[str, Any]) -> None:
+    """A point spread over Ray nodes: what each node offered and achieved, how well its clock was
+    aligned with the driver's, and its generator's verdict."""
+    table = Table(title=f"{label(point['load'])} by node", title_justify="left")
+    for name in ("node", "load", "requests", "requests/s", "chunks/s", "in flight", "stalls", "clock ± ms",
+                 "generator"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("node", "generator") else "right")
+    for name, node in point["nodes"].items():
+        s, g, clock = node["summary"], node["generator"], node.get("alignment")
+        table.add_row(
+            name, label(node["load"]), f"{s['requests']} ({s['warmup_requests']})",
+            f"{s['throughput']['requests_per_s']:.1f}", f"{s['throughput']['chunks_per_s']:,.0f}",
+            f"{g['in_flight_mean']:.1f}", str(s["stalls"]["count"]),
+            "-" if clock is None else f"{clock['error_s'] * 1000:.2f} (drift {clock['drift_s'] * 1000:+.2f})",
+            escape(g["verdict"]),
+        )  # fmt: skip
     console.print(table)
 
 
@@ -248,6 +269,10 @@ def rebuild(out_dir: str) -> dict[str, Any]:
         point = point_result(load, by_point[number], [], [], slo, window=window)
         if number < len(finished) and "server_metrics" in finished[number]:  # scraped live: not in the records
             point["server_metrics"] = finished[number]["server_metrics"]
+        if "ray" in results:  # a run spread over a Ray cluster's nodes: each node's share too
+            from .distributed import rebuilt_nodes
+
+            point["nodes"] = rebuilt_nodes(results, load, by_point[number], window)
         results["points"].append(point)
     if options.get("find_max"):  # concluded from the probes that ran to their end
         search = msgspec.convert(options["find_max"], Search)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import itertools
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import psutil
@@ -34,7 +33,7 @@ from ..pool import Pool
 from ..protocol import TimedCall
 from .measure import Measurement
 from .prompts import SharedPrefix
-from .schedule import arrivals
+from .schedule import Share, arrivals
 from .scrape import validate as validate_server_metrics
 from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
@@ -54,6 +53,7 @@ _TARGET_KEY = "ISOPOOL_LOADTEST_KEY"
 _NO_KEY = "EMPTY"
 _LAG_TICK = 0.05
 _BACKSTOP = 5.0  # seconds the broker's watchdog waits beyond the worker's own stall limits
+WHOLE = Share()  # the whole point, sent by one generator
 
 
 class Options(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +98,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     fake_load_knee: int = 0  # the built-in fake slows beyond this many answers in progress ...
     fake_load_slope: float = 0.0  # ... its ttft and gap each growing by this share per answer (0: never slows)
     find_max: Search | None = None  # instead of the listed loads, search for the highest that meets the SLO
+    ray: str = ""  # a Ray cluster's address ("auto": the one started here): a generator pool on every node
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -128,6 +129,9 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         validate_server_metrics(self.server_metrics, self.target, self.server_metrics_interval,
                                 self.server_metrics_series)  # fmt: skip
         self._check_trace_and_prefix()
+        apart = {"--trace": self.trace, "--find-max": self.find_max, "--server-metrics": self.server_metrics}
+        if self.ray and (alone := [name for name, value in apart.items() if value]):
+            raise ValueError(f"{', '.join(alone)} cannot be spread over Ray nodes yet: run it without --ray")
 
     def _check_trace_and_prefix(self) -> None:
         if self.speedup <= 0 or (self.speedup != 1.0 and not self.trace):
@@ -195,6 +199,11 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         return {"concurrency": int(level)}
 
     @property
+    def requests_per_point(self) -> int:
+        """0: until the duration (or the trace) is over."""
+        return self.requests or (0 if self.duration or self.trace else 100)
+
+    @property
     def capacity(self) -> int:
         """Streams the pool must carry at once."""
         if self.rate or self.trace or (self.find_max and self.find_max.over == "rate"):
@@ -226,19 +235,19 @@ class _Quiet:
 
 
 @contextlib.contextmanager
-def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
-    """A pool whose one profile points at the target; the fake provider too when that is the target."""
+def target_pool(
+    options: Options, api: str, fake_url: str = "", run_dir: str = ""
+) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
+    """A pool whose one profile points at the target; the fake provider too when that is the target, unless
+    `fake_url` says where one already runs (a `--ray` run's driver starts one for all the nodes)."""
     kind = APIS[api][0]
     with contextlib.ExitStack() as stack:
         profile: dict[str, Any] = {"kind": kind}
         fake = None
         if options.target == "fake":
-            latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000,  # max_tokens decides
-                              knee=options.fake_load_knee, slope=options.fake_load_slope)  # fmt: skip
-            fake = stack.enter_context(
-                FakeProviderProcess(latency, options.fake_faults, options.seed, prefix_cache=True)
-            )
-            profile["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
+            fake = None if fake_url else stack.enter_context(fake_provider(options))
+            url = fake_url or fake.url  # type: ignore[union-attr]
+            profile["base_url"] = url if kind == "anthropic" else url + "/v1"
         elif options.target.startswith("http"):
             profile["base_url"] = options.target.rstrip("/")
         if key_env := target_key_env(options):
@@ -255,9 +264,17 @@ def target_pool(options: Options, api: str) -> Iterator[tuple[Pool, str, FakePro
                 first_event_timeout=options.first_event_timeout,
                 deadline=max(3600.0, options.duration * 2),
                 queue_limit=1_000_000,
+                run_dir=run_dir,
             )
         )
         yield pool, kind, fake
+
+
+def fake_provider(options: Options, host: str = "127.0.0.1") -> FakeProviderProcess:
+    """The built-in fake provider with the run's latency model and faults (not started)."""
+    latency = Latency(ttft=options.fake_ttft, gap=options.fake_gap, tokens=1_000_000,  # max_tokens decides
+                      knee=options.fake_load_knee, slope=options.fake_load_slope)  # fmt: skip
+    return FakeProviderProcess(latency, options.fake_faults, options.seed, prefix_cache=True, host=host)
 
 
 def target_key_env(options: Options) -> str | None:
@@ -275,28 +292,23 @@ def target_key_env(options: Options) -> str | None:
 def run(options: Options, out_dir: str, progress: Progress | None = None) -> dict[str, Any]:
     """Run every load point; write `records.jsonl` (as requests end) and `results.json` into `out_dir`."""
     progress = progress or _Quiet()
+    if options.ray:
+        from .distributed import run_on_ray
+
+        return run_on_ray(options, out_dir, progress)
     server = ServerMetrics.of(options)  # None without --server-metrics; a server we did not start is checked now
     os.makedirs(out_dir, exist_ok=True)
     workload = options.workload()
     api = workload.api
-    results: dict[str, Any] = {
-        "schema": 1,
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "options": msgspec.to_builtins(options),
-        "api": api,
-        "machine": machine(),
-        "versions": versions(),
-        "load_points": options.points,
-        "points": [],
-    }
+    results = results_header(options, api)
     if options.calibrate:
-        results["calibration"] = calibration = _calibrate(options)
+        results["calibration"] = calibration = calibrate(options)
         progress.note(
             f"generator ceiling on this machine: {calibration['chunks_per_s']:,.0f} chunks/s, "
             f"{calibration['requests_per_s']:,.1f} requests/s at {calibration['concurrency']} streams "
             "(against the built-in fake provider, which shares the CPU: a lower bound)"
         )
-    _write_json(os.path.join(out_dir, "results.json"), results)
+    write_json(os.path.join(out_dir, "results.json"), results)
     with open(os.path.join(out_dir, "records.jsonl"), "wb") as sink, target_pool(options, api) as (pool, profile, fake):
         results["pool"] = {"workers": pool.settings.profiles[profile].max_workers,
                            "streams_per_worker": options.worker_streams}  # fmt: skip
@@ -306,32 +318,46 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
         for number, load in enumerate(loads(options, results["points"]) if search else options.points):
             if search:  # a probe's load is known only now: recorded before it runs, for a run killed during it
                 results["load_points"].append(load)
-                _write_json(os.path.join(out_dir, "results.json"), results)
+                write_json(os.path.join(out_dir, "results.json"), results)
             scraper = server.scraper() if server is not None else None
             with scraper or contextlib.nullcontext():
                 point = asyncio.run(_run_point(pool, profile, workload, options, number, load, sink, progress))
             if scraper is not None:
                 point["server_metrics"] = point_metrics(scraper, point["summary"]["window"])
             if options.calibrate:
-                _compare_with_ceiling(point, results["calibration"])
+                compare_with_ceiling(point, results["calibration"])
             results["points"].append(point)
             if fake is not None:  # what the target itself counted (faults it injected, answers)
                 results["fake_provider"] = fake.stats()
             if search:
                 results["search"] = conclude(search, parse_slo(options.slo), results["points"])
                 progress.note(probe_note(search, point))
-            _write_json(os.path.join(out_dir, "results.json"), results)
+            write_json(os.path.join(out_dir, "results.json"), results)
     return results
 
 
-def _calibrate(options: Options) -> dict[str, Any]:
+def results_header(options: Options, api: str) -> dict[str, Any]:
+    """What `results.json` says before any point has run."""
+    return {
+        "schema": 1,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "options": msgspec.to_builtins(options),
+        "api": api,
+        "machine": machine(),
+        "versions": versions(),
+        "load_points": options.points,
+        "points": [],
+    }
+
+
+def calibrate(options: Options) -> dict[str, Any]:
     """The generator's own ceiling here: a few seconds at the run's highest concurrency and the
     same request shapes, against the built-in fake provider answering as fast as it can."""
     trial = msgspec.structs.replace(
         options, target="fake", concurrency=[options.capacity], rate=[], requests=0, duration=4.0, warmup=1.0,
         ramp_up=0.0, fake_ttft=0.0, fake_gap=0.0, fake_faults={}, calibrate=False, slo="", api_key_env="",
         server_metrics="", server_metrics_series="",
-        trace="", speedup=1.0, find_max=None,
+        trace="", speedup=1.0, find_max=None, fake_load_knee=0, fake_load_slope=0.0,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         point = run(trial, scratch)["points"][0]
@@ -341,7 +367,7 @@ def _calibrate(options: Options) -> dict[str, Any]:
             "cpu_cores_mean": point["generator"]["cpu_cores_mean"]}  # fmt: skip
 
 
-def _compare_with_ceiling(point: dict[str, Any], calibration: dict[str, Any]) -> None:
+def compare_with_ceiling(point: dict[str, Any], calibration: dict[str, Any]) -> None:
     chunks = point["summary"]["throughput"]["chunks_per_s"]
     if calibration["chunks_per_s"] and chunks >= 0.9 * calibration["chunks_per_s"]:
         generator = point["generator"]
@@ -353,7 +379,7 @@ def _compare_with_ceiling(point: dict[str, Any], calibration: dict[str, Any]) ->
             generator["verdict"] += "; " + ceiling
 
 
-def _write_json(path: str, data: dict[str, Any]) -> None:
+def write_json(path: str, data: dict[str, Any]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(data)))
@@ -364,17 +390,49 @@ async def _run_point(
     pool: Pool, profile: str, workload: Workload, options: Options, number: int, load: dict[str, Any],
     sink: Any, progress: Progress,
 ) -> dict[str, Any]:  # fmt: skip
-    records: list[dict[str, Any]] = []
-    total = options.requests or (0 if options.duration or options.trace else 100)  # a trace: to its end
+    begin_point(progress, options, load)
+
+    def write(record: dict[str, Any]) -> None:
+        sink.write(msgspec.json.encode(record) + b"\n")
+        sink.flush()
+        progress.record(record)
+
+    run = await drive_point(pool, profile, workload, options, number, load, write, progress)
+    window = steady_window(run.records, options.warmup, options.duration)
+    return point_result(load, run.records, run.samples, run.lags, parse_slo(options.slo), run.cpu_cores, window)
+
+
+def begin_point(progress: Progress, options: Options, load: dict[str, Any]) -> None:
     label = f"concurrency {load['concurrency']}" if "concurrency" in load else (
         f"rate {load['rate']:g}/s" if "rate" in load else f"trace {load['trace']} ×{load['speedup']:g}")  # fmt: skip
-    progress.point(label, total or None, options.duration or None)
+    progress.point(label, options.requests_per_point or None, options.duration or None)
+
+
+class PointRun(NamedTuple):
+    """What one generator measured of a point: its records, and how it did (see `point_result`)."""
+
+    records: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    lags: list[float]
+    cpu_cores: float | None  # None: not measured (figures rebuilt from records)
+
+
+async def drive_point(
+    pool: Pool, profile: str, workload: Workload, options: Options, number: int, load: dict[str, Any],
+    on_record: Callable[[dict[str, Any]], None], progress: Progress, share: Share = WHOLE,
+) -> PointRun:  # fmt: skip
+    """Send this generator's `share` of one load point through `pool` and time every request; each record
+    goes to `on_record` as its request ends, its times in seconds from the share's start."""
+    records: list[dict[str, Any]] = []
+    total = options.requests_per_point
     live = _Live(pool.pid)
+    if share.start:  # the moment every generator of the point begins
+        await asyncio.sleep(max(0.0, (share.start - time.monotonic_ns()) / 1e9))
     cpu_before, started = live.cpu.seconds(), time.monotonic()
-    start = time.monotonic_ns()
-    budget = _Budget(total, start + int(options.duration * 1e9) if options.duration else 0)
+    start = share.start or time.monotonic_ns()
+    budget = _Budget(share.part(total), start + int(options.duration * 1e9) if options.duration else 0, share)
     warmup_ns = int(options.warmup * 1e9)
-    cap = asyncio.Semaphore(load["max_concurrency"]) if load.get("max_concurrency") else None
+    cap = asyncio.Semaphore(share.part(load["max_concurrency"])) if load.get("max_concurrency") else None
     # the worker cuts stalls itself; the broker's watchdog only catches a worker that hangs
     backstop = CallLimits(options.first_event_timeout + _BACKSTOP, options.stale_timeout + _BACKSTOP)
     sdk = sdk_client(workload.api, pool.url, profile) if options.sdk else None
@@ -403,9 +461,7 @@ async def _run_point(
                     live.in_flight -= 1
             record = m.record(start, number, scheduled - start < warmup_ns, conversation, turn)
             records.append(record)
-            sink.write(msgspec.json.encode(record) + b"\n")
-            sink.flush()
-            progress.record(record)
+            on_record(record)
 
         async def converse(conversation: int, due: int) -> None:
             """A conversation's turns one after another: each is due when the one before ended."""
@@ -419,26 +475,26 @@ async def _run_point(
         sampler = asyncio.create_task(_sample(live, progress))
         try:
             if "concurrency" in load:
-                await _closed_loop(converse, load["concurrency"], budget, options.ramp_up)
+                await _closed_loop(converse, share.part(load["concurrency"]), budget, options.ramp_up, share)
             else:
                 starts = -(-total // workload.turns) if total else 0
                 offsets = workload.offsets() if isinstance(workload, Trace) else arrivals(
                     load["rate"], load["arrival"], options.ramp_up, options.seed)  # fmt: skip
-                await _open_loop(converse, offsets, starts, budget, start)
+                await _open_loop(converse, offsets, starts, budget, start, share)
         finally:
             sampler.cancel()
             if sdk is not None:
                 await sdk.close()
     cores = (live.cpu.seconds() - cpu_before) / (time.monotonic() - started)
-    window = steady_window(records, options.warmup, options.duration)
-    return point_result(load, records, live.samples, live.lags, parse_slo(options.slo), cores, window)
+    return PointRun(records, live.samples, live.lags, cores)
 
 
 class _Budget:
-    """Request numbers for one point, until `total` requests (0: no limit) or `ends_at` (0: none)."""
+    """Request numbers for one point (the share's), until `total` requests (0: no limit) or `ends_at` (0: none)."""
 
-    def __init__(self, total: int, ends_at: int) -> None:
+    def __init__(self, total: int, ends_at: int, share: Share) -> None:
         self.total, self.ends_at, self.issued = total, ends_at, 0
+        self.numbers = share.numbers()
 
     def open(self) -> bool:
         return not (self.total and self.issued >= self.total) and not (
@@ -449,13 +505,13 @@ class _Budget:
         if not self.open():
             return None
         self.issued += 1
-        return self.issued - 1
+        return next(self.numbers)
 
 
-async def _closed_loop(converse: Any, concurrency: int, budget: _Budget, ramp_up: float) -> None:
+async def _closed_loop(converse: Any, concurrency: int, budget: _Budget, ramp_up: float, share: Share) -> None:
     """`concurrency` lanes, each starting its next conversation when its last one ends (that
     moment is its scheduled time); lanes start spread over `ramp_up` seconds."""
-    conversations = itertools.count()
+    conversations = share.numbers()
 
     async def lane(k: int) -> None:
         await asyncio.sleep(ramp_up * k / concurrency)
@@ -465,11 +521,12 @@ async def _closed_loop(converse: Any, concurrency: int, budget: _Budget, ramp_up
     await asyncio.gather(*(lane(k) for k in range(concurrency)))
 
 
-async def _open_loop(converse: Any, offsets: Iterator[float], starts: int, budget: _Budget, start: int) -> None:
+async def _open_loop(converse: Any, offsets: Iterator[float], starts: int, budget: _Budget, start: int,
+                     share: Share) -> None:  # fmt: skip
     """Conversations (single requests, unless --turns) start at their scheduled times (`offsets` seconds
-    from `start`: a rate's arrivals, or a trace's)."""
+    from `start`: a rate's arrivals, or a trace's), the share's of them."""
     tasks: set[asyncio.Task] = set()
-    for conversation, offset in enumerate(offsets):
+    for conversation, offset in share.mine(enumerate(offsets)):
         due = start + int(offset * 1e9)
         if (starts and conversation >= starts) or (budget.ends_at and due >= budget.ends_at):
             break

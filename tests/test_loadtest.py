@@ -21,6 +21,7 @@ from broker.fake_provider.server import Latency
 from broker.loadtest import Options, rebuild, run
 from broker.loadtest.report import save_outputs
 from broker.loadtest.schedule import arrivals
+from broker.loadtest.search import Search
 from broker.loadtest.summary import LATENCIES, parse_slo, steady_window, verdict, window_flow
 from broker.loadtest.workload import Lengths
 
@@ -208,6 +209,9 @@ def test_bad_options_are_refused_with_what_to_do():
         parse_slo("latency=3")
     with pytest.raises(ValueError, match="target"):
         Options(calibrate=False, target="ftp://x")
+    for alone in ({"find_max": Search(), "slo": "ttft=1"}, {"server_metrics": "target"}, {"trace": __file__}):
+        with pytest.raises(ValueError, match="cannot be spread over Ray nodes yet: run it without --ray"):
+            Options(calibrate=False, ray="auto", **alone)
     cli = subprocess.run(ISOPOOL + ["loadtest", "--input-tokens", "lots"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "mean=N" in cli.stderr
 

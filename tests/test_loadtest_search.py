@@ -185,8 +185,42 @@ def _saved_points(out: str) -> list:
         (["--find-max", "concurrency", "--slo", "ttft=1", "--start", "1.5"], "whole"),
         (["--find-max", "--slo", "ttft=1", "--start", "10", "--max", "5"], "--max"),
         (["--fake-load-slope", "-1"], "cannot be negative"),
+        (["--find-max", "concurrency", "--slo", "ttft=1", "--trace", __file__], "searches the trace's speedup"),
+        (["--find-max", "--slo", "ttft=1", "--trace", __file__, "--speedup", "2"], "leave out --speedup"),
     ],
 )
 def test_bad_find_max_options_are_refused_with_what_to_do(args, error):
     refused = CliRunner().invoke(main, ["loadtest", *args])
     assert refused.exit_code == 2 and error in refused.output, refused.output
+
+
+def test_find_max_over_a_trace_finds_the_highest_speedup_the_slowing_fake_serves(tmp_path, own_processes):
+    """A public-format trace replayed at rising speed: one command gives the fastest replay (so the highest
+    rate of that trace's shape) that meets the SLO. The trace sends 10 requests/s at its own speed, so the
+    fake's threshold of knee / SERVED requests/s (see the rate search above) is a speedup of a tenth of it."""
+    trace = tmp_path / "trace.jsonl"
+    with open(trace, "w") as f:
+        for i in range(120):  # 12 s at its own speed: every probe is cut by --duration before it ends
+            f.write(json.dumps({"timestamp": 100 * i, "input_length": 20, "output_length": TOKENS, "hash_ids": [i]}))
+            f.write("\n")
+    knee, precision, bar = 4, 0.1, 0.9
+    threshold = knee / SERVED / 10
+    result = CliRunner().invoke(main, [
+        "loadtest", "--trace", str(trace), "--find-max", "--slo", "ttft=200ms", "--goodput", str(bar),
+        "--start", "1.6", "--max", "4", "--precision", str(precision), "--duration", "1.2", "--warmup", "0.2",
+        "--fake-ttft", str(TTFT), "--fake-gap", str(GAP), "--fake-load-knee", str(knee), "--fake-load-slope", "1",
+        "--no-calibrate", "--json", "-o", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.output[result.output.index("{") :])
+    found = results["search"]
+    assert found["over"] == "speedup" and found["done"], found["text"]
+    assert 0.6 * threshold / (1 + precision) <= found["answer"] <= threshold * 1.05, (found["text"], threshold)
+    probed = [p["load"]["speedup"] for p in results["points"]]
+    assert probed[:2] == [1.6, 3.2] and all(p["load"]["trace"] == "trace.jsonl" for p in results["points"])
+    with open(tmp_path / "run" / "records.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    for number, speedup in enumerate(probed):  # each probe replays the trace's first --duration seconds at its speed
+        due = sorted(r["scheduled"] for r in records if r["point"] == number)
+        assert due[0] == 0 and len(due) == 1 + int(1.2 * 10 * speedup - 1e-9), (speedup, len(due))
+        assert due[-1] == pytest.approx((len(due) - 1) * 0.1 / speedup, abs=1e-5)
+    assert found["text"][0].endswith(f"the trace at {found['answer']:g}x its speed")

@@ -135,7 +135,8 @@ sweep.png for a sweep, search.png for --find-max; with the `plots` extra)."""
     type=click.Choice(["rate", "concurrency"]),
     is_flag=False,
     flag_value="rate",
-    help="Search for the highest rate (the default; open loop) or concurrency whose goodput meets --goodput "
+    help="Search for the highest rate (the default; open loop; with --trace, the speedup it is replayed at) or "
+    "concurrency whose goodput meets --goodput "
     "under --slo (required), instead of listing loads: from --start, doubling until a probe fails or --max, then "
     "bisecting to --precision. Each probe is a point of --duration or --requests (with --warmup).",
 )
@@ -191,6 +192,8 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
         if steering and not find_max:
             named = ", ".join("--" + {"limit": "max"}.get(name, name).replace("_", "-") for name in steering)
             raise ValueError(f"{named} steer the search of --find-max: give --find-max too")
+        if find_max == "rate" and options["trace"]:  # a trace's rate is how fast it is replayed
+            find_max = "speedup"
         search = Search(over=find_max, **steering) if find_max else None
         options |= {name: options[name] or "" for name in ("api", "dataset", "trace")}  # as --ray's nodes read them
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ..render import console
 from .report import label, rebuild
+from .summary import LOAD_KINDS, load_kind
 
 
 class CompareError(ValueError):
@@ -56,10 +57,8 @@ METRICS = (
 
 
 def _load_key(load: dict[str, Any]) -> tuple[str, float] | None:
-    for kind in ("concurrency", "rate"):
-        if kind in load:
-            return kind, load[kind]
-    return None
+    kind = load_kind(load)
+    return None if kind is None else (kind, load[kind])
 
 
 def _read(directory: str) -> dict[str, Any]:
@@ -203,7 +202,7 @@ def write_plots(comparison: dict[str, Any], out_dir: str) -> list[str]:
                     ax.plot(*_line(comparison, key + suffix, i), linestyle=style, marker="o", color=f"C{i}",
                             label=name_of_line)  # fmt: skip
             ax.set_title(title)
-            ax.set_xlabel("concurrency" if comparison["kind"] == "concurrency" else "requests per second")
+            ax.set_xlabel(LOAD_KINDS[comparison["kind"]])
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         written.append(_save(fig, plt, out_dir, name))

@@ -9,6 +9,7 @@ from typing import Any
 
 from .report import label
 from .serverplots import server_panels
+from .summary import LOAD_KINDS, load_kind
 
 INSTALL = "pip install 'isopool[plots]'"
 
@@ -89,7 +90,7 @@ def _series(plt: Any, results: dict[str, Any], out_dir: str) -> str:
 
 def _sweep(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     points = results["points"]
-    swept = "concurrency" if "concurrency" in points[0]["load"] else "rate"
+    swept = load_kind(points[0]["load"]) or "rate"
     points = sorted(points, key=lambda p: p["load"].get(swept, 0))  # a search probes out of order
     xs = [p["load"][swept] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -105,7 +106,7 @@ def _sweep(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     right.set_ylabel("ms")
     right.legend()
     for ax in (left, right):
-        ax.set_xlabel("requests per second" if swept == "rate" else "concurrency")
+        ax.set_xlabel(LOAD_KINDS[swept])
         ax.grid(alpha=0.3)
     left.set_title("throughput")
     right.set_title("latency")
@@ -129,7 +130,7 @@ def _search(plt: Any, results: dict[str, Any], out_dir: str) -> str:
     ax.set_xticks(loads, [f"{load:g}" for load in loads])
     ax.minorticks_off()
     ax.tick_params(axis="x", labelrotation=45)
-    ax.set_xlabel("requests per second" if found["over"] == "rate" else "concurrency")
+    ax.set_xlabel(LOAD_KINDS[found["over"]])
     ax.set_ylabel("requests meeting the SLO (%)")
     ax.set_title("--find-max: probes in the order run")
     ax.legend()

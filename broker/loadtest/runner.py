@@ -151,9 +151,15 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("--fake-load-knee and --fake-load-slope cannot be negative")
         if self.find_max and not self.slo:
             raise ValueError("--find-max needs --slo: the limits a request must meet, e.g. --slo ttft=500ms,tpot=50ms")
-        if self.find_max and (self.rate or self.concurrency or self.trace):
-            raise ValueError("--find-max chooses the loads itself: leave out --rate, --concurrency and --trace "
+        if self.find_max and (self.rate or self.concurrency):
+            raise ValueError("--find-max chooses the loads itself: leave out --rate and --concurrency "
                              "(bound the search with --start and --max)")  # fmt: skip
+        if self.find_max and (self.find_max.over == "speedup") != bool(self.trace):
+            raise ValueError("with --trace, --find-max searches the trace's speedup (the rate it is replayed at); "
+                             "without one, a rate or a concurrency")  # fmt: skip
+        if self.find_max and self.speedup != 1.0:
+            raise ValueError("--find-max chooses the trace's speedup itself: leave out --speedup (start the search "
+                             "with --start)")  # fmt: skip
 
     def workload(self) -> Workload:
         """What to send: the dataset's requests, the trace's, or synthetic conversations."""
@@ -161,7 +167,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             return Dataset(self.dataset, self.stream, self.model, self.api)
         api = self.chosen_api
         if self.trace:
-            return Trace(self.trace, self.speedup, self.stream, self.model, api, self.api)
+            return Trace(self.trace, self.stream, self.model, api, self.api)
         prefix = SharedPrefix(self.prefix_tokens, self.prefix_groups, self.seed) if self.prefix_tokens else None
         return Synthetic(api, self.model or DEFAULT_MODEL[api], Lengths.parse(self.input_tokens),
                          Lengths.parse(self.output_tokens), self.stream, self.seed, self.turns, prefix)  # fmt: skip
@@ -186,8 +192,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         if self.find_max:
             return []
         if self.trace:
-            return [{"trace": os.path.basename(self.trace), "speedup": self.speedup,
-                     "max_concurrency": self.max_concurrency}]  # fmt: skip
+            return [self.load("speedup", self.speedup)]
         if self.rate:
             return [self.load("rate", r) for r in self.rate]
         return [self.load("concurrency", c) for c in self.concurrency or [8]]
@@ -196,6 +201,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         """A load point: a rate (with its cap and arrival process) or a concurrency."""
         if kind == "rate":
             return {"rate": level, "max_concurrency": self.max_concurrency, "arrival": self.arrival}
+        if kind == "speedup":
+            return {"trace": os.path.basename(self.trace), "speedup": level, "max_concurrency": self.max_concurrency}
         return {"concurrency": int(level)}
 
     @property
@@ -478,7 +485,7 @@ async def drive_point(
                 await _closed_loop(converse, share.part(load["concurrency"]), budget, options.ramp_up, share)
             else:
                 starts = -(-total // workload.turns) if total else 0
-                offsets = workload.offsets() if isinstance(workload, Trace) else arrivals(
+                offsets = workload.offsets(load["speedup"]) if isinstance(workload, Trace) else arrivals(
                     load["rate"], load["arrival"], options.ramp_up, options.seed)  # fmt: skip
                 await _open_loop(converse, offsets, starts, budget, start, share)
         finally:

@@ -1,4 +1,5 @@
-"""`isopool loadtest --find-max`: the highest rate (or concurrency) whose goodput meets a bar.
+"""`isopool loadtest --find-max`: the highest rate (or concurrency, or a trace's speedup) whose goodput
+meets a bar.
 
 A probe is an ordinary load point; it passes when the share of its measured requests that met
 every SLO limit reaches the bar. The search starts low and doubles the load until a probe fails
@@ -39,8 +40,8 @@ class Search(msgspec.Struct, frozen=True, kw_only=True):
     max_probes: int = 12
 
     def __post_init__(self) -> None:
-        if self.over not in ("rate", "concurrency"):
-            raise ValueError(f"--find-max searches over rate or concurrency, not {self.over!r}")
+        if self.over not in ("rate", "concurrency", "speedup"):
+            raise ValueError(f"--find-max searches over rate, concurrency or a trace's speedup, not {self.over!r}")
         if not 0 < self.goodput <= 1:
             raise ValueError(f"--goodput is the share of requests that must meet the SLO, between 0 and 1 "
                              f"(e.g. 0.95), not {self.goodput:g}")  # fmt: skip
@@ -75,6 +76,8 @@ class Search(msgspec.Struct, frozen=True, kw_only=True):
         return share(point) >= self.goodput
 
     def shown(self, load: float) -> str:
+        if self.over == "speedup":
+            return f"the trace at {load:g}x its speed"
         return f"{load:g} req/s" if self.over == "rate" else f"{load:g} stream" + ("s" if load != 1 else "")
 
 

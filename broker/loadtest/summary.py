@@ -17,6 +17,15 @@ PERCENTILES = (50, 90, 95, 99)
 LATENCIES = ("ttft", "ttft_from_schedule", "tpot", "itl", "e2e", "e2e_from_schedule")
 
 
+# What a point's load is measured in, and how its axis is labelled
+LOAD_KINDS = {"concurrency": "concurrency", "rate": "requests per second", "speedup": "the trace's speedup"}
+
+
+def load_kind(load: dict[str, Any]) -> str | None:
+    """concurrency, rate, or a trace's speedup (None: a point rebuilt without its load)."""
+    return next((kind for kind in LOAD_KINDS if kind in load), None)
+
+
 def distribution(values: list[float]) -> dict[str, float | None]:
     """mean and p50/p90/p95/p99 (nearest rank), in seconds; None when there is nothing."""
     if not values:

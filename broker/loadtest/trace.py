@@ -39,21 +39,21 @@ class Trace:
 
     turns = 1
 
-    def __init__(self, path: str, speedup: float, stream: bool, model: str, api: str, wanted: str = "") -> None:
+    def __init__(self, path: str, stream: bool, model: str, api: str, wanted: str = "") -> None:
         """A Mooncake trace's prompts are sent in `api` to `model` (default: the API's own); a trace of
         batch requests calls its own API (`wanted`, if given, must be it), its own model unless `model`."""
         times, lines = read(path)
-        self.times, self.lines, self.speedup, self.stream = times, lines, speedup, stream
+        self.times, self.lines, self.stream = times, lines, stream
         if isinstance(lines[0], Item):
             self.api, self.model = api_of_items(path, lines, wanted), model
         else:
             self.api, self.model = api, model or DEFAULT_MODEL[api]
 
-    def offsets(self) -> Iterator[float]:
-        """Seconds from the first request to each."""
+    def offsets(self, speedup: float) -> Iterator[float]:
+        """Seconds from the first request to each, replayed `speedup` times as fast."""
         first = self.times[0]
         for t in self.times:
-            yield (t - first) / 1000 / self.speedup
+            yield (t - first) / 1000 / speedup
 
     def conversation(self, index: int) -> Iterator[Turn]:
         line = self.lines[index]

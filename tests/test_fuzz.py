@@ -126,7 +126,7 @@ def test_malformed_client_messages_get_a_protocol_error(fuzz_pool, frames):
         sock.close(0)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 @given(payload=st.binary(max_size=200), rid=st.integers(0, 2**32))
 def test_a_submit_with_an_unreadable_payload_gets_one_typed_error(fuzz_pool, payload, rid):
     """A readable header over garbage: the worker cannot decode the call and says so; one answer."""

@@ -197,6 +197,9 @@ def test_request_bytes_held_by_the_broker_have_a_global_and_a_per_connection_bud
         busy = first.submit("anthropic", "messages.create", **anthropic_args("busy"), **fault("slow-first:delay=30"))
         big = "x" * (6 * mib)
         mine = [first.submit("anthropic", "messages.create", **anthropic_args(big + str(i))) for i in range(5)]
+        # the second connection sends only once the broker has taken in the first's: two connections' messages
+        # interleave in any order, and which budget refuses depends on it
+        wait_for(lambda: first.stats()["rejected"].get("saturated", 0) == 2, 20, "the first connection's refusals")
         theirs = [second.submit("anthropic", "messages.create", **anthropic_args(big + str(i))) for i in range(5)]
         wait_for(lambda: first.stats()["rejected"].get("saturated", 0) == 4, 20, "four refusals")
         for calls, accepted, setting in ((mine, 3, "client_queue_bytes_limit"), (theirs, 3, "queue_bytes_limit")):

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import json
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -25,7 +26,7 @@ from broker.loadtest.cli import loadtest
 from broker.loadtest.compare import compare
 from broker.loadtest.promtext import Selection, quantile
 from broker.loadtest.report import save_outputs
-from broker.loadtest.scrape import check
+from broker.loadtest.scrape import EndpointError, check
 from broker.loadtest.servermetrics import describe
 
 from .test_loadtest import kill_a_run
@@ -214,7 +215,7 @@ def test_an_endpoint_that_is_no_use_is_refused_before_anything_runs(tmp_path):
     assert result.exit_code == 2 and "not with Prometheus text" in result.output, result.output
     for args, says in ((["--server-metrics", "localhost:8000"], "URL"),
                        (["--target", "openai", "--server-metrics", "target"], "serves no metrics"),
-                       (["--server-metrics", "target", "--server-metrics-interval", "0"], "> 0"),
+                       (["--server-metrics", "target", "--server-metrics-interval", "0"], "at least 0.1 seconds"),
                        (["--server-metrics-series", "vllm:*"], "give that too")):  # fmt: skip
         result = cli.invoke(loadtest, args)
         assert result.exit_code == 2 and says in result.output, (args, result.output)
@@ -278,3 +279,60 @@ def test_compare_refuses_runs_that_cannot_be_matched(fast_and_slow, tmp_path, ow
                        ([fast], "two or more")):  # fmt: skip
         result = CliRunner().invoke(loadtest, ["compare", *dirs, "--out", str(tmp_path)])
         assert result.exit_code == 2 and says in result.output, (dirs, result.output)
+    # a run directory edited by hand: an error that says so, from compare and report, not a traceback
+    damaged = tmp_path / "damaged"
+    for results, records in (("{not json", None), ("[1, 2]", None), ('{"points": 5}', None),
+                             (None, '{"foo": 1}\n'), (None, '[1]\n'), (None, '{"point": "zero"}\n')):  # fmt: skip
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(fast, damaged)
+        if results is not None:
+            (damaged / "results.json").write_text(results)
+        if records is not None:
+            (damaged / "records.jsonl").write_text(records)
+        for args in (["compare", fast, str(damaged)], ["report", str(damaged)]):
+            result = CliRunner().invoke(loadtest, args)
+            assert result.exit_code in (1, 2) and "edited by hand" in result.output, (results, records, result.output)
+
+
+def test_a_page_that_never_ends_or_is_too_large_is_refused_in_bounded_time_and_memory(tmp_path):
+    """A socket's timeout is per read: a page sent a byte a second never timed out and hung the run
+    before it began; a 500 MB page was read whole (2.7 GB). Both are scrape failures now."""
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/plain"})
+        await response.prepare(request)
+        for _ in range(60):
+            await response.write(b"#")
+            await asyncio.sleep(0.2)
+        return response
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/plain"})
+        await response.prepare(request)
+        line = b"# padding " + b"x" * 1000 + b"\n"
+        for _ in range(20 * 1024):  # 20 MB
+            await response.write(line)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/trickle", trickle)
+    app.router.add_get("/huge", huge)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(EndpointError, match="did not answer"):
+            check(url + "/trickle", Selection(""))
+        assert time.monotonic() - started < 8
+        with pytest.raises(EndpointError, match="larger than 16 MiB"):
+            check(url + "/huge", Selection(""))
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -11,13 +11,17 @@ import signal
 import subprocess
 import sys
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
 from broker.cli import main
 from broker.loadtest import Options, rebuild, run
+from broker.loadtest.measure import Measurement
 from broker.loadtest.report import save_outputs
 from broker.loadtest.search import Search, conclude, next_load
+from broker.loadtest.summary import point_result
+from broker.protocol import TICK, Tick
 
 from .conftest import wait_for
 
@@ -224,3 +228,35 @@ def test_find_max_over_a_trace_finds_the_highest_speedup_the_slowing_fake_serves
         assert due[0] == 0 and len(due) == 1 + int(1.2 * 10 * speedup - 1e-9), (speedup, len(due))
         assert due[-1] == pytest.approx((len(due) - 1) * 0.1 / speedup, abs=1e-5)
     assert found["text"][0].endswith(f"the trace at {found['answer']:g}x its speed")
+
+
+def test_under_an_open_loop_the_slo_counts_from_when_a_request_was_due():
+    """Requests that waited 2 s for a --max-concurrency slot, then got their first token 50 ms after they were
+    sent: under a rate they missed a 500 ms TTFT (a search had found 8 req/s for a target that served 1.4
+    with one slot); under a closed loop, where a request is due when its lane frees, they met it."""
+    ms = 1_000_000
+    records = []
+    for i in range(10):
+        due = (i + 1) * 100 * ms  # from the origin, 0: a time of 0 means none
+        sent = due + 2000 * ms
+        m = Measurement(i, due, sent, 8, 2)
+        m.tick(TICK, msgspec.msgpack.encode(Tick(sent + 40 * ms, sent=sent, status=200)))
+        m.observe(sent + 50 * ms, 1)
+        m.observe(sent + 60 * ms, 1, output_tokens=2)
+        m.finish(sent + 60 * ms)
+        records.append(m.record(0, 0, False))
+    slo = {"ttft": 0.5}
+    rate = point_result({"rate": 10.0, "max_concurrency": 1, "arrival": "constant"}, records, [], [], slo)
+    closed = point_result({"concurrency": 1}, records, [], [], slo)
+    assert rate["summary"]["goodput"]["share"] == 0.0 and closed["summary"]["goodput"]["share"] == 1.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5"])
+def test_numbers_that_are_not_numbers_are_refused(value):
+    """NaN compares false with everything, so `speedup <= 0` let it through to a traceback mid-run."""
+    for args in (["--slo", f"ttft={value}"], ["--find-max", "--slo", "ttft=1", "--start", value],
+                 ["--server-metrics", "target", "--server-metrics-interval", value]):  # fmt: skip
+        refused = CliRunner().invoke(main, ["loadtest", "--no-calibrate", *args])
+        assert refused.exit_code == 2, (args, refused.output)
+    with pytest.raises(ValueError, match="--speedup must be a number above 0"):
+        Options(calibrate=False, trace=__file__, speedup=float(value))

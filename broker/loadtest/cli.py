@@ -225,9 +225,12 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 def report(directory: str, as_json: bool) -> None:
     """Summarize a load test's records (a finished run, or one killed half-way)."""
-    from .report import rebuild
+    from .report import DamagedRun, rebuild
 
-    results = rebuild(directory)
+    try:
+        results = rebuild(directory)
+    except DamagedRun as exc:
+        raise click.ClickException(str(exc)) from None
     if not results["points"]:
         raise click.ClickException(f"no request records in {directory} yet")
     _show(results, directory, as_json)

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..render import console
-from .report import label, rebuild
+from .report import DamagedRun, label, rebuild
 from .summary import LOAD_KINDS, load_kind
 
 
@@ -68,6 +68,8 @@ def _read(directory: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CompareError(f"{directory} holds no load test (no records.jsonl): give the output directories "
                            "of `isopool loadtest` runs") from None  # fmt: skip
+    except DamagedRun as exc:
+        raise CompareError(str(exc)) from None
     if not results["points"]:
         raise CompareError(f"{directory} has no request records yet: nothing to compare")
     if any(_load_key(p["load"]) is None for p in results["points"]):

@@ -242,10 +242,22 @@ def save_outputs(results: dict[str, Any], out_dir: str, quiet: bool = False) -> 
         console.print(f"[yellow]no plots: matplotlib is not installed ({escape(plots.INSTALL)})[/]")
 
 
+class DamagedRun(ValueError):
+    """A run directory whose results.json or records.jsonl is not what a load test writes."""
+
+
 def rebuild(out_dir: str) -> dict[str, Any]:
     """Results from `records.jsonl` (and the options in `results.json`, if the run got that far, with the
     server metrics scraped for each point it finished): what `isopool loadtest report` shows for a run
-    that was killed. Torn last lines are skipped."""
+    that was killed. Torn last lines are skipped; anything else out of shape is a DamagedRun."""
+    try:
+        return _rebuild(out_dir)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise DamagedRun(f"{out_dir} holds a results.json or records.jsonl that no load test wrote "
+                         f"({type(exc).__name__}: {str(exc)[:100]}): was it edited by hand?") from None  # fmt: skip
+
+
+def _rebuild(out_dir: str) -> dict[str, Any]:
     records_path = os.path.join(out_dir, "records.jsonl")
     if not os.path.exists(records_path):
         raise FileNotFoundError(f"{records_path} does not exist: is {out_dir} a load test's output directory?")

@@ -134,8 +134,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"{', '.join(alone)} cannot be spread over Ray nodes yet: run it without --ray")
 
     def _check_trace_and_prefix(self) -> None:
-        if self.speedup <= 0 or (self.speedup != 1.0 and not self.trace):
-            raise ValueError("--speedup must be > 0, and goes with --trace")
+        if not (math.isfinite(self.speedup) and self.speedup > 0) or (self.speedup != 1.0 and not self.trace):
+            raise ValueError("--speedup must be a number above 0, and goes with --trace")
         given = {"--rate": self.rate, "--concurrency": self.concurrency, "--dataset": self.dataset,
                  "--turns": self.turns > 1, "--ramp-up": self.ramp_up,
                  "--prefix-tokens": self.prefix_tokens}  # fmt: skip

@@ -13,6 +13,7 @@ used as the pool's workers use it for the target (`worker/timing.py`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import urllib.error
@@ -23,10 +24,16 @@ from typing import NamedTuple
 from .promtext import Page, Selection, parse
 
 _CHECK_TIMEOUT = 5.0
+_MAX_PAGE = 16 * 2**20  # bytes; vLLM's page is ~40 KB
+MIN_INTERVAL = 0.1  # seconds between scrapes: each costs the generator ~10 ms of CPU
 
 
 class EndpointError(ValueError):
     """The metrics endpoint did not answer, or not with Prometheus text: refused before the run."""
+
+
+class PageTooLarge(ValueError):
+    """More than _MAX_PAGE bytes: a scrape failure, never read whole into memory."""
 
 
 class Scrape(NamedTuple):
@@ -41,8 +48,9 @@ def validate(spec: str, target: str, interval: float, series: str) -> None:
                          f"`target` (the target's own /metrics), not {spec!r}")  # fmt: skip
     if spec == "target" and target in ("anthropic", "openai"):
         raise ValueError(f"{target} serves no metrics of its own: give --server-metrics a URL or leave it out")
-    if interval <= 0:
-        raise ValueError("--server-metrics-interval must be > 0 seconds")
+    if not (math.isfinite(interval) and interval >= MIN_INTERVAL):
+        raise ValueError(f"--server-metrics-interval must be at least {MIN_INTERVAL:g} seconds (each scrape costs "
+                         "the generator CPU on the machine it measures)")  # fmt: skip
     if series and not spec:
         raise ValueError("--server-metrics-series chooses series of --server-metrics: give that too")
 
@@ -57,9 +65,18 @@ def endpoint(spec: str, target: str, fake_url: str = "") -> str:
 
 
 def fetch(url: str, select: Selection, timeout: float) -> Page:
+    """One page, read within `timeout` in all (a socket's own timeout is per read, so a page sent a byte
+    at a time would never end) and at most _MAX_PAGE bytes."""
+    deadline = time.monotonic() + timeout
+    body = bytearray()
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        text = response.read().decode("utf-8", errors="replace")
-    return parse(text, select)
+        while chunk := response.read1(65536):
+            body += chunk
+            if len(body) > _MAX_PAGE:
+                raise PageTooLarge(f"the page is larger than {_MAX_PAGE // 2**20} MiB")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page took more than {timeout:g}s")
+    return parse(body.decode("utf-8", errors="replace"), select)
 
 
 def check(url: str, select: Selection) -> Page:
@@ -71,6 +88,8 @@ def check(url: str, select: Selection) -> Page:
             f"--server-metrics {url} did not answer ({_reason(exc)}): give the address of the server's "
             "Prometheus endpoint (vLLM, SGLang and TGI serve it at /metrics), or leave --server-metrics out"
         ) from None
+    except PageTooLarge as exc:
+        raise EndpointError(f"--server-metrics {url} answered, but {exc}: is it the /metrics address?") from None
     except ValueError as exc:
         raise EndpointError(
             f"--server-metrics {url} answered, but not with Prometheus text ({str(exc)[:80]}): give the "
@@ -123,6 +142,8 @@ class Scraper:
 
 def _reason(exc: BaseException) -> str:
     """A short, stable reason to count failures by."""
+    if isinstance(exc, PageTooLarge):
+        return "page too large"
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code}"
     cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc

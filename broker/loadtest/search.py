@@ -45,8 +45,8 @@ class Search(msgspec.Struct, frozen=True, kw_only=True):
         if not 0 < self.goodput <= 1:
             raise ValueError(f"--goodput is the share of requests that must meet the SLO, between 0 and 1 "
                              f"(e.g. 0.95), not {self.goodput:g}")  # fmt: skip
-        if self.start < 0 or self.limit < 0:
-            raise ValueError("--start and --max cannot be negative")
+        if not (math.isfinite(self.start) and math.isfinite(self.limit)) or self.start < 0 or self.limit < 0:
+            raise ValueError("--start and --max are numbers, not negative")
         if self.over == "concurrency" and (self.start % 1 or self.limit % 1):
             raise ValueError("--start and --max count streams under --find-max concurrency: give whole numbers")
         if self.limit and self.limit < self.first:

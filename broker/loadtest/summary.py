@@ -44,24 +44,36 @@ def parse_slo(text: str) -> dict[str, float]:
         if not sep or key not in ("ttft", "tpot", "e2e", "itl"):
             raise ValueError(f"expected ttft=…,tpot=…,e2e=… in seconds (or ms); got {part!r}")
         value = value.strip()
-        slo[key] = float(value[:-2]) / 1000 if value.endswith("ms") else float(value.rstrip("s"))
+        limit = float(value[:-2]) / 1000 if value.endswith("ms") else float(value.rstrip("s"))
+        if not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"an SLO limit is a time above 0, e.g. ttft=500ms; got {part!r}")
+        slo[key] = limit
     return slo
 
 
-def meets(record: dict[str, Any], slo: dict[str, float]) -> bool:
+def meets(record: dict[str, Any], slo: dict[str, float], open_loop: bool = False) -> bool:
+    """Whether a request met every limit. Under an open loop, TTFT and E2E count from when the request was
+    due: one that waited (for a --max-concurrency slot, or a late generator) waited for the server's capacity,
+    and a search must not find a rate the target served only by falling behind its schedule."""
     if record["outcome"] != "ok":
         return False
     for key, limit in slo.items():
         if key == "itl":
             if record["gaps"] and max(record["gaps"]) > limit:
                 return False
-        elif record[key] is not None and record[key] > limit:
+            continue
+        value = record[key + "_from_schedule"] if open_loop and key in ("ttft", "e2e") else record[key]
+        if value is not None and value > limit:
             return False
     return True
 
 
 def summarize(
-    records: list[dict[str, Any]], seconds: float, flow: dict[str, Any], slo: dict[str, float] | None = None
+    records: list[dict[str, Any]],
+    seconds: float,
+    flow: dict[str, Any],
+    slo: dict[str, float] | None = None,
+    open_loop: bool = False,
 ) -> dict[str, Any]:
     """The point's figures: latencies, outcomes and requests/s over its measured (non-warm-up) records, with
     `seconds` the measured span (first measured send to last end); chunks and output tokens a second from
@@ -79,7 +91,7 @@ def summarize(
     errors = collections.Counter(f"{r['outcome']}: {_short(r['error'])}" for r in measured if r["outcome"] != "ok")
     stalls = [r["stall"] for r in measured if r["stall"]]
     per_second = 1 / seconds if seconds > 0 else 0.0
-    good = sum(1 for r in measured if meets(r, slo or {}))
+    good = sum(1 for r in measured if meets(r, slo or {}, open_loop))
     return {
         "requests": len(measured),
         "warmup_requests": len(records) - len(measured),
@@ -149,7 +161,8 @@ def point_result(
     finish = max((r["end"] for r in measured), default=0.0)
     flow = window_flow(records, *(window or steady_window(records)))
     flow["note"] = _outlasting(records, flow)
-    summary = summarize(records, max(finish - begin, 1e-9) if measured else 0.0, flow, slo or None)
+    summary = summarize(records, max(finish - begin, 1e-9) if measured else 0.0, flow, slo or None,
+                        open_loop=load_kind(load) in ("rate", "speedup"))  # fmt: skip
     late = sorted(r["submitted"] - r["scheduled"] for r in measured)
     lags = sorted(lags)
     generator = {

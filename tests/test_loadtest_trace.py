@@ -5,6 +5,7 @@ prefix cache."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from broker.fake_provider.prefix_cache import PrefixCache
 from broker.loadtest import Options, run
 from broker.loadtest.summary import distribution
+from broker.loadtest.trace import read
 from broker.protocol import Tick
 
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
@@ -186,3 +188,13 @@ def test_the_fakes_prefix_cache_counts_whole_leading_blocks_and_forgets_the_leas
     assert cache.admit("m", b) == (0, 4)  # 4 blocks kept at most: the least recently used went first
     assert cache.admit("m", a) == (2, 2)  # `a b`, used again above, stayed; `c d`, not since, went
     assert cache.admit("other-model", a) == (0, 4)  # and the other model's blocks, older still
+
+
+def test_a_trace_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Editors on Windows start a UTF-8 file with a BOM: it was "malformed JSON (byte 0)"."""
+    path = tmp_path / "bom.jsonl"
+    lines = [{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]},
+             {"timestamp": 250, "input_length": 10, "output_length": 5, "hash_ids": [1]}]  # fmt: skip
+    path.write_bytes(codecs.BOM_UTF8 + b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    times, read_lines = read(str(path))
+    assert times == [0, 250] and [line.input_length for line in read_lines] == [10, 10]

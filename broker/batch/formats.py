@@ -7,6 +7,7 @@ provider's batch *result* lines, so tooling that reads provider results reads ou
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -42,9 +43,12 @@ class Invalid(msgspec.Struct, frozen=True):
 
 
 def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of each non-blank line."""
+    """(line number, bytes) of each non-blank line; a UTF-8 byte order mark (as editors on Windows save
+    files) is no part of the first."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():
                 yield number, raw
 

@@ -17,7 +17,7 @@ import pytest
 from broker.fake_provider.prefix_cache import PrefixCache
 from broker.loadtest import Options, run
 from broker.loadtest.summary import distribution
-from broker.loadtest.trace import read
+from broker.loadtest.trace import Trace, read
 from broker.protocol import Tick
 
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
@@ -198,3 +198,14 @@ def test_a_trace_saved_with_a_byte_order_mark_is_read(tmp_path):
     path.write_bytes(codecs.BOM_UTF8 + b"".join(json.dumps(line).encode() + b"\n" for line in lines))
     times, read_lines = read(str(path))
     assert times == [0, 250] and [line.input_length for line in read_lines] == [10, 10]
+
+
+def test_how_long_a_replay_takes_is_said_before_it_starts(tmp_path):
+    """Timestamps in µs instead of ms replay 1000x slower; the run said nothing until it had gone on for hours."""
+    path = tmp_path / "micro.jsonl"
+    lines = [{"timestamp": t, "input_length": 10, "output_length": 5, "hash_ids": [1]} for t in (0, 3_600_000_000)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trace = Trace(str(path), True, "", "chat")
+    assert trace.describe(4.0, 0.0) == ("the trace holds 2 requests over 900,000.0 s at 4x its speed "
+                                        "(timestamps read as ms)")  # fmt: skip
+    assert trace.describe(1.0, 60.0).endswith("; --duration stops it after 60 s")

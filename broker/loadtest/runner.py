@@ -306,6 +306,9 @@ def run(options: Options, out_dir: str, progress: Progress | None = None) -> dic
     server = ServerMetrics.of(options)  # None without --server-metrics; a server we did not start is checked now
     os.makedirs(out_dir, exist_ok=True)
     workload = options.workload()
+    if isinstance(workload, Trace):
+        progress.note(workload.describe(options.find_max.first if options.find_max else options.speedup,
+                                        options.duration))  # fmt: skip
     api = workload.api
     results = results_header(options, api)
     if options.calibrate:

@@ -49,6 +49,14 @@ class Trace:
         else:
             self.api, self.model = api, model or DEFAULT_MODEL[api]
 
+    def describe(self, speedup: float, duration: float) -> str:
+        """How long the replay takes, said before it starts: timestamps in µs instead of ms make it 1000x
+        longer, which nothing else would show until the run had gone on for hours."""
+        span = (self.times[-1] - self.times[0]) / 1000 / speedup
+        cut = f"; --duration stops it after {duration:g} s" if duration and duration < span else ""
+        return (f"the trace holds {len(self.times):,} requests over {span:,.1f} s at {speedup:g}x its speed "
+                f"(timestamps read as ms){cut}")  # fmt: skip
+
     def offsets(self, speedup: float) -> Iterator[float]:
         """Seconds from the first request to each, replayed `speedup` times as fast."""
         first = self.times[0]

@@ -77,9 +77,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     first_event_timeout: float = 60.0
     slo: str = ""
     seed: int = 0
-    streams_per_worker: int = (
-        0  # 0: one worker per core on the fast path; 1 with `sdk` (a stall's kill takes no neighbour)
-    )
+    streams_per_worker: int = 0  # 0: one worker per core (fast path); 1 with `sdk` (a kill takes no neighbour)
     sdk: bool = False  # time events as the official SDK hands them over, parsed (what applications pay)
     fake_ttft: float = 0.05  # the built-in fake provider's latency model: a fast server
     fake_gap: float = 0.005

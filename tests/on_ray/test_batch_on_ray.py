@@ -4,8 +4,7 @@ mid-run loses nothing and its re-run items are counted as the fake provider serv
 a SIGKILLed driver resumes; without Ray, a clear error and nothing sent; the nodes'
 metrics agree with the summary.
 
-Every process the cluster starts is recorded and ended by pid; Ray is never stopped by
-process name. Select these tests with `-m ray`."""
+The three-node cluster is this package's (see conftest.py). Select these tests with `-m ray`."""
 
 from __future__ import annotations
 
@@ -28,29 +27,14 @@ from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.content import Reply
 from broker.fake_provider.server import Latency
 
-from .conftest import TEST_SETTINGS, profiles, wait_for
-from .test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
-from .test_metrics import scrape
+from ..conftest import TEST_SETTINGS, profiles, wait_for
+from ..test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
+from ..test_metrics import scrape
 
 pytestmark = pytest.mark.ray
 
 LIMITS = dict(first_event_timeout=1.0, stale_timeout=0.5, max_attempts=5)
 TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
-
-
-@pytest.fixture(scope="module")
-def ray_extra():
-    """Skip, saying how to install it, where the ray extra is not installed (README command 2)."""
-    return pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
-
-
-@pytest.fixture(scope="module")
-def cluster(ray_extra):
-    from broker.batch.localcluster import LocalCluster
-
-    with LocalCluster(nodes=3, loopback=True) as local:  # every pid it starts recorded, ended by pid
-        yield local
-    assert not any(alive(pid) for pid in local.pids)
 
 
 def node_settings(url: str, min_workers: int = 2, max_workers: int = 4):

@@ -4,7 +4,7 @@ record says which node sent it and lands on the driver's timeline (clocks aligne
 reported), each node offers its share, a stall is cut and counted whichever node carried it,
 records are written while the point runs, and without Ray the error says what to install.
 
-The cluster is the module's own (`cluster` from test_ray.py): every pid it starts is ended by pid."""
+The three-node cluster is this package's (see conftest.py), shared with the batch tests."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from broker.loadtest.clock import Reading, estimate
 from broker.loadtest.distributed import point_verdict
 from broker.loadtest.schedule import Share
 
-from .conftest import wait_for
-from .test_loadtest import ISOPOOL
-from .test_ray import cluster, ray_extra  # noqa: F401 - the module's own three-node cluster
+from ..conftest import wait_for
+from ..test_loadtest import ISOPOOL
 
 pytestmark = pytest.mark.ray
 
@@ -49,7 +48,7 @@ def _most_at_once(records: list[dict]) -> int:
 
 
 @pytest.fixture(scope="module")
-def spread(cluster, tmp_path_factory):  # noqa: F811
+def spread(cluster, tmp_path_factory):
     """The same closed-loop point, stalls included, run on this machine's one pool, then spread over the
     three nodes by `isopool loadtest --ray` (the fakes draw the same stalls, in the order requests reach
     them). The records written 2 s after records.jsonl appeared are counted: the point (which begins

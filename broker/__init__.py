@@ -4,7 +4,8 @@ The client side lives here: the embedded `Pool`, the low-level `Client`/`AsyncCl
 configuration, and the exceptions callers see.
 """
 
-from .client import AsyncCall, AsyncClient, Client, Result, StreamEvent, SyncCall
+from .client.client import AsyncCall, AsyncClient, Client, Result, StreamEvent, SyncCall
+from .client.pool import Pool
 from .config import ConfigError, Limits, Profile, Settings, load_settings
 from .errors import (
     AttemptsExhausted,
@@ -26,7 +27,6 @@ from .errors import (
     StreamStalled,
     WorkerLost,
 )
-from .pool import Pool
 
 __all__ = [
     "AsyncCall",

@@ -147,7 +147,7 @@ class BatchProgress:
             self._status += "  nodes: " + "; ".join(shares)
 
     def result(self, record: dict[str, Any]) -> None:
-        from .batch.formats import is_ok
+        from ..batch.formats import is_ok
 
         self.tally["ok" if is_ok(record) else "failed"] += 1
         done = self.tally["ok"] + self.tally["failed"]

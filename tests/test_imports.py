@@ -13,11 +13,8 @@ import broker
 # Modules that run in the caller's process, the command line or the HTTP children: never in a worker.
 NOT_IN_A_WORKER = (
     "broker.client",
-    "broker.pool",
     "broker.cli",
     "broker.http",
-    "broker.gateway",
-    "broker.metrics",
     "broker.server",
     "broker.shim",
     "broker.batch",
@@ -25,7 +22,7 @@ NOT_IN_A_WORKER = (
     "broker.fake_provider",
 )
 # The broker process runs none of the library callers use, nor the command line.
-NOT_IN_THE_BROKER = ("broker.client", "broker.pool", "broker.cli", "broker.http", "broker.shim", "broker.batch")
+NOT_IN_THE_BROKER = ("broker.client", "broker.cli", "broker.http", "broker.shim", "broker.batch", "broker.loadtest")
 HEAVY = ("aiohttp", "anthropic", "openai")
 PRINT_MODULES = "import atexit, sys; atexit.register(lambda: print(*sorted(sys.modules), file=sys.stderr))"
 
@@ -71,10 +68,10 @@ def test_a_public_name_loads_only_what_it_needs():
 def test_the_command_lines_help_imports_no_aiohttp_and_no_sdk(args):
     shown, loaded = run("from broker.cli import main; main()", *args)
     assert "Usage: " in shown, "no help was shown"
-    assert not under(loaded, HEAVY + ("broker.client", "broker.pool"))
+    assert not under(loaded, HEAVY + ("broker.client",))
 
 
 def test_stats_of_a_running_broker_imports_no_aiohttp_and_no_sdk(pool):
     shown, loaded = run("from broker.cli import main; main()", "stats", "--url", pool.url)
     assert "isopool broker" in shown, "no stats were shown"
-    assert not under(loaded, HEAVY + ("broker.pool", "broker.client.pool", "broker.fake_provider"))
+    assert not under(loaded, HEAVY + ("broker.client.pool", "broker.cli.demo"))

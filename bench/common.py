@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from broker.machine import machine, versions
+from broker.loadtest.machine import machine, versions
 
 os.environ.setdefault("ANTHROPIC_API_KEY", "bench-key")
 os.environ.setdefault("OPENAI_API_KEY", "bench-key")

@@ -21,14 +21,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from .errors import ConfigError
 from .protocol import Submit
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default: clients that know no better refuse larger requests
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or out of range; the message names it."""
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -144,7 +141,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if bool(self.curve_server_key) != bool(self.curve_clients_dir):
             raise ConfigError("settings curve_server_key and curve_clients_dir are set together or not at all")
         if self.curve_server_key:
-            from .curve import check_server_keys
+            from .wire.curve import check_server_keys
 
             check_server_keys(self.curve_server_key, self.curve_clients_dir)
         if self.frontend.startswith("tcp://") and not self.curve_server_key and not self.insecure:

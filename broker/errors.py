@@ -1,5 +1,6 @@
 """Exceptions raised to callers of the pool.
 
+    ConfigError (a ValueError)       a setting is missing, unknown or out of range: fix it and start again
     IsopoolError
     ├── BrokerUnavailable            no broker answered within the client's timeout
     ├── ClientClosed                 the client was used after close()
@@ -30,6 +31,10 @@ from __future__ import annotations
 import msgspec
 
 from .protocol import Code, ErrorInfo
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
 
 
 class IsopoolError(Exception):

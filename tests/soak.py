@@ -32,7 +32,7 @@ os.environ.setdefault("ANTHROPIC_API_KEY", "soak-key")  # the fake provider take
 os.environ.setdefault("OPENAI_API_KEY", "soak-key")
 
 from broker import AsyncClient, Pool, RequestError
-from broker.demo import answer_text, request_shape
+from broker.cli.demo import answer_text, request_shape
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.content import Reply
 from broker.fake_provider.faults import KINDS

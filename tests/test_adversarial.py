@@ -26,9 +26,9 @@ from broker import (
     StreamStalled,
 )
 from broker.config import load_settings
-from broker.curve import keygen, secure_client
 from broker.protocol import Call, Codec, Kind, Ref, Submit
-from broker.server import Broker
+from broker.server.broker import Broker
+from broker.wire.curve import keygen, secure_client
 
 from .conftest import (
     TEST_SETTINGS,

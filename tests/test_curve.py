@@ -13,7 +13,7 @@ import pytest
 
 from broker import BrokerUnavailable, Pool
 from broker.config import ConfigError, load_settings
-from broker.curve import keygen
+from broker.wire.curve import keygen
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles
 

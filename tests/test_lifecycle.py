@@ -19,9 +19,9 @@ from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSatura
 from broker.config import load_settings
 from broker.processes import running
 from broker.protocol import Submit
-from broker.server import Broker
-from broker.state import Reason
-from broker.supervisor import Zygote
+from broker.server.broker import Broker
+from broker.server.state import Reason
+from broker.server.zygote import Zygote
 
 from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
 

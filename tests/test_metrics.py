@@ -57,5 +57,5 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
         assert workers == len(stats["workers"])
         assert scraped[("isopool_request_duration_seconds_count", ())] == stats["latency"]["count"]
         assert scraped[("isopool_request_duration_seconds_bucket", (("le", "+Inf"),))] == stats["latency"]["count"]
-        child = next(p for p in psutil.Process(pool.pid).children() if "broker.metrics" in " ".join(p.cmdline()))
+        child = next(p for p in psutil.Process(pool.pid).children() if "broker.http.metrics" in " ".join(p.cmdline()))
     wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 10, "the metrics child to exit")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.protocol import Submit
-from broker.state import Reason, Request, Worker, WorkerState
-from broker.watchdog import request_due, retry_delay, worker_due
+from broker.server.state import Reason, Request, Worker, WorkerState
+from broker.server.watchdog import request_due, retry_delay, worker_due
 
 
 def running(sent=100.0, last=None, fet=10.0, stale=2.0, deadline_at=1000.0) -> Request:

@@ -26,7 +26,6 @@ from anthropic._resource import AsyncAPIResource as AnthropicResource
 from openai._resource import AsyncAPIResource as OpenAIResource
 
 from broker.config import Profile
-from broker.loopsock import LoopSocket
 from broker.protocol import (
     KIND_BYTES,
     PROTOCOL_VERSION,
@@ -45,6 +44,7 @@ from broker.protocol import (
     TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
+from broker.wire.loopsock import LoopSocket
 
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate

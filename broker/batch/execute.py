@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from ..client import AsyncClient
+from ..client.client import AsyncClient
 from ..errors import IsopoolError, ProviderStatusError
 from .formats import Item, failed, provider_failed, succeeded
 from .lane import Lane

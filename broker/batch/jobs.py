@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from ..client import AsyncClient, Client
-from ..pool import Pool
+from ..client.client import AsyncClient, Client
+from ..client.pool import Pool
 from .formats import Invalid, digest, duplicate, numbered_lines
 from .ledger import Ledger
 from .runner import BatchInputError, Summary, with_pool

@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from ..client import AsyncClient
+from ..client.client import AsyncClient
+from ..client.pool import Pool
 from ..config import Settings
-from ..pool import Pool
 from .execute import Settler
 from .formats import Item
 from .lane import Lane

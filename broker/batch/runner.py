@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from ..client import AsyncClient
-from ..pool import Pool
+from ..client.client import AsyncClient
+from ..client.pool import Pool
 from .cluster import NodeStats, RayOptions, require_ray, run_on_ray
 from .execute import Settler, estimate_tokens
 from .formats import (

@@ -1,5 +1,5 @@
 """`python -m broker.fake_provider`: the same as `isopool fake-provider`."""
 
-from ..cli import main
+from ..cli.commands import main
 
 main(["fake-provider", *__import__("sys").argv[1:]], prog_name="isopool fake-provider")

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..cli_options import fault_rates_option, parse_rates
+from ..cli.options import fault_rates_option, parse_rates
 
 
 def _numbers(kind: type, text: str | None) -> list:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from rich.markup import escape
 from rich.table import Table
 
-from ..render import console
+from ..cli.render import console
 from .report import DamagedRun, label, rebuild
 from .summary import LOAD_KINDS, load_kind
 

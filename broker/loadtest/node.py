@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from ..batch.node import session_run_dir
-from ..machine import machine
+from .machine import machine
 from .runner import Options, Workload, calibrate, drive_point, target_pool
 from .schedule import Share
 

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..render import console
+from ..cli.render import console
 from .search import Search, conclude
 from .servermetrics import csv_columns, describe, figures
 from .summary import parse_slo, point_result, steady_window

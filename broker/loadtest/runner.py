@@ -24,13 +24,13 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import psutil
 
-from ..client import AsyncClient, CallLimits
+from ..client.client import AsyncClient, CallLimits
+from ..client.pool import Pool
 from ..errors import RequestError
 from ..fake_provider import FakeProviderProcess
 from ..fake_provider.server import Latency
-from ..machine import machine, versions
-from ..pool import Pool
 from ..protocol import TimedCall
+from .machine import machine, versions
 from .measure import Measurement
 from .prompts import SharedPrefix
 from .schedule import Share, arrivals

@@ -25,8 +25,8 @@ import anthropic as _anthropic
 import httpx2
 import openai as _openai
 
-from ..client import Client
-from ..pool import Pool
+from ..client.client import Client
+from ..client.pool import Pool
 from .errors import ANTHROPIC, OPENAI, SdkErrors
 from .transport import STAND_IN_KEY, AsyncPoolTransport, PoolTransport
 

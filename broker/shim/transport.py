@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx2
 
-from ..client import AsyncClient, CallLimits, Client, StreamEvent
+from ..client.client import AsyncClient, CallLimits, Client, StreamEvent
 from ..errors import IsopoolError
 from ..protocol import HttpCall, is_local_header
 from .errors import SdkErrors

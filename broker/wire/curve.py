@@ -20,8 +20,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .config import ConfigError
-from .endpoints import ensure_private_dir
+from ..endpoints import ensure_private_dir
+from ..errors import ConfigError
 
 
 class KeyPair(msgspec.Struct, frozen=True):

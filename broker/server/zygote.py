@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from .processes import kill_tree, python_command
+from ..processes import kill_tree, python_command
 
 log = logging.getLogger(__name__)
 _ENC = msgspec.json.Encoder()

@@ -18,11 +18,11 @@ from typing import Any
 
 import msgspec
 
-from . import endpoints
+from .. import endpoints
+from ..config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
+from ..errors import BrokerUnavailable
+from ..processes import python_command, stop_popen
 from .client import AsyncClient, Client
-from .config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
-from .errors import BrokerUnavailable
-from .processes import python_command, stop_popen
 
 
 def _stop(proc: subprocess.Popen, run_dir: str) -> None:
@@ -56,7 +56,7 @@ class Pool:
 
     def start(self, wait: bool = True) -> Pool:
         """Start the broker; with `wait`, return once every profile's `min_workers` are ready."""
-        self._proc = subprocess.Popen(python_command("broker.serve"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._proc = subprocess.Popen(python_command("broker.server"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._finalizer = weakref.finalize(self, _stop, self._proc, self.settings.run_dir if self._own_dir else "")
         self._proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # type: ignore[union-attr]
         self._proc.stdin.flush()  # type: ignore[union-attr]

@@ -13,8 +13,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from .demo import REASKED
-
 console = Console()
 
 
@@ -56,6 +54,8 @@ def print_stats(s: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def demo_progress(total: int, enabled: bool = True) -> Iterator[Callable[[Counter], None]]:
     """A live progress bar; yields the callback the demo calls after each request."""
+    from .demo import REASKED  # here, not at the top: the demo loads aiohttp and the pool, `stats` needs neither
+
     if not enabled:
         yield lambda tally: None
         return
@@ -147,7 +147,7 @@ class BatchProgress:
             self._status += "  nodes: " + "; ".join(shares)
 
     def result(self, record: dict[str, Any]) -> None:
-        from .batch.formats import is_ok
+        from ..batch.formats import is_ok
 
         self.tally["ok" if is_ok(record) else "failed"] += 1
         done = self.tally["ok"] + self.tally["failed"]

@@ -27,12 +27,12 @@ import msgspec
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
-from .config import MAX_MESSAGE_BYTES
-from .curve import secure_client
-from .errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
-from .loopsock import LoopSocket
-from .protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit, TimedCall
-from .zmqio import NOBLOCK
+from ..config import MAX_MESSAGE_BYTES
+from ..errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
+from ..protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit, TimedCall
+from ..wire.curve import secure_client
+from ..wire.loopsock import LoopSocket
+from ..wire.zmqio import NOBLOCK
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()

@@ -11,9 +11,9 @@ import sys
 import click
 import msgspec
 
-from .cli_options import fault_rates_option, parse_rates
-from .fake_provider.faults import KINDS
-from .loadtest.cli import loadtest
+from ..fake_provider.faults import KINDS
+from ..loadtest.cli import loadtest
+from .options import fault_rates_option, parse_rates
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,8 +68,8 @@ Fault kinds:
 def fake_provider(
     host, port, ttft, gap, tokens, batched, fault_rates, seed, prefix_cache, owned, load_knee, load_slope
 ) -> None:
-    from .fake_provider.process import serve
-    from .fake_provider.server import Latency
+    from ..fake_provider.process import serve
+    from ..fake_provider.server import Latency
 
     try:
         latency = Latency(ttft, gap, tokens, batched, load_knee, load_slope)
@@ -79,7 +79,7 @@ def fake_provider(
 
 
 def _default_url() -> str:
-    from .endpoints import ipc_url, shared_run_dir
+    from ..endpoints import ipc_url, shared_run_dir
 
     return os.environ.get("ISOPOOL_URL") or ipc_url(shared_run_dir(), "frontend")
 
@@ -123,9 +123,9 @@ def serve(
 
     A tcp:// frontend requires CURVE keys (settings curve_server_key and curve_clients_dir;
     see `isopool keygen`), or --insecure."""
-    from .config import ConfigError, load_settings
-    from .endpoints import shared_run_dir
-    from .serve import run_broker
+    from ..config import ConfigError, load_settings
+    from ..endpoints import shared_run_dir
+    from ..server.serve import run_broker
 
     overrides: dict[str, object] = {
         k: v for k, v in (("frontend", frontend), ("http", http), ("metrics", metrics)) if v
@@ -158,9 +158,9 @@ def keygen(directory: str, name: str) -> None:
     A client:     isopool keygen keys --name alice; copy keys/alice.key into allowed/
                   ISOPOOL_CLIENT_KEY=keys/alice.key_secret ISOPOOL_BROKER_KEY=keys/broker.key
     Hand out only the .key files; the .key_secret files (0600) stay with their owner."""
-    from .config import ConfigError
-    from .curve import keygen as make_keys
-    from .endpoints import UnsafeRunDir
+    from ..endpoints import UnsafeRunDir
+    from ..errors import ConfigError
+    from ..wire.curve import keygen as make_keys
 
     try:
         public, secret = make_keys(directory, name)
@@ -174,8 +174,8 @@ def keygen(directory: str, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw stats as JSON.")
 def stats(url: str | None, as_json: bool) -> None:
     """Show a running broker's workers, counters and latencies."""
-    from .client import Client
-    from .errors import BrokerUnavailable
+    from ..client.client import Client
+    from ..errors import BrokerUnavailable
 
     url = url or _default_url()
     with Client(url, broker_timeout=1.0) as client:
@@ -253,7 +253,7 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     3 if a result could not be written."""
     import msgspec
 
-    from .batch import (
+    from ..batch import (
         BatchInputError,
         BatchOutputError,
         OutputWriteFailed,
@@ -312,14 +312,14 @@ def ray_cluster(nodes: int, cpus: int) -> None:
     import signal
     import time
 
-    from .batch import RayUnavailable
-    from .batch.cluster import require_ray
+    from ..batch import RayUnavailable
+    from ..batch.cluster import require_ray
 
     try:
         require_ray()
     except RayUnavailable as exc:
         raise click.ClickException(str(exc).replace("--ray needs", "ray-cluster needs")) from None
-    from .batch.localcluster import LocalCluster
+    from ..batch.localcluster import LocalCluster
 
     click.echo(f"starting {nodes} Ray node(s)...", err=True)
     with LocalCluster(nodes, cpus) as cluster:
@@ -347,7 +347,7 @@ def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
     that are killed and replaced when a stream stalls. ARGS are passed to the script."""
     import runpy
 
-    from .shim import install
+    from ..shim import install
 
     if pool_url:
         os.environ["ISOPOOL_URL"] = pool_url

@@ -24,19 +24,19 @@ from typing import Any
 import psutil
 import zmq
 
-from . import endpoints
-from .config import ZYGOTE_BOOT_TIMEOUT, Limits, Settings
+from .. import endpoints
+from ..config import ZYGOTE_BOOT_TIMEOUT, Limits, Settings
+from ..processes import kill_group, kill_tree
+from ..protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
+from ..protocol import Error as ErrorHeader
+from ..wire.curve import CurveServer
+from ..wire.zmqio import NOBLOCK, recv_frames, seed_routing_ids, send_frames
 from .connections import Connections
-from .curve import CurveServer
 from .fairqueue import FairQueue
-from .processes import kill_group, kill_tree
-from .protocol import PROTOCOL_VERSION, Code, Codec, ErrorInfo, Event, Kind, ProtocolError, Ref, Run, Submit
-from .protocol import Error as ErrorHeader
 from .state import Reason, Request, Worker, WorkerState
 from .stats import Stats
-from .supervisor import Zygote
 from .watchdog import request_due, retry_delay, worker_due
-from .zmqio import NOBLOCK, recv_frames, seed_routing_ids, send_frames
+from .zygote import Zygote
 
 log = logging.getLogger(__name__)
 

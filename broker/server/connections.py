@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .protocol import Code
+from ..protocol import Code
 
 
 @dataclass(eq=False, slots=True)

@@ -25,8 +25,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .client import Client
-from .stats import BUCKETS
+from ..client.client import Client
+from ..server.stats import BUCKETS
 
 
 class PoolCollector(Collector):

@@ -19,11 +19,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from .client import AsyncClient
-from .errors import ProviderConnectionError, RequestError, StreamStalled
-from .fake_provider import FakeProviderProcess, Latency
-from .fake_provider.content import Reply
-from .pool import Pool
+from ..client.client import AsyncClient
+from ..client.pool import Pool
+from ..errors import ProviderConnectionError, RequestError, StreamStalled
+from ..fake_provider import FakeProviderProcess, Latency
+from ..fake_provider.content import Reply
 
 DEMO_KEY_ENV = "ISOPOOL_DEMO_API_KEY"  # the fake provider accepts any key
 SDK_DEFAULT_TIMEOUT = 600.0  # what a stalled plain-SDK stream waits at least (pings reset the read timeout)

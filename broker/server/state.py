@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .protocol import Submit
+from ..protocol import Submit
 
 
 class WorkerState(enum.Enum):

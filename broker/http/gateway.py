@@ -23,7 +23,7 @@ It is a server on a developer's laptop, so it trusts no caller:
 - Only the headers a provider reads go on (an allowlist), and a caller that leaves before
   its answer is complete cancels its pool call.
 
-It runs as a child of the broker (`python -P -m broker.gateway`), a client of its
+It runs as a child of the broker (`python -P -m broker.http.gateway`), a client of its
 frontend, reads the broker's settings as one JSON line on stdin, and exits when the
 broker closes its stdin.
 """
@@ -43,9 +43,9 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from .client import AsyncCall, AsyncClient
-from .config import Settings, is_loopback
-from .errors import (
+from ..client.client import AsyncCall, AsyncClient
+from ..config import Settings, is_loopback
+from ..errors import (
     AttemptsExhausted,
     BadRequest,
     DeadlineExceeded,
@@ -55,7 +55,7 @@ from .errors import (
     ShuttingDown,
     StreamStalled,
 )
-from .protocol import HttpCall, path_problem
+from ..protocol import HttpCall, path_problem
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"

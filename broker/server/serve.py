@@ -1,6 +1,6 @@
 """Running a broker process: `isopool serve` in the foreground, or an embedded pool's owned child.
 
-The owned child (`python -P -m broker.serve --owned`) reads its settings as one JSON
+The owned child (`python -P -m broker.server`) reads its settings as one JSON
 line on stdin, says `{"ready": frontend_url}` on stdout, and stops as soon as its
 stdin closes, so a pool never outlives the process that started it.
 """
@@ -14,9 +14,9 @@ import sys
 
 import msgspec
 
-from .config import Settings
-from .processes import python_command, stop_popen
-from .server import Broker
+from ..config import Settings
+from ..processes import python_command, stop_popen
+from .broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
         ready = {"ready": broker.frontend_url, "pid": os.getpid()}
         if settings.http:  # the gateway's hand-over is every setting (its token among them), as one JSON line
             handover = msgspec.json.encode(settings).decode()
-            children["http"] = ChildServer("broker.gateway", broker.frontend_url, settings.http, handover)
+            children["http"] = ChildServer("broker.http.gateway", broker.frontend_url, settings.http, handover)
         if settings.metrics:
-            children["metrics"] = ChildServer("broker.metrics", broker.frontend_url, settings.metrics)
+            children["metrics"] = ChildServer("broker.http.metrics", broker.frontend_url, settings.metrics)
         ready |= {name: child.url for name, child in children.items()}
         if owned:
             print(msgspec.json.encode(ready).decode(), flush=True)
@@ -59,8 +59,8 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
 
 
 class ChildServer:
-    """An HTTP server child of the broker (the gateway `broker.gateway`, the metrics endpoint
-    `broker.metrics`): a secret, if any, goes on its stdin (never the command line); it says
+    """An HTTP server child of the broker (the gateway `broker.http.gateway`, the metrics endpoint
+    `broker.http.metrics`): a secret, if any, goes on its stdin (never the command line); it says
     where it listens; it stops when its stdin closes, so it never outlives the broker."""
 
     def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
@@ -90,7 +90,3 @@ class ChildServer:
 def main() -> None:
     settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
     run_broker(settings, owned=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -97,7 +97,7 @@ def run(size: str) -> dict[str, Any]:
         with Pool(profiles=profiles, heartbeat_interval=0.2) as pool, pool.client() as client:
             time.sleep(0.5)
             forked = respawn(client, repeat)
-            fresh = fresh_interpreter(max(3, repeat // 10))
+            fresh = fresh_interpreter(pick(size, 3, 3, 1))
             recovered, clean = recovery(client, repeat)
             late = detection(client, repeat)
     added = ms(statistics.median(recovered) - statistics.median(clean))

@@ -68,13 +68,13 @@ def bodies(records: list[dict]) -> dict[str, object]:
     return out
 
 
-def test_2000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_path, fake, pool):
+def test_1000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_path, fake, pool):
     rates = {"stall-ping:after=2,interval=0.05": 0.03, "stall-first:interval=0.05": 0.02,
              "reset:after=2": 0.01, "http-500": 0.02}  # fmt: skip
-    lines = openai_lines(1990) + openai_lines(10, model="gpt-fake@http-529:times=99", start=1990)
+    lines = openai_lines(990) + openai_lines(10, model="gpt-fake@http-529:times=99", start=990)
     source = write_jsonl(tmp_path / "in.jsonl", lines)
     clean = run(source, str(tmp_path / "clean.jsonl"), pool=pool, concurrency=32, retry_budget=1)
-    assert clean.ok == 1990 and clean.failed == 10
+    assert clean.ok == 990 and clean.failed == 10
     with FakeProviderProcess(rates=rates, seed=3) as faulty:
         settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=6)
         with Pool(profiles=profiles(faulty.url, min_workers=4, max_workers=32), **settings) as faulty_pool:
@@ -82,16 +82,16 @@ def test_2000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_pa
         injected = faulty.stats()["faults"]
     results = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)  # exactly once
-    assert sum(injected.values()) > 100 and summary.stalls_recovered > 30
+    assert sum(injected.values()) > 50 and summary.stalls_recovered > 15
     # The fake draws http-500 for each attempt anew, so a line can meet it on all three of its SDK's
-    # tries (p = 8e-6 a line, about one run in sixty): that line fails, rightly, as a 500.
+    # tries (p = 8e-6 a line, about one run in a hundred and twenty): that line fails, rightly, as a 500.
     unlucky = {r["custom_id"] for r in results if (r["response"] or {}).get("status_code") == 500}
-    assert len(unlucky) <= 2 and summary.ok == 1990 - len(unlucky) and summary.failed == 10 + len(unlucky)
+    assert len(unlucky) <= 2 and summary.ok == 990 - len(unlucky) and summary.failed == 10 + len(unlucky)
     clean_bodies = bodies(read_jsonl(tmp_path / "clean.jsonl"))
     assert {k: v for k, v in bodies(results).items() if k not in unlucky} == {
         k: v for k, v in clean_bodies.items() if k not in unlucky
     }  # byte for byte what a clean run says
-    overloaded = [r for r in results if int(r["custom_id"].split("-")[1]) >= 1990]
+    overloaded = [r for r in results if int(r["custom_id"].split("-")[1]) >= 990]
     assert all(r["response"]["status_code"] == 529 for r in overloaded)
     assert all(r["response"]["body"]["error"]["type"] == "overloaded_error" for r in overloaded)
 

@@ -149,6 +149,7 @@ def test_bad_trace_files_and_options_are_refused_with_what_to_do(tmp_path):
         "negative": ([{**good, "timestamp": -3}], "line 1.*timestamp"),
         "neither": ([{"timestamp": 1, "prompt": "hi"}], "line 1.*neither"),
         "lengths": ([{**good, "input_length": "ten"}], "line 1.*input_length"),
+        "huge": ([good, {**good, "input_length": 50_000_000}], "line 2.*<= 2000000.*input_length"),
         "batch": ([batch, {**batch, "timestamp": 9, "params": None}], "line 2.*params"),
         "empty": ([], "no requests"),
     }
@@ -165,6 +166,9 @@ def test_bad_trace_files_and_options_are_refused_with_what_to_do(tmp_path):
             Options(trace=ok, **wrong)
     with pytest.raises(ValueError, match="prefix-tokens"):
         Options(prefix_groups=4)
+    for huge in ({"prefix_tokens": 10**9}, {"input_tokens": "50000000"}, {"input_tokens": "mean=10,max=10000000"}):
+        with pytest.raises(ValueError, match="2,000,000"):  # a typo, not gigabytes of prompt built in memory
+            Options(**huge).workload()
     with pytest.raises(ValueError, match="messages"):  # a trace's requests are of one API, and --api must agree
         Options(trace=_write(tmp_path / "anthropic.jsonl", [batch]), api="chat", target="fake").workload()
     cli = subprocess.run(ISOPOOL + ["loadtest", "--trace", str(tmp_path / "mixed.jsonl")], capture_output=True,

@@ -16,6 +16,9 @@ WORDS = (
     "home water room mother area money story fact month lot right study book eye job word business issue"
 ).split()
 MOONCAKE_BLOCK = 512  # tokens per hash_id in Mooncake's traces
+# the most tokens a run's prompt (or answer) may ask for: the largest context windows hold about 2M; more is
+# a typo that would build gigabytes of prompt text before anything is sent
+MAX_TOKENS = 2_000_000
 
 
 @functools.lru_cache(maxsize=4096)

@@ -32,7 +32,7 @@ from ..fake_provider.server import Latency
 from ..protocol import TimedCall
 from .machine import machine, versions
 from .measure import Measurement
-from .prompts import SharedPrefix
+from .prompts import MAX_TOKENS, SharedPrefix
 from .schedule import Share, arrivals
 from .scrape import validate as validate_server_metrics
 from .sdkpath import measure as sdk_measure
@@ -139,8 +139,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
                  "--prefix-tokens": self.prefix_tokens}  # fmt: skip
         if self.trace and (clash := [name for name, value in given.items() if value]):
             raise ValueError(f"--trace replays the trace's own requests at its own times: leave out {', '.join(clash)}")
-        if self.prefix_tokens < 0 or self.prefix_groups < 1:
-            raise ValueError("--prefix-tokens must be >= 0 and --prefix-groups >= 1")
+        if not 0 <= self.prefix_tokens <= MAX_TOKENS or self.prefix_groups < 1:
+            raise ValueError(f"--prefix-tokens must be 0 to {MAX_TOKENS:,} and --prefix-groups >= 1")
         if self.prefix_groups > 1 and not self.prefix_tokens:
             raise ValueError("--prefix-groups needs --prefix-tokens (how long each shared prefix is)")
         if self.prefix_tokens and self.dataset:

@@ -18,19 +18,19 @@ from typing import Annotated
 import msgspec
 
 from ..batch.formats import Item, numbered_lines, parse_line
-from .prompts import from_hash_ids
+from .prompts import MAX_TOKENS, from_hash_ids
 from .workload import DEFAULT_MODEL, Turn, api_of_items, request_body, turn_of
 
 _DEC = msgspec.json.Decoder()
 _BATCH_KEYS = ("custom_id", "params", "url", "body")
 _KINDS = {"mooncake": "a Mooncake line", "batch": "a batch request"}
-_Positive = Annotated[int, msgspec.Meta(ge=1)]
+_Length = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
 
 
 class MooncakeLine(msgspec.Struct, frozen=True):
     timestamp: float
-    input_length: _Positive
-    output_length: _Positive
+    input_length: _Length
+    output_length: _Length
     hash_ids: list[int] = []
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 
 from ..protocol import HttpCall
+from .prompts import MAX_TOKENS, SharedPrefix
 from .prompts import WORDS as _WORDS
-from .prompts import SharedPrefix
 
 # api -> (SDK kind of the profile, path under its base URL)
 APIS: dict[str, tuple[str, str]] = {
@@ -48,12 +48,13 @@ class Lengths(msgspec.Struct, frozen=True):
         lengths = cls(**fields)
         if lengths.mean < 1 or lengths.sd < 0 or lengths.min < 1 or (lengths.max and lengths.max < lengths.min):
             raise ValueError(f"need mean >= 1, sd >= 0, 1 <= min <= max: {text!r}")
+        if max(lengths.mean, lengths.min, lengths.max) > MAX_TOKENS:
+            raise ValueError(f"at most {MAX_TOKENS:,} tokens (the largest context windows): {text!r}")
         return lengths
 
     def sample(self, rng: random.Random) -> int:
         n = round(rng.gauss(self.mean, self.sd)) if self.sd else self.mean
-        n = max(self.min, n)
-        return min(self.max, n) if self.max else n
+        return min(max(self.min, n), self.max or MAX_TOKENS)
 
     def __str__(self) -> str:
         text = f"{self.mean}" + (f"±{self.sd:g}" if self.sd else "")

@@ -35,14 +35,7 @@ class Lengths(msgspec.Struct, frozen=True):
     @classmethod
     def parse(cls, text: str) -> Lengths:
         """`500`, or `mean=500,sd=50,min=10,max=1000` (any of them)."""
-        if text.strip().isdigit():
-            return cls(int(text))
-        fields: dict[str, Any] = {}
-        for part in text.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or key.strip() not in ("mean", "sd", "min", "max"):
-                raise ValueError(f"expected N or mean=N,sd=S,min=A,max=B; got {text!r}")
-            fields[key.strip()] = float(value) if key.strip() == "sd" else int(value)
+        fields = {"mean": int(text)} if text.strip().isdigit() else _named_fields(text)
         if "mean" not in fields:
             raise ValueError(f"a length distribution needs a mean: {text!r}")
         lengths = cls(**fields)
@@ -59,6 +52,16 @@ class Lengths(msgspec.Struct, frozen=True):
     def __str__(self) -> str:
         text = f"{self.mean}" + (f"±{self.sd:g}" if self.sd else "")
         return text + (f" [{self.min}, {self.max}]" if self.max or self.min > 1 else "")
+
+
+def _named_fields(text: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("mean", "sd", "min", "max"):
+            raise ValueError(f"expected N or mean=N,sd=S,min=A,max=B; got {text!r}")
+        fields[key.strip()] = float(value) if key.strip() == "sd" else int(value)
+    return fields
 
 
 class Turn(msgspec.Struct, frozen=True):

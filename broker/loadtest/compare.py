@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..cli.render import console
-from .report import DamagedRun, label, rebuild
-from .summary import LOAD_KINDS, load_kind
+from .report import DamagedRun, rebuild
+from .summary import LOAD_KINDS, label, load_kind
 
 
 class CompareError(ValueError):

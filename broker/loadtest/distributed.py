@@ -45,6 +45,7 @@ from .runner import (
     fake_provider,
     results_header,
     write_json,
+    write_records,
 )
 from .schedule import Share
 from .summary import parse_slo, point_result, steady_window
@@ -205,9 +206,7 @@ class _Driver:
                 continue
             for record in item.records:
                 record["node"] = node.name
-                sink.write(msgspec.json.encode(record) + b"\n")
-                self.progress.record(record)
-            sink.flush()
+            write_records(sink, item.records, self.progress)
             records.extend(item.records)
             samples.extend(item.samples)
             if item.samples:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .report import label
 from .serverplots import server_panels
-from .summary import LOAD_KINDS, load_kind
+from .summary import LOAD_KINDS, label, load_kind
 
 INSTALL = "pip install 'isopool[plots]'"
 

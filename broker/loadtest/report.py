@@ -19,7 +19,7 @@ from rich.table import Table
 from ..cli.render import console
 from .search import Search, conclude
 from .servermetrics import csv_columns, describe, figures
-from .summary import parse_slo, point_result, steady_window
+from .summary import label, parse_slo, point_result, steady_window
 
 
 class LoadProgress:
@@ -88,15 +88,6 @@ def _cached(cache: dict[str, Any] | None) -> str:
         return "not reported"
     share = "-" if cache["cached_share"] is None else f"{cache['cached_share']:.1%}"
     return f"{cache['cached_input_tokens']:,} ({share})"
-
-
-def label(load: dict[str, Any]) -> str:
-    if "concurrency" in load:
-        return f"c={load['concurrency']}"
-    cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
-    if "trace" in load:
-        return f"{load['trace']} ×{load['speedup']:g}{cap}"
-    return f"{load['rate']:g}/s {load['arrival']}{cap}" if "rate" in load else str(load.get("name", "?"))
 
 
 def print_results(results: dict[str, Any], out_dir: str) -> None:

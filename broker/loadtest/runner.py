@@ -39,7 +39,7 @@ from .sdkpath import measure as sdk_measure
 from .sdkpath import sdk_client
 from .search import Search, conclude, loads, probe_note
 from .servermetrics import ServerMetrics, point_metrics
-from .summary import parse_slo, point_result, steady_window
+from .summary import label, parse_slo, point_result, steady_window
 from .trace import Trace
 from .workload import APIS, DEFAULT_MODEL, Dataset, Lengths, Synthetic, Turn, to_http
 
@@ -399,21 +399,22 @@ async def _run_point(
     sink: Any, progress: Progress,
 ) -> dict[str, Any]:  # fmt: skip
     begin_point(progress, options, load)
-
-    def write(record: dict[str, Any]) -> None:
-        sink.write(msgspec.json.encode(record) + b"\n")
-        sink.flush()
-        progress.record(record)
-
-    run = await drive_point(pool, profile, workload, options, number, load, write, progress)
+    run = await drive_point(pool, profile, workload, options, number, load,
+                            lambda record: write_records(sink, [record], progress), progress)  # fmt: skip
     window = steady_window(run.records, options.warmup, options.duration)
     return point_result(load, run.records, run.samples, run.lags, parse_slo(options.slo), run.cpu_cores, window)
 
 
 def begin_point(progress: Progress, options: Options, load: dict[str, Any]) -> None:
-    label = f"concurrency {load['concurrency']}" if "concurrency" in load else (
-        f"rate {load['rate']:g}/s" if "rate" in load else f"trace {load['trace']} ×{load['speedup']:g}")  # fmt: skip
-    progress.point(label, options.requests_per_point or None, options.duration or None)
+    progress.point(label(load), options.requests_per_point or None, options.duration or None)
+
+
+def write_records(sink: Any, records: list[dict[str, Any]], progress: Progress) -> None:
+    """Records to records.jsonl as they come (a killed run keeps every one that ended), and to the live view."""
+    for record in records:
+        sink.write(msgspec.json.encode(record) + b"\n")
+        progress.record(record)
+    sink.flush()
 
 
 class PointRun(NamedTuple):

@@ -26,6 +26,16 @@ def load_kind(load: dict[str, Any]) -> str | None:
     return next((kind for kind in LOAD_KINDS if kind in load), None)
 
 
+def label(load: dict[str, Any]) -> str:
+    """A load point in a few characters: `c=8`, `2/s poisson (cap 64)`, `trace.jsonl ×2`."""
+    if "concurrency" in load:
+        return f"c={load['concurrency']}"
+    cap = f" (cap {load['max_concurrency']})" if load.get("max_concurrency") else ""
+    if "trace" in load:
+        return f"{load['trace']} ×{load['speedup']:g}{cap}"
+    return f"{load['rate']:g}/s {load['arrival']}{cap}" if "rate" in load else str(load.get("name", "?"))
+
+
 def distribution(values: list[float]) -> dict[str, float | None]:
     """mean and p50/p90/p95/p99 (nearest rank), in seconds; None when there is nothing."""
     if not values:

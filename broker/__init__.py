@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; ruff keeps it equal to 
         RateLimited,
         RequestError,
         ShuttingDown,
+        StreamIncomplete,
         StreamStalled,
         WorkerLost,
     )
@@ -65,6 +66,7 @@ __all__ = [
     "Settings",
     "ShuttingDown",
     "StreamEvent",
+    "StreamIncomplete",
     "StreamStalled",
     "SyncCall",
     "WorkerLost",

@@ -8,6 +8,7 @@
         ├── ProviderError            the provider answered with an error (not a stall)
         │   ├── ProviderStatusError      HTTP 4xx/5xx after the SDK's own retries (.status, .body, .headers)
         │   ├── ProviderStreamError      an `error` event in the middle of a stream
+        │   ├── StreamIncomplete         the stream ended without its terminal event: cut short, never a success
         │   └── ProviderConnectionError  the SDK could not reach the provider
         │       └── ProviderTimeoutError the SDK's own HTTP timeout
         ├── StreamStalled            the stream stalled after the caller saw output; not retried
@@ -87,6 +88,14 @@ class ProviderStreamError(ProviderError):
     code = Code.PROVIDER_STREAM
 
 
+class StreamIncomplete(ProviderError):
+    """The provider's stream ended cleanly but without its terminal event (Anthropic `message_stop`,
+    Chat Completions' finish_reason or `[DONE]`, Responses' `response.completed`): what was delivered
+    may be only part of the answer, so it is never passed off as one."""
+
+    code = Code.STREAM_INCOMPLETE
+
+
 class ProviderConnectionError(ProviderError):
     code = Code.PROVIDER_CONNECTION
 
@@ -148,6 +157,7 @@ BY_CODE: dict[Code, type[RequestError]] = {
     for cls in (
         ProviderStatusError,
         ProviderStreamError,
+        StreamIncomplete,
         ProviderConnectionError,
         ProviderTimeoutError,
         StreamStalled,

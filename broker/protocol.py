@@ -32,6 +32,7 @@ class Code(enum.StrEnum):
     PROVIDER_STREAM = "provider_stream"  # an `error` event in the middle of a stream
     PROVIDER_CONNECTION = "provider_connection"
     PROVIDER_TIMEOUT = "provider_timeout"  # the SDK's own HTTP timeout
+    STREAM_INCOMPLETE = "stream_incomplete"  # the stream ended without its terminal event; retryable before output
     BAD_REQUEST = "bad_request"  # unknown profile or method, bad arguments, refused override
     CONFIG = "config"  # the worker could not build its SDK client (e.g. no API key)
     STALLED = "stalled"  # the stream stopped producing events after the caller saw some
@@ -256,11 +257,13 @@ class TimedCall(msgspec.Struct, frozen=True, tag="timed"):
 
 
 class Response(msgspec.Struct, frozen=True):
-    """HTTP status, headers and body of a finished call (body empty after a stream)."""
+    """HTTP status, headers and body of a finished call (body empty after a stream); at its end,
+    how many malformed events (a `data:` line that is not JSON) the worker dropped from the stream."""
 
     status: int
     headers: list[tuple[str, str]] = []
     body: bytes = b""
+    malformed_events: int = 0
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):

@@ -19,6 +19,7 @@ import msgspec
 from broker.protocol import CREDENTIAL_HEADERS, Response, is_framing_header
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
+from .hygiene import StreamCheck, check_for
 from .sse import iter_batches
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -96,7 +97,7 @@ async def run_call(client: Any, kind: str, resource_type: type, method: str, kwa
     if not streaming and accumulator is not None:
         kwargs = as_stream(kind, method, kwargs)
     async with raw(**kwargs) as resp:
-        await relay(resp.http_response, emit, streaming, accumulator)
+        await relay(resp.http_response, emit, streaming, accumulator, check_for(kind, method, kwargs))
 
 
 def as_stream(kind: str, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -107,28 +108,33 @@ def as_stream(kind: str, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-async def relay(http: Any, emit: Any, streaming: bool, accumulator: type | None, raise_on_error: bool = True) -> None:
+async def relay(
+    http: Any, emit: Any, streaming: bool, accumulator: type | None, check: StreamCheck, raise_on_error: bool = True
+) -> None:
     """Send what the provider answered: a plain body; each real event of a stream as it arrives
-    (pings and comments dropped); or a stream the worker opened for a non-streaming call,
-    assembled into that call's body. `raise_on_error`: a mid-stream error event ends the call
-    with a ProviderStreamError (else it is relayed like any event, for the caller's SDK)."""
+    (pings, comments and, by `check`, malformed events dropped; a stream cut short raises
+    StreamIncomplete); or a stream the worker opened for a non-streaming call, assembled into that
+    call's body. `raise_on_error`: a mid-stream error event ends the call with a ProviderStreamError
+    (else it is relayed like any event, for the caller's SDK)."""
     headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _RELAYED_BY_US]
     if not http.headers.get("content-type", "").startswith("text/event-stream"):
         body = await http.aread()
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
         await emit.head(Response(http.status_code, headers))
-        async for batch in iter_batches(http.aiter_bytes()):
+        async for batch in iter_batches(http.aiter_bytes(), check):
             await emit.events(batch)
             if raise_on_error and (error := next((d for n, d in batch if is_error_event(n, d)), None)) is not None:
                 raise ProviderStreamError(_DEC.decode(error))
-        await emit.result(None)
+        # the end of a stream says no more than the head did, unless events were dropped
+        await emit.result(Response(http.status_code, headers, malformed_events=check.malformed) if check.malformed
+                          else None)  # fmt: skip
     else:
         acc = accumulator()
-        async for batch in iter_batches(http.aiter_bytes()):
+        async for batch in iter_batches(http.aiter_bytes(), check):
             for event_name, data in batch:
                 acc.feed(event_name, data)
             await emit.progress()
         body = _ENC.encode(acc.result())
-        headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
-        await emit.result(Response(http.status_code, [*headers, ("content-type", "application/json")], body))
+        headers = [*(h for h in headers if h[0].lower() != "content-type"), ("content-type", "application/json")]
+        await emit.result(Response(http.status_code, headers, body, check.malformed))

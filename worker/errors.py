@@ -16,6 +16,7 @@ from broker.protocol import Code, ErrorInfo
 
 from .assemble import ProviderStreamError
 from .calls import BadCall
+from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
 
@@ -56,6 +57,8 @@ def translate(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, httpx2.TransportError | aiohttp.ClientError):  # e.g. the connection was reset mid-stream
         detail = f"{name}: {exc}" if str(exc) else name
         return ErrorInfo(Code.PROVIDER_CONNECTION, f"connection to the provider lost ({detail})", error_type=name)
+    if isinstance(exc, StreamIncomplete):
+        return ErrorInfo(Code.STREAM_INCOMPLETE, str(exc), error_type=name)
     if isinstance(exc, ProviderStreamError):
         return ErrorInfo(Code.PROVIDER_STREAM, f"error event mid-stream: {exc}", body=_ENC.encode(exc.body))
     if isinstance(exc, _API):

@@ -23,6 +23,7 @@ import msgspec
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 
 from .calls import STREAMABLE, BadCall, as_stream, check_headers, relay
+from .hygiene import check_for
 
 # The caller's request headers that never go upstream: its credentials (the worker adds the
 # pool's, or the call's own `api_key`) and the encodings it accepts (the worker's client decodes).
@@ -51,7 +52,7 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
     route = call.path.split("?", 1)[0]
     body = call.body
     method = _ENDPOINTS.get((kind, route)) if call.method == "POST" else None
-    streaming, accumulator = True, None
+    streaming, accumulator, args = True, None, {}
     if method is not None and body:
         try:
             args = _DEC.decode(body)
@@ -63,7 +64,7 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
             body = _ENC.encode(as_stream(kind, method, args))
     response = await send(sdk, http, call, body, allow_overrides)
     try:
-        await relay(response, emit, streaming, accumulator, raise_on_error=False)
+        await relay(response, emit, streaming, accumulator, check_for(kind, method, args), raise_on_error=False)
     finally:
         await response.aclose()
 

@@ -6,7 +6,10 @@ events: they are dropped here, which is what makes a stream that only pings look
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+
+from .hygiene import GRACE, StreamCheck
 
 DONE = b"[DONE]"
 
@@ -27,12 +30,12 @@ def parse_block(block: bytes) -> tuple[str, bytes] | None:
 
 class EventSplitter:
     """Raw bytes in, the real events they complete out; `done` once OpenAI's `data: [DONE]` or the
-    end of the bytes has been seen."""
+    end of the bytes has been seen, `said_done` if it was the `[DONE]`."""
 
-    __slots__ = ("tail", "done")
+    __slots__ = ("tail", "done", "said_done")
 
     def __init__(self) -> None:
-        self.tail, self.done = b"", False
+        self.tail, self.done, self.said_done = b"", False, False
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         if b"\r" in chunk:
@@ -45,7 +48,7 @@ class EventSplitter:
             if event is None:
                 continue
             if event[1] == DONE:
-                self.done = True
+                self.done = self.said_done = True
                 break
             batch.append(event)
         return batch
@@ -54,20 +57,50 @@ class EventSplitter:
         """The bytes ended: the last event, if they ended without a blank line."""
         tail, self.tail = self.tail, b""
         done, self.done = self.done, True
-        if done or not tail.strip() or (event := parse_block(tail)) is None or event[1] == DONE:
+        if done or not tail.strip() or (event := parse_block(tail)) is None:
+            return []
+        if event[1] == DONE:
+            self.said_done = True
             return []
         return [event]
 
 
-async def iter_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[str, bytes]]]:
+async def iter_batches(
+    chunks: AsyncIterator[bytes], check: StreamCheck | None = None
+) -> AsyncIterator[list[tuple[str, bytes]]]:
     """The real events of a byte stream, as lists of those completed by each read (so a
     fast stream is relayed in few messages and a slow one without delay); stops at
-    OpenAI's `data: [DONE]`."""
+    OpenAI's `data: [DONE]`. With a `check`, events that are not JSON are dropped, a stream that
+    said it finished is ended if its `[DONE]` or close does not follow within GRACE, and one
+    whose bytes end before its terminal event raises StreamIncomplete."""
+    check = check or StreamCheck()
     splitter = EventSplitter()
-    async for chunk in chunks:
-        if batch := splitter.feed(chunk):
+    async for chunk in _reads(chunks, check):
+        if batch := check.filter(splitter.feed(chunk)):
             yield batch
         if splitter.done:
+            break
+    else:
+        if batch := check.filter(splitter.end()):
+            yield batch
+    if splitter.said_done:
+        check.saw_done()
+    check.finish()
+
+
+async def _reads(chunks: AsyncIterator[bytes], check: StreamCheck) -> AsyncIterator[bytes]:
+    """The chunks; once the stream said it finished, each further read waits at most GRACE."""
+    reader = aiter(chunks)
+    async for chunk in reader:
+        yield chunk
+        if check.ended:
+            break
+    else:
+        return
+    while True:
+        try:
+            async with asyncio.timeout(GRACE):
+                chunk = await anext(reader)
+        except (TimeoutError, StopAsyncIteration):  # the close, or neither it nor `[DONE]` came in time
             return
-    if batch := splitter.end():
-        yield batch
+        yield chunk

@@ -59,11 +59,13 @@ _EVENTS = msgspec.msgpack.Decoder(list[StreamEvent])
 
 
 class Result(msgspec.Struct, frozen=True):
-    """How a call ended: HTTP status and headers, and (for non-streaming calls) the JSON body."""
+    """How a call ended: HTTP status and headers, (for non-streaming calls) the JSON body, and how many
+    malformed events (`data:` lines that were not JSON) the worker dropped from the provider's stream."""
 
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    malformed_events: int = 0
 
     def json(self) -> Any:
         return _JSON.decode(self.body)
@@ -438,7 +440,7 @@ class AsyncClient:
             head = state.head
             return Result(head.status, head.headers, b"") if head else Result(200, [], b"")
         response = self._codec.response(payload)
-        return Result(response.status, response.headers, response.body)
+        return Result(response.status, response.headers, response.body, response.malformed_events)
 
     def _fail_all(self, exc: Exception) -> None:
         """End every call with `exc`; hold the lock (a `Client` caller could be registering one)."""

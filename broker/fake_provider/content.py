@@ -11,6 +11,7 @@ import json
 import random
 from typing import Any
 
+from .prefill import remainder
 from .prefix_cache import PrefixCache
 
 _WORDS = (
@@ -25,7 +26,10 @@ class Reply:
     """The text, ids and token counts of one answer; with a prefix cache, how much of the prompt it held
     (the prompt's blocks are kept there as it is read)."""
 
-    def __init__(self, body: dict[str, Any], tokens: int, cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self, body: dict[str, Any], tokens: int, cache: PrefixCache | None = None, prefill: str | None = None
+    ) -> None:
+        """`prefill`: the assistant turn that ends an Anthropic conversation, which the answer continues."""
         digest = hashlib.sha256(json.dumps(_content_key(body), sort_keys=True).encode()).hexdigest()
         self.key = digest
         rng = random.Random(digest)
@@ -45,13 +49,23 @@ class Reply:
             count, limit = len(self.pieces), None
         else:
             self.pieces = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
+        self.stopped_by_limit = bool(limit) and count < tokens
+        if prefill is not None and self.tool is None and schema is None:
+            if (rest := self._continued(body, tokens, prefill)) is not None:
+                self.pieces, count = rest, len(rest)
         self.text = "".join(self.pieces)
         self.model = str(body.get("model", "fake-model"))
         words = json.dumps(body.get("messages", body.get("input", ""))).split()
         self.input_tokens = max(1, len(words))
         self.cached_tokens, self.cache_writes = cache.admit(self.model, words) if cache is not None else (0, 0)
         self.output_tokens = count
-        self.stopped_by_limit = bool(limit) and count < tokens
+        self.refused = False  # a content filter stopped it (Anthropic's `stop_reason: refusal`)
+
+    @staticmethod
+    def _continued(body: dict[str, Any], tokens: int, prefill: str) -> list[str] | None:
+        """The rest of the answer the conversation without its assistant turn gets, if that answer
+        starts with the turn's text."""
+        return remainder(Reply({**body, "messages": body["messages"][:-1]}, tokens).pieces, prefill)
 
     def ident(self, prefix: str) -> str:
         return f"{prefix}{self.key[:24]}"

@@ -37,6 +37,8 @@ class AnthropicMessages:
 
     @staticmethod
     def _stop(reply: Reply) -> str:
+        if reply.refused:
+            return "refusal"
         return "tool_use" if reply.tool else "max_tokens" if reply.stopped_by_limit else "end_turn"
 
     @staticmethod
@@ -84,6 +86,11 @@ class AnthropicMessages:
     @staticmethod
     def error_event(kind: str, message: str) -> SseEvent:
         return ("error", {"type": "error", "error": {"type": kind, "message": message}})
+
+    @staticmethod
+    def ending(events: list[SseEvent]) -> int:
+        """Where the events that end the answer begin: its `message_delta` (stop reason, usage)."""
+        return next(i for i, (name, _) in enumerate(events) if name == "message_delta")
 
 
 class OpenAIChat:
@@ -154,6 +161,12 @@ class OpenAIChat:
     @staticmethod
     def error_event(kind: str, message: str) -> SseEvent:
         return (None, {"error": {"type": kind, "message": message, "code": kind}})
+
+    @staticmethod
+    def ending(events: list[SseEvent]) -> int:
+        """Where the events that end the answer begin: the chunk with its finish reason."""
+        return next(i for i, (_, data) in enumerate(events) if isinstance(data, dict) and data.get("choices")
+                    and data["choices"][0]["finish_reason"])  # fmt: skip
 
 
 class OpenAIResponses:
@@ -242,3 +255,8 @@ class OpenAIResponses:
     @staticmethod
     def error_event(kind: str, message: str) -> SseEvent:
         return ("error", {"type": "error", "code": kind, "message": message, "param": None, "sequence_number": 0})
+
+    @staticmethod
+    def ending(events: list[SseEvent]) -> int:
+        """Where the events that end the answer begin: its `response.completed`."""
+        return next(i for i, (name, _) in enumerate(events) if name == "response.completed")

@@ -23,16 +23,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from .broken import shaped
 from .content import Reply
+from .errors import error_response, fault_response
 from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
 from .metrics import FakeMetrics
+from .prefill import prefill_text, refusal
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 _ENC = msgspec.json.Encoder()
-_ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
 _REMEMBERED = 1000  # requests whose headers are kept
 
 
@@ -149,20 +151,26 @@ class FakeProvider:
             try:
                 body = await request.json()
                 latency = self._latency(request)
-                reply = Reply(body, latency.tokens, self.prefixes)
+                prefill = prefill_text(body) if dialect == "anthropic" else None
+                if prefill is not None and (refused := refusal(body)) is not None:
+                    return refused
+                reply = Reply(body, latency.tokens, self.prefixes, prefill)
                 self.cached_tokens += reply.cached_tokens
                 fault = self.faults.choose(request.headers.get(FAULT_HEADER), reply.model, reply.key)
             except ValueError as exc:
-                return _error(dialect, 400, "invalid_request_error", str(exc))
+                return error_response(dialect, 400, "invalid_request_error", str(exc))
             if fault is not None:
                 self.faults.record(fault)
             stream = bool(body.get("stream"))
             self.served[f"{request.path.removeprefix('/v1/').replace('/', '.')}.{'stream' if stream else 'plain'}"] += 1
             self.bodies[reply.key] += 1
-            if fault is not None and fault.http_status:
-                status = fault.http_status
-                headers = {"retry-after": f"{fault.retry_after:g}"} if status == 429 else {}
-                return _error(dialect, status, _ERROR_TYPES[status], f"injected {fault.kind}", headers)
+            if fault is not None:
+                if fault.kind == "no-headers":  # holds until the client leaves, having sent nothing
+                    await self._hold(request, fault, None, 0)
+                    return web.Response(status=499)
+                if (answer := fault_response(dialect, request.path, fault, reply.input_tokens)) is not None:
+                    return answer
+                reply.refused = fault.kind == "content-filter"
             if stream:
                 return await self._stream(request, fmt, reply, body, latency, fault)
             return await self._plain(request, fmt, reply, body, latency, fault)
@@ -208,7 +216,7 @@ class FakeProvider:
         self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
     ) -> web.StreamResponse:
         arrived = asyncio.get_running_loop().time()
-        events = [_sse(name, data) for name, data in fmt.events(reply, body)]
+        events = [_sse(name, data) for name, data in shaped(fmt, fmt.events(reply, body), fault)]
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await response.prepare(request)
         cut = len(events)
@@ -220,7 +228,7 @@ class FakeProvider:
             "close",
             "error-event",
         ):
-            cut = min(fault.after, len(events) - 1)
+            cut = min(fault.before, len(events) - 1)
         elif fault is not None and fault.kind == "stall-first":
             cut = 0
         gap = fault.gap if fault is not None and fault.kind == "drip" else latency.gap
@@ -231,11 +239,13 @@ class FakeProvider:
             if cut:
                 await self._first_wait(request, first_wait, arrived)
             await self._write_events(request, response, events[:cut], gap, latency)
-            if cut == len(events):
+            if cut < len(events):
+                await self._misbehave(request, response, fmt, fault, cut)  # type: ignore[arg-type]
+            elif fault is None or fault.kind != "cut":
                 self.completed += 1
                 self.tokens += reply.output_tokens
-            elif fault is not None:
-                await self._misbehave(request, response, fmt, fault, cut)
+            if fault is not None and fault.kind == "no-done" and fault.open:
+                await self._hold(request, fault, None, cut)
         except ConnectionError:  # the client went away (a watchdog kill, a cancel): normal here
             self.disconnects += 1
         except asyncio.CancelledError:
@@ -319,14 +329,6 @@ def _sse(name: str | None, data: Any) -> bytes:
     if name is None:
         return b"data: " + payload + b"\n\n"
     return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
-
-
-def _error(dialect: str, status: int, kind: str, message: str, headers: dict | None = None) -> web.Response:
-    if dialect == "anthropic":
-        body = {"type": "error", "error": {"type": kind, "message": message}}
-    else:
-        body = {"error": {"type": kind, "message": message, "code": kind, "param": None}}
-    return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
 
 
 def _drop(request: web.Request, reset: bool) -> None:

@@ -129,7 +129,7 @@ class Gateway:
             submitted = await self.client.submit_http(profile, call)
         except IsopoolError as exc:
             return _pool_error(kind, exc)
-        return await self.relay(request, kind, submitted)
+        return await self.relay(request, kind, submitted, _closing(kind, path))
 
     def check_caller(self, request: web.Request) -> None:
         """Without a token, only loopback names (a rebinding page sends its own); browsers only from gateway_origins."""
@@ -174,9 +174,10 @@ class Gateway:
                 raise Refused(400, f"the request body is not a JSON object: {exc}") from None
         return body
 
-    async def relay(self, request: web.Request, kind: str, call: AsyncCall) -> web.StreamResponse:
-        """Answer with the call's result or stream. The server cancels this handler when the caller
-        leaves (handler_cancellation): closing the call's events then cancels it in the pool."""
+    async def relay(self, request: web.Request, kind: str, call: AsyncCall, closing: bytes) -> web.StreamResponse:
+        """Answer with the call's result or stream, a complete stream followed by `closing` (the workers
+        drop OpenAI's `[DONE]`). The server cancels this handler when the caller leaves
+        (handler_cancellation): closing the call's events then cancels it in the pool."""
         async with contextlib.aclosing(aiter(call)) as events:
             try:
                 first = await anext(events, None)
@@ -192,6 +193,8 @@ class Gateway:
                 await response.write(first.sse())
                 async for event in events:
                     await response.write(event.sse())
+                if closing:
+                    await response.write(closing)
             except IsopoolError as exc:  # after output: say it in the stream, as the provider would
                 await response.write(_error_event(kind, exc))
             await response.write_eof()
@@ -222,6 +225,13 @@ def _forwarded(request: web.Request) -> list[tuple[str, str]]:
         for k, v in request.headers.items()
         if (name := k.lower()) in FORWARDED or (name.startswith(FORWARDED_PREFIXES) and name != PROFILE_HEADER)
     ]
+
+
+def _closing(kind: str, path: str) -> bytes:
+    """What ends a complete stream of this endpoint: `data: [DONE]` for OpenAI's Chat Completions and
+    Completions, as OpenAI sends it (some clients wait for it); nothing for the others."""
+    route = path.partition("?")[0].rstrip("/")
+    return b"data: [DONE]\n\n" if kind == "openai" and route in ("/chat/completions", "/completions") else b""
 
 
 def _encoded_size(call: HttpCall) -> int:

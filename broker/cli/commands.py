@@ -31,6 +31,10 @@ Per request, a fault is chosen by the `x-isopool-fault` header or by a model nam
 ending in `@SPEC` (SPEC is `kind[:key=value,...]`, e.g. `stall-ping:after=3`);
 latency by the `x-isopool-latency` header (`ttft=0.1,gap=0.01,tokens=50,knee=4,slope=0.5`).
 
+An Anthropic conversation that ends with an assistant turn (a prefill) is continued from it: the
+answer is the rest of the one the conversation without that turn gets. A model whose name ends in
+`-noprefill` (e.g. `claude-fake-noprefill`) refuses a prefill with Anthropic's real 400.
+
 \b
 Fault kinds:
 """ + "\n".join(f"  {k:14} {v}" for k, v in KINDS.items())

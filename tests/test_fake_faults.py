@@ -71,7 +71,7 @@ def test_no_headers_sends_nothing_and_stall_first_sends_headers(fake):
     wait_for(lambda: fake.stats()["disconnects"] >= before + 2, 5, "the fake to notice both clients left")
 
 
-TERMINAL = {"anthropic": "message_stop", "chat": "finish_reason\":\"stop", "responses": "response.completed"}
+TERMINAL = {"anthropic": "message_stop", "chat": 'finish_reason":"stop', "responses": "response.completed"}
 
 
 @pytest.mark.parametrize("api", list(PATHS))
@@ -88,10 +88,10 @@ def test_no_done_sends_finish_and_usage_then_ends_or_stays_open(fake):
     sent = events(post(fake, "chat", payload, "no-done").text)
     assert json.loads(sent[-2][1])["choices"][0]["finish_reason"] == "stop"
     assert json.loads(sent[-1][1])["usage"]["completion_tokens"] > 0
-    read = ""
+    read, held = "", dict(payload, messages=[{"role": "user", "content": "open"}])
     with pytest.raises(httpx.ReadTimeout):  # open: the usage arrives, then nothing, and no end
-        with httpx.stream("POST", fake.url + PATHS["chat"], json=dict(payload, messages=[{"role": "user",
-                          "content": "open"}]), headers={FAULT_HEADER: "no-done:open=true"}, timeout=1) as answer:  # fmt: skip
+        with httpx.stream("POST", fake.url + PATHS["chat"], json=held, headers={FAULT_HEADER: "no-done:open=true"},
+                          timeout=1) as answer:  # fmt: skip
             for text in answer.iter_text():
                 read += text
     assert '"usage"' in read and "[DONE]" not in read

@@ -105,7 +105,9 @@ def test_cut_stream_through_the_shim_raises_and_an_unseen_one_is_rescued(pool, f
 def test_missing_done_ends_promptly_with_its_usage(pool, client):
     args = openai_args("no done", stream=True, stream_options={"include_usage": True})
     start = time.monotonic()
-    events = [e.json() for e in client.submit("openai", "chat.completions.create", **args, **fault("no-done:open=true"))]
+    events = [
+        e.json() for e in client.submit("openai", "chat.completions.create", **args, **fault("no-done:open=true"))
+    ]
     assert time.monotonic() - start < STALE / 2
     assert events[-1]["usage"]["completion_tokens"] > 0 and events[-2]["choices"][0]["finish_reason"] == "stop"
     start = time.monotonic()

@@ -5,6 +5,7 @@ SDK at max_retries=0) and the shim (SDK defaults), against the fake provider ove
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -17,6 +18,8 @@ from broker import Pool, StreamIncomplete
 from broker.fake_provider import FAULT_HEADER
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
+from worker.hygiene import GRACE, AnthropicCheck
+from worker.sse import iter_batches
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args, profiles
 
@@ -146,3 +149,19 @@ def test_gateway_chat_streams_end_with_done_as_openai_does(pool):
     assert gateway_stream(pool, "chat", "done please", "").endswith(b"data: [DONE]\n\n")
     raw = gateway_stream(pool, "anthropic", "no done for anthropic", "")
     assert b"data: [DONE]" not in raw and raw.rstrip().endswith(b'{"type":"message_stop"}')
+
+
+def test_pings_after_the_end_do_not_hold_a_finished_stream_open():
+    """A unit test of the worker's reader: the grace after the terminal event is one deadline."""
+
+    async def provider():
+        yield b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+        while True:
+            await asyncio.sleep(0.2)
+            yield b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    async def read():
+        async with asyncio.timeout(GRACE * 4):
+            return [b async for b in iter_batches(provider(), AnthropicCheck())]
+
+    assert asyncio.run(read()) == [[("message_stop", b'{"type":"message_stop"}')]]

@@ -89,7 +89,8 @@ async def iter_batches(
 
 
 async def _reads(chunks: AsyncIterator[bytes], check: StreamCheck) -> AsyncIterator[bytes]:
-    """The chunks; once the stream said it finished, each further read waits at most GRACE."""
+    """The chunks; once the stream said it finished, only those that come within GRACE (pings
+    after the end do not extend it)."""
     reader = aiter(chunks)
     async for chunk in reader:
         yield chunk
@@ -97,9 +98,10 @@ async def _reads(chunks: AsyncIterator[bytes], check: StreamCheck) -> AsyncItera
             break
     else:
         return
+    deadline = asyncio.get_running_loop().time() + GRACE
     while True:
         try:
-            async with asyncio.timeout(GRACE):
+            async with asyncio.timeout_at(deadline):
                 chunk = await anext(reader)
         except (TimeoutError, StopAsyncIteration):  # the close, or neither it nor `[DONE]` came in time
             return

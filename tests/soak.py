@@ -52,6 +52,13 @@ FAULT_SPECS = {
     "http-500": "http-500",
     "http-529": "http-529",
     "error-event": "error-event:after=3",
+    "unavailable": "unavailable:for=2",
+    "no-headers": "no-headers",
+    "cut": "cut",
+    "no-done": "no-done",
+    "malformed": "malformed",
+    "context-length": "context-length",
+    "content-filter": "content-filter",
 }
 assert set(FAULT_SPECS) == set(KINDS), "a fault kind of the fake provider is missing from the soak"
 RATES = {spec: 0.2 / len(FAULT_SPECS) for spec in FAULT_SPECS.values()}

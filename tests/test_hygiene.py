@@ -116,10 +116,12 @@ def test_missing_done_ends_promptly_with_its_usage(pool, client):
     start = time.monotonic()
     raw = gateway_stream(pool, "chat", "no done gateway", "no-done:open=true")
     assert time.monotonic() - start < STALE / 2 and raw.endswith(b"data: [DONE]\n\n")
-    with shim_openai.OpenAI(pool=pool) as shim:
-        start = time.monotonic()
-        chunks = list(shim.chat.completions.create(**args, extra_headers={FAULT_HEADER: "no-done:open=true"}))
-        assert time.monotonic() - start < STALE / 2 and chunks[-1].usage.completion_tokens > 0
+    for sdk in (shim_openai.OpenAI(pool=pool), openai.OpenAI(base_url=pool.http_url + "/v1", max_retries=0)):
+        with sdk:
+            start = time.monotonic()
+            chunks = list(sdk.chat.completions.create(**args, extra_headers={FAULT_HEADER: "no-done:open=true"}))
+            assert time.monotonic() - start < STALE / 2 and chunks[-1].usage.completion_tokens > 0
+            args["messages"] = [{"role": "user", "content": "no done again"}]  # a body the fault fires for
 
 
 @pytest.mark.parametrize("api", list(CALLS))
@@ -135,6 +137,9 @@ def test_malformed_event_is_dropped_and_counted(client, api):
 
 
 def test_malformed_event_is_invisible_through_the_gateway_and_the_shim(pool, fake):
+    clean = gateway_stream(pool, "chat", "bad http", "")
+    relayed = gateway_stream(pool, "chat", "bad http", "malformed")
+    assert relayed == clean and relayed.endswith(b"data: [DONE]\n\n")
     with anthropic.Anthropic(base_url=fake.url) as direct:
         want = direct.messages.create(**anthropic_args("bad relay")).content[0].text
     with anthropic.Anthropic(base_url=pool.http_url, max_retries=0) as sdk:

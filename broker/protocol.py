@@ -32,7 +32,7 @@ class Code(enum.StrEnum):
     PROVIDER_STREAM = "provider_stream"  # an `error` event in the middle of a stream
     PROVIDER_CONNECTION = "provider_connection"
     PROVIDER_TIMEOUT = "provider_timeout"  # the SDK's own HTTP timeout
-    STREAM_INCOMPLETE = "stream_incomplete"  # the stream ended without its terminal event; retryable before output
+    STREAM_INCOMPLETE = "stream_incomplete"  # the stream ended without its terminal event: never a success
     BAD_REQUEST = "bad_request"  # unknown profile or method, bad arguments, refused override
     CONFIG = "config"  # the worker could not build its SDK client (e.g. no API key)
     STALLED = "stalled"  # the stream stopped producing events after the caller saw some

@@ -18,6 +18,8 @@ PATHS = {"anthropic": "/v1/messages", "chat": "/v1/chat/completions", "responses
 
 
 def body(api: str, prompt: str, **extra) -> dict:
+    """A request of its own: a header fault fires once per body in the session's fake provider."""
+    prompt = f"fake faults: {prompt}"
     if api == "anthropic":
         return {"model": "claude-fake", "max_tokens": 16, "messages": [{"role": "user", "content": prompt}], **extra}
     if api == "chat":

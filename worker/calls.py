@@ -126,9 +126,8 @@ async def relay(
             await emit.events(batch)
             if raise_on_error and (error := next((d for n, d in batch if is_error_event(n, d)), None)) is not None:
                 raise ProviderStreamError(_DEC.decode(error))
-        # the end of a stream says no more than the head did, unless events were dropped
-        await emit.result(Response(http.status_code, headers, malformed_events=check.malformed) if check.malformed
-                          else None)  # fmt: skip
+        end = Response(http.status_code, headers, malformed_events=check.malformed) if check.malformed else None
+        await emit.result(end)  # an end that says no more than the head did is left empty
     else:
         acc = accumulator()
         async for batch in iter_batches(http.aiter_bytes(), check):

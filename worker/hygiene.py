@@ -128,7 +128,8 @@ def check_for(kind: str, method: str | None, args: dict[str, Any]) -> StreamChec
     if kind == "anthropic" and method in ("messages.create", "beta.messages.create"):
         return AnthropicCheck()
     if kind == "openai" and method == "chat.completions.create":
-        return ChatCheck(int(args.get("n") or 1))
+        n = args.get("n")
+        return ChatCheck(n if isinstance(n, int) and n > 0 else 1)
     if kind == "openai" and method == "responses.create":
         return ResponsesCheck()
     return StreamCheck()

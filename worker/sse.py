@@ -7,6 +7,7 @@ events: they are dropped here, which is what makes a stream that only pings look
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from .hygiene import GRACE, StreamCheck
@@ -75,14 +76,15 @@ async def iter_batches(
     whose bytes end before its terminal event raises StreamIncomplete."""
     check = check or StreamCheck()
     splitter = EventSplitter()
-    async for chunk in _reads(chunks, check):
-        if batch := check.filter(splitter.feed(chunk)):
-            yield batch
-        if splitter.done:
-            break
-    else:
-        if batch := check.filter(splitter.end()):
-            yield batch
+    async with contextlib.aclosing(_reads(chunks, check)) as reads:
+        async for chunk in reads:
+            if batch := check.filter(splitter.feed(chunk)):
+                yield batch
+            if splitter.done:
+                break
+        else:
+            if batch := check.filter(splitter.end()):
+                yield batch
     if splitter.said_done:
         check.saw_done()
     check.finish()

@@ -37,7 +37,7 @@ answer is the rest of the one the conversation without that turn gets. A model w
 
 \b
 Fault kinds:
-""" + "\n".join(f"  {k:14} {v}" for k, v in KINDS.items())
+""" + "\n".join(f"  {k:15} {v}" for k, v in KINDS.items())
 
 
 @main.command("fake-provider", help=_FAKE_HELP)

@@ -2,4 +2,4 @@
 
 from ..cli.commands import main
 
-main(["fake-provider", *__import__("sys").argv[1:]], prog_name="isopool fake-provider")
+main(["fake-provider", *__import__("sys").argv[1:]], prog_name="isopool")

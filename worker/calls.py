@@ -117,6 +117,8 @@ async def relay(
     call's body. `raise_on_error`: a mid-stream error event ends the call with a ProviderStreamError
     (else it is relayed like any event, for the caller's SDK)."""
     headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _RELAYED_BY_US]
+    if http.status_code >= 400:  # an error answer owes no terminal event: relayed as it came
+        check = StreamCheck()
     if not http.headers.get("content-type", "").startswith("text/event-stream"):
         body = await http.aread()
         await emit.result(Response(http.status_code, headers, body))

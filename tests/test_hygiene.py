@@ -170,3 +170,11 @@ def test_pings_after_the_end_do_not_hold_a_finished_stream_open():
             return [b async for b in iter_batches(provider(), AnthropicCheck())]
 
     assert asyncio.run(read()) == [[("message_stop", b'{"type":"message_stop"}')]]
+
+
+def test_malformed_events_are_counted_each_and_logged_once(caplog):
+    check = AnthropicCheck()
+    good = ("content_block_delta", b'{"type":"content_block_delta"}')
+    with caplog.at_level("WARNING", logger="worker.hygiene"):
+        kept = check.filter([("content_block_delta", b'{"type": "cont'), good, ("x", b"not json")])
+    assert kept == [good] and check.malformed == 2 and len(caplog.records) == 1

@@ -303,20 +303,23 @@ def test_figures_survive_requests_longer_than_the_window(tmp_path, own_processes
 
 
 def test_every_way_a_timed_request_ends_is_told_apart(tmp_path, own_processes):
-    """A connection reset or closed mid-stream, an HTTP error and an error event mid-stream each get
-    their own outcome, after the tokens that came before."""
-    faults = {"reset:after=5": 0.1, "http-500": 0.1, "error-event:after=5": 0.1, "close:after=5": 0.1}
+    """A connection reset or closed mid-stream, an HTTP error, an error event mid-stream and a stream
+    that ends cleanly without its terminal event each get their own outcome, after the tokens that came
+    before; one that finished but never sends [DONE] nor closes is a success at once, not a stall."""
+    faults = {"reset:after=5": 0.1, "http-500": 0.1, "error-event:after=5": 0.1, "close:after=5": 0.1,
+              "cut:after=5": 0.1, "no-done:open=true": 0.1}  # fmt: skip
     options = Options(calibrate=False, concurrency=[8], requests=120, output_tokens="20", fake_gap=0.001,
                       fake_faults=faults, seed=5)  # fmt: skip
     results = run(options, str(tmp_path))
     injected = results["fake_provider"]["faults"]
-    assert all(injected.get(kind, 0) >= 3 for kind in ("reset", "http-500", "error-event", "close")), injected
+    kinds = ("reset", "http-500", "error-event", "close", "cut", "no-done")
+    assert all(injected.get(kind, 0) >= 3 for kind in kinds), injected
     outcomes = results["points"][0]["summary"]["outcomes"]
     broken = injected["reset"] + injected["close"]
-    ok = 120 - broken - injected["http-500"] - injected["error-event"]
+    ok = 120 - broken - injected["http-500"] - injected["error-event"] - injected["cut"]
     assert outcomes == {"ok": ok, "connection": broken, "http_error": injected["http-500"],
-                        "stream_error": injected["error-event"]}  # fmt: skip
+                        "stream_error": injected["error-event"], "incomplete": injected["cut"]}  # fmt: skip
     records = _records(tmp_path)
     assert {r["error"] for r in records if r["outcome"] == "http_error"} == {"HTTP 500"}
-    assert all(r["chunks"] == 4 for r in records if r["outcome"] in ("connection", "stream_error"))
-    assert all(r["chunks"] == 20 for r in records if r["outcome"] == "ok")
+    assert all(r["chunks"] == 4 for r in records if r["outcome"] in ("connection", "stream_error", "incomplete"))
+    assert all(r["chunks"] == 20 and r["e2e"] < 5 for r in records if r["outcome"] == "ok")

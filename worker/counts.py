@@ -1,5 +1,6 @@
 """What the events of one read of a load test's stream add up to: output deltas, the usage the
-provider reported, a mid-stream error. Only the fields that say so are decoded."""
+provider reported, a mid-stream error, whether the stream said it finished. Only the fields that
+say so are decoded."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class _Delta(msgspec.Struct):
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None  # legacy completions
+    finish_reason: str | None = None
 
 
 class _ChatChunk(msgspec.Struct):
@@ -52,11 +54,13 @@ _RESPONSES = msgspec.json.Decoder(_ResponsesEvent)
 class Counts:
     """What one read's events add up to."""
 
-    __slots__ = ("tokens", "input_tokens", "output_tokens", "cached_tokens", "cache_creation_tokens", "error")
+    __slots__ = ("tokens", "input_tokens", "output_tokens", "cached_tokens", "cache_creation_tokens", "error",
+                 "ended")  # fmt: skip
 
     def __init__(self) -> None:
         self.tokens, self.input_tokens, self.output_tokens, self.error = 0, -1, -1, ""
         self.cached_tokens = self.cache_creation_tokens = -1
+        self.ended = False  # its terminal event came (see worker/hygiene.py): what follows is only usage or [DONE]
 
     def usage(self, usage: Usage | None) -> None:
         if usage is not None:
@@ -77,17 +81,22 @@ def count(api: str, batch: list[tuple[str, bytes]]) -> Counts:
                 counts.usage(chunk.usage)
                 if chunk.error is not None:
                     counts.error = str(chunk.error.get("type") or chunk.error.get("code") or "error")
+                counts.ended = counts.ended or chunk.error is not None or any(c.finish_reason for c in chunk.choices)
             elif api == "messages":
                 if name == "content_block_delta":
                     counts.tokens += 1
+                elif name == "message_stop":
+                    counts.ended = True
                 elif name in ("message_start", "message_delta", "error"):
                     event = _ANTHROPIC.decode(data)
                     counts.usage(event.usage or (event.message.usage if event.message else None))
                     if event.error is not None:
                         counts.error = str(event.error.get("type") or "error")
+                        counts.ended = True
             elif name.endswith(".delta"):
                 counts.tokens += 1
             elif name in ("response.completed", "response.incomplete", "response.failed", "error"):
+                counts.ended = True
                 event = _RESPONSES.decode(data)
                 counts.usage(event.response.usage if event.response else None)
                 if name in ("error", "response.failed"):

@@ -32,6 +32,7 @@ from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
 from .counts import api_of, count
 from .exchange import destination
+from .hygiene import GRACE
 from .sse import EventSplitter
 
 FLUSH_EVERY = 0.05  # seconds a tick may wait to leave with the others
@@ -94,11 +95,13 @@ class Outbox:
 class _Watch:
     """Raises TimeoutError in the stream's task when no real event came for `stale` seconds (none
     in `first`, before the first). One timer: when it goes off before the last event's deadline,
-    it sets itself again for that deadline. Times are `time.monotonic()`, which `loop.time()` is."""
+    it sets itself again for that deadline. Once the stream said it finished, `grace()` gives what
+    may follow (usage, `[DONE]`, the close) a fixed time, after which the block ends quietly. Times
+    are `time.monotonic()`, which `loop.time()` is."""
 
     def __init__(self, first: float, stale: float) -> None:
         self.loop, self.task = asyncio.get_running_loop(), asyncio.current_task()
-        self.stale, self.last, self.fired = stale, 0, False
+        self.stale, self.last, self.fired, self.graced = stale, 0, False, False
         self.due = self.loop.time() + first
         self.handle = self.loop.call_at(self.due, self._check)
 
@@ -108,8 +111,14 @@ class _Watch:
             self.handle = self.loop.call_at(arrived_ns * 1e-9 + self.stale, self._check)
         self.last = arrived_ns
 
+    def grace(self, seconds: float) -> None:
+        if not self.graced:
+            self.graced, self.due = True, self.loop.time() + seconds
+            self.handle.cancel()
+            self.handle = self.loop.call_at(self.due, self._check)
+
     def _check(self) -> None:
-        if self.last:
+        if self.last and not self.graced:
             self.due = self.last * 1e-9 + self.stale
         if self.loop.time() < self.due:
             self.handle = self.loop.call_at(self.due, self._check)
@@ -120,10 +129,13 @@ class _Watch:
     def __enter__(self) -> _Watch:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
         self.handle.cancel()
         if self.fired and kind is asyncio.CancelledError and self.task.uncancel() == 0:  # type: ignore[union-attr]
+            if self.graced:
+                return True  # the stream had finished; nothing more came in time
             raise TimeoutError
+        return False
 
 
 async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedCall, emit: Any,
@@ -157,8 +169,11 @@ async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedC
 
 
 async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call: TimedCall) -> None:
+    """Tick each read until `[DONE]` or the close; once the stream said it finished, within GRACE. A
+    stream whose bytes end before its terminal event was cut short: STREAM_INCOMPLETE, not a success."""
     splitter, read = EventSplitter(), response.content.readany
     events = tokens = 0
+    ended = False
     try:
         with _Watch(call.first_event_timeout, call.stale_timeout) as watch:
             while not splitter.done:
@@ -169,6 +184,9 @@ async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call:
                     watch.saw(arrived)
                     events += 1
                     counts = count(api, batch)
+                    if counts.ended and not ended:
+                        ended = True
+                        watch.grace(GRACE)
                     tokens += counts.tokens
                     outbox.add(emit, Tick(arrived, counts.tokens, output_tokens=counts.output_tokens,
                                           input_tokens=counts.input_tokens, error=counts.error,
@@ -181,6 +199,10 @@ async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call:
         await emit.error(ErrorInfo(Code.STALLED, f"{what} after {tokens} tokens"))
         return
     outbox.flush_one(emit)
+    if not (ended or splitter.said_done):
+        await emit.error(ErrorInfo(Code.STREAM_INCOMPLETE, f"the stream ended without its terminal event after "
+                                                           f"{tokens} tokens: cut short"))  # fmt: skip
+        return
     await emit.result(None)
     with contextlib.suppress(TimeoutError, aiohttp.ClientError):
         async with asyncio.timeout(_DRAIN):

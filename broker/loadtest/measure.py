@@ -5,7 +5,8 @@ the generator (when the request was due and when it was submitted); both read th
 machine-wide clock. Every record says how the request ended, in one of these classes:
 ok, http_error (the server answered 4xx/5xx), stream_error (an `error` event mid-stream),
 stall (no output for the stale timeout, or none before the first-event timeout: cut, and
-counted with the token it stalled after), connection, and pool (the pool refused or lost it).
+counted with the token it stalled after), incomplete (the stream ended cleanly but without its
+terminal event: cut short), connection, and pool (the pool refused or lost it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import (
     DeadlineExceeded,
     ProviderConnectionError,
     RequestError,
+    StreamIncomplete,
     StreamStalled,
 )
 from ..protocol import TICK, Tick, Usage
@@ -97,6 +99,8 @@ class Measurement:
             outcome = "deadline"
         elif isinstance(exc, ProviderConnectionError):
             outcome = "connection"
+        elif isinstance(exc, StreamIncomplete):
+            outcome = "incomplete"
         else:
             outcome = "pool"
         self.end_with(now, outcome, str(exc))

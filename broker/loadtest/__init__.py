@@ -14,10 +14,14 @@ __all__ = ["Options", "rebuild", "run"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Options", "run"):
-        from . import runner
+    if name == "Options":
+        from .options import Options
 
-        return getattr(runner, name)
+        return Options
+    if name == "run":
+        from .runner import run
+
+        return run
     if name == "rebuild":
         from .report import rebuild
 

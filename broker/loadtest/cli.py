@@ -182,8 +182,9 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     if ctx.invoked_subcommand is not None:
         return
     from ..batch.cluster import RayUnavailable, require_ray
+    from .options import Options
     from .report import LoadProgress
-    from .runner import Options, run
+    from .runner import run
     from .search import Search
 
     steering = {"goodput": goodput, "start": start, "limit": limit, "precision": precision, "max_probes": max_probes}

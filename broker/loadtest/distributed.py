@@ -35,11 +35,10 @@ import msgspec
 from ..batch.cluster import NODE_START_TIMEOUT, RayUnavailable, connected, pinned_actor, require_ray, short_error
 from .clock import Alignment, align
 from .node import Batch, NodeGenerator, NodeStarted
+from .options import Options, Workload
 from .runner import (
-    Options,
     PointRun,
     Progress,
-    Workload,
     begin_point,
     compare_with_ceiling,
     fake_provider,

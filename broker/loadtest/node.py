@@ -20,7 +20,8 @@ import msgspec
 
 from ..batch.node import session_run_dir
 from .machine import machine
-from .runner import Options, Workload, calibrate, drive_point, target_pool
+from .options import Options, Workload
+from .runner import calibrate, drive_point, target_pool
 from .schedule import Share
 
 

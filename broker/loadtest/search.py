@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from .runner import Options
+    from .options import Options
 
 GROWTH = 2.0
 _CONCURRENCY_LIMIT = 256  # streams the pool is sized for when --max does not say

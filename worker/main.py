@@ -17,13 +17,9 @@ import ssl
 import threading
 from typing import Any
 
-import anthropic
 import httpx2
 import msgspec
-import openai
 import zmq
-from anthropic._resource import AsyncAPIResource as AnthropicResource
-from openai._resource import AsyncAPIResource as OpenAIResource
 
 from broker.config import Profile
 from broker.protocol import (
@@ -46,6 +42,7 @@ from broker.protocol import (
 from broker.protocol import Error as ErrorHeader
 from broker.wire.loopsock import LoopSocket
 
+from . import sdks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
@@ -82,21 +79,23 @@ _LAZY_MODULES = (
 )
 
 
-def preload() -> None:
-    """Run in the zygote before forking: what every worker would otherwise do on its own.
+def preload(kinds: tuple[str, ...]) -> None:
+    """Run in the zygote before forking: what every worker of these SDK kinds would otherwise do on its own.
 
     Builds the TLS trust store once (~50 ms): a TLS context is plain memory, so sharing it
     copy-on-write keeps every worker's HTTP client fresh while making it ready in ms. Then
-    imports what the SDKs load lazily, by resolving every streamable method on throwaway
-    clients (which open no connection and are dropped before any fork)."""
+    imports the SDKs and what they load lazily, by resolving every streamable method on
+    throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
     _ssl_context = httpx2.create_ssl_context()
+    for kind in kinds:
+        sdks.load(kind)
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    for kind in ("anthropic", "openai"):
+    for kind in kinds:
         clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
@@ -123,18 +122,16 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
     """A fresh async SDK client for the profile, with the pool's key from the environment, or
     without one (a stand-in) when the SDK refuses to be built for want of it."""
     key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
+    sdk = sdks.load(profile.kind)
     try:
-        return _clients(profile, key)
-    except (anthropic.AnthropicError, openai.OpenAIError) as exc:
-        return msgspec.structs.replace(_clients(profile, STAND_IN_KEY), no_key=exc)
+        return _clients(sdk, profile, key)
+    except sdk.error as exc:
+        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=exc)
 
 
-def _clients(profile: Profile, key: str | None) -> Clients:
-    anthropic_kind = profile.kind == "anthropic"
-    sdk = anthropic if anthropic_kind else openai
-    cls = anthropic.AsyncAnthropic if anthropic_kind else openai.AsyncOpenAI
-    http_client = sdk.DefaultAsyncHttpxClient(verify=_ssl_context or True)
-    client = cls(
+def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:
+    http_client = sdk.module.DefaultAsyncHttpxClient(verify=_ssl_context or True)
+    client = sdk.client(
         http_client=http_client,
         api_key=key,
         base_url=profile.base_url,
@@ -142,7 +139,7 @@ def _clients(profile: Profile, key: str | None) -> Clients:
         max_retries=profile.sdk_max_retries,
         default_headers=profile.default_headers or None,
     )
-    return Clients(client, http_client, AnthropicResource if anthropic_kind else OpenAIResource)
+    return Clients(client, http_client, sdk.resource_type)
 
 
 def brings_own_key(call: Call | HttpCall | TimedCall) -> bool:

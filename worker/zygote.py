@@ -3,11 +3,12 @@ threads or clients, and forks a new worker whenever the broker asks.
 
 It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
     broker -> zygote   {"spawn": WorkerSpec}
-    zygote -> broker   {"ready": pid} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
+    zygote -> broker   {"ready": pid, "sdks": [...]} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
-Its arguments are the broker's run dir and socket urls: its stdin closes only when the
-broker is done with them (closing, or killed), and a killed broker cannot remove its
+Its arguments are the SDK kinds to preload (comma-separated: those the broker's profiles
+name, and no other), then the broker's run dir and socket urls: its stdin closes only when
+the broker is done with them (closing, or killed), and a killed broker cannot remove its
 socket files, so the zygote does (those it saw at its start, never a newer broker's).
 """
 
@@ -23,6 +24,7 @@ import msgspec
 
 from broker import endpoints
 
+from . import sdks
 from .main import WorkerSpec, preload, run_worker
 
 _DEC = msgspec.json.Decoder(dict[str, WorkerSpec])
@@ -74,11 +76,8 @@ def _reap() -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle: it drains, then stops us
-    import anthropic  # noqa: F401  preload: what every worker would import anyway
-    import openai  # noqa: F401
-    import openai.lib.streaming.chat  # noqa: F401
-
-    preload()
+    kinds, *places = sys.argv[1:]
+    preload(tuple(k for k in kinds.split(",") if k))
 
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
@@ -90,9 +89,9 @@ def main() -> None:
     selector.register(rfd, selectors.EVENT_READ)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
-    run_dir, *urls = sys.argv[1:] or [""]
+    run_dir, *urls = places or [""]
     sockets = endpoints.inodes(*urls)  # the broker bound them before starting us
-    _say({"ready": os.getpid()})
+    _say({"ready": os.getpid(), "sdks": [m.__name__ for m in sdks.loaded()]})
     stdin = os.fdopen(0, "rb", buffering=0)
     pending = b""
     while True:

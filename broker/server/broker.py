@@ -99,7 +99,8 @@ class Broker:
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url, 1_000_000)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
-        self.zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url))
+        kinds = tuple(sorted({p.kind for p in settings.profiles.values()}))
+        self.zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url), kinds)
         self.zygote_generation = 0
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
@@ -411,6 +412,8 @@ class Broker:
         for report in reports:
             if "ready" in report:  # spawn clocks start now, not while the zygote was importing
                 now = time.monotonic()
+                log.info("zygote %d ready in %.2fs; SDKs loaded: %s", report["ready"], now - self.zygote.started_at,
+                         ", ".join(report["sdks"]) or "none")  # fmt: skip
                 for worker in self.workers.values():
                     if worker.state is WorkerState.STARTING and not worker.pid:
                         worker.spawned_at = now

@@ -20,8 +20,9 @@ _DEC = msgspec.json.Decoder()
 class Zygote:
     """Owns the zygote process. Non-blocking: `fileno()` goes into the broker's poller."""
 
-    def __init__(self, death_fd: int, sockets: tuple[str, ...] = ()) -> None:
+    def __init__(self, death_fd: int, sockets: tuple[str, ...] = (), sdks: tuple[str, ...] = ()) -> None:
         self._death_fd = death_fd
+        self._sdks = sdks  # the SDK kinds to preload: those the profiles name (a worker imports its own if missing)
         self._sockets = sockets  # the broker's run dir and socket urls: the zygote removes them when its stdin closes
         self.proc: subprocess.Popen | None = None
         self._pending = b""
@@ -31,7 +32,7 @@ class Zygote:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            python_command("worker.zygote", *self._sockets),
+            python_command("worker.zygote", ",".join(self._sdks), *self._sockets),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=(self._death_fd,),

@@ -173,23 +173,23 @@ def test_flapping_profile_backs_off_then_fails_its_queue(tmp_path):
     looping, and once the profile counts as flapping its queued requests get a clear error."""
     settings = load_settings(profiles={"p": {"kind": "openai", "min_workers": 1}}, run_dir=str(tmp_path / "run"))
     broker = Broker(settings)
-    broker.zygote = _FakeZygote()
+    broker.fleet.zygote = _FakeZygote()
     try:
         spawned_at = []
         now = 100.0
         while now < 104.0:
             broker.reconcile(now)
-            for worker in list(broker.workers.values()):
+            for worker in list(broker.fleet.workers.values()):
                 spawned_at.append(now)
-                broker.spawn_failures["p"] += 1
-                broker.kill_worker(worker, Reason.STARTUP)
+                broker.fleet.spawn_failures["p"] += 1
+                broker.fleet.kill(worker, Reason.STARTUP, now)
             now += 0.01
         gaps = [round(b - a, 2) for a, b in itertools.pairwise(spawned_at)]
         assert gaps[1:] == [0.1, 0.2, 0.4, 0.8, 1.6], gaps  # 7 spawns in 4 s, not 400
-        broker.on_submit(b"caller", Submit(rid=1, profile="p", model="m"), b"{}")
+        broker.flow.on_submit(b"caller", Submit(rid=1, profile="p", model="m"), b"{}", now)
         broker.reconcile(now + 10)
         assert broker.stats.requests["error:config"] == 1  # a flapping profile refuses, it does not hang
-        assert not broker.requests
+        assert not broker.flow.requests
     finally:
         broker.close()
 

@@ -1,4 +1,5 @@
-"""What the broker knows about each worker and each request. Plain records; the verbs live on the Broker."""
+"""What the broker knows about each worker and each request. Plain records; the verbs live on the
+Fleet (workers) and the Flow (requests)."""
 
 from __future__ import annotations
 

@@ -36,3 +36,15 @@ def retry_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
     if attempt <= 2:
         return 0.0
     return min(cap, base * 2 ** (attempt - 3)) * (0.5 + jitter)
+
+
+class Alarm:
+    """When the watchdog next needs to look: lowered by whoever starts a clock (a request sent, a
+    retry's backoff, a spawn), set afresh by each watchdog pass from what each concern says is due."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def by(self, when: float) -> None:
+        if when < self.at:
+            self.at = when

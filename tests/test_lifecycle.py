@@ -161,7 +161,7 @@ class _FakeZygote:
         self.pid = 0
 
     def spawn(self, spec) -> bool:
-        self.spawns.append(spec["ident"])
+        self.spawns.append(spec.ident)
         return True
 
     def stop(self) -> None:

@@ -46,22 +46,10 @@ from . import sdks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
+from .pipe import WorkerSpec
 from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
-
-
-class WorkerSpec(msgspec.Struct, frozen=True):
-    """Everything a new worker needs, handed over by the zygote (no secrets: keys come from the environment)."""
-
-    ident: str
-    backend: str
-    profile: Profile
-    heartbeat_interval: float
-    death_fd: int
-    token: str = ""  # proves to the broker that READY and HEARTBEAT come from the process it forked
-    allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
-    log_level: str = "WARNING"
 
 
 _ssl_context: ssl.SSLContext | None = None

@@ -1,9 +1,8 @@
 """The zygote: a process that has imported the SDKs, zmq and msgspec, holds no sockets,
 threads or clients, and forks a new worker whenever the broker asks.
 
-It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
-    broker -> zygote   {"spawn": WorkerSpec}
-    zygote -> broker   {"ready": pid, "sdks": [...]} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
+It speaks to the broker over its stdin/stdout pipes, one JSON object a line (worker/pipe.py):
+a Spawn in, a ZygoteReady once, then Spawned and Exited reports out.
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
 Its arguments are the SDK kinds to preload (comma-separated: those the broker's profiles
@@ -20,19 +19,15 @@ import selectors
 import signal
 import sys
 
-import msgspec
-
 from broker import endpoints
 
-from . import sdks
-from .main import WorkerSpec, preload, run_worker
-
-_DEC = msgspec.json.Decoder(dict[str, WorkerSpec])
-_ENC = msgspec.json.Encoder()
+from . import pipe, sdks
+from .main import preload, run_worker
+from .pipe import Exited, Spawned, WorkerSpec, ZygoteReady
 
 
-def _say(obj: dict) -> None:
-    os.write(1, _ENC.encode(obj) + b"\n")
+def _say(report: pipe.Report) -> None:
+    os.write(1, pipe.encode(report) + b"\n")
 
 
 def _fork(spec: WorkerSpec, wake_fds: tuple[int, int], selector: selectors.BaseSelector) -> int:
@@ -71,7 +66,7 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-        _say({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+        _say(Exited(pid, os.waitstatus_to_exitcode(status)))
 
 
 def main() -> None:
@@ -91,7 +86,7 @@ def main() -> None:
     gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
     run_dir, *urls = places or [""]
     sockets = endpoints.inodes(*urls)  # the broker bound them before starting us
-    _say({"ready": os.getpid(), "sdks": [m.__name__ for m in sdks.loaded()]})
+    _say(ZygoteReady(os.getpid(), [m.__name__ for m in sdks.loaded()]))
     stdin = os.fdopen(0, "rb", buffering=0)
     pending = b""
     while True:
@@ -107,8 +102,8 @@ def main() -> None:
                 return
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                spec = _DEC.decode(line)["spawn"]
-                _say({"spawned": spec.ident, "pid": _fork(spec, (rfd, wfd), selector)})
+                spec = pipe.decode_spawn(line).spec
+                _say(Spawned(spec.ident, _fork(spec, (rfd, wfd), selector)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .. import endpoints
 from ..config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
 from ..errors import BrokerUnavailable
 from ..processes import python_command, stop_popen
+from ..protocol import BrokerReady
 from .client import AsyncClient, Client
 
 
@@ -62,15 +63,13 @@ class Pool:
         self._proc.stdin.flush()  # type: ignore[union-attr]
         line = self._readline(self.settings.startup_timeout)
         try:
-            ready = msgspec.json.decode(line)
-            self.url, self.pid = ready["ready"], ready["pid"]
-            self.http_url = ready.get("http", "")
-            self.metrics_url = ready.get("metrics", "")
-        except (msgspec.DecodeError, KeyError, TypeError):
+            ready = msgspec.json.decode(line, type=BrokerReady)
+        except msgspec.DecodeError:
             self.stop()
             raise BrokerUnavailable(
                 f"the pool's broker failed to start (said {line[:200]!r}); see its log above"
             ) from None
+        self.url, self.pid, self.http_url, self.metrics_url = ready.url, ready.pid, ready.http, ready.metrics
         if wait:
             try:
                 self.wait_ready(self.settings.startup_timeout + ZYGOTE_BOOT_TIMEOUT)
@@ -93,11 +92,10 @@ class Pool:
         deadline = time.monotonic() + timeout
         with self.client() as client:
             while True:
-                stats = client.stats()
                 ready: dict[str, int] = {}
-                for w in stats["workers"]:
-                    if w["state"] != "starting":
-                        ready[w["profile"]] = ready.get(w["profile"], 0) + 1
+                for w in client.snapshot().workers:
+                    if w.state != "starting":
+                        ready[w.profile] = ready.get(w.profile, 0) + 1
                 missing = {
                     n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers
                 }

@@ -22,7 +22,7 @@ import zmq
 
 from .. import endpoints
 from ..config import Settings
-from ..protocol import Code, Codec, Kind, ProtocolError, Ref
+from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
 from ..wire.zmqio import recv_frames, seed_routing_ids
 from .fleet import Fleet
@@ -272,35 +272,34 @@ class Broker:
 
     # ----- stats ----------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict[str, Any]:
-        workers = []
-        for worker in sorted(self.fleet.workers.values(), key=lambda w: (w.profile, w.slot)):
-            workers.append(
-                {
-                    "ident": worker.ident.decode(),
-                    "profile": worker.profile,
-                    "pid": worker.pid,
-                    "state": worker.state.value if not worker.requests else "busy",
-                    "requests": [r.key for r in worker.requests.values()],
-                    "age": round(now - worker.spawned_at, 3),
-                    "served": worker.served,
-                    "rss": _rss(worker.pid) if worker.pid else 0,
-                }
+    def snapshot(self, now: float) -> Snapshot:
+        workers = [
+            WorkerSnapshot(
+                ident=worker.ident.decode(),
+                profile=worker.profile,
+                pid=worker.pid,
+                state=worker.state.value if not worker.requests else "busy",
+                requests=[r.key for r in worker.requests.values()],
+                age=round(now - worker.spawned_at, 3),
+                served=worker.served,
+                rss=_rss(worker.pid) if worker.pid else 0,
             )
-        return {
-            "pid": os.getpid(),
-            "uptime": round(now - self.started, 3),
-            "frontend": self.frontend_url,
-            "zygote_pid": self.fleet.zygote.pid,
-            "queued": {name: len(q) for name, q in self.flow.queues.items()},
-            "in_flight": len(self.flow.requests),
-            "connections": len(self.flow.connections),
-            "draining": self.draining_since is not None,
-            "allow_overrides": self.settings.allow_overrides,
-            "capacity": {name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
-            "workers": workers,
+            for worker in sorted(self.fleet.workers.values(), key=lambda w: (w.profile, w.slot))
+        ]
+        return Snapshot(
+            pid=os.getpid(),
+            uptime=round(now - self.started, 3),
+            frontend=self.frontend_url,
+            zygote_pid=self.fleet.zygote.pid,
+            queued={name: len(q) for name, q in self.flow.queues.items()},
+            in_flight=len(self.flow.requests),
+            connections=len(self.flow.connections),
+            draining=self.draining_since is not None,
+            allow_overrides=self.settings.allow_overrides,
+            capacity={name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
+            workers=workers,
             **self.stats.snapshot(),
-        }
+        )
 
 
 def _raise_fd_limit() -> None:

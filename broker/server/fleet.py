@@ -12,10 +12,11 @@ import collections
 import hmac
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import psutil
 import zmq
+
+from worker.pipe import Spawned, WorkerSpec, ZygoteReady
 
 from ..config import ZYGOTE_BOOT_TIMEOUT, Settings
 from ..processes import kill_group, kill_tree
@@ -99,16 +100,16 @@ class Fleet:
             self.restart_zygote(f"the zygote exited (status {self.zygote.exit_status()})", now)
             return
         for report in reports:
-            if "ready" in report:  # spawn clocks start now, not while the zygote was importing
-                log.info("zygote %d ready in %.2fs; SDKs loaded: %s", report["ready"], now - self.zygote.started_at,
-                         ", ".join(report["sdks"]) or "none")  # fmt: skip
+            if isinstance(report, ZygoteReady):  # spawn clocks start now, not while the zygote was importing
+                log.info("zygote %d ready in %.2fs; SDKs loaded: %s", report.pid, now - self.zygote.started_at,
+                         ", ".join(report.sdks) or "none")  # fmt: skip
                 for worker in self.workers.values():
                     if worker.state is WorkerState.STARTING and not worker.pid:
                         worker.spawned_at = now
-            elif "spawned" in report:
-                self._forked(report["spawned"], report["pid"])
-            elif "exited" in report:
-                self.on_exit(report["exited"], report["status"], now)
+            elif isinstance(report, Spawned):
+                self._forked(report.ident, report.pid)
+            else:
+                self.on_exit(report.pid, report.status, now)
 
     def _forked(self, ident: str, pid: int) -> None:
         worker = self.workers.get(ident.encode())
@@ -216,17 +217,17 @@ class Fleet:
             log.error("could not reach the zygote; it will be restarted")
         self.alarm.by(now + self.settings.startup_timeout)
 
-    def _spec(self, worker: Worker) -> dict[str, Any]:
-        return {
-            "ident": worker.ident.decode(),
-            "backend": self.backend_url,
-            "profile": self.settings.profiles[worker.profile],
-            "heartbeat_interval": self.settings.heartbeat_interval,
-            "death_fd": self.death_fd,
-            "token": worker.token,
-            "allow_overrides": self.settings.allow_overrides,
-            "log_level": self.settings.log_level,
-        }
+    def _spec(self, worker: Worker) -> WorkerSpec:
+        return WorkerSpec(
+            ident=worker.ident.decode(),
+            backend=self.backend_url,
+            profile=self.settings.profiles[worker.profile],
+            heartbeat_interval=self.settings.heartbeat_interval,
+            death_fd=self.death_fd,
+            token=worker.token,
+            allow_overrides=self.settings.allow_overrides,
+            log_level=self.settings.log_level,
+        )
 
     def offer(self, worker: Worker) -> None:
         """Put a worker with a free slot at the back of its profile's free queue (once)."""

@@ -1,7 +1,7 @@
 """Running a broker process: `isopool serve` in the foreground, or an embedded pool's owned child.
 
 The owned child (`python -P -m broker.server`) reads its settings as one JSON
-line on stdin, says `{"ready": frontend_url}` on stdout, and stops as soon as its
+line on stdin, says where it serves (a `BrokerReady` JSON line) on stdout, and stops as soon as its
 stdin closes, so a pool never outlives the process that started it.
 """
 
@@ -16,6 +16,7 @@ import msgspec
 
 from ..config import Settings
 from ..processes import python_command, stop_popen
+from ..protocol import BrokerReady
 from .broker import Broker
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,14 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
         broker.install_signal_handlers()
         if owned:
             broker.stop_when_closed(sys.stdin.fileno())
-        ready = {"ready": broker.frontend_url, "pid": os.getpid()}
         if settings.http:  # the gateway's hand-over is every setting (its token among them), as one JSON line
             handover = msgspec.json.encode(settings).decode()
             children["http"] = ChildServer("broker.http.gateway", broker.frontend_url, settings.http, handover)
         if settings.metrics:
             children["metrics"] = ChildServer("broker.http.metrics", broker.frontend_url, settings.metrics)
-        ready |= {name: child.url for name, child in children.items()}
         if owned:
-            print(msgspec.json.encode(ready).decode(), flush=True)
+            urls = {name: child.url for name, child in children.items()}
+            print(msgspec.json.encode(BrokerReady(broker.frontend_url, os.getpid(), **urls)).decode(), flush=True)
         else:
             lines = [
                 f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}",

@@ -1,4 +1,4 @@
-"""The zygote child as the broker sees it: spawn requests go in, spawned/exited reports come out."""
+"""The zygote child as the broker sees it: spawn requests go in, reports come out (worker/pipe.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import logging
 import os
 import subprocess
 import time
-from typing import Any
 
-import msgspec
+from worker import pipe
 
 from ..processes import kill_tree, python_command
 
 log = logging.getLogger(__name__)
-_ENC = msgspec.json.Encoder()
-_DEC = msgspec.json.Decoder()
 
 
 class Zygote:
@@ -51,9 +48,9 @@ class Zygote:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
-    def spawn(self, spec: Any) -> bool:
+    def spawn(self, spec: pipe.WorkerSpec) -> bool:
         """Ask for a worker; False if the zygote is gone (the caller restarts it)."""
-        self.outbox += _ENC.encode({"spawn": spec}) + b"\n"
+        self.outbox += pipe.encode(pipe.Spawn(spec)) + b"\n"
         return self.flush()
 
     def flush(self) -> bool:
@@ -68,7 +65,7 @@ class Zygote:
         self.outbox = self.outbox[written:]
         return True
 
-    def read(self) -> list[dict[str, Any]] | None:
+    def read(self) -> list[pipe.Report] | None:
         """Reports available now; None once the zygote has exited."""
         try:
             chunk = os.read(self.fileno(), 65536)
@@ -77,8 +74,8 @@ class Zygote:
         if not chunk:
             return None
         *lines, self._pending = (self._pending + chunk).split(b"\n")
-        reports = [_DEC.decode(line) for line in lines if line]
-        self.ready = self.ready or any("ready" in r for r in reports)
+        reports = [pipe.decode_report(line) for line in lines if line]
+        self.ready = self.ready or any(isinstance(r, pipe.ZygoteReady) for r in reports)
         return reports
 
     def exit_status(self) -> int | None:

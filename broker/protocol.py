@@ -292,6 +292,12 @@ class BrokerReady(msgspec.Struct, frozen=True):
     metrics: str = ""  # the Prometheus endpoint, with the `metrics` setting
 
 
+class Listening(msgspec.Struct, frozen=True):
+    """An owned HTTP child (the gateway, the metrics endpoint, the fake provider) says where it listens."""
+
+    url: str
+
+
 # The answer to STATS (`isopool stats`, the metrics child, the batch runner and the bench read it).
 # Field order is the order of `isopool stats --json`: fields are only ever appended.
 

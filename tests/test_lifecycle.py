@@ -17,8 +17,8 @@ import pytest
 
 from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
-from broker.processes import running
-from broker.protocol import Submit
+from broker.processes import Child, ChildFailed, running
+from broker.protocol import Listening, Submit
 from broker.server.broker import Broker
 from broker.server.state import Reason
 from broker.server.zygote import Zygote
@@ -315,3 +315,16 @@ def _ready_broker(client: Client) -> int:
     except BrokerUnavailable:
         return 0
     return stats["pid"] if any(w["state"] == "ready" for w in stats["workers"]) else 0
+
+
+def test_an_owned_child_that_says_something_else_is_refused_then_killed_and_reaped(own_processes):
+    """`Child`, which every owned process goes through: a child that answers with something other
+    than its ready line and does not stop when its stdin closes (a plain `http.server`) gets an
+    error that quotes it, then is killed once its grace is over, and reaped."""
+    child = Child("http.server", "0", "--bind", "127.0.0.1", grace=0.5)
+    try:
+        with pytest.raises(ChildFailed, match=r"the test server failed to start \(said b'Serving HTTP on 127"):
+            child.handshake(Listening, "the test server", 10.0)
+    finally:
+        child.stop()
+    assert child.proc.returncode == -signal.SIGKILL

@@ -41,6 +41,7 @@ from broker.protocol import (
 )
 from broker.protocol import Error as ErrorHeader
 from broker.wire.loopsock import LoopSocket
+from broker.wire.zmqio import BIG_HWM, new_socket
 
 from . import sdks
 from .calls import STREAMABLE, resolve, run_call
@@ -183,10 +184,7 @@ class Worker:
 
     async def run(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.spec.ident.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock = new_socket(ctx, zmq.DEALER, identity=self.spec.ident.encode(), sndhwm=BIG_HWM)
         sock.connect(self.spec.backend)
         self.sock = LoopSocket(sock, self._on_message)
         threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
@@ -235,10 +233,7 @@ class Worker:
         return self.clients
 
     def _heartbeat(self, ctx: zmq.Context) -> None:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, (self.spec.ident + "/hb").encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
+        sock = new_socket(ctx, zmq.DEALER, identity=(self.spec.ident + "/hb").encode(), sndhwm=4)
         sock.connect(self.spec.backend)
         beat = Codec().frames(Kind.HEARTBEAT, Heartbeat(self.spec.ident, self.spec.token))
         interval = self.spec.heartbeat_interval

@@ -45,7 +45,7 @@ from ..protocol import (
 )
 from ..wire.curve import secure_client
 from ..wire.loopsock import LoopSocket
-from ..wire.zmqio import NOBLOCK
+from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -382,10 +382,7 @@ class AsyncClient:
         """A DEALER connecting to the broker, and the monitor that reports it dropped or refused."""
         # The process-wide context: a private one left unclosed would block the garbage
         # collector in `term()` (an SDK client of the shim is often never closed).
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock = new_socket(zmq.Context.instance(), zmq.DEALER, sndhwm=BIG_HWM, rcvhwm=BIG_HWM)
         secure_client(sock, self.url)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _REFUSED)
         sock.connect(self.url)

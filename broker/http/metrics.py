@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ..client.client import Client
-from ..protocol import BUCKETS, HistogramSnapshot, Snapshot
+from ..protocol import BUCKETS, HistogramSnapshot, Listening, Snapshot
 
 
 class PoolCollector(Collector):
@@ -95,7 +95,7 @@ def main() -> None:
     with Client(args.url) as client:
         registry.register(PoolCollector(client))
         server, _ = start_http_server(int(port), host, registry=registry)
-        print(json.dumps({"listening": f"http://{host}:{server.server_port}/metrics"}), flush=True)
+        print(msgspec.json.encode(Listening(f"http://{host}:{server.server_port}/metrics")).decode(), flush=True)
         while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
             pass
         server.shutdown()

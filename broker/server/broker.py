@@ -24,7 +24,7 @@ from .. import endpoints
 from ..config import Settings
 from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
-from ..wire.zmqio import recv_frames, seed_routing_ids
+from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
 from .fleet import Fleet
 from .flow import Flow
 from .stats import Stats
@@ -66,7 +66,7 @@ class Broker:
         self.frontend = self._router(self.frontend_url, settings.client_buffer, self.curve)
         if tcp:  # the port chosen for `tcp://HOST:*`
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.backend = self._router(self.backend_url, 1_000_000)
+        self.backend = self._router(self.backend_url, BIG_HWM)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
         kinds = tuple(sorted({p.kind for p in settings.profiles.values()}))
         zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url), kinds)
@@ -90,14 +90,16 @@ class Broker:
     # ----- set-up and tear-down -------------------------------------------------
 
     def _router(self, url: str, sndhwm: int, curve: CurveServer | None = None) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock = new_socket(
+            self.ctx,
+            zmq.ROUTER,
+            sndhwm=sndhwm,
+            rcvhwm=BIG_HWM,
+            max_message_bytes=self.settings.max_message_bytes + 65536,
+            router_mandatory=True,
+        )
         if curve is not None:
             curve.secure(sock)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, sndhwm)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes + 65536)
         sock.bind(url)
         endpoints.restrict(url)
         return sock

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 import msgspec
 
 from ..config import Settings
-from ..processes import python_command, stop_popen
-from ..protocol import BrokerReady
+from ..processes import Child, ChildFailed
+from ..protocol import BrokerReady, Listening
 from .broker import Broker
 
 log = logging.getLogger(__name__)
@@ -64,27 +63,15 @@ class ChildServer:
     where it listens; it stops when its stdin closes, so it never outlives the broker."""
 
     def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
-        self.proc = subprocess.Popen(
-            python_command(module, "--url", frontend, "--listen", listen),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.proc.stdin.write(secret.encode() + b"\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        self.child = Child(module, "--url", frontend, "--listen", listen, handover=secret.encode())
         try:
-            self.url = msgspec.json.decode(line)["listening"]
-        except (msgspec.DecodeError, KeyError, TypeError):
-            self.stop()
-            raise RuntimeError(f"{module} did not start on {listen}; see its error above") from None
+            self.url = self.child.handshake(Listening, f"{module} on {listen}").url
+        except ChildFailed:
+            self.child.stop()
+            raise
 
     def stop(self) -> None:
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        stop_popen(self.proc, grace=1.0)
+        self.child.stop()
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from broker.protocol import Error as ErrorHeader
 from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
-from . import sdks
+from . import sdks, stacks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
@@ -251,4 +251,5 @@ def run_worker(spec: WorkerSpec) -> None:
     logging.basicConfig(
         level=spec.log_level.upper(), format=f"%(asctime)s worker {spec.ident} %(name)s %(levelname)s %(message)s"
     )
+    stacks.register()
     asyncio.run(Worker(spec).run())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import psutil
 import zmq
 
+from worker import stacks
 from worker.pipe import Spawned, WorkerSpec, ZygoteReady
 
 from ..config import ZYGOTE_BOOT_TIMEOUT, Settings
@@ -271,13 +272,31 @@ class Fleet:
             if now < worker_at:
                 due = min(due, worker_at)
                 continue
-            log.warning("worker %s: %s", worker.ident.decode(), reason)
+            if reason is Reason.HEARTBEAT and worker.state is WorkerState.READY and worker.proc is not None:
+                due = min(due, self._ask_stacks(worker, now))  # diagnose before the kill
+                continue
+            if worker.state is WorkerState.HUNG:
+                log.warning("worker %s: %s; its Python stacks:\n%s", worker.ident.decode(), reason,
+                            stacks.read(worker.pid) or "(none: it did not answer)")  # fmt: skip
+            else:
+                log.warning("worker %s: %s", worker.ident.decode(), reason)
             self.kill(worker, reason, now)
             if reason is Reason.STARTUP and not worker.pid:
                 self.restart_zygote(f"the zygote did not fork {worker.ident.decode()} within startup_timeout", now)
             elif reason is Reason.STARTUP:
                 self.spawn_failures[worker.profile] += 1
         return due
+
+    def _ask_stacks(self, worker: Worker, now: float) -> float:
+        """A worker whose heartbeats stopped is hung: ask it for its Python stacks, to be logged when
+        it is killed, `stacks.GRACE` from now. It gets no new work meanwhile."""
+        worker.state = WorkerState.HUNG
+        worker.kill_at = now + stacks.GRACE
+        try:
+            worker.proc.send_signal(stacks.SIGNAL)  # type: ignore[union-attr]
+        except psutil.Error:
+            pass  # gone: its exit report follows
+        return worker.kill_at
 
     def check_memory(self, now: float) -> None:
         limit = self.settings.max_memory_per_worker_mb * 1024 * 1024

@@ -4,16 +4,26 @@ Every child is started with `python -P` so that a caller's own `broker.py` or
 `worker.py` in the current directory can never shadow ours, and is ended by
 `kill_tree`, which SIGKILLs the whole tree, children first, or, for workers, which
 lead their own process group, by `kill_group`; both treat "no such process" as done.
+A child started by `Child` (the embedded pool's broker, the broker's zygote and HTTP
+children, the fake provider) stops as soon as its stdin closes, so it never outlives
+its owner, whatever ends the owner.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import weakref
+from collections.abc import Sequence
+from typing import TypeVar
 
+import msgspec
 import psutil
+
+T = TypeVar("T")
 
 
 def python_command(module: str, *args: str) -> list[str]:
@@ -59,15 +69,63 @@ def kill_group(proc: psutil.Process) -> None:
         pass
 
 
-def stop_popen(proc: subprocess.Popen, grace: float = 2.0) -> None:
-    """Terminate, wait up to `grace`, then kill the whole tree; always reaps."""
-    if proc.poll() is None:
+class ChildFailed(RuntimeError):
+    """An owned child ended, or said something else, or nothing in time, instead of its ready line."""
+
+
+class Child:
+    """A child process this one owns, from start to reap: `python -P -m module args`, handed one
+    line on its stdin (settings or a secret: never on the command line, where `ps` shows it),
+    answering with one ready line on its stdout (`handshake`), and stopping when its stdin
+    closes, which also happens when this process dies. `stop` closes that pipe, waits up to
+    `grace`, then SIGKILLs the tree; `weakref.finalize` does the same if the owner never does."""
+
+    def __init__(
+        self, module: str, *args: str, handover: bytes | None = None, pass_fds: Sequence[int] = (), grace: float = 5.0
+    ) -> None:
+        self.proc = subprocess.Popen(
+            python_command(module, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds)
+        )
+        self._finalizer = weakref.finalize(self, _stop, self.proc, grace)
+        if handover is not None:
+            try:
+                self.proc.stdin.write(handover + b"\n")  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass  # it died at once: the handshake says so
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def handshake(self, kind: type[T], what: str, timeout: float | None = None, setting: str = "") -> T:
+        """Its first line on stdout, decoded as `kind`; ChildFailed if it ends, says something else, or
+        says nothing within `timeout` (`setting` names what to raise)."""
+        out = self.proc.stdout
+        with selectors.DefaultSelector() as sel:
+            sel.register(out, selectors.EVENT_READ)  # type: ignore[arg-type]
+            if not sel.select(timeout):
+                raise ChildFailed(f"{what} did not start within {timeout:g}s" + (f" ({setting})" if setting else ""))
+        line = out.readline()  # type: ignore[union-attr]
         try:
-            proc.terminate()
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
-            proc.wait()
+            return msgspec.json.decode(line, type=kind)
+        except msgspec.DecodeError:
+            raise ChildFailed(f"{what} failed to start (said {line[:200]!r}); see its log above") from None
+
+    def stop(self) -> None:
+        """Close its stdin (it exits by itself), wait up to `grace`, then kill the tree; reaps. Idempotent."""
+        self._finalizer()
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    try:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(grace)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+        proc.wait()
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()

@@ -283,6 +283,72 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     error_type: str = ""
 
 
+class BrokerReady(msgspec.Struct, frozen=True):
+    """An embedded pool's broker child says where it serves: the first line of its stdout."""
+
+    url: str  # the frontend
+    pid: int
+    http: str = ""  # the HTTP gateway's base URL, with the `http` setting
+    metrics: str = ""  # the Prometheus endpoint, with the `metrics` setting
+
+
+class Listening(msgspec.Struct, frozen=True):
+    """An owned HTTP child (the gateway, the metrics endpoint, the fake provider) says where it listens."""
+
+    url: str
+
+
+# The answer to STATS (`isopool stats`, the metrics child, the batch runner and the bench read it).
+# Field order is the order of `isopool stats --json`: fields are only ever appended.
+
+# upper bounds in seconds of the broker's latency histograms; the last bucket is open-ended
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class HistogramSnapshot(msgspec.Struct, frozen=True):
+    count: int
+    mean: float | None
+    p50: int | float | None  # quantiles are bucket upper bounds (some of BUCKETS are ints)
+    p99: int | float | None
+    buckets: dict[str, int]  # "le_<bound>" for each of BUCKETS, then "inf"
+
+
+class WorkerSnapshot(msgspec.Struct, frozen=True):
+    ident: str
+    profile: str
+    pid: int  # 0 until the zygote reports the fork
+    state: str  # starting, ready, condemned, or busy while it carries requests
+    requests: list[int]
+    age: float
+    served: int
+    rss: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    pid: int
+    uptime: float
+    frontend: str
+    zygote_pid: int
+    queued: dict[str, int]  # by profile
+    in_flight: int
+    connections: int
+    draining: bool
+    allow_overrides: bool
+    capacity: dict[str, int]  # by profile: max_workers x concurrency
+    workers: list[WorkerSnapshot]
+    requests: dict[str, int]  # accepted, ok, error:<code>, cancelled
+    kills: dict[str, int]  # by reason
+    stalls: dict[str, int]  # by reason (the stall kinds)
+    retries: int
+    spawns: int
+    respawns: int
+    zygote_restarts: int
+    exits: dict[str, int]  # by exit status
+    rejected: dict[str, int]  # malformed or refused messages, by code
+    latency: HistogramSnapshot
+    first_event: HistogramSnapshot
+
+
 # Request headers that never leave the caller's process: credentials (a worker adds its
 # own key) and those that frame the HTTP exchange itself (the host, the body's length, the
 # hop-by-hop ones, `Proxy-*`), which each HTTP client sets for its own connection: forwarded,
@@ -318,7 +384,7 @@ class Codec:
         self._call = msgspec.msgpack.Decoder(Call | HttpCall | TimedCall)
         self._response = msgspec.msgpack.Decoder(Response)
         self._error = msgspec.msgpack.Decoder(ErrorInfo)
-        self._any = msgspec.msgpack.Decoder()
+        self._snapshot = msgspec.msgpack.Decoder(Snapshot)
 
     def encode(self, obj: Any) -> bytes:
         return self._enc.encode(obj)
@@ -356,5 +422,5 @@ class Codec:
     def error(self, payload: bytes) -> ErrorInfo:
         return self._error.decode(payload)
 
-    def any(self, payload: bytes) -> Any:
-        return self._any.decode(payload)
+    def snapshot(self, payload: bytes) -> Snapshot:
+        return self._snapshot.decode(payload)

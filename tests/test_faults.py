@@ -220,6 +220,42 @@ def test_f8_hung_interpreter_loses_heartbeat_and_request_is_retried(client):
     assert_dead({pid})
 
 
+# Loaded by every process of the pool below (it is first on their PYTHONPATH): SIGUSR2 makes a
+# worker hang in C code that holds the GIL, which a SIGSTOP only imitates.
+SPIN_ON_SIGUSR2 = textwrap.dedent(
+    """
+    import re
+    import signal
+
+
+    def spin_holding_the_gil(*_):
+        re.match(r"(a*)*b", "a" * 64)  # backtracks for ever, inside the regex engine
+
+
+    signal.signal(signal.SIGUSR2, spin_holding_the_gil)
+    """
+)
+
+
+def test_f8_a_hung_worker_has_its_stacks_logged_then_is_killed_and_its_request_retried(
+    fake, tmp_path, monkeypatch, capfd, own_processes
+):
+    (tmp_path / "sitecustomize.py").write_text(SPIN_ON_SIGUSR2)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    anthropic_only = {"anthropic": profiles(fake.url)["anthropic"]}
+    with Pool(profiles=anthropic_only, **TEST_SETTINGS) as pool, pool.client() as client:
+        args = anthropic_args("f8 spin")
+        call = client.submit("anthropic", "messages.create", **args, **fault("slow-first:delay=2"))
+        pid = _busy_worker_pid(client)
+        os.kill(pid, signal.SIGUSR2)
+        assert call.result().body == client.request("anthropic", "messages.create", **args).body
+        assert kills(client, "heartbeat_lost") == 1
+        assert_dead({pid})
+    log = capfd.readouterr().err
+    assert "heartbeat_lost; its Python stacks:" in log
+    assert "in spin_holding_the_gil" in log, log[-3000:]
+
+
 def test_f9_crashed_worker_is_detected_and_request_retried(client):
     crashed_before = kills(client, "crashed")
     args = openai_args("f9 crash")

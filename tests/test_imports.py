@@ -1,5 +1,6 @@
-"""Each process imports only what it runs: a worker and the broker no client-side module, the
-command line no aiohttp and no SDK for its help or for `stats` (issue 17)."""
+"""Each process imports only what it runs: a worker and the broker no client-side module, a
+worker and the zygote no SDK their profiles do not use, the command line no aiohttp and no SDK
+for its help or for `stats` (issue 17)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 import pytest
 
 import broker
+from broker import Pool
+
+from .conftest import TEST_SETTINGS
 
 # Modules that run in the caller's process, the command line or the HTTP children: never in a worker.
 NOT_IN_A_WORKER = (
@@ -75,3 +79,32 @@ def test_stats_of_a_running_broker_imports_no_aiohttp_and_no_sdk(pool):
     shown, loaded = run("from broker.cli import main; main()", "stats", "--url", pool.url)
     assert "isopool broker" in shown, "no stats were shown"
     assert not under(loaded, HEAVY + ("broker.client.pool", "broker.cli.demo"))
+
+
+def test_a_worker_imports_no_sdk_until_its_profile_names_one():
+    assert not under(modules_after("import worker.main, worker.zygote"), ("anthropic", "openai"))
+
+
+def test_an_openai_worker_imports_no_anthropic():
+    """What an openai worker runs, from the zygote's preload to building its client and translating an error."""
+    code = """
+from broker.config import Profile
+from worker.errors import translate
+from worker.main import build_client, preload
+preload(("openai",))
+build_client(Profile(kind="openai"))
+translate(ValueError("x"))
+"""
+    loaded = modules_after(code)
+    assert "openai" in loaded and not under(loaded, ("anthropic",))
+
+
+def test_the_zygote_of_an_openai_pool_holds_no_anthropic(capfd, own_processes):
+    """The zygote reports the SDKs it holds (read from its own `sys.modules`); the broker logs them."""
+    settings = {**TEST_SETTINGS, "log_level": "INFO"}
+    with Pool(
+        profiles={"openai": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "min_workers": 1}}, **settings
+    ):
+        pass
+    line = next((x for x in capfd.readouterr().err.splitlines() if "SDKs loaded" in x), "")
+    assert line.endswith("SDKs loaded: openai"), line or "the broker logged no zygote readiness"

@@ -17,8 +17,8 @@ import pytest
 
 from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
-from broker.processes import running
-from broker.protocol import Submit
+from broker.processes import Child, ChildFailed, running
+from broker.protocol import Listening, Submit
 from broker.server.broker import Broker
 from broker.server.state import Reason
 from broker.server.zygote import Zygote
@@ -161,7 +161,7 @@ class _FakeZygote:
         self.pid = 0
 
     def spawn(self, spec) -> bool:
-        self.spawns.append(spec["ident"])
+        self.spawns.append(spec.ident)
         return True
 
     def stop(self) -> None:
@@ -173,23 +173,23 @@ def test_flapping_profile_backs_off_then_fails_its_queue(tmp_path):
     looping, and once the profile counts as flapping its queued requests get a clear error."""
     settings = load_settings(profiles={"p": {"kind": "openai", "min_workers": 1}}, run_dir=str(tmp_path / "run"))
     broker = Broker(settings)
-    broker.zygote = _FakeZygote()
+    broker.fleet.zygote = _FakeZygote()
     try:
         spawned_at = []
         now = 100.0
         while now < 104.0:
             broker.reconcile(now)
-            for worker in list(broker.workers.values()):
+            for worker in list(broker.fleet.workers.values()):
                 spawned_at.append(now)
-                broker.spawn_failures["p"] += 1
-                broker.kill_worker(worker, Reason.STARTUP)
+                broker.fleet.spawn_failures["p"] += 1
+                broker.fleet.kill(worker, Reason.STARTUP, now)
             now += 0.01
         gaps = [round(b - a, 2) for a, b in itertools.pairwise(spawned_at)]
         assert gaps[1:] == [0.1, 0.2, 0.4, 0.8, 1.6], gaps  # 7 spawns in 4 s, not 400
-        broker.on_submit(b"caller", Submit(rid=1, profile="p", model="m"), b"{}")
+        broker.flow.on_submit(b"caller", Submit(rid=1, profile="p", model="m"), b"{}", now)
         broker.reconcile(now + 10)
         assert broker.stats.requests["error:config"] == 1  # a flapping profile refuses, it does not hang
-        assert not broker.requests
+        assert not broker.flow.requests
     finally:
         broker.close()
 
@@ -315,3 +315,16 @@ def _ready_broker(client: Client) -> int:
     except BrokerUnavailable:
         return 0
     return stats["pid"] if any(w["state"] == "ready" for w in stats["workers"]) else 0
+
+
+def test_an_owned_child_that_says_something_else_is_refused_then_killed_and_reaped(own_processes):
+    """`Child`, which every owned process goes through: a child that answers with something other
+    than its ready line and does not stop when its stdin closes (a plain `http.server`) gets an
+    error that quotes it, then is killed once its grace is over, and reaped."""
+    child = Child("http.server", "0", "--bind", "127.0.0.1", grace=0.5)
+    try:
+        with pytest.raises(ChildFailed, match=r"the test server failed to start \(said b'Serving HTTP on 127"):
+            child.handshake(Listening, "the test server", 10.0)
+    finally:
+        child.stop()
+    assert child.proc.returncode == -signal.SIGKILL

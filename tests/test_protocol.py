@@ -1,8 +1,12 @@
-"""The wire protocol: round trips, and rejection of anything malformed."""
+"""The wire protocol: round trips, rejection of anything malformed, and the typed stats snapshot."""
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
+import zmq
 
 from broker.protocol import (
     HEADERS,
@@ -19,6 +23,8 @@ from broker.protocol import (
     Run,
     Submit,
 )
+
+from .conftest import anthropic_args
 
 SAMPLES = {
     Kind.SUBMIT: Submit(1, "anthropic", "claude", True, 1.0, 2.0, 3.0, 4),
@@ -80,3 +86,22 @@ def test_headers_are_arrays_so_fields_can_only_be_appended():
     old = codec.encode([5, "openai"])
     kind, header, _ = codec.parse([bytes([Kind.SUBMIT]), old])
     assert header == Submit(5, "openai")
+
+
+def test_the_typed_stats_snapshot_prints_as_the_brokers_own_answer(pool, client):
+    """`isopool stats --json` prints the typed snapshot: the same JSON, field for field and int for
+    int, as the broker's STATS answer decoded without a type (what it printed before)."""
+    client.request("anthropic", "messages.create", **anthropic_args("snapshot"))  # the histograms have counts
+    codec = Codec()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        sock.connect(pool.url)
+        sock.send_multipart(codec.frames(Kind.STATS, Ref(1)))
+        answer = sock.recv_multipart()[2]
+    finally:
+        sock.close()
+    raw = msgspec.msgpack.decode(answer)
+    assert raw["latency"]["count"] and raw["workers"]
+    assert json.dumps(msgspec.to_builtins(codec.snapshot(answer))) == json.dumps(raw)

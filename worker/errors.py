@@ -6,27 +6,23 @@ SDK's own exception class from this `ErrorInfo` (status, body and headers intact
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
-import anthropic
 import httpx2
 import msgspec
-import openai
 
 from broker.protocol import Code, ErrorInfo
 
+from . import sdks
 from .assemble import ProviderStreamError
 from .calls import BadCall
 from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
 
-_STATUS = (anthropic.APIStatusError, openai.APIStatusError)
-_TIMEOUT = (anthropic.APITimeoutError, openai.APITimeoutError)
-_CONNECTION = (anthropic.APIConnectionError, openai.APIConnectionError)
-_API = (anthropic.APIError, openai.APIError)
 
-
-def _status_body(exc: anthropic.APIStatusError | openai.APIStatusError) -> bytes:
+def _status_body(exc: Any) -> bytes:
     try:
         return exc.response.content
     except Exception:  # the body was never read (a streamed response)
@@ -34,9 +30,10 @@ def _status_body(exc: anthropic.APIStatusError | openai.APIStatusError) -> bytes
 
 
 def translate(exc: BaseException) -> ErrorInfo:
-    """Most specific first; everything unknown is INTERNAL, with its type name."""
+    """Most specific first; everything unknown is INTERNAL, with its type name. Only the SDKs
+    this process imported are looked at: no other SDK's exception can reach here."""
     name = type(exc).__name__
-    if isinstance(exc, _STATUS):
+    if isinstance(exc, sdks.errors("APIStatusError")):
         return ErrorInfo(
             Code.PROVIDER_STATUS,
             str(exc),
@@ -45,9 +42,9 @@ def translate(exc: BaseException) -> ErrorInfo:
             headers=list(exc.response.headers.items()),
             error_type=name,
         )
-    if isinstance(exc, _TIMEOUT):
+    if isinstance(exc, sdks.errors("APITimeoutError")):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, str(exc), error_type=name)
-    if isinstance(exc, _CONNECTION):
+    if isinstance(exc, sdks.errors("APIConnectionError")):
         cause = exc.__cause__
         detail = f"{exc} ({type(cause).__name__}: {cause})" if cause else str(exc)
         return ErrorInfo(Code.PROVIDER_CONNECTION, detail, error_type=name)
@@ -61,10 +58,10 @@ def translate(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(Code.STREAM_INCOMPLETE, str(exc), error_type=name)
     if isinstance(exc, ProviderStreamError):
         return ErrorInfo(Code.PROVIDER_STREAM, f"error event mid-stream: {exc}", body=_ENC.encode(exc.body))
-    if isinstance(exc, _API):
+    if isinstance(exc, sdks.errors("APIError")):
         return ErrorInfo(Code.PROVIDER_STREAM, str(exc), body=_ENC.encode(exc.body), error_type=name)
     if isinstance(exc, (BadCall, TypeError)):
         return ErrorInfo(Code.BAD_REQUEST, str(exc), error_type=name)
-    if isinstance(exc, (anthropic.AnthropicError, openai.OpenAIError)):
+    if isinstance(exc, sdks.errors()):
         return ErrorInfo(Code.CONFIG, str(exc), error_type=name)
     return ErrorInfo(Code.INTERNAL, f"{name}: {exc}", error_type=name)

@@ -17,13 +17,9 @@ import ssl
 import threading
 from typing import Any
 
-import anthropic
 import httpx2
 import msgspec
-import openai
 import zmq
-from anthropic._resource import AsyncAPIResource as AnthropicResource
-from openai._resource import AsyncAPIResource as OpenAIResource
 
 from broker.config import Profile
 from broker.protocol import (
@@ -45,26 +41,16 @@ from broker.protocol import (
 )
 from broker.protocol import Error as ErrorHeader
 from broker.wire.loopsock import LoopSocket
+from broker.wire.zmqio import BIG_HWM, new_socket
 
+from . import sdks, stacks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
+from .pipe import WorkerSpec
 from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
-
-
-class WorkerSpec(msgspec.Struct, frozen=True):
-    """Everything a new worker needs, handed over by the zygote (no secrets: keys come from the environment)."""
-
-    ident: str
-    backend: str
-    profile: Profile
-    heartbeat_interval: float
-    death_fd: int
-    token: str = ""  # proves to the broker that READY and HEARTBEAT come from the process it forked
-    allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
-    log_level: str = "WARNING"
 
 
 _ssl_context: ssl.SSLContext | None = None
@@ -82,21 +68,23 @@ _LAZY_MODULES = (
 )
 
 
-def preload() -> None:
-    """Run in the zygote before forking: what every worker would otherwise do on its own.
+def preload(kinds: tuple[str, ...]) -> None:
+    """Run in the zygote before forking: what every worker of these SDK kinds would otherwise do on its own.
 
     Builds the TLS trust store once (~50 ms): a TLS context is plain memory, so sharing it
     copy-on-write keeps every worker's HTTP client fresh while making it ready in ms. Then
-    imports what the SDKs load lazily, by resolving every streamable method on throwaway
-    clients (which open no connection and are dropped before any fork)."""
+    imports the SDKs and what they load lazily, by resolving every streamable method on
+    throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
     _ssl_context = httpx2.create_ssl_context()
+    for kind in kinds:
+        sdks.load(kind)
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    for kind in ("anthropic", "openai"):
+    for kind in kinds:
         clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
@@ -123,18 +111,16 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
     """A fresh async SDK client for the profile, with the pool's key from the environment, or
     without one (a stand-in) when the SDK refuses to be built for want of it."""
     key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
+    sdk = sdks.load(profile.kind)
     try:
-        return _clients(profile, key)
-    except (anthropic.AnthropicError, openai.OpenAIError) as exc:
-        return msgspec.structs.replace(_clients(profile, STAND_IN_KEY), no_key=exc)
+        return _clients(sdk, profile, key)
+    except sdk.error as exc:
+        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=exc)
 
 
-def _clients(profile: Profile, key: str | None) -> Clients:
-    anthropic_kind = profile.kind == "anthropic"
-    sdk = anthropic if anthropic_kind else openai
-    cls = anthropic.AsyncAnthropic if anthropic_kind else openai.AsyncOpenAI
-    http_client = sdk.DefaultAsyncHttpxClient(verify=_ssl_context or True)
-    client = cls(
+def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:
+    http_client = sdk.module.DefaultAsyncHttpxClient(verify=_ssl_context or True)
+    client = sdk.client(
         http_client=http_client,
         api_key=key,
         base_url=profile.base_url,
@@ -142,7 +128,7 @@ def _clients(profile: Profile, key: str | None) -> Clients:
         max_retries=profile.sdk_max_retries,
         default_headers=profile.default_headers or None,
     )
-    return Clients(client, http_client, AnthropicResource if anthropic_kind else OpenAIResource)
+    return Clients(client, http_client, sdk.resource_type)
 
 
 def brings_own_key(call: Call | HttpCall | TimedCall) -> bool:
@@ -198,10 +184,7 @@ class Worker:
 
     async def run(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.spec.ident.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock = new_socket(ctx, zmq.DEALER, identity=self.spec.ident.encode(), sndhwm=BIG_HWM)
         sock.connect(self.spec.backend)
         self.sock = LoopSocket(sock, self._on_message)
         threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
@@ -250,10 +233,7 @@ class Worker:
         return self.clients
 
     def _heartbeat(self, ctx: zmq.Context) -> None:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, (self.spec.ident + "/hb").encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
+        sock = new_socket(ctx, zmq.DEALER, identity=(self.spec.ident + "/hb").encode(), sndhwm=4)
         sock.connect(self.spec.backend)
         beat = Codec().frames(Kind.HEARTBEAT, Heartbeat(self.spec.ident, self.spec.token))
         interval = self.spec.heartbeat_interval
@@ -271,4 +251,5 @@ def run_worker(spec: WorkerSpec) -> None:
     logging.basicConfig(
         level=spec.log_level.upper(), format=f"%(asctime)s worker {spec.ident} %(name)s %(levelname)s %(message)s"
     )
+    stacks.register()
     asyncio.run(Worker(spec).run())

@@ -1,13 +1,13 @@
 """The zygote: a process that has imported the SDKs, zmq and msgspec, holds no sockets,
 threads or clients, and forks a new worker whenever the broker asks.
 
-It speaks to the broker over its stdin/stdout pipes, one JSON object a line:
-    broker -> zygote   {"spawn": WorkerSpec}
-    zygote -> broker   {"ready": pid} once, {"spawned": ident, "pid": pid}, {"exited": pid, "status": n}
+It speaks to the broker over its stdin/stdout pipes, one JSON object a line (worker/pipe.py):
+a Spawn in, a ZygoteReady once, then Spawned and Exited reports out.
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
-Its arguments are the broker's run dir and socket urls: its stdin closes only when the
-broker is done with them (closing, or killed), and a killed broker cannot remove its
+Its arguments are the SDK kinds to preload (comma-separated: those the broker's profiles
+name, and no other), then the broker's run dir and socket urls: its stdin closes only when
+the broker is done with them (closing, or killed), and a killed broker cannot remove its
 socket files, so the zygote does (those it saw at its start, never a newer broker's).
 """
 
@@ -19,18 +19,15 @@ import selectors
 import signal
 import sys
 
-import msgspec
-
 from broker import endpoints
 
-from .main import WorkerSpec, preload, run_worker
+from . import pipe, sdks
+from .main import preload, run_worker
+from .pipe import Exited, Spawned, WorkerSpec, ZygoteReady
 
-_DEC = msgspec.json.Decoder(dict[str, WorkerSpec])
-_ENC = msgspec.json.Encoder()
 
-
-def _say(obj: dict) -> None:
-    os.write(1, _ENC.encode(obj) + b"\n")
+def _say(report: pipe.Report) -> None:
+    os.write(1, pipe.encode(report) + b"\n")
 
 
 def _fork(spec: WorkerSpec, wake_fds: tuple[int, int], selector: selectors.BaseSelector) -> int:
@@ -69,16 +66,13 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-        _say({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+        _say(Exited(pid, os.waitstatus_to_exitcode(status)))
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle: it drains, then stops us
-    import anthropic  # noqa: F401  preload: what every worker would import anyway
-    import openai  # noqa: F401
-    import openai.lib.streaming.chat  # noqa: F401
-
-    preload()
+    kinds, *places = sys.argv[1:]
+    preload(tuple(k for k in kinds.split(",") if k))
 
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
@@ -90,9 +84,9 @@ def main() -> None:
     selector.register(rfd, selectors.EVENT_READ)
     gc.collect()
     gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
-    run_dir, *urls = sys.argv[1:] or [""]
+    run_dir, *urls = places or [""]
     sockets = endpoints.inodes(*urls)  # the broker bound them before starting us
-    _say({"ready": os.getpid()})
+    _say(ZygoteReady(os.getpid(), [m.__name__ for m in sdks.loaded()]))
     stdin = os.fdopen(0, "rb", buffering=0)
     pending = b""
     while True:
@@ -108,8 +102,8 @@ def main() -> None:
                 return
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                spec = _DEC.decode(line)["spawn"]
-                _say({"spawned": spec.ident, "pid": _fork(spec, (rfd, wfd), selector)})
+                spec = pipe.decode_spawn(line).spec
+                _say(Spawned(spec.ident, _fork(spec, (rfd, wfd), selector)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from ..config import Settings, load_settings
+from .execute import Counters
 from .formats import Item, is_ok
 from .ledger import Ledger, OutputWriteFailed
 from .node import NodePool
@@ -100,7 +101,7 @@ class Node:
         self.limit = 0  # 0 until its pool has started
         self.in_flight: dict[str, Item] = {}
         self.stats = NodeStats()
-        self.counters: dict[str, int] = {}
+        self.counters: Counters | None = None  # the last its pool reported
         self.orphans: set[str] = set()  # its items re-dealt after its loss, not yet answered
 
     @property
@@ -135,7 +136,7 @@ class Dealer:
         self.tasks: set[asyncio.Task] = set()
         self.fatal: BaseException | None = None
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> Counters:
         """Deal every item; returns the counters for the summary."""
         try:
             await self._discover(wait=True)
@@ -282,8 +283,8 @@ class Dealer:
                 node.counters = await asyncio.wait_for(node.actor.stats.remote(), 10.0)
             except Exception:  # noqa: BLE001 - a dying node keeps its last counters; its stream reports the loss
                 return
-            node.stats.stalls_recovered = node.counters["stalls_recovered"]
-            node.stats.retries = node.counters["retries"]
+            node.stats.stalls_recovered = node.counters.stalls
+            node.stats.retries = node.counters.retries
 
         await asyncio.gather(*(poll(node) for node in self.nodes.values() if node.usable))
 
@@ -291,23 +292,13 @@ class Dealer:
         nodes = self.nodes.values()
         return {
             "concurrency": sum(len(n.in_flight) for n in nodes),
-            "resent": sum(n.counters.get("batch_retries", 0) for n in nodes),
+            "resent": sum(n.counters.batch_retries for n in nodes if n.counters),
             "stalls": sum(n.stats.stalls_recovered for n in nodes),
             "nodes": {n.name: msgspec.structs.asdict(n.stats) for n in nodes},
         }
 
-    def _counters(self) -> dict[str, Any]:
-        nodes = list(self.nodes.values())
-        lowest = [n.counters["lowest_concurrency"] for n in nodes if "lowest_concurrency" in n.counters]
-        return {
-            "stalls": sum(n.stats.stalls_recovered for n in nodes),
-            "retries": sum(n.stats.retries for n in nodes),
-            "throttled": sum(n.counters.get("throttled", 0) for n in nodes),
-            "batch_retries": sum(n.counters.get("batch_retries", 0) for n in nodes),
-            "lowest_concurrency": min(lowest, default=0),
-            "reexecuted": self.reexecuted,
-            "nodes": {n.name: n.stats for n in nodes},
-        }
+    def _counters(self) -> Counters:
+        return Counters.total([n.counters for n in self.nodes.values() if n.counters])
 
     async def _close(self) -> None:
         """Stop every node's pool (it would stop with its actor too), then the actors."""
@@ -348,10 +339,13 @@ def short_error(exc: BaseException) -> str:
 
 def run_on_ray(options: RayOptions, items: list[Item], ledger: Ledger, retry_budget: int,
                on_result: Callable[[dict[str, Any]], None], on_start: Callable[[int], None],
-               on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:  # fmt: skip
-    """Connect to the cluster (unless this process already is), deal the items, disconnect."""
+               on_status: Callable[[dict[str, Any]], None]) -> tuple[Counters, dict[str, NodeStats], int]:  # fmt: skip
+    """Connect to the cluster (unless this process already is), deal the items, disconnect. Returns
+    the run's counters, each node's share, and how many items were dealt again after a node was lost."""
     with connected(options.address) as ray:
-        return asyncio.run(Dealer(ray, options, items, ledger, retry_budget, on_result, on_start, on_status).run())
+        dealer = Dealer(ray, options, items, ledger, retry_budget, on_result, on_start, on_status)
+        counters = asyncio.run(dealer.run())
+    return counters, {n.name: n.stats for n in dealer.nodes.values()}, dealer.reexecuted
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import msgspec
 
 from ..client.client import AsyncClient
 from ..errors import IsopoolError, ProviderStatusError
+from ..protocol import Snapshot
 from .formats import Item, failed, provider_failed, succeeded
 from .lane import Lane
 
@@ -20,6 +21,30 @@ _DEC = msgspec.json.Decoder()
 _ENC = msgspec.json.Encoder()
 
 THROTTLED = (429, 529)
+
+
+class Counters(msgspec.Struct, frozen=True):
+    """What a run counted on one pool (a Ray node sends its own to the dealer), or on all of them."""
+
+    stalls: int = 0  # stalls the pool detected and recovered from
+    retries: int = 0  # the pool's transparent retries
+    throttled: int = 0  # 429/529 answers after the SDK's own retries
+    batch_retries: int = 0  # throttled requests sent again by the runner
+    lowest_concurrency: int = 0
+
+    @staticmethod
+    def total(parts: list[Counters]) -> Counters:
+        return Counters(
+            stalls=sum(p.stalls for p in parts),
+            retries=sum(p.retries for p in parts),
+            throttled=sum(p.throttled for p in parts),
+            batch_retries=sum(p.batch_retries for p in parts),
+            lowest_concurrency=min((p.lowest_concurrency for p in parts), default=0),
+        )
+
+
+def stalls_between(before: Snapshot, after: Snapshot) -> int:
+    return sum(after.stalls.values()) - sum(before.stalls.values())
 
 
 class Settler:
@@ -46,6 +71,16 @@ class Settler:
                 return record
             self.batch_retries += 1
             attempt += 1
+
+    def counters(self, before: Snapshot, after: Snapshot) -> Counters:
+        """This run's counters: the pool's between two of its snapshots, and the settler's own."""
+        return Counters(
+            stalls_between(before, after),
+            after.retries - before.retries,
+            self.throttled,
+            self.batch_retries,
+            self.lane.lowest,
+        )
 
 
 async def answer(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float | None]:

@@ -21,7 +21,8 @@ import msgspec
 from ..client.client import AsyncClient
 from ..client.pool import Pool
 from ..config import Settings
-from .execute import Settler
+from ..protocol import Snapshot
+from .execute import Counters, Settler
 from .formats import Item
 from .lane import Lane
 
@@ -59,7 +60,7 @@ class NodePool:
         self.pool: Pool | None = None
         self.client: AsyncClient | None = None
         self.settler: Settler | None = None
-        self.before: dict[str, Any] = {}
+        self.before: Snapshot | None = None
 
     async def start(self) -> dict[str, Any]:
         """Start this node's pool; what the driver needs to know about the node."""
@@ -70,8 +71,8 @@ class NodePool:
         settings = msgspec.structs.replace(self.settings, run_dir=session_run_dir(), metrics=metrics)
         self.pool = await asyncio.to_thread(Pool(settings).start)
         self.client = AsyncClient(self.pool.url)
-        self.before = await self.client.stats()
-        limit = self.concurrency or self.before["capacity"][self.kind]  # default: what the workers carry
+        self.before = await self.client.snapshot()
+        limit = self.concurrency or self.before.capacity[self.kind]  # default: what the workers carry
         self.settler = Settler(self.client, Lane(limit), self.retry_budget)
         return {
             "limit": limit,
@@ -88,17 +89,10 @@ class NodePool:
         for finished in asyncio.as_completed(tasks):
             yield await finished
 
-    async def stats(self) -> dict[str, Any]:
-        """This node's pool counters since the start: stalls recovered, retries, throttling."""
-        assert self.client is not None and self.settler is not None, "start() first"
-        now = await self.client.stats()
-        return {
-            "stalls_recovered": sum(now["stalls"].values()) - sum(self.before["stalls"].values()),
-            "retries": now["retries"] - self.before["retries"],
-            "throttled": self.settler.throttled,
-            "batch_retries": self.settler.batch_retries,
-            "lowest_concurrency": self.settler.lane.lowest,
-        }
+    async def stats(self) -> Counters:
+        """This node's counters since the start: stalls recovered, retries, throttling."""
+        assert self.client is not None and self.settler is not None and self.before is not None, "start() first"
+        return self.settler.counters(self.before, await self.client.snapshot())
 
     async def close(self) -> None:
         if self.client is not None:

@@ -25,7 +25,7 @@ import msgspec
 from ..client.client import AsyncClient
 from ..client.pool import Pool
 from .cluster import NodeStats, RayOptions, require_ray, run_on_ray
-from .execute import Settler, estimate_tokens
+from .execute import Counters, Settler, estimate_tokens, stalls_between
 from .formats import (
     Format,
     Invalid,
@@ -111,13 +111,12 @@ async def _run(
     url: str, items: list[Item], ledger: Ledger, concurrency: int | None, on_result: Callable[[dict[str, Any]], None],
     on_start: Callable[[int], None], retry_budget: int, rpm: int, tpm: int,
     on_status: Callable[[dict[str, Any]], None],
-) -> dict[str, Any]:  # fmt: skip
+) -> Counters:  # fmt: skip
     """Feed items to the pool under the lane's adaptive limit. Returns counters for the summary."""
     async with AsyncClient(url) as client:
-        before = await client.stats()
-        stalls_before = sum(before["stalls"].values())
+        before = await client.snapshot()
         # default: as many in flight as the provider's workers can carry (max_workers x concurrency)
-        lane = Lane(concurrency or before.get("capacity", {}).get(items[0].kind, 32), rpm, tpm)
+        lane = Lane(concurrency or before.capacity.get(items[0].kind, 32), rpm, tpm)
         settle = Settler(client, lane, retry_budget)
         on_start(len(items))
 
@@ -125,7 +124,7 @@ async def _run(
             """What the live display shows besides the counts: concurrency, re-sends, stalls."""
             while True:
                 await asyncio.sleep(1.0)
-                stalls = sum((await client.stats())["stalls"].values()) - stalls_before
+                stalls = stalls_between(before, await client.snapshot())
                 on_status({"concurrency": int(lane.limit), "resent": settle.batch_retries, "stalls": stalls})
 
         async def process(item: Item) -> None:
@@ -138,14 +137,7 @@ async def _run(
             await _feed(items, lane, process, tpm)
         finally:
             reporter.cancel()
-        after = await client.stats()
-    return {
-        "stalls": sum(after["stalls"].values()) - stalls_before,
-        "retries": after["retries"] - before["retries"],
-        "lowest_concurrency": lane.lowest,
-        "throttled": settle.throttled,
-        "batch_retries": settle.batch_retries,
-    }
+        return settle.counters(before, await client.snapshot())
 
 
 async def _feed(items: list[Item], lane: Lane, process: Callable[[Item], Any], tpm: int) -> None:
@@ -214,19 +206,20 @@ def run(
         todo = [item for item in items if item.custom_id not in ledger.done]
         summary.already_done = len(items) - len(todo)
         if todo and ray is not None:
-            delta = run_on_ray(ray, todo, ledger, retry_budget, count, on_start, on_status)
-            summary.nodes, summary.reexecuted = delta["nodes"], delta["reexecuted"]
+            counters, summary.nodes, summary.reexecuted = run_on_ray(
+                ray, todo, ledger, retry_budget, count, on_start, on_status
+            )
         elif todo:
-            delta = with_pool(
+            counters = with_pool(
                 pool,
                 lambda url: asyncio.run(
                     _run(url, todo, ledger, concurrency, count, on_start, retry_budget, rpm, tpm, on_status)
                 ),
             )
         if todo:
-            summary.stalls_recovered, summary.retries = delta["stalls"], delta["retries"]
-            summary.throttled, summary.batch_retries = delta["throttled"], delta["batch_retries"]
-            summary.lowest_concurrency = delta["lowest_concurrency"]
+            summary.stalls_recovered, summary.retries = counters.stalls, counters.retries
+            summary.throttled, summary.batch_retries = counters.throttled, counters.batch_retries
+            summary.lowest_concurrency = counters.lowest_concurrency
     finally:
         ledger.close()
     return summary.finish(started)

@@ -184,11 +184,11 @@ def stats(url: str | None, as_json: bool) -> None:
     url = url or _default_url()
     with Client(url, broker_timeout=1.0) as client:
         try:
-            snapshot = client.stats()
+            snapshot = client.snapshot()
         except BrokerUnavailable:
             raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
     if as_json:
-        click.echo(json.dumps(snapshot, indent=2))
+        click.echo(json.dumps(msgspec.to_builtins(snapshot), indent=2))
         return
     from .render import print_stats
 

@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from ..protocol import Snapshot
+
 console = Console()
 
 
@@ -24,30 +26,28 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def print_stats(s: dict[str, Any]) -> None:
+def print_stats(s: Snapshot) -> None:
     console.print(
-        f"[bold]isopool broker[/] pid {s['pid']} at {s['frontend']}, up {s['uptime']:.0f}s"
-        + (" [yellow](draining)[/]" if s["draining"] else "")
+        f"[bold]isopool broker[/] pid {s.pid} at {s.frontend}, up {s.uptime:.0f}s"
+        + (" [yellow](draining)[/]" if s.draining else "")
     )
     workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
-    for w in s["workers"]:
-        rss = f"{w['rss'] / 2**20:.0f} MB" if w["rss"] else "-"
-        requests = ", ".join(map(str, w["requests"])) or "-"
-        workers.add_row(
-            w["ident"], str(w["pid"] or "-"), w["state"], requests, str(w["served"]), f"{w['age']:.0f}s", rss
-        )
+    for w in s.workers:
+        rss = f"{w.rss / 2**20:.0f} MB" if w.rss else "-"
+        requests = ", ".join(map(str, w.requests)) or "-"
+        workers.add_row(w.ident, str(w.pid or "-"), w.state, requests, str(w.served), f"{w.age:.0f}s", rss)
     console.print(workers)
     counters = Table("", "", title="counters", show_header=False)
-    counters.add_row("in flight / queued", f"{s['in_flight']} / {_counts(s['queued'])}")
-    counters.add_row("requests", _counts(s["requests"]))
-    counters.add_row("stalls detected", _counts(s["stalls"]))
-    counters.add_row("workers killed", _counts(s["kills"]))
-    counters.add_row("spawned / respawned", f"{s['spawns']} / {s['respawns']}")
-    counters.add_row("retries", str(s["retries"]))
-    counters.add_row("rejected messages", _counts(s["rejected"]))
-    lat, first = s["latency"], s["first_event"]
-    counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}")
-    counters.add_row("first event p50 / p99 (≤)", f"{_ms(first['p50'])} / {_ms(first['p99'])}")
+    counters.add_row("in flight / queued", f"{s.in_flight} / {_counts(s.queued)}")
+    counters.add_row("requests", _counts(s.requests))
+    counters.add_row("stalls detected", _counts(s.stalls))
+    counters.add_row("workers killed", _counts(s.kills))
+    counters.add_row("spawned / respawned", f"{s.spawns} / {s.respawns}")
+    counters.add_row("retries", str(s.retries))
+    counters.add_row("rejected messages", _counts(s.rejected))
+    lat, first = s.latency, s.first_event
+    counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat.p50)} / {_ms(lat.p99)}")
+    counters.add_row("first event p50 / p99 (≤)", f"{_ms(first.p50)} / {_ms(first.p99)}")
     console.print(counters)
 
 

@@ -29,10 +29,23 @@ from zmq.utils import monitor as zmq_monitor
 
 from ..config import MAX_MESSAGE_BYTES
 from ..errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
-from ..protocol import Call, Code, Codec, ErrorInfo, HttpCall, Kind, ProtocolError, Ref, Response, Submit, TimedCall
+from ..protocol import (
+    Call,
+    Code,
+    Codec,
+    ErrorInfo,
+    HttpCall,
+    Kind,
+    ProtocolError,
+    Ref,
+    Response,
+    Snapshot,
+    Submit,
+    TimedCall,
+)
 from ..wire.curve import secure_client
 from ..wire.loopsock import LoopSocket
-from ..wire.zmqio import NOBLOCK
+from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -305,12 +318,16 @@ class AsyncClient:
                     f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"
                 ) from None
 
-    async def stats(self) -> dict[str, Any]:
-        """The broker's stats snapshot (workers, counters, histograms)."""
+    async def snapshot(self) -> Snapshot:
+        """The broker's stats snapshot (workers, counters, histograms), typed."""
         state = self._control(Kind.STATS, False)
         while not state.done:
             state.take(await state.sink.queue.get())
-        return self._codec.any(state.finish().body)
+        return self._codec.snapshot(state.finish().body)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's stats snapshot as plain data (what `isopool stats --json` prints)."""
+        return msgspec.to_builtins(await self.snapshot())
 
     async def ping(self) -> None:
         state = self._control(Kind.PING, False)
@@ -365,10 +382,7 @@ class AsyncClient:
         """A DEALER connecting to the broker, and the monitor that reports it dropped or refused."""
         # The process-wide context: a private one left unclosed would block the garbage
         # collector in `term()` (an SDK client of the shim is often never closed).
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        sock = new_socket(zmq.Context.instance(), zmq.DEALER, sndhwm=BIG_HWM, rcvhwm=BIG_HWM)
         secure_client(sock, self.url)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _REFUSED)
         sock.connect(self.url)
@@ -509,6 +523,9 @@ class Client:
 
     def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         return self.submit(profile, method, **kwargs).result()
+
+    def snapshot(self) -> Snapshot:
+        return self._run(self._async.snapshot())
 
     def stats(self) -> dict[str, Any]:
         return self._run(self._async.stats())

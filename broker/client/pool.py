@@ -10,8 +10,6 @@ or when this process dies for any reason, so no pool outlives its owner.
 
 from __future__ import annotations
 
-import selectors
-import subprocess
 import time
 import weakref
 from typing import Any
@@ -21,19 +19,15 @@ import msgspec
 from .. import endpoints
 from ..config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
 from ..errors import BrokerUnavailable
-from ..processes import python_command, stop_popen
+from ..processes import Child, ChildFailed
+from ..protocol import BrokerReady
 from .client import AsyncClient, Client
 
 
-def _stop(proc: subprocess.Popen, run_dir: str) -> None:
-    """Close the broker's stdin (it stops at once, killing its workers), wait, then make sure;
-    remove the socket files a killed broker could not."""
-    try:
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait(5.0)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    stop_popen(proc, grace=1.0)
+def _stop(child: Child, run_dir: str) -> None:
+    """Stop the broker (closing its stdin stops it at once, killing its workers); remove the socket
+    files a killed broker could not."""
+    child.stop()
     if run_dir:
         endpoints.cleanup(run_dir, endpoints.ipc_url(run_dir, "frontend"), endpoints.ipc_url(run_dir, "backend"))
 
@@ -51,26 +45,21 @@ class Pool:
         self.http_url = ""  # the HTTP gateway's base URL, with the `http` setting
         self.metrics_url = ""  # the Prometheus endpoint, with the `metrics` setting
         self.pid = 0
-        self._proc: subprocess.Popen | None = None
+        self._child: Child | None = None
         self._finalizer: weakref.finalize | None = None
 
     def start(self, wait: bool = True) -> Pool:
         """Start the broker; with `wait`, return once every profile's `min_workers` are ready."""
-        self._proc = subprocess.Popen(python_command("broker.server"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self.settings.run_dir if self._own_dir else "")
-        self._proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # type: ignore[union-attr]
-        self._proc.stdin.flush()  # type: ignore[union-attr]
-        line = self._readline(self.settings.startup_timeout)
+        self._child = Child("broker.server", handover=msgspec.json.encode(self.settings))
+        self._finalizer = weakref.finalize(self, _stop, self._child, self.settings.run_dir if self._own_dir else "")
         try:
-            ready = msgspec.json.decode(line)
-            self.url, self.pid = ready["ready"], ready["pid"]
-            self.http_url = ready.get("http", "")
-            self.metrics_url = ready.get("metrics", "")
-        except (msgspec.DecodeError, KeyError, TypeError):
+            ready = self._child.handshake(
+                BrokerReady, "the pool's broker", self.settings.startup_timeout, "startup_timeout"
+            )
+        except ChildFailed as exc:
             self.stop()
-            raise BrokerUnavailable(
-                f"the pool's broker failed to start (said {line[:200]!r}); see its log above"
-            ) from None
+            raise BrokerUnavailable(str(exc)) from None
+        self.url, self.pid, self.http_url, self.metrics_url = ready.url, ready.pid, ready.http, ready.metrics
         if wait:
             try:
                 self.wait_ready(self.settings.startup_timeout + ZYGOTE_BOOT_TIMEOUT)
@@ -79,25 +68,15 @@ class Pool:
                 raise
         return self
 
-    def _readline(self, timeout: float) -> bytes:
-        out = self._proc.stdout  # type: ignore[union-attr]
-        with selectors.DefaultSelector() as sel:
-            sel.register(out, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                self.stop()
-                raise BrokerUnavailable(f"the pool's broker did not start within {timeout:g}s (startup_timeout)")
-        return out.readline()
-
     def wait_ready(self, timeout: float) -> None:
         """Block until each profile has its `min_workers` ready; the error names the setting to change."""
         deadline = time.monotonic() + timeout
         with self.client() as client:
             while True:
-                stats = client.stats()
                 ready: dict[str, int] = {}
-                for w in stats["workers"]:
-                    if w["state"] != "starting":
-                        ready[w["profile"]] = ready.get(w["profile"], 0) + 1
+                for w in client.snapshot().workers:
+                    if w.state != "starting":
+                        ready[w.profile] = ready.get(w.profile, 0) + 1
                 missing = {
                     n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers
                 }
@@ -117,16 +96,16 @@ class Pool:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.proc.poll() is None
 
     def stop(self) -> None:
         """Stop the broker, which kills its workers and zygote; idempotent."""
         if self._finalizer is not None:
             self._finalizer()
-        self._proc = None
+        self._child = None
 
     def __enter__(self) -> Pool:
-        return self.start() if self._proc is None else self
+        return self.start() if self._child is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import urllib.request
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from ..processes import python_command, stop_popen
+from ..processes import Child, ChildFailed
+from ..protocol import Listening
 from .faults import FaultPlan
 from .server import FakeProvider, Latency
 
@@ -32,8 +33,8 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    bound = runner.addresses[0]
-    print(f"listening http://{bound[0]}:{bound[1]}", flush=True)
+    url = "http://{}:{}".format(*runner.addresses[0][:2])
+    print(msgspec.json.encode(Listening(url)).decode() if exit_on_stdin_eof else f"listening {url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,25 +65,21 @@ class FakeProviderProcess:
         for spec, rate in (rates or {}).items():
             args += ["--fault-rate", f"{spec}={rate}"]
         self._args = args
-        self._proc: subprocess.Popen | None = None
+        self._child: Child | None = None
         self.url = ""
 
     def start(self) -> FakeProviderProcess:
-        self._proc = subprocess.Popen(
-            python_command("broker.fake_provider", "--port", "0", *self._args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        line = self._proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
-        if not line.startswith("listening "):
+        self._child = Child("broker.fake_provider", "--port", "0", *self._args, grace=2.0)
+        try:
+            self.url = self._child.handshake(Listening, "the fake provider").url
+        except ChildFailed:
             self.stop()
-            raise RuntimeError(f"fake provider failed to start (said {line!r})")
-        self.url = line.removeprefix("listening ")
+            raise
         return self
 
     @property
     def pid(self) -> int:
-        return self._proc.pid if self._proc is not None else 0
+        return self._child.pid if self._child is not None else 0
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/_isopool/stats", timeout=10) as resp:
@@ -92,9 +89,9 @@ class FakeProviderProcess:
         urllib.request.urlopen(urllib.request.Request(self.url + "/_isopool/reset", method="POST"), timeout=10).close()
 
     def stop(self) -> None:
-        if self._proc is not None:
-            stop_popen(self._proc)
-            self._proc = None
+        if self._child is not None:
+            self._child.stop()
+            self._child = None
 
     def __enter__(self) -> FakeProviderProcess:
         return self.start()

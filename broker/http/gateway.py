@@ -55,7 +55,7 @@ from ..errors import (
     ShuttingDown,
     StreamStalled,
 )
-from ..protocol import HttpCall, path_problem
+from ..protocol import HttpCall, Listening, path_problem
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -326,7 +326,7 @@ async def serve(url: str, host: str, port: int, settings: Settings) -> None:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]
-        print(_ENC.encode({"listening": f"http://{host}:{bound[1]}"}).decode(), flush=True)
+        print(_ENC.encode(Listening(f"http://{host}:{bound[1]}")).decode(), flush=True)
         loop = asyncio.get_running_loop()
         closed = asyncio.Event()
         loop.add_reader(sys.stdin.fileno(), lambda: closed.set() if not sys.stdin.buffer.read1(4096) else None)

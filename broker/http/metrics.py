@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ..client.client import Client
-from ..server.stats import BUCKETS
+from ..protocol import BUCKETS, HistogramSnapshot, Listening, Snapshot
 
 
 class PoolCollector(Collector):
@@ -36,10 +36,10 @@ class PoolCollector(Collector):
         self.client = client
 
     def collect(self) -> Iterator[Any]:
-        return iter(families(self.client.stats()))
+        return iter(families(self.client.snapshot()))
 
 
-def families(s: dict[str, Any]) -> list[Any]:
+def families(s: Snapshot) -> list[Any]:
     """The metric families of one stats snapshot (see the module docstring)."""
     out: list[Any] = []
 
@@ -49,39 +49,39 @@ def families(s: dict[str, Any]) -> list[Any]:
             family.add_metric([key], value)
         out.append(family)
 
-    counters("requests", "Requests by outcome (accepted, ok, error:<code>, cancelled)", "outcome", s["requests"])
-    counters("rejected", "Messages refused or unreadable, by error code", "code", s["rejected"])
-    counters("stalls", "Stalls detected, by kind", "kind", s["stalls"])
-    counters("worker_kills", "Workers killed, by reason", "reason", s["kills"])
+    counters("requests", "Requests by outcome (accepted, ok, error:<code>, cancelled)", "outcome", s.requests)
+    counters("rejected", "Messages refused or unreadable, by error code", "code", s.rejected)
+    counters("stalls", "Stalls detected, by kind", "kind", s.stalls)
+    counters("worker_kills", "Workers killed, by reason", "reason", s.kills)
     for name, doc in (("spawns", "Workers forked"), ("respawns", "Workers forked to replace a killed one")):
-        out.append(CounterMetricFamily(f"isopool_worker_{name}", doc, value=s[name]))
-    out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s["zygote_restarts"]))
-    out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s["retries"]))
+        out.append(CounterMetricFamily(f"isopool_worker_{name}", doc, value=getattr(s, name)))
+    out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s.zygote_restarts))
+    out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s.retries))
     out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
-                                 value=s["in_flight"]))  # fmt: skip
+                                 value=s.in_flight))  # fmt: skip
     queued = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker", labels=["profile"])
-    for profile, depth in sorted(s["queued"].items()):
+    for profile, depth in sorted(s.queued.items()):
         queued.add_metric([profile], depth)
     out.append(queued)
     workers = GaugeMetricFamily("isopool_workers", "Workers by profile and state", labels=["profile", "state"])
-    by_state = collections.Counter((w["profile"], w["state"]) for w in s["workers"])
+    by_state = collections.Counter((w.profile, w.state) for w in s.workers)
     for (profile, state), count in sorted(by_state.items()):
         workers.add_metric([profile, state], count)
     out.append(workers)
     out.append(_histogram("isopool_request_duration_seconds", "Accepted to answered, successful requests",
-                          s["latency"]))  # fmt: skip
+                          s.latency))  # fmt: skip
     out.append(_histogram("isopool_time_to_first_event_seconds", "Sent to a worker to its first real event",
-                          s["first_event"]))  # fmt: skip
+                          s.first_event))  # fmt: skip
     return out
 
 
-def _histogram(name: str, doc: str, h: dict[str, Any]) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, h: HistogramSnapshot) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
     for bound in BUCKETS:
-        cumulative += h["buckets"][f"le_{bound:g}"]
+        cumulative += h.buckets[f"le_{bound:g}"]
         buckets.append((f"{bound:g}", cumulative))
-    buckets.append(("+Inf", h["count"]))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=(h["mean"] or 0.0) * h["count"])
+    buckets.append(("+Inf", h.count))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=(h.mean or 0.0) * h.count)
 
 
 def main() -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     with Client(args.url) as client:
         registry.register(PoolCollector(client))
         server, _ = start_http_server(int(port), host, registry=registry)
-        print(json.dumps({"listening": f"http://{host}:{server.server_port}/metrics"}), flush=True)
+        print(msgspec.json.encode(Listening(f"http://{host}:{server.server_port}/metrics")).decode(), flush=True)
         while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
             pass
         server.shutdown()

@@ -1,7 +1,7 @@
 """Running a broker process: `isopool serve` in the foreground, or an embedded pool's owned child.
 
 The owned child (`python -P -m broker.server`) reads its settings as one JSON
-line on stdin, says `{"ready": frontend_url}` on stdout, and stops as soon as its
+line on stdin, says where it serves (a `BrokerReady` JSON line) on stdout, and stops as soon as its
 stdin closes, so a pool never outlives the process that started it.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 import msgspec
 
 from ..config import Settings
-from ..processes import python_command, stop_popen
+from ..processes import Child, ChildFailed
+from ..protocol import BrokerReady, Listening
 from .broker import Broker
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,14 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
         broker.install_signal_handlers()
         if owned:
             broker.stop_when_closed(sys.stdin.fileno())
-        ready = {"ready": broker.frontend_url, "pid": os.getpid()}
         if settings.http:  # the gateway's hand-over is every setting (its token among them), as one JSON line
             handover = msgspec.json.encode(settings).decode()
             children["http"] = ChildServer("broker.http.gateway", broker.frontend_url, settings.http, handover)
         if settings.metrics:
             children["metrics"] = ChildServer("broker.http.metrics", broker.frontend_url, settings.metrics)
-        ready |= {name: child.url for name, child in children.items()}
         if owned:
-            print(msgspec.json.encode(ready).decode(), flush=True)
+            urls = {name: child.url for name, child in children.items()}
+            print(msgspec.json.encode(BrokerReady(broker.frontend_url, os.getpid(), **urls)).decode(), flush=True)
         else:
             lines = [
                 f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}",
@@ -64,27 +63,15 @@ class ChildServer:
     where it listens; it stops when its stdin closes, so it never outlives the broker."""
 
     def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
-        self.proc = subprocess.Popen(
-            python_command(module, "--url", frontend, "--listen", listen),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.proc.stdin.write(secret.encode() + b"\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        self.child = Child(module, "--url", frontend, "--listen", listen, handover=secret.encode())
         try:
-            self.url = msgspec.json.decode(line)["listening"]
-        except (msgspec.DecodeError, KeyError, TypeError):
-            self.stop()
-            raise RuntimeError(f"{module} did not start on {listen}; see its error above") from None
+            self.url = self.child.handshake(Listening, f"{module} on {listen}").url
+        except ChildFailed:
+            self.child.stop()
+            raise
 
     def stop(self) -> None:
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        stop_popen(self.proc, grace=1.0)
+        self.child.stop()
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""What the broker knows about each worker and each request. Plain records; the verbs live on the Broker."""
+"""What the broker knows about each worker and each request. Plain records; the verbs live on the
+Fleet (workers) and the Flow (requests)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..protocol import Submit
 class WorkerState(enum.Enum):
     STARTING = "starting"  # asked of the zygote, not READY yet: nothing is routed to it
     READY = "ready"
+    HUNG = "hung"  # its heartbeats stopped: asked for its stacks, killed once they had time to come; no new work
     CONDEMNED = "condemned"  # killed or retiring: never gets new work
 
 
@@ -51,6 +53,7 @@ class Worker:
     token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)  # proves READY/HEARTBEAT
     state: WorkerState = WorkerState.STARTING
     pid: int = 0
+    kill_at: float = 0.0  # when HUNG: when it is killed (its stacks read first)
     proc: psutil.Process | None = None  # taken when forked: killing it never hits a recycled pid
     zygote: int = 0  # which zygote generation forked it (a replaced zygote no longer reports its exit)
     last_beat: float = 0.0

@@ -6,8 +6,7 @@ import bisect
 from collections import Counter
 from typing import Any
 
-# upper bounds in seconds; the last bucket is open-ended
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+from ..protocol import BUCKETS, HistogramSnapshot
 
 
 class Histogram:
@@ -34,14 +33,14 @@ class Histogram:
                 return BUCKETS[i] if i < len(BUCKETS) else float("inf")
         return None
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "count": self.total,
-            "mean": self.sum / self.total if self.total else None,
-            "p50": self.quantile(0.5),
-            "p99": self.quantile(0.99),
-            "buckets": {f"le_{b:g}": c for b, c in zip(BUCKETS, self.counts, strict=False)} | {"inf": self.counts[-1]},
-        }
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(
+            count=self.total,
+            mean=self.sum / self.total if self.total else None,
+            p50=self.quantile(0.5),
+            p99=self.quantile(0.99),
+            buckets={f"le_{b:g}": c for b, c in zip(BUCKETS, self.counts, strict=False)} | {"inf": self.counts[-1]},
+        )
 
 
 class Stats:
@@ -59,6 +58,7 @@ class Stats:
         self.first_event = Histogram()
 
     def snapshot(self) -> dict[str, Any]:
+        """The counters' share of the broker's `Snapshot`, by field."""
         return {
             "requests": dict(self.requests),
             "kills": dict(self.kills),

@@ -3,7 +3,8 @@
 - first_event_timeout: request sent to a worker -> first real event;
 - stale_timeout: between two real events (pings and keep-alives are not events);
 - deadline: the whole request, from acceptance, across retries;
-- heartbeat liveness: interval x allowed misses since the worker's last sign of life;
+- heartbeat liveness: interval x allowed misses since the worker's last sign of life (then a
+  short wait for its stacks, worker/stacks.py);
 - startup: a worker that is not READY within startup_timeout.
 """
 
@@ -27,6 +28,8 @@ def worker_due(worker: Worker, liveness: float, startup_timeout: float) -> tuple
     """When the worker is declared dead if it stays silent, and why."""
     if worker.state is WorkerState.STARTING:
         return worker.spawned_at + startup_timeout, Reason.STARTUP
+    if worker.state is WorkerState.HUNG:
+        return worker.kill_at, Reason.HEARTBEAT
     return worker.last_beat + liveness, Reason.HEARTBEAT
 
 
@@ -36,3 +39,15 @@ def retry_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
     if attempt <= 2:
         return 0.0
     return min(cap, base * 2 ** (attempt - 3)) * (0.5 + jitter)
+
+
+class Alarm:
+    """When the watchdog next needs to look: lowered by whoever starts a clock (a request sent, a
+    retry's backoff, a spawn), set afresh by each watchdog pass from what each concern says is due."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def by(self, when: float) -> None:
+        if when < self.at:
+            self.at = when

@@ -1,4 +1,4 @@
-"""The zygote child as the broker sees it: spawn requests go in, spawned/exited reports come out."""
+"""The zygote child as the broker sees it: spawn requests go in, reports come out (worker/pipe.py)."""
 
 from __future__ import annotations
 
@@ -6,60 +6,53 @@ import logging
 import os
 import subprocess
 import time
-from typing import Any
 
-import msgspec
+from worker import pipe
 
-from ..processes import kill_tree, python_command
+from ..processes import Child
 
 log = logging.getLogger(__name__)
-_ENC = msgspec.json.Encoder()
-_DEC = msgspec.json.Decoder()
 
 
 class Zygote:
     """Owns the zygote process. Non-blocking: `fileno()` goes into the broker's poller."""
 
-    def __init__(self, death_fd: int, sockets: tuple[str, ...] = ()) -> None:
+    def __init__(self, death_fd: int, sockets: tuple[str, ...] = (), sdks: tuple[str, ...] = ()) -> None:
         self._death_fd = death_fd
+        self._sdks = sdks  # the SDK kinds to preload: those the profiles name (a worker imports its own if missing)
         self._sockets = sockets  # the broker's run dir and socket urls: the zygote removes them when its stdin closes
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
         self._pending = b""
         self.outbox = b""  # spawn requests its pipe could not take yet (it is busy or hung)
         self.ready = False  # it has imported everything and forks on request
         self.started_at = 0.0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            python_command("worker.zygote", *self._sockets),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=(self._death_fd,),
-        )
-        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
-        os.set_blocking(self.proc.stdin.fileno(), False)  # type: ignore[union-attr]  # a hung zygote never blocks us
+        self.child = Child("worker.zygote", ",".join(self._sdks), *self._sockets, pass_fds=(self._death_fd,), grace=1.0)
+        os.set_blocking(self.child.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(self.child.proc.stdin.fileno(), False)  # type: ignore[union-attr]  # a hung zygote never blocks us
         self._pending = b""
         self.outbox = b""
         self.ready = False
         self.started_at = time.monotonic()
 
     def fileno(self) -> int:
-        return self.proc.stdout.fileno()  # type: ignore[union-attr]
+        return self.child.proc.stdout.fileno()  # type: ignore[union-attr]
 
     @property
     def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
+        return self.child.pid if self.child else 0
 
-    def spawn(self, spec: Any) -> bool:
+    def spawn(self, spec: pipe.WorkerSpec) -> bool:
         """Ask for a worker; False if the zygote is gone (the caller restarts it)."""
-        self.outbox += _ENC.encode({"spawn": spec}) + b"\n"
+        self.outbox += pipe.encode(pipe.Spawn(spec)) + b"\n"
         return self.flush()
 
     def flush(self) -> bool:
         """Write what the pipe takes now, never blocking: a hung zygote's full pipe must not stop
         the broker (the startup timeout replaces that zygote). False if the zygote is gone."""
         try:
-            written = os.write(self.proc.stdin.fileno(), self.outbox)  # type: ignore[union-attr]
+            written = os.write(self.child.proc.stdin.fileno(), self.outbox)  # type: ignore[union-attr]
         except BlockingIOError:
             return True
         except OSError:
@@ -67,7 +60,7 @@ class Zygote:
         self.outbox = self.outbox[written:]
         return True
 
-    def read(self) -> list[dict[str, Any]] | None:
+    def read(self) -> list[pipe.Report] | None:
         """Reports available now; None once the zygote has exited."""
         try:
             chunk = os.read(self.fileno(), 65536)
@@ -76,40 +69,27 @@ class Zygote:
         if not chunk:
             return None
         *lines, self._pending = (self._pending + chunk).split(b"\n")
-        reports = [_DEC.decode(line) for line in lines if line]
-        self.ready = self.ready or any("ready" in r for r in reports)
+        reports = [pipe.decode_report(line) for line in lines if line]
+        self.ready = self.ready or any(isinstance(r, pipe.ZygoteReady) for r in reports)
         return reports
 
     def exit_status(self) -> int | None:
         """How a zygote whose pipe closed ended (negative: the signal that killed it)."""
         try:
-            return self.proc.wait(1.0)  # type: ignore[union-attr]
+            return self.child.proc.wait(1.0)  # type: ignore[union-attr]
         except subprocess.TimeoutExpired:
             return None
 
     def restart(self) -> None:
         """Replace a dead or unresponsive zygote. Only the zygote itself is killed: the workers it
         forked keep serving (their exits are no longer reported; heartbeats still watch them)."""
-        if self.proc is not None:
-            self.proc.kill()
-            self._reap()
+        if self.child is not None:
+            self.child.proc.kill()
+            self.child.stop()
         self.start()
 
     def stop(self) -> None:
         """Close its stdin (it exits by itself), then make sure: kill the tree and reap."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(1.0)
-        except (subprocess.TimeoutExpired, OSError):
-            pass
-        kill_tree(self.proc.pid)
-        self._reap()
-
-    def _reap(self) -> None:
-        proc, self.proc = self.proc, None
-        proc.wait()  # type: ignore[union-attr]
-        for stream in (proc.stdin, proc.stdout):  # type: ignore[union-attr]
-            if not stream.closed:
-                stream.close()
+        if self.child is not None:
+            self.child.stop()
+            self.child = None

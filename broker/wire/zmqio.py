@@ -46,3 +46,33 @@ def seed_routing_ids() -> None:
     given, so with a secret start it cannot claim the next ones. ZAP cannot refuse chosen ids
     instead: its request carries the server's own routing id, never the peer's."""
     ctypes.CDLL(None).srand(secrets.randbits(32))
+
+
+BIG_HWM = 1_000_000  # messages queued per peer: a stream is many small events, and none may be dropped
+
+
+def new_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    identity: bytes = b"",
+    sndhwm: int = 0,
+    rcvhwm: int = 0,
+    max_message_bytes: int = 0,
+    router_mandatory: bool = False,
+) -> zmq.Socket:
+    """Every isopool socket, with its options in one place. LINGER 0 always (closing never waits
+    for a peer that is gone); the others only when given (0: ZeroMQ's default)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if router_mandatory:  # a send to a vanished peer fails loudly instead of disappearing
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if sndhwm:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if rcvhwm:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    if max_message_bytes:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    return sock

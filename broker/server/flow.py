@@ -1,0 +1,396 @@
+"""Request flow in the broker: admit, queue, dispatch to free worker slots, retry, answer.
+
+Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
+whose worker was lost is retried (bounded, jittered); a caller that stopped reading has its
+final answers parked for a while instead of piling up in the broker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+import time
+from typing import Any
+
+import zmq
+
+from ..config import Limits, Settings
+from ..protocol import Code, Codec, ErrorInfo, Event, Kind, Ref, Run, Submit
+from ..protocol import Error as ErrorHeader
+from ..wire.zmqio import NOBLOCK, send_frames
+from .connections import Connections
+from .fairqueue import FairQueue
+from .fleet import Fleet
+from .state import Reason, Request, Worker
+from .stats import Stats
+from .watchdog import Alarm, request_due, retry_delay
+
+log = logging.getLogger(__name__)
+
+_PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
+_ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
+_ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
+
+
+class Flow:
+    def __init__(
+        self,
+        settings: Settings,
+        stats: Stats,
+        alarm: Alarm,
+        codec: Codec,
+        fleet: Fleet,
+        frontend: zmq.Socket,
+        backend: zmq.Socket,
+    ) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.alarm = alarm
+        self.codec = codec
+        self.fleet = fleet
+        self.frontend = frontend
+        self.backend = backend
+        self.queues: dict[str, FairQueue] = {p: FairQueue() for p in settings.profiles}
+        self.connections = Connections(
+            settings.client_rate,
+            settings.client_burst or max(1, int(settings.client_rate)),
+            settings.client_queue_limit or settings.queue_limit,
+            settings.client_queue_bytes_limit or settings.queue_bytes_limit // 4,
+        )
+        self.held_bytes = 0  # payloads of the requests in `self.requests`
+        self.requests: dict[int, Request] = {}  # by key
+        self.by_client: dict[tuple[bytes, int], Request] = {}
+        self.next_key = 1
+        self.draining = False
+
+    # ----- callers --------------------------------------------------------------
+
+    def on_submit(self, client: bytes, sub: Submit, payload: bytes, now: float) -> None:
+        try:
+            sub = self.settings.bound(sub)
+        except ValueError as exc:
+            refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))
+        else:
+            refusal = self._refusal(client, sub, payload, now)
+        if refusal is not None:
+            self.stats.rejected[refusal[0]] += 1
+            self.reply_error(client, sub.rid, *refusal)
+            return
+        fet, stale, deadline = self.settings.limits(
+            sub.profile, sub.model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
+        )
+        if sub.read_timeout:
+            fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
+        req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
+        if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one
+            pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
+            if fet < pool_fet:
+                req.own_limits.add(Reason.FIRST_EVENT)
+            if stale < pool_stale:
+                req.own_limits.add(Reason.STALE)
+        self.next_key += 1
+        self.requests[req.key] = req
+        self.held_bytes += len(payload)
+        self.by_client[(client, sub.rid)] = req
+        self.queues[req.profile].push(req)
+        self.stats.requests["accepted"] += 1
+        self.alarm.by(req.deadline_at)
+
+    def _refusal(self, client: bytes, sub: Submit, payload: bytes, now: float) -> tuple[Code, str] | None:
+        if self.draining:
+            return Code.SHUTTING_DOWN, "the pool is shutting down and accepts no new requests"
+        if sub.profile not in self.settings.profiles:
+            known = ", ".join(self.settings.profiles)
+            return Code.BAD_REQUEST, f"unknown provider profile {sub.profile!r}; this pool has: {known}"
+        if len(payload) > self.settings.max_message_bytes:
+            return Code.BAD_REQUEST, f"request of {len(payload)} bytes exceeds max_message_bytes"
+        if (client, sub.rid) in self.by_client:
+            return Code.BAD_REQUEST, f"request id {sub.rid} is already in flight for this client"
+        if len(self.requests) >= self.settings.queue_limit:
+            return Code.SATURATED, f"pool saturated: {len(self.requests)} requests in flight (queue_limit)"
+        if self.held_bytes + len(payload) > self.settings.queue_bytes_limit:
+            return Code.SATURATED, f"pool saturated: requests hold {self.held_bytes} bytes (queue_bytes_limit)"
+        return self.connections.admit(client, now, len(payload))
+
+    def on_cancel(self, client: bytes, crid: int, now: float) -> None:
+        req = self.by_client.get((client, crid))
+        if req is not None:
+            self._cancel(req, "cancelled by the caller", now)
+
+    def _cancel(self, req: Request, why: str, now: float) -> None:
+        """End the request for its caller now; a worker running it is told to abort (killed if it does not)."""
+        if req.key not in self.requests:  # already ended (while cancelling a vanished caller's others)
+            return
+        worker = req.worker
+        self.finish(req, Code.CANCELLED, why)
+        if worker is not None:
+            req.cancelled = True
+            req.abort_at = now + _ABORT_GRACE
+            worker.requests[req.key] = req  # keep the slot busy until the worker confirms
+            self._send_worker(worker, self.codec.frames(Kind.ABORT, Ref(req.key)), now)
+            self.alarm.by(req.abort_at)
+
+    def drain(self) -> None:
+        """Accept no more; what waits in the queues ends now."""
+        self.draining = True
+        for queue in self.queues.values():
+            for req in queue.clear():
+                self.finish(req, Code.SHUTTING_DOWN, "the pool is shutting down")
+
+    def fail_queue(self, profile: str, why: str) -> None:
+        for req in self.queues[profile].clear():
+            self.finish(req, Code.CONFIG, why)
+
+    # ----- workers --------------------------------------------------------------
+
+    def on_worker(self, worker: Worker, kind: Kind, header: Any, payload: bytes, now: float) -> None:
+        """What a worker sent about one of its requests (HEAD, PROGRESS, EVENT, RESULT, ERROR)."""
+        req = worker.requests.get(header.rid)
+        if req is None:
+            return
+        if req.cancelled:
+            if kind in (Kind.RESULT, Kind.ERROR):
+                self.fleet.release(worker, req, now)
+            return
+        if kind == Kind.EVENT:
+            self._on_event(req, header, payload, now)
+        elif kind == Kind.PROGRESS:
+            self._progress(req, now)
+        elif kind == Kind.HEAD:
+            req.head = payload
+        elif kind == Kind.RESULT:
+            self.fleet.release(worker, req, now)
+            self.stats.latency.add(now - req.accepted_at)
+            self._forward_end(req, self.codec.frames(Kind.RESULT, Ref(req.crid), payload or req.head or b""), "ok")
+        elif kind == Kind.ERROR:
+            self.fleet.release(worker, req, now)
+            code = header.code
+            if code == Code.PROVIDER_CONNECTION and not req.delivered:
+                self.retry_or_fail(req, Reason.CONNECTION, now, payload)
+                return
+            self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
+
+    def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
+        self._progress(req, now)
+        if req.head is not None:
+            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, Ref(req.crid), req.head)):
+                return
+            req.head = None
+        if self.send_client(req.client, self.codec.frames(Kind.EVENT, Event(req.crid, event.seq, event.count), data)):
+            req.delivered += event.count
+
+    def _progress(self, req: Request, now: float) -> None:
+        """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
+        if req.last_event_at is None:
+            self.stats.first_event.add(now - req.sent_at)
+            self.alarm.by(now + req.stale_timeout)
+        req.last_event_at = now
+
+    # ----- dispatch and retries -------------------------------------------------
+
+    def dispatch(self, now: float) -> None:
+        """Queued requests to free worker slots.
+
+        One-stream workers are taken most recently used first: a warm worker answers faster
+        than a fresh fork (whose first request pays ~7 ms of copy-on-write page faults), and
+        the workers left idle are the ones `idle_timeout` retires. Multi-stream workers are
+        taken in turn, spreading streams so that one kill takes as few as possible."""
+        for name, queue in self.queues.items():
+            free = self.fleet.free[name]
+            take = free.pop if self.settings.profiles[name].concurrency == 1 else free.popleft
+            while queue and free:
+                worker = take()
+                worker.queued_free = False
+                if worker.free <= 0:
+                    continue
+                req = queue.pop(now)
+                if req is None:  # only retries waiting out their backoff are left
+                    self.fleet.offer(worker)
+                    break
+                self._run(worker, req, now)
+                self.fleet.offer(worker)
+
+    def _run(self, worker: Worker, req: Request, now: float) -> None:
+        req.attempt += 1
+        req.worker = worker
+        req.sent_at = now
+        worker.requests[req.key] = req
+        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), req.payload), now):
+            self.alarm.by(request_due(req)[0])
+
+    def retry_or_fail(self, req: Request, reason: Reason, now: float, last_error: bytes = b"") -> None:
+        """Requeue an unseen request (bounded, jittered), or end it with the error that says why not."""
+        req.history.append(reason)
+        if reason.is_stall:
+            self.stats.stalls[reason] += 1
+        if reason is Reason.DEADLINE or now >= req.deadline_at:
+            self.finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
+        elif req.delivered:
+            code = Code.STALLED if reason.is_stall else Code.WORKER_LOST
+            self.finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
+        elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
+            if last_error:  # the provider's own error is the most useful answer
+                frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, Code.PROVIDER_CONNECTION), last_error)
+                self._forward_end(req, frames, f"error:{Code.PROVIDER_CONNECTION}")
+                return
+            tried = ", ".join(req.history)
+            self.finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")
+        else:
+            self.stats.retries += 1
+            req.head = None
+            req.last_event_at = None
+            delay = retry_delay(req.attempt + 1, self.settings.retry_backoff, 5.0, random.random())
+            req.not_before = now + delay
+            self.alarm.by(req.not_before)
+            self.queues[req.profile].push(req, front=True)
+
+    def _shed(self, worker: Worker, req: Request, reason: Reason, now: float) -> None:
+        """Take one stream off a worker that carries others, when a limit of the request's own
+        (its deadline, or a time limit tighter than the pool's) passed: the worker is told to
+        abort it (and killed if it does not), the request is retried or ended like a killed one,
+        and the neighbours go on. A caller's short limit never kills another caller's stream."""
+        log.info("request %d on worker %s: %s (its own limit)", req.key, worker.ident.decode(), reason)
+        tombstone = dataclasses.replace(req, cancelled=True, abort_at=now + _ABORT_GRACE)
+        worker.requests[req.key] = tombstone  # the slot stays busy until the worker confirms
+        self._send_worker(worker, self.codec.frames(Kind.ABORT, Ref(req.key)), now)
+        req.worker = None
+        del self.requests[req.key]  # a retry runs under a new key: the old one is the worker's until it confirms
+        req.key, self.next_key = self.next_key, self.next_key + 1
+        self.requests[req.key] = req
+        self.retry_or_fail(req, reason, now)
+
+    # ----- the watchdog's share: each returns when it is next due ----------------
+
+    def expire_running(self, now: float) -> float:
+        """Running requests past a limit: a stall kills its worker (its unseen requests retried), a
+        request's own limit sheds it alone, an ABORT not confirmed in time kills the worker."""
+        due = now + 1.0
+        for worker in list(self.fleet.workers.values()):
+            for req in list(worker.requests.values()):
+                if req.cancelled:
+                    if now >= req.abort_at:
+                        self.fleet.kill(worker, Reason.ABORT, now)
+                        break
+                    due = min(due, req.abort_at)
+                    continue
+                req_at, reason = request_due(req)
+                if now >= req_at and reason in req.own_limits and len(worker.requests) > 1:
+                    self._shed(worker, req, reason, now)  # its own limit: the neighbours' streams are healthy
+                    due = min(due, now + _ABORT_GRACE)
+                elif now >= req_at:
+                    log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
+                    self.fleet.kill(worker, reason, now, req)
+                    break
+                due = min(due, req_at)
+        return due
+
+    def expire_queued(self, now: float) -> float:
+        """Queued requests whose deadline passed end; a retry's backoff ends."""
+        due = now + 1.0
+        for queue in self.queues.values():
+            for req in [r for r in queue if now >= r.deadline_at]:
+                queue.remove(req)
+                self.finish(req, Code.DEADLINE, "deadline passed while the request was queued")
+            due = min(due, queue.next_due(now))
+        return due
+
+    # ----- answers --------------------------------------------------------------
+
+    def finish(self, req: Request, code: Code, message: str) -> None:
+        """End a request with a broker-made error (exactly one answer)."""
+        info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt)
+        frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), self.codec.encode(info))
+        self._forward_end(req, frames, "cancelled" if code == Code.CANCELLED else f"error:{code}")
+
+    def _forward_end(self, req: Request, frames: list[bytes], outcome: str) -> None:
+        """Send a live request's one answer and count its outcome; nothing for one already ended."""
+        if self.requests.pop(req.key, None) is None:
+            return
+        self.stats.requests[outcome] += 1
+        self.held_bytes -= len(req.payload)
+        self.by_client.pop((req.client, req.crid), None)
+        self.connections.done(req.client, len(req.payload))
+        if req.queued:
+            self.queues[req.profile].remove(req)
+        elif req.worker is not None:
+            req.worker.requests.pop(req.key, None)
+        self.send_client(req.client, frames)
+
+    def parked(self, client: bytes) -> bool:
+        conn = self.connections.get(client)
+        return conn is not None and conn.parked is not None
+
+    def reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
+        if self.parked(client):  # it reads nothing: a refusal would only pile up behind its answers
+            return
+        info = self.codec.encode(ErrorInfo(code, message))
+        self.send_client(client, self.codec.frames(Kind.ERROR, ErrorHeader(rid, code), info))
+
+    def send_client(self, client: bytes, frames: list[bytes]) -> bool:
+        """Send to a caller; one that is gone or stopped reading has its requests cancelled.
+
+        A caller that stopped reading (EAGAIN: `client_buffer` messages wait for it) keeps its
+        final answers parked for `_PARKED_FOR` seconds, so each of its requests still ends in
+        one answer if it resumes; the broker's memory stays bounded meanwhile."""
+        conn = self.connections.get(client)
+        if conn is not None and conn.parked is not None:
+            if frames[0] in _ENDS:
+                conn.parked.append(frames)
+            return False
+        try:
+            send_frames(self.frontend, [client, *frames], NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            self._cut_off(client, frames, gone=exc.errno == zmq.EHOSTUNREACH)  # the caller is gone (F11); else EAGAIN
+            return False
+
+    def _cut_off(self, client: bytes, frames: list[bytes], gone: bool) -> None:
+        log.info("client %s %s: cancelling its requests", _who(client), "went away" if gone else "stopped reading")
+        now = time.monotonic()  # a send can fail anywhere an answer is sent: the one clock reading not passed down
+        self.connections.park(client, frames if frames[0] in _ENDS else None, now)
+        why = (
+            "the caller went away"
+            if gone
+            else f"the caller stopped reading ({self.settings.client_buffer} messages waiting; client_buffer)"
+        )
+        for (owner, _), req in list(self.by_client.items()):
+            if owner == client:
+                self._cancel(req, why, now)
+        if gone:
+            self.connections.forget(client)
+
+    def resend_parked(self, now: float) -> None:
+        """Try again (once a second) to hand parked answers to callers that stopped reading."""
+        for client, conn in self.connections.parked():
+            answers = conn.parked
+            while answers:
+                try:
+                    send_frames(self.frontend, [client, *answers[0]], NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone for good
+                    answers.clear()
+                    break
+                answers.pop(0)
+            if not answers:
+                self.connections.unpark(client)
+            elif now - conn.parked_at > _PARKED_FOR:
+                log.warning("client %s did not read for %gs: dropping %d answers for it",
+                            _who(client), _PARKED_FOR, len(answers))  # fmt: skip
+                self.connections.forget(client)
+
+    def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:
+        try:
+            send_frames(self.backend, [worker.ident, *frames], NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            self.fleet.kill(worker, Reason.CRASH, now)
+            return False
+
+
+def _who(client: bytes) -> str:
+    """A client's name for the log: a hash of its routing id (the id itself would show the counter
+    libzmq generates ids from, and let a reader of the log claim the next ones)."""
+    return hashlib.blake2b(client, digest_size=4).hexdigest()

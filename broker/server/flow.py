@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 _PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
 _ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
 _ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
+# a worker's errors that leave an unseen request as good as unsent: retried like a stall before output
+_RETRIED = {Code.PROVIDER_CONNECTION: Reason.CONNECTION, Code.STREAM_INCOMPLETE: Reason.INCOMPLETE}
 
 
 class Flow:
@@ -167,8 +169,8 @@ class Flow:
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
             code = header.code
-            if code == Code.PROVIDER_CONNECTION and not req.delivered:
-                self.retry_or_fail(req, Reason.CONNECTION, now, payload)
+            if code in _RETRIED and not req.delivered:
+                self.retry_or_fail(req, _RETRIED[code], now, payload)
                 return
             self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
 
@@ -232,8 +234,9 @@ class Flow:
             self.finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
         elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
             if last_error:  # the provider's own error is the most useful answer
-                frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, Code.PROVIDER_CONNECTION), last_error)
-                self._forward_end(req, frames, f"error:{Code.PROVIDER_CONNECTION}")
+                code = next(code for code, why in _RETRIED.items() if why is reason)
+                self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), last_error),
+                                  f"error:{code}")  # fmt: skip
                 return
             tried = ", ".join(req.history)
             self.finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")

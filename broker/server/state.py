@@ -35,6 +35,7 @@ class Reason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     SCALE_DOWN = "scale_down"
     CONNECTION = "provider_connection"  # not a kill: the provider dropped an unseen request; retried
+    INCOMPLETE = "stream_incomplete"  # not a kill: an unseen stream ended without its terminal event; retried
     NEIGHBOUR = "killed_with_a_stalled_neighbour"  # not a kill reason: another stream of its worker stalled
 
     @property

@@ -125,10 +125,10 @@ class _CallState:
         return self.result
 
 
-class AsyncCall:
-    """One submitted call (asyncio). Iterate it for stream events; await `result()` for the end."""
+class _Call:
+    """What both kinds of call show of their state."""
 
-    def __init__(self, client: AsyncClient, state: _CallState) -> None:
+    def __init__(self, client: Any, state: _CallState) -> None:
         self._client, self._state = client, state
 
     @property
@@ -139,6 +139,12 @@ class AsyncCall:
     def head(self) -> Response | None:
         """A stream's HTTP status and headers: set once its first event has arrived."""
         return self._state.head
+
+
+class AsyncCall(_Call):
+    """One submitted call (asyncio). Iterate it for stream events; await `result()` for the end."""
+
+    _client: AsyncClient
 
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:
         state = self._state
@@ -165,20 +171,10 @@ class AsyncCall:
         self._client._cancel(self._state)
 
 
-class SyncCall:
+class SyncCall(_Call):
     """One submitted call, for a `Client`'s caller thread."""
 
-    def __init__(self, client: Client, state: _CallState) -> None:
-        self._client, self._state = client, state
-
-    @property
-    def request_id(self) -> int:
-        return self._state.rid
-
-    @property
-    def head(self) -> Response | None:
-        """A stream's HTTP status and headers: set once its first event has arrived."""
-        return self._state.head
+    _client: Client
 
     def __iter__(self) -> Iterator[StreamEvent]:
         state = self._state

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
+import httpx2 as httpx  # the SDKs' own HTTP client: installed with them, no SDK in the way
 import pytest
 from click.testing import CliRunner
 

@@ -10,7 +10,7 @@ import json
 import time
 
 import anthropic
-import httpx
+import httpx2 as httpx  # the SDKs' own HTTP client: installed with them, no SDK in the way
 import openai
 import pytest
 

@@ -210,12 +210,12 @@ def test_progress_lines_when_not_a_terminal(tmp_path, pool):
 
 
 def test_429_storm_lowers_concurrency_and_every_request_stays_within_its_budget(tmp_path):
-    """Half of all HTTP attempts are throttled; the SDK in the worker does not retry here,
+    """Half of all HTTP attempts are throttled; the pool does not retry here (max_attempts=1),
     so every 429 reaches the runner, which halves its concurrency and re-sends."""
     budget = 4
     with FakeProviderProcess(rates={"http-429:retry_after=0": 0.5}, seed=11) as storm:
-        pool_profiles = profiles(storm.url, min_workers=2, max_workers=16, sdk_max_retries=0)
-        with Pool(profiles=pool_profiles, **TEST_SETTINGS) as pool:
+        pool_profiles = profiles(storm.url, min_workers=2, max_workers=16)
+        with Pool(profiles=pool_profiles, **{**TEST_SETTINGS, "max_attempts": 1}) as pool:
             source = write_jsonl(tmp_path / "in.jsonl", openai_lines(120))
             summary = run(source, str(tmp_path / "out.jsonl"), pool=pool, concurrency=16, retry_budget=budget)
         served = sum(storm.stats()["served"].values())

@@ -1,0 +1,163 @@
+"""One retry policy, in the pool, for every path: the low-level client, the gateway (a plain HTTP
+client and an SDK at max_retries=0) and the shim (its SDK at its defaults). Attempts are counted
+where they land, at the fake provider, with their arrival times: retryable failures are retried
+within the call's one budget, Retry-After is honoured up to retry_after_max, a silent provider
+is retried once, a 4xx never, and the SDK's retries never multiply the pool's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from broker import Pool
+from broker.errors import RequestError
+from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
+from broker.shim import openai as shim_openai
+
+from .conftest import TEST_SETTINGS, openai_args, profiles
+
+HEADERS_TIMEOUT = 1.0
+RETRY_AFTER_MAX = 5.0
+MAX_ATTEMPTS = 3  # the pool's, and the shim's from its SDK's default max_retries=2
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FakeProviderProcess() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def pool(upstream):
+    settings = dict(
+        TEST_SETTINGS,
+        http="127.0.0.1:0",
+        headers_timeout=HEADERS_TIMEOUT,
+        retry_after_max=RETRY_AFTER_MAX,
+        max_attempts=MAX_ATTEMPTS,
+        http_retry_backoff=0.2,
+    )
+    with Pool(profiles=profiles(upstream.url, min_workers=2, max_workers=4), **settings) as p:
+        yield p
+
+
+Outcome = tuple[int, Any]  # (HTTP status, JSON body); status 0 with the pool's error name when no HTTP answer
+
+
+def via_client(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
+    with pool.client() as client:
+        try:
+            result = client.request("openai", "chat.completions.create", **args, extra_headers={FAULT_HEADER: spec})
+        except RequestError as exc:
+            info = exc.info
+            return (info.status, exc.body) if info.status else (0, type(exc).__name__)  # type: ignore[attr-defined]
+    return result.status, result.json()
+
+
+def via_gateway_httpx(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
+    response = httpx.post(pool.http_url + "/v1/chat/completions", json=args, headers={FAULT_HEADER: spec}, timeout=60)
+    return response.status_code, response.json()
+
+
+def via_gateway_sdk(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
+    with openai.OpenAI(base_url=pool.http_url + "/v1", max_retries=0) as sdk:
+        return _sdk_outcome(sdk, args, spec)
+
+
+def via_shim(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
+    with shim_openai.OpenAI(pool=pool) as sdk:  # the SDK's defaults: max_retries=2
+        return _sdk_outcome(sdk, args, spec)
+
+
+def _sdk_outcome(sdk: Any, args: dict[str, Any], spec: str) -> Outcome:
+    try:
+        completion = sdk.chat.completions.create(**args, extra_headers={FAULT_HEADER: spec})
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.response.json()
+    except openai.APIConnectionError as exc:
+        return 0, type(exc).__name__
+    return 200, completion.model_dump()
+
+
+PATHS: dict[str, Callable[[Pool, dict[str, Any], str], Outcome]] = {
+    "client": via_client,
+    "gateway-httpx": via_gateway_httpx,
+    "gateway-sdk": via_gateway_sdk,
+    "shim": via_shim,
+}
+paths = pytest.mark.parametrize("path", list(PATHS))
+
+
+def attempt(upstream: FakeProviderProcess, pool: Pool, path: str, spec: str, prompt: str) -> tuple[Outcome, list, float]:
+    """Run one call on `path` against a fresh fake; (its outcome, arrival times at the fake, seconds taken)."""
+    upstream.reset()
+    started = time.monotonic()
+    outcome = PATHS[path](pool, openai_args(f"{prompt} via {path}"), spec)
+    took = time.monotonic() - started
+    arrivals = list(upstream.stats()["arrivals"].values())
+    assert len(arrivals) <= 1, "one call, one distinct body"
+    return outcome, (arrivals[0] if arrivals else []), took
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+@paths
+def test_429_with_retry_after_is_retried_after_it(upstream, pool, path):
+    (status, body), times, _ = attempt(upstream, pool, path, "http-429:retry_after=1", "rate limited once")
+    assert status == 200, body
+    assert len(times) == 2
+    assert gaps(times)[0] >= 0.95  # the provider's Retry-After, not the backoff
+
+
+@paths
+def test_500_once_is_retried(upstream, pool, path):
+    (status, body), times, _ = attempt(upstream, pool, path, "http-500", "server error once")
+    assert status == 200, body
+    assert len(times) == 2
+
+
+@paths
+def test_provider_down_longer_than_the_budget_gets_its_503_after_exactly_the_budget(upstream, pool, path):
+    (status, body), times, _ = attempt(upstream, pool, path, "unavailable:for=60", "down for a minute")
+    assert status == 503, body  # the provider's own answer, not the pool's
+    assert len(times) == MAX_ATTEMPTS  # through the shim too: not its SDK's 3 x the pool's 3
+    assert all(gap >= 0.1 for gap in gaps(times))  # backed off, never hammered
+
+
+@paths
+def test_silent_provider_is_retried_once_within_its_headers_timeout(upstream, pool, path):
+    (status, body), times, took = attempt(upstream, pool, path, "no-headers:times=9", "never answers")
+    assert status in (0, 504) and status != 200, body
+    assert len(times) == 2
+    assert took < 2 * HEADERS_TIMEOUT + 2.0  # not first_event_timeout (20 s here), nor three attempts
+
+
+@paths
+def test_context_length_400_is_never_retried_and_comes_back_as_it_was(upstream, pool, path):
+    (status, body), times, _ = attempt(upstream, pool, path, "context-length:times=9", "too long")
+    assert status == 400
+    assert body["error"]["code"] == "context_length_exceeded"
+    assert len(times) == 1
+
+
+@paths
+def test_retry_after_over_the_cap_ends_the_call_at_once_with_the_429(upstream, pool, path):
+    (status, body), times, took = attempt(upstream, pool, path, "http-429:retry_after=30,times=9", "come back later")
+    assert status == 429, body
+    assert len(times) == 1
+    assert took < 5.0  # neither the 30 s asked for, nor the cap of 5 s waited out
+
+
+def test_retries_are_counted_by_reason(upstream, pool):
+    with pool.client() as client:
+        before = client.snapshot().retries_by_reason
+        attempt(upstream, pool, "client", "http-500", "counted")
+        after = client.snapshot().retries_by_reason
+    assert after.get("http_5xx", 0) == before.get("http_5xx", 0) + 1

@@ -81,6 +81,8 @@ def _sdk_outcome(sdk: Any, args: dict[str, Any], spec: str) -> Outcome:
         return exc.status_code, exc.response.json()
     except openai.APIConnectionError as exc:
         return 0, type(exc).__name__
+    if args.get("stream"):
+        return 200, [chunk.model_dump() for chunk in completion]
     return 200, completion.model_dump()
 
 
@@ -93,15 +95,23 @@ PATHS: dict[str, Callable[[Pool, dict[str, Any], str], Outcome]] = {
 paths = pytest.mark.parametrize("path", list(PATHS))
 
 
-def attempt(upstream: FakeProviderProcess, pool: Pool, path: str, spec: str, prompt: str) -> tuple[Outcome, list, float]:
-    """Run one call on `path` against a fresh fake; (its outcome, arrival times at the fake, seconds taken)."""
+def attempt(
+    upstream: FakeProviderProcess, pool: Pool, path: str, spec: str, prompt: str, **extra: Any
+) -> tuple[Outcome, list, float]:
+    """Run one call on `path` against a fresh fake; (its outcome, arrival times at the fake, seconds
+    taken). Every attempt after the first must have been the pool's: counted in its retries."""
     upstream.reset()
-    started = time.monotonic()
-    outcome = PATHS[path](pool, openai_args(f"{prompt} via {path}"), spec)
-    took = time.monotonic() - started
+    with pool.client() as client:
+        before = sum(client.snapshot().retries_by_reason.values())
+        started = time.monotonic()
+        outcome = PATHS[path](pool, openai_args(f"{prompt} via {path}", **extra), spec)
+        took = time.monotonic() - started
+        retried = sum(client.snapshot().retries_by_reason.values()) - before
     arrivals = list(upstream.stats()["arrivals"].values())
     assert len(arrivals) <= 1, "one call, one distinct body"
-    return outcome, (arrivals[0] if arrivals else []), took
+    times = arrivals[0] if arrivals else []
+    assert retried == len(times) - 1, f"{len(times)} attempts at the provider, {retried} retries by the pool"
+    return outcome, times, took
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -121,6 +131,19 @@ def test_500_once_is_retried(upstream, pool, path):
     (status, body), times, _ = attempt(upstream, pool, path, "http-500", "server error once")
     assert status == 200, body
     assert len(times) == 2
+
+
+def test_500_once_is_retried_before_a_stream_through_the_gateway(upstream, pool):
+    (status, chunks), times, _ = attempt(upstream, pool, "gateway-sdk", "http-500", "stream after a 500", stream=True)
+    assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len(times) == 2
+
+
+@paths
+def test_connection_lost_every_time_is_retried_within_the_budget(upstream, pool, path):
+    (status, body), times, _ = attempt(upstream, pool, path, "reset:after=0,times=99", "connection reset")
+    assert status in (0, 502), body  # the SDK's connection error; the gateway's 502
+    assert len(times) == MAX_ATTEMPTS  # through the shim too: not its SDK's 3 x the pool's 3
 
 
 @paths

@@ -184,3 +184,15 @@ def test_retries_are_counted_by_reason(upstream, pool):
         attempt(upstream, pool, "client", "http-500", "counted")
         after = client.snapshot().retries_by_reason
     assert after.get("http_5xx", 0) == before.get("http_5xx", 0) + 1
+
+
+def test_a_retry_waiting_out_its_retry_after_holds_up_none_of_its_callers_other_calls(upstream, pool):
+    upstream.reset()
+    with pool.client() as client:
+        throttled = client.submit("openai", "chat.completions.create", **openai_args("throttled"),
+                                  extra_headers={FAULT_HEADER: "http-429:retry_after=3"})  # fmt: skip
+        time.sleep(0.5)  # its first attempt has been answered 429 and it waits out the 3 s
+        started = time.monotonic()
+        assert client.request("openai", "chat.completions.create", **openai_args("meanwhile")).status == 200
+        assert time.monotonic() - started < 2.0  # not behind the throttled one in the same connection's line
+        assert throttled.result().status == 200

@@ -65,6 +65,8 @@ class Flow:
         )
         self.held_bytes = 0  # payloads of the requests in `self.requests`
         self.requests: dict[int, Request] = {}  # by key
+        self.backing_off: dict[int, Request] = {}  # retries waiting out their delay, by key: outside the
+        # queues, so that a throttled request does not hold up its caller's others behind it
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.draining = False
@@ -148,7 +150,7 @@ class Flow:
                 self.finish(req, Code.SHUTTING_DOWN, "the pool is shutting down")
 
     def fail_queue(self, profile: str, why: str) -> None:
-        for req in self.queues[profile].clear():
+        for req in self.queues[profile].clear() + [r for r in self.backing_off.values() if r.profile == profile]:
             self.finish(req, Code.CONFIG, why)
 
     # ----- workers --------------------------------------------------------------
@@ -280,8 +282,11 @@ class Flow:
             req.headers_at = None
             req.last_event_at = None
             req.not_before = now + delay
-            self.alarm.by(req.not_before)
-            self.queues[req.profile].push(req, front=True)
+            if delay > 0:
+                self.backing_off[req.key] = req
+                self.alarm.by(req.not_before)
+            else:
+                self.queues[req.profile].push(req, front=True)
 
     def _shed(self, worker: Worker, req: Request, reason: Reason, now: float) -> None:
         """Take one stream off a worker that carries others, when a limit of the request's own
@@ -324,8 +329,15 @@ class Flow:
         return due
 
     def expire_queued(self, now: float) -> float:
-        """Queued requests whose deadline passed end; a retry's backoff ends."""
+        """Queued requests whose deadline passed end; a retry whose delay is over goes to the front of
+        its caller's queue."""
         due = now + 1.0
+        for req in list(self.backing_off.values()):
+            if now >= req.not_before:
+                del self.backing_off[req.key]
+                self.queues[req.profile].push(req, front=True)
+            else:
+                due = min(due, req.not_before)
         for queue in self.queues.values():
             for req in [r for r in queue if now >= r.deadline_at]:
                 queue.remove(req)
@@ -353,6 +365,7 @@ class Flow:
             self.queues[req.profile].remove(req)
         elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
+        self.backing_off.pop(req.key, None)
         self.send_client(req.client, frames)
 
     def parked(self, client: bytes) -> bool:

@@ -322,6 +322,8 @@ class Flow:
                     self._shed(worker, req, reason, now)  # its own limit: the neighbours' streams are healthy
                     due = min(due, now + _ABORT_GRACE)
                 elif now >= req_at:
+                    if reason in (Reason.HEADERS, Reason.FIRST_EVENT) and self._unheard(worker, now):
+                        reason = Reason.HEARTBEAT  # the worker went silent, not the provider: not its one retry
                     log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
                     self.fleet.kill(worker, reason, now, req)
                     break
@@ -344,6 +346,11 @@ class Flow:
                 self.finish(req, Code.DEADLINE, "deadline passed while the request was queued")
             due = min(due, queue.next_due(now))
         return due
+
+    def _unheard(self, worker: Worker, now: float) -> bool:
+        """Whether a worker missed its last two heartbeats (a hung worker, whose request's silence
+        says nothing about the provider)."""
+        return now - worker.last_beat > 2 * self.settings.heartbeat_interval
 
     # ----- answers --------------------------------------------------------------
 

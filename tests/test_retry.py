@@ -1,5 +1,5 @@
 """One retry policy, in the pool, for every path: the low-level client, the gateway (a plain HTTP
-client and an SDK at max_retries=0) and the shim (its SDK at its defaults). Attempts are counted
+client, an SDK at max_retries=0 and one at its defaults) and the shim (its SDK at its defaults). Attempts are counted
 where they land, at the fake provider, with their arrival times: retryable failures are retried
 within the call's one budget, Retry-After is honoured up to retry_after_max, a silent provider
 is retried once, a 4xx never, and the SDK's retries never multiply the pool's."""
@@ -69,6 +69,11 @@ def via_gateway_sdk(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
         return _sdk_outcome(sdk, args, spec)
 
 
+def via_gateway_sdk_defaults(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
+    with openai.OpenAI(base_url=pool.http_url + "/v1") as sdk:  # max_retries=2: `x-should-retry: false` stops them
+        return _sdk_outcome(sdk, args, spec)
+
+
 def via_shim(pool: Pool, args: dict[str, Any], spec: str) -> Outcome:
     with shim_openai.OpenAI(pool=pool) as sdk:  # the SDK's defaults: max_retries=2
         return _sdk_outcome(sdk, args, spec)
@@ -90,6 +95,7 @@ PATHS: dict[str, Callable[[Pool, dict[str, Any], str], Outcome]] = {
     "client": via_client,
     "gateway-httpx": via_gateway_httpx,
     "gateway-sdk": via_gateway_sdk,
+    "gateway-sdk-defaults": via_gateway_sdk_defaults,
     "shim": via_shim,
 }
 paths = pytest.mark.parametrize("path", list(PATHS))
@@ -150,7 +156,7 @@ def test_connection_lost_every_time_is_retried_within_the_budget(upstream, pool,
 def test_provider_down_longer_than_the_budget_gets_its_503_after_exactly_the_budget(upstream, pool, path):
     (status, body), times, _ = attempt(upstream, pool, path, "unavailable:for=60", "down for a minute")
     assert status == 503, body  # the provider's own answer, not the pool's
-    assert len(times) == MAX_ATTEMPTS  # through the shim too: not its SDK's 3 x the pool's 3
+    assert len(times) == MAX_ATTEMPTS  # through the shim and an SDK at its defaults too: not 3 x 3
     assert all(gap >= 0.1 for gap in gaps(times))  # backed off, never hammered
 
 

@@ -27,13 +27,7 @@ MAX_ATTEMPTS = 3  # the pool's, and the shim's from its SDK's default max_retrie
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    with FakeProviderProcess() as provider:
-        yield provider
-
-
-@pytest.fixture(scope="module")
-def pool(upstream):
+def pool(fake):
     settings = dict(
         TEST_SETTINGS,
         http="127.0.0.1:0",
@@ -42,7 +36,7 @@ def pool(upstream):
         max_attempts=MAX_ATTEMPTS,
         http_retry_backoff=0.2,
     )
-    with Pool(profiles=profiles(upstream.url, min_workers=2, max_workers=4), **settings) as p:
+    with Pool(profiles=profiles(fake.url, min_workers=2, max_workers=4), **settings) as p:
         yield p
 
 
@@ -102,18 +96,18 @@ paths = pytest.mark.parametrize("path", list(PATHS))
 
 
 def attempt(
-    upstream: FakeProviderProcess, pool: Pool, path: str, spec: str, prompt: str, **extra: Any
+    fake: FakeProviderProcess, pool: Pool, path: str, spec: str, prompt: str, **extra: Any
 ) -> tuple[Outcome, list, float]:
     """Run one call on `path` against a fresh fake; (its outcome, arrival times at the fake, seconds
     taken). Every attempt after the first must have been the pool's: counted in its retries."""
-    upstream.reset()
+    fake.reset()
     with pool.client() as client:
         before = sum(client.snapshot().retries_by_reason.values())
         started = time.monotonic()
         outcome = PATHS[path](pool, openai_args(f"{prompt} via {path}", **extra), spec)
         took = time.monotonic() - started
         retried = sum(client.snapshot().retries_by_reason.values()) - before
-    arrivals = list(upstream.stats()["arrivals"].values())
+    arrivals = list(fake.stats()["arrivals"].values())
     assert len(arrivals) <= 1, "one call, one distinct body"
     times = arrivals[0] if arrivals else []
     assert retried == len(times) - 1, f"{len(times)} attempts at the provider, {retried} retries by the pool"
@@ -125,75 +119,75 @@ def gaps(times: list[float]) -> list[float]:
 
 
 @paths
-def test_429_with_retry_after_is_retried_after_it(upstream, pool, path):
-    (status, body), times, _ = attempt(upstream, pool, path, "http-429:retry_after=1", "rate limited once")
+def test_429_with_retry_after_is_retried_after_it(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "http-429:retry_after=1", "rate limited once")
     assert status == 200, body
     assert len(times) == 2
     assert gaps(times)[0] >= 0.95  # the provider's Retry-After, not the backoff
 
 
 @paths
-def test_500_once_is_retried(upstream, pool, path):
-    (status, body), times, _ = attempt(upstream, pool, path, "http-500", "server error once")
+def test_500_once_is_retried(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "http-500", "server error once")
     assert status == 200, body
     assert len(times) == 2
 
 
-def test_500_once_is_retried_before_a_stream_through_the_gateway(upstream, pool):
-    (status, chunks), times, _ = attempt(upstream, pool, "gateway-sdk", "http-500", "stream after a 500", stream=True)
+def test_500_once_is_retried_before_a_stream_through_the_gateway(fake, pool):
+    (status, chunks), times, _ = attempt(fake, pool, "gateway-sdk", "http-500", "stream after a 500", stream=True)
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert len(times) == 2
 
 
 @paths
-def test_connection_lost_every_time_is_retried_within_the_budget(upstream, pool, path):
-    (status, body), times, _ = attempt(upstream, pool, path, "reset:after=0,times=99", "connection reset")
+def test_connection_lost_every_time_is_retried_within_the_budget(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "reset:after=0,times=99", "connection reset")
     assert status in (0, 502), body  # the SDK's connection error; the gateway's 502
     assert len(times) == MAX_ATTEMPTS  # through the shim too: not its SDK's 3 x the pool's 3
 
 
 @paths
-def test_provider_down_longer_than_the_budget_gets_its_503_after_exactly_the_budget(upstream, pool, path):
-    (status, body), times, _ = attempt(upstream, pool, path, "unavailable:for=60", "down for a minute")
+def test_provider_down_longer_than_the_budget_gets_its_503_after_exactly_the_budget(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "unavailable:for=60", "down for a minute")
     assert status == 503, body  # the provider's own answer, not the pool's
     assert len(times) == MAX_ATTEMPTS  # through the shim and an SDK at its defaults too: not 3 x 3
     assert all(gap >= 0.1 for gap in gaps(times))  # backed off, never hammered
 
 
 @paths
-def test_silent_provider_is_retried_once_within_its_headers_timeout(upstream, pool, path):
-    (status, body), times, took = attempt(upstream, pool, path, "no-headers:times=9", "never answers")
+def test_silent_provider_is_retried_once_within_its_headers_timeout(fake, pool, path):
+    (status, body), times, took = attempt(fake, pool, path, "no-headers:times=9", "never answers")
     assert status in (0, 504) and status != 200, body
     assert len(times) == 2
     assert took < 2 * HEADERS_TIMEOUT + 2.0  # not first_event_timeout (20 s here), nor three attempts
 
 
 @paths
-def test_context_length_400_is_never_retried_and_comes_back_as_it_was(upstream, pool, path):
-    (status, body), times, _ = attempt(upstream, pool, path, "context-length:times=9", "too long")
+def test_context_length_400_is_never_retried_and_comes_back_as_it_was(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "context-length:times=9", "too long")
     assert status == 400
     assert body["error"]["code"] == "context_length_exceeded"
     assert len(times) == 1
 
 
 @paths
-def test_retry_after_over_the_cap_ends_the_call_at_once_with_the_429(upstream, pool, path):
-    (status, body), times, took = attempt(upstream, pool, path, "http-429:retry_after=30,times=9", "come back later")
+def test_retry_after_over_the_cap_ends_the_call_at_once_with_the_429(fake, pool, path):
+    (status, body), times, took = attempt(fake, pool, path, "http-429:retry_after=30,times=9", "come back later")
     assert status == 429, body
     assert len(times) == 1
     assert took < 5.0  # neither the 30 s asked for, nor the cap of 5 s waited out
 
 
-def test_retries_are_counted_by_reason(upstream, pool):
+def test_retries_are_counted_by_reason(fake, pool):
     with pool.client() as client:
         before = client.snapshot().retries_by_reason
-        attempt(upstream, pool, "client", "http-500", "counted")
+        attempt(fake, pool, "client", "http-500", "counted")
         after = client.snapshot().retries_by_reason
     assert after.get("http_5xx", 0) == before.get("http_5xx", 0) + 1
 
 
-def test_a_retry_waiting_out_its_retry_after_holds_up_none_of_its_callers_other_calls(upstream, pool):
-    upstream.reset()
+def test_a_retry_waiting_out_its_retry_after_holds_up_none_of_its_callers_other_calls(fake, pool):
+    fake.reset()
     with pool.client() as client:
         throttled = client.submit("openai", "chat.completions.create", **openai_args("throttled"),
                                   extra_headers={FAULT_HEADER: "http-429:retry_after=3"})  # fmt: skip

@@ -196,3 +196,13 @@ def test_a_retry_waiting_out_its_retry_after_holds_up_none_of_its_callers_other_
         assert client.request("openai", "chat.completions.create", **openai_args("meanwhile")).status == 200
         assert time.monotonic() - started < 2.0  # not behind the throttled one in the same connection's line
         assert throttled.result().status == 200
+
+
+def test_the_shims_max_retries_is_its_calls_budget_in_the_pool(fake, pool):
+    fake.reset()
+    with shim_openai.OpenAI(pool=pool, max_retries=0) as none, none.with_options(max_retries=3) as four:
+        assert none.max_retries == four.max_retries == 0  # the SDK itself never retries: the pool does
+        for sdk, attempts in ((none, 1), (four, 4)):
+            fake.reset()
+            assert _sdk_outcome(sdk, openai_args(f"{attempts} attempts"), "unavailable:for=60")[0] == 503
+            assert [len(t) for t in fake.stats()["arrivals"].values()] == [attempts]

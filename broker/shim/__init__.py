@@ -16,7 +16,6 @@ pool with the default profiles, started on first use and stopped at exit.
 from __future__ import annotations
 
 import atexit
-import copy
 import os
 import threading
 import types
@@ -84,9 +83,7 @@ def _options(
     retries = kwargs.pop("max_retries", None)
     if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
         if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
-            transport = copy.copy(http_client._transport)
-            transport.attempts = retries + 1
-            http_client = type(http_client)(transport=transport)
+            http_client = type(http_client)(transport=http_client._transport.with_attempts(retries + 1))
         return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
     if http_client is not None:
         raise ValueError("http_client belongs to the pool: its workers make the HTTP requests")

@@ -11,6 +11,7 @@ The pool does the retrying: the shim's SDK client is built with max_retries=0, a
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -98,6 +99,12 @@ class PoolTransport(httpx2.BaseTransport):
         self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
         self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
 
+    def with_attempts(self, attempts: int) -> PoolTransport:
+        """The same transport with another attempt budget (an SDK client's `with_options(max_retries=…)`)."""
+        twin = copy.copy(self)
+        twin.attempts = attempts
+        return twin
+
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         http_call = to_http_call(request, self._base_path, self._base_url)
         try:
@@ -127,6 +134,13 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
         self.attempts = attempts
         self._client: AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def with_attempts(self, attempts: int) -> AsyncPoolTransport:
+        """The same transport with another attempt budget, and a pool connection of its own (closing
+        one SDK client then leaves the other's)."""
+        twin = copy.copy(self)
+        twin.attempts, twin._client, twin._loop = attempts, None, None
+        return twin
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         loop = asyncio.get_running_loop()

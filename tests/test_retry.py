@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx is only in an extra)
 import openai
 import pytest
 

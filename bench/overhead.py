@@ -132,8 +132,8 @@ def run(size: str) -> dict[str, Any]:
     rows = []
     with FakeProviderProcess() as fake:
         profiles = {
-            "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "sdk_max_retries": 0},
-            "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "sdk_max_retries": 0},
+            "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
+            "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1},
         }
         with Pool(profiles=profiles) as pool, pool.client() as client:
             direct = {

@@ -44,7 +44,6 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_key_env: str | None = None
     default_headers: dict[str, str] = {}
     sdk_timeout: float = 600.0
-    sdk_max_retries: int = 2
     min_workers: int = 1
     max_workers: int = 8
     spare_workers: int = 1
@@ -70,6 +69,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     startup_timeout: float = 30.0
     max_attempts: int = 3
     retry_backoff: float = 0.02
+    headers_timeout: float = 30.0  # request sent -> the provider's response headers (then first_event_timeout)
+    http_retry_backoff: float = 0.5  # base of the backoff after a provider's 429/5xx or a lost connection
+    retry_after_max: float = 60.0  # a longer Retry-After ends the call with the provider's 429 at once
     queue_limit: int = 10_000
     client_queue_limit: int = 0  # requests in flight per client connection; 0 = queue_limit
     client_rate: float = 0.0  # requests per second per client connection; 0 = unlimited
@@ -107,6 +109,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         positive = (
             "first_event_timeout",
+            "headers_timeout",
             "stale_timeout",
             "deadline",
             "heartbeat_interval",
@@ -123,7 +126,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.queue_bytes_limit < self.max_message_bytes:
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
-        for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit"):
+        for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
+                     "retry_backoff", "http_retry_backoff", "retry_after_max"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         for name in ("http", "metrics"):

@@ -6,7 +6,7 @@
     ├── ClientClosed                 the client was used after close()
     └── RequestError                 one request ended in an error (.code, .info, .request_id)
         ├── ProviderError            the provider answered with an error (not a stall)
-        │   ├── ProviderStatusError      HTTP 4xx/5xx after the SDK's own retries (.status, .body, .headers)
+        │   ├── ProviderStatusError      HTTP 4xx/5xx after the pool's retries (.status, .body, .headers)
         │   ├── ProviderStreamError      an `error` event in the middle of a stream
         │   ├── StreamIncomplete         the stream ended without its terminal event: cut short, never a success
         │   └── ProviderConnectionError  the SDK could not reach the provider

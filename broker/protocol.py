@@ -28,7 +28,7 @@ MAX_HEADER_BYTES = 4096
 class Code(enum.StrEnum):
     """What an ERROR means. Provider codes come from the worker, the rest from the broker or client."""
 
-    PROVIDER_STATUS = "provider_status"  # HTTP 4xx/5xx from the provider, after the SDK's own retries
+    PROVIDER_STATUS = "provider_status"  # HTTP 4xx/5xx from the provider, after the pool's retries
     PROVIDER_STREAM = "provider_stream"  # an `error` event in the middle of a stream
     PROVIDER_CONNECTION = "provider_connection"
     PROVIDER_TIMEOUT = "provider_timeout"  # the SDK's own HTTP timeout
@@ -347,6 +347,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     rejected: dict[str, int]  # malformed or refused messages, by code
     latency: HistogramSnapshot
     first_event: HistogramSnapshot
+    retries_by_reason: dict[str, int] = {}  # http_429, http_5xx, provider_connection, headers_timeout, ...
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

@@ -159,8 +159,10 @@ def test_a_tiny_stale_timeout_is_raised_to_the_operators_floor(fake, own_process
 def test_a_huge_max_attempts_is_capped_by_the_operator(fake, own_processes):
     settings = dict(TEST_SETTINGS, request_max_attempts=3)
     with Pool(profiles=one_worker(fake), **settings) as pool, pool.client() as client:
-        call = client.submit("anthropic", "messages.create", first_event_timeout=0.3, max_attempts=10**9,
-                             **anthropic_args("never"), **fault("stall-first:interval=0.1,times=1000"))  # fmt: skip
+        # a stall after the first events (a silent provider would be retried only once)
+        stalls = fault("stall-ping:after=1,interval=0.1,times=1000")
+        call = client.submit("anthropic", "messages.create", stale_timeout=0.3, max_attempts=10**9,
+                             **anthropic_args("never"), **stalls)  # fmt: skip
         with pytest.raises(AttemptsExhausted) as caught:
             call.result()
         assert caught.value.info.attempts == 3

@@ -31,6 +31,7 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
                                **anthropic_args(f"m{i}"), **fault("stall-ping:after=1,times=1"))
                  for i in range(3)]  # fmt: skip
         calls += [client.submit("anthropic", "messages.create", **anthropic_args(f"ok{i}")) for i in range(5)]
+        calls.append(client.submit("anthropic", "messages.create", **anthropic_args("500"), **fault("http-500")))
         mid_run = scrape(pool.metrics_url)  # scraped while the stalls are being cut
         assert ("isopool_requests_in_flight", ()) in mid_run
         for call in calls[3:]:
@@ -51,6 +52,9 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
         for reason, count in stats["kills"].items():
             assert scraped[("isopool_worker_kills_total", (("reason", reason),))] == count
         assert scraped[("isopool_retries_total", ())] == stats["retries"]
+        assert stats["retries_by_reason"] and sum(stats["retries_by_reason"].values()) == stats["retries"]
+        for reason, count in stats["retries_by_reason"].items():
+            assert scraped[("isopool_retries_by_reason_total", (("reason", reason),))] == count
         assert scraped[("isopool_worker_respawns_total", ())] == stats["respawns"]
         assert scraped[("isopool_queue_depth", (("profile", "anthropic"),))] == 0
         workers = sum(v for (name, _), v in scraped.items() if name == "isopool_workers")

@@ -15,7 +15,7 @@ def running(sent=100.0, last=None, fet=10.0, stale=2.0, deadline_at=1000.0) -> R
     return req
 
 
-def test_first_event_timeout_counts_from_send():
+def test_first_event_timeout_counts_from_send():  # headers_timeout is off (inf) in these requests
     assert request_due(running(sent=100.0)) == (110.0, Reason.FIRST_EVENT)
 
 
@@ -50,4 +50,13 @@ def test_first_retry_is_immediate_then_backoff_grows_with_jitter_and_cap():
 
 
 def test_stall_reasons():
-    assert {r for r in Reason if r.is_stall} == {Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT}
+    stalls = {Reason.HEADERS, Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT}
+    assert {r for r in Reason if r.is_stall} == stalls
+
+
+def test_headers_timeout_counts_from_send_until_the_headers_come():
+    req = running(sent=100.0)
+    req.headers_timeout = 3.0
+    assert request_due(req) == (103.0, Reason.HEADERS)
+    req.headers_at = 101.0  # the headers came: the long wait for a first token begins
+    assert request_due(req) == (110.0, Reason.FIRST_EVENT)

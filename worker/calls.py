@@ -36,7 +36,7 @@ STREAMABLE: dict[tuple[str, str], type] = {
 
 # Response headers that describe bytes as they came off the wire: the relayed body is decoded
 # (and possibly assembled), so these would mislead whoever reads it.
-_RELAYED_BY_US = {"content-length", "content-encoding", "transfer-encoding", "connection"}
+RELAYED_BY_US = {"content-length", "content-encoding", "transfer-encoding", "connection"}
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 
@@ -116,14 +116,14 @@ async def relay(
     StreamIncomplete); or a stream the worker opened for a non-streaming call, assembled into that
     call's body. `raise_on_error`: a mid-stream error event ends the call with a ProviderStreamError
     (else it is relayed like any event, for the caller's SDK)."""
-    headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _RELAYED_BY_US]
+    headers = [(k, v) for k, v in http.headers.items() if k.lower() not in RELAYED_BY_US]
     if http.status_code >= 400:  # an error answer owes no terminal event: relayed as it came
         check = StreamCheck()
+    await emit.head(Response(http.status_code, headers))  # the headers came: first_event_timeout from now on
     if not http.headers.get("content-type", "").startswith("text/event-stream"):
         body = await http.aread()
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
-        await emit.head(Response(http.status_code, headers))
         async for batch in iter_batches(http.aiter_bytes(), check):
             await emit.events(batch)
             if raise_on_error and (error := next((d for n, d in batch if is_error_event(n, d)), None)) is not None:

@@ -17,6 +17,7 @@ from broker.protocol import Code, ErrorInfo
 from . import sdks
 from .assemble import ProviderStreamError
 from .calls import BadCall
+from .exchange import ProviderHttpError
 from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
@@ -42,6 +43,8 @@ def translate(exc: BaseException) -> ErrorInfo:
             headers=list(exc.response.headers.items()),
             error_type=name,
         )
+    if isinstance(exc, ProviderHttpError):
+        return ErrorInfo(Code.PROVIDER_STATUS, str(exc), exc.status, exc.body, exc.headers, error_type="APIStatusError")
     if isinstance(exc, sdks.errors("APITimeoutError")):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, str(exc), error_type=name)
     if isinstance(exc, sdks.errors("APIConnectionError")):

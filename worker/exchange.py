@@ -8,9 +8,10 @@ that frame the request are refused, so a caller can never send the worker's key 
 Where the pool allows it, a call brings its own key (and may then name its own base URL),
 and nothing of the pool's goes with it but the profile's headers to the profile's upstream.
 A non-streaming call to an endpoint that can stream is sent as a stream and assembled
-here, so its stalls are caught too. Provider errors and mid-stream `error` events are
-relayed as they are: the caller's SDK raises its own exception classes and applies its
-own retry settings.
+here, so its stalls are caught too. A provider's HTTP error answer is read whole and raised as
+a `ProviderHttpError`, so that the broker can retry it within the call's one budget; the one it
+does not retry reaches the caller as it came (status, headers, body), and the caller's SDK raises
+its own exception class. Mid-stream `error` events are relayed as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import msgspec
 
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 
-from .calls import STREAMABLE, BadCall, as_stream, check_headers, relay
+from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, relay
 from .hygiene import check_for
 
 # The caller's request headers that never go upstream: its credentials (the worker adds the
@@ -39,6 +40,17 @@ _ENDPOINTS = {
 }
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
+
+
+class ProviderHttpError(Exception):
+    """The provider's HTTP error answer to a relayed request: its status, headers and body, for the
+    broker to retry or to hand back as it came."""
+
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        super().__init__(f"Error code: {status} - {body[:500].decode(errors='replace')}")
+        self.status = status
+        self.headers = [(k, v) for k, v in headers if k.lower() not in RELAYED_BY_US]
+        self.body = body
 
 
 def check_path(path: str) -> None:
@@ -64,6 +76,8 @@ async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, al
             body = _ENC.encode(as_stream(kind, method, args))
     response = await send(sdk, http, call, body, allow_overrides)
     try:
+        if response.status_code >= 400:
+            raise ProviderHttpError(response.status_code, response.headers.items(), await response.aread())
         await relay(response, emit, streaming, accumulator, check_for(kind, method, args), raise_on_error=False)
     finally:
         await response.aclose()

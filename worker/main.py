@@ -125,7 +125,7 @@ def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:
         api_key=key,
         base_url=profile.base_url,
         timeout=profile.sdk_timeout,
-        max_retries=profile.sdk_max_retries,
+        max_retries=0,  # the broker retries, within each call's one budget (broker/server/retrypolicy.py)
         default_headers=profile.default_headers or None,
     )
     return Clients(client, http_client, sdk.resource_type)

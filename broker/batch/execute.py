@@ -1,6 +1,6 @@
 """One batch item through a pool, under a lane: the same code on one machine and on each Ray node.
 
-A 429/529 that outlasts the SDK's own retries halves the lane's limit, pauses it for the
+A 429/529 that outlasts the pool's retries halves the lane's limit, pauses it for the
 provider's retry-after, and the item is sent again, up to its retry budget; its last
 answer is then its result.
 """
@@ -28,7 +28,7 @@ class Counters(msgspec.Struct, frozen=True):
 
     stalls: int = 0  # stalls the pool detected and recovered from
     retries: int = 0  # the pool's transparent retries
-    throttled: int = 0  # 429/529 answers after the SDK's own retries
+    throttled: int = 0  # 429/529 answers after the pool's retries
     batch_retries: int = 0  # throttled requests sent again by the runner
     lowest_concurrency: int = 0
 

@@ -65,7 +65,7 @@ class Summary(msgspec.Struct):
     errors: dict[str, int] = {}
     stalls_recovered: int = 0
     retries: int = 0  # the pool's transparent retries
-    throttled: int = 0  # 429/529 answers after the SDK's own retries
+    throttled: int = 0  # 429/529 answers after the pool's retries
     batch_retries: int = 0  # throttled requests sent again by the runner
     lowest_concurrency: int = 0
     wall_s: float = 0.0

@@ -126,7 +126,11 @@ def serve(
     no new requests, in-flight ones finish within drain_timeout, then everything stops.
 
     A tcp:// frontend requires CURVE keys (settings curve_server_key and curve_clients_dir;
-    see `isopool keygen`), or --insecure."""
+    see `isopool keygen`), or --insecure.
+
+    The pool retries a provider's 429 and 5xx, lost connections and a silence before the
+    response headers (headers_timeout, once) for every caller, within each call's
+    max_attempts and deadline (settings headers_timeout, retry_after_max, http_retry_backoff)."""
     from ..config import ConfigError, load_settings
     from ..endpoints import shared_run_dir
     from ..server.serve import run_broker
@@ -240,7 +244,7 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     request each result answers, and an input that reuses a done id for a different request
     is refused (--rerun-changed runs those ids again). If a result cannot be written (a full
     disk), no more lines are sent: free space and run the same command again.
-    A 429/529 that outlasts the SDK's own retries halves the concurrency (which grows
+    A 429/529 that outlasts the pool's retries halves the concurrency (which grows
     back as answers come), pauses for its retry-after, and is re-sent up to --retry-budget.
 
     With --job, FUNCTION(line, ctx) is called once per line (in a thread, or on an event

@@ -95,12 +95,13 @@ class _Sink:
 
 
 class _CallState:
-    __slots__ = ("rid", "sink", "raw", "head", "result", "error", "done", "events")
+    __slots__ = ("rid", "sink", "raw", "relayed", "head", "result", "error", "done", "events")
 
-    def __init__(self, rid: int, sink: _Sink, raw: bool = False) -> None:
+    def __init__(self, rid: int, sink: _Sink, raw: bool = False, relayed: bool = False) -> None:
         self.rid = rid
         self.sink = sink
         self.raw = raw  # a control call (STATS, PING): the result payload is not a Response
+        self.relayed = relayed  # an HTTP request (shim, gateway): a provider's error answer is its result
         self.head: Response | None = None
         self.result: Result | None = None
         self.error: IsopoolError | None = None
@@ -286,7 +287,7 @@ class AsyncClient:
                 f"request of {len(payload)} bytes exceeds max_message_bytes ({self.max_message_bytes}): "
                 "send less, or raise max_message_bytes on the broker and on this client"
             )))  # fmt: skip
-        state = _CallState(rid, _Sink(threadsafe))
+        state = _CallState(rid, _Sink(threadsafe), relayed=isinstance(call, HttpCall))
         self._send(self._codec.frames(Kind.SUBMIT, header, payload), state)
         return state
 
@@ -436,6 +437,8 @@ class AsyncClient:
         try:
             if kind == Kind.ERROR:
                 info = self._codec.error(payload)
+                if state.relayed and info.code == Code.PROVIDER_STATUS and info.status:  # the pool's retries spent
+                    return Result(info.status, info.headers, info.body or b"")
                 if state.events > info.delivered:  # worker-made errors do not know what the caller saw
                     info = msgspec.structs.replace(info, delivered=state.events)
                 return error_for(info, state.rid)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections import Counter
 from typing import Any
 
@@ -72,6 +73,7 @@ class FakeProvider:
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
         self.bodies: Counter[str] = Counter()  # times each distinct request was served: a repeat ran twice
+        self.arrivals: dict[str, list[float]] = {}  # when (time.monotonic()) each distinct request arrived
         self.answered = 0
         self.completed = 0
         self.disconnects = 0
@@ -107,6 +109,12 @@ class FakeProvider:
         if len(self.received) > _REMEMBERED:
             del self.received[next(iter(self.received))]
 
+    def _arrived(self, key: str) -> None:
+        """Note an attempt's arrival, for tests that check how many came and how far apart."""
+        self.arrivals.setdefault(key, []).append(time.monotonic())
+        if len(self.arrivals) > _REMEMBERED:
+            del self.arrivals[next(iter(self.arrivals))]
+
     async def request_headers(self, request: web.Request) -> web.Response:
         headers = self.received.get(request.match_info["rid"])
         return web.json_response(headers) if headers is not None else web.json_response({}, status=404)
@@ -126,6 +134,7 @@ class FakeProvider:
             "chunks": self.chunks,
             "repeated": sum(n - 1 for n in self.bodies.values()),
             "cached_tokens": self.cached_tokens,
+            "arrivals": self.arrivals,
         }
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -134,6 +143,7 @@ class FakeProvider:
     async def reset(self, request: web.Request) -> web.Response:
         self.served.clear()
         self.bodies.clear()
+        self.arrivals.clear()
         self.faults.reset()
         if self.prefixes is not None:
             self.prefixes.clear()
@@ -164,6 +174,7 @@ class FakeProvider:
             stream = bool(body.get("stream"))
             self.served[f"{request.path.removeprefix('/v1/').replace('/', '.')}.{'stream' if stream else 'plain'}"] += 1
             self.bodies[reply.key] += 1
+            self._arrived(reply.key)
             if fault is not None:
                 if fault.kind == "no-headers":  # holds until the client leaves, having sent nothing
                     await self._hold(request, fault, None, 0)

@@ -9,6 +9,8 @@ Each request is sent on as the caller made it (its credentials dropped: the work
 the pool's key), to the profile named by an `x-isopool-profile` header, else to the
 default Anthropic profile for `/v1/messages…` and requests carrying `anthropic-version`,
 else to the default OpenAI one. Streams are relayed event by event as they arrive.
+Retryable failures were retried by the pool within the call's budget (broker/server/retrypolicy.py);
+an error answer says `x-should-retry: false`, so that a caller's SDK does not retry it again.
 
 It is a server on a developer's laptop, so it trusts no caller:
 - Without a token it answers only to loopback names in `Host` (a web page that rebinds its
@@ -74,6 +76,9 @@ _ANTHROPIC_TYPES = {
     408: "timeout_error",
     413: "request_too_large",
 }
+# On an error answer after the pool's own retries: the caller's SDK (at its default max_retries) would
+# otherwise retry each 429/5xx again, multiplying the attempts. The SDKs obey this header.
+_NOT_AGAIN = (("x-should-retry", "false"),)
 _HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:\d{1,5})?")
 _ENC = msgspec.json.Encoder()
 _JSON_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])  # checks the whole body, builds only its top level
@@ -185,7 +190,8 @@ class Gateway:
                 return _pool_error(kind, exc)
             if first is None:
                 result = await call.result()
-                return web.Response(status=result.status, headers=result.headers, body=result.body)
+                headers = [*result.headers, *_NOT_AGAIN] if result.status >= 400 else result.headers
+                return web.Response(status=result.status, headers=headers, body=result.body)
             head = call.head
             response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
             await response.prepare(request)
@@ -279,7 +285,10 @@ def _refusal(kind: str, exc: Refused) -> web.Response:
 
 def _pool_error(kind: str, exc: IsopoolError) -> web.Response:
     status, name = _status(exc)
-    return _error(kind, status, name, f"isopool: {exc}")
+    response = _error(kind, status, name, f"isopool: {exc}")
+    if not isinstance(exc, PoolSaturated | ShuttingDown):  # the pool's retries are spent: the SDK's would add to them
+        response.headers.extend(_NOT_AGAIN)
+    return response
 
 
 def _error_event(kind: str, exc: IsopoolError) -> bytes:

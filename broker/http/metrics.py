@@ -8,6 +8,7 @@ server, no thread and no lock. It exits when the broker closes its stdin.
 Metrics (all prefixed `isopool_`): `requests_total{outcome}` (accepted, ok, error:<code>,
 cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{reason}`,
 `worker_spawns_total`, `worker_respawns_total`, `zygote_restarts_total`, `retries_total`,
+`retries_by_reason_total{reason}` (http_429, http_5xx, provider_connection, headers_timeout, ...),
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms).
 """
@@ -57,6 +58,7 @@ def families(s: Snapshot) -> list[Any]:
         out.append(CounterMetricFamily(f"isopool_worker_{name}", doc, value=getattr(s, name)))
     out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s.zygote_restarts))
     out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s.retries))
+    counters("retries_by_reason", "Retries by the pool, by what failed", "reason", s.retries_by_reason)
     out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
                                  value=s.in_flight))  # fmt: skip
     queued = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker", labels=["profile"])

@@ -94,7 +94,7 @@ def target_pool(
         streams = options.worker_streams
         workers = math.ceil(options.capacity / streams)
         profile |= {"min_workers": workers, "max_workers": workers, "spare_workers": 0,
-                    "concurrency": streams, "sdk_max_retries": 0}  # fmt: skip
+                    "concurrency": streams}  # fmt: skip
         pool = stack.enter_context(
             Pool(
                 profiles={kind: profile},

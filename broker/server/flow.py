@@ -1,7 +1,8 @@
 """Request flow in the broker: admit, queue, dispatch to free worker slots, retry, answer.
 
 Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
-whose worker was lost is retried (bounded, jittered); a caller that stopped reading has its
+whose worker was lost, or that the provider failed in a way worth another try, is retried by the
+one policy of retrypolicy.py within the call's budget; a caller that stopped reading has its
 final answers parked for a while instead of piling up in the broker.
 """
 
@@ -23,9 +24,10 @@ from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
+from .retrypolicy import Policy, classify
 from .state import Reason, Request, Worker
 from .stats import Stats
-from .watchdog import Alarm, request_due, retry_delay
+from .watchdog import Alarm, request_due
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,14 @@ class Flow:
         )
         self.held_bytes = 0  # payloads of the requests in `self.requests`
         self.requests: dict[int, Request] = {}  # by key
+        self.backing_off: dict[int, Request] = {}  # retries waiting out their delay, by key: outside the
+        # queues, so that a throttled request does not hold up its caller's others behind it
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.draining = False
+        self.policy = Policy(
+            settings.max_attempts, settings.retry_backoff, settings.http_retry_backoff, settings.retry_after_max
+        )
 
     # ----- callers --------------------------------------------------------------
 
@@ -86,6 +93,7 @@ class Flow:
         if sub.read_timeout:
             fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
+        req.headers_timeout = min(self.settings.headers_timeout, fet)
         if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one
             pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
             if fet < pool_fet:
@@ -142,7 +150,7 @@ class Flow:
                 self.finish(req, Code.SHUTTING_DOWN, "the pool is shutting down")
 
     def fail_queue(self, profile: str, why: str) -> None:
-        for req in self.queues[profile].clear():
+        for req in self.queues[profile].clear() + [r for r in self.backing_off.values() if r.profile == profile]:
             self.finish(req, Code.CONFIG, why)
 
     # ----- workers --------------------------------------------------------------
@@ -162,6 +170,7 @@ class Flow:
             self._progress(req, now)
         elif kind == Kind.HEAD:
             req.head = payload
+            req.headers_at = now
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
             self.stats.latency.add(now - req.accepted_at)
@@ -169,10 +178,21 @@ class Flow:
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
             code = header.code
-            if code in _RETRIED and not req.delivered:
-                self.retry_or_fail(req, _RETRIED[code], now, payload)
+            reason, after = self._retried_for(code, payload)
+            if reason is not None and not req.delivered:
+                self.retry_or_fail(req, reason, now, payload, code, after)
                 return
             self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
+
+    def _retried_for(self, code: str, payload: bytes) -> tuple[Reason | None, float | None]:
+        """Whether a worker's error is retried (the reason, or None) and the wait the provider asked for."""
+        if code == Code.PROVIDER_STATUS:
+            try:
+                info = self.codec.error(payload)
+            except ValueError:  # msgspec's decode errors are ValueErrors
+                return None, None
+            return classify(info.status or 0, info.headers)
+        return _RETRIED.get(code), None
 
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
         self._progress(req, now)
@@ -222,32 +242,51 @@ class Flow:
         if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), req.payload), now):
             self.alarm.by(request_due(req)[0])
 
-    def retry_or_fail(self, req: Request, reason: Reason, now: float, last_error: bytes = b"") -> None:
-        """Requeue an unseen request (bounded, jittered), or end it with the error that says why not."""
+    def retry_or_fail(
+        self,
+        req: Request,
+        reason: Reason,
+        now: float,
+        last_error: bytes = b"",
+        code: str = "",
+        after: float | None = None,
+    ) -> None:
+        """Requeue an unseen request after the delay the retry policy says, or end it: with the
+        provider's own error (`last_error`, of `code`) where there is one, else with the pool's."""
+        before = list(req.history)
         req.history.append(reason)
         if reason.is_stall:
             self.stats.stalls[reason] += 1
         if reason is Reason.DEADLINE or now >= req.deadline_at:
             self.finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
-        elif req.delivered:
-            code = Code.STALLED if reason.is_stall else Code.WORKER_LOST
-            self.finish(req, code, f"{reason} after {req.delivered} event(s) were delivered; not retried")
-        elif req.attempt >= (req.submit.max_attempts or self.settings.max_attempts):
-            if last_error:  # the provider's own error is the most useful answer
-                code = next(code for code, why in _RETRIED.items() if why is reason)
-                self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), last_error),
-                                  f"error:{code}")  # fmt: skip
-                return
+            return
+        if req.delivered:
+            lost = Code.STALLED if reason.is_stall else Code.WORKER_LOST
+            self.finish(req, lost, f"{reason} after {req.delivered} event(s) were delivered; not retried")
+            return
+        delay, why = self.policy.next_delay(
+            reason, req.attempt, before, req.deadline_at - now, after, random.random(), req.submit.max_attempts
+        )
+        if delay is None and last_error:  # the provider's own error is the most useful answer
+            log.info("request %d: attempt %d failed (%s); not retried: %s", req.key, req.attempt, reason, why)
+            self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), last_error),
+                              f"error:{code}")  # fmt: skip
+        elif delay is None:
             tried = ", ".join(req.history)
-            self.finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s): {tried}")
+            self.finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s) ({why}): {tried}")
         else:
+            log.info("request %d: attempt %d failed (%s); retrying in %.2fs", req.key, req.attempt, reason, delay)
             self.stats.retries += 1
+            self.stats.retries_by[reason] += 1
             req.head = None
+            req.headers_at = None
             req.last_event_at = None
-            delay = retry_delay(req.attempt + 1, self.settings.retry_backoff, 5.0, random.random())
             req.not_before = now + delay
-            self.alarm.by(req.not_before)
-            self.queues[req.profile].push(req, front=True)
+            if delay > 0:
+                self.backing_off[req.key] = req
+                self.alarm.by(req.not_before)
+            else:
+                self.queues[req.profile].push(req, front=True)
 
     def _shed(self, worker: Worker, req: Request, reason: Reason, now: float) -> None:
         """Take one stream off a worker that carries others, when a limit of the request's own
@@ -283,6 +322,8 @@ class Flow:
                     self._shed(worker, req, reason, now)  # its own limit: the neighbours' streams are healthy
                     due = min(due, now + _ABORT_GRACE)
                 elif now >= req_at:
+                    if reason in (Reason.HEADERS, Reason.FIRST_EVENT) and self._unheard(worker, now):
+                        reason = Reason.HEARTBEAT  # the worker went silent, not the provider: not its one retry
                     log.info("request %d on worker %s: %s", req.key, worker.ident.decode(), reason)
                     self.fleet.kill(worker, reason, now, req)
                     break
@@ -290,14 +331,26 @@ class Flow:
         return due
 
     def expire_queued(self, now: float) -> float:
-        """Queued requests whose deadline passed end; a retry's backoff ends."""
+        """Queued requests whose deadline passed end; a retry whose delay is over goes to the front of
+        its caller's queue."""
         due = now + 1.0
+        for req in list(self.backing_off.values()):
+            if now >= req.not_before:
+                del self.backing_off[req.key]
+                self.queues[req.profile].push(req, front=True)
+            else:
+                due = min(due, req.not_before)
         for queue in self.queues.values():
             for req in [r for r in queue if now >= r.deadline_at]:
                 queue.remove(req)
                 self.finish(req, Code.DEADLINE, "deadline passed while the request was queued")
             due = min(due, queue.next_due(now))
         return due
+
+    def _unheard(self, worker: Worker, now: float) -> bool:
+        """Whether a worker missed its last two heartbeats (a hung worker, whose request's silence
+        says nothing about the provider)."""
+        return now - worker.last_beat > 2 * self.settings.heartbeat_interval
 
     # ----- answers --------------------------------------------------------------
 
@@ -319,6 +372,7 @@ class Flow:
             self.queues[req.profile].remove(req)
         elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
+        self.backing_off.pop(req.key, None)
         self.send_client(req.client, frames)
 
     def parked(self, client: bytes) -> bool:

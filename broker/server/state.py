@@ -4,6 +4,7 @@ Fleet (workers) and the Flow (requests)."""
 from __future__ import annotations
 
 import enum
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -34,13 +35,16 @@ class Reason(enum.StrEnum):
     PROTOCOL = "protocol_mismatch"
     SHUTDOWN = "shutdown"
     SCALE_DOWN = "scale_down"
+    HEADERS = "headers_timeout"  # no response headers within headers_timeout: the worker is killed
+    HTTP_429 = "http_429"  # not a kill: the provider answered 429; retried within the call's budget
+    HTTP_5XX = "http_5xx"  # not a kill: the provider answered 500, 502, 503, 504 or 529; retried likewise
     CONNECTION = "provider_connection"  # not a kill: the provider dropped an unseen request; retried
     INCOMPLETE = "stream_incomplete"  # not a kill: an unseen stream ended without its terminal event; retried
     NEIGHBOUR = "killed_with_a_stalled_neighbour"  # not a kill reason: another stream of its worker stalled
 
     @property
     def is_stall(self) -> bool:
-        return self in (Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT)
+        return self in (Reason.HEADERS, Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT)
 
 
 @dataclass(eq=False, slots=True)
@@ -84,6 +88,8 @@ class Request:
     worker: Worker | None = None
     sent_at: float = 0.0
     last_event_at: float | None = None
+    headers_at: float | None = None  # when this attempt's response headers arrived
+    headers_timeout: float = math.inf
     delivered: int = 0
     head: bytes | None = None
     not_before: float = 0.0

@@ -49,6 +49,7 @@ class Stats:
         self.kills: Counter[str] = Counter()  # by Reason
         self.stalls: Counter[str] = Counter()  # by Reason (the stall kinds)
         self.retries = 0
+        self.retries_by: Counter[str] = Counter()  # by Reason: http_429, http_5xx, headers_timeout, ...
         self.spawns = 0
         self.respawns = 0
         self.zygote_restarts = 0
@@ -71,4 +72,5 @@ class Stats:
             "rejected": dict(self.rejected),
             "latency": self.latency.snapshot(),
             "first_event": self.first_event.snapshot(),
+            "retries_by_reason": dict(self.retries_by),
         }

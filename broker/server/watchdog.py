@@ -1,5 +1,7 @@
 """The watchdog's timing rules, as pure functions of a request's or a worker's clock readings.
 
+- headers_timeout: request sent to a worker -> the provider's response headers (a healthy provider
+  sends them within seconds, even for a model that will think for minutes);
 - first_event_timeout: request sent to a worker -> first real event;
 - stale_timeout: between two real events (pings and keep-alives are not events);
 - deadline: the whole request, from acceptance, across retries;
@@ -15,7 +17,9 @@ from .state import Reason, Request, Worker, WorkerState
 
 def request_due(req: Request) -> tuple[float, Reason]:
     """When the running request breaches a limit if nothing arrives, and which limit."""
-    if req.last_event_at is None:
+    if req.last_event_at is None and req.headers_at is None and req.headers_timeout < req.first_event_timeout:
+        due, reason = req.sent_at + req.headers_timeout, Reason.HEADERS
+    elif req.last_event_at is None:
         due, reason = req.sent_at + req.first_event_timeout, Reason.FIRST_EVENT
     else:
         due, reason = req.last_event_at + req.stale_timeout, Reason.STALE

@@ -75,11 +75,16 @@ def _options(
     kind: str, errors: SdkErrors, asynchronous: bool, pool: Any, profile: str | None, broker_timeout: float,
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    """The SDK constructor's arguments with the pool's transport in place of its HTTP client."""
+    """The SDK constructor's arguments with the pool's transport in place of its HTTP client, and
+    the SDK's retries handed to the pool: its client gets max_retries=0, and the caller's
+    `max_retries` (the SDK's default 2) + 1 is each call's attempt budget in the pool."""
     base_url = kwargs.pop("base_url", None)
     http_client = kwargs.pop("http_client", None)
+    retries = kwargs.pop("max_retries", None)
     if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
-        return {**kwargs, "base_url": base_url, "http_client": http_client}
+        if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
+            http_client = type(http_client)(transport=http_client._transport.with_attempts(retries + 1))
+        return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
     if http_client is not None:
         raise ValueError("http_client belongs to the pool: its workers make the HTTP requests")
     url, profile, base_url = pool_url(pool), profile or kind, str(base_url or "")
@@ -89,15 +94,17 @@ def _options(
             f"the pool at {url} holds the provider keys and does not allow a client's own credentials or base_url "
             "(setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
         )
+    sdk = _anthropic if kind == "anthropic" else _openai
+    attempts = (sdk.DEFAULT_MAX_RETRIES if retries is None else retries) + 1
     if asynchronous:
-        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, base_url)
+        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, base_url, attempts)
         client: Any = httpx2.AsyncClient(transport=transport)
     else:
-        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, base_url)
+        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, base_url, attempts)
         client = httpx2.Client(transport=transport)
     if not own:  # the pool's key then (in the worker); the SDK wants one to build requests
         kwargs["api_key"] = STAND_IN_KEY
-    return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client}
+    return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client, "max_retries": 0}
 
 
 class Anthropic(_anthropic.Anthropic):

@@ -2,7 +2,7 @@
 
 Before any output the pool has already retried what it could; what is left is raised
 as an `httpx2` timeout or connection error, which the caller's SDK turns into its own
-`APITimeoutError` / `APIConnectionError` (and retries by its own settings). After output
+`APITimeoutError` / `APIConnectionError` (its own retries are the pool's: max_retries=0). After output
 has been delivered the SDK no longer wraps errors, so the shim raises subclasses of those
 same SDK classes itself, carrying the pool's request id and what was delivered.
 """

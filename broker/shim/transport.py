@@ -4,11 +4,14 @@ The SDK keeps building requests and parsing answers in the caller's process; onl
 bytes travel. A stream comes back event by event as real SSE (pings and keep-alives
 were dropped by the worker); a stall before any output was retried by the pool and
 never shows; a failure after output raises the SDK's own timeout or connection error.
+The pool does the retrying: the shim's SDK client is built with max_retries=0, and the caller's
+`max_retries` (the SDK's default 2: three attempts) is each call's attempt budget in the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -24,11 +27,12 @@ from .errors import SdkErrors
 STAND_IN_KEY = "isopool"
 
 
-def limits_of(request: httpx2.Request) -> CallLimits:
+def limits_of(request: httpx2.Request, attempts: int | None) -> CallLimits:
     """The SDK's read timeout for this call (its default or a per-call `timeout=`) as a cap on
-    the pool's stall limits: the pool never waits longer than the SDK itself would have."""
+    the pool's stall limits (the pool never waits longer than the SDK itself would have), and the
+    call's attempts: what the caller's SDK would have made (its max_retries + 1)."""
     read = (request.extensions.get("timeout") or {}).get("read")
-    return CallLimits(read_timeout=read) if read else CallLimits()
+    return CallLimits(read_timeout=read or None, max_attempts=attempts)
 
 
 def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> HttpCall:
@@ -87,14 +91,24 @@ class _AsyncEvents(httpx2.AsyncByteStream):
 class PoolTransport(httpx2.BaseTransport):
     """Sends each request of a synchronous SDK client through a pool `Client`."""
 
-    def __init__(self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "") -> None:
+    def __init__(
+        self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
+        attempts: int | None = None,
+    ) -> None:  # fmt: skip
         self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
         self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
+        self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
+
+    def with_attempts(self, attempts: int) -> PoolTransport:
+        """The same transport with another attempt budget (an SDK client's `with_options(max_retries=…)`)."""
+        twin = copy.copy(self)
+        twin.attempts = attempts
+        return twin
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         http_call = to_http_call(request, self._base_path, self._base_url)
         try:
-            call = self._client.submit_http(self._profile, http_call, limits_of(request))
+            call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts))
             events = iter(call)
             first = next(events, None)
         except IsopoolError as exc:
@@ -112,12 +126,21 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
     use in the running event loop."""
 
     def __init__(
-        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = ""
-    ) -> None:
+        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = "",
+        attempts: int | None = None,
+    ) -> None:  # fmt: skip
         self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
         self._broker_timeout, self._base_url = broker_timeout, base_url
+        self.attempts = attempts
         self._client: AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def with_attempts(self, attempts: int) -> AsyncPoolTransport:
+        """The same transport with another attempt budget, and a pool connection of its own (closing
+        one SDK client then leaves the other's)."""
+        twin = copy.copy(self)
+        twin.attempts, twin._client, twin._loop = attempts, None, None
+        return twin
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         loop = asyncio.get_running_loop()
@@ -125,7 +148,7 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
             self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
         http_call = to_http_call(request, self._base_path, self._base_url)
         try:
-            call = await self._client.submit_http(self._profile, http_call, limits_of(request))
+            call = await self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts))
             events = aiter(call)
             first = await anext(events, None)
         except IsopoolError as exc:

@@ -1,0 +1,106 @@
+"""The pool's one retry policy: which failures of an unseen call are retried, and after how long.
+
+Every path (the low-level client, the shim, the gateway, batch) runs its calls through the broker,
+and the workers' SDK clients retry nothing themselves (max_retries=0), so a call has one budget:
+its `max_attempts` and its deadline. Attempts never multiply.
+
+    failure before output                 retried? (reason)               delay
+    HTTP 429                              yes (`http_429`)                its Retry-After / retry-after-ms, else
+                                                                          backoff; one over retry_after_max or past
+                                                                          the deadline ends the call with the 429
+    HTTP 500, 502, 503, 504, 529          yes (`http_5xx`)                same
+    connection reset or refused           yes (`provider_connection`)     backoff from `http_retry_backoff`
+    no headers within headers_timeout     once per call                   none (a fresh worker)
+    no first event, first_event_timeout   once per call (with the above)  none
+    other stalls, a lost worker, a        yes                             none, then from `retry_backoff`
+      stream cut without its end
+    other 4xx (400, 401, 403, 404, 422)   never
+    `x-should-retry: false` on any        never (the provider says so)
+
+The broker asks `classify` about a provider's error answer and `next_delay` about every failure;
+a fallback or a circuit breaker can ask the same questions.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .state import Reason
+from .watchdog import retry_delay
+
+RETRIED_STATUS = frozenset({500, 502, 503, 504, 529})
+_BACKOFF_CAP = 8.0  # the longest backoff between provider retries without a Retry-After (the SDKs' own cap)
+# Silence (no headers, no first event): a provider that says nothing twice will not say more a third time.
+_SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
+# Failures the provider answered or caused: backed off, never retried at once.
+_PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION})
+
+
+def classify(status: int, headers: Iterable[tuple[str, str]]) -> tuple[Reason | None, float | None]:
+    """A provider's HTTP error answer: the reason it is retried for (None: never retried) and the
+    wait it asked for (Retry-After, in seconds; None if it named none)."""
+    named = {k.lower(): v for k, v in headers}
+    after = retry_after(named)
+    if named.get("x-should-retry", "").strip().lower() == "false":
+        return None, after
+    if status == 429:
+        return Reason.HTTP_429, after
+    return (Reason.HTTP_5XX if status in RETRIED_STATUS else None), after
+
+
+def retry_after(headers: dict[str, str]) -> float | None:
+    """Seconds from `retry-after-ms`, else `retry-after` (seconds or an HTTP date), as the SDKs read them."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers[name]) / scale
+        except (KeyError, ValueError):
+            continue
+        if not math.isnan(seconds):
+            return max(0.0, seconds)
+    date = email.utils.parsedate_tz(headers.get("retry-after", ""))
+    return None if date is None else max(0.0, email.utils.mktime_tz(date) - time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The settings the policy reads (see the README's configuration table)."""
+
+    max_attempts: int
+    retry_backoff: float  # a lost worker or a stall: the first retry at once, then from this base
+    http_retry_backoff: float  # a provider's error or a lost connection: from this base, capped at 8 s
+    retry_after_max: float  # a longer Retry-After is not waited out
+
+    def next_delay(
+        self,
+        reason: Reason,
+        attempt: int,
+        before: Iterable[str],
+        seconds_left: float,
+        after: float | None,
+        jitter: float,
+        max_attempts: int | None = None,
+    ) -> tuple[float | None, str]:
+        """(seconds before the next attempt, or None when the call ends now; why it ends) after attempt
+        number `attempt` failed for `reason`. `before`: the reasons of the attempts before it;
+        `seconds_left`: until the call's deadline; `after`: the provider's Retry-After; `jitter`: a
+        uniform draw in [0, 1)."""
+        budget = max_attempts or self.max_attempts
+        if reason in _SILENT and any(r in _SILENT for r in before):
+            return None, "a silent provider is retried once"
+        if attempt >= budget:
+            return None, f"max_attempts ({budget}) reached"
+        if after is not None and after > self.retry_after_max:
+            return None, f"Retry-After of {after:g}s is over retry_after_max ({self.retry_after_max:g}s)"
+        if after is not None:
+            delay = after
+        elif reason in _PROVIDER:
+            delay = min(_BACKOFF_CAP, self.http_retry_backoff * 2 ** (attempt - 1)) * (1 - 0.25 * jitter)
+        else:
+            delay = retry_delay(attempt + 1, self.retry_backoff, 5.0, jitter)
+        if delay >= seconds_left:
+            return None, f"the deadline passes in {seconds_left:.1f}s, before a retry in {delay:.1f}s"
+        return delay, ""

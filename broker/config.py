@@ -231,6 +231,10 @@ def load_settings(
         data["profiles"] = {
             k: msgspec.structs.asdict(v) if isinstance(v, Profile) else v for k, v in data["profiles"].items()
         }
+    for name, profile in (data.get("profiles") or {}).items():
+        if isinstance(profile, dict) and "sdk_max_retries" in profile:
+            raise ConfigError(f"profile {name!r}: sdk_max_retries is gone: the pool retries every call (the "
+                              "max_attempts setting) and a worker's SDK never does; remove it")  # fmt: skip
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -38,6 +38,7 @@ def test_config_file_from_environment(tmp_path):
         ({"no_such_setting": 1}, "no_such_setting"),
         ({"profiles": {"x": {"kind": "gemini"}}}, "kind"),
         ({"profiles": {"x": {"kind": "openai", "min_workers": 3, "max_workers": 2}}}, "min_workers"),
+        ({"profiles": {"x": {"kind": "openai", "sdk_max_retries": 2}}}, "sdk_max_retries is gone.*max_attempts"),
     ],
 )
 def test_bad_settings_name_the_setting(kwargs, named):

@@ -32,6 +32,7 @@ TEST_SETTINGS: dict[str, Any] = dict(
     stale_timeout=20.0,
     deadline=120.0,
     startup_timeout=60.0,
+    http_retry_backoff=0.05,  # a provider's 429/5xx retried soon: the tests count attempts, not wait them out
     log_level="WARNING",
 )
 

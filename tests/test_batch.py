@@ -77,7 +77,7 @@ def test_1000_requests_with_injected_stalls_and_errors_each_answered_once(tmp_pa
     with FakeProviderProcess(rates=rates, seed=3) as faulty:
         # each 529 line's six attempts are backed off from 0.05 s, not 0.5 s: the lane, halved to one
         # line at a time by the throttles, would otherwise wait minutes for them
-        settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=6, http_retry_backoff=0.05)
+        settings = dict(TEST_SETTINGS, **LIMITS, max_attempts=6)
         with Pool(profiles=profiles(faulty.url, min_workers=4, max_workers=32), **settings) as faulty_pool:
             summary = run(source, str(tmp_path / "out.jsonl"), pool=faulty_pool, concurrency=32, retry_budget=1)
         injected = faulty.stats()["faults"]

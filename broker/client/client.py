@@ -472,8 +472,9 @@ class AsyncClient:
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._monitor.close()
+        # monitor off before its socket closes: stopping a monitor whose reader is gone can block in libzmq
         self._sock.sock.disable_monitor()
+        self._monitor.close()
         self._sock.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -41,8 +41,9 @@ SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the tra
 
 _CLASSES = {"anthropic": ("Anthropic", "AsyncAnthropic"), "openai": ("OpenAI", "AsyncOpenAI")}
 # Each SDK's constructor arguments, in any generation, that give a client credentials of its own
-# (those the installed SDK accepts count). With one of them, or with its own base_url (where the SDK then finds its key as it would without the pool), a client
-# sends what its SDK put on each request; with none, the pool's key.
+# (those the installed SDK accepts count). With one of them, or with its own base_url (where the SDK
+# then finds its key as it would without the pool), a client sends what its SDK put on each request;
+# with none, the pool's key.
 _CREDENTIALS = {
     "anthropic": ("api_key", "auth_token", "credentials", "config"),
     "openai": ("api_key", "admin_api_key", "workload_identity"),
@@ -113,7 +114,7 @@ class _Sdk:
             return await super(cls, self)._prepare_options(options)
 
         prepare = _prepare_options_async if asynchronous else _prepare_options
-        members = {"__init__": __init__, "_prepare_options": prepare, "__module__": f"broker.shim.{self.kind}"}
+        members = {"__init__": __init__, "_prepare_options": prepare, "__module__": __name__}
         cls = type(name, (getattr(self.module, name),), members)
         return cls
 

@@ -35,8 +35,8 @@ class SdkErrors:
     `<Sdk>StreamBroken` (its worker or connection was lost after output)."""
 
     def __init__(self, sdk: ModuleType, lib: ModuleType) -> None:
-        self._lib, prefix, module = lib, _PREFIX[sdk.__name__], f"broker.shim.{sdk.__name__}"
-        base = {"_sdk_base": sdk.APIConnectionError, "__module__": module}
+        self._lib, prefix = lib, _PREFIX[sdk.__name__]
+        base = {"_sdk_base": sdk.APIConnectionError, "__module__": __name__}
         self.stalled = type(f"{prefix}StreamStalled", (_AfterOutput, sdk.APITimeoutError), base)
         self.broken = type(f"{prefix}StreamBroken", (_AfterOutput, sdk.APIConnectionError), base)
 

@@ -146,7 +146,8 @@ _AGENT = textwrap.dedent(
     f"""
     import anthropic, httpx
 
-    client = anthropic.Anthropic(timeout=httpx.Timeout(900, connect=10), http_client=httpx.Client(headers={{"x-agent": "1"}}))
+    own = httpx.Client(headers={{"x-agent": "1"}})
+    client = anthropic.Anthropic(timeout=httpx.Timeout(900, connect=10), http_client=own)
     stream = client.messages.create(model="claude-fake", max_tokens=8, stream=True,
                                     messages=[{{"role": "user", "content": "agent"}}],
                                     extra_headers={{"{FAULT_HEADER}": "stall-first:interval=0.05"}})
@@ -167,6 +168,35 @@ def test_isopool_run_takes_an_agent_pinned_to_the_older_sdks(where, old_env, ser
     isopool = str(python.parent / "isopool")
     out = run_old(python, [isopool, "run", "agent.py"], tmp_path, ANTHROPIC_BASE_URL=fake.url, **env)
     assert out.stdout.split() == ["broker.shim", "message_stop"]
+
+
+_JOB = textwrap.dedent(
+    """
+    import anthropic, httpx
+
+    MSG = dict(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "job"}])
+
+    def run(line, ctx):
+        claude = ctx.anthropic.with_options(timeout=httpx.Timeout(900, connect=10))
+        chat = ctx.openai.chat.completions.create(model="gpt-fake", messages=MSG["messages"])
+        low = ctx.pool.request("anthropic", "messages.create", **MSG).json()  # typed: the worker's SDK
+        sdk = isinstance(ctx.anthropic, anthropic.Anthropic) and anthropic.__version__
+        return [claude.messages.create(**MSG).type, chat.object, low["type"], sdk]
+    """
+)
+
+
+@pytest.mark.generations
+def test_a_batch_job_gets_clients_of_the_pinned_sdks(old_env, served, tmp_path):
+    python = old_env[0]
+    (tmp_path / "job.py").write_text(_JOB)
+    (tmp_path / "in.jsonl").write_text('{"custom_id": "a"}\n')
+    isopool = str(python.parent / "isopool")
+    run_old(
+        python, [isopool, "batch", "in.jsonl", "-o", "out.jsonl", "--job", "job:run"], tmp_path, ISOPOOL_URL=served.url
+    )
+    record = json.loads((tmp_path / "out.jsonl").read_text())
+    assert record["result"] == {"type": "succeeded", "output": ["message", "chat.completion", "message", "0.87.0"]}
 
 
 def test_the_current_sdks_take_an_httpx_era_applications_timeout_and_client(served):

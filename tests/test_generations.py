@@ -27,7 +27,10 @@ from broker.shim import anthropic as shim_anthropic
 
 from .conftest import TEST_SETTINGS, profiles
 
-PINS = ("anthropic==0.87.0", "openai==2.24.0", "httpx==0.28.1")  # the agent of issue 19
+# The agent of issue 19. Another httpx-era set by hand, e.g. the oldest supported:
+# ISOPOOL_OLD_SDKS="anthropic==0.40.0 openai==1.40.0 httpx==0.27.2" pytest tests/test_generations.py
+PINS = os.environ.get("ISOPOOL_OLD_SDKS", "anthropic==0.87.0 openai==2.24.0 httpx==0.28.1").split()
+PINNED = dict(pin.split("==") for pin in PINS)
 ROOT = Path(__file__).resolve().parents[1]
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "an older generation"}])
 
@@ -104,7 +107,7 @@ _SHIM = textwrap.dedent(
             return [event.type async for event in await client.messages.create(stream=True, **MSG)][-1]
 
     print(json.dumps({
-        "versions": [anthropic.__version__, openai.__version__, httpx.__version__],
+        "versions": {"anthropic": anthropic.__version__, "openai": openai.__version__, "httpx": httpx.__version__},
         "subclasses": isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI),
         "timeouts": [claude.timeout == httpx.Timeout(900, connect=10), gpt.timeout == httpx.Timeout(120, connect=5)],
         "create": claude.messages.create(**MSG).type,
@@ -127,7 +130,7 @@ def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, s
     count = sum(fake.stats()["served"].values())
     out = json.loads(run_old(python, ["shim.py"], tmp_path, ISOPOOL_URL=served.url).stdout)
     assert out == {
-        "versions": ["0.87.0", "2.24.0", "0.28.1"],
+        "versions": PINNED,
         "subclasses": True,
         "timeouts": [True, True],
         "create": "message",
@@ -196,7 +199,10 @@ def test_a_batch_job_gets_clients_of_the_pinned_sdks(old_env, served, tmp_path):
         python, [isopool, "batch", "in.jsonl", "-o", "out.jsonl", "--job", "job:run"], tmp_path, ISOPOOL_URL=served.url
     )
     record = json.loads((tmp_path / "out.jsonl").read_text())
-    assert record["result"] == {"type": "succeeded", "output": ["message", "chat.completion", "message", "0.87.0"]}
+    assert record["result"] == {
+        "type": "succeeded",
+        "output": ["message", "chat.completion", "message", PINNED["anthropic"]],
+    }
 
 
 def test_the_current_sdks_take_an_httpx_era_applications_timeout_and_client(served):

@@ -27,10 +27,13 @@ from broker.shim import anthropic as shim_anthropic
 
 from .conftest import TEST_SETTINGS, profiles
 
-# The agent of issue 19. Another httpx-era set by hand, e.g. the oldest supported:
+# The agent of issue 19. Another set by hand, e.g. the oldest supported, or the first on httpx2:
 # ISOPOOL_OLD_SDKS="anthropic==0.40.0 openai==1.40.0 httpx==0.27.2" pytest tests/test_generations.py
+# ISOPOOL_OLD_SDKS="anthropic==1.0.0 openai==3.0.0 httpx2==2.16.2" pytest tests/test_generations.py
 PINS = os.environ.get("ISOPOOL_OLD_SDKS", "anthropic==0.87.0 openai==2.24.0 httpx==0.28.1").split()
 PINNED = dict(pin.split("==") for pin in PINS)
+HTTP = "httpx2" if "httpx2" in PINNED else "httpx"  # the library of the pinned generation, as the scripts' `httpx`
+LIBRARIES = {"anthropic", "openai", "httpx", "httpx2"}
 ROOT = Path(__file__).resolve().parents[1]
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "an older generation"}])
 
@@ -85,13 +88,13 @@ def run_old(python: Path, args: list[str], tmp_path: Path, **env: str) -> subpro
 def test_installing_isopool_changes_none_of_the_applications_packages(old_env):
     python, before, after = old_env
     assert {p: after.get(p) for p in before} == before
-    assert "isopool" in after and "httpx2" not in after
+    assert "isopool" in after and not LIBRARIES & (after.keys() - before.keys())  # no SDK or HTTP library added
 
 
 _SHIM = textwrap.dedent(
     """
     import asyncio, json, sys
-    import anthropic, httpx, openai
+    import anthropic, openai
     from broker.shim import Anthropic, AsyncAnthropic, OpenAI
 
     MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "old sdk"}])
@@ -107,7 +110,7 @@ _SHIM = textwrap.dedent(
             return [event.type async for event in await client.messages.create(stream=True, **MSG)][-1]
 
     print(json.dumps({
-        "versions": {"anthropic": anthropic.__version__, "openai": openai.__version__, "httpx": httpx.__version__},
+        "versions": {sdk.__name__: sdk.__version__ for sdk in (anthropic, openai, httpx)},
         "subclasses": isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI),
         "timeouts": [claude.timeout == httpx.Timeout(900, connect=10), gpt.timeout == httpx.Timeout(120, connect=5)],
         "create": claude.messages.create(**MSG).type,
@@ -117,7 +120,7 @@ _SHIM = textwrap.dedent(
         "chat_stream": [chunk.object for chunk in gpt.chat.completions.create(stream=True, **CHAT)][-1],
         "async_stream": asyncio.run(asynchronous()),
         "hook": seen,
-        "httpx2": "httpx2" in sys.modules,
+        "other_library": ({"httpx", "httpx2"} - {httpx.__name__}) & set(sys.modules) != set(),
     }))
     """
 )
@@ -126,7 +129,7 @@ _SHIM = textwrap.dedent(
 @pytest.mark.generations
 def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, served, fake, tmp_path):
     python = old_env[0]
-    (tmp_path / "shim.py").write_text(_SHIM)
+    (tmp_path / "shim.py").write_text(f"import {HTTP} as httpx\n{_SHIM}")
     count = sum(fake.stats()["served"].values())
     out = json.loads(run_old(python, ["shim.py"], tmp_path, ISOPOOL_URL=served.url).stdout)
     assert out == {
@@ -140,14 +143,14 @@ def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, s
         "chat_stream": "chat.completion.chunk",
         "async_stream": "message_stop",
         "hook": ["yes", "yes"],  # the caller's own client's hooks and headers still apply
-        "httpx2": False,  # the shim is built on the SDK's httpx
+        "other_library": False,  # the shim is built on the SDK's own HTTP library, and loads no other
     }
     assert sum(fake.stats()["served"].values()) - count == 6  # each call reached the provider, once
 
 
 _AGENT = textwrap.dedent(
     f"""
-    import anthropic, httpx
+    import anthropic
 
     own = httpx.Client(headers={{"x-agent": "1"}})
     client = anthropic.Anthropic(timeout=httpx.Timeout(900, connect=10), http_client=own)
@@ -166,7 +169,7 @@ def test_isopool_run_takes_an_agent_pinned_to_the_older_sdks(where, old_env, ser
     out its 900 s read timeout; through the pool it is retried after 1 s. `served`: the pool runs from
     this environment's current SDKs; `embedded`: `isopool run` starts one of the old venv's own."""
     python = old_env[0]
-    (tmp_path / "agent.py").write_text(_AGENT)
+    (tmp_path / "agent.py").write_text(f"import {HTTP} as httpx\n{_AGENT}")
     env = {"ISOPOOL_URL": served.url} if where == "served" else {"ISOPOOL_FIRST_EVENT_TIMEOUT": "1"}
     isopool = str(python.parent / "isopool")
     out = run_old(python, [isopool, "run", "agent.py"], tmp_path, ANTHROPIC_BASE_URL=fake.url, **env)
@@ -175,7 +178,7 @@ def test_isopool_run_takes_an_agent_pinned_to_the_older_sdks(where, old_env, ser
 
 _JOB = textwrap.dedent(
     """
-    import anthropic, httpx
+    import anthropic
 
     MSG = dict(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "job"}])
 
@@ -192,7 +195,7 @@ _JOB = textwrap.dedent(
 @pytest.mark.generations
 def test_a_batch_job_gets_clients_of_the_pinned_sdks(old_env, served, tmp_path):
     python = old_env[0]
-    (tmp_path / "job.py").write_text(_JOB)
+    (tmp_path / "job.py").write_text(f"import {HTTP} as httpx\n{_JOB}")
     (tmp_path / "in.jsonl").write_text('{"custom_id": "a"}\n')
     isopool = str(python.parent / "isopool")
     run_old(

@@ -24,6 +24,7 @@ import pytest
 from broker import Pool
 from broker.fake_provider import FAULT_HEADER
 from broker.shim import anthropic as shim_anthropic
+from broker.shim.httplib import timeout_for
 
 from .conftest import TEST_SETTINGS, profiles
 
@@ -32,8 +33,17 @@ from .conftest import TEST_SETTINGS, profiles
 # ISOPOOL_OLD_SDKS="anthropic==1.0.0 openai==3.0.0 httpx2==2.16.2" pytest tests/test_generations.py
 PINS = os.environ.get("ISOPOOL_OLD_SDKS", "anthropic==0.87.0 openai==2.24.0 httpx==0.28.1").split()
 PINNED = dict(pin.split("==") for pin in PINS)
-HTTP = "httpx2" if "httpx2" in PINNED else "httpx"  # the library of the pinned generation, as the scripts' `httpx`
+HTTP = "httpx2" if "httpx2" in PINNED else "httpx"  # the application's own, as the scripts' `httpx`
 LIBRARIES = {"anthropic", "openai", "httpx", "httpx2"}
+FIRST_ON_HTTPX2 = {"anthropic": 1, "openai": 3}  # major versions
+
+
+def libraries_loaded() -> list[str]:
+    """The HTTP libraries a caller of the pinned SDKs holds: its own and its SDKs' (never another)."""
+    return sorted({HTTP} | {"httpx2" if int(PINNED[sdk].split(".")[0]) >= major else "httpx"
+                            for sdk, major in FIRST_ON_HTTPX2.items()})  # fmt: skip
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "an older generation"}])
 
@@ -112,7 +122,7 @@ _SHIM = textwrap.dedent(
     print(json.dumps({
         "versions": {sdk.__name__: sdk.__version__ for sdk in (anthropic, openai, httpx)},
         "subclasses": isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI),
-        "timeouts": [claude.timeout == httpx.Timeout(900, connect=10), gpt.timeout == httpx.Timeout(120, connect=5)],
+        "timeouts": [claude.timeout.as_dict(), gpt.timeout.as_dict()],
         "create": claude.messages.create(**MSG).type,
         "stream": [event.type for event in claude.messages.create(stream=True, **MSG)][-1],
         "per_call_timeout": claude.messages.create(timeout=httpx.Timeout(60), **MSG).type,
@@ -120,7 +130,7 @@ _SHIM = textwrap.dedent(
         "chat_stream": [chunk.object for chunk in gpt.chat.completions.create(stream=True, **CHAT)][-1],
         "async_stream": asyncio.run(asynchronous()),
         "hook": seen,
-        "other_library": ({"httpx", "httpx2"} - {httpx.__name__}) & set(sys.modules) != set(),
+        "libraries": sorted({"httpx", "httpx2"} & set(sys.modules)),
     }))
     """
 )
@@ -135,7 +145,7 @@ def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, s
     assert out == {
         "versions": PINNED,
         "subclasses": True,
-        "timeouts": [True, True],
+        "timeouts": [httpx.Timeout(900, connect=10).as_dict(), httpx.Timeout(120, connect=5).as_dict()],
         "create": "message",
         "stream": "message_stop",
         "per_call_timeout": "message",
@@ -143,7 +153,7 @@ def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, s
         "chat_stream": "chat.completion.chunk",
         "async_stream": "message_stop",
         "hook": ["yes", "yes"],  # the caller's own client's hooks and headers still apply
-        "other_library": False,  # the shim is built on the SDK's own HTTP library, and loads no other
+        "libraries": libraries_loaded(),  # the shim is built on each SDK's own HTTP library, and loads no other
     }
     assert sum(fake.stats()["served"].values()) - count == 6  # each call reached the provider, once
 
@@ -224,3 +234,14 @@ def test_the_current_sdks_take_an_httpx_era_applications_timeout_and_client(serv
         assert mine.timeout == httpx2.Timeout(120, connect=5)
         assert [event.type for event in mine.messages.create(stream=True, **MSG)][-1] == "message_stop"
     assert seen == ["yes"]
+
+
+@pytest.mark.parametrize("given, lib", [(httpx, httpx2), (httpx2, httpx)])
+def test_a_timeout_of_the_other_library_is_converted_though_an_sdk_renamed_its_class(given, lib, monkeypatch):
+    """anthropic 0.x re-exports httpx.Timeout as `anthropic.Timeout`, and sets its `__module__` to
+    "anthropic" (as openai 3.x does httpx2's): an env holding anthropic 0.87 and openai 3.x has both."""
+    monkeypatch.setattr(given.Timeout, "__module__", "anthropic")
+    converted = timeout_for(given.Timeout(900, connect=10), lib)
+    assert type(converted) is lib.Timeout and converted.as_dict() == given.Timeout(900, connect=10).as_dict()
+    assert timeout_for(lib.Timeout(5), lib) == lib.Timeout(5)
+    assert timeout_for(30.0, lib) == 30.0

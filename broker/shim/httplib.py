@@ -7,21 +7,20 @@ converts what an application written for the other generation passes.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any
 
 from ..sdklib import LIBRARIES
 
 
-def _foreign(value: Any, lib: ModuleType) -> bool:
-    """An object of the HTTP library that is not `lib`."""
-    top = type(value).__module__.partition(".")[0]
-    return top in LIBRARIES and top != lib.__name__
-
-
 def timeout_for(value: Any, lib: ModuleType) -> Any:
-    """`value` as the SDK on `lib` accepts it: another library's `Timeout` converted, all else as it is."""
-    return lib.Timeout(**value.as_dict()) if _foreign(value, lib) else value
+    """`value` as the SDK on `lib` accepts it: another library's `Timeout` converted, all else as it is.
+    (By class, not by `__module__`: each SDK renames the classes it re-exports, httpx's or httpx2's, to its own.)"""
+    for other in filter(None, map(sys.modules.get, LIBRARIES)):  # a Timeout's library is loaded
+        if other is not lib and isinstance(value, other.Timeout) and not isinstance(value, lib.Timeout):
+            return lib.Timeout(**value.as_dict())
+    return value
 
 
 def settings_of(http_client: Any, lib: ModuleType) -> dict[str, Any]:

@@ -19,6 +19,7 @@ pool with the default profiles, started on first use and stopped at exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -69,6 +70,18 @@ def pool_url(pool: Pool | str | None) -> str:
             _embedded = Pool(allow_overrides=True).start()  # owned by this process: its clients' keys are ours
             atexit.register(_embedded.stop)
         return _embedded.url
+
+
+def boot_embedded() -> None:
+    """Start the embedded pool in the background (`isopool run`), so that it boots while the script
+    imports its SDK. A client made before it is ready waits for it; one that failed to start is tried
+    again by the first client, which raises its error."""
+
+    def boot() -> None:
+        with contextlib.suppress(Exception):
+            pool_url(None)
+
+    threading.Thread(target=boot, name="isopool-embedded-boot", daemon=True).start()
 
 
 def _sync_client(url: str, broker_timeout: float) -> Client:

@@ -406,6 +406,7 @@ class AsyncClient:
             log.warning("%s (%d calls in flight)", why.partition(" while")[0], len(self._calls))
             self._fail_all(BrokerUnavailable(why))
             old_monitor = self._monitor
+            self._sock.sock.disable_monitor()  # as in `close`: stopped before its reader goes
             sock, monitor = self._connect()
             self._sock.replace(sock)
             self._monitor = LoopSocket(monitor, self._on_connection_event)

@@ -322,6 +322,7 @@ class WorkerSnapshot(msgspec.Struct, frozen=True):
     age: float
     served: int
     rss: int
+    deployment: str = ""  # of its profile ("": a profile without deployments)
 
 
 class Snapshot(msgspec.Struct, frozen=True):

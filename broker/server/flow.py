@@ -25,6 +25,7 @@ from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
 from .retrypolicy import Policy, classify
+from .routing import Router
 from .state import Reason, Request, Worker
 from .stats import Stats
 from .watchdog import Alarm, request_due
@@ -70,6 +71,7 @@ class Flow:
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.draining = False
+        self.router = Router(settings)
         self.policy = Policy(
             settings.max_attempts, settings.retry_backoff, settings.http_retry_backoff, settings.retry_after_max
         )
@@ -213,30 +215,22 @@ class Flow:
     # ----- dispatch and retries -------------------------------------------------
 
     def dispatch(self, now: float) -> None:
-        """Queued requests to free worker slots.
-
-        One-stream workers are taken most recently used first: a warm worker answers faster
-        than a fresh fork (whose first request pays ~7 ms of copy-on-write page faults), and
-        the workers left idle are the ones `idle_timeout` retires. Multi-stream workers are
-        taken in turn, spreading streams so that one kill takes as few as possible."""
+        """Queued requests to free worker slots, each on the deployment the router picks."""
         for name, queue in self.queues.items():
-            free = self.fleet.free[name]
-            take = free.pop if self.settings.profiles[name].concurrency == 1 else free.popleft
-            while queue and free:
-                worker = take()
-                worker.queued_free = False
-                if worker.free <= 0:
-                    continue
-                req = queue.pop(now)
-                if req is None:  # only retries waiting out their backoff are left
-                    self.fleet.offer(worker)
+            while queue:
+                free = [g for g in self.router.of_profile[name] if self.fleet.has_free(g)]
+                req = queue.pop(now) if free else None
+                if req is None:  # no free slot, or only retries waiting out their backoff
                     break
+                group = self.router.pick(name, free, self.fleet.load, frozenset(req.failed_on))
+                worker = self.fleet.take(group)
                 self._run(worker, req, now)
                 self.fleet.offer(worker)
 
     def _run(self, worker: Worker, req: Request, now: float) -> None:
         req.attempt += 1
         req.worker = worker
+        req.group = worker.group
         req.sent_at = now
         worker.requests[req.key] = req
         if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), req.payload), now):

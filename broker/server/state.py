@@ -103,3 +103,13 @@ class Request:
     own_limits: set[Reason] = field(default_factory=lambda: {Reason.DEADLINE})
     group: str = ""  # the worker group (deployment) of its latest attempt
     failed_on: set[str] = field(default_factory=set)  # groups an attempt of it failed on
+    # Its targets (routes.py): the chain, its own profile first; those it went to; where a
+    # context-length refusal goes; the model of the current one ("": its own); attempts there.
+    hops: list[tuple[str, str]] = field(default_factory=list)
+    used: list[tuple[str, str]] = field(default_factory=list)
+    context: tuple[str, str] | None = None
+    model: str = ""
+    target_attempts: int = 0
+    rescue: str = ""  # how the current target came to run it: fallback, context-fallback
+    first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
+    tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`

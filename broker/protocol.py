@@ -97,6 +97,15 @@ class Served(msgspec.Struct, array_like=True, frozen=True, gc=False):
     model: str = ""  # the model asked of the provider ("" for a call that names none)
     rescue: str = ""
 
+    def headers(self) -> list[tuple[str, str]]:
+        """As the gateway and the shim say it on an answer: `x-isopool-profile`, `-deployment`,
+        `-model`, `-attempts` and `-rescue` (those that are set)."""
+        if not self.attempts:
+            return []
+        fields = ("profile", self.profile), ("deployment", self.deployment), ("model", self.model)
+        fields += ("attempts", str(self.attempts)), ("rescue", self.rescue)
+        return [(f"x-isopool-{name}", value) for name, value in fields if value]
+
 
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Header of the real stream events that arrived in one read from the provider (never

@@ -88,3 +88,59 @@ def test_a_model_rule_with_no_fallbacks_turns_the_profiles_off_for_its_models():
     s = settings(**two(fallbacks=[{"profile": "backup"}], models={"claude-tiny*": {"fallbacks": []}}))
     assert routes.chain(s, "claude", "claude-tiny-1") == [("claude", "")]
     assert routes.chain(s, "claude", "claude-big") == [("claude", ""), ("backup", "")]
+
+
+def request(s, profile: str, model: str = "m", attempt: int = 1, group: str = ""):
+    from broker.protocol import Submit
+    from broker.server.state import Request
+
+    req = Request(1, b"c", 1, Submit(1, profile, model), b"", profile, 20.0, 20.0, 100.0, 0.0, attempt=attempt)
+    req.hops, req.context = routes.chain(s, profile, model), routes.context_hop(s, profile, model)
+    req.used, req.group, req.target_attempts = req.hops[:1], group or profile, attempt
+    return req
+
+
+def test_a_chain_as_long_as_the_budget_gives_each_target_one_attempt():
+    from broker.server.routing import End, Move, Router
+    from broker.server.state import Reason
+
+    s = settings(**two(fallbacks=[{"profile": "backup"}, {"model": "claude-haiku"}]))
+    router, req = Router(s), request(s, "claude")
+    seen = []
+    while not isinstance(decision := router.next(req, Reason.HTTP_5XX, "", [], None, 0.0, 0.5), End):
+        assert isinstance(decision, Move)
+        seen.append(decision.hop)
+        req.used.append(decision.hop)
+        req.profile, req.group, req.attempt, req.target_attempts = decision.hop[0], decision.hop[0], req.attempt + 1, 1
+    assert seen == [("backup", ""), ("claude", "claude-haiku")] and req.attempt == 3
+
+
+def test_refusals_move_only_where_configured_and_output_ends_the_call():
+    from broker.protocol import Code
+    from broker.server.routing import End, Move, Router, Same
+    from broker.server.state import Reason
+
+    s = settings(**two(fallbacks=[{"profile": "backup"}], fallback_on=["retryable", "status:403"],
+                       context_fallback={"model": "claude-1m"}))  # fmt: skip
+    router = Router(s)
+    assert router.next(request(s, "claude"), None, "context_length", [], None, 0, 0) == Move(
+        ("claude", "claude-1m"), "context-fallback")  # fmt: skip
+    assert router.next(request(s, "claude"), None, "status:403", [], None, 0, 0) == Move(("backup", ""), "fallback")
+    refused = router.next(request(s, "claude"), None, "content_filter", [], None, 0, 0)
+    assert isinstance(refused, End) and not refused.first and refused.code is None  # the provider's own 400
+    silent = router.next(request(s, "claude"), Reason.HEADERS, "", [], None, 0, 0)
+    assert isinstance(silent, Same)  # "silence" is not in this profile's fallback_on: retried once in place
+    seen = request(s, "claude")
+    seen.delivered = 3
+    assert router.next(seen, Reason.STALE, "", [], None, 0, 0).code == Code.STALLED
+
+
+def test_another_deployment_is_tried_at_once_before_a_fallback():
+    from broker.server.routing import Move, Router, Same
+    from broker.server.state import Reason
+
+    s = settings(**two(fallbacks=[{"profile": "backup"}], deployments=[{"name": "k1"}, {"name": "k2"}]))
+    router, req = Router(s), request(s, "claude", group="claude.k1")
+    assert router.next(req, Reason.HTTP_429, "", [], 30.0, 0, 0) == Same(0.0)  # key k2 was not rate limited
+    req.group, req.attempt, req.target_attempts = "claude.k2", 2, 2
+    assert router.next(req, Reason.HTTP_429, "", [], 30.0, 0, 0) == Move(("backup", ""), "fallback")

@@ -57,7 +57,7 @@ from ..errors import (
     ShuttingDown,
     StreamStalled,
 )
-from ..protocol import HttpCall, Listening, path_problem
+from ..protocol import HttpCall, Listening, Served, path_problem
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -191,9 +191,10 @@ class Gateway:
             if first is None:
                 result = await call.result()
                 headers = [*result.headers, *_NOT_AGAIN] if result.status >= 400 else result.headers
-                return web.Response(status=result.status, headers=headers, body=result.body)
+                return web.Response(status=result.status, headers=[*headers, *_served(call.served)], body=result.body)
             head = call.head
-            response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
+            headers = [*head.headers, *_served(call.served)]  # type: ignore[union-attr]
+            response = web.StreamResponse(status=head.status, headers=headers)  # type: ignore[union-attr]
             await response.prepare(request)
             try:
                 await response.write(first.sse())
@@ -283,9 +284,15 @@ def _refusal(kind: str, exc: Refused) -> web.Response:
     return response
 
 
+def _served(served: Served | None) -> list[tuple[str, str]]:
+    """Who answered, as `x-isopool-*` response headers."""
+    return served.headers() if served is not None else []
+
+
 def _pool_error(kind: str, exc: IsopoolError) -> web.Response:
     status, name = _status(exc)
     response = _error(kind, status, name, f"isopool: {exc}")
+    response.headers.extend(_served(getattr(exc, "served", None)))
     if not isinstance(exc, PoolSaturated | ShuttingDown):  # the pool's retries are spent: the SDK's would add to them
         response.headers.extend(_NOT_AGAIN)
     return response

@@ -56,6 +56,11 @@ def own_key(request: httpx2.Request) -> str:
     return ""
 
 
+def served(headers: list[tuple[str, str]], call: Any) -> list[tuple[str, str]]:
+    """The answer's headers and who answered it (`x-isopool-*`, visible through `with_raw_response`)."""
+    return [*headers, *(call.served.headers() if call.served is not None else [])]
+
+
 class _Events(httpx2.SyncByteStream):
     def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
         self._first, self._events, self._errors, self._request = first, events, errors, request
@@ -115,10 +120,9 @@ class PoolTransport(httpx2.BaseTransport):
             raise self._errors.before_output(exc, request) from exc
         if first is None:
             result = call.result()
-            return httpx2.Response(result.status, headers=result.headers, content=result.body)
-        head = call.head
+            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
         stream = _Events(first, events, self._errors, request)
-        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
 
 class AsyncPoolTransport(httpx2.AsyncBaseTransport):
@@ -155,10 +159,9 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
             raise self._errors.before_output(exc, request) from exc
         if first is None:
             result = await call.result()
-            return httpx2.Response(result.status, headers=result.headers, content=result.body)
-        head = call.head
+            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
         stream = _AsyncEvents(first, events, self._errors, request)
-        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -158,3 +158,21 @@ def test_fallbacks_and_rescues_are_counted(fake, pool):
     moved = "openai>backup/gpt-fake"  # from the call's own target (its own model unnamed) to the configured one
     assert after.fallbacks[moved] == before.fallbacks.get(moved, 0) + 1
     assert after.rescued["fallback"] == before.rescued.get("fallback", 0) + 1
+
+
+def test_a_stream_answered_by_the_fallback_says_so_in_its_headers(fake, pool):
+    fake.reset()
+    args = openai_args("a stream, down", model=DOWN, stream=True)
+    response = httpx.post(pool.http_url + "/v1/chat/completions", json=args, timeout=60)
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert isopool_headers(response.headers)["x-isopool-profile"] == "backup"
+    assert '"model":"gpt-fake"' in response.text.replace(" ", "")
+
+
+def test_a_shim_error_says_where_the_call_ran(fake, pool):
+    fake.reset()
+    with shim_openai.OpenAI(pool=pool, profile="backup") as sdk:  # no fallbacks there
+        with pytest.raises(openai.APIConnectionError) as caught:
+            sdk.chat.completions.create(**openai_args("reset", model="gpt-fake@reset:after=0,times=99"))
+    cause = caught.value.__cause__  # the transport's error, which the SDK wraps
+    assert (cause.pool_profile, cause.pool_attempts) == ("backup", MAX_ATTEMPTS)  # type: ignore[union-attr]

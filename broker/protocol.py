@@ -76,6 +76,7 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     deadline: float | None = None
     max_attempts: int | None = None
     read_timeout: float | None = None  # the SDK's per-call read timeout: caps the first-event and stale limits
+    fallbacks: list[tuple[str, str]] | None = None  # the caller's own (profile, model) chain; "" = its own
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -89,6 +89,25 @@ def resolve(target: Target, profile: str) -> Hop:
     return target.profile or profile, target.model
 
 
+def own_chain(settings: Settings, profile: str, fallbacks: list[Hop]) -> list[Hop]:
+    """A request's chain from the fallbacks it names itself (they replace the configured ones; the
+    context fallback stays); ValueError naming `request_fallbacks` for one the pool does not allow."""
+    hops = [(profile, "")]
+    for hop in fallbacks:
+        hop = (hop[0] or profile, hop[1])
+        other = settings.profiles.get(hop[0])
+        if other is None or not allowed(settings, hop):
+            named = "/".join(filter(None, hop))
+            raise ValueError(f"fallback {named!r} is not allowed by this pool (setting request_fallbacks lists "
+                             "the profiles and models a request may name)")  # fmt: skip
+        if other.kind != settings.profiles[profile].kind:
+            raise ValueError(f"fallback profile {hop[0]!r} is of kind {other.kind}: requests are relayed, never "
+                             "translated to another API")  # fmt: skip
+        if hop not in hops:
+            hops.append(hop)
+    return hops
+
+
 def allowed(settings: Settings, hop: Hop) -> bool:
     """Whether a request may name this fallback itself: a `request_fallbacks` entry of its profile
     whose model (a glob; "" any) matches."""

@@ -284,7 +284,7 @@ class AsyncClient:
         model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
-            limits.max_attempts, limits.read_timeout,
+            limits.max_attempts, limits.read_timeout, limits.fallbacks,
         )  # fmt: skip
         try:
             payload = self._codec.encode(call)
@@ -568,6 +568,8 @@ class CallLimits(msgspec.Struct, frozen=True):
     deadline: float | None = None
     max_attempts: int | None = None
     read_timeout: float | None = None  # caps first_event_timeout and stale_timeout (an SDK's per-call timeout)
+    fallbacks: list[tuple[str, str]] | None = None  # (profile, model) tried in order, "" the call's own; the
+    # pool refuses those its `request_fallbacks` does not allow
 
 
 class _BodyFields(msgspec.Struct):

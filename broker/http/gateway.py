@@ -45,7 +45,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from ..client.client import AsyncCall, AsyncClient
+from ..client.client import AsyncCall, AsyncClient, CallLimits
 from ..config import Settings, is_loopback
 from ..errors import (
     AttemptsExhausted,
@@ -58,6 +58,8 @@ from ..errors import (
     StreamStalled,
 )
 from ..protocol import HttpCall, Listening, Served, path_problem
+from .fallbacks import HEADER as FALLBACKS_HEADER
+from .fallbacks import BadFallbacks, take_fallbacks
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -101,6 +103,7 @@ class Gateway:
         self.read_timeout = settings.gateway_read_timeout
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
         self.defaults = {kind: settings.default_profile(kind) for kind in ("anthropic", "openai")}
+        self.profiles = set(settings.profiles)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_bytes)
@@ -125,13 +128,18 @@ class Gateway:
                 return _preflight(request)
             self.check_token(request)
             check_path(request.raw_path)
-            call = HttpCall(request.method, path, _forwarded(request), await self.read_body(request))
+            body = await self.read_body(request)
+            try:
+                body, fallbacks = take_fallbacks(kind, request.headers, body, self.profiles)
+            except BadFallbacks as exc:
+                raise Refused(400, str(exc)) from None
+            call = HttpCall(request.method, path, _forwarded(request), body)
             if _encoded_size(call) > self.max_bytes:
                 raise Refused(413, f"the request is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            submitted = await self.client.submit_http(profile, call)
+            submitted = await self.client.submit_http(profile, call, CallLimits(fallbacks=fallbacks or None))
         except IsopoolError as exc:
             return _pool_error(kind, exc)
         return await self.relay(request, kind, submitted, _closing(kind, path))
@@ -230,7 +238,8 @@ def _forwarded(request: web.Request) -> list[tuple[str, str]]:
     return [
         (str(k), v)  # aiohttp's names are `istr`, which the wire cannot carry
         for k, v in request.headers.items()
-        if (name := k.lower()) in FORWARDED or (name.startswith(FORWARDED_PREFIXES) and name != PROFILE_HEADER)
+        if (name := k.lower()) in FORWARDED
+        or (name.startswith(FORWARDED_PREFIXES) and name not in (PROFILE_HEADER, FALLBACKS_HEADER))
     ]
 
 

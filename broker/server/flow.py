@@ -77,8 +77,11 @@ class Flow:
     # ----- callers --------------------------------------------------------------
 
     def on_submit(self, client: bytes, sub: Submit, payload: bytes, now: float) -> None:
+        hops = None
         try:
             sub = self.settings.bound(sub)
+            if sub.fallbacks and sub.profile in self.settings.profiles:  # the caller's own chain
+                hops = routes.own_chain(self.settings, sub.profile, sub.fallbacks)
         except ValueError as exc:
             refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))
         else:
@@ -90,7 +93,7 @@ class Flow:
         fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
         req.headers_timeout = min(self.settings.headers_timeout, fet)
-        req.hops = routes.chain(self.settings, sub.profile, sub.model)
+        req.hops = hops or routes.chain(self.settings, sub.profile, sub.model)
         req.used = req.hops[:1]
         req.context = routes.context_hop(self.settings, sub.profile, sub.model)
         if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one

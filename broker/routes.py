@@ -94,6 +94,8 @@ def own_chain(settings: Settings, profile: str, fallbacks: list[Hop]) -> list[Ho
     context fallback stays); ValueError naming `request_fallbacks` for one the pool does not allow."""
     hops = [(profile, "")]
     for hop in fallbacks:
+        if not hop[0] and hop[1] in settings.profiles:  # a bare name: a profile if there is one by that name
+            hop = (hop[1], "")
         hop = (hop[0] or profile, hop[1])
         other = settings.profiles.get(hop[0])
         if other is None or not allowed(settings, hop):

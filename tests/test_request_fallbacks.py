@@ -75,3 +75,30 @@ def test_anthropics_own_server_side_fallbacks_pass_through_untouched(fake, pool)
     response = post(pool, body, "/v1/messages", **beta)
     assert response.status_code == 200, response.text
     assert response.json()["id"] == "msg_" + answered_for(body)  # the body went on with its `fallbacks`
+
+
+def test_the_shim_takes_fallbacks_from_its_sdks_extra_body(fake, pool):
+    from broker.shim import openai as shim_openai
+
+    fake.reset()
+    body = openai_args("shim fallbacks", model=DOWN)
+    with shim_openai.OpenAI(pool=pool) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(
+            **body, extra_body={"fallbacks": [{"profile": "backup", "model": "gpt-fake"}]}
+        )
+    assert raw.headers["x-isopool-profile"] == "backup"
+    assert raw.parse().id == "chatcmpl-" + answered_for({**body, "model": "gpt-fake"})  # no `fallbacks` upstream
+
+
+def test_a_bare_name_is_a_profile_if_one_has_it_else_a_model_of_the_requests_own():
+    from broker import routes
+    from broker.config import load_settings
+
+    s = load_settings(env={}, profiles={"p": {"kind": "openai"}, "q": {"kind": "openai"}},
+                      request_fallbacks=[{"profile": "p"}, {"profile": "q"}])  # fmt: skip
+    assert routes.own_chain(s, "p", [("", "q"), ("", "m"), ("q", "m2")]) == [
+        ("p", ""),
+        ("q", ""),
+        ("p", "m"),
+        ("q", "m2"),
+    ]

@@ -46,6 +46,8 @@ import msgspec
 from aiohttp import web
 
 from ..client.client import AsyncCall, AsyncClient, CallLimits
+from ..client.fallbacks import HEADER as FALLBACKS_HEADER
+from ..client.fallbacks import BadFallbacks, take_fallbacks
 from ..config import Settings, is_loopback
 from ..errors import (
     AttemptsExhausted,
@@ -58,8 +60,6 @@ from ..errors import (
     StreamStalled,
 )
 from ..protocol import HttpCall, Listening, Served, path_problem
-from .fallbacks import HEADER as FALLBACKS_HEADER
-from .fallbacks import BadFallbacks, take_fallbacks
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -103,7 +103,6 @@ class Gateway:
         self.read_timeout = settings.gateway_read_timeout
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
         self.defaults = {kind: settings.default_profile(kind) for kind in ("anthropic", "openai")}
-        self.profiles = set(settings.profiles)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_bytes)
@@ -130,7 +129,7 @@ class Gateway:
             check_path(request.raw_path)
             body = await self.read_body(request)
             try:
-                body, fallbacks = take_fallbacks(kind, request.headers, body, self.profiles)
+                body, fallbacks = take_fallbacks(request.headers, body)
             except BadFallbacks as exc:
                 raise Refused(400, str(exc)) from None
             call = HttpCall(request.method, path, _forwarded(request), body)

@@ -18,9 +18,11 @@ import pytest
 from broker import Pool
 from broker.batch import run as run_batch
 from broker.errors import ProviderStatusError
+from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
+from worker.fallback import failure_of
 
-from .conftest import TEST_SETTINGS, openai_args
+from .conftest import TEST_SETTINGS, anthropic_args, openai_args
 
 HEADERS_TIMEOUT = 1.0
 MAX_ATTEMPTS = 3
@@ -32,7 +34,8 @@ def pool(fake):
     base = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "spare_workers": 1, "max_workers": 4}
     chain = {"fallbacks": [{"profile": "backup", "model": "gpt-fake"}], "context_fallback": {"model": "gpt-fake-1m"}}
     settings = dict(TEST_SETTINGS, http="127.0.0.1:0", headers_timeout=HEADERS_TIMEOUT, max_attempts=MAX_ATTEMPTS)
-    with Pool(profiles={"openai": {**base, **chain}, "backup": base}, **settings) as p:
+    claude = {"kind": "anthropic", "base_url": fake.url, "context_fallback": {"model": "claude-fake-1m"}}
+    with Pool(profiles={"openai": {**base, **chain}, "backup": base, "anthropic": claude}, **settings) as p:
         yield p
 
 
@@ -176,3 +179,29 @@ def test_a_shim_error_says_where_the_call_ran(fake, pool):
             sdk.chat.completions.create(**openai_args("reset", model="gpt-fake@reset:after=0,times=99"))
     cause = caught.value.__cause__  # the transport's error, which the SDK wraps
     assert (cause.pool_profile, cause.pool_attempts) == ("backup", MAX_ATTEMPTS)  # type: ignore[union-attr]
+
+
+def test_anthropics_prompt_too_long_goes_to_the_named_model_through_the_shim(fake, pool):
+    fake.reset()
+    with shim_anthropic.Anthropic(pool=pool) as sdk:
+        raw = sdk.messages.with_raw_response.create(**anthropic_args("long", model="claude-fake@context-length"))
+    assert raw.parse().model == "claude-fake-1m" and raw.headers["x-isopool-rescue"] == "context-fallback"
+
+
+@pytest.mark.parametrize(
+    "status, body, failure",
+    [
+        (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 9 > 5"}},
+         "context_length"),
+        (400, {"error": {"message": "Your input exceeds the context window of this model.", "code": None}},
+         "context_length"),
+        (400, {"error": {"message": "...", "code": "context_length_exceeded"}}, "context_length"),
+        (400, {"error": {"message": "filtered", "code": "content_filter"}}, "content_filter"),
+        (400, {"error": {"message": "flagged", "code": "invalid_prompt"}}, "content_filter"),
+        (400, {"error": {"message": "bad param", "code": "invalid_value"}}, ""),
+        (413, {"error": {"message": "prompt is too long"}}, ""),
+        (400, ["not", "an", "object"], ""),
+    ],
+)  # fmt: skip
+def test_the_worker_reads_what_a_refusal_says_from_its_body(status, body, failure):
+    assert failure_of(status, json.dumps(body).encode()) == failure

@@ -26,7 +26,7 @@ from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
 from .retrypolicy import classify
-from .routing import Move, Router, Same
+from .routing import Move, Router, Same, rescue, target
 from .state import Reason, Request, Worker
 from .stats import Stats
 from .watchdog import Alarm, request_due
@@ -185,9 +185,9 @@ class Flow:
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
             self.stats.latency.add(now - req.accepted_at)
-            if req.rescue or req.attempt > 1:
-                self.stats.rescued[self._rescue(req)] += 1
-            served = Served(req.crid, *self._served(req))
+            if how := rescue(req):
+                self.stats.rescued[how] += 1
+            served = Served(req.crid, *self.router.served(req))
             self._forward_end(req, self.codec.frames(Kind.RESULT, served, payload or req.head or b""), "ok")
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
@@ -213,9 +213,8 @@ class Flow:
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
         self._progress(req, now)
         if req.head is not None:
-            if not self.send_client(
-                req.client, self.codec.frames(Kind.HEAD, Served(req.crid, *self._served(req)), req.head)
-            ):
+            served = Served(req.crid, *self.router.served(req))
+            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
         if self.send_client(req.client, self.codec.frames(Kind.EVENT, Event(req.crid, event.seq, event.count), data)):
@@ -290,7 +289,7 @@ class Flow:
             self._again(req, decision.delay, now)
         elif decision.code is not None:
             self.finish(req, decision.code, decision.why)
-        elif error := (decision.first and req.first_error) or (last_error and (code, last_error)):
+        elif error := (decision.first and len(req.used) > 1 and req.first_error) or (last_error and (code, last_error)):
             log.info("request %d: attempt %d failed (%s); not retried: %s", req.key, req.attempt, reason or failure,
                      decision.why)  # fmt: skip
             self._forward_error(req, *error)  # the provider's own error is the most useful answer
@@ -303,7 +302,7 @@ class Flow:
     def _move(self, req: Request, move: Move, now: float) -> None:
         """On to another target of the call's chain: its profile's queue, its model and time limits
         (the deadline stays the call's)."""
-        was = self._target(req)
+        was = target(req)
         req.profile, req.model = move.hop
         req.used.append(move.hop)
         req.target_attempts = 0
@@ -312,8 +311,8 @@ class Flow:
             req.submit, req.profile, req.model or req.submit.model
         )
         req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout)
-        self.stats.fallbacks[f"{was}>{self._target(req)}"] += 1
-        log.info("request %d: attempt %d failed; %s to %s", req.key, req.attempt, move.rescue, self._target(req))
+        self.stats.fallbacks[f"{was}>{target(req)}"] += 1
+        log.info("request %d: attempt %d failed; %s to %s", req.key, req.attempt, move.rescue, target(req))
         self._again(req, 0.0, now)
 
     def _again(self, req: Request, delay: float, now: float) -> None:
@@ -327,21 +326,6 @@ class Flow:
             self.alarm.by(req.not_before)
         else:
             self.queues[req.profile].push(req, front=True)
-
-    @staticmethod
-    def _target(req: Request) -> str:
-        return "/".join(filter(None, (req.profile, req.model)))
-
-    def _served(self, req: Request) -> tuple[int, str, str, str, str]:
-        """Who answered: attempts, profile, deployment, model, and how the call was rescued."""
-        deployment = self.fleet.groups[req.group][1] if req.group else ""
-        return req.attempt, req.profile, deployment, req.model or req.submit.model, self._rescue(req)
-
-    @staticmethod
-    def _rescue(req: Request) -> str:
-        if req.rescue or req.attempt <= 1:
-            return req.rescue
-        return "deployment" if req.failed_on and req.group not in req.failed_on else "retry"
 
     def _shed(self, worker: Worker, req: Request, reason: Reason, now: float) -> None:
         """Take one stream off a worker that carries others, when a limit of the request's own
@@ -412,12 +396,14 @@ class Flow:
     def finish(self, req: Request, code: Code, message: str) -> None:
         """End a request with a broker-made error (exactly one answer)."""
         info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt, tried=req.tries)
-        frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code, *self._served(req)), self.codec.encode(info))
+        frames = self.codec.frames(
+            Kind.ERROR, ErrorHeader(req.crid, code, *self.router.served(req)), self.codec.encode(info)
+        )
         self._forward_end(req, frames, "cancelled" if code == Code.CANCELLED else f"error:{code}")
 
     def _forward_error(self, req: Request, code: str, payload: bytes) -> None:
         """End a request with a worker's error (a provider's), saying where it ran."""
-        header = ErrorHeader(req.crid, code, *self._served(req))
+        header = ErrorHeader(req.crid, code, *self.router.served(req))
         self._forward_end(req, self.codec.frames(Kind.ERROR, header, payload), f"error:{code}")
 
     def _forward_end(self, req: Request, frames: list[bytes], outcome: str) -> None:

@@ -1,9 +1,10 @@
 """Where a request goes: which deployment runs its next attempt (`Router.pick`), and what follows a
 failed one (`Router.next`): the same target again, another target of its chain, or the end.
 
-Pure decisions over the broker's records; the flow carries them out. One budget for all of it: every
-upstream request is an attempt of the call's `max_attempts`, under its one deadline, whichever
-deployment or fallback it went to (retrypolicy.py says how long to wait before each).
+Decisions over the broker's records (`next` notes the deployment a provider failed on, nothing
+else); the flow carries them out. One budget for all of it: every upstream request is an attempt of
+the call's `max_attempts`, under its one deadline, whichever deployment or fallback it went to
+(retrypolicy.py says how long to wait before each).
 """
 
 from __future__ import annotations
@@ -19,7 +20,49 @@ from .retrypolicy import Policy
 from .state import Reason, Request
 
 
+@dataclass(frozen=True, slots=True)
+class Same:
+    """Run the call again on its current target (another deployment of it, if one has not failed) after `delay`."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Run the call next on another target of its chain: `rescue` is `fallback` or `context-fallback`."""
+
+    hop: Hop
+    rescue: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """End the call: with `code` (the pool's error) if set, else with a provider's error: the first one
+    its own target answered, if it moved on since (`first`: the real cause), or the one just answered."""
+
+    why: str
+    first: bool = True
+    code: Code | None = None
+
+
+Decision = Same | Move | End
+
+# What a failure before output says about the target, for `fallback_on`; the rest (a crash, a
+# neighbour's stall, a memory limit) is the pool's own and is simply retried.
+_TRIGGERS = {
+    Reason.HTTP_429: "retryable",
+    Reason.HTTP_5XX: "retryable",
+    Reason.CONNECTION: "retryable",
+    Reason.INCOMPLETE: "retryable",
+    Reason.HEADERS: "silence",
+    Reason.FIRST_EVENT: "silence",
+    Reason.STALE: "stall",
+}
+
+
 class Router:
+    """The deployments of each profile (worker groups, routes.py) and the decisions over them."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.policy = Policy(
@@ -93,6 +136,11 @@ class Router:
             return Move(ahead[0], "fallback")
         return End(why) if delay is None else Same(delay)
 
+    def served(self, req: Request) -> tuple[int, str, str, str, str]:
+        """Who answered (a `Served` header's fields): attempts, profile, deployment, model, rescue."""
+        deployment = self.groups[req.group][1] if req.group else ""
+        return req.attempt, req.profile, deployment, req.model or req.submit.model, rescue(req)
+
     def _weighted(self, eligible: list[str]) -> str:
         """Smooth weighted round-robin (nginx's): deterministic, and spreads each group's turns evenly."""
         for key in eligible:
@@ -102,41 +150,14 @@ class Router:
         return chosen
 
 
-@dataclass(frozen=True, slots=True)
-class Same:
-    """Run the call again on its current target (another deployment of it, if one has not failed) after `delay`."""
-
-    delay: float
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """Run the call next on another target of its chain: `rescue` is `fallback` or `context-fallback`."""
-
-    hop: Hop
-    rescue: str
+def rescue(req: Request) -> str:
+    """How a call came to be answered where it is: "" at its first attempt, else `fallback` or
+    `context-fallback` (another target), `deployment` (another key of its own), or `retry`."""
+    if req.rescue or req.attempt <= 1:
+        return req.rescue
+    return "deployment" if req.failed_on and req.group not in req.failed_on else "retry"
 
 
-@dataclass(frozen=True, slots=True)
-class End:
-    """End the call: with `code` (the pool's error) if set, else with a provider's error: the first one
-    its own target answered (`first`), or the one just answered."""
-
-    why: str
-    first: bool = True
-    code: Code | None = None
-
-
-Decision = Same | Move | End
-
-# What a failure before output says about the target, for `fallback_on`; the rest (a crash, a
-# neighbour's stall, a memory limit) is the pool's own and is simply retried.
-_TRIGGERS = {
-    Reason.HTTP_429: "retryable",
-    Reason.HTTP_5XX: "retryable",
-    Reason.CONNECTION: "retryable",
-    Reason.INCOMPLETE: "retryable",
-    Reason.HEADERS: "silence",
-    Reason.FIRST_EVENT: "silence",
-    Reason.STALE: "stall",
-}
+def target(req: Request) -> str:
+    """Where the call goes now, for logs and counters: `profile` or `profile/model`."""
+    return "/".join(filter(None, (req.profile, req.model)))

@@ -7,7 +7,7 @@ import pytest
 
 from broker import Pool
 from broker.config import load_settings
-from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess
+from broker.fake_provider import FAULT_HEADER, LATENCY_HEADER, FakeProviderProcess
 from broker.server.routing import Router
 
 from .conftest import TEST_SETTINGS, openai_args
@@ -19,10 +19,10 @@ def fakes():
         yield a, b
 
 
-def deployments_pool(fakes, strategy: str, **extra):
+def deployments_pool(fakes, strategy: str, deployment_a: dict | None = None, **extra):
     a, b = fakes
     deps = [
-        {"name": "a", "base_url": a.url + "/v1", "weight": 3},
+        {"name": "a", "base_url": a.url + "/v1", "weight": 3, **(deployment_a or {})},
         {"name": "b", "base_url": b.url + "/v1", "weight": 1},
     ]
     profile = {"kind": "openai", "deployments": deps, "strategy": strategy, "min_workers": 1, "spare_workers": 0,
@@ -74,3 +74,15 @@ def test_a_profile_without_deployments_keeps_its_idents_and_stats(client):
     assert workers and all(w.deployment == "" and w.ident.split(".")[0] == w.profile for w in workers)
     assert all(len(w.ident.split(".")) == 3 for w in workers)
     assert client.snapshot().capacity == {"anthropic": 8, "openai": 8}
+
+
+def test_a_failing_key_is_left_for_another_deployment_at_once(fakes):
+    for f in fakes:
+        f.reset()
+    down = {"default_headers": {FAULT_HEADER: "unavailable:for=600"}}  # deployment a's upstream answers 503
+    with deployments_pool(fakes, "ordered", deployment_a=down) as pool, pool.client() as client:
+        call = client.submit("openai", "chat.completions.create", **openai_args("a is down"))
+        assert call.result().status == 200
+        served = call.served
+    assert (served.deployment, served.attempts, served.rescue) == ("b", 2, "deployment")
+    assert [sum(map(len, f.stats()["arrivals"].values())) for f in fakes] == [1, 1]  # no backoff wait on a

@@ -205,3 +205,15 @@ def test_anthropics_prompt_too_long_goes_to_the_named_model_through_the_shim(fak
 )  # fmt: skip
 def test_the_worker_reads_what_a_refusal_says_from_its_body(status, body, failure):
     assert failure_of(status, json.dumps(body).encode()) == failure
+
+
+def test_the_pools_own_error_through_the_gateway_says_where_the_call_ran(fake, pool):
+    fake.reset()
+    args = openai_args("silent, no fallback", model="gpt-fake@no-headers:times=99")
+    response = httpx.post(pool.http_url + "/v1/chat/completions", json=args, headers={"x-isopool-profile": "backup"},
+                          timeout=60)  # fmt: skip
+    assert response.status_code == 504  # retried once (silence), then the pool's AttemptsExhausted
+    served = {"x-isopool-profile": "backup", "x-isopool-attempts": "2", "x-isopool-model": args["model"],
+              "x-isopool-rescue": "retry"}  # fmt: skip
+    assert isopool_headers(response.headers) == served
+    assert "backup:headers_timeout, backup:headers_timeout" in response.json()["error"]["message"]

@@ -21,9 +21,11 @@ _DEC = msgspec.json.Decoder()
 
 
 def retarget(call: Call | HttpCall, model: str) -> Call | HttpCall:
-    """`call` with `model` in place of its own."""
+    """`call` with `model` in place of its own (a request without a body names no model: sent as it is)."""
     if isinstance(call, Call):
         return msgspec.structs.replace(call, kwargs={**call.kwargs, "model": model})
+    if not call.body:
+        return call
     try:
         body = _DEC.decode(call.body)
     except msgspec.DecodeError:

@@ -6,7 +6,8 @@ Providers are named profiles. Two exist by default, `anthropic` and `openai`, wh
 leave `base_url` and the key to the SDKs themselves, so `ANTHROPIC_API_KEY`,
 `ANTHROPIC_BASE_URL`, `OPENAI_API_KEY` and `OPENAI_BASE_URL` work exactly as with the
 SDKs. Time limits resolve per request, then per model glob, then per profile, then
-globally.
+globally. A profile may hold several deployments and name fallbacks (checked and resolved in
+routes.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ModelRule(Limits, frozen=True, forbid_unknown_fields=True):
 
 
 class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One key, base URL or region of a profile, with workers of its own; None inherits the profile's."""
+    """One key or base URL of a profile, with workers of its own; None inherits the profile's."""
 
     name: str
     base_url: str | None = None

@@ -19,7 +19,7 @@ import msgspec
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Profile, Settings, Target
+    from .config import Deployment, Profile, Settings, Target
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def groups(settings: Settings) -> dict[str, tuple[str, str, Profile]]:
     return found
 
 
-def merge(profile: Profile, dep: object) -> Profile:
+def merge(profile: Profile, dep: Deployment) -> Profile:
     """The profile a deployment's workers run: its own settings over the profile's."""
     fields = {f: v for f in ("base_url", "api_key_env", "min_workers", "max_workers", "spare_workers")
               if (v := getattr(dep, f)) is not None}  # fmt: skip
-    headers = {**profile.default_headers, **dep.default_headers}  # type: ignore[attr-defined]
+    headers = {**profile.default_headers, **dep.default_headers}
     return msgspec.structs.replace(profile, **fields, default_headers=headers, deployments=[])
 
 

@@ -286,7 +286,8 @@ class Flow:
                      decision.delay)  # fmt: skip
             self.stats.retries += 1
             self.stats.retries_by[reason or failure] += 1
-            self._again(req, decision.delay, now)
+            req.head = None
+            self._requeue(req, decision.delay, now)
         elif decision.code is not None:
             self.finish(req, decision.code, decision.why)
         elif error := (decision.first and len(req.used) > 1 and req.first_error) or (last_error and (code, last_error)):
@@ -306,18 +307,18 @@ class Flow:
         req.profile, req.model = move.hop
         req.used.append(move.hop)
         req.target_attempts = 0
-        req.rescue = move.rescue
+        req.rerouted = move.rescue
         req.first_event_timeout, req.stale_timeout, _ = self._limits(
             req.submit, req.profile, req.model or req.submit.model
         )
         req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout)
         self.stats.fallbacks[f"{was}>{target(req)}"] += 1
         log.info("request %d: attempt %d failed; %s to %s", req.key, req.attempt, move.rescue, target(req))
-        self._again(req, 0.0, now)
-
-    def _again(self, req: Request, delay: float, now: float) -> None:
-        """Requeue a request for its next attempt, at the front of its caller's line, after `delay`."""
         req.head = None
+        self._requeue(req, 0.0, now)
+
+    def _requeue(self, req: Request, delay: float, now: float) -> None:
+        """Run the request again after `delay` (from the front of its caller's queue)."""
         req.headers_at = None
         req.last_event_at = None
         req.not_before = now + delay

@@ -153,8 +153,8 @@ class Router:
 def rescue(req: Request) -> str:
     """How a call came to be answered where it is: "" at its first attempt, else `fallback` or
     `context-fallback` (another target), `deployment` (another key of its own), or `retry`."""
-    if req.rescue or req.attempt <= 1:
-        return req.rescue
+    if req.rerouted or req.attempt <= 1:
+        return req.rerouted
     return "deployment" if req.failed_on and req.group not in req.failed_on else "retry"
 
 

@@ -110,6 +110,6 @@ class Request:
     context: tuple[str, str] | None = None
     model: str = ""
     target_attempts: int = 0
-    rescue: str = ""  # how the current target came to run it: fallback, context-fallback
+    rerouted: str = ""  # how the current target came to run it: fallback, context-fallback ("": its own)
     first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
     tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`

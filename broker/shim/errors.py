@@ -41,8 +41,21 @@ class SdkErrors:
         self.broken = type(f"{prefix}StreamBroken", (_AfterOutput, sdk.APIConnectionError), base)
 
     def before_output(self, exc: IsopoolError, request: Any) -> Exception:
+        """The HTTP library's error the caller's SDK wraps (as the `__cause__` of its own error)."""
         cls: Any = self._lib.ReadTimeout if isinstance(exc, _TIMEOUTS) else self._lib.ConnectError
-        return cls(f"isopool: {exc}", request=request)
+        return _where(cls(f"isopool: {exc}", request=request), exc)
 
     def after_output(self, exc: IsopoolError, request: Any) -> Exception:
-        return (self.stalled if isinstance(exc, _TIMEOUTS) else self.broken)(exc, request)
+        return _where((self.stalled if isinstance(exc, _TIMEOUTS) else self.broken)(exc, request), exc)
+
+
+def _where(error: Exception, exc: IsopoolError) -> Exception:
+    """Say where the call last ran: `pool_profile`, `pool_deployment`, `pool_model`, `pool_attempts`,
+    and (for the pool's own errors) `pool_tried`, each failed attempt as `group:reason`."""
+    served = getattr(exc, "served", None)
+    error.pool_profile = served.profile if served else ""  # type: ignore[attr-defined]
+    error.pool_deployment = served.deployment if served else ""  # type: ignore[attr-defined]
+    error.pool_model = served.model if served else ""  # type: ignore[attr-defined]
+    error.pool_attempts = served.attempts if served else 0  # type: ignore[attr-defined]
+    error.pool_tried = list(getattr(getattr(exc, "info", None), "tried", []))  # type: ignore[attr-defined]
+    return error

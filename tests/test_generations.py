@@ -33,6 +33,8 @@ from .conftest import TEST_SETTINGS, profiles
 # ISOPOOL_OLD_SDKS="anthropic==1.0.0 openai==3.0.0 httpx2==2.16.2" pytest tests/test_generations.py
 PINS = os.environ.get("ISOPOOL_OLD_SDKS", "anthropic==0.87.0 openai==2.24.0 httpx==0.28.1").split()
 PINNED = dict(pin.split("==") for pin in PINS)
+# A framework pinned with them: what pip picks for anthropic 0.87 / openai 2.24 (with the default pins only).
+FRAMEWORKS = () if "ISOPOOL_OLD_SDKS" in os.environ else ("langchain-anthropic==1.4.0", "langchain-openai==1.1.10")
 HTTP = "httpx2" if "httpx2" in PINNED else "httpx"  # the application's own, as the scripts' `httpx`
 LIBRARIES = {"anthropic", "openai", "httpx", "httpx2"}
 FIRST_ON_HTTPX2 = {"anthropic": 1, "openai": 3}  # major versions
@@ -68,7 +70,7 @@ def old_env(tmp_path_factory):
     env |= {"PIP_CACHE_DIR": str(root / "pip-cache"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run([sys.executable, "-m", "venv", root / "venv"], check=True, timeout=120)
     python = root / "venv" / "bin" / "python"
-    pip_install(python, env, *PINS)
+    pip_install(python, env, *PINS, *FRAMEWORKS)
     before = versions(python)
     source = root / "isopool"
     for name in ("broker", "worker"):
@@ -184,6 +186,31 @@ def test_isopool_run_takes_an_agent_pinned_to_the_older_sdks(where, old_env, ser
     isopool = str(python.parent / "isopool")
     out = run_old(python, [isopool, "run", "agent.py"], tmp_path, ANTHROPIC_BASE_URL=fake.url, **env)
     assert out.stdout.split() == ["broker.shim", "message_stop"]
+
+
+_LANGCHAIN = textwrap.dedent(
+    """
+    from langchain_anthropic import ChatAnthropic
+    from langchain_openai import ChatOpenAI
+
+    claude = ChatAnthropic(model="claude-fake", max_tokens=32, default_request_timeout=900)
+    gpt = ChatOpenAI(model="gpt-fake", http_client=httpx.Client(timeout=httpx.Timeout(900, connect=10)))
+    print(type(claude._client).__module__, type(gpt.root_client).__module__)
+    print(bool(claude.invoke("hi").content), len(list(claude.stream("hi"))) > 1, bool(gpt.invoke("hi").content))
+    """
+)
+
+
+@pytest.mark.generations
+def test_isopool_run_takes_langchain_pinned_to_the_older_sdks(old_env, fake, tmp_path, own_processes):
+    """LangChain passes its own key and base URL, so the script's embedded pool (which allows them) runs it."""
+    if not FRAMEWORKS:
+        pytest.skip("LangChain is pinned with the default SDK pins only")
+    python = old_env[0]
+    (tmp_path / "lc.py").write_text(f"import {HTTP} as httpx\n{_LANGCHAIN}")
+    env = {"ANTHROPIC_BASE_URL": fake.url, "OPENAI_BASE_URL": fake.url + "/v1"}
+    out = run_old(python, [str(python.parent / "isopool"), "run", "lc.py"], tmp_path, **env)
+    assert out.stdout.split() == ["broker.shim", "broker.shim", "True", "True", "True"]
 
 
 _JOB = textwrap.dedent(

@@ -83,8 +83,9 @@ def old_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(fake):
-    """A pool from this environment (current SDKs); a stall before the first event is retried after 1 s."""
-    with Pool(profiles=profiles(fake.url, min_workers=1), **dict(TEST_SETTINGS, first_event_timeout=1.0)) as pool:
+    """A pool from this environment (current SDKs): a stall is caught after 1 s (retried before any output)."""
+    settings = dict(TEST_SETTINGS, first_event_timeout=1.0, stale_timeout=1.0)
+    with Pool(profiles=profiles(fake.url, min_workers=1), **settings) as pool:
         yield pool
 
 
@@ -117,6 +118,13 @@ _SHIM = textwrap.dedent(
                        event_hooks={"request": [lambda request: seen.append(request.headers["x-own"])]})
     gpt = OpenAI(http_client=own)
 
+    def failure_after_output(client, create, spec, **args):
+        try:
+            for _ in create(stream=True, extra_headers={FAULT: spec}, **args):
+                pass
+        except (anthropic.APIConnectionError, openai.APIConnectionError) as exc:  # their timeouts are subclasses
+            return [type(exc).__name__, type(exc).__mro__[2].__module__.split(".")[0], exc.delivered >= 2]
+
     async def asynchronous():
         async with AsyncAnthropic(timeout=httpx.Timeout(900, connect=10)) as client:
             return [event.type async for event in await client.messages.create(stream=True, **MSG)][-1]
@@ -131,6 +139,8 @@ _SHIM = textwrap.dedent(
         "chat": gpt.chat.completions.create(**CHAT).object,
         "chat_stream": [chunk.object for chunk in gpt.chat.completions.create(stream=True, **CHAT)][-1],
         "async_stream": asyncio.run(asynchronous()),
+        "stall_after_output": failure_after_output(claude, claude.messages.create, "stall-ping:after=3", **MSG),
+        "reset_after_output": failure_after_output(gpt, gpt.chat.completions.create, "reset:after=3", **CHAT),
         "hook": seen,
         "libraries": sorted({"httpx", "httpx2"} & set(sys.modules)),
     }))
@@ -141,7 +151,7 @@ _SHIM = textwrap.dedent(
 @pytest.mark.generations
 def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, served, fake, tmp_path):
     python = old_env[0]
-    (tmp_path / "shim.py").write_text(f"import {HTTP} as httpx\n{_SHIM}")
+    (tmp_path / "shim.py").write_text(f"import {HTTP} as httpx\nFAULT = {FAULT_HEADER!r}\n{_SHIM}")
     count = sum(fake.stats()["served"].values())
     out = json.loads(run_old(python, ["shim.py"], tmp_path, ISOPOOL_URL=served.url).stdout)
     assert out == {
@@ -154,10 +164,13 @@ def test_the_shim_runs_streamed_and_plain_calls_under_the_pinned_sdks(old_env, s
         "chat": "chat.completion",
         "chat_stream": "chat.completion.chunk",
         "async_stream": "message_stop",
-        "hook": ["yes", "yes"],  # the caller's own client's hooks and headers still apply
+        # raised by the shim as subclasses of the pinned SDK's own classes, with what was delivered
+        "stall_after_output": ["AnthropicStreamStalled", "anthropic", True],
+        "reset_after_output": ["OpenAIStreamBroken", "openai", True],
+        "hook": ["yes", "yes", "yes"],  # the caller's own client's hooks and headers still apply
         "libraries": libraries_loaded(),  # the shim is built on each SDK's own HTTP library, and loads no other
     }
-    assert sum(fake.stats()["served"].values()) - count == 6  # each call reached the provider, once
+    assert sum(fake.stats()["served"].values()) - count == 8  # each call reached the provider, once
 
 
 _AGENT = textwrap.dedent(

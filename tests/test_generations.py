@@ -126,7 +126,8 @@ _SHIM = textwrap.dedent(
             return [type(exc).__name__, type(exc).__mro__[2].__module__.split(".")[0], exc.delivered >= 2]
 
     async def asynchronous():
-        async with AsyncAnthropic(timeout=httpx.Timeout(900, connect=10)) as client:
+        own_async = httpx.AsyncClient(headers={"x-own": "async"})
+        async with AsyncAnthropic(timeout=httpx.Timeout(900, connect=10), http_client=own_async) as client:
             return [event.type async for event in await client.messages.create(stream=True, **MSG)][-1]
 
     print(json.dumps({

@@ -47,6 +47,7 @@ from . import sdks, stacks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
+from .fallback import retarget
 from .pipe import WorkerSpec
 from .timing import TimedTransport, run_timed
 
@@ -200,14 +201,16 @@ class Worker:
             log.error("dropping a malformed message from the broker: %s", exc)
             return
         if kind == Kind.RUN:
-            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload))
+            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload, header.model))
         elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
             task.cancel()
 
-    async def _execute(self, rid: int, payload: bytes) -> None:
+    async def _execute(self, rid: int, payload: bytes, model: str = "") -> None:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
+            if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
+                call = retarget(call, model)
             kind, clients = self.spec.profile.kind, self._clients_for(call)
             if isinstance(call, TimedCall):
                 await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)

@@ -50,6 +50,8 @@ class Stats:
         self.stalls: Counter[str] = Counter()  # by Reason (the stall kinds)
         self.retries = 0
         self.retries_by: Counter[str] = Counter()  # by Reason: http_429, http_5xx, headers_timeout, ...
+        self.fallbacks: Counter[str] = Counter()  # calls moved to another target, by "from>to"
+        self.rescued: Counter[str] = Counter()  # calls answered after a failed attempt, by how
         self.spawns = 0
         self.respawns = 0
         self.zygote_restarts = 0
@@ -73,4 +75,6 @@ class Stats:
             "latency": self.latency.snapshot(),
             "first_event": self.first_event.snapshot(),
             "retries_by_reason": dict(self.retries_by),
+            "fallbacks": dict(self.fallbacks),
+            "rescued": dict(self.rescued),
         }

@@ -2,7 +2,7 @@
 a cooldown, then let one real request through as a probe, and close again on its first real event.
 
     CLOSED    --`failures` in a row, or a 429 naming its wait--> OPEN (until now + cooldown)
-    OPEN      --its cooldown passed, at the next `allows`-->      HALF_OPEN: one request is the probe
+    OPEN      --its cooldown passed, at the next `admit`-->       HALF_OPEN: one request is the probe
     HALF_OPEN --the probe's first real event-->                  CLOSED (cooldown back to its base)
     HALF_OPEN --the probe failed-->                               OPEN (cooldown doubled, up to the cap)
     HALF_OPEN --the probe ended for a reason not the provider's--> HALF_OPEN, the probe slot free again
@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass, field
+
+from ..protocol import CircuitSnapshot
 
 
 class State(enum.IntEnum):
@@ -54,17 +56,20 @@ class Circuit:
     def enabled(self) -> bool:
         return self.limits.failures > 0
 
-    def allows(self, now: float) -> bool:
-        """Whether a request may be sent now; an OPEN circuit whose cooldown passed becomes HALF_OPEN
-        and this request is its probe (the caller must then report `success`, `failure` or `abandoned`)."""
+    def available(self, now: float) -> bool:
+        """Whether a request may be sent now: closed, or open with its cooldown over and no probe out."""
         if not self.enabled or self.state is State.CLOSED:
             return True
-        if self.state is State.OPEN:
-            if now < self.until:
-                return False
-            self._to(State.HALF_OPEN)
-        if self.probing:
+        return not self.probing and (self.state is State.HALF_OPEN or now >= self.until)
+
+    def admit(self, now: float) -> bool:
+        """A request is sent now (`available` said yes, or every deployment was open: the one opening
+        soonest is tried anyway); True if it is the probe, whose outcome the caller must then report
+        (`success`, `failure` or `abandoned`)."""
+        if not self.enabled or self.state is State.CLOSED:
             return False
+        if self.state is State.OPEN:
+            self._to(State.HALF_OPEN)
         self.probing, self.probes = True, self.probes + 1
         return True
 
@@ -100,6 +105,16 @@ class Circuit:
     def opens_at(self, now: float) -> float:
         """When a request could next go (now if it may): to pick the least-bad deployment when all are open."""
         return self.until if self.state is State.OPEN and now < self.until else now
+
+    def snapshot(self, now: float) -> CircuitSnapshot:
+        return CircuitSnapshot(
+            state=self.state.name.lower(),
+            failures=self.failures,
+            until_in=round(max(0.0, self.until - now), 3) if self.state is State.OPEN else 0.0,
+            probes=self.probes,
+            opened=self.opened,
+            transitions=list(self.transitions),
+        )
 
     def _open(self, now: float, seconds: float) -> None:
         self.probing, self.failures = False, 0

@@ -36,6 +36,15 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline: float | None = None
 
 
+CONTINUE_STRATEGIES = ("prefill", "replay")  # how a stream broken after output may be continued (resumes.py)
+
+
+class ModelRule(Limits, frozen=True, forbid_unknown_fields=True):
+    """What applies to the models a glob matches: time limits, and how their broken streams are continued."""
+
+    continue_streams: list[str] | None = None  # None: the profile's
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One upstream: which SDK, where, with which key, how many workers and which limits."""
 
@@ -51,7 +60,8 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     first_event_timeout: float | None = None
     stale_timeout: float | None = None
     deadline: float | None = None
-    models: dict[str, Limits] = {}
+    models: dict[str, ModelRule] = {}
+    continue_streams: list[str] = []  # "prefill", "replay": a stream broken after output is continued; [] = off
 
 
 def _default_profiles() -> dict[str, Profile]:
@@ -104,7 +114,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_overrides: bool = False
     log_level: str = "WARNING"
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
-    models: dict[str, Limits] = {}
+    models: dict[str, ModelRule] = {}
+    continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
 
     def __post_init__(self) -> None:
         positive = (
@@ -127,7 +138,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.queue_bytes_limit < self.max_message_bytes:
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
         for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
-                     "retry_backoff", "http_retry_backoff", "retry_after_max"):  # fmt: skip
+                     "retry_backoff", "http_retry_backoff", "retry_after_max", "continue_max_bytes"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         for name in ("http", "metrics"):
@@ -161,6 +172,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"profile {name}: need 0 <= min_workers <= max_workers and max_workers >= 1")
             if p.concurrency < 1 or p.spare_workers < 0:
                 raise ConfigError(f"profile {name}: concurrency must be >= 1 and spare_workers >= 0")
+            rules = [(f"profile {name}", p.continue_streams)]
+            rules += [(f"profile {name} model {glob!r}", r.continue_streams) for glob, r in p.models.items()]
+            rules += [(f"model {glob!r}", r.continue_streams) for glob, r in self.models.items()]
+            for where, strategies in rules:
+                if unknown := [s for s in strategies or () if s not in CONTINUE_STRATEGIES]:
+                    raise ConfigError(f"{where}: continue_streams takes {' and '.join(CONTINUE_STRATEGIES)}, "
+                                      f"not {', '.join(map(repr, unknown))}")  # fmt: skip
 
     def default_profile(self, kind: str) -> str:
         """The profile a request of this SDK kind goes to when it names none."""
@@ -203,7 +221,7 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _matching(rules: dict[str, Limits], model: str) -> list[Limits]:
+def _matching(rules: dict[str, ModelRule], model: str) -> list[ModelRule]:
     """Rules whose glob matches the model, most specific (longest pattern) first."""
     return [rules[p] for p in sorted(rules, key=len, reverse=True) if fnmatch.fnmatchcase(model, p)]
 

@@ -24,6 +24,7 @@ from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
+from .resumes import Rescue, strategies_for
 from .retrypolicy import Policy, classify
 from .state import Reason, Request, Worker
 from .stats import Stats
@@ -100,6 +101,8 @@ class Flow:
                 req.own_limits.add(Reason.FIRST_EVENT)
             if stale < pool_stale:
                 req.own_limits.add(Reason.STALE)
+        if sub.stream and (strategies := strategies_for(self.settings, sub.profile, sub.model)):
+            req.rescue = Rescue(strategies, self.settings.continue_max_bytes)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)
@@ -169,18 +172,28 @@ class Flow:
         elif kind == Kind.PROGRESS:
             self._progress(req, now)
         elif kind == Kind.HEAD:
-            req.head = payload
+            if req.delivered and req.rescue is not None:  # a continuation's: the caller has its head
+                req.rescue.started(payload)
+            else:
+                req.head = payload
             req.headers_at = now
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
             self.stats.latency.add(now - req.accepted_at)
+            if req.rescue is not None and req.rescue.strategy:
+                self.stats.rescued[req.rescue.strategy] += 1
+                self.stats.continuations[f"{req.rescue.strategy}:ok"] += 1
             self._forward_end(req, self.codec.frames(Kind.RESULT, Ref(req.crid), payload or req.head or b""), "ok")
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
             code = header.code
             reason, after = self._retried_for(code, payload)
-            if reason is not None and not req.delivered:
+            if reason is not None and (not req.delivered or req.rescue is not None):
                 self.retry_or_fail(req, reason, now, payload, code, after)
+                return
+            if req.delivered and req.rescue is not None:
+                req.history.append(code)
+                self._after_output(req, code, now, self.codec.error(payload))
                 return
             self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
 
@@ -200,8 +213,11 @@ class Flow:
             if not self.send_client(req.client, self.codec.frames(Kind.HEAD, Ref(req.crid), req.head)):
                 return
             req.head = None
-        if self.send_client(req.client, self.codec.frames(Kind.EVENT, Event(req.crid, event.seq, event.count), data)):
+        numbered = Event(req.crid, req.delivered + 1, event.count)  # a continuation's follow those delivered
+        if self.send_client(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
             req.delivered += event.count
+            if req.rescue is not None:
+                req.rescue.keep(data)
 
     def _progress(self, req: Request, now: float) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
@@ -239,7 +255,8 @@ class Flow:
         req.worker = worker
         req.sent_at = now
         worker.requests[req.key] = req
-        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), req.payload), now):
+        payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
+        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), payload), now):
             self.alarm.by(request_due(req)[0])
 
     def retry_or_fail(
@@ -262,7 +279,12 @@ class Flow:
             return
         if req.delivered:
             lost = Code.STALLED if reason.is_stall else Code.WORKER_LOST
-            self.finish(req, lost, f"{reason} after {req.delivered} event(s) were delivered; not retried")
+            message = f"{reason} after {req.delivered} event(s) were delivered"
+            if req.rescue is not None:
+                info = self.codec.error(last_error) if last_error else ErrorInfo(lost, message)
+                self._after_output(req, reason, now, info, after)
+                return
+            self.finish(req, lost, f"{message}; not retried")
             return
         delay, why = self.policy.next_delay(
             reason, req.attempt, before, req.deadline_at - now, after, random.random(), req.submit.max_attempts
@@ -279,14 +301,43 @@ class Flow:
             self.stats.retries += 1
             self.stats.retries_by[reason] += 1
             req.head = None
-            req.headers_at = None
-            req.last_event_at = None
-            req.not_before = now + delay
-            if delay > 0:
-                self.backing_off[req.key] = req
-                self.alarm.by(req.not_before)
-            else:
-                self.queues[req.profile].push(req, front=True)
+            self._requeue(req, delay, now)
+
+    def _after_output(
+        self, req: Request, failure: str, now: float, info: ErrorInfo, after: float | None = None
+    ) -> None:
+        """A stream opted in to be continued failed after output with `failure` (a Reason, or a worker's
+        code about a continuation; `info` says what): continue it within the call's budget and deadline,
+        else end it with the error it first broke with and why it was not continued."""
+        rescue = req.rescue
+        assert rescue is not None
+        if tally := rescue.tally(failure):
+            self.stats.continuations[tally] += 1
+        delay, why = None, ""
+        if strategies := rescue.after(failure, info):
+            reason = failure if isinstance(failure, Reason) else Reason.INCOMPLETE  # a refused prefill: at once
+            delay, why = self.policy.next_delay(reason, req.attempt, req.history[:-1], req.deadline_at - now, after,
+                                                random.random(), req.submit.max_attempts)  # fmt: skip
+        if delay is None:
+            answer = rescue.answer(req.delivered, req.attempt, why)
+            log.info("request %d: broke after output (%s); not continued: %s", req.key, failure, answer.rescue)
+            frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, answer.code), self.codec.encode(answer))
+            self._forward_end(req, frames, f"error:{answer.code}")
+            return
+        log.info("request %d: broke after %d event(s) (%s); continuing (%s) in %.2fs", req.key, req.delivered,
+                 failure, "/".join(strategies), delay)  # fmt: skip
+        self._requeue(req, delay, now)
+
+    def _requeue(self, req: Request, delay: float, now: float) -> None:
+        """Run the request again after `delay` (from the front of its caller's queue)."""
+        req.headers_at = None
+        req.last_event_at = None
+        req.not_before = now + delay
+        if delay > 0:
+            self.backing_off[req.key] = req
+            self.alarm.by(req.not_before)
+        else:
+            self.queues[req.profile].push(req, front=True)
 
     def _shed(self, worker: Worker, req: Request, reason: Reason, now: float) -> None:
         """Take one stream off a worker that carries others, when a limit of the request's own

@@ -7,10 +7,14 @@ import enum
 import math
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 
 from ..protocol import Submit
+
+if TYPE_CHECKING:
+    from .resumes import Rescue
 
 
 class WorkerState(enum.Enum):
@@ -100,3 +104,4 @@ class Request:
     # Limits of its own (its deadline; a time limit the caller set tighter than the pool's): when one
     # passes on a worker that carries other streams, this one is aborted alone.
     own_limits: set[Reason] = field(default_factory=lambda: {Reason.DEADLINE})
+    rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)

@@ -57,6 +57,8 @@ class Stats:
         self.rejected: Counter[str] = Counter()  # malformed or refused messages, by code
         self.latency = Histogram()
         self.first_event = Histogram()
+        self.rescued: Counter[str] = Counter()  # broken streams answered in full, by strategy
+        self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
 
     def snapshot(self) -> dict[str, Any]:
         """The counters' share of the broker's `Snapshot`, by field."""
@@ -73,4 +75,6 @@ class Stats:
             "latency": self.latency.snapshot(),
             "first_event": self.first_event.snapshot(),
             "retries_by_reason": dict(self.retries_by),
+            "rescued": dict(self.rescued),
+            "continuations": dict(self.continuations),
         }

@@ -260,6 +260,9 @@ class TimedCall(msgspec.Struct, frozen=True, tag="timed"):
     stale_timeout: float
 
 
+CONTINUED_HEADER = "x-isopool-continued"  # in a continuation's HEAD (never forwarded): the strategy it runs
+
+
 class Resume(msgspec.Struct, frozen=True, tag="resume"):
     """A broken stream to continue: the original encoded call and the event batches the caller
     received (each an EVENT payload as the worker sent it), both as the broker held them, unparsed.

@@ -37,6 +37,7 @@ from broker.protocol import (
     Ready,
     Ref,
     Response,
+    Resume,
     TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
@@ -48,6 +49,7 @@ from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
 from .pipe import WorkerSpec
+from .resume import run_resume
 from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
@@ -208,13 +210,10 @@ class Worker:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
-            kind, clients = self.spec.profile.kind, self._clients_for(call)
-            if isinstance(call, TimedCall):
-                await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
-            elif isinstance(call, HttpCall):
-                await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            if isinstance(call, Resume):  # a stream that broke after output, continued
+                await run_resume(call, self.spec.profile.kind, self._run, emit)
             else:
-                await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
+                await self._run(call, emit)
         except asyncio.CancelledError:
             await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
         except Exception as exc:
@@ -222,6 +221,15 @@ class Worker:
             await emit.error(translate(exc))
         finally:
             self.tasks.pop(rid, None)
+
+    async def _run(self, call: Call | HttpCall | TimedCall, emit: Any) -> None:
+        kind, clients = self.spec.profile.kind, self._clients_for(call)
+        if isinstance(call, TimedCall):
+            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
+        elif isinstance(call, HttpCall):
+            await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+        else:
+            await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
 
     def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
         """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.

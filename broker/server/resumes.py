@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..config import Settings, _matching
-from ..protocol import Code, ErrorInfo, Response, Resume
+from ..protocol import CONTINUED_HEADER, Code, ErrorInfo, Response, Resume
 from .state import Reason
-
-STRATEGY_HEADER = "x-isopool-continued"  # in a continuation's HEAD (never forwarded): the strategy the worker used
 
 # Failures after output that lose the stream but not the request: a stall, a lost worker or connection,
 # a stream cut without its end; and, in a continuation attempt, a provider's retryable answer or silence.
@@ -78,7 +76,7 @@ class Rescue:
             headers = dict(_RESPONSE.decode(head).headers)
         except ValueError:  # msgspec's decode errors are ValueErrors
             headers = {}
-        self.strategy = headers.get(STRATEGY_HEADER, "")
+        self.strategy = headers.get(CONTINUED_HEADER, "")
 
     def tally(self, failure: str) -> str:
         """The stats key ("<strategy>:<outcome>") of a continuation attempt that failed with `failure`;

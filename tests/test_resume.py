@@ -40,6 +40,7 @@ def pool(fake):
         "plain": profile("anthropic", []),
         "plain-openai": profile("openai", [], min_workers=0),
         "prefill-only": profile("anthropic", ["prefill"], min_workers=0),
+        "replay-only": profile("anthropic", ["replay"], min_workers=0),
     }
     with Pool(profiles=profiles, **dict(TEST_SETTINGS, stale_timeout=STALE, http="127.0.0.1:0")) as p:
         yield p
@@ -175,26 +176,32 @@ def test_a_model_that_refuses_prefill_is_replayed_and_its_400_never_seen(client,
     assert assert_one_message(events) == clean
     assert grew(before, served(fake.url)) == {"messages.stream": 2, "prefill.refused": 1}
     assert grew(continued, stats(client)[1]) == {"prefill:refused": 1, "replay:ok": 1}
+    # the model's refusal is remembered: its next broken stream is replayed without a prefill first
+    with anthropic.Anthropic(base_url=fake.url) as direct:
+        want = direct.messages.create(**unstreamed(args), system="s").content[0].text
+    before, (_, continued) = served(fake.url), stats(client)
     with shim_anthropic.Anthropic(pool=pool) as shim:
-        with shim.messages.stream(**unstreamed(args), **fault("stall-ping:after=7,interval=0.2")) as s:
-            assert s.get_final_text() == clean
+        with shim.messages.stream(**unstreamed(args), **fault("stall-ping:after=7,interval=0.2"), system="s") as s:
+            assert s.get_final_text() == want
+    assert grew(before, served(fake.url)) == {"messages.stream": 2}
+    assert grew(continued, stats(client)[1]) == {"replay:ok": 1}
 
 
 @pytest.mark.parametrize("spec", ["cut:after=7,vary=true", "stall-ping:after=7,interval=0.2,vary=true"])
 def test_a_divergent_replay_ends_with_the_original_typed_error(client, pool, spec):
-    args = anthropic_args(f"diverge {spec}", stream=True, model="claude-fake-noprefill")
+    args = anthropic_args(f"diverge {spec}", stream=True)
     error = StreamIncomplete if spec.startswith("cut") else StreamStalled
     _, continued = stats(client)
     seen = []
     with pytest.raises(error) as raised:
-        seen.extend(e.json() for e in client.submit("anthropic", "messages.create", **args, **fault(spec)))
+        seen.extend(e.json() for e in client.submit("replay-only", "messages.create", **args, **fault(spec)))
     assert raised.value.info.rescue.startswith("replay diverged at char ") and "not continued" in str(raised.value)
     assert [e["type"] for e in seen].count("content_block_delta") == 4  # nothing of the replay was forwarded
-    assert grew(continued, stats(client)[1]) == {"prefill:refused": 1, "replay:diverged": 1}
+    assert grew(continued, stats(client)[1]) == {"replay:diverged": 1}
     chat = openai_args(f"diverge {spec}", stream=True)
     with pytest.raises(error, match="replay diverged"):
         list(client.submit("openai", "chat.completions.create", **chat, **fault(spec.replace("7", "3"))))
-    with shim_anthropic.Anthropic(pool=pool) as shim:
+    with shim_anthropic.Anthropic(pool=pool, profile="replay-only") as shim:
         with pytest.raises(anthropic.APIConnectionError, match="replay diverged") as raised:
             with shim.messages.stream(**unstreamed(args), **fault(spec), system="the shim's") as stream:
                 stream.get_final_text()

@@ -66,7 +66,9 @@ async def run_resume(resume: Resume, kind: str, run: Run, emit: Any) -> None:
         elif "replay" in resume.strategies:
             await run(call, Spliced(emit, Replay(seen), "replay"))
         else:
-            raise ContinuationError(f"not continuable by prefill ({why}) and replay is off")
+            raise ContinuationError(
+                f"not continuable by prefill ({why or 'Anthropic Messages only'}) and replay is off"
+            )
     except ContinuationError as exc:
         await emit.error(ErrorInfo(exc.code, str(exc), error_type=type(exc).__name__))
 

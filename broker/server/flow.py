@@ -24,7 +24,7 @@ from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
-from .resumes import Rescue, strategies_for
+from .resumes import Rescues
 from .retrypolicy import Policy, classify
 from .state import Reason, Request, Worker
 from .stats import Stats
@@ -71,6 +71,7 @@ class Flow:
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.draining = False
+        self.rescues = Rescues(settings)
         self.policy = Policy(
             settings.max_attempts, settings.retry_backoff, settings.http_retry_backoff, settings.retry_after_max
         )
@@ -101,8 +102,7 @@ class Flow:
                 req.own_limits.add(Reason.FIRST_EVENT)
             if stale < pool_stale:
                 req.own_limits.add(Reason.STALE)
-        if sub.stream and (strategies := strategies_for(self.settings, sub.profile, sub.model)):
-            req.rescue = Rescue(strategies, self.settings.continue_max_bytes)
+        req.rescue = self.rescues.start(sub, now)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)
@@ -314,7 +314,7 @@ class Flow:
         if tally := rescue.tally(failure):
             self.stats.continuations[tally] += 1
         delay, why = None, ""
-        if strategies := rescue.after(failure, info):
+        if strategies := self.rescues.after(rescue, req.profile, req.submit.model, failure, info, now):
             reason = failure if isinstance(failure, Reason) else Reason.INCOMPLETE  # a refused prefill: at once
             delay, why = self.policy.next_delay(reason, req.attempt, req.history[:-1], req.deadline_at - now, after,
                                                 random.random(), req.submit.max_attempts)  # fmt: skip

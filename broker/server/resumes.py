@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..config import Settings, _matching
-from ..protocol import CONTINUED_HEADER, Code, ErrorInfo, Response, Resume
+from ..protocol import CONTINUED_HEADER, Code, ErrorInfo, Response, Resume, Submit
 from .state import Reason
 
 # Failures after output that lose the stream but not the request: a stall, a lost worker or connection,
@@ -31,8 +31,31 @@ _CONTINUED = frozenset(
 )  # fmt: skip
 _OUTCOMES = {Code.PREFILL_REFUSED: "refused", Code.REPLAY_DIVERGED: "diverged", Code.NOT_CONTINUABLE: "not_continuable"}
 _IMPLIED = {Code.PREFILL_REFUSED: "prefill", Code.REPLAY_DIVERGED: "replay", Code.NOT_CONTINUABLE: "none"}
+PREFILL_REFUSED_FOR = 3600.0  # seconds a model that refused prefill is continued by replay only
 _ENC = msgspec.msgpack.Encoder()
 _RESPONSE = msgspec.msgpack.Decoder(Response)
+
+
+class Rescues:
+    """The pool's side: which requests keep their events, and the models that refused prefill lately
+    (for `PREFILL_REFUSED_FOR`: their broken streams go straight to replay, without paying a 400 each)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.refused: dict[tuple[str, str], float] = {}  # (profile, model) -> until when
+
+    def start(self, sub: Submit, now: float) -> Rescue | None:
+        """The continuation state of a new request, or None if its stream is not to be continued."""
+        strategies = strategies_for(self.settings, sub.profile, sub.model) if sub.stream else []
+        if self.refused.get((sub.profile, sub.model), 0.0) > now:
+            strategies = [s for s in strategies if s != "prefill"]
+        return Rescue(strategies, self.settings.continue_max_bytes) if strategies else None
+
+    def after(self, rescue: Rescue, profile: str, model: str, failure: str, info: ErrorInfo, now: float) -> list[str]:
+        """`Rescue.after`, noting a refused prefill of the model."""
+        if failure == Code.PREFILL_REFUSED:
+            self.refused[(profile, model)] = now + PREFILL_REFUSED_FOR
+        return rescue.after(failure, info)
 
 
 def strategies_for(settings: Settings, profile: str, model: str) -> list[str]:
@@ -88,17 +111,17 @@ class Rescue:
     def after(self, failure: str, info: ErrorInfo) -> list[str]:
         """An attempt failed after output with `failure` (a Reason, or a worker's code about a
         continuation; `info` says what): the strategies to continue with, [] when the request ends."""
-        if self.first is None:
+        broke, self.strategy = self.first is None, ""
+        if broke:
             self.first = info
-        self.strategy = ""
         outcome = _OUTCOMES.get(failure)  # type: ignore[call-overload]
         if failure == Code.PREFILL_REFUSED:
             self.strategies = [s for s in self.strategies if s != "prefill"]
             self.why = "the provider refused the prefill" + ("" if self.strategies else " and replay is off")
         elif outcome is not None:
             self.strategies, self.why = [], info.message
-        elif failure not in _CONTINUED:
-            self.strategies, self.why = [], f"{failure} is not continued"
+        elif failure not in _CONTINUED:  # not a break that loses only the stream: the caller's error as it is
+            self.strategies, self.why = [], "" if broke else f"the continuation failed ({failure}): {info.message}"
         if self.log is None:
             self.strategies = []
         return self.strategies

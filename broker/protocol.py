@@ -45,7 +45,12 @@ class Code(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     PROTOCOL = "protocol"  # a malformed, oversized or unknown message
     INTERNAL = "internal"
-    # worker -> broker only, about a broken stream's continuation (the caller gets the original error)
+
+
+class Continuation(enum.StrEnum):
+    """How a broken stream's continuation failed: worker -> broker only (the caller gets the error the
+    stream first broke with, and why it was not continued)."""
+
     PREFILL_REFUSED = "prefill_refused"  # the provider refused the assistant prefill (a 400): replay instead
     NOT_CONTINUABLE = "not_continuable"  # what was delivered cannot be continued (thinking, tool use, n > 1, ...)
     REPLAY_DIVERGED = "replay_diverged"  # the replayed answer did not reproduce what the caller had

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from broker.protocol import CONTINUED_HEADER, Call, Code, ErrorInfo, HttpCall, Response, Resume
+from broker.protocol import CONTINUED_HEADER, Call, Continuation, ErrorInfo, HttpCall, Response, Resume
 
 from .exchange import _ENDPOINTS
 
@@ -41,15 +41,15 @@ Run = Callable[[Call | HttpCall, Any], Awaitable[None]]  # runs a call with an e
 
 
 class ContinuationError(Exception):
-    code = Code.NOT_CONTINUABLE
+    code = Continuation.NOT_CONTINUABLE
 
 
 class PrefillRefused(ContinuationError):
-    code = Code.PREFILL_REFUSED
+    code = Continuation.PREFILL_REFUSED
 
 
 class Diverged(ContinuationError):
-    code = Code.REPLAY_DIVERGED
+    code = Continuation.REPLAY_DIVERGED
 
 
 async def run_resume(resume: Resume, kind: str, run: Run, emit: Any) -> None:

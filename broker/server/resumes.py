@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..config import Settings, _matching
-from ..protocol import CONTINUED_HEADER, Code, ErrorInfo, Response, Resume, Submit
+from ..protocol import CONTINUED_HEADER, Code, Continuation, ErrorInfo, Response, Resume, Submit
 from .state import Reason
 
 # Failures after output that lose the stream but not the request: a stall, a lost worker or connection,
@@ -29,8 +29,16 @@ _CONTINUED = frozenset(
     {Reason.STALE, Reason.HEARTBEAT, Reason.CRASH, Reason.MEMORY, Reason.NEIGHBOUR, Reason.CONNECTION,
      Reason.INCOMPLETE, Reason.HTTP_429, Reason.HTTP_5XX, Reason.HEADERS, Reason.FIRST_EVENT}
 )  # fmt: skip
-_OUTCOMES = {Code.PREFILL_REFUSED: "refused", Code.REPLAY_DIVERGED: "diverged", Code.NOT_CONTINUABLE: "not_continuable"}
-_IMPLIED = {Code.PREFILL_REFUSED: "prefill", Code.REPLAY_DIVERGED: "replay", Code.NOT_CONTINUABLE: "none"}
+_OUTCOMES = {
+    Continuation.PREFILL_REFUSED: "refused",
+    Continuation.REPLAY_DIVERGED: "diverged",
+    Continuation.NOT_CONTINUABLE: "not_continuable",
+}
+_IMPLIED = {
+    Continuation.PREFILL_REFUSED: "prefill",
+    Continuation.REPLAY_DIVERGED: "replay",
+    Continuation.NOT_CONTINUABLE: "none",
+}
 PREFILL_REFUSED_FOR = 3600.0  # seconds a model that refused prefill is continued by replay only
 _ENC = msgspec.msgpack.Encoder()
 _RESPONSE = msgspec.msgpack.Decoder(Response)
@@ -53,7 +61,7 @@ class Rescues:
 
     def after(self, rescue: Rescue, profile: str, model: str, failure: str, info: ErrorInfo, now: float) -> list[str]:
         """`Rescue.after`, noting a refused prefill of the model."""
-        if failure == Code.PREFILL_REFUSED:
+        if failure == Continuation.PREFILL_REFUSED:
             self.refused[(profile, model)] = now + PREFILL_REFUSED_FOR
         return rescue.after(failure, info)
 
@@ -115,7 +123,7 @@ class Rescue:
         if broke:
             self.first = info
         outcome = _OUTCOMES.get(failure)  # type: ignore[call-overload]
-        if failure == Code.PREFILL_REFUSED:
+        if failure == Continuation.PREFILL_REFUSED:
             self.strategies = [s for s in self.strategies if s != "prefill"]
             self.why = "the provider refused the prefill" + ("" if self.strategies else " and replay is off")
         elif outcome is not None:

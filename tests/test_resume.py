@@ -16,6 +16,7 @@ import pytest
 
 from broker import Pool, StreamIncomplete, StreamStalled
 from broker.fake_provider import FAULT_HEADER
+from broker.http.metrics import families
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
@@ -108,6 +109,9 @@ def test_chat_stream_is_continued_by_replay_only(client, fake, spec):
     assert chat_text(chunks) == chat_text(clean) and chunks[-1]["usage"] == clean[-1]["usage"]
     assert grew(rescued, stats(client)[0]) == {"replay": 1}
     assert grew(continued, stats(client)[1]) == {"replay:ok": 1}
+    metrics = {(s.name, *s.labels.values()): s.value for f in families(client.snapshot()) for s in f.samples}
+    assert metrics[("isopool_rescued_total", "replay")] == stats(client)[0]["replay"]
+    assert metrics[("isopool_continuations_total", "replay:ok")] == stats(client)[1]["replay:ok"]
     assert "prefill.accepted" not in grew(before, served(fake.url))
 
 

@@ -9,6 +9,8 @@ Metrics (all prefixed `isopool_`): `requests_total{outcome}` (accepted, ok, erro
 cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{reason}`,
 `worker_spawns_total`, `worker_respawns_total`, `zygote_restarts_total`, `retries_total`,
 `retries_by_reason_total{reason}` (http_429, http_5xx, provider_connection, headers_timeout, ...),
+`rescued_total{strategy}` (broken streams answered in full: prefill, replay),
+`continuations_total{outcome}` (continuation attempts, `<strategy>:<outcome>`),
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms).
 """
@@ -59,6 +61,8 @@ def families(s: Snapshot) -> list[Any]:
     out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s.zygote_restarts))
     out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s.retries))
     counters("retries_by_reason", "Retries by the pool, by what failed", "reason", s.retries_by_reason)
+    counters("rescued", "Streams broken after output and answered in full, by strategy", "strategy", s.rescued)
+    counters("continuations", "Continuation attempts, by <strategy>:<outcome>", "outcome", s.continuations)
     out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
                                  value=s.in_flight))  # fmt: skip
     queued = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker", labels=["profile"])

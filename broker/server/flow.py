@@ -193,7 +193,7 @@ class Flow:
                 return
             if req.delivered and req.rescue is not None:
                 req.history.append(code)
-                self._after_output(req, code, now, self.codec.error(payload))
+                self._after_output(req, code, now, self._error_info(code, payload))
                 return
             self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
 
@@ -206,6 +206,12 @@ class Flow:
                 return None, None
             return classify(info.status or 0, info.headers)
         return _RETRIED.get(code), None
+
+    def _error_info(self, code: str, payload: bytes) -> ErrorInfo:
+        try:
+            return self.codec.error(payload)
+        except ValueError:  # msgspec's decode errors are ValueErrors
+            return ErrorInfo(code, "the worker's error could not be read")
 
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
         self._progress(req, now)
@@ -281,7 +287,7 @@ class Flow:
             lost = Code.STALLED if reason.is_stall else Code.WORKER_LOST
             message = f"{reason} after {req.delivered} event(s) were delivered"
             if req.rescue is not None:
-                info = self.codec.error(last_error) if last_error else ErrorInfo(lost, message)
+                info = self._error_info(code, last_error) if last_error else ErrorInfo(lost, message)
                 self._after_output(req, reason, now, info, after)
                 return
             self.finish(req, lost, f"{message}; not retried")

@@ -7,6 +7,7 @@ with the original typed error, never a spliced answer; every continuation is an 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -14,11 +15,12 @@ import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx 
 import openai
 import pytest
 
-from broker import Pool, StreamIncomplete, StreamStalled
+from broker import DeadlineExceeded, Pool, StreamIncomplete, StreamStalled
 from broker.fake_provider import FAULT_HEADER
 from broker.http.metrics import families
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
+from worker.resume import Diverged, Prefill, Replay, Seen
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
 
@@ -254,3 +256,76 @@ def test_continuations_are_attempts_of_the_one_budget(client, fake):
     clean = assert_one_message([e.json() for e in client.submit("anthropic", "messages.create", **args)])
     events = [e.json() for e in client.submit("anthropic", "messages.create", **args, **fault("cut:after=7,times=2"))]
     assert assert_one_message(events) == clean  # the pool's three attempts: cut, cut, whole
+
+
+def test_the_deadline_bounds_continuations(client, fake):
+    args = anthropic_args("deadline", stream=True)
+    before = served(fake.url)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        list(client.submit("anthropic", "messages.create", **args, **fault("stall-ping:after=7,interval=0.2,times=9"),
+                           deadline=2.5, max_attempts=9))  # fmt: skip
+    assert time.monotonic() - start < 2.5 + 1.5
+    assert grew(before, served(fake.url))["messages.stream"] <= 3  # one per stale_timeout, then the deadline
+
+
+def test_what_cannot_be_continued_ends_with_its_own_error(client):
+    """The Responses API is not continued (its sequence numbers and item ids would need rewriting)."""
+    args = {"model": "gpt-fake", "input": "responses", "stream": True}
+    with pytest.raises(StreamIncomplete) as raised:
+        list(client.submit("openai", "responses.create", **args, **fault("cut:after=5")))
+    assert "not continuable: responses.create" in raised.value.info.rescue
+
+
+def test_a_chat_tool_call_is_replayed_whole(client):
+    tool = {"type": "function", "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]}}
+    args = openai_args("chat tool", stream=True, tools=[tool])
+    clean = [e.json() for e in client.submit("openai", "chat.completions.create", **args)]
+    replayed = [e.json() for e in client.submit("openai", "chat.completions.create", **args, **fault("cut:after=3"))]
+    assert replayed == clean
+
+
+# The splices as pure functions, on streams the fake does not make.
+
+
+def anthropic_stream(*texts: str, end: bool = True) -> list[tuple[str, bytes]]:
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 9}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+    ]
+    events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in texts]
+    if end:
+        events += [{"type": "content_block_stop", "index": 0},
+                   {"type": "message_delta", "delta": {}, "usage": {"input_tokens": 12, "output_tokens": 3}},
+                   {"type": "message_stop"}]  # fmt: skip
+    return [(e["type"], json.dumps(e).encode()) for e in events]
+
+
+def spliced(splice: Any, stream: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    return [json.loads(data) for name, data in stream if (out := splice.rewrite(name, data)) for data in [out[1]]]
+
+
+def test_prefill_drops_what_the_continuation_repeats_of_the_stripped_whitespace():
+    seen = Seen("anthropic", anthropic_stream("Hello", " there, ", end=False))
+    assert Prefill.text(seen).rstrip() == "Hello there,"  # what is sent as the prefill
+    out = spliced(Prefill(seen, " "), anthropic_stream(" wor", "ld"))
+    assert [e["type"] for e in out] == ["content_block_delta"] * 2 + [
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert [out[0]["delta"]["text"], out[1]["delta"]["text"]] == ["wor", "ld"]  # "Hello there, world"
+    assert out[3]["usage"] == {"output_tokens": 3}  # the caller has the input tokens from its message_start
+    out = spliced(Prefill(Seen("anthropic", anthropic_stream("Hi  ", end=False)), "  "), anthropic_stream(" ", " x"))
+    assert out[0]["delta"]["text"] == "x"  # the whitespace repeated over two deltas
+
+
+def test_replay_forwards_only_what_was_not_delivered_however_it_is_chunked():
+    seen = Seen("anthropic", anthropic_stream("Hel", "lo wo", end=False))
+    out = spliced(Replay(seen), anthropic_stream("He", "llo", " world", "!"))
+    assert [e["delta"]["text"] for e in out if e["type"] == "content_block_delta"] == ["rld", "!"]
+    assert [e["type"] for e in out][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    with pytest.raises(Diverged, match="at char 3 of block 0"):
+        spliced(Replay(Seen("anthropic", anthropic_stream("Hello", end=False))), anthropic_stream("Help!"))
+    with pytest.raises(Diverged, match="block 0 ended shorter"):
+        spliced(Replay(Seen("anthropic", anthropic_stream("Hello there", end=False))), anthropic_stream("Hello"))

@@ -328,7 +328,7 @@ class Prefill:
                 return None
             common = next((i for i, (a, b) in enumerate(zip(text, self.whitespace, strict=False)) if a != b),
                           min(len(text), len(self.whitespace)))  # fmt: skip
-            self.whitespace = ""
+            self.whitespace = self.whitespace[common:] if common == len(text) else ""
             if common == len(text):
                 return None
             event = {**event, "delta": {**event["delta"], "text": text[common:]}}

@@ -166,27 +166,26 @@ def _chat_parts(delta: dict[str, Any]) -> list[tuple[Any, str]]:
 
 
 class Ledger:
-    """The replay's content against the delivered content, key by key."""
+    """The replay's content against the delivered content, key by key (each char compared once)."""
 
     def __init__(self, want: dict[Any, str]) -> None:
-        self.want, self.got = want, dict.fromkeys(want, "")
+        self.want, self.got = want, dict.fromkeys(want, 0)  # key -> chars replayed so far
 
     def take(self, key: Any, piece: str) -> str:
         """Add `piece` to `key`'s replayed content: the part of it beyond what was delivered; Diverged if
-        the two differ."""
-        before = self.got.get(key, "")
-        now = self.got[key] = before + piece
+        the two differ (the message says where, not what: the content stays out of logs)."""
+        start = self.got.get(key, 0)
         want = self.want.get(key, "")
-        common = min(len(now), len(want))
-        if now[:common] != want[:common]:
-            at = next(i for i in range(common) if now[i] != want[i])
-            raise Diverged(f"replay diverged at char {at} of {_name(key)}: {now[at:at + 20]!r} where the caller "
-                           f"had {want[at:at + 20]!r}")  # fmt: skip
-        return now[max(len(before), len(want)) :]
+        overlap = want[start : start + len(piece)]
+        if piece[: len(overlap)] != overlap:
+            at = start + next(i for i, (a, b) in enumerate(zip(piece, overlap, strict=False)) if a != b)
+            raise Diverged(f"replay diverged at char {at} of {_name(key)}")
+        self.got[key] = start + len(piece)
+        return piece[len(overlap) :]
 
     def short(self) -> list[Any]:
         """The keys whose delivered content the replay has not reproduced yet."""
-        return [k for k, want in self.want.items() if len(self.got.get(k, "")) < len(want)]
+        return [k for k, want in self.want.items() if self.got.get(k, 0) < len(want)]
 
     def caught_up(self, what: str) -> None:
         if short := self.short():

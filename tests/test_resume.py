@@ -83,6 +83,7 @@ def assert_one_message(events: list[dict[str, Any]]) -> str:
 
 def chat_text(chunks: list[dict[str, Any]]) -> str:
     assert sum(1 for c in chunks for ch in c["choices"] if ch["finish_reason"]) == 1
+    assert sum(1 for c in chunks for ch in c["choices"] if "role" in ch["delta"]) == 1
     assert len({c["id"] for c in chunks}) == 1
     return "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
 
@@ -191,6 +192,12 @@ def test_a_model_that_refuses_prefill_is_replayed_and_its_400_never_seen(client,
             assert s.get_final_text() == want
     assert grew(before, served(fake.url)) == {"messages.stream": 2}
     assert grew(continued, stats(client)[1]) == {"replay:ok": 1}
+    # without replay to fall to, the caller gets the error the stream broke with, not the prefill's 400
+    args["messages"][0]["content"] = "no prefill, no replay"
+    with pytest.raises(StreamIncomplete) as raised:
+        list(client.submit("prefill-only", "messages.create", **args, **fault("cut:after=7")))
+    assert raised.value.info.rescue == "the provider refused the prefill and replay is off"
+    assert raised.value.info.status is None and "400" not in str(raised.value)
 
 
 @pytest.mark.parametrize("spec", ["cut:after=7,vary=true", "stall-ping:after=7,interval=0.2,vary=true"])

@@ -127,22 +127,28 @@ def sse_events(raw: bytes) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("spec", ["cut:after=3", "stall-ping:after=3,interval=0.2", "cut:after=7"])
-def test_gateway_answers_a_broken_stream_whole(pool, fake, spec):
-    args = anthropic_args(f"gateway {spec}")
-    with anthropic.Anthropic(base_url=fake.url) as direct:
-        want = direct.messages.create(**args)
+def test_gateway_answers_a_broken_stream_whole(pool, client, fake, spec):
+    def want(prompt: str) -> Any:
+        with anthropic.Anthropic(base_url=fake.url) as direct:
+            return direct.messages.create(**anthropic_args(prompt))
+
+    rescued = stats(client)[0]
     headers = {"anthropic-version": "2023-06-01", FAULT_HEADER: spec}
-    raw = httpx.post(pool.http_url + "/v1/messages", json={**args, "stream": True}, headers=headers, timeout=30)
-    assert assert_one_message(sse_events(raw.content)) == want.content[0].text
+    body = {**anthropic_args(f"gateway {spec}"), "stream": True}
+    raw = httpx.post(pool.http_url + "/v1/messages", json=body, headers=headers, timeout=30)
+    assert assert_one_message(sse_events(raw.content)) == want(f"gateway {spec}").content[0].text
     with anthropic.Anthropic(base_url=pool.http_url, max_retries=0) as sdk:
-        with sdk.messages.stream(**args, **fault(spec.replace("gateway", "sdk")), extra_body={}) as stream:
+        with sdk.messages.stream(**anthropic_args(f"gateway sdk {spec}"), **fault(spec)) as stream:
             message = stream.get_final_message()
-    assert message.content[0].text == want.content[0].text and len(message.content) == 1
-    assert message.usage.input_tokens == want.usage.input_tokens and message.stop_reason == "end_turn"
+    whole = want(f"gateway sdk {spec}")
+    assert message.content[0].text == whole.content[0].text and len(message.content) == 1
+    assert message.usage.input_tokens == whole.usage.input_tokens and message.stop_reason == "end_turn"
+    assert sum(grew(rescued, stats(client)[0]).values()) == 2  # both were broken, and continued
 
 
 @pytest.mark.parametrize("spec", ["cut:after=3", "stall-ping:after=3,interval=0.2", "cut:after=7"])
-def test_shim_answers_a_broken_stream_whole(pool, fake, spec):
+def test_shim_answers_a_broken_stream_whole(pool, client, fake, spec):
+    rescued = stats(client)[0]
     args = anthropic_args(f"shim {spec}")
     with anthropic.Anthropic(base_url=fake.url) as direct:
         want = direct.messages.create(**args)
@@ -156,6 +162,7 @@ def test_shim_answers_a_broken_stream_whole(pool, fake, spec):
     with openai.OpenAI(base_url=fake.url + "/v1") as direct:
         clean = direct.chat.completions.create(**openai_args(f"shim {spec}"))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == clean.choices[0].message.content
+    assert sum(grew(rescued, stats(client)[0]).values()) == 2
 
 
 def test_prefill_continuation_is_stitched_and_its_usage_is_its_own(client, fake):
@@ -213,7 +220,7 @@ def test_a_divergent_replay_ends_with_the_original_typed_error(client, pool, spe
     assert grew(continued, stats(client)[1]) == {"replay:diverged": 1}
     chat = openai_args(f"diverge {spec}", stream=True)
     with pytest.raises(error, match="replay diverged"):
-        list(client.submit("openai", "chat.completions.create", **chat, **fault(spec.replace("7", "3"))))
+        list(client.submit("openai", "chat.completions.create", **chat, **fault(spec.replace("7", "5"))))
     with shim_anthropic.Anthropic(pool=pool, profile="replay-only") as shim:
         with pytest.raises(anthropic.APIConnectionError, match="replay diverged") as raised:
             with shim.messages.stream(**unstreamed(args), **fault(spec), system="the shim's") as stream:
@@ -231,9 +238,11 @@ def test_thinking_and_tool_use_are_never_prefilled(client):
         list(client.submit("prefill-only", "messages.create", **tools, **fault("cut:after=5")))
     assert "tool use is never prefilled" in raised.value.info.rescue
     # replayed, a tool call comes whole: its input JSON equals the unfaulted one
+    tools["messages"][0]["content"] = "call a tool again"
     clean = [e.json() for e in client.submit("anthropic", "messages.create", **tools)]
+    rescued = stats(client)[0]
     replayed = [e.json() for e in client.submit("anthropic", "messages.create", **tools, **fault("cut:after=5"))]
-    assert replayed == clean
+    assert replayed == clean and grew(rescued, stats(client)[0]) == {"replay": 1}
 
 
 @pytest.mark.parametrize("spec", ["cut:after=7", "stall-ping:after=7,interval=0.2"])
@@ -288,8 +297,10 @@ def test_a_chat_tool_call_is_replayed_whole(client):
     tool = {"type": "function", "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]}}
     args = openai_args("chat tool", stream=True, tools=[tool])
     clean = [e.json() for e in client.submit("openai", "chat.completions.create", **args)]
+    rescued = stats(client)[0]
     replayed = [e.json() for e in client.submit("openai", "chat.completions.create", **args, **fault("cut:after=3"))]
-    assert replayed == clean
+    assert replayed == clean and grew(rescued, stats(client)[0]) == {"replay": 1}
+    assert "tool_calls" in clean[1]["choices"][0]["delta"]  # the cut came inside the tool call's arguments
 
 
 # The splices as pure functions, on streams the fake does not make.

@@ -6,6 +6,7 @@ with the original typed error, never a spliced answer; every continuation is an 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -16,8 +17,11 @@ import openai
 import pytest
 
 from broker import DeadlineExceeded, Pool, StreamIncomplete, StreamStalled
+from broker.config import load_settings
+from broker.errors import ConfigError
 from broker.fake_provider import FAULT_HEADER
 from broker.http.metrics import families
+from broker.server.resumes import strategies_for
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 from worker.resume import Diverged, Prefill, Replay, Seen
@@ -232,7 +236,7 @@ def test_thinking_and_tool_use_are_never_prefilled(client):
     thinking = anthropic_args("think", stream=True, thinking={"type": "enabled", "budget_tokens": 1024})
     with pytest.raises(StreamIncomplete) as raised:
         list(client.submit("anthropic", "messages.create", **thinking, **fault("cut:after=7")))
-    assert "extended thinking" in raised.value.info.rescue
+    assert "extended thinking" in raised.value.info.rescue and raised.value.info.attempts == 1
     tools = anthropic_args("call a tool", stream=True, tools=[TOOL])
     with pytest.raises(StreamIncomplete) as raised:
         list(client.submit("prefill-only", "messages.create", **tools, **fault("cut:after=5")))
@@ -347,3 +351,32 @@ def test_replay_forwards_only_what_was_not_delivered_however_it_is_chunked():
         spliced(Replay(Seen("anthropic", anthropic_stream("Hello", end=False))), anthropic_stream("Help!"))
     with pytest.raises(Diverged, match="block 0 ended shorter"):
         spliced(Replay(Seen("anthropic", anthropic_stream("Hello there", end=False))), anthropic_stream("Hello"))
+
+
+def test_strategies_resolve_by_model_rule_then_profile():
+    settings = load_settings(
+        profiles={
+            "claude": {"kind": "anthropic", "continue_streams": BOTH, "models": {"*-opus-*": {"continue_streams": []}}},
+            "local": {"kind": "openai", "continue_streams": BOTH},
+        },
+        models={"*-noprefill": {"continue_streams": ["replay"]}},
+    )
+    assert strategies_for(settings, "claude", "claude-sonnet") == BOTH
+    assert strategies_for(settings, "claude", "claude-opus-5") == []  # the profile's own rule first
+    assert strategies_for(settings, "claude", "claude-x-noprefill") == ["replay"]
+    assert strategies_for(settings, "local", "llama") == ["replay"]  # OpenAI has no prefill
+    with pytest.raises(ConfigError, match=r"profile claude model '\*': continue_streams takes prefill and replay"):
+        load_settings(profiles={"claude": {"kind": "anthropic", "models": {"*": {"continue_streams": ["resume"]}}}})
+
+
+def test_the_asyncio_shim_gets_a_broken_stream_whole(pool, client, fake):
+    with anthropic.Anthropic(base_url=fake.url) as direct:
+        want = direct.messages.create(**anthropic_args("async shim")).content[0].text
+    rescued = stats(client)[0]
+
+    async def run() -> str:
+        async with shim_anthropic.AsyncAnthropic(pool=pool) as shim:
+            async with shim.messages.stream(**anthropic_args("async shim"), **fault("cut:after=7")) as stream:
+                return await stream.get_final_text()
+
+    assert asyncio.run(run()) == want and sum(grew(rescued, stats(client)[0]).values()) == 1

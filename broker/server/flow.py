@@ -2,8 +2,9 @@
 
 Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
 whose worker was lost, or that the provider failed in a way worth another try, is retried by the
-one policy of retrypolicy.py within the call's budget; a caller that stopped reading has its
-final answers parked for a while instead of piling up in the broker.
+one policy of retrypolicy.py within the call's budget; a stream that breaks after output is
+continued where its profile or model opted in (resumes.py), within the same budget; a caller that
+stopped reading has its final answers parked for a while instead of piling up in the broker.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import zmq
 
 from ..config import Limits, Settings
-from ..protocol import Code, Codec, ErrorInfo, Event, Kind, Ref, Run, Submit
+from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
@@ -317,6 +318,8 @@ class Flow:
         else end it with the error it first broke with and why it was not continued."""
         rescue = req.rescue
         assert rescue is not None
+        if failure == Continuation.NOT_CONTINUABLE:
+            req.attempt -= 1  # the worker sent nothing upstream: not an attempt
         if tally := rescue.tally(failure):
             self.stats.continuations[tally] += 1
         delay, why = None, ""

@@ -29,6 +29,7 @@ import msgspec
 from broker.protocol import CONTINUED_HEADER, Call, Continuation, ErrorInfo, HttpCall, Response, Resume
 
 from .exchange import _ENDPOINTS
+from .hygiene import StreamIncomplete
 
 _CALL = msgspec.msgpack.Decoder(Call | HttpCall)
 _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
@@ -206,6 +207,9 @@ class Spliced:
         self._emit, self._splice, self.strategy = emit, splice, strategy
 
     async def head(self, response: Response) -> None:
+        kind = next((v for k, v in response.headers if k.lower() == "content-type"), "")
+        if not kind.startswith("text/event-stream"):  # a body where events were due: no end seen, never a success
+            raise StreamIncomplete("the provider answered the continuation without a stream")
         headers = [*response.headers, (CONTINUED_HEADER, self.strategy)]
         await self._emit.head(msgspec.structs.replace(response, headers=headers))
 

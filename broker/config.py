@@ -6,12 +6,12 @@ Providers are named profiles. Two exist by default, `anthropic` and `openai`, wh
 leave `base_url` and the key to the SDKs themselves, so `ANTHROPIC_API_KEY`,
 `ANTHROPIC_BASE_URL`, `OPENAI_API_KEY` and `OPENAI_BASE_URL` work exactly as with the
 SDKs. Time limits resolve per request, then per model glob, then per profile, then
-globally.
+globally. A profile may hold several deployments and name fallbacks (checked and resolved in
+routes.py).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import math
 import os
@@ -23,6 +23,7 @@ import msgspec
 
 from .errors import ConfigError
 from .protocol import Submit
+from .routes import check_routes, matching
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default: clients that know no better refuse larger requests
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
@@ -39,10 +40,35 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 CONTINUE_STRATEGIES = ("prefill", "replay")  # how a stream broken after output may be continued (resumes.py)
 
 
-class ModelRule(Limits, frozen=True, forbid_unknown_fields=True):
-    """What applies to the models a glob matches: time limits, and how their broken streams are continued."""
+class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a fallback goes: a profile and a model; "" keeps the request's own."""
 
-    continue_streams: list[str] | None = None  # None: the profile's
+    profile: str = ""
+    model: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(filter(None, (self.profile, self.model))) or "(own)"
+
+
+class ModelRule(Limits, frozen=True, forbid_unknown_fields=True):
+    """A model glob's limits, and the fallbacks that replace the profile's for those models."""
+
+    fallbacks: list[Target] | None = None  # None: the profile's
+    context_fallback: Target | None = None
+    continue_streams: list[str] | None = None  # how their broken streams are continued; None: the profile's
+
+
+class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One key or base URL of a profile, with workers of its own; None inherits the profile's."""
+
+    name: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    default_headers: dict[str, str] = {}  # merged over the profile's
+    weight: float = 1.0
+    min_workers: int | None = None
+    max_workers: int | None = None
+    spare_workers: int | None = None
 
 
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +87,11 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stale_timeout: float | None = None
     deadline: float | None = None
     models: dict[str, ModelRule] = {}
+    deployments: list[Deployment] = []  # none: one, named after the profile
+    strategy: Literal["least-busy", "weighted", "ordered"] = "least-busy"
+    fallbacks: list[Target] = []  # tried in order when this profile cannot answer
+    context_fallback: Target | None = None  # a larger-context model, for a context-length 400
+    fallback_on: list[str] = msgspec.field(default_factory=lambda: ["retryable", "silence", "stall", "open"])
     continue_streams: list[str] = []  # "prefill", "replay": a stream broken after output is continued; [] = off
 
 
@@ -115,6 +146,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_level: str = "WARNING"
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
     models: dict[str, ModelRule] = {}
+    request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
     continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
 
     def __post_init__(self) -> None:
@@ -179,6 +211,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 if unknown := [s for s in strategies or () if s not in CONTINUE_STRATEGIES]:
                     raise ConfigError(f"{where}: continue_streams takes {' and '.join(CONTINUE_STRATEGIES)}, "
                                       f"not {', '.join(map(repr, unknown))}")  # fmt: skip
+        check_routes(self)
 
     def default_profile(self, kind: str) -> str:
         """The profile a request of this SDK kind goes to when it names none."""
@@ -206,8 +239,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def limits(self, profile: str, model: str, request: Limits) -> tuple[float, float, float]:
         """(first_event_timeout, stale_timeout, deadline) for one request."""
         p = self.profiles[profile]
-        scopes = [request, *_matching(p.models, model), Limits(p.first_event_timeout, p.stale_timeout, p.deadline)]
-        scopes += [*_matching(self.models, model), Limits(self.first_event_timeout, self.stale_timeout, self.deadline)]
+        scopes = [request, *matching(p.models, model), Limits(p.first_event_timeout, p.stale_timeout, p.deadline)]
+        scopes += [*matching(self.models, model), Limits(self.first_event_timeout, self.stale_timeout, self.deadline)]
         return tuple(  # type: ignore[return-value]
             next(v for s in scopes if (v := getattr(s, f)) is not None)
             for f in ("first_event_timeout", "stale_timeout", "deadline")
@@ -221,12 +254,7 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _matching(rules: dict[str, ModelRule], model: str) -> list[ModelRule]:
-    """Rules whose glob matches the model, most specific (longest pattern) first."""
-    return [rules[p] for p in sorted(rules, key=len, reverse=True) if fnmatch.fnmatchcase(model, p)]
-
-
-SCALAR_SETTINGS = [f for f in Settings.__struct_fields__ if f not in ("profiles", "models")]
+SCALAR_SETTINGS = [f for f in Settings.__struct_fields__ if f not in ("profiles", "models", "request_fallbacks")]
 
 
 def load_settings(

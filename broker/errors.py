@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .protocol import Code, ErrorInfo
+from .protocol import Code, ErrorInfo, Served
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,7 @@ class RequestError(IsopoolError):
         super().__init__(f"[{info.code}] {info.message}" + (f" (request {request_id})" if request_id else ""))
         self.info = info
         self.request_id = request_id
+        self.served: Served | None = None  # where it last ran (attempts, profile, deployment, model)
 
     @property
     def delivered(self) -> int:

@@ -85,12 +85,36 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     deadline: float | None = None
     max_attempts: int | None = None
     read_timeout: float | None = None  # the SDK's per-call read timeout: caps the first-event and stale limits
+    fallbacks: list[tuple[str, str]] | None = None  # the caller's own (profile, model) chain; "" = its own
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """Header of messages that only name a request: CANCEL, STATS, HEAD, PROGRESS, RESULT, ABORT."""
+    """Header of messages that only name a request: CANCEL, STATS, PING, PROGRESS, ABORT."""
 
     rid: int
+
+
+class Served(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Header of HEAD and RESULT: the request, and (from the broker to its caller) who answered it:
+    after how many attempts, on which profile, deployment and model, and how it was rescued
+    (`retry`, `deployment`, `fallback`, `context-fallback`; "" at the first attempt). A worker sends
+    only the request id."""
+
+    rid: int
+    attempts: int = 0
+    profile: str = ""
+    deployment: str = ""
+    model: str = ""  # the model asked of the provider ("" for a call that names none)
+    rescue: str = ""
+
+    def headers(self) -> list[tuple[str, str]]:
+        """As the gateway and the shim say it on an answer: `x-isopool-profile`, `-deployment`,
+        `-model`, `-attempts` and `-rescue` (those that are set)."""
+        if not self.attempts:
+            return []
+        fields = ("profile", self.profile), ("deployment", self.deployment), ("model", self.model)
+        fields += ("attempts", str(self.attempts)), ("rescue", self.rescue)
+        return [(f"x-isopool-{name}", value) for name, value in fields if value]
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -108,11 +132,17 @@ class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
     rid: int
     code: str
+    attempts: int = 0  # the rest as in `Served`: where the request last ran (the broker fills them)
+    profile: str = ""
+    deployment: str = ""
+    model: str = ""
+    rescue: str = ""
 
 
 class Run(msgspec.Struct, array_like=True, frozen=True, gc=False):
     rid: int
     attempt: int = 1
+    model: str = ""  # a fallback's model, to send in place of the call's own ("": the call's)
 
 
 class Ready(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -136,9 +166,9 @@ HEADERS: dict[Kind, type[msgspec.Struct]] = {
     Kind.STATS: Ref,
     Kind.PING: Ref,
     Kind.EVENT: Event,
-    Kind.RESULT: Ref,
+    Kind.RESULT: Served,
     Kind.ERROR: Error,
-    Kind.HEAD: Ref,
+    Kind.HEAD: Served,
     Kind.PROGRESS: Ref,
     Kind.RUN: Run,
     Kind.ABORT: Ref,
@@ -303,6 +333,8 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     delivered: int = 0
     attempts: int = 0
     error_type: str = ""
+    failure: str = ""  # what the provider's error body says, where a fallback needs it: context_length, content_filter
+    tried: list[str] = []  # the pool's own errors: each failed attempt, as `group:reason`
     rescue: str = ""  # why a broken stream could not be continued (with `continue_streams`)
 
 
@@ -345,6 +377,7 @@ class WorkerSnapshot(msgspec.Struct, frozen=True):
     age: float
     served: int
     rss: int
+    deployment: str = ""  # of its profile ("": a profile without deployments)
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -371,7 +404,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     latency: HistogramSnapshot
     first_event: HistogramSnapshot
     retries_by_reason: dict[str, int] = {}  # http_429, http_5xx, provider_connection, headers_timeout, ...
-    rescued: dict[str, int] = {}  # broken streams answered in full, by strategy (prefill, replay)
+    fallbacks: dict[str, int] = {}  # calls moved to another target, by "from>to" (profile/model)
+    rescued: dict[str, int] = {}  # calls answered after a failure, by how: retry, deployment, fallback, ...
     continuations: dict[str, int] = {}  # continuation attempts, "<strategy>:<outcome>" (ok, refused, diverged, ...)
 
 

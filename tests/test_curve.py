@@ -50,13 +50,21 @@ def test_keygen_writes_a_private_secret_half(tmp_path):
     assert "secret-key" not in (tmp_path / "k" / "alice.key").read_text()
 
 
-def test_curve_admits_the_allowed_clients_only(fake, tmp_path, monkeypatch):
+@pytest.fixture
+def curve(tmp_path):
+    """Keys for a broker, an allowed client (alice) and an outsider (mallory)."""
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     allowed.mkdir()
-    keygen(str(keys), "broker")
-    for name in ("alice", "mallory"):
+    for name in ("broker", "alice", "mallory"):
         keygen(str(keys), name)
     (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    settings = dict(TEST_SETTINGS, frontend="tcp://127.0.0.1:*", curve_server_key=str(keys / "broker.key_secret"),
+                    curve_clients_dir=str(allowed))  # fmt: skip
+    return keys, settings
+
+
+def test_curve_admits_the_allowed_clients_only(fake, curve, monkeypatch):
+    keys, settings = curve
 
     def as_client(name: str | None) -> None:
         for var in ("ISOPOOL_CLIENT_KEY", "ISOPOOL_BROKER_KEY"):
@@ -66,8 +74,6 @@ def test_curve_admits_the_allowed_clients_only(fake, tmp_path, monkeypatch):
             monkeypatch.setenv("ISOPOOL_BROKER_KEY", str(keys / "broker.key"))
 
     as_client("alice")  # the pool's own readiness check is a client too
-    settings = dict(TEST_SETTINGS, frontend="tcp://127.0.0.1:*", curve_server_key=str(keys / "broker.key_secret"),
-                    curve_clients_dir=str(allowed))  # fmt: skip
     with Pool(profiles=profiles(fake.url), **settings) as pool:
         assert pool.url.startswith("tcp://127.0.0.1:") and not pool.url.endswith("*")
         with pool.client() as client:
@@ -81,6 +87,33 @@ def test_curve_admits_the_allowed_clients_only(fake, tmp_path, monkeypatch):
             with pool.client(broker_timeout=wait) as client, pytest.raises(BrokerUnavailable, match=refused):
                 client.request("anthropic", "messages.create", **anthropic_args(f"from {outsider}"))
         assert fake.stats()["completed"] == served  # nothing of theirs reached the provider
+
+
+REFUSED_CLIENTS = """
+import sys
+from broker import BrokerUnavailable, Client
+for i in range(300):
+    with Client(sys.argv[1], broker_timeout=5.0) as client:
+        try:
+            client.request("anthropic", "messages.create", model="m", max_tokens=1, messages=[])
+        except BrokerUnavailable:
+            pass
+print("closed", i + 1)
+"""
+
+
+def test_a_refused_client_always_closes(fake, curve, monkeypatch):
+    """Closing a client the broker refused once hung in libzmq (its connection monitor stopped after the
+    monitor's reader was gone, while refusals kept coming; about 1 close in 600). In a child process,
+    so a hang that holds the interpreter fails this test rather than the whole run."""
+    keys, settings = curve
+    monkeypatch.setenv("ISOPOOL_CLIENT_KEY", str(keys / "alice.key_secret"))
+    monkeypatch.setenv("ISOPOOL_BROKER_KEY", str(keys / "broker.key"))
+    with Pool(profiles=profiles(fake.url), **settings) as pool:
+        env = dict(os.environ, ISOPOOL_CLIENT_KEY=str(keys / "mallory.key_secret"))
+        run = subprocess.run([sys.executable, "-c", REFUSED_CLIENTS, pool.url], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0 and "closed 300" in run.stdout, run.stderr[-2000:]
 
 
 def test_an_insecure_tcp_frontend_logs_a_warning(tmp_path):

@@ -55,6 +55,9 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
         assert stats["retries_by_reason"] and sum(stats["retries_by_reason"].values()) == stats["retries"]
         for reason, count in stats["retries_by_reason"].items():
             assert scraped[("isopool_retries_by_reason_total", (("reason", reason),))] == count
+        assert stats["rescued"].get("retry", 0) >= 1  # the 500's call, answered at its second attempt
+        for how, count in stats["rescued"].items():
+            assert scraped[("isopool_rescued_total", (("how", how),))] == count
         assert scraped[("isopool_worker_respawns_total", ())] == stats["respawns"]
         assert scraped[("isopool_queue_depth", (("profile", "anthropic"),))] == 0
         workers = sum(v for (name, _), v in scraped.items() if name == "isopool_workers")

@@ -21,6 +21,7 @@ from broker.protocol import (
     Ref,
     Response,
     Run,
+    Served,
     Submit,
 )
 
@@ -32,9 +33,9 @@ SAMPLES = {
     Kind.STATS: Ref(3),
     Kind.PING: Ref(4),
     Kind.EVENT: Event(5, 6, 3),
-    Kind.RESULT: Ref(7),
+    Kind.RESULT: Served(7, 3, "openai", "us", "gpt-fake", "fallback"),
     Kind.ERROR: ErrorInfo,  # placeholder, replaced below
-    Kind.HEAD: Ref(8),
+    Kind.HEAD: Served(8),
     Kind.PROGRESS: Ref(9),
     Kind.RUN: Run(10, 2),
     Kind.ABORT: Ref(11),
@@ -53,6 +54,19 @@ def test_every_kind_round_trips(kind):
     frames = codec.frames(kind, header, b"payload")
     assert codec.parse(frames) == (kind, header, b"payload")
     assert codec.parse(codec.frames(kind, header)) == (kind, header, b"")
+
+
+def test_a_workers_bare_head_and_error_headers_read_as_served_with_defaults():
+    from broker.protocol import Error
+
+    codec = Codec()
+    kind, header, _ = codec.parse(codec.frames(Kind.HEAD, Ref(8)))  # what a worker sends: the request id only
+    assert header == Served(8) and header.headers() == []
+    _, error, _ = codec.parse([bytes([Kind.ERROR]), codec.encode((12, "stalled"))])
+    assert error == Error(12, "stalled", 0, "", "", "", "")
+    assert Served(7, 3, "openai", "", "gpt-fake", "fallback").headers() == [
+        ("x-isopool-profile", "openai"), ("x-isopool-model", "gpt-fake"), ("x-isopool-attempts", "3"),
+        ("x-isopool-rescue", "fallback")]  # fmt: skip
 
 
 def test_payload_structs_round_trip():

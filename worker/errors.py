@@ -18,6 +18,7 @@ from . import sdks
 from .assemble import ProviderStreamError
 from .calls import BadCall
 from .exchange import ProviderHttpError
+from .fallback import failure_of
 from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
@@ -35,16 +36,19 @@ def translate(exc: BaseException) -> ErrorInfo:
     this process imported are looked at: no other SDK's exception can reach here."""
     name = type(exc).__name__
     if isinstance(exc, sdks.errors("APIStatusError")):
+        body = _status_body(exc)
         return ErrorInfo(
             Code.PROVIDER_STATUS,
             str(exc),
             status=exc.status_code,
-            body=_status_body(exc),
+            body=body,
             headers=list(exc.response.headers.items()),
             error_type=name,
+            failure=failure_of(exc.status_code, body),
         )
     if isinstance(exc, ProviderHttpError):
-        return ErrorInfo(Code.PROVIDER_STATUS, str(exc), exc.status, exc.body, exc.headers, error_type="APIStatusError")
+        return ErrorInfo(Code.PROVIDER_STATUS, str(exc), exc.status, exc.body, exc.headers, error_type="APIStatusError",
+                         failure=failure_of(exc.status, exc.body))  # fmt: skip
     if isinstance(exc, sdks.errors("APITimeoutError")):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, str(exc), error_type=name)
     if isinstance(exc, sdks.errors("APIConnectionError")):

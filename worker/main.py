@@ -9,6 +9,7 @@ the process as soon as the broker's liveness pipe closes: no orphans, ever.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -48,6 +49,7 @@ from . import sdks, stacks
 from .calls import STREAMABLE, resolve, run_call
 from .errors import translate
 from .exchange import run_http
+from .fallback import retarget
 from .pipe import WorkerSpec
 from .resume import run_resume
 from .timing import TimedTransport, run_timed
@@ -202,18 +204,18 @@ class Worker:
             log.error("dropping a malformed message from the broker: %s", exc)
             return
         if kind == Kind.RUN:
-            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload))
+            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload, header.model))
         elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
             task.cancel()
 
-    async def _execute(self, rid: int, payload: bytes) -> None:
+    async def _execute(self, rid: int, payload: bytes, model: str = "") -> None:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
-            if isinstance(call, Resume):  # a stream that broke after output, continued
-                await run_resume(call, self.spec.profile.kind, self._run, emit)
+            if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)
+                await run_resume(call, self.spec.profile.kind, functools.partial(self._run, model=model), emit)
             else:
-                await self._run(call, emit)
+                await self._run(call, emit, model)
         except asyncio.CancelledError:
             await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
         except Exception as exc:
@@ -222,7 +224,9 @@ class Worker:
         finally:
             self.tasks.pop(rid, None)
 
-    async def _run(self, call: Call | HttpCall | TimedCall, emit: Any) -> None:
+    async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
+        if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
+            call = retarget(call, model)
         kind, clients = self.spec.profile.kind, self._clients_for(call)
         if isinstance(call, TimedCall):
             await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)

@@ -44,7 +44,9 @@ def print_stats(s: Snapshot) -> None:
     counters.add_row("workers killed", _counts(s.kills))
     counters.add_row("spawned / respawned", f"{s.spawns} / {s.respawns}")
     counters.add_row("retries", str(s.retries))
-    counters.add_row("streams continued / continuations", f"{_counts(s.rescued)} / {_counts(s.continuations)}")
+    counters.add_row("fallbacks (from>to)", _counts(s.fallbacks))
+    counters.add_row("rescued", _counts(s.rescued))
+    counters.add_row("continuations (strategy:outcome)", _counts(s.continuations))
     counters.add_row("rejected messages", _counts(s.rejected))
     lat, first = s.latency, s.first_event
     counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat.p50)} / {_ms(lat.p99)}")

@@ -39,10 +39,12 @@ from ..protocol import (
     ProtocolError,
     Ref,
     Response,
+    Served,
     Snapshot,
     Submit,
     TimedCall,
 )
+from ..protocol import Error as ErrorHeader
 from ..wire.curve import secure_client
 from ..wire.loopsock import LoopSocket
 from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
@@ -95,7 +97,7 @@ class _Sink:
 
 
 class _CallState:
-    __slots__ = ("rid", "sink", "raw", "relayed", "head", "result", "error", "done", "events")
+    __slots__ = ("rid", "sink", "raw", "relayed", "head", "result", "error", "done", "events", "served")
 
     def __init__(self, rid: int, sink: _Sink, raw: bool = False, relayed: bool = False) -> None:
         self.rid = rid
@@ -107,6 +109,7 @@ class _CallState:
         self.error: IsopoolError | None = None
         self.done = False
         self.events = 0  # received by the reader: what the caller was delivered if it kept reading
+        self.served: Served | None = None  # who answered (from the HEAD, RESULT or ERROR header)
 
     def take(self, item: Any) -> Any:
         """Account for one queued item; returns a list of events, or _END once the call has ended."""
@@ -140,6 +143,11 @@ class _Call:
     def head(self) -> Response | None:
         """A stream's HTTP status and headers: set once its first event has arrived."""
         return self._state.head
+
+    @property
+    def served(self) -> Served | None:
+        """Who answered: attempts, profile, deployment, model and rescue (set with the head, or at the end)."""
+        return self._state.served
 
 
 class AsyncCall(_Call):
@@ -276,7 +284,7 @@ class AsyncClient:
         model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
-            limits.max_attempts, limits.read_timeout,
+            limits.max_attempts, limits.read_timeout, limits.fallbacks,
         )  # fmt: skip
         try:
             payload = self._codec.encode(call)
@@ -371,8 +379,10 @@ class AsyncClient:
             state.sink.put(events)
         elif kind == Kind.HEAD:
             state.head = self._codec.response(payload)
+            state.served = header
         elif kind in (Kind.RESULT, Kind.ERROR):
             del self._calls[header.rid]
+            state.served = header if kind == Kind.RESULT else _served(header)
             state.sink.put(self._ending(state, kind, payload))
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
@@ -406,6 +416,7 @@ class AsyncClient:
             log.warning("%s (%d calls in flight)", why.partition(" while")[0], len(self._calls))
             self._fail_all(BrokerUnavailable(why))
             old_monitor = self._monitor
+            self._sock.sock.disable_monitor()  # as in `close`: stopped before its reader goes
             sock, monitor = self._connect()
             self._sock.replace(sock)
             self._monitor = LoopSocket(monitor, self._on_connection_event)
@@ -441,7 +452,9 @@ class AsyncClient:
                     return Result(info.status, info.headers, info.body or b"")
                 if state.events > info.delivered:  # worker-made errors do not know what the caller saw
                     info = msgspec.structs.replace(info, delivered=state.events)
-                return error_for(info, state.rid)
+                error = error_for(info, state.rid)
+                error.served = state.served
+                return error
             return self._result(state, payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_for(ErrorInfo(Code.PROTOCOL, f"unreadable answer from the broker: {exc}"), state.rid)
@@ -556,6 +569,8 @@ class CallLimits(msgspec.Struct, frozen=True):
     deadline: float | None = None
     max_attempts: int | None = None
     read_timeout: float | None = None  # caps first_event_timeout and stale_timeout (an SDK's per-call timeout)
+    fallbacks: list[tuple[str, str]] | None = None  # (profile, model) tried in order, "" the call's own; the
+    # pool refuses those its `request_fallbacks` does not allow
 
 
 class _BodyFields(msgspec.Struct):
@@ -564,6 +579,10 @@ class _BodyFields(msgspec.Struct):
 
 
 _BODY_FIELDS = msgspec.json.Decoder(_BodyFields)
+
+
+def _served(error: ErrorHeader) -> Served:
+    return Served(error.rid, error.attempts, error.profile, error.deployment, error.model, error.rescue)
 
 
 def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ..config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
 from ..errors import BrokerUnavailable
 from ..processes import Child, ChildFailed
 from ..protocol import BrokerReady
+from ..routes import group_key, groups
 from .client import AsyncClient, Client
 
 
@@ -71,20 +72,21 @@ class Pool:
     def wait_ready(self, timeout: float) -> None:
         """Block until each profile has its `min_workers` ready; the error names the setting to change."""
         deadline = time.monotonic() + timeout
+        wanted = {group: spec.min_workers for group, (_, _, spec) in groups(self.settings).items()}
         with self.client() as client:
             while True:
                 ready: dict[str, int] = {}
                 for w in client.snapshot().workers:
                     if w.state != "starting":
-                        ready[w.profile] = ready.get(w.profile, 0) + 1
-                missing = {
-                    n: p.min_workers for n, p in self.settings.profiles.items() if ready.get(n, 0) < p.min_workers
-                }
+                        group = group_key(w.profile, w.deployment)
+                        ready[group] = ready.get(group, 0) + 1
+                missing = {n: m for n, m in wanted.items() if ready.get(n, 0) < m}
                 if not missing:
                     return
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(
-                        f"workers of profiles {sorted(missing)} not ready within {timeout:g}s; see the broker's log"
+                        f"workers of profiles (or deployments) {sorted(missing)} not ready within {timeout:g}s; "
+                        "see the broker's log"
                     )
                 time.sleep(0.01)
 

@@ -45,7 +45,9 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from ..client.client import AsyncCall, AsyncClient
+from ..client.client import AsyncCall, AsyncClient, CallLimits
+from ..client.fallbacks import HEADER as FALLBACKS_HEADER
+from ..client.fallbacks import BadFallbacks, take_fallbacks
 from ..config import Settings, is_loopback
 from ..errors import (
     AttemptsExhausted,
@@ -57,7 +59,7 @@ from ..errors import (
     ShuttingDown,
     StreamStalled,
 )
-from ..protocol import HttpCall, Listening, path_problem
+from ..protocol import HttpCall, Listening, Served, path_problem
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -125,13 +127,18 @@ class Gateway:
                 return _preflight(request)
             self.check_token(request)
             check_path(request.raw_path)
-            call = HttpCall(request.method, path, _forwarded(request), await self.read_body(request))
+            body = await self.read_body(request)
+            try:
+                body, fallbacks = take_fallbacks(request.headers, body)
+            except BadFallbacks as exc:
+                raise Refused(400, str(exc)) from None
+            call = HttpCall(request.method, path, _forwarded(request), body)
             if _encoded_size(call) > self.max_bytes:
                 raise Refused(413, f"the request is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            submitted = await self.client.submit_http(profile, call)
+            submitted = await self.client.submit_http(profile, call, CallLimits(fallbacks=fallbacks or None))
         except IsopoolError as exc:
             return _pool_error(kind, exc)
         return await self.relay(request, kind, submitted, _closing(kind, path))
@@ -191,9 +198,10 @@ class Gateway:
             if first is None:
                 result = await call.result()
                 headers = [*result.headers, *_NOT_AGAIN] if result.status >= 400 else result.headers
-                return web.Response(status=result.status, headers=headers, body=result.body)
+                return web.Response(status=result.status, headers=[*headers, *_served(call.served)], body=result.body)
             head = call.head
-            response = web.StreamResponse(status=head.status, headers=head.headers)  # type: ignore[union-attr]
+            headers = [*head.headers, *_served(call.served)]  # type: ignore[union-attr]
+            response = web.StreamResponse(status=head.status, headers=headers)  # type: ignore[union-attr]
             await response.prepare(request)
             try:
                 await response.write(first.sse())
@@ -229,7 +237,8 @@ def _forwarded(request: web.Request) -> list[tuple[str, str]]:
     return [
         (str(k), v)  # aiohttp's names are `istr`, which the wire cannot carry
         for k, v in request.headers.items()
-        if (name := k.lower()) in FORWARDED or (name.startswith(FORWARDED_PREFIXES) and name != PROFILE_HEADER)
+        if (name := k.lower()) in FORWARDED
+        or (name.startswith(FORWARDED_PREFIXES) and name not in (PROFILE_HEADER, FALLBACKS_HEADER))
     ]
 
 
@@ -283,9 +292,15 @@ def _refusal(kind: str, exc: Refused) -> web.Response:
     return response
 
 
+def _served(served: Served | None) -> list[tuple[str, str]]:
+    """Who answered, as `x-isopool-*` response headers."""
+    return served.headers() if served is not None else []
+
+
 def _pool_error(kind: str, exc: IsopoolError) -> web.Response:
     status, name = _status(exc)
     response = _error(kind, status, name, f"isopool: {exc}")
+    response.headers.extend(_served(getattr(exc, "served", None)))
     if not isinstance(exc, PoolSaturated | ShuttingDown):  # the pool's retries are spent: the SDK's would add to them
         response.headers.extend(_NOT_AGAIN)
     return response

@@ -9,9 +9,10 @@ Metrics (all prefixed `isopool_`): `requests_total{outcome}` (accepted, ok, erro
 cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{reason}`,
 `worker_spawns_total`, `worker_respawns_total`, `zygote_restarts_total`, `retries_total`,
 `retries_by_reason_total{reason}` (http_429, http_5xx, provider_connection, headers_timeout, ...),
-`rescued_total{strategy}` (broken streams answered in full: prefill, replay),
-`continuations_total{outcome}` (continuation attempts, `<strategy>:<outcome>`),
-`requests_in_flight`, `queue_depth{profile}`, `workers{profile,state}`,
+`fallbacks_total{route}` ("from>to", profile/model), `rescued_total{how}` (retry, deployment, fallback,
+context-fallback, and streams continued: prefill, replay), `continuations_total{outcome}` (continuation
+attempts, `<strategy>:<outcome>`),
+`requests_in_flight`, `queue_depth{profile}`, `workers{profile,deployment,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms).
 """
 
@@ -61,7 +62,9 @@ def families(s: Snapshot) -> list[Any]:
     out.append(CounterMetricFamily("isopool_zygote_restarts", "Zygotes replaced", value=s.zygote_restarts))
     out.append(CounterMetricFamily("isopool_retries", "Unseen requests re-run on a fresh worker", value=s.retries))
     counters("retries_by_reason", "Retries by the pool, by what failed", "reason", s.retries_by_reason)
-    counters("rescued", "Streams broken after output and answered in full, by strategy", "strategy", s.rescued)
+    counters("fallbacks", "Calls moved to another target of their chain, by from>to", "route", s.fallbacks)
+    counters("rescued", "Calls answered after a failed attempt, by how (retry, deployment, fallback, "
+             "context-fallback, prefill, replay)", "how", s.rescued)  # fmt: skip
     counters("continuations", "Continuation attempts, by <strategy>:<outcome>", "outcome", s.continuations)
     out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
                                  value=s.in_flight))  # fmt: skip
@@ -69,10 +72,11 @@ def families(s: Snapshot) -> list[Any]:
     for profile, depth in sorted(s.queued.items()):
         queued.add_metric([profile], depth)
     out.append(queued)
-    workers = GaugeMetricFamily("isopool_workers", "Workers by profile and state", labels=["profile", "state"])
-    by_state = collections.Counter((w.profile, w.state) for w in s.workers)
-    for (profile, state), count in sorted(by_state.items()):
-        workers.add_metric([profile, state], count)
+    workers = GaugeMetricFamily("isopool_workers", "Workers by profile, deployment and state",
+                                labels=["profile", "deployment", "state"])  # fmt: skip
+    by_state = collections.Counter((w.profile, w.deployment, w.state) for w in s.workers)
+    for (profile, deployment, state), count in sorted(by_state.items()):
+        workers.add_metric([profile, deployment, state], count)
     out.append(workers)
     out.append(_histogram("isopool_request_duration_seconds", "Accepted to answered, successful requests",
                           s.latency))  # fmt: skip

@@ -285,6 +285,7 @@ class Broker:
                 age=round(now - worker.spawned_at, 3),
                 served=worker.served,
                 rss=_rss(worker.pid) if worker.pid else 0,
+                deployment=self.fleet.groups[worker.group][1],
             )
             for worker in sorted(self.fleet.workers.values(), key=lambda w: (w.profile, w.slot))
         ]
@@ -298,10 +299,17 @@ class Broker:
             connections=len(self.flow.connections),
             draining=self.draining_since is not None,
             allow_overrides=self.settings.allow_overrides,
-            capacity={name: p.max_workers * p.concurrency for name, p in self.settings.profiles.items()},
+            capacity=self._capacity(),
             workers=workers,
             **self.stats.snapshot(),
         )
+
+    def _capacity(self) -> dict[str, int]:
+        """Streams each profile can carry at once: max_workers x concurrency, over its deployments."""
+        capacity: dict[str, int] = dict.fromkeys(self.settings.profiles, 0)
+        for name, _, spec in self.fleet.groups.values():
+            capacity[name] += spec.max_workers * spec.concurrency
+        return capacity
 
 
 def _raise_fd_limit() -> None:

@@ -22,6 +22,7 @@ from worker.pipe import Spawned, WorkerSpec, ZygoteReady
 from ..config import ZYGOTE_BOOT_TIMEOUT, Settings
 from ..processes import kill_group, kill_tree
 from ..protocol import PROTOCOL_VERSION, Heartbeat, Ready
+from ..routes import groups
 from .state import Reason, Request, Worker, WorkerState
 from .stats import Stats
 from .watchdog import Alarm, worker_due
@@ -57,7 +58,10 @@ class Fleet:
         self.workers: dict[bytes, Worker] = {}  # routable identity -> worker
         self.by_pid: dict[int, Worker] = {}
         self.generations: dict[tuple[str, int], int] = collections.Counter()
-        self.free: dict[str, collections.deque[Worker]] = {p: collections.deque() for p in settings.profiles}
+        # Worker groups: one per deployment of each profile (a profile without deployments is one,
+        # named after it). The maps below are by group.
+        self.groups = groups(settings)
+        self.free: dict[str, collections.deque[Worker]] = {g: collections.deque() for g in self.groups}
         self.spawn_failures: dict[str, int] = collections.Counter()
         self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
         self.spawn_after: dict[str, float] = collections.defaultdict(float)
@@ -92,7 +96,7 @@ class Fleet:
         worker.state = WorkerState.READY
         worker.capacity = max(1, ready.capacity)
         worker.idle_since = now
-        self.spawn_failures[worker.profile] = 0
+        self.spawn_failures[worker.group] = 0
         self.offer(worker)
 
     def on_zygote(self, now: float) -> None:
@@ -133,7 +137,7 @@ class Fleet:
         if worker.state is not WorkerState.CONDEMNED:  # it died on its own
             log.warning("worker %s (pid %d) exited with status %d", worker.ident.decode(), pid, status)
             if worker.state is WorkerState.STARTING:
-                self.spawn_failures[worker.profile] += 1
+                self.spawn_failures[worker.group] += 1
             self.kill(worker, Reason.CRASH, now)
 
     def restart_zygote(self, why: str, now: float) -> None:
@@ -163,7 +167,7 @@ class Fleet:
             self.stats.kills[reason] += 1
             worker.state = WorkerState.CONDEMNED
             if reason not in (Reason.SHUTDOWN, Reason.SCALE_DOWN):
-                self.replacing[worker.profile] += 1
+                self.replacing[worker.group] += 1
         self.workers.pop(worker.ident, None)
         requests = list(worker.requests.values())
         worker.requests.clear()
@@ -173,27 +177,52 @@ class Fleet:
                 self.requeue(req, reason if culprit in (None, req) else Reason.NEIGHBOUR, now)
 
     def reconcile(self, now: float, waiting: Mapping[str, int]) -> None:
-        """Keep each profile at busy + needed (for `waiting` requests) + spare workers, within
-        [min_workers, max_workers]."""
-        for name, profile in self.settings.profiles.items():
-            mine = [w for w in self.workers.values() if w.profile == name]
-            busy = sum(1 for w in mine if w.requests)
-            wanted = busy + -(-waiting[name] // profile.concurrency) + profile.spare_workers
+        """Keep each group at busy + needed (for its share of its profile's `waiting` requests) +
+        spare workers, within [min_workers, max_workers]."""
+        mine: dict[str, list[Worker]] = {g: [] for g in self.groups}
+        for worker in self.workers.values():
+            mine[worker.group].append(worker)
+        shares = self._shares(waiting, mine)
+        for key, (name, _, profile) in self.groups.items():
+            busy = sum(1 for w in mine[key] if w.requests)
+            wanted = busy + -(-shares[key] // profile.concurrency) + profile.spare_workers
             target = max(profile.min_workers, min(profile.max_workers, wanted))
-            missing = target - len(mine)
+            missing = target - len(mine[key])
             if missing < 0:
-                self._retire_idle(mine, -missing, now)
-            if missing <= 0 or now < self.spawn_after[name]:
+                self._retire_idle(mine[key], -missing, now)
+            if missing <= 0 or now < self.spawn_after[key]:
                 continue
-            failures = self.spawn_failures[name]
+            failures = self.spawn_failures[key]
             if failures:
-                self.spawn_after[name] = now + min(self.settings.respawn_backoff_max, 0.05 * 2**failures)
-                self.alarm.by(self.spawn_after[name])
-                if failures >= 5:
+                self.spawn_after[key] = now + min(self.settings.respawn_backoff_max, 0.05 * 2**failures)
+                self.alarm.by(self.spawn_after[key])
+                if failures >= 5 and all(self.spawn_failures[g] >= 5 for g in self.groups_of(name)):
                     self.fail_queue(name, f"workers of profile {name!r} keep failing at start; see the broker's log")
                 missing = 1
             for _ in range(missing):
-                self._spawn(name, now)
+                self._spawn(key, now)
+
+    def _shares(self, waiting: Mapping[str, int], mine: dict[str, list[Worker]]) -> dict[str, int]:
+        """Each group's share of its profile's waiting requests: by weight, or (`ordered`) in list order,
+        each taking what its free room holds."""
+        shares: dict[str, int] = {}
+        for name, profile in self.settings.profiles.items():
+            keys = self.groups_of(name)
+            if len(keys) == 1 or profile.strategy != "ordered":
+                total = sum(d.weight for d in profile.deployments) or 1.0
+                weights = [d.weight for d in profile.deployments] or [1.0]
+                shares |= {k: -(-waiting[name] * w // total) for k, w in zip(keys, weights, strict=True)}
+                continue
+            left = waiting[name]
+            for key in keys:
+                group = self.groups[key][2]
+                room = group.max_workers * group.concurrency - sum(len(w.requests) for w in mine[key])
+                shares[key], left = min(left, max(0, room)), left - min(left, max(0, room))
+            shares[keys[-1]] += left
+        return {k: int(v) for k, v in shares.items()}
+
+    def groups_of(self, profile: str) -> list[str]:
+        return [key for key, (name, _, _) in self.groups.items() if name == profile]
 
     def _retire_idle(self, workers: list[Worker], surplus: int, now: float) -> None:
         """Scale down: stop up to `surplus` workers idle for `idle_timeout`, longest idle first."""
@@ -202,17 +231,18 @@ class Fleet:
         for worker in sorted(idle, key=lambda w: w.idle_since)[:surplus]:
             self.kill(worker, Reason.SCALE_DOWN, now)
 
-    def _spawn(self, profile: str, now: float) -> None:
-        taken = {w.slot for w in self.workers.values() if w.profile == profile}
+    def _spawn(self, group: str, now: float) -> None:
+        taken = {w.slot for w in self.workers.values() if w.group == group}
         slot = next(i for i in range(len(taken) + 1) if i not in taken)
-        generation = self.generations[(profile, slot)]
-        self.generations[(profile, slot)] += 1
-        ident = f"{profile}.{slot}.{generation}".encode()
-        worker = Worker(ident, profile, slot, generation, now, self.settings.profiles[profile].concurrency)
+        generation = self.generations[(group, slot)]
+        self.generations[(group, slot)] += 1
+        ident = f"{group}.{slot}.{generation}".encode()
+        profile, _, spec = self.groups[group]
+        worker = Worker(ident, profile, slot, generation, now, spec.concurrency, group=group)
         self.workers[ident] = worker
         self.stats.spawns += 1
-        if self.replacing[profile]:
-            self.replacing[profile] -= 1
+        if self.replacing[group]:
+            self.replacing[group] -= 1
             self.stats.respawns += 1
         if not self.zygote.spawn(self._spec(worker)):
             log.error("could not reach the zygote; it will be restarted")
@@ -222,7 +252,7 @@ class Fleet:
         return WorkerSpec(
             ident=worker.ident.decode(),
             backend=self.backend_url,
-            profile=self.settings.profiles[worker.profile],
+            profile=self.groups[worker.group][2],  # the deployment's settings merged in
             heartbeat_interval=self.settings.heartbeat_interval,
             death_fd=self.death_fd,
             token=worker.token,
@@ -231,10 +261,40 @@ class Fleet:
         )
 
     def offer(self, worker: Worker) -> None:
-        """Put a worker with a free slot at the back of its profile's free queue (once)."""
+        """Put a worker with a free slot at the back of its group's free queue (once)."""
         if worker.free > 0 and not worker.queued_free:
             worker.queued_free = True
-            self.free[worker.profile].append(worker)
+            self.free[worker.group].append(worker)
+
+    def has_free(self, group: str) -> bool:
+        """Whether the group has a worker with a free slot (dropping, from the end taken next, those
+        that no longer have one)."""
+        free, end = self.free[group], self._end(group)
+        while free and free[end].free <= 0:
+            self._take(group).queued_free = False
+        return bool(free)
+
+    def take(self, group: str) -> Worker:
+        """A worker with a free slot, after `has_free`. One-stream workers are taken most recently used
+        first (a warm worker answers faster than a fresh fork, whose first request pays ~7 ms of
+        copy-on-write page faults; the idle ones are those `idle_timeout` retires); multi-stream ones in
+        turn, spreading streams so that one kill takes as few as possible."""
+        worker = self._take(group)
+        worker.queued_free = False
+        return worker
+
+    def _end(self, group: str) -> int:
+        return -1 if self.groups[group][2].concurrency == 1 else 0
+
+    def _take(self, group: str) -> Worker:
+        free = self.free[group]
+        return free.pop() if self._end(group) == -1 else free.popleft()
+
+    def load(self, group: str) -> float:
+        """Busy share of the group's slots (max_workers x concurrency)."""
+        spec = self.groups[group][2]
+        busy = sum(len(w.requests) for w in self.workers.values() if w.group == group)
+        return busy / (spec.max_workers * spec.concurrency)
 
     def release(self, worker: Worker, req: Request, now: float) -> None:
         """The worker is done with the request: free the slot, or recycle a worker that served enough."""
@@ -284,7 +344,7 @@ class Fleet:
             if reason is Reason.STARTUP and not worker.pid:
                 self.restart_zygote(f"the zygote did not fork {worker.ident.decode()} within startup_timeout", now)
             elif reason is Reason.STARTUP:
-                self.spawn_failures[worker.profile] += 1
+                self.spawn_failures[worker.group] += 1
         return due
 
     def _ask_stacks(self, worker: Worker, now: float) -> float:

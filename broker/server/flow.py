@@ -18,15 +18,17 @@ from typing import Any
 
 import zmq
 
+from .. import routes
 from ..config import Limits, Settings
-from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Submit
+from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
 from .resumes import Rescues
-from .retrypolicy import Policy, classify
+from .retrypolicy import classify
+from .routing import Move, Router, Same, rescue, target
 from .state import Reason, Request, Worker
 from .stats import Stats
 from .watchdog import Alarm, request_due
@@ -73,15 +75,16 @@ class Flow:
         self.next_key = 1
         self.draining = False
         self.rescues = Rescues(settings)
-        self.policy = Policy(
-            settings.max_attempts, settings.retry_backoff, settings.http_retry_backoff, settings.retry_after_max
-        )
+        self.router = Router(settings)
 
     # ----- callers --------------------------------------------------------------
 
     def on_submit(self, client: bytes, sub: Submit, payload: bytes, now: float) -> None:
+        hops = None
         try:
             sub = self.settings.bound(sub)
+            if sub.fallbacks and sub.profile in self.settings.profiles:  # the caller's own chain
+                hops = routes.own_chain(self.settings, sub.profile, sub.fallbacks)
         except ValueError as exc:
             refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))
         else:
@@ -90,13 +93,12 @@ class Flow:
             self.stats.rejected[refusal[0]] += 1
             self.reply_error(client, sub.rid, *refusal)
             return
-        fet, stale, deadline = self.settings.limits(
-            sub.profile, sub.model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
-        )
-        if sub.read_timeout:
-            fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
+        fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
         req.headers_timeout = min(self.settings.headers_timeout, fet)
+        req.hops = hops or routes.chain(self.settings, sub.profile, sub.model)
+        req.used = req.hops[:1]
+        req.context = routes.context_hop(self.settings, sub.profile, sub.model)
         if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one
             pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
             if fet < pool_fet:
@@ -111,6 +113,15 @@ class Flow:
         self.queues[req.profile].push(req)
         self.stats.requests["accepted"] += 1
         self.alarm.by(req.deadline_at)
+
+    def _limits(self, sub: Submit, profile: str, model: str) -> tuple[float, float, float]:
+        """(first_event_timeout, stale_timeout, deadline) of a request on one target."""
+        fet, stale, deadline = self.settings.limits(
+            profile, model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
+        )
+        if sub.read_timeout:
+            fet, stale = min(fet, sub.read_timeout), min(stale, sub.read_timeout)
+        return fet, stale, deadline
 
     def _refusal(self, client: bytes, sub: Submit, payload: bytes, now: float) -> tuple[Code, str] | None:
         if self.draining:
@@ -181,32 +192,39 @@ class Flow:
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
             self.stats.latency.add(now - req.accepted_at)
+            if how := rescue(req):
+                self.stats.rescued[how] += 1
             if req.rescue is not None and req.rescue.strategy:
-                self.stats.rescued[req.rescue.strategy] += 1
                 self.stats.continuations[f"{req.rescue.strategy}:ok"] += 1
-            self._forward_end(req, self.codec.frames(Kind.RESULT, Ref(req.crid), payload or req.head or b""), "ok")
+            served = Served(req.crid, *self.router.served(req))
+            self._forward_end(req, self.codec.frames(Kind.RESULT, served, payload or req.head or b""), "ok")
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
             code = header.code
-            reason, after = self._retried_for(code, payload)
-            if reason is not None and (not req.delivered or req.rescue is not None):
-                self.retry_or_fail(req, reason, now, payload, code, after)
+            reason, after, failure = self._retried_for(code, payload)
+            if req.delivered and req.rescue is not None:  # a broken stream opted in to be continued
+                if reason is not None:
+                    self.retry_or_fail(req, reason, now, payload, code, after)
+                else:
+                    req.history.append(code)
+                    self._after_output(req, code, now, self._error_info(code, payload))
                 return
-            if req.delivered and req.rescue is not None:
-                req.history.append(code)
-                self._after_output(req, code, now, self._error_info(code, payload))
+            if (reason is not None or failure) and not req.delivered:
+                self.retry_or_fail(req, reason, now, payload, code, after, failure)
                 return
-            self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), payload), f"error:{code}")
+            self._forward_error(req, code, payload)
 
-    def _retried_for(self, code: str, payload: bytes) -> tuple[Reason | None, float | None]:
-        """Whether a worker's error is retried (the reason, or None) and the wait the provider asked for."""
+    def _retried_for(self, code: str, payload: bytes) -> tuple[Reason | None, float | None, str]:
+        """Whether a worker's error is retried (the reason, or None), the wait the provider asked for,
+        and, for a provider's refusal, what it was (`context_length`, `content_filter`, `status:NNN`)."""
         if code == Code.PROVIDER_STATUS:
             try:
                 info = self.codec.error(payload)
             except ValueError:  # msgspec's decode errors are ValueErrors
-                return None, None
-            return classify(info.status or 0, info.headers)
-        return _RETRIED.get(code), None
+                return None, None, ""
+            reason, after = classify(info.status or 0, info.headers)
+            return reason, after, "" if reason else info.failure or f"status:{info.status}"
+        return _RETRIED.get(code), None, ""
 
     def _error_info(self, code: str, payload: bytes) -> ErrorInfo:
         try:
@@ -217,7 +235,8 @@ class Flow:
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
         self._progress(req, now)
         if req.head is not None:
-            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, Ref(req.crid), req.head)):
+            served = Served(req.crid, *self.router.served(req))
+            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
         numbered = Event(req.crid, req.delivered + 1, event.count)  # a continuation's follow those delivered
@@ -236,79 +255,97 @@ class Flow:
     # ----- dispatch and retries -------------------------------------------------
 
     def dispatch(self, now: float) -> None:
-        """Queued requests to free worker slots.
-
-        One-stream workers are taken most recently used first: a warm worker answers faster
-        than a fresh fork (whose first request pays ~7 ms of copy-on-write page faults), and
-        the workers left idle are the ones `idle_timeout` retires. Multi-stream workers are
-        taken in turn, spreading streams so that one kill takes as few as possible."""
+        """Queued requests to free worker slots, each on the deployment the router picks."""
         for name, queue in self.queues.items():
-            free = self.fleet.free[name]
-            take = free.pop if self.settings.profiles[name].concurrency == 1 else free.popleft
-            while queue and free:
-                worker = take()
-                worker.queued_free = False
-                if worker.free <= 0:
-                    continue
-                req = queue.pop(now)
-                if req is None:  # only retries waiting out their backoff are left
-                    self.fleet.offer(worker)
+            while queue:
+                free = [g for g in self.router.of_profile[name] if self.fleet.has_free(g)]
+                req = queue.pop(now) if free else None
+                if req is None:  # no free slot, or only retries waiting out their backoff
                     break
+                group = self.router.pick(name, free, self.fleet.load, frozenset(req.failed_on))
+                worker = self.fleet.take(group)
                 self._run(worker, req, now)
                 self.fleet.offer(worker)
 
     def _run(self, worker: Worker, req: Request, now: float) -> None:
         req.attempt += 1
+        req.target_attempts += 1
         req.worker = worker
+        req.group = worker.group
         req.sent_at = now
         worker.requests[req.key] = req
         payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
-        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt), payload), now):
+        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), payload), now):
             self.alarm.by(request_due(req)[0])
 
     def retry_or_fail(
         self,
         req: Request,
-        reason: Reason,
+        reason: Reason | None,
         now: float,
         last_error: bytes = b"",
         code: str = "",
         after: float | None = None,
+        failure: str = "",
     ) -> None:
-        """Requeue an unseen request after the delay the retry policy says, or end it: with the
-        provider's own error (`last_error`, of `code`) where there is one, else with the pool's."""
+        """After a failed attempt, what the router decides (routing.py): the same target again after a
+        delay, another target of the call's chain, or the end: with the provider's own error (the first
+        of the call's own target, `last_error` of `code` for a refusal) where there is one, else the pool's.
+        `reason` None: the provider refused the request (`failure` says how)."""
         before = list(req.history)
-        req.history.append(reason)
-        if reason.is_stall:
+        req.history.append(reason or failure)
+        req.tries.append(f"{req.group or req.profile}:{reason or failure}")
+        if reason is not None and reason.is_stall:
             self.stats.stalls[reason] += 1
+        if last_error and req.first_error is None and len(req.used) == 1:
+            req.first_error = (code, last_error)
         if reason is Reason.DEADLINE or now >= req.deadline_at:
             self.finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
             return
-        if req.delivered:
+        if req.delivered and req.rescue is not None and reason is not None:
             lost = Code.STALLED if reason.is_stall else Code.WORKER_LOST
             message = f"{reason} after {req.delivered} event(s) were delivered"
-            if req.rescue is not None:
-                info = self._error_info(code, last_error) if last_error else ErrorInfo(lost, message)
-                self._after_output(req, reason, now, info, after)
-                return
-            self.finish(req, lost, f"{message}; not retried")
+            info = self._error_info(code, last_error) if last_error else ErrorInfo(lost, message)
+            self._after_output(req, reason, now, info, after)
             return
-        delay, why = self.policy.next_delay(
-            reason, req.attempt, before, req.deadline_at - now, after, random.random(), req.submit.max_attempts
-        )
-        if delay is None and last_error:  # the provider's own error is the most useful answer
-            log.info("request %d: attempt %d failed (%s); not retried: %s", req.key, req.attempt, reason, why)
-            self._forward_end(req, self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), last_error),
-                              f"error:{code}")  # fmt: skip
-        elif delay is None:
-            tried = ", ".join(req.history)
-            self.finish(req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s) ({why}): {tried}")
-        else:
-            log.info("request %d: attempt %d failed (%s); retrying in %.2fs", req.key, req.attempt, reason, delay)
+        decision = self.router.next(req, reason, failure, before, after, now, random.random())
+        if isinstance(decision, Move):
+            self._move(req, decision, now)
+        elif isinstance(decision, Same):
+            log.info("request %d: attempt %d failed (%s); retrying in %.2fs", req.key, req.attempt, reason,
+                     decision.delay)  # fmt: skip
             self.stats.retries += 1
-            self.stats.retries_by[reason] += 1
+            self.stats.retries_by[reason or failure] += 1
             req.head = None
-            self._requeue(req, delay, now)
+            self._requeue(req, decision.delay, now)
+        elif decision.code is not None:
+            self.finish(req, decision.code, decision.why)
+        elif error := (decision.first and len(req.used) > 1 and req.first_error) or (last_error and (code, last_error)):
+            log.info("request %d: attempt %d failed (%s); not retried: %s", req.key, req.attempt, reason or failure,
+                     decision.why)  # fmt: skip
+            self._forward_error(req, *error)  # the provider's own error is the most useful answer
+        else:
+            tried = ", ".join(req.tries)
+            self.finish(
+                req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s) ({decision.why}): {tried}"
+            )
+
+    def _move(self, req: Request, move: Move, now: float) -> None:
+        """On to another target of the call's chain: its profile's queue, its model and time limits
+        (the deadline stays the call's)."""
+        was = target(req)
+        req.profile, req.model = move.hop
+        req.used.append(move.hop)
+        req.target_attempts = 0
+        req.rerouted = move.rescue
+        req.first_event_timeout, req.stale_timeout, _ = self._limits(
+            req.submit, req.profile, req.model or req.submit.model
+        )
+        req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout)
+        self.stats.fallbacks[f"{was}>{target(req)}"] += 1
+        log.info("request %d: attempt %d failed; %s to %s", req.key, req.attempt, move.rescue, target(req))
+        req.head = None
+        self._requeue(req, 0.0, now)
 
     def _after_output(
         self, req: Request, failure: str, now: float, info: ErrorInfo, after: float | None = None
@@ -325,12 +362,15 @@ class Flow:
         delay, why = None, ""
         if strategies := self.rescues.after(rescue, req.profile, req.submit.model, failure, info, now):
             reason = failure if isinstance(failure, Reason) else Reason.INCOMPLETE  # a refused prefill: at once
-            delay, why = self.policy.next_delay(reason, req.attempt, req.history[:-1], req.deadline_at - now, after,
-                                                random.random(), req.submit.max_attempts)  # fmt: skip
+            left = req.deadline_at - now
+            delay, why = self.router.policy.next_delay(
+                reason, req.attempt, req.history[:-1], left, after, random.random(), req.submit.max_attempts
+            )
         if delay is None:
             answer = rescue.answer(req.delivered, req.attempt, why)
             log.info("request %d: broke after output (%s); not continued: %s", req.key, failure, answer.rescue)
-            frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, answer.code), self.codec.encode(answer))
+            header = ErrorHeader(req.crid, answer.code, *self.router.served(req))
+            frames = self.codec.frames(Kind.ERROR, header, self.codec.encode(answer))
             self._forward_end(req, frames, f"error:{answer.code}")
             return
         log.info("request %d: broke after %d event(s) (%s); continuing (%s) in %.2fs", req.key, req.delivered,
@@ -416,9 +456,16 @@ class Flow:
 
     def finish(self, req: Request, code: Code, message: str) -> None:
         """End a request with a broker-made error (exactly one answer)."""
-        info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt)
-        frames = self.codec.frames(Kind.ERROR, ErrorHeader(req.crid, code), self.codec.encode(info))
+        info = ErrorInfo(code, message, delivered=req.delivered, attempts=req.attempt, tried=req.tries)
+        frames = self.codec.frames(
+            Kind.ERROR, ErrorHeader(req.crid, code, *self.router.served(req)), self.codec.encode(info)
+        )
         self._forward_end(req, frames, "cancelled" if code == Code.CANCELLED else f"error:{code}")
+
+    def _forward_error(self, req: Request, code: str, payload: bytes) -> None:
+        """End a request with a worker's error (a provider's), saying where it ran."""
+        header = ErrorHeader(req.crid, code, *self.router.served(req))
+        self._forward_end(req, self.codec.frames(Kind.ERROR, header, payload), f"error:{code}")
 
     def _forward_end(self, req: Request, frames: list[bytes], outcome: str) -> None:
         """Send a live request's one answer and count its outcome; nothing for one already ended."""

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ..config import Settings, _matching
+from ..config import Settings
 from ..protocol import CONTINUED_HEADER, Code, Continuation, ErrorInfo, Response, Resume, Submit
+from ..routes import matching
 from .state import Reason
 
 # Failures after output that lose the stream but not the request: a stall, a lost worker or connection,
@@ -70,7 +71,7 @@ def strategies_for(settings: Settings, profile: str, model: str) -> list[str]:
     """The continuation strategies of a stream of `model` on `profile`: the most specific model rule
     that names some (the profile's, then the pool's), else the profile's. OpenAI has no prefill."""
     p = settings.profiles[profile]
-    named = [r.continue_streams for r in _matching(p.models, model) + _matching(settings.models, model)]
+    named = [r.continue_streams for r in matching(p.models, model) + matching(settings.models, model)]
     chosen = next((s for s in named if s is not None), p.continue_streams)
     return [s for s in dict.fromkeys(chosen) if s != "prefill" or p.kind == "anthropic"]
 

@@ -69,7 +69,8 @@ class Worker:
     idle_since: float = 0.0
     served: int = 0
     requests: dict[int, Request] = field(default_factory=dict)
-    queued_free: bool = False  # whether it sits in its profile's free-slot queue
+    queued_free: bool = False  # whether it sits in its group's free-slot queue
+    group: str = ""  # its worker group: the profile, or `profile.deployment` (routes.py)
 
     @property
     def free(self) -> int:
@@ -104,4 +105,16 @@ class Request:
     # Limits of its own (its deadline; a time limit the caller set tighter than the pool's): when one
     # passes on a worker that carries other streams, this one is aborted alone.
     own_limits: set[Reason] = field(default_factory=lambda: {Reason.DEADLINE})
+    group: str = ""  # the worker group (deployment) of its latest attempt
+    failed_on: set[str] = field(default_factory=set)  # groups an attempt of it failed on
+    # Its targets (routes.py): the chain, its own profile first; those it went to; where a
+    # context-length refusal goes; the model of the current one ("": its own); attempts there.
+    hops: list[tuple[str, str]] = field(default_factory=list)
+    used: list[tuple[str, str]] = field(default_factory=list)
+    context: tuple[str, str] | None = None
+    model: str = ""
+    target_attempts: int = 0
+    rerouted: str = ""  # how the current target came to run it: fallback, context-fallback ("": its own)
+    first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
+    tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`
     rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)

@@ -50,6 +50,8 @@ class Stats:
         self.stalls: Counter[str] = Counter()  # by Reason (the stall kinds)
         self.retries = 0
         self.retries_by: Counter[str] = Counter()  # by Reason: http_429, http_5xx, headers_timeout, ...
+        self.fallbacks: Counter[str] = Counter()  # calls moved to another target, by "from>to"
+        self.rescued: Counter[str] = Counter()  # calls answered after a failed attempt, by how (prefill, replay too)
         self.spawns = 0
         self.respawns = 0
         self.zygote_restarts = 0
@@ -57,7 +59,6 @@ class Stats:
         self.rejected: Counter[str] = Counter()  # malformed or refused messages, by code
         self.latency = Histogram()
         self.first_event = Histogram()
-        self.rescued: Counter[str] = Counter()  # broken streams answered in full, by strategy
         self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
 
     def snapshot(self) -> dict[str, Any]:
@@ -75,6 +76,7 @@ class Stats:
             "latency": self.latency.snapshot(),
             "first_event": self.first_event.snapshot(),
             "retries_by_reason": dict(self.retries_by),
+            "fallbacks": dict(self.fallbacks),
             "rescued": dict(self.rescued),
             "continuations": dict(self.continuations),
         }

@@ -63,11 +63,24 @@ class SdkErrors:
         self._stalled, self._broken = stalled, broken
 
     def before_output(self, exc: IsopoolError, request: httpx2.Request) -> Exception:
+        """The httpx2 error the caller's SDK wraps (as the `__cause__` of its own error)."""
         cls: Any = httpx2.ReadTimeout if isinstance(exc, _TIMEOUTS) else httpx2.ConnectError
-        return cls(f"isopool: {exc}", request=request)
+        return _where(cls(f"isopool: {exc}", request=request), exc)
 
     def after_output(self, exc: IsopoolError, request: httpx2.Request) -> Exception:
-        return (self._stalled if isinstance(exc, _TIMEOUTS) else self._broken)(exc, request)
+        return _where((self._stalled if isinstance(exc, _TIMEOUTS) else self._broken)(exc, request), exc)
+
+
+def _where(error: Exception, exc: IsopoolError) -> Exception:
+    """Say where the call last ran: `pool_profile`, `pool_deployment`, `pool_model`, `pool_attempts`,
+    and (for the pool's own errors) `pool_tried`, each failed attempt as `group:reason`."""
+    served = getattr(exc, "served", None)
+    error.pool_profile = served.profile if served else ""  # type: ignore[attr-defined]
+    error.pool_deployment = served.deployment if served else ""  # type: ignore[attr-defined]
+    error.pool_model = served.model if served else ""  # type: ignore[attr-defined]
+    error.pool_attempts = served.attempts if served else 0  # type: ignore[attr-defined]
+    error.pool_tried = list(getattr(getattr(exc, "info", None), "tried", []))  # type: ignore[attr-defined]
+    return error
 
 
 ANTHROPIC = SdkErrors(AnthropicStreamStalled, AnthropicStreamBroken)

@@ -18,6 +18,8 @@ from typing import Any
 import httpx2
 
 from ..client.client import AsyncClient, CallLimits, Client, StreamEvent
+from ..client.fallbacks import HEADER as FALLBACKS
+from ..client.fallbacks import take_fallbacks
 from ..errors import IsopoolError
 from ..protocol import HttpCall, is_local_header
 from .errors import SdkErrors
@@ -27,23 +29,26 @@ from .errors import SdkErrors
 STAND_IN_KEY = "isopool"
 
 
-def limits_of(request: httpx2.Request, attempts: int | None) -> CallLimits:
+def limits_of(request: httpx2.Request, attempts: int | None, fallbacks: list[tuple[str, str]]) -> CallLimits:
     """The SDK's read timeout for this call (its default or a per-call `timeout=`) as a cap on
-    the pool's stall limits (the pool never waits longer than the SDK itself would have), and the
-    call's attempts: what the caller's SDK would have made (its max_retries + 1)."""
+    the pool's stall limits (the pool never waits longer than the SDK itself would have), the
+    call's attempts: what the caller's SDK would have made (its max_retries + 1), and the
+    fallbacks it named itself (`extra_body={"fallbacks": [...]}` or an `x-isopool-fallbacks` header)."""
     read = (request.extensions.get("timeout") or {}).get("read")
-    return CallLimits(read_timeout=read or None, max_attempts=attempts)
+    return CallLimits(read_timeout=read or None, max_attempts=attempts, fallbacks=fallbacks or None)
 
 
-def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> HttpCall:
+def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> tuple[HttpCall, list[tuple[str, str]]]:
     """The request as the worker should send it: path relative to the shim's base URL; the
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
-    the request (the worker's HTTP client sets its own, whatever the caller added)."""
+    the request (the worker's HTTP client sets its own, whatever the caller added); and apart, the
+    fallbacks it names (client/fallbacks.py), which are the pool's, not the provider's."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
-    headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k)]
-    return HttpCall(request.method, path, headers, request.read(), base_url, own_key(request))
+    headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k) and k.lower() != FALLBACKS]
+    body, fallbacks = take_fallbacks(request.headers, request.read())
+    return HttpCall(request.method, path, headers, body, base_url, own_key(request)), fallbacks
 
 
 def own_key(request: httpx2.Request) -> str:
@@ -54,6 +59,11 @@ def own_key(request: httpx2.Request) -> str:
         if key and key != STAND_IN_KEY:
             return key
     return ""
+
+
+def served(headers: list[tuple[str, str]], call: Any) -> list[tuple[str, str]]:
+    """The answer's headers and who answered it (`x-isopool-*`, visible through `with_raw_response`)."""
+    return [*headers, *(call.served.headers() if call.served is not None else [])]
 
 
 class _Events(httpx2.SyncByteStream):
@@ -106,19 +116,18 @@ class PoolTransport(httpx2.BaseTransport):
         return twin
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        http_call = to_http_call(request, self._base_path, self._base_url)
+        http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
         try:
-            call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts))
+            call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts, fallbacks))
             events = iter(call)
             first = next(events, None)
         except IsopoolError as exc:
             raise self._errors.before_output(exc, request) from exc
         if first is None:
             result = call.result()
-            return httpx2.Response(result.status, headers=result.headers, content=result.body)
-        head = call.head
+            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
         stream = _Events(first, events, self._errors, request)
-        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
 
 class AsyncPoolTransport(httpx2.AsyncBaseTransport):
@@ -146,19 +155,20 @@ class AsyncPoolTransport(httpx2.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # a client serves one event loop
             self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
-        http_call = to_http_call(request, self._base_path, self._base_url)
+        http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
         try:
-            call = await self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts))
+            call = await self._client.submit_http(
+                self._profile, http_call, limits_of(request, self.attempts, fallbacks)
+            )
             events = aiter(call)
             first = await anext(events, None)
         except IsopoolError as exc:
             raise self._errors.before_output(exc, request) from exc
         if first is None:
             result = await call.result()
-            return httpx2.Response(result.status, headers=result.headers, content=result.body)
-        head = call.head
+            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
         stream = _AsyncEvents(first, events, self._errors, request)
-        return httpx2.Response(head.status, headers=head.headers, stream=stream)  # type: ignore[union-attr]
+        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -1,0 +1,53 @@
+"""What a fallback needs from the worker: the call sent to another model, and a provider's error
+body read for what the broker cannot see in a status code.
+
+The broker never decodes a payload: a fallback's model rides in the RUN header, and the worker
+puts it in the call (the SDK call's kwargs; the JSON body of a relayed HTTP request). A 400 says
+"context length" or "content filter" only in its body, which is read here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from broker.protocol import Call, HttpCall
+
+from .calls import BadCall
+
+_ENC = msgspec.json.Encoder()
+_DEC = msgspec.json.Decoder()
+
+
+def retarget(call: Call | HttpCall, model: str) -> Call | HttpCall:
+    """`call` with `model` in place of its own (a request without a body names no model: sent as it is)."""
+    if isinstance(call, Call):
+        return msgspec.structs.replace(call, kwargs={**call.kwargs, "model": model})
+    if not call.body:
+        return call
+    try:
+        body = _DEC.decode(call.body)
+    except msgspec.DecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise BadCall(f"a fallback to model {model!r} needs a JSON object body, with the model in it")
+    return msgspec.structs.replace(call, body=_ENC.encode({**body, "model": model}))
+
+
+def failure_of(status: int, body: bytes | None) -> str:
+    """`context_length` or `content_filter` when a provider's 4xx body says so, else ""."""
+    if status != 400 or not body:
+        return ""
+    try:
+        error: Any = _DEC.decode(body).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        return ""
+    if not isinstance(error, dict):
+        return ""
+    code, message = str(error.get("code") or ""), str(error.get("message") or "")
+    if code == "context_length_exceeded" or "prompt is too long" in message or "exceeds the context window" in message:
+        return "context_length"  # OpenAI (Chat, Responses) by code; Anthropic's and the Responses wording
+    if code in ("content_filter", "invalid_prompt"):
+        return "content_filter"  # Azure OpenAI's filter; OpenAI's flagged prompt
+    return ""

@@ -141,6 +141,7 @@ def test_gateway_answers_a_broken_stream_whole(pool, client, fake, spec):
     body = {**anthropic_args(f"gateway {spec}"), "stream": True}
     raw = httpx.post(pool.http_url + "/v1/messages", json=body, headers=headers, timeout=30)
     assert assert_one_message(sse_events(raw.content)) == want(f"gateway {spec}").content[0].text
+    assert raw.content.endswith(b'data: {"type":"message_stop"}\n\n: isopool continued (prefill)\n\n')
     with anthropic.Anthropic(base_url=pool.http_url, max_retries=0) as sdk:
         with sdk.messages.stream(**anthropic_args(f"gateway sdk {spec}"), **fault(spec)) as stream:
             message = stream.get_final_message()
@@ -175,8 +176,10 @@ def test_prefill_continuation_is_stitched_and_its_usage_is_its_own(client, fake)
     args = anthropic_args("prefill usage", stream=True)
     clean = [e.json() for e in client.submit("anthropic", "messages.create", **args)]
     before, (_, continued) = served(fake.url), stats(client)
-    events = [e.json() for e in client.submit("anthropic", "messages.create", **args, **fault("cut:after=7"))]
+    call = client.submit("anthropic", "messages.create", **args, **fault("cut:after=7"))
+    events = [e.json() for e in call]
     assert assert_one_message(events) == assert_one_message(clean)
+    assert call.served.rescue == "prefill" and call.served.attempts == 2  # type: ignore[union-attr]
     assert grew(before, served(fake.url)) == {"messages.stream": 2, "prefill.accepted": 1}
     assert grew(continued, stats(client)[1]) == {"prefill:ok": 1}
     delivered = 4  # message_start, content_block_start and 4 deltas of 7 events (a ping among them)

@@ -48,6 +48,9 @@ def pool(fake):
         "plain-openai": profile("openai", [], min_workers=0),
         "prefill-only": profile("anthropic", ["prefill"], min_workers=0),
         "replay-only": profile("anthropic", ["replay"], min_workers=0),
+        # a fallback whose streams are cut after output: a call moved there is continued there
+        "primary": profile("openai", BOTH, min_workers=0, fallbacks=[{"profile": "cutting", "model": "gpt-fake"}]),
+        "cutting": profile("openai", [], min_workers=0, default_headers={FAULT_HEADER: "cut:after=3"}),
     }
     with Pool(profiles=profiles, **dict(TEST_SETTINGS, stale_timeout=STALE, http="127.0.0.1:0")) as p:
         yield p
@@ -383,3 +386,13 @@ def test_the_asyncio_shim_gets_a_broken_stream_whole(pool, client, fake):
                 return await stream.get_final_text()
 
     assert asyncio.run(run()) == want and sum(grew(rescued, stats(client)[0]).values()) == 1
+
+
+def test_a_stream_moved_to_a_fallback_is_continued_there_on_its_model(client, fake):
+    """The call's own target is down (503); its fallback's stream is cut after output; the continuation
+    goes to the fallback with the fallback's model, not the call's own."""
+    args = openai_args("moved then cut", stream=True, model="gpt-fake@unavailable:for=600")
+    clean = [e.json() for e in client.submit("openai", "chat.completions.create", **{**args, "model": "gpt-fake"})]
+    call = client.submit("primary", "chat.completions.create", **args, max_attempts=4)  # 503, 503, moved, continued
+    assert chat_text([e.json() for e in call]) == chat_text(clean)
+    assert call.served.profile == "cutting" and call.served.rescue == "replay"  # type: ignore[union-attr]

@@ -113,6 +113,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     headers_timeout: float = 30.0  # request sent -> the provider's response headers (then first_event_timeout)
     http_retry_backoff: float = 0.5  # base of the backoff after a provider's 429/5xx or a lost connection
     retry_after_max: float = 60.0  # a longer Retry-After ends the call with the provider's 429 at once
+    circuit_failures: int = 3  # provider failures in a row that open a deployment's circuit; 0 = no circuits
+    circuit_cooldown: float = 5.0  # how long a circuit first stays open (±20%), before one probe request
+    circuit_cooldown_max: float = 10.0  # each failed probe doubles the cooldown, up to this
     queue_limit: int = 10_000
     client_queue_limit: int = 0  # requests in flight per client connection; 0 = queue_limit
     client_rate: float = 0.0  # requests per second per client connection; 0 = unlimited
@@ -170,9 +173,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.queue_bytes_limit < self.max_message_bytes:
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
         for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
-                     "retry_backoff", "http_retry_backoff", "retry_after_max", "continue_max_bytes"):  # fmt: skip
+                     "retry_backoff", "http_retry_backoff", "retry_after_max", "circuit_failures",
+                     "continue_max_bytes"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.circuit_cooldown <= self.circuit_cooldown_max:
+            raise ConfigError("settings circuit_cooldown and circuit_cooldown_max: need 0 < cooldown <= cooldown_max")
         for name in ("http", "metrics"):
             host, sep, port = getattr(self, name).rpartition(":")
             if getattr(self, name) and (not sep or not port.isdigit()):

@@ -380,6 +380,17 @@ class WorkerSnapshot(msgspec.Struct, frozen=True):
     deployment: str = ""  # of its profile ("": a profile without deployments)
 
 
+class CircuitSnapshot(msgspec.Struct, frozen=True):
+    """The circuit breaker of one deployment and model (broker/server/circuits.py)."""
+
+    state: str  # closed, open, half_open
+    failures: int  # in a row, while closed
+    until_in: float  # while open: seconds before a probe may go
+    probes: int
+    opened: int  # times it opened
+    transitions: list[str]  # the last few states it went to, oldest first
+
+
 class Snapshot(msgspec.Struct, frozen=True):
     pid: int
     uptime: float
@@ -406,6 +417,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     retries_by_reason: dict[str, int] = {}  # http_429, http_5xx, provider_connection, headers_timeout, ...
     fallbacks: dict[str, int] = {}  # calls moved to another target, by "from>to" (profile/model)
     rescued: dict[str, int] = {}  # calls answered after a failure, by how: retry, deployment, fallback, ...
+    circuits: dict[str, CircuitSnapshot] = {}  # those not closed and healthy, by `group/model` (group: a deployment)
     continuations: dict[str, int] = {}  # continuation attempts, "<strategy>:<outcome>" (ok, refused, diverged, ...)
 
 

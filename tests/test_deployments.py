@@ -63,10 +63,12 @@ def test_least_busy_picks_the_emptier_deployment_and_ties_go_in_list_order():
     s = load_settings(env={}, profiles={"p": {"kind": "openai", "deployments": [{"name": "x"}, {"name": "y"}]}})
     router = Router(s)
     load = {"p.x": 0.5, "p.y": 0.25}
-    assert router.pick("p", ["p.x", "p.y"], load.get) == "p.y"
-    assert router.pick("p", ["p.x", "p.y"], dict.fromkeys(load, 0.0).get) == "p.x"
-    assert router.pick("p", ["p.x", "p.y"], load.get, frozenset({"p.y"})) == "p.x"  # not the one it failed on
-    assert router.pick("p", ["p.y"], load.get, frozenset({"p.y"})) == "p.y"  # ... unless it is the only one free
+    assert router.pick("p", ["p.x", "p.y"], load.get, 0.0, "m") == "p.y"
+    assert router.pick("p", ["p.x", "p.y"], dict.fromkeys(load, 0.0).get, 0.0, "m") == "p.x"
+    assert router.pick("p", ["p.x", "p.y"], load.get, 0.0, "m", frozenset({"p.y"})) == "p.x"  # not the one it failed on
+    assert (
+        router.pick("p", ["p.y"], load.get, 0.0, "m", frozenset({"p.y"})) == "p.y"
+    )  # ... unless it is the only one free
 
 
 def test_a_profile_without_deployments_keeps_its_idents_and_stats(client):

@@ -33,7 +33,9 @@ DOWN = "gpt-fake@unavailable:for=600"  # 503 for every request, all test long
 def pool(fake):
     base = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "spare_workers": 1, "max_workers": 4}
     chain = {"fallbacks": [{"profile": "backup", "model": "gpt-fake"}], "context_fallback": {"model": "gpt-fake-1m"}}
-    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", headers_timeout=HEADERS_TIMEOUT, max_attempts=MAX_ATTEMPTS)
+    # no circuits: each test counts the attempts of its own calls (the circuits have their own tests)
+    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", headers_timeout=HEADERS_TIMEOUT, max_attempts=MAX_ATTEMPTS,
+                    circuit_failures=0)  # fmt: skip
     claude = {"kind": "anthropic", "base_url": fake.url, "context_fallback": {"model": "claude-fake-1m"}}
     with Pool(profiles={"openai": {**base, **chain}, "backup": base, "anthropic": claude}, **settings) as p:
         yield p

@@ -58,6 +58,11 @@ def test_metrics_match_the_stats_of_a_faulty_run(fake, own_processes):
         assert stats["rescued"].get("retry", 0) >= 1  # the 500's call, answered at its second attempt
         for how, count in stats["rescued"].items():
             assert scraped[("isopool_rescued_total", (("how", how),))] == count
+        assert stats["circuits"]  # the stalls and the 500 counted on the fake model's circuit
+        for key, circuit in stats["circuits"].items():
+            state = {"closed": 0, "open": 1, "half_open": 2}[circuit["state"]]
+            assert scraped[("isopool_circuit_state", (("circuit", key),))] == state
+            assert scraped[("isopool_circuit_opened_total", (("circuit", key),))] == circuit["opened"]
         assert scraped[("isopool_worker_respawns_total", ())] == stats["respawns"]
         assert scraped[("isopool_queue_depth", (("profile", "anthropic"),))] == 0
         workers = sum(v for (name, _), v in scraped.items() if name == "isopool_workers")

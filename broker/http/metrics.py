@@ -11,7 +11,8 @@ cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{re
 `retries_by_reason_total{reason}` (http_429, http_5xx, provider_connection, headers_timeout, ...),
 `fallbacks_total{route}` ("from>to", profile/model), `rescued_total{how}` (retry, deployment, fallback,
 context-fallback, and streams continued: prefill, replay), `continuations_total{outcome}` (continuation
-attempts, `<strategy>:<outcome>`),
+attempts, `<strategy>:<outcome>`), `circuit_state{circuit}` (0 closed, 1 open, 2 half-open) and
+`circuit_opened_total{circuit}` by `deployment/model`,
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,deployment,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms).
 """
@@ -31,6 +32,8 @@ from prometheus_client.registry import Collector
 
 from ..client.client import Client
 from ..protocol import BUCKETS, HistogramSnapshot, Listening, Snapshot
+
+_CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 class PoolCollector(Collector):
@@ -66,6 +69,13 @@ def families(s: Snapshot) -> list[Any]:
     counters("rescued", "Calls answered after a failed attempt, by how (retry, deployment, fallback, "
              "context-fallback, prefill, replay)", "how", s.rescued)  # fmt: skip
     counters("continuations", "Continuation attempts, by <strategy>:<outcome>", "outcome", s.continuations)
+    states = GaugeMetricFamily("isopool_circuit_state", "Circuit breakers by deployment/model: 0 closed, 1 open, "
+                               "2 half-open", labels=["circuit"])  # fmt: skip
+    for key, circuit in sorted(s.circuits.items()):
+        states.add_metric([key], _CIRCUIT_STATES[circuit.state])
+    out.append(states)
+    counters("circuit_opened", "Times a circuit breaker opened, by deployment/model", "circuit",
+             {key: c.opened for key, c in s.circuits.items()})  # fmt: skip
     out.append(GaugeMetricFamily("isopool_requests_in_flight", "Requests accepted and not answered",
                                  value=s.in_flight))  # fmt: skip
     queued = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker", labels=["profile"])

@@ -301,6 +301,7 @@ class Broker:
             allow_overrides=self.settings.allow_overrides,
             capacity=self._capacity(),
             workers=workers,
+            circuits=self.flow.router.circuit_snapshots(now),
             **self.stats.snapshot(),
         )
 

@@ -28,7 +28,7 @@ from .fairqueue import FairQueue
 from .fleet import Fleet
 from .resumes import Rescues
 from .retrypolicy import classify
-from .routing import Move, Router, Same, rescue, target
+from .routing import Move, Router, Same, model_of, rescue, target
 from .state import Reason, Request, Worker
 from .stats import Stats
 from .watchdog import Alarm, request_due
@@ -191,6 +191,7 @@ class Flow:
             req.headers_at = now
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
+            self.router.answered(req, now)
             self.stats.latency.add(now - req.accepted_at)
             if how := rescue(req):
                 self.stats.rescued[how] += 1
@@ -202,6 +203,8 @@ class Flow:
             self.fleet.release(worker, req, now)
             code = header.code
             reason, after, failure = self._retried_for(code, payload)
+            if reason is None and (failure or code in (Continuation.PREFILL_REFUSED, Continuation.REPLAY_DIVERGED)):
+                self.router.answered(req, now)  # the provider works; it refused this request (or its prefill)
             if req.delivered and req.rescue is not None:  # a broken stream opted in to be continued
                 if reason is not None:
                     self.retry_or_fail(req, reason, now, payload, code, after)
@@ -248,6 +251,7 @@ class Flow:
     def _progress(self, req: Request, now: float) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
         if req.last_event_at is None:
+            self.router.answered(req, now)
             self.stats.first_event.add(now - req.sent_at)
             self.alarm.by(now + req.stale_timeout)
         req.last_event_at = now
@@ -256,16 +260,29 @@ class Flow:
 
     def dispatch(self, now: float) -> None:
         """Queued requests to free worker slots, each on the deployment the router picks."""
+        detoured = False
         for name, queue in self.queues.items():
             while queue:
                 free = [g for g in self.router.of_profile[name] if self.fleet.has_free(g)]
                 req = queue.pop(now) if free else None
                 if req is None:  # no free slot, or only retries waiting out their backoff
                     break
-                group = self.router.pick(name, free, self.fleet.load, frozenset(req.failed_on))
+                group = self.router.pick(name, free, self.fleet.load, now, model_of(req), frozenset(req.failed_on))
+                if group is None:  # every free deployment's circuit is open
+                    detour = self.router.detour(req, free, now)
+                    if detour is None:
+                        queue.push(req, front=True)
+                        break
+                    if isinstance(detour, Move):
+                        self._move(req, detour, now, "its circuits are open")
+                        detoured = True
+                        continue
+                    group = detour
                 worker = self.fleet.take(group)
                 self._run(worker, req, now)
                 self.fleet.offer(worker)
+        if detoured:  # a queue already passed may have received them
+            self.dispatch(now)
 
     def _run(self, worker: Worker, req: Request, now: float) -> None:
         req.attempt += 1
@@ -273,6 +290,7 @@ class Flow:
         req.worker = worker
         req.group = worker.group
         req.sent_at = now
+        self.router.sent(req, now)
         worker.requests[req.key] = req
         payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
         if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), payload), now):
@@ -292,6 +310,8 @@ class Flow:
         delay, another target of the call's chain, or the end: with the provider's own error (the first
         of the call's own target, `last_error` of `code` for a refusal) where there is one, else the pool's.
         `reason` None: the provider refused the request (`failure` says how)."""
+        if reason is not None:
+            self.router.failed(req, reason, after, now)
         before = list(req.history)
         req.history.append(reason or failure)
         req.tries.append(f"{req.group or req.profile}:{reason or failure}")
@@ -310,7 +330,7 @@ class Flow:
             return
         decision = self.router.next(req, reason, failure, before, after, now, random.random())
         if isinstance(decision, Move):
-            self._move(req, decision, now)
+            self._move(req, decision, now, f"attempt {req.attempt} failed")
         elif isinstance(decision, Same):
             log.info("request %d: attempt %d failed (%s); retrying in %.2fs", req.key, req.attempt, reason,
                      decision.delay)  # fmt: skip
@@ -330,7 +350,7 @@ class Flow:
                 req, Code.ATTEMPTS_EXHAUSTED, f"gave up after {req.attempt} attempt(s) ({decision.why}): {tried}"
             )
 
-    def _move(self, req: Request, move: Move, now: float) -> None:
+    def _move(self, req: Request, move: Move, now: float, why: str) -> None:
         """On to another target of the call's chain: its profile's queue, its model and time limits
         (the deadline stays the call's)."""
         was = target(req)
@@ -343,7 +363,7 @@ class Flow:
         )
         req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout)
         self.stats.fallbacks[f"{was}>{target(req)}"] += 1
-        log.info("request %d: attempt %d failed; %s to %s", req.key, req.attempt, move.rescue, target(req))
+        log.info("request %d: %s; %s to %s", req.key, why, move.rescue, target(req))
         req.head = None
         self._requeue(req, 0.0, now)
 
@@ -471,6 +491,7 @@ class Flow:
         """Send a live request's one answer and count its outcome; nothing for one already ended."""
         if self.requests.pop(req.key, None) is None:
             return
+        self.router.dropped(req)
         self.stats.requests[outcome] += 1
         self.held_bytes -= len(req.payload)
         self.by_client.pop((req.client, req.crid), None)

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..config import Settings
-from ..protocol import Code
+from ..protocol import CircuitSnapshot, Code
 from ..routes import Hop, groups
+from .circuits import Circuit, State
+from .circuits import Limits as CircuitLimits
 from .retrypolicy import Policy
 from .state import Reason, Request
 
@@ -47,6 +49,8 @@ class End:
 
 Decision = Same | Move | End
 
+_MAX_CIRCUITS = 10_000
+
 # What a failure before output says about the target, for `fallback_on`; the rest (a crash, a
 # neighbour's stall, a memory limit) is the pool's own and is simply retried.
 _TRIGGERS = {
@@ -76,22 +80,48 @@ class Router:
             deps = settings.profiles[name].deployments
             self.weights[key] = next((d.weight for d in deps if d.name == deployment), 1.0)
         self.current: Counter[str] = Counter()  # smooth weighted round-robin's running scores
+        self.circuit_limits = CircuitLimits(
+            settings.circuit_failures, settings.circuit_cooldown, settings.circuit_cooldown_max
+        )
+        # One per (deployment, model) that has failed: an overloaded or rate-limited model says little
+        # of the key's other models. A pair that never failed has none.
+        self.circuits: dict[tuple[str, str], Circuit] = {}
 
     def pick(
-        self, profile: str, free: list[str], load: Callable[[str], float], avoid: frozenset[str] = frozenset()
-    ) -> str:
-        """The group (deployment) of `profile` to run an attempt on, among those with a `free` worker,
-        preferring those the call has not failed on (`avoid`): a 429 on one key says nothing of another.
-        (A circuit breaker's check belongs here: an open deployment is not eligible.)"""
-        eligible = [g for g in free if g not in avoid] or free
-        if len(eligible) == 1:
-            return eligible[0]
+        self,
+        profile: str,
+        free: list[str],
+        load: Callable[[str], float],
+        now: float,
+        model: str,
+        avoid: frozenset[str] = frozenset(),
+    ) -> str | None:
+        """The group (deployment) of `profile` to run an attempt on, among those with a `free` worker
+        and a circuit that lets it through, preferring those the call has not failed on (`avoid`): a
+        429 on one key says nothing of another. None: every free one's circuit is open (`detour`)."""
+        ready = [g for g in free if self.available(g, model, now)]
+        eligible = [g for g in ready if g not in avoid] or ready
+        if len(eligible) <= 1:
+            return eligible[0] if eligible else None
         strategy = self.settings.profiles[profile].strategy
         if strategy == "ordered":  # the first in list order: a primary key, then overflow keys
             return eligible[0]
         if strategy == "weighted":
             return self._weighted(eligible)
         return min(eligible, key=load)  # least-busy; ties go to the first in list order
+
+    def detour(self, req: Request, free: list[str], now: float) -> Move | str | None:
+        """Where a request goes when `pick` found no deployment: None to wait (one whose circuit lets
+        it through is busy), the next target of its chain when all of this one's are open (no attempt
+        spent: nothing was sent), else the free one that opens soonest ("panic": a pool never fails a
+        call only because every breaker is open)."""
+        model = model_of(req)
+        if any(self.available(g, model, now) for g in self.of_profile[req.profile]):
+            return None
+        ahead = [hop for hop in req.hops if hop not in req.used]
+        if "open" in self.settings.profiles[req.hops[0][0]].fallback_on and ahead:
+            return Move(ahead[0], "fallback")
+        return min(free, key=lambda g: self.circuits[g, model].opens_at(now))
 
     def next(
         self, req: Request, reason: Reason | None, failure: str, before: Iterable[str], after: float | None,
@@ -106,9 +136,8 @@ class Router:
         a refusal moves only to a context fallback, or where `fallback_on` lists it; a provider's
         failure tries another deployment of the same target at once, then the next target when this
         one fails persistently (twice; silent once; or when the budget left is what the targets after
-        it need, one attempt each), else the retry policy's delay. (An open circuit, when there are
-        circuits, is a Move without an attempt.) The budget is the call's: every attempt on every
-        target counts."""
+        it need, one attempt each; or when its circuits are all open), else the retry policy's delay.
+        The budget is the call's: every attempt on every target counts."""
         if req.delivered:
             code = Code.STALLED if reason is not None and reason.is_stall else Code.WORKER_LOST
             return End(f"{reason} after {req.delivered} event(s) were delivered; not retried", code=code)
@@ -127,15 +156,62 @@ class Router:
             req.failed_on.add(req.group)
         if left <= 0:
             return End(f"max_attempts ({budget}) reached")
-        if trigger is not None and any(g not in req.failed_on for g in self.of_profile[req.profile]):
+        groups, model = self.of_profile[req.profile], model_of(req)
+        if trigger is not None and any(g not in req.failed_on and self.available(g, model, now) for g in groups):
             return Same(0.0)  # another deployment (key) of the same target, at once
         moving = trigger in on and bool(ahead)
         if moving and (trigger == "silence" or req.target_attempts >= 2 or left <= len(ahead)):
             return Move(ahead[0], "fallback")
+        if "open" in on and ahead and not any(self.available(g, model, now) for g in groups):
+            return Move(ahead[0], "fallback")  # its circuits just opened
         delay, why = self.policy.next_delay(reason, req.attempt, before, req.deadline_at - now, after, jitter, budget)
         if delay is None and moving:
             return Move(ahead[0], "fallback")
         return End(why) if delay is None else Same(delay)
+
+    # ----- circuits: each attempt's outcome, as its deployment's breaker sees it -----------
+
+    def available(self, group: str, model: str, now: float) -> bool:
+        circuit = self.circuits.get((group, model))
+        return circuit is None or circuit.available(now)
+
+    def sent(self, req: Request, now: float) -> None:
+        circuit = self.circuits.get((req.group, model_of(req)))
+        req.probing = circuit is not None and circuit.admit(now)
+
+    def answered(self, req: Request, now: float) -> None:
+        """Its first real event, its result, or a refusal of the request itself (a 4xx): the provider works."""
+        circuit = self.circuits.get((req.group, model_of(req)))
+        if circuit is not None:
+            circuit.success(now)
+        req.probing = False
+
+    def failed(self, req: Request, reason: Reason, after: float | None, now: float) -> None:
+        """An attempt failed: the provider's failure counts on its circuit; the pool's own (a crash, a
+        neighbour's stall, a memory limit, a deadline) says nothing of the provider."""
+        if reason in _TRIGGERS and req.group and self.circuit_limits.failures:
+            key = (req.group, model_of(req))
+            if key not in self.circuits and len(self.circuits) >= _MAX_CIRCUITS:
+                self._forget_closed()
+            self.circuits.setdefault(key, Circuit(self.circuit_limits)).failure(now, after)
+        else:
+            self.dropped(req)
+        req.probing = False
+
+    def dropped(self, req: Request) -> None:
+        """The call ended (cancelled, shut down) with an attempt out: a probe's slot is freed."""
+        if req.probing and (circuit := self.circuits.get((req.group, model_of(req)))) is not None:
+            circuit.abandoned()
+        req.probing = False
+
+    def circuit_snapshots(self, now: float) -> dict[str, CircuitSnapshot]:
+        """By `group/model` (group: `profile` or `profile.deployment`)."""
+        return {f"{group}/{model}": c.snapshot(now) for (group, model), c in self.circuits.items()}
+
+    def _forget_closed(self) -> None:
+        """Bound the memory a stream of distinct failing models could take: closed circuits go first."""
+        for key in [k for k, c in self.circuits.items() if c.state is State.CLOSED]:
+            del self.circuits[key]
 
     def served(self, req: Request) -> tuple[int, str, str, str, str]:
         """Who answered (a `Served` header's fields): attempts, profile, deployment, model, rescue."""
@@ -160,6 +236,11 @@ def rescue(req: Request) -> str:
     if req.rerouted or req.attempt <= 1:
         return req.rerouted
     return "deployment" if req.failed_on and req.group not in req.failed_on else "retry"
+
+
+def model_of(req: Request) -> str:
+    """The model the call's current attempt asks for."""
+    return req.model or req.submit.model
 
 
 def target(req: Request) -> str:

@@ -117,4 +117,5 @@ class Request:
     rerouted: str = ""  # how the current target came to run it: fallback, context-fallback ("": its own)
     first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
     tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`
+    probing: bool = False  # its current attempt is its deployment's half-open circuit probe
     rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)

@@ -18,7 +18,6 @@ import ssl
 import threading
 from typing import Any
 
-import httpx2
 import msgspec
 import zmq
 
@@ -46,7 +45,7 @@ from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
 from . import sdks, stacks
-from .calls import STREAMABLE, resolve, run_call
+from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
 from .exchange import run_http
 from .fallback import retarget
@@ -80,9 +79,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     imports the SDKs and what they load lazily, by resolving every streamable method on
     throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
-    _ssl_context = httpx2.create_ssl_context()
-    for kind in kinds:
-        sdks.load(kind)
+    libraries = [sdks.load(kind).http for kind in kinds]  # a TLS context suits httpx and httpx2 alike
+    _ssl_context = libraries[0].create_ssl_context() if libraries else None
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)
@@ -92,7 +90,10 @@ def preload(kinds: tuple[str, ...]) -> None:
         clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
-                resource, name = resolve(clients.sdk, method, clients.resource_type)
+                try:
+                    resource, name = resolve(clients.sdk, method, clients.resource_type)
+                except BadCall:  # an endpoint the installed SDK predates (openai < 1.66 has no `responses`)
+                    continue
                 getattr(resource.with_streaming_response, name)
 
 

@@ -358,10 +358,12 @@ def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
     that are killed and replaced when a stream stalls. ARGS are passed to the script."""
     import runpy
 
-    from ..shim import install
+    from ..shim import boot_embedded, install
 
     if pool_url:
         os.environ["ISOPOOL_URL"] = pool_url
+    elif not os.environ.get("ISOPOOL_URL"):
+        boot_embedded()
     install()
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

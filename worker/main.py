@@ -9,6 +9,7 @@ the process as soon as the broker's liveness pipe closes: no orphans, ever.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -36,6 +37,7 @@ from broker.protocol import (
     Ready,
     Ref,
     Response,
+    Resume,
     TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
@@ -48,6 +50,7 @@ from .errors import translate
 from .exchange import run_http
 from .fallback import retarget
 from .pipe import WorkerSpec
+from .resume import run_resume
 from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
@@ -210,15 +213,10 @@ class Worker:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
-            if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
-                call = retarget(call, model)
-            kind, clients = self.spec.profile.kind, self._clients_for(call)
-            if isinstance(call, TimedCall):
-                await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
-            elif isinstance(call, HttpCall):
-                await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)
+                await run_resume(call, self.spec.profile.kind, functools.partial(self._run, model=model), emit)
             else:
-                await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
+                await self._run(call, emit, model)
         except asyncio.CancelledError:
             await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
         except Exception as exc:
@@ -226,6 +224,17 @@ class Worker:
             await emit.error(translate(exc))
         finally:
             self.tasks.pop(rid, None)
+
+    async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
+        if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
+            call = retarget(call, model)
+        kind, clients = self.spec.profile.kind, self._clients_for(call)
+        if isinstance(call, TimedCall):
+            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
+        elif isinstance(call, HttpCall):
+            await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+        else:
+            await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
 
     def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
         """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.

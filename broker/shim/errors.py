@@ -27,6 +27,7 @@ class _AfterOutput:
         self._sdk_base.__init__(self, message=str(exc), request=request)
         self.pool_request_id = getattr(exc, "request_id", None)
         self.delivered = getattr(exc, "delivered", 0)
+        self.pool_rescue = getattr(getattr(exc, "info", None), "rescue", "")  # why a broken stream was not continued
 
 
 class SdkErrors:

@@ -116,6 +116,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     circuit_failures: int = 3  # provider failures in a row that open a deployment's circuit; 0 = no circuits
     circuit_cooldown: float = 5.0  # how long a circuit first stays open (±20%), before one probe request
     circuit_cooldown_max: float = 10.0  # each failed probe doubles the cooldown, up to this
+    circuit_probe_timeout: float = 5.0  # a probe's headers_timeout: a silent upstream costs its caller this, not more
     queue_limit: int = 10_000
     client_queue_limit: int = 0  # requests in flight per client connection; 0 = queue_limit
     client_rate: float = 0.0  # requests per second per client connection; 0 = unlimited
@@ -156,6 +157,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         positive = (
             "first_event_timeout",
             "headers_timeout",
+            "circuit_probe_timeout",
             "stale_timeout",
             "deadline",
             "heartbeat_interval",

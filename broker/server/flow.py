@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -95,7 +96,6 @@ class Flow:
             return
         fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
-        req.headers_timeout = min(self.settings.headers_timeout, fet)
         req.hops = hops or routes.chain(self.settings, sub.profile, sub.model)
         req.used = req.hops[:1]
         req.context = routes.context_hop(self.settings, sub.profile, sub.model)
@@ -291,6 +291,10 @@ class Flow:
         req.group = worker.group
         req.sent_at = now
         self.router.sent(req, now)
+        # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
+        # has its fallbacks), rather than waiting out the whole headers_timeout
+        probe = self.settings.circuit_probe_timeout if req.probing else math.inf
+        req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout, probe)
         worker.requests[req.key] = req
         payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
         if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), payload), now):
@@ -361,7 +365,6 @@ class Flow:
         req.first_event_timeout, req.stale_timeout, _ = self._limits(
             req.submit, req.profile, req.model or req.submit.model
         )
-        req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout)
         self.stats.fallbacks[f"{was}>{target(req)}"] += 1
         log.info("request %d: %s; %s to %s", req.key, why, move.rescue, target(req))
         req.head = None

@@ -7,9 +7,11 @@ import random
 import time
 
 import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx is only in an extra)
+import pytest
 
 from broker import Pool
 from broker.server.circuits import Circuit, Limits, State
+from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, openai_args
 
@@ -121,12 +123,18 @@ def _pool(fake, **settings):
     return Pool(profiles={"primary": primary, "backup": base}, http="127.0.0.1:0", **dict(TEST_SETTINGS, **settings))
 
 
-def _ask(pool, model: str, prompt: str) -> tuple[int, dict, dict]:
+def _ask(pool, model: str, prompt: str, via: str = "gateway") -> tuple[int, dict, dict]:
+    """One chat call through the gateway (a plain HTTP client) or the shim (the SDK at its defaults)."""
+    if via == "shim":
+        with shim_openai.OpenAI(pool=pool, profile="primary") as sdk:
+            raw = sdk.chat.completions.with_raw_response.create(**openai_args(prompt, model=model))
+            return raw.status_code, raw.parse().model_dump(), raw.headers
     response = httpx.post(pool.http_url + "/v1/chat/completions", json=openai_args(prompt, model=model), timeout=60)
     return response.status_code, response.json(), response.headers
 
 
-def test_a_primary_down_then_healthy_is_served_by_the_fallback_then_used_again(fake):
+@pytest.mark.parametrize("via", ["gateway", "shim"])
+def test_a_primary_down_then_healthy_is_served_by_the_fallback_then_used_again(fake, via):
     """F14 scaled: during the outage the calls are answered by the backup, and the primary is asked
     only by the calls that open its circuit and then one probe per cooldown (no hammering); once it
     is healthy a probe closes the circuit and every later call is the primary's again."""
@@ -136,7 +144,7 @@ def test_a_primary_down_then_healthy_is_served_by_the_fallback_then_used_again(f
     with _pool(fake, circuit_cooldown=0.2, circuit_cooldown_max=0.4) as pool, pool.client() as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            status, body, headers = _ask(pool, model, f"call {len(served_by)}")
+            status, body, headers = _ask(pool, model, f"call {len(served_by)}", via)
             assert status == 200 and body["choices"][0]["message"]["content"], body  # every call answered
             assert int(headers["x-isopool-attempts"]) <= 3  # within the call's budget
             served_by.append(headers["x-isopool-profile"])

@@ -1,0 +1,263 @@
+"""rescue: every fault of the fake provider through the gateway, the shim and the plain SDK.
+
+One streaming call per fault through the gateway (a plain HTTP client, and the official SDK at
+max_retries=0), the shim (SDK defaults) and the plain SDK straight at the provider (its defaults,
+no pool); plus a provider down for 3 s then up.
+
+The pool has `headers_timeout` 1 s, `first_event_timeout` 2 s, `stale_timeout` 1 s,
+`max_attempts` 3, circuits of 1 s (up to 2 s), and a `primary` profile whose fallback is the
+`backup` profile's plain model and whose context fallback is a `-1m` model, all on one fake
+provider; faults ride in the model's name, so the fallback is served cleanly. A cell is the
+outcome, the attempts that reached the provider, the seconds, and who answered when it was not
+the primary: *ok* only when the text equals the provider's unfaulted answer for that body, and a
+stream that ended short but was taken as a success is TRUNCATED.
+
+Target: through the gateway and the shim every fault that has an answer is rescued within the
+budget, a content filter is a clean error, and no truncated stream is taken as a success."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from broker import Pool
+from broker.config import load_settings
+from broker.errors import ConfigError
+from broker.fake_provider import FakeProviderProcess
+from broker.fake_provider.server import Latency
+
+from .common import pick, result, target
+from .rescue_paths import ANTHROPIC, OPENAI, Answer, Api, columns, reference
+
+LATENCY = Latency(ttft=0.05, gap=0.01, tokens=24)
+SETTINGS = dict(http="127.0.0.1:0", headers_timeout=1.0, first_event_timeout=2.0, stale_timeout=1.0, max_attempts=3,
+                circuit_cooldown=1.0, circuit_cooldown_max=2.0, log_level="ERROR")  # fmt: skip
+CONTINUE = ["prefill", "replay"]
+FAULTS = [
+    "http-429:retry_after=1", "http-429", "http-500", "http-529", "unavailable:for=3", "no-headers",
+    "stall-first", "stall-ping:after=6", "reset:after=6", "cut:after=6", "no-done", "malformed:after=6",
+    "error-event:after=6", "context-length:limit=10", "content-filter",
+]  # fmt: skip
+TINY = ["http-500", "no-headers", "content-filter", "cut:after=6"]
+NOPREFILL = "-noprefill@cut:after=6"  # Anthropic: a model that refuses prefill, so only replay can continue it
+NO_ANSWER = ("content-filter",)  # nothing to rescue: a clean, truthful error is right
+CLEAN_ERRORS = ("err", "refusal")
+WRONG = ("TRUNCATED", "WRONG")
+DOWN = "down 3 s then up"
+DOWN_FOR, DOWN_CALLS, DOWN_OVER = 3.0, 20, 5.0
+
+
+def continuation_available() -> bool:
+    """Whether this build takes `continue_streams` (stream continuation may not be merged yet)."""
+    try:
+        load_settings(env={}, profiles={"p": {"kind": "anthropic", "continue_streams": CONTINUE}})
+    except ConfigError:
+        return False
+    return True
+
+
+def _pool(api: Api, provider: str, continuation: bool) -> Pool:
+    base = {"kind": api.kind, "base_url": api.base_url(provider), "min_workers": 2, "max_workers": 8}
+    primary = {**base, "fallbacks": [{"profile": "backup", "model": api.model}],
+               "context_fallback": {"model": api.model + "-1m"}}  # fmt: skip
+    if continuation:
+        primary["continue_streams"] = CONTINUE
+    return Pool(profiles={"primary": primary, "backup": base}, **SETTINGS)
+
+
+def _capped(call: Callable[[], Answer], cap: float) -> tuple[Answer | None, float, float]:
+    """Run `call` on a thread; (its answer, or None if it still hangs after `cap` s; start; end). A
+    hanging call is left to the fake provider's exit, which ends its connection."""
+    box: list[Answer] = []
+    thread = threading.Thread(target=lambda: box.append(call()), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(cap)
+    return (box[0] if box else None), start, time.monotonic()
+
+
+def _attempts(fake: FakeProviderProcess) -> int:
+    return sum(len(times) for times in fake.stats()["arrivals"].values())
+
+
+class Judge:
+    """Compares an answer with the provider's unfaulted answer to the body its model was sent."""
+
+    def __init__(self, api: Api, provider: str) -> None:
+        self.api, self.provider = api, provider
+        self.known: dict[tuple[str, str], str] = {}
+
+    def outcome(self, answer: Answer | None, prompt: str, asked: str) -> str:
+        if answer is None:
+            return "hung"
+        if answer.error:
+            return "err"
+        if answer.stop in ("refusal", "content_filter"):
+            return "refusal"
+        model = answer.model or asked
+        if (prompt, model) not in self.known:
+            self.known[prompt, model] = reference(self.api, self.provider, self.api.body(prompt, model))
+        expected = self.known[prompt, model]
+        return "ok" if answer.text == expected else "TRUNCATED" if expected.startswith(answer.text) else "WRONG"
+
+
+def _one(fake: FakeProviderProcess, judge: Judge, call: Callable, prompt: str, model: str, cap: float) -> dict:
+    fake.reset()
+    answer, start, end = _capped(lambda: call(judge.api.body(prompt, model)), cap)
+    attempts = _attempts(fake)
+    return {
+        "outcome": judge.outcome(answer, prompt, model),
+        "attempts": attempts,
+        "seconds": round(end - start, 2),
+        "error": answer.error if answer else "",
+        "profile": answer.profile if answer else "",
+        "model": answer.model if answer else "",
+    }
+
+
+def _down(fake: FakeProviderProcess, judge: Judge, call: Callable, column: str, cap: float) -> dict:
+    """DOWN_CALLS calls spread over DOWN_OVER s against a provider down DOWN_FOR s from the first."""
+    fake.reset()
+    model = f"{judge.api.model}@unavailable:for={DOWN_FOR:g}"
+    calls: list[tuple[str, tuple[Answer | None, float, float]]] = []
+    lock = threading.Lock()
+
+    def one(prompt: str) -> None:
+        outcome = _capped(lambda: call(judge.api.body(prompt, model)), cap)
+        with lock:
+            calls.append((prompt, outcome))
+
+    threads, t0 = [], time.monotonic()
+    for i in range(DOWN_CALLS):
+        time.sleep(max(0.0, t0 + i * DOWN_OVER / DOWN_CALLS - time.monotonic()))
+        threads.append(threading.Thread(target=one, args=(f"down {i} via {column}",), daemon=True))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    arrivals = fake.stats()["arrivals"]
+    back = min(min(times) for times in arrivals.values()) + DOWN_FOR  # the fake's window opens at its first request
+    outcomes: Counter[str] = Counter()
+    answered_by: Counter[str] = Counter()
+    recovered = []
+    for prompt, (answer, start, end) in calls:
+        outcome = judge.outcome(answer, prompt, model)
+        outcomes[outcome] += 1
+        if outcome == "ok":
+            answered_by[answer.profile or "provider"] += 1  # type: ignore[union-attr]
+            if answer.profile == "primary" and end > back:  # type: ignore[union-attr]
+                recovered.append(max(0.0, start - back))
+    return {
+        "outcomes": dict(outcomes),
+        "answered_by": dict(answered_by),
+        "attempts": sum(len(times) for times in arrivals.values()),
+        "back_on_primary_s": round(min(recovered), 2) if recovered else None,
+    }
+
+
+def _down_outcome(cell: dict) -> str:
+    """The row's one outcome: ok when every call was answered right."""
+    outcomes = cell["outcomes"]
+    for worst in ("TRUNCATED", "WRONG", "hung"):
+        if outcomes.get(worst):
+            return worst
+    return "ok" if outcomes.get("ok") == DOWN_CALLS else "err"
+
+
+def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], down: bool, cap: float,
+            continuation: bool) -> list[dict]:  # fmt: skip
+    judge = Judge(api, fake.url)
+    rows = []
+    with _pool(api, fake.url, continuation) as pool:
+        paths = columns(api, pool.http_url, pool, fake.url)
+        models = [(spec, f"{api.model}@{spec}") for spec in faults]
+        if api is ANTHROPIC and len(faults) > len(TINY):
+            models.append((f"cut:after=6 ({api.model}-noprefill)", api.model + NOPREFILL))
+        for label, model in models:
+            cells = {name: _one(fake, judge, call, f"{label} via {name}", model, cap) for name, call in paths.items()}
+            rows.append({"api": api.kind, "fault": label, "cells": cells})
+        if down:
+            cells = {name: _down(fake, judge, call, name, cap) for name, call in paths.items()}
+            for cell in cells.values():
+                cell["outcome"] = _down_outcome(cell)
+            rows.append({"api": api.kind, "fault": DOWN, "cells": cells})
+    return rows
+
+
+def _pool_cells(rows: list[dict], fault: Callable[[str], bool] = lambda _: True) -> list[dict]:
+    """The cells of the gateway's and the shim's columns, in rows whose fault passes `fault`."""
+    return [cell for row in rows if fault(row["fault"]) for name, cell in row["cells"].items()
+            if not name.startswith("plain")]  # fmt: skip
+
+
+def _has_answer(fault: str) -> bool:
+    return not fault.startswith(NO_ANSWER)
+
+
+def run(size: str) -> dict[str, Any]:
+    started = time.monotonic()
+    apis, faults, down, cap = pick(size, ([ANTHROPIC, OPENAI], FAULTS, True, 20.0),
+                                   ([ANTHROPIC, OPENAI], FAULTS, True, 8.0), ([ANTHROPIC], TINY, False, 1.0))  # fmt: skip
+    continuation = continuation_available()
+    rows = []
+    with FakeProviderProcess(LATENCY) as fake:
+        for api in apis:
+            rows += run_api(api, fake, faults, down, cap, continuation)
+    summary = {name: dict(Counter(row["cells"][name]["outcome"] for row in rows)) for name in rows[0]["cells"]}
+    budget = SETTINGS["max_attempts"]
+    targets = [
+        target("gateway and shim: faults with an answer not rescued",
+               sum(c["outcome"] != "ok" for c in _pool_cells(rows, _has_answer)), "= 0", lambda v: v == 0),
+        target("gateway and shim: content filter not a clean error",
+               sum(c["outcome"] not in CLEAN_ERRORS for c in _pool_cells(rows, lambda f: not _has_answer(f))),
+               "= 0", lambda v: v == 0),
+        target("gateway and shim: truncated streams taken as success",
+               sum(c["outcome"] in WRONG for c in _pool_cells(rows)), "= 0", lambda v: v == 0),
+        target(f"gateway and shim: calls over the {budget}-attempt budget",
+               sum(c["attempts"] > budget for c in _pool_cells(rows, lambda f: f != DOWN)), "= 0", lambda v: v == 0),
+    ]  # fmt: skip
+    inputs = {"apis": [api.kind for api in apis], "faults": faults, "cap_s": cap, "continuation": continuation,
+              "pool": {k: v for k, v in SETTINGS.items() if k not in ("http", "log_level")},
+              "down": {"for_s": DOWN_FOR, "calls": DOWN_CALLS, "over_s": DOWN_OVER} if down else None,
+              "latency": {"ttft_s": LATENCY.ttft, "gap_s": LATENCY.gap, "tokens": LATENCY.tokens}}  # fmt: skip
+    data = result(inputs, {"rows": rows, "summary": summary}, targets, started)
+    data["notes"] = _notes(inputs)
+    return data
+
+
+def _notes(inputs: dict[str, Any]) -> list[str]:
+    state = (f"on (continue_streams={CONTINUE} on the primary)" if inputs["continuation"]
+             else "off: this build does not take continue_streams, so a stream broken after output is a clean error")  # fmt: skip
+    return [
+        f"stream continuation: {state}",
+        "cell: outcome, attempts that reached the provider, seconds, who answered when not the primary; "
+        f"hung: still waiting after {inputs['cap_s']:g} s (then left)",
+        f"{DOWN}: {DOWN_CALLS} calls over {DOWN_OVER:g} s; answered right / calls, by whom, attempts, and how long "
+        "after the outage ended calls were back on the primary (circuit_cooldown 1 s, up to 2 s)",
+    ]
+
+
+def _cell(cell: dict) -> str:
+    if "outcomes" in cell:  # the outage row
+        ok = cell["outcomes"].get("ok", 0)
+        by = " ".join(f"{n} {who}" for who, n in sorted(cell["answered_by"].items()))
+        back = f", back {cell['back_on_primary_s']:g}s" if cell["back_on_primary_s"] is not None else ""
+        return f"{ok}/{DOWN_CALLS} ok ({by}) {cell['attempts']}a{back}"
+    who = cell["profile"] if cell["profile"] not in ("", "primary") else ""
+    if cell["model"].endswith("-1m"):
+        who = cell["model"]
+    words = [cell["outcome"], cell["error"], f"{cell['attempts']}a", f"{cell['seconds']:.1f}s", who]
+    return " ".join(w for w in words if w)
+
+
+def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    names = list(data["figures"]["summary"])
+    rows: list[list[Any]] = [[r["api"], r["fault"], *(_cell(r["cells"][n]) for n in names)]
+                             for r in data["figures"]["rows"]]  # fmt: skip
+    counts = data["figures"]["summary"]
+    rows.append(["", "ok / clean err / wrong / hung",
+                 *(f"{c.get('ok', 0)} / {sum(c.get(k, 0) for k in CLEAN_ERRORS)} / "
+                   f"{sum(c.get(k, 0) for k in WRONG)} / {c.get('hung', 0)}" for c in map(counts.get, names))])  # fmt: skip
+    return ["api", "fault", *names], rows

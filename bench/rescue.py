@@ -17,6 +17,7 @@ budget, a content filter is a clean error, and no truncated stream is taken as a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
 
 from .common import pick, result, target
-from .rescue_paths import ANTHROPIC, OPENAI, Answer, Api, columns, reference
+from .rescue_paths import ANTHROPIC, COLUMNS, OPENAI, POOLED, Answer, Api, caller, reference
 
 LATENCY = Latency(ttft=0.05, gap=0.01, tokens=24)
 SETTINGS = dict(http="127.0.0.1:0", headers_timeout=1.0, first_event_timeout=2.0, stale_timeout=1.0, max_attempts=3,
@@ -48,6 +49,7 @@ CLEAN_ERRORS = ("err", "refusal")
 WRONG = ("TRUNCATED", "WRONG")
 DOWN = "down 3 s then up"
 DOWN_FOR, DOWN_CALLS, DOWN_OVER = 3.0, 20, 5.0
+POOL_CAP = 30.0  # the pool bounds its calls far sooner (about 6 s here); this only keeps a broken build from hanging
 
 
 def continuation_available() -> bool:
@@ -60,7 +62,7 @@ def continuation_available() -> bool:
 
 
 def _pool(api: Api, provider: str, continuation: bool) -> Pool:
-    base = {"kind": api.kind, "base_url": api.base_url(provider), "min_workers": 2, "max_workers": 8}
+    base = {"kind": api.kind, "base_url": api.base_url(provider), "min_workers": 1, "max_workers": 8}
     primary = {**base, "fallbacks": [{"profile": "backup", "model": api.model}],
                "context_fallback": {"model": api.model + "-1m"}}  # fmt: skip
     if continuation:
@@ -166,30 +168,36 @@ def _down_outcome(cell: dict) -> str:
     return "ok" if outcomes.get("ok") == DOWN_CALLS else "err"
 
 
-def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], down: bool, cap: float,
+def _models(api: Api, faults: list[str]) -> list[tuple[str, str]]:
+    """(row label, model name) of each fault row: the fault rides in the model's name."""
+    models = [(spec, f"{api.model}@{spec}") for spec in faults]
+    if api is ANTHROPIC and faults is FAULTS:
+        models.append((f"cut:after=6 {api.model}-noprefill", api.model + NOPREFILL))
+    return models
+
+
+def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], down: bool, plain_cap: float,
             continuation: bool) -> list[dict]:  # fmt: skip
+    """Every row of one API. Each column has a pool of its own, so that one column's calls never
+    find a circuit another column's calls opened."""
     judge = Judge(api, fake.url)
-    rows = []
-    with _pool(api, fake.url, continuation) as pool:
-        paths = columns(api, pool.http_url, pool, fake.url)
-        models = [(spec, f"{api.model}@{spec}") for spec in faults]
-        if api is ANTHROPIC and len(faults) > len(TINY):
-            models.append((f"cut:after=6 ({api.model}-noprefill)", api.model + NOPREFILL))
-        for label, model in models:
-            cells = {name: _one(fake, judge, call, f"{label} via {name}", model, cap) for name, call in paths.items()}
-            rows.append({"api": api.kind, "fault": label, "cells": cells})
-        if down:
-            cells = {name: _down(fake, judge, call, name, cap) for name, call in paths.items()}
-            for cell in cells.values():
-                cell["outcome"] = _down_outcome(cell)
-            rows.append({"api": api.kind, "fault": DOWN, "cells": cells})
-    return rows
+    models = _models(api, faults)
+    cells: dict[str, dict[str, dict]] = {label: {} for label, _ in models} | ({DOWN: {}} if down else {})
+    for column in COLUMNS:
+        with _pool(api, fake.url, continuation) if column in POOLED else contextlib.nullcontext() as pool:
+            call = caller(column, api, pool, fake.url)
+            cap = POOL_CAP if pool is not None else plain_cap
+            for label, model in models:
+                cells[label][column] = _one(fake, judge, call, f"{label} via {column}", model, cap)
+            if down:
+                cells[DOWN][column] = _down(fake, judge, call, column, cap)
+                cells[DOWN][column]["outcome"] = _down_outcome(cells[DOWN][column])
+    return [{"api": api.kind, "fault": label, "cells": row} for label, row in cells.items()]
 
 
 def _pool_cells(rows: list[dict], fault: Callable[[str], bool] = lambda _: True) -> list[dict]:
     """The cells of the gateway's and the shim's columns, in rows whose fault passes `fault`."""
-    return [cell for row in rows if fault(row["fault"]) for name, cell in row["cells"].items()
-            if not name.startswith("plain")]  # fmt: skip
+    return [row["cells"][name] for row in rows if fault(row["fault"]) for name in POOLED]
 
 
 def _has_answer(fault: str) -> bool:
@@ -198,8 +206,9 @@ def _has_answer(fault: str) -> bool:
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    apis, faults, down, cap = pick(size, ([ANTHROPIC, OPENAI], FAULTS, True, 20.0),
-                                   ([ANTHROPIC, OPENAI], FAULTS, True, 8.0), ([ANTHROPIC], TINY, False, 1.0))  # fmt: skip
+    both = [ANTHROPIC, OPENAI]
+    apis, faults, down, cap = pick(size, (both, FAULTS, True, 20.0), (both, FAULTS, True, 8.0),
+                                   ([ANTHROPIC], TINY, False, 1.0))  # fmt: skip
     continuation = continuation_available()
     rows = []
     with FakeProviderProcess(LATENCY) as fake:
@@ -228,12 +237,12 @@ def run(size: str) -> dict[str, Any]:
 
 
 def _notes(inputs: dict[str, Any]) -> list[str]:
-    state = (f"on (continue_streams={CONTINUE} on the primary)" if inputs["continuation"]
-             else "off: this build does not take continue_streams, so a stream broken after output is a clean error")  # fmt: skip
+    on = f"on (continue_streams={CONTINUE} on the primary)"
+    off = "off: this build does not take continue_streams, so a stream broken after output is a clean error"
     return [
-        f"stream continuation: {state}",
+        f"stream continuation: {on if inputs['continuation'] else off}",
         "cell: outcome, attempts that reached the provider, seconds, who answered when not the primary; "
-        f"hung: still waiting after {inputs['cap_s']:g} s (then left)",
+        f"hung: the plain SDK still waiting after {inputs['cap_s']:g} s (then left)",
         f"{DOWN}: {DOWN_CALLS} calls over {DOWN_OVER:g} s; answered right / calls, by whom, attempts, and how long "
         "after the outage ended calls were back on the primary (circuit_cooldown 1 s, up to 2 s)",
     ]
@@ -252,12 +261,14 @@ def _cell(cell: dict) -> str:
     return " ".join(w for w in words if w)
 
 
+def _tally(counts: dict[str, int]) -> str:
+    clean, wrong = (sum(counts.get(k, 0) for k in kinds) for kinds in (CLEAN_ERRORS, WRONG))
+    return f"{counts.get('ok', 0)} / {clean} / {wrong} / {counts.get('hung', 0)}"
+
+
 def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     names = list(data["figures"]["summary"])
-    rows: list[list[Any]] = [[r["api"], r["fault"], *(_cell(r["cells"][n]) for n in names)]
+    rows: list[list[Any]] = [[r["api"], r["fault"].replace(":", ": "), *(_cell(r["cells"][n]) for n in names)]
                              for r in data["figures"]["rows"]]  # fmt: skip
-    counts = data["figures"]["summary"]
-    rows.append(["", "ok / clean err / wrong / hung",
-                 *(f"{c.get('ok', 0)} / {sum(c.get(k, 0) for k in CLEAN_ERRORS)} / "
-                   f"{sum(c.get(k, 0) for k in WRONG)} / {c.get('hung', 0)}" for c in map(counts.get, names))])  # fmt: skip
+    rows.append(["", "ok / clean err / wrong / hung", *(_tally(data["figures"]["summary"][n]) for n in names)])
     return ["api", "fault", *names], rows

@@ -149,15 +149,19 @@ def _pool_profile(exc: Exception) -> str:
     return response.headers.get(PROFILE_HEADER, "") if response is not None else ""
 
 
-def columns(api: Api, pool_http: str, pool: Any, provider: str) -> dict[str, Callable[[dict[str, Any]], Answer]]:
-    """The four callers, by column name."""
-    return {
-        "gateway+HTTP": lambda body: via_http(api, pool_http, body),
-        "gateway+SDK(0)": lambda body: via_sdk(api, api.sdk(base_url=api.base_url(pool_http),
-                                                                        max_retries=0), body),
-        "shim": lambda body: via_sdk(api, api.shim(pool=pool, profile="primary"), body),
-        "plain SDK": lambda body: via_sdk(api, api.sdk(base_url=api.base_url(provider)), body),
-    }  # fmt: skip
+COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim", "plain SDK")
+POOLED = COLUMNS[:3]  # the columns that go through the pool
+
+
+def caller(column: str, api: Api, pool: Any, provider: str) -> Callable[[dict[str, Any]], Answer]:
+    """How `column` makes a call: through `pool` (its gateway or its shim), or straight at `provider`."""
+    if column == "gateway+HTTP":
+        return lambda body: via_http(api, pool.http_url, body)
+    if column == "gateway+SDK(0)":
+        return lambda body: via_sdk(api, api.sdk(base_url=api.base_url(pool.http_url), max_retries=0), body)
+    if column == "shim":
+        return lambda body: via_sdk(api, api.shim(pool=pool, profile="primary"), body)
+    return lambda body: via_sdk(api, api.sdk(base_url=api.base_url(provider)), body)
 
 
 def reference(api: Api, provider: str, body: dict[str, Any]) -> str:

@@ -37,6 +37,9 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline: float | None = None
 
 
+CONTINUE_STRATEGIES = ("prefill", "replay")  # how a stream broken after output may be continued (resumes.py)
+
+
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a fallback goes: a profile and a model; "" keeps the request's own."""
 
@@ -52,6 +55,7 @@ class ModelRule(Limits, frozen=True, forbid_unknown_fields=True):
 
     fallbacks: list[Target] | None = None  # None: the profile's
     context_fallback: Target | None = None
+    continue_streams: list[str] | None = None  # how their broken streams are continued; None: the profile's
 
 
 class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -88,6 +92,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fallbacks: list[Target] = []  # tried in order when this profile cannot answer
     context_fallback: Target | None = None  # a larger-context model, for a context-length 400
     fallback_on: list[str] = msgspec.field(default_factory=lambda: ["retryable", "silence", "stall", "open"])
+    continue_streams: list[str] = []  # "prefill", "replay": a stream broken after output is continued; [] = off
 
 
 def _default_profiles() -> dict[str, Profile]:
@@ -145,6 +150,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
     models: dict[str, ModelRule] = {}
     request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
+    continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
 
     def __post_init__(self) -> None:
         positive = (
@@ -167,7 +173,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.queue_bytes_limit < self.max_message_bytes:
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
         for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
-                     "retry_backoff", "http_retry_backoff", "retry_after_max", "circuit_failures"):  # fmt: skip
+                     "retry_backoff", "http_retry_backoff", "retry_after_max", "circuit_failures",
+                     "continue_max_bytes"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.circuit_cooldown <= self.circuit_cooldown_max:
@@ -203,6 +210,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"profile {name}: need 0 <= min_workers <= max_workers and max_workers >= 1")
             if p.concurrency < 1 or p.spare_workers < 0:
                 raise ConfigError(f"profile {name}: concurrency must be >= 1 and spare_workers >= 0")
+            rules = [(f"profile {name}", p.continue_streams)]
+            rules += [(f"profile {name} model {glob!r}", r.continue_streams) for glob, r in p.models.items()]
+            rules += [(f"model {glob!r}", r.continue_streams) for glob, r in self.models.items()]
+            for where, strategies in rules:
+                if unknown := [s for s in strategies or () if s not in CONTINUE_STRATEGIES]:
+                    raise ConfigError(f"{where}: continue_streams takes {' and '.join(CONTINUE_STRATEGIES)}, "
+                                      f"not {', '.join(map(repr, unknown))}")  # fmt: skip
         check_routes(self)
 
     def default_profile(self, kind: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 4096
 
 
@@ -45,6 +45,15 @@ class Code(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     PROTOCOL = "protocol"  # a malformed, oversized or unknown message
     INTERNAL = "internal"
+
+
+class Continuation(enum.StrEnum):
+    """How a broken stream's continuation failed: worker -> broker only (the caller gets the error the
+    stream first broke with, and why it was not continued)."""
+
+    PREFILL_REFUSED = "prefill_refused"  # the provider refused the assistant prefill (a 400): replay instead
+    NOT_CONTINUABLE = "not_continuable"  # what was delivered cannot be continued (thinking, tool use, n > 1, ...)
+    REPLAY_DIVERGED = "replay_diverged"  # the replayed answer did not reproduce what the caller had
 
 
 class Kind(enum.IntEnum):
@@ -286,6 +295,19 @@ class TimedCall(msgspec.Struct, frozen=True, tag="timed"):
     stale_timeout: float
 
 
+CONTINUED_HEADER = "x-isopool-continued"  # in a continuation's HEAD (never forwarded): the strategy it runs
+
+
+class Resume(msgspec.Struct, frozen=True, tag="resume"):
+    """A broken stream to continue: the original encoded call and the event batches the caller
+    received (each an EVENT payload as the worker sent it), both as the broker held them, unparsed.
+    The worker tries the `strategies` ("prefill", "replay") in order and says in its HEAD which it used."""
+
+    call: msgspec.Raw
+    delivered: list[msgspec.Raw]
+    strategies: list[str]
+
+
 class Response(msgspec.Struct, frozen=True):
     """HTTP status, headers and body of a finished call (body empty after a stream); at its end,
     how many malformed events (a `data:` line that is not JSON) the worker dropped from the stream."""
@@ -313,6 +335,7 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     error_type: str = ""
     failure: str = ""  # what the provider's error body says, where a fallback needs it: context_length, content_filter
     tried: list[str] = []  # the pool's own errors: each failed attempt, as `group:reason`
+    rescue: str = ""  # why a broken stream could not be continued (with `continue_streams`)
 
 
 class BrokerReady(msgspec.Struct, frozen=True):
@@ -395,6 +418,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     fallbacks: dict[str, int] = {}  # calls moved to another target, by "from>to" (profile/model)
     rescued: dict[str, int] = {}  # calls answered after a failure, by how: retry, deployment, fallback, ...
     circuits: dict[str, CircuitSnapshot] = {}  # those not closed and healthy, by `group/model` (group: a deployment)
+    continuations: dict[str, int] = {}  # continuation attempts, "<strategy>:<outcome>" (ok, refused, diverged, ...)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its
@@ -429,7 +453,7 @@ class Codec:
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._headers = {kind: msgspec.msgpack.Decoder(t) for kind, t in HEADERS.items()}
-        self._call = msgspec.msgpack.Decoder(Call | HttpCall | TimedCall)
+        self._call = msgspec.msgpack.Decoder(Call | HttpCall | TimedCall | Resume)
         self._response = msgspec.msgpack.Decoder(Response)
         self._error = msgspec.msgpack.Decoder(ErrorInfo)
         self._snapshot = msgspec.msgpack.Decoder(Snapshot)
@@ -461,7 +485,7 @@ class Codec:
             raise ProtocolError(f"bad {kind.name} header: {exc}") from None
         return kind, decoded, frames[2] if len(frames) == 3 else b""
 
-    def call(self, payload: bytes) -> Call | HttpCall | TimedCall:
+    def call(self, payload: bytes) -> Call | HttpCall | TimedCall | Resume:
         return self._call.decode(payload)
 
     def response(self, payload: bytes) -> Response:

@@ -108,3 +108,10 @@ def test_the_zygote_of_an_openai_pool_holds_no_anthropic(capfd, own_processes):
         pass
     line = next((x for x in capfd.readouterr().err.splitlines() if "SDKs loaded" in x), "")
     assert line.endswith("SDKs loaded: openai"), line or "the broker logged no zygote readiness"
+
+
+def test_the_shim_imports_an_sdk_only_when_a_caller_uses_it():
+    """A caller of one SDK loads neither the other nor its HTTP library: an application of the older
+    generation has no httpx2 at all (issue 19)."""
+    assert not under(modules_after("import broker.shim"), HEAVY + ("httpx", "httpx2"))
+    assert not under(modules_after("from broker.shim import openai; openai.OpenAI"), ("anthropic",))

@@ -355,6 +355,31 @@ def test_isopool_run_takes_an_existing_sdk_script_through_the_pool(tmp_path, fak
     assert out.stdout.split() == ["broker.shim", "message_stop"]
 
 
+_NO_CLIENT_YET = textwrap.dedent(
+    """
+    import time
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while not any("broker.server" in " ".join(p.cmdline()) for p in psutil.Process().children()):
+        assert time.monotonic() < deadline, "no broker started"
+        time.sleep(0.05)
+    print("booting before any client")
+    """
+)
+
+
+def test_isopool_run_boots_the_embedded_pool_as_the_script_starts(tmp_path, own_processes):
+    """Not in the script's first client constructor: the pool boots while the script imports its SDK."""
+    script = tmp_path / "no_client_yet.py"
+    script.write_text(_NO_CLIENT_YET)
+    env = {k: v for k, v in os.environ.items() if k != "ISOPOOL_URL"}
+    isopool = os.path.join(os.path.dirname(sys.executable), "isopool")
+    out = subprocess.run([isopool, "run", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "booting before any client"
+
+
 def test_an_async_client_survives_being_used_from_successive_event_loops(pool):
     client = shim_anthropic.AsyncAnthropic(pool=pool)
     for _ in range(2):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-import httpx2
 import msgspec
 
 from broker.protocol import Code, ErrorInfo
@@ -56,9 +55,10 @@ def translate(exc: BaseException) -> ErrorInfo:
         detail = f"{exc} ({type(cause).__name__}: {cause})" if cause else str(exc)
         return ErrorInfo(Code.PROVIDER_CONNECTION, detail, error_type=name)
     # raised by a raw stream read (outside the SDK's wrapping) or by a load test's aiohttp transport
-    if isinstance(exc, httpx2.TimeoutException | aiohttp.ServerTimeoutError):
+    if isinstance(exc, (*sdks.http_errors("TimeoutException"), aiohttp.ServerTimeoutError)):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, f"{name}: {exc}", error_type=name)
-    if isinstance(exc, httpx2.TransportError | aiohttp.ClientError):  # e.g. the connection was reset mid-stream
+    # e.g. the connection was reset mid-stream
+    if isinstance(exc, (*sdks.http_errors("TransportError"), aiohttp.ClientError)):
         detail = f"{name}: {exc}" if str(exc) else name
         return ErrorInfo(Code.PROVIDER_CONNECTION, f"connection to the provider lost ({detail})", error_type=name)
     if isinstance(exc, StreamIncomplete):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
 import msgspec
 
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
+from broker.sdklib import library
 
 from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, relay
 from .hygiene import check_for
@@ -91,7 +91,7 @@ async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides
     return await http.send(request, stream=True)
 
 
-def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, httpx2.Headers]:
+def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, Any]:
     """Where `call` goes and with which headers: confined to the profile's base URL, with the
     worker's own credentials unless the pool allows the request's own."""
     check_path(call.path)
@@ -108,13 +108,14 @@ def check_overrides(call: HttpCall, allow_overrides: bool) -> None:
                       "to the pool's own provider")  # fmt: skip
 
 
-def request_headers(sdk: Any, call: HttpCall) -> httpx2.Headers:
+def request_headers(sdk: Any, call: HttpCall) -> Any:
     """The caller's headers, then what the pool adds where the caller set none: to the profile's own
     upstream, the profile's default headers; with the pool's key, the organization and project its
     SDK client read. Last the credentials, the call's own key (sent as the worker's SDK sends a key)
     or the pool's."""
     check_headers(name for name, _ in call.headers)
-    headers = httpx2.Headers([(k, v) for k, v in call.headers if k.lower() not in _DROPPED])
+    lib = library(type(sdk).__module__.partition(".")[0])  # the worker's SDK's httpx or httpx2
+    headers = lib.Headers([(k, v) for k, v in call.headers if k.lower() not in _DROPPED])
     defaults = {} if call.base_url else profile_headers(sdk)
     if call.api_key:
         credentials = sdk.copy(api_key=call.api_key).auth_headers

@@ -9,6 +9,7 @@ the process as soon as the broker's liveness pipe closes: no orphans, ever.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -17,7 +18,6 @@ import ssl
 import threading
 from typing import Any
 
-import httpx2
 import msgspec
 import zmq
 
@@ -37,6 +37,7 @@ from broker.protocol import (
     Ready,
     Ref,
     Response,
+    Resume,
     TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
@@ -44,11 +45,12 @@ from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
 from . import sdks, stacks
-from .calls import STREAMABLE, resolve, run_call
+from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
 from .exchange import run_http
 from .fallback import retarget
 from .pipe import WorkerSpec
+from .resume import run_resume
 from .timing import TimedTransport, run_timed
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     imports the SDKs and what they load lazily, by resolving every streamable method on
     throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
-    _ssl_context = httpx2.create_ssl_context()
-    for kind in kinds:
-        sdks.load(kind)
+    libraries = [sdks.load(kind).http for kind in kinds]  # a TLS context suits httpx and httpx2 alike
+    _ssl_context = libraries[0].create_ssl_context() if libraries else None
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)
@@ -89,7 +90,10 @@ def preload(kinds: tuple[str, ...]) -> None:
         clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
-                resource, name = resolve(clients.sdk, method, clients.resource_type)
+                try:
+                    resource, name = resolve(clients.sdk, method, clients.resource_type)
+                except BadCall:  # an endpoint the installed SDK predates (openai < 1.66 has no `responses`)
+                    continue
                 getattr(resource.with_streaming_response, name)
 
 
@@ -209,15 +213,10 @@ class Worker:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
-            if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
-                call = retarget(call, model)
-            kind, clients = self.spec.profile.kind, self._clients_for(call)
-            if isinstance(call, TimedCall):
-                await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
-            elif isinstance(call, HttpCall):
-                await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)
+                await run_resume(call, self.spec.profile.kind, functools.partial(self._run, model=model), emit)
             else:
-                await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
+                await self._run(call, emit, model)
         except asyncio.CancelledError:
             await emit.error(ErrorInfo(Code.CANCELLED, "cancelled by the broker"))
         except Exception as exc:
@@ -225,6 +224,17 @@ class Worker:
             await emit.error(translate(exc))
         finally:
             self.tasks.pop(rid, None)
+
+    async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
+        if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
+            call = retarget(call, model)
+        kind, clients = self.spec.profile.kind, self._clients_for(call)
+        if isinstance(call, TimedCall):
+            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
+        elif isinstance(call, HttpCall):
+            await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+        else:
+            await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
 
     def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
         """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.

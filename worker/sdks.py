@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from broker.sdklib import library
+
 KINDS = ("anthropic", "openai")  # a profile's `kind`: the SDK's own package name
 
 # What each SDK imports on a first call rather than at its own import: loaded with it.
@@ -26,12 +28,14 @@ _BASE_ERROR = {"anthropic": "AnthropicError", "openai": "OpenAIError"}
 
 
 class Sdk(msgspec.Struct, frozen=True):
-    """One SDK's package, its async client class, its resource base class and its error base class."""
+    """One SDK's package, its async client class, its resource base class, its error base class and the
+    HTTP library its generation is built on (httpx or httpx2)."""
 
     module: ModuleType
     client: type
     resource_type: type
     error: type
+    http: ModuleType
 
 
 def load(kind: str) -> Sdk:
@@ -40,7 +44,7 @@ def load(kind: str) -> Sdk:
     for name in _SUBMODULES[kind]:
         importlib.import_module(name)
     resource = sys.modules[f"{kind}._resource"].AsyncAPIResource
-    return Sdk(module, getattr(module, _CLIENT[kind]), resource, getattr(module, _BASE_ERROR[kind]))
+    return Sdk(module, getattr(module, _CLIENT[kind]), resource, getattr(module, _BASE_ERROR[kind]), library(kind))
 
 
 def loaded() -> list[ModuleType]:
@@ -51,3 +55,8 @@ def loaded() -> list[ModuleType]:
 def errors(name: str = "") -> tuple[Any, ...]:
     """Class `name` (e.g. `APIStatusError`; by default the base error) of every loaded SDK, for `isinstance`."""
     return tuple(getattr(module, name or _BASE_ERROR[module.__name__]) for module in loaded())
+
+
+def http_errors(name: str) -> tuple[type, ...]:
+    """Class `name` (e.g. `TimeoutException`) of the HTTP library of every loaded SDK, for `isinstance`."""
+    return tuple({getattr(library(module.__name__), name) for module in loaded()})

@@ -34,6 +34,9 @@ latency by the `x-isopool-latency` header (`ttft=0.1,gap=0.01,tokens=50,knee=4,s
 An Anthropic conversation that ends with an assistant turn (a prefill) is continued from it: the
 answer is the rest of the one the conversation without that turn gets. A model whose name ends in
 `-noprefill` (e.g. `claude-fake-noprefill`) refuses a prefill with Anthropic's real 400.
+A header or model fault fires `times` times (default 1) per conversation (the body without a
+trailing assistant turn: a prefilled continuation is not cut again); with `vary=true` the answer
+changes each time the conversation is served, as a sampling model's does (a replay diverges).
 
 \b
 Fault kinds:
@@ -355,10 +358,12 @@ def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
     that are killed and replaced when a stream stalls. ARGS are passed to the script."""
     import runpy
 
-    from ..shim import install
+    from ..shim import boot_embedded, install
 
     if pool_url:
         os.environ["ISOPOOL_URL"] = pool_url
+    elif not os.environ.get("ISOPOOL_URL"):
+        boot_embedded()
     install()
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

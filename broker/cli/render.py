@@ -46,6 +46,7 @@ def print_stats(s: Snapshot) -> None:
     counters.add_row("retries", str(s.retries))
     counters.add_row("fallbacks (from>to)", _counts(s.fallbacks))
     counters.add_row("rescued", _counts(s.rescued))
+    counters.add_row("continuations (strategy:outcome)", _counts(s.continuations))
     for key, c in sorted(s.circuits.items()):
         opened = f", opened {c.opened}x" + (f", probe in {c.until_in:.1f}s" if c.state == "open" else "")
         counters.add_row(f"circuit {key}", f"{c.state} ({c.failures} failures in a row{opened})")

@@ -11,7 +11,7 @@ import json
 import random
 from typing import Any
 
-from .prefill import remainder
+from .prefill import conversation, remainder
 from .prefix_cache import PrefixCache
 
 _WORDS = (
@@ -27,11 +27,17 @@ class Reply:
     (the prompt's blocks are kept there as it is read)."""
 
     def __init__(
-        self, body: dict[str, Any], tokens: int, cache: PrefixCache | None = None, prefill: str | None = None
+        self,
+        body: dict[str, Any],
+        tokens: int,
+        cache: PrefixCache | None = None,
+        prefill: str | None = None,
+        serve: int | None = None,
     ) -> None:
-        """`prefill`: the assistant turn that ends an Anthropic conversation, which the answer continues."""
-        digest = hashlib.sha256(json.dumps(_content_key(body), sort_keys=True).encode()).hexdigest()
-        self.key = digest
+        """`prefill`: the assistant turn that ends an Anthropic conversation, which the answer continues;
+        `serve`: how many times the conversation was answered before, for an answer that varies (a
+        sampling model's: the `vary` fault), None for the same answer every time."""
+        digest = self.key = body_key(body if serve is None else {**body, "isopool-serve": serve})
         rng = random.Random(digest)
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
         count = max(1, min(tokens, int(limit))) if limit else max(1, tokens)
@@ -51,7 +57,7 @@ class Reply:
             self.pieces = [("" if i == 0 else " ") + rng.choice(_WORDS) for i in range(count)]
         self.stopped_by_limit = bool(limit) and count < tokens
         if prefill is not None and self.tool is None and schema is None:
-            if (rest := self._continued(body, tokens, prefill)) is not None:
+            if (rest := self._continued(body, tokens, prefill, serve)) is not None:
                 self.pieces, count = rest, len(rest)
         self.text = "".join(self.pieces)
         self.model = str(body.get("model", "fake-model"))
@@ -62,13 +68,18 @@ class Reply:
         self.refused = False  # a content filter stopped it (Anthropic's `stop_reason: refusal`)
 
     @staticmethod
-    def _continued(body: dict[str, Any], tokens: int, prefill: str) -> list[str] | None:
+    def _continued(body: dict[str, Any], tokens: int, prefill: str, serve: int | None) -> list[str] | None:
         """The rest of the answer the conversation without its assistant turn gets, if that answer
         starts with the turn's text."""
-        return remainder(Reply({**body, "messages": body["messages"][:-1]}, tokens).pieces, prefill)
+        return remainder(Reply(conversation(body), tokens, serve=serve).pieces, prefill)
 
     def ident(self, prefix: str) -> str:
         return f"{prefix}{self.key[:24]}"
+
+
+def body_key(body: dict[str, Any]) -> str:
+    """A digest of what decides the answer to `body`."""
+    return hashlib.sha256(json.dumps(_content_key(body), sort_keys=True).encode()).hexdigest()
 
 
 def _content_key(body: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 A fault is chosen by the `x-isopool-fault` header, by a model name ending in
 `@<spec>` (e.g. `claude-fake@reset:after=5`), or by server-wide probabilities.
-Header and model faults fire `times` times per distinct request body (default once),
-so that a retry of the same request is served cleanly and can be checked; `unavailable`
-instead fires for every request during its window, as a provider that is down does.
+Header and model faults fire `times` times per conversation (the request body, less an
+assistant turn that ends it: a prefilled continuation is of the same conversation; default
+once), so that a retry or a continuation is served cleanly and can be checked; `unavailable`
+instead fires for every request during its window, as a provider that is down does. With
+`vary=true` the answer changes each time the conversation is served, as a sampling model's does.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Fault(msgspec.Struct, frozen=True):
     window: float = msgspec.field(default=5.0, name="for")  # seconds an `unavailable` provider stays down
     open: bool = False  # `no-done`: keep the connection open after the answer
     limit: int = 0  # `context-length`: the model's context window (0: the provider's usual one)
+    vary: bool = False  # every serve of the conversation gets another answer (a replay diverges)
 
     @property
     def stalls(self) -> bool:
@@ -97,6 +100,11 @@ def parse_fault(spec: str) -> Fault:
         raise ValueError(f"bad fault spec {spec!r}: {exc}") from None
 
 
+def _spec(header: str | None, model: str) -> str:
+    """A request's fault spec: its header's, else its model name's after `@`."""
+    return header or (model.partition("@")[2] if "@" in model else "")
+
+
 class FaultPlan:
     """Decides each request's fault and counts what it injected."""
 
@@ -108,7 +116,7 @@ class FaultPlan:
         self.injected: Counter[str] = Counter()
 
     def choose(self, header: str | None, model: str, body_key: str) -> Fault | None:
-        spec = header or (model.partition("@")[2] if "@" in model else "")
+        spec = _spec(header, model)
         if spec:
             fault = parse_fault(spec)
             if fault.kind == "unavailable":
@@ -123,6 +131,12 @@ class FaultPlan:
                 return fault if fault.kind != "unavailable" or self._down(fault) else None
             draw -= rate
         return None
+
+    @staticmethod
+    def varies(header: str | None, model: str) -> bool:
+        """Whether the request's fault asks for an answer that changes with each serve (`vary=true`)."""
+        spec = _spec(header, model)
+        return bool(spec) and parse_fault(spec).vary
 
     def _down(self, fault: Fault) -> bool:
         """Whether an `unavailable` provider is still down: for `for` seconds from its first request."""

@@ -32,6 +32,12 @@ def prefill_text(body: dict[str, Any]) -> str | None:
     return content if isinstance(content, str) else ""
 
 
+def conversation(body: dict[str, Any]) -> dict[str, Any]:
+    """The request without the assistant turn that ends it, if one does: a prefilled continuation is
+    of the same conversation (faults are counted by it, so that a continuation is not cut again)."""
+    return {**body, "messages": body["messages"][:-1]} if prefill_text(body) is not None else body
+
+
 def refusal(body: dict[str, Any]) -> web.Response | None:
     """The 400 a prefilled request gets from its model, or None if the model takes it."""
     text = prefill_text(body)

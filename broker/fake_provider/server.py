@@ -25,12 +25,12 @@ import msgspec
 from aiohttp import web
 
 from .broken import shaped
-from .content import Reply
+from .content import Reply, body_key
 from .errors import error_response, fault_response
 from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
 from .metrics import FakeMetrics
-from .prefill import prefill_text, refusal
+from .prefill import conversation, prefill_text, refusal
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class FakeProvider:
         self.faults = faults or FaultPlan()
         self.served: Counter[str] = Counter()
         self.bodies: Counter[str] = Counter()  # times each distinct request was served: a repeat ran twice
+        self.conversations: Counter[str] = Counter()  # times each conversation was served (prefilled or not)
         self.arrivals: dict[str, list[float]] = {}  # when (time.monotonic()) each distinct request arrived
         self.answered = 0
         self.completed = 0
@@ -143,6 +144,7 @@ class FakeProvider:
     async def reset(self, request: web.Request) -> web.Response:
         self.served.clear()
         self.bodies.clear()
+        self.conversations.clear()
         self.arrivals.clear()
         self.faults.reset()
         if self.prefixes is not None:
@@ -162,11 +164,18 @@ class FakeProvider:
                 body = await request.json()
                 latency = self._latency(request)
                 prefill = prefill_text(body) if dialect == "anthropic" else None
-                if prefill is not None and (refused := refusal(body)) is not None:
-                    return refused
-                reply = Reply(body, latency.tokens, self.prefixes, prefill)
+                if prefill is not None:  # counted apart: a test can tell a continuation was prefilled
+                    refused = refusal(body)
+                    self.served[f"prefill.{'accepted' if refused is None else 'refused'}"] += 1
+                    if refused is not None:
+                        return refused
+                spec, said = request.headers.get(FAULT_HEADER), conversation(body)
+                talk = body_key(said)
+                serve = self.conversations[talk] if self.faults.varies(spec, str(said.get("model", ""))) else None
+                reply = Reply(body, latency.tokens, self.prefixes, prefill, serve)
                 self.cached_tokens += reply.cached_tokens
-                fault = self.faults.choose(request.headers.get(FAULT_HEADER), reply.model, reply.key)
+                fault = self.faults.choose(spec, reply.model, talk)
+                self.conversations[talk] += 1
             except ValueError as exc:
                 return error_response(dialect, 400, "invalid_request_error", str(exc))
             if fault is not None:

@@ -207,6 +207,7 @@ class Gateway:
                 await response.write(first.sse())
                 async for event in events:
                     await response.write(event.sse())
+                await response.write(_continued(call.served))
                 if closing:
                     await response.write(closing)
             except IsopoolError as exc:  # after output: say it in the stream, as the provider would
@@ -290,6 +291,14 @@ def _refusal(kind: str, exc: Refused) -> web.Response:
     if exc.status == 408:
         response.force_close()  # the rest of a stalled body is not waited for
     return response
+
+
+def _continued(served: Served | None) -> bytes:
+    """A stream that broke and was continued (its headers had gone) says so at its end, in an SSE
+    comment line, which every SSE parser skips."""
+    if served is None or served.rescue not in ("prefill", "replay"):
+        return b""
+    return f": isopool continued ({served.rescue})\n\n".encode()
 
 
 def _served(served: Served | None) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ cancelled), `rejected_total{code}`, `stalls_total{kind}`, `worker_kills_total{re
 `worker_spawns_total`, `worker_respawns_total`, `zygote_restarts_total`, `retries_total`,
 `retries_by_reason_total{reason}` (http_429, http_5xx, provider_connection, headers_timeout, ...),
 `fallbacks_total{route}` ("from>to", profile/model), `rescued_total{how}` (retry, deployment, fallback,
-context-fallback), `circuit_state{circuit}` (0 closed, 1 open, 2 half-open) and
+context-fallback, and streams continued: prefill, replay), `continuations_total{outcome}` (continuation
+attempts, `<strategy>:<outcome>`), `circuit_state{circuit}` (0 closed, 1 open, 2 half-open) and
 `circuit_opened_total{circuit}` by `deployment/model`,
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,deployment,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms).
@@ -66,7 +67,8 @@ def families(s: Snapshot) -> list[Any]:
     counters("retries_by_reason", "Retries by the pool, by what failed", "reason", s.retries_by_reason)
     counters("fallbacks", "Calls moved to another target of their chain, by from>to", "route", s.fallbacks)
     counters("rescued", "Calls answered after a failed attempt, by how (retry, deployment, fallback, "
-             "context-fallback)", "how", s.rescued)  # fmt: skip
+             "context-fallback, prefill, replay)", "how", s.rescued)  # fmt: skip
+    counters("continuations", "Continuation attempts, by <strategy>:<outcome>", "outcome", s.continuations)
     states = GaugeMetricFamily("isopool_circuit_state", "Circuit breakers by deployment/model: 0 closed, 1 open, "
                                "2 half-open", labels=["circuit"])  # fmt: skip
     for key, circuit in sorted(s.circuits.items()):

@@ -2,8 +2,9 @@
 
 Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
 whose worker was lost, or that the provider failed in a way worth another try, is retried by the
-one policy of retrypolicy.py within the call's budget; a caller that stopped reading has its
-final answers parked for a while instead of piling up in the broker.
+one policy of retrypolicy.py within the call's budget; a stream that breaks after output is
+continued where its profile or model opted in (resumes.py), within the same budget; a caller that
+stopped reading has its final answers parked for a while instead of piling up in the broker.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import zmq
 
 from .. import routes
 from ..config import Limits, Settings
-from ..protocol import Code, Codec, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
+from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
+from .resumes import Rescues
 from .retrypolicy import classify
 from .routing import Move, Router, Same, model_of, rescue, target
 from .state import Reason, Request, Worker
@@ -72,6 +74,7 @@ class Flow:
         self.by_client: dict[tuple[bytes, int], Request] = {}
         self.next_key = 1
         self.draining = False
+        self.rescues = Rescues(settings)
         self.router = Router(settings)
 
     # ----- callers --------------------------------------------------------------
@@ -102,6 +105,7 @@ class Flow:
                 req.own_limits.add(Reason.FIRST_EVENT)
             if stale < pool_stale:
                 req.own_limits.add(Reason.STALE)
+        req.rescue = self.rescues.start(sub, now)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)
@@ -180,7 +184,10 @@ class Flow:
         elif kind == Kind.PROGRESS:
             self._progress(req, now)
         elif kind == Kind.HEAD:
-            req.head = payload
+            if req.delivered and req.rescue is not None:  # a continuation's: the caller has its head
+                req.rescue.started(payload)
+            else:
+                req.head = payload
             req.headers_at = now
         elif kind == Kind.RESULT:
             self.fleet.release(worker, req, now)
@@ -188,14 +195,23 @@ class Flow:
             self.stats.latency.add(now - req.accepted_at)
             if how := rescue(req):
                 self.stats.rescued[how] += 1
+            if req.rescue is not None and req.rescue.strategy:
+                self.stats.continuations[f"{req.rescue.strategy}:ok"] += 1
             served = Served(req.crid, *self.router.served(req))
             self._forward_end(req, self.codec.frames(Kind.RESULT, served, payload or req.head or b""), "ok")
         elif kind == Kind.ERROR:
             self.fleet.release(worker, req, now)
             code = header.code
             reason, after, failure = self._retried_for(code, payload)
-            if reason is None and failure:
-                self.router.answered(req, now)  # the provider works; it refused this request
+            if reason is None and (failure or code in (Continuation.PREFILL_REFUSED, Continuation.REPLAY_DIVERGED)):
+                self.router.answered(req, now)  # the provider works; it refused this request (or its prefill)
+            if req.delivered and req.rescue is not None:  # a broken stream opted in to be continued
+                if reason is not None:
+                    self.retry_or_fail(req, reason, now, payload, code, after)
+                else:
+                    req.history.append(code)
+                    self._after_output(req, code, now, self._error_info(code, payload))
+                return
             if (reason is not None or failure) and not req.delivered:
                 self.retry_or_fail(req, reason, now, payload, code, after, failure)
                 return
@@ -213,6 +229,12 @@ class Flow:
             return reason, after, "" if reason else info.failure or f"status:{info.status}"
         return _RETRIED.get(code), None, ""
 
+    def _error_info(self, code: str, payload: bytes) -> ErrorInfo:
+        try:
+            return self.codec.error(payload)
+        except ValueError:  # msgspec's decode errors are ValueErrors
+            return ErrorInfo(code, "the worker's error could not be read")
+
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
         self._progress(req, now)
         if req.head is not None:
@@ -220,8 +242,11 @@ class Flow:
             if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
-        if self.send_client(req.client, self.codec.frames(Kind.EVENT, Event(req.crid, event.seq, event.count), data)):
+        numbered = Event(req.crid, req.delivered + 1, event.count)  # a continuation's follow those delivered
+        if self.send_client(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
             req.delivered += event.count
+            if req.rescue is not None:
+                req.rescue.keep(data)
 
     def _progress(self, req: Request, now: float) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
@@ -267,9 +292,8 @@ class Flow:
         req.sent_at = now
         self.router.sent(req, now)
         worker.requests[req.key] = req
-        if self._send_worker(
-            worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), req.payload), now
-        ):
+        payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
+        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), payload), now):
             self.alarm.by(request_due(req)[0])
 
     def retry_or_fail(
@@ -297,6 +321,12 @@ class Flow:
             req.first_error = (code, last_error)
         if reason is Reason.DEADLINE or now >= req.deadline_at:
             self.finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
+            return
+        if req.delivered and req.rescue is not None and reason is not None:
+            lost = Code.STALLED if reason.is_stall else Code.WORKER_LOST
+            message = f"{reason} after {req.delivered} event(s) were delivered"
+            info = self._error_info(code, last_error) if last_error else ErrorInfo(lost, message)
+            self._after_output(req, reason, now, info, after)
             return
         decision = self.router.next(req, reason, failure, before, after, now, random.random())
         if isinstance(decision, Move):
@@ -336,6 +366,36 @@ class Flow:
         log.info("request %d: %s; %s to %s", req.key, why, move.rescue, target(req))
         req.head = None
         self._requeue(req, 0.0, now)
+
+    def _after_output(
+        self, req: Request, failure: str, now: float, info: ErrorInfo, after: float | None = None
+    ) -> None:
+        """A stream opted in to be continued failed after output with `failure` (a Reason, or a worker's
+        code about a continuation; `info` says what): continue it within the call's budget and deadline,
+        else end it with the error it first broke with and why it was not continued."""
+        rescue = req.rescue
+        assert rescue is not None
+        if failure == Continuation.NOT_CONTINUABLE:
+            req.attempt -= 1  # the worker sent nothing upstream: not an attempt
+        if tally := rescue.tally(failure):
+            self.stats.continuations[tally] += 1
+        delay, why = None, ""
+        if strategies := self.rescues.after(rescue, req.profile, req.submit.model, failure, info, now):
+            reason = failure if isinstance(failure, Reason) else Reason.INCOMPLETE  # a refused prefill: at once
+            left = req.deadline_at - now
+            delay, why = self.router.policy.next_delay(
+                reason, req.attempt, req.history[:-1], left, after, random.random(), req.submit.max_attempts
+            )
+        if delay is None:
+            answer = rescue.answer(req.delivered, req.attempt, why)
+            log.info("request %d: broke after output (%s); not continued: %s", req.key, failure, answer.rescue)
+            header = ErrorHeader(req.crid, answer.code, *self.router.served(req))
+            frames = self.codec.frames(Kind.ERROR, header, self.codec.encode(answer))
+            self._forward_end(req, frames, f"error:{answer.code}")
+            return
+        log.info("request %d: broke after %d event(s) (%s); continuing (%s) in %.2fs", req.key, req.delivered,
+                 failure, "/".join(strategies), delay)  # fmt: skip
+        self._requeue(req, delay, now)
 
     def _requeue(self, req: Request, delay: float, now: float) -> None:
         """Run the request again after `delay` (from the front of its caller's queue)."""

@@ -131,7 +131,8 @@ class Router:
         request itself, a 4xx whose `failure` is `context_length`, `content_filter` or `status:NNN`);
         `before`, the reasons of the attempts before it; `after`, the provider's Retry-After.
 
-        Rules, in order: after output the call ends (a continued stream's `Resume` belongs here);
+        Rules, in order: after output the call ends (a stream opted in to be continued is the flow's,
+        which asks resumes.py before it asks here);
         a refusal moves only to a context fallback, or where `fallback_on` lists it; a provider's
         failure tries another deployment of the same target at once, then the next target when this
         one fails persistently (twice; silent once; or when the budget left is what the targets after
@@ -228,7 +229,10 @@ class Router:
 
 def rescue(req: Request) -> str:
     """How a call came to be answered where it is: "" at its first attempt, else `fallback` or
-    `context-fallback` (another target), `deployment` (another key of its own), or `retry`."""
+    `context-fallback` (another target), `deployment` (another key of its own), `retry`, or, for a
+    stream continued after it broke, `prefill` or `replay`."""
+    if req.rescue is not None and req.rescue.strategy:  # a broken stream continued (resumes.py)
+        return req.rescue.strategy
     if req.rerouted or req.attempt <= 1:
         return req.rerouted
     return "deployment" if req.failed_on and req.group not in req.failed_on else "retry"

@@ -7,10 +7,14 @@ import enum
 import math
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 
 from ..protocol import Submit
+
+if TYPE_CHECKING:
+    from .resumes import Rescue
 
 
 class WorkerState(enum.Enum):
@@ -114,3 +118,4 @@ class Request:
     first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
     tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`
     probing: bool = False  # its current attempt is its deployment's half-open circuit probe
+    rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)

@@ -51,7 +51,7 @@ class Stats:
         self.retries = 0
         self.retries_by: Counter[str] = Counter()  # by Reason: http_429, http_5xx, headers_timeout, ...
         self.fallbacks: Counter[str] = Counter()  # calls moved to another target, by "from>to"
-        self.rescued: Counter[str] = Counter()  # calls answered after a failed attempt, by how
+        self.rescued: Counter[str] = Counter()  # calls answered after a failed attempt, by how (prefill, replay too)
         self.spawns = 0
         self.respawns = 0
         self.zygote_restarts = 0
@@ -59,6 +59,7 @@ class Stats:
         self.rejected: Counter[str] = Counter()  # malformed or refused messages, by code
         self.latency = Histogram()
         self.first_event = Histogram()
+        self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
 
     def snapshot(self) -> dict[str, Any]:
         """The counters' share of the broker's `Snapshot`, by field."""
@@ -77,4 +78,5 @@ class Stats:
             "retries_by_reason": dict(self.retries_by),
             "fallbacks": dict(self.fallbacks),
             "rescued": dict(self.rescued),
+            "continuations": dict(self.continuations),
         }

@@ -3,7 +3,10 @@
     from broker.shim import anthropic          # instead of `import anthropic`
     client = anthropic.Anthropic()              # same arguments, same results, same exceptions
 
-The four client classes are subclasses of the SDKs' own, so `isinstance` checks pass.
+The four client classes are subclasses of the installed SDKs' own, so `isinstance` checks pass;
+each is built on first use, on the HTTP library its SDK's generation uses (`broker.sdklib`), so
+only the SDK a caller uses is imported, and anthropic 0.40+ / openai 1.40+ (httpx) work as the
+current generation (httpx2) does.
 Only their HTTP transport is replaced (see `transport`): the SDK still builds every
 request and parses every answer here, so every method, helper and future endpoint
 works, while the request itself is sent by a fresh worker process holding the pool's
@@ -16,30 +19,37 @@ pool with the default profiles, started on first use and stopped at exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
+import importlib
+import importlib.util
+import inspect
 import os
 import threading
 import types
+import warnings
 from typing import Any
-
-import anthropic as _anthropic
-import httpx2
-import openai as _openai
 
 from ..client.client import Client
 from ..client.pool import Pool
-from .errors import ANTHROPIC, OPENAI, SdkErrors
-from .transport import STAND_IN_KEY, AsyncPoolTransport, PoolTransport
+from ..sdklib import library
+from . import httplib
+from .errors import SdkErrors
+from .transport import STAND_IN_KEY, transports
 
 BASE_PATH = "/isopool"
 SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the transport takes every request
 
-# Each SDK's constructor arguments that give a client credentials of its own. With one of them, or
-# with its own base_url (where the SDK then finds its key as it would without the pool), a client
-# sends what its SDK put on each request; with none, the pool's key.
+_CLASSES = {"anthropic": ("Anthropic", "AsyncAnthropic"), "openai": ("OpenAI", "AsyncOpenAI")}
+# Each SDK's constructor arguments, in any generation, that give a client credentials of its own
+# (those the installed SDK accepts count). With one of them, or with its own base_url (where the SDK
+# then finds its key as it would without the pool), a client sends what its SDK put on each request;
+# with none, the pool's key.
 _CREDENTIALS = {
     "anthropic": ("api_key", "auth_token", "credentials", "config"),
     "openai": ("api_key", "admin_api_key", "workload_identity"),
 }
+_OWN_CONNECTION = ("transport", "proxies", "connection_pool_limits")
 
 _lock = threading.Lock()
 _embedded: Pool | None = None
@@ -62,6 +72,18 @@ def pool_url(pool: Pool | str | None) -> str:
         return _embedded.url
 
 
+def boot_embedded() -> None:
+    """Start the embedded pool in the background (`isopool run`), so that it boots while the script
+    imports its SDK. A client made before it is ready waits for it; one that failed to start is tried
+    again by the first client, which raises its error."""
+
+    def boot() -> None:
+        with contextlib.suppress(Exception):
+            pool_url(None)
+
+    threading.Thread(target=boot, name="isopool-embedded-boot", daemon=True).start()
+
+
 def _sync_client(url: str, broker_timeout: float) -> Client:
     """One pool connection per broker for all synchronous shim clients of this process."""
     with _lock:
@@ -71,87 +93,116 @@ def _sync_client(url: str, broker_timeout: float) -> Client:
         return client
 
 
-def _options(
-    kind: str, errors: SdkErrors, asynchronous: bool, pool: Any, profile: str | None, broker_timeout: float,
-    kwargs: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """The SDK constructor's arguments with the pool's transport in place of its HTTP client, and
-    the SDK's retries handed to the pool: its client gets max_retries=0, and the caller's
-    `max_retries` (the SDK's default 2) + 1 is each call's attempt budget in the pool."""
-    base_url = kwargs.pop("base_url", None)
-    http_client = kwargs.pop("http_client", None)
-    retries = kwargs.pop("max_retries", None)
-    if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
-        if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
-            http_client = type(http_client)(transport=http_client._transport.with_attempts(retries + 1))
-        return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
-    if http_client is not None:
-        raise ValueError("http_client belongs to the pool: its workers make the HTTP requests")
-    url, profile, base_url = pool_url(pool), profile or kind, str(base_url or "")
-    own = base_url or any(kwargs.get(name) is not None for name in _CREDENTIALS[kind])
-    if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
-        raise ValueError(
-            f"the pool at {url} holds the provider keys and does not allow a client's own credentials or base_url "
-            "(setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
-        )
-    sdk = _anthropic if kind == "anthropic" else _openai
-    attempts = (sdk.DEFAULT_MAX_RETRIES if retries is None else retries) + 1
-    if asynchronous:
-        transport: Any = AsyncPoolTransport(url, profile, BASE_PATH, errors, broker_timeout, base_url, attempts)
-        client: Any = httpx2.AsyncClient(transport=transport)
-    else:
-        transport = PoolTransport(_sync_client(url, broker_timeout), profile, BASE_PATH, errors, base_url, attempts)
-        client = httpx2.Client(transport=transport)
-    if not own:  # the pool's key then (in the worker); the SDK wants one to build requests
-        kwargs["api_key"] = STAND_IN_KEY
-    return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client, "max_retries": 0}
+class _Sdk:
+    """One installed SDK: its HTTP library, error classes, and the pool's two client classes and namespace."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.module = kind, importlib.import_module(kind)
+        self.lib = library(kind)
+        self.errors = SdkErrors(self.module, self.lib)
+        self.transports = transports(self.lib)
+        sync, asynchronous = _CLASSES[kind]
+        accepted = inspect.signature(getattr(self.module, sync).__init__).parameters
+        self.credentials = tuple(name for name in _CREDENTIALS[kind] if name in accepted)
+        self.classes = {sync: self._subclass(sync, False), asynchronous: self._subclass(asynchronous, True)}
+        self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
+        self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
+        self.namespace.__dict__.update(self.classes, Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
+
+    def _subclass(self, name: str, asynchronous: bool) -> type:
+        """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""
+        sdk, lib = self, self.lib
+
+        def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
+                     **kwargs: Any) -> None:  # fmt: skip
+            super(cls, self).__init__(**sdk.options(asynchronous, pool, profile, broker_timeout, kwargs))
+
+        # A per-call `timeout=` of the other library, converted before the SDK checks it (anthropic >= 1.4 does).
+        def _prepare_options(self, options: Any) -> Any:
+            options.timeout = httplib.timeout_for(options.timeout, lib)
+            return super(cls, self)._prepare_options(options)
+
+        async def _prepare_options_async(self, options: Any) -> Any:
+            options.timeout = httplib.timeout_for(options.timeout, lib)
+            return await super(cls, self)._prepare_options(options)
+
+        prepare = _prepare_options_async if asynchronous else _prepare_options
+        members = {"__init__": __init__, "_prepare_options": prepare, "__module__": __name__}
+        cls = type(name, (getattr(self.module, name),), members)
+        return cls
+
+    def options(
+        self, asynchronous: bool, pool: Any, profile: str | None, broker_timeout: float, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The SDK constructor's arguments with the pool's transport in place of its HTTP client, and
+        the SDK's retries handed to the pool: its client gets max_retries=0, and the caller's
+        `max_retries` (the SDK's default 2) + 1 is each call's attempt budget in the pool. A caller's
+        own `http_client` lends the pool's client what still applies (`httplib.settings_of`)."""
+        base_url = kwargs.pop("base_url", None)
+        http_client = kwargs.pop("http_client", None)
+        retries = kwargs.pop("max_retries", None)
+        if "timeout" in kwargs:
+            kwargs["timeout"] = httplib.timeout_for(kwargs["timeout"], self.lib)
+        if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
+            if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
+                transport = http_client._transport.with_attempts(retries + 1)
+                http_client = type(http_client)(transport=transport, **httplib.settings_of(http_client, self.lib))
+            return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
+        for name in _OWN_CONNECTION:  # anthropic 0.40's: they configure a connection the pool's worker makes
+            if kwargs.pop(name, None) is not None:
+                warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=4)
+        settings = httplib.settings_of(http_client, self.lib) if http_client is not None else {}
+        url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
+        own = base_url or any(kwargs.get(name) is not None for name in self.credentials)
+        if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
+            raise ValueError(
+                f"the pool at {url} holds the provider keys and does not allow a client's own credentials or "
+                "base_url (setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
+            )
+        attempts = (self.module.DEFAULT_MAX_RETRIES if retries is None else retries) + 1
+        sync_transport, async_transport = self.transports
+        if asynchronous:
+            transport = async_transport(url, profile, BASE_PATH, self.errors, broker_timeout, base_url, attempts)
+            client: Any = self.lib.AsyncClient(transport=transport, **settings)
+        else:
+            client_of_pool = _sync_client(url, broker_timeout)
+            transport = sync_transport(client_of_pool, profile, BASE_PATH, self.errors, base_url, attempts)
+            client = self.lib.Client(transport=transport, **settings)
+        if not own:  # the pool's key then (in the worker); the SDK wants one to build requests
+            kwargs["api_key"] = STAND_IN_KEY
+        return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client, "max_retries": 0}
 
 
-class Anthropic(_anthropic.Anthropic):
-    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(**_options("anthropic", ANTHROPIC, False, pool, profile, broker_timeout, kwargs))
+@functools.cache
+def _sdk(kind: str) -> _Sdk:
+    return _Sdk(kind)
 
 
-class AsyncAnthropic(_anthropic.AsyncAnthropic):
-    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(**_options("anthropic", ANTHROPIC, True, pool, profile, broker_timeout, kwargs))
+def installed() -> list[str]:
+    """The SDKs this environment holds (`anthropic`, `openai`), without importing them."""
+    return [kind for kind in _CLASSES if importlib.util.find_spec(kind) is not None]
 
 
-class OpenAI(_openai.OpenAI):
-    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(**_options("openai", OPENAI, False, pool, profile, broker_timeout, kwargs))
-
-
-class AsyncOpenAI(_openai.AsyncOpenAI):
-    def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(**_options("openai", OPENAI, True, pool, profile, broker_timeout, kwargs))
-
-
-def _namespace(sdk: types.ModuleType, sync: type, asynchronous: type) -> types.ModuleType:
-    """The SDK module's public names, with its two client classes replaced by the pool's."""
-    module = types.ModuleType(f"broker.shim.{sdk.__name__}", sdk.__doc__)
-    module.__dict__.update({k: v for k, v in vars(sdk).items() if not k.startswith("_")})
-    module.__dict__.update({sync.__name__: sync, asynchronous.__name__: asynchronous, "Client": sync,
-                            "AsyncClient": asynchronous})  # fmt: skip
-    return module
-
-
-anthropic = _namespace(_anthropic, Anthropic, AsyncAnthropic)
-openai = _namespace(_openai, OpenAI, AsyncOpenAI)
+def __getattr__(name: str) -> Any:
+    """`anthropic`, `openai` (the SDK's namespace with the pool's clients) and the four client classes,
+    each built when first asked for: only the SDK a caller uses is imported."""
+    if name in _CLASSES:
+        return _sdk(name).namespace
+    for kind, classes in _CLASSES.items():
+        if name in classes:
+            return _sdk(kind).classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install() -> None:
-    """Put the pool's client classes into the real `anthropic` and `openai` modules, so that a
-    script runs through the pool without a change (`isopool run`). Module-level clients such
+    """Put the pool's client classes into the real `anthropic` and `openai` modules (those installed),
+    so that a script runs through the pool without a change (`isopool run`). Module-level clients such
     as `openai.chat.completions` are not covered: they are built from a private class."""
-    for sdk, sync, asynchronous in ((_anthropic, Anthropic, AsyncAnthropic), (_openai, OpenAI, AsyncOpenAI)):
-        for name, cls in ((sync.__name__, sync), (asynchronous.__name__, asynchronous)):
-            setattr(sdk, name, cls)
-        sdk.Client, sdk.AsyncClient = sync, asynchronous  # type: ignore[attr-defined]
+    for kind in installed():
+        sdk = _sdk(kind)
+        for name, cls in sdk.classes.items():
+            setattr(sdk.module, name, cls)
+        sdk.module.Client, sdk.module.AsyncClient = sdk.classes.values()
 
 
 __all__ = ["Anthropic", "AsyncAnthropic", "AsyncOpenAI", "OpenAI", "anthropic", "install", "openai", "pool_url"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 from collections.abc import AsyncIterator, Iterator
+from types import ModuleType
 from typing import Any
-
-import httpx2
 
 from ..client.client import AsyncClient, CallLimits, Client, StreamEvent
 from ..client.fallbacks import HEADER as FALLBACKS
@@ -29,7 +29,7 @@ from .errors import SdkErrors
 STAND_IN_KEY = "isopool"
 
 
-def limits_of(request: httpx2.Request, attempts: int | None, fallbacks: list[tuple[str, str]]) -> CallLimits:
+def limits_of(request: Any, attempts: int | None, fallbacks: list[tuple[str, str]]) -> CallLimits:
     """The SDK's read timeout for this call (its default or a per-call `timeout=`) as a cap on
     the pool's stall limits (the pool never waits longer than the SDK itself would have), the
     call's attempts: what the caller's SDK would have made (its max_retries + 1), and the
@@ -38,7 +38,7 @@ def limits_of(request: httpx2.Request, attempts: int | None, fallbacks: list[tup
     return CallLimits(read_timeout=read or None, max_attempts=attempts, fallbacks=fallbacks or None)
 
 
-def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> tuple[HttpCall, list[tuple[str, str]]]:
+def to_http_call(request: Any, base_path: str, base_url: str) -> tuple[HttpCall, list[tuple[str, str]]]:
     """The request as the worker should send it: path relative to the shim's base URL; the
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
     the request (the worker's HTTP client sets its own, whatever the caller added); and apart, the
@@ -51,7 +51,7 @@ def to_http_call(request: httpx2.Request, base_path: str, base_url: str) -> tupl
     return HttpCall(request.method, path, headers, body, base_url, own_key(request)), fallbacks
 
 
-def own_key(request: httpx2.Request) -> str:
+def own_key(request: Any) -> str:
     """The credential the caller's SDK put on the request (an api_key, a bearer token, one its
     credentials provider made), or "" for the stand-in: the pool's key then."""
     for name in ("authorization", "x-api-key", "api-key"):
@@ -66,110 +66,116 @@ def served(headers: list[tuple[str, str]], call: Any) -> list[tuple[str, str]]:
     return [*headers, *(call.served.headers() if call.served is not None else [])]
 
 
-class _Events(httpx2.SyncByteStream):
-    def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
-        self._first, self._events, self._errors, self._request = first, events, errors, request
+@functools.cache
+def transports(lib: ModuleType) -> tuple[type, type]:
+    """(PoolTransport, AsyncPoolTransport) on `lib` (httpx or httpx2): an SDK accepts only its own
+    library's client, and a client only its own library's transport and byte streams."""
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._first.sse()
-        try:
-            for event in self._events:
-                yield event.sse()
-        except IsopoolError as exc:
-            raise self._errors.after_output(exc, self._request) from exc
+    class _Events(lib.SyncByteStream):
+        def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
+            self._first, self._events, self._errors, self._request = first, events, errors, request
 
-    def close(self) -> None:
-        self._events.close()  # cancels the call if it had not ended
+        def __iter__(self) -> Iterator[bytes]:
+            yield self._first.sse()
+            try:
+                for event in self._events:
+                    yield event.sse()
+            except IsopoolError as exc:
+                raise self._errors.after_output(exc, self._request) from exc
 
+        def close(self) -> None:
+            self._events.close()  # cancels the call if it had not ended
 
-class _AsyncEvents(httpx2.AsyncByteStream):
-    def __init__(self, first: StreamEvent, events: AsyncIterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
-        self._first, self._events, self._errors, self._request = first, events, errors, request
+    class _AsyncEvents(lib.AsyncByteStream):
+        def __init__(
+            self, first: StreamEvent, events: AsyncIterator[StreamEvent], errors: SdkErrors, request: Any
+        ) -> None:
+            self._first, self._events, self._errors, self._request = first, events, errors, request
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self._first.sse()
-        try:
-            async for event in self._events:
-                yield event.sse()
-        except IsopoolError as exc:
-            raise self._errors.after_output(exc, self._request) from exc
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield self._first.sse()
+            try:
+                async for event in self._events:
+                    yield event.sse()
+            except IsopoolError as exc:
+                raise self._errors.after_output(exc, self._request) from exc
 
-    async def aclose(self) -> None:
-        await self._events.aclose()  # type: ignore[attr-defined]
+        async def aclose(self) -> None:
+            await self._events.aclose()  # type: ignore[attr-defined]
 
+    class PoolTransport(lib.BaseTransport):
+        """Sends each request of a synchronous SDK client through a pool `Client`."""
 
-class PoolTransport(httpx2.BaseTransport):
-    """Sends each request of a synchronous SDK client through a pool `Client`."""
+        def __init__(
+            self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
+            attempts: int | None = None,
+        ) -> None:  # fmt: skip
+            self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
+            self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
+            self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
 
-    def __init__(
-        self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
-        attempts: int | None = None,
-    ) -> None:  # fmt: skip
-        self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
-        self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
-        self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
+        def with_attempts(self, attempts: int) -> PoolTransport:
+            """The same transport with another attempt budget (an SDK client's `with_options(max_retries=…)`)."""
+            twin = copy.copy(self)
+            twin.attempts = attempts
+            return twin
 
-    def with_attempts(self, attempts: int) -> PoolTransport:
-        """The same transport with another attempt budget (an SDK client's `with_options(max_retries=…)`)."""
-        twin = copy.copy(self)
-        twin.attempts = attempts
-        return twin
+        def handle_request(self, request: Any) -> Any:
+            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
+            try:
+                call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts, fallbacks))
+                events = iter(call)
+                first = next(events, None)
+            except IsopoolError as exc:
+                raise self._errors.before_output(exc, request) from exc
+            if first is None:
+                result = call.result()
+                return lib.Response(result.status, headers=served(result.headers, call), content=result.body)
+            stream = _Events(first, events, self._errors, request)
+            return lib.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
-        try:
-            call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts, fallbacks))
-            events = iter(call)
-            first = next(events, None)
-        except IsopoolError as exc:
-            raise self._errors.before_output(exc, request) from exc
-        if first is None:
-            result = call.result()
-            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
-        stream = _Events(first, events, self._errors, request)
-        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
+    class AsyncPoolTransport(lib.AsyncBaseTransport):
+        """Sends each request of an asyncio SDK client through a pool `AsyncClient`, made on first
+        use in the running event loop."""
 
+        def __init__(
+            self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = "",
+            attempts: int | None = None,
+        ) -> None:  # fmt: skip
+            self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
+            self._broker_timeout, self._base_url = broker_timeout, base_url
+            self.attempts = attempts
+            self._client: AsyncClient | None = None
+            self._loop: asyncio.AbstractEventLoop | None = None
 
-class AsyncPoolTransport(httpx2.AsyncBaseTransport):
-    """Sends each request of an asyncio SDK client through a pool `AsyncClient`, made on first
-    use in the running event loop."""
+        def with_attempts(self, attempts: int) -> AsyncPoolTransport:
+            """The same transport with another attempt budget, and a pool connection of its own (closing
+            one SDK client then leaves the other's)."""
+            twin = copy.copy(self)
+            twin.attempts, twin._client, twin._loop = attempts, None, None
+            return twin
 
-    def __init__(
-        self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = "",
-        attempts: int | None = None,
-    ) -> None:  # fmt: skip
-        self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
-        self._broker_timeout, self._base_url = broker_timeout, base_url
-        self.attempts = attempts
-        self._client: AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        async def handle_async_request(self, request: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            if self._client is None or self._loop is not loop:  # a client serves one event loop
+                self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
+            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
+            try:
+                call = await self._client.submit_http(
+                    self._profile, http_call, limits_of(request, self.attempts, fallbacks)
+                )
+                events = aiter(call)
+                first = await anext(events, None)
+            except IsopoolError as exc:
+                raise self._errors.before_output(exc, request) from exc
+            if first is None:
+                result = await call.result()
+                return lib.Response(result.status, headers=served(result.headers, call), content=result.body)
+            stream = _AsyncEvents(first, events, self._errors, request)
+            return lib.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
-    def with_attempts(self, attempts: int) -> AsyncPoolTransport:
-        """The same transport with another attempt budget, and a pool connection of its own (closing
-        one SDK client then leaves the other's)."""
-        twin = copy.copy(self)
-        twin.attempts, twin._client, twin._loop = attempts, None, None
-        return twin
+        async def aclose(self) -> None:
+            if self._client is not None:
+                await self._client.close()
 
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:  # a client serves one event loop
-            self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
-        http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
-        try:
-            call = await self._client.submit_http(
-                self._profile, http_call, limits_of(request, self.attempts, fallbacks)
-            )
-            events = aiter(call)
-            first = await anext(events, None)
-        except IsopoolError as exc:
-            raise self._errors.before_output(exc, request) from exc
-        if first is None:
-            result = await call.result()
-            return httpx2.Response(result.status, headers=served(result.headers, call), content=result.body)
-        stream = _AsyncEvents(first, events, self._errors, request)
-        return httpx2.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+    return PoolTransport, AsyncPoolTransport

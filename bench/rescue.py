@@ -106,11 +106,22 @@ class Judge:
         return "ok" if answer.text == expected else "TRUNCATED" if expected.startswith(answer.text) else "WRONG"
 
 
-def _one(fake: FakeProviderProcess, judge: Judge, call: Callable, prompt: str, model: str, cap: float) -> dict:
+def _rescued(pool: Pool | None) -> Counter[str]:
+    """The pool's count of calls answered after a failure, by how (retry, fallback, prefill, replay...)."""
+    if pool is None:
+        return Counter()
+    with pool.client() as client:
+        return Counter(client.snapshot().rescued)
+
+
+def _one(fake: FakeProviderProcess, pool: Pool | None, judge: Judge, call: Callable, prompt: str, model: str,
+         cap: float) -> dict:  # fmt: skip
     fake.reset()
+    before = _rescued(pool)
     answer, start, end = _capped(lambda: call(judge.api.body(prompt, model)), cap)
     attempts = _attempts(fake)
     return {
+        "rescue": ",".join(sorted((_rescued(pool) - before).keys())),  # as the pool says
         "outcome": judge.outcome(answer, prompt, model),
         "attempts": attempts,
         "seconds": round(end - start, 2),
@@ -188,7 +199,7 @@ def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], down: bool, 
             call = caller(column, api, pool, fake.url)
             cap = POOL_CAP if pool is not None else plain_cap
             for label, model in models:
-                cells[label][column] = _one(fake, judge, call, f"{label} via {column}", model, cap)
+                cells[label][column] = _one(fake, pool, judge, call, f"{label} via {column}", model, cap)
             if down:
                 cells[DOWN][column] = _down(fake, judge, call, column, cap)
                 cells[DOWN][column]["outcome"] = _down_outcome(cells[DOWN][column])
@@ -239,13 +250,17 @@ def run(size: str) -> dict[str, Any]:
 def _notes(inputs: dict[str, Any]) -> list[str]:
     on = f"on (continue_streams={CONTINUE} on the primary)"
     off = "off: this build does not take continue_streams, so a stream broken after output is a clean error"
-    return [
+    notes = [
         f"stream continuation: {on if inputs['continuation'] else off}",
-        "cell: outcome, attempts that reached the provider, seconds, who answered when not the primary; "
+        "cell: outcome, attempts that reached the provider, seconds, who answered when not the primary, and "
+        "prefill/replay when the pool continued a broken stream; "
         f"hung: the plain SDK still waiting after {inputs['cap_s']:g} s (then left)",
-        f"{DOWN}: {DOWN_CALLS} calls over {DOWN_OVER:g} s; answered right / calls, by whom, attempts, and how long "
-        "after the outage ended calls were back on the primary (circuit_cooldown 1 s, up to 2 s)",
     ]
+    if inputs["down"]:
+        notes.append(f"{DOWN}: {DOWN_CALLS} calls over {DOWN_OVER:g} s; answered right / calls, by whom, attempts, "
+                     "and how long after the outage ended calls were back on the primary (circuit_cooldown 1 s, "
+                     "up to 2 s)")  # fmt: skip
+    return notes
 
 
 def _cell(cell: dict) -> str:
@@ -257,7 +272,8 @@ def _cell(cell: dict) -> str:
     who = cell["profile"] if cell["profile"] not in ("", "primary") else ""
     if cell["model"].endswith("-1m"):
         who = cell["model"]
-    words = [cell["outcome"], cell["error"], f"{cell['attempts']}a", f"{cell['seconds']:.1f}s", who]
+    how = cell["rescue"] if cell["rescue"] in CONTINUE else ""  # the others show in who answered
+    words = [cell["outcome"], cell["error"], f"{cell['attempts']}a", f"{cell['seconds']:.1f}s", who, how]
     return " ".join(w for w in words if w)
 
 

@@ -30,8 +30,11 @@ def test_the_rescue_bench_shows_the_pool_rescuing_what_the_plain_sdk_loses(tmp_p
         assert cells["content-filter"][column]["outcome"] == "refusal"  # Anthropic's: an answer that refuses
         assert cells["content-filter"][column]["attempts"] == 1  # neither retried nor rerouted
         # a stream cut after output: continued when this build can, else a clean error, never a success
-        want = "ok" if data["inputs"]["continuation"] else "err"
-        assert cells["cut:after=6"][column]["outcome"] == want, cells["cut:after=6"][column]
+        cut = cells["cut:after=6"][column]
+        if data["inputs"]["continuation"]:
+            assert (cut["outcome"], cut["rescue"], cut["attempts"]) == ("ok", "prefill", 2), cut
+        else:
+            assert cut["outcome"] == "err", cut
     plain = {fault: row["plain SDK"]["outcome"] for fault, row in cells.items()}
     assert plain == {"http-500": "ok", "no-headers": "hung", "content-filter": "refusal", "cut:after=6": "TRUNCATED"}
     targets = {t["name"]: t for t in data["targets"]}

@@ -5,9 +5,12 @@ max_retries=0), the shim (SDK defaults) and the plain SDK straight at the provid
 no pool); plus a provider down for 3 s then up.
 
 The pool has `headers_timeout` 1 s, `first_event_timeout` 2 s, `stale_timeout` 1 s,
-`max_attempts` 3, circuits of 1 s (up to 2 s), and a `primary` profile whose fallback is the
-`backup` profile's plain model and whose context fallback is a `-1m` model, all on one fake
-provider; faults ride in the model's name, so the fallback is served cleanly. A cell is the
+`max_attempts` 3, circuits open for 0.5 s (up to 1 s, so that a recovery shows within the
+2 s the outage row runs after its outage), and a `primary` profile whose fallback is the
+`backup` profile's plain model, whose context fallback is a `-1m` model and whose broken streams
+are continued (`continue_streams = ["prefill", "replay"]`, when this build has it), all on one
+fake provider; faults ride in the model's name, so the fallback is served cleanly. Each column
+has a pool of its own. A cell is the
 outcome, the attempts that reached the provider, the seconds, and who answered when it was not
 the primary: *ok* only when the text equals the provider's unfaulted answer for that body, and a
 stream that ended short but was taken as a success is TRUNCATED.
@@ -35,7 +38,7 @@ from .rescue_paths import ANTHROPIC, COLUMNS, OPENAI, POOLED, Answer, Api, calle
 
 LATENCY = Latency(ttft=0.05, gap=0.01, tokens=24)
 SETTINGS = dict(http="127.0.0.1:0", headers_timeout=1.0, first_event_timeout=2.0, stale_timeout=1.0, max_attempts=3,
-                circuit_cooldown=1.0, circuit_cooldown_max=2.0, log_level="ERROR")  # fmt: skip
+                circuit_cooldown=0.5, circuit_cooldown_max=1.0, log_level="ERROR")  # fmt: skip
 CONTINUE = ["prefill", "replay"]
 FAULTS = [
     "http-429:retry_after=1", "http-429", "http-500", "http-529", "unavailable:for=3", "no-headers",
@@ -258,8 +261,8 @@ def _notes(inputs: dict[str, Any]) -> list[str]:
     ]
     if inputs["down"]:
         notes.append(f"{DOWN}: {DOWN_CALLS} calls over {DOWN_OVER:g} s; answered right / calls, by whom, attempts, "
-                     "and how long after the outage ended calls were back on the primary (circuit_cooldown 1 s, "
-                     "up to 2 s)")  # fmt: skip
+                     "and how long after the outage ended calls were back on the primary (circuit_cooldown "
+                     f"{SETTINGS['circuit_cooldown']:g} s, up to {SETTINGS['circuit_cooldown_max']:g} s)")  # fmt: skip
     return notes
 
 
@@ -267,7 +270,7 @@ def _cell(cell: dict) -> str:
     if "outcomes" in cell:  # the outage row
         ok = cell["outcomes"].get("ok", 0)
         by = " ".join(f"{n} {who}" for who, n in sorted(cell["answered_by"].items()))
-        back = f", back {cell['back_on_primary_s']:g}s" if cell["back_on_primary_s"] is not None else ""
+        back = "" if cell["back_on_primary_s"] is None else f" back {cell['back_on_primary_s']:.1f}s"
         return f"{ok}/{DOWN_CALLS} ok ({by}) {cell['attempts']}a{back}"
     who = cell["profile"] if cell["profile"] not in ("", "primary") else ""
     if cell["model"].endswith("-1m"):

@@ -46,12 +46,12 @@ FAULTS = [
     "error-event:after=6", "context-length:limit=10", "content-filter",
 ]  # fmt: skip
 TINY = ["http-500", "no-headers", "content-filter", "cut:after=6"]
-NOPREFILL = "-noprefill@cut:after=6"  # Anthropic: a model that refuses prefill, so only replay can continue it
+NOPREFILL = ("cut:after=6 on a -noprefill model", "-noprefill@cut:after=6")  # Anthropic: only replay can continue it
 NO_ANSWER = ("content-filter",)  # nothing to rescue: a clean, truthful error is right
 CLEAN_ERRORS = ("err", "refusal")
 WRONG = ("TRUNCATED", "WRONG")
-DOWN = "down 3 s then up"
 DOWN_FOR, DOWN_CALLS, DOWN_OVER = 3.0, 20, 5.0
+DOWN = f"down {DOWN_FOR:g} s then up"
 POOL_CAP = 30.0  # the pool bounds its calls far sooner (about 6 s here); this only keeps a broken build from hanging
 
 
@@ -77,7 +77,14 @@ def _capped(call: Callable[[], Answer], cap: float) -> tuple[Answer | None, floa
     """Run `call` on a thread; (its answer, or None if it still hangs after `cap` s; start; end). A
     hanging call is left to the fake provider's exit, which ends its connection."""
     box: list[Answer] = []
-    thread = threading.Thread(target=lambda: box.append(call()), daemon=True)
+
+    def work() -> None:
+        try:
+            box.append(call())
+        except Exception as exc:  # e.g. the gateway refused the connection: an error, not a hang
+            box.append(Answer(error=type(exc).__name__))
+
+    thread = threading.Thread(target=work, daemon=True)
     start = time.monotonic()
     thread.start()
     thread.join(cap)
@@ -182,28 +189,28 @@ def _down_outcome(cell: dict) -> str:
     return "ok" if outcomes.get("ok") == DOWN_CALLS else "err"
 
 
-def _models(api: Api, faults: list[str]) -> list[tuple[str, str]]:
+def _models(api: Api, faults: list[str], full: bool) -> list[tuple[str, str]]:
     """(row label, model name) of each fault row: the fault rides in the model's name."""
     models = [(spec, f"{api.model}@{spec}") for spec in faults]
-    if api is ANTHROPIC and faults is FAULTS:
-        models.append((f"cut:after=6 {api.model}-noprefill", api.model + NOPREFILL))
+    if api is ANTHROPIC and full:
+        models.append((NOPREFILL[0], api.model + NOPREFILL[1]))
     return models
 
 
-def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], down: bool, plain_cap: float,
+def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], full: bool, plain_cap: float,
             continuation: bool) -> list[dict]:  # fmt: skip
-    """Every row of one API. Each column has a pool of its own, so that one column's calls never
-    find a circuit another column's calls opened."""
+    """Every row of one API (`full`: with the no-prefill and the outage rows). Each column has a pool
+    of its own, so that one column's calls never find a circuit another column's calls opened."""
     judge = Judge(api, fake.url)
-    models = _models(api, faults)
-    cells: dict[str, dict[str, dict]] = {label: {} for label, _ in models} | ({DOWN: {}} if down else {})
+    models = _models(api, faults, full)
+    cells: dict[str, dict[str, dict]] = {label: {} for label, _ in models} | ({DOWN: {}} if full else {})
     for column in COLUMNS:
         with _pool(api, fake.url, continuation) if column in POOLED else contextlib.nullcontext() as pool:
             call = caller(column, api, pool, fake.url)
             cap = POOL_CAP if pool is not None else plain_cap
             for label, model in models:
                 cells[label][column] = _one(fake, pool, judge, call, f"{label} via {column}", model, cap)
-            if down:
+            if full:
                 cells[DOWN][column] = _down(fake, judge, call, column, cap)
                 cells[DOWN][column]["outcome"] = _down_outcome(cells[DOWN][column])
     return [{"api": api.kind, "fault": label, "cells": row} for label, row in cells.items()]
@@ -221,13 +228,13 @@ def _has_answer(fault: str) -> bool:
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     both = [ANTHROPIC, OPENAI]
-    apis, faults, down, cap = pick(size, (both, FAULTS, True, 20.0), (both, FAULTS, True, 8.0),
+    apis, faults, full, cap = pick(size, (both, FAULTS, True, 20.0), (both, FAULTS, True, 8.0),
                                    ([ANTHROPIC], TINY, False, 1.0))  # fmt: skip
     continuation = continuation_available()
     rows = []
     with FakeProviderProcess(LATENCY) as fake:
         for api in apis:
-            rows += run_api(api, fake, faults, down, cap, continuation)
+            rows += run_api(api, fake, faults, full, cap, continuation)
     summary = {name: dict(Counter(row["cells"][name]["outcome"] for row in rows)) for name in rows[0]["cells"]}
     budget = SETTINGS["max_attempts"]
     targets = [
@@ -243,7 +250,7 @@ def run(size: str) -> dict[str, Any]:
     ]  # fmt: skip
     inputs = {"apis": [api.kind for api in apis], "faults": faults, "cap_s": cap, "continuation": continuation,
               "pool": {k: v for k, v in SETTINGS.items() if k not in ("http", "log_level")},
-              "down": {"for_s": DOWN_FOR, "calls": DOWN_CALLS, "over_s": DOWN_OVER} if down else None,
+              "down": {"for_s": DOWN_FOR, "calls": DOWN_CALLS, "over_s": DOWN_OVER} if full else None,
               "latency": {"ttft_s": LATENCY.ttft, "gap_s": LATENCY.gap, "tokens": LATENCY.tokens}}  # fmt: skip
     data = result(inputs, {"rows": rows, "summary": summary}, targets, started)
     data["notes"] = _notes(inputs)

@@ -5,15 +5,15 @@ max_retries=0), the shim (SDK defaults) and the plain SDK straight at the provid
 no pool); plus a provider down for 3 s then up.
 
 The pool has `headers_timeout` 1 s, `first_event_timeout` 2 s, `stale_timeout` 1 s,
-`max_attempts` 3, circuits open for 0.5 s (up to 1 s, so that a recovery shows within the
-2 s the outage row runs after its outage), and a `primary` profile whose fallback is the
-`backup` profile's plain model, whose context fallback is a `-1m` model and whose broken streams
-are continued (`continue_streams = ["prefill", "replay"]`, when this build has it), all on one
-fake provider; faults ride in the model's name, so the fallback is served cleanly. Each column
-has a pool of its own. A cell is the
-outcome, the attempts that reached the provider, the seconds, and who answered when it was not
-the primary: *ok* only when the text equals the provider's unfaulted answer for that body, and a
-stream that ended short but was taken as a success is TRUNCATED.
+`max_attempts` 3, circuits open for 0.5 s (up to 1 s, so that a recovery shows within the 2 s
+the outage row runs after its outage), and a `primary` profile whose fallback is the `backup`
+profile's plain model, whose context fallback is a `-1m` model and whose broken streams are
+continued (`continue_streams = ["prefill", "replay"]`, when this build has it), all on one fake
+provider; faults ride in the model's name, so the fallback is served cleanly. Each column has a
+pool of its own. A cell is the outcome, the attempts that reached the provider, the seconds, and
+who answered when it was not the primary: *ok* only when the text equals the provider's
+unfaulted answer for that body, and a stream that ended short but was taken as a success is
+TRUNCATED.
 
 Target: through the gateway and the shim every fault that has an answer is rescued within the
 budget, a content filter is a clean error, and no truncated stream is taken as a success."""
@@ -169,7 +169,7 @@ def _down(fake: FakeProviderProcess, judge: Judge, call: Callable, column: str, 
         outcome = judge.outcome(answer, prompt, model)
         outcomes[outcome] += 1
         if outcome == "ok":
-            answered_by[answer.profile or "provider"] += 1  # type: ignore[union-attr]
+            answered_by[answer.profile or "direct"] += 1  # type: ignore[union-attr]
             if answer.profile == "primary" and end > back:  # type: ignore[union-attr]
                 recovered.append(max(0.0, start - back))
     return {

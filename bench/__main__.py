@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .common import SIZES
 
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite")
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue")
 NEEDS_RAY = ("cluster",)  # only by name: the `ray` extra is not in `bench`
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 
@@ -53,6 +53,8 @@ def show(console: Console, name: str, module: Any, data: dict[str, Any]) -> None
     for t in data["targets"]:
         mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
         console.print(f"  target {t['name']}: {t['value']} (want {t['goal']}) {mark}")
+    for note in data.get("notes", []):
+        console.print(f"  note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:

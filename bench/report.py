@@ -131,6 +131,7 @@ def write_report(results: dict[str, Any], out: str) -> list[str]:
                    f"`python -m bench {name}` ({data.get('size', 'full')} run, {data['seconds']} s, "
                    f"{data['machine']['cpus']} CPUs, {data['machine']['cpu_model']})", "",
                    _markdown(head, rows), "", _targets(data)]  # fmt: skip
+        section += [f"- note: {note}" for note in data.get("notes", [])]
         if name in PLOTS:
             path = PLOTS[name](data, out)
             written.append(path)

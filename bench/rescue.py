@@ -28,8 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from broker import Pool
-from broker.config import load_settings
-from broker.errors import ConfigError
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
 
@@ -55,21 +53,10 @@ DOWN = f"down {DOWN_FOR:g} s then up"
 POOL_CAP = 30.0  # the pool bounds its calls far sooner (about 6 s here); this only keeps a broken build from hanging
 
 
-def continuation_available() -> bool:
-    """Whether this build takes `continue_streams` (stream continuation may not be merged yet)."""
-    try:
-        load_settings(env={}, profiles={"p": {"kind": "anthropic", "continue_streams": CONTINUE}})
-    except ConfigError:
-        return False
-    return True
-
-
-def _pool(api: Api, provider: str, continuation: bool) -> Pool:
+def _pool(api: Api, provider: str) -> Pool:
     base = {"kind": api.kind, "base_url": api.base_url(provider), "min_workers": 1, "max_workers": 8}
     primary = {**base, "fallbacks": [{"profile": "backup", "model": api.model}],
-               "context_fallback": {"model": api.model + "-1m"}}  # fmt: skip
-    if continuation:
-        primary["continue_streams"] = CONTINUE
+               "context_fallback": {"model": api.model + "-1m"}, "continue_streams": CONTINUE}  # fmt: skip
     return Pool(profiles={"primary": primary, "backup": base}, **SETTINGS)
 
 
@@ -197,15 +184,14 @@ def _models(api: Api, faults: list[str], full: bool) -> list[tuple[str, str]]:
     return models
 
 
-def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], full: bool, plain_cap: float,
-            continuation: bool) -> list[dict]:  # fmt: skip
+def run_api(api: Api, fake: FakeProviderProcess, faults: list[str], full: bool, plain_cap: float) -> list[dict]:
     """Every row of one API (`full`: with the no-prefill and the outage rows). Each column has a pool
     of its own, so that one column's calls never find a circuit another column's calls opened."""
     judge = Judge(api, fake.url)
     models = _models(api, faults, full)
     cells: dict[str, dict[str, dict]] = {label: {} for label, _ in models} | ({DOWN: {}} if full else {})
     for column in COLUMNS:
-        with _pool(api, fake.url, continuation) if column in POOLED else contextlib.nullcontext() as pool:
+        with _pool(api, fake.url) if column in POOLED else contextlib.nullcontext() as pool:
             call = caller(column, api, pool, fake.url)
             cap = POOL_CAP if pool is not None else plain_cap
             for label, model in models:
@@ -230,11 +216,10 @@ def run(size: str) -> dict[str, Any]:
     both = [ANTHROPIC, OPENAI]
     apis, faults, full, cap = pick(size, (both, FAULTS, True, 20.0), (both, FAULTS, True, 8.0),
                                    ([ANTHROPIC], TINY, False, 1.0))  # fmt: skip
-    continuation = continuation_available()
     rows = []
     with FakeProviderProcess(LATENCY) as fake:
         for api in apis:
-            rows += run_api(api, fake, faults, full, cap, continuation)
+            rows += run_api(api, fake, faults, full, cap)
     summary = {name: dict(Counter(row["cells"][name]["outcome"] for row in rows)) for name in rows[0]["cells"]}
     budget = SETTINGS["max_attempts"]
     targets = [
@@ -248,7 +233,7 @@ def run(size: str) -> dict[str, Any]:
         target(f"gateway and shim: calls over the {budget}-attempt budget",
                sum(c["attempts"] > budget for c in _pool_cells(rows, lambda f: f != DOWN)), "= 0", lambda v: v == 0),
     ]  # fmt: skip
-    inputs = {"apis": [api.kind for api in apis], "faults": faults, "cap_s": cap, "continuation": continuation,
+    inputs = {"apis": [api.kind for api in apis], "faults": faults, "cap_s": cap, "continue_streams": CONTINUE,
               "pool": {k: v for k, v in SETTINGS.items() if k not in ("http", "log_level")},
               "down": {"for_s": DOWN_FOR, "calls": DOWN_CALLS, "over_s": DOWN_OVER} if full else None,
               "latency": {"ttft_s": LATENCY.ttft, "gap_s": LATENCY.gap, "tokens": LATENCY.tokens}}  # fmt: skip
@@ -258,10 +243,8 @@ def run(size: str) -> dict[str, Any]:
 
 
 def _notes(inputs: dict[str, Any]) -> list[str]:
-    on = f"on (continue_streams={CONTINUE} on the primary)"
-    off = "off: this build does not take continue_streams, so a stream broken after output is a clean error"
     notes = [
-        f"stream continuation: {on if inputs['continuation'] else off}",
+        f"stream continuation: continue_streams={inputs['continue_streams']} on the primary",
         "cell: outcome, attempts that reached the provider, seconds, who answered when not the primary, and "
         "prefill/replay when the pool continued a broken stream; "
         f"hung: the plain SDK still waiting after {inputs['cap_s']:g} s (then left)",

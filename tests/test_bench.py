@@ -15,7 +15,8 @@ import pytest
 from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite")
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue")
+POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
 
 def _http_chunks(url: str, latency: str) -> list[bytes]:
@@ -102,6 +103,7 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
     onewrite = data["onewrite"]["figures"]["rows"]
     assert [r["concurrency"] for r in onewrite] == [8]
     assert all(r["bare_server_chunks_per_s"] > 0 and r["isopool_server_chunks_per_s"] > 0 for r in onewrite)
+    _check_rescue(data["rescue"])
 
     out = tmp_path / "report"
     rendered = subprocess.run(
@@ -115,3 +117,26 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
     for plot in ("overhead", "stream", "scale", "faults", "memory"):
         png = out / f"{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _check_rescue(data: dict) -> None:
+    """The rescue table's structure, and that the gateway and the shim rescued what has an answer
+    while the plain SDK shows what they rescue from."""
+    assert data["size"] == "tiny" and {t["name"] for t in data["targets"]} and data["notes"]
+    cells = {row["fault"]: row["cells"] for row in data["figures"]["rows"]}
+    assert list(cells) == ["http-500", "no-headers", "content-filter", "cut:after=6"]
+    assert all(list(row) == [*POOL_COLUMNS, "plain SDK"] for row in cells.values())
+    for column in POOL_COLUMNS:
+        assert cells["http-500"][column]["outcome"] == "ok"  # retried on the primary
+        assert cells["http-500"][column]["attempts"] == 2
+        assert cells["no-headers"][column]["outcome"] == "ok"  # one headers_timeout, then the backup
+        assert cells["no-headers"][column]["profile"] == "backup"
+        assert cells["content-filter"][column]["outcome"] == "refusal"  # Anthropic's: an answer that refuses
+        assert cells["content-filter"][column]["attempts"] == 1  # neither retried nor rerouted
+        cut = cells["cut:after=6"][column]  # a stream cut after output: continued by prefill
+        assert (cut["outcome"], cut["rescue"], cut["attempts"]) == ("ok", "prefill", 2), cut
+    plain = {fault: row["plain SDK"]["outcome"] for fault, row in cells.items()}
+    assert plain == {"http-500": "ok", "no-headers": "hung", "content-filter": "refusal", "cut:after=6": "TRUNCATED"}
+    targets = {t["name"]: t for t in data["targets"]}
+    assert targets["gateway and shim: truncated streams taken as success"]["value"] == 0
+    assert targets["gateway and shim: calls over the 3-attempt budget"]["value"] == 0

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_HEADER_BYTES = 4096
 
 
@@ -120,11 +120,14 @@ class Served(msgspec.Struct, array_like=True, frozen=True, gc=False):
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Header of the real stream events that arrived in one read from the provider (never
     held back to fill a batch). The payload is a msgpack array of `[name, data]` pairs,
-    `data` being the provider's own `data:` JSON, unparsed; `seq` numbers the first one."""
+    `data` being the provider's own `data:` JSON, unparsed; `seq` numbers the first one. `error`
+    (from a worker only): the batch is the provider's mid-stream error event, which the broker holds
+    until it knows whether the call is retried or continued."""
 
     rid: int
     seq: int
     count: int = 1
+    error: bool = False
 
 
 class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):

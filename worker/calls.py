@@ -10,6 +10,7 @@ stream and assembled here, so that its stalls are caught too.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -114,8 +115,9 @@ async def relay(
     """Send what the provider answered: a plain body; each real event of a stream as it arrives
     (pings, comments and, by `check`, malformed events dropped; a stream cut short raises
     StreamIncomplete); or a stream the worker opened for a non-streaming call, assembled into that
-    call's body. `raise_on_error`: a mid-stream error event ends the call with a ProviderStreamError
-    (else it is relayed like any event, for the caller's SDK)."""
+    call's body. A mid-stream error event ends the stream: it is sent as one (which the broker holds
+    while it decides whether the call is retried or continued), then, with `raise_on_error`, a
+    ProviderStreamError (else the stream's end, as for any stream: the caller's SDK reads the event)."""
     headers = [(k, v) for k, v in http.headers.items() if k.lower() not in RELAYED_BY_US]
     if http.status_code >= 400:  # an error answer owes no terminal event: relayed as it came
         check = StreamCheck()
@@ -124,10 +126,18 @@ async def relay(
         body = await http.aread()
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
-        async for batch in iter_batches(http.aiter_bytes(), check):
-            await emit.events(batch)
-            if raise_on_error and (error := next((d for n, d in batch if is_error_event(n, d)), None)) is not None:
-                raise ProviderStreamError(_DEC.decode(error))
+        async with contextlib.aclosing(iter_batches(http.aiter_bytes(), check)) as batches:
+            async for batch in batches:
+                at = next((i for i, (name, data) in enumerate(batch) if is_error_event(name, data)), None)
+                if at is None:
+                    await emit.events(batch)
+                    continue
+                if at:
+                    await emit.events(batch[:at])
+                await emit.error_event(batch[at])
+                if raise_on_error:
+                    raise ProviderStreamError(_DEC.decode(batch[at][1]))
+                break
         end = Response(http.status_code, headers, malformed_events=check.malformed) if check.malformed else None
         await emit.result(end)  # an end that says no more than the head did is left empty
     else:

@@ -11,7 +11,8 @@ A non-streaming call to an endpoint that can stream is sent as a stream and asse
 here, so its stalls are caught too. A provider's HTTP error answer is read whole and raised as
 a `ProviderHttpError`, so that the broker can retry it within the call's one budget; the one it
 does not retry reaches the caller as it came (status, headers, body), and the caller's SDK raises
-its own exception class. Mid-stream `error` events are relayed as they are.
+its own exception class. A mid-stream `error` event reaches the caller as it came, unless the broker
+retries or continues the call.
 """
 
 from __future__ import annotations

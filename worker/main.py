@@ -157,10 +157,14 @@ class Emitter:
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
         self.send_events(batch)
 
-    def send_events(self, batch: list[tuple[str, bytes]]) -> None:
-        header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch)))
+    def send_events(self, batch: list[tuple[str, bytes]], error: bool = False) -> None:
+        header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch), error))
         self._seq += len(batch)
         self._sock.send([KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)])
+
+    async def error_event(self, event: tuple[str, bytes]) -> None:
+        """The provider's mid-stream error event: the broker forwards it only if the call ends with it."""
+        self.send_events([event], error=True)
 
     async def progress(self) -> None:
         self._sock.send([KIND_BYTES[Kind.PROGRESS], self._ref])

@@ -217,6 +217,9 @@ class Spliced:
         out = [event for name, data in batch if (event := self._splice.rewrite(name, data)) is not None]
         await (self._emit.events(out) if out else self._emit.progress())
 
+    async def error_event(self, event: tuple[str, bytes]) -> None:
+        await self._emit.error_event(event)
+
     async def progress(self) -> None:
         await self._emit.progress()
 

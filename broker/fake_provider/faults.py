@@ -33,7 +33,8 @@ KINDS = {
     "`retry_after_ms=MS` a `retry-after-ms: MS` one (as OpenAI sends it); neither: no header",
     "http-500": "answer 500 api_error",
     "http-529": "answer 529 overloaded_error",
-    "error-event": "send a mid-stream `error` event after `after` events",
+    "error-event": "send a mid-stream `error` event after `after` events, of type `error` (default "
+    "overloaded_error; e.g. api_error, invalid_request_error)",
     "unavailable": "answer 503 to every request with this spec for `for` seconds from the first one "
     "(per fake process; `reset` starts it again), then serve normally: a provider down for a while",
     "no-headers": "accept the request and never answer: no status line, no headers, until the client leaves",
@@ -64,6 +65,7 @@ class Fault(msgspec.Struct, frozen=True):
     open: bool = False  # `no-done`: keep the connection open after the answer
     limit: int = 0  # `context-length`: the model's context window (0: the provider's usual one)
     vary: bool = False  # every serve of the conversation gets another answer (a replay diverges)
+    error: str = "overloaded_error"  # `error-event`: the error's type
 
     @property
     def stalls(self) -> bool:

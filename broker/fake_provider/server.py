@@ -305,7 +305,7 @@ class FakeProvider:
         self, request: web.Request, response: web.StreamResponse, fmt: Any, fault: Fault, sent: int
     ) -> None:
         if fault.kind == "error-event":
-            await response.write(_sse(*fmt.error_event("overloaded_error", "injected mid-stream error")))
+            await response.write(_sse(*fmt.error_event(fault.error, "injected mid-stream error")))
         elif fault.kind in ("reset", "close"):
             _drop(request, reset=fault.kind == "reset")
         else:

@@ -17,6 +17,7 @@ import random
 import time
 from typing import Any
 
+import msgspec
 import zmq
 
 from .. import routes
@@ -28,7 +29,7 @@ from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
 from .resumes import Rescues
-from .retrypolicy import classify
+from .retrypolicy import classify, classify_event
 from .routing import Move, Router, Same, model_of, rescue, target
 from .state import Reason, Request, Worker
 from .stats import Stats
@@ -41,6 +42,7 @@ _ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is kil
 _ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
 # a worker's errors that leave an unseen request as good as unsent: retried like a stall before output
 _RETRIED = {Code.PROVIDER_CONNECTION: Reason.CONNECTION, Code.STREAM_INCOMPLETE: Reason.INCOMPLETE}
+_BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 
 
 class Flow:
@@ -189,7 +191,7 @@ class Flow:
             else:
                 req.head = payload
             req.headers_at = now
-        elif kind == Kind.RESULT:
+        elif kind == Kind.RESULT and req.held is None:
             self.fleet.release(worker, req, now)
             self.router.answered(req, now)
             self.stats.latency.add(now - req.accepted_at)
@@ -199,9 +201,11 @@ class Flow:
                 self.stats.continuations[f"{req.rescue.strategy}:ok"] += 1
             served = Served(req.crid, *self.router.served(req))
             self._forward_end(req, self.codec.frames(Kind.RESULT, served, payload or req.head or b""), "ok")
-        elif kind == Kind.ERROR:
+        elif kind in (Kind.ERROR, Kind.RESULT):  # an ERROR, or the RESULT of a stream ended by its error event
             self.fleet.release(worker, req, now)
-            code = header.code
+            code = header.code if kind == Kind.ERROR else Code.PROVIDER_STREAM
+            if kind == Kind.RESULT and req.held is not None:
+                req.held_end, payload = payload, self._event_error(req.held)
             reason, after, failure = self._retried_for(code, payload)
             if reason is None and (failure or code in (Continuation.PREFILL_REFUSED, Continuation.REPLAY_DIVERGED)):
                 self.router.answered(req, now)  # the provider works; it refused this request (or its prefill)
@@ -220,14 +224,23 @@ class Flow:
     def _retried_for(self, code: str, payload: bytes) -> tuple[Reason | None, float | None, str]:
         """Whether a worker's error is retried (the reason, or None), the wait the provider asked for,
         and, for a provider's refusal, what it was (`context_length`, `content_filter`, `status:NNN`)."""
-        if code == Code.PROVIDER_STATUS:
-            try:
-                info = self.codec.error(payload)
-            except ValueError:  # msgspec's decode errors are ValueErrors
-                return None, None, ""
-            reason, after = classify(info.status or 0, info.headers)
-            return reason, after, "" if reason else info.failure or f"status:{info.status}"
-        return _RETRIED.get(code), None, ""
+        if code not in (Code.PROVIDER_STATUS, Code.PROVIDER_STREAM):
+            return _RETRIED.get(code), None, ""
+        try:
+            info = self.codec.error(payload)
+        except ValueError:  # msgspec's decode errors are ValueErrors
+            return None, None, ""
+        if code == Code.PROVIDER_STREAM:  # an error event: overloaded_error, api_error are retried, others never
+            return classify_event(info.body), None, ""
+        reason, after = classify(info.status or 0, info.headers)
+        return reason, after, "" if reason else info.failure or f"status:{info.status}"
+
+    def _event_error(self, held: bytes) -> bytes:
+        """The error of a stream that ended in the provider's error event (`held`), as a worker that
+        raised at it would have sent it."""
+        data = _BATCH.decode(held)[0][1]
+        info = ErrorInfo(Code.PROVIDER_STREAM, f"error event mid-stream: {data.decode(errors='replace')}", body=data)
+        return self.codec.encode(info)
 
     def _error_info(self, code: str, payload: bytes) -> ErrorInfo:
         try:
@@ -236,15 +249,22 @@ class Flow:
             return ErrorInfo(code, "the worker's error could not be read")
 
     def _on_event(self, req: Request, event: Event, data: bytes, now: float) -> None:
+        if event.error:  # the provider's error event: the caller gets it only if the call ends with it
+            req.held = data
+            return
         self._progress(req, now)
+        self._deliver(req, event.count, data)
+
+    def _deliver(self, req: Request, count: int, data: bytes) -> None:
+        """Forward a batch of `count` events to the caller (its head first, with the first)."""
         if req.head is not None:
             served = Served(req.crid, *self.router.served(req))
             if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
-        numbered = Event(req.crid, req.delivered + 1, event.count)  # a continuation's follow those delivered
+        numbered = Event(req.crid, req.delivered + 1, count)  # a continuation's follow those delivered
         if self.send_client(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
-            req.delivered += event.count
+            req.delivered += count
             if req.rescue is not None:
                 req.rescue.keep(data)
 
@@ -402,6 +422,7 @@ class Flow:
 
     def _requeue(self, req: Request, delay: float, now: float) -> None:
         """Run the request again after `delay` (from the front of its caller's queue)."""
+        req.held = req.held_end = None  # the error event that ended the last attempt is never forwarded
         req.headers_at = None
         req.last_event_at = None
         req.not_before = now + delay
@@ -494,6 +515,11 @@ class Flow:
         """Send a live request's one answer and count its outcome; nothing for one already ended."""
         if self.requests.pop(req.key, None) is None:
             return
+        if req.held is not None:  # it ends with its last attempt's error event, which the caller gets now
+            self._deliver(req, 1, req.held)
+            if req.held_end is not None:  # then that stream's end, as its worker sent it
+                frames, outcome = self.codec.frames(Kind.RESULT, Served(req.crid, *self.router.served(req)),
+                                                    req.held_end), "ok"  # fmt: skip
         self.router.dropped(req)
         self.stats.requests[outcome] += 1
         self.held_bytes -= len(req.payload)

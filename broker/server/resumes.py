@@ -25,10 +25,11 @@ from ..routes import matching
 from .state import Reason
 
 # Failures after output that lose the stream but not the request: a stall, a lost worker or connection,
-# a stream cut without its end; and, in a continuation attempt, a provider's retryable answer or silence.
+# a stream cut without its end or ended by an overloaded_error/api_error event (never forwarded); and,
+# in a continuation attempt, a provider's retryable answer or silence.
 _CONTINUED = frozenset(
     {Reason.STALE, Reason.HEARTBEAT, Reason.CRASH, Reason.MEMORY, Reason.NEIGHBOUR, Reason.CONNECTION,
-     Reason.INCOMPLETE, Reason.HTTP_429, Reason.HTTP_5XX, Reason.HEADERS, Reason.FIRST_EVENT}
+     Reason.INCOMPLETE, Reason.ERROR_EVENT, Reason.HTTP_429, Reason.HTTP_5XX, Reason.HEADERS, Reason.FIRST_EVENT}
 )  # fmt: skip
 _OUTCOMES = {
     Continuation.PREFILL_REFUSED: "refused",

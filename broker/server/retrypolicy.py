@@ -14,6 +14,9 @@ its `max_attempts` and its deadline. Attempts never multiply.
     no first event, first_event_timeout   once per call (with the above)  none
     other stalls, a lost worker, a        yes                             none, then from `retry_backoff`
       stream cut without its end
+    an `error` event in the stream:       yes (`error_event`)             backoff from `http_retry_backoff`
+      overloaded_error, api_error,
+      server_error (another type: never)
     other 4xx (400, 401, 403, 404, 422)   never
     `x-should-retry: false` on any        never (the provider says so)
 
@@ -29,6 +32,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import msgspec
+
 from .state import Reason
 from .watchdog import retry_delay
 
@@ -37,7 +42,11 @@ _BACKOFF_CAP = 8.0  # the longest backoff between provider retries without a Ret
 # Silence (no headers, no first event): a provider that says nothing twice will not say more a third time.
 _SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
 # Failures the provider answered or caused: backed off, never retried at once.
-_PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION})
+_PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION, Reason.ERROR_EVENT})
+# The types of a mid-stream error event that say the provider failed, not the request: Anthropic's
+# `overloaded_error` and `api_error` (its 529 and 500), OpenAI's `server_error`.
+RETRIED_EVENTS = frozenset({"overloaded_error", "api_error", "server_error"})
+_JSON = msgspec.json.Decoder()
 
 
 def classify(status: int, headers: Iterable[tuple[str, str]]) -> tuple[Reason | None, float | None]:
@@ -50,6 +59,20 @@ def classify(status: int, headers: Iterable[tuple[str, str]]) -> tuple[Reason | 
     if status == 429:
         return Reason.HTTP_429, after
     return (Reason.HTTP_5XX if status in RETRIED_STATUS else None), after
+
+
+def classify_event(body: bytes | None) -> Reason | None:
+    """A provider's mid-stream error event (its JSON: Anthropic's `{"error": {"type"}}`, Chat
+    Completions' `{"error": {"type", "code"}}`, Responses' `{"code"}`): the reason it is retried for,
+    or None for a type that refuses the request (invalid_request_error, ...) and is never retried."""
+    try:
+        event = _JSON.decode(body or b"")
+    except msgspec.DecodeError:
+        return None
+    error = event.get("error", event) if isinstance(event, dict) else None
+    if not isinstance(error, dict):
+        return None
+    return Reason.ERROR_EVENT if {error.get("type"), error.get("code")} & RETRIED_EVENTS else None
 
 
 def retry_after(headers: dict[str, str]) -> float | None:

@@ -58,6 +58,7 @@ _TRIGGERS = {
     Reason.HTTP_5XX: "retryable",
     Reason.CONNECTION: "retryable",
     Reason.INCOMPLETE: "retryable",
+    Reason.ERROR_EVENT: "retryable",
     Reason.HEADERS: "silence",
     Reason.FIRST_EVENT: "silence",
     Reason.STALE: "stall",

@@ -44,6 +44,7 @@ class Reason(enum.StrEnum):
     HTTP_5XX = "http_5xx"  # not a kill: the provider answered 500, 502, 503, 504 or 529; retried likewise
     CONNECTION = "provider_connection"  # not a kill: the provider dropped an unseen request; retried
     INCOMPLETE = "stream_incomplete"  # not a kill: an unseen stream ended without its terminal event; retried
+    ERROR_EVENT = "error_event"  # not a kill: the stream ended in an overloaded_error/api_error event; retried
     NEIGHBOUR = "killed_with_a_stalled_neighbour"  # not a kill reason: another stream of its worker stalled
 
     @property
@@ -119,3 +120,8 @@ class Request:
     tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`
     probing: bool = False  # its current attempt is its deployment's half-open circuit probe
     rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)
+    # The attempt's mid-stream error event (its EVENT payload), not forwarded while the broker decides
+    # whether the call is retried or continued; the caller gets it if the call ends. `held_end`: the
+    # RESULT of that stream, where its worker ended it there (the caller's own SDK raises at the event).
+    held: bytes | None = None
+    held_end: bytes | None = None

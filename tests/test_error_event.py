@@ -1,0 +1,204 @@
+"""A provider's mid-stream `error` event (Anthropic's overloaded_error/api_error, OpenAI's error chunk):
+before any output it is retried like the 529/500 it stands for (one budget, backoff, a circuit failure, a
+fallback when it persists), after output a stream opted in to `continue_streams` is continued, and
+otherwise the caller gets the provider's own event as before. Through the low-level client, the gateway
+(a plain HTTP client and an SDK at max_retries=0) and the shim, against the fake provider over HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx is only in an extra)
+import openai
+import pytest
+
+from broker import Pool, ProviderStreamError
+from broker.fake_provider import FAULT_HEADER
+from broker.shim import anthropic as shim_anthropic
+from broker.shim import openai as shim_openai
+
+from .conftest import TEST_SETTINGS, anthropic_args, openai_args
+from .test_resume import assert_one_message, chat_text, sse_events
+
+BOTH = ["prefill", "replay"]
+PATHS = ["client", "gateway-httpx", "gateway-sdk", "shim"]
+
+
+@pytest.fixture(scope="module")
+def pool(fake):
+    def profile(kind: str, strategies: list[str], **extra: Any) -> dict[str, Any]:
+        url = fake.url + ("/v1" if kind == "openai" else "")
+        return {"kind": kind, "base_url": url, "min_workers": 1, "max_workers": 3, "continue_streams": strategies,
+                **extra}  # fmt: skip
+
+    profiles = {
+        "anthropic": profile("anthropic", BOTH),
+        "openai": profile("openai", BOTH),
+        "plain": profile("anthropic", [], fallbacks=[{"profile": "backup", "model": "claude-fake"}]),
+        "plain-openai": profile("openai", []),
+        "backup": profile("anthropic", [], min_workers=0),
+    }
+    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", max_attempts=3, http_retry_backoff=0.1, circuit_failures=2)
+    with Pool(profiles=profiles, **settings) as p:
+        yield p
+
+
+def arrivals(fake) -> int:
+    return sum(len(times) for times in fake.stats()["arrivals"].values())
+
+
+def retried(pool: Pool) -> int:
+    with pool.client() as client:
+        return client.snapshot().retries_by_reason.get("error_event", 0)
+
+
+def anthropic_text(pool: Pool, path: str, profile: str, prompt: str, spec: str) -> str:
+    """The text of one streamed Anthropic answer on `path`, checked to be one well-formed message."""
+    headers = {FAULT_HEADER: spec, "x-isopool-profile": profile}
+    if path == "client":
+        with pool.client() as client:
+            call = client.submit(profile, "messages.create", **anthropic_args(prompt, stream=True),
+                                 extra_headers={FAULT_HEADER: spec})  # fmt: skip
+            return assert_one_message([e.json() for e in call])
+    if path == "gateway-httpx":
+        body = {**anthropic_args(prompt), "stream": True}
+        raw = httpx.post(pool.http_url + "/v1/messages", json=body, headers=headers, timeout=30)
+        assert raw.status_code == 200 and b"event: error" not in raw.content, raw.content
+        return assert_one_message(sse_events(raw.content))
+    if path == "gateway-sdk":
+        sdk: Any = anthropic.Anthropic(base_url=pool.http_url, max_retries=0, default_headers=headers)
+    else:
+        sdk = shim_anthropic.Anthropic(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
+    with sdk, sdk.messages.stream(**anthropic_args(prompt)) as stream:
+        message = stream.get_final_message()
+    assert len(message.content) == 1 and message.stop_reason == "end_turn"
+    return message.content[0].text
+
+
+def chat_answer(pool: Pool, path: str, profile: str, prompt: str, spec: str) -> str:
+    headers = {FAULT_HEADER: spec, "x-isopool-profile": profile}
+    if path == "client":
+        with pool.client() as client:
+            call = client.submit(profile, "chat.completions.create", **openai_args(prompt, stream=True),
+                                 extra_headers={FAULT_HEADER: spec})  # fmt: skip
+            return chat_text([e.json() for e in call])
+    if path == "gateway-httpx":
+        body = {**openai_args(prompt), "stream": True}
+        raw = httpx.post(pool.http_url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert raw.status_code == 200 and b'"error"' not in raw.content, raw.content
+        return chat_text(sse_events(raw.content))
+    if path == "gateway-sdk":
+        sdk: Any = openai.OpenAI(base_url=pool.http_url + "/v1", max_retries=0, default_headers=headers)
+    else:
+        sdk = shim_openai.OpenAI(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
+    with sdk:
+        chunks = list(sdk.chat.completions.create(**openai_args(prompt), stream=True))
+    return chat_text([chunk.model_dump(exclude_unset=True) for chunk in chunks])
+
+
+def clean_anthropic(fake, prompt: str) -> str:
+    with anthropic.Anthropic(base_url=fake.url) as direct:
+        return direct.messages.create(**anthropic_args(prompt)).content[0].text
+
+
+def clean_chat(fake, prompt: str) -> str:
+    with openai.OpenAI(base_url=fake.url + "/v1") as direct:
+        return direct.chat.completions.create(**openai_args(prompt)).choices[0].message.content or ""
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("error", ["overloaded_error", "api_error"])
+def test_an_error_event_before_output_is_retried_on_every_path(fake, pool, path, error):
+    """Not opted in to continue_streams: nothing had reached the caller, so it is a retry."""
+    prompt = f"event first {error} {path}"
+    want = clean_anthropic(fake, prompt)
+    fake.reset()
+    before = retried(pool)
+    assert anthropic_text(pool, path, "plain", prompt, f"error-event:after=0,error={error}") == want
+    assert arrivals(fake) == 2 and retried(pool) == before + 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_error_chunk_before_output_is_retried_for_chat(fake, pool, path):
+    prompt = f"chat event first {path}"
+    want = clean_chat(fake, prompt)
+    fake.reset()
+    assert chat_answer(pool, path, "plain-openai", prompt, "error-event:after=0,error=server_error") == want
+    assert arrivals(fake) == 2
+
+
+def test_a_persistent_error_event_backs_off_opens_the_circuit_and_falls_back(fake, pool):
+    """Two overloaded events on the primary (a backoff between them), its circuit opens, the backup answers."""
+    want = clean_anthropic(fake, "persistent")
+    fake.reset()
+    model = "claude-fake@error-event:after=0,times=9"
+    with pool.client() as client:
+        call = client.submit("plain", "messages.create", **anthropic_args("persistent", stream=True, model=model))
+        text = assert_one_message([e.json() for e in call])
+        circuit = client.snapshot().circuits[f"plain/{model}"]
+    assert text == want
+    assert call.served.profile == "backup" and call.served.attempts == 3  # type: ignore[union-attr]
+    primary, backup = sorted(fake.stats()["arrivals"].values(), key=len, reverse=True)
+    assert len(primary) == 2 and len(backup) == 1
+    assert primary[1] - primary[0] >= 0.07  # backed off (http_retry_backoff 0.1 s, jittered by up to -25%)
+    assert circuit.state == "open" and circuit.opened == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_invalid_request_error_event_is_never_retried(fake, pool, path):
+    fake.reset()
+    spec = "error-event:after=0,error=invalid_request_error,times=9"
+    if path == "gateway-httpx":
+        assert b'"type":"invalid_request_error"' in raw_gateway(pool, "plain", "invalid", spec)
+    else:
+        with pytest.raises((ProviderStreamError, anthropic.APIStatusError), match="invalid_request_error"):
+            anthropic_text(pool, path, "plain", f"invalid {path}", spec)
+    assert arrivals(fake) == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("after", [1, 6])
+def test_an_error_event_after_output_is_continued_when_opted_in(fake, pool, path, after):
+    """After output (for Anthropic, already after its message_start) the event is not forwarded: the
+    stream is continued by prefill (Anthropic) or replay (Chat), and the SDK parses one message."""
+    prompt = f"event after {after} {path}"
+    assert anthropic_text(pool, path, "anthropic", prompt, f"error-event:after={after}") == clean_anthropic(
+        fake, prompt
+    )
+    assert chat_answer(pool, path, "openai", prompt, f"error-event:after={after}") == clean_chat(fake, prompt)
+
+
+def raw_gateway(pool: Pool, profile: str, prompt: str, spec: str) -> bytes:
+    body = {**anthropic_args(prompt), "stream": True}
+    headers = {FAULT_HEADER: spec, "x-isopool-profile": profile, "anthropic-version": "2023-06-01"}
+    raw = httpx.post(pool.http_url + "/v1/messages", json=body, headers=headers, timeout=30)
+    assert raw.status_code == 200
+    return raw.content
+
+
+@pytest.mark.parametrize(
+    ("profile", "spec", "attempts"),
+    [
+        ("plain", "error-event:after=6", 1),  # after output, not opted in
+        ("plain", "error-event:after=0,times=9", 3),  # before output, the budget spent (no fallback: header fault)
+        ("anthropic", "error-event:after=6,times=9", 3),  # opted in, the continuations' budget spent
+    ],
+)
+def test_an_error_event_not_rescued_reaches_the_caller_as_the_providers_own(fake, pool, profile, spec, attempts):
+    fake.reset()
+    content = raw_gateway(pool, profile, f"raw {spec}", spec)
+    error = b'{"type":"error","error":{"type":"overloaded_error","message":"injected mid-stream error"}}'
+    tail = b"event: error\ndata: " + error + b"\n\n"
+    assert content.endswith(tail) and content.count(b"event: error") == 1, content
+    assert arrivals(fake) == attempts
+    for path in ("gateway-sdk", "shim"):
+        with pytest.raises(anthropic.APIStatusError, match="overloaded_error"):
+            anthropic_text(pool, path, profile, f"{path} {spec}", spec)
+    with pool.client() as client:
+        events = []
+        with pytest.raises(ProviderStreamError, match="overloaded_error"):
+            for event in client.submit(profile, "messages.create", **anthropic_args(f"client {spec}", stream=True),
+                                       extra_headers={FAULT_HEADER: spec}):  # fmt: skip
+                events.append(event.json())
+    assert events[-1]["type"] == "error"

@@ -6,6 +6,7 @@ otherwise the caller gets the provider's own event as before. Through the low-le
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import anthropic
@@ -51,6 +52,11 @@ def arrivals(fake) -> int:
 def retried(pool: Pool) -> int:
     with pool.client() as client:
         return client.snapshot().retries_by_reason.get("error_event", 0)
+
+
+def rescued(pool: Pool) -> Counter[str]:
+    with pool.client() as client:
+        return Counter(client.snapshot().rescued)
 
 
 def anthropic_text(pool: Pool, path: str, profile: str, prompt: str, spec: str) -> str:
@@ -162,11 +168,11 @@ def test_an_invalid_request_error_event_is_never_retried(fake, pool, path):
 def test_an_error_event_after_output_is_continued_when_opted_in(fake, pool, path, after):
     """After output (for Anthropic, already after its message_start) the event is not forwarded: the
     stream is continued by prefill (Anthropic) or replay (Chat), and the SDK parses one message."""
-    prompt = f"event after {after} {path}"
-    assert anthropic_text(pool, path, "anthropic", prompt, f"error-event:after={after}") == clean_anthropic(
-        fake, prompt
-    )
-    assert chat_answer(pool, path, "openai", prompt, f"error-event:after={after}") == clean_chat(fake, prompt)
+    prompt, spec = f"event after {after} {path}", f"error-event:after={after}"
+    before = rescued(pool)
+    assert anthropic_text(pool, path, "anthropic", prompt, spec) == clean_anthropic(fake, prompt)
+    assert chat_answer(pool, path, "openai", prompt, spec) == clean_chat(fake, prompt)
+    assert rescued(pool) - before == Counter({"prefill": 1, "replay": 1})
 
 
 def raw_gateway(pool: Pool, profile: str, prompt: str, spec: str) -> bytes:

@@ -41,7 +41,7 @@ CONTINUE = ["prefill", "replay"]
 FAULTS = [
     "http-429:retry_after=1", "http-429", "http-500", "http-529", "unavailable:for=3", "no-headers",
     "stall-first", "stall-ping:after=6", "reset:after=6", "cut:after=6", "no-done", "malformed:after=6",
-    "error-event:after=6", "context-length:limit=10", "content-filter",
+    "error-event:after=0", "error-event:after=6", "context-length:limit=10", "content-filter",
 ]  # fmt: skip
 TINY = ["http-500", "no-headers", "content-filter", "cut:after=6"]
 NOPREFILL = ("cut:after=6 on a -noprefill model", "-noprefill@cut:after=6")  # Anthropic: only replay can continue it

@@ -20,25 +20,30 @@ from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, anthropic_args, openai_args
-from .test_resume import assert_one_message, chat_text, sse_events
+from .test_resume import assert_one_message, chat_text, profile, sse_events
 
 BOTH = ["prefill", "replay"]
 PATHS = ["client", "gateway-httpx", "gateway-sdk", "shim"]
 
 
+# per API: the method, the gateway's route, the request's arguments, the text of one well-formed answer
+# (its events parsed as the caller's SDK must parse them), the SDK, the shim and the SDK's base path
+APIS: dict[str, tuple[str, str, Any, Any, Any, Any, str]] = {
+    "anthropic": ("messages.create", "/v1/messages", anthropic_args, assert_one_message, anthropic.Anthropic,
+                  shim_anthropic.Anthropic, ""),
+    "chat": ("chat.completions.create", "/v1/chat/completions", openai_args, chat_text, openai.OpenAI,
+             shim_openai.OpenAI, "/v1"),
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pool(fake):
-    def profile(kind: str, strategies: list[str], **extra: Any) -> dict[str, Any]:
-        url = fake.url + ("/v1" if kind == "openai" else "")
-        return {"kind": kind, "base_url": url, "min_workers": 1, "max_workers": 3, "continue_streams": strategies,
-                **extra}  # fmt: skip
-
     profiles = {
-        "anthropic": profile("anthropic", BOTH),
-        "openai": profile("openai", BOTH),
-        "plain": profile("anthropic", [], fallbacks=[{"profile": "backup", "model": "claude-fake"}]),
-        "plain-openai": profile("openai", []),
-        "backup": profile("anthropic", [], min_workers=0),
+        "anthropic": profile(fake.url, "anthropic", BOTH),
+        "openai": profile(fake.url, "openai", BOTH),
+        "plain": profile(fake.url, "anthropic", [], fallbacks=[{"profile": "backup", "model": "claude-fake"}]),
+        "plain-openai": profile(fake.url, "openai", []),
+        "backup": profile(fake.url, "anthropic", [], min_workers=0),
     }
     settings = dict(TEST_SETTINGS, http="127.0.0.1:0", max_attempts=3, http_retry_backoff=0.1, circuit_failures=2)
     with Pool(profiles=profiles, **settings) as p:
@@ -59,48 +64,30 @@ def rescued(pool: Pool) -> Counter[str]:
         return Counter(client.snapshot().rescued)
 
 
-def anthropic_text(pool: Pool, path: str, profile: str, prompt: str, spec: str) -> str:
-    """The text of one streamed Anthropic answer on `path`, checked to be one well-formed message."""
+def answer(pool: Pool, api: str, path: str, profile: str, prompt: str, spec: str) -> str:
+    """The text of one streamed answer on `path`, checked to be one well-formed message."""
+    method, route, args, text, sdk_class, shim_class, base = APIS[api]
     headers = {FAULT_HEADER: spec, "x-isopool-profile": profile}
     if path == "client":
         with pool.client() as client:
-            call = client.submit(profile, "messages.create", **anthropic_args(prompt, stream=True),
-                                 extra_headers={FAULT_HEADER: spec})  # fmt: skip
-            return assert_one_message([e.json() for e in call])
+            call = client.submit(profile, method, **args(prompt, stream=True), extra_headers={FAULT_HEADER: spec})
+            return text([e.json() for e in call])
     if path == "gateway-httpx":
-        body = {**anthropic_args(prompt), "stream": True}
-        raw = httpx.post(pool.http_url + "/v1/messages", json=body, headers=headers, timeout=30)
-        assert raw.status_code == 200 and b"event: error" not in raw.content, raw.content
-        return assert_one_message(sse_events(raw.content))
+        raw = httpx.post(pool.http_url + route, json=args(prompt, stream=True), headers=headers, timeout=30)
+        assert raw.status_code == 200 and b'"error"' not in raw.content, raw.content
+        return text(sse_events(raw.content))
     if path == "gateway-sdk":
-        sdk: Any = anthropic.Anthropic(base_url=pool.http_url, max_retries=0, default_headers=headers)
+        sdk = sdk_class(base_url=pool.http_url + base, max_retries=0, default_headers=headers)
     else:
-        sdk = shim_anthropic.Anthropic(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
-    with sdk, sdk.messages.stream(**anthropic_args(prompt)) as stream:
-        message = stream.get_final_message()
+        sdk = shim_class(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
+    with sdk:
+        if api == "chat":
+            chunks = sdk.chat.completions.create(**args(prompt), stream=True)
+            return text([chunk.model_dump(exclude_unset=True) for chunk in chunks])
+        with sdk.messages.stream(**args(prompt)) as stream:
+            message = stream.get_final_message()
     assert len(message.content) == 1 and message.stop_reason == "end_turn"
     return message.content[0].text
-
-
-def chat_answer(pool: Pool, path: str, profile: str, prompt: str, spec: str) -> str:
-    headers = {FAULT_HEADER: spec, "x-isopool-profile": profile}
-    if path == "client":
-        with pool.client() as client:
-            call = client.submit(profile, "chat.completions.create", **openai_args(prompt, stream=True),
-                                 extra_headers={FAULT_HEADER: spec})  # fmt: skip
-            return chat_text([e.json() for e in call])
-    if path == "gateway-httpx":
-        body = {**openai_args(prompt), "stream": True}
-        raw = httpx.post(pool.http_url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
-        assert raw.status_code == 200 and b'"error"' not in raw.content, raw.content
-        return chat_text(sse_events(raw.content))
-    if path == "gateway-sdk":
-        sdk: Any = openai.OpenAI(base_url=pool.http_url + "/v1", max_retries=0, default_headers=headers)
-    else:
-        sdk = shim_openai.OpenAI(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
-    with sdk:
-        chunks = list(sdk.chat.completions.create(**openai_args(prompt), stream=True))
-    return chat_text([chunk.model_dump(exclude_unset=True) for chunk in chunks])
 
 
 def clean_anthropic(fake, prompt: str) -> str:
@@ -121,7 +108,7 @@ def test_an_error_event_before_output_is_retried_on_every_path(fake, pool, path,
     want = clean_anthropic(fake, prompt)
     fake.reset()
     before = retried(pool)
-    assert anthropic_text(pool, path, "plain", prompt, f"error-event:after=0,error={error}") == want
+    assert answer(pool, "anthropic", path, "plain", prompt, f"error-event:after=0,error={error}") == want
     assert arrivals(fake) == 2 and retried(pool) == before + 1
 
 
@@ -130,7 +117,7 @@ def test_an_error_chunk_before_output_is_retried_for_chat(fake, pool, path):
     prompt = f"chat event first {path}"
     want = clean_chat(fake, prompt)
     fake.reset()
-    assert chat_answer(pool, path, "plain-openai", prompt, "error-event:after=0,error=server_error") == want
+    assert answer(pool, "chat", path, "plain-openai", prompt, "error-event:after=0,error=server_error") == want
     assert arrivals(fake) == 2
 
 
@@ -159,7 +146,7 @@ def test_an_invalid_request_error_event_is_never_retried(fake, pool, path):
         assert b'"type":"invalid_request_error"' in raw_gateway(pool, "plain", "invalid", spec)
     else:
         with pytest.raises((ProviderStreamError, anthropic.APIStatusError), match="invalid_request_error"):
-            anthropic_text(pool, path, "plain", f"invalid {path}", spec)
+            answer(pool, "anthropic", path, "plain", f"invalid {path}", spec)
     assert arrivals(fake) == 1
 
 
@@ -170,8 +157,8 @@ def test_an_error_event_after_output_is_continued_when_opted_in(fake, pool, path
     stream is continued by prefill (Anthropic) or replay (Chat), and the SDK parses one message."""
     prompt, spec = f"event after {after} {path}", f"error-event:after={after}"
     before = rescued(pool)
-    assert anthropic_text(pool, path, "anthropic", prompt, spec) == clean_anthropic(fake, prompt)
-    assert chat_answer(pool, path, "openai", prompt, spec) == clean_chat(fake, prompt)
+    assert answer(pool, "anthropic", path, "anthropic", prompt, spec) == clean_anthropic(fake, prompt)
+    assert answer(pool, "chat", path, "openai", prompt, spec) == clean_chat(fake, prompt)
     assert rescued(pool) - before == Counter({"prefill": 1, "replay": 1})
 
 
@@ -187,7 +174,7 @@ def raw_gateway(pool: Pool, profile: str, prompt: str, spec: str) -> bytes:
     ("profile", "spec", "attempts"),
     [
         ("plain", "error-event:after=6", 1),  # after output, not opted in
-        ("plain", "error-event:after=0,times=9", 3),  # before output, the budget spent (no fallback: header fault)
+        ("plain", "error-event:after=0,times=9", 3),  # before output, the budget spent (the fallback too has the fault)
         ("anthropic", "error-event:after=6,times=9", 3),  # opted in, the continuations' budget spent
     ],
 )
@@ -200,7 +187,7 @@ def test_an_error_event_not_rescued_reaches_the_caller_as_the_providers_own(fake
     assert arrivals(fake) == attempts
     for path in ("gateway-sdk", "shim"):
         with pytest.raises(anthropic.APIStatusError, match="overloaded_error"):
-            anthropic_text(pool, path, profile, f"{path} {spec}", spec)
+            answer(pool, "anthropic", path, profile, f"{path} {spec}", spec)
     with pool.client() as client:
         events = []
         with pytest.raises(ProviderStreamError, match="overloaded_error"):

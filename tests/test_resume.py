@@ -34,23 +34,27 @@ TOOL = {"name": "lookup", "description": "look it up", "input_schema": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}  # fmt: skip
 
 
+def profile(fake_url: str, kind: str, strategies: list[str], **extra: Any) -> dict[str, Any]:
+    """A profile of the fake provider whose broken streams are continued by `strategies`."""
+    url = fake_url + ("/v1" if kind == "openai" else "")
+    return {"kind": kind, "base_url": url, "min_workers": 1, "max_workers": 3, "continue_streams": strategies,
+            **extra}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pool(fake):
-    def profile(kind: str, strategies: list[str], **extra: Any) -> dict[str, Any]:
-        url = fake.url + ("/v1" if kind == "openai" else "")
-        return {"kind": kind, "base_url": url, "min_workers": 1, "max_workers": 3, "continue_streams": strategies,
-                **extra}  # fmt: skip
-
     profiles = {
-        "anthropic": profile("anthropic", BOTH),
-        "openai": profile("openai", BOTH),
-        "plain": profile("anthropic", []),
-        "plain-openai": profile("openai", [], min_workers=0),
-        "prefill-only": profile("anthropic", ["prefill"], min_workers=0),
-        "replay-only": profile("anthropic", ["replay"], min_workers=0),
+        "anthropic": profile(fake.url, "anthropic", BOTH),
+        "openai": profile(fake.url, "openai", BOTH),
+        "plain": profile(fake.url, "anthropic", []),
+        "plain-openai": profile(fake.url, "openai", [], min_workers=0),
+        "prefill-only": profile(fake.url, "anthropic", ["prefill"], min_workers=0),
+        "replay-only": profile(fake.url, "anthropic", ["replay"], min_workers=0),
         # a fallback whose streams are cut after output: a call moved there is continued there
-        "primary": profile("openai", BOTH, min_workers=0, fallbacks=[{"profile": "cutting", "model": "gpt-fake"}]),
-        "cutting": profile("openai", [], min_workers=0, default_headers={FAULT_HEADER: "cut:after=3"}),
+        "primary": profile(
+            fake.url, "openai", BOTH, min_workers=0, fallbacks=[{"profile": "cutting", "model": "gpt-fake"}]
+        ),  # fmt: skip
+        "cutting": profile(fake.url, "openai", [], min_workers=0, default_headers={FAULT_HEADER: "cut:after=3"}),
     }
     with Pool(profiles=profiles, **dict(TEST_SETTINGS, stale_timeout=STALE, http="127.0.0.1:0")) as p:
         yield p

@@ -19,7 +19,7 @@ from broker.fake_provider import FAULT_HEADER
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .conftest import TEST_SETTINGS, anthropic_args, openai_args
+from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
 from .test_resume import assert_one_message, chat_text, profile, sse_events
 
 BOTH = ["prefill", "replay"]
@@ -195,3 +195,21 @@ def test_an_error_event_not_rescued_reaches_the_caller_as_the_providers_own(fake
                                        extra_headers={FAULT_HEADER: spec}):  # fmt: skip
                 events.append(event.json())
     assert events[-1]["type"] == "error"
+
+
+def test_an_error_event_that_cannot_be_continued_reaches_the_caller_as_the_providers_own(fake, pool):
+    """Opted in, but a Responses stream is never continued: its caller gets the provider's own event."""
+    fake.reset()
+    spec = "error-event:after=3,error=server_error"
+    body = {"model": "gpt-fake", "input": "never continued", "stream": True}
+    headers = {FAULT_HEADER: spec, "x-isopool-profile": "openai"}
+    raw = httpx.post(pool.http_url + "/v1/responses", json=body, headers=headers, timeout=30).content
+    last = raw.strip().split(b"\n\n")[-1]
+    assert raw.count(b"event: error") == 1 and last.startswith(b"event: error\n") and b'"server_error"' in last, raw
+    assert b"isopool" not in raw and arrivals(fake) == 1  # the continuation was refused before it was sent
+    with pool.client() as client:
+        events = []
+        with pytest.raises(ProviderStreamError, match="server_error") as raised:
+            for event in client.submit("openai", "responses.create", **{**body, "input": "client"}, **fault(spec)):
+                events.append(event.json())
+    assert events[-1]["type"] == "error" and "not continuable: responses.create" in raised.value.info.rescue

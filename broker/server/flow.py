@@ -398,6 +398,8 @@ class Flow:
         else end it with the error it first broke with and why it was not continued."""
         rescue = req.rescue
         assert rescue is not None
+        if rescue.first is None and req.held is not None:  # it broke with the provider's error event
+            rescue.event = (req.held, req.held_end)
         if failure == Continuation.NOT_CONTINUABLE:
             req.attempt -= 1  # the worker sent nothing upstream: not an attempt
         if tally := rescue.tally(failure):
@@ -410,6 +412,8 @@ class Flow:
                 reason, req.attempt, req.history[:-1], left, after, random.random(), req.submit.max_attempts
             )
         if delay is None:
+            if req.held is None and rescue.event is not None:  # the caller gets that event, as without this option
+                req.held, req.held_end = rescue.event
             answer = rescue.answer(req.delivered, req.attempt, why)
             log.info("request %d: broke after output (%s); not continued: %s", req.key, failure, answer.rescue)
             header = ErrorHeader(req.crid, answer.code, *self.router.served(req))

@@ -87,6 +87,7 @@ class Rescue:
     first: ErrorInfo | None = None  # what the stream first broke with: the caller's answer if not continued
     why: str = ""  # why it was not continued
     strategy: str = ""  # what the running attempt continues with ("" for the original attempt)
+    event: tuple[bytes, bytes | None] | None = None  # the provider's error event it broke with, and its end (flow.py)
 
     def keep(self, data: bytes) -> None:
         """Keep an EVENT payload the caller received."""

@@ -8,6 +8,7 @@ import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx 
 import pytest
 
 from broker import Pool
+from broker.errors import IsopoolError
 
 from .conftest import TEST_SETTINGS, openai_args
 
@@ -39,3 +40,24 @@ def test_long_fallback_names_are_refused_not_left_unanswered(fake, pool, where):
         response = post(pool, body, **{"x-isopool-fallbacks": ",".join(names)})
     assert response.status_code == 400, response.text
     assert "fallback" in response.json()["error"]["message"]
+
+
+def test_a_callers_own_short_timeout_never_opens_the_circuit_others_share(fake):
+    """A caller that sets itself a first_event_timeout shorter than a healthy model's first token
+    (0.3 s against 1 s) fails by its own limit, not the provider's: it counted as the provider's
+    silence, so two such calls opened the primary's circuit and sent everyone's calls to the backup."""
+    model = "gpt-fake@slow-first:delay=1,times=100"
+    base = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "max_workers": 3}
+    primary = {**base, "fallbacks": [{"profile": "backup"}]}
+    settings = dict(TEST_SETTINGS, circuit_failures=2, circuit_cooldown=30, circuit_cooldown_max=30)
+    with Pool(profiles={"primary": primary, "backup": base}, **settings) as pool, pool.client() as client:
+        for i in range(2):  # the hasty caller: its calls end by its own limit
+            hasty = client.submit("primary", "chat.completions.create", first_event_timeout=0.3, max_attempts=1,
+                                  **openai_args(f"hasty {i}", model=model))  # fmt: skip
+            with pytest.raises(IsopoolError):
+                hasty.result()
+        circuit = client.snapshot().circuits.get(f"primary/{model}")
+        assert circuit is None or circuit.state == "closed", circuit
+        polite = client.submit("primary", "chat.completions.create", **openai_args("polite", model=model))
+        polite.result()
+        assert (polite.served.profile, polite.served.attempts) == ("primary", 1), polite.served

@@ -188,8 +188,9 @@ class Router:
 
     def failed(self, req: Request, reason: Reason, after: float | None, now: float) -> None:
         """An attempt failed: the provider's failure counts on its circuit; the pool's own (a crash, a
-        neighbour's stall, a memory limit, a deadline) says nothing of the provider."""
-        if reason in _TRIGGERS and req.group and self.circuit_limits.failures:
+        neighbour's stall, a memory limit, a deadline) or a limit the caller set tighter than the pool's
+        says nothing of the provider (one caller's haste must not open a circuit every caller shares)."""
+        if reason in _TRIGGERS and reason not in req.own_limits and req.group and self.circuit_limits.failures:
             key = (req.group, model_of(req))
             if key not in self.circuits and len(self.circuits) >= _MAX_CIRCUITS:
                 self._forget_closed()

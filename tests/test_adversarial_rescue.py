@@ -4,11 +4,14 @@ answer twice or not at all, or be tricked; each failed before its fix."""
 
 from __future__ import annotations
 
+import time
+
 import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx is only in an extra)
 import pytest
 
 from broker import Pool
 from broker.errors import IsopoolError
+from broker.fake_provider import LATENCY_HEADER
 
 from .conftest import TEST_SETTINGS, openai_args
 
@@ -61,3 +64,32 @@ def test_a_callers_own_short_timeout_never_opens_the_circuit_others_share(fake):
         polite = client.submit("primary", "chat.completions.create", **openai_args("polite", model=model))
         polite.result()
         assert (polite.served.profile, polite.served.attempts) == ("primary", 1), polite.served
+
+
+def test_a_call_waiting_for_a_closed_circuit_does_not_hold_up_calls_that_a_free_deployment_can_run(fake):
+    """Deployment a's circuit is open for one model, b's closed but busy: a call for that model waits
+    for b. It waited at the head of the queue, and every call behind it, of any model and any caller,
+    waited with it while a sat idle (for as long as b's stream ran)."""
+    flaky = "gpt-fake@http-500"  # once per conversation: the first attempt fails, its retry is answered
+    deps = [{"name": "a"}, {"name": "b"}]
+    profile = {"kind": "openai", "base_url": fake.url + "/v1", "deployments": deps, "strategy": "ordered",
+               "min_workers": 1, "spare_workers": 0, "max_workers": 1}  # fmt: skip
+    settings = dict(TEST_SETTINGS, circuit_failures=1, circuit_cooldown=30, circuit_cooldown_max=30)
+    fake.reset()
+    with Pool(profiles={"openai": profile}, **settings) as pool, pool.client() as client:
+        opener = client.submit("openai", "chat.completions.create", **openai_args("opens a", model=flaky))
+        assert opener.result().status == 200 and opener.served.deployment == "b"  # a failed it: a's circuit opens
+        assert client.snapshot().circuits["openai.a/" + flaky].state == "open"
+        slow = {"extra_headers": {LATENCY_HEADER: "ttft=1.0"}}
+        long_ = {"extra_headers": {LATENCY_HEADER: "ttft=4.0"}}
+        short_on_a = client.submit("openai", "chat.completions.create", **openai_args("on a"), **slow)
+        long_on_b = client.submit("openai", "chat.completions.create", **openai_args("on b"), **long_)
+        short_on_a.result()
+        assert short_on_a.served.deployment == "a"  # a is free again; b runs for 3 s more
+        waiting = client.submit("openai", "chat.completions.create", **openai_args("waits for b", model=flaky))
+        started = time.monotonic()
+        behind = client.submit("openai", "chat.completions.create", **openai_args("any model"))
+        behind.result()
+        assert behind.served.deployment == "a"
+        assert time.monotonic() - started < 2.0, "a call a free deployment could run waited for b's stream"
+        assert waiting.result().status == 200 and long_on_b.result().status == 200

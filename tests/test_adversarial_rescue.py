@@ -93,3 +93,21 @@ def test_a_call_waiting_for_a_closed_circuit_does_not_hold_up_calls_that_a_free_
         assert behind.served.deployment == "a"
         assert time.monotonic() - started < 2.0, "a call a free deployment could run waited for b's stream"
         assert waiting.result().status == 200 and long_on_b.result().status == 200
+
+
+def test_circuits_of_many_distinct_failing_models_stay_bounded(monkeypatch):
+    """A caller naming a new model in every call while the upstream rate-limits (a 429 naming its wait
+    opens a circuit at once) made one open circuit per name, never forgotten: only closed ones were,
+    so the broker's memory and every stats snapshot grew with each name (3 KiB each)."""
+    from broker.config import load_settings
+    from broker.protocol import Submit
+    from broker.server import routing
+    from broker.server.state import Reason, Request
+
+    monkeypatch.setattr(routing, "_MAX_CIRCUITS", 50)
+    router = routing.Router(load_settings(env={}, profiles={"p": {"kind": "openai"}}))
+    for i in range(200):
+        req = Request(i, b"c", i, Submit(i, "p", f"model-{i}"), b"", "p", 20.0, 20.0, 100.0, 0.0, group="p")
+        router.failed(req, Reason.HTTP_429, 30.0, float(i))
+    assert len(router.circuits) <= 50 and len(router.circuit_snapshots(200.0)) <= 50
+    assert router.circuits["p", "model-199"].state.name == "OPEN"  # the latest are kept

@@ -193,7 +193,7 @@ class Router:
         if reason in _TRIGGERS and reason not in req.own_limits and req.group and self.circuit_limits.failures:
             key = (req.group, model_of(req))
             if key not in self.circuits and len(self.circuits) >= _MAX_CIRCUITS:
-                self._forget_closed()
+                self._forget()
             self.circuits.setdefault(key, Circuit(self.circuit_limits)).failure(now, after)
         else:
             self.dropped(req)
@@ -209,9 +209,12 @@ class Router:
         """By `group/model` (group: `profile` or `profile.deployment`)."""
         return {f"{group}/{model}": c.snapshot(now) for (group, model), c in self.circuits.items()}
 
-    def _forget_closed(self) -> None:
-        """Bound the memory a stream of distinct failing models could take: closed circuits go first."""
+    def _forget(self) -> None:
+        """Bound the memory a stream of distinct failing models could take: closed circuits go first,
+        then the oldest open ones, down to half the cap (a forgotten model's next failures open it again)."""
         for key in [k for k, c in self.circuits.items() if c.state is State.CLOSED]:
+            del self.circuits[key]
+        for key in list(self.circuits)[: len(self.circuits) - _MAX_CIRCUITS // 2]:
             del self.circuits[key]
 
     def served(self, req: Request) -> tuple[int, str, str, str, str]:

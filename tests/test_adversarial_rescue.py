@@ -4,6 +4,7 @@ answer twice or not at all, or be tricked; each failed before its fix."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx2 as httpx  # the SDKs' own HTTP client: installed with them (httpx is only in an extra)
@@ -111,3 +112,21 @@ def test_circuits_of_many_distinct_failing_models_stay_bounded(monkeypatch):
         router.failed(req, Reason.HTTP_429, 30.0, float(i))
     assert len(router.circuits) <= 50 and len(router.circuit_snapshots(200.0)) <= 50
     assert router.circuits["p", "model-199"].state.name == "OPEN"  # the latest are kept
+
+
+def test_a_body_that_is_not_json_moved_to_a_model_fallback_is_not_refused_by_the_pool(fake):
+    """An upload (multipart) whose own target is down, on a profile whose fallback names a model: the
+    fallback's worker refused it ("needs a JSON object body", a 400 of the pool's), which the caller got
+    in place of any provider's answer. A body that names no model is sent as it is, like one without."""
+    with socket.socket() as s:  # a port nothing listens on: connection refused, a provider failure
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    primary = {"kind": "openai", "base_url": dead, "min_workers": 1, "fallbacks": [{"profile": "backup", "model": "gpt-fake"}]}
+    backup = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1}
+    settings = dict(TEST_SETTINGS, circuit_failures=0, http="127.0.0.1:0")
+    fake.reset()
+    with Pool(profiles={"openai": primary, "backup": backup}, **settings) as pool:
+        response = httpx.post(pool.http_url + "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF....")},
+                              data={"model": "whisper-1"}, timeout=30)  # fmt: skip
+    assert "JSON object body" not in response.text, response.text
+    assert response.headers["x-isopool-profile"] == "backup"  # the fallback's own answer

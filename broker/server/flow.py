@@ -284,7 +284,8 @@ class Flow:
                 self._run(worker, req, now)
                 self.fleet.offer(worker)
             for req in reversed(waiting):
-                queue.push(req, front=True)
+                if req.key in self.requests:  # not ended meanwhile (a caller cut off by a failed send)
+                    queue.push(req, front=True)
         if detoured:  # a queue already passed may have received them
             self.dispatch(now)
 

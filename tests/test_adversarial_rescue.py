@@ -130,3 +130,16 @@ def test_a_body_that_is_not_json_moved_to_a_model_fallback_is_not_refused_by_the
                               data={"model": "whisper-1"}, timeout=30)  # fmt: skip
     assert "JSON object body" not in response.text, response.text
     assert response.headers["x-isopool-profile"] == "backup"  # the fallback's own answer
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_deeply_nested_fallbacks_are_a_400_not_a_crash_of_the_handler(fake, pool, content_type):
+    """msgspec raises RecursionError (not a DecodeError) past ~1000 levels: the gateway's handler died
+    on it with a bare 500 and a traceback in the log, once per request a caller cared to send."""
+    depth = 5000
+    body = b'{"model": "gpt-fake", "messages": [], "fallbacks": ' + b"[" * depth + b"]" * depth + b"}"
+    response = httpx.post(pool.http_url + "/v1/chat/completions", content=body,
+                          headers={"content-type": content_type}, timeout=10)  # fmt: skip
+    if content_type == "application/json":  # checked by the gateway
+        assert response.status_code == 400, response.text
+    assert "error" in response.json(), response.text  # an answer, not the web server's bare 500

@@ -599,7 +599,7 @@ def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
         call = call.http
     try:
         fields = _BODY_FIELDS.decode(call.body) if call.body.startswith(b"{") else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's: nested too deep
         return {}
     return {"model": fields.model, "stream": fields.stream} if fields else {}
 

@@ -143,3 +143,39 @@ def test_deeply_nested_fallbacks_are_a_400_not_a_crash_of_the_handler(fake, pool
     if content_type == "application/json":  # checked by the gateway
         assert response.status_code == 400, response.text
     assert "error" in response.json(), response.text  # an answer, not the web server's bare 500
+
+
+def test_a_silent_provider_is_waited_for_once_more_not_once_per_key_and_the_fallback_answers(fake):
+    """Silence is retried once per call, then the call moves on. A profile of three deployments (keys
+    of one silent provider) sent the call to each in turn, waiting out headers_timeout three times:
+    the budget of 3 was spent there and the configured fallback never asked."""
+    deps = [{"name": "k1"}, {"name": "k2"}, {"name": "k3"}]
+    base = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "spare_workers": 0, "max_workers": 1}
+    primary = {**base, "deployments": deps, "fallbacks": [{"profile": "backup", "model": "gpt-fake"}]}
+    settings = dict(TEST_SETTINGS, headers_timeout=0.5, max_attempts=3, circuit_failures=0)
+    fake.reset()
+    with Pool(profiles={"primary": primary, "backup": base}, **settings) as pool, pool.client() as client:
+        started = time.monotonic()
+        call = client.submit("primary", "chat.completions.create",
+                             **openai_args("silent keys", model="gpt-fake@no-headers:times=100"))  # fmt: skip
+        assert call.result().status == 200
+        assert call.served.profile == "backup" and call.served.attempts <= 3, call.served
+        assert time.monotonic() - started < 1.5  # two silences at most, not three
+
+
+def test_the_budget_left_for_the_fallbacks_is_not_spent_on_another_key():
+    """Three keys failing with 5xx and one fallback, a budget of 3: the third attempt is the fallback's
+    (the budget left is what the targets after it need); it went to the third key, and the fallback
+    was never asked."""
+    from broker.config import load_settings
+    from broker.protocol import Submit
+    from broker.server.routing import Move, Router
+    from broker.server.state import Reason, Request
+
+    deps = [{"name": "k1"}, {"name": "k2"}, {"name": "k3"}]
+    s = load_settings(env={}, max_attempts=3, profiles={
+        "p": {"kind": "openai", "deployments": deps, "fallbacks": [{"profile": "b"}]}, "b": {"kind": "openai"}})  # fmt: skip
+    req = Request(1, b"c", 1, Submit(1, "p", "m"), b"", "p", 20.0, 20.0, 100.0, 0.0, attempt=2, group="p.k2")
+    req.hops, req.target_attempts, req.failed_on = [("p", ""), ("b", "")], 2, {"p.k1"}
+    req.used = req.hops[:1]
+    assert Router(s).next(req, Reason.HTTP_5XX, "", [Reason.HTTP_5XX], None, 0.0, 0.5) == Move(("b", ""), "fallback")

@@ -18,7 +18,7 @@ from ..protocol import CircuitSnapshot, Code
 from ..routes import Hop, groups
 from .circuits import Circuit, State
 from .circuits import Limits as CircuitLimits
-from .retrypolicy import Policy
+from .retrypolicy import SILENT, Policy
 from .state import Reason, Request
 
 
@@ -157,10 +157,15 @@ class Router:
         if left <= 0:
             return End(f"max_attempts ({budget}) reached")
         groups, model = self.of_profile[req.profile], model_of(req)
-        if trigger is not None and any(g not in req.failed_on and self.available(g, model, now) for g in groups):
-            return Same(0.0)  # another deployment (key) of the same target, at once
         moving = trigger in on and bool(ahead)
-        if moving and (trigger == "silence" or req.target_attempts >= 2 or left <= len(ahead)):
+        silent_again = trigger == "silence" and any(r in SILENT for r in before)  # waited for once already
+        if moving and (silent_again or left <= len(ahead)):
+            return Move(ahead[0], "fallback")  # before another key: the rest of the budget is the fallbacks'
+        if trigger is not None and not silent_again and any(
+            g not in req.failed_on and self.available(g, model, now) for g in groups
+        ):
+            return Same(0.0)  # another deployment (key) of the same target, at once
+        if moving and (trigger == "silence" or req.target_attempts >= 2):
             return Move(ahead[0], "fallback")
         if "open" in on and ahead and not any(self.available(g, model, now) for g in groups):
             return Move(ahead[0], "fallback")  # its circuits just opened

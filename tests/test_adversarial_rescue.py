@@ -179,3 +179,20 @@ def test_the_budget_left_for_the_fallbacks_is_not_spent_on_another_key():
     req.hops, req.target_attempts, req.failed_on = [("p", ""), ("b", "")], 2, {"p.k1"}
     req.used = req.hops[:1]
     assert Router(s).next(req, Reason.HTTP_5XX, "", [Reason.HTTP_5XX], None, 0.0, 0.5) == Move(("b", ""), "fallback")
+
+
+@pytest.mark.parametrize("model", ["gpt-fake\r\nX-Evil: 1", "gpt-fake\x00", "gpt-fake-modèle"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_who_answered_is_said_in_headers_whatever_the_model_name(fake, pool, model, stream):
+    """`x-isopool-model` carries the model the caller named: with a control character the gateway's
+    handler died writing its headers after the provider had answered (a dropped connection, or a bare
+    500), and a name that is not ASCII made the shim raise UnicodeEncodeError on a good answer."""
+    from broker.shim import openai as shim_openai
+
+    args = openai_args(f"odd name {stream}", model=model, stream=stream)
+    response = post(pool, args)
+    assert response.status_code == 200 and "x-evil" not in response.headers, response.text
+    assert response.headers["x-isopool-profile"] == "openai" and "\n" not in response.headers["x-isopool-model"]
+    with shim_openai.OpenAI(pool=pool) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(**openai_args(f"shim {stream}", model=model))
+    assert raw.status_code == 200 and raw.headers["x-isopool-model"].isprintable()

@@ -196,3 +196,18 @@ def test_who_answered_is_said_in_headers_whatever_the_model_name(fake, pool, mod
     with shim_openai.OpenAI(pool=pool) as sdk:
         raw = sdk.chat.completions.with_raw_response.create(**openai_args(f"shim {stream}", model=model))
     assert raw.status_code == 200 and raw.headers["x-isopool-model"].isprintable()
+
+
+def test_a_call_that_fails_everywhere_gets_its_own_targets_first_error_even_when_a_fallback_refuses_it(fake):
+    """The primary is down (503); its fallback refuses the call (here a 400 of its own, as a fallback
+    model the key may not use would). The caller asked for the primary's model and got the
+    fallback's refusal, not its own target's first provider error, which the README promises."""
+    base = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1, "spare_workers": 0, "max_workers": 2}
+    primary = {**base, "fallbacks": [{"profile": "backup", "model": "gpt-fake@content-filter:times=100"}]}
+    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", circuit_failures=0)
+    fake.reset()
+    with Pool(profiles={"primary": primary, "backup": base}, **settings) as pool:
+        response = httpx.post(pool.http_url + "/v1/chat/completions", headers={"x-isopool-profile": "primary"},
+                              json=openai_args("fails everywhere", model="gpt-fake@unavailable:for=600"), timeout=30)  # fmt: skip
+    assert response.headers["x-isopool-attempts"] == "3" and response.headers["x-isopool-profile"] == "backup"
+    assert response.status_code == 503, response.text  # the primary's own error, not the fallback's 400

@@ -150,7 +150,8 @@ class Router:
                 return Move(req.context, "context-fallback")
             if failure in on and ahead and left > 0:
                 return Move(ahead[0], "fallback")
-            return End(f"the provider refused it ({failure}); not rerouted", first=False)
+            # refused by a fallback: the caller gets its own target's first error (the cause), not the fallback's
+            return End(f"the provider refused it ({failure}); not rerouted", first=len(req.used) > 1)
         trigger = _TRIGGERS.get(reason)
         if trigger is not None:
             req.failed_on.add(req.group)

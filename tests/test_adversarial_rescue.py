@@ -112,6 +112,12 @@ def test_circuits_of_many_distinct_failing_models_stay_bounded(monkeypatch):
         router.failed(req, Reason.HTTP_429, 30.0, float(i))
     assert len(router.circuits) <= 50 and len(router.circuit_snapshots(200.0)) <= 50
     assert router.circuits["p", "model-199"].state.name == "OPEN"  # the latest are kept
+    opened = list(router.circuits.items())[:20]
+    closed = [(("p", f"closed-{i}"), routing.Circuit(router.circuit_limits)) for i in range(30)]
+    router.circuits = dict(closed + opened)  # at the cap: the closed ones go, the 20 open ones stay
+    router.failed(Request(0, b"c", 0, Submit(0, "p", "new"), b"", "p", 20.0, 20.0, 100.0, 0.0, group="p"),
+                  Reason.HTTP_429, 30.0, 300.0)  # fmt: skip
+    assert len(router.circuits) == 21
 
 
 def test_a_body_that_is_not_json_moved_to_a_model_fallback_is_not_refused_by_the_pool(fake):

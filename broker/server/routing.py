@@ -220,7 +220,7 @@ class Router:
         then the oldest open ones, down to half the cap (a forgotten model's next failures open it again)."""
         for key in [k for k, c in self.circuits.items() if c.state is State.CLOSED]:
             del self.circuits[key]
-        for key in list(self.circuits)[: len(self.circuits) - _MAX_CIRCUITS // 2]:
+        for key in list(self.circuits)[: max(0, len(self.circuits) - _MAX_CIRCUITS // 2)]:
             del self.circuits[key]
 
     def served(self, req: Request) -> tuple[int, str, str, str, str]:

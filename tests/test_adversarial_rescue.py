@@ -127,7 +127,12 @@ def test_a_body_that_is_not_json_moved_to_a_model_fallback_is_not_refused_by_the
     with socket.socket() as s:  # a port nothing listens on: connection refused, a provider failure
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    primary = {"kind": "openai", "base_url": dead, "min_workers": 1, "fallbacks": [{"profile": "backup", "model": "gpt-fake"}]}
+    primary = {
+        "kind": "openai",
+        "base_url": dead,
+        "min_workers": 1,
+        "fallbacks": [{"profile": "backup", "model": "gpt-fake"}],
+    }
     backup = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1}
     settings = dict(TEST_SETTINGS, circuit_failures=0, http="127.0.0.1:0")
     fake.reset()
@@ -179,8 +184,8 @@ def test_the_budget_left_for_the_fallbacks_is_not_spent_on_another_key():
     from broker.server.state import Reason, Request
 
     deps = [{"name": "k1"}, {"name": "k2"}, {"name": "k3"}]
-    s = load_settings(env={}, max_attempts=3, profiles={
-        "p": {"kind": "openai", "deployments": deps, "fallbacks": [{"profile": "b"}]}, "b": {"kind": "openai"}})  # fmt: skip
+    primary = {"kind": "openai", "deployments": deps, "fallbacks": [{"profile": "b"}]}
+    s = load_settings(env={}, max_attempts=3, profiles={"p": primary, "b": {"kind": "openai"}})
     req = Request(1, b"c", 1, Submit(1, "p", "m"), b"", "p", 20.0, 20.0, 100.0, 0.0, attempt=2, group="p.k2")
     req.hops, req.target_attempts, req.failed_on = [("p", ""), ("b", "")], 2, {"p.k1"}
     req.used = req.hops[:1]
@@ -213,7 +218,8 @@ def test_a_call_that_fails_everywhere_gets_its_own_targets_first_error_even_when
     settings = dict(TEST_SETTINGS, http="127.0.0.1:0", circuit_failures=0)
     fake.reset()
     with Pool(profiles={"primary": primary, "backup": base}, **settings) as pool:
+        args = openai_args("fails everywhere", model="gpt-fake@unavailable:for=600")
         response = httpx.post(pool.http_url + "/v1/chat/completions", headers={"x-isopool-profile": "primary"},
-                              json=openai_args("fails everywhere", model="gpt-fake@unavailable:for=600"), timeout=30)  # fmt: skip
+                              json=args, timeout=30)  # fmt: skip
     assert response.headers["x-isopool-attempts"] == "3" and response.headers["x-isopool-profile"] == "backup"
     assert response.status_code == 503, response.text  # the primary's own error, not the fallback's 400

@@ -14,7 +14,6 @@ import msgspec
 
 from broker.protocol import Call, HttpCall
 
-
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 

@@ -162,9 +162,8 @@ class Router:
         silent_again = trigger == "silence" and any(r in SILENT for r in before)  # waited for once already
         if moving and (silent_again or left <= len(ahead)):
             return Move(ahead[0], "fallback")  # before another key: the rest of the budget is the fallbacks'
-        if trigger is not None and not silent_again and any(
-            g not in req.failed_on and self.available(g, model, now) for g in groups
-        ):
+        other_key = any(g not in req.failed_on and self.available(g, model, now) for g in groups)
+        if trigger is not None and not silent_again and other_key:
             return Same(0.0)  # another deployment (key) of the same target, at once
         if moving and (trigger == "silence" or req.target_attempts >= 2):
             return Move(ahead[0], "fallback")

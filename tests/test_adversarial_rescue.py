@@ -223,3 +223,25 @@ def test_a_call_that_fails_everywhere_gets_its_own_targets_first_error_even_when
                               json=args, timeout=30)  # fmt: skip
     assert response.headers["x-isopool-attempts"] == "3" and response.headers["x-isopool-profile"] == "backup"
     assert response.status_code == 503, response.text  # the primary's own error, not the fallback's 400
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not small: the worker relays the error event before it raises (worker/calls.py relay), so the "
+    "broker counts it delivered; the fix holds back an error event that comes before any other real event, "
+    "and the broker classifies that provider_stream error by its error type (overloaded_error, api_error: "
+    "HTTP_5XX; rate_limit_error: HTTP_429) in Flow._retried_for",
+)
+def test_an_overload_said_in_the_streams_first_event_is_retried_like_a_529(fake):
+    """Anthropic may answer 200 and then say `overloaded_error` in an SSE `error` event. Before any
+    output that is a 529 in other words, and nothing was delivered: it ended the call at its first
+    attempt (ProviderStreamError), no retry, no fallback."""
+    from .conftest import anthropic_args, fault
+
+    profile = {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "spare_workers": 0}
+    with Pool(profiles={"anthropic": profile}, **TEST_SETTINGS) as pool, pool.client() as client:
+        call = client.submit("anthropic", "messages.create", **anthropic_args("overloaded at once", stream=True),
+                             **fault("error-event:after=0"))  # fmt: skip
+        kinds = [event.json()["type"] for event in call]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "error" not in kinds
+        assert call.served.attempts == 2 and call.served.rescue == "retry"

@@ -114,7 +114,16 @@ class Served(msgspec.Struct, array_like=True, frozen=True, gc=False):
             return []
         fields = ("profile", self.profile), ("deployment", self.deployment), ("model", self.model)
         fields += ("attempts", str(self.attempts)), ("rescue", self.rescue)
-        return [(f"x-isopool-{name}", value) for name, value in fields if value]
+        return [(f"x-isopool-{name}", _header_value(value)) for name, value in fields if value]
+
+
+def _header_value(value: str) -> str:
+    """Printable ASCII as it is; anything else percent-encoded: the model is the caller's own string,
+    and a control character or a letter outside ASCII cannot go into an HTTP header."""
+    return value if value.isascii() and value.isprintable() else urllib.parse.quote(value, safe=_PRINTABLE)
+
+
+_PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):

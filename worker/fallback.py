@@ -2,7 +2,7 @@
 body read for what the broker cannot see in a status code.
 
 The broker never decodes a payload: a fallback's model rides in the RUN header, and the worker
-puts it in the call (the SDK call's kwargs; the JSON body of a relayed HTTP request). A 400 says
+puts it in the call (the SDK call's kwargs; the JSON body of a relayed HTTP request, if it has one). A 400 says
 "context length" or "content filter" only in its body, which is read here, once.
 """
 
@@ -14,24 +14,22 @@ import msgspec
 
 from broker.protocol import Call, HttpCall
 
-from .calls import BadCall
-
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 
 
 def retarget(call: Call | HttpCall, model: str) -> Call | HttpCall:
-    """`call` with `model` in place of its own (a request without a body names no model: sent as it is)."""
+    """`call` with `model` in place of its own. A request whose body is not a JSON object (none, an
+    upload) names no model there: it is sent as it is, to the fallback's profile (refusing it would
+    answer the caller with the pool's 400 in place of any provider's answer)."""
     if isinstance(call, Call):
         return msgspec.structs.replace(call, kwargs={**call.kwargs, "model": model})
-    if not call.body:
-        return call
     try:
-        body = _DEC.decode(call.body)
+        body = _DEC.decode(call.body) if call.body else None
     except msgspec.DecodeError:
         body = None
     if not isinstance(body, dict):
-        raise BadCall(f"a fallback to model {model!r} needs a JSON object body, with the model in it")
+        return call
     return msgspec.structs.replace(call, body=_ENC.encode({**body, "model": model}))
 
 

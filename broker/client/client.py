@@ -30,6 +30,7 @@ from zmq.utils import monitor as zmq_monitor
 from ..config import MAX_MESSAGE_BYTES
 from ..errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
 from ..protocol import (
+    MAX_HEADER_BYTES,
     Call,
     Code,
     Codec,
@@ -295,8 +296,14 @@ class AsyncClient:
                 f"request of {len(payload)} bytes exceeds max_message_bytes ({self.max_message_bytes}): "
                 "send less, or raise max_message_bytes on the broker and on this client"
             )))  # fmt: skip
+        frames = self._codec.frames(Kind.SUBMIT, header, payload)
+        if len(frames[1]) > MAX_HEADER_BYTES:  # the broker would refuse it under no request id: never answered
+            raise BadRequest(ErrorInfo(Code.BAD_REQUEST, (
+                f"the call's profile, model and fallbacks take {len(frames[1])} bytes, over the pool's "
+                f"{MAX_HEADER_BYTES}: use shorter names"
+            )))  # fmt: skip
         state = _CallState(rid, _Sink(threadsafe), relayed=isinstance(call, HttpCall))
-        self._send(self._codec.frames(Kind.SUBMIT, header, payload), state)
+        self._send(frames, state)
         return state
 
     def _attach(self) -> None:
@@ -592,7 +599,7 @@ def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
         call = call.http
     try:
         fields = _BODY_FIELDS.decode(call.body) if call.body.startswith(b"{") else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's: nested too deep
         return {}
     return {"model": fields.model, "stream": fields.stream} if fields else {}
 

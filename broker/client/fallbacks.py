@@ -34,12 +34,12 @@ def take_fallbacks(headers: Any, body: bytes) -> tuple[bytes, list[Hop]]:
     if body.startswith(b"{") and not _providers_own(headers):
         try:
             fields = _OBJECT.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's: nested too deep
             fields = {}
         if "fallbacks" in fields:
             try:
                 entries = _ENTRIES.decode(fields.pop("fallbacks"))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 raise BadFallbacks(
                     'fallbacks must be a list of models, profiles or {"profile": ..., "model": ...} objects'
                 ) from None

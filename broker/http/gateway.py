@@ -182,7 +182,7 @@ class Gateway:
         if body and (request.content_type == "application/json" or request.content_type.endswith("+json")):
             try:
                 _JSON_OBJECT.decode(body)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # msgspec's: too deep
                 raise Refused(400, f"the request body is not a JSON object: {exc}") from None
         return body
 

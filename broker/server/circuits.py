@@ -36,10 +36,13 @@ class Limits:
     cooldown_max: float = 10.0  # each failed probe doubles the cooldown up to this
 
 
+_RNG = random.Random()  # one for all: a generator's state (2.5 KiB) each would be most of a circuit's memory
+
+
 @dataclass(slots=True)
 class Circuit:
     limits: Limits
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: _RNG)
     state: State = State.CLOSED
     failures: int = 0  # in a row, while CLOSED
     until: float = 0.0  # while OPEN: when a probe may go

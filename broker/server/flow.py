@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
 _ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
 _ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
+_LOOKAHEAD = 64  # calls a dispatch sets aside (each waits for a deployment whose circuit is closed) before it stops
 # a worker's errors that leave an unseen request as good as unsent: retried like a stall before output
 _RETRIED = {Code.PROVIDER_CONNECTION: Reason.CONNECTION, Code.STREAM_INCOMPLETE: Reason.INCOMPLETE}
 _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
@@ -282,7 +283,8 @@ class Flow:
         """Queued requests to free worker slots, each on the deployment the router picks."""
         detoured = False
         for name, queue in self.queues.items():
-            while queue:
+            waiting: list[Request] = []  # for a busy deployment whose circuit is closed: those behind go on
+            while queue and len(waiting) < _LOOKAHEAD:
                 free = [g for g in self.router.of_profile[name] if self.fleet.has_free(g)]
                 req = queue.pop(now) if free else None
                 if req is None:  # no free slot, or only retries waiting out their backoff
@@ -291,8 +293,8 @@ class Flow:
                 if group is None:  # every free deployment's circuit is open
                     detour = self.router.detour(req, free, now)
                     if detour is None:
-                        queue.push(req, front=True)
-                        break
+                        waiting.append(req)
+                        continue
                     if isinstance(detour, Move):
                         self._move(req, detour, now, "its circuits are open")
                         detoured = True
@@ -301,6 +303,9 @@ class Flow:
                 worker = self.fleet.take(group)
                 self._run(worker, req, now)
                 self.fleet.offer(worker)
+            for req in reversed(waiting):
+                if req.key in self.requests:  # not ended meanwhile (a caller cut off by a failed send)
+                    queue.push(req, front=True)
         if detoured:  # a queue already passed may have received them
             self.dispatch(now)
 

@@ -40,7 +40,7 @@ from .watchdog import retry_delay
 RETRIED_STATUS = frozenset({500, 502, 503, 504, 529})
 _BACKOFF_CAP = 8.0  # the longest backoff between provider retries without a Retry-After (the SDKs' own cap)
 # Silence (no headers, no first event): a provider that says nothing twice will not say more a third time.
-_SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
+SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
 # Failures the provider answered or caused: backed off, never retried at once.
 _PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION, Reason.ERROR_EVENT})
 # The types of a mid-stream error event that say the provider failed, not the request: Anthropic's
@@ -112,7 +112,7 @@ class Policy:
         `seconds_left`: until the call's deadline; `after`: the provider's Retry-After; `jitter`: a
         uniform draw in [0, 1)."""
         budget = max_attempts or self.max_attempts
-        if reason in _SILENT and any(r in _SILENT for r in before):
+        if reason in SILENT and any(r in SILENT for r in before):
             return None, "a silent provider is retried once"
         if attempt >= budget:
             return None, f"max_attempts ({budget}) reached"

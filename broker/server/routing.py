@@ -18,7 +18,7 @@ from ..protocol import CircuitSnapshot, Code
 from ..routes import Hop, groups
 from .circuits import Circuit, State
 from .circuits import Limits as CircuitLimits
-from .retrypolicy import Policy
+from .retrypolicy import SILENT, Policy
 from .state import Reason, Request
 
 
@@ -151,17 +151,22 @@ class Router:
                 return Move(req.context, "context-fallback")
             if failure in on and ahead and left > 0:
                 return Move(ahead[0], "fallback")
-            return End(f"the provider refused it ({failure}); not rerouted", first=False)
+            # refused by a fallback: the caller gets its own target's first error (the cause), not the fallback's
+            return End(f"the provider refused it ({failure}); not rerouted", first=len(req.used) > 1)
         trigger = _TRIGGERS.get(reason)
         if trigger is not None:
             req.failed_on.add(req.group)
         if left <= 0:
             return End(f"max_attempts ({budget}) reached")
         groups, model = self.of_profile[req.profile], model_of(req)
-        if trigger is not None and any(g not in req.failed_on and self.available(g, model, now) for g in groups):
-            return Same(0.0)  # another deployment (key) of the same target, at once
         moving = trigger in on and bool(ahead)
-        if moving and (trigger == "silence" or req.target_attempts >= 2 or left <= len(ahead)):
+        silent_again = trigger == "silence" and any(r in SILENT for r in before)  # waited for once already
+        if moving and (silent_again or left <= len(ahead)):
+            return Move(ahead[0], "fallback")  # before another key: the rest of the budget is the fallbacks'
+        other_key = any(g not in req.failed_on and self.available(g, model, now) for g in groups)
+        if trigger is not None and not silent_again and other_key:
+            return Same(0.0)  # another deployment (key) of the same target, at once
+        if moving and (trigger == "silence" or req.target_attempts >= 2):
             return Move(ahead[0], "fallback")
         if "open" in on and ahead and not any(self.available(g, model, now) for g in groups):
             return Move(ahead[0], "fallback")  # its circuits just opened
@@ -189,11 +194,12 @@ class Router:
 
     def failed(self, req: Request, reason: Reason, after: float | None, now: float) -> None:
         """An attempt failed: the provider's failure counts on its circuit; the pool's own (a crash, a
-        neighbour's stall, a memory limit, a deadline) says nothing of the provider."""
-        if reason in _TRIGGERS and req.group and self.circuit_limits.failures:
+        neighbour's stall, a memory limit, a deadline) or a limit the caller set tighter than the pool's
+        says nothing of the provider (one caller's haste must not open a circuit every caller shares)."""
+        if reason in _TRIGGERS and reason not in req.own_limits and req.group and self.circuit_limits.failures:
             key = (req.group, model_of(req))
             if key not in self.circuits and len(self.circuits) >= _MAX_CIRCUITS:
-                self._forget_closed()
+                self._forget()
             self.circuits.setdefault(key, Circuit(self.circuit_limits)).failure(now, after)
         else:
             self.dropped(req)
@@ -209,9 +215,12 @@ class Router:
         """By `group/model` (group: `profile` or `profile.deployment`)."""
         return {f"{group}/{model}": c.snapshot(now) for (group, model), c in self.circuits.items()}
 
-    def _forget_closed(self) -> None:
-        """Bound the memory a stream of distinct failing models could take: closed circuits go first."""
+    def _forget(self) -> None:
+        """Bound the memory a stream of distinct failing models could take: closed circuits go first,
+        then the oldest open ones, down to half the cap (a forgotten model's next failures open it again)."""
         for key in [k for k, c in self.circuits.items() if c.state is State.CLOSED]:
+            del self.circuits[key]
+        for key in list(self.circuits)[: max(0, len(self.circuits) - _MAX_CIRCUITS // 2)]:
             del self.circuits[key]
 
     def served(self, req: Request) -> tuple[int, str, str, str, str]:

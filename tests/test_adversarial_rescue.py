@@ -225,13 +225,6 @@ def test_a_call_that_fails_everywhere_gets_its_own_targets_first_error_even_when
     assert response.status_code == 503, response.text  # the primary's own error, not the fallback's 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not small: the worker relays the error event before it raises (worker/calls.py relay), so the "
-    "broker counts it delivered; the fix holds back an error event that comes before any other real event, "
-    "and the broker classifies that provider_stream error by its error type (overloaded_error, api_error: "
-    "HTTP_5XX; rate_limit_error: HTTP_429) in Flow._retried_for",
-)
 def test_an_overload_said_in_the_streams_first_event_is_retried_like_a_529(fake):
     """Anthropic may answer 200 and then say `overloaded_error` in an SSE `error` event. Before any
     output that is a 529 in other words, and nothing was delivered: it ended the call at its first

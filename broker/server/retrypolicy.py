@@ -16,7 +16,8 @@ its `max_attempts` and its deadline. Attempts never multiply.
       stream cut without its end
     an `error` event in the stream:       yes (`error_event`)             backoff from `http_retry_backoff`
       overloaded_error, api_error,
-      server_error (another type: never)
+      rate_limit_error, server_error
+      (another type: never)
     other 4xx (400, 401, 403, 404, 422)   never
     `x-should-retry: false` on any        never (the provider says so)
 
@@ -44,8 +45,8 @@ SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
 # Failures the provider answered or caused: backed off, never retried at once.
 _PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION, Reason.ERROR_EVENT})
 # The types of a mid-stream error event that say the provider failed, not the request: Anthropic's
-# `overloaded_error` and `api_error` (its 529 and 500), OpenAI's `server_error`.
-RETRIED_EVENTS = frozenset({"overloaded_error", "api_error", "server_error"})
+# `overloaded_error`, `api_error` and `rate_limit_error` (its 529, 500 and 429), OpenAI's `server_error`.
+RETRIED_EVENTS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "server_error"})
 _JSON = msgspec.json.Decoder()
 
 

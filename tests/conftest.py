@@ -80,6 +80,14 @@ def descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+if _worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker its own temp dir (its pools' sockets, its children's files): a worker's
+    # leftovers check must not see the other worker's live pools.
+    os.environ["TMPDIR"] = os.path.join(tempfile.gettempdir(), f"isopool-tests-{_worker}")
+    os.makedirs(os.environ["TMPDIR"], exist_ok=True)
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
     sockets_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "isopool-*")))

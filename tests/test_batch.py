@@ -18,7 +18,7 @@ from broker.batch import BatchInputError, iter_results, run
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
 
-from .conftest import TEST_SETTINGS, profiles
+from .conftest import TEST_SETTINGS, profiles, wait_for
 
 ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
 
@@ -112,10 +112,14 @@ def test_sigkill_at_random_points_then_resume_gives_each_id_once(tmp_path):
             done_before_kill = []
             for _ in range(4):
                 runner = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(rng.uniform(0.8, 1.6))
+                # killed a random few lines into its run (not after a fixed time: a loaded machine may
+                # take longer than that to start it), a random fraction of a line's time later
+                target = _complete_lines(out) + rng.randint(3, 15)
+                wait_for(lambda t=target, r=runner: _complete_lines(out) >= t or r.poll() is not None, 60, "lines")
+                time.sleep(rng.uniform(0, 0.2))
                 runner.send_signal(signal.SIGKILL)
                 runner.wait()
-                done_before_kill.append(len(out.read_text().splitlines()) if out.exists() else 0)
+                done_before_kill.append(_complete_lines(out))
                 with open(out, "ab") as f:  # a torn last line, as a kill in the middle of a write leaves it
                     f.write(b'{"custom_id": "msg-torn", "res')
             final = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -127,6 +131,10 @@ def test_sigkill_at_random_points_then_resume_gives_each_id_once(tmp_path):
     ids = [r["custom_id"] for r in results]
     assert len(ids) == len(set(ids)) == 200
     assert bodies(results) == bodies(read_jsonl(reference))
+
+
+def _complete_lines(path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def test_result_lines_follow_the_providers_documented_schemas(tmp_path, pool):

@@ -28,6 +28,8 @@ from broker.shim.httplib import timeout_for
 
 from .conftest import TEST_SETTINGS, profiles
 
+pytestmark = pytest.mark.xdist_group("generations")  # one worker builds the one old-SDK venv
+
 # The agent of issue 19. Another set by hand, e.g. the oldest supported, or the first on httpx2:
 # ISOPOOL_OLD_SDKS="anthropic==0.40.0 openai==1.40.0 httpx==0.27.2" pytest tests/test_generations.py
 # ISOPOOL_OLD_SDKS="anthropic==1.0.0 openai==3.0.0 httpx2==2.16.2" pytest tests/test_generations.py

@@ -31,7 +31,7 @@ from ..conftest import TEST_SETTINGS, profiles, wait_for
 from ..test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
 from ..test_metrics import scrape
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
 
 LIMITS = dict(first_event_timeout=1.0, stale_timeout=0.5, max_attempts=5)
 TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
@@ -57,7 +57,7 @@ def total(scraped: dict[tuple[str, tuple], float], name: str, **labels: str) -> 
     return sum(v for (n, lab), v in scraped.items() if n == name and want <= set(lab))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # package: kept while xdist interleaves the package's two modules
 def stalled_run(cluster, tmp_path_factory):
     """300 items, every tenth stalling once, run locally and on the cluster; the cluster's
     nodes are scraped mid-run and as the last answer is written."""

@@ -25,7 +25,7 @@ from broker.loadtest.schedule import Share
 from ..conftest import wait_for
 from ..test_loadtest import ISOPOOL
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
 
 # c=6: two streams a node; ~150 ms a request (50 ms to the first token, 20 tokens 5 ms apart), and one
 # in 12 stalling after 5 events, cut at 0.5 s
@@ -47,7 +47,7 @@ def _most_at_once(records: list[dict]) -> int:
     return max(itertools.accumulate(step for _, step in edges))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # package: kept while xdist interleaves the package's two modules
 def spread(cluster, tmp_path_factory):
     """The same closed-loop point, stalls included, run on this machine's one pool, then spread over the
     three nodes by `isopool loadtest --ray` (the fakes draw the same stalls, in the order requests reach

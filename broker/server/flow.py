@@ -391,7 +391,7 @@ class Flow:
             req.submit, req.profile, req.model or req.submit.model
         )
         self.stats.fallbacks[f"{was}>{target(req)}"] += 1
-        log.info("request %d: %s; %s to %s", req.key, why, move.rescue, target(req))
+        log.info("request %d: %s; %s to %r", req.key, why, move.rescue, target(req))  # %r: a caller names the model
         req.head = None
         self._requeue(req, 0.0, now)
 

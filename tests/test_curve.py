@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,6 +88,20 @@ def test_curve_admits_the_allowed_clients_only(fake, curve, monkeypatch):
             with pool.client(broker_timeout=wait) as client, pytest.raises(BrokerUnavailable, match=refused):
                 client.request("anthropic", "messages.create", **anthropic_args(f"from {outsider}"))
         assert fake.stats()["completed"] == served  # nothing of theirs reached the provider
+
+
+def test_a_key_refused_before_the_first_call_still_says_why(fake, curve, monkeypatch):
+    """The refusal can come before the client's first call (a loaded machine, a client made early):
+    the call then finds no connection at all, and must still say the key was refused."""
+    keys, settings = curve
+    monkeypatch.setenv("ISOPOOL_CLIENT_KEY", str(keys / "alice.key_secret"))
+    monkeypatch.setenv("ISOPOOL_BROKER_KEY", str(keys / "broker.key"))
+    with Pool(profiles=profiles(fake.url), **settings) as pool:
+        monkeypatch.setenv("ISOPOOL_CLIENT_KEY", str(keys / "mallory.key_secret"))
+        with pool.client(broker_timeout=5.0) as client:
+            time.sleep(1.0)  # the handshake is refused meanwhile
+            with pytest.raises(BrokerUnavailable, match="curve_clients_dir"):
+                client.request("anthropic", "messages.create", **anthropic_args("too late"))
 
 
 REFUSED_CLIENTS = """

@@ -240,6 +240,7 @@ class AsyncClient:
         self._heard = time.monotonic()
         self._probing = False
         self._closed = False
+        self._refused = ""  # why the broker refused this client's CURVE key, once it did
 
     async def submit(
         self,
@@ -326,9 +327,10 @@ class AsyncClient:
             except zmq.Again:
                 if state is not None:
                     del self._calls[state.rid]
-                raise BrokerUnavailable(
+                unconnected = (
                     f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"
-                ) from None
+                )
+                raise BrokerUnavailable(self._refused or unconnected) from None  # a refusal before any call says why
 
     async def snapshot(self) -> Snapshot:
         """The broker's stats snapshot (workers, counters, histograms), typed."""
@@ -411,8 +413,10 @@ class AsyncClient:
         if event == zmq.EVENT_MONITOR_STOPPED:
             return
         if event & _REFUSED:
-            why = (f"the broker at {self.url} refused this client's CURVE key (ISOPOOL_CLIENT_KEY): add its public "
-                   "key to the broker's curve_clients_dir")  # fmt: skip
+            why = self._refused = (
+                f"the broker at {self.url} refused this client's CURVE key (ISOPOOL_CLIENT_KEY): add its public key "
+                "to the broker's curve_clients_dir"
+            )
         else:
             why = (f"the connection to the broker at {self.url} was dropped (a message over its max_message_bytes, "
                    "or the broker restarted) while this call was in flight; it was not answered")  # fmt: skip

@@ -320,6 +320,8 @@ class AsyncClient:
         Never blocks: with no connection to the broker (none made yet, or refused, as a
         CURVE handshake with a key the broker does not allow is), raise BrokerUnavailable."""
         with self._sock.lock:
+            if state is not None and self._refused:  # this broker refused this client's key: nothing will pass
+                raise BrokerUnavailable(self._refused)
             if state is not None:
                 self._calls[state.rid] = state
             try:
@@ -330,7 +332,7 @@ class AsyncClient:
                 unconnected = (
                     f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"
                 )
-                raise BrokerUnavailable(self._refused or unconnected) from None  # a refusal before any call says why
+                raise BrokerUnavailable(unconnected) from None
 
     async def snapshot(self) -> Snapshot:
         """The broker's stats snapshot (workers, counters, histograms), typed."""

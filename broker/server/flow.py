@@ -421,9 +421,7 @@ class Flow:
                 req.held, req.held_end = rescue.event
             answer = rescue.answer(req.delivered, req.attempt, why)
             log.info("request %d: broke after output (%s); not continued: %s", req.key, failure, answer.rescue)
-            header = ErrorHeader(req.crid, answer.code, *self.router.served(req))
-            frames = self.codec.frames(Kind.ERROR, header, self.codec.encode(answer))
-            self._forward_end(req, frames, f"error:{answer.code}")
+            self._forward_error(req, answer.code, self.codec.encode(answer))
             return
         log.info("request %d: broke after %d event(s) (%s); continuing (%s) in %.2fs", req.key, req.delivered,
                  failure, "/".join(strategies), delay)  # fmt: skip

@@ -67,7 +67,9 @@ def pool_url(pool: Pool | str | None) -> str:
         return os.environ["ISOPOOL_URL"]
     with _lock:
         if _embedded is None:
-            _embedded = Pool(allow_overrides=True).start()  # owned by this process: its clients' keys are ours
+            # owned by this process, so its clients' keys are ours; calls queue in its broker while its
+            # workers start, each profile's as soon as its SDK is imported
+            _embedded = Pool(allow_overrides=True).start(wait=False)
             atexit.register(_embedded.stop)
         return _embedded.url
 

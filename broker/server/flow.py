@@ -390,7 +390,7 @@ class Flow:
         req.first_event_timeout, req.stale_timeout, _ = self._limits(
             req.submit, req.profile, req.model or req.submit.model
         )
-        self.stats.fallbacks[f"{was}>{target(req)}"] += 1
+        self.stats.moved(was, target(req))
         log.info("request %d: %s; %s to %r", req.key, why, move.rescue, target(req))  # %r: a caller names the model
         req.head = None
         self._requeue(req, 0.0, now)

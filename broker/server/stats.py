@@ -43,6 +43,10 @@ class Histogram:
         )
 
 
+# A caller names the models of the pairs in `fallbacks`: past this many, the rest count as one.
+MAX_FALLBACK_PAIRS = 1000
+
+
 class Stats:
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()  # accepted, ok, error:<code>, cancelled
@@ -60,6 +64,13 @@ class Stats:
         self.latency = Histogram()
         self.first_event = Histogram()
         self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
+
+    def moved(self, was: str, to: str) -> None:
+        """Count a call moved from one target to another (profile/model)."""
+        pair = f"{was}>{to}"
+        if pair not in self.fallbacks and len(self.fallbacks) >= MAX_FALLBACK_PAIRS:
+            pair = "(other pairs)"
+        self.fallbacks[pair] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """The counters' share of the broker's `Snapshot`, by field."""

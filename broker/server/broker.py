@@ -210,23 +210,25 @@ class Broker:
             kind, header, payload = self.codec.parse(frames)
         except ProtocolError as exc:
             self.stats.rejected[Code.PROTOCOL] += 1
-            flow.reply_error(client, 0, Code.PROTOCOL, str(exc))
+            flow.callers.reply_error(client, 0, Code.PROTOCOL, str(exc))
             return
         if kind == Kind.SUBMIT:
             flow.on_submit(client, header, payload, now)
         elif kind == Kind.CANCEL:
             flow.on_cancel(client, header.rid, now)
-        elif flow.parked(client):  # what it asks would only pile up behind the answers it does not read
+        elif flow.callers.parked(client):  # what it asks would only pile up behind the answers it does not read
             self.stats.rejected[Code.SATURATED] += 1
         elif kind == Kind.PING:
-            flow.send_client(client, self.codec.frames(Kind.RESULT, Ref(header.rid), b""))
+            flow.callers.send(client, self.codec.frames(Kind.RESULT, Ref(header.rid), b""))
         elif kind == Kind.STATS:
-            flow.send_client(
+            flow.callers.send(
                 client, self.codec.frames(Kind.RESULT, Ref(header.rid), self.codec.encode(self.snapshot(now)))
             )
         else:
             self.stats.rejected[Code.PROTOCOL] += 1
-            flow.reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
+            flow.callers.reply_error(
+                client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message"
+            )
 
     def on_backend(self, ident: bytes, frames: list[bytes], now: float) -> None:
         try:
@@ -262,7 +264,7 @@ class Broker:
         """Once a second: parked answers, idle connection records, worker memory."""
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + _HOUSEKEEPING_INTERVAL
-            self.flow.resend_parked(now)
+            self.flow.callers.resend_parked(now)
             self.flow.connections.prune(now)
             if self.settings.max_memory_per_worker_mb:
                 self.fleet.check_memory(now)

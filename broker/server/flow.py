@@ -3,18 +3,16 @@
 Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
 whose worker was lost, or that the provider failed in a way worth another try, is retried by the
 one policy of retrypolicy.py within the call's budget; a stream that breaks after output is
-continued where its profile or model opted in (resumes.py), within the same budget; a caller that
-stopped reading has its final answers parked for a while instead of piling up in the broker.
+continued where its profile or model opted in (resumes.py), within the same budget. Answers go
+out through `Callers` (callers.py), which parks those of a caller that stopped reading.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import random
-import time
 from typing import Any
 
 import msgspec
@@ -25,6 +23,7 @@ from ..config import Limits, Settings
 from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
+from .callers import Callers
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
@@ -37,9 +36,7 @@ from .watchdog import Alarm, request_due
 
 log = logging.getLogger(__name__)
 
-_PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
 _ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
-_ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
 _LOOKAHEAD = 64  # calls a dispatch sets aside (each waits for a deployment whose circuit is closed) before it stops
 # a worker's errors that leave an unseen request as good as unsent: retried like a stall before output
 _RETRIED = {Code.PROVIDER_CONNECTION: Reason.CONNECTION, Code.STREAM_INCOMPLETE: Reason.INCOMPLETE}
@@ -62,7 +59,6 @@ class Flow:
         self.alarm = alarm
         self.codec = codec
         self.fleet = fleet
-        self.frontend = frontend
         self.backend = backend
         self.queues: dict[str, FairQueue] = {p: FairQueue() for p in settings.profiles}
         self.connections = Connections(
@@ -80,6 +76,7 @@ class Flow:
         self.draining = False
         self.rescues = Rescues(settings)
         self.router = Router(settings)
+        self.callers = Callers(frontend, self.connections, codec, settings.client_buffer, self._cut_off)
 
     # ----- callers --------------------------------------------------------------
 
@@ -95,7 +92,7 @@ class Flow:
             refusal = self._refusal(client, sub, payload, now)
         if refusal is not None:
             self.stats.rejected[refusal[0]] += 1
-            self.reply_error(client, sub.rid, *refusal)
+            self.callers.reply_error(client, sub.rid, *refusal)
             return
         fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
@@ -159,6 +156,12 @@ class Flow:
             worker.requests[req.key] = req  # keep the slot busy until the worker confirms
             self._send_worker(worker, self.codec.frames(Kind.ABORT, Ref(req.key)), now)
             self.alarm.by(req.abort_at)
+
+    def _cut_off(self, client: bytes, why: str, now: float) -> None:
+        """A caller is gone or stopped reading: end all its requests."""
+        for (owner, _), req in list(self.by_client.items()):
+            if owner == client:
+                self._cancel(req, why, now)
 
     def drain(self) -> None:
         """Accept no more; what waits in the queues ends now."""
@@ -260,11 +263,11 @@ class Flow:
         """Forward a batch of `count` events to the caller (its head first, with the first)."""
         if req.head is not None:
             served = Served(req.crid, *self.router.served(req))
-            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
+            if not self.callers.send(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
         numbered = Event(req.crid, req.delivered + 1, count)  # a continuation's follow those delivered
-        if self.send_client(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
+        if self.callers.send(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
             req.delivered += count
             if req.rescue is not None:
                 req.rescue.keep(data)
@@ -537,70 +540,7 @@ class Flow:
         elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
         self.backing_off.pop(req.key, None)
-        self.send_client(req.client, frames)
-
-    def parked(self, client: bytes) -> bool:
-        conn = self.connections.get(client)
-        return conn is not None and conn.parked is not None
-
-    def reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
-        if self.parked(client):  # it reads nothing: a refusal would only pile up behind its answers
-            return
-        info = self.codec.encode(ErrorInfo(code, message))
-        self.send_client(client, self.codec.frames(Kind.ERROR, ErrorHeader(rid, code), info))
-
-    def send_client(self, client: bytes, frames: list[bytes]) -> bool:
-        """Send to a caller; one that is gone or stopped reading has its requests cancelled.
-
-        A caller that stopped reading (EAGAIN: `client_buffer` messages wait for it) keeps its
-        final answers parked for `_PARKED_FOR` seconds, so each of its requests still ends in
-        one answer if it resumes; the broker's memory stays bounded meanwhile."""
-        conn = self.connections.get(client)
-        if conn is not None and conn.parked is not None:
-            if frames[0] in _ENDS:
-                conn.parked.append(frames)
-            return False
-        try:
-            send_frames(self.frontend, [client, *frames], NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:
-            self._cut_off(client, frames, gone=exc.errno == zmq.EHOSTUNREACH)  # the caller is gone (F11); else EAGAIN
-            return False
-
-    def _cut_off(self, client: bytes, frames: list[bytes], gone: bool) -> None:
-        log.info("client %s %s: cancelling its requests", _who(client), "went away" if gone else "stopped reading")
-        now = time.monotonic()  # a send can fail anywhere an answer is sent: the one clock reading not passed down
-        self.connections.park(client, frames if frames[0] in _ENDS else None, now)
-        why = (
-            "the caller went away"
-            if gone
-            else f"the caller stopped reading ({self.settings.client_buffer} messages waiting; client_buffer)"
-        )
-        for (owner, _), req in list(self.by_client.items()):
-            if owner == client:
-                self._cancel(req, why, now)
-        if gone:
-            self.connections.forget(client)
-
-    def resend_parked(self, now: float) -> None:
-        """Try again (once a second) to hand parked answers to callers that stopped reading."""
-        for client, conn in self.connections.parked():
-            answers = conn.parked
-            while answers:
-                try:
-                    send_frames(self.frontend, [client, *answers[0]], NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:  # gone for good
-                    answers.clear()
-                    break
-                answers.pop(0)
-            if not answers:
-                self.connections.unpark(client)
-            elif now - conn.parked_at > _PARKED_FOR:
-                log.warning("client %s did not read for %gs: dropping %d answers for it",
-                            _who(client), _PARKED_FOR, len(answers))  # fmt: skip
-                self.connections.forget(client)
+        self.callers.send(req.client, frames)
 
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:
         try:
@@ -609,9 +549,3 @@ class Flow:
         except zmq.ZMQError:
             self.fleet.kill(worker, Reason.CRASH, now)
             return False
-
-
-def _who(client: bytes) -> str:
-    """A client's name for the log: a hash of its routing id (the id itself would show the counter
-    libzmq generates ids from, and let a reader of the log claim the next ones)."""
-    return hashlib.blake2b(client, digest_size=4).hexdigest()

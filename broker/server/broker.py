@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
 _HOUSEKEEPING_INTERVAL = 1.0
+STREAMS_SHOWN = 50  # requests in flight listed in a snapshot (the oldest): `isopool top` shows them
 
 
 class Broker:
@@ -304,7 +305,8 @@ class Broker:
             capacity=self._capacity(),
             workers=workers,
             circuits=self.flow.router.circuit_snapshots(now),
-            **self.stats.snapshot(),
+            streams=self.flow.streams(now, STREAMS_SHOWN),
+            **self.stats.snapshot(now),
         )
 
     def _capacity(self) -> dict[str, int]:

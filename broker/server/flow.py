@@ -10,6 +10,7 @@ out through `Callers` (callers.py), which parks those of a caller that stopped r
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import random
@@ -20,7 +21,7 @@ import zmq
 
 from .. import routes
 from ..config import Limits, Settings
-from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
+from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, StreamSnapshot, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
 from .callers import Callers
@@ -269,8 +270,25 @@ class Flow:
         numbered = Event(req.crid, req.delivered + 1, count)  # a continuation's follow those delivered
         if self.callers.send(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
             req.delivered += count
+            self.stats.events += count
             if req.rescue is not None:
                 req.rescue.keep(data)
+
+    def streams(self, now: float, most: int) -> list[StreamSnapshot]:
+        """The `most` oldest requests in flight, for `isopool top`."""
+        return [
+            StreamSnapshot(
+                request=req.key,
+                profile=req.profile,
+                model=req.model or req.submit.model,
+                worker=req.worker.ident.decode() if req.worker is not None and not req.queued else "",
+                attempt=req.attempt,
+                age=round(now - req.accepted_at, 2),
+                since_event=None if req.last_event_at is None else round(now - req.last_event_at, 2),
+                delivered=req.delivered,
+            )
+            for req in heapq.nsmallest(most, self.requests.values(), key=lambda r: r.accepted_at)
+        ]
 
     def _progress(self, req: Request, now: float) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
@@ -368,6 +386,8 @@ class Flow:
                      decision.delay)  # fmt: skip
             self.stats.retries += 1
             self.stats.retries_by[reason or failure] += 1
+            self.stats.note(now, "retry", f"request {req.key}: attempt {req.attempt} {reason or failure}, "
+                                          f"again in {decision.delay:.1f}s")  # fmt: skip
             req.head = None
             self._requeue(req, decision.delay, now)
         elif decision.code is not None:
@@ -394,6 +414,7 @@ class Flow:
             req.submit, req.profile, req.model or req.submit.model
         )
         self.stats.moved(was, target(req))
+        self.stats.note(now, "fallback", f"request {req.key}: {was} > {target(req)} ({move.rescue})")
         log.info("request %d: %s; %s to %r", req.key, why, move.rescue, target(req))  # %r: a caller names the model
         req.head = None
         self._requeue(req, 0.0, now)

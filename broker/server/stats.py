@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
-from ..protocol import BUCKETS, HistogramSnapshot
+from ..protocol import BUCKETS, Happening, HistogramSnapshot
 
 
 class Histogram:
@@ -43,6 +43,7 @@ class Histogram:
         )
 
 
+RECENT_KEPT = 20  # kills, retries and fallbacks kept for `isopool top`
 # A caller names the models of the pairs in `fallbacks`: past this many, the rest count as one.
 MAX_FALLBACK_PAIRS = 1000
 
@@ -64,6 +65,12 @@ class Stats:
         self.latency = Histogram()
         self.first_event = Histogram()
         self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
+        self.events = 0  # delivered to callers
+        self.recent: deque[tuple[float, str, str]] = deque(maxlen=RECENT_KEPT)  # (when, what, detail)
+
+    def note(self, now: float, what: str, detail: str) -> None:
+        """Keep a kill, retry or fallback for `isopool top`."""
+        self.recent.append((now, what, detail))
 
     def moved(self, was: str, to: str) -> None:
         """Count a call moved from one target to another (profile/model)."""
@@ -72,7 +79,7 @@ class Stats:
             pair = "(other pairs)"
         self.fallbacks[pair] += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """The counters' share of the broker's `Snapshot`, by field."""
         return {
             "requests": dict(self.requests),
@@ -90,4 +97,6 @@ class Stats:
             "fallbacks": dict(self.fallbacks),
             "rescued": dict(self.rescued),
             "continuations": dict(self.continuations),
+            "events": self.events,
+            "recent": [Happening(round(now - at, 1), what, detail) for at, what, detail in reversed(self.recent)],
         }

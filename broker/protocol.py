@@ -455,6 +455,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     events: int = 0  # events delivered to callers
     streams: list[StreamSnapshot] = []  # the oldest requests in flight (at most STREAMS_SHOWN)
     recent: list[Happening] = []  # the latest kills, retries and fallbacks (at most RECENT_KEPT)
+    request_log_lost: int = 0  # request log lines not written (a full disk, a writer behind)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

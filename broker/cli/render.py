@@ -62,6 +62,8 @@ def counters_table(s: Snapshot) -> Table:
         opened = f", opened {c.opened}x" + (f", probe in {c.until_in:.1f}s" if c.state == "open" else "")
         counters.add_row(f"circuit {escape(key)}", f"{c.state} ({c.failures} failures in a row{opened})")
     counters.add_row("rejected messages", _counts(s.rejected))
+    if s.request_log_lost:
+        counters.add_row("request log lines lost", f"[red]{s.request_log_lost}[/] (see the broker's log)")
     lat, first = s.latency, s.first_event
     counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat.p50)} / {_ms(lat.p99)}")
     counters.add_row("first event p50 / p99 (≤)", f"{_ms(first.p50)} / {_ms(first.p99)}")

@@ -27,6 +27,7 @@ from ..wire.curve import CurveServer
 from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
 from .fleet import Fleet
 from .flow import Flow
+from .requestlog import RequestLog
 from .stats import Stats
 from .watchdog import Alarm
 from .zygote import Zygote
@@ -82,7 +83,14 @@ class Broker:
             requeue=lambda req, reason, now: self.flow.retry_or_fail(req, reason, now),
             fail_queue=lambda profile, why: self.flow.fail_queue(profile, why),
         )
-        self.flow = Flow(settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend)
+        self.request_log = (
+            RequestLog(settings.request_log, settings.request_log_max_bytes, settings.request_log_backups)
+            if settings.request_log
+            else None
+        )
+        self.flow = Flow(
+            settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend, self.request_log
+        )
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
         self.parent_fd = -1
@@ -152,6 +160,8 @@ class Broker:
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
+        if self.request_log is not None:
+            self.request_log.close()
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
 
     # ----- the loop -------------------------------------------------------------
@@ -306,6 +316,7 @@ class Broker:
             workers=workers,
             circuits=self.flow.router.circuit_snapshots(now),
             streams=self.flow.streams(now, STREAMS_SHOWN),
+            request_log_lost=self.request_log.lost if self.request_log is not None else 0,
             **self.stats.snapshot(now),
         )
 

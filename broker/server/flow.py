@@ -10,10 +10,12 @@ out through `Callers` (callers.py), which parks those of a caller that stopped r
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import heapq
 import logging
 import math
 import random
+import time
 from typing import Any
 
 import msgspec
@@ -24,10 +26,11 @@ from ..config import Limits, Settings
 from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, StreamSnapshot, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
-from .callers import Callers
+from .callers import Callers, who
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
+from .requestlog import AttemptLine, RequestLine, RequestLog
 from .resumes import Rescues
 from .retrypolicy import classify, classify_event
 from .routing import Move, Router, Same, model_of, rescue, target
@@ -54,6 +57,7 @@ class Flow:
         fleet: Fleet,
         frontend: zmq.Socket,
         backend: zmq.Socket,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -78,6 +82,7 @@ class Flow:
         self.rescues = Rescues(settings)
         self.router = Router(settings)
         self.callers = Callers(frontend, self.connections, codec, settings.client_buffer, self._cut_off)
+        self.request_log = request_log
 
     # ----- callers --------------------------------------------------------------
 
@@ -295,6 +300,7 @@ class Flow:
         if req.last_event_at is None:
             self.router.answered(req, now)
             self.stats.first_event.add(now - req.sent_at)
+            req.first_event_at = now
             self.alarm.by(now + req.stale_timeout)
         req.last_event_at = now
 
@@ -336,6 +342,7 @@ class Flow:
         req.worker = worker
         req.group = worker.group
         req.sent_at = now
+        req.first_event_at = None
         self.router.sent(req, now)
         # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
         # has its fallbacks), rather than waiting out the whole headers_timeout
@@ -364,6 +371,8 @@ class Flow:
             self.router.failed(req, reason, after, now)
         before = list(req.history)
         req.history.append(reason or failure)
+        if self.request_log is not None:
+            self._attempt_ended(req, reason or failure, now)
         req.tries.append(f"{req.group or req.profile}:{reason or failure}")
         if reason is not None and reason.is_stall:
             self.stats.stalls[reason] += 1
@@ -562,6 +571,31 @@ class Flow:
             req.worker.requests.pop(req.key, None)
         self.backing_off.pop(req.key, None)
         self.callers.send(req.client, frames)
+        if self.request_log is not None:
+            self._log(req, outcome, time.monotonic())
+
+    def _attempt_ended(self, req: Request, outcome: str, now: float) -> None:
+        """Note how the current attempt went, for the request log (once: a kill and its error may both tell)."""
+        if req.attempt > len(req.attempts):
+            first = None if req.first_event_at is None else round(req.first_event_at - req.sent_at, 3)
+            req.attempts.append(AttemptLine(req.group or req.profile, req.model or req.submit.model,
+                                            round(req.sent_at - req.accepted_at, 3), first, round(now - req.sent_at, 3),
+                                            outcome))  # fmt: skip
+
+    def _log(self, req: Request, outcome: str, now: float) -> None:
+        self._attempt_ended(req, outcome, now)
+        self.request_log.write(RequestLine(  # type: ignore[union-attr]
+            time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            request=req.key,
+            client=who(req.client),
+            profile=req.submit.profile,
+            model=req.submit.model,
+            answered_by=target(req),
+            status=outcome,
+            attempts=req.attempts,
+            delivered=req.delivered,
+            took=round(now - req.accepted_at, 3),
+        ))  # fmt: skip
 
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:
         try:

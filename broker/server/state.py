@@ -14,6 +14,7 @@ import psutil
 from ..protocol import Submit
 
 if TYPE_CHECKING:
+    from .requestlog import AttemptLine
     from .resumes import Rescue
 
 
@@ -126,3 +127,6 @@ class Request:
     # RESULT of that stream, where its worker ended it there (the caller's own SDK raises at the event).
     held: bytes | None = None
     held_end: bytes | None = None
+    # With a request log: when this attempt's first event came, and how each attempt went.
+    first_event_at: float | None = None
+    attempts: list[AttemptLine] = field(default_factory=list)

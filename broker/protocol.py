@@ -66,6 +66,7 @@ class Kind(enum.IntEnum):
     ERROR = 12
     HEAD = 13
     PROGRESS = 14
+    ENDING = 15
     RUN = 20
     ABORT = 21
     READY = 30
@@ -185,6 +186,7 @@ HEADERS: dict[Kind, type[msgspec.Struct]] = {
     Kind.ERROR: Error,
     Kind.HEAD: Served,
     Kind.PROGRESS: Ref,
+    Kind.ENDING: Ref,  # the stream said it finished: what may follow is `[DONE]` or the close (worker/sse.py GRACE)
     Kind.RUN: Run,
     Kind.ABORT: Ref,
     Kind.READY: Ready,

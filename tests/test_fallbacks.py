@@ -18,6 +18,7 @@ import pytest
 from broker import Pool
 from broker.batch import run as run_batch
 from broker.errors import ProviderStatusError
+from broker.fake_provider import FAULT_HEADER
 from broker.server.stats import MAX_FALLBACK_PAIRS, Stats
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
@@ -108,6 +109,17 @@ def test_a_provider_down_for_good_is_answered_by_the_fallback_within_the_budget(
     assert attempts == MAX_ATTEMPTS  # two on the primary, one on the fallback: no more, through the shim too
     assert served == {"x-isopool-profile": "backup", "x-isopool-model": "gpt-fake",
                       "x-isopool-attempts": str(MAX_ATTEMPTS), "x-isopool-rescue": "fallback"}  # fmt: skip
+
+
+def test_the_primarys_error_after_a_failed_fallback_says_it_came_from_the_primary(fake, pool):
+    """Both targets down: the caller gets its own target's error (the real cause), and the headers name
+    that target, not the fallback tried last (found by the issue-18 verification)."""
+    fake.reset()
+    response = httpx.post(pool.http_url + "/v1/chat/completions", json=openai_args("both down"), timeout=60,
+                          headers={FAULT_HEADER: "unavailable:for=600"})  # fmt: skip
+    assert response.status_code == 503 and "unavailable" in response.text
+    assert isopool_headers(response.headers) == {"x-isopool-profile": "openai", "x-isopool-model": "gpt-fake",
+                                                 "x-isopool-attempts": str(MAX_ATTEMPTS)}  # fmt: skip
 
 
 @paths

@@ -179,3 +179,36 @@ def test_malformed_events_are_counted_each_and_logged_once(caplog):
     with caplog.at_level("WARNING", logger="worker.hygiene"):
         kept = check.filter([("content_block_delta", b'{"type": "cont'), good, ("x", b"not json")])
     assert kept == [good] and check.malformed == 2 and len(caplog.records) == 1
+
+
+# Found by the issue-18 verification: a complete stream left open lost its race with a stale_timeout at
+# or under the worker's GRACE (the bench's 1 s; a request may set 0.25): reported as stalled, or replayed.
+OPEN_AFTER_END = "no-done:open=true"
+
+
+def test_a_finished_chat_stream_left_open_is_a_success_under_a_short_stale_timeout(client):
+    call = client.submit("openai", "chat.completions.create", stream=True, stale_timeout=0.3,
+                         stream_options={"include_usage": True}, **openai_args("open after its finish"),
+                         **fault(OPEN_AFTER_END))  # fmt: skip
+    assert [e.json() for e in call][-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_finished_anthropic_answer_left_open_is_a_success_under_a_short_stale_timeout(client, stream):
+    call = client.submit("anthropic", "messages.create", stream=stream, stale_timeout=0.3,
+                         **anthropic_args(f"open after message_stop {stream}"), **fault(OPEN_AFTER_END))  # fmt: skip
+    if stream:
+        assert [e.json() for e in call][-1]["type"] == "message_stop"
+    else:
+        assert call.result().json()["stop_reason"] == "end_turn"
+
+
+def test_a_finished_stream_left_open_is_not_replayed(fake):
+    profiles = {"a": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "continue_streams": ["replay"]}}
+    with Pool(profiles=profiles, **{**TEST_SETTINGS, "stale_timeout": 0.3}) as pool, pool.client() as client:
+        fake.reset()
+        call = client.submit("a", "messages.create", stream=True, **anthropic_args("complete, not replayed"),
+                             **fault(OPEN_AFTER_END + ",vary=true"))  # fmt: skip
+        assert [e.json() for e in call][-1]["type"] == "message_stop"
+        assert call.served.attempts == 1 and call.served.rescue == ""
+        assert sum(len(times) for times in fake.stats()["arrivals"].values()) == 1

@@ -43,6 +43,8 @@ def test_retry_after_is_read_as_the_sdks_read_it():
     assert retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
     assert retry_after({"retry-after": "2"}) == 2.0
     assert retry_after({"retry-after": "soon"}) is None
+    for nothing in ("0", "-5", email.utils.formatdate(time.time() - 30, usegmt=True)):  # no wait: the backoff
+        assert retry_after({"retry-after": nothing}) is None, nothing
     assert retry_after({}) is None
     date = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 < retry_after({"retry-after": date}) <= 30  # type: ignore[operator]

@@ -131,6 +131,7 @@ async def relay(
                 at = next((i for i, (name, data) in enumerate(batch) if is_error_event(name, data)), None)
                 if at is None:
                     await emit.events(batch)
+                    await _ending(check, emit)
                     continue
                 if at:
                     await emit.events(batch[:at])
@@ -146,6 +147,14 @@ async def relay(
             for event_name, data in batch:
                 acc.feed(event_name, data)
             await emit.progress()
+            await _ending(check, emit)
         body = _ENC.encode(acc.result())
         headers = [*(h for h in headers if h[0].lower() != "content-type"), ("content-type", "application/json")]
         await emit.result(Response(http.status_code, headers, body, check.malformed))
+
+
+async def _ending(check: StreamCheck, emit: Any) -> None:
+    """Tell the broker once that the stream said it finished (its watchdog then waits for the end)."""
+    if check.ended and not check.told:
+        check.told = True
+        await emit.ending()

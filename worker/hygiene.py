@@ -51,6 +51,7 @@ class StreamCheck:
 
     def __init__(self) -> None:
         self.ended = False  # the terminal event was seen: what may follow is only `[DONE]` or the close
+        self.told = False  # the broker was told so (Kind.ENDING)
         self.malformed = 0
 
     def filter(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

@@ -171,6 +171,11 @@ class Emitter:
     async def progress(self) -> None:
         self._sock.send([KIND_BYTES[Kind.PROGRESS], self._ref])
 
+    async def ending(self) -> None:
+        """The stream sent its terminal event: the broker stops watching it for staleness (its `[DONE]`
+        or close is the worker's to wait for, a GRACE at most)."""
+        self._sock.send([KIND_BYTES[Kind.ENDING], self._ref])
+
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)
         self._sock.send([KIND_BYTES[Kind.RESULT], self._ref, payload])

@@ -223,6 +223,9 @@ class Spliced:
     async def progress(self) -> None:
         await self._emit.progress()
 
+    async def ending(self) -> None:
+        await self._emit.ending()
+
     async def result(self, response: Response | None) -> None:
         await self._emit.result(response)
 

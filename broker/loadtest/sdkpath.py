@@ -27,7 +27,7 @@ _API_ERROR = (anthropic.APIError, openai.APIError)
 def sdk_client(api: str, pool_url: str, profile: str) -> Any:
     """The shim's async client of the API's SDK, with the SDK's own retries off (a load test counts every failure)."""
     cls = AsyncAnthropic if api == "messages" else AsyncOpenAI
-    return cls(pool=pool_url, profile=profile, max_retries=0)
+    return cls(pool=pool_url, pool_profile=profile, max_retries=0)
 
 
 async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:

@@ -200,6 +200,9 @@ class Flow:
             self._on_event(req, header, payload, now)
         elif kind == Kind.PROGRESS:
             self._progress(req, now)
+        elif kind == Kind.ENDING:  # the stream said it finished: its end follows within the worker's grace
+            req.ending = True
+            self._progress(req, now)
         elif kind == Kind.HEAD:
             if req.delivered and req.rescue is not None:  # a continuation's: the caller has its head
                 req.rescue.started(payload)
@@ -348,6 +351,7 @@ class Flow:
         req.group = worker.group
         req.sent_at = now
         req.first_event_at = None
+        req.ending = False
         self.router.sent(req, now)
         # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
         # has its fallbacks), rather than waiting out the whole headers_timeout
@@ -388,7 +392,7 @@ class Flow:
             self.tracing.event(req.span, "worker killed", now, reason=reason.value, attempt=req.attempt,  # type: ignore[union-attr]
                                stall=reason.is_stall)  # fmt: skip
         if last_error and req.first_error is None and len(req.used) == 1:
-            req.first_error = (code, last_error)
+            req.first_error = (code, last_error, self.router.served(req))
         if reason is Reason.DEADLINE or now >= req.deadline_at:
             self.finish(req, Code.DEADLINE, f"deadline of the request passed after {req.attempt} attempt(s)")
             return
@@ -415,10 +419,13 @@ class Flow:
             self._requeue(req, decision.delay, now)
         elif decision.code is not None:
             self.finish(req, decision.code, decision.why)
-        elif error := (decision.first and len(req.used) > 1 and req.first_error) or (last_error and (code, last_error)):
+        elif error := (decision.first and len(req.used) > 1 and req.first_error) or (
+            last_error and (code, last_error, self.router.served(req))
+        ):
             log.info("request %d: attempt %d failed (%s); not retried: %s", req.key, req.attempt, reason or failure,
                      decision.why)  # fmt: skip
-            self._forward_error(req, *error)  # the provider's own error is the most useful answer
+            code, payload, (_, *where) = error  # the provider's own error is the most useful answer, said where from
+            self._forward_error(req, code, payload, (req.attempt, *where))
         else:
             tried = ", ".join(req.tries)
             self.finish(
@@ -562,9 +569,10 @@ class Flow:
         )
         self._forward_end(req, frames, "cancelled" if code == Code.CANCELLED else f"error:{code}")
 
-    def _forward_error(self, req: Request, code: str, payload: bytes) -> None:
-        """End a request with a worker's error (a provider's), saying where it ran."""
-        header = ErrorHeader(req.crid, code, *self.router.served(req))
+    def _forward_error(self, req: Request, code: str, payload: bytes, served: tuple | None = None) -> None:
+        """End a request with a worker's error (a provider's), saying where it ran (`served`: where that
+        error came from, if not the latest attempt)."""
+        header = ErrorHeader(req.crid, code, *(served or self.router.served(req)))
         self._forward_end(req, self.codec.frames(Kind.ERROR, header, payload), f"error:{code}")
 
     def _forward_end(self, req: Request, frames: list[bytes], outcome: str) -> None:

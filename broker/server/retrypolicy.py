@@ -82,16 +82,18 @@ def classify_event(body: bytes | None) -> Reason | None:
 
 
 def retry_after(headers: dict[str, str]) -> float | None:
-    """Seconds from `retry-after-ms`, else `retry-after` (seconds or an HTTP date), as the SDKs read them."""
+    """Seconds from `retry-after-ms`, else `retry-after` (seconds or an HTTP date), as the SDKs read them:
+    a wait that is not positive (0, negative, a date passed) is none, and the backoff applies."""
     for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         try:
             seconds = float(headers[name]) / scale
         except (KeyError, ValueError):
             continue
         if not math.isnan(seconds):
-            return max(0.0, seconds)
+            return seconds if seconds > 0 else None
     date = email.utils.parsedate_tz(headers.get("retry-after", ""))
-    return None if date is None else max(0.0, email.utils.mktime_tz(date) - time.time())
+    seconds = None if date is None else email.utils.mktime_tz(date) - time.time()
+    return seconds if seconds is not None and seconds > 0 else None
 
 
 @dataclass(frozen=True, slots=True)

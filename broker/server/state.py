@@ -105,6 +105,7 @@ class Request:
     worker: Worker | None = None
     sent_at: float = 0.0
     last_event_at: float | None = None
+    ending: bool = False  # this attempt's stream said it finished (Kind.ENDING): not watched for staleness
     headers_at: float | None = None  # when this attempt's response headers arrived
     headers_timeout: float = math.inf
     delivered: int = 0
@@ -127,7 +128,8 @@ class Request:
     model: str = ""
     target_attempts: int = 0
     rerouted: str = ""  # how the current target came to run it: fallback, context-fallback ("": its own)
-    first_error: tuple[str, bytes] | None = None  # (code, ErrorInfo) of its own target's first provider error
+    # (code, ErrorInfo, where it ran: a Served header's fields) of its own target's first provider error
+    first_error: tuple[str, bytes, tuple[int, str, str, str, str]] | None = None
     tries: list[str] = field(default_factory=list)  # each failed attempt, `group:reason`
     probing: bool = False  # its current attempt is its deployment's half-open circuit probe
     rescue: Rescue | None = None  # a stream opted in to be continued if it breaks after output (resumes.py)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from .state import Reason, Request, Worker, WorkerState
 
+ENDING_GRACE = 5.0  # a finished stream's worker ends it within worker/sse.py's GRACE (1 s); after this, a stall
+
 
 def request_due(req: Request) -> tuple[float, Reason]:
     """When the running request breaches a limit if nothing arrives, and which limit."""
@@ -21,8 +23,8 @@ def request_due(req: Request) -> tuple[float, Reason]:
         due, reason = req.sent_at + req.headers_timeout, Reason.HEADERS
     elif req.last_event_at is None:
         due, reason = req.sent_at + req.first_event_timeout, Reason.FIRST_EVENT
-    else:
-        due, reason = req.last_event_at + req.stale_timeout, Reason.STALE
+    else:  # a stream that said it finished is ended by its worker within a GRACE: this is the backstop
+        due, reason = req.last_event_at + max(req.stale_timeout, ENDING_GRACE if req.ending else 0), Reason.STALE
     if req.deadline_at <= due:
         return req.deadline_at, Reason.DEADLINE
     return due, reason

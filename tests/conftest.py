@@ -7,6 +7,7 @@ child process and no socket file is left behind.
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import os
 import tempfile
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from packaging.version import Version
 
 os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-isopool-0000"
 os.environ["OPENAI_API_KEY"] = "sk-test-isopool-0000"
@@ -62,6 +64,18 @@ def anthropic_args(prompt: str, **extra: Any) -> dict[str, Any]:
 
 def openai_args(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-fake", "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def sdk_has(sdk: str, since: str) -> bool:
+    """Whether the installed `sdk` is release `since` or newer. CI runs the suite's SDK-facing modules
+    a second time on the oldest supported SDKs (tests/oldest-sdks.txt), where some APIs are missing."""
+    return Version(importlib.metadata.version(sdk)) >= Version(since)
+
+
+def needs_sdk(sdk: str, since: str, what: str) -> pytest.MarkDecorator:
+    """Skip a test of `what`, which `sdk` has from release `since` on, where the installed one is older."""
+    have = importlib.metadata.version(sdk)
+    return pytest.mark.skipif(not sdk_has(sdk, since), reason=f"{what} needs {sdk} >= {since}; installed: {have}")
 
 
 def fault(spec: str) -> dict[str, Any]:

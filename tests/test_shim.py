@@ -26,14 +26,13 @@ from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, fault, profiles, sdk_has, wait_for
 
-# APIs the oldest supported SDKs lack (tests/oldest-sdks.txt): the scenarios that call them run from the release
-# that has them. Before openai 1.92 `parse` is under `beta` (as it is tested there).
-COUNT_TOKENS = sdk_has("anthropic", "0.41.0")  # before, only `beta.messages.count_tokens`
-RESPONSES = sdk_has("openai", "1.66.0")
-CHAT_PARSE = sdk_has("openai", "1.92.0")
-OPENAI_REQUEST_IDS = sdk_has("openai", "1.46.0")  # a result's `_request_id`
-# a 529 is an OverloadedError from anthropic 0.47 on, an InternalServerError before
-OVERLOADED = getattr(anthropic, "OverloadedError", anthropic.InternalServerError)
+# What the oldest supported SDKs lack (conftest's SINCE) is compared from the release that has it.
+COUNT_TOKENS, RESPONSES, CHAT_PARSE = (
+    sdk_has("messages.count_tokens"),
+    sdk_has("responses"),
+    sdk_has("chat.completions.parse"),
+)
+OVERLOADED = anthropic.OverloadedError if sdk_has("OverloadedError") else anthropic.InternalServerError
 
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "shim hello"}])
 CHAT = dict(model="gpt-fake", messages=[{"role": "user", "content": "shim hello"}])
@@ -194,7 +193,7 @@ def test_shim_clients_are_the_sdks_own_classes_and_carry_request_ids(pair):
     assert isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI)
     assert shim_anthropic.RateLimitError is anthropic.RateLimitError and shim_openai.NOT_GIVEN is openai.NOT_GIVEN
     assert claude.messages.create(**MSG)._request_id.startswith("req_fake_")
-    if OPENAI_REQUEST_IDS:
+    if sdk_has("_request_id"):
         assert gpt.chat.completions.create(**CHAT)._request_id.startswith("req_fake_")
     stream = claude.messages.create(stream=True, **MSG)
     assert stream.response.headers["content-type"].startswith("text/event-stream")

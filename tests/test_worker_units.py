@@ -131,7 +131,7 @@ def sdk_client():
     [
         "messages.create",
         "beta.messages.count_tokens",
-        pytest.param("messages.batches.list", marks=needs_sdk("anthropic", "0.41.0", "messages.batches")),
+        pytest.param("messages.batches.list", marks=needs_sdk("messages.batches")),
     ],
 )
 def test_public_method_paths_resolve(sdk_client, method):

@@ -77,7 +77,10 @@ async def run_resume(resume: Resume, kind: str, run: Run, emit: Any) -> None:
 def _api(kind: str, call: Call | HttpCall) -> tuple[str, dict[str, Any]]:
     """("anthropic" or "chat", the call's arguments), or NotContinuable."""
     if isinstance(call, Call):
-        method, args = call.method, call.kwargs
+        # The SDK merges `extra_body` into the JSON it sends: what an SDK release lacks a parameter for
+        # (anthropic < 0.47 has no `thinking=`) comes that way, and is part of the call all the same.
+        extra = call.kwargs.get("extra_body")
+        method, args = call.method, {**call.kwargs, **(extra if isinstance(extra, dict) else {})}
     else:
         method = _ENDPOINTS.get((kind, call.path.split("?", 1)[0])) if call.method == "POST" else None
         try:

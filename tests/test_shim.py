@@ -21,6 +21,7 @@ import pytest
 
 from broker import BadRequest, Pool
 from broker.protocol import HttpCall
+from broker.sdklib import library
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
@@ -298,6 +299,21 @@ def test_f8_hung_worker_is_replaced_and_the_call_answered(pair, pool):
         os.kill(busy[0]["pid"], signal.SIGSTOP)
     caller.join(30)
     assert answers and plain(answers[0]) == plain(direct[0].messages.create(**args))
+
+
+@pytest.mark.parametrize("name", ["transport", "proxies", "connection_pool_limits"])
+def test_anthropic_0x_connection_arguments_are_ignored_with_a_warning_at_the_callers_line(pool, name):
+    """anthropic 0.x's own connection settings configure a connection the pool's worker makes."""
+    lib = library("anthropic")
+    value = {
+        "transport": lib.HTTPTransport(),
+        "proxies": "http://proxy.invalid:1",
+        "connection_pool_limits": lib.Limits(),
+    }[name]
+    with pytest.warns(UserWarning, match=f"{name}= is ignored") as caught:
+        client = shim_anthropic.Anthropic(pool=pool, **{name: value})
+    assert [w.filename for w in caught] == [__file__]
+    assert client.messages.create(**MSG).type == "message"
 
 
 def test_a_shared_pool_refuses_a_clients_own_key_or_base_url_at_construction(pool):

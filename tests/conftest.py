@@ -66,30 +66,34 @@ def openai_args(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-fake", "messages": [{"role": "user", "content": prompt}], **extra}
 
 
-# The first release of each SDK API the oldest supported SDKs (tests/oldest-sdks.txt) lack, read from
-# the released wheels. CI runs the SDK-facing modules a second time on those SDKs (.ci/run).
-SINCE = {
-    "messages.count_tokens": ("anthropic", "0.41.0"),  # before, only `beta.messages.count_tokens`
-    "messages.batches": ("anthropic", "0.41.0"),  # before, only `beta.messages.batches`
-    "OverloadedError": ("anthropic", "0.47.0"),  # before, a 529 is an InternalServerError
-    "thinking": ("anthropic", "0.47.0"),  # the `thinking=` parameter; before, `extra_body` carries it
-    "_request_id": ("openai", "1.46.0"),  # a result's request id; before, its `x-request-id` header only
-    "responses": ("openai", "1.66.0"),  # the Responses API
-    "chat.completions.parse": ("openai", "1.92.0"),  # before, `beta.chat.completions.parse`
+# The releases that have each SDK API the oldest supported SDKs (tests/oldest-sdks.txt) lack, or only they
+# have: (sdk, first, first without), read from the released wheels. CI runs the SDK-facing modules a second
+# time on those SDKs (.ci/oldest-sdks).
+RELEASES = {
+    "messages.count_tokens": ("anthropic", "0.41.0", None),  # before, only `beta.messages.count_tokens`
+    "messages.batches": ("anthropic", "0.41.0", None),  # before, only `beta.messages.batches`
+    "beta.prompt_caching": ("anthropic", None, "0.41.0"),  # prompt caching's beta resource, gone at its GA
+    "OverloadedError": ("anthropic", "0.47.0", None),  # before, a 529 is an InternalServerError
+    "thinking": ("anthropic", "0.47.0", None),  # the `thinking=` parameter; before, `extra_body` carries it
+    "_request_id": ("openai", "1.46.0", None),  # a result's request id; before, its `x-request-id` header only
+    "responses": ("openai", "1.66.0", None),  # the Responses API
+    "chat.completions.parse": ("openai", "1.92.0", None),  # before, `beta.chat.completions.parse`
 }
 
 
 def sdk_has(api: str) -> bool:
-    """Whether the installed SDK has `api` (a key of SINCE)."""
-    sdk, since = SINCE[api]
-    return Version(importlib.metadata.version(sdk)) >= Version(since)
+    """Whether the installed SDK has `api` (a key of RELEASES)."""
+    sdk, first, gone = RELEASES[api]
+    have = Version(importlib.metadata.version(sdk))
+    return (first is None or have >= Version(first)) and (gone is None or have < Version(gone))
 
 
 def needs_sdk(api: str) -> pytest.MarkDecorator:
-    """Skip a test of `api` (a key of SINCE) where the installed SDK predates it, saying which release has it."""
-    sdk, since = SINCE[api]
-    have = importlib.metadata.version(sdk)
-    return pytest.mark.skipif(not sdk_has(api), reason=f"{api} needs {sdk} >= {since}; installed: {have}")
+    """Skip a test of `api` (a key of RELEASES) where the installed SDK lacks it, saying which releases have it."""
+    sdk, first, gone = RELEASES[api]
+    which = " and ".join(bound for bound in (first and f">= {first}", gone and f"< {gone}") if bound)
+    reason = f"{api} needs {sdk} {which}; installed: {importlib.metadata.version(sdk)}"
+    return pytest.mark.skipif(not sdk_has(api), reason=reason)
 
 
 def fault(spec: str) -> dict[str, Any]:

@@ -33,6 +33,15 @@ CALLS = {  # profile, method, args, gateway path
 SDK_CALLS = ["anthropic", "chat", pytest.param("responses", marks=needs_sdk("responses"))]
 
 
+@needs_sdk("beta.prompt_caching")
+def test_a_cut_stream_of_anthropic_0_40s_prompt_caching_beta_is_a_typed_error(client):
+    """The same Messages stream under another method path: it is held to its terminal event too."""
+    args = anthropic_args("cut caching beta", stream=True)
+    call = client.submit("anthropic", "beta.prompt_caching.messages.create", **args, **fault("cut"))
+    with pytest.raises(StreamIncomplete, match="without message_stop"):
+        list(call)
+
+
 @pytest.fixture(scope="module")
 def pool(fake):
     settings = dict(TEST_SETTINGS, stale_timeout=STALE, http="127.0.0.1:0")

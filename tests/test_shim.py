@@ -27,7 +27,7 @@ from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, fault, profiles, sdk_has, wait_for
 
-# What the oldest supported SDKs lack (conftest's SINCE) is compared from the release that has it.
+# What the oldest supported SDKs lack (conftest's RELEASES) is compared from the release that has it.
 COUNT_TOKENS, RESPONSES, CHAT_PARSE = (
     sdk_has("messages.count_tokens"),
     sdk_has("responses"),

@@ -21,7 +21,7 @@ import msgspec
 from broker.protocol import CREDENTIAL_HEADERS, Response, is_framing_header
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
-from .hygiene import StreamCheck, check_for
+from .hygiene import ANTHROPIC_MESSAGES, StreamCheck, check_for
 from .sse import iter_batches
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -30,8 +30,7 @@ _REFUSED_KWARGS = {"extra_query"}
 
 # (SDK kind, method path) -> accumulator of its stream into the non-streaming body
 STREAMABLE: dict[tuple[str, str], type] = {
-    ("anthropic", "messages.create"): AnthropicMessage,
-    ("anthropic", "beta.messages.create"): AnthropicMessage,
+    **{("anthropic", method): AnthropicMessage for method in ANTHROPIC_MESSAGES},
     ("openai", "chat.completions.create"): OpenAIChatCompletion,
     ("openai", "responses.create"): OpenAIResponse,
 }
@@ -74,7 +73,7 @@ def _missing(client: Any, method: str, path: list[str]) -> BadCall:
     pool's (openai < 1.66 has no `responses`), and "no such method" alone reads as a typo."""
     sdk = sys.modules[type(client).__module__.partition(".")[0]]
     return BadCall(f"{method!r}: the pool's {sdk.__name__} {sdk.__version__} has no {'.'.join(path)!r} "
-                   "(an API newer than that release, or a misspelt name)")  # fmt: skip
+                   "(an API of another release, or a misspelt name)")  # fmt: skip
 
 
 def check_headers(names: Iterable[str]) -> None:

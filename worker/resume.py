@@ -29,13 +29,12 @@ import msgspec
 from broker.protocol import CONTINUED_HEADER, Call, Continuation, ErrorInfo, HttpCall, Response, Resume
 
 from .exchange import _ENDPOINTS
-from .hygiene import StreamIncomplete
+from .hygiene import ANTHROPIC_MESSAGES, StreamIncomplete
 
 _CALL = msgspec.msgpack.Decoder(Call | HttpCall)
 _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
-_ANTHROPIC = ("messages.create", "beta.messages.create")
 _CONTENT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 Run = Callable[[Call | HttpCall, Any], Awaitable[None]]  # runs a call with an emitter (the worker's own path)
@@ -87,7 +86,7 @@ def _api(kind: str, call: Call | HttpCall) -> tuple[str, dict[str, Any]]:
             args = _DEC.decode(call.body) if method else {}
         except msgspec.DecodeError:
             args = {}
-    if kind == "anthropic" and method in _ANTHROPIC:
+    if kind == "anthropic" and method in ANTHROPIC_MESSAGES:
         return "anthropic", args
     if kind == "openai" and method == "chat.completions.create":
         return "chat", args

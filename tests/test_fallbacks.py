@@ -18,6 +18,7 @@ import pytest
 from broker import Pool
 from broker.batch import run as run_batch
 from broker.errors import ProviderStatusError
+from broker.server.stats import MAX_FALLBACK_PAIRS, Stats
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 from worker.fallback import failure_of
@@ -176,7 +177,7 @@ def test_a_stream_answered_by_the_fallback_says_so_in_its_headers(fake, pool):
 
 def test_a_shim_error_says_where_the_call_ran(fake, pool):
     fake.reset()
-    with shim_openai.OpenAI(pool=pool, profile="backup") as sdk:  # no fallbacks there
+    with shim_openai.OpenAI(pool=pool, pool_profile="backup") as sdk:  # no fallbacks there
         with pytest.raises(openai.APIConnectionError) as caught:
             sdk.chat.completions.create(**openai_args("reset", model="gpt-fake@reset:after=0,times=99"))
     cause = caught.value.__cause__  # the transport's error, which the SDK wraps
@@ -219,3 +220,12 @@ def test_the_pools_own_error_through_the_gateway_says_where_the_call_ran(fake, p
               "x-isopool-rescue": "retry"}  # fmt: skip
     assert isopool_headers(response.headers) == served
     assert "backup:headers_timeout, backup:headers_timeout" in response.json()["error"]["message"]
+
+
+def test_the_fallback_pairs_counted_are_bounded_though_callers_name_the_models():
+    stats = Stats()
+    for i in range(MAX_FALLBACK_PAIRS + 50):
+        stats.moved(f"anthropic/model-{i}", "backup/claude-fake")
+    stats.moved("anthropic/model-0", "backup/claude-fake")
+    assert len(stats.fallbacks) == MAX_FALLBACK_PAIRS + 1
+    assert stats.fallbacks["(other pairs)"] == 50 and stats.fallbacks["anthropic/model-0>backup/claude-fake"] == 2

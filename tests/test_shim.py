@@ -322,6 +322,27 @@ def test_a_shared_pool_refuses_a_clients_own_key_or_base_url_at_construction(poo
             shim_anthropic.Anthropic(pool=pool, **own)
 
 
+def test_profile_is_the_sdks_own_and_pool_profile_the_pools(pool):
+    """anthropic >= 0.125 has `profile=` (a credentials file, read in the caller): it is the client's own
+    credentials, never the pool's profile, which is `pool_profile=` (issue 19)."""
+    if "profile" in inspect.signature(anthropic.Anthropic.__init__).parameters:
+        with pytest.raises(ValueError, match="allow_overrides"):
+            shim_anthropic.Anthropic(pool=pool, profile="work")
+    with pytest.raises(TypeError, match="pool_profile=NAME"):
+        shim_openai.OpenAI(pool=pool, profile="openai")
+    with shim_openai.OpenAI(pool=pool, pool_profile="openai") as client:
+        assert client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_the_sdks_own_default_base_url_and_an_empty_key_are_the_pools(pool):
+    """LangChain's ChatAnthropic builds its client with base_url="https://api.anthropic.com" and
+    api_key="" when none is set: a shared pool serves it with its own profile and key."""
+    with shim_anthropic.Anthropic(pool=pool, base_url="https://api.anthropic.com/", api_key="") as client:
+        assert client.messages.create(**MSG).type == "message"
+    with shim_openai.OpenAI(pool=pool, base_url="https://api.openai.com/v1", api_key="") as client:
+        assert client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}]).choices
+
+
 def test_worker_refuses_an_override_the_pool_does_not_allow_without_connecting(pool, fake):
     served = sum(fake.stats()["served"].values())
     call = HttpCall("POST", "/v1/messages", [], b"{}", base_url="http://127.0.0.1:9")

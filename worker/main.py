@@ -80,7 +80,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
     libraries = [sdks.load(kind).http for kind in kinds]  # a TLS context suits httpx and httpx2 alike
-    _ssl_context = libraries[0].create_ssl_context() if libraries else None
+    if _ssl_context is None and libraries:
+        _ssl_context = libraries[0].create_ssl_context()
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)

@@ -7,6 +7,7 @@ child process and no socket file is left behind.
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import os
 import tempfile
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from packaging.version import Version
 
 os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-isopool-0000"
 os.environ["OPENAI_API_KEY"] = "sk-test-isopool-0000"
@@ -62,6 +64,36 @@ def anthropic_args(prompt: str, **extra: Any) -> dict[str, Any]:
 
 def openai_args(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-fake", "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+# The releases that have each SDK API the oldest supported SDKs (tests/oldest-sdks.txt) lack, or only they
+# have: (sdk, first, first without), read from the released wheels. CI runs the SDK-facing modules a second
+# time on those SDKs (.ci/oldest-sdks).
+RELEASES = {
+    "messages.count_tokens": ("anthropic", "0.41.0", None),  # before, only `beta.messages.count_tokens`
+    "messages.batches": ("anthropic", "0.41.0", None),  # before, only `beta.messages.batches`
+    "beta.prompt_caching": ("anthropic", None, "0.41.0"),  # prompt caching's beta resource, gone at its GA
+    "OverloadedError": ("anthropic", "0.47.0", None),  # before, a 529 is an InternalServerError
+    "thinking": ("anthropic", "0.47.0", None),  # the `thinking=` parameter; before, `extra_body` carries it
+    "_request_id": ("openai", "1.46.0", None),  # a result's request id; before, its `x-request-id` header only
+    "responses": ("openai", "1.66.0", None),  # the Responses API
+    "chat.completions.parse": ("openai", "1.92.0", None),  # before, `beta.chat.completions.parse`
+}
+
+
+def sdk_has(api: str) -> bool:
+    """Whether the installed SDK has `api` (a key of RELEASES)."""
+    sdk, first, gone = RELEASES[api]
+    have = Version(importlib.metadata.version(sdk))
+    return (first is None or have >= Version(first)) and (gone is None or have < Version(gone))
+
+
+def needs_sdk(api: str) -> pytest.MarkDecorator:
+    """Skip a test of `api` (a key of RELEASES) where the installed SDK lacks it, saying which releases have it."""
+    sdk, first, gone = RELEASES[api]
+    which = " and ".join(bound for bound in (first and f">= {first}", gone and f"< {gone}") if bound)
+    reason = f"{api} needs {sdk} {which}; installed: {importlib.metadata.version(sdk)}"
+    return pytest.mark.skipif(not sdk_has(api), reason=reason)
 
 
 def fault(spec: str) -> dict[str, Any]:

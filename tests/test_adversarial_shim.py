@@ -62,6 +62,11 @@ def received(fake, request_id: str) -> dict[str, str]:
         return json.load(resp)
 
 
+def chat_request_id(client) -> str:
+    """The request id of a chat completion (its header: openai < 1.46 has no `_request_id` on a result)."""
+    return client.chat.completions.with_raw_response.create(**CHAT).headers["x-request-id"]
+
+
 def served(fake) -> int:
     return sum(fake.stats()["served"].values())
 
@@ -73,18 +78,24 @@ def pick(headers: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
 _EMBEDDED = textwrap.dedent(
     """
     import asyncio, sys
+    import openai as sdk
     from broker.shim import openai
 
     async def main():
         client = openai.AsyncOpenAI(base_url=sys.argv[1], api_key="sk-caller-own", organization="org-caller",
                                     project="proj-caller", max_retries=0)
-        reply = await client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "x"}])
-        print(reply._request_id)
+        raw = await client.chat.completions.with_raw_response.create(model="gpt-fake",
+                                                                     messages=[{"role": "user", "content": "x"}])
+        print(raw.headers["x-request-id"])  # a result's `_request_id` from openai 1.46 on
         keyless = openai.AsyncOpenAI(max_retries=0)  # the pool's key: there is none
         try:
             await keyless.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "x"}])
         except openai.APIConnectionError as exc:
             print(exc.__cause__)
+        try:
+            sdk.OpenAI()  # the SDK's own reason, in the words of its release
+        except sdk.OpenAIError as exc:
+            print(exc)
 
     asyncio.run(main())
     """
@@ -100,8 +111,8 @@ def test_an_embedded_pool_sends_an_explicit_key_organization_and_project_with_no
     out = subprocess.run([sys.executable, "-c", _EMBEDDED, fake.url + "/v1"], env=env, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    request_id, keyless = out.stdout.strip().split("\n")
-    assert "set the `OPENAI_API_KEY`" in keyless  # a call that needs the pool's key gets the SDK's own reason
+    request_id, keyless, reason = out.stdout.strip().split("\n")
+    assert "OPENAI_API_KEY" in reason and reason in keyless  # a call needing the pool's key: the SDK's own reason
     assert served(fake) == before + 1  # and is never sent
     seen = received(fake, request_id)
     want = {"authorization": "Bearer sk-caller-own", "openai-organization": "org-caller",
@@ -121,14 +132,14 @@ def test_an_anthropic_key_or_token_reaches_the_provider_as_the_sdk_sends_it(fake
 
 def test_the_pools_key_carries_the_pools_organization_and_project_unless_the_caller_names_its_own(fake, own):
     with shim_openai.OpenAI(pool=own) as client:
-        seen = received(fake, client.chat.completions.create(**CHAT)._request_id)
+        seen = received(fake, chat_request_id(client))
     want = {"authorization": "Bearer sk-pool-secret", "openai-organization": "org-pool", "openai-project": "proj-pool"}
     assert pick(seen, tuple(want)) == want
     with shim_openai.OpenAI(pool=own, organization="org-caller") as client:
-        seen = received(fake, client.chat.completions.create(**CHAT)._request_id)
+        seen = received(fake, chat_request_id(client))
     assert (seen["openai-organization"], seen["openai-project"]) == ("org-caller", "proj-pool")
     with shim_openai.OpenAI(pool=own, api_key="sk-caller-own") as client:  # they go with the pool's key only
-        seen = received(fake, client.chat.completions.create(**CHAT)._request_id)
+        seen = received(fake, chat_request_id(client))
     assert seen["authorization"] == "Bearer sk-caller-own"
     assert "openai-organization" not in seen and "openai-project" not in seen
 
@@ -138,7 +149,7 @@ def test_profile_default_headers_reach_the_provider_on_every_path(fake, own):
         sdk_path = client.request("anthropic", "messages.create", **MSG)
     ids = [dict(sdk_path.headers)["request-id"]]
     with shim_anthropic.Anthropic(pool=own) as claude, shim_openai.OpenAI(pool=own, api_key="sk-caller-own") as gpt:
-        ids += [claude.messages.create(**MSG)._request_id, gpt.chat.completions.create(**CHAT)._request_id]
+        ids += [claude.messages.create(**MSG)._request_id, chat_request_id(gpt)]
     with anthropic.Anthropic(base_url=own.http_url) as through_gateway:
         ids.append(through_gateway.messages.create(**MSG)._request_id)
     assert [received(fake, rid).get("x-profile-tag") for rid in ids] == ["from-profile"] * 4

@@ -19,7 +19,7 @@ from broker.fake_provider import FAULT_HEADER
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
+from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args, sdk_has
 from .test_resume import assert_one_message, chat_text, profile, sse_events
 
 BOTH = ["prefill", "replay"]
@@ -207,6 +207,8 @@ def test_an_error_event_that_cannot_be_continued_reaches_the_caller_as_the_provi
     last = raw.strip().split(b"\n\n")[-1]
     assert raw.count(b"event: error") == 1 and last.startswith(b"event: error\n") and b'"server_error"' in last, raw
     assert b"isopool" not in raw and arrivals(fake) == 1  # the continuation was refused before it was sent
+    if not sdk_has("responses"):
+        return  # the pool's openai predates the Responses API: a low-level call of it is refused (the gateway relays)
     with pool.client() as client:
         events = []
         with pytest.raises(ProviderStreamError, match="server_error") as raised:

@@ -34,6 +34,7 @@ from .conftest import (
     fault,
     openai_args,
     profiles,
+    sdk_has,
     wait_for,
     worker_pids,
 )
@@ -376,9 +377,8 @@ def _raw(pool, frames: list[bytes]) -> tuple[int, str]:
 )
 def test_f12_malformed_messages_get_error_and_broker_keeps_serving(pool, client, frames, code):
     assert _raw(pool, frames)[1] == code
-    counted = client.request(
-        "anthropic", "messages.count_tokens", model="claude-fake", messages=[{"role": "user", "content": "hi"}]
-    )
+    count_tokens = "messages.count_tokens" if sdk_has("messages.count_tokens") else "beta.messages.count_tokens"
+    counted = client.request("anthropic", count_tokens, model="claude-fake", messages=anthropic_args("hi")["messages"])
     assert counted.json() == {"input_tokens": 4}
 
 

@@ -30,8 +30,9 @@ from .conftest import TEST_SETTINGS, profiles
 
 pytestmark = pytest.mark.xdist_group("generations")  # one worker builds the one old-SDK venv
 
-# The agent of issue 19. Another set by hand, e.g. the oldest supported, or the first on httpx2:
-# ISOPOOL_OLD_SDKS="anthropic==0.40.0 openai==1.40.0 httpx==0.27.2" pytest tests/test_generations.py
+# The agent of issue 19. Another set by hand, e.g. the oldest supported (which .ci/run also runs the shim,
+# gateway, batch and fault tests on), or the first on httpx2:
+# ISOPOOL_OLD_SDKS="$(cat tests/oldest-sdks.txt)" pytest tests/test_generations.py
 # ISOPOOL_OLD_SDKS="anthropic==1.0.0 openai==3.0.0 httpx2==2.16.2" pytest tests/test_generations.py
 PINS = os.environ.get("ISOPOOL_OLD_SDKS", "anthropic==0.87.0 openai==2.24.0 httpx==0.28.1").split()
 PINNED = dict(pin.split("==") for pin in PINS)

@@ -26,7 +26,7 @@ from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 from worker.resume import Diverged, Prefill, Replay, Seen
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
+from .conftest import TEST_SETTINGS, anthropic_args, fault, needs_sdk, openai_args
 
 STALE = 1.0  # a stall after output is noticed this soon
 BOTH = ["prefill", "replay"]
@@ -242,11 +242,24 @@ def test_a_divergent_replay_ends_with_the_original_typed_error(client, pool, spe
     assert raised.value.delivered == 6 and raised.value.pool_rescue.startswith("replay diverged")  # type: ignore[attr-defined]
 
 
-def test_thinking_and_tool_use_are_never_prefilled(client):
-    thinking = anthropic_args("think", stream=True, thinking={"type": "enabled", "budget_tokens": 1024})
+THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param({"thinking": THINKING}, marks=needs_sdk("thinking"), id="kwarg"),
+        pytest.param({"extra_body": {"thinking": THINKING}}, id="extra_body"),  # how an SDK before `thinking` sends it
+    ],
+)
+def test_extended_thinking_is_never_continued(client, how):
+    thinking = anthropic_args(f"think {list(how)}", stream=True, **how)
     with pytest.raises(StreamIncomplete) as raised:
         list(client.submit("anthropic", "messages.create", **thinking, **fault("cut:after=7")))
     assert "extended thinking" in raised.value.info.rescue and raised.value.info.attempts == 1
+
+
+def test_tool_use_is_never_prefilled_and_is_replayed_whole(client):
     tools = anthropic_args("call a tool", stream=True, tools=[TOOL])
     with pytest.raises(StreamIncomplete) as raised:
         list(client.submit("prefill-only", "messages.create", **tools, **fault("cut:after=5")))
@@ -299,6 +312,7 @@ def test_the_deadline_bounds_continuations(client, fake):
     assert grew(before, served(fake.url))["messages.stream"] <= 3  # one per stale_timeout, then the deadline
 
 
+@needs_sdk("responses")
 def test_what_cannot_be_continued_ends_with_its_own_error(client):
     """The Responses API is not continued (its sequence numbers and item ids would need rewriting)."""
     args = {"model": "gpt-fake", "input": "responses", "stream": True}

@@ -21,10 +21,19 @@ import pytest
 
 from broker import BadRequest, Pool
 from broker.protocol import HttpCall
+from broker.sdklib import library
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .conftest import TEST_SETTINGS, fault, profiles, wait_for
+from .conftest import TEST_SETTINGS, fault, profiles, sdk_has, wait_for
+
+# What the oldest supported SDKs lack (conftest's RELEASES) is compared from the release that has it.
+COUNT_TOKENS, RESPONSES, CHAT_PARSE = (
+    sdk_has("messages.count_tokens"),
+    sdk_has("responses"),
+    sdk_has("chat.completions.parse"),
+)
+OVERLOADED = anthropic.OverloadedError if sdk_has("OverloadedError") else anthropic.InternalServerError
 
 MSG = dict(model="claude-fake", max_tokens=32, messages=[{"role": "user", "content": "shim hello"}])
 CHAT = dict(model="gpt-fake", messages=[{"role": "user", "content": "shim hello"}])
@@ -80,7 +89,8 @@ def anthropic_scenarios(c):
     yield "stream", list(c.messages.create(stream=True, **MSG))
     with c.messages.stream(**MSG) as stream:
         yield "helper", ("".join(stream.text_stream), stream.get_final_message())
-    yield "count_tokens", c.messages.count_tokens(**count)
+    if COUNT_TOKENS:
+        yield "count_tokens", c.messages.count_tokens(**count)
     yield "beta.create", c.beta.messages.create(**MSG)
     yield "beta.count_tokens", c.beta.messages.count_tokens(**count)
     raw = c.messages.with_raw_response.create(**MSG)
@@ -100,13 +110,17 @@ def anthropic_scenarios(c):
 def openai_scenarios(c):
     yield "chat", c.chat.completions.create(**CHAT)
     yield "chat.stream", list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **CHAT))
-    yield "chat.parse", c.chat.completions.parse(response_format=Weather, **CHAT).choices[0].message.parsed
-    yield "responses", c.responses.create(model="gpt-fake", input="shim hello").output_text
-    yield "responses.stream", [e.type for e in c.responses.create(model="gpt-fake", input="shim hello", stream=True)]
+    parse = c.chat.completions.parse if CHAT_PARSE else c.beta.chat.completions.parse
+    yield "chat.parse", parse(response_format=Weather, **CHAT).choices[0].message.parsed
+    if RESPONSES:
+        yield "responses", c.responses.create(model="gpt-fake", input="shim hello").output_text
+        stream = c.responses.create(model="gpt-fake", input="shim hello", stream=True)
+        yield "responses.stream", [e.type for e in stream]
     yield "tool_calls", c.chat.completions.create(tools=[CHAT_TOOL], **CHAT)
     yield "tool_calls.stream", list(c.chat.completions.create(tools=[CHAT_TOOL], stream=True, **CHAT))
-    fn = {"type": "function", **{k: CHAT_TOOL["function"][k] for k in ("name", "parameters")}}
-    yield "responses.function_call", c.responses.create(model="gpt-fake", input="weather?", tools=[fn]).output
+    if RESPONSES:
+        fn = {"type": "function", **{k: CHAT_TOOL["function"][k] for k in ("name", "parameters")}}
+        yield "responses.function_call", c.responses.create(model="gpt-fake", input="weather?", tools=[fn]).output
     raw = c.chat.completions.with_raw_response.create(**CHAT)
     yield "raw", (raw.headers["content-type"], raw.parse())
     with c.chat.completions.with_streaming_response.create(**CHAT) as resp:
@@ -129,9 +143,11 @@ async def anthropic_async_scenarios(c):
     yield "stream", [e async for e in await c.messages.create(stream=True, **MSG)]
     async with c.messages.stream(**MSG) as stream:
         yield "helper", ("".join([t async for t in stream.text_stream]), await stream.get_final_message())
-    yield "count_tokens", await c.messages.count_tokens(model=MSG["model"], messages=MSG["messages"])
+    if COUNT_TOKENS:
+        yield "count_tokens", await c.messages.count_tokens(model=MSG["model"], messages=MSG["messages"])
     raw = await c.messages.with_raw_response.create(**MSG)
-    yield "raw", (raw.status_code, await raw.parse())
+    parsed = raw.parse()  # a coroutine from anthropic 1.0 on, as in the SDK
+    yield "raw", (raw.status_code, await parsed if inspect.isawaitable(parsed) else parsed)
     async with c.messages.with_streaming_response.create(**MSG) as resp:
         yield "streaming_response", (resp.status_code, await resp.parse())
     yield "beta.create", await c.beta.messages.create(**MSG)
@@ -141,15 +157,19 @@ async def anthropic_async_scenarios(c):
 async def openai_async_scenarios(c):
     yield "chat", await c.chat.completions.create(**CHAT)
     yield "chat.stream", [x async for x in await c.chat.completions.create(stream=True, **CHAT)]
-    parsed = await c.chat.completions.parse(response_format=Weather, **CHAT)
+    parsed = await (c.chat.completions.parse if CHAT_PARSE else c.beta.chat.completions.parse)(
+        response_format=Weather, **CHAT
+    )
     yield "chat.parse", parsed.choices[0].message.parsed
-    yield "responses", (await c.responses.create(model="gpt-fake", input="shim hello")).output_text
+    if RESPONSES:
+        yield "responses", (await c.responses.create(model="gpt-fake", input="shim hello")).output_text
     raw = await c.chat.completions.with_raw_response.create(**CHAT)
     yield "raw", raw.parse()  # synchronous, as in the SDK
     async with c.chat.completions.with_streaming_response.create(**CHAT) as resp:
         yield "streaming_response", await resp.parse()
-    stream = await c.responses.create(model="gpt-fake", input="shim hello", stream=True)
-    yield "responses.stream", [e.type async for e in stream]
+    if RESPONSES:
+        stream = await c.responses.create(model="gpt-fake", input="shim hello", stream=True)
+        yield "responses.stream", [e.type async for e in stream]
     yield "tool_calls", await c.chat.completions.create(tools=[CHAT_TOOL], **CHAT)
 
 
@@ -174,7 +194,8 @@ def test_shim_clients_are_the_sdks_own_classes_and_carry_request_ids(pair):
     assert isinstance(claude, anthropic.Anthropic) and isinstance(gpt, openai.OpenAI)
     assert shim_anthropic.RateLimitError is anthropic.RateLimitError and shim_openai.NOT_GIVEN is openai.NOT_GIVEN
     assert claude.messages.create(**MSG)._request_id.startswith("req_fake_")
-    assert gpt.chat.completions.create(**CHAT)._request_id.startswith("req_fake_")
+    if sdk_has("_request_id"):
+        assert gpt.chat.completions.create(**CHAT)._request_id.startswith("req_fake_")
     stream = claude.messages.create(stream=True, **MSG)
     assert stream.response.headers["content-type"].startswith("text/event-stream")
     stream.close()
@@ -184,7 +205,7 @@ def test_shim_clients_are_the_sdks_own_classes_and_carry_request_ids(pair):
     ("spec", "exc"),
     [
         ("http-429:retry_after=0,times=9", anthropic.RateLimitError),
-        ("http-529:times=9", anthropic.OverloadedError),
+        ("http-529:times=9", OVERLOADED),
         ("http-500:times=9", anthropic.InternalServerError),
     ],
 )
@@ -278,6 +299,21 @@ def test_f8_hung_worker_is_replaced_and_the_call_answered(pair, pool):
         os.kill(busy[0]["pid"], signal.SIGSTOP)
     caller.join(30)
     assert answers and plain(answers[0]) == plain(direct[0].messages.create(**args))
+
+
+@pytest.mark.parametrize("name", ["transport", "proxies", "connection_pool_limits"])
+def test_anthropic_0x_connection_arguments_are_ignored_with_a_warning_at_the_callers_line(pool, name):
+    """anthropic 0.x's own connection settings configure a connection the pool's worker makes."""
+    lib = library("anthropic")
+    value = {
+        "transport": lib.HTTPTransport(),
+        "proxies": "http://proxy.invalid:1",
+        "connection_pool_limits": lib.Limits(),
+    }[name]
+    with pytest.warns(UserWarning, match=f"{name}= is ignored") as caught:
+        client = shim_anthropic.Anthropic(pool=pool, **{name: value})
+    assert [w.filename for w in caught] == [__file__]
+    assert client.messages.create(**MSG).type == "message"
 
 
 def test_a_shared_pool_refuses_a_clients_own_key_or_base_url_at_construction(pool):

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import anthropic
-import httpx2
 import openai
 import pytest
 
@@ -15,10 +14,13 @@ from broker.fake_provider.content import Reply
 from broker.fake_provider.formats import AnthropicMessages, OpenAIChat, OpenAIResponses
 from broker.fake_provider.server import _sse
 from broker.protocol import Code, ErrorInfo
+from broker.sdklib import library
 from worker.assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse
 from worker.calls import BadCall, check_kwargs, resolve
 from worker.errors import translate
 from worker.sse import iter_batches
+
+from .conftest import needs_sdk
 
 
 async def _chunks(data: bytes, size: int):
@@ -124,7 +126,14 @@ def sdk_client():
     return anthropic.AsyncAnthropic(api_key="k")
 
 
-@pytest.mark.parametrize("method", ["messages.create", "beta.messages.count_tokens", "messages.batches.list"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "messages.create",
+        "beta.messages.count_tokens",
+        pytest.param("messages.batches.list", marks=needs_sdk("messages.batches")),
+    ],
+)
 def test_public_method_paths_resolve(sdk_client, method):
     from anthropic._resource import AsyncAPIResource
 
@@ -143,6 +152,16 @@ def test_private_or_non_resource_paths_are_refused(sdk_client, method):
         resolve(sdk_client, method, AsyncAPIResource)
 
 
+@pytest.mark.parametrize(("method", "missing"), [("messages.not_yet", "messages.not_yet"), ("nope.create", "nope")])
+def test_a_path_the_sdk_lacks_is_refused_naming_the_sdk_release(sdk_client, method, missing):
+    """What an older SDK in the pool lacks (anthropic 0.40's `messages.count_tokens`) is said to be missing
+    from that release, not called a private path."""
+    from anthropic._resource import AsyncAPIResource
+
+    with pytest.raises(BadCall, match=rf"the pool's anthropic {anthropic.__version__} has no '{missing}'"):
+        resolve(sdk_client, method, AsyncAPIResource)
+
+
 @pytest.mark.parametrize("headers", [{"Authorization": "Bearer x"}, {"x-api-key": "k"}, {"api-key": "k"}])
 def test_credential_headers_are_refused(headers):
     with pytest.raises(BadCall):
@@ -150,9 +169,13 @@ def test_credential_headers_are_refused(headers):
     check_kwargs({"extra_headers": {"x-isopool-fault": "reset"}})
 
 
+# What a worker's SDK raises is built on that SDK's HTTP library (httpx for anthropic 0.x and openai < 3).
+HTTP = library("anthropic")
+
+
 def _status_error(sdk, status: int):
-    request = httpx2.Request("POST", "http://x/v1/messages")
-    response = httpx2.Response(status, request=request, json={"error": {"type": "t", "message": "m"}})
+    request = library(sdk.__name__).Request("POST", "http://x/v1/messages")
+    response = library(sdk.__name__).Response(status, request=request, json={"error": {"type": "t", "message": "m"}})
     return sdk.APIStatusError("m", response=response, body={"error": {"type": "t"}})
 
 
@@ -161,10 +184,10 @@ def _status_error(sdk, status: int):
     [
         (_status_error(anthropic, 529), Code.PROVIDER_STATUS),
         (_status_error(openai, 429), Code.PROVIDER_STATUS),
-        (anthropic.APITimeoutError(httpx2.Request("GET", "http://x")), Code.PROVIDER_TIMEOUT),
-        (openai.APIConnectionError(request=httpx2.Request("GET", "http://x")), Code.PROVIDER_CONNECTION),
-        (httpx2.ReadError("reset"), Code.PROVIDER_CONNECTION),
-        (httpx2.ReadTimeout("slow"), Code.PROVIDER_TIMEOUT),
+        (anthropic.APITimeoutError(HTTP.Request("GET", "http://x")), Code.PROVIDER_TIMEOUT),
+        (openai.APIConnectionError(request=library("openai").Request("GET", "http://x")), Code.PROVIDER_CONNECTION),
+        (HTTP.ReadError("reset"), Code.PROVIDER_CONNECTION),
+        (HTTP.ReadTimeout("slow"), Code.PROVIDER_TIMEOUT),
         (BadCall("no"), Code.BAD_REQUEST),
         (TypeError("unexpected keyword"), Code.BAD_REQUEST),
         (openai.OpenAIError("api_key must be set"), Code.CONFIG),

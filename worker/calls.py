@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ import msgspec
 from broker.protocol import CREDENTIAL_HEADERS, Response, is_framing_header
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
-from .hygiene import StreamCheck, check_for
+from .hygiene import ANTHROPIC_MESSAGES, StreamCheck, check_for
 from .sse import iter_batches
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -29,8 +30,7 @@ _REFUSED_KWARGS = {"extra_query"}
 
 # (SDK kind, method path) -> accumulator of its stream into the non-streaming body
 STREAMABLE: dict[tuple[str, str], type] = {
-    ("anthropic", "messages.create"): AnthropicMessage,
-    ("anthropic", "beta.messages.create"): AnthropicMessage,
+    **{("anthropic", method): AnthropicMessage for method in ANTHROPIC_MESSAGES},
     ("openai", "chat.completions.create"): OpenAIChatCompletion,
     ("openai", "responses.create"): OpenAIResponse,
 }
@@ -57,13 +57,23 @@ def resolve(client: Any, method: str, resource_type: type) -> tuple[Any, str]:
     if len(parts) < 2 or not all(_NAME.match(p) for p in parts) or parts[-1] in _NOT_CALLS:
         raise BadCall(f"{method!r} is not a public SDK method path like 'messages.create'")
     resource = client
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         resource = getattr(resource, part, None)
+        if resource is None:
+            raise _missing(client, method, parts[:depth])
         if not isinstance(resource, resource_type):
             raise BadCall(f"{method!r}: {part!r} is not an SDK resource")
     if not callable(getattr(resource, parts[-1], None)):
-        raise BadCall(f"{method!r}: no such method")
+        raise _missing(client, method, parts)
     return resource, parts[-1]
+
+
+def _missing(client: Any, method: str, path: list[str]) -> BadCall:
+    """A path the worker's SDK lacks, named with its release: the caller's own SDK may be newer than the
+    pool's (openai < 1.66 has no `responses`), and "no such method" alone reads as a typo."""
+    sdk = sys.modules[type(client).__module__.partition(".")[0]]
+    return BadCall(f"{method!r}: the pool's {sdk.__name__} {sdk.__version__} has no {'.'.join(path)!r} "
+                   "(an API of another release, or a misspelt name)")  # fmt: skip
 
 
 def check_headers(names: Iterable[str]) -> None:

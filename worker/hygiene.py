@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # them in the same breath; waiting a little for them lets the connection be used again.
 GRACE = 1.0
 
+# The SDK method paths of Anthropic Messages, one API with one stream: anthropic 0.40 also has prompt
+# caching's beta resource (gone from 0.41, when it became generally available).
+ANTHROPIC_MESSAGES = ("messages.create", "beta.messages.create", "beta.prompt_caching.messages.create")
+
 
 class StreamIncomplete(Exception):
     """The provider's stream ended without its terminal event."""
@@ -126,7 +130,7 @@ class ChatCheck(StreamCheck):
 
 def check_for(kind: str, method: str | None, args: dict[str, Any]) -> StreamCheck:
     """The check of a stream of SDK method `method` called with `args`."""
-    if kind == "anthropic" and method in ("messages.create", "beta.messages.create"):
+    if kind == "anthropic" and method in ANTHROPIC_MESSAGES:
         return AnthropicCheck()
     if kind == "openai" and method == "chat.completions.create":
         n = args.get("n")

@@ -29,13 +29,12 @@ import msgspec
 from broker.protocol import CONTINUED_HEADER, Call, Continuation, ErrorInfo, HttpCall, Response, Resume
 
 from .exchange import _ENDPOINTS
-from .hygiene import StreamIncomplete
+from .hygiene import ANTHROPIC_MESSAGES, StreamIncomplete
 
 _CALL = msgspec.msgpack.Decoder(Call | HttpCall)
 _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
-_ANTHROPIC = ("messages.create", "beta.messages.create")
 _CONTENT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 Run = Callable[[Call | HttpCall, Any], Awaitable[None]]  # runs a call with an emitter (the worker's own path)
@@ -77,14 +76,17 @@ async def run_resume(resume: Resume, kind: str, run: Run, emit: Any) -> None:
 def _api(kind: str, call: Call | HttpCall) -> tuple[str, dict[str, Any]]:
     """("anthropic" or "chat", the call's arguments), or NotContinuable."""
     if isinstance(call, Call):
-        method, args = call.method, call.kwargs
+        # The SDK merges `extra_body` into the JSON it sends: what an SDK release lacks a parameter for
+        # (anthropic < 0.47 has no `thinking=`) comes that way, and is part of the call all the same.
+        extra = call.kwargs.get("extra_body")
+        method, args = call.method, {**call.kwargs, **(extra if isinstance(extra, dict) else {})}
     else:
         method = _ENDPOINTS.get((kind, call.path.split("?", 1)[0])) if call.method == "POST" else None
         try:
             args = _DEC.decode(call.body) if method else {}
         except msgspec.DecodeError:
             args = {}
-    if kind == "anthropic" and method in _ANTHROPIC:
+    if kind == "anthropic" and method in ANTHROPIC_MESSAGES:
         return "anthropic", args
     if kind == "openai" and method == "chat.completions.create":
         return "chat", args

@@ -157,9 +157,9 @@ class _Sdk:
                 transport = http_client._transport.with_attempts(retries + 1)
                 http_client = type(http_client)(transport=transport, **httplib.settings_of(http_client, self.lib))
             return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
-        for name in _OWN_CONNECTION:  # anthropic 0.40's: they configure a connection the pool's worker makes
+        for name in _OWN_CONNECTION:  # anthropic 0.x's: a connection the worker makes (warned at the caller)
             if kwargs.pop(name, None) is not None:
-                warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=4)
+                warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=3)
         settings = httplib.settings_of(http_client, self.lib) if http_client is not None else {}
         url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
         if base_url.rstrip("/") == _DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's

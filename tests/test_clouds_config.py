@@ -13,7 +13,10 @@ import pytest
 from broker import extras
 from broker.config import ConfigError, load_settings
 
+from .cloudkit import needs_clouds
 
+
+@needs_clouds
 def test_cloud_profiles_load_with_their_settings():
     profiles = {
         "bedrock": {"kind": "bedrock", "region": "us-east-1", "aws_profile": "prod"},
@@ -70,6 +73,7 @@ def test_azure_with_a_key_needs_no_extra(monkeypatch):
     extras.require("azure", "key")  # openai alone sends an api-key
 
 
+@needs_clouds  # the process hides boto3 only: with botocore missing as well, the message would name it first
 def test_a_missing_extra_names_itself_in_a_process_without_the_library():
     """No monkeypatching: a process in which `boto3` cannot be imported at all."""
     code = ("import sys; sys.modules['boto3'] = None\n"

@@ -18,6 +18,7 @@ from .assemble import ProviderStreamError
 from .calls import BadCall
 from .exchange import ProviderHttpError
 from .fallback import failure_of
+from .frames import FramesCorrupted
 from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
@@ -57,8 +58,8 @@ def translate(exc: BaseException) -> ErrorInfo:
     # raised by a raw stream read (outside the SDK's wrapping) or by a load test's aiohttp transport
     if isinstance(exc, (*sdks.http_errors("TimeoutException"), aiohttp.ServerTimeoutError)):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, f"{name}: {exc}", error_type=name)
-    # e.g. the connection was reset mid-stream
-    if isinstance(exc, (*sdks.http_errors("TransportError"), aiohttp.ClientError)):
+    # e.g. the connection was reset mid-stream, or its event-stream frames fail their checksums
+    if isinstance(exc, (*sdks.http_errors("TransportError"), aiohttp.ClientError, FramesCorrupted)):
         detail = f"{name}: {exc}" if str(exc) else name
         return ErrorInfo(Code.PROVIDER_CONNECTION, f"connection to the provider lost ({detail})", error_type=name)
     if isinstance(exc, StreamIncomplete):

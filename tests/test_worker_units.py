@@ -13,7 +13,7 @@ import pytest
 from broker.errors import BY_CODE, InternalError, error_for
 from broker.fake_provider.content import Reply
 from broker.fake_provider.formats import AnthropicMessages, OpenAIChat, OpenAIResponses
-from broker.fake_provider.server import _sse
+from broker.fake_provider.framing import sse as _sse
 from broker.protocol import Code, ErrorInfo
 from worker.assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse
 from worker.calls import BadCall, check_kwargs, resolve

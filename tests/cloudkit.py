@@ -18,7 +18,10 @@ needs_clouds = pytest.mark.skipif(bool(_LACKING), reason=f"the cloud extras are 
 
 AZURE_VERSION = "2024-10-21"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
-__all__ = ["AZURE_VERSION", "TEST_AWS_KEY", "cloud_client", "needs_clouds", "service_account"]
+PROMPT = [{"role": "user", "content": "hello cloud"}]
+MODELS = {"bedrock": "anthropic.claude-fake-v1:0", "vertex": "claude-fake", "azure": "gpt-fake"}
+__all__ = ["AZURE_VERSION", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "cloud_client", "needs_clouds",
+           "service_account", "text"]  # fmt: skip
 
 
 @functools.cache
@@ -67,3 +70,21 @@ def cloud_client(kind: str, fake_url: str, tmp_path: Path, sync: bool) -> Any:
         auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), scope)}
     return getattr(openai, f"{prefix}AzureOpenAI")(azure_endpoint=fake_url, api_version=AZURE_VERSION, max_retries=0,
                                                    **auth)  # fmt: skip
+
+
+def text(kind: str, answer: Any) -> str:
+    return answer.choices[0].message.content if kind.startswith("azure") else answer.content[0].text
+
+
+def ask(client: Any, kind: str, stream: bool, model: str, messages: list | None = None) -> str:
+    """The answer's text to `messages` (PROMPT) through a sync SDK client, streamed or not."""
+    messages = messages or PROMPT
+    if kind.startswith("azure"):
+        if not stream:
+            return text(kind, client.chat.completions.create(model=model, messages=messages))
+        chunks = client.chat.completions.create(model=model, messages=messages, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if not stream:
+        return text(kind, client.messages.create(model=model, max_tokens=32, messages=messages))
+    with client.messages.stream(model=model, max_tokens=32, messages=messages) as events:
+        return text(kind, events.get_final_message())

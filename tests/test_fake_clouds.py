@@ -14,40 +14,21 @@ import urllib.request
 
 import pytest
 
-from .cloudkit import AZURE_VERSION, TEST_AWS_KEY, cloud_client, needs_clouds
+from .cloudkit import AZURE_VERSION, MODELS, PROMPT, TEST_AWS_KEY, ask, cloud_client, needs_clouds, text
 
 pytestmark = needs_clouds
-
-PROMPT = [{"role": "user", "content": "hello cloud"}]
-MODELS = {"bedrock": "anthropic.claude-fake-v1:0", "vertex": "claude-fake", "azure": "gpt-fake"}
-
-
-def _text(kind: str, answer) -> str:
-    return answer.choices[0].message.content if kind.startswith("azure") else answer.content[0].text
 
 
 async def _call(client, kind: str, stream: bool, model: str):
     if kind.startswith("azure"):
         if not stream:
-            return _text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
+            return text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
         chunks = await client.chat.completions.create(model=model, messages=PROMPT, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
     if not stream:
-        return _text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
+        return text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
     async with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
-        return _text(kind, await events.get_final_message())
-
-
-def _call_sync(client, kind: str, stream: bool, model: str):
-    if kind.startswith("azure"):
-        if not stream:
-            return _text(kind, client.chat.completions.create(model=model, messages=PROMPT))
-        chunks = client.chat.completions.create(model=model, messages=PROMPT, stream=True)
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    if not stream:
-        return _text(kind, client.messages.create(model=model, max_tokens=32, messages=PROMPT))
-    with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
-        return _text(kind, events.get_final_message())
+        return text(kind, await events.get_final_message())
 
 
 def _answers(fake_url: str, kind: str, tmp_path, model: str = "") -> set[str]:
@@ -56,7 +37,7 @@ def _answers(fake_url: str, kind: str, tmp_path, model: str = "") -> set[str]:
     texts = set()
     for stream in (False, True):
         with cloud_client(kind, fake_url, tmp_path, sync=True) as client:
-            texts.add(_call_sync(client, kind, stream, model))
+            texts.add(ask(client, kind, stream, model))
 
         async def run(stream=stream):
             async with cloud_client(kind, fake_url, tmp_path, sync=False) as client:  # closed: no ResourceWarning
@@ -136,7 +117,7 @@ def test_each_cloud_refuses_what_the_cloud_refuses(fake):
 def test_faults_answer_in_each_clouds_error_shape(fake, tmp_path, kind, spec, error, status):
     with cloud_client(kind, fake.url, tmp_path, sync=True) as client:
         with pytest.raises(Exception) as caught:
-            _call_sync(client, kind, False, f"{MODELS[kind]}@{spec}")
+            ask(client, kind, False, f"{MODELS[kind]}@{spec}")
     assert (type(caught.value).__name__, caught.value.status_code) == (error, status)
     response = caught.value.response
     if kind == "bedrock":
@@ -156,7 +137,7 @@ def test_a_bedrock_stream_breaks_as_a_first_party_one_does(fake, tmp_path):
 
     with cloud_client("bedrock", fake.url, tmp_path, sync=True) as client:
         model = f"{MODELS['bedrock']}@error-event:after=3"
-        with pytest.raises(anthropic.APIStatusError, match="modelStreamErrorException"):
+        with pytest.raises(anthropic.APIStatusError, match="serviceUnavailableException"):
             with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
                 events.get_final_message()
     model = urllib.parse.quote(f"{MODELS['bedrock']}@stall-ping:after=3,interval=0.05", safe=":;")

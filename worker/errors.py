@@ -11,9 +11,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from broker.errors import ConfigError
 from broker.protocol import Code, ErrorInfo
 
-from . import sdks
+from . import clouds, sdks
 from .assemble import ProviderStreamError
 from .calls import BadCall
 from .exchange import ProviderHttpError
@@ -70,6 +71,6 @@ def translate(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(Code.PROVIDER_STREAM, str(exc), body=_ENC.encode(exc.body), error_type=name)
     if isinstance(exc, (BadCall, TypeError)):
         return ErrorInfo(Code.BAD_REQUEST, str(exc), error_type=name)
-    if isinstance(exc, sdks.errors()):
+    if isinstance(exc, (*sdks.errors(), ConfigError)) or clouds.is_credential_error(exc):
         return ErrorInfo(Code.CONFIG, str(exc), error_type=name)
     return ErrorInfo(Code.INTERNAL, f"{name}: {exc}", error_type=name)

@@ -15,6 +15,13 @@ from .. import eventstream
 from .faults import Fault
 
 _ENC = msgspec.json.Encoder()
+# An Anthropic error type -> the exception frame Bedrock ends a stream with for it
+_BEDROCK_EXCEPTIONS = {
+    "overloaded_error": "serviceUnavailableException",
+    "api_error": "internalServerException",
+    "rate_limit_error": "throttlingException",
+    "invalid_request_error": "validationException",
+}
 
 
 def _data(data: Any) -> bytes:
@@ -59,7 +66,8 @@ class EventStream:
         return eventstream.chunk(_data(data))
 
     def error(self, fault: Fault) -> bytes:
-        return eventstream.exception("modelStreamErrorException", f"injected mid-stream error ({fault.error})")
+        kind = _BEDROCK_EXCEPTIONS.get(fault.error, "modelStreamErrorException")
+        return eventstream.exception(kind, f"injected mid-stream error ({fault.error})")
 
     def keepalive(self, fault: Fault) -> bytes:
         if fault.kind in ("stall-ping", "stall-first"):

@@ -1,0 +1,187 @@
+"""Cloud profiles in a real pool (issue 20, step 4): SDK calls on bedrock, vertex and azure profiles run
+in workers on the SDKs' own cloud clients, with credentials only the workers hold (AWS keys that the
+fake verifies SigV4 signatures with, a service account that google-auth exchanges at the fake's
+/token, an Azure key or a managed-identity token), and get the same answers as the SDKs' own clients;
+and the fault table holds on each: stalls before output retried invisibly, after output typed errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from broker import Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
+
+from .cloudkit import AZURE_VERSION, MODELS, TEST_AWS_KEY, ask, cloud_client, needs_clouds, service_account
+from .conftest import TEST_SETTINGS, fault, worker_pids
+
+pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+
+KINDS = ["bedrock", "vertex", "azure"]
+METHOD = {"bedrock": "messages.create", "vertex": "messages.create", "azure": "chat.completions.create"}
+POOL_MODELS = {**MODELS, "azure": "gpt-4o"}  # mapped by the profile to its deployment, "gpt-fake"
+
+
+def _profiles(url: str, credentials: str) -> dict:
+    one = {"min_workers": 1, "spare_workers": 0, "max_workers": 2}
+    return {
+        "bedrock": {"kind": "bedrock", "region": "us-east-1", "base_url": url, **one},
+        "vertex": {
+            "kind": "vertex",
+            "region": "us-east5",
+            "base_url": url + "/v1",
+            "credentials_file": credentials,
+            **one,
+        },  # fmt: skip
+        "azure": {
+            "kind": "azure",
+            "endpoint": url,
+            "api_version": AZURE_VERSION,
+            "api_key_env": "TEST_AZURE_KEY",
+            "azure_deployments": {"gpt-4o": "gpt-fake"},
+            **one,
+        },  # fmt: skip
+        "azure-entra": {
+            "kind": "azure",
+            "auth": "entra",
+            "endpoint": url,
+            "api_version": AZURE_VERSION,
+            "min_workers": 0,
+            "spare_workers": 0,
+        },  # fmt: skip
+    }
+
+
+@pytest.fixture(scope="module")
+def cloud_pool(fake, tmp_path_factory):
+    """A pool of the three cloud kinds; the credentials are in the workers' environment only."""
+    credentials = service_account(tmp_path_factory.mktemp("gcp"), fake.url)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", TEST_AWS_KEY[0])
+        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_AWS_KEY[1])
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):  # no developer's AWS files
+            env.setenv(name, str(credentials.parent / "none"))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("TEST_AZURE_KEY", "azure-test-key")
+        env.setenv("IDENTITY_ENDPOINT", fake.url + "/msi/token")
+        env.setenv("IDENTITY_HEADER", "isopool-identity-header")
+        with Pool(profiles=_profiles(fake.url, str(credentials)), **TEST_SETTINGS) as pool:
+            with pool.client() as client:
+                yield client
+
+
+def _args(kind: str, prompt: str, **extra) -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    if kind == "azure":
+        return {"model": POOL_MODELS[kind], "messages": messages, **extra}
+    return {"model": POOL_MODELS[kind], "max_tokens": 32, "messages": messages, **extra}
+
+
+def _text(kind: str, events: list) -> str:
+    if kind == "azure":
+        return "".join((e.get("choices") or [{}])[0].get("delta", {}).get("content") or "" for e in events)
+    return "".join(e["delta"].get("text", "") for e in events if e.get("type") == "content_block_delta")
+
+
+def _answer(kind: str, body: dict) -> str:
+    return body["choices"][0]["message"]["content"] if kind == "azure" else body["content"][0]["text"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_cloud_kind_answers_as_the_sdks_own_client_does(cloud_pool, fake, tmp_path, kind):
+    prompt = f"pool {kind}"
+    plain = cloud_pool.request(kind, METHOD[kind], **_args(kind, prompt))
+    streamed = [e.json() for e in cloud_pool.submit(kind, METHOD[kind], stream=True, **_args(kind, prompt))]
+    with cloud_client(kind, fake.url, tmp_path, sync=True) as sdk:  # the oracle: the SDK's own cloud client
+        own = ask(sdk, kind, False, MODELS[kind], [{"role": "user", "content": prompt}])
+    assert _answer(kind, plain.json()) == _text(kind, streamed) == own
+    if kind == "bedrock":  # the worker signed with the AWS key in its environment; the fake verified it
+        assert fake.stats()["signatures"][-1]["verified"]
+
+
+def test_azure_with_entra_id_takes_a_managed_identity_token_in_the_worker(cloud_pool, fake):
+    before = fake.stats()["served"].get("token.entra", 0)
+    body = cloud_pool.request("azure-entra", METHOD["azure"], **_args("azure", "pool entra")).json()
+    assert _answer("azure", body) and fake.stats()["served"]["token.entra"] == before + 1
+
+
+def test_a_raw_http_call_to_a_cloud_profile_is_refused_for_now(cloud_pool):
+    from broker import BadRequest
+    from broker.protocol import HttpCall
+
+    call = HttpCall("POST", "/model/m/invoke", [("content-type", "application/json")], b"{}")
+    with pytest.raises(BadRequest, match="bedrock runs SDK calls only"):
+        cloud_pool.submit_http("bedrock", call).result()
+
+
+# The fault table on each kind ------------------------------------------------------------------
+
+
+def _pair(client, kind: str, prompt: str, spec: str, **limits):
+    faulted = client.request(kind, METHOD[kind], **limits, **_args(kind, prompt), **fault(spec))
+    return faulted, client.request(kind, METHOD[kind], **_args(kind, prompt))
+
+
+def _kills(client, reason: str) -> int:
+    return client.stats()["kills"].get(reason, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f1_no_first_event_is_killed_and_retried(cloud_pool, kind):
+    before = _kills(cloud_pool, "first_event_timeout")
+    faulted, clean = _pair(cloud_pool, kind, f"f1 {kind}", "stall-first:interval=0.1", first_event_timeout=0.5)
+    assert faulted.body == clean.body and _kills(cloud_pool, "first_event_timeout") == before + 1
+
+
+STALLS = ["stall-ping:after=5,interval=0.1", "stall-comment:after=5,interval=0.1", "silent:after=5"]
+
+
+@pytest.mark.parametrize("spec", STALLS, ids=["F2-ping", "F3-comment", "F4-silent"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stall_before_output_is_retried_invisibly(cloud_pool, kind, spec):
+    before = _kills(cloud_pool, "stale_timeout")
+    faulted, clean = _pair(cloud_pool, kind, f"unseen {kind} {spec}", spec, stale_timeout=0.4)
+    assert faulted.body == clean.body and _kills(cloud_pool, "stale_timeout") == before + 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stall_after_output_is_a_typed_error(cloud_pool, kind):
+    call = cloud_pool.submit(kind, METHOD[kind], stale_timeout=0.4, stream=True,
+                             **_args(kind, f"seen {kind}"), **fault("stall-ping:after=5,interval=0.1"))  # fmt: skip
+    events, start = [], time.monotonic()
+    with pytest.raises(StreamStalled, match="stale_timeout") as caught:
+        events.extend(call)
+    assert time.monotonic() - start >= 0.4
+    # Anthropic's `ping` (a chunk on Bedrock) and Azure's prompt-filter chunk: only real events count
+    assert len(events) == caught.value.delivered == (5 if kind == "azure" else 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f6_a_connection_lost_is_retried_unseen_and_an_error_seen(cloud_pool, kind):
+    faulted, clean = _pair(cloud_pool, kind, f"f6 {kind}", "reset:after=5")
+    assert faulted.body == clean.body
+    with pytest.raises(ProviderConnectionError):
+        list(
+            cloud_pool.submit(
+                kind, METHOD[kind], stream=True, **_args(kind, f"f6 seen {kind}"), **fault("reset:after=5")
+            )
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f7_provider_errors_and_error_events_are_retried_before_output(cloud_pool, kind):
+    pids = worker_pids(cloud_pool)
+    faulted, clean = _pair(cloud_pool, kind, f"f7 {kind}", "http-500")
+    assert faulted.body == clean.body and worker_pids(cloud_pool) == pids  # a provider error is not a stall
+    call = cloud_pool.submit(kind, METHOD[kind], **_args(kind, f"f7 event {kind}"), **fault("error-event:after=4"))
+    assert call.result().status == 200 and call.served.attempts == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_f15_f16_a_cut_stream_is_never_a_success_and_a_malformed_event_is_dropped(cloud_pool, kind):
+    with pytest.raises(StreamIncomplete, match="without"):
+        list(cloud_pool.submit(kind, METHOD[kind], stream=True, **_args(kind, f"cut {kind}"), **fault("cut")))
+    rescued, clean = _pair(cloud_pool, kind, f"cut plain {kind}", "cut")
+    assert rescued.body == clean.body
+    bad, clean = _pair(cloud_pool, kind, f"bad {kind}", "malformed")
+    assert bad.malformed_events == 1 and bad.body == clean.body

@@ -160,7 +160,7 @@ def caller(column: str, api: Api, pool: Any, provider: str) -> Callable[[dict[st
     if column == "gateway+SDK(0)":
         return lambda body: via_sdk(api, api.sdk(base_url=api.base_url(pool.http_url), max_retries=0), body)
     if column == "shim":
-        return lambda body: via_sdk(api, api.shim(pool=pool, profile="primary"), body)
+        return lambda body: via_sdk(api, api.shim(pool=pool, pool_profile="primary"), body)
     return lambda body: via_sdk(api, api.sdk(base_url=api.base_url(provider)), body)
 
 

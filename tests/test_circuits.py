@@ -126,7 +126,7 @@ def _pool(fake, **settings):
 def _ask(pool, model: str, prompt: str, via: str = "gateway") -> tuple[int, dict, dict]:
     """One chat call through the gateway (a plain HTTP client) or the shim (the SDK at its defaults)."""
     if via == "shim":
-        with shim_openai.OpenAI(pool=pool, profile="primary") as sdk:
+        with shim_openai.OpenAI(pool=pool, pool_profile="primary") as sdk:
             raw = sdk.chat.completions.with_raw_response.create(**openai_args(prompt, model=model))
             return raw.status_code, raw.parse().model_dump(), raw.headers
     response = httpx.post(pool.http_url + "/v1/chat/completions", json=openai_args(prompt, model=model), timeout=60)

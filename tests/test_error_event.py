@@ -79,7 +79,7 @@ def answer(pool: Pool, api: str, path: str, profile: str, prompt: str, spec: str
     if path == "gateway-sdk":
         sdk = sdk_class(base_url=pool.http_url + base, max_retries=0, default_headers=headers)
     else:
-        sdk = shim_class(pool=pool, profile=profile, default_headers={FAULT_HEADER: spec})
+        sdk = shim_class(pool=pool, pool_profile=profile, default_headers={FAULT_HEADER: spec})
     with sdk:
         if api == "chat":
             chunks = sdk.chat.completions.create(**args(prompt), stream=True)

@@ -176,7 +176,7 @@ def test_a_stream_answered_by_the_fallback_says_so_in_its_headers(fake, pool):
 
 def test_a_shim_error_says_where_the_call_ran(fake, pool):
     fake.reset()
-    with shim_openai.OpenAI(pool=pool, profile="backup") as sdk:  # no fallbacks there
+    with shim_openai.OpenAI(pool=pool, pool_profile="backup") as sdk:  # no fallbacks there
         with pytest.raises(openai.APIConnectionError) as caught:
             sdk.chat.completions.create(**openai_args("reset", model="gpt-fake@reset:after=0,times=99"))
     cause = caught.value.__cause__  # the transport's error, which the SDK wraps

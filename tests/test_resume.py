@@ -235,7 +235,7 @@ def test_a_divergent_replay_ends_with_the_original_typed_error(client, pool, spe
     chat = openai_args(f"diverge {spec}", stream=True)
     with pytest.raises(error, match="replay diverged"):
         list(client.submit("openai", "chat.completions.create", **chat, **fault(spec.replace("7", "5"))))
-    with shim_anthropic.Anthropic(pool=pool, profile="replay-only") as shim:
+    with shim_anthropic.Anthropic(pool=pool, pool_profile="replay-only") as shim:
         with pytest.raises(anthropic.APIConnectionError, match="replay diverged") as raised:
             with shim.messages.stream(**unstreamed(args), **fault(spec), system="the shim's") as stream:
                 stream.get_final_text()

@@ -5,6 +5,7 @@ match. Then the pool's faults (F1-F8) as code written for the SDKs sees them."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -283,6 +284,18 @@ def test_a_shared_pool_refuses_a_clients_own_key_or_base_url_at_construction(poo
     for own in ({"api_key": "sk-ant-mine"}, {"base_url": "http://elsewhere.example"}):
         with pytest.raises(ValueError, match="allow_overrides"):
             shim_anthropic.Anthropic(pool=pool, **own)
+
+
+def test_profile_is_the_sdks_own_and_pool_profile_the_pools(pool):
+    """anthropic >= 0.125 has `profile=` (a credentials file, read in the caller): it is the client's own
+    credentials, never the pool's profile, which is `pool_profile=` (issue 19)."""
+    if "profile" in inspect.signature(anthropic.Anthropic.__init__).parameters:
+        with pytest.raises(ValueError, match="allow_overrides"):
+            shim_anthropic.Anthropic(pool=pool, profile="work")
+    with pytest.raises(TypeError, match="pool_profile=NAME"):
+        shim_openai.OpenAI(pool=pool, profile="openai")
+    with shim_openai.OpenAI(pool=pool, pool_profile="openai") as client:
+        assert client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}]).choices
 
 
 def test_worker_refuses_an_override_the_pool_does_not_allow_without_connecting(pool, fake):

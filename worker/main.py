@@ -81,7 +81,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     global _ssl_context
     families = tuple(sorted({FAMILIES[kind] for kind in kinds}))  # the SDKs the profiles' kinds run on
     libraries = [sdks.load(family).http for family in families]  # a TLS context suits httpx and httpx2 alike
-    _ssl_context = libraries[0].create_ssl_context() if libraries else None
+    if _ssl_context is None and libraries:
+        _ssl_context = libraries[0].create_ssl_context()
     for name in _LAZY_MODULES:
         try:
             importlib.import_module(name)

@@ -1,7 +1,7 @@
 """What the broker and its zygote say over the zygote's pipes, one JSON object a line:
 
     broker -> zygote   Spawn(WorkerSpec)
-    zygote -> broker   ZygoteReady once, then Spawned and Exited as they happen
+    zygote -> broker   ZygoteReady as each SDK is imported, Spawned and Exited as they happen
 
 Light on purpose (msgspec and the config only): the broker imports it, and must not load
 what a worker runs.
@@ -34,10 +34,11 @@ class Spawn(msgspec.Struct, frozen=True):
 
 
 class ZygoteReady(msgspec.Struct, frozen=True, tag="ready"):
-    """Preloading is done: forks are fast from now on."""
+    """The SDK of these profile kinds is imported: their workers fork fast from now on."""
 
     pid: int
     sdks: list[str]  # the SDK packages it holds (read from its sys.modules)
+    kinds: list[str]  # the profile kinds preloaded so far
 
 
 class Spawned(msgspec.Struct, frozen=True, tag="spawned"):

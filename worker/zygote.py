@@ -2,7 +2,7 @@
 threads or clients, and forks a new worker whenever the broker asks.
 
 It speaks to the broker over its stdin/stdout pipes, one JSON object a line (worker/pipe.py):
-a Spawn in, a ZygoteReady once, then Spawned and Exited reports out.
+a Spawn in, a ZygoteReady as each SDK is imported, then Spawned and Exited reports out.
 It exits when its stdin closes (the broker is gone). Forked workers watch the
 broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
 Its arguments are the SDK kinds to preload (comma-separated: those the broker's profiles
@@ -69,11 +69,33 @@ def _reap() -> None:
         _say(Exited(pid, os.waitstatus_to_exitcode(status)))
 
 
+class _Spawns:
+    """Spawn requests from the broker's pipe, and those held until their SDK is imported."""
+
+    def __init__(self) -> None:
+        self.stdin = os.fdopen(0, "rb", buffering=0)
+        self.pending = b""
+        self.held: list[WorkerSpec] = []
+
+    def read(self) -> bool:
+        """Hold what the pipe has now; False once it is closed (the broker is closing or gone)."""
+        chunk = self.stdin.read(65536)
+        if not chunk:
+            return False
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        self.held += [pipe.decode_spawn(line).spec for line in lines]
+        return True
+
+    def take(self, loaded: set[str] | None) -> list[WorkerSpec]:
+        """The held requests whose SDK is imported (all of them once `loaded` is None: preloading is over)."""
+        ready = [s for s in self.held if loaded is None or s.profile.kind in loaded]
+        self.held = [s for s in self.held if s not in ready]
+        return ready
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle: it drains, then stops us
     kinds, *places = sys.argv[1:]
-    preload(tuple(k for k in kinds.split(",") if k))
-
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
     os.set_blocking(wfd, False)
@@ -82,28 +104,38 @@ def main() -> None:
     selector = selectors.DefaultSelector()
     selector.register(0, selectors.EVENT_READ)
     selector.register(rfd, selectors.EVENT_READ)
-    gc.collect()
-    gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
     run_dir, *urls = places or [""]
     sockets = endpoints.inodes(*urls)  # the broker bound them before starting us
-    _say(ZygoteReady(os.getpid(), [m.__name__ for m in sdks.loaded()]))
-    stdin = os.fdopen(0, "rb", buffering=0)
-    pending = b""
-    while True:
-        for key, _ in selector.select():
+    spawns = _Spawns()
+
+    def serve(timeout: float | None, loaded: set[str] | None) -> bool:
+        """Reap, read and fork what is due; False once the broker is gone (its sockets then removed)."""
+        for key, _ in selector.select(timeout):
             if key.fd == rfd:
                 os.read(rfd, 4096)
                 _reap()
-                continue
-            chunk = stdin.read(65536)
-            if not chunk:  # the broker is closing or gone
+            elif not spawns.read():
                 if run_dir:
                     endpoints.cleanup(run_dir, *urls, only=sockets)
-                return
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                spec = pipe.decode_spawn(line).spec
-                _say(Spawned(spec.ident, _fork(spec, (rfd, wfd), selector)))
+                return False
+        for spec in spawns.take(loaded):
+            _say(Spawned(spec.ident, _fork(spec, (rfd, wfd), selector)))
+        return True
+
+    # One SDK at a time, forking each one's workers as soon as it is in: the first profile's
+    # workers need not wait for the second SDK's import (a second or more).
+    loaded: set[str] = set()
+    for kind in [k for k in kinds.split(",") if k] or [""]:
+        if kind:
+            preload((kind,))
+            loaded.add(kind)
+        gc.collect()
+        gc.freeze()  # keep preloaded objects out of the children's collections: less copy-on-write
+        _say(ZygoteReady(os.getpid(), [m.__name__ for m in sdks.loaded()], sorted(loaded)))
+        if not serve(0, loaded):
+            return
+    while serve(None, None):
+        pass
 
 
 if __name__ == "__main__":

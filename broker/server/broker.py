@@ -68,7 +68,7 @@ class Broker:
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url, BIG_HWM)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
-        kinds = tuple(sorted({p.kind for p in settings.profiles.values()}))
+        kinds = tuple(dict.fromkeys(p.kind for p in settings.profiles.values()))  # imported in the profiles' order
         zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url), kinds)
         # a killed worker's requests, and a flapping profile's queue, are the flow's to retry or end
         self.fleet = Fleet(

@@ -106,15 +106,19 @@ class Fleet:
             return
         for report in reports:
             if isinstance(report, ZygoteReady):  # spawn clocks start now, not while the zygote was importing
-                log.info("zygote %d ready in %.2fs; SDKs loaded: %s", report.pid, now - self.zygote.started_at,
-                         ", ".join(report.sdks) or "none")  # fmt: skip
+                new = self.zygote.imported(report)
+                log.info("zygote %d ready for %s in %.2fs; SDKs loaded: %s", report.pid, ", ".join(sorted(new)) or
+                         "workers", now - self.zygote.started_at, ", ".join(report.sdks) or "none")  # fmt: skip
                 for worker in self.workers.values():
-                    if worker.state is WorkerState.STARTING and not worker.pid:
+                    if worker.state is WorkerState.STARTING and not worker.pid and self._kind(worker) in new:
                         worker.spawned_at = now
             elif isinstance(report, Spawned):
                 self._forked(report.ident, report.pid)
             else:
                 self.on_exit(report.pid, report.status, now)
+
+    def _kind(self, worker: Worker) -> str:
+        return self.groups[worker.group][2].kind
 
     def _forked(self, ident: str, pid: int) -> None:
         worker = self.workers.get(ident.encode())
@@ -326,8 +330,8 @@ class Fleet:
         """Workers not READY within startup_timeout, or whose heartbeats stopped, are killed."""
         due = now + 1.0
         for worker in list(self.workers.values()):
-            if not (self.zygote.ready or worker.pid):
-                continue  # its clock starts when the zygote is ready
+            if not (self.zygote.forks(self._kind(worker)) or worker.pid):
+                continue  # its clock starts when the zygote has its SDK
             worker_at, reason = worker_due(worker, self.liveness, self.settings.startup_timeout)
             if now < worker_at:
                 due = min(due, worker_at)

@@ -24,7 +24,8 @@ class Zygote:
         self.child: Child | None = None
         self._pending = b""
         self.outbox = b""  # spawn requests its pipe could not take yet (it is busy or hung)
-        self.ready = False  # it has imported everything and forks on request
+        self.loaded: set[str] = set()  # the profile kinds whose SDK it has imported: their workers fork at once
+        self.ready = False  # it has imported every SDK
         self.started_at = 0.0
 
     def start(self) -> None:
@@ -33,6 +34,7 @@ class Zygote:
         os.set_blocking(self.child.proc.stdin.fileno(), False)  # type: ignore[union-attr]  # a hung zygote never blocks us
         self._pending = b""
         self.outbox = b""
+        self.loaded = set()
         self.ready = False
         self.started_at = time.monotonic()
 
@@ -69,9 +71,18 @@ class Zygote:
         if not chunk:
             return None
         *lines, self._pending = (self._pending + chunk).split(b"\n")
-        reports = [pipe.decode_report(line) for line in lines if line]
-        self.ready = self.ready or any(isinstance(r, pipe.ZygoteReady) for r in reports)
-        return reports
+        return [pipe.decode_report(line) for line in lines if line]
+
+    def imported(self, report: pipe.ZygoteReady) -> set[str]:
+        """Note what the zygote now holds; returns the kinds that are new."""
+        new = set(report.kinds) - self.loaded
+        self.loaded |= new
+        self.ready = self.loaded >= set(self._sdks)
+        return new
+
+    def forks(self, kind: str) -> bool:
+        """Whether a worker of this kind is forked as soon as it is asked for (its SDK is in)."""
+        return self.ready or kind in self.loaded
 
     def exit_status(self) -> int | None:
         """How a zygote whose pipe closed ended (negative: the signal that killed it)."""
@@ -89,7 +100,10 @@ class Zygote:
         self.start()
 
     def stop(self) -> None:
-        """Close its stdin (it exits by itself), then make sure: kill the tree and reap."""
+        """Close its stdin (it exits by itself), then make sure: kill the tree and reap. One still
+        importing an SDK is killed at once: it reads its stdin only when the import is done."""
         if self.child is not None:
+            if not self.ready:
+                self.child.proc.kill()
             self.child.stop()
             self.child = None

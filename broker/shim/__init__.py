@@ -46,7 +46,7 @@ _CLASSES = {"anthropic": ("Anthropic", "AsyncAnthropic"), "openai": ("OpenAI", "
 # then finds its key as it would without the pool), a client sends what its SDK put on each request;
 # with none, the pool's key.
 _CREDENTIALS = {
-    "anthropic": ("api_key", "auth_token", "credentials", "config"),
+    "anthropic": ("api_key", "auth_token", "credentials", "config", "profile"),  # profile: a credentials file
     "openai": ("api_key", "admin_api_key", "workload_identity"),
 }
 _OWN_CONNECTION = ("transport", "proxies", "connection_pool_limits")
@@ -67,7 +67,9 @@ def pool_url(pool: Pool | str | None) -> str:
         return os.environ["ISOPOOL_URL"]
     with _lock:
         if _embedded is None:
-            _embedded = Pool(allow_overrides=True).start()  # owned by this process: its clients' keys are ours
+            # owned by this process, so its clients' keys are ours; calls queue in its broker while its
+            # workers start, each profile's as soon as its SDK is imported
+            _embedded = Pool(allow_overrides=True).start(wait=False)
             atexit.register(_embedded.stop)
         return _embedded.url
 
@@ -102,8 +104,8 @@ class _Sdk:
         self.errors = SdkErrors(self.module, self.lib)
         self.transports = transports(self.lib)
         sync, asynchronous = _CLASSES[kind]
-        accepted = inspect.signature(getattr(self.module, sync).__init__).parameters
-        self.credentials = tuple(name for name in _CREDENTIALS[kind] if name in accepted)
+        self.accepted = inspect.signature(getattr(self.module, sync).__init__).parameters
+        self.credentials = tuple(name for name in _CREDENTIALS[kind] if name in self.accepted)
         self.classes = {sync: self._subclass(sync, False), asynchronous: self._subclass(asynchronous, True)}
         self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
         self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
@@ -113,9 +115,9 @@ class _Sdk:
         """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""
         sdk, lib = self, self.lib
 
-        def __init__(self, *, pool: Pool | str | None = None, profile: str | None = None, broker_timeout: float = 10.0,
-                     **kwargs: Any) -> None:  # fmt: skip
-            super(cls, self).__init__(**sdk.options(asynchronous, pool, profile, broker_timeout, kwargs))
+        def __init__(self, *, pool: Pool | str | None = None, pool_profile: str | None = None,
+                     broker_timeout: float = 10.0, **kwargs: Any) -> None:  # fmt: skip
+            super(cls, self).__init__(**sdk.options(asynchronous, pool, pool_profile, broker_timeout, kwargs))
 
         # A per-call `timeout=` of the other library, converted before the SDK checks it (anthropic >= 1.4 does).
         def _prepare_options(self, options: Any) -> Any:
@@ -138,6 +140,12 @@ class _Sdk:
         the SDK's retries handed to the pool: its client gets max_retries=0, and the caller's
         `max_retries` (the SDK's default 2) + 1 is each call's attempt budget in the pool. A caller's
         own `http_client` lends the pool's client what still applies (`httplib.settings_of`)."""
+        if (
+            "profile" in kwargs and "profile" not in self.accepted
+        ):  # what named the pool's profile before anthropic took it
+            raise TypeError(
+                "the pool's profile is chosen with pool_profile=NAME (profile= is anthropic's own, >= 0.125)"
+            )
         base_url = kwargs.pop("base_url", None)
         http_client = kwargs.pop("http_client", None)
         retries = kwargs.pop("max_retries", None)
@@ -157,7 +165,8 @@ class _Sdk:
         if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
             raise ValueError(
                 f"the pool at {url} holds the provider keys and does not allow a client's own credentials or "
-                "base_url (setting allow_overrides); drop them, or configure a provider profile and pass profile=NAME"
+                "base_url (setting allow_overrides); drop them, or configure a provider profile and pass "
+                "pool_profile=NAME"
             )
         attempts = (self.module.DEFAULT_MAX_RETRIES if retries is None else retries) + 1
         sync_transport, async_transport = self.transports

@@ -6,11 +6,14 @@ and the fault table holds on each: stalls before output retried invisibly, after
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from broker import Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
+from broker.errors import WorkerConfigError
 
 from .cloudkit import AZURE_VERSION, MODELS, TEST_AWS_KEY, ask, cloud_client, needs_clouds, service_account
 from .conftest import TEST_SETTINGS, fault, worker_pids
@@ -24,32 +27,19 @@ POOL_MODELS = {**MODELS, "azure": "gpt-4o"}  # mapped by the profile to its depl
 
 def _profiles(url: str, credentials: str) -> dict:
     one = {"min_workers": 1, "spare_workers": 0, "max_workers": 2}
+    none = {"min_workers": 0, "spare_workers": 0}  # misconfigured or seldom used: workers only when asked
+    azure = {"kind": "azure", "endpoint": url, "api_version": AZURE_VERSION}
     return {
         "bedrock": {"kind": "bedrock", "region": "us-east-1", "base_url": url, **one},
-        "vertex": {
-            "kind": "vertex",
-            "region": "us-east5",
-            "base_url": url + "/v1",
-            "credentials_file": credentials,
-            **one,
-        },  # fmt: skip
-        "azure": {
-            "kind": "azure",
-            "endpoint": url,
-            "api_version": AZURE_VERSION,
-            "api_key_env": "TEST_AZURE_KEY",
-            "azure_deployments": {"gpt-4o": "gpt-fake"},
-            **one,
-        },  # fmt: skip
-        "azure-entra": {
-            "kind": "azure",
-            "auth": "entra",
-            "endpoint": url,
-            "api_version": AZURE_VERSION,
-            "min_workers": 0,
-            "spare_workers": 0,
-        },  # fmt: skip
-    }
+        "vertex": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1", "credentials_file": credentials,
+                   **one},
+        "azure": {**azure, "api_key_env": "TEST_AZURE_KEY", "azure_deployments": {"gpt-4o": "gpt-fake"}, **one},
+        "azure-entra": {**azure, "auth": "entra", **none},
+        "bedrock-no-profile": {"kind": "bedrock", "region": "us-east-1", "base_url": url,
+                               "aws_profile": "no-such-profile", **none},
+        "vertex-no-file": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1",
+                           "credentials_file": "/nonexistent/service-account.json", **none},
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +93,27 @@ def test_azure_with_entra_id_takes_a_managed_identity_token_in_the_worker(cloud_
     before = fake.stats()["served"].get("token.entra", 0)
     body = cloud_pool.request("azure-entra", METHOD["azure"], **_args("azure", "pool entra")).json()
     assert _answer("azure", body) and fake.stats()["served"]["token.entra"] == before + 1
+
+
+@pytest.mark.parametrize(
+    "profile, says",
+    [("bedrock-no-profile", "The config profile \\(no-such-profile\\) could not be found"),
+     ("vertex-no-file", "/nonexistent/service-account.json")],
+)  # fmt: skip
+def test_a_worker_that_cannot_sign_is_a_config_error_naming_the_cause(cloud_pool, profile, says):
+    kind = profile.partition("-")[0]
+    with pytest.raises(WorkerConfigError, match=says):
+        cloud_pool.request(profile, METHOD[kind], **_args(kind, "no credentials"))
+
+
+def test_the_zygote_preloads_each_cloud_kinds_libraries():
+    """What a fresh worker's first cloud request would import (~0.1-0.15 s a kind, at every respawn)."""
+    code = ("import sys; from worker.main import preload; preload(('bedrock', 'vertex', 'azure'))\n"
+            "from anthropic.lib.bedrock._stream_decoder import get_response_stream_shape as shape\n"
+            "wanted = ['boto3', 'botocore.eventstream', 'google.auth.transport.requests', 'azure.identity.aio']\n"
+            "print([m for m in wanted if m not in sys.modules], shape.cache_info().currsize)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["[]", "1"], done.stderr
 
 
 def test_a_raw_http_call_to_a_cloud_profile_is_refused_for_now(cloud_pool):

@@ -55,7 +55,7 @@ def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:
 # The credential libraries' errors (looked up only if loaded: no other can have been raised), and the
 # SDK's own when boto3 finds no AWS credentials: a worker without working credentials is misconfigured.
 _CREDENTIAL_ERRORS = (
-    ("botocore.exceptions", "NoCredentialsError"),
+    ("botocore.exceptions", "BotoCoreError"),  # no credentials, no such profile, an unreadable config file
     ("google.auth.exceptions", "GoogleAuthError"),
     ("azure.core.exceptions", "ClientAuthenticationError"),
 )

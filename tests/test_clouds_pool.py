@@ -6,14 +6,19 @@ and the fault table holds on each: stalls before output retried invisibly, after
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from broker import Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
+from broker.client.client import CallLimits
 from broker.errors import WorkerConfigError
+from broker.protocol import HttpCall
 
 from .cloudkit import AZURE_VERSION, MODELS, TEST_AWS_KEY, ask, cloud_client, needs_clouds, service_account
 from .conftest import TEST_SETTINGS, fault, worker_pids
@@ -116,13 +121,61 @@ def test_the_zygote_preloads_each_cloud_kinds_libraries():
     assert done.stdout.split() == ["[]", "1"], done.stderr
 
 
-def test_a_raw_http_call_to_a_cloud_profile_is_refused_for_now(cloud_pool):
-    from broker import BadRequest
-    from broker.protocol import HttpCall
+# The raw-HTTP relay: requests in the cloud's own form, authorized per attempt in the worker ---------
 
-    call = HttpCall("POST", "/model/m/invoke", [("content-type", "application/json")], b"{}")
-    with pytest.raises(BadRequest, match="bedrock runs SDK calls only"):
-        cloud_pool.submit_http("bedrock", call).result()
+
+def _http(kind: str, prompt: str, stream: bool, headers: tuple = ()) -> HttpCall:
+    """What the caller's SDK would send (its own path and body rules, no credentials), relative to the
+    profile's base URL; Azure's without an api-version, which the worker adds from the profile."""
+    messages = [{"role": "user", "content": prompt}]
+    if kind == "azure":
+        path, args = "/deployments/gpt-fake/chat/completions", {"model": MODELS[kind], "messages": messages}
+        args |= {"stream": True} if stream else {}
+    else:
+        from anthropic._models import FinalRequestOptions
+
+        args = {"model": MODELS[kind], "max_tokens": 32, "messages": messages, "stream": stream}
+        with cloud_client(kind, "http://unused", Path(tempfile.mkdtemp()), sync=True) as sdk:
+            options = sdk._prepare_options(FinalRequestOptions.construct(method="post", url="/v1/messages",
+                                                                         json_data=args))  # fmt: skip
+        path, args = options.url, options.json_data
+    return HttpCall("POST", path, [("content-type", "application/json"), *headers], json.dumps(args).encode())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_relayed_request_in_the_clouds_own_form_is_authorized_by_the_worker(cloud_pool, fake, kind):
+    plain = cloud_pool.submit_http(kind, _http(kind, f"relay {kind}", stream=False)).result()
+    streamed = [e.json() for e in cloud_pool.submit_http(kind, _http(kind, f"relay {kind}", stream=True))]
+    with cloud_client(kind, fake.url, Path(tempfile.mkdtemp()), sync=True) as sdk:
+        own = ask(sdk, kind, False, MODELS[kind], [{"role": "user", "content": f"relay {kind}"}])
+    assert _answer(kind, plain.json()) == _text(kind, streamed) == own  # a plain call was streamed and assembled
+    if kind == "bedrock":
+        assert fake.stats()["signatures"][-1]["verified"]
+
+
+@pytest.mark.parametrize("kind", ["bedrock", "vertex"])
+def test_a_relayed_request_retried_after_a_kill_is_authorized_afresh(cloud_pool, fake, kind):
+    """SigV4 dates have one-second resolution: the first attempt stalls 1.2 s before its kill."""
+    before = fake.stats()
+    stall = (("x-isopool-fault", "stall-first:interval=0.1"),)
+    call = cloud_pool.submit_http(
+        kind, _http(kind, f"resign {kind}", False, stall), CallLimits(first_event_timeout=1.2)
+    )
+    assert call.result().status == 200 and call.served.attempts == 2
+    after = fake.stats()
+    if kind == "bedrock":
+        first, second = after["signatures"][len(before["signatures"]) :]
+        assert first["verified"] and second["verified"]
+        assert first["date"] != second["date"] and first["signature"] != second["signature"]
+    else:  # the retry ran in a fresh worker, which fetched its own token
+        assert after["served"]["token.goog"] == before["served"].get("token.goog", 0) + 1
+
+
+def test_a_callers_own_aws_signature_is_dropped_and_the_worker_signs(cloud_pool, fake):
+    forged = (("authorization", "AWS4-HMAC-SHA256 Credential=AKIDCALLER/20250101/us-east-1/bedrock/aws4_request, "
+               "SignedHeaders=host, Signature=" + "0" * 64), ("x-amz-date", "20250101T000000Z"))  # fmt: skip
+    assert cloud_pool.submit_http("bedrock", _http("bedrock", "forged", False, forged)).result().status == 200
+    assert fake.stats()["signatures"][-1]["verified"]
 
 
 # The fault table on each kind ------------------------------------------------------------------

@@ -237,12 +237,12 @@ class Worker:
         if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
             call = retarget(call, model)
         kind, clients = self.spec.profile.family, self._clients_for(call)
-        if not isinstance(call, Call) and self.spec.profile.kind not in clouds.FIRST_PARTY:
-            raise BadCall(f"a profile of kind {self.spec.profile.kind} runs SDK calls only, not yet raw HTTP")
+        if isinstance(call, TimedCall) and self.spec.profile.kind not in clouds.FIRST_PARTY:
+            raise BadCall(f"a profile of kind {self.spec.profile.kind} cannot run a load test's timed calls yet")
         if isinstance(call, TimedCall):
             await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
         elif isinstance(call, HttpCall):
-            await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            await run_http(clients.sdk, clients.http, self.spec.profile.kind, call, emit, self.spec.allow_overrides)
         else:
             kwargs = clouds.call_kwargs(self.spec.profile, call.kwargs)
             await run_call(clients.sdk, kind, clients.resource_type, call.method, kwargs, emit)

@@ -45,6 +45,12 @@ def preload(kinds: tuple[str, ...]) -> None:
             _module(kind).preload()
 
 
+def relay(kind: str) -> ModuleType | None:
+    """How a raw HTTP request of a cloud kind is relayed (its endpoints, stream form and per-attempt
+    `authorize`); None for the first-party kinds, whose credentials are static headers."""
+    return None if kind in FIRST_PARTY else _module(kind)
+
+
 def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:
     """An SDK call's arguments for the profile's client: Azure's model names its deployment."""
     if profile.kind == "azure" and (deployment := profile.azure_deployments.get(kwargs.get("model", ""))):

@@ -6,6 +6,7 @@ asked for on every request by the SDK's token provider."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import Any
 
 from broker.config import Profile
@@ -29,3 +30,35 @@ def preload() -> None:
     """azure-identity's async credentials (~150 ms), when installed (an api-key needs none)."""
     if importlib.util.find_spec("azure.identity") is not None:
         import azure.identity.aio  # noqa: F401
+
+
+# The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL ({endpoint}/openai).
+_CHAT = re.compile(r"/deployments/[^/]+/chat/completions")
+
+
+def method_of(route: str) -> str | None:
+    if _CHAT.fullmatch(route):
+        return "chat.completions.create"
+    return "responses.create" if route == "/responses" else None
+
+
+def streams(route: str, args: dict[str, Any]) -> bool:
+    return bool(args.get("stream"))
+
+
+def stream_form(path: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from ..calls import as_stream
+
+    return path, as_stream("openai", method_of(path.partition("?")[0]) or "", args)
+
+
+async def authorize(sdk: Any, request: Any) -> None:
+    """The profile's api-version where the caller named none, then the api-key or an Entra ID token
+    from the SDK's own per-request hook (which calls the token provider)."""
+    if "api-version" not in request.url.params:
+        request.url = request.url.copy_merge_params({"api-version": sdk._api_version})
+    from openai._models import FinalRequestOptions
+
+    options = await sdk._prepare_options(FinalRequestOptions.construct(method=request.method.lower(),
+                                                                       url=str(request.url), headers={}))  # fmt: skip
+    request.headers.update({k: v for k, v in options.headers.items() if isinstance(v, str)})

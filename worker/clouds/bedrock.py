@@ -4,6 +4,7 @@ sends a Bedrock API key as a bearer token (`api_key_env`, else AWS_BEARER_TOKEN_
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from broker.config import Profile
@@ -24,3 +25,25 @@ def preload() -> None:
     from anthropic.lib.bedrock._stream_decoder import get_response_stream_shape
 
     get_response_stream_shape()
+
+
+# The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL, as Bedrock's.
+_INVOKE = re.compile(r"/model/[^/]+/invoke(-with-response-stream)?")
+
+
+def method_of(route: str) -> str | None:
+    return "messages.create" if _INVOKE.fullmatch(route) else None
+
+
+def streams(route: str, args: dict[str, Any]) -> bool:
+    return route.endswith("-with-response-stream")  # Bedrock refuses `stream` in the body: the path says it
+
+
+def stream_form(path: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    route, sep, query = path.partition("?")
+    return f"{route}-with-response-stream{sep}{query}", args
+
+
+async def authorize(sdk: Any, request: Any) -> None:
+    """SigV4 over this attempt's final method, URL, headers and body (or the bearer API key)."""
+    await sdk._prepare_request(request)

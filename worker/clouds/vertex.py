@@ -5,6 +5,7 @@ instead (not refreshed)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from broker.config import Profile
@@ -28,3 +29,24 @@ def preload() -> None:
     import google.auth  # noqa: F401
     import google.auth.transport.requests  # noqa: F401
     import google.oauth2.service_account  # noqa: F401
+
+
+# The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL (…/v1).
+_PREDICT = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+:(stream)?[rR]awPredict")
+
+
+def method_of(route: str) -> str | None:
+    return "messages.create" if _PREDICT.fullmatch(route) and "/models/count-tokens:" not in route else None
+
+
+def streams(route: str, args: dict[str, Any]) -> bool:
+    return bool(args.get("stream"))
+
+
+def stream_form(path: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return path.replace(":rawPredict", ":streamRawPredict", 1), {**args, "stream": True}
+
+
+async def authorize(sdk: Any, request: Any) -> None:
+    """The access token, refreshed by google-auth if it expired (a fresh worker fetches its own)."""
+    await sdk._prepare_request(request)

@@ -11,6 +11,7 @@ One module per kind (`build`, `preload`); the first-party kinds build their plai
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from types import ModuleType
 from typing import Any
@@ -20,6 +21,9 @@ from broker.errors import ConfigError
 from broker.extras import missing
 
 FIRST_PARTY = ("anthropic", "openai")
+# The credential libraries' loggers, whose DEBUG records can hold credentials (botocore logs each
+# canonical request, the AWS session token in it): never below INFO, whatever the pool's log level.
+_CREDENTIAL_LOGGERS = ("botocore", "boto3", "google.auth", "azure.identity", "azure.core")
 
 
 def _module(kind: str) -> ModuleType:
@@ -32,6 +36,8 @@ def build(sdk: Any, profile: Profile, key: str | None, **common: Any) -> Any:
         return sdk.client(api_key=key, base_url=profile.base_url, **common)
     if lacking := missing(profile.kind, profile.auth):
         raise ConfigError(lacking)
+    for name in _CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).getEffectiveLevel()))
     try:
         return _module(profile.kind).build(sdk.module, profile, key, **common)
     except (ValueError, RuntimeError, OSError) as exc:  # no region, an unreadable credentials file, ...

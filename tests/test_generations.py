@@ -229,6 +229,42 @@ def test_isopool_run_takes_langchain_pinned_to_the_older_sdks(old_env, fake, tmp
     assert out.stdout.split() == ["broker.shim", "broker.shim", "True", "True", "True"]
 
 
+_LANGCHAIN_SHIM = textwrap.dedent(
+    """
+    import asyncio
+
+    import broker.shim
+    from broker.shim import openai as shim_openai
+    from langchain_anthropic import ChatAnthropic
+    from langchain_openai import ChatOpenAI
+
+    root, aroot = shim_openai.OpenAI(), shim_openai.AsyncOpenAI()  # LangChain takes an OpenAI client as given
+    gpt = ChatOpenAI(model="gpt-fake", root_client=root, client=root.chat.completions,
+                     root_async_client=aroot, async_client=aroot.chat.completions)
+    broker.shim.install()  # ChatAnthropic builds its own: an application (a web server) installs the shim
+    claude = ChatAnthropic(model="claude-fake", max_tokens=32, default_request_timeout=900)
+    print(type(gpt.root_client).__module__, type(claude._client).__module__)
+    print(bool(gpt.invoke("hi").content), len(list(gpt.stream("hi"))) > 1, bool(asyncio.run(gpt.ainvoke("hi")).content),
+          bool(claude.invoke("hi").content), len(list(claude.stream("hi"))) > 1)
+    """
+)
+
+
+@pytest.mark.generations
+def test_langchain_pinned_to_the_older_sdks_takes_the_shims_clients(old_env, served, fake, tmp_path):
+    """Through a shared pool that holds the keys: the application has none, and LangChain spells out
+    the SDK's default base URL and an empty key, which are the pool's to fill."""
+    if not FRAMEWORKS:
+        pytest.skip("LangChain is pinned with the default SDK pins only")
+    python = old_env[0]
+    (tmp_path / "lc_shim.py").write_text(_LANGCHAIN_SHIM)
+    count = sum(fake.stats()["served"].values())
+    no_keys = {"ANTHROPIC_API_KEY": "", "OPENAI_API_KEY": ""}  # the test session's are the pool's
+    out = run_old(python, ["lc_shim.py"], tmp_path, ISOPOOL_URL=served.url, **no_keys)
+    assert out.stdout.split() == ["broker.shim"] * 2 + ["True"] * 5
+    assert sum(fake.stats()["served"].values()) - count == 5
+
+
 _JOB = textwrap.dedent(
     """
     import anthropic

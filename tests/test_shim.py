@@ -298,6 +298,15 @@ def test_profile_is_the_sdks_own_and_pool_profile_the_pools(pool):
         assert client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}]).choices
 
 
+def test_the_sdks_own_default_base_url_and_an_empty_key_are_the_pools(pool):
+    """LangChain's ChatAnthropic builds its client with base_url="https://api.anthropic.com" and
+    api_key="" when none is set: a shared pool serves it with its own profile and key."""
+    with shim_anthropic.Anthropic(pool=pool, base_url="https://api.anthropic.com/", api_key="") as client:
+        assert client.messages.create(**MSG).type == "message"
+    with shim_openai.OpenAI(pool=pool, base_url="https://api.openai.com/v1", api_key="") as client:
+        assert client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}]).choices
+
+
 def test_worker_refuses_an_override_the_pool_does_not_allow_without_connecting(pool, fake):
     served = sum(fake.stats()["served"].values())
     call = HttpCall("POST", "/v1/messages", [], b"{}", base_url="http://127.0.0.1:9")

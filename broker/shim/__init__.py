@@ -50,6 +50,7 @@ _CREDENTIALS = {
     "openai": ("api_key", "admin_api_key", "workload_identity"),
 }
 _OWN_CONNECTION = ("transport", "proxies", "connection_pool_limits")
+_DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "openai": "https://api.openai.com/v1"}
 
 _lock = threading.Lock()
 _embedded: Pool | None = None
@@ -161,7 +162,9 @@ class _Sdk:
                 warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=4)
         settings = httplib.settings_of(http_client, self.lib) if http_client is not None else {}
         url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
-        own = base_url or any(kwargs.get(name) is not None for name in self.credentials)
+        if base_url.rstrip("/") == _DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's
+            base_url = ""
+        own = base_url or any(kwargs.get(name) for name in self.credentials)  # LangChain's api_key="": none
         if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
             raise ValueError(
                 f"the pool at {url} holds the provider keys and does not allow a client's own credentials or "

@@ -21,6 +21,18 @@ FAULTS = ["stall-first:interval=0.05", "stall-ping:after=2,interval=0.05", "rese
           "http-429:retry_after=0,times=9", "http-529:times=9", "error-event:after=2"]  # fmt: skip
 
 
+def outcomes(calls: list) -> list[str]:
+    """What each call gave its caller: its events and result, or its error."""
+    seen: list[str] = []
+    for call in calls:
+        try:
+            seen += [event.data.decode() for event in call]
+            seen.append(repr(call.result()))
+        except RequestError as exc:
+            seen += [str(exc), repr(exc), repr(exc.info)]
+    return seen
+
+
 def test_keys_never_appear_in_logs_stats_errors_or_outputs(fake, monkeypatch, capfd, tmp_path):
     monkeypatch.setenv("ANTHROPIC_API_KEY", f"sk-ant-{CANARY}-anthropic")
     monkeypatch.setenv("OPENAI_API_KEY", f"sk-{CANARY}-openai")
@@ -34,12 +46,7 @@ def test_keys_never_appear_in_logs_stats_errors_or_outputs(fake, monkeypatch, ca
             for profile, method, make in (("anthropic", "messages.create", anthropic_args),
                                           ("openai", "chat.completions.create", openai_args))
         ]  # fmt: skip
-        for call in calls:
-            try:
-                seen += [event.data.decode() for event in call]
-                seen.append(repr(call.result()))
-            except RequestError as exc:
-                seen += [str(exc), repr(exc), repr(exc.info)]
+        seen += outcomes(calls)
         for refused in ({"extra_headers": {"x-api-key": "sk-other"}}, {}):
             try:
                 client.request("anthropic", "_client.post" if not refused else "messages.create",
@@ -104,12 +111,7 @@ def test_cloud_credentials_never_appear_in_logs_stats_or_errors(fake, monkeypatc
         body = json.dumps({"anthropic_version": "v", "max_tokens": 16, "messages": [{"role": "user", "content": "r"}]})
         relayed = HttpCall("POST", "/model/m/invoke", [("x-isopool-fault", "http-529:times=9")], body.encode())
         calls.append(client.submit_http("bedrock", relayed))
-        for call in calls:
-            try:
-                seen += [event.data.decode() for event in call]
-                seen.append(repr(call.result()))
-            except RequestError as exc:
-                seen += [str(exc), repr(exc), repr(exc.info)]
+        seen += outcomes(calls)
         seen.append(json.dumps(client.stats()))
     logs = capfd.readouterr()
     seen += [logs.out, logs.err]

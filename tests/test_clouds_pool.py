@@ -153,6 +153,20 @@ def test_a_relayed_request_in_the_clouds_own_form_is_authorized_by_the_worker(cl
         assert fake.stats()["signatures"][-1]["verified"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_first_party_request_to_a_cloud_profile_is_put_in_the_clouds_form_in_the_worker(cloud_pool, kind):
+    """`/v1/messages` by the SDK's own rules (model and stream to the path on Bedrock, anthropic_version),
+    `/chat/completions` to the model's deployment: the same answers as the same SDK call."""
+    args = _args(kind, f"first party {kind}")
+    path = "/chat/completions" if kind == "azure" else "/v1/messages"
+    headers = [("content-type", "application/json")]
+    calls = [HttpCall("POST", path, headers, json.dumps({**args, "stream": s}).encode()) for s in (False, True)]
+    plain = cloud_pool.submit_http(kind, calls[0]).result()
+    streamed = [e.json() for e in cloud_pool.submit_http(kind, calls[1])]
+    same = cloud_pool.request(kind, METHOD[kind], **args)
+    assert _answer(kind, plain.json()) == _text(kind, streamed) == _answer(kind, same.json())
+
+
 @pytest.mark.parametrize("kind", ["bedrock", "vertex"])
 def test_a_relayed_request_retried_after_a_kill_is_authorized_afresh(cloud_pool, fake, kind):
     """SigV4 dates have one-second resolution: the first attempt stalls 1.2 s before its kill."""

@@ -70,6 +70,17 @@ def resolve(client: Any, method: str, resource_type: type) -> tuple[Any, str]:
     return resource, parts[-1]
 
 
+def json_body(body: bytes) -> dict[str, Any]:
+    """A relayed request's JSON object body, or BadCall."""
+    try:
+        args = _DEC.decode(body)
+    except msgspec.DecodeError:
+        raise BadCall("the request body is not JSON") from None
+    if not isinstance(args, dict):
+        raise BadCall("the request body is not a JSON object")
+    return args
+
+
 def check_headers(names: Iterable[str]) -> None:
     """Refuse headers that frame the HTTP request itself: the worker's HTTP client sets them for its
     own connection, and a caller's would point the request, with the pool's key, elsewhere."""

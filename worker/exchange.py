@@ -21,12 +21,12 @@ from typing import Any
 
 import msgspec
 
-from broker.config import FAMILIES
+from broker.config import Profile
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 from broker.sdklib import library
 
 from . import clouds
-from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, relay
+from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, json_body, relay
 from .hygiene import check_for
 
 # The caller's request headers that never go upstream: its credentials (the worker adds the
@@ -42,7 +42,6 @@ _ENDPOINTS = {
     ("openai", "/responses"): "responses.create",
 }
 _ENC = msgspec.json.Encoder()
-_DEC = msgspec.json.Decoder()
 
 
 class ProviderHttpError(Exception):
@@ -61,20 +60,21 @@ def check_path(path: str) -> None:
         raise BadCall(problem)
 
 
-async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, allow_overrides: bool = False) -> None:
+async def run_http(
+    sdk: Any, http: Any, profile: Profile, call: HttpCall, emit: Any, allow_overrides: bool = False
+) -> None:
     """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk` (or the
-    request's own, where the pool allows overrides), and relay the answer. `kind` is the profile's:
-    a cloud kind's paths are its cloud's, and each attempt is authorized (signed) afresh."""
-    family, cloud = FAMILIES[kind], clouds.relay(kind)
+    request's own, where the pool allows overrides), and relay the answer. On a cloud profile, a
+    first-party request is put in the cloud's form, and each attempt is authorized (signed) afresh."""
+    kind, family, cloud = profile.kind, profile.family, clouds.relay(profile.kind)
+    if cloud is not None:
+        call = await cloud.from_first_party(sdk, call, profile)
     route = call.path.split("?", 1)[0]
     body = call.body
     method = None if call.method != "POST" else cloud.method_of(route) if cloud else _ENDPOINTS.get((kind, route))
     streaming, accumulator, args = True, None, {}
     if method is not None and body:
-        try:
-            args = _DEC.decode(body)
-        except msgspec.DecodeError:
-            raise BadCall("the request body is not JSON") from None
+        args = json_body(body)
         streaming = cloud.streams(route, args) if cloud else bool(args.get("stream"))
         if not streaming:
             accumulator = STREAMABLE[(family, method)]

@@ -242,7 +242,7 @@ class Worker:
         if isinstance(call, TimedCall):
             await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
         elif isinstance(call, HttpCall):
-            await run_http(clients.sdk, clients.http, self.spec.profile.kind, call, emit, self.spec.allow_overrides)
+            await run_http(clients.sdk, clients.http, self.spec.profile, call, emit, self.spec.allow_overrides)
         else:
             kwargs = clouds.call_kwargs(self.spec.profile, call.kwargs)
             await run_call(clients.sdk, kind, clients.resource_type, call.method, kwargs, emit)

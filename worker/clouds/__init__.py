@@ -16,11 +16,17 @@ import sys
 from types import ModuleType
 from typing import Any
 
+import msgspec
+
 from broker.config import Profile
 from broker.errors import ConfigError
 from broker.extras import missing
+from broker.protocol import HttpCall
+
+from ..calls import BadCall, json_body
 
 FIRST_PARTY = ("anthropic", "openai")
+_ENC = msgspec.json.Encoder()
 # The credential libraries' loggers, whose DEBUG records can hold credentials (botocore logs each
 # canonical request, the AWS session token in it): never below INFO, whatever the pool's log level.
 _CREDENTIAL_LOGGERS = ("botocore", "boto3", "google.auth", "azure.identity", "azure.core")
@@ -55,6 +61,23 @@ def relay(kind: str) -> ModuleType | None:
     """How a raw HTTP request of a cloud kind is relayed (its endpoints, stream form and per-attempt
     `authorize`); None for the first-party kinds, whose credentials are static headers."""
     return None if kind in FIRST_PARTY else _module(kind)
+
+
+async def messages_in_cloud_form(sdk: Any, call: HttpCall) -> HttpCall:
+    """A first-party `POST /v1/messages` in an Anthropic cloud's form, by the SDK's own rules (its
+    `_prepare_options`: model and stream into the path, anthropic_version and betas into the body,
+    the profile's region and project); any other request as it is (already in the cloud's form)."""
+    if call.method != "POST" or call.path not in ("/v1/messages", "/v1/messages?beta=true"):
+        return call
+    from anthropic._models import FinalRequestOptions
+
+    betas = {k: v for k, v in call.headers if k.lower() == "anthropic-beta"}
+    request = FinalRequestOptions.construct(method="post", url=call.path, json_data=json_body(call.body), headers=betas)
+    try:
+        options = await sdk._prepare_options(request)
+    except ValueError as exc:  # e.g. no model
+        raise BadCall(str(exc)) from None
+    return msgspec.structs.replace(call, path=options.url, body=_ENC.encode(options.json_data))
 
 
 def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:

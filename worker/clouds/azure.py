@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import urllib.parse
 from typing import Any
 
+import msgspec
+
 from broker.config import Profile
+
+from ..calls import BadCall, json_body
+
+_ENC = msgspec.json.Encoder()
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
 
@@ -34,6 +41,22 @@ def preload() -> None:
 
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL ({endpoint}/openai).
 _CHAT = re.compile(r"/deployments/[^/]+/chat/completions")
+
+
+async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
+    """`/chat/completions` (as an OpenAI client sends it, under its /v1) to the deployment of its model
+    (`azure_deployments`, else the model's own name), which also becomes the body's model, as with SDK
+    calls; `/responses` is the same path on Azure."""
+    route, sep, query = call.path.partition("?")
+    if call.method != "POST" or route != "/chat/completions":
+        return call
+    args = json_body(call.body)
+    model = str(args.get("model", ""))
+    deployment = profile.azure_deployments.get(model, model)
+    if not deployment:
+        raise BadCall("a chat completion for Azure needs a model: it names the deployment")
+    path = f"/deployments/{urllib.parse.quote(deployment, safe='')}{route}{sep}{query}"
+    return msgspec.structs.replace(call, path=path, body=_ENC.encode({**args, "model": deployment}))
 
 
 def method_of(route: str) -> str | None:

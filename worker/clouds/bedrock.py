@@ -31,6 +31,13 @@ def preload() -> None:
 _INVOKE = re.compile(r"/model/[^/]+/invoke(-with-response-stream)?")
 
 
+async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
+    """`/v1/messages` (as an Anthropic client sends it) in this cloud's form; anything else as it is."""
+    from . import messages_in_cloud_form
+
+    return await messages_in_cloud_form(sdk, call)
+
+
 def method_of(route: str) -> str | None:
     return "messages.create" if _INVOKE.fullmatch(route) else None
 

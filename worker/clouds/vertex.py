@@ -35,6 +35,13 @@ def preload() -> None:
 _PREDICT = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+:(stream)?[rR]awPredict")
 
 
+async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
+    """`/v1/messages` (as an Anthropic client sends it) in this cloud's form; anything else as it is."""
+    from . import messages_in_cloud_form
+
+    return await messages_in_cloud_form(sdk, call)
+
+
 def method_of(route: str) -> str | None:
     return "messages.create" if _PREDICT.fullmatch(route) and "/models/count-tokens:" not in route else None
 

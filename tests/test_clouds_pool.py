@@ -48,8 +48,8 @@ def _profiles(url: str, credentials: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cloud_pool(fake, tmp_path_factory):
-    """A pool of the three cloud kinds; the credentials are in the workers' environment only."""
+def clouds(fake, tmp_path_factory):
+    """A pool of the three cloud kinds, with its gateway; the credentials are in the workers' environment only."""
     credentials = service_account(tmp_path_factory.mktemp("gcp"), fake.url)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", TEST_AWS_KEY[0])
@@ -60,9 +60,14 @@ def cloud_pool(fake, tmp_path_factory):
         env.setenv("TEST_AZURE_KEY", "azure-test-key")
         env.setenv("IDENTITY_ENDPOINT", fake.url + "/msi/token")
         env.setenv("IDENTITY_HEADER", "isopool-identity-header")
-        with Pool(profiles=_profiles(fake.url, str(credentials)), **TEST_SETTINGS) as pool:
-            with pool.client() as client:
-                yield client
+        with Pool(profiles=_profiles(fake.url, str(credentials)), http="127.0.0.1:0", **TEST_SETTINGS) as pool:
+            yield pool
+
+
+@pytest.fixture(scope="module")
+def cloud_pool(clouds):
+    with clouds.client() as client:
+        yield client
 
 
 def _args(kind: str, prompt: str, **extra) -> dict:
@@ -165,6 +170,28 @@ def test_a_first_party_request_to_a_cloud_profile_is_put_in_the_clouds_form_in_t
     streamed = [e.json() for e in cloud_pool.submit_http(kind, calls[1])]
     same = cloud_pool.request(kind, METHOD[kind], **args)
     assert _answer(kind, plain.json()) == _text(kind, streamed) == _answer(kind, same.json())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_gateways_first_party_routes_reach_a_cloud_profile_named_by_header(clouds, cloud_pool, kind):
+    """A first-party SDK pointed at the gateway, `x-isopool-profile` naming the cloud profile."""
+    import anthropic
+    import openai
+
+    route = {"default_headers": {"x-isopool-profile": kind}, "api_key": "unused", "max_retries": 0}
+    args = _args(kind, f"gateway {kind}")
+    same = _answer(kind, cloud_pool.request(kind, METHOD[kind], **args).json())
+    if kind == "azure":
+        sdk = openai.OpenAI(base_url=clouds.http_url + "/v1", **route)
+        plain = sdk.chat.completions.create(**args).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(**args, stream=True)
+                           if c.choices)  # fmt: skip
+    else:
+        sdk = anthropic.Anthropic(base_url=clouds.http_url, **route)
+        plain = sdk.messages.create(**args).content[0].text
+        with sdk.messages.stream(**args) as events:
+            streamed = events.get_final_message().content[0].text
+    assert plain == streamed == same
 
 
 @pytest.mark.parametrize("kind", ["bedrock", "vertex"])

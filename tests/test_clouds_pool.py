@@ -234,7 +234,8 @@ def _kills(client, reason: str) -> int:
 @pytest.mark.parametrize("kind", KINDS)
 def test_f1_no_first_event_is_killed_and_retried(cloud_pool, kind):
     before = _kills(cloud_pool, "first_event_timeout")
-    faulted, clean = _pair(cloud_pool, kind, f"f1 {kind}", "stall-first:interval=0.1", first_event_timeout=0.5)
+    # 1 s, not 0.5: the retry runs in a fresh worker, whose first request also resolves its credentials
+    faulted, clean = _pair(cloud_pool, kind, f"f1 {kind}", "stall-first:interval=0.1", first_event_timeout=1.0)
     assert faulted.body == clean.body and _kills(cloud_pool, "first_event_timeout") == before + 1
 
 

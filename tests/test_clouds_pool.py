@@ -263,6 +263,15 @@ def test_a_stall_after_output_is_a_typed_error(cloud_pool, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_f5_a_drip_faster_than_stale_timeout_is_not_killed_and_a_slower_one_is(cloud_pool, kind):
+    before = _kills(cloud_pool, "stale_timeout")
+    faulted, clean = _pair(cloud_pool, kind, f"f5 {kind}", "drip:gap=0.05", stale_timeout=1.0)
+    assert faulted.body == clean.body and _kills(cloud_pool, "stale_timeout") == before
+    faulted, clean = _pair(cloud_pool, kind, f"f5 slow {kind}", "drip:gap=0.8", stale_timeout=0.3)
+    assert faulted.body == clean.body and _kills(cloud_pool, "stale_timeout") == before + 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_f6_a_connection_lost_is_retried_unseen_and_an_error_seen(cloud_pool, kind):
     faulted, clean = _pair(cloud_pool, kind, f"f6 {kind}", "reset:after=5")
     assert faulted.body == clean.body

@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from broker import Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
+from broker import BadRequest, Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
 from broker.client.client import CallLimits
 from broker.errors import WorkerConfigError
 from broker.protocol import HttpCall
@@ -192,6 +193,22 @@ def test_the_gateways_first_party_routes_reach_a_cloud_profile_named_by_header(c
         with sdk.messages.stream(**args) as events:
             streamed = events.get_final_message().content[0].text
     assert plain == streamed == same
+
+
+def test_a_vertex_request_is_placed_in_its_profiles_project_and_region(cloud_pool, fake):
+    """A stand-in (the shim's `isopool`) takes the profile's; another project or region is refused."""
+    call = _http("vertex", "placed", False)
+    placed = call.path.replace("/projects/proj-test/locations/us-east5/", "/projects/isopool/locations/isopool/")
+    before = fake.stats()["served"].get("vertex.at:proj-test/us-east5", 0)
+    stand_in = cloud_pool.submit_http("vertex", msgspec.structs.replace(call, path=placed)).result()
+    assert stand_in.body == cloud_pool.submit_http("vertex", call).result().body
+    served = fake.stats()["served"]
+    assert served["vertex.at:proj-test/us-east5"] == before + 2 and "vertex.at:isopool/isopool" not in served
+    for elsewhere in ("/projects/other-proj/locations/us-east5/", "/projects/proj-test/locations/europe-west1/"):
+        moved = msgspec.structs.replace(call, path=call.path.replace("/projects/proj-test/locations/us-east5/",
+                                                                     elsewhere))  # fmt: skip
+        with pytest.raises(BadRequest, match="but this profile sends to '(proj-test|us-east5)'"):
+            cloud_pool.submit_http("vertex", moved).result()
 
 
 @pytest.mark.parametrize("kind", ["bedrock", "vertex"])

@@ -112,6 +112,7 @@ class CloudRoutes:
         if method not in ("rawPredict", "streamRawPredict"):
             return web.json_response({"error": {"code": 404, "message": f"unknown method {method!r}"}}, status=404)
         body = {**body, "model": model}
+        self.provider.served[f"vertex.at:{request.match_info['project']}/{request.match_info['region']}"] += 1
         return await self.provider.answer(request, AnthropicMessages, "vertex", body, Sse(AnthropicMessages),
                                           "vertex.messages")  # fmt: skip
 

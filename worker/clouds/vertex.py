@@ -8,7 +8,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
+
 from broker.config import Profile
+
+from ..calls import BadCall
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -35,11 +39,27 @@ def preload() -> None:
 _PREDICT = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+:(stream)?[rR]awPredict")
 
 
+# Vertex's path names the project and region the data goes to; the shim's stand-in means the profile's.
+_PLACED = re.compile(r"/projects/([^/]+)/locations/([^/]+)/")
+STAND_IN = "isopool"  # broker/shim/transport.py's STAND_IN_KEY
+
+
 async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
-    """`/v1/messages` (as an Anthropic client sends it) in this cloud's form; anything else as it is."""
+    """`/v1/messages` (as an Anthropic client sends it) in this cloud's form, and a path in it placed in
+    the profile's project and region: a stand-in takes the profile's; another project or region is
+    refused (the pool's credentials never send a request's data somewhere its profile does not)."""
     from . import messages_in_cloud_form
 
-    return await messages_in_cloud_form(sdk, call)
+    call = await messages_in_cloud_form(sdk, call)
+    if (match := _PLACED.match(call.path)) is None:
+        return call
+    own = {"project": sdk.project_id, "region": sdk.region}
+    for (name, profiles), given in zip(own.items(), match.groups(), strict=True):
+        if given != STAND_IN and given != profiles:
+            raise BadCall(f"the request names Vertex {name} {given!r}, but this profile sends to {profiles!r}: "
+                          f"send it to a profile of {name} {given!r}")  # fmt: skip
+    return msgspec.structs.replace(call, path=f"/projects/{own['project']}/locations/{own['region']}/"
+                                   + call.path[match.end() :])  # fmt: skip
 
 
 def method_of(route: str) -> str | None:

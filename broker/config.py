@@ -185,6 +185,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, ModelRule] = {}
     request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
     continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
+    request_log: str = ""  # a JSONL file: one line per finished request (no content, never a key)
+    request_log_max_bytes: int = 64 * 1024 * 1024  # rotated at this size (0: never)
+    request_log_backups: int = 5  # rotated files kept (request_log.1, .2, ...)
 
     def __post_init__(self) -> None:
         positive = (
@@ -209,7 +212,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
         for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
                      "retry_backoff", "http_retry_backoff", "retry_after_max", "circuit_failures",
-                     "continue_max_bytes"):  # fmt: skip
+                     "continue_max_bytes", "request_log_max_bytes", "request_log_backups"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.circuit_cooldown <= self.circuit_cooldown_max:
@@ -226,6 +229,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError("settings gateway_token and gateway_token_file: set one of them, not both")
             if not self.gateway_read_timeout > 0:
                 raise ConfigError(f"setting gateway_read_timeout must be > 0, got {self.gateway_read_timeout}")
+        if self.request_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.request_log))):
+            raise ConfigError(f"setting request_log: the directory of {self.request_log!r} does not exist")
         if bool(self.curve_server_key) != bool(self.curve_clients_dir):
             raise ConfigError("settings curve_server_key and curve_clients_dir are set together or not at all")
         if self.curve_server_key:

@@ -392,6 +392,27 @@ class WorkerSnapshot(msgspec.Struct, frozen=True):
     deployment: str = ""  # of its profile ("": a profile without deployments)
 
 
+class StreamSnapshot(msgspec.Struct, frozen=True):
+    """A request in flight, as `isopool top` lists it (the oldest first)."""
+
+    request: int  # the broker's id, as in WorkerSnapshot.requests
+    profile: str
+    model: str
+    worker: str  # "" while it waits (queued, or backing off before a retry)
+    attempt: int
+    age: float  # seconds since it was accepted
+    since_event: float | None  # seconds since its latest event (None: none yet on this attempt)
+    delivered: int  # events its caller has had
+
+
+class Happening(msgspec.Struct, frozen=True):
+    """A recent kill, retry or fallback, as `isopool top` lists it (the newest first)."""
+
+    ago: float  # seconds
+    what: str  # kill, retry, fallback
+    detail: str
+
+
 class CircuitSnapshot(msgspec.Struct, frozen=True):
     """The circuit breaker of one deployment and model (broker/server/circuits.py)."""
 
@@ -431,6 +452,10 @@ class Snapshot(msgspec.Struct, frozen=True):
     rescued: dict[str, int] = {}  # calls answered after a failure, by how: retry, deployment, fallback, ...
     circuits: dict[str, CircuitSnapshot] = {}  # those not closed and healthy, by `group/model` (group: a deployment)
     continuations: dict[str, int] = {}  # continuation attempts, "<strategy>:<outcome>" (ok, refused, diverged, ...)
+    events: int = 0  # events delivered to callers
+    streams: list[StreamSnapshot] = []  # the oldest requests in flight (at most STREAMS_SHOWN)
+    recent: list[Happening] = []  # the latest kills, retries and fallbacks (at most RECENT_KEPT)
+    request_log_lost: int = 0  # request log lines not written (a full disk, a writer behind)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

@@ -15,7 +15,7 @@ import pytest
 from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue")
+SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "startup")
 POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
 
@@ -104,6 +104,10 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
     assert [r["concurrency"] for r in onewrite] == [8]
     assert all(r["bare_server_chunks_per_s"] > 0 and r["isopool_server_chunks_per_s"] > 0 for r in onewrite)
     _check_rescue(data["rescue"])
+    startup = data["startup"]["figures"]
+    for sdk in ("anthropic", "openai"):
+        direct, run = startup[f"{sdk}_direct_answer"], startup[f"{sdk}_run_answer"]
+        assert direct["n"] == run["n"] == 1 and 0 < direct["median_ms"] <= startup[f"{sdk}_direct_exit"]["median_ms"]
 
     out = tmp_path / "report"
     rendered = subprocess.run(

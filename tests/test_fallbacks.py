@@ -18,6 +18,7 @@ import pytest
 from broker import Pool
 from broker.batch import run as run_batch
 from broker.errors import ProviderStatusError
+from broker.server.stats import MAX_FALLBACK_PAIRS, Stats
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 from worker.fallback import failure_of
@@ -219,3 +220,12 @@ def test_the_pools_own_error_through_the_gateway_says_where_the_call_ran(fake, p
               "x-isopool-rescue": "retry"}  # fmt: skip
     assert isopool_headers(response.headers) == served
     assert "backup:headers_timeout, backup:headers_timeout" in response.json()["error"]["message"]
+
+
+def test_the_fallback_pairs_counted_are_bounded_though_callers_name_the_models():
+    stats = Stats()
+    for i in range(MAX_FALLBACK_PAIRS + 50):
+        stats.moved(f"anthropic/model-{i}", "backup/claude-fake")
+    stats.moved("anthropic/model-0", "backup/claude-fake")
+    assert len(stats.fallbacks) == MAX_FALLBACK_PAIRS + 1
+    assert stats.fallbacks["(other pairs)"] == 50 and stats.fallbacks["anthropic/model-0>backup/claude-fake"] == 2

@@ -133,6 +133,23 @@ def test_500_once_is_retried(fake, pool, path):
     assert len(times) == 2
 
 
+@pytest.mark.parametrize("path", ["gateway-httpx", "shim"])
+@pytest.mark.parametrize("spec", ["http-408", "http-409", "http-400:should_retry=true"])
+def test_what_the_sdks_retry_the_pool_retries(fake, pool, path, spec):
+    """408, 409 and `x-should-retry: true` on any status: the SDKs retry them, so the pool, which
+    takes over their retries (the shim's SDK and the gateway's caller may have max_retries=0), does."""
+    (status, body), times, _ = attempt(fake, pool, path, spec, f"{spec} once")
+    assert status == 200, body
+    assert len(times) == 2
+
+
+@pytest.mark.parametrize("path", ["gateway-httpx", "shim"])
+def test_x_should_retry_false_stops_even_a_409(fake, pool, path):
+    (status, body), times, _ = attempt(fake, pool, path, "http-409:should_retry=false", "409 not to be retried")
+    assert status == 409 and body["error"]["message"] == "injected http-409"
+    assert len(times) == 1
+
+
 def test_500_once_is_retried_before_a_stream_through_the_gateway(fake, pool):
     (status, chunks), times, _ = attempt(fake, pool, "gateway-sdk", "http-500", "stream after a 500", stream=True)
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"

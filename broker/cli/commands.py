@@ -203,6 +203,25 @@ def stats(url: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--url", default=None, help="Broker frontend (default: $ISOPOOL_URL, else the local `isopool serve`).")
+@click.option("-n", "--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one screen and exit (for scripts and logs).")
+def top(url: str | None, interval: float, once: bool) -> None:
+    """Watch a running broker live: workers, the streams in flight with their age and last
+    event, queues, recent kills, retries and fallbacks, answers and events per second. q quits."""
+    from ..errors import BrokerUnavailable
+    from .top import top as show
+
+    url = url or _default_url()
+    try:
+        show(url, max(0.1, interval), once)
+    except BrokerUnavailable:
+        raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
 @click.argument("input_path", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file (appended, resumable)."

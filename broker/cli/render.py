@@ -27,16 +27,27 @@ def _ms(seconds: float | None) -> str:
 
 
 def print_stats(s: Snapshot) -> None:
-    console.print(
-        f"[bold]isopool broker[/] pid {s.pid} at {s.frontend}, up {s.uptime:.0f}s"
-        + (" [yellow](draining)[/]" if s.draining else "")
+    console.print(broker_line(s))
+    console.print(workers_table(s))
+    console.print(counters_table(s))
+
+
+def broker_line(s: Snapshot) -> str:
+    return f"[bold]isopool broker[/] pid {s.pid} at {escape(s.frontend)}, up {s.uptime:.0f}s" + (
+        " [yellow](draining)[/]" if s.draining else ""
     )
+
+
+def workers_table(s: Snapshot) -> Table:
     workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
     for w in s.workers:
         rss = f"{w.rss / 2**20:.0f} MB" if w.rss else "-"
         requests = ", ".join(map(str, w.requests)) or "-"
         workers.add_row(w.ident, str(w.pid or "-"), w.state, requests, str(w.served), f"{w.age:.0f}s", rss)
-    console.print(workers)
+    return workers
+
+
+def counters_table(s: Snapshot) -> Table:
     counters = Table("", "", title="counters", show_header=False)
     counters.add_row("in flight / queued", f"{s.in_flight} / {_counts(s.queued)}")
     counters.add_row("requests", _counts(s.requests))
@@ -44,17 +55,19 @@ def print_stats(s: Snapshot) -> None:
     counters.add_row("workers killed", _counts(s.kills))
     counters.add_row("spawned / respawned", f"{s.spawns} / {s.respawns}")
     counters.add_row("retries", str(s.retries))
-    counters.add_row("fallbacks (from>to)", _counts(s.fallbacks))
+    counters.add_row("fallbacks (from>to)", escape(_counts(s.fallbacks)))
     counters.add_row("rescued", _counts(s.rescued))
     counters.add_row("continuations (strategy:outcome)", _counts(s.continuations))
     for key, c in sorted(s.circuits.items()):
         opened = f", opened {c.opened}x" + (f", probe in {c.until_in:.1f}s" if c.state == "open" else "")
-        counters.add_row(f"circuit {key}", f"{c.state} ({c.failures} failures in a row{opened})")
+        counters.add_row(f"circuit {escape(key)}", f"{c.state} ({c.failures} failures in a row{opened})")
     counters.add_row("rejected messages", _counts(s.rejected))
+    if s.request_log_lost:
+        counters.add_row("request log lines lost", f"[red]{s.request_log_lost}[/] (see the broker's log)")
     lat, first = s.latency, s.first_event
     counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat.p50)} / {_ms(lat.p99)}")
     counters.add_row("first event p50 / p99 (≤)", f"{_ms(first.p50)} / {_ms(first.p99)}")
-    console.print(counters)
+    return counters
 
 
 @contextlib.contextmanager

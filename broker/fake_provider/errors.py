@@ -28,7 +28,8 @@ from ..config import FAMILIES  # a dialect (a profile kind) -> the API whose err
 from .faults import Fault
 
 _ENC = msgspec.json.Encoder()
-_TYPES = {429: "rate_limit_error", 500: "api_error", 503: "api_error", 529: "overloaded_error"}
+_TYPES = {400: "invalid_request_error", 408: "api_error", 409: "api_error", 429: "rate_limit_error",
+          500: "api_error", 503: "api_error", 529: "overloaded_error"}  # fmt: skip
 _CONTEXT = {"anthropic": 200_000, "openai": 128_000}  # the usual context windows, when `limit` is not given
 _BEDROCK = {400: "ValidationException", 403: "AccessDeniedException", 429: "ThrottlingException",
             500: "InternalServerException", 503: "ServiceUnavailableException"}  # fmt: skip
@@ -82,6 +83,8 @@ def _retry_headers(fault: Fault) -> dict[str, str]:
         headers["retry-after"] = f"{fault.retry_after:g}"
     if fault.retry_after_ms is not None:
         headers["retry-after-ms"] = str(fault.retry_after_ms)
+    if fault.should_retry:
+        headers["x-should-retry"] = fault.should_retry
     return headers
 
 

@@ -33,6 +33,10 @@ KINDS = {
     "`retry_after_ms=MS` a `retry-after-ms: MS` one (as OpenAI sends it); neither: no header",
     "http-500": "answer 500 api_error",
     "http-529": "answer 529 overloaded_error",
+    "http-408": "answer 408 (a request timeout at the provider's edge), which the SDKs retry",
+    "http-409": "answer 409 (a conflict, e.g. a lock timeout), which the SDKs retry",
+    "http-400": "answer 400 invalid_request_error; any `http-*` fault with `should_retry=true|false` also "
+    "sends `x-should-retry`, the provider's word on retrying that the SDKs obey",
     "error-event": "send a mid-stream `error` event after `after` events, of type `error` (default "
     "overloaded_error; e.g. api_error, invalid_request_error)",
     "unavailable": "answer 503 to every request with this spec for `for` seconds from the first one "
@@ -66,6 +70,7 @@ class Fault(msgspec.Struct, frozen=True):
     limit: int = 0  # `context-length`: the model's context window (0: the provider's usual one)
     vary: bool = False  # every serve of the conversation gets another answer (a replay diverges)
     error: str = "overloaded_error"  # `error-event`: the error's type
+    should_retry: str = ""  # `http-*`: the `x-should-retry` header's value (none if empty)
 
     @property
     def stalls(self) -> bool:

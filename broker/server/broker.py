@@ -27,6 +27,7 @@ from ..wire.curve import CurveServer
 from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
 from .fleet import Fleet
 from .flow import Flow
+from .requestlog import RequestLog
 from .stats import Stats
 from .watchdog import Alarm
 from .zygote import Zygote
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
 _HOUSEKEEPING_INTERVAL = 1.0
+STREAMS_SHOWN = 50  # requests in flight listed in a snapshot (the oldest): `isopool top` shows them
 
 
 class Broker:
@@ -81,7 +83,14 @@ class Broker:
             requeue=lambda req, reason, now: self.flow.retry_or_fail(req, reason, now),
             fail_queue=lambda profile, why: self.flow.fail_queue(profile, why),
         )
-        self.flow = Flow(settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend)
+        self.request_log = (
+            RequestLog(settings.request_log, settings.request_log_max_bytes, settings.request_log_backups)
+            if settings.request_log
+            else None
+        )
+        self.flow = Flow(
+            settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend, self.request_log
+        )
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
         self.parent_fd = -1
@@ -151,6 +160,8 @@ class Broker:
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
+        if self.request_log is not None:
+            self.request_log.close()
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
 
     # ----- the loop -------------------------------------------------------------
@@ -210,23 +221,25 @@ class Broker:
             kind, header, payload = self.codec.parse(frames)
         except ProtocolError as exc:
             self.stats.rejected[Code.PROTOCOL] += 1
-            flow.reply_error(client, 0, Code.PROTOCOL, str(exc))
+            flow.callers.reply_error(client, 0, Code.PROTOCOL, str(exc))
             return
         if kind == Kind.SUBMIT:
             flow.on_submit(client, header, payload, now)
         elif kind == Kind.CANCEL:
             flow.on_cancel(client, header.rid, now)
-        elif flow.parked(client):  # what it asks would only pile up behind the answers it does not read
+        elif flow.callers.parked(client):  # what it asks would only pile up behind the answers it does not read
             self.stats.rejected[Code.SATURATED] += 1
         elif kind == Kind.PING:
-            flow.send_client(client, self.codec.frames(Kind.RESULT, Ref(header.rid), b""))
+            flow.callers.send(client, self.codec.frames(Kind.RESULT, Ref(header.rid), b""))
         elif kind == Kind.STATS:
-            flow.send_client(
+            flow.callers.send(
                 client, self.codec.frames(Kind.RESULT, Ref(header.rid), self.codec.encode(self.snapshot(now)))
             )
         else:
             self.stats.rejected[Code.PROTOCOL] += 1
-            flow.reply_error(client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message")
+            flow.callers.reply_error(
+                client, getattr(header, "rid", 0), Code.PROTOCOL, f"{kind.name} is not a client message"
+            )
 
     def on_backend(self, ident: bytes, frames: list[bytes], now: float) -> None:
         try:
@@ -262,7 +275,7 @@ class Broker:
         """Once a second: parked answers, idle connection records, worker memory."""
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + _HOUSEKEEPING_INTERVAL
-            self.flow.resend_parked(now)
+            self.flow.callers.resend_parked(now)
             self.flow.connections.prune(now)
             if self.settings.max_memory_per_worker_mb:
                 self.fleet.check_memory(now)
@@ -302,7 +315,9 @@ class Broker:
             capacity=self._capacity(),
             workers=workers,
             circuits=self.flow.router.circuit_snapshots(now),
-            **self.stats.snapshot(),
+            streams=self.flow.streams(now, STREAMS_SHOWN),
+            request_log_lost=self.request_log.lost if self.request_log is not None else 0,
+            **self.stats.snapshot(now),
         )
 
     def _capacity(self) -> dict[str, int]:

@@ -169,6 +169,7 @@ class Fleet:
                 self.by_pid.pop(worker.pid, None)
         if worker.state is not WorkerState.CONDEMNED:
             self.stats.kills[reason] += 1
+            self.stats.note(now, "kill", f"{worker.ident.decode()} (pid {worker.pid}): {reason}")
             worker.state = WorkerState.CONDEMNED
             if reason not in (Reason.SHUTDOWN, Reason.SCALE_DOWN):
                 self.replacing[worker.group] += 1

@@ -3,14 +3,15 @@
 Every request ends in exactly one answer to its caller (`_forward_end`). An unseen request
 whose worker was lost, or that the provider failed in a way worth another try, is retried by the
 one policy of retrypolicy.py within the call's budget; a stream that breaks after output is
-continued where its profile or model opted in (resumes.py), within the same budget; a caller that
-stopped reading has its final answers parked for a while instead of piling up in the broker.
+continued where its profile or model opted in (resumes.py), within the same budget. Answers go
+out through `Callers` (callers.py), which parks those of a caller that stopped reading.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import datetime
+import heapq
 import logging
 import math
 import random
@@ -22,12 +23,14 @@ import zmq
 
 from .. import routes
 from ..config import Limits, Settings
-from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, Submit
+from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, StreamSnapshot, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
+from .callers import Callers, who
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
+from .requestlog import AttemptLine, RequestLine, RequestLog
 from .resumes import Rescues
 from .retrypolicy import classify, classify_event
 from .routing import Move, Router, Same, model_of, rescue, target
@@ -37,9 +40,7 @@ from .watchdog import Alarm, request_due
 
 log = logging.getLogger(__name__)
 
-_PARKED_FOR = 60.0  # how long answers wait for a client that stopped reading before they are dropped
 _ABORT_GRACE = 5.0  # how long a worker has to confirm an ABORT before it is killed (its neighbours with it)
-_ENDS = (bytes([Kind.RESULT]), bytes([Kind.ERROR]))
 _LOOKAHEAD = 64  # calls a dispatch sets aside (each waits for a deployment whose circuit is closed) before it stops
 # a worker's errors that leave an unseen request as good as unsent: retried like a stall before output
 _RETRIED = {Code.PROVIDER_CONNECTION: Reason.CONNECTION, Code.STREAM_INCOMPLETE: Reason.INCOMPLETE}
@@ -56,13 +57,13 @@ class Flow:
         fleet: Fleet,
         frontend: zmq.Socket,
         backend: zmq.Socket,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
         self.alarm = alarm
         self.codec = codec
         self.fleet = fleet
-        self.frontend = frontend
         self.backend = backend
         self.queues: dict[str, FairQueue] = {p: FairQueue() for p in settings.profiles}
         self.connections = Connections(
@@ -80,6 +81,8 @@ class Flow:
         self.draining = False
         self.rescues = Rescues(settings)
         self.router = Router(settings)
+        self.callers = Callers(frontend, self.connections, codec, settings.client_buffer, self._cut_off)
+        self.request_log = request_log
 
     # ----- callers --------------------------------------------------------------
 
@@ -95,7 +98,7 @@ class Flow:
             refusal = self._refusal(client, sub, payload, now)
         if refusal is not None:
             self.stats.rejected[refusal[0]] += 1
-            self.reply_error(client, sub.rid, *refusal)
+            self.callers.reply_error(client, sub.rid, *refusal)
             return
         fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
@@ -159,6 +162,12 @@ class Flow:
             worker.requests[req.key] = req  # keep the slot busy until the worker confirms
             self._send_worker(worker, self.codec.frames(Kind.ABORT, Ref(req.key)), now)
             self.alarm.by(req.abort_at)
+
+    def _cut_off(self, client: bytes, why: str, now: float) -> None:
+        """A caller is gone or stopped reading: end all its requests."""
+        for (owner, _), req in list(self.by_client.items()):
+            if owner == client:
+                self._cancel(req, why, now)
 
     def drain(self) -> None:
         """Accept no more; what waits in the queues ends now."""
@@ -260,20 +269,38 @@ class Flow:
         """Forward a batch of `count` events to the caller (its head first, with the first)."""
         if req.head is not None:
             served = Served(req.crid, *self.router.served(req))
-            if not self.send_client(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
+            if not self.callers.send(req.client, self.codec.frames(Kind.HEAD, served, req.head)):
                 return
             req.head = None
         numbered = Event(req.crid, req.delivered + 1, count)  # a continuation's follow those delivered
-        if self.send_client(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
+        if self.callers.send(req.client, self.codec.frames(Kind.EVENT, numbered, data)):
             req.delivered += count
+            self.stats.events += count
             if req.rescue is not None:
                 req.rescue.keep(data)
+
+    def streams(self, now: float, most: int) -> list[StreamSnapshot]:
+        """The `most` oldest requests in flight, for `isopool top`."""
+        return [
+            StreamSnapshot(
+                request=req.key,
+                profile=req.profile,
+                model=req.model or req.submit.model,
+                worker=req.worker.ident.decode() if req.worker is not None and not req.queued else "",
+                attempt=req.attempt,
+                age=round(now - req.accepted_at, 2),
+                since_event=None if req.last_event_at is None else round(now - req.last_event_at, 2),
+                delivered=req.delivered,
+            )
+            for req in heapq.nsmallest(most, self.requests.values(), key=lambda r: r.accepted_at)
+        ]
 
     def _progress(self, req: Request, now: float) -> None:
         """A real event arrived: restart the stale clock (the first one switches from first_event_timeout)."""
         if req.last_event_at is None:
             self.router.answered(req, now)
             self.stats.first_event.add(now - req.sent_at)
+            req.first_event_at = now
             self.alarm.by(now + req.stale_timeout)
         req.last_event_at = now
 
@@ -315,6 +342,7 @@ class Flow:
         req.worker = worker
         req.group = worker.group
         req.sent_at = now
+        req.first_event_at = None
         self.router.sent(req, now)
         # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
         # has its fallbacks), rather than waiting out the whole headers_timeout
@@ -343,6 +371,8 @@ class Flow:
             self.router.failed(req, reason, after, now)
         before = list(req.history)
         req.history.append(reason or failure)
+        if self.request_log is not None:
+            self._attempt_ended(req, reason or failure, now)
         req.tries.append(f"{req.group or req.profile}:{reason or failure}")
         if reason is not None and reason.is_stall:
             self.stats.stalls[reason] += 1
@@ -365,6 +395,8 @@ class Flow:
                      decision.delay)  # fmt: skip
             self.stats.retries += 1
             self.stats.retries_by[reason or failure] += 1
+            self.stats.note(now, "retry", f"request {req.key}: attempt {req.attempt} {reason or failure}, "
+                                          f"again in {decision.delay:.1f}s")  # fmt: skip
             req.head = None
             self._requeue(req, decision.delay, now)
         elif decision.code is not None:
@@ -390,7 +422,8 @@ class Flow:
         req.first_event_timeout, req.stale_timeout, _ = self._limits(
             req.submit, req.profile, req.model or req.submit.model
         )
-        self.stats.fallbacks[f"{was}>{target(req)}"] += 1
+        self.stats.moved(was, target(req))
+        self.stats.note(now, "fallback", f"request {req.key}: {was} > {target(req)} ({move.rescue})")
         log.info("request %d: %s; %s to %r", req.key, why, move.rescue, target(req))  # %r: a caller names the model
         req.head = None
         self._requeue(req, 0.0, now)
@@ -537,70 +570,32 @@ class Flow:
         elif req.worker is not None:
             req.worker.requests.pop(req.key, None)
         self.backing_off.pop(req.key, None)
-        self.send_client(req.client, frames)
+        self.callers.send(req.client, frames)
+        if self.request_log is not None:
+            self._log(req, outcome, time.monotonic())
 
-    def parked(self, client: bytes) -> bool:
-        conn = self.connections.get(client)
-        return conn is not None and conn.parked is not None
+    def _attempt_ended(self, req: Request, outcome: str, now: float) -> None:
+        """Note how the current attempt went, for the request log (once: a kill and its error may both tell)."""
+        if req.attempt > len(req.attempts):
+            first = None if req.first_event_at is None else round(req.first_event_at - req.sent_at, 3)
+            req.attempts.append(AttemptLine(req.group or req.profile, req.model or req.submit.model,
+                                            round(req.sent_at - req.accepted_at, 3), first, round(now - req.sent_at, 3),
+                                            outcome))  # fmt: skip
 
-    def reply_error(self, client: bytes, rid: int, code: Code, message: str) -> None:
-        if self.parked(client):  # it reads nothing: a refusal would only pile up behind its answers
-            return
-        info = self.codec.encode(ErrorInfo(code, message))
-        self.send_client(client, self.codec.frames(Kind.ERROR, ErrorHeader(rid, code), info))
-
-    def send_client(self, client: bytes, frames: list[bytes]) -> bool:
-        """Send to a caller; one that is gone or stopped reading has its requests cancelled.
-
-        A caller that stopped reading (EAGAIN: `client_buffer` messages wait for it) keeps its
-        final answers parked for `_PARKED_FOR` seconds, so each of its requests still ends in
-        one answer if it resumes; the broker's memory stays bounded meanwhile."""
-        conn = self.connections.get(client)
-        if conn is not None and conn.parked is not None:
-            if frames[0] in _ENDS:
-                conn.parked.append(frames)
-            return False
-        try:
-            send_frames(self.frontend, [client, *frames], NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:
-            self._cut_off(client, frames, gone=exc.errno == zmq.EHOSTUNREACH)  # the caller is gone (F11); else EAGAIN
-            return False
-
-    def _cut_off(self, client: bytes, frames: list[bytes], gone: bool) -> None:
-        log.info("client %s %s: cancelling its requests", _who(client), "went away" if gone else "stopped reading")
-        now = time.monotonic()  # a send can fail anywhere an answer is sent: the one clock reading not passed down
-        self.connections.park(client, frames if frames[0] in _ENDS else None, now)
-        why = (
-            "the caller went away"
-            if gone
-            else f"the caller stopped reading ({self.settings.client_buffer} messages waiting; client_buffer)"
-        )
-        for (owner, _), req in list(self.by_client.items()):
-            if owner == client:
-                self._cancel(req, why, now)
-        if gone:
-            self.connections.forget(client)
-
-    def resend_parked(self, now: float) -> None:
-        """Try again (once a second) to hand parked answers to callers that stopped reading."""
-        for client, conn in self.connections.parked():
-            answers = conn.parked
-            while answers:
-                try:
-                    send_frames(self.frontend, [client, *answers[0]], NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:  # gone for good
-                    answers.clear()
-                    break
-                answers.pop(0)
-            if not answers:
-                self.connections.unpark(client)
-            elif now - conn.parked_at > _PARKED_FOR:
-                log.warning("client %s did not read for %gs: dropping %d answers for it",
-                            _who(client), _PARKED_FOR, len(answers))  # fmt: skip
-                self.connections.forget(client)
+    def _log(self, req: Request, outcome: str, now: float) -> None:
+        self._attempt_ended(req, outcome, now)
+        self.request_log.write(RequestLine(  # type: ignore[union-attr]
+            time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            request=req.key,
+            client=who(req.client),
+            profile=req.submit.profile,
+            model=req.submit.model,
+            answered_by=target(req),
+            status=outcome,
+            attempts=req.attempts,
+            delivered=req.delivered,
+            took=round(now - req.accepted_at, 3),
+        ))  # fmt: skip
 
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:
         try:
@@ -609,9 +604,3 @@ class Flow:
         except zmq.ZMQError:
             self.fleet.kill(worker, Reason.CRASH, now)
             return False
-
-
-def _who(client: bytes) -> str:
-    """A client's name for the log: a hash of its routing id (the id itself would show the counter
-    libzmq generates ids from, and let a reader of the log claim the next ones)."""
-    return hashlib.blake2b(client, digest_size=4).hexdigest()

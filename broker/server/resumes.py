@@ -29,7 +29,8 @@ from .state import Reason
 # in a continuation attempt, a provider's retryable answer or silence.
 _CONTINUED = frozenset(
     {Reason.STALE, Reason.HEARTBEAT, Reason.CRASH, Reason.MEMORY, Reason.NEIGHBOUR, Reason.CONNECTION,
-     Reason.INCOMPLETE, Reason.ERROR_EVENT, Reason.HTTP_429, Reason.HTTP_5XX, Reason.HEADERS, Reason.FIRST_EVENT}
+     Reason.INCOMPLETE, Reason.ERROR_EVENT, Reason.HTTP_429, Reason.HTTP_5XX, Reason.HTTP_RETRYABLE, Reason.HEADERS,
+     Reason.FIRST_EVENT}
 )  # fmt: skip
 _OUTCOMES = {
     Continuation.PREFILL_REFUSED: "refused",

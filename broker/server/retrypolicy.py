@@ -9,6 +9,8 @@ its `max_attempts` and its deadline. Attempts never multiply.
                                                                           backoff; one over retry_after_max or past
                                                                           the deadline ends the call with the 429
     HTTP 500, 502, 503, 504, 529          yes (`http_5xx`)                same
+    HTTP 408, 409; `x-should-retry: true` yes (`http_retryable`), as the     same
+      on any status                         SDKs retry them
     connection reset or refused           yes (`provider_connection`)     backoff from `http_retry_backoff`
     no headers within headers_timeout     once per call                   none (a fresh worker)
     no first event, first_event_timeout   once per call (with the above)  none
@@ -43,7 +45,7 @@ _BACKOFF_CAP = 8.0  # the longest backoff between provider retries without a Ret
 # Silence (no headers, no first event): a provider that says nothing twice will not say more a third time.
 SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
 # Failures the provider answered or caused: backed off, never retried at once.
-_PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.CONNECTION, Reason.ERROR_EVENT})
+_PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.HTTP_RETRYABLE, Reason.CONNECTION, Reason.ERROR_EVENT})
 # The types of a mid-stream error event that say the provider failed, not the request: Anthropic's
 # `overloaded_error`, `api_error` and `rate_limit_error` (its 529, 500 and 429), OpenAI's `server_error`,
 # and Bedrock's exception frames of the same kinds (AWS: "retry your request").
@@ -58,11 +60,14 @@ def classify(status: int, headers: Iterable[tuple[str, str]]) -> tuple[Reason | 
     wait it asked for (Retry-After, in seconds; None if it named none)."""
     named = {k.lower(): v for k, v in headers}
     after = retry_after(named)
-    if named.get("x-should-retry", "").strip().lower() == "false":
+    should_retry = named.get("x-should-retry", "").strip().lower()
+    if should_retry == "false":
         return None, after
     if status == 429:
         return Reason.HTTP_429, after
-    return (Reason.HTTP_5XX if status in RETRIED_STATUS else None), after
+    if status in RETRIED_STATUS:
+        return Reason.HTTP_5XX, after
+    return (Reason.HTTP_RETRYABLE if status in (408, 409) or should_retry == "true" else None), after
 
 
 def classify_event(body: bytes | None) -> Reason | None:

@@ -56,6 +56,7 @@ _MAX_CIRCUITS = 10_000
 _TRIGGERS = {
     Reason.HTTP_429: "retryable",
     Reason.HTTP_5XX: "retryable",
+    Reason.HTTP_RETRYABLE: "retryable",
     Reason.CONNECTION: "retryable",
     Reason.INCOMPLETE: "retryable",
     Reason.ERROR_EVENT: "retryable",

@@ -14,6 +14,7 @@ import psutil
 from ..protocol import Submit
 
 if TYPE_CHECKING:
+    from .requestlog import AttemptLine
     from .resumes import Rescue
 
 
@@ -42,6 +43,7 @@ class Reason(enum.StrEnum):
     HEADERS = "headers_timeout"  # no response headers within headers_timeout: the worker is killed
     HTTP_429 = "http_429"  # not a kill: the provider answered 429; retried within the call's budget
     HTTP_5XX = "http_5xx"  # not a kill: the provider answered 500, 502, 503, 504 or 529; retried likewise
+    HTTP_RETRYABLE = "http_retryable"  # not a kill: a 408 or 409, or any status with x-should-retry: true
     CONNECTION = "provider_connection"  # not a kill: the provider dropped an unseen request; retried
     INCOMPLETE = "stream_incomplete"  # not a kill: an unseen stream ended without its terminal event; retried
     ERROR_EVENT = "error_event"  # not a kill: the stream ended in an overloaded_error/api_error event; retried
@@ -125,3 +127,6 @@ class Request:
     # RESULT of that stream, where its worker ended it there (the caller's own SDK raises at the event).
     held: bytes | None = None
     held_end: bytes | None = None
+    # With a request log: when this attempt's first event came, and how each attempt went.
+    first_event_at: float | None = None
+    attempts: list[AttemptLine] = field(default_factory=list)

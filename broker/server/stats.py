@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
-from ..protocol import BUCKETS, HistogramSnapshot
+from ..protocol import BUCKETS, Happening, HistogramSnapshot
 
 
 class Histogram:
@@ -43,6 +43,11 @@ class Histogram:
         )
 
 
+RECENT_KEPT = 20  # kills, retries and fallbacks kept for `isopool top`
+# A caller names the models of the pairs in `fallbacks`: past this many, the rest count as one.
+MAX_FALLBACK_PAIRS = 1000
+
+
 class Stats:
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()  # accepted, ok, error:<code>, cancelled
@@ -60,8 +65,21 @@ class Stats:
         self.latency = Histogram()
         self.first_event = Histogram()
         self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
+        self.events = 0  # delivered to callers
+        self.recent: deque[tuple[float, str, str]] = deque(maxlen=RECENT_KEPT)  # (when, what, detail)
 
-    def snapshot(self) -> dict[str, Any]:
+    def note(self, now: float, what: str, detail: str) -> None:
+        """Keep a kill, retry or fallback for `isopool top`."""
+        self.recent.append((now, what, detail))
+
+    def moved(self, was: str, to: str) -> None:
+        """Count a call moved from one target to another (profile/model)."""
+        pair = f"{was}>{to}"
+        if pair not in self.fallbacks and len(self.fallbacks) >= MAX_FALLBACK_PAIRS:
+            pair = "(other pairs)"
+        self.fallbacks[pair] += 1
+
+    def snapshot(self, now: float) -> dict[str, Any]:
         """The counters' share of the broker's `Snapshot`, by field."""
         return {
             "requests": dict(self.requests),
@@ -79,4 +97,6 @@ class Stats:
             "fallbacks": dict(self.fallbacks),
             "rescued": dict(self.rescued),
             "continuations": dict(self.continuations),
+            "events": self.events,
+            "recent": [Happening(round(now - at, 1), what, detail) for at, what, detail in reversed(self.recent)],
         }

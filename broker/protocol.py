@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_HEADER_BYTES = 4096
 
 
@@ -86,6 +86,8 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     max_attempts: int | None = None
     read_timeout: float | None = None  # the SDK's per-call read timeout: caps the first-event and stale limits
     fallbacks: list[tuple[str, str]] | None = None  # the caller's own (profile, model) chain; "" = its own
+    method: str = ""  # the SDK method or HTTP path, which names the operation in traces
+    traceparent: str = ""  # the caller's trace context (W3C), when it has one: the pool's spans go under it
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -155,6 +157,7 @@ class Run(msgspec.Struct, array_like=True, frozen=True, gc=False):
     rid: int
     attempt: int = 1
     model: str = ""  # a fallback's model, to send in place of the call's own ("": the call's)
+    traceparent: str = ""  # the attempt's span (W3C trace context), sent on to the provider
 
 
 class Ready(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -52,6 +52,7 @@ from .fallback import retarget
 from .pipe import WorkerSpec
 from .resume import run_resume
 from .timing import TimedTransport, run_timed
+from .traced import traced
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,17 @@ class Worker:
             log.error("dropping a malformed message from the broker: %s", exc)
             return
         if kind == Kind.RUN:
-            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload, header.model))
+            self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload, header.model,
+                                                                       header.traceparent))  # fmt: skip
         elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
             task.cancel()
 
-    async def _execute(self, rid: int, payload: bytes, model: str = "") -> None:
+    async def _execute(self, rid: int, payload: bytes, model: str = "", traceparent: str = "") -> None:
         emit = Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
+            if traceparent and isinstance(call, (Call, HttpCall)):
+                call = traced(call, traceparent)
             if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)
                 await run_resume(call, self.spec.profile.family, functools.partial(self._run, model=model), emit)
             else:

@@ -49,6 +49,7 @@ from ..protocol import Error as ErrorHeader
 from ..wire.curve import secure_client
 from ..wire.loopsock import LoopSocket
 from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
+from . import tracecontext
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -284,9 +285,13 @@ class AsyncClient:
             raise ClientClosed("this client is closed")
         rid = next(self._ids)
         model, stream = str(fields.get("model", "")), bool(fields.get("stream"))
+        method = (
+            call.method if isinstance(call, Call) else call.path.split("?")[0] if isinstance(call, HttpCall) else ""
+        )
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
-            limits.max_attempts, limits.read_timeout, limits.fallbacks,
+            limits.max_attempts, limits.read_timeout, limits.fallbacks, method,
+            limits.traceparent or tracecontext.current(),
         )  # fmt: skip
         try:
             payload = self._codec.encode(call)
@@ -584,6 +589,7 @@ class CallLimits(msgspec.Struct, frozen=True):
     read_timeout: float | None = None  # caps first_event_timeout and stale_timeout (an SDK's per-call timeout)
     fallbacks: list[tuple[str, str]] | None = None  # (profile, model) tried in order, "" the call's own; the
     # pool refuses those its `request_fallbacks` does not allow
+    traceparent: str = ""  # the caller's trace context (the gateway's callers); else the current span's, if any
 
 
 class _BodyFields(msgspec.Struct):

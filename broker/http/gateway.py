@@ -138,7 +138,8 @@ class Gateway:
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            submitted = await self.client.submit_http(profile, call, CallLimits(fallbacks=fallbacks or None))
+            limits = CallLimits(fallbacks=fallbacks or None, traceparent=_traceparent(request))
+            submitted = await self.client.submit_http(profile, call, limits)
         except IsopoolError as exc:
             return _pool_error(kind, exc)
         return await self.relay(request, kind, submitted, _closing(kind, path))
@@ -253,6 +254,15 @@ def _closing(kind: str, path: str) -> bytes:
 def _encoded_size(call: HttpCall) -> int:
     """The call's size on the wire, as the broker measures it (the body counted, not copied)."""
     return len(_MSGPACK.encode(msgspec.structs.replace(call, body=b""))) + len(call.body) + 4
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _traceparent(request: web.Request) -> str:
+    """The caller's W3C trace context, if it sent a well-formed one (the pool's spans go under it)."""
+    value = request.headers.get("traceparent", "").strip().lower()
+    return value if _TRACEPARENT.fullmatch(value) else ""
 
 
 def _preflight(request: web.Request) -> web.Response:

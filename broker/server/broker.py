@@ -25,6 +25,7 @@ from ..config import Settings
 from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
 from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
+from . import tracing
 from .fleet import Fleet
 from .flow import Flow
 from .requestlog import RequestLog
@@ -88,9 +89,9 @@ class Broker:
             if settings.request_log
             else None
         )
-        self.flow = Flow(
-            settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend, self.request_log
-        )
+        self.tracing = tracing.from_environment(settings)
+        self.flow = Flow(settings, self.stats, self.alarm, self.codec, self.fleet, self.frontend, self.backend,
+                         self.request_log, self.tracing)  # fmt: skip
         self.wake_r, self.wake_w = os.pipe()
         self.poller = zmq.Poller()
         self.parent_fd = -1
@@ -160,8 +161,9 @@ class Broker:
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
-        if self.request_log is not None:
-            self.request_log.close()
+        for writer in (self.request_log, self.tracing):  # what they hold is written out
+            if writer is not None:
+                writer.close()
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
 
     # ----- the loop -------------------------------------------------------------

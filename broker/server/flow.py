@@ -36,6 +36,7 @@ from .retrypolicy import classify, classify_event
 from .routing import Move, Router, Same, model_of, rescue, target
 from .state import Reason, Request, Worker
 from .stats import Stats
+from .tracing import Tracing
 from .watchdog import Alarm, request_due
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Flow:
         frontend: zmq.Socket,
         backend: zmq.Socket,
         request_log: RequestLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -83,6 +85,7 @@ class Flow:
         self.router = Router(settings)
         self.callers = Callers(frontend, self.connections, codec, settings.client_buffer, self._cut_off)
         self.request_log = request_log
+        self.tracing = tracing
 
     # ----- callers --------------------------------------------------------------
 
@@ -112,6 +115,8 @@ class Flow:
             if stale < pool_stale:
                 req.own_limits.add(Reason.STALE)
         req.rescue = self.rescues.start(sub, now)
+        if self.tracing is not None:
+            req.span = self.tracing.request_started(req, now)
         self.next_key += 1
         self.requests[req.key] = req
         self.held_bytes += len(payload)
@@ -350,7 +355,11 @@ class Flow:
         req.headers_timeout = min(self.settings.headers_timeout, req.first_event_timeout, probe)
         worker.requests[req.key] = req
         payload = req.rescue.payload(req.payload) if req.rescue is not None and req.delivered else req.payload
-        if self._send_worker(worker, self.codec.frames(Kind.RUN, Run(req.key, req.attempt, req.model), payload), now):
+        traceparent = ""
+        if self.tracing is not None:
+            req.attempt_span, traceparent = self.tracing.attempt_started(req, now)
+        run = Run(req.key, req.attempt, req.model, traceparent)
+        if self._send_worker(worker, self.codec.frames(Kind.RUN, run, payload), now):
             self.alarm.by(request_due(req)[0])
 
     def retry_or_fail(
@@ -371,11 +380,13 @@ class Flow:
             self.router.failed(req, reason, after, now)
         before = list(req.history)
         req.history.append(reason or failure)
-        if self.request_log is not None:
-            self._attempt_ended(req, reason or failure, now)
+        self._attempt_ended(req, reason or failure, now, reason)
         req.tries.append(f"{req.group or req.profile}:{reason or failure}")
         if reason is not None and reason.is_stall:
             self.stats.stalls[reason] += 1
+        if req.span is not None and reason is not None and reason.is_kill:
+            self.tracing.event(req.span, "worker killed", now, reason=reason.value, attempt=req.attempt,  # type: ignore[union-attr]
+                               stall=reason.is_stall)  # fmt: skip
         if last_error and req.first_error is None and len(req.used) == 1:
             req.first_error = (code, last_error)
         if reason is Reason.DEADLINE or now >= req.deadline_at:
@@ -397,6 +408,9 @@ class Flow:
             self.stats.retries_by[reason or failure] += 1
             self.stats.note(now, "retry", f"request {req.key}: attempt {req.attempt} {reason or failure}, "
                                           f"again in {decision.delay:.1f}s")  # fmt: skip
+            if req.span is not None:
+                self.tracing.event(req.span, "retry queued", now, after=str(reason or failure),  # type: ignore[union-attr]
+                                   delay=decision.delay)  # fmt: skip
             req.head = None
             self._requeue(req, decision.delay, now)
         elif decision.code is not None:
@@ -424,6 +438,8 @@ class Flow:
         )
         self.stats.moved(was, target(req))
         self.stats.note(now, "fallback", f"request {req.key}: {was} > {target(req)} ({move.rescue})")
+        if req.span is not None:
+            self.tracing.event(req.span, "fallback", now, to=target(req), why=move.rescue)  # type: ignore[union-attr]
         log.info("request %d: %s; %s to %r", req.key, why, move.rescue, target(req))  # %r: a caller names the model
         req.head = None
         self._requeue(req, 0.0, now)
@@ -571,19 +587,31 @@ class Flow:
             req.worker.requests.pop(req.key, None)
         self.backing_off.pop(req.key, None)
         self.callers.send(req.client, frames)
-        if self.request_log is not None:
-            self._log(req, outcome, time.monotonic())
+        if self.request_log is not None or req.span is not None:
+            now = time.monotonic()
+            self._attempt_ended(req, outcome, now)
+            if self.request_log is not None:
+                self._log(req, outcome, now)
+            if req.span is not None:
+                self.tracing.request_ended(req.span, outcome, req.attempt, now)  # type: ignore[union-attr]
 
-    def _attempt_ended(self, req: Request, outcome: str, now: float) -> None:
-        """Note how the current attempt went, for the request log (once: a kill and its error may both tell)."""
-        if req.attempt > len(req.attempts):
+    def _attempt_ended(self, req: Request, outcome: str, now: float, reason: Reason | None = None) -> None:
+        """Tell the request log and the traces how the current attempt went (once: a kill and its error
+        may both say it)."""
+        if req.attempt <= req.attempts_told or not req.attempt:
+            return
+        req.attempts_told = req.attempt
+        if self.request_log is not None:
             first = None if req.first_event_at is None else round(req.first_event_at - req.sent_at, 3)
             req.attempts.append(AttemptLine(req.group or req.profile, req.model or req.submit.model,
                                             round(req.sent_at - req.accepted_at, 3), first, round(now - req.sent_at, 3),
                                             outcome))  # fmt: skip
+        if req.attempt_span is not None:
+            stall, kill = (reason.is_stall, reason.is_kill) if reason is not None else (False, False)
+            self.tracing.attempt_ended(req.attempt_span, outcome, req.delivered, now, stall, kill)  # type: ignore[union-attr]
+            req.attempt_span = None
 
     def _log(self, req: Request, outcome: str, now: float) -> None:
-        self._attempt_ended(req, outcome, now)
         self.request_log.write(RequestLine(  # type: ignore[union-attr]
             time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             request=req.key,

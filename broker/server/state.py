@@ -7,7 +7,7 @@ import enum
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -52,6 +52,15 @@ class Reason(enum.StrEnum):
     @property
     def is_stall(self) -> bool:
         return self in (Reason.HEADERS, Reason.FIRST_EVENT, Reason.STALE, Reason.HEARTBEAT)
+
+    @property
+    def is_kill(self) -> bool:
+        """Whether the attempt's worker was killed for it (or with it)."""
+        return self not in _NOT_KILLS
+
+
+_NOT_KILLS = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.HTTP_RETRYABLE, Reason.CONNECTION, Reason.INCOMPLETE,
+                        Reason.ERROR_EVENT, Reason.DEADLINE})  # fmt: skip
 
 
 @dataclass(eq=False, slots=True)
@@ -127,6 +136,10 @@ class Request:
     # RESULT of that stream, where its worker ended it there (the caller's own SDK raises at the event).
     held: bytes | None = None
     held_end: bytes | None = None
-    # With a request log: when this attempt's first event came, and how each attempt went.
+    # With a request log or traces: when this attempt's first event came, how each attempt went, the
+    # attempts already told of, and the OpenTelemetry spans of the request and of its current attempt.
     first_event_at: float | None = None
     attempts: list[AttemptLine] = field(default_factory=list)
+    attempts_told: int = 0
+    span: Any = None
+    attempt_span: Any = None

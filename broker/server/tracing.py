@@ -1,0 +1,157 @@
+"""OpenTelemetry traces of the pool's requests, in the GenAI semantic conventions (optional extra
+`isopool[otel]`, configured by the standard `OTEL_*` variables; off, and free, without them).
+
+The broker makes every span, not the workers: a worker whose stream stalls is SIGKILLed, and the
+spans it had not exported yet would die with it, the stalled attempt's first. So for each request
+the broker opens a span (`isopool.request`, a child of the caller's span when the caller sent a
+`traceparent`) and, for each attempt, a CLIENT span named `{gen_ai.operation.name} {model}` whose
+`traceparent` the worker sends on to the provider. Stalls, kills, retries and fallbacks are span
+events of the request. Spans carry no message content and never a key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import Settings
+from ..routes import groups
+
+log = logging.getLogger(__name__)
+
+# gen_ai.operation.name by the SDK method (or HTTP path) a call runs; others are named by themselves.
+_OPERATIONS = {
+    "messages.create": "chat",
+    "chat.completions.create": "chat",
+    "responses.create": "chat",
+    "completions.create": "text_completion",
+    "embeddings.create": "embeddings",
+    "/v1/messages": "chat",
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
+_PROVIDERS = {"anthropic": "anthropic", "openai": "openai"}
+_DEFAULT_HOSTS = {"anthropic": "api.anthropic.com", "openai": "api.openai.com"}
+
+
+def configured() -> bool:
+    """Whether the OTEL_* environment asks for traces: an OTLP endpoint is set and the SDK not disabled."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def from_environment(settings: Settings) -> Tracing | None:
+    """The broker's tracing when the environment configures it and the extra is installed, else None."""
+    if not configured():
+        return None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed: "
+                    "pip install 'isopool[otel]' to export traces")  # fmt: skip
+        return None
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "isopool"})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # its own thread: the loop never waits
+    return Tracing(settings, provider)
+
+
+class Tracing:
+    def __init__(self, settings: Settings, provider: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._trace = trace
+        self._provider = provider
+        self._tracer = provider.get_tracer("isopool")
+        self._propagator = TraceContextTextMapPropagator()
+        self._wall = time.time_ns() - time.monotonic_ns()  # the broker's clock is monotonic; spans want wall time
+        self._servers = {
+            key: (profile.kind, _host(profile.kind, profile.base_url))
+            for key, (_, _, profile) in groups(settings).items()
+        }
+
+    def _ns(self, now: float) -> int:
+        return self._wall + int(now * 1e9)
+
+    def request_started(self, req: Any, now: float) -> Any:
+        """The request's span, under the caller's when it sent a `traceparent`."""
+        parent = self._propagator.extract({"traceparent": req.submit.traceparent}) if req.submit.traceparent else None
+        return self._tracer.start_span(
+            "isopool.request",
+            context=parent,
+            kind=self._trace.SpanKind.INTERNAL,
+            start_time=self._ns(now),
+            attributes={
+                "isopool.profile": req.profile,
+                "gen_ai.request.model": req.submit.model,
+                "isopool.stream": req.submit.stream,
+            },  # fmt: skip
+        )
+
+    def attempt_started(self, req: Any, now: float) -> tuple[Any, str]:
+        """The attempt's CLIENT span (a child of the request's), and the `traceparent` that names it."""
+        kind, host = self._servers.get(req.group, ("", ""))
+        operation = _OPERATIONS.get(req.submit.method, req.submit.method or "call")
+        model = req.model or req.submit.model
+        attributes = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": _PROVIDERS.get(kind, kind),
+            "gen_ai.request.model": model,
+            "server.address": host,
+            "isopool.attempt": req.attempt,
+            "isopool.retried": req.attempt > 1,  # this attempt is a retry (or a fallback) of the request
+            "isopool.profile": req.profile,
+            "isopool.deployment": req.group,
+            "isopool.worker": req.worker.ident.decode() if req.worker is not None else "",
+        }
+        span = self._tracer.start_span(
+            f"{operation} {model}".strip(),
+            context=self._trace.set_span_in_context(req.span),
+            kind=self._trace.SpanKind.CLIENT,
+            start_time=self._ns(now),
+            attributes=attributes,
+        )
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
+        return span, carrier.get("traceparent", "")
+
+    def attempt_ended(self, span: Any, outcome: str, delivered: int, now: float, stall: bool, kill: bool) -> None:
+        span.set_attribute("isopool.delivered_events", delivered)
+        if outcome != "ok":
+            span.set_attribute("error.type", outcome)
+            if stall:
+                span.set_attribute("isopool.stall_reason", outcome)
+            if kill:
+                span.set_attribute("isopool.kill_reason", outcome)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
+        span.end(end_time=self._ns(now))
+
+    def event(self, span: Any, name: str, now: float, **attributes: Any) -> None:
+        span.add_event(name, attributes=attributes, timestamp=self._ns(now))
+
+    def request_ended(self, span: Any, outcome: str, attempts: int, now: float) -> None:
+        span.set_attribute("isopool.attempts", attempts)
+        if outcome != "ok":
+            span.set_attribute("error.type", outcome)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
+        span.end(end_time=self._ns(now))
+
+    def close(self) -> None:
+        """Export what is left (bounded by the exporter's own timeout), then stop."""
+        self._provider.shutdown()
+
+
+def _host(kind: str, base_url: str | None) -> str:
+    return urlsplit(base_url).hostname or "" if base_url else _DEFAULT_HOSTS.get(kind, "")

@@ -1,0 +1,136 @@
+"""OpenTelemetry traces (issue 22), received by a real OTLP/HTTP receiver in the test: what the
+broker's exporter sends is decoded with the OpenTelemetry protobufs."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from broker import Pool, StreamStalled
+
+from .conftest import TEST_SETTINGS, anthropic_args, fault
+
+trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="isopool[otel]")
+sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="isopool[otel]")
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP trace receiver: keeps every span it is sent, and the raw bodies."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.spans: list[Any] = []
+        self.raw = b""
+        self.lock = threading.Lock()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["content-length"]))
+        request = trace_pb2.ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.raw += body  # type: ignore[attr-defined]
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    self.server.spans.extend(scope.spans)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(trace_pb2.ExportTraceServiceResponse().SerializeToString())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver(monkeypatch) -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
+
+
+def traced_pool(fake: Any, **settings: Any) -> Pool:
+    profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 2}}
+    return Pool(profiles=profiles, **{**TEST_SETTINGS, "first_event_timeout": 1.0, "stale_timeout": 1.0, **settings})
+
+
+def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_provider(fake, receiver,
+                                                                                          own_processes):  # fmt: skip
+    app = sdk_trace.TracerProvider().get_tracer("app")
+    with traced_pool(fake) as pool, pool.client() as client:
+        with app.start_as_current_span("the application's step") as step:
+            stalled = client.submit("anthropic", "messages.create", stream=True,
+                                    **anthropic_args("traced"), **fault("stall-first:interval=0.05"))  # fmt: skip
+            assert list(stalled)
+            clean = client.request("anthropic", "messages.create", **anthropic_args("traced, clean"))
+    rid = dict(clean.headers)["request-id"]
+    sent = httpx.get(f"{fake.url}/_isopool/requests/{rid}").json()  # the headers the provider got
+    spans = list(receiver.spans)
+    requests = [s for s in spans if s.name == "isopool.request"]
+    attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
+    trace_id, step_id = step.get_span_context().trace_id.to_bytes(16, "big"), step.get_span_context().span_id
+    assert len(requests) == 2 and all(s.trace_id == trace_id for s in spans)
+    assert all(s.parent_span_id == step_id.to_bytes(8, "big") for s in requests)  # under the caller's span
+    first, second, third = sorted(attempts, key=lambda s: s.start_time_unix_nano)
+    assert first.parent_span_id == second.parent_span_id == requests[0].span_id  # both attempts of the stalled call
+    assert first.name == "chat claude-fake" and attrs(first).items() >= {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-fake",
+        "server.address": "127.0.0.1", "isopool.attempt": 1, "isopool.retried": False,
+        "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
+        "isopool.kill_reason": "first_event_timeout",
+    }.items()  # fmt: skip
+    assert first.status.code == first.status.STATUS_CODE_ERROR
+    assert (
+        attrs(second)["isopool.attempt"] == 2 and attrs(second)["isopool.retried"] and "error.type" not in attrs(second)
+    )
+    events = [e.name for e in requests[0].events]
+    assert events == ["worker killed", "retry queued"]
+    assert sent["traceparent"].startswith(f"00-{trace_id.hex()}-{third.span_id.hex()}-")  # the attempt's span
+    assert os.environ["ANTHROPIC_API_KEY"].encode() not in receiver.raw
+
+
+def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, receiver, own_processes):
+    with traced_pool(fake) as pool, pool.client() as client:
+        with pytest.raises(StreamStalled):
+            list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("traced, seen stall"),
+                               **fault("stall-ping:after=3,interval=0.05")))  # fmt: skip
+        client.request("anthropic", "messages.create", **anthropic_args("traced, 429"), **fault("http-429"))
+    spans = sorted(receiver.spans, key=lambda s: s.start_time_unix_nano)
+    requests = [s for s in spans if s.name == "isopool.request"]
+    attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
+    assert [attrs(s).get("error.type") for s in requests] == ["error:stalled", None]
+    assert [attrs(s).get("error.type") for s in attempts] == ["stale_timeout", "http_429", None]
+    assert attrs(attempts[0])["isopool.delivered_events"] >= 1 and "isopool.kill_reason" in attrs(attempts[0])
+    assert "isopool.kill_reason" not in attrs(attempts[1])  # the provider answered: no worker was killed
+
+
+def test_the_gateway_puts_its_callers_traceparent_above_the_pools_spans(fake, receiver, own_processes):
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with traced_pool(fake, http="127.0.0.1:0") as pool:
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("traced through the gateway"),
+                            headers={"traceparent": f"00-{trace_id}-{parent}-01"}, timeout=30)  # fmt: skip
+        assert answer.status_code == 200
+        httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("a forged traceparent"),
+                   headers={"traceparent": "00-zz-not-one"}, timeout=30)  # fmt: skip
+    requests = [s for s in receiver.spans if s.name == "isopool.request"]
+    assert len(requests) == 2
+    assert requests[0].trace_id.hex() == trace_id and requests[0].parent_span_id.hex() == parent
+    assert requests[1].trace_id.hex() != trace_id and not requests[1].parent_span_id  # a trace of its own

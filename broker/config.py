@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import ConfigError
+from .extras import missing
 from .protocol import Submit
 from .routes import check_routes, matching
 
@@ -71,10 +72,27 @@ class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spare_workers: int | None = None
 
 
+# A profile's kind -> the SDK package whose client it runs on (its family): the cloud kinds use the
+# SDKs' own cloud clients (anthropic.AsyncAnthropicBedrock, ..., openai.AsyncAzureOpenAI).
+FAMILIES = {"anthropic": "anthropic", "openai": "openai", "bedrock": "anthropic", "vertex": "anthropic",
+            "azure": "openai"}  # fmt: skip
+# The settings of the cloud kinds, and the kinds each belongs to (set on another kind: a ConfigError).
+CLOUD_SETTINGS = {
+    "region": ("bedrock", "vertex"),
+    "aws_profile": ("bedrock",),
+    "project": ("vertex",),
+    "credentials_file": ("vertex",),
+    "endpoint": ("azure",),
+    "api_version": ("azure",),
+    "azure_deployments": ("azure",),
+    "auth": ("azure",),
+}
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One upstream: which SDK, where, with which key, how many workers and which limits."""
 
-    kind: Literal["anthropic", "openai"]
+    kind: Literal["anthropic", "openai", "bedrock", "vertex", "azure"]
     base_url: str | None = None
     api_key_env: str | None = None
     default_headers: dict[str, str] = {}
@@ -93,6 +111,21 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context_fallback: Target | None = None  # a larger-context model, for a context-length 400
     fallback_on: list[str] = msgspec.field(default_factory=lambda: ["retryable", "silence", "stall", "open"])
     continue_streams: list[str] = []  # "prefill", "replay": a stream broken after output is continued; [] = off
+    # The cloud kinds' own settings (CLOUD_SETTINGS); None leaves each to the cloud's environment variable
+    # or credential chain, read in the worker.
+    region: str | None = None  # bedrock: else AWS_REGION; vertex: else CLOUD_ML_REGION
+    aws_profile: str | None = None  # bedrock: a profile of the AWS config files; else the default chain
+    project: str | None = None  # vertex: else ANTHROPIC_VERTEX_PROJECT_ID, else the credentials'
+    credentials_file: str | None = None  # vertex: a service-account JSON; else ADC (api_key_env: an access token)
+    endpoint: str | None = None  # azure: https://RESOURCE.openai.azure.com; else AZURE_OPENAI_ENDPOINT
+    api_version: str | None = None  # azure: else OPENAI_API_VERSION
+    azure_deployments: dict[str, str] = {}  # azure: model -> deployment name; a model not in it is its own
+    auth: Literal["key", "entra"] | None = None  # azure: "key" (api_key_env) or "entra" (azure-identity); None: key
+
+    @property
+    def family(self) -> str:
+        """The SDK this profile's client comes from: `anthropic` or `openai`."""
+        return FAMILIES[self.kind]
 
 
 def _default_profiles() -> dict[str, Profile]:
@@ -217,6 +250,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"profile {name}: need 0 <= min_workers <= max_workers and max_workers >= 1")
             if p.concurrency < 1 or p.spare_workers < 0:
                 raise ConfigError(f"profile {name}: concurrency must be >= 1 and spare_workers >= 0")
+            _check_cloud(name, p)
             rules = [(f"profile {name}", p.continue_streams)]
             rules += [(f"profile {name} model {glob!r}", r.continue_streams) for glob, r in p.models.items()]
             rules += [(f"model {glob!r}", r.continue_streams) for glob, r in self.models.items()]
@@ -258,6 +292,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             next(v for s in scopes if (v := getattr(s, f)) is not None)
             for f in ("first_event_timeout", "stale_timeout", "deadline")
         )
+
+
+def _check_cloud(name: str, p: Profile) -> None:
+    """A cloud setting on a kind it is not for, or a kind whose libraries are not installed: a ConfigError."""
+    for setting, kinds in CLOUD_SETTINGS.items():
+        if getattr(p, setting) and p.kind not in kinds:
+            raise ConfigError(f"profile {name}: {setting} is a setting of {' and '.join(kinds)} profiles, "
+                              f"not of kind {p.kind!r}")  # fmt: skip
+    if lacking := missing(p.kind, p.auth):
+        raise ConfigError(f"profile {name}: {lacking}")
 
 
 def is_loopback(host: str) -> bool:

@@ -467,7 +467,9 @@ class Snapshot(msgspec.Struct, frozen=True):
 # own key) and those that frame the HTTP exchange itself (the host, the body's length, the
 # hop-by-hop ones, `Proxy-*`), which each HTTP client sets for its own connection: forwarded,
 # they would point the worker's request, with the pool's key, elsewhere or smuggle a second one.
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization"})
+# (with AWS's signing headers: a caller's SigV4 signature never goes upstream; the worker signs)
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization", "x-amz-date",
+                                "x-amz-security-token", "x-amz-content-sha256"})  # fmt: skip
 FRAMING_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive",
      "proxy-connection"}

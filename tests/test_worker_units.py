@@ -12,7 +12,7 @@ import pytest
 from broker.errors import BY_CODE, InternalError, error_for
 from broker.fake_provider.content import Reply
 from broker.fake_provider.formats import AnthropicMessages, OpenAIChat, OpenAIResponses
-from broker.fake_provider.server import _sse
+from broker.fake_provider.framing import sse as _sse
 from broker.protocol import Code, ErrorInfo
 from broker.sdklib import library
 from worker.assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse

@@ -18,9 +18,11 @@ from typing import Any
 
 import msgspec
 
+from broker import eventstream
 from broker.protocol import CREDENTIAL_HEADERS, Response, is_framing_header
 
 from .assemble import AnthropicMessage, OpenAIChatCompletion, OpenAIResponse, ProviderStreamError
+from .frames import iter_frames
 from .hygiene import ANTHROPIC_MESSAGES, StreamCheck, check_for
 from .sse import iter_batches
 
@@ -40,6 +42,8 @@ STREAMABLE: dict[tuple[str, str], type] = {
 RELAYED_BY_US = {"content-length", "content-encoding", "transfer-encoding", "connection"}
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
+# A stream's wire format, by its content type -> what reads its events: SSE, or Bedrock's event stream
+_STREAM_READERS = (("text/event-stream", iter_batches), (eventstream.CONTENT_TYPE, iter_frames))
 
 
 def is_error_event(name: str, data: bytes) -> bool:
@@ -74,6 +78,17 @@ def _missing(client: Any, method: str, path: list[str]) -> BadCall:
     sdk = sys.modules[type(client).__module__.partition(".")[0]]
     return BadCall(f"{method!r}: the pool's {sdk.__name__} {sdk.__version__} has no {'.'.join(path)!r} "
                    "(an API of another release, or a misspelt name)")  # fmt: skip
+
+
+def json_body(body: bytes) -> dict[str, Any]:
+    """A relayed request's JSON object body, or BadCall."""
+    try:
+        args = _DEC.decode(body)
+    except msgspec.DecodeError:
+        raise BadCall("the request body is not JSON") from None
+    if not isinstance(args, dict):
+        raise BadCall("the request body is not a JSON object")
+    return args
 
 
 def check_headers(names: Iterable[str]) -> None:
@@ -132,11 +147,13 @@ async def relay(
     if http.status_code >= 400:  # an error answer owes no terminal event: relayed as it came
         check = StreamCheck()
     await emit.head(Response(http.status_code, headers))  # the headers came: first_event_timeout from now on
-    if not http.headers.get("content-type", "").startswith("text/event-stream"):
+    content_type = http.headers.get("content-type", "")
+    reader = next((r for prefix, r in _STREAM_READERS if content_type.startswith(prefix)), None)
+    if reader is None:
         body = await http.aread()
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
-        async with contextlib.aclosing(iter_batches(http.aiter_bytes(), check)) as batches:
+        async with contextlib.aclosing(reader(http.aiter_bytes(), check)) as batches:
             async for batch in batches:
                 at = next((i for i, (name, data) in enumerate(batch) if is_error_event(name, data)), None)
                 if at is None:
@@ -153,7 +170,7 @@ async def relay(
         await emit.result(end)  # an end that says no more than the head did is left empty
     else:
         acc = accumulator()
-        async for batch in iter_batches(http.aiter_bytes(), check):
+        async for batch in reader(http.aiter_bytes(), check):
             for event_name, data in batch:
                 acc.feed(event_name, data)
             await emit.progress()

@@ -11,13 +11,15 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from broker.errors import ConfigError
 from broker.protocol import Code, ErrorInfo
 
-from . import sdks
+from . import clouds, sdks
 from .assemble import ProviderStreamError
 from .calls import BadCall
 from .exchange import ProviderHttpError
 from .fallback import failure_of
+from .frames import FramesCorrupted
 from .hygiene import StreamIncomplete
 
 _ENC = msgspec.json.Encoder()
@@ -57,8 +59,8 @@ def translate(exc: BaseException) -> ErrorInfo:
     # raised by a raw stream read (outside the SDK's wrapping) or by a load test's aiohttp transport
     if isinstance(exc, (*sdks.http_errors("TimeoutException"), aiohttp.ServerTimeoutError)):
         return ErrorInfo(Code.PROVIDER_TIMEOUT, f"{name}: {exc}", error_type=name)
-    # e.g. the connection was reset mid-stream
-    if isinstance(exc, (*sdks.http_errors("TransportError"), aiohttp.ClientError)):
+    # e.g. the connection was reset mid-stream, or its event-stream frames fail their checksums
+    if isinstance(exc, (*sdks.http_errors("TransportError"), aiohttp.ClientError, FramesCorrupted)):
         detail = f"{name}: {exc}" if str(exc) else name
         return ErrorInfo(Code.PROVIDER_CONNECTION, f"connection to the provider lost ({detail})", error_type=name)
     if isinstance(exc, StreamIncomplete):
@@ -69,6 +71,6 @@ def translate(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(Code.PROVIDER_STREAM, str(exc), body=_ENC.encode(exc.body), error_type=name)
     if isinstance(exc, (BadCall, TypeError)):
         return ErrorInfo(Code.BAD_REQUEST, str(exc), error_type=name)
-    if isinstance(exc, sdks.errors()):
+    if isinstance(exc, (*sdks.errors(), ConfigError)) or clouds.is_credential_error(exc):
         return ErrorInfo(Code.CONFIG, str(exc), error_type=name)
     return ErrorInfo(Code.INTERNAL, f"{name}: {exc}", error_type=name)

@@ -21,10 +21,12 @@ from typing import Any
 
 import msgspec
 
+from broker.config import Profile
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 from broker.sdklib import library
 
-from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, relay
+from . import clouds
+from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, json_body, relay
 from .hygiene import check_for
 
 # The caller's request headers that never go upstream: its credentials (the worker adds the
@@ -40,7 +42,6 @@ _ENDPOINTS = {
     ("openai", "/responses"): "responses.create",
 }
 _ENC = msgspec.json.Encoder()
-_DEC = msgspec.json.Decoder()
 
 
 class ProviderHttpError(Exception):
@@ -59,36 +60,45 @@ def check_path(path: str) -> None:
         raise BadCall(problem)
 
 
-async def run_http(sdk: Any, http: Any, kind: str, call: HttpCall, emit: Any, allow_overrides: bool = False) -> None:
+async def run_http(
+    sdk: Any, http: Any, profile: Profile, call: HttpCall, emit: Any, allow_overrides: bool = False
+) -> None:
     """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk` (or the
-    request's own, where the pool allows overrides), and relay the answer."""
+    request's own, where the pool allows overrides), and relay the answer. On a cloud profile, a
+    first-party request is put in the cloud's form, and each attempt is authorized (signed) afresh."""
+    kind, family, cloud = profile.kind, profile.family, clouds.relay(profile.kind)
+    if cloud is not None:
+        call = await cloud.from_first_party(sdk, call, profile)
     route = call.path.split("?", 1)[0]
     body = call.body
-    method = _ENDPOINTS.get((kind, route)) if call.method == "POST" else None
+    method = None if call.method != "POST" else cloud.method_of(route) if cloud else _ENDPOINTS.get((kind, route))
     streaming, accumulator, args = True, None, {}
     if method is not None and body:
-        try:
-            args = _DEC.decode(body)
-        except msgspec.DecodeError:
-            raise BadCall("the request body is not JSON") from None
-        streaming = bool(args.get("stream"))
+        args = json_body(body)
+        streaming = cloud.streams(route, args) if cloud else bool(args.get("stream"))
         if not streaming:
-            accumulator = STREAMABLE[(kind, method)]
-            body = _ENC.encode(as_stream(kind, method, args))
-    response = await send(sdk, http, call, body, allow_overrides)
+            accumulator = STREAMABLE[(family, method)]
+            path, args = cloud.stream_form(call.path, args) if cloud else (call.path, as_stream(kind, method, args))
+            call, body = msgspec.structs.replace(call, path=path), _ENC.encode(args)
+    response = await send(sdk, http, call, body, allow_overrides, cloud)
     try:
         if response.status_code >= 400:
             raise ProviderHttpError(response.status_code, response.headers.items(), await response.aread())
-        await relay(response, emit, streaming, accumulator, check_for(kind, method, args), raise_on_error=False)
+        await relay(response, emit, streaming, accumulator, check_for(family, method, args), raise_on_error=False)
     finally:
         await response.aclose()
 
 
-async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool) -> Any:
+async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:
     """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
-    the worker's own credentials unless the pool allows the request's own."""
+    the worker's own credentials unless the pool allows the request's own; a cloud's signed or
+    authorized over this attempt's final request."""
+    if cloud is not None and (call.api_key or call.base_url):
+        raise BadCall("a call to a cloud profile cannot bring its own key or base_url: the workers sign")
     url, headers = destination(sdk, call, allow_overrides)
     request = http.build_request(call.method, url, headers=headers, content=body)
+    if cloud is not None:
+        await cloud.authorize(sdk, request)
     return await http.send(request, stream=True)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from broker.config import Profile
+from broker.config import FAMILIES, Profile
 from broker.protocol import (
     KIND_BYTES,
     PROTOCOL_VERSION,
@@ -44,7 +44,7 @@ from broker.protocol import Error as ErrorHeader
 from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
-from . import sdks, stacks
+from . import clouds, sdks, stacks
 from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
 from .exchange import run_http
@@ -80,7 +80,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     imports the SDKs and what they load lazily, by resolving every streamable method on
     throwaway clients (which open no connection and are dropped before any fork)."""
     global _ssl_context
-    libraries = [sdks.load(kind).http for kind in kinds]  # a TLS context suits httpx and httpx2 alike
+    families = tuple(sorted({FAMILIES[kind] for kind in kinds}))  # the SDKs the profiles' kinds run on
+    libraries = [sdks.load(family).http for family in families]  # a TLS context suits httpx and httpx2 alike
     if _ssl_context is None and libraries:
         _ssl_context = libraries[0].create_ssl_context()
     for name in _LAZY_MODULES:
@@ -88,7 +89,8 @@ def preload(kinds: tuple[str, ...]) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-    for kind in kinds:
+    clouds.preload(kinds)
+    for kind in families:
         clients = build_client(Profile(kind=kind), api_key="warm-up")
         for sdk_kind, method in STREAMABLE:
             if sdk_kind == kind:
@@ -118,7 +120,7 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
     """A fresh async SDK client for the profile, with the pool's key from the environment, or
     without one (a stand-in) when the SDK refuses to be built for want of it."""
     key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
-    sdk = sdks.load(profile.kind)
+    sdk = sdks.load(profile.family)
     try:
         return _clients(sdk, profile, key)
     except sdk.error as exc:
@@ -127,10 +129,11 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
 
 def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:
     http_client = sdk.module.DefaultAsyncHttpxClient(verify=_ssl_context or True)
-    client = sdk.client(
+    client = clouds.build(
+        sdk,
+        profile,
+        key,
         http_client=http_client,
-        api_key=key,
-        base_url=profile.base_url,
         timeout=profile.sdk_timeout,
         max_retries=0,  # the broker retries, within each call's one budget (broker/server/retrypolicy.py)
         default_headers=profile.default_headers or None,
@@ -228,7 +231,7 @@ class Worker:
             if traceparent and isinstance(call, (Call, HttpCall)):
                 call = traced(call, traceparent)
             if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)
-                await run_resume(call, self.spec.profile.kind, functools.partial(self._run, model=model), emit)
+                await run_resume(call, self.spec.profile.family, functools.partial(self._run, model=model), emit)
             else:
                 await self._run(call, emit, model)
         except asyncio.CancelledError:
@@ -242,13 +245,16 @@ class Worker:
     async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
         if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
             call = retarget(call, model)
-        kind, clients = self.spec.profile.kind, self._clients_for(call)
+        kind, clients = self.spec.profile.family, self._clients_for(call)
+        if isinstance(call, TimedCall) and self.spec.profile.kind not in clouds.FIRST_PARTY:
+            raise BadCall(f"a profile of kind {self.spec.profile.kind} cannot run a load test's timed calls yet")
         if isinstance(call, TimedCall):
             await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
         elif isinstance(call, HttpCall):
-            await run_http(clients.sdk, clients.http, kind, call, emit, self.spec.allow_overrides)
+            await run_http(clients.sdk, clients.http, self.spec.profile, call, emit, self.spec.allow_overrides)
         else:
-            await run_call(clients.sdk, kind, clients.resource_type, call.method, call.kwargs, emit)
+            kwargs = clouds.call_kwargs(self.spec.profile, call.kwargs)
+            await run_call(clients.sdk, kind, clients.resource_type, call.method, kwargs, emit)
 
     def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
         """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.

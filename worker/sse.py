@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .hygiene import GRACE, StreamCheck
 
@@ -67,15 +68,16 @@ class EventSplitter:
 
 
 async def iter_batches(
-    chunks: AsyncIterator[bytes], check: StreamCheck | None = None
+    chunks: AsyncIterator[bytes], check: StreamCheck | None = None, splitter: Any = None
 ) -> AsyncIterator[list[tuple[str, bytes]]]:
     """The real events of a byte stream, as lists of those completed by each read (so a
     fast stream is relayed in few messages and a slow one without delay); stops at
     OpenAI's `data: [DONE]`. With a `check`, events that are not JSON are dropped, a stream that
     said it finished is ended if its `[DONE]` or close does not follow within GRACE, and one
-    whose bytes end before its terminal event raises StreamIncomplete."""
+    whose bytes end before its terminal event raises StreamIncomplete. `splitter` reads another
+    wire format (frames.FrameSplitter: Bedrock's event stream) into the same events."""
     check = check or StreamCheck()
-    splitter = EventSplitter()
+    splitter = splitter or EventSplitter()
     async with contextlib.aclosing(_reads(chunks, check)) as reads:
         async for chunk in reads:
             if batch := check.filter(splitter.feed(chunk)):

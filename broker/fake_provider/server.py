@@ -1,5 +1,6 @@
 """The fake provider: a real aiohttp server on loopback speaking the Anthropic Messages,
-OpenAI Chat Completions and OpenAI Responses APIs, with injected faults (F1-F7).
+OpenAI Chat Completions and OpenAI Responses APIs, and the same through Bedrock, Vertex and Azure
+OpenAI (clouds.py), with injected faults (F1-F7).
 
 Counters of what it served and injected are at `GET /_isopool/stats` (`POST /_isopool/reset`
 zeroes them, empties the prefix cache and re-arms the faults chosen by header or model); the
@@ -25,10 +26,12 @@ import msgspec
 from aiohttp import web
 
 from .broken import shaped
+from .clouds import CloudRoutes
 from .content import Reply, body_key
 from .errors import error_response, fault_response
 from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
+from .framing import Sse
 from .metrics import FakeMetrics
 from .prefill import conversation, prefill_text, refusal
 from .prefix_cache import PrefixCache
@@ -86,6 +89,7 @@ class FakeProvider:
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
         self.prefixes = PrefixCache() if prefix_cache else None  # prompts seen, so that usage reports cached tokens
         self.cached_tokens = 0  # input tokens answered from it
+        self.clouds = CloudRoutes(self)  # Bedrock, Vertex and Azure, with their credential checks
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -98,6 +102,7 @@ class FakeProvider:
         app.router.add_get("/_isopool/requests/{rid}", self.request_headers)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics.handle)
+        self.clouds.add_to(app)
         app.on_response_prepare.append(self._request_id)
         return app
 
@@ -136,6 +141,7 @@ class FakeProvider:
             "repeated": sum(n - 1 for n in self.bodies.values()),
             "cached_tokens": self.cached_tokens,
             "arrivals": self.arrivals,
+            "signatures": self.clouds.signatures,
         }
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -147,14 +153,17 @@ class FakeProvider:
         self.conversations.clear()
         self.arrivals.clear()
         self.faults.reset()
+        self.clouds.reset()
         if self.prefixes is not None:
             self.prefixes.clear()
         self.completed = self.disconnects = self.chunks = self.cached_tokens = 0
         return web.json_response({"ok": True})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.served["messages.count_tokens"] += 1
+        return self.counted(await request.json(), "messages.count_tokens")
+
+    def counted(self, body: dict, label: str) -> web.Response:
+        self.served[label] += 1
         self.completed += 1
         return web.json_response({"input_tokens": Reply(body, 1).input_tokens})
 
@@ -162,40 +171,51 @@ class FakeProvider:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 body = await request.json()
-                latency = self._latency(request)
-                prefill = prefill_text(body) if dialect == "anthropic" else None
-                if prefill is not None:  # counted apart: a test can tell a continuation was prefilled
-                    refused = refusal(body)
-                    self.served[f"prefill.{'accepted' if refused is None else 'refused'}"] += 1
-                    if refused is not None:
-                        return refused
-                spec, said = request.headers.get(FAULT_HEADER), conversation(body)
-                talk = body_key(said)
-                serve = self.conversations[talk] if self.faults.varies(spec, str(said.get("model", ""))) else None
-                reply = Reply(body, latency.tokens, self.prefixes, prefill, serve)
-                self.cached_tokens += reply.cached_tokens
-                fault = self.faults.choose(spec, reply.model, talk)
-                self.conversations[talk] += 1
             except ValueError as exc:
                 return error_response(dialect, 400, "invalid_request_error", str(exc))
-            if fault is not None:
-                self.faults.record(fault)
-            stream = bool(body.get("stream"))
-            self.served[f"{request.path.removeprefix('/v1/').replace('/', '.')}.{'stream' if stream else 'plain'}"] += 1
-            self.bodies[reply.key] += 1
-            self._arrived(reply.key)
-            if fault is not None:
-                if fault.kind == "no-headers":  # holds until the client leaves, having sent nothing
-                    await self._hold(request, fault, None, 0)
-                    return web.Response(status=499)
-                if (answer := fault_response(dialect, request.path, fault, reply.input_tokens)) is not None:
-                    return answer
-                reply.refused = fault.kind == "content-filter"
-            if stream:
-                return await self._stream(request, fmt, reply, body, latency, fault)
-            return await self._plain(request, fmt, reply, body, latency, fault)
+            label = request.path.removeprefix("/v1/").replace("/", ".")
+            return await self.answer(request, fmt, dialect, body, Sse(fmt), label)
 
         return handle
+
+    async def answer(
+        self, request: web.Request, fmt: Any, dialect: str, body: dict, framer: Any, label: str
+    ) -> web.StreamResponse:
+        """Answer a request of API `fmt` (its body already read and checked), with its faults, in the
+        error shapes of `dialect` and the wire format of `framer`; counted as `label`."""
+        try:
+            latency = self._latency(request)
+            prefill = prefill_text(body) if fmt is AnthropicMessages else None
+            if prefill is not None:  # counted apart: a test can tell a continuation was prefilled
+                refused = refusal(body)
+                self.served[f"prefill.{'accepted' if refused is None else 'refused'}"] += 1
+                if refused is not None:
+                    return refused
+            spec, said = request.headers.get(FAULT_HEADER), conversation(body)
+            talk = body_key(said)
+            serve = self.conversations[talk] if self.faults.varies(spec, str(said.get("model", ""))) else None
+            reply = Reply(body, latency.tokens, self.prefixes, prefill, serve)
+            self.cached_tokens += reply.cached_tokens
+            fault = self.faults.choose(spec, reply.model, talk)
+            self.conversations[talk] += 1
+        except ValueError as exc:
+            return error_response(dialect, 400, "invalid_request_error", str(exc))
+        if fault is not None:
+            self.faults.record(fault)
+        stream = bool(body.get("stream"))
+        self.served[f"{label}.{'stream' if stream else 'plain'}"] += 1
+        self.bodies[reply.key] += 1
+        self._arrived(reply.key)
+        if fault is not None:
+            if fault.kind == "no-headers":  # holds until the client leaves, having sent nothing
+                await self._hold(request, fault, None, 0)
+                return web.Response(status=499)
+            if (answer := fault_response(dialect, request.path, fault, reply.input_tokens)) is not None:
+                return answer
+            reply.refused = fault.kind == "content-filter"
+        if stream:
+            return await self._stream(request, fmt, reply, body, latency, fault, framer)
+        return await self._plain(request, fmt, reply, body, latency, fault)
 
     def _latency(self, request: web.Request) -> Latency:
         spec = request.headers.get(LATENCY_HEADER)
@@ -233,11 +253,12 @@ class FakeProvider:
         return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
 
     async def _stream(
-        self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None
-    ) -> web.StreamResponse:
+        self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None,
+        framer: Any,
+    ) -> web.StreamResponse:  # fmt: skip
         arrived = asyncio.get_running_loop().time()
-        events = [_sse(name, data) for name, data in shaped(fmt, fmt.events(reply, body), fault)]
-        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        events = [framer.event(name, data) for name, data in shaped(fmt, fmt.events(reply, body), fault)]
+        response = web.StreamResponse(headers={"content-type": framer.content_type, "cache-control": "no-cache"})
         await response.prepare(request)
         cut = len(events)
         if fault is not None and fault.kind in (
@@ -260,12 +281,12 @@ class FakeProvider:
                 await self._first_wait(request, first_wait, arrived)
             await self._write_events(request, response, events[:cut], gap, latency)
             if cut < len(events):
-                await self._misbehave(request, response, fmt, fault, cut)  # type: ignore[arg-type]
+                await self._misbehave(request, response, framer, fault, cut)  # type: ignore[arg-type]
             elif fault is None or fault.kind != "cut":
                 self.completed += 1
                 self.tokens += reply.output_tokens
             if fault is not None and fault.kind == "no-done" and fault.open:
-                await self._hold(request, fault, None, cut)
+                await self._hold(request, fault, None, cut, framer)
         except ConnectionError:  # the client went away (a watchdog kill, a cancel): normal here
             self.disconnects += 1
         except asyncio.CancelledError:
@@ -302,22 +323,20 @@ class FakeProvider:
             self.chunks += 1
 
     async def _misbehave(
-        self, request: web.Request, response: web.StreamResponse, fmt: Any, fault: Fault, sent: int
+        self, request: web.Request, response: web.StreamResponse, framer: Any, fault: Fault, sent: int
     ) -> None:
         if fault.kind == "error-event":
-            await response.write(_sse(*fmt.error_event(fault.error, "injected mid-stream error")))
+            await response.write(framer.error(fault))
         elif fault.kind in ("reset", "close"):
             _drop(request, reset=fault.kind == "reset")
         else:
-            await self._hold(request, fault, response, sent)
+            await self._hold(request, fault, response, sent, framer)
 
-    async def _hold(self, request: web.Request, fault: Fault, response: web.StreamResponse | None, sent: int) -> None:
+    async def _hold(
+        self, request: web.Request, fault: Fault, response: web.StreamResponse | None, sent: int, framer: Any = None
+    ) -> None:
         """Keep the connection open, sending keep-alives as the fault says, until the client leaves."""
-        keepalive = b""
-        if response is not None and fault.kind in ("stall-ping", "stall-first"):
-            keepalive = _sse(*AnthropicMessages.ping) if request.path == "/v1/messages" else b": ping\n\n"
-        elif response is not None and fault.kind == "stall-comment":
-            keepalive = b": keep-alive\n\n"
+        keepalive = framer.keepalive(fault) if response is not None else b""
         loop = asyncio.get_running_loop()
         until = loop.time() + fault.hold
         step = min(fault.interval, 0.1) if not keepalive else fault.interval
@@ -342,13 +361,6 @@ async def _sleep(request: web.Request, seconds: float) -> None:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client went away")
         await asyncio.sleep(min(left, 0.1))
-
-
-def _sse(name: str | None, data: Any) -> bytes:
-    payload = data.encode() if isinstance(data, str) else _ENC.encode(data)
-    if name is None:
-        return b"data: " + payload + b"\n\n"
-    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 def _drop(request: web.Request, reset: bool) -> None:

@@ -47,8 +47,11 @@ SILENT = frozenset({Reason.HEADERS, Reason.FIRST_EVENT})
 # Failures the provider answered or caused: backed off, never retried at once.
 _PROVIDER = frozenset({Reason.HTTP_429, Reason.HTTP_5XX, Reason.HTTP_RETRYABLE, Reason.CONNECTION, Reason.ERROR_EVENT})
 # The types of a mid-stream error event that say the provider failed, not the request: Anthropic's
-# `overloaded_error`, `api_error` and `rate_limit_error` (its 529, 500 and 429), OpenAI's `server_error`.
-RETRIED_EVENTS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "server_error"})
+# `overloaded_error`, `api_error` and `rate_limit_error` (its 529, 500 and 429), OpenAI's `server_error`,
+# and Bedrock's exception frames of the same kinds (AWS: "retry your request").
+RETRIED_EVENTS = frozenset({"overloaded_error", "api_error", "rate_limit_error", "server_error",
+                            "serviceUnavailableException", "internalServerException", "throttlingException",
+                            "modelStreamErrorException"})  # fmt: skip
 _JSON = msgspec.json.Decoder()
 
 

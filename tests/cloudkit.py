@@ -1,0 +1,90 @@
+"""What the cloud tests share: the skip when a cloud's extra is not installed, and each SDK's own
+cloud client pointed at the fake provider with credentials the fake checks for real."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.extras import missing
+from broker.fake_provider.clouds import TEST_AWS_KEY
+
+_LACKING = "; ".join(filter(None, (missing("bedrock"), missing("vertex"), missing("azure", "entra"))))
+needs_clouds = pytest.mark.skipif(bool(_LACKING), reason=f"the cloud extras are not installed ({_LACKING})")
+
+AZURE_VERSION = "2024-10-21"
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+PROMPT = [{"role": "user", "content": "hello cloud"}]
+MODELS = {"bedrock": "anthropic.claude-fake-v1:0", "vertex": "claude-fake", "azure": "gpt-fake"}
+__all__ = ["AZURE_VERSION", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "cloud_client", "needs_clouds",
+           "service_account", "text"]  # fmt: skip
+
+
+@functools.cache
+def _private_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()  # fmt: skip
+
+
+def service_account(tmp_path: Path, fake_url: str) -> Path:
+    """A Google service-account file whose token endpoint is the fake's: google-auth signs a JWT with
+    its key and exchanges it there for an access token, as it would at oauth2.googleapis.com."""
+    path = tmp_path / "service-account.json"
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "proj-test", "private_key_id": "k1", "private_key": _private_key(),
+        "client_email": "pool@proj-test.iam.gserviceaccount.com", "client_id": "1", "token_uri": fake_url + "/token",
+    }))  # fmt: skip
+    return path
+
+
+def cloud_client(kind: str, fake_url: str, tmp_path: Path, sync: bool) -> Any:
+    """The SDK's own client of `kind` (bedrock, vertex, azure, azure-entra) for the fake, sync or async."""
+    import anthropic
+    import openai
+
+    prefix = "" if sync else "Async"
+    if kind == "bedrock":
+        return getattr(anthropic, f"{prefix}AnthropicBedrock")(
+            aws_access_key=TEST_AWS_KEY[0], aws_secret_key=TEST_AWS_KEY[1], aws_region="us-east-1",
+            base_url=fake_url, max_retries=0)  # fmt: skip
+    if kind == "vertex":
+        from google.oauth2 import service_account as google
+
+        credentials = google.Credentials.from_service_account_file(service_account(tmp_path, fake_url), scopes=[SCOPE])
+        return getattr(anthropic, f"{prefix}AnthropicVertex")(
+            region="us-east5", project_id="proj-test", credentials=credentials, base_url=fake_url + "/v1",
+            max_retries=0)  # fmt: skip
+    auth: dict[str, Any] = {"api_key": "azure-test-key"}
+    if kind == "azure-entra":  # the token provider is called per request (a sync one serves the async client too)
+        from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+
+        scope = "https://cognitiveservices.azure.com/.default"
+        auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), scope)}
+    return getattr(openai, f"{prefix}AzureOpenAI")(azure_endpoint=fake_url, api_version=AZURE_VERSION, max_retries=0,
+                                                   **auth)  # fmt: skip
+
+
+def text(kind: str, answer: Any) -> str:
+    return answer.choices[0].message.content if kind.startswith("azure") else answer.content[0].text
+
+
+def ask(client: Any, kind: str, stream: bool, model: str, messages: list | None = None) -> str:
+    """The answer's text to `messages` (PROMPT) through a sync SDK client, streamed or not."""
+    messages = messages or PROMPT
+    if kind.startswith("azure"):
+        if not stream:
+            return text(kind, client.chat.completions.create(model=model, messages=messages))
+        chunks = client.chat.completions.create(model=model, messages=messages, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if not stream:
+        return text(kind, client.messages.create(model=model, max_tokens=32, messages=messages))
+    with client.messages.stream(model=model, max_tokens=32, messages=messages) as events:
+        return text(kind, events.get_final_message())

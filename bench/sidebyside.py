@@ -50,7 +50,7 @@ class Processes:
     workers: Callable[[], list[int]] = list
 
     def pids(self) -> dict[str, list[int]]:
-        return {**self.fixed, "worker": self.workers()}  # in ROLES' order: the table's columns follow it
+        return {**self.fixed, "worker": self.workers()}
 
     def cpu(self) -> dict[str, float]:
         """Seconds of CPU each role has spent so far (its processes' children included: LiteLLM's)."""
@@ -175,7 +175,7 @@ def size_of(size: str, pick: Callable[..., Any]) -> dict[str, int]:
         size,
         {"repeat": 300, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 5, "long_cpu_runs": 2},
         {"repeat": 100, "warmup": 10, "cpu_calls": 100, "tokens": 5000, "long_repeat": 2, "long_cpu_runs": 1},
-        {"repeat": 10, "warmup": 3, "cpu_calls": 10, "tokens": 200, "long_repeat": 1, "long_cpu_runs": 1},
+        {"repeat": 5, "warmup": 2, "cpu_calls": 5, "tokens": 100, "long_repeat": 1, "long_cpu_runs": 1},
     )
 
 
@@ -190,7 +190,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         for name, fig in row["paths"].items():
             line = [row["upstream"], row["call"], name]
             if "skipped" in fig:
-                rows.append([*line, f"skipped: {fig['skipped']}", *[None] * (len(head) - 4)])
+                rows.append([*line, "skipped (see the notes)", *[None] * (len(head) - 4)])
                 continue
             rows.append([*line, fig.get("median_ms"), fig.get("added_median_ms"), fig.get("p99_ms"),
                          fig.get("events_per_s"), fig.get("ratio_to_direct"), *(fig["cpu_us"][r] for r in roles)])  # fmt: skip

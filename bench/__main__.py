@@ -21,8 +21,19 @@ from rich.table import Table
 
 from .common import SIZES
 
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "shim",
-             "gateway")
+SCENARIOS = (
+    "overhead",
+    "stream",
+    "scale",
+    "faults",
+    "respawn",
+    "memory",
+    "loadgen",
+    "onewrite",
+    "rescue",
+    "shim",
+    "gateway",
+)
 NEEDS_RAY = ("cluster",)  # only by name: the `ray` extra is not in `bench`
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 

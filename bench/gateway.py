@@ -80,13 +80,13 @@ def run(size: str) -> dict[str, Any]:
                 log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-litellm-"))
                 proxy, key = stack.enter_context(litellm_proxy.proxy(_models(servers), log_dir))
                 paths.append(_litellm(proxy.url, key))
-                fixed["litellm"] = [proxy.pid]
+                fixed["litellm"] = litellm_proxy.pids(proxy.pid)
                 notes.append(f"LiteLLM {litellm_proxy.version(litellm_proxy.python())} proxy: one worker, no "
                              "database, its own virtual environment")  # fmt: skip
             except litellm_proxy.Unavailable as exc:
                 paths.append(Path(LITELLM, {}, skipped=str(exc)))
         stack.callback(sidebyside.close, [p for p in paths if not p.skipped])
-        processes = Processes(fixed, lambda: worker_pids(client))
+        processes = Processes(fixed, lambda: worker_pids(client))  # the caller's own CPU only: no children
         for upstream in UPSTREAMS:
             rows += sidebyside.measure(paths, processes, upstream, sizes)
     inputs = {**sizes, "upstreams": list(UPSTREAMS), "paths": [p.name for p in paths]}

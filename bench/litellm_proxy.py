@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import msgspec
+import psutil
 
 from .owned import OwnedServer, answers
 
@@ -82,6 +83,11 @@ def config(models: dict[str, tuple[str, str]]) -> dict:
         {"model_name": name, "litellm_params": {"model": f"{provider}/{name}", "api_base": base, "api_key": "bench-key"}}
         for name, (provider, base) in models.items()
     ]}  # fmt: skip
+
+
+def pids(pid: int) -> list[int]:
+    """The proxy's process and those it started (none with one worker, as uvicorn runs it)."""
+    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
 
 
 def _free_port() -> int:

@@ -53,22 +53,15 @@ class Processes:
         return {**self.fixed, "worker": self.workers()}
 
     def cpu(self) -> dict[str, float]:
-        """Seconds of CPU each role has spent so far (its processes' children included: LiteLLM's)."""
-        return {role: sum(_tree_cpu(pid) for pid in pids) for role, pids in self.pids().items()}
+        """Seconds of CPU each role has spent so far (a process gone counts 0)."""
+        return {role: sum(_cpu(pid) for pid in pids) for role, pids in self.pids().items()}
 
 
-def _tree_cpu(pid: int) -> float:
+def _cpu(pid: int) -> float:
     try:
-        tree = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        return cpu_seconds(pid)
     except psutil.Error:
         return 0.0
-    total = 0.0
-    for one in tree:
-        try:
-            total += cpu_seconds(one)
-        except psutil.Error:
-            pass
-    return total
 
 
 def _events(stream: Any) -> int:

@@ -1,0 +1,130 @@
+"""Where a call's time goes, per process: py-spy samples the caller, the gateway, the broker and
+the worker while one kind of call runs in a loop, and each function's CPU is given in µs per call.
+Not a scenario (it prints, it stores nothing); a tool for the profile behind issue 21:
+
+    python -m bench.hops shim|gateway|direct tiny|long [--seconds 10] [--rate 500] [--out DIR]
+
+`tiny`: the 8-token Anthropic stream; `long`: 5,000-token Anthropic streams (µs per event then).
+py-spy (in the venv: `pip install py-spy`) runs with --nonblocking; samples of idle threads are
+left out, so a function's figure is CPU, not waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import anthropic
+
+from broker import Pool
+from broker import shim as isoshim
+from broker.fake_provider import FakeProviderProcess, Latency
+from broker.http.gateway import PROFILE_HEADER
+
+from .sidebyside import ASK, TINY_STREAM, Processes, _events
+from .upstreams import child_of, worker_pids
+
+LONG = 5000
+
+
+def _client(path: str, fake: FakeProviderProcess, pool: Pool) -> Any:
+    if path == "shim":
+        return isoshim.Anthropic(pool=pool)
+    if path == "gateway":
+        return anthropic.Anthropic(base_url=pool.http_url, api_key="unused", max_retries=0,
+                                   default_headers={PROFILE_HEADER: "anthropic"})  # fmt: skip
+    return anthropic.Anthropic(base_url=fake.url, max_retries=0)
+
+
+def _spy(pid: int, out: str, rate: int, seconds: float) -> subprocess.Popen:
+    py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy"
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--duration", str(int(seconds)),
+                             "--format", "raw", "--nonblocking", "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _functions(raw: str) -> tuple[collections.Counter, collections.Counter, int]:
+    """(self samples, inclusive samples, total samples) per `function (file)` of a py-spy raw file."""
+    own: collections.Counter = collections.Counter()
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            frames = [frame.rsplit(":", 1)[0] for frame in stack.split(";")]
+            n = int(count)
+            total += n
+            own[frames[-1]] += n
+            for frame in set(frames):
+                inclusive[frame] += n
+    return own, inclusive, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("path", choices=("shim", "gateway", "direct"))
+    parser.add_argument("call", choices=("tiny", "long"))
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out", help="keep the raw py-spy files here")
+    args = parser.parse_args(argv)
+    tokens = TINY_STREAM if args.call == "tiny" else LONG
+    profiles = {"anthropic": {"kind": "anthropic", "min_workers": 1, "max_workers": 1}}
+    with contextlib.ExitStack() as stack:
+        out = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="hops-"))
+        fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
+        profiles["anthropic"]["base_url"] = fake.url
+        pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))
+        info = stack.enter_context(pool.client())
+        sdk = _client(args.path, fake, pool)
+        stack.callback(sdk.close)
+
+        def call() -> int:
+            return _events(sdk.messages.create(model="claude-bench", max_tokens=tokens, messages=ASK, stream=True))
+
+        for _ in range(20):
+            call()
+        pids = {"caller": os.getpid(), "gateway": child_of(pool.pid, "broker.http.gateway"), "broker": pool.pid,
+                "worker": worker_pids(info)[0], "upstream": fake.pid}  # fmt: skip
+        processes = Processes({role: [pid] for role, pid in pids.items()})
+        spies = {role: _spy(pid, os.path.join(out, f"{role}.txt"), args.rate, args.seconds)
+                 for role, pid in pids.items()}  # fmt: skip
+        time.sleep(1.0)  # py-spy attaches
+        before, calls, events, start = processes.cpu(), 0, 0, time.monotonic()
+        while time.monotonic() - start < args.seconds - 1.5:
+            events += call()
+            calls += 1
+        cpu, wall = processes.cpu(), time.monotonic() - start
+        for spy in spies.values():
+            spy.wait()
+    per = calls if args.call == "tiny" else events
+    unit = "call" if args.call == "tiny" else "event"
+    print(f"{args.path} {args.call}: {calls} calls, {events} events in {wall:.1f} s: {wall / calls * 1e3:.3f} ms per "
+          f"call (py-spy running)")  # fmt: skip
+    for role in pids:
+        used = (cpu[role] - before[role]) * 1e6 / per
+        raw = os.path.join(out, f"{role}.txt")
+        print(f"\n== {role} (pid {pids[role]}): {used:.1f} µs CPU per {unit} (psutil, profiler running)")
+        if not os.path.exists(raw) or role == "upstream":
+            continue
+        own, inclusive, total = _functions(raw)
+        scale = 1e6 / args.rate / per
+        print(f"   samples {total} = {total * scale:.1f} µs per {unit}; top by self time, then inclusive:")
+        for name, n in own.most_common(args.top):
+            print(f"   self {n * scale:8.1f}  {name}")
+        for name, n in inclusive.most_common(args.top + 8):
+            print(f"   incl {n * scale:8.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()

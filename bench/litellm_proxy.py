@@ -57,7 +57,8 @@ def python() -> str:
                        timeout=INSTALL_TIMEOUT)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         tail = getattr(exc, "stderr", b"") or b""
-        raise Unavailable(f"installing litellm[proxy] into {VENV} failed: {exc} {tail[-300:].decode(errors='replace')}")
+        why = tail[-300:].decode(errors="replace")
+        raise Unavailable(f"installing litellm[proxy] into {VENV} failed: {exc} {why}") from None
     if not _has_litellm(exe):
         raise Unavailable(f"litellm[proxy] installed into {VENV} but litellm.proxy does not import")
     return exe
@@ -79,10 +80,9 @@ def version(exe: str) -> str:
 
 def config(models: dict[str, tuple[str, str]]) -> dict:
     """The proxy's config: `models` maps a model name to (provider, base URL)."""
-    return {"model_list": [
-        {"model_name": name, "litellm_params": {"model": f"{provider}/{name}", "api_base": base, "api_key": "bench-key"}}
-        for name, (provider, base) in models.items()
-    ]}  # fmt: skip
+    params = {name: {"model": f"{provider}/{name}", "api_base": base, "api_key": "bench-key"}
+              for name, (provider, base) in models.items()}  # fmt: skip
+    return {"model_list": [{"model_name": name, "litellm_params": p} for name, p in params.items()]}
 
 
 def pids(pid: int) -> list[int]:

@@ -32,8 +32,8 @@ def _anthropic_events(model: str, n: int) -> list[bytes]:
     events = [("message_start", {"type": "message_start", "message": message}),
               ("content_block_start", {"type": "content_block_start", "index": 0,
                                        "content_block": {"type": "text", "text": ""}})]  # fmt: skip
-    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                        "delta": {"type": "text_delta", "text": f"w{i} "}}) for i in range(n)]  # fmt: skip
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ""}}
+    events += [("content_block_delta", {**delta, "delta": {"type": "text_delta", "text": f"w{i} "}}) for i in range(n)]
     events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
                ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens",
                                   "stop_sequence": None}, "usage": {"output_tokens": n}}),
@@ -102,7 +102,7 @@ async def serve() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    print("http://127.0.0.1:{}".format(runner.addresses[0][1]), flush=True)
+    print(f"http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
     closed = asyncio.Event()
     asyncio.get_running_loop().add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(4096) or closed.set())
     await closed.wait()

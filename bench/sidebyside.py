@@ -120,8 +120,7 @@ def measure(paths: list[Path], processes: Processes, upstream: str, size: dict[s
             else:
                 events = [c() for c in calls]  # also warms each path
                 times = in_turn(calls, size["long_repeat"], 0)
-                figures = [{"events": n, "events_per_s": round(statistics.median(n / t for t in ts)),
-                            "seconds_median": round(statistics.median(ts), 3)} for n, ts in zip(events, times)]  # fmt: skip
+                figures = [_rate(n, ts) for n, ts in zip(events, times, strict=True)]
                 runs = size["long_cpu_runs"]
             for p, call_of_path, fig in zip(running, calls, figures, strict=True):
                 cpu, _ = _cpu_per(processes, call_of_path, runs)
@@ -130,6 +129,11 @@ def measure(paths: list[Path], processes: Processes, upstream: str, size: dict[s
             _compare(row, running[0].name)
             rows.append(row)
     return rows
+
+
+def _rate(events: int, seconds: list[float]) -> dict[str, Any]:
+    return {"events": events, "events_per_s": round(statistics.median(events / t for t in seconds)),
+            "seconds_median": round(statistics.median(seconds), 3)}  # fmt: skip
 
 
 def _compare(row: dict[str, Any], direct: str) -> None:
@@ -185,8 +189,8 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             if "skipped" in fig:
                 rows.append([*line, "skipped (see the notes)", *[None] * (len(head) - 4)])
                 continue
-            rows.append([*line, fig.get("median_ms"), fig.get("added_median_ms"), fig.get("p99_ms"),
-                         fig.get("events_per_s"), fig.get("ratio_to_direct"), *(fig["cpu_us"][r] for r in roles)])  # fmt: skip
+            figures = ("median_ms", "added_median_ms", "p99_ms", "events_per_s", "ratio_to_direct")
+            rows.append([*line, *map(fig.get, figures), *(fig["cpu_us"][r] for r in roles)])
     return head, rows
 
 

@@ -70,7 +70,7 @@ def _events(stream: Any) -> int:
 
 
 def latency_calls(c: Clients) -> dict[str, Callable[[], int]]:
-    """The tiny calls, each returning the events it read (1 for a plain answer)."""
+    """The tiny calls, each returning the events it read (1 for a plain answer); CPU per call."""
     a, o = c.anthropic, c.openai
     return {
         "anthropic count_tokens": lambda: a.messages.count_tokens(model=c.claude, messages=ASK) and 1,
@@ -84,6 +84,7 @@ def latency_calls(c: Clients) -> dict[str, Callable[[], int]]:
 
 
 def long_calls(c: Clients, tokens: int) -> dict[str, Callable[[], int]]:
+    """One long stream each; events/s and CPU per event."""
     a, o = c.anthropic, c.openai
     return {
         f"anthropic long stream ({tokens} tokens)": lambda: _events(
@@ -95,13 +96,14 @@ def long_calls(c: Clients, tokens: int) -> dict[str, Callable[[], int]]:
     }
 
 
-def _cpu_per(processes: Processes, call: Callable[[], int], runs: int) -> tuple[dict[str, float], int]:
-    """(µs of CPU per event of each role, events) over `runs` calls made back to back."""
+def _cpu_per(processes: Processes, call: Callable[[], int], runs: int, per_event: bool) -> dict[str, float]:
+    """µs of CPU of each role per call (per event with `per_event`) over `runs` calls made back to back."""
     before, events = processes.cpu(), 0
     for _ in range(runs):
         events += call()
     after = processes.cpu()
-    return {role: round((after[role] - before[role]) * 1e6 / max(events, 1), 1) for role in after}, events
+    count = max(events, 1) if per_event else runs
+    return {role: round((after[role] - before[role]) * 1e6 / count, 1) for role in after}
 
 
 def measure(paths: list[Path], processes: Processes, upstream: str, size: dict[str, int]) -> list[dict[str, Any]]:
@@ -123,7 +125,7 @@ def measure(paths: list[Path], processes: Processes, upstream: str, size: dict[s
                 figures = [_rate(n, ts) for n, ts in zip(events, times, strict=True)]
                 runs = size["long_cpu_runs"]
             for p, call_of_path, fig in zip(running, calls, figures, strict=True):
-                cpu, _ = _cpu_per(processes, call_of_path, runs)
+                cpu = _cpu_per(processes, call_of_path, runs, per_event=kind == "rate")
                 row["paths"][p.name] = {**fig, "cpu_us": cpu}
             row["paths"].update({p.name: {"skipped": p.skipped} for p in paths if p.skipped})
             _compare(row, running[0].name)

@@ -15,7 +15,19 @@ import pytest
 from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue")
+SCENARIOS = (
+    "overhead",
+    "stream",
+    "scale",
+    "faults",
+    "respawn",
+    "memory",
+    "loadgen",
+    "onewrite",
+    "rescue",
+    "shim",
+    "gateway",
+)
 POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
 
@@ -104,6 +116,9 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
     assert [r["concurrency"] for r in onewrite] == [8]
     assert all(r["bare_server_chunks_per_s"] > 0 and r["isopool_server_chunks_per_s"] > 0 for r in onewrite)
     _check_rescue(data["rescue"])
+    _check_side_by_side(data["shim"], ["direct SDK", "shim"])
+    _check_side_by_side(data["gateway"], ["direct SDK", "isopool gateway", "LiteLLM proxy"])
+    assert any("LiteLLM proxy skipped" in note for note in data["gateway"]["notes"])  # never at the tiny size
 
     out = tmp_path / "report"
     rendered = subprocess.run(
@@ -140,3 +155,24 @@ def _check_rescue(data: dict) -> None:
     targets = {t["name"]: t for t in data["targets"]}
     assert targets["gateway and shim: truncated streams taken as success"]["value"] == 0
     assert targets["gateway and shim: calls over the 3-attempt budget"]["value"] == 0
+
+
+def _check_side_by_side(data: dict, paths: list[str]) -> None:
+    """Every call along every path to both upstreams, with its figures and each process's CPU; a stream
+    through the pool delivers exactly the events the direct SDK reads."""
+    rows = data["figures"]["rows"]
+    assert [(r["upstream"], r["kind"]) for r in rows] == [(u, k) for u in ("fake", "plain")
+                                                          for k in ("latency",) * 3 + ("rate",) * 2]  # fmt: skip
+    for row in rows:
+        assert list(row["paths"]) == paths, row["call"]
+        ran = {name: fig for name, fig in row["paths"].items() if "skipped" not in fig}
+        assert list(ran) == paths[:2]  # the LiteLLM proxy is not started at the tiny size
+        for fig in ran.values():
+            assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"])
+            if row["kind"] == "latency":
+                assert fig["n"] == 5 and 0 < fig["median_ms"] <= fig["p99_ms"]
+            else:
+                assert fig["events_per_s"] > 0 and fig["ratio_to_direct"] > 0
+        if row["kind"] == "rate":
+            assert len({fig["events"] for fig in ran.values()}) == 1 and next(iter(ran.values()))["events"] >= 100
+    assert data["targets"] and all(t["name"].startswith(paths[1]) for t in data["targets"])

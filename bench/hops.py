@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         spies = {role: _spy(pid, os.path.join(out, f"{role}.txt"), args.rate, args.seconds)
                  for role, pid in pids.items()}  # fmt: skip
         time.sleep(1.0)  # py-spy attaches
-        before, calls, events, start = processes.cpu(), 0, 0, time.monotonic()
+        before, calls, events, start = processes.cpu(processes.fixed), 0, 0, time.monotonic()
         while time.monotonic() - start < args.seconds - 1.5:
             events += call()
             calls += 1
-        cpu, wall = processes.cpu(), time.monotonic() - start
+        cpu, wall = processes.cpu(processes.fixed), time.monotonic() - start
         for spy in spies.values():
             spy.wait()
     per = calls if args.call == "tiny" else events

@@ -52,9 +52,9 @@ class Processes:
     def pids(self) -> dict[str, list[int]]:
         return {**self.fixed, "worker": self.workers()}
 
-    def cpu(self) -> dict[str, float]:
-        """Seconds of CPU each role has spent so far (a process gone counts 0)."""
-        return {role: sum(_cpu(pid) for pid in pids) for role, pids in self.pids().items()}
+    def cpu(self, pids: dict[str, list[int]]) -> dict[str, float]:
+        """Seconds of CPU each role of `pids` has spent so far (a process gone counts 0)."""
+        return {role: sum(_cpu(pid) for pid in some) for role, some in pids.items()}
 
 
 def _cpu(pid: int) -> float:
@@ -98,10 +98,11 @@ def long_calls(c: Clients, tokens: int) -> dict[str, Callable[[], int]]:
 
 def _cpu_per(processes: Processes, call: Callable[[], int], runs: int, per_event: bool) -> dict[str, float]:
     """µs of CPU of each role per call (per event with `per_event`) over `runs` calls made back to back."""
-    before, events = processes.cpu(), 0
+    pids = processes.pids()  # read before: asking the broker costs it CPU
+    before, events = processes.cpu(pids), 0
     for _ in range(runs):
         events += call()
-    after = processes.cpu()
+    after = processes.cpu(pids)
     count = max(events, 1) if per_event else runs
     return {role: round((after[role] - before[role]) * 1e6 / count, 1) for role in after}
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", help="keep the raw py-spy files here")
+    parser.add_argument("--timeline", action="store_true", help="shim only: time each stretch of a call, no py-spy")
     args = parser.parse_args(argv)
+    if args.timeline and args.path != "shim":
+        parser.error("--timeline times the shim's stretches: use it with `shim`")
     tokens = TINY_STREAM if args.call == "tiny" else LONG
     profiles = {"anthropic": {"kind": "anthropic", "min_workers": 1, "max_workers": 1}}
     with contextlib.ExitStack() as stack:
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
 
         for _ in range(20):
             call()
+        if args.timeline:
+            for name, us in timeline(sdk, call, int(args.seconds * 100)).items():
+                print(f"{us:9.1f} µs  {name}")
+            return
         pids = {"caller": os.getpid(), "gateway": child_of(pool.pid, "broker.http.gateway"), "broker": pool.pid,
                 "worker": worker_pids(info)[0], "upstream": fake.pid}  # fmt: skip
         processes = Processes({role: [pid] for role, pid in pids.items()})
@@ -128,3 +137,47 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
+    """Median µs of each stretch of a shim call, seen from the caller's process: the SDK building the
+    request, the transport sending it, the pool's answer (broker, worker, upstream and back) to the
+    loop thread, the hand-off to the calling thread, and the rest (the SDK reading the events)."""
+    from broker.client import client as low
+
+    marks: dict[str, float] = {}
+    submit, route, take = low.Client.submit_http, low.AsyncClient._route, low._CallState.take
+
+    def timed_submit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        marks.setdefault("transport", time.perf_counter())
+        result = submit(self, *args, **kwargs)
+        marks["sent"] = time.perf_counter()
+        return result
+
+    def timed_route(self: Any, frames: list[bytes]) -> None:
+        marks.setdefault("first_message_in", time.perf_counter())
+        route(self, frames)
+        marks["last_message_in"] = time.perf_counter()
+
+    def timed_take(self: Any, item: Any) -> Any:
+        marks.setdefault("first_taken", time.perf_counter())
+        return take(self, item)
+
+    low.Client.submit_http, low.AsyncClient._route, low._CallState.take = timed_submit, timed_route, timed_take
+    spans: dict[str, list[float]] = collections.defaultdict(list)
+    try:
+        for _ in range(calls):
+            marks.clear()
+            start = time.perf_counter()
+            call()
+            end = time.perf_counter()
+            points = [("SDK builds the request", start), ("transport sends", marks["transport"]),
+                      ("pool answers (to the loop thread)", marks["sent"]),
+                      ("hand-off to the caller thread", marks["first_message_in"]),
+                      ("SDK reads the events, the rest arriving", marks["first_taken"]), ("end", end)]  # fmt: skip
+            for (name, at), (_, until) in itertools.pairwise(points):
+                spans[name].append(until - at)
+            spans["total"].append(end - start)
+    finally:
+        low.Client.submit_http, low.AsyncClient._route, low._CallState.take = submit, route, take
+    return {name: round(statistics.median(v) * 1e6, 1) for name, v in spans.items()}

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     profiles = {"anthropic": {"kind": "anthropic", "min_workers": 1, "max_workers": 1}}
     with contextlib.ExitStack() as stack:
         out = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="hops-"))
+        os.makedirs(out, exist_ok=True)
         fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
         profiles["anthropic"]["base_url"] = fake.url
         pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))
@@ -135,10 +136,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   incl {n * scale:8.1f}  {name}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
     """Median µs of each stretch of a shim call, seen from the caller's process: the SDK building the
     request, the transport sending it, the pool's answer (broker, worker, upstream and back) to the
@@ -146,7 +143,9 @@ def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
     from broker.client import client as low
 
     marks: dict[str, float] = {}
-    submit, route, take = low.Client.submit_http, low.AsyncClient._route, low._CallState.take
+    submit, take = low.Client.submit_http, low._CallState.take
+    sockets = [c._async._sock for c in isoshim._clients.values()]  # the shim's pool connections
+    routes = [sock._on_message for sock in sockets]
 
     def timed_submit(self: Any, *args: Any, **kwargs: Any) -> Any:
         marks.setdefault("transport", time.perf_counter())
@@ -154,16 +153,21 @@ def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
         marks["sent"] = time.perf_counter()
         return result
 
-    def timed_route(self: Any, frames: list[bytes]) -> None:
-        marks.setdefault("first_message_in", time.perf_counter())
-        route(self, frames)
-        marks["last_message_in"] = time.perf_counter()
+    def timed(route: Any) -> Any:
+        def timed_route(frames: list[bytes]) -> None:
+            marks.setdefault("first_message_in", time.perf_counter())
+            marks["messages"] = marks.get("messages", 0) + 1
+            route(frames)
+
+        return timed_route
 
     def timed_take(self: Any, item: Any) -> Any:
         marks.setdefault("first_taken", time.perf_counter())
         return take(self, item)
 
-    low.Client.submit_http, low.AsyncClient._route, low._CallState.take = timed_submit, timed_route, timed_take
+    low.Client.submit_http, low._CallState.take = timed_submit, timed_take
+    for sock, route in zip(sockets, routes, strict=True):
+        sock._on_message = timed(route)
     spans: dict[str, list[float]] = collections.defaultdict(list)
     try:
         for _ in range(calls):
@@ -178,6 +182,13 @@ def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
             for (name, at), (_, until) in itertools.pairwise(points):
                 spans[name].append(until - at)
             spans["total"].append(end - start)
+            spans["messages from the broker (count, not µs)"].append(marks["messages"] / 1e6)
     finally:
-        low.Client.submit_http, low.AsyncClient._route, low._CallState.take = submit, route, take
+        low.Client.submit_http, low._CallState.take = submit, take
+        for sock, route in zip(sockets, routes, strict=True):
+            sock._on_message = route
     return {name: round(statistics.median(v) * 1e6, 1) for name, v in spans.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -32,14 +32,16 @@ from .upstreams import child_of, direct, profile, profiles, upstreams, worker_pi
 PATH, LITELLM = "isopool gateway", "LiteLLM proxy"
 
 
-def _gateway(url: str) -> Path:
+def path(url: str, name: str = PATH) -> Path:
+    """The official SDKs at the gateway at `url`, to each upstream's profiles (by header)."""
+
     def clients(upstream: str) -> Clients:
         headers = {PROFILE_HEADER: profile("anthropic", upstream)}
         return Clients(anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, default_headers=headers),
                        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                      default_headers={PROFILE_HEADER: profile("openai", upstream)}))  # fmt: skip
 
-    return Path(PATH, {name: clients(name) for name in UPSTREAMS})
+    return Path(name, {upstream: clients(upstream) for upstream in UPSTREAMS})
 
 
 def _models(servers: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -70,7 +72,7 @@ def run(size: str) -> dict[str, Any]:
         servers = stack.enter_context(upstreams())
         pool = stack.enter_context(Pool(profiles=profiles(servers), http="127.0.0.1:0"))
         client = stack.enter_context(pool.client())
-        paths = [direct(servers), _gateway(pool.http_url)]
+        paths = [direct(servers), path(pool.http_url)]
         fixed = {"caller": [os.getpid()], "gateway": [child_of(pool.pid, "broker.http.gateway")],
                  "broker": [pool.pid], "upstream": [s.pid for s in servers.values()]}  # fmt: skip
         if size == "tiny":

@@ -25,17 +25,21 @@ from .upstreams import direct, profile, profiles, upstreams, worker_pids
 PATH = "shim"
 
 
+def path(pool: Pool, name: str = PATH) -> Path:
+    """The shim's clients of `pool`, to each upstream's profiles."""
+    return Path(name, {
+        upstream: Clients(isoshim.Anthropic(pool=pool, profile=profile("anthropic", upstream)),
+                          isoshim.OpenAI(pool=pool, profile=profile("openai", upstream)))
+        for upstream in UPSTREAMS
+    })  # fmt: skip
+
+
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     sizes = sidebyside.size_of(size, pick)
     rows: list[dict[str, Any]] = []
     with upstreams() as servers, Pool(profiles=profiles(servers)) as pool, pool.client() as client:
-        shim = Path(PATH, {
-            name: Clients(isoshim.Anthropic(pool=pool, profile=profile("anthropic", name)),
-                          isoshim.OpenAI(pool=pool, profile=profile("openai", name)))
-            for name in UPSTREAMS
-        })  # fmt: skip
-        paths = [direct(servers), shim]
+        paths = [direct(servers), path(pool)]
         upstream_pids = [s.pid for s in servers.values()]
         processes = Processes({"caller": [os.getpid()], "broker": [pool.pid], "upstream": upstream_pids},
                               lambda: worker_pids(client))  # fmt: skip

@@ -214,7 +214,9 @@ class Worker:
             task.cancel()
 
     async def _execute(self, rid: int, payload: bytes, model: str = "") -> None:
-        emit = Emitter(self.sock, self.codec, rid)
+        from .coalesce import WINDOW, CoalescingEmitter  # PROOF OF CONCEPT (issue 21): off unless set
+
+        emit = CoalescingEmitter(self.sock, self.codec, rid) if WINDOW else Emitter(self.sock, self.codec, rid)
         try:
             call = self.codec.call(payload)
             if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)

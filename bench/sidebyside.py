@@ -139,9 +139,17 @@ def _rate(events: int, seconds: list[float]) -> dict[str, Any]:
             "seconds_median": round(statistics.median(seconds), 3)}  # fmt: skip
 
 
+def cpu_bound(cpu_us: dict[str, float], cores: int) -> float:
+    """The most events/s a path can reach here, from its processes' CPU per event: the busiest one
+    cannot go faster than its own CPU allows, nor all together faster than the cores allow."""
+    busiest, total = max(cpu_us.values()), sum(cpu_us.values())
+    return 1e6 / max(busiest, total / cores, 1e-3)
+
+
 def _compare(row: dict[str, Any], direct: str) -> None:
-    """Each path's figure against the direct SDK's, in the same run."""
-    base = row["paths"][direct]
+    """Each path's figure against the direct SDK's, in the same run; a long stream's also as the bound
+    its CPU per event sets on this machine's cores (noise moves it far less than a measured rate)."""
+    base, cores = row["paths"][direct], psutil.cpu_count() or 1
     for fig in row["paths"].values():
         if "skipped" in fig:
             continue
@@ -149,6 +157,8 @@ def _compare(row: dict[str, Any], direct: str) -> None:
             fig["added_median_ms"] = round(fig["median_ms"] - base["median_ms"], 3)
         else:
             fig["ratio_to_direct"] = round(fig["events_per_s"] / base["events_per_s"], 3)
+            fig["cpu_bound_events_per_s"] = round(cpu_bound(fig["cpu_us"], cores))
+            fig["cpu_bound_ratio"] = round(cpu_bound(fig["cpu_us"], cores) / cpu_bound(base["cpu_us"], cores), 3)
 
 
 def targets(rows: list[dict[str, Any]], path: str, upstream: str = "fake") -> list:
@@ -184,7 +194,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows_in = data["figures"]["rows"]
     roles = [r for r in ROLES if any(r in f.get("cpu_us", {}) for row in rows_in for f in row["paths"].values())]
     head = ["upstream", "call", "path", "p50 ms", "added p50 ms", "p99 ms", "events/s", "× direct",
-            *(f"{role} CPU µs" for role in roles)]  # fmt: skip
+            f"CPU bound × direct ({psutil.cpu_count()} cores)", *(f"{role} CPU µs" for role in roles)]  # fmt: skip
     rows = []
     for row in rows_in:
         for name, fig in row["paths"].items():
@@ -192,7 +202,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             if "skipped" in fig:
                 rows.append([*line, "skipped (see the notes)", *[None] * (len(head) - 4)])
                 continue
-            figures = ("median_ms", "added_median_ms", "p99_ms", "events_per_s", "ratio_to_direct")
+            figures = ("median_ms", "added_median_ms", "p99_ms", "events_per_s", "ratio_to_direct", "cpu_bound_ratio")
             rows.append([*line, *map(fig.get, figures), *(fig["cpu_us"][r] for r in roles)])
     return head, rows
 

@@ -194,7 +194,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows_in = data["figures"]["rows"]
     roles = [r for r in ROLES if any(r in f.get("cpu_us", {}) for row in rows_in for f in row["paths"].values())]
     head = ["upstream", "call", "path", "p50 ms", "added p50 ms", "p99 ms", "events/s", "× direct",
-            f"CPU bound × direct ({psutil.cpu_count()} cores)", *(f"{role} CPU µs" for role in roles)]  # fmt: skip
+            f"CPU bound × direct ({data['machine']['cpus']} cores)", *(f"{role} CPU µs" for role in roles)]  # fmt: skip
     rows = []
     for row in rows_in:
         for name, fig in row["paths"].items():

@@ -41,7 +41,7 @@ def path(url: str, name: str = PATH) -> Path:
                        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                      default_headers={PROFILE_HEADER: profile("openai", upstream)}))  # fmt: skip
 
-    return Path(name, {upstream: clients(upstream) for upstream in UPSTREAMS})
+    return Path.of(name, clients)
 
 
 def _models(servers: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -55,12 +55,15 @@ def _models(servers: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def _litellm(url: str, key: str) -> Path:
-    return Path(LITELLM, {
-        name: Clients(anthropic.Anthropic(base_url=url, api_key=key, max_retries=0),
-                      openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0),
-                      *(("claude-bench", "gpt-bench") if name == "fake" else (f"claude-{name}", f"gpt-{name}")))
-        for name in UPSTREAMS
-    })  # fmt: skip
+    def clients(upstream: str) -> Clients:
+        tag = "bench" if upstream == "fake" else upstream  # as _models names them
+        sdks = (
+            anthropic.Anthropic(base_url=url, api_key=key, max_retries=0),
+            openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0),
+        )
+        return Clients(*sdks, f"claude-{tag}", f"gpt-{tag}")
+
+    return Path.of(LITELLM, clients)
 
 
 def run(size: str) -> dict[str, Any]:

@@ -27,11 +27,12 @@ PATH = "shim"
 
 def path(pool: Pool, name: str = PATH) -> Path:
     """The shim's clients of `pool`, to each upstream's profiles."""
-    return Path(name, {
-        upstream: Clients(isoshim.Anthropic(pool=pool, profile=profile("anthropic", upstream)),
-                          isoshim.OpenAI(pool=pool, profile=profile("openai", upstream)))
-        for upstream in UPSTREAMS
-    })  # fmt: skip
+
+    def clients(upstream: str) -> Clients:
+        return Clients(isoshim.Anthropic(pool=pool, profile=profile("anthropic", upstream)),
+                       isoshim.OpenAI(pool=pool, profile=profile("openai", upstream)))  # fmt: skip
+
+    return Path.of(name, clients)
 
 
 def run(size: str) -> dict[str, Any]:

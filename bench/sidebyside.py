@@ -41,6 +41,11 @@ class Path:
     upstreams: dict[str, Clients]
     skipped: str = ""  # why this path did not run (then it has no clients)
 
+    @classmethod
+    def of(cls, name: str, clients: Callable[[str], Clients]) -> Path:
+        """The path whose clients to each upstream `clients(upstream)` makes."""
+        return cls(name, {upstream: clients(upstream) for upstream in UPSTREAMS})
+
 
 @dataclass
 class Processes:

@@ -46,10 +46,10 @@ def profiles(servers: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def direct(servers: dict[str, Any]) -> Path:
-    return Path("direct SDK", {
-        name: Clients(anthropic.Anthropic(base_url=s.url, max_retries=0), openai.OpenAI(base_url=s.url + "/v1",
-                      max_retries=0)) for name, s in servers.items()
-    })  # fmt: skip
+    """The baseline: the official SDKs straight at each upstream."""
+    return Path.of("direct SDK", lambda upstream: Clients(
+        anthropic.Anthropic(base_url=servers[upstream].url, max_retries=0),
+        openai.OpenAI(base_url=servers[upstream].url + "/v1", max_retries=0)))  # fmt: skip
 
 
 def worker_pids(client: Any) -> list[int]:

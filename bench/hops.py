@@ -31,7 +31,7 @@ from broker import shim as isoshim
 from broker.fake_provider import FakeProviderProcess, Latency
 from broker.http.gateway import PROFILE_HEADER
 
-from .sidebyside import ASK, TINY_STREAM, Processes, _events
+from .sidebyside import ASK, TINY_STREAM, Processes, read_all
 from .upstreams import child_of, worker_pids
 
 LONG = 5000
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         stack.callback(sdk.close)
 
         def call() -> int:
-            return _events(sdk.messages.create(model="claude-bench", max_tokens=tokens, messages=ASK, stream=True))
+            return read_all(sdk.messages.create(model="claude-bench", max_tokens=tokens, messages=ASK, stream=True))
 
         for _ in range(20):
             call()

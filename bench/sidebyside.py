@@ -69,7 +69,8 @@ def _cpu(pid: int) -> float:
         return 0.0
 
 
-def _events(stream: Any) -> int:
+def read_all(stream: Any) -> int:
+    """Read an SDK stream to its end, as an application would; its number of events."""
     with stream:
         return sum(1 for _ in stream)
 
@@ -79,10 +80,10 @@ def latency_calls(c: Clients) -> dict[str, Callable[[], int]]:
     a, o = c.anthropic, c.openai
     return {
         "anthropic count_tokens": lambda: a.messages.count_tokens(model=c.claude, messages=ASK) and 1,
-        f"anthropic stream, {TINY_STREAM} tokens": lambda: _events(
+        f"anthropic stream, {TINY_STREAM} tokens": lambda: read_all(
             a.messages.create(model=c.claude, max_tokens=TINY_STREAM, messages=ASK, stream=True)
         ),
-        "openai chat stream, 1 token": lambda: _events(
+        "openai chat stream, 1 token": lambda: read_all(
             o.chat.completions.create(model=c.gpt, max_completion_tokens=1, messages=ASK, stream=True)
         ),
     }
@@ -92,10 +93,10 @@ def long_calls(c: Clients, tokens: int) -> dict[str, Callable[[], int]]:
     """One long stream each; events/s and CPU per event."""
     a, o = c.anthropic, c.openai
     return {
-        f"anthropic long stream ({tokens} tokens)": lambda: _events(
+        f"anthropic long stream ({tokens} tokens)": lambda: read_all(
             a.messages.create(model=c.claude, max_tokens=tokens, messages=ASK, stream=True)
         ),
-        f"openai long stream ({tokens} tokens)": lambda: _events(
+        f"openai long stream ({tokens} tokens)": lambda: read_all(
             o.chat.completions.create(model=c.gpt, max_completion_tokens=tokens, messages=ASK, stream=True)
         ),
     }

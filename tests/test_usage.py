@@ -5,18 +5,26 @@ the provider had reported; the request log and the stats say it; no key anywhere
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
 
 import httpx2 as httpx
 import msgspec
 import pytest
+from rich.console import Console
 
 from broker import Pool, StreamStalled
+from broker.batch import run
+from broker.cli.top import frame
 from broker.protocol import Tokens
 from broker.shim import anthropic as shim_anthropic
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, needs_sdk, openai_args
+from .test_batch import anthropic_lines, write_jsonl
+from .test_metrics import scrape
+from .test_top import ISOPOOL
 
 FIELDS = ("input", "output", "cache_read", "cache_write")
 
@@ -90,7 +98,9 @@ def test_a_failed_attempt_is_billed_only_what_its_provider_reported(fake, tmp_pa
     assert [a["usage"] for a in retried["attempts"]][0] is None and retried["usage"]["attempts"] == 1
     assert stalled["attempts"][0]["outcome"] == "stale_timeout" and stalled["usage"]["output"] == 1  # message_start's
     assert stalled["usage"]["input"] > 0
-    assert [a["outcome"] for a in throttled["attempts"]] == ["http_429", "ok"] and throttled["attempts"][0]["usage"] is None
+    assert [a["outcome"] for a in throttled["attempts"]] == ["http_429", "ok"] and throttled["attempts"][0][
+        "usage"
+    ] is None
     lines = [retried, stalled, throttled]
     assert {f: sum(line["usage"][f] for line in lines) for f in FIELDS} == spent
 
@@ -139,3 +149,26 @@ def test_a_price_table_that_cannot_be_read_is_refused_at_start(tmp_path):
         Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(tmp_path / "missing.toml"))
 
 
+def test_stats_prometheus_top_and_the_batch_summary_show_the_tokens(fake, tmp_path, own_processes):
+    before = reported(fake)
+    with usage_pool(fake, metrics="127.0.0.1:0") as pool, pool.client() as client:
+        earlier = client.snapshot()
+        source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(3))
+        summary = run(source, str(tmp_path / "out.jsonl"), pool=pool)
+        snapshot, scraped = client.snapshot(), scrape(pool.metrics_url)
+        table = subprocess.run([ISOPOOL, "stats", "--url", pool.url], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+        as_json = json.loads(subprocess.run([ISOPOOL, "stats", "--json", "--url", pool.url], capture_output=True,
+                                            text=True, timeout=30).stdout)  # fmt: skip
+    spent = spent_since(fake, before)
+    assert summary.tokens == spent == billed(snapshot.tokens) and spent["output"] > 0
+    claude = snapshot.tokens["anthropic/claude-fake"]
+    for kind in FIELDS:
+        labels = (("model", "claude-fake"), ("profile", "anthropic"), ("type", kind))
+        assert scraped[("isopool_tokens_total", labels)] == getattr(claude, kind)
+    assert as_json["tokens"]["anthropic/claude-fake"] == msgspec.to_builtins(claude)
+    row = next(line for line in table.stdout.splitlines() if "claude-fake" in line)
+    assert "anthropic / claude-fake" in row and f"{claude.output:,}" in row and f"{claude.input:,}" in row
+    screen = Console(file=io.StringIO(), width=200)
+    screen.print(frame(snapshot, earlier, 2.0, live=False))
+    assert f"{(claude.input + claude.output) / 2:.0f} tokens/s" in screen.file.getvalue()

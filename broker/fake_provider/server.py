@@ -33,9 +33,9 @@ from .faults import FAULT_HEADER, LATENCY_HEADER, Fault, FaultPlan, parse_params
 from .formats import AnthropicMessages, OpenAIChat, OpenAIResponses
 from .framing import Sse
 from .metrics import FakeMetrics
-from .reported import Reported
 from .prefill import conversation, prefill_text, refusal
 from .prefix_cache import PrefixCache
+from .reported import Reported
 
 log = logging.getLogger(__name__)
 

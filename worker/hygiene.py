@@ -116,8 +116,10 @@ class ChatCheck(StreamCheck):
         for choice in event.choices or ():
             if choice.finish_reason is not None:
                 self.finished.add(choice.index)
+                self.facts.finished(choice.finish_reason)
         self.ended = self.ended or len(self.finished) >= self.n
-        self.facts.chat(event)
+        if event.usage is not None or not self.facts.model:
+            self.facts.chat(event)
 
 
 def check_for(kind: str, method: str | None, args: dict[str, Any]) -> StreamCheck:

@@ -125,11 +125,9 @@ class Facts:
                 self.finished(event.delta.stop_reason)
 
     def chat(self, chunk: ChatChunk) -> None:
+        """A chunk's name and usage (its finish reasons are the check's to pass on, as it reads them)."""
         if not self.model:
             self.name(chunk.id, chunk.model)
-        for choice in chunk.choices or ():
-            if choice.finish_reason is not None:
-                self.finished(choice.finish_reason)
         self.usage(chunk.usage)
 
     def responses(self, event: ResponsesEvent) -> None:

@@ -18,6 +18,7 @@ from broker.protocol import Spent, Usage
 
 _MOST_REASONS = 16  # finish reasons kept (one per choice): the USAGE header stays small whatever `n` is
 _LONGEST = 256  # characters kept of a response id or model: the provider's strings, bounded
+_REASON = 32  # ... of a finish reason: the whole USAGE header stays well under MAX_HEADER_BYTES
 
 
 class Delta(msgspec.Struct):
@@ -112,7 +113,7 @@ class Facts:
 
     def finished(self, reason: Any) -> None:
         if isinstance(reason, str) and len(self.finish) < _MOST_REASONS:
-            self.finish.append(reason[:_LONGEST])
+            self.finish.append(reason[:_REASON])
             self.changed = True
 
     def anthropic(self, event: AnthropicEvent) -> None:

@@ -166,7 +166,7 @@ async def relay(
                 if at:
                     await emit.events(batch[:at])
                 await emit.error_event(batch[at])
-                await _tell(check, emit)
+                await _tell(check, emit, ending=False)  # an error event is no answer's end: the broker decides
                 if raise_on_error:
                     raise ProviderStreamError(_DEC.decode(batch[at][1]))
                 break
@@ -184,11 +184,11 @@ async def relay(
         await emit.result(Response(http.status_code, headers, body, check.malformed))
 
 
-async def _tell(check: StreamCheck, emit: Any) -> None:
+async def _tell(check: StreamCheck, emit: Any, ending: bool = True) -> None:
     """Tell the broker what the answer newly said of itself (usage, id, model: Kind.USAGE), and once
     that the stream said it finished (its watchdog then waits for the end)."""
     if check.facts.changed:
         await emit.usage(check.facts)
-    if check.ended and not check.told:
+    if ending and check.ended and not check.told:
         check.told = True
         await emit.ending()

@@ -54,6 +54,7 @@ def test_a_batched_fake_process_writes_an_answer_at_once(own_processes):
         assert len(_http_chunks(batched.url, "tokens=40")) == 1  # the header sets the length only
 
 
+@pytest.mark.timeout(400)  # every scenario at its tiny size: about two minutes alone, more on busy cores
 def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("pebble")

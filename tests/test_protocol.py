@@ -38,6 +38,7 @@ SAMPLES = {
     Kind.ERROR: ErrorInfo,  # placeholder, replaced below
     Kind.HEAD: Served(8),
     Kind.PROGRESS: Ref(9),
+    Kind.ENDING: Ref(9),
     Kind.RUN: Run(10, 2),
     Kind.ABORT: Ref(11),
     Kind.READY: Ready("anthropic.0.0", 1234, 1, 1),

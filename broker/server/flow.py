@@ -94,7 +94,7 @@ class Flow:
         hops = None
         try:
             sub = self.settings.bound(sub)
-            if sub.fallbacks and sub.profile in self.settings.profiles:  # the caller's own chain
+            if sub.fallbacks is not None and sub.profile in self.settings.profiles:  # the caller's own chain
                 hops = routes.own_chain(self.settings, sub.profile, sub.fallbacks)
         except ValueError as exc:
             refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))

@@ -196,6 +196,7 @@ class Worker:
         self.clients: Clients | None = None
         self.client_error: Exception | None = None
         self.timed = TimedTransport(_ssl_context)
+        self.placed: dict[tuple[tuple[str, str], ...], Clients] = {}  # clients moved to a call's placement
         try:
             self.clients = build_client(spec.profile)
         except Exception as exc:  # every request gets this error
@@ -263,7 +264,21 @@ class Worker:
             raise self.client_error.with_traceback(None)  # type: ignore[union-attr]
         if self.clients.no_key is not None and not brings_own_key(call):
             raise self.clients.no_key.with_traceback(None)
+        http = call.http if isinstance(call, TimedCall) else call
+        if isinstance(http, HttpCall) and http.placement:
+            return self._placed(http.placement)
         return self.clients
+
+    def _placed(self, placement: dict[str, str]) -> Clients:
+        """The clients for a cloud client's placement: the worker's own where it is the profile's; with
+        allow_overrides, clients moved there (made once); else a BadCall naming both (worker/clouds)."""
+        moved = clouds.placed(self.spec.profile, self.clients.sdk, placement, self.spec.allow_overrides)  # type: ignore[union-attr]
+        if moved is None:
+            return self.clients  # type: ignore[return-value]
+        key = tuple(sorted(placement.items()))
+        if key not in self.placed:
+            self.placed[key] = build_client(moved)
+        return self.placed[key]
 
     def _heartbeat(self, ctx: zmq.Context) -> None:
         sock = new_socket(ctx, zmq.DEALER, identity=(self.spec.ident + "/hb").encode(), sndhwm=4)

@@ -15,6 +15,7 @@ import msgspec
 from broker.config import Profile
 
 from ..calls import BadCall, json_body
+from . import STAND_IN
 
 _ENC = msgspec.json.Encoder()
 
@@ -37,6 +38,10 @@ def preload() -> None:
     """azure-identity's async credentials (~150 ms), when installed (an api-key needs none)."""
     if importlib.util.find_spec("azure.identity") is not None:
         import azure.identity.aio  # noqa: F401
+
+
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"endpoint": str(sdk._azure_endpoint).rstrip("/") if sdk._azure_endpoint else None}
 
 
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL ({endpoint}/openai).
@@ -76,9 +81,9 @@ def stream_form(path: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 async def authorize(sdk: Any, request: Any) -> None:
-    """The profile's api-version where the caller named none, then the api-key or an Entra ID token
-    from the SDK's own per-request hook (which calls the token provider)."""
-    if "api-version" not in request.url.params:
+    """The profile's api-version where the caller named none (or the shim's stand-in), then the api-key
+    or an Entra ID token from the SDK's own per-request hook (which calls the token provider)."""
+    if request.url.params.get("api-version") in (None, STAND_IN):  # the shim's stand-in: the profile's
         request.url = request.url.copy_merge_params({"api-version": sdk._api_version})
     from openai._models import FinalRequestOptions
 

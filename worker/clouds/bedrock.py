@@ -27,6 +27,10 @@ def preload() -> None:
     get_response_stream_shape()
 
 
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"region": sdk.aws_region}
+
+
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL, as Bedrock's.
 _INVOKE = re.compile(r"/model/[^/]+/invoke(-with-response-stream)?")
 

@@ -13,6 +13,7 @@ import msgspec
 from broker.config import Profile
 
 from ..calls import BadCall
+from . import STAND_IN
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -35,13 +36,16 @@ def preload() -> None:
     import google.oauth2.service_account  # noqa: F401
 
 
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"region": sdk.region, "project": sdk.project_id}
+
+
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL (…/v1).
 _PREDICT = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+:(stream)?[rR]awPredict")
 
 
 # Vertex's path names the project and region the data goes to; the shim's stand-in means the profile's.
 _PLACED = re.compile(r"/projects/([^/]+)/locations/([^/]+)/")
-STAND_IN = "isopool"  # broker/shim/transport.py's STAND_IN_KEY
 
 
 async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:

@@ -47,7 +47,7 @@ from broker.wire.zmqio import BIG_HWM, new_socket
 from . import clouds, sdks, stacks
 from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
-from .exchange import run_http
+from .exchange import run_http, signed
 from .fallback import retarget
 from .pipe import WorkerSpec
 from .resume import run_resume
@@ -247,10 +247,11 @@ class Worker:
         if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
             call = retarget(call, model)
         kind, clients = self.spec.profile.family, self._clients_for(call)
-        if isinstance(call, TimedCall) and self.spec.profile.kind not in clouds.FIRST_PARTY:
-            raise BadCall(f"a profile of kind {self.spec.profile.kind} cannot run a load test's timed calls yet")
         if isinstance(call, TimedCall):
-            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
+            profile = self.spec.profile
+            how = None if profile.kind in clouds.FIRST_PARTY else await signed(clients.sdk, clients.http, profile,
+                                                                                call.http)  # fmt: skip
+            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides, how)
         elif isinstance(call, HttpCall):
             await run_http(clients.sdk, clients.http, self.spec.profile, call, emit, self.spec.allow_overrides)
         else:

@@ -107,7 +107,27 @@ def cloud_profiles(url: str, credentials: str) -> dict:
                                "aws_profile": "no-such-profile", **none},
         "vertex-no-file": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1",
                            "credentials_file": "/nonexistent/service-account.json", **none},
+        "bedrock-rescue": {**_rescue("bedrock"), "region": "us-east-1", "base_url": url},
+        "vertex-rescue": {**_rescue("vertex"), "region": "us-east5", "base_url": f"{url}/v1",
+                          "credentials_file": credentials},
     }  # fmt: skip
+
+
+def _rescue(kind: str) -> dict:
+    """Another model when the primary cannot answer, or its prompt is over the context window; prefill
+    continuation of a stream broken after output."""
+    return {
+        "kind": kind,
+        "min_workers": 0,
+        "spare_workers": 0,
+        "max_workers": 2,
+        "continue_streams": ["prefill"],
+        "fallbacks": [{"model": BACKUP[kind]}],
+        "context_fallback": {"model": BACKUP[kind]},
+    }
+
+
+BACKUP = {"bedrock": "anthropic.claude-backup-v1:0", "vertex": "claude-backup"}
 
 
 @contextlib.contextmanager

@@ -245,7 +245,7 @@ class Worker:
 
     async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
         if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
-            call = retarget(call, model)
+            call = retarget(call, model, self.spec.profile)
         kind, clients = self.spec.profile.family, self._clients_for(call)
         if isinstance(call, TimedCall):
             profile = self.spec.profile

@@ -64,6 +64,15 @@ async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
     return msgspec.structs.replace(call, path=path, body=_ENC.encode({**args, "model": deployment}))
 
 
+def with_model(path: str, model: str, profile: Profile) -> str:
+    """The path to the deployment of `model` (`azure_deployments`, else its own name) in place of its own."""
+    deployment = urllib.parse.quote(profile.azure_deployments.get(model, model), safe="")
+    return _DEPLOYMENT.sub(lambda m: m[1] + deployment, path, count=1)
+
+
+_DEPLOYMENT = re.compile(r"^(/deployments/)([^/]+)")
+
+
 def method_of(route: str) -> str | None:
     if _CHAT.fullmatch(route):
         return "chat.completions.create"

@@ -5,6 +5,7 @@ sends a Bedrock API key as a bearer token (`api_key_env`, else AWS_BEARER_TOKEN_
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any
 
 from broker.config import Profile
@@ -40,6 +41,14 @@ async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
     from . import messages_in_cloud_form
 
     return await messages_in_cloud_form(sdk, call)
+
+
+def with_model(path: str, model: str, profile: Profile) -> str:
+    """The path naming `model` (quoted as the SDK quotes it) in place of its own; another path as it is."""
+    return _MODEL.sub(lambda m: m[1] + urllib.parse.quote(model, safe=":;") + m[3], path, count=1)
+
+
+_MODEL = re.compile(r"^(/model/)([^/]+)(/invoke)")
 
 
 def method_of(route: str) -> str | None:

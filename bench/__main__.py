@@ -1,6 +1,6 @@
 """isopool's benchmarks, each measured side by side with a baseline in the same run.
 
-    python -m bench SCENARIO [--quick] [--json FILE]     SCENARIO: one of the list below, or all
+    python -m bench SCENARIO... [--quick] [--json FILE]  SCENARIO: of the list below, or all
     python -m bench report [--json FILE] [--out DIR]     Markdown table and PNG plots from the JSON
 
 Every scenario runs against the fake provider on loopback, prints a table, and stores its
@@ -21,7 +21,20 @@ from rich.table import Table
 
 from .common import SIZES
 
-SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "startup")
+SCENARIOS = (
+    "overhead",
+    "stream",
+    "scale",
+    "faults",
+    "respawn",
+    "memory",
+    "loadgen",
+    "onewrite",
+    "rescue",
+    "shim",
+    "gateway",
+    "startup",
+)
 NEEDS_RAY = ("cluster",)  # only by name: the `ray` extra is not in `bench`
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "results.json")
 
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("scenario", choices=[*SCENARIOS, *NEEDS_RAY, "all", "report"])
+    parser.add_argument("scenario", nargs="+", choices=[*SCENARIOS, *NEEDS_RAY, "all", "report"])
     parser.add_argument(
         "--quick",
         action="store_const",
@@ -75,14 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report: directory for report.md and the plots (default: next to the JSON)")
     args = parser.parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-    if args.scenario == "report":
+    if "report" in args.scenario:
+        if len(args.scenario) > 1:
+            parser.error("report runs alone: python -m bench report [--json FILE] [--out DIR]")
         from .report import write_report
 
         written = write_report(_load(args.json), args.out or os.path.dirname(os.path.abspath(args.json)))
         for path in written:
             print(path)
         return 0 if written else 1
-    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    names = SCENARIOS if "all" in args.scenario else tuple(dict.fromkeys(args.scenario))
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         console.print(f"[bold]{name}[/]: {module.__doc__.splitlines()[0].split(': ', 1)[1]}")

@@ -45,17 +45,23 @@ def latency(values: list[float]) -> dict[str, float]:
 
 def alternate(first: Callable[[], Any], second: Callable[[], Any], repeat: int, warmup: int = 20):
     """Time `first` and `second` in turn (ABAB), so that drift in machine load hits both alike."""
-    a, b = [], []
-    for _ in range(warmup):
-        first(), second()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        a.append(t1 - t0)
-        b.append(time.perf_counter() - t1)
+    a, b = in_turn([first, second], repeat, warmup)
     return a, b
+
+
+def in_turn(calls: list[Callable[[], Any]], repeat: int, warmup: int = 20) -> list[list[float]]:
+    """Seconds of each of `calls`, made one after the other `repeat` times (ABCABC), after `warmup` rounds."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    clock = time.perf_counter
+    for _ in range(repeat):
+        for call, spent in zip(calls, times, strict=True):
+            t0 = clock()
+            call()
+            spent.append(clock() - t0)
+    return times
 
 
 def uss(pids: Iterable[int]) -> int:

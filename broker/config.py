@@ -188,6 +188,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_log: str = ""  # a JSONL file: one line per finished request (no content, never a key)
     request_log_max_bytes: int = 64 * 1024 * 1024  # rotated at this size (0: never)
     request_log_backups: int = 5  # rotated files kept (request_log.1, .2, ...)
+    prices: str = ""  # a TOML price table (broker/prices.py): the cost of the tokens in stats; none shipped
 
     def __post_init__(self) -> None:
         positive = (
@@ -231,6 +232,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"setting gateway_read_timeout must be > 0, got {self.gateway_read_timeout}")
         if self.request_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.request_log))):
             raise ConfigError(f"setting request_log: the directory of {self.request_log!r} does not exist")
+        if self.prices:
+            from .prices import load
+
+            try:
+                load(self.prices)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if bool(self.curve_server_key) != bool(self.curve_clients_dir):
             raise ConfigError("settings curve_server_key and curve_clients_dir are set together or not at all")
         if self.curve_server_key:

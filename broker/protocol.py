@@ -10,7 +10,7 @@ Field order of the array-like headers is the contract: fields are only ever appe
 
 Client <-> broker (frontend):  SUBMIT, CANCEL, STATS, PING  ->   <- EVENT, RESULT, ERROR, STATS
 Broker <-> worker (backend):   RUN, ABORT             ->   <- READY, HEARTBEAT, HEAD,
-                                                              PROGRESS, EVENT, RESULT, ERROR
+                                                              PROGRESS, EVENT, RESULT, ERROR, USAGE
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_HEADER_BYTES = 4096
 
 
@@ -67,6 +67,7 @@ class Kind(enum.IntEnum):
     HEAD = 13
     PROGRESS = 14
     ENDING = 15
+    USAGE = 16
     RUN = 20
     ABORT = 21
     READY = 30
@@ -154,6 +155,23 @@ class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):
     rescue: str = ""
 
 
+class Spent(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Header of USAGE (worker -> broker): what the provider has reported so far of one attempt's answer,
+    sent whenever it changes (a few times an attempt): its token usage (`input_tokens` counts every
+    prompt token, those read from or written to the cache included), the response's id and model and
+    its finish reasons. Sent as it comes rather than with the end: a stalled attempt's worker is
+    SIGKILLed and sends no end, yet its provider billed what it reported."""
+
+    rid: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    response_id: str = ""
+    response_model: str = ""
+    finish_reasons: list[str] = []
+
+
 class Run(msgspec.Struct, array_like=True, frozen=True, gc=False):
     rid: int
     attempt: int = 1
@@ -186,6 +204,7 @@ HEADERS: dict[Kind, type[msgspec.Struct]] = {
     Kind.ERROR: Error,
     Kind.HEAD: Served,
     Kind.PROGRESS: Ref,
+    Kind.USAGE: Spent,
     Kind.ENDING: Ref,  # the stream said it finished: what may follow is `[DONE]` or the close (worker/sse.py GRACE)
     Kind.RUN: Run,
     Kind.ABORT: Ref,
@@ -213,10 +232,10 @@ class Usage(msgspec.Struct, gc=False):
     `cache_read_input_tokens` (its `input_tokens` leaves out what was read from or written to
     the cache), OpenAI's `cached_tokens` in the details (a part of its input count)."""
 
-    input_tokens: int = -1
-    output_tokens: int = -1
-    prompt_tokens: int = -1
-    completion_tokens: int = -1
+    input_tokens: int | None = -1  # None: Anthropic's message_delta may say so
+    output_tokens: int | None = -1
+    prompt_tokens: int | None = -1
+    completion_tokens: int | None = -1
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     prompt_tokens_details: CachedDetails | None = None
@@ -224,13 +243,14 @@ class Usage(msgspec.Struct, gc=False):
 
     @property
     def output(self) -> int:
-        return max(self.output_tokens, self.completion_tokens)
+        return max(_given(self.output_tokens), _given(self.completion_tokens))
 
     @property
     def input(self) -> int:
         """All the prompt's tokens, cached ones included."""
-        anthropic = self.input_tokens + (self.cache_read_input_tokens or 0) + (self.cache_creation_input_tokens or 0)
-        return max(anthropic if self.input_tokens >= 0 else -1, self.prompt_tokens)
+        own = _given(self.input_tokens)
+        anthropic = own + (self.cache_read_input_tokens or 0) + (self.cache_creation_input_tokens or 0)
+        return max(anthropic if own >= 0 else -1, _given(self.prompt_tokens))
 
     @property
     def cached(self) -> int:
@@ -243,6 +263,10 @@ class Usage(msgspec.Struct, gc=False):
     def cache_creation(self) -> int:
         """Input tokens written to the cache (Anthropic only; -1: not reported)."""
         return -1 if self.cache_creation_input_tokens is None else self.cache_creation_input_tokens
+
+
+def _given(count: int | None) -> int:
+    return -1 if count is None else count
 
 
 class Tick(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, gc=False):
@@ -432,6 +456,18 @@ class CircuitSnapshot(msgspec.Struct, frozen=True):
     transitions: list[str]  # the last few states it went to, oldest first
 
 
+class Tokens(msgspec.Struct, frozen=True):
+    """Tokens the providers reported (`input` counts every prompt token: those read from and written to
+    the cache too), over `attempts` attempts, and their `cost` with a price table (setting `prices`)."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    attempts: int = 0
+    cost: float | None = None
+
+
 class Snapshot(msgspec.Struct, frozen=True):
     pid: int
     uptime: float
@@ -464,6 +500,9 @@ class Snapshot(msgspec.Struct, frozen=True):
     streams: list[StreamSnapshot] = []  # the oldest requests in flight (at most STREAMS_SHOWN)
     recent: list[Happening] = []  # the latest kills, retries and fallbacks (at most RECENT_KEPT)
     request_log_lost: int = 0  # request log lines not written (a full disk, a writer behind)
+    tokens: dict[str, Tokens] = {}  # by "profile/model" (the model that answered)
+    tokens_by_client: dict[str, Tokens] = {}  # by client connection (a hash of it, as the request log names it)
+    prices: str = ""  # the price table the costs come from (its path, and its date when it gives one)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

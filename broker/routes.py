@@ -144,6 +144,8 @@ def check_routes(settings: Settings) -> None:
         rules = [(f"profile {name}", p), *((f"profile {name}: models {g!r}", r) for g, r in p.models.items())]
         for where, rule in rules:
             _check_targets(settings, name, where, rule)
+        if any(t.profile in ("", name) and not t.model for t in p.fallbacks):
+            log.warning("profile %s: a fallback to itself (same profile, same model) is only a retry", name)
         if len(p.fallbacks) >= settings.max_attempts:
             log.warning("profile %s: %d fallbacks, but a call has max_attempts = %d: the last ones are never reached",
                         name, len(p.fallbacks), settings.max_attempts)  # fmt: skip

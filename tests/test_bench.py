@@ -16,6 +16,8 @@ from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "startup")
+# Run by the test below, each on its own (`all` runs them too).
+SIDE_BY_SIDE = {"shim": ["direct SDK", "shim"], "gateway": ["direct SDK", "isopool gateway", "LiteLLM proxy"]}
 POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
 
@@ -54,12 +56,13 @@ def test_a_batched_fake_process_writes_an_answer_at_once(own_processes):
         assert len(_http_chunks(batched.url, "tokens=40")) == 1  # the header sets the length only
 
 
+@pytest.mark.timeout(400)  # every scenario at its tiny size: about two minutes alone, more on busy cores
 def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("pebble")
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "all", "--size", "tiny", "--json", str(results)],
+        [sys.executable, "-m", "bench", *SCENARIOS, "--size", "tiny", "--json", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -144,3 +147,42 @@ def _check_rescue(data: dict) -> None:
     targets = {t["name"]: t for t in data["targets"]}
     assert targets["gateway and shim: truncated streams taken as success"]["value"] == 0
     assert targets["gateway and shim: calls over the 3-attempt budget"]["value"] == 0
+
+
+@pytest.mark.parametrize("name", SIDE_BY_SIDE)
+def test_the_shim_and_gateway_scenarios_make_every_call_along_every_path(name, tmp_path):
+    """Every call of issue 21 along the direct SDK and the pool's path (the LiteLLM proxy skipped, with its
+    reason, at this size), to the fake and to the plain server, with each process's CPU; its table renders."""
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--size", "tiny", "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(results.read_text())[name]
+    assert data["size"] == "tiny" and data["versions"]["anthropic"] != "not installed"
+    paths = SIDE_BY_SIDE[name]
+    rows = data["figures"]["rows"]
+    assert [(r["upstream"], r["kind"]) for r in rows] == [(u, k) for u in ("fake", "plain")
+                                                          for k in ("latency",) * 3 + ("rate",) * 2]  # fmt: skip
+    for row in rows:
+        assert list(row["paths"]) == paths, row["call"]
+        ran = {path: fig for path, fig in row["paths"].items() if "skipped" not in fig}
+        assert list(ran) == paths[:2]  # the LiteLLM proxy is not started at the tiny size
+        for fig in ran.values():
+            assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"])
+            if row["kind"] == "latency":
+                assert fig["n"] == 5 and 0 < fig["median_ms"] <= fig["p99_ms"]
+            else:
+                assert fig["events_per_s"] > 0 and fig["cpu_bound_events_per_s"] > 0
+        if row["kind"] == "rate":  # through the pool, exactly the events the direct SDK reads
+            assert len({fig["events"] for fig in ran.values()}) == 1 and next(iter(ran.values()))["events"] >= 100
+    assert data["targets"] and all(t["name"].startswith(paths[1]) for t in data["targets"])
+    if name == "gateway":
+        assert any(note.startswith("LiteLLM proxy skipped: not run at the tiny size") for note in data["notes"])
+    rendered = subprocess.run(
+        [sys.executable, "-m", "bench", "report", "--json", str(results), "--out", str(tmp_path / "report")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert f"## {name}" in (tmp_path / "report" / "report.md").read_text()

@@ -289,3 +289,17 @@ def test_f15_f16_a_cut_stream_is_never_a_success_and_a_malformed_event_is_droppe
     assert rescued.body == clean.body
     bad, clean = _pair(cloud_pool, kind, f"bad {kind}", "malformed")
     assert bad.malformed_events == 1 and bad.body == clean.body
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_cloud_kind_is_billed_what_the_provider_reported(cloud_pool, fake, kind):
+    """Bedrock's event-stream frames, Vertex's and Azure's streams: read like a first-party stream."""
+    fields = ("input", "output", "cache_read", "cache_write")
+    before = fake.stats()["usage"]
+    was = cloud_pool.snapshot().tokens
+    cloud_pool.request(kind, METHOD[kind], **_args(kind, f"billed {kind}"))
+    list(cloud_pool.submit(kind, METHOD[kind], stream=True, **_args(kind, f"billed {kind}, streamed")))
+    after, now = fake.stats()["usage"], cloud_pool.snapshot().tokens
+    grew = {f: sum(getattr(t, f) for t in now.values()) - sum(getattr(t, f) for t in was.values()) for f in fields}
+    assert grew == {f: after[f] - before[f] for f in fields} and grew["output"] > 0
+    assert {key.partition("/")[0] for key in now} >= {kind}

@@ -122,6 +122,15 @@ def test_the_primarys_error_after_a_failed_fallback_says_it_came_from_the_primar
                                                  "x-isopool-attempts": str(MAX_ATTEMPTS)}  # fmt: skip
 
 
+def test_an_empty_fallbacks_list_in_the_request_turns_the_configured_chain_off(fake, pool):
+    fake.reset()
+    response = httpx.post(pool.http_url + "/v1/chat/completions", timeout=60,
+                          json={**openai_args("no fallbacks for me", model=DOWN), "fallbacks": []})  # fmt: skip
+    assert response.status_code == 503
+    own = {"x-isopool-profile": "openai", "x-isopool-model": DOWN, "x-isopool-rescue": "retry"}
+    assert isopool_headers(response.headers) == {**own, "x-isopool-attempts": str(MAX_ATTEMPTS)}
+
+
 @paths
 def test_a_silent_provider_falls_back_after_one_headers_timeout(fake, pool, path):
     (status, body, served), attempts, took = ask(fake, pool, path, "gpt-fake@no-headers:times=99", "silent")

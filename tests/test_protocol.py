@@ -22,6 +22,7 @@ from broker.protocol import (
     Response,
     Run,
     Served,
+    Spent,
     Submit,
 )
 
@@ -37,10 +38,12 @@ SAMPLES = {
     Kind.ERROR: ErrorInfo,  # placeholder, replaced below
     Kind.HEAD: Served(8),
     Kind.PROGRESS: Ref(9),
+    Kind.ENDING: Ref(9),
     Kind.RUN: Run(10, 2),
     Kind.ABORT: Ref(11),
     Kind.READY: Ready("anthropic.0.0", 1234, 1, 1),
     Kind.HEARTBEAT: Heartbeat("anthropic.0.0", "0f" * 16),
+    Kind.USAGE: Spent(13, 120, 40, 100, 5, "msg_01", "claude-fake", ["end_turn"]),
 }
 
 

@@ -21,6 +21,7 @@ from broker.config import load_settings
 from broker.errors import ConfigError
 from broker.fake_provider import FAULT_HEADER
 from broker.http.metrics import families
+from broker.protocol import Tokens
 from broker.server.resumes import strategies_for
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
@@ -414,3 +415,15 @@ def test_a_stream_moved_to_a_fallback_is_continued_there_on_its_model(client, fa
     call = client.submit("primary", "chat.completions.create", **args, max_attempts=4)  # 503, 503, moved, continued
     assert chat_text([e.json() for e in call]) == chat_text(clean)
     assert call.served.profile == "cutting" and call.served.rescue == "replay"  # type: ignore[union-attr]
+
+
+def test_a_continued_stream_bills_both_attempts_what_the_provider_reported(client, fake):
+    """The broken attempt's usage (its message_start's) and the continuation's own, as the fake reported them."""
+    fields = ("input", "output", "cache_read", "cache_write")
+    before, billed = fake.stats()["usage"], client.snapshot().tokens.get("anthropic/claude-fake", Tokens())
+    events = [e.json() for e in client.submit("anthropic", "messages.create", **anthropic_args("continued usage",
+                                              stream=True), **fault("cut:after=7"))]  # fmt: skip
+    assert_one_message(events)
+    after, now = fake.stats()["usage"], client.snapshot().tokens["anthropic/claude-fake"]
+    assert {f: getattr(now, f) - getattr(billed, f) for f in fields} == {f: after[f] - before[f] for f in fields}
+    assert now.attempts - billed.attempts == 2 and now.output - billed.output > 1

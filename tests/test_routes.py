@@ -144,3 +144,12 @@ def test_another_deployment_is_tried_at_once_before_a_fallback():
     assert router.next(req, Reason.HTTP_429, "", [], 30.0, 0, 0) == Same(0.0)  # key k2 was not rate limited
     req.group, req.attempt, req.target_attempts = "claude.k2", 2, 2
     assert router.next(req, Reason.HTTP_429, "", [], 30.0, 0, 0) == Move(("backup", ""), "fallback")
+
+
+def test_a_fallback_to_itself_is_named_a_retry_at_load(caplog):
+    own = {"kind": "openai", "fallbacks": [{"profile": "openai"}, {"profile": "openai", "model": "gpt-big"}]}
+    with caplog.at_level("WARNING", logger="broker.routes"):
+        load_settings(None, profiles={"openai": own})
+    assert [r.getMessage() for r in caplog.records] == [
+        "profile openai: a fallback to itself (same profile, same model) is only a retry"
+    ]

@@ -120,6 +120,13 @@ def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, recei
     assert [attrs(s).get("error.type") for s in attempts] == ["stale_timeout", "http_429", None]
     assert attrs(attempts[0])["isopool.delivered_events"] >= 1 and "isopool.kill_reason" in attrs(attempts[0])
     assert "isopool.kill_reason" not in attrs(attempts[1])  # the provider answered: no worker was killed
+    stalled, throttled, answered = (attrs(s) for s in attempts)
+    assert stalled["gen_ai.usage.output_tokens"] == 1 and stalled["gen_ai.usage.input_tokens"] > 0  # message_start's
+    assert stalled["gen_ai.response.id"].startswith("msg_") and stalled["gen_ai.response.model"] == "claude-fake"
+    assert "gen_ai.usage.input_tokens" not in throttled and "gen_ai.response.id" not in throttled  # none reported
+    assert answered["gen_ai.usage.output_tokens"] > 1 and "gen_ai.usage.cache_read.input_tokens" in answered
+    finish = next(a for a in attempts[2].attributes if a.key == "gen_ai.response.finish_reasons")
+    assert [v.string_value for v in finish.value.array_value.values] == ["end_turn"]
 
 
 def test_the_gateway_puts_its_callers_traceparent_above_the_pools_spans(fake, receiver, own_processes):

@@ -151,6 +151,9 @@ async def relay(
     reader = next((r for prefix, r in _STREAM_READERS if content_type.startswith(prefix)), None)
     if reader is None:
         body = await http.aread()
+        if http.status_code < 400:
+            check.facts.body(body)
+            await _tell(check, emit)
         await emit.result(Response(http.status_code, headers, body))
     elif streaming or accumulator is None:
         async with contextlib.aclosing(reader(http.aiter_bytes(), check)) as batches:
@@ -158,11 +161,12 @@ async def relay(
                 at = next((i for i, (name, data) in enumerate(batch) if is_error_event(name, data)), None)
                 if at is None:
                     await emit.events(batch)
-                    await _ending(check, emit)
+                    await _tell(check, emit)
                     continue
                 if at:
                     await emit.events(batch[:at])
                 await emit.error_event(batch[at])
+                await _tell(check, emit, ending=False)  # an error event is no answer's end: the broker decides
                 if raise_on_error:
                     raise ProviderStreamError(_DEC.decode(batch[at][1]))
                 break
@@ -174,14 +178,17 @@ async def relay(
             for event_name, data in batch:
                 acc.feed(event_name, data)
             await emit.progress()
-            await _ending(check, emit)
+            await _tell(check, emit)
         body = _ENC.encode(acc.result())
         headers = [*(h for h in headers if h[0].lower() != "content-type"), ("content-type", "application/json")]
         await emit.result(Response(http.status_code, headers, body, check.malformed))
 
 
-async def _ending(check: StreamCheck, emit: Any) -> None:
-    """Tell the broker once that the stream said it finished (its watchdog then waits for the end)."""
-    if check.ended and not check.told:
+async def _tell(check: StreamCheck, emit: Any, ending: bool = True) -> None:
+    """Tell the broker what the answer newly said of itself (usage, id, model: Kind.USAGE), and once
+    that the stream said it finished (its watchdog then waits for the end)."""
+    if check.facts.changed:
+        await emit.usage(check.facts)
+    if ending and check.ended and not check.told:
         check.told = True
         await emit.ending()

@@ -1,6 +1,6 @@
 """What the events of one read of a load test's stream add up to: output deltas, the usage the
-provider reported, a mid-stream error, whether the stream said it finished. Only the fields that
-say so are decoded."""
+provider reported, a mid-stream error, whether the stream said it finished. The events are decoded
+into the structs of worker/usage.py, which the stream check of the pool's other calls decodes into."""
 
 from __future__ import annotations
 
@@ -10,45 +10,7 @@ import msgspec
 
 from broker.protocol import Usage
 
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[Any] | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta | None = None
-    text: str | None = None  # legacy completions
-    finish_reason: str | None = None
-
-
-class _ChatChunk(msgspec.Struct):
-    choices: list[_Choice] = []
-    usage: Usage | None = None
-    error: dict[str, Any] | None = None
-
-
-class _Message(msgspec.Struct):
-    usage: Usage | None = None
-
-
-class _AnthropicEvent(msgspec.Struct):
-    message: _Message | None = None  # message_start
-    usage: Usage | None = None  # message_delta
-    error: dict[str, Any] | None = None
-
-
-class _ResponsesEvent(msgspec.Struct):
-    response: _Message | None = None  # response.completed
-    error: dict[str, Any] | None = None
-    code: str | None = None
-    type: str = ""
-
-
-_CHAT = msgspec.json.Decoder(_ChatChunk)
-_ANTHROPIC = msgspec.json.Decoder(_AnthropicEvent)
-_RESPONSES = msgspec.json.Decoder(_ResponsesEvent)
+from .usage import ANTHROPIC, CHAT, RESPONSES, Choice
 
 
 class Counts:
@@ -75,38 +37,45 @@ def count(api: str, batch: list[tuple[str, bytes]]) -> Counts:
     for name, data in batch:
         try:
             if api == "chat":
-                chunk = _CHAT.decode(data)
-                if any(_is_output(c) for c in chunk.choices):
+                chunk = CHAT.decode(data)
+                choices = chunk.choices or ()
+                if any(_is_output(c) for c in choices):
                     counts.tokens += 1
                 counts.usage(chunk.usage)
                 if chunk.error is not None:
-                    counts.error = str(chunk.error.get("type") or chunk.error.get("code") or "error")
-                counts.ended = counts.ended or chunk.error is not None or any(c.finish_reason for c in chunk.choices)
+                    counts.error = _error_type(chunk.error, "type", "code")
+                counts.ended = counts.ended or chunk.error is not None or any(c.finish_reason for c in choices)
             elif api == "messages":
                 if name == "content_block_delta":
                     counts.tokens += 1
                 elif name == "message_stop":
                     counts.ended = True
                 elif name in ("message_start", "message_delta", "error"):
-                    event = _ANTHROPIC.decode(data)
+                    event = ANTHROPIC.decode(data)
                     counts.usage(event.usage or (event.message.usage if event.message else None))
                     if event.error is not None:
-                        counts.error = str(event.error.get("type") or "error")
+                        counts.error = _error_type(event.error, "type")
                         counts.ended = True
             elif name.endswith(".delta"):
                 counts.tokens += 1
             elif name in ("response.completed", "response.incomplete", "response.failed", "error"):
                 counts.ended = True
-                event = _RESPONSES.decode(data)
+                event = RESPONSES.decode(data)
                 counts.usage(event.response.usage if event.response else None)
                 if name in ("error", "response.failed"):
-                    counts.error = str(event.code or (event.error or {}).get("code") or event.type or "error")
+                    counts.error = event.code or _error_type(event.error, "code", default=event.type or "error")
         except msgspec.DecodeError:
             counts.error = counts.error or "unreadable_event"
     return counts
 
 
-def _is_output(choice: _Choice) -> bool:
+def _error_type(error: Any, *keys: str, default: str = "error") -> str:
+    """What an error object says it is: the first of `keys` it has."""
+    found = next((error[k] for k in keys if isinstance(error, dict) and error.get(k)), None)
+    return str(found or default)
+
+
+def _is_output(choice: Choice) -> bool:
     delta = choice.delta
     if delta is not None:
         return bool(delta.content or delta.reasoning_content or delta.tool_calls)

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from .usage import ANTHROPIC, CHAT, RESPONSES, AnthropicEvent, ChatChunk, Facts, ResponsesEvent
+
 log = logging.getLogger(__name__)
 
 # How long a stream that said it finished may take to send `[DONE]` or close. A healthy server sends
@@ -31,22 +33,6 @@ class StreamIncomplete(Exception):
     """The provider's stream ended without its terminal event."""
 
 
-class _Typed(msgspec.Struct):
-    """Anthropic's and Responses' events: the `type` says which."""
-
-    type: str = ""
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    finish_reason: Any = None
-
-
-class _ChatChunk(msgspec.Struct):
-    choices: list[_Choice] | None = None
-    error: Any = None
-
-
 class StreamCheck:
     """Passes every event on and expects no particular end: for streams whose API it does not know."""
 
@@ -57,6 +43,7 @@ class StreamCheck:
         self.ended = False  # the terminal event was seen: what may follow is only `[DONE]` or the close
         self.told = False  # the broker was told so (Kind.ENDING)
         self.malformed = 0
+        self.facts = Facts()  # what the answer says of itself (usage, id, model), read from the same decode
 
     def filter(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         """The events of `batch` that are JSON, each looked at for the end of the stream."""
@@ -92,40 +79,47 @@ class StreamCheck:
 
 
 class AnthropicCheck(StreamCheck):
-    decoder = msgspec.json.Decoder(_Typed)
+    decoder = ANTHROPIC
     terminal = "message_stop"
 
-    def see(self, name: str, event: _Typed) -> None:
+    def see(self, name: str, event: AnthropicEvent) -> None:
         self.ended = self.ended or event.type in ("message_stop", "error")
+        if event.type in ("message_start", "message_delta"):
+            self.facts.anthropic(event)
 
 
 class ResponsesCheck(StreamCheck):
-    decoder = msgspec.json.Decoder(_Typed)
+    decoder = RESPONSES
     terminal = "response.completed"
     _ENDS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
-    def see(self, name: str, event: _Typed) -> None:
+    def see(self, name: str, event: ResponsesEvent) -> None:
         self.ended = self.ended or event.type in self._ENDS
+        if event.response is not None:
+            self.facts.responses(event)
 
 
 class ChatCheck(StreamCheck):
     """Ended once each of the `n` choices has its finish reason (the usage, when asked for, follows
     at once and is relayed if it comes within the grace), or at an error chunk."""
 
-    decoder = msgspec.json.Decoder(_ChatChunk)
+    decoder = CHAT
     terminal = "a finish_reason or [DONE]"
 
     def __init__(self, n: int = 1) -> None:
         super().__init__()
         self.n, self.finished = n, set()
 
-    def see(self, name: str, event: _ChatChunk) -> None:
+    def see(self, name: str, event: ChatChunk) -> None:
         if event.error is not None:
             self.ended = True
         for choice in event.choices or ():
             if choice.finish_reason is not None:
                 self.finished.add(choice.index)
+                self.facts.finished(choice.finish_reason)
         self.ended = self.ended or len(self.finished) >= self.n
+        if event.usage is not None or not self.facts.model:
+            self.facts.chat(event)
 
 
 def check_for(kind: str, method: str | None, args: dict[str, Any]) -> StreamCheck:

@@ -53,6 +53,7 @@ from .pipe import WorkerSpec
 from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
+from .usage import Facts
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,10 @@ class Emitter:
         """The stream sent its terminal event: the broker stops watching it for staleness (its `[DONE]`
         or close is the worker's to wait for, a GRACE at most)."""
         self._sock.send([KIND_BYTES[Kind.ENDING], self._ref])
+
+    async def usage(self, facts: Facts) -> None:
+        """What the provider reported of the answer so far (its usage, id, model, finish reasons)."""
+        self._sock.send(self._codec.frames(Kind.USAGE, facts.spent(self._rid)))
 
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)

@@ -229,6 +229,9 @@ class Spliced:
     async def ending(self) -> None:
         await self._emit.ending()
 
+    async def usage(self, facts: Any) -> None:  # the provider's own report of the continuation: what it billed
+        await self._emit.usage(facts)
+
     async def result(self, response: Response | None) -> None:
         await self._emit.result(response)
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from ..protocol import Usage
+
 Format = Literal["openai", "anthropic"]
 
 # OpenAI batch URL -> SDK method path run in the worker
@@ -155,6 +157,20 @@ def _openai_line(item: Item, response: dict[str, Any], error: Any) -> dict[str, 
 
 def _batch_request_id(custom_id: str) -> str:
     return "batch_req_" + hashlib.sha256(custom_id.encode()).hexdigest()[:24]
+
+
+def tokens_of(record: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    """(input, output, cache read, cache write) tokens a succeeded result's answer reports (input counts
+    the cached ones too), or None."""
+    answer = record["result"].get("message") if "result" in record else (record.get("response") or {}).get("body")
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    try:
+        read = msgspec.convert(usage, Usage)
+    except msgspec.ValidationError:
+        return None
+    return max(read.input, 0), max(read.output, 0), max(read.cached, 0), max(read.cache_creation, 0)
 
 
 def is_ok(record: dict[str, Any]) -> bool:

@@ -37,6 +37,7 @@ from .formats import (
     is_ok,
     numbered_lines,
     parse_line,
+    tokens_of,
 )
 from .lane import Lane
 from .ledger import Ledger
@@ -54,6 +55,9 @@ class BatchInputError(ValueError):
             + "\n".join(lines)
             + more
         )
+
+
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
 
 
 class Summary(msgspec.Struct):
@@ -76,11 +80,15 @@ class Summary(msgspec.Struct):
     nodes: dict[str, NodeStats] = {}
     reexecuted: int = 0  # each may have reached the provider twice (and been paid twice)
     rerun_changed: int = 0  # done ids whose request changed, run again (`rerun_changed`)
+    # tokens the succeeded answers report (input counts cached ones too); the pool's stats also bill failed attempts
+    tokens: dict[str, int] = msgspec.field(default_factory=lambda: dict.fromkeys(TOKEN_TYPES, 0))
 
     def count(self, record: dict[str, Any]) -> None:
         """Tally one result line, by kind of failure."""
         if is_ok(record):
             self.ok += 1
+            for kind, count in zip(TOKEN_TYPES, tokens_of(record) or (), strict=False):
+                self.tokens[kind] += count
         else:
             self.failed += 1
             kind = error_kind(record)

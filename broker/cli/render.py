@@ -30,6 +30,8 @@ def print_stats(s: Snapshot) -> None:
     console.print(broker_line(s))
     console.print(workers_table(s))
     console.print(counters_table(s))
+    if s.tokens:
+        console.print(tokens_table(s))
 
 
 def broker_line(s: Snapshot) -> str:
@@ -68,6 +70,24 @@ def counters_table(s: Snapshot) -> Table:
     counters.add_row("latency p50 / p99 (≤)", f"{_ms(lat.p50)} / {_ms(lat.p99)}")
     counters.add_row("first event p50 / p99 (≤)", f"{_ms(first.p50)} / {_ms(first.p99)}")
     return counters
+
+
+def tokens_table(s: Snapshot) -> Table:
+    """Tokens the providers reported, by profile and the model that answered (and their cost, with `prices`)."""
+    priced = bool(s.prices)
+    title = f"tokens (cost from {escape(s.prices)})" if priced else "tokens"
+    table = Table("profile / model", "input", "cached read", "cache write", "output", "attempts",
+                  *(["cost"] if priced else []), title=title)  # fmt: skip
+    for key, t in sorted(s.tokens.items()):
+        cost = ["-" if t.cost is None else f"{t.cost:.4f}"] if priced else []
+        table.add_row(escape(key.replace("/", " / ", 1)), f"{t.input:,}", f"{t.cache_read:,}", f"{t.cache_write:,}",
+                      f"{t.output:,}", str(t.attempts), *cost)  # fmt: skip
+    return table
+
+
+def token_total(s: Snapshot) -> int:
+    """Input and output tokens billed so far, over every profile and model."""
+    return sum(t.input + t.output for t in s.tokens.values())
 
 
 @contextlib.contextmanager
@@ -218,6 +238,9 @@ def print_batch(s: dict[str, Any], output: str) -> None:
     if s["throttled"]:
         table.add_row("throttled (429/529) / re-sent", f"{s['throttled']} / {s['batch_retries']}")
         table.add_row("lowest concurrency", str(s["lowest_concurrency"]))
+    if tokens := s.get("tokens"):
+        table.add_row("tokens in / out (cache read, write)", f"{tokens['input']:,} / {tokens['output']:,} "
+                      f"({tokens['cache_read']:,}, {tokens['cache_write']:,})")  # fmt: skip
     table.add_row("wall time, rate", f"{s['wall_s']} s, {s['per_s']}/s")
     if s["repaired_bytes"]:
         table.add_row("torn last line repaired", f"{s['repaired_bytes']} bytes cut")

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..client.client import Client
 from ..protocol import Snapshot
-from .render import broker_line, console, workers_table
+from .render import broker_line, console, token_total, workers_table
 
 
 def frame(s: Snapshot, before: Snapshot | None, seconds: float, live: bool = True) -> Group:
@@ -31,6 +31,7 @@ def frame(s: Snapshot, before: Snapshot | None, seconds: float, live: bool = Tru
             - (s.requests.get("accepted", 0) - before.requests.get("accepted", 0))
         )
         rates = f"{answers / seconds:.1f} answers/s, {(s.events - before.events) / seconds:.0f} events/s"
+        rates += f", {(token_total(s) - token_total(before)) / seconds:.0f} tokens/s"
     else:
         rates = "rates from the next refresh"
     queued = ", ".join(f"{escape(p)} {n}" for p, n in sorted(s.queued.items())) or "none"

@@ -28,8 +28,10 @@ class BadFallbacks(ValueError):
     """The caller's fallbacks cannot be read; the message says what the gateway takes."""
 
 
-def take_fallbacks(headers: Any, body: bytes) -> tuple[bytes, list[Hop]]:
-    """(the body without a `fallbacks` of the pool's, the caller's fallbacks: header's first, then body's)."""
+def take_fallbacks(headers: Any, body: bytes) -> tuple[bytes, list[Hop] | None]:
+    """(the body without a `fallbacks` of the pool's, the caller's fallbacks: header's first, then body's;
+    None if it named none, and [] for an empty list: no fallbacks at all, not even the configured ones)."""
+    named = HEADER in headers
     hops = [_entry(item.strip()) for item in headers.get(HEADER, "").split(",") if item.strip()]
     if body.startswith(b"{") and not _providers_own(headers):
         try:
@@ -37,6 +39,7 @@ def take_fallbacks(headers: Any, body: bytes) -> tuple[bytes, list[Hop]]:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's: nested too deep
             fields = {}
         if "fallbacks" in fields:
+            named = True
             try:
                 entries = _ENTRIES.decode(fields.pop("fallbacks"))
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
@@ -47,7 +50,7 @@ def take_fallbacks(headers: Any, body: bytes) -> tuple[bytes, list[Hop]]:
             body = _ENC.encode(fields)  # the other fields' bytes as they came
     if len(hops) > MAX_FALLBACKS:
         raise BadFallbacks(f"at most {MAX_FALLBACKS} fallbacks per request, got {len(hops)}")
-    return body, hops
+    return body, hops if named else None
 
 
 def _entry(item: str) -> Hop:

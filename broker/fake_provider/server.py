@@ -35,6 +35,7 @@ from .framing import Sse
 from .metrics import FakeMetrics
 from .prefill import conversation, prefill_text, refusal
 from .prefix_cache import PrefixCache
+from .reported import Reported
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class FakeProvider:
         self.received: dict[str, dict[str, str]] = {}  # request id -> the headers it came with
         self.prefixes = PrefixCache() if prefix_cache else None  # prompts seen, so that usage reports cached tokens
         self.cached_tokens = 0  # input tokens answered from it
+        self.reported = Reported()  # the usage its answers reported, summed
         self.clouds = CloudRoutes(self)  # Bedrock, Vertex and Azure, with their credential checks
 
     def app(self) -> web.Application:
@@ -142,6 +144,7 @@ class FakeProvider:
             "cached_tokens": self.cached_tokens,
             "arrivals": self.arrivals,
             "signatures": self.clouds.signatures,
+            "usage": dict(self.reported.totals),
         }
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -157,6 +160,7 @@ class FakeProvider:
         if self.prefixes is not None:
             self.prefixes.clear()
         self.completed = self.disconnects = self.chunks = self.cached_tokens = 0
+        self.reported.reset()
         return web.json_response({"ok": True})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
@@ -250,14 +254,17 @@ class FakeProvider:
                 self.active -= 1
         self.completed += 1
         self.tokens += reply.output_tokens
-        return web.Response(body=_ENC.encode(fmt.final(reply, body)), content_type="application/json")
+        final = fmt.final(reply, body)
+        self.reported.answered(reply, [(None, final)])
+        return web.Response(body=_ENC.encode(final), content_type="application/json")
 
     async def _stream(
         self, request: web.Request, fmt: Any, reply: Reply, body: dict, latency: Latency, fault: Fault | None,
         framer: Any,
     ) -> web.StreamResponse:  # fmt: skip
         arrived = asyncio.get_running_loop().time()
-        events = [framer.event(name, data) for name, data in shaped(fmt, fmt.events(reply, body), fault)]
+        raw = shaped(fmt, fmt.events(reply, body), fault)
+        events = [framer.event(name, data) for name, data in raw]
         response = web.StreamResponse(headers={"content-type": framer.content_type, "cache-control": "no-cache"})
         await response.prepare(request)
         cut = len(events)
@@ -280,6 +287,7 @@ class FakeProvider:
             if cut:
                 await self._first_wait(request, first_wait, arrived)
             await self._write_events(request, response, events[:cut], gap, latency)
+            self.reported.answered(reply, raw[:cut])
             if cut < len(events):
                 await self._misbehave(request, response, framer, fault, cut)  # type: ignore[arg-type]
             elif fault is None or fault.kind != "cut":

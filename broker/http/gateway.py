@@ -147,7 +147,7 @@ class Gateway:
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            limits = CallLimits(fallbacks=fallbacks or None, traceparent=_traceparent(request))
+            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request))
             submitted = await self.client.submit_http(profile, call, limits)
         except IsopoolError as exc:
             return _pool_error(kind, exc)

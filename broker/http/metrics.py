@@ -14,7 +14,9 @@ context-fallback, and streams continued: prefill, replay), `continuations_total{
 attempts, `<strategy>:<outcome>`), `circuit_state{circuit}` (0 closed, 1 open, 2 half-open) and
 `circuit_opened_total{circuit}` by `deployment/model`,
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,deployment,state}`,
-`request_duration_seconds` and `time_to_first_event_seconds` (histograms).
+`request_duration_seconds` and `time_to_first_event_seconds` (histograms),
+`tokens_total{profile,model,type}` (input, output, cache_read, cache_write: as the providers reported them;
+input counts the cached tokens too) and, with a price table, `cost_total{profile,model}` (its currency).
 """
 
 from __future__ import annotations
@@ -88,11 +90,26 @@ def families(s: Snapshot) -> list[Any]:
     for (profile, deployment, state), count in sorted(by_state.items()):
         workers.add_metric([profile, deployment, state], count)
     out.append(workers)
+    out += _tokens(s)
     out.append(_histogram("isopool_request_duration_seconds", "Accepted to answered, successful requests",
                           s.latency))  # fmt: skip
     out.append(_histogram("isopool_time_to_first_event_seconds", "Sent to a worker to its first real event",
                           s.first_event))  # fmt: skip
     return out
+
+
+def _tokens(s: Snapshot) -> list[Any]:
+    tokens = CounterMetricFamily("isopool_tokens", "Tokens the providers reported, by profile, the model that "
+                                 "answered and type (input counts the cached ones too)",
+                                 labels=["profile", "model", "type"])  # fmt: skip
+    cost = CounterMetricFamily("isopool_cost", f"Cost of the tokens ({s.prices})", labels=["profile", "model"])
+    for key, t in sorted(s.tokens.items()):
+        profile, _, model = key.partition("/")
+        for kind in ("input", "output", "cache_read", "cache_write"):
+            tokens.add_metric([profile, model, kind], getattr(t, kind))
+        if t.cost is not None:
+            cost.add_metric([profile, model], t.cost)
+    return [tokens, cost] if s.prices else [tokens]
 
 
 def _histogram(name: str, doc: str, h: HistogramSnapshot) -> HistogramMetricFamily:

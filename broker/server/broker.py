@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import zmq
 
-from .. import endpoints
+from .. import endpoints, prices
 from ..config import Settings
 from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
@@ -49,7 +49,7 @@ class Broker:
         self.frontend_url = settings.frontend or endpoints.ipc_url(self.run_dir, "frontend")
         self.backend_url = endpoints.ipc_url(self.run_dir, "backend")
         self.codec = Codec()
-        self.stats = Stats()
+        self.stats = Stats(prices.load(settings.prices) if settings.prices else None)
         self.alarm = Alarm()
         self.started = time.monotonic()
         self.next_housekeeping = 0.0

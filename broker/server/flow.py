@@ -26,6 +26,7 @@ from ..config import Limits, Settings
 from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, StreamSnapshot, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
+from . import usage
 from .callers import Callers, who
 from .connections import Connections
 from .fairqueue import FairQueue
@@ -93,7 +94,7 @@ class Flow:
         hops = None
         try:
             sub = self.settings.bound(sub)
-            if sub.fallbacks and sub.profile in self.settings.profiles:  # the caller's own chain
+            if sub.fallbacks is not None and sub.profile in self.settings.profiles:  # the caller's own chain
                 hops = routes.own_chain(self.settings, sub.profile, sub.fallbacks)
         except ValueError as exc:
             refusal: tuple[Code, str] | None = (Code.BAD_REQUEST, str(exc))
@@ -191,6 +192,9 @@ class Flow:
         """What a worker sent about one of its requests (HEAD, PROGRESS, EVENT, RESULT, ERROR)."""
         req = worker.requests.get(header.rid)
         if req is None:
+            return
+        if kind == Kind.USAGE:  # billed even when cancelled: the provider consumed it all the same
+            self.stats.tokens.spent(req, header)
             return
         if req.cancelled:
             if kind in (Kind.RESULT, Kind.ERROR):
@@ -352,6 +356,7 @@ class Flow:
         req.sent_at = now
         req.first_event_at = None
         req.ending = False
+        req.spent = None
         self.router.sent(req, now)
         # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
         # has its fallbacks), rather than waiting out the whole headers_timeout
@@ -613,10 +618,10 @@ class Flow:
             first = None if req.first_event_at is None else round(req.first_event_at - req.sent_at, 3)
             req.attempts.append(AttemptLine(req.group or req.profile, req.model or req.submit.model,
                                             round(req.sent_at - req.accepted_at, 3), first, round(now - req.sent_at, 3),
-                                            outcome))  # fmt: skip
+                                            outcome, self.stats.tokens.attempt(req)))  # fmt: skip
         if req.attempt_span is not None:
             stall, kill = (reason.is_stall, reason.is_kill) if reason is not None else (False, False)
-            self.tracing.attempt_ended(req.attempt_span, outcome, req.delivered, now, stall, kill)  # type: ignore[union-attr]
+            self.tracing.attempt_ended(req.attempt_span, outcome, req.delivered, now, stall, kill, req.spent)  # type: ignore[union-attr]
             req.attempt_span = None
 
     def _log(self, req: Request, outcome: str, now: float) -> None:
@@ -631,6 +636,7 @@ class Flow:
             attempts=req.attempts,
             delivered=req.delivered,
             took=round(now - req.accepted_at, 3),
+            usage=usage.total([a.usage for a in req.attempts]),
         ))  # fmt: skip
 
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:

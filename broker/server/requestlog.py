@@ -3,7 +3,8 @@ broker's loop and rotated by size.
 
 A line says who asked (a hash of the connection, never a key), what (profile and model; no
 content), what happened to each attempt (where it ran, when it started, its first event, how it
-ended) and how the request ended. The standard library's `QueueListener` writes from its own
+ended, the tokens its provider reported) and how the request ended, with the tokens of all its
+attempts (and their cost, with a price table). The standard library's `QueueListener` writes from its own
 thread into a `RotatingFileHandler`, so a slow or full disk never holds up the broker: a line
 that cannot be queued or written is counted (`request_log_lost` in the stats) and the broker
 goes on.
@@ -18,6 +19,8 @@ import time
 
 import msgspec
 
+from ..protocol import Tokens
+
 log = logging.getLogger(__name__)
 
 _QUEUED = 10_000  # lines waiting for the writer thread; more are dropped and counted
@@ -31,6 +34,7 @@ class AttemptLine(msgspec.Struct, frozen=True):
     first_event: float | None  # seconds after the attempt started (None: it had none)
     took: float
     outcome: str  # ok, a stall or failure reason (first_event_timeout, http_429, ...), or how the request ended
+    usage: Tokens | None = None  # what its provider reported (None: nothing, e.g. a stall before output)
 
 
 class RequestLine(msgspec.Struct, frozen=True):
@@ -44,6 +48,7 @@ class RequestLine(msgspec.Struct, frozen=True):
     attempts: list[AttemptLine]
     delivered: int  # events its caller had
     took: float
+    usage: Tokens | None = None  # of all its attempts
 
 
 class _Handler(logging.handlers.RotatingFileHandler):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from ..protocol import Submit
+from ..protocol import Spent, Submit
 
 if TYPE_CHECKING:
     from .requestlog import AttemptLine
@@ -145,3 +145,4 @@ class Request:
     attempts_told: int = 0
     span: Any = None
     attempt_span: Any = None
+    spent: Spent | None = None  # what the provider reported of this attempt's answer so far (Kind.USAGE)

@@ -6,7 +6,9 @@ import bisect
 from collections import Counter, deque
 from typing import Any
 
+from ..prices import PriceTable
 from ..protocol import BUCKETS, Happening, HistogramSnapshot
+from .usage import Accounts
 
 
 class Histogram:
@@ -49,7 +51,7 @@ MAX_FALLBACK_PAIRS = 1000
 
 
 class Stats:
-    def __init__(self) -> None:
+    def __init__(self, prices: PriceTable | None = None) -> None:
         self.requests: Counter[str] = Counter()  # accepted, ok, error:<code>, cancelled
         self.kills: Counter[str] = Counter()  # by Reason
         self.stalls: Counter[str] = Counter()  # by Reason (the stall kinds)
@@ -67,6 +69,7 @@ class Stats:
         self.continuations: Counter[str] = Counter()  # continuation attempts, by "<strategy>:<outcome>"
         self.events = 0  # delivered to callers
         self.recent: deque[tuple[float, str, str]] = deque(maxlen=RECENT_KEPT)  # (when, what, detail)
+        self.tokens = Accounts(prices)  # by profile/model and by client, as the providers reported them
 
     def note(self, now: float, what: str, detail: str) -> None:
         """Keep a kill, retry or fallback for `isopool top`."""
@@ -99,4 +102,5 @@ class Stats:
             "continuations": dict(self.continuations),
             "events": self.events,
             "recent": [Happening(round(now - at, 1), what, detail) for at, what, detail in reversed(self.recent)],
+            **self.tokens.snapshot(),
         }

@@ -5,7 +5,9 @@ The broker makes every span, not the workers: a worker whose stream stalls is SI
 spans it had not exported yet would die with it, the stalled attempt's first. So for each request
 the broker opens a span (`isopool.request`, a child of the caller's span when the caller sent a
 `traceparent`) and, for each attempt, a CLIENT span named `{gen_ai.operation.name} {model}` whose
-`traceparent` the worker sends on to the provider. Stalls, kills, retries and fallbacks are span
+`traceparent` the worker sends on to the provider; it ends with what the provider reported of its
+answer (`gen_ai.response.*`, `gen_ai.usage.*`: Kind.USAGE, even for an attempt whose worker was
+killed). Stalls, kills, retries and fallbacks are span
 events of the request. Spans carry no message content and never a key.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import Settings
+from ..protocol import Spent
 from ..routes import groups
 
 log = logging.getLogger(__name__)
@@ -127,8 +130,12 @@ class Tracing:
         self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
         return span, carrier.get("traceparent", "")
 
-    def attempt_ended(self, span: Any, outcome: str, delivered: int, now: float, stall: bool, kill: bool) -> None:
+    def attempt_ended(
+        self, span: Any, outcome: str, delivered: int, now: float, stall: bool, kill: bool, spent: Spent | None = None
+    ) -> None:
         span.set_attribute("isopool.delivered_events", delivered)
+        if spent is not None:
+            span.set_attributes(_response_attributes(spent))
         if outcome != "ok":
             span.set_attribute("error.type", outcome)
             if stall:
@@ -151,6 +158,23 @@ class Tracing:
     def close(self) -> None:
         """Export what is left (bounded by the exporter's own timeout), then stop."""
         self._provider.shutdown()
+
+
+def _response_attributes(spent: Spent) -> dict[str, Any]:
+    """What the provider reported of the attempt's answer, in the GenAI conventions (the input tokens
+    count those read from and written to the cache, as the conventions ask)."""
+    found = {
+        "gen_ai.response.id": spent.response_id,
+        "gen_ai.response.model": spent.response_model,
+        "gen_ai.response.finish_reasons": spent.finish_reasons,
+    }
+    attributes: dict[str, Any] = {key: value for key, value in found.items() if value}
+    return attributes | {
+        "gen_ai.usage.input_tokens": spent.input_tokens,
+        "gen_ai.usage.output_tokens": spent.output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": spent.cache_read_tokens,
+        "gen_ai.usage.cache_creation.input_tokens": spent.cache_write_tokens,
+    }
 
 
 def _host(kind: str, base_url: str | None) -> str:

@@ -29,18 +29,18 @@ from .errors import SdkErrors
 STAND_IN_KEY = "isopool"
 
 
-def limits_of(request: Any, attempts: int | None, fallbacks: list[tuple[str, str]]) -> CallLimits:
+def limits_of(request: Any, attempts: int | None, fallbacks: list[tuple[str, str]] | None) -> CallLimits:
     """The SDK's read timeout for this call (its default or a per-call `timeout=`) as a cap on
     the pool's stall limits (the pool never waits longer than the SDK itself would have), the
     call's attempts: what the caller's SDK would have made (its max_retries + 1), and the
     fallbacks it named itself (`extra_body={"fallbacks": [...]}` or an `x-isopool-fallbacks` header)."""
     read = (request.extensions.get("timeout") or {}).get("read")
-    return CallLimits(read_timeout=read or None, max_attempts=attempts, fallbacks=fallbacks or None)
+    return CallLimits(read_timeout=read or None, max_attempts=attempts, fallbacks=fallbacks)
 
 
 def to_http_call(
     request: Any, base_path: str, base_url: str, placement: dict[str, str] | None = None
-) -> tuple[HttpCall, list[tuple[str, str]]]:
+) -> tuple[HttpCall, list[tuple[str, str]] | None]:
     """The request as the worker should send it: path relative to the shim's base URL; the
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
     the request (the worker's HTTP client sets its own, whatever the caller added); where a cloud

@@ -1,0 +1,174 @@
+"""Usage and cost accounting (issue 22): the tokens the broker bills, by profile/model and by client
+connection, equal what the fake provider reported (its own count, `usage` in its stats) on every API
+and path; an attempt that failed before output is billed nothing, one that stalled after output what
+the provider had reported; the request log and the stats say it; no key anywhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+
+import httpx2 as httpx
+import msgspec
+import pytest
+from rich.console import Console
+
+from broker import Pool, StreamStalled
+from broker.batch import run
+from broker.cli.top import frame
+from broker.protocol import Tokens
+from broker.shim import anthropic as shim_anthropic
+
+from .conftest import TEST_SETTINGS, anthropic_args, fault, needs_sdk, openai_args
+from .test_batch import anthropic_lines, write_jsonl
+from .test_metrics import scrape
+from .test_top import ISOPOOL
+
+FIELDS = ("input", "output", "cache_read", "cache_write")
+
+
+def usage_pool(fake, **settings) -> Pool:
+    profiles = {
+        "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
+        "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1},
+    }
+    return Pool(profiles=profiles, **{**TEST_SETTINGS, "first_event_timeout": 1.0, "stale_timeout": 1.0, **settings})
+
+
+def reported(fake) -> dict[str, int]:
+    return httpx.get(f"{fake.url}/_isopool/stats").json()["usage"]
+
+
+def billed(tokens: dict[str, Tokens]) -> dict[str, int]:
+    return {field: sum(getattr(t, field) for t in tokens.values()) for field in FIELDS}
+
+
+def spent_since(fake, before: dict[str, int]) -> dict[str, int]:
+    now = reported(fake)
+    return {field: now[field] - before[field] for field in FIELDS}
+
+
+def test_every_api_is_billed_what_the_provider_reported(fake, own_processes):
+    before = reported(fake)
+    with usage_pool(fake) as pool, pool.client() as client:
+        client.request("anthropic", "messages.create", **anthropic_args("usage plain"))
+        list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("usage stream")))
+        client.request("openai", "chat.completions.create", **openai_args("usage chat plain"))
+        list(client.submit("openai", "chat.completions.create", stream=True, **openai_args("usage chat"),
+                           stream_options={"include_usage": True}))  # fmt: skip
+        list(client.submit("openai", "chat.completions.create", stream=True, **openai_args("usage chat, none asked")))
+        snapshot = client.snapshot()
+    spent = spent_since(fake, before)
+    assert spent["input"] > 0 and spent["output"] > 0
+    assert billed(snapshot.tokens) == spent
+    anthropic_tokens, chat = snapshot.tokens["anthropic/claude-fake"], snapshot.tokens["openai/gpt-fake"]
+    assert anthropic_tokens.attempts == 2 and chat.attempts == 2  # the stream without include_usage reported none
+    assert list(snapshot.tokens_by_client.values()) == [msgspec.structs.replace(anthropic_tokens, **{
+        f: getattr(anthropic_tokens, f) + getattr(chat, f) for f in (*FIELDS, "attempts")})]  # fmt: skip
+    assert snapshot.prices == "" and anthropic_tokens.cost is None
+
+
+@needs_sdk("responses")
+def test_the_responses_api_is_billed_what_the_provider_reported(fake, own_processes):
+    before = reported(fake)
+    with usage_pool(fake) as pool, pool.client() as client:
+        client.request("openai", "responses.create", model="gpt-fake", input="usage responses plain")
+        list(client.submit("openai", "responses.create", stream=True, model="gpt-fake", input="usage responses"))
+        snapshot = client.snapshot()
+    assert billed(snapshot.tokens) == spent_since(fake, before) and snapshot.tokens["openai/gpt-fake"].attempts == 2
+
+
+def test_a_failed_attempt_is_billed_only_what_its_provider_reported(fake, tmp_path, own_processes):
+    before = reported(fake)
+    log = tmp_path / "requests.jsonl"
+    with usage_pool(fake, request_log=str(log)) as pool, pool.client() as client:
+        list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("usage, stall first"),
+                           **fault("stall-first:interval=0.05")))  # fmt: skip
+        with pytest.raises(StreamStalled):
+            list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("usage, seen stall"),
+                               **fault("stall-ping:after=4,interval=0.05")))  # fmt: skip
+        client.request("anthropic", "messages.create", **anthropic_args("usage, 429"), **fault("http-429"))
+        snapshot = client.snapshot()
+    spent = spent_since(fake, before)
+    assert billed(snapshot.tokens) == spent
+    assert snapshot.tokens["anthropic/claude-fake"].attempts == 3  # of 5: the first stall and the 429 reported none
+    retried, stalled, throttled = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [a["usage"] for a in retried["attempts"]][0] is None and retried["usage"]["attempts"] == 1
+    assert stalled["attempts"][0]["outcome"] == "stale_timeout" and stalled["usage"]["output"] == 1  # message_start's
+    assert stalled["usage"]["input"] > 0
+    assert [a["outcome"] for a in throttled["attempts"]] == ["http_429", "ok"] and throttled["attempts"][0][
+        "usage"
+    ] is None
+    lines = [retried, stalled, throttled]
+    assert {f: sum(line["usage"][f] for line in lines) for f in FIELDS} == spent
+
+
+def test_usage_is_kept_per_client_connection_through_the_shim_and_the_gateway(fake, own_processes):
+    before = reported(fake)
+    with usage_pool(fake, http="127.0.0.1:0") as pool:
+        with pool.client() as client:
+            client.request("anthropic", "messages.create", **anthropic_args("usage, low-level client"))
+        shim = shim_anthropic.Anthropic(pool=pool)
+        try:
+            shim.messages.create(**anthropic_args("usage, shim"))
+        finally:
+            shim.close()
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("usage, gateway"), timeout=30)
+        assert answer.status_code == 200
+        with pool.client() as client:
+            snapshot = client.snapshot()
+            stats = json.dumps(client.stats())
+    spent = spent_since(fake, before)
+    assert billed(snapshot.tokens) == spent == billed(snapshot.tokens_by_client)
+    assert sorted(t.attempts for t in snapshot.tokens_by_client.values()) == [1, 1, 1]  # three connections
+    assert os.environ["ANTHROPIC_API_KEY"] not in stats and "usage, shim" not in stats
+
+
+def test_a_price_table_gives_the_cost_per_model(fake, tmp_path, own_processes):
+    prices = tmp_path / "prices.toml"
+    prices.write_text('date = 2026-01-15\n[models."claude-*"]\ninput = 3.0\noutput = 15.0\ncache_read = 0.3\n')
+    with usage_pool(fake, prices=str(prices)) as pool, pool.client() as client:
+        client.request("anthropic", "messages.create", **anthropic_args("usage, priced"))
+        client.request("openai", "chat.completions.create", **openai_args("usage, not priced"))
+        snapshot = client.snapshot()
+    claude, gpt = snapshot.tokens["anthropic/claude-fake"], snapshot.tokens["openai/gpt-fake"]
+    plain = claude.input - claude.cache_read - claude.cache_write
+    want = (plain * 3.0 + claude.output * 15.0 + claude.cache_read * 0.3 + claude.cache_write * 3.0) / 1e6
+    assert claude.cost == pytest.approx(want) and claude.cost > 0 and gpt.cost == 0.0
+    assert snapshot.prices == f"{prices} (USD, 2026-01-15)"
+
+
+def test_a_price_table_that_cannot_be_read_is_refused_at_start(tmp_path):
+    bad = tmp_path / "prices.toml"
+    bad.write_text('[models."claude-*"]\ninput = "three"\n')
+    with pytest.raises(Exception, match="setting prices"):
+        Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(bad))
+    with pytest.raises(Exception, match="setting prices: cannot read"):
+        Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(tmp_path / "missing.toml"))
+
+
+def test_stats_prometheus_top_and_the_batch_summary_show_the_tokens(fake, tmp_path, own_processes):
+    before = reported(fake)
+    with usage_pool(fake, metrics="127.0.0.1:0") as pool, pool.client() as client:
+        earlier = client.snapshot()
+        source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(3))
+        summary = run(source, str(tmp_path / "out.jsonl"), pool=pool)
+        snapshot, scraped = client.snapshot(), scrape(pool.metrics_url)
+        table = subprocess.run([ISOPOOL, "stats", "--url", pool.url], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+        as_json = json.loads(subprocess.run([ISOPOOL, "stats", "--json", "--url", pool.url], capture_output=True,
+                                            text=True, timeout=30).stdout)  # fmt: skip
+    spent = spent_since(fake, before)
+    assert summary.tokens == spent == billed(snapshot.tokens) and spent["output"] > 0
+    claude = snapshot.tokens["anthropic/claude-fake"]
+    for kind in FIELDS:
+        labels = (("model", "claude-fake"), ("profile", "anthropic"), ("type", kind))
+        assert scraped[("isopool_tokens_total", labels)] == getattr(claude, kind)
+    assert as_json["tokens"]["anthropic/claude-fake"] == msgspec.to_builtins(claude)
+    row = next(line for line in table.stdout.splitlines() if "claude-fake" in line)
+    assert "anthropic / claude-fake" in row and f"{claude.output:,}" in row and f"{claude.input:,}" in row
+    screen = Console(file=io.StringIO(), width=200)
+    screen.print(frame(snapshot, earlier, 2.0, live=False))
+    assert f"{(claude.input + claude.output) / 2:.0f} tokens/s" in screen.file.getvalue()

@@ -23,8 +23,8 @@ AZURE_VERSION = "2024-10-21"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 PROMPT = [{"role": "user", "content": "hello cloud"}]
 MODELS = {"bedrock": "anthropic.claude-fake-v1:0", "vertex": "claude-fake", "azure": "gpt-fake"}
-__all__ = ["AZURE_VERSION", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "cloud_client", "clouds_pool", "needs_clouds",
-           "service_account", "text"]  # fmt: skip
+__all__ = ["AZURE_VERSION", "BACKUP", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "ask_async", "cloud_client",
+           "clouds_pool", "needs_clouds", "service_account", "text"]  # fmt: skip
 
 
 @functools.cache
@@ -91,6 +91,19 @@ def ask(client: Any, kind: str, stream: bool, model: str, messages: list | None 
         return text(kind, client.messages.create(model=model, max_tokens=32, messages=messages))
     with client.messages.stream(model=model, max_tokens=32, messages=messages) as events:
         return text(kind, events.get_final_message())
+
+
+async def ask_async(client: Any, kind: str, stream: bool, model: str) -> str:
+    """The answer's text to PROMPT through an async SDK client, streamed or not."""
+    if kind.startswith("azure"):
+        if not stream:
+            return text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
+        chunks = await client.chat.completions.create(model=model, messages=PROMPT, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    if not stream:
+        return text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
+    async with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
+        return text(kind, await events.get_final_message())
 
 
 def cloud_profiles(url: str, credentials: str) -> dict:

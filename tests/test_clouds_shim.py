@@ -19,7 +19,7 @@ import pytest
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .cloudkit import AZURE_VERSION, MODELS, PROMPT, ask, cloud_client, clouds_pool, needs_clouds, text
+from .cloudkit import AZURE_VERSION, MODELS, ask, ask_async, cloud_client, clouds_pool, needs_clouds
 from .conftest import TEST_SETTINGS
 
 pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
@@ -41,18 +41,6 @@ def clouds(fake, tmp_path_factory):
 def shim_client(kind: str, pool: Any, sync: bool, **kwargs: Any) -> Any:
     module, name = CLASS[kind]
     return getattr(module, name if sync else f"Async{name}")(pool=pool, **kwargs)
-
-
-async def ask_async(client: Any, kind: str, stream: bool, model: str) -> str:
-    if kind == "azure":
-        if not stream:
-            return text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
-        chunks = await client.chat.completions.create(model=model, messages=PROMPT, stream=True)
-        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-    if not stream:
-        return text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
-    async with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
-        return text(kind, await events.get_final_message())
 
 
 def answer(client: Any, kind: str, sync: bool, stream: bool) -> str:

@@ -16,7 +16,8 @@ unfaulted answer for that body, and a stream that ended short but was taken as a
 TRUNCATED.
 
 Target: through the gateway and the shim every fault that has an answer is rescued within the
-budget, a content filter is a clean error, and no truncated stream is taken as a success."""
+budget, a content filter and a replay that diverges are clean errors, and no truncated stream is taken
+as a success."""
 
 from __future__ import annotations
 
@@ -40,12 +41,15 @@ SETTINGS = dict(http="127.0.0.1:0", headers_timeout=1.0, first_event_timeout=2.0
 CONTINUE = ["prefill", "replay"]
 FAULTS = [
     "http-429:retry_after=1", "http-429", "http-500", "http-529", "unavailable:for=3", "no-headers",
-    "stall-first", "stall-ping:after=6", "reset:after=6", "cut:after=6", "no-done", "malformed:after=6",
+    "stall-first", "stall-ping:after=6", "reset:after=6", "cut:after=6", "no-done", "no-done:open=true",
+    "malformed:after=6",
     "error-event:after=0", "error-event:after=6", "context-length:limit=10", "content-filter",
 ]  # fmt: skip
 TINY = ["http-500", "no-headers", "content-filter", "cut:after=6"]
 NOPREFILL = ("cut:after=6 on a -noprefill model", "-noprefill@cut:after=6")  # Anthropic: only replay can continue it
-NO_ANSWER = ("content-filter",)  # nothing to rescue: a clean, truthful error is right
+# A cut stream whose every answer differs (`vary`): its replay diverges (Anthropic: a model that refuses prefill).
+DIVERGES = ("replay diverges: cut:after=6,vary=true", "@cut:after=6,vary=true")
+NO_ANSWER = ("content-filter", "replay diverges")  # nothing to rescue: a clean, truthful error is right
 CLEAN_ERRORS = ("err", "refusal")
 WRONG = ("TRUNCATED", "WRONG")
 DOWN_FOR, DOWN_CALLS, DOWN_OVER = 3.0, 20, 5.0
@@ -181,6 +185,8 @@ def _models(api: Api, faults: list[str], full: bool) -> list[tuple[str, str]]:
     models = [(spec, f"{api.model}@{spec}") for spec in faults]
     if api is ANTHROPIC and full:
         models.append((NOPREFILL[0], api.model + NOPREFILL[1]))
+    if full:
+        models.append((DIVERGES[0], api.model + ("-noprefill" if api is ANTHROPIC else "") + DIVERGES[1]))
     return models
 
 
@@ -225,7 +231,7 @@ def run(size: str) -> dict[str, Any]:
     targets = [
         target("gateway and shim: faults with an answer not rescued",
                sum(c["outcome"] != "ok" for c in _pool_cells(rows, _has_answer)), "= 0", lambda v: v == 0),
-        target("gateway and shim: content filter not a clean error",
+        target("gateway and shim: content filter or divergent replay not a clean error",
                sum(c["outcome"] not in CLEAN_ERRORS for c in _pool_cells(rows, lambda f: not _has_answer(f))),
                "= 0", lambda v: v == 0),
         target("gateway and shim: truncated streams taken as success",

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -56,61 +57,97 @@ def test_a_batched_fake_process_writes_an_answer_at_once(own_processes):
         assert len(_http_chunks(batched.url, "tokens=40")) == 1  # the header sets the length only
 
 
-@pytest.mark.timeout(400)  # every scenario at its tiny size: about two minutes alone, more on busy cores
-def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path):
+def _check_overhead(figures: dict) -> None:
+    assert len(figures["rows"]) == 8 and all(r["pool"]["n"] == 20 for r in figures["rows"])
+    assert figures["floor"]["zmq_round_trip_us"] > 0
+
+
+def _check_stream(figures: dict) -> None:
+    rows = figures["rows"]
+    assert {(r["provider"], r["path"]) for r in rows} == {
+        (p, path) for p in ("anthropic", "openai") for path in ("direct SDK", "pool client", "shim")
+    }
+    assert all(r["events"] >= 200 and r["events_per_s"] > 0 for r in rows)
+
+
+def _check_scale(figures: dict) -> None:
+    rows = figures["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 4] and all(r["pool_events_per_s"] > 0 for r in rows)
+
+
+def _check_faults(figures: dict, inputs: dict) -> None:
+    n = inputs["requests"]
+    assert figures["clean_isopool"]["correct"] == n
+    assert set(figures["contenders"]) == {"isopool", "plain SDK", "in-process watchdog", "pebble ProcessPool"}
+    assert figures["contenders"]["isopool"]["correct"] == n  # every request answered correctly, faults or not
+    for r in figures["contenders"].values():
+        assert r["correct"] + r["wrong"] + r["failed"] + r["hanging_at_cap"] + r["never_started"] <= n
+
+
+def _check_respawn(figures: dict) -> None:
+    assert figures["respawn_zygote"]["n"] == 3 and figures["detection_lateness"]["n"] == 3
+
+
+def _check_memory(figures: dict) -> None:
+    assert [r["workers"] for r in figures["idle"]] == [1, 2] and figures["after_requests"]["requests"] == 100
+
+
+def _check_loadgen(figures: dict) -> None:
+    rows = figures["rows"]
+    assert [r["concurrency"] for r in rows] == [8]
+    assert all(r["isopool_chunks_per_s"] > 0 and r["sdk_chunks_per_s"] > 0 and r["isopool_in_flight"] > 0 for r in rows)
+
+
+def _check_onewrite(figures: dict) -> None:
+    rows = figures["rows"]
+    assert [r["concurrency"] for r in rows] == [8]
+    assert all(r["bare_server_chunks_per_s"] > 0 and r["isopool_server_chunks_per_s"] > 0 for r in rows)
+
+
+def _check_startup(figures: dict) -> None:
+    for sdk in ("anthropic", "openai"):
+        direct, run = figures[f"{sdk}_direct_answer"], figures[f"{sdk}_run_answer"]
+        assert direct["n"] == run["n"] == 1 and 0 < direct["median_ms"] <= figures[f"{sdk}_direct_exit"]["median_ms"]
+
+
+CHECKS: dict[str, Callable[[dict], None]] = {
+    "overhead": lambda d: _check_overhead(d["figures"]),
+    "stream": lambda d: _check_stream(d["figures"]),
+    "scale": lambda d: _check_scale(d["figures"]),
+    "faults": lambda d: _check_faults(d["figures"], d["inputs"]),
+    "respawn": lambda d: _check_respawn(d["figures"]),
+    "memory": lambda d: _check_memory(d["figures"]),
+    "loadgen": lambda d: _check_loadgen(d["figures"]),
+    "onewrite": lambda d: _check_onewrite(d["figures"]),
+    "rescue": lambda d: _check_rescue(d),
+    "startup": lambda d: _check_startup(d["figures"]),
+}
+PLOTTED = ("overhead", "stream", "scale", "faults", "memory")
+
+
+@pytest.mark.timeout(300)  # one scenario at its tiny size: 5-40 s alone, more on busy cores
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_a_scenario_writes_its_figures_and_its_report(name, tmp_path):
+    """Each on its own (so the two test workers share them), then its section of the report."""
     pytest.importorskip("matplotlib")
     pytest.importorskip("pebble")
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", *SCENARIOS, "--size", "tiny", "--json", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=400,
+        [sys.executable, "-m", "bench", name, "--size", "tiny", "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(results.read_text())
-    assert set(data) == set(SCENARIOS)
-    for name, entry in data.items():
-        assert {"inputs", "figures", "targets", "machine", "versions", "seconds", "size"} <= set(entry), name
-        assert entry["size"] == "tiny"
-        assert entry["machine"]["cpus"] >= 1 and entry["versions"]["anthropic"] != "not installed"
-        assert entry["targets"], f"{name} states no target"
-        for t in entry["targets"]:
-            assert set(t) == {"name", "value", "goal", "met"} and isinstance(t["met"], bool), (name, t)
-        assert name in run.stderr  # its table was printed
-
-    overhead = data["overhead"]["figures"]
-    assert len(overhead["rows"]) == 8 and all(r["pool"]["n"] == 20 for r in overhead["rows"])
-    assert overhead["floor"]["zmq_round_trip_us"] > 0
-    stream = data["stream"]["figures"]["rows"]
-    assert {(r["provider"], r["path"]) for r in stream} == {
-        (p, path) for p in ("anthropic", "openai") for path in ("direct SDK", "pool client", "shim")
-    }
-    assert all(r["events"] >= 200 and r["events_per_s"] > 0 for r in stream)
-    scale = data["scale"]["figures"]["rows"]
-    assert [r["concurrency"] for r in scale] == [1, 4] and all(r["pool_events_per_s"] > 0 for r in scale)
-    faults = data["faults"]["figures"]
-    n = data["faults"]["inputs"]["requests"]
-    assert faults["clean_isopool"]["correct"] == n
-    assert set(faults["contenders"]) == {"isopool", "plain SDK", "in-process watchdog", "pebble ProcessPool"}
-    assert faults["contenders"]["isopool"]["correct"] == n  # every request answered correctly, faults or not
-    for r in faults["contenders"].values():
-        assert r["correct"] + r["wrong"] + r["failed"] + r["hanging_at_cap"] + r["never_started"] <= n
-    respawn = data["respawn"]["figures"]
-    assert respawn["respawn_zygote"]["n"] == 3 and respawn["detection_lateness"]["n"] == 3
-    memory = data["memory"]["figures"]
-    assert [r["workers"] for r in memory["idle"]] == [1, 2] and memory["after_requests"]["requests"] == 100
-    loadgen = data["loadgen"]["figures"]["rows"]
-    assert [r["concurrency"] for r in loadgen] == [8]
-    assert all(
-        r["isopool_chunks_per_s"] > 0 and r["sdk_chunks_per_s"] > 0 and r["isopool_in_flight"] > 0 for r in loadgen
-    )
-    onewrite = data["onewrite"]["figures"]["rows"]
-    assert [r["concurrency"] for r in onewrite] == [8]
-    assert all(r["bare_server_chunks_per_s"] > 0 and r["isopool_server_chunks_per_s"] > 0 for r in onewrite)
-    _check_rescue(data["rescue"])
-    startup = data["startup"]["figures"]
-    for sdk in ("anthropic", "openai"):
-        direct, run = startup[f"{sdk}_direct_answer"], startup[f"{sdk}_run_answer"]
-        assert direct["n"] == run["n"] == 1 and 0 < direct["median_ms"] <= startup[f"{sdk}_direct_exit"]["median_ms"]
+    assert set(data) == {name}
+    entry = data[name]
+    assert {"inputs", "figures", "targets", "machine", "versions", "seconds", "size"} <= set(entry)
+    assert entry["size"] == "tiny"
+    assert entry["machine"]["cpus"] >= 1 and entry["versions"]["anthropic"] != "not installed"
+    assert entry["targets"], f"{name} states no target"
+    for t in entry["targets"]:
+        assert set(t) == {"name", "value", "goal", "met"} and isinstance(t["met"], bool), t
+    assert name in run.stderr  # its table was printed
+    CHECKS[name](entry)
 
     out = tmp_path / "report"
     rendered = subprocess.run(
@@ -118,11 +155,9 @@ def test_every_scenario_writes_its_figures_and_the_report_renders_them(tmp_path)
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr[-3000:]
-    report = (out / "report.md").read_text()
-    for name in SCENARIOS:
-        assert f"## {name}" in report
-    for plot in ("overhead", "stream", "scale", "faults", "memory"):
-        png = out / f"{plot}.png"
+    assert f"## {name}" in (out / "report.md").read_text()
+    if name in PLOTTED:
+        png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 

@@ -29,8 +29,8 @@ def path(pool: Pool, name: str = PATH) -> Path:
     """The shim's clients of `pool`, to each upstream's profiles."""
 
     def clients(upstream: str) -> Clients:
-        return Clients(isoshim.Anthropic(pool=pool, profile=profile("anthropic", upstream)),
-                       isoshim.OpenAI(pool=pool, profile=profile("openai", upstream)))  # fmt: skip
+        return Clients(isoshim.Anthropic(pool=pool, pool_profile=profile("anthropic", upstream)),
+                       isoshim.OpenAI(pool=pool, pool_profile=profile("openai", upstream)))  # fmt: skip
 
     return Path.of(name, clients)
 

@@ -70,5 +70,6 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             rows.append([row["upstream"], row["call"][:24], name, *map(fig.get, figures), relay, cpu["caller"]])
     return head, rows
 
+
 if __name__ == "__main__":
     main()

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
 _HOUSEKEEPING_INTERVAL = 1.0
-_STREAM_TRAFFIC = frozenset((Kind.HEAD, Kind.EVENT, Kind.PROGRESS, Kind.USAGE, Kind.ENDING))  # fleet, queues as they were
+# What a worker says of a running stream: the fleet and the queues stay as they were (no reconcile due).
+_STREAM_TRAFFIC = frozenset((Kind.HEAD, Kind.EVENT, Kind.PROGRESS, Kind.USAGE, Kind.ENDING))
 STREAMS_SHOWN = 50  # requests in flight listed in a snapshot (the oldest): `isopool top` shows them
 
 

@@ -277,10 +277,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         check_routes(self)
 
     def default_profile(self, kind: str) -> str:
-        """The profile a request of this SDK kind goes to when it names none."""
+        """The profile a request of this kind goes to when it names none: the one of that name, else the
+        first of that kind, else (for `anthropic` and `openai`) the first of that family (a cloud's)."""
         if kind in self.profiles:
             return kind
-        return next((n for n, p in self.profiles.items() if p.kind == kind), "")
+        of_kind = (n for n, p in self.profiles.items() if p.kind == kind)
+        return next(of_kind, next((n for n, p in self.profiles.items() if p.family == kind), ""))
 
     def bound(self, sub: Submit) -> Submit:
         """A request's own limits within `request_min_timeout`..`request_max_timeout` and

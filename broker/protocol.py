@@ -305,6 +305,9 @@ class HttpCall(msgspec.Struct, frozen=True, tag="http"):
     body: bytes = b""
     base_url: str = ""  # per-request upstream and key: refused unless the pool allows overrides
     api_key: str = ""
+    # where a cloud client said its data goes (region, project, endpoint): another than its profile's is
+    # refused unless the pool allows overrides (broker/shim/clouds.py, worker/clouds/__init__.py)
+    placement: dict[str, str] = {}
 
     def __repr__(self) -> str:  # never show the key
         return (

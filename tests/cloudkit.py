@@ -3,13 +3,16 @@ cloud client pointed at the fake provider with credentials the fake checks for r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker import Pool
 from broker.extras import missing
 from broker.fake_provider.clouds import TEST_AWS_KEY
 
@@ -20,8 +23,8 @@ AZURE_VERSION = "2024-10-21"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 PROMPT = [{"role": "user", "content": "hello cloud"}]
 MODELS = {"bedrock": "anthropic.claude-fake-v1:0", "vertex": "claude-fake", "azure": "gpt-fake"}
-__all__ = ["AZURE_VERSION", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "cloud_client", "needs_clouds",
-           "service_account", "text"]  # fmt: skip
+__all__ = ["AZURE_VERSION", "BACKUP", "MODELS", "PROMPT", "TEST_AWS_KEY", "ask", "ask_async", "cloud_client",
+           "clouds_pool", "needs_clouds", "service_account", "text"]  # fmt: skip
 
 
 @functools.cache
@@ -88,3 +91,72 @@ def ask(client: Any, kind: str, stream: bool, model: str, messages: list | None 
         return text(kind, client.messages.create(model=model, max_tokens=32, messages=messages))
     with client.messages.stream(model=model, max_tokens=32, messages=messages) as events:
         return text(kind, events.get_final_message())
+
+
+async def ask_async(client: Any, kind: str, stream: bool, model: str) -> str:
+    """The answer's text to PROMPT through an async SDK client, streamed or not."""
+    if kind.startswith("azure"):
+        if not stream:
+            return text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
+        chunks = await client.chat.completions.create(model=model, messages=PROMPT, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    if not stream:
+        return text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
+    async with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
+        return text(kind, await events.get_final_message())
+
+
+def cloud_profiles(url: str, credentials: str) -> dict:
+    one = {"min_workers": 1, "spare_workers": 0, "max_workers": 2}
+    none = {"min_workers": 0, "spare_workers": 0}  # misconfigured or seldom used: workers only when asked
+    azure = {"kind": "azure", "endpoint": url, "api_version": AZURE_VERSION}
+    return {
+        "bedrock": {"kind": "bedrock", "region": "us-east-1", "base_url": url, **one},
+        "vertex": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1", "credentials_file": credentials,
+                   **one},
+        "azure": {**azure, "api_key_env": "TEST_AZURE_KEY", "azure_deployments": {"gpt-4o": "gpt-fake"}, **one},
+        "azure-entra": {**azure, "auth": "entra", **none},
+        "bedrock-no-profile": {"kind": "bedrock", "region": "us-east-1", "base_url": url,
+                               "aws_profile": "no-such-profile", **none},
+        "vertex-no-file": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1",
+                           "credentials_file": "/nonexistent/service-account.json", **none},
+        "bedrock-rescue": {**_rescue("bedrock"), "region": "us-east-1", "base_url": url},
+        "vertex-rescue": {**_rescue("vertex"), "region": "us-east5", "base_url": f"{url}/v1",
+                          "credentials_file": credentials},
+    }  # fmt: skip
+
+
+def _rescue(kind: str) -> dict:
+    """Another model when the primary cannot answer, or its prompt is over the context window; prefill
+    continuation of a stream broken after output."""
+    return {
+        "kind": kind,
+        "min_workers": 0,
+        "spare_workers": 0,
+        "max_workers": 2,
+        "continue_streams": ["prefill"],
+        "fallbacks": [{"model": BACKUP[kind]}],
+        "context_fallback": {"model": BACKUP[kind]},
+    }
+
+
+BACKUP = {"bedrock": "anthropic.claude-backup-v1:0", "vertex": "claude-backup"}
+
+
+@contextlib.contextmanager
+def clouds_pool(fake_url: str, tmp_path: Path, only: tuple[str, ...] = (), **settings: Any) -> Iterator[Pool]:
+    """A pool of the three cloud kinds (or `only` those profiles); the credentials are in the workers'
+    environment only."""
+    credentials = service_account(tmp_path, fake_url)
+    profiles = cloud_profiles(fake_url, str(credentials))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", TEST_AWS_KEY[0])
+        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_AWS_KEY[1])
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):  # no developer's AWS files
+            env.setenv(name, str(credentials.parent / "none"))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("TEST_AZURE_KEY", "azure-test-key")
+        env.setenv("IDENTITY_ENDPOINT", fake_url + "/msi/token")
+        env.setenv("IDENTITY_HEADER", "isopool-identity-header")
+        with Pool(profiles={k: v for k, v in profiles.items() if not only or k in only}, **settings) as pool:
+            yield pool

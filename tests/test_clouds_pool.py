@@ -16,12 +16,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from broker import BadRequest, Pool, ProviderConnectionError, StreamIncomplete, StreamStalled
+from broker import BadRequest, ProviderConnectionError, StreamIncomplete, StreamStalled
 from broker.client.client import CallLimits
 from broker.errors import WorkerConfigError
 from broker.protocol import HttpCall
 
-from .cloudkit import AZURE_VERSION, MODELS, TEST_AWS_KEY, ask, cloud_client, needs_clouds, service_account
+from .cloudkit import MODELS, ask, cloud_client, clouds_pool, needs_clouds
 from .conftest import TEST_SETTINGS, fault, worker_pids
 
 pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
@@ -31,38 +31,10 @@ METHOD = {"bedrock": "messages.create", "vertex": "messages.create", "azure": "c
 POOL_MODELS = {**MODELS, "azure": "gpt-4o"}  # mapped by the profile to its deployment, "gpt-fake"
 
 
-def _profiles(url: str, credentials: str) -> dict:
-    one = {"min_workers": 1, "spare_workers": 0, "max_workers": 2}
-    none = {"min_workers": 0, "spare_workers": 0}  # misconfigured or seldom used: workers only when asked
-    azure = {"kind": "azure", "endpoint": url, "api_version": AZURE_VERSION}
-    return {
-        "bedrock": {"kind": "bedrock", "region": "us-east-1", "base_url": url, **one},
-        "vertex": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1", "credentials_file": credentials,
-                   **one},
-        "azure": {**azure, "api_key_env": "TEST_AZURE_KEY", "azure_deployments": {"gpt-4o": "gpt-fake"}, **one},
-        "azure-entra": {**azure, "auth": "entra", **none},
-        "bedrock-no-profile": {"kind": "bedrock", "region": "us-east-1", "base_url": url,
-                               "aws_profile": "no-such-profile", **none},
-        "vertex-no-file": {"kind": "vertex", "region": "us-east5", "base_url": f"{url}/v1",
-                           "credentials_file": "/nonexistent/service-account.json", **none},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def clouds(fake, tmp_path_factory):
-    """A pool of the three cloud kinds, with its gateway; the credentials are in the workers' environment only."""
-    credentials = service_account(tmp_path_factory.mktemp("gcp"), fake.url)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", TEST_AWS_KEY[0])
-        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_AWS_KEY[1])
-        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):  # no developer's AWS files
-            env.setenv(name, str(credentials.parent / "none"))
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        env.setenv("TEST_AZURE_KEY", "azure-test-key")
-        env.setenv("IDENTITY_ENDPOINT", fake.url + "/msi/token")
-        env.setenv("IDENTITY_HEADER", "isopool-identity-header")
-        with Pool(profiles=_profiles(fake.url, str(credentials)), http="127.0.0.1:0", **TEST_SETTINGS) as pool:
-            yield pool
+    with clouds_pool(fake.url, tmp_path_factory.mktemp("gcp"), http="127.0.0.1:0", **TEST_SETTINGS) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,9 @@ import urllib.request
 
 import pytest
 
-from .cloudkit import AZURE_VERSION, MODELS, PROMPT, TEST_AWS_KEY, ask, cloud_client, needs_clouds, text
+from .cloudkit import AZURE_VERSION, MODELS, PROMPT, TEST_AWS_KEY, ask, ask_async, cloud_client, needs_clouds
 
 pytestmark = needs_clouds
-
-
-async def _call(client, kind: str, stream: bool, model: str):
-    if kind.startswith("azure"):
-        if not stream:
-            return text(kind, await client.chat.completions.create(model=model, messages=PROMPT))
-        chunks = await client.chat.completions.create(model=model, messages=PROMPT, stream=True)
-        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-    if not stream:
-        return text(kind, await client.messages.create(model=model, max_tokens=32, messages=PROMPT))
-    async with client.messages.stream(model=model, max_tokens=32, messages=PROMPT) as events:
-        return text(kind, await events.get_final_message())
 
 
 def _answers(fake_url: str, kind: str, tmp_path, model: str = "") -> set[str]:
@@ -41,7 +29,7 @@ def _answers(fake_url: str, kind: str, tmp_path, model: str = "") -> set[str]:
 
         async def run(stream=stream):
             async with cloud_client(kind, fake_url, tmp_path, sync=False) as client:  # closed: no ResourceWarning
-                return await _call(client, kind, stream, model)
+                return await ask_async(client, kind, stream, model)
 
         texts.add(asyncio.run(run()))
     return texts

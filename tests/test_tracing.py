@@ -17,15 +17,17 @@ from broker import Pool, StreamStalled
 from .conftest import TEST_SETTINGS, anthropic_args, fault
 
 trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="isopool[otel]")
+metrics_pb2 = pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="isopool[otel]")
 
 
 class Receiver(http.server.ThreadingHTTPServer):
-    """An OTLP/HTTP trace receiver: keeps every span it is sent, and the raw bodies."""
+    """An OTLP/HTTP receiver: keeps every span and metric it is sent, and the raw bodies."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.spans: list[Any] = []
+        self.metrics: list[Any] = []
         self.raw = b""
         self.lock = threading.Lock()
 
@@ -33,17 +35,20 @@ class Receiver(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["content-length"]))
-        request = trace_pb2.ExportTraceServiceRequest()
+        traces = self.path == "/v1/traces"
+        request = trace_pb2.ExportTraceServiceRequest() if traces else metrics_pb2.ExportMetricsServiceRequest()
         request.ParseFromString(body)
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.raw += body  # type: ignore[attr-defined]
-            for resource in request.resource_spans:
-                for scope in resource.scope_spans:
-                    self.server.spans.extend(scope.spans)  # type: ignore[attr-defined]
+            for resource in request.resource_spans if traces else request.resource_metrics:
+                for scope in resource.scope_spans if traces else resource.scope_metrics:
+                    found = self.server.spans if traces else self.server.metrics  # type: ignore[attr-defined]
+                    found.extend(scope.spans if traces else scope.metrics)
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
-        self.wfile.write(trace_pb2.ExportTraceServiceResponse().SerializeToString())
+        answer = trace_pb2.ExportTraceServiceResponse() if traces else metrics_pb2.ExportMetricsServiceResponse()
+        self.wfile.write(answer.SerializeToString())
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -141,3 +146,22 @@ def test_the_gateway_puts_its_callers_traceparent_above_the_pools_spans(fake, re
     assert len(requests) == 2
     assert requests[0].trace_id.hex() == trace_id and requests[0].parent_span_id.hex() == parent
     assert requests[1].trace_id.hex() != trace_id and not requests[1].parent_span_id  # a trace of its own
+
+
+def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens(fake, receiver, monkeypatch,
+                                                                                 own_processes):  # fmt: skip
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    with traced_pool(fake) as pool, pool.client() as client:
+        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered"),
+                                  **fault("stall-first:interval=0.05")))  # fmt: skip
+        client.request("anthropic", "messages.create", **anthropic_args("metered, plain"))
+    points: dict[str, list[Any]] = {}
+    for metric in receiver.metrics:  # cumulative: the latest export of each holds every measurement
+        points[metric.name] = list(metric.histogram.data_points)
+    duration = {attrs(p).get("error.type"): p.count for p in points["gen_ai.client.operation.duration"]}
+    assert duration == {"first_event_timeout": 1, None: 2}  # three attempts: the stall, its retry, the plain call
+    first_chunk = points["gen_ai.client.operation.time_to_first_chunk"]
+    assert sum(p.count for p in first_chunk) == 1 and 0 < first_chunk[0].sum < 1  # the stream's retry only
+    tokens = {attrs(p)["gen_ai.token.type"]: p for p in points["gen_ai.client.token.usage"]}
+    assert tokens["input"].count == tokens["output"].count == 2 and tokens["output"].sum > 0
+    assert all(attrs(p)["gen_ai.provider.name"] == "anthropic" for p in points["gen_ai.client.operation.duration"])

@@ -90,16 +90,30 @@ async def run_http(
 
 
 async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:
-    """Open the response to `call` (with `body`), confined to the profile's base URL and sent with
-    the worker's own credentials unless the pool allows the request's own; a cloud's signed or
-    authorized over this attempt's final request."""
+    """Open the response to `call` (with `body`)."""
+    return await http.send(await prepare(sdk, http, call, body, allow_overrides, cloud), stream=True)
+
+
+async def prepare(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:
+    """The request for `call` (with `body`), confined to the profile's base URL and sent with the
+    worker's own credentials unless the pool allows the request's own; a cloud's signed or authorized
+    over this attempt's final request."""
     if cloud is not None and (call.api_key or call.base_url):
         raise BadCall("a call to a cloud profile cannot bring its own key or base_url: the workers sign")
     url, headers = destination(sdk, call, allow_overrides)
     request = http.build_request(call.method, url, headers=headers, content=body)
     if cloud is not None:
         await cloud.authorize(sdk, request)
-    return await http.send(request, stream=True)
+    return request
+
+
+async def signed(sdk: Any, http: Any, profile: Profile, call: HttpCall) -> tuple[str, Any, bytes]:
+    """A load test's call to a cloud profile (worker/timing.py) as run_http would send it: in the cloud's
+    form and signed for this attempt, as its URL, headers and body."""
+    cloud = clouds.relay(profile.kind)
+    call = await cloud.from_first_party(sdk, call, profile)  # type: ignore[union-attr]
+    request = await prepare(sdk, http, call, call.body, False, cloud)
+    return str(request.url), request.headers, call.body
 
 
 def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, Any]:

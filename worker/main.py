@@ -49,7 +49,7 @@ from broker.wire.zmqio import BIG_HWM, new_socket
 from . import clouds, sdks, stacks
 from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
-from .exchange import run_http
+from .exchange import run_http, signed
 from .fallback import retarget
 from .pipe import WorkerSpec
 from .resume import run_resume
@@ -243,6 +243,7 @@ class Worker:
         self.clients: Clients | None = None
         self.client_error: Exception | None = None
         self.timed = TimedTransport(_ssl_context)
+        self.placed: dict[tuple[tuple[str, str], ...], Clients] = {}  # clients moved to a call's placement
         try:
             self.clients = build_client(spec.profile)
         except Exception as exc:  # every request gets this error
@@ -291,12 +292,13 @@ class Worker:
 
     async def _run(self, call: Call | HttpCall | TimedCall, emit: Any, model: str = "") -> None:
         if model and not isinstance(call, TimedCall):  # a fallback's model (a load test has none)
-            call = retarget(call, model)
+            call = retarget(call, model, self.spec.profile)
         kind, clients = self.spec.profile.family, self._clients_for(call)
-        if isinstance(call, TimedCall) and self.spec.profile.kind not in clouds.FIRST_PARTY:
-            raise BadCall(f"a profile of kind {self.spec.profile.kind} cannot run a load test's timed calls yet")
         if isinstance(call, TimedCall):
-            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides)
+            profile = self.spec.profile
+            how = None if profile.kind in clouds.FIRST_PARTY else await signed(clients.sdk, clients.http, profile,
+                                                                                call.http)  # fmt: skip
+            await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides, how)
         elif isinstance(call, HttpCall):
             await run_http(clients.sdk, clients.http, self.spec.profile, call, emit, self.spec.allow_overrides)
         else:
@@ -310,7 +312,21 @@ class Worker:
             raise self.client_error.with_traceback(None)  # type: ignore[union-attr]
         if self.clients.no_key is not None and not brings_own_key(call):
             raise self.clients.no_key.with_traceback(None)
+        http = call.http if isinstance(call, TimedCall) else call
+        if isinstance(http, HttpCall) and http.placement:
+            return self._placed(http.placement)
         return self.clients
+
+    def _placed(self, placement: dict[str, str]) -> Clients:
+        """The clients for a cloud client's placement: the worker's own where it is the profile's; with
+        allow_overrides, clients moved there (made once); else a BadCall naming both (worker/clouds)."""
+        moved = clouds.placed(self.spec.profile, self.clients.sdk, placement, self.spec.allow_overrides)  # type: ignore[union-attr]
+        if moved is None:
+            return self.clients  # type: ignore[return-value]
+        key = tuple(sorted(placement.items()))
+        if key not in self.placed:
+            self.placed[key] = build_client(moved)
+        return self.placed[key]
 
     def _heartbeat(self, ctx: zmq.Context) -> None:
         sock = new_socket(ctx, zmq.DEALER, identity=(self.spec.ident + "/hb").encode(), sndhwm=4)

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from broker.eventstream import CONTENT_TYPE as EVENT_STREAM
 from broker.protocol import CONTINUED_HEADER, Call, Continuation, ErrorInfo, HttpCall, Response, Resume
 
 from .exchange import _ENDPOINTS
@@ -210,7 +211,7 @@ class Spliced:
 
     async def head(self, response: Response) -> None:
         kind = next((v for k, v in response.headers if k.lower() == "content-type"), "")
-        if not kind.startswith("text/event-stream"):  # a body where events were due: no end seen, never a success
+        if not kind.startswith(("text/event-stream", EVENT_STREAM)):  # a body where events were due: never a success
             raise StreamIncomplete("the provider answered the continuation without a stream")
         headers = [*response.headers, (CONTINUED_HEADER, self.strategy)]
         await self._emit.head(msgspec.structs.replace(response, headers=headers))

@@ -28,10 +28,12 @@ import aiohttp
 import msgspec
 import yarl
 
+from broker.eventstream import CONTENT_TYPE as EVENT_STREAM
 from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
 from .counts import api_of, count
 from .exchange import destination
+from .frames import FrameSplitter
 from .hygiene import GRACE
 from .sse import EventSplitter
 
@@ -139,10 +141,12 @@ class _Watch:
 
 
 async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedCall, emit: Any,
-                    allow_overrides: bool) -> None:  # fmt: skip
+                    allow_overrides: bool, signed: tuple[str, Any, bytes] | None = None) -> None:  # fmt: skip
     """Send a load test's request and time its answer: a `Tick` for the head, then one for each read
-    of a stream; a plain (non-stream) answer is relayed as it is, after the head tick."""
-    url, headers = destination(sdk, call.http, allow_overrides)
+    of a stream (SSE, or a Bedrock's event-stream frames); a plain (non-stream) answer is relayed as it
+    is, after the head tick. On a cloud profile, the request is `signed` (exchange.signed): its URL,
+    headers and body, sent exactly so."""
+    url, headers, body = signed or (*destination(sdk, call.http, allow_overrides), call.http.body)
     session, outbox = transport.session(), transport.outbox
     target = yarl.URL(url)
     proxy = proxy_for(target.scheme, target.host or "")
@@ -150,14 +154,16 @@ async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedC
     try:
         async with asyncio.timeout(call.first_event_timeout):
             response = await session.request(call.http.method, target, headers=headers.multi_items(),
-                                             data=call.http.body, proxy=proxy)  # fmt: skip
+                                             data=body, proxy=proxy)  # fmt: skip
     except TimeoutError:
         await emit.error(ErrorInfo(Code.STALLED, f"first_event_timeout: no response in {call.first_event_timeout:g}s"))
         return
     try:
         outbox.add(emit, Tick(time.monotonic_ns(), sent=sent, status=response.status))
-        if response.content_type == "text/event-stream":
-            await _time_stream(response, emit, outbox, api_of(kind, call.http.path.split("?", 1)[0]), call)
+        if response.content_type in ("text/event-stream", EVENT_STREAM):
+            splitter = EventSplitter() if response.content_type == "text/event-stream" else FrameSplitter()
+            api = api_of(kind, call.http.path.split("?", 1)[0])
+            await _time_stream(response, emit, outbox, api, call, splitter)
         else:
             body = await response.read()
             outbox.flush_one(emit)
@@ -168,10 +174,10 @@ async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedC
         response.release()
 
 
-async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call: TimedCall) -> None:
+async def _time_stream(response: Any, emit: Any, outbox: Outbox, api: str, call: TimedCall, splitter: Any) -> None:
     """Tick each read until `[DONE]` or the close; once the stream said it finished, within GRACE. A
     stream whose bytes end before its terminal event was cut short: STREAM_INCOMPLETE, not a success."""
-    splitter, read = EventSplitter(), response.content.readany
+    read = response.content.readany
     events = tokens = 0
     ended = False
     try:

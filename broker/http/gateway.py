@@ -8,7 +8,9 @@ Any program that takes a `base_url` gets stall-proof calls by pointing it here:
 Each request is sent on as the caller made it (its credentials dropped: the worker adds
 the pool's key), to the profile named by an `x-isopool-profile` header, else to the
 default Anthropic profile for `/v1/messages…` and requests carrying `anthropic-version`,
-else to the default OpenAI one. Streams are relayed event by event as they arrive.
+else to the default OpenAI one. A request in a cloud's own form (Bedrock's `/model/…`,
+Vertex's `/v1/projects/…`, Azure's `/openai/…`) goes to that cloud's profile and is answered
+in its wire form (cloudforms.py). Streams are relayed event by event as they arrive.
 Retryable failures were retried by the pool within the call's budget (broker/server/retrypolicy.py);
 an error answer says `x-should-retry: false`, so that a caller's SDK does not retry it again.
 
@@ -41,6 +43,7 @@ import re
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -48,7 +51,7 @@ from aiohttp import web
 from ..client.client import AsyncCall, AsyncClient, CallLimits
 from ..client.fallbacks import HEADER as FALLBACKS_HEADER
 from ..client.fallbacks import BadFallbacks, take_fallbacks
-from ..config import Settings, is_loopback
+from ..config import FAMILIES, Settings, is_loopback
 from ..errors import (
     AttemptsExhausted,
     BadRequest,
@@ -60,6 +63,7 @@ from ..errors import (
     StreamStalled,
 )
 from ..protocol import HttpCall, Listening, Served, path_problem
+from . import cloudforms
 
 log = logging.getLogger(__name__)
 PROFILE_HEADER = "x-isopool-profile"
@@ -69,7 +73,7 @@ PROFILE_HEADER = "x-isopool-profile"
 # `x-isopool-fault`/`-latency`. Everything else stays here: hop-by-hop and framing
 # headers, cookies, proxies' `X-Forwarded-*`, and the caller's credentials.
 FORWARDED = frozenset({"accept", "content-type", "user-agent", "idempotency-key"})
-FORWARDED_PREFIXES = ("anthropic-", "openai-", "x-stainless-", "x-isopool-")
+FORWARDED_PREFIXES = ("anthropic-", "openai-", "x-stainless-", "x-isopool-", "x-amzn-bedrock-")
 # Anthropic's error type per status of the gateway's own refusals; OpenAI uses invalid_request_error for all.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -102,18 +106,23 @@ class Gateway:
         self.max_bytes = settings.max_message_bytes
         self.read_timeout = settings.gateway_read_timeout
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
-        self.defaults = {kind: settings.default_profile(kind) for kind in ("anthropic", "openai")}
+        self.defaults = {kind: settings.default_profile(kind) for kind in FAMILIES}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_bytes)
         app.router.add_route("*", "/v1/{tail:.*}", self.handle)
+        for cloud in ("/model/{tail:.*}", "/openai/{tail:.*}"):  # Bedrock's and Azure's own forms (cloudforms.py)
+            app.router.add_route("*", cloud, self.handle)
         app.on_response_prepare.append(self._allow_origin)
         return app
 
     def route(self, request: web.Request) -> tuple[str, str, str]:
-        """(profile, SDK kind, path relative to that SDK's base URL)."""
+        """(profile, kind, path relative to that kind's base URL): a cloud's own form goes to that
+        cloud's profile, a first-party one to the SDK's."""
         path = request.path_qs
-        if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
+        if cloud := cloudforms.cloud_form(request.path, path):
+            kind, relative = cloud
+        elif request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
             kind, relative = "anthropic", path
         else:
             kind, relative = "openai", path.removeprefix("/v1")
@@ -159,12 +168,13 @@ class Gateway:
     def check_token(self, request: web.Request) -> None:
         if not self.token:
             return
-        offered = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(offered.encode(), self.token.encode()):
+        headers = request.headers
+        offered = headers.get("x-api-key") or headers.get("api-key") or headers.get("authorization", "")
+        if not hmac.compare_digest(offered.removeprefix("Bearer ").encode(), self.token.encode()):
             raise Refused(
                 401,
                 "this gateway needs its own gateway token (gateway_token; printed at start for `auto`) "
-                "as the API key (x-api-key or Authorization: Bearer), not a provider's key",
+                "as the API key (x-api-key, api-key or Authorization: Bearer), not a provider's key",
             )
 
     async def read_body(self, request: web.Request) -> bytes:
@@ -202,13 +212,17 @@ class Gateway:
                 return web.Response(status=result.status, headers=[*headers, *_served(call.served)], body=result.body)
             head = call.head
             headers = [*head.headers, *_served(call.served)]  # type: ignore[union-attr]
+            encode = _encoder(kind)
+            if kind == "bedrock":  # its SDK reads event-stream frames only
+                headers = [(k, v) for k, v in headers if k.lower() != "content-type"] + [*cloudforms.STREAM_HEADERS]
             response = web.StreamResponse(status=head.status, headers=headers)  # type: ignore[union-attr]
             await response.prepare(request)
             try:
-                await response.write(first.sse())
+                await response.write(encode(first))
                 async for event in events:
-                    await response.write(event.sse())
-                await response.write(_continued(call.served))
+                    await response.write(encode(event))
+                if kind != "bedrock":
+                    await response.write(_continued(call.served))
                 if closing:
                     await response.write(closing)
             except IsopoolError as exc:  # after output: say it in the stream, as the provider would
@@ -245,10 +259,16 @@ def _forwarded(request: web.Request) -> list[tuple[str, str]]:
 
 
 def _closing(kind: str, path: str) -> bytes:
-    """What ends a complete stream of this endpoint: `data: [DONE]` for OpenAI's Chat Completions and
-    Completions, as OpenAI sends it (some clients wait for it); nothing for the others."""
+    """What ends a complete stream of this endpoint: `data: [DONE]` for OpenAI's (and Azure's) Chat
+    Completions and Completions, as OpenAI sends it (some clients wait for it); nothing for the others."""
     route = path.partition("?")[0].rstrip("/")
-    return b"data: [DONE]\n\n" if kind == "openai" and route in ("/chat/completions", "/completions") else b""
+    ends = route.endswith(("/chat/completions", "/completions"))  # Azure's: under /deployments/NAME
+    return b"data: [DONE]\n\n" if FAMILIES[kind] == "openai" and ends else b""
+
+
+def _encoder(kind: str) -> Any:
+    """How a relayed event is written: SSE, or a Bedrock caller's event-stream frame."""
+    return (lambda event: cloudforms.frame(event.data)) if kind == "bedrock" else (lambda event: event.sse())
 
 
 def _encoded_size(call: HttpCall) -> int:
@@ -288,15 +308,18 @@ def _status(exc: IsopoolError) -> tuple[int, str]:
 
 
 def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response:
-    if kind == "anthropic":
+    headers: list[tuple[str, str]] = []
+    if kind == "bedrock":
+        body, headers = cloudforms.bedrock_error(status, message)
+    elif FAMILIES[kind] == "anthropic":
         body = {"type": "error", "error": {"type": kind_name, "message": message}}
     else:
         body = {"error": {"type": kind_name, "message": message, "code": None, "param": None}}
-    return web.Response(status=status, body=_ENC.encode(body), content_type="application/json")
+    return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
 
 
 def _refusal(kind: str, exc: Refused) -> web.Response:
-    name = _ANTHROPIC_TYPES[exc.status] if kind == "anthropic" else "invalid_request_error"
+    name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
     if exc.status == 408:
         response.force_close()  # the rest of a stalled body is not waited for
@@ -326,8 +349,10 @@ def _pool_error(kind: str, exc: IsopoolError) -> web.Response:
 
 
 def _error_event(kind: str, exc: IsopoolError) -> bytes:
-    _, name = _status(exc)
-    if kind == "anthropic":
+    status, name = _status(exc)
+    if kind == "bedrock":
+        return cloudforms.exception_frame(f"isopool: {exc}", timeout=status == 504)
+    if FAMILIES[kind] == "anthropic":
         data = _ENC.encode({"type": "error", "error": {"type": name, "message": f"isopool: {exc}"}})
         return b"event: error\ndata: " + data + b"\n\n"
     return b"data: " + _ENC.encode({"error": {"type": name, "message": f"isopool: {exc}"}}) + b"\n\n"

@@ -176,6 +176,12 @@ sweep.png for a sweep, search.png for --find-max; with the `plots` extra)."""
     help="Run a generator pool on every node of a Ray cluster, the load split among them ('auto': "
     "$RAY_ADDRESS or the one started on this machine; needs pip install 'isopool[ray]').",
 )
+@click.option(
+    "--cloud",
+    type=click.Choice(["bedrock", "vertex", "azure"]),
+    help="Through a profile of this cloud kind, whose workers sign each request: against the fake's cloud "
+    "routes, or --target URL (the cloud's endpoint); credentials and places from the workers' environment.",
+)
 @click.pass_context
 def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, no_stream, find_max, goodput, start,
              limit, precision, max_probes, **options) -> None:  # fmt: skip
@@ -196,7 +202,9 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
         if find_max == "rate" and options["trace"]:  # a trace's rate is how fast it is replayed
             find_max = "speedup"
         search = Search(over=find_max, **steering) if find_max else None
-        options |= {name: options[name] or "" for name in ("api", "dataset", "trace")}  # as --ray's nodes read them
+        options |= {
+            name: options[name] or "" for name in ("api", "dataset", "trace", "cloud")
+        }  # as --ray's nodes read them
         opts = Options(concurrency=_numbers(int, concurrency), rate=_numbers(float, rate), stream=not no_stream,
                        fake_faults=parse_rates(fault_rates), find_max=search, **options)  # fmt: skip
         opts.workload()  # a dataset or trace is read (and checked) before anything starts

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from .cloudtarget import CLOUDS
 from .prompts import MAX_TOKENS, SharedPrefix
 from .scrape import validate as validate_server_metrics
 from .search import Search
@@ -62,6 +63,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     fake_load_slope: float = 0.0  # ... its ttft and gap each growing by this share per answer (0: never slows)
     find_max: Search | None = None  # instead of the listed loads, search for the highest that meets the SLO
     ray: str = ""  # a Ray cluster's address ("auto": the one started here): a generator pool on every node
+    cloud: str = ""  # bedrock, vertex or azure: through a profile of that kind (loadtest/cloudtarget.py)
 
     def __post_init__(self) -> None:
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
@@ -70,7 +72,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"api must be one of {', '.join(APIS)}, not {self.api!r}")
         if self.target == "anthropic" and self.api not in ("", "messages"):
             raise ValueError("the anthropic target speaks the messages api")
-        if self.target not in ("fake", "anthropic") and self.api == "messages":
+        self._check_cloud()
+        if self.target not in ("fake", "anthropic") and self.api == "messages" and not self.cloud:
             raise ValueError("the messages api needs --target anthropic or fake")
         if self.concurrency and self.rate:
             raise ValueError("give --concurrency (closed loop) or --rate (open loop), not both")
@@ -95,6 +98,15 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         apart = {"--trace": self.trace, "--find-max": self.find_max, "--server-metrics": self.server_metrics}
         if self.ray and (alone := [name for name, value in apart.items() if value]):
             raise ValueError(f"{', '.join(alone)} cannot be spread over Ray nodes yet: run it without --ray")
+
+    def _check_cloud(self) -> None:
+        if self.cloud and self.cloud not in CLOUDS:
+            raise ValueError(f"--cloud must be one of {', '.join(CLOUDS)}, not {self.cloud!r}")
+        if self.cloud and self.target in ("anthropic", "openai"):
+            raise ValueError("--cloud runs against the fake or --target URL (the cloud's endpoint), not "
+                             f"--target {self.target}")  # fmt: skip
+        if self.cloud and self.api not in ("", CLOUDS[self.cloud]):
+            raise ValueError(f"--cloud {self.cloud} speaks the {CLOUDS[self.cloud]} api")
 
     def _check_trace_and_prefix(self) -> None:
         if not (math.isfinite(self.speedup) and self.speedup > 0) or (self.speedup != 1.0 and not self.trace):
@@ -147,6 +159,8 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def chosen_api(self) -> str:
+        if self.cloud:
+            return CLOUDS[self.cloud]
         return self.api or ("messages" if self.target == "anthropic" else "chat")
 
     @property

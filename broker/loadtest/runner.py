@@ -30,6 +30,7 @@ from ..errors import RequestError
 from ..fake_provider import FakeProviderProcess
 from ..fake_provider.server import Latency
 from ..protocol import TimedCall
+from .cloudtarget import cloud_profile
 from .machine import machine, versions
 from .measure import Measurement
 from .options import Options, Workload
@@ -79,7 +80,7 @@ def target_pool(
 ) -> Iterator[tuple[Pool, str, FakeProviderProcess | None]]:
     """A pool whose one profile points at the target; the fake provider too when that is the target, unless
     `fake_url` says where one already runs (a `--ray` run's driver starts one for all the nodes)."""
-    kind = APIS[api][0]
+    kind = options.cloud or APIS[api][0]
     with contextlib.ExitStack() as stack:
         profile: dict[str, Any] = {"kind": kind}
         fake = None
@@ -89,7 +90,9 @@ def target_pool(
             profile["base_url"] = url if kind == "anthropic" else url + "/v1"
         elif options.target.startswith("http"):
             profile["base_url"] = options.target.rstrip("/")
-        if key_env := target_key_env(options):
+        if options.cloud:  # its own places (cloudtarget.py)
+            profile = cloud_profile(kind, url if options.target == "fake" else "", options.target)
+        if (key_env := target_key_env(options)) and kind != "bedrock":  # Bedrock signs with the AWS chain
             profile["api_key_env"] = key_env
         streams = options.worker_streams
         workers = math.ceil(options.capacity / streams)

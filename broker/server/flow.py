@@ -620,8 +620,7 @@ class Flow:
                                             round(req.sent_at - req.accepted_at, 3), first, round(now - req.sent_at, 3),
                                             outcome, self.stats.tokens.attempt(req)))  # fmt: skip
         if req.attempt_span is not None:
-            stall, kill = (reason.is_stall, reason.is_kill) if reason is not None else (False, False)
-            self.tracing.attempt_ended(req.attempt_span, outcome, req.delivered, now, stall, kill, req.spent)  # type: ignore[union-attr]
+            self.tracing.attempt_ended(req, outcome, reason, now)  # type: ignore[union-attr]
             req.attempt_span = None
 
     def _log(self, req: Request, outcome: str, now: float) -> None:

@@ -75,7 +75,7 @@ def strategies_for(settings: Settings, profile: str, model: str) -> list[str]:
     p = settings.profiles[profile]
     named = [r.continue_streams for r in matching(p.models, model) + matching(settings.models, model)]
     chosen = next((s for s in named if s is not None), p.continue_streams)
-    return [s for s in dict.fromkeys(chosen) if s != "prefill" or p.kind == "anthropic"]
+    return [s for s in dict.fromkeys(chosen) if s != "prefill" or p.family == "anthropic"]
 
 
 @dataclass(slots=True)

@@ -43,12 +43,18 @@ _DEFAULT_HOSTS = {"anthropic": "api.anthropic.com", "openai": "api.openai.com"}
 
 
 def configured() -> bool:
-    """Whether the OTEL_* environment asks for traces: an OTLP endpoint is set and the SDK not disabled."""
+    """Whether the OTEL_* environment asks for traces or metrics: an OTLP endpoint is set, the SDK not
+    disabled, and not both signals turned off."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+    if not (_exporter("OTEL_TRACES_EXPORTER") or _exporter("OTEL_METRICS_EXPORTER")):
         return False
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    endpoints = (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    )
+    return any(os.environ.get(name) for name in endpoints)
 
 
 def from_environment(settings: Settings) -> Tracing | None:
@@ -66,18 +72,38 @@ def from_environment(settings: Settings) -> Tracing | None:
         return None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "isopool"})
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # its own thread: the loop never waits
-    return Tracing(settings, provider)
+    if _exporter("OTEL_TRACES_EXPORTER"):
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # its own thread: the loop never waits
+    return Tracing(settings, provider, _meter_provider(resource) if _exporter("OTEL_METRICS_EXPORTER") else None)
+
+
+def _exporter(variable: str) -> bool:
+    """Whether this signal is exported (OTLP, the default), not turned off with `none`."""
+    return os.environ.get(variable, "otlp").strip().lower() != "none"
+
+
+def _meter_provider(resource: Any) -> Any:
+    """The GenAI client metrics' provider: OTLP/HTTP every OTEL_METRIC_EXPORT_INTERVAL (its own thread), with
+    the bucket boundaries the conventions ask for."""
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+    views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
+             for name, bounds in _BUCKETS.items()]  # fmt: skip
+    return MeterProvider([PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource, views=views)
 
 
 class Tracing:
-    def __init__(self, settings: Settings, provider: Any) -> None:
+    def __init__(self, settings: Settings, provider: Any, meters: Any = None) -> None:
         from opentelemetry import trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._trace = trace
-        self._provider = provider
+        self._provider, self._meters = provider, meters
         self._tracer = provider.get_tracer("isopool")
+        self._metrics = _Metrics(meters.get_meter("isopool")) if meters is not None else None
         self._propagator = TraceContextTextMapPropagator()
         self._wall = time.time_ns() - time.monotonic_ns()  # the broker's clock is monotonic; spans want wall time
         self._servers = {
@@ -130,20 +156,24 @@ class Tracing:
         self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
         return span, carrier.get("traceparent", "")
 
-    def attempt_ended(
-        self, span: Any, outcome: str, delivered: int, now: float, stall: bool, kill: bool, spent: Spent | None = None
-    ) -> None:
-        span.set_attribute("isopool.delivered_events", delivered)
+    def attempt_ended(self, req: Any, outcome: str, reason: Any, now: float) -> None:
+        """End the attempt's span with how it went and what its provider reported; record its metrics.
+        `reason`: the Reason it failed for, if it was one (a stall, a kill)."""
+        span, spent = req.attempt_span, req.spent
+        span.set_attribute("isopool.delivered_events", req.delivered)
         if spent is not None:
             span.set_attributes(_response_attributes(spent))
         if outcome != "ok":
             span.set_attribute("error.type", outcome)
-            if stall:
+            if reason is not None and reason.is_stall:
                 span.set_attribute("isopool.stall_reason", outcome)
-            if kill:
+            if reason is not None and reason.is_kill:
                 span.set_attribute("isopool.kill_reason", outcome)
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
         span.end(end_time=self._ns(now))
+        if self._metrics is not None:
+            first = None if req.first_event_at is None or not req.submit.stream else req.first_event_at - req.sent_at
+            self._metrics.record(span.attributes, outcome, spent, now - req.sent_at, first)
 
     def event(self, span: Any, name: str, now: float, **attributes: Any) -> None:
         span.add_event(name, attributes=attributes, timestamp=self._ns(now))
@@ -156,8 +186,46 @@ class Tracing:
         span.end(end_time=self._ns(now))
 
     def close(self) -> None:
-        """Export what is left (bounded by the exporter's own timeout), then stop."""
+        """Export what is left (bounded by the exporters' own timeouts), then stop."""
         self._provider.shutdown()
+        if self._meters is not None:
+            self._meters.shutdown()
+
+
+# The GenAI client metrics' bucket boundaries, as the conventions give them.
+_SECONDS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+_BUCKETS = {
+    "gen_ai.client.operation.duration": _SECONDS,
+    "gen_ai.client.operation.time_to_first_chunk": _SECONDS,
+    "gen_ai.client.token.usage": [4**i for i in range(14)],  # 1, 4, 16, ... 67108864
+}
+# The span attributes the metrics carry (the conventions' required and recommended ones).
+_METRIC_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")
+
+
+class _Metrics:
+    """The GenAI client metrics, one measurement per provider attempt (the pool's own unit of work)."""
+
+    def __init__(self, meter: Any) -> None:
+        self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
+                                               description="GenAI operation duration")  # fmt: skip
+        self.first_chunk = meter.create_histogram("gen_ai.client.operation.time_to_first_chunk", unit="s",
+                                                  description="Time to receive the first chunk")  # fmt: skip
+        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                             description="Number of input and output tokens used")  # fmt: skip
+
+    def record(self, span: Any, outcome: str, spent: Spent | None, took: float, first: float | None) -> None:
+        attributes = {key: span[key] for key in _METRIC_ATTRIBUTES if key in span}
+        if spent is not None and spent.response_model:
+            attributes["gen_ai.response.model"] = spent.response_model
+        if outcome != "ok":
+            attributes["error.type"] = outcome
+        self.duration.record(took, attributes)
+        if first is not None:
+            self.first_chunk.record(first, attributes)
+        if spent is not None:
+            for kind, count in (("input", spent.input_tokens), ("output", spent.output_tokens)):
+                self.tokens.record(count, attributes | {"gen_ai.token.type": kind})
 
 
 def _response_attributes(spent: Spent) -> dict[str, Any]:

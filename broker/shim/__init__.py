@@ -3,7 +3,9 @@
     from broker.shim import anthropic          # instead of `import anthropic`
     client = anthropic.Anthropic()              # same arguments, same results, same exceptions
 
-The four client classes are subclasses of the installed SDKs' own, so `isinstance` checks pass;
+The client classes (and the cloud ones: `AnthropicBedrock`, `AnthropicVertex`, `AzureOpenAI` and
+their async twins, whose requests the workers sign, see `clouds`) are subclasses of the installed
+SDKs' own, so `isinstance` checks pass;
 each is built on first use, on the HTTP library its SDK's generation uses (`broker.sdklib`), so
 only the SDK a caller uses is imported, and anthropic 0.40+ / openai 1.40+ (httpx) work as the
 current generation (httpx2) does.
@@ -25,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 import threading
 import types
 import warnings
@@ -33,13 +36,15 @@ from typing import Any
 from ..client.client import Client
 from ..client.pool import Pool
 from ..sdklib import library
-from . import httplib
+from . import clouds, httplib
 from .errors import SdkErrors
 from .transport import STAND_IN_KEY, transports
 
 BASE_PATH = "/isopool"
 SHIM_BASE_URL = "http://isopool.invalid" + BASE_PATH  # never contacted: the transport takes every request
 
+# Each SDK's client classes; its cloud classes (AnthropicBedrock, AnthropicVertex, AzureOpenAI and their
+# async twins) are in shim/clouds.py.
 _CLASSES = {"anthropic": ("Anthropic", "AsyncAnthropic"), "openai": ("OpenAI", "AsyncOpenAI")}
 # Each SDK's constructor arguments, in any generation, that give a client credentials of its own
 # (those the installed SDK accepts count). With one of them, or with its own base_url (where the SDK
@@ -108,17 +113,20 @@ class _Sdk:
         self.accepted = inspect.signature(getattr(self.module, sync).__init__).parameters
         self.credentials = tuple(name for name in _CREDENTIALS[kind] if name in self.accepted)
         self.classes = {sync: self._subclass(sync, False), asynchronous: self._subclass(asynchronous, True)}
+        self.classes |= {name: self._subclass(name, name.startswith("Async"), cloud)
+                         for name, cloud in clouds.CLASSES[kind].items() if hasattr(self.module, name)}  # fmt: skip
         self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
         self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
         self.namespace.__dict__.update(self.classes, Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
 
-    def _subclass(self, name: str, asynchronous: bool) -> type:
+    def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:
         """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""
         sdk, lib = self, self.lib
 
         def __init__(self, *, pool: Pool | str | None = None, pool_profile: str | None = None,
                      broker_timeout: float = 10.0, **kwargs: Any) -> None:  # fmt: skip
-            super(cls, self).__init__(**sdk.options(asynchronous, pool, pool_profile, broker_timeout, kwargs))
+            options = sdk.options(asynchronous, pool, pool_profile, broker_timeout, kwargs, (name, cloud))
+            super(cls, self).__init__(**options)
 
         # A per-call `timeout=` of the other library, converted before the SDK checks it (anthropic >= 1.4 does).
         def _prepare_options(self, options: Any) -> Any:
@@ -131,16 +139,26 @@ class _Sdk:
 
         prepare = _prepare_options_async if asynchronous else _prepare_options
         members = {"__init__": __init__, "_prepare_options": prepare, "__module__": __name__}
+        if cloud is not None and cloud.decodes_sse:
+            members["_make_sse_decoder"] = lambda self: clouds.sse_decoder(sdk.module)
         cls = type(name, (getattr(self.module, name),), members)
         return cls
 
     def options(
-        self, asynchronous: bool, pool: Any, profile: str | None, broker_timeout: float, kwargs: dict[str, Any]
+        self,
+        asynchronous: bool,
+        pool: Any,
+        profile: str | None,
+        broker_timeout: float,
+        kwargs: dict[str, Any],
+        named: tuple[str, clouds.Cloud | None] = ("", None),
     ) -> dict[str, Any]:
         """The SDK constructor's arguments with the pool's transport in place of its HTTP client, and
         the SDK's retries handed to the pool: its client gets max_retries=0, and the caller's
         `max_retries` (the SDK's default 2) + 1 is each call's attempt budget in the pool. A caller's
-        own `http_client` lends the pool's client what still applies (`httplib.settings_of`)."""
+        own `http_client` lends the pool's client what still applies (`httplib.settings_of`). A cloud
+        class (`named`: its name and cloud) gets stand-ins and its placement (shim/clouds.py)."""
+        cls, cloud = named
         if (
             "profile" in kwargs and "profile" not in self.accepted
         ):  # what named the pool's profile before anthropic took it
@@ -152,11 +170,22 @@ class _Sdk:
         retries = kwargs.pop("max_retries", None)
         if "timeout" in kwargs:
             kwargs["timeout"] = httplib.timeout_for(kwargs["timeout"], self.lib)
-        if http_client is not None and str(base_url).rstrip("/") == SHIM_BASE_URL:  # the SDK's copy()/with_options()
+        if http_client is not None and str(base_url).startswith(SHIM_BASE_URL):  # the SDK's copy()/with_options()
+            transport, changes = http_client._transport, {}
             if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
-                transport = http_client._transport.with_attempts(retries + 1)
+                changes["attempts"] = retries + 1
+            if cloud is not None and (placed := cloud.placement_of(kwargs)) and placed != transport.placement:
+                changes["placement"] = {**transport.placement, **placed}  # with_options(aws_region=...)
+            if changes:
+                transport = transport.changed(**changes)
                 http_client = type(http_client)(transport=transport, **httplib.settings_of(http_client, self.lib))
             return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
+        placement, base_path = {}, BASE_PATH
+        if cloud is not None:
+            cloud.refuse_credentials(cls, {**kwargs, "base_url": base_url})
+            placement, base_path = cloud.placement_of(kwargs), BASE_PATH + cloud.relative
+            profile = profile or cloud.kind
+            kwargs = cloud.stand_in({k: v for k, v in kwargs.items() if k != cloud.endpoint})
         for name in _OWN_CONNECTION:  # anthropic 0.x's: a connection the worker makes (warned at the caller)
             if kwargs.pop(name, None) is not None:
                 warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=3)
@@ -164,7 +193,7 @@ class _Sdk:
         url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
         if base_url.rstrip("/") == _DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's
             base_url = ""
-        own = base_url or any(kwargs.get(name) for name in self.credentials)  # LangChain's api_key="": none
+        own = cloud is None and (base_url or any(kwargs.get(name) for name in self.credentials))  # api_key="": none
         if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
             raise ValueError(
                 f"the pool at {url} holds the provider keys and does not allow a client's own credentials or "
@@ -174,15 +203,17 @@ class _Sdk:
         attempts = (self.module.DEFAULT_MAX_RETRIES if retries is None else retries) + 1
         sync_transport, async_transport = self.transports
         if asynchronous:
-            transport = async_transport(url, profile, BASE_PATH, self.errors, broker_timeout, base_url, attempts)
+            transport = async_transport(url, profile, base_path, self.errors, broker_timeout, base_url, attempts,
+                                        placement)  # fmt: skip
             client: Any = self.lib.AsyncClient(transport=transport, **settings)
         else:
             client_of_pool = _sync_client(url, broker_timeout)
-            transport = sync_transport(client_of_pool, profile, BASE_PATH, self.errors, base_url, attempts)
+            transport = sync_transport(client_of_pool, profile, base_path, self.errors, base_url, attempts, placement)
             client = self.lib.Client(transport=transport, **settings)
-        if not own:  # the pool's key then (in the worker); the SDK wants one to build requests
+        if not own and cloud is None:  # the pool's key then (in the worker); the SDK wants one to build requests
             kwargs["api_key"] = STAND_IN_KEY
-        return {**kwargs, "base_url": SHIM_BASE_URL, "http_client": client, "max_retries": 0}
+        where = {(cloud.endpoint if cloud is not None and cloud.endpoint else "base_url"): SHIM_BASE_URL}
+        return {**kwargs, **where, "http_client": client, "max_retries": 0}
 
 
 @functools.cache
@@ -201,20 +232,42 @@ def __getattr__(name: str) -> Any:
     if name in _CLASSES:
         return _sdk(name).namespace
     for kind, classes in _CLASSES.items():
-        if name in classes:
+        if name in classes or (name in clouds.CLASSES[kind] and name in _sdk(kind).classes):
             return _sdk(kind).classes[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install() -> None:
     """Put the pool's client classes into the real `anthropic` and `openai` modules (those installed),
-    so that a script runs through the pool without a change (`isopool run`). Module-level clients such
-    as `openai.chat.completions` are not covered: they are built from a private class."""
+    and the cloud classes also into the SDK modules that define and export them (`anthropic.lib.bedrock`,
+    `openai.lib.azure`, ...), so that a script runs through the pool without a change (`isopool run`).
+    Module-level clients such as `openai.chat.completions` are not covered: they are built from a
+    private class."""
     for kind in installed():
         sdk = _sdk(kind)
+        submodules = [m for n, m in list(sys.modules.items()) if n.startswith(f"{kind}.") and m is not None]
         for name, cls in sdk.classes.items():
-            setattr(sdk.module, name, cls)
-        sdk.module.Client, sdk.module.AsyncClient = sdk.classes.values()
+            original = getattr(sdk.module, name)
+            for module in (sdk.module, *submodules):
+                if getattr(module, name, None) is original:
+                    setattr(module, name, cls)
+        sync, asynchronous = _CLASSES[kind]
+        sdk.module.Client, sdk.module.AsyncClient = sdk.classes[sync], sdk.classes[asynchronous]
 
 
-__all__ = ["Anthropic", "AsyncAnthropic", "AsyncOpenAI", "OpenAI", "anthropic", "install", "openai", "pool_url"]
+__all__ = [
+    "Anthropic",
+    "AnthropicBedrock",
+    "AnthropicVertex",
+    "AsyncAnthropic",
+    "AsyncAnthropicBedrock",
+    "AsyncAnthropicVertex",
+    "AsyncAzureOpenAI",
+    "AsyncOpenAI",
+    "AzureOpenAI",
+    "OpenAI",
+    "anthropic",
+    "install",
+    "openai",
+    "pool_url",
+]

@@ -38,17 +38,20 @@ def limits_of(request: Any, attempts: int | None, fallbacks: list[tuple[str, str
     return CallLimits(read_timeout=read or None, max_attempts=attempts, fallbacks=fallbacks)
 
 
-def to_http_call(request: Any, base_path: str, base_url: str) -> tuple[HttpCall, list[tuple[str, str]] | None]:
+def to_http_call(
+    request: Any, base_path: str, base_url: str, placement: dict[str, str] | None = None
+) -> tuple[HttpCall, list[tuple[str, str]] | None]:
     """The request as the worker should send it: path relative to the shim's base URL; the
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
-    the request (the worker's HTTP client sets its own, whatever the caller added); and apart, the
-    fallbacks it names (client/fallbacks.py), which are the pool's, not the provider's."""
+    the request (the worker's HTTP client sets its own, whatever the caller added); where a cloud
+    client named it, its placement; and apart, the fallbacks it names (client/fallbacks.py), which are
+    the pool's, not the provider's."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
     headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k) and k.lower() != FALLBACKS]
     body, fallbacks = take_fallbacks(request.headers, request.read())
-    return HttpCall(request.method, path, headers, body, base_url, own_key(request)), fallbacks
+    return HttpCall(request.method, path, headers, body, base_url, own_key(request), placement or {}), fallbacks
 
 
 def own_key(request: Any) -> str:
@@ -108,20 +111,22 @@ def transports(lib: ModuleType) -> tuple[type, type]:
 
         def __init__(
             self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
-            attempts: int | None = None,
+            attempts: int | None = None, placement: dict[str, str] | None = None,
         ) -> None:  # fmt: skip
             self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
             self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
             self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
+            self.placement = placement or {}  # a cloud client's region, project or endpoint (shim/clouds.py)
 
-        def with_attempts(self, attempts: int) -> PoolTransport:
-            """The same transport with another attempt budget (an SDK client's `with_options(max_retries=…)`)."""
+        def changed(self, **fields: Any) -> PoolTransport:
+            """The same transport with another `attempts` budget or `placement` (an SDK client's
+            `with_options(max_retries=…)`, `with_options(aws_region=…)`)."""
             twin = copy.copy(self)
-            twin.attempts = attempts
+            vars(twin).update(fields)
             return twin
 
         def handle_request(self, request: Any) -> Any:
-            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
+            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url, self.placement)
             try:
                 call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts, fallbacks))
                 events = iter(call)
@@ -140,26 +145,26 @@ def transports(lib: ModuleType) -> tuple[type, type]:
 
         def __init__(
             self, url: str, profile: str, base_path: str, errors: SdkErrors, broker_timeout: float, base_url: str = "",
-            attempts: int | None = None,
+            attempts: int | None = None, placement: dict[str, str] | None = None,
         ) -> None:  # fmt: skip
             self._url, self._profile, self._base_path, self._errors = url, profile, base_path, errors
             self._broker_timeout, self._base_url = broker_timeout, base_url
-            self.attempts = attempts
+            self.attempts, self.placement = attempts, placement or {}
             self._client: AsyncClient | None = None
             self._loop: asyncio.AbstractEventLoop | None = None
 
-        def with_attempts(self, attempts: int) -> AsyncPoolTransport:
-            """The same transport with another attempt budget, and a pool connection of its own (closing
-            one SDK client then leaves the other's)."""
+        def changed(self, **fields: Any) -> AsyncPoolTransport:
+            """The same transport with another `attempts` or `placement`, and a pool connection of its own
+            (closing one SDK client then leaves the other's)."""
             twin = copy.copy(self)
-            twin.attempts, twin._client, twin._loop = attempts, None, None
+            vars(twin).update(fields, _client=None, _loop=None)
             return twin
 
         async def handle_async_request(self, request: Any) -> Any:
             loop = asyncio.get_running_loop()
             if self._client is None or self._loop is not loop:  # a client serves one event loop
                 self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
-            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url)
+            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url, self.placement)
             try:
                 call = await self._client.submit_http(
                     self._profile, http_call, limits_of(request, self.attempts, fallbacks)

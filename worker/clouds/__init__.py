@@ -26,6 +26,7 @@ from broker.protocol import HttpCall
 from ..calls import BadCall, json_body
 
 FIRST_PARTY = ("anthropic", "openai")
+STAND_IN = "isopool"  # broker/shim/transport.py's STAND_IN_KEY: a shim client named no region, project or api-version
 _ENC = msgspec.json.Encoder()
 # The credential libraries' loggers, whose DEBUG records can hold credentials (botocore logs each
 # canonical request, the AWS session token in it): never below INFO, whatever the pool's log level.
@@ -78,6 +79,25 @@ async def messages_in_cloud_form(sdk: Any, call: HttpCall) -> HttpCall:
     except ValueError as exc:  # e.g. no model
         raise BadCall(str(exc)) from None
     return msgspec.structs.replace(call, path=options.url, body=_ENC.encode(options.json_data))
+
+
+def placed(profile: Profile, sdk: Any, placement: dict[str, str], allow_overrides: bool) -> Profile | None:
+    """Where a cloud client's call goes (the shim's client named its region, project or endpoint): None
+    for the profile's own place; elsewhere, with allow_overrides, the profile moved there (a base_url
+    it names stays: a VPC endpoint's region); else a BadCall naming both (data pinned to one region must
+    not silently go to another)."""
+    if profile.kind in FIRST_PARTY:
+        return None
+    own = _module(profile.kind).placement(sdk)
+    moved = {name: given for name, given in placement.items() if name in own and given != own[name]}
+    if not moved:
+        return None
+    if not allow_overrides:
+        name, given = next(iter(moved.items()))
+        raise BadCall(f"the client names {profile.kind} {name} {given!r}, but this profile sends to {own[name]!r}: "
+                      f"drop it, or send to a profile of {name} {given!r} (pool_profile=NAME)")  # fmt: skip
+    unplaced = {"base_url": None} if "endpoint" in moved else {}  # Azure's endpoint is its base URL
+    return msgspec.structs.replace(profile, **moved, **unplaced)
 
 
 def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import msgspec
 from broker.config import Profile
 
 from ..calls import BadCall, json_body
+from . import STAND_IN
 
 _ENC = msgspec.json.Encoder()
 
@@ -39,6 +40,10 @@ def preload() -> None:
         import azure.identity.aio  # noqa: F401
 
 
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"endpoint": str(sdk._azure_endpoint).rstrip("/") if sdk._azure_endpoint else None}
+
+
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL ({endpoint}/openai).
 _CHAT = re.compile(r"/deployments/[^/]+/chat/completions")
 
@@ -59,6 +64,15 @@ async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
     return msgspec.structs.replace(call, path=path, body=_ENC.encode({**args, "model": deployment}))
 
 
+def with_model(path: str, model: str, profile: Profile) -> str:
+    """The path to the deployment of `model` (`azure_deployments`, else its own name) in place of its own."""
+    deployment = urllib.parse.quote(profile.azure_deployments.get(model, model), safe="")
+    return _DEPLOYMENT.sub(lambda m: m[1] + deployment, path, count=1)
+
+
+_DEPLOYMENT = re.compile(r"^(/deployments/)([^/]+)")
+
+
 def method_of(route: str) -> str | None:
     if _CHAT.fullmatch(route):
         return "chat.completions.create"
@@ -76,9 +90,9 @@ def stream_form(path: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 async def authorize(sdk: Any, request: Any) -> None:
-    """The profile's api-version where the caller named none, then the api-key or an Entra ID token
-    from the SDK's own per-request hook (which calls the token provider)."""
-    if "api-version" not in request.url.params:
+    """The profile's api-version where the caller named none (or the shim's stand-in), then the api-key
+    or an Entra ID token from the SDK's own per-request hook (which calls the token provider)."""
+    if request.url.params.get("api-version") in (None, STAND_IN):  # the shim's stand-in: the profile's
         request.url = request.url.copy_merge_params({"api-version": sdk._api_version})
     from openai._models import FinalRequestOptions
 

@@ -5,6 +5,7 @@ sends a Bedrock API key as a bearer token (`api_key_env`, else AWS_BEARER_TOKEN_
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any
 
 from broker.config import Profile
@@ -27,6 +28,10 @@ def preload() -> None:
     get_response_stream_shape()
 
 
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"region": sdk.aws_region}
+
+
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL, as Bedrock's.
 _INVOKE = re.compile(r"/model/[^/]+/invoke(-with-response-stream)?")
 
@@ -36,6 +41,14 @@ async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
     from . import messages_in_cloud_form
 
     return await messages_in_cloud_form(sdk, call)
+
+
+def with_model(path: str, model: str, profile: Profile) -> str:
+    """The path naming `model` (quoted as the SDK quotes it) in place of its own; another path as it is."""
+    return _MODEL.sub(lambda m: m[1] + urllib.parse.quote(model, safe=":;") + m[3], path, count=1)
+
+
+_MODEL = re.compile(r"^(/model/)([^/]+)(/invoke)")
 
 
 def method_of(route: str) -> str | None:

@@ -5,26 +5,37 @@ instead (not refreshed)."""
 
 from __future__ import annotations
 
+import os
 import re
+import urllib.parse
 from typing import Any
 
 import msgspec
 
 from broker.config import Profile
+from broker.errors import ConfigError
 
 from ..calls import BadCall
+from . import STAND_IN
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+PROJECT_ENV = "ANTHROPIC_VERTEX_PROJECT_ID"  # the SDK's own variable
 
 
 def build(module: Any, profile: Profile, key: str | None, **common: Any) -> Any:
     given: dict[str, Any] = {"region": profile.region, "project_id": profile.project, "access_token": key,
                              "base_url": profile.base_url}  # fmt: skip
-    if profile.credentials_file and key is None:
+    if key is None and (profile.credentials_file or not (profile.project or os.environ.get(PROJECT_ENV))):
         import google.auth
 
-        credentials, project = google.auth.load_credentials_from_file(profile.credentials_file, scopes=[SCOPE])
-        given.update(credentials=credentials, project_id=profile.project or project)
+        if profile.credentials_file:
+            credentials, project = google.auth.load_credentials_from_file(profile.credentials_file, scopes=[SCOPE])
+        else:  # the SDK would need the project before it loads ADC (at a request's first hook): load it now
+            credentials, project = google.auth.default(scopes=[SCOPE])
+        given.update(credentials=credentials, project_id=profile.project or os.environ.get(PROJECT_ENV) or project)
+    if not (given["project_id"] or os.environ.get(PROJECT_ENV)):
+        raise ConfigError(f"profile kind vertex: no project: set `project` in the profile (or {PROJECT_ENV} where "
+                          "the workers run), or use credentials that name one")  # fmt: skip
     return module.AsyncAnthropicVertex(**{k: v for k, v in given.items() if v is not None}, **common)
 
 
@@ -35,13 +46,16 @@ def preload() -> None:
     import google.oauth2.service_account  # noqa: F401
 
 
+def placement(sdk: Any) -> dict[str, str | None]:
+    return {"region": sdk.region, "project": sdk.project_id}
+
+
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL (…/v1).
 _PREDICT = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+:(stream)?[rR]awPredict")
 
 
 # Vertex's path names the project and region the data goes to; the shim's stand-in means the profile's.
 _PLACED = re.compile(r"/projects/([^/]+)/locations/([^/]+)/")
-STAND_IN = "isopool"  # broker/shim/transport.py's STAND_IN_KEY
 
 
 async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
@@ -60,6 +74,18 @@ async def from_first_party(sdk: Any, call: Any, profile: Profile) -> Any:
                           f"send it to a profile of {name} {given!r}")  # fmt: skip
     return msgspec.structs.replace(call, path=f"/projects/{own['project']}/locations/{own['region']}/"
                                    + call.path[match.end() :])  # fmt: skip
+
+
+def with_model(path: str, model: str, profile: Profile) -> str:
+    """The path naming `model` in place of its own; another path (count-tokens too) as it is."""
+    if "/models/count-tokens:" in path:
+        return path
+    return _MODEL.sub(lambda m: m[1] + urllib.parse.quote(model, safe="@") + m[3], path, count=1)
+
+
+_MODEL = re.compile(
+    r"^(/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/)([^/]+)(:(?:stream)?[rR]awPredict)"
+)
 
 
 def method_of(route: str) -> str | None:

@@ -1,0 +1,57 @@
+"""The gateway's cloud-form routes: a caller's own cloud SDK class pointed at the gateway.
+
+    anthropic.AnthropicBedrock(base_url=GATEWAY, aws_region="us-east-1", api_key=TOKEN)
+    anthropic.AnthropicVertex(base_url=GATEWAY + "/v1", region=R, project_id="isopool", access_token=TOKEN)
+    openai.AzureOpenAI(azure_endpoint=GATEWAY, api_version=V, api_key=TOKEN)
+
+Each request keeps its cloud's form (the path names the model or deployment) and goes to the
+profile of that kind (`default_profile`, or `x-isopool-profile`), whose workers sign it. Answers take
+the cloud's wire form: Bedrock's streams are AWS event-stream frames again (its SDK decodes nothing
+else), each relayed event a `chunk`, a failure after output an exception frame, and the gateway's
+own errors Bedrock's `{"message"}` with `x-amzn-ErrorType`; Vertex answers as Anthropic does and
+Azure as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .. import eventstream
+
+# The path of each cloud's requests, and the part of it its profile's base URL already holds.
+_FORMS = (
+    ("bedrock", re.compile(r"/model/[^/]+/invoke(-with-response-stream)?"), ""),
+    ("vertex", re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/.+"), "/v1"),
+    ("azure", re.compile(r"/openai/.+"), "/openai"),
+)
+# Bedrock's error type per status, as its `x-amzn-ErrorType` header names it.
+_BEDROCK_ERRORS = {400: "ValidationException", 401: "UnrecognizedClientException", 403: "AccessDeniedException",
+                   408: "ModelTimeoutException", 413: "ValidationException", 429: "ThrottlingException",
+                   503: "ServiceUnavailableException", 504: "ModelTimeoutException"}  # fmt: skip
+
+
+def cloud_form(path: str, path_qs: str) -> tuple[str, str] | None:
+    """(cloud kind, path relative to that kind's base URL) of a request in a cloud's own form, else None."""
+    for kind, pattern, held in _FORMS:
+        if pattern.fullmatch(path):
+            return kind, path_qs[len(held) :]
+    return None
+
+
+def bedrock_error(status: int, message: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Bedrock's error body and header for an error the gateway answers itself."""
+    kind = _BEDROCK_ERRORS.get(status, "InternalServerException")
+    return {"message": message}, [("x-amzn-ErrorType", f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/")]
+
+
+def frame(data: bytes) -> bytes:
+    """A relayed event in Bedrock's stream: a `chunk` frame of its JSON."""
+    return eventstream.chunk(data)
+
+
+def exception_frame(message: str, timeout: bool) -> bytes:
+    """A failure after output in Bedrock's stream: an exception frame, which the SDK raises as an error event."""
+    return eventstream.exception("modelTimeoutException" if timeout else "internalServerException", message)
+
+
+STREAM_HEADERS = (("content-type", eventstream.CONTENT_TYPE),)

@@ -27,6 +27,9 @@ from .protocol import Submit
 from .routes import check_routes, matching
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default: clients that know no better refuse larger requests
+# A stream's events are held at most this long (coalesce_ms): a fifth of the shortest stale_timeout a
+# request may set (request_min_timeout's default), so held events never look like a stall.
+MAX_COALESCE_MS = 50.0
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
 
 
@@ -181,6 +184,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gateway_read_timeout: float = 60.0  # seconds a gateway caller gets to send its request's headers, then its body
     allow_overrides: bool = False
     log_level: str = "WARNING"
+    # A worker sends a stream's events that follow one another within this many ms in one message (the
+    # first event, and any after a pause, at once): fewer messages per hop. 0 = one message per read.
+    coalesce_ms: float = 1.0
     profiles: dict[str, Profile] = msgspec.field(default_factory=_default_profiles)
     models: dict[str, ModelRule] = {}
     request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
@@ -216,6 +222,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                      "continue_max_bytes", "request_log_max_bytes", "request_log_backups"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.coalesce_ms <= MAX_COALESCE_MS:  # held events must not look like a stall
+            raise ConfigError(f"setting coalesce_ms must be within 0..{MAX_COALESCE_MS} ms, got {self.coalesce_ms}")
         if not 0 < self.circuit_cooldown <= self.circuit_cooldown_max:
             raise ConfigError("settings circuit_cooldown and circuit_cooldown_max: need 0 < cooldown <= cooldown_max")
         for name in ("http", "metrics"):

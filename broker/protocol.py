@@ -131,9 +131,10 @@ _PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """Header of the real stream events that arrived in one read from the provider (never
-    held back to fill a batch). The payload is a msgpack array of `[name, data]` pairs,
-    `data` being the provider's own `data:` JSON, unparsed; `seq` numbers the first one. `error`
+    """Header of real stream events: those of one read from the provider, or of the reads within the
+    worker's `coalesce_ms` (the first event, and any after a pause, never held). The payload is a
+    msgpack array of `[name, data]` pairs, `data` being the provider's own `data:` JSON, unparsed;
+    `seq` numbers the first one. `error`
     (from a worker only): the batch is the provider's mid-stream error event, which the broker holds
     until it knows whether the call is retried or continued."""
 
@@ -212,6 +213,7 @@ HEADERS: dict[Kind, type[msgspec.Struct]] = {
     Kind.HEARTBEAT: Heartbeat,
 }
 KIND_BYTES: dict[Kind, bytes] = {kind: bytes([kind]) for kind in Kind}
+_KINDS: dict[int, Kind] = {kind.value: kind for kind in Kind}  # ~30 ns a lookup; calling Kind(n): ~400 ns
 
 
 # Payloads. The broker never decodes these, except the ones it writes itself.
@@ -559,10 +561,9 @@ class Codec:
         kind_frame, header = frames[0], frames[1]
         if len(kind_frame) != 1:
             raise ProtocolError("kind frame must be one byte")
-        try:
-            kind = Kind(kind_frame[0])
-        except ValueError:
-            raise ProtocolError(f"unknown message kind {kind_frame[0]}") from None
+        kind = _KINDS.get(kind_frame[0])
+        if kind is None:
+            raise ProtocolError(f"unknown message kind {kind_frame[0]}")
         if len(header) > MAX_HEADER_BYTES:
             raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
         try:

@@ -12,10 +12,12 @@ import asyncio
 import functools
 import importlib
 import logging
+import math
 import os
 import select
 import ssl
 import threading
+import time
 from typing import Any
 
 import msgspec
@@ -150,47 +152,87 @@ def brings_own_key(call: Call | HttpCall | TimedCall) -> bool:
 class Emitter:
     """Sends what one request produces, in order, tagged with its request id. The sends
     do not wait (the broker reads as fast as it can); the methods are coroutines so that
-    the call runners need not know."""
+    the call runners need not know.
 
-    def __init__(self, sock: LoopSocket, codec: Codec, rid: int) -> None:
+    With a `window` (seconds), a stream's events share messages: each message costs the worker
+    ~45 µs and the broker ~20 µs per hop, and a provider writes each token on its own. An event goes
+    out at once when no events went out in the last `window` (so the first one, and any after a
+    pause, are never delayed); otherwise it is held, with those that follow, until the window since
+    that send has passed (a timer: a stream that pauses does not keep them). Every other message
+    sends what is held first, so the order is the provider's and nothing is held past the end. The
+    broker's stale clock sees an event at most `window` late: a small fraction of any stale_timeout
+    (config.MAX_COALESCE_MS)."""
+
+    def __init__(self, sock: LoopSocket, codec: Codec, rid: int, window: float = 0.0) -> None:
         self._sock, self._codec, self._rid = sock, codec, rid
         self._seq = 0
         self._ref = codec.encode(Ref(rid))
+        self._window = window
+        self._held: list[tuple[str, bytes]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sent_at = -math.inf  # when events last went out (time.monotonic)
 
     async def head(self, response: Response) -> None:
-        self._sock.send([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
+        self._send([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
 
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
-        self.send_events(batch)
+        if self._held:
+            self._held += batch
+        elif not self._window:
+            self.send_events(batch)
+        elif (now := time.monotonic()) - self._sent_at >= self._window:
+            self._sent_at = now
+            self.send_events(batch)
+        elif batch:
+            self._held = list(batch)
+            self._timer = asyncio.get_running_loop().call_later(self._sent_at + self._window - now, self.flush)
+
+    def flush(self) -> None:
+        """Send the events held (the window passed, or another message is due)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held:
+            batch, self._held = self._held, []
+            self._sent_at = time.monotonic()
+            self.send_events(batch)
 
     def send_events(self, batch: list[tuple[str, bytes]], error: bool = False) -> None:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch), error))
         self._seq += len(batch)
         self._sock.send([KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)])
 
+    def _send(self, frames: list[bytes]) -> None:
+        """Any message but the stream's events: those held go first."""
+        if self._held:
+            self.flush()
+        self._sock.send(frames)
+
     async def error_event(self, event: tuple[str, bytes]) -> None:
         """The provider's mid-stream error event: the broker forwards it only if the call ends with it."""
+        if self._held:
+            self.flush()
         self.send_events([event], error=True)
 
     async def progress(self) -> None:
-        self._sock.send([KIND_BYTES[Kind.PROGRESS], self._ref])
+        self._send([KIND_BYTES[Kind.PROGRESS], self._ref])
 
     async def ending(self) -> None:
         """The stream sent its terminal event: the broker stops watching it for staleness (its `[DONE]`
         or close is the worker's to wait for, a GRACE at most)."""
-        self._sock.send([KIND_BYTES[Kind.ENDING], self._ref])
+        self._send([KIND_BYTES[Kind.ENDING], self._ref])
 
     async def usage(self, facts: Facts) -> None:
         """What the provider reported of the answer so far (its usage, id, model, finish reasons)."""
-        self._sock.send(self._codec.frames(Kind.USAGE, facts.spent(self._rid)))
+        self._send(self._codec.frames(Kind.USAGE, facts.spent(self._rid)))
 
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)
-        self._sock.send([KIND_BYTES[Kind.RESULT], self._ref, payload])
+        self._send([KIND_BYTES[Kind.RESULT], self._ref, payload])
 
     async def error(self, info: ErrorInfo) -> None:
         header = self._codec.encode(ErrorHeader(self._rid, info.code))
-        self._sock.send([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
+        self._send([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
 
 
 class Worker:
@@ -231,7 +273,7 @@ class Worker:
             task.cancel()
 
     async def _execute(self, rid: int, payload: bytes, model: str = "", traceparent: str = "") -> None:
-        emit = Emitter(self.sock, self.codec, rid)
+        emit = Emitter(self.sock, self.codec, rid, self.spec.coalesce)
         try:
             call = self.codec.call(payload)
             if traceparent and isinstance(call, (Call, HttpCall)):

@@ -25,6 +25,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     token: str = ""  # proves to the broker that READY and HEARTBEAT come from the process it forked
     allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
     log_level: str = "WARNING"
+    coalesce: float = 0.0  # seconds a stream's events may be held to go out together (Settings.coalesce_ms)
 
 
 class Spawn(msgspec.Struct, frozen=True):

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _BATCH = 512  # messages read from one socket per pass, so neither side starves the other
 _HOUSEKEEPING_INTERVAL = 1.0
+# What a worker says of a running stream: the fleet and the queues stay as they were (no reconcile due).
+_STREAM_TRAFFIC = frozenset((Kind.HEAD, Kind.EVENT, Kind.PROGRESS, Kind.USAGE, Kind.ENDING))
 STREAMS_SHOWN = 50  # requests in flight listed in a snapshot (the oldest): `isopool top` shows them
 
 
@@ -96,6 +98,9 @@ class Broker:
         self.poller = zmq.Poller()
         self.parent_fd = -1
         self.signals_installed = False
+        # Whether the pass may have changed the fleet or a queue, which reconcile (~60 µs) then acts on. A
+        # stream's traffic never does; the watchdog's pass runs at least once a second, for idle workers.
+        self.changed = True
 
     # ----- set-up and tear-down -------------------------------------------------
 
@@ -185,12 +190,15 @@ class Broker:
                     self._read(self.frontend, self.on_frontend, now)
                 if self.fleet.zygote.fileno() in ready:
                     self.fleet.on_zygote(now)
+                    self.changed = True
                 if self.fleet.zygote.outbox:
                     self.fleet.zygote.flush()
                 now = time.monotonic()
                 self.expire(now)
                 self.flow.dispatch(now)  # before reconcile: a retry is sent before its replacement is forked
-                self.reconcile(now)
+                if self.changed:
+                    self.changed = False
+                    self.reconcile(now)
                 if self.draining_since is not None and self._drained(now):
                     return
         finally:
@@ -227,8 +235,10 @@ class Broker:
             return
         if kind == Kind.SUBMIT:
             flow.on_submit(client, header, payload, now)
+            self.changed = True
         elif kind == Kind.CANCEL:
             flow.on_cancel(client, header.rid, now)
+            self.changed = True
         elif flow.callers.parked(client):  # what it asks would only pile up behind the answers it does not read
             self.stats.rejected[Code.SATURATED] += 1
         elif kind == Kind.PING:
@@ -257,14 +267,18 @@ class Broker:
             return  # a killed predecessor's last words
         if kind == Kind.READY:
             self.fleet.on_ready(worker, header, now)
+            self.changed = True
             return
         worker.last_beat = now
         self.flow.on_worker(worker, kind, header, payload, now)
+        if kind not in _STREAM_TRAFFIC:
+            self.changed = True
 
     def expire(self, now: float) -> None:
         """The watchdog pass, by concern; each says when it is next due (at most a second away)."""
         if now < self.alarm.at:
             return
+        self.changed = True
         self.alarm.at = min(
             self.fleet.expire_zygote(now),  # a zygote stuck importing
             self.fleet.expire_workers(now),  # startups, heartbeats

@@ -263,6 +263,7 @@ class Fleet:
             token=worker.token,
             allow_overrides=self.settings.allow_overrides,
             log_level=self.settings.log_level,
+            coalesce=self.settings.coalesce_ms / 1000,
         )
 
     def offer(self, worker: Worker) -> None:

@@ -156,6 +156,11 @@ class Error(msgspec.Struct, array_like=True, frozen=True, gc=False):
     rescue: str = ""
 
 
+# The most tokens one attempt is billed of each kind: a trillion, far past any model's context. A provider (or a
+# proxy) that reports more is wrong or hostile; its count, cut to this, can neither overflow a message nor a tally.
+MAX_TOKENS = 10**12
+
+
 class Spent(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Header of USAGE (worker -> broker): what the provider has reported so far of one attempt's answer,
     sent whenever it changes (a few times an attempt): its token usage (`input_tokens` counts every

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from broker.protocol import Spent, Usage
+from broker.protocol import MAX_TOKENS, Spent, Usage
 
 _MOST_REASONS = 16  # finish reasons kept (one per choice): the USAGE header stays small whatever `n` is
 _LONGEST = 256  # characters kept of a response id or model: the provider's strings, bounded
@@ -100,11 +100,14 @@ class Facts:
     def usage(self, usage: Usage | None) -> None:
         if usage is None:
             return
-        counts = (max(self.input, usage.input), max(self.output, usage.output), max(self.cache_read, usage.cached),
-                  max(self.cache_write, usage.cache_creation))  # fmt: skip
-        if counts != (self.input, self.output, self.cache_read, self.cache_write):
+        reported = (usage.input, usage.output, usage.cached, usage.cache_creation)
+        counts = tuple(max(had, min(MAX_TOKENS, now)) for had, now in zip(self._counts(), reported, strict=True))
+        if counts != self._counts():
             self.input, self.output, self.cache_read, self.cache_write = counts
             self.changed = True
+
+    def _counts(self) -> tuple[int, int, int, int]:
+        return self.input, self.output, self.cache_read, self.cache_write
 
     def name(self, ident: str | None, model: str | None) -> None:
         if (ident and not self.id) or (model and not self.model):

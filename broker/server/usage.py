@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from ..prices import Price, PriceTable
-from ..protocol import Spent, Tokens
+from ..protocol import MAX_TOKENS, Spent, Tokens
 from .callers import who
 
 # Callers name models (and connections come and go): past this many keys, the rest count as one.
@@ -70,8 +70,7 @@ class Accounts:
         report = req.spent
         if report is None or not _billed(report):
             return None
-        tokens = Tokens(report.input_tokens, report.output_tokens, report.cache_read_tokens,
-                        report.cache_write_tokens, 1)  # fmt: skip
+        tokens = Tokens(*_counts(report), 1)
         price = self._price(answered(req))
         return tokens if price is None else msgspec.structs.replace(tokens, cost=round(price.of(tokens), 6))
 
@@ -110,11 +109,16 @@ def _billed(report: Spent) -> bool:
 
 def _difference(report: Spent, was: Spent | None) -> Tokens | None:
     """What `report` adds to `was` (counts are cumulative; one that went down adds nothing), or None."""
-    before = (0, 0, 0, 0) if was is None else (was.input_tokens, was.output_tokens, was.cache_read_tokens,
-                                               was.cache_write_tokens)  # fmt: skip
-    now = (report.input_tokens, report.output_tokens, report.cache_read_tokens, report.cache_write_tokens)
+    before = (0, 0, 0, 0) if was is None else _counts(was)
+    now = _counts(report)
     delta = [max(0, n - b) for n, b in zip(now, before, strict=True)]
     return Tokens(*delta) if any(delta) else None
+
+
+def _counts(report: Spent) -> tuple[int, int, int, int]:
+    """A report's four counts, each at most MAX_TOKENS (the worker's word, bounded like its own reading)."""
+    counts = (report.input_tokens, report.output_tokens, report.cache_read_tokens, report.cache_write_tokens)
+    return tuple(min(MAX_TOKENS, n) for n in counts)  # type: ignore[return-value]
 
 
 def _tally(tallies: dict[str, _Tally], key: str, other: str) -> _Tally:

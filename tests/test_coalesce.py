@@ -91,7 +91,7 @@ def test_every_other_message_sends_what_is_held_first_numbered_in_order():
     assert kinds[0] == Kind.HEAD and kinds[-1] == Kind.RESULT
     for other in (Kind.USAGE, Kind.PROGRESS, Kind.ENDING, Kind.RESULT):
         at = kinds.index(other)
-        assert kinds[at - 1] == Kind.EVENT  # the held events went just before it
+        assert Kind.EVENT in kinds[at - 2 : at]  # the held events went just before it (a held USAGE with them)
     names = [name for kind, batch in wire.sent if kind == Kind.EVENT for name in batch]
     assert [n for n in names if n != "error"] == [f"{n}{x}" for n in range(5) for x in "ab"]
     assert names.index("error") == names.index("3b") + 1  # the error event after the events before it
@@ -100,6 +100,25 @@ def test_every_other_message_sends_what_is_held_first_numbered_in_order():
         if kind == Kind.EVENT:
             assert (header.seq, header.count) == (seq, len(batch))
             seq += len(batch)
+
+
+def test_usage_reported_with_every_chunk_waits_for_the_held_events_and_keeps_only_the_latest():
+    """A server that reports usage in every chunk (vLLM's continuous_usage_stats): found by the session-27
+    review, each report flushed what was held, and coalescing was off."""
+
+    async def scenario() -> Wire:
+        emit, wire = emitter()
+        facts = Facts()
+        for n in range(20):
+            await emit.events(events(f"e{n}"))
+            facts.output = n + 1
+            await emit.usage(facts)
+        await asyncio.sleep(WINDOW * 3)
+        return wire
+
+    wire = asyncio.run(scenario())
+    assert wire.kinds() == [Kind.EVENT, Kind.USAGE, Kind.EVENT, Kind.USAGE]  # the first at once, the rest held
+    assert [h.output_tokens for k, h in zip(wire.kinds(), wire.headers, strict=True) if k == Kind.USAGE] == [1, 20]
 
 
 def test_a_cancelled_call_sends_what_it_held_then_its_error_and_nothing_after():

@@ -169,6 +169,7 @@ class Emitter:
         self._ref = codec.encode(Ref(rid))
         self._window = window
         self._held: list[tuple[str, bytes]] = []
+        self._report: list[bytes] | None = None  # the latest USAGE while events are held: it goes out after them
         self._timer: asyncio.TimerHandle | None = None
         self._sent_at = -math.inf  # when events last went out (time.monotonic)
 
@@ -196,6 +197,9 @@ class Emitter:
             batch, self._held = self._held, []
             self._sent_at = time.monotonic()
             self.send_events(batch)
+        if self._report is not None:
+            report, self._report = self._report, None
+            self._sock.send(report)
 
     def send_events(self, batch: list[tuple[str, bytes]], error: bool = False) -> None:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch), error))
@@ -204,13 +208,13 @@ class Emitter:
 
     def _send(self, frames: list[bytes]) -> None:
         """Any message but the stream's events: those held go first."""
-        if self._held:
+        if self._held or self._report is not None:
             self.flush()
         self._sock.send(frames)
 
     async def error_event(self, event: tuple[str, bytes]) -> None:
         """The provider's mid-stream error event: the broker forwards it only if the call ends with it."""
-        if self._held:
+        if self._held or self._report is not None:
             self.flush()
         self.send_events([event], error=True)
 
@@ -223,8 +227,14 @@ class Emitter:
         self._send([KIND_BYTES[Kind.ENDING], self._ref])
 
     async def usage(self, facts: Facts) -> None:
-        """What the provider reported of the answer so far (its usage, id, model, finish reasons)."""
-        self._send(self._codec.frames(Kind.USAGE, facts.spent(self._rid)))
+        """What the provider reported of the answer so far (its usage, id, model, finish reasons). While events
+        are held it waits for them, the latest report replacing the one before (the counts add up): a server
+        that reports usage in every chunk (vLLM's continuous_usage_stats) must not undo the coalescing."""
+        frames = self._codec.frames(Kind.USAGE, facts.spent(self._rid))
+        if self._held:
+            self._report = frames
+        else:
+            self._send(frames)
 
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)

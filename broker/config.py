@@ -12,9 +12,11 @@ routes.py).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -131,6 +133,20 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return FAMILIES[self.kind]
 
 
+def check_request_log(path: str, max_bytes: int, backups: int) -> None:
+    """A request log the writer can append to without blocking, and that rotation bounds."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"setting request_log: the directory of {path!r} does not exist")
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISBLK(mode):
+            raise ConfigError(f"setting request_log: {path!r} is not a file (a pipe without a reader would hang "
+                              "the broker's writer): name a file")  # fmt: skip
+    if max_bytes and not backups:
+        raise ConfigError("settings request_log_max_bytes and request_log_backups: a log rotated at a size keeps "
+                          "at least 1 backup (with 0 it is never cut); or set request_log_max_bytes = 0")  # fmt: skip
+
+
 def _default_profiles() -> dict[str, Profile]:
     return {"anthropic": Profile(kind="anthropic"), "openai": Profile(kind="openai")}
 
@@ -238,8 +254,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError("settings gateway_token and gateway_token_file: set one of them, not both")
             if not self.gateway_read_timeout > 0:
                 raise ConfigError(f"setting gateway_read_timeout must be > 0, got {self.gateway_read_timeout}")
-        if self.request_log and not os.path.isdir(os.path.dirname(os.path.abspath(self.request_log))):
-            raise ConfigError(f"setting request_log: the directory of {self.request_log!r} does not exist")
+        if self.request_log:
+            check_request_log(self.request_log, self.request_log_max_bytes, self.request_log_backups)
         if self.prices:
             from .prices import load
 

@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from broker import Pool, ProviderStatusError
+from broker import ConfigError, Pool, ProviderStatusError
+from broker.config import load_settings
+from broker.server.requestlog import RequestLine, RequestLog
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, wait_for
 
@@ -64,3 +66,25 @@ def test_a_full_disk_loses_log_lines_and_says_so_but_every_request_is_answered(f
             assert client.request("anthropic", "messages.create", **anthropic_args(f"full {i}")).status == 200
         assert wait_for(lambda: client.snapshot().request_log_lost >= 3, 10, "the lost lines counted")
         assert client.snapshot().requests["ok"] == 3
+
+
+def test_a_path_that_is_not_a_file_and_a_rotation_without_backups_are_refused_at_load(tmp_path):
+    """Found by the session-27 review: a FIFO without a reader hung the broker's shutdown for good, and
+    0 backups left a size-limited log unbounded."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ConfigError, match="is not a file"):
+            load_settings(None, request_log=str(path))
+    with pytest.raises(ConfigError, match="at least 1 backup"):
+        load_settings(None, request_log=str(tmp_path / "log.jsonl"), request_log_backups=0)
+    assert load_settings(None, request_log=str(tmp_path / "log.jsonl"), request_log_backups=0,
+                         request_log_max_bytes=0).request_log  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a disk that is always full)")
+def test_closing_a_log_on_a_full_disk_counts_the_line_and_does_not_raise():
+    log = RequestLog("/dev/full", 0, 5)
+    log.write(RequestLine("t", 1, "c", "p", "m", "p", "ok", [], 0, 0.0))
+    log.close()
+    assert log.lost >= 1

@@ -166,9 +166,12 @@ class Broker:
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
-        for writer in (self.request_log, self.tracing):  # what they hold is written out
+        for writer in (self.request_log, self.tracing):  # what they hold is written out, each on its own
             if writer is not None:
-                writer.close()
+                try:
+                    writer.close()
+                except Exception:  # an exporter's or a disk's failure must not skip the cleanup below
+                    log.exception("closing %s failed", type(writer).__name__)
         endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
 
     # ----- the loop -------------------------------------------------------------

@@ -90,6 +90,10 @@ class RequestLog:
             self._dropped += 1
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer thread."""
+        """Write what is queued, then stop the writer thread (a last flush that fails, a full disk, is a
+        line lost, never an error of the broker's shutdown)."""
         self._listener.stop()
-        self._handler.close()
+        try:
+            self._handler.close()
+        except OSError:
+            self._handler.lost += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from typing import Annotated
 
 import msgspec
 
@@ -26,11 +27,16 @@ from .protocol import Tokens
 _MODELS_KEPT = 4096  # models whose glob lookup is remembered (callers name models)
 
 
+# A price per million tokens: finite and not negative (a negative cost reads as a counter reset in Prometheus,
+# nan or inf would make a model's cost nan or inf for good); a million dollars a million tokens is past any model.
+Amount = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+
+
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    input: float
-    output: float
-    cache_read: float | None = None
-    cache_write: float | None = None
+    input: Amount
+    output: Amount
+    cache_read: Amount | None = None
+    cache_write: Amount | None = None
 
     def of(self, tokens: Tokens) -> float:
         """The cost of `tokens` (`input` counts the cached ones too), in the table's currency."""
@@ -68,7 +74,7 @@ def load(path: str) -> PriceTable:
             raw = tomllib.load(f)
     except OSError as exc:
         raise ValueError(f"setting prices: cannot read {path!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"setting prices: {path!r} is not TOML: {exc}") from None
     if "date" in raw:  # a TOML date (2026-01-15, unquoted) as it was written
         raw["date"] = str(raw["date"])

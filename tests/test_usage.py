@@ -18,6 +18,7 @@ from rich.console import Console
 from broker import Pool, StreamStalled
 from broker.batch import run
 from broker.cli.top import frame
+from broker.prices import load as load_prices
 from broker.protocol import Tokens
 from broker.shim import anthropic as shim_anthropic
 
@@ -172,3 +173,20 @@ def test_stats_prometheus_top_and_the_batch_summary_show_the_tokens(fake, tmp_pa
     screen = Console(file=io.StringIO(), width=200)
     screen.print(frame(snapshot, earlier, 2.0, live=False))
     assert f"{(claude.input + claude.output) / 2:.0f} tokens/s" in screen.file.getvalue()
+
+
+@pytest.mark.parametrize("price", ["-3.0", "nan", "inf", "1e300"])
+def test_a_price_that_is_no_price_is_refused_at_load(tmp_path, price):
+    """Found by the session-27 review: a negative price made costs go down (a counter reset to Prometheus),
+    nan or inf made a model's cost nan or inf for good."""
+    path = tmp_path / "prices.toml"
+    path.write_text(f'[models."*"]\ninput = {price}\noutput = 1.0\n')
+    with pytest.raises(ValueError, match="setting prices"):
+        load_prices(str(path))
+
+
+def test_a_price_table_that_is_not_utf8_names_the_setting(tmp_path):
+    path = tmp_path / "prices.toml"
+    path.write_bytes(b'date = "\xff"\n[models."*"]\ninput = 1\noutput = 1\n')
+    with pytest.raises(ValueError, match="setting prices: .* is not TOML"):
+        load_prices(str(path))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -55,6 +56,15 @@ def test_a_batched_fake_process_writes_an_answer_at_once(own_processes):
     """`FakeProviderProcess(Latency(batched=True))` passes --batched on: it was silently dropped."""
     with FakeProviderProcess(Latency(batched=True)) as batched:
         assert len(_http_chunks(batched.url, "tokens=40")) == 1  # the header sets the length only
+
+
+def tiny(name: str, tmp_path: Path, timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m bench NAME --size tiny`, which must succeed: the run, and the JSON file it wrote."""
+    results = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "bench", name, "--size", "tiny", "--json", str(results)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run, results
 
 
 def _check_overhead(figures: dict) -> None:
@@ -121,22 +131,19 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "onewrite": lambda d: _check_onewrite(d["figures"]),
     "rescue": lambda d: _check_rescue(d),
     "startup": lambda d: _check_startup(d["figures"]),
+    "shim": lambda d: _check_side_by_side("shim", d),
+    "gateway": lambda d: _check_side_by_side("gateway", d),
 }
 PLOTTED = ("overhead", "stream", "scale", "faults", "memory")
 
 
 @pytest.mark.timeout(300)  # one scenario at its tiny size: 5-40 s alone, more on busy cores
-@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("name", [*SCENARIOS, *SIDE_BY_SIDE])
 def test_a_scenario_writes_its_figures_and_its_report(name, tmp_path):
     """Each on its own (so the two test workers share them), then its section of the report."""
     pytest.importorskip("matplotlib")
     pytest.importorskip("pebble")
-    results = tmp_path / "results.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", name, "--size", "tiny", "--json", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run, results = tiny(name, tmp_path, 280)
     data = json.loads(results.read_text())
     assert set(data) == {name}
     entry = data[name]
@@ -184,18 +191,9 @@ def _check_rescue(data: dict) -> None:
     assert targets["gateway and shim: calls over the 3-attempt budget"]["value"] == 0
 
 
-@pytest.mark.parametrize("name", SIDE_BY_SIDE)
-def test_the_shim_and_gateway_scenarios_make_every_call_along_every_path(name, tmp_path):
+def _check_side_by_side(name: str, data: dict) -> None:
     """Every call of issue 21 along the direct SDK and the pool's path (the LiteLLM proxy skipped, with its
-    reason, at this size), to the fake and to the plain server, with each process's CPU; its table renders."""
-    results = tmp_path / "results.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", name, "--size", "tiny", "--json", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=100,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    data = json.loads(results.read_text())[name]
-    assert data["size"] == "tiny" and data["versions"]["anthropic"] != "not installed"
+    reason, at this size), to the fake and to the plain server, with each process's CPU."""
     paths = SIDE_BY_SIDE[name]
     rows = data["figures"]["rows"]
     assert [(r["upstream"], r["kind"]) for r in rows] == [(u, k) for u in ("fake", "plain")
@@ -215,9 +213,3 @@ def test_the_shim_and_gateway_scenarios_make_every_call_along_every_path(name, t
     assert data["targets"] and all(t["name"].startswith(paths[1]) for t in data["targets"])
     if name == "gateway":
         assert any(note.startswith("LiteLLM proxy skipped: not run at the tiny size") for note in data["notes"])
-    rendered = subprocess.run(
-        [sys.executable, "-m", "bench", "report", "--json", str(results), "--out", str(tmp_path / "report")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert rendered.returncode == 0, rendered.stderr[-3000:]
-    assert f"## {name}" in (tmp_path / "report" / "report.md").read_text()

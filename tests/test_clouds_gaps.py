@@ -21,7 +21,7 @@ from worker.fallback import failure_of
 from .cloudkit import BACKUP, MODELS, clouds_pool, needs_clouds, service_account
 from .conftest import TEST_SETTINGS, fault
 
-pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+pytestmark = [needs_clouds, pytest.mark.xdist_group(__name__)]  # its module-scoped pool on one worker
 
 KINDS = ["bedrock", "vertex"]
 PROMPT = [{"role": "user", "content": "rescue me"}]

@@ -16,7 +16,7 @@ from broker.http.gateway import Gateway, Refused
 from .cloudkit import AZURE_VERSION, MODELS, ask, clouds_pool, needs_clouds
 from .conftest import TEST_SETTINGS
 
-pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+pytestmark = [needs_clouds, pytest.mark.xdist_group(__name__)]  # its module-scoped pool on one worker
 
 KINDS = ["bedrock", "vertex", "azure"]
 METHOD = {"bedrock": "messages.create", "vertex": "messages.create", "azure": "chat.completions.create"}

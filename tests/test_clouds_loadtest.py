@@ -14,7 +14,7 @@ import pytest
 
 from .cloudkit import TEST_AWS_KEY, needs_clouds
 
-pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+pytestmark = [needs_clouds, pytest.mark.xdist_group(__name__)]  # its module-scoped pool on one worker
 
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
 

@@ -24,7 +24,7 @@ from broker.protocol import HttpCall
 from .cloudkit import MODELS, ask, cloud_client, clouds_pool, needs_clouds
 from .conftest import TEST_SETTINGS, fault, worker_pids
 
-pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+pytestmark = [needs_clouds, pytest.mark.xdist_group(__name__)]  # its module-scoped pool on one worker
 
 KINDS = ["bedrock", "vertex", "azure"]
 METHOD = {"bedrock": "messages.create", "vertex": "messages.create", "azure": "chat.completions.create"}

@@ -22,7 +22,7 @@ from broker.shim import openai as shim_openai
 from .cloudkit import AZURE_VERSION, MODELS, ask, ask_async, cloud_client, clouds_pool, needs_clouds
 from .conftest import TEST_SETTINGS
 
-pytestmark = [needs_clouds, pytest.mark.xdist_group("clouds")]
+pytestmark = [needs_clouds, pytest.mark.xdist_group(__name__)]  # its module-scoped pool on one worker
 
 KINDS = ["bedrock", "vertex", "azure"]
 CLASS = {"bedrock": (shim_anthropic, "AnthropicBedrock"), "vertex": (shim_anthropic, "AnthropicVertex"),

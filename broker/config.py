@@ -147,6 +147,10 @@ def check_request_log(path: str, max_bytes: int, backups: int) -> None:
                           "at least 1 backup (with 0 it is never cut); or set request_log_max_bytes = 0")  # fmt: skip
 
 
+# The first-party SDKs' own default base URLs: a client that spells one out means the provider itself.
+DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "openai": "https://api.openai.com/v1"}
+
+
 def _default_profiles() -> dict[str, Profile]:
     return {"anthropic": Profile(kind="anthropic"), "openai": Profile(kind="openai")}
 

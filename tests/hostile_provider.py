@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -102,8 +101,3 @@ class Hostile:
         self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds

@@ -19,7 +19,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Settings
+from ..config import DEFAULT_BASE_URLS, Settings
 from ..protocol import Spent
 from ..routes import groups
 
@@ -39,7 +39,6 @@ _OPERATIONS = {
     "/v1/embeddings": "embeddings",
 }
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai"}
-_DEFAULT_HOSTS = {"anthropic": "api.anthropic.com", "openai": "api.openai.com"}
 
 
 def configured() -> bool:
@@ -246,4 +245,4 @@ def _response_attributes(spent: Spent) -> dict[str, Any]:
 
 
 def _host(kind: str, base_url: str | None) -> str:
-    return urlsplit(base_url).hostname or "" if base_url else _DEFAULT_HOSTS.get(kind, "")
+    return urlsplit(base_url or DEFAULT_BASE_URLS.get(kind, "")).hostname or ""

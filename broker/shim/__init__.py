@@ -35,6 +35,7 @@ from typing import Any
 
 from ..client.client import Client
 from ..client.pool import Pool
+from ..config import DEFAULT_BASE_URLS
 from ..sdklib import library
 from . import clouds, httplib
 from .errors import SdkErrors
@@ -55,7 +56,6 @@ _CREDENTIALS = {
     "openai": ("api_key", "admin_api_key", "workload_identity"),
 }
 _OWN_CONNECTION = ("transport", "proxies", "connection_pool_limits")
-_DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "openai": "https://api.openai.com/v1"}
 
 _lock = threading.Lock()
 _embedded: Pool | None = None
@@ -191,7 +191,7 @@ class _Sdk:
                 warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=3)
         settings = httplib.settings_of(http_client, self.lib) if http_client is not None else {}
         url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
-        if base_url.rstrip("/") == _DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's
+        if base_url.rstrip("/") == DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's
             base_url = ""
         own = cloud is None and (base_url or any(kwargs.get(name) for name in self.credentials))  # api_key="": none
         if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):

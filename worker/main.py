@@ -56,6 +56,7 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     Builds the TLS trust store once (~50 ms): a TLS context is plain memory, so sharing it
     copy-on-write keeps every worker's HTTP client fresh while making it ready in ms. Then
     imports the SDKs and what they load lazily, by resolving every streamable method on
-    throwaway clients (which open no connection and are dropped before any fork)."""
+    throwaway clients (which open no connection and are dropped before any fork), and runs
+    a first call of each SDK in memory (worker/warmup.py)."""
     global _ssl_context
     families = tuple(sorted({FAMILIES[kind] for kind in kinds}))  # the SDKs the profiles' kinds run on
     libraries = [sdks.load(family).http for family in families]  # a TLS context suits httpx and httpx2 alike
@@ -102,6 +104,7 @@ def preload(kinds: tuple[str, ...]) -> None:
                 except BadCall:  # an endpoint the installed SDK predates (openai < 1.66 has no `responses`)
                     continue
                 getattr(resource.with_streaming_response, name)
+    warm_up(families)
 
 
 # The key of a client built without one of the pool's own. It never leaves the worker: only calls

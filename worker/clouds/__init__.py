@@ -81,15 +81,24 @@ async def messages_in_cloud_form(sdk: Any, call: HttpCall) -> HttpCall:
     return msgspec.structs.replace(call, path=options.url, body=_ENC.encode(options.json_data))
 
 
+# What a call's placement may set of its profile (a profile's other settings are the pool's alone).
+PLACES = ("region", "project", "endpoint", "api_version", "base_url", "aws_profile")
+
+
 def placed(profile: Profile, sdk: Any, placement: dict[str, str], allow_overrides: bool) -> Profile | None:
-    """Where a cloud client's call goes (the shim's client named its region, project or endpoint): None
-    for the profile's own place; elsewhere, with allow_overrides, the profile moved there (a base_url
-    it names stays: a VPC endpoint's region); else a BadCall naming both (data pinned to one region must
-    not silently go to another)."""
+    """Where a cloud client's call goes (the shim's client named its region, project, endpoint or, where
+    the pool allows overrides, base URL): None for the profile's own place; elsewhere, with
+    allow_overrides, the profile moved there (a base_url it names stays: a VPC endpoint's region); else a
+    BadCall naming both (data pinned to one region must not silently go to another). `sdk` None: the
+    profile's own client could not be built (a dormant profile of the embedded pool, with no region or
+    api-version in the environment), so with allow_overrides the call's placement completes it."""
     if profile.kind in FIRST_PARTY:
         return None
-    own = _module(profile.kind).placement(sdk)
-    moved = {name: given for name, given in placement.items() if name in own and given != own[name]}
+    if sdk is None:
+        moved = {name: given for name, given in placement.items() if name in PLACES} if allow_overrides else {}
+    else:
+        own = _module(profile.kind).placement(sdk)
+        moved = {name: given for name, given in placement.items() if name in own and given != own[name]}
     if not moved:
         return None
     if not allow_overrides:
@@ -97,7 +106,7 @@ def placed(profile: Profile, sdk: Any, placement: dict[str, str], allow_override
         raise BadCall(f"the client names {profile.kind} {name} {given!r}, but this profile sends to {own[name]!r}: "
                       f"drop it, or send to a profile of {name} {given!r} (pool_profile=NAME)")  # fmt: skip
     unplaced = {"base_url": None} if "endpoint" in moved else {}  # Azure's endpoint is its base URL
-    return msgspec.structs.replace(profile, **moved, **unplaced)
+    return msgspec.structs.replace(profile, **{**unplaced, **moved})
 
 
 def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:

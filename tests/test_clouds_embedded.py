@@ -101,7 +101,7 @@ _HIDDEN = textwrap.dedent(
     import sys
     sys.modules["botocore"] = None  # as if the AWS libraries were not installed
 
-    import anthropic
+    from broker.shim import anthropic  # what `isopool run` installs as anthropic's
 
     anthropic.AnthropicBedrock(aws_region="us-east-1")
     """
@@ -109,10 +109,11 @@ _HIDDEN = textwrap.dedent(
 
 
 def test_a_cloud_class_whose_libraries_are_missing_names_the_extra(tmp_path, own_processes):
+    """Before any pool starts: the embedded pool could not have a profile of its kind."""
     script = tmp_path / "hidden.py"
     script.write_text(_HIDDEN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOPOOL_")}
-    out = subprocess.run([ISOPOOL, "run", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     says = "AnthropicBedrock: the pool's workers sign its requests, and kind \"bedrock\" needs the AWS libraries"
     assert f"{says} (botocore, boto3): pip install 'isopool[bedrock]'" in out.stderr

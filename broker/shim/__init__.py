@@ -69,10 +69,8 @@ def pool_url(pool: Pool | str | None) -> str:
     global _embedded
     if isinstance(pool, Pool):
         return pool.url
-    if pool:
-        return pool
-    if os.environ.get("ISOPOOL_URL"):
-        return os.environ["ISOPOOL_URL"]
+    if not _names_embedded(pool):
+        return pool or os.environ["ISOPOOL_URL"]
     with _lock:
         if _embedded is None:
             # owned by this process, so its clients' keys are ours; calls queue in its broker while its
@@ -94,8 +92,9 @@ def boot_embedded() -> None:
     threading.Thread(target=boot, name="isopool-embedded-boot", daemon=True).start()
 
 
-def _is_embedded(url: str) -> bool:
-    return _embedded is not None and _embedded.url == url
+def _names_embedded(pool: Pool | str | None) -> bool:
+    """Whether a client of `pool` uses the embedded pool: it names none, nor does $ISOPOOL_URL."""
+    return not pool and not os.environ.get("ISOPOOL_URL")
 
 
 def _allows_overrides(url: str, broker_timeout: float) -> bool:
@@ -190,11 +189,11 @@ class _Sdk:
                 transport = transport.changed(**changes)
                 http_client = type(http_client)(transport=transport, **httplib.settings_of(http_client, self.lib))
             return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
+        if cloud is not None and _names_embedded(pool) and (lacking := missing(cloud.kind)):  # it has no such profile
+            raise ImportError(f"{cls}: the pool's workers sign its requests, and {lacking}")
         url, placement, base_path = pool_url(pool), {}, BASE_PATH
         if cloud is not None:
             given = {**kwargs, "base_url": base_url}
-            if _is_embedded(url) and (lacking := missing(cloud.kind)):  # no profile of its kind, then
-                raise ImportError(f"{cls}: the pool's workers sign its requests, and {lacking}")
             overrides = cloud.names_overrides(given) and _allows_overrides(url, broker_timeout)
             cloud.refuse_credentials(cls, given, overrides)
             placement, base_path = cloud.placement_of(given, overrides), BASE_PATH + cloud.relative

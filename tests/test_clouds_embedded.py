@@ -38,6 +38,7 @@ _SCRIPT = textwrap.dedent(
         "bedrock": anthropic.AnthropicBedrock(aws_region="us-east-1", base_url=fake),  # keys: AWS_* env
         "vertex": anthropic.AnthropicVertex(project_id="proj-test"),  # region, base URL, ADC: the environment
         "azure": openai.AzureOpenAI(azure_endpoint=fake),  # api-version and key: the environment
+        "foundry": anthropic.AnthropicFoundry(base_url=fake + "/anthropic"),  # key: the environment
     }
     answers = {}
     for kind, client in clients.items():
@@ -73,6 +74,7 @@ def _environment(fake_url: str, tmp_path) -> dict[str, str]:
         "GOOGLE_APPLICATION_CREDENTIALS": str(service_account(tmp_path, fake_url)),
         "CLOUD_ML_REGION": "us-east5", "ANTHROPIC_VERTEX_BASE_URL": fake_url + "/v1",
         "AZURE_OPENAI_API_KEY": "azure-test-key", "OPENAI_API_VERSION": AZURE_VERSION,
+        "ANTHROPIC_FOUNDRY_API_KEY": "foundry-test-key",
     }  # fmt: skip
 
 
@@ -86,10 +88,10 @@ def _run(command: list[str], env: dict[str, str]) -> dict:
 def test_isopool_run_sends_a_scripts_own_cloud_clients_through_dormant_profiles(fake, tmp_path, own_processes):
     script = tmp_path / "clouds_script.py"
     script.write_text(_SCRIPT)
-    env, args = _environment(fake.url, tmp_path), [fake.url, json.dumps(MODELS)]
+    env, args = _environment(fake.url, tmp_path), [fake.url, json.dumps({**MODELS, "foundry": "claude-fake"})]
     plain = _run([sys.executable, str(script), *args], env)
     pooled = _run([ISOPOOL, "run", str(script), *args], env)
-    assert pooled["answers"] == plain["answers"] and all(plain["answers"].values()) and len(plain["answers"]) == 6
+    assert pooled["answers"] == plain["answers"] and all(plain["answers"].values()) and len(plain["answers"]) == 8
     assert pooled["classes"] == ["broker.shim"] and plain["classes"] != ["broker.shim"]
     assert pooled["loaded"] == [] and "botocore" in plain["loaded"]  # the workers signed, not the script
     assert pooled["children"]  # its embedded pool: gone with it
@@ -123,10 +125,10 @@ def test_a_cloud_class_whose_libraries_are_missing_names_the_extra(tmp_path, own
 def test_the_embedded_pool_adds_a_dormant_profile_per_installed_cloud_kind_it_lacks():
     settings = embedded_settings(load_settings(env={}, allow_overrides=True))
     clouds = {name: p for name, p in settings.profiles.items() if name not in ("anthropic", "openai")}
-    assert {name: p.kind for name, p in clouds.items()} == {"bedrock": "bedrock", "vertex": "vertex", "azure": "azure"}
+    assert {name: p.kind for name, p in clouds.items()} == {k: k for k in ("bedrock", "vertex", "azure", "foundry")}
     assert all(p.min_workers == 0 and p.spare_workers == 0 and p.region is None for p in clouds.values())
     configured = load_settings(env={}, profiles={"eu": {"kind": "bedrock", "region": "eu-west-1"}})
-    assert set(embedded_settings(configured).profiles) == {"eu", "vertex", "azure"}  # its own bedrock profile stays
+    assert set(embedded_settings(configured).profiles) == {"eu", "vertex", "azure", "foundry"}  # its own bedrock profile stays
 
 
 @pytest.mark.parametrize("kind", ["bedrock", "vertex"])

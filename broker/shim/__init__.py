@@ -3,8 +3,8 @@
     from broker.shim import anthropic          # instead of `import anthropic`
     client = anthropic.Anthropic()              # same arguments, same results, same exceptions
 
-The client classes (and the cloud ones: `AnthropicBedrock`, `AnthropicVertex`, `AzureOpenAI` and
-their async twins, whose requests the workers sign, see `clouds`) are subclasses of the installed
+The client classes (and the cloud ones: `AnthropicBedrock`, `AnthropicVertex`, `AnthropicFoundry`,
+`AzureOpenAI` and their async twins, whose requests the workers sign, see `clouds`) are subclasses of the installed
 SDKs' own, so `isinstance` checks pass;
 each is built on first use, on the HTTP library its SDK's generation uses (`broker.sdklib`), so
 only the SDK a caller uses is imported, and anthropic 0.40+ / openai 1.40+ (httpx) work as the
@@ -270,9 +270,11 @@ def install() -> None:
 __all__ = [
     "Anthropic",
     "AnthropicBedrock",
+    "AnthropicFoundry",
     "AnthropicVertex",
     "AsyncAnthropic",
     "AsyncAnthropicBedrock",
+    "AsyncAnthropicFoundry",
     "AsyncAnthropicVertex",
     "AsyncAzureOpenAI",
     "AsyncOpenAI",

@@ -42,6 +42,7 @@ class Cloud:
     credentials: tuple[str, ...]
     overrides: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the constructor argument that takes the shim's base URL in place of `base_url`
+    dropped: tuple[str, ...] = ()  # placement arguments the SDK must not see (the shim's base URL replaces them)
     relative: str = ""  # what the SDK adds to the base URL that the profile's base URL already holds
     decodes_sse: bool = field(default=False)  # the SDK's stream decoder is replaced by SSE's (Bedrock's is frames)
 
@@ -67,7 +68,7 @@ class Cloud:
 
     def stand_in(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The SDK's arguments: the shim's own where it builds the request, stand-ins where it wants one."""
-        kept = {k: v for k, v in kwargs.items() if k != self.endpoint and k not in self.overrides}
+        kept = {k: v for k, v in kwargs.items() if k != self.endpoint and k not in (*self.overrides, *self.dropped)}
         return {**kept, **{arg: STAND_IN_KEY for arg in self.stand_ins if not kwargs.get(arg)}}
 
 
@@ -94,15 +95,24 @@ _AZURE = Cloud(
     endpoint="azure_endpoint",
     relative="/openai",
 )
+_FOUNDRY = Cloud(
+    "foundry",
+    placement={"resource": "resource"},
+    stand_ins=("api_key",),
+    credentials=("api_key", "azure_ad_token_provider"),
+    overrides={"base_url": "base_url"},
+    dropped=("resource",),
+)
 # The shim's class name -> its cloud, per SDK.
 CLASSES = {
     "anthropic": {"AnthropicBedrock": _BEDROCK, "AsyncAnthropicBedrock": _BEDROCK,
-                  "AnthropicVertex": _VERTEX, "AsyncAnthropicVertex": _VERTEX},
+                  "AnthropicVertex": _VERTEX, "AsyncAnthropicVertex": _VERTEX,
+                  "AnthropicFoundry": _FOUNDRY, "AsyncAnthropicFoundry": _FOUNDRY},
     "openai": {"AzureOpenAI": _AZURE, "AsyncAzureOpenAI": _AZURE},
 }  # fmt: skip
 
 
-CLOUD_KINDS = ("bedrock", "vertex", "azure")
+CLOUD_KINDS = ("bedrock", "vertex", "azure", "foundry")
 
 
 def installed(kind: str) -> bool:

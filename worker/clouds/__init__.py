@@ -105,7 +105,7 @@ def placed(profile: Profile, sdk: Any, placement: dict[str, str], allow_override
         name, given = next(iter(moved.items()))
         raise BadCall(f"the client names {profile.kind} {name} {given!r}, but this profile sends to {own[name]!r}: "
                       f"drop it, or send to a profile of {name} {given!r} (pool_profile=NAME)")  # fmt: skip
-    unplaced = {"base_url": None} if "endpoint" in moved else {}  # Azure's endpoint is its base URL
+    unplaced = {"base_url": None} if {"endpoint", "resource"} & set(moved) else {}  # they name the base URL
     return msgspec.structs.replace(profile, **{**unplaced, **moved})
 
 
@@ -114,6 +114,14 @@ def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:
     if profile.kind == "azure" and (deployment := profile.azure_deployments.get(kwargs.get("model", ""))):
         return {**kwargs, "model": deployment}
     return kwargs
+
+
+async def prepared_headers(sdk: Any, request: Any, options_type: type) -> None:
+    """The credentials the SDK's own per-request hook (`_prepare_options`: Azure's and Foundry's, which call
+    an Entra ID token provider each time) puts on a request, set on `request`."""
+    options = await sdk._prepare_options(options_type.construct(method=request.method.lower(), url=str(request.url),
+                                                                headers={}))  # fmt: skip
+    request.headers.update({k: v for k, v in options.headers.items() if isinstance(v, str)})
 
 
 # The credential libraries' errors (looked up only if loaded: no other can have been raised), and the

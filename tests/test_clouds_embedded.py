@@ -65,8 +65,8 @@ _SCRIPT = textwrap.dedent(
 def _environment(fake_url: str, tmp_path) -> dict[str, str]:
     """What the SDKs read: AWS keys, Google ADC (a service-account file whose token endpoint is the fake's),
     Vertex's region and base URL, Azure's key and api-version; no isopool setting at all."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ISOPOOL_", "AWS_", "GOOGLE_", "AZURE_",
-                                                                     "CLOUD_ML_", "ANTHROPIC_", "OPENAI_"))}  # fmt: skip
+    sdk_settings = ("ISOPOOL_", "AWS_", "GOOGLE_", "AZURE_", "CLOUD_ML_", "ANTHROPIC_", "OPENAI_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(sdk_settings)}
     none = str(tmp_path / "none")
     return env | {
         "AWS_ACCESS_KEY_ID": TEST_AWS_KEY[0], "AWS_SECRET_ACCESS_KEY": TEST_AWS_KEY[1],
@@ -117,7 +117,7 @@ def test_a_cloud_class_whose_libraries_are_missing_names_the_extra(tmp_path, own
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOPOOL_")}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    says = "AnthropicBedrock: the pool's workers sign its requests, and kind \"bedrock\" needs the AWS libraries"
+    says = 'AnthropicBedrock: the pool\'s workers sign its requests, and kind "bedrock" needs the AWS libraries'
     assert f"{says} (botocore, boto3): pip install 'isopool[bedrock]'" in out.stderr
 
 
@@ -128,7 +128,12 @@ def test_the_embedded_pool_adds_a_dormant_profile_per_installed_cloud_kind_it_la
     assert {name: p.kind for name, p in clouds.items()} == {k: k for k in ("bedrock", "vertex", "azure", "foundry")}
     assert all(p.min_workers == 0 and p.spare_workers == 0 and p.region is None for p in clouds.values())
     configured = load_settings(env={}, profiles={"eu": {"kind": "bedrock", "region": "eu-west-1"}})
-    assert set(embedded_settings(configured).profiles) == {"eu", "vertex", "azure", "foundry"}  # its own bedrock profile stays
+    assert set(embedded_settings(configured).profiles) == {
+        "eu",
+        "vertex",
+        "azure",
+        "foundry",
+    }  # its own bedrock profile stays
 
 
 @pytest.mark.parametrize("kind", ["bedrock", "vertex"])

@@ -49,7 +49,9 @@ def test_a_foundry_resource_other_than_the_profiles_is_refused(foundry):
     shim = shim_anthropic.AnthropicFoundry(pool=foundry, resource="elsewhere")
     with pytest.raises(anthropic.APIConnectionError) as caught:
         ask(shim, "foundry", False, MODEL)
-    assert "the client names foundry resource 'elsewhere', but this profile sends to None" in str(caught.value.__cause__)
+    assert "the client names foundry resource 'elsewhere', but this profile sends to None" in str(
+        caught.value.__cause__
+    )
 
 
 def test_a_foundry_classs_own_key_is_refused_the_workers_hold_it(foundry):

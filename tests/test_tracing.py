@@ -234,3 +234,22 @@ def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receive
     ]
     assert text and json.loads(answer.body)["choices"][0]["message"]["content"] in whole["gen_ai.output.messages"]
     assert CONTENT_CHARS < len(whole["gen_ai.input.messages"]) < CONTENT_CHARS + 200  # 100 000 characters sent
+
+
+def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_request(caplog):
+    """Found by the session-27 review: a raw caller's traceparent of over 512 characters made the
+    propagator log a warning at every request."""
+    from types import SimpleNamespace
+
+    from broker.config import load_settings
+    from broker.server.tracing import Tracing
+
+    tracing = Tracing(load_settings(None), sdk_trace.TracerProvider())
+    submit = SimpleNamespace(traceparent="00-" + "a" * 600, model="m", stream=False)
+    with caplog.at_level("WARNING"):
+        spans = [tracing.request_started(SimpleNamespace(submit=submit, profile="p", payload=b""), float(n))
+                 for n in range(50)]  # fmt: skip
+    assert tracing.ignored_traceparents == 50 and all(span.parent is None for span in spans)  # traces of their own
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignored a traceparent of 603 characters (over 512; 1 so far): those requests start traces of their own"
+    ]

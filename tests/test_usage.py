@@ -19,6 +19,7 @@ from rich.console import Console
 from broker import Pool, StreamStalled
 from broker.batch import run
 from broker.cli.top import frame
+from broker.prices import PriceTable
 from broker.prices import load as load_prices
 from broker.protocol import Tokens
 from broker.shim import anthropic as shim_anthropic
@@ -217,3 +218,15 @@ def test_a_gateway_tokens_calls_are_accounted_to_a_hash_of_it_never_to_the_token
     assert f"{spent['input']:,}" in row and f"{spent['output']:,}" in row
     assert [json.loads(line)["caller"] for line in log.read_text().splitlines()] == [name, ""]
     assert not any(token in text for text in (stats, table, log.read_text(), repr(scraped)))
+
+
+def test_a_price_table_remembers_the_latest_models_not_the_first_ones():
+    """Found by the session-27 review: the lookup cache kept the first 4 096 models forever, so every model
+    named after them paid the scan of all globs (60 ms with 20 000) at each usage report."""
+    table = msgspec.convert({"models": {f"model-{i}-*": {"input": 1.0, "output": 2.0} for i in range(100)}},
+                            PriceTable)  # fmt: skip
+    cache: dict = {}
+    for n in range(5000):
+        table.price(f"caller-named-{n}", cache)
+    assert len(cache) == 4096 and "caller-named-4999" in cache and "caller-named-0" not in cache
+    assert table.price("model-7-latest", cache) is table.models["model-7-*"] and "model-7-latest" in cache

@@ -44,6 +44,8 @@ _OPERATIONS = {
     "/v1/embeddings": "embeddings",
 }
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai"}
+_TRACEPARENT_MAX = 512  # the W3C limit, as OpenTelemetry's propagator applies it
+_WARN_EVERY = 60.0  # seconds between warnings about ignored traceparents
 
 
 def configured() -> bool:
@@ -110,6 +112,7 @@ class Tracing:
         self._metrics = _Metrics(meters.get_meter("isopool")) if meters is not None else None
         self._propagator = TraceContextTextMapPropagator()
         self.content = genai.capture_content()  # message content on the spans (opt-in)
+        self.ignored_traceparents, self._warned = 0, -_WARN_EVERY
         self._wall = time.time_ns() - time.monotonic_ns()  # the broker's clock is monotonic; spans want wall time
         self._servers = {
             key: (profile.kind, _host(profile.kind, profile.base_url))
@@ -121,7 +124,7 @@ class Tracing:
 
     def request_started(self, req: Any, now: float) -> Any:
         """The request's span, under the caller's when it sent a `traceparent`."""
-        parent = self._propagator.extract({"traceparent": req.submit.traceparent}) if req.submit.traceparent else None
+        parent = self._parent(req.submit.traceparent) if req.submit.traceparent else None
         req.genai = genai.request_attributes(req.payload)
         if self.content:
             req.genai |= _content_attributes(req.payload)
@@ -136,6 +139,18 @@ class Tracing:
                 "isopool.stream": req.submit.stream,
             },  # fmt: skip
         )
+
+    def _parent(self, traceparent: str) -> Any:
+        """The caller's context; None for a `traceparent` past the W3C limit (counted, and said at most once
+        a minute: the propagator would warn at every request of a caller that sends one)."""
+        if len(traceparent) <= _TRACEPARENT_MAX:
+            return self._propagator.extract({"traceparent": traceparent})
+        self.ignored_traceparents += 1
+        if time.monotonic() - self._warned >= _WARN_EVERY:
+            self._warned = time.monotonic()
+            log.warning("ignored a traceparent of %d characters (over %d; %d so far): those requests start traces "
+                        "of their own", len(traceparent), _TRACEPARENT_MAX, self.ignored_traceparents)  # fmt: skip
+        return None
 
     def attempt_started(self, req: Any, now: float) -> tuple[Any, str]:
         """The attempt's CLIENT span (a child of the request's), and the `traceparent` that names it."""

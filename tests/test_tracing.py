@@ -190,8 +190,8 @@ def test_the_attempt_span_carries_the_calls_parameters_on_each_api(fake, receive
                    "n": 2, "stop": "STOP", "response_format": {"type": "json_object"}}  # fmt: skip
     responses_params = {"max_output_tokens": 40, "temperature": 1, "text": {"format": {"type": "text"}}}
     with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
-        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("params", **anthropic_params),
-                            timeout=30)  # fmt: skip  (the gateway: an HTTP body)
+        args = anthropic_args("params", **anthropic_params)
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=args, timeout=30)  # through the gateway: a body
         assert answer.status_code == 200
         client.request("openai", "chat.completions.create", **openai_args("params", **chat_params))  # SDK kwargs
         client.request("openai", "responses.create", model="gpt-fake", input="params", **responses_params)

@@ -106,7 +106,8 @@ def _tokens(s: Snapshot) -> list[Any]:
                                  labels=["profile", "model", "type"])  # fmt: skip
     cost = CounterMetricFamily("isopool_cost", f"Cost of the tokens ({s.prices})", labels=["profile", "model"])
     by_caller = CounterMetricFamily("isopool_caller_tokens", "Tokens the providers reported, by the caller a "
-                                    "request named (a gateway token's name) and type", labels=["caller", "type"])  # fmt: skip
+                                    "request named (a gateway token's name) and type",
+                                    labels=["caller", "type"])  # fmt: skip
     caller_cost = CounterMetricFamily("isopool_caller_cost", f"Cost of the tokens by caller ({s.prices})",
                                       labels=["caller"])  # fmt: skip
     for (tokens_of, cost_of), tallies in (((tokens, cost), s.tokens), ((by_caller, caller_cost), s.tokens_by_caller)):

@@ -88,7 +88,8 @@ class Flow:
         self.request_log = request_log
         self.tracing = tracing
         # with message content opted in (traces or the request log): each attempt's answer is kept, bounded
-        self.keep_output = bool(tracing is not None and tracing.content or settings.request_log and settings.request_log_content)
+        logged = bool(settings.request_log) and settings.request_log_content
+        self.keep_output = logged or (tracing is not None and tracing.content)
 
     # ----- callers --------------------------------------------------------------
 

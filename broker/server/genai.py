@@ -71,14 +71,21 @@ _ENVELOPE = msgspec.msgpack.Decoder(_SdkParams | _HttpBody | _Timed)
 _BODY = msgspec.json.Decoder(_Params)
 
 
-def request_attributes(payload: bytes) -> dict[str, Any]:
-    """The call's `gen_ai.request.*` attributes (and `gen_ai.output.type`), those it set; {} for a
-    payload that is not one of the three APIs' calls, or sets a parameter to what its API refuses."""
+def _fields(payload: bytes, envelope: msgspec.msgpack.Decoder, body: msgspec.json.Decoder) -> Any:
+    """The fields `envelope` and `body` name, of an SDK call's kwargs or an HTTP call's JSON body;
+    None for another payload, or one that does not decode (a parameter its API refuses)."""
     try:
-        call = _ENVELOPE.decode(payload)
-        params = call.kwargs if isinstance(call, _SdkParams) else _BODY.decode(call.body) if call.body else None
+        call = envelope.decode(payload)
+        if isinstance(call, _HttpBody):
+            return body.decode(call.body) if call.body else None
+        return getattr(call, "kwargs", None)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return {}
+        return None
+
+
+def request_attributes(payload: bytes) -> dict[str, Any]:
+    """The call's `gen_ai.request.*` attributes (and `gen_ai.output.type`), those it set."""
+    params = _fields(payload, _ENVELOPE, _BODY)
     if params is None:
         return {}
     stop = [params.stop] if isinstance(params.stop, str) else params.stop
@@ -141,11 +148,7 @@ class _Budget:
 def input_content(payload: bytes) -> tuple[list[dict], list[dict]]:
     """The call's (input messages, system instructions) in the conventions' shape ({"role", "parts"});
     empty lists for a payload that says none."""
-    try:
-        call = _MESSAGES_ENVELOPE.decode(payload)
-        found = call.kwargs if isinstance(call, _SdkMessages) else _MESSAGES_BODY.decode(call.body) if call.body else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return [], []
+    found = _fields(payload, _MESSAGES_ENVELOPE, _MESSAGES_BODY)
     if found is None:
         return [], []
     budget = _Budget()

@@ -17,7 +17,6 @@ import logging
 import logging.handlers
 import queue
 import time
-
 from typing import Any
 
 import msgspec

@@ -222,9 +222,12 @@ def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receive
         events = list(client.submit("anthropic", "messages.create", stream=True,
                                     **anthropic_args(SECRET, system=system)))  # fmt: skip
         answer = client.request("openai", "chat.completions.create", **openai_args("x" * 100_000))
+        said = list(client.submit("openai", "responses.create", stream=True, model="gpt-fake", input="hi",
+                                  instructions="be kind"))  # fmt: skip
     text = "".join(e.json()["delta"]["text"] for e in events if e.name == "content_block_delta")
-    streamed, whole = sorted((attrs(s) for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT),
-                             key=lambda a: a["gen_ai.provider.name"])  # fmt: skip
+    spans = {(a["gen_ai.provider.name"], "gen_ai.system_instructions" in a): a
+             for a in (attrs(s) for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT)}  # fmt: skip
+    streamed, whole, responses = spans["anthropic", True], spans["openai", False], spans["openai", True]
     assert json.loads(streamed["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": SECRET}]}
     ]
@@ -234,6 +237,9 @@ def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receive
     ]
     assert text and json.loads(answer.body)["choices"][0]["message"]["content"] in whole["gen_ai.output.messages"]
     assert CONTENT_CHARS < len(whole["gen_ai.input.messages"]) < CONTENT_CHARS + 200  # 100 000 characters sent
+    reply = "".join(e.json()["delta"] for e in said if e.name == "response.output_text.delta")
+    assert reply and json.loads(responses["gen_ai.output.messages"])[0]["parts"][0]["content"] == reply
+    assert json.loads(responses["gen_ai.system_instructions"]) == [{"type": "text", "content": "be kind"}]
 
 
 def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_request(caplog):

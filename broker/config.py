@@ -213,9 +213,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, ModelRule] = {}
     request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
     continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
-    request_log: str = ""  # a JSONL file: one line per finished request (no content, never a key)
+    request_log: str = ""  # a JSONL file: one line per finished request (no content unless asked, never a key)
     request_log_max_bytes: int = 64 * 1024 * 1024  # rotated at this size (0: never)
     request_log_backups: int = 5  # rotated files kept (request_log.1, .2, ...)
+    request_log_content: bool = False  # the request's messages and its answer's text in each line (bounded)
     prices: str = ""  # a TOML price table (broker/prices.py): the cost of the tokens in stats; none shipped
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import re
@@ -103,6 +104,8 @@ class Gateway:
     def __init__(self, client: AsyncClient, settings: Settings, token: str = "") -> None:
         self.client = client
         self.token = token
+        # its callers' usage is accounted to the token, named by a short hash of it (never the token)
+        self.caller = f"token:{hashlib.blake2b(token.encode(), digest_size=4).hexdigest()}" if token else ""
         self.max_bytes = settings.max_message_bytes
         self.read_timeout = settings.gateway_read_timeout
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
@@ -147,7 +150,7 @@ class Gateway:
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request))
+            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
             submitted = await self.client.submit_http(profile, call, limits)
         except IsopoolError as exc:
             return _pool_error(kind, exc)

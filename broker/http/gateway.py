@@ -122,8 +122,8 @@ class Gateway:
     def route(self, request: web.Request) -> tuple[str, str, str]:
         """(profile, kind, path relative to that kind's base URL): a cloud's own form goes to that
         cloud's profile, a first-party one to the SDK's."""
-        path = request.path_qs
-        if cloud := cloudforms.cloud_form(request.path, path):
+        path = request.raw_path  # as sent, query included: a Bedrock model ARN's `%2F` stays one
+        if cloud := cloudforms.cloud_form(request.rel_url.raw_path, path):
             kind, relative = cloud
         elif request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
             kind, relative = "anthropic", path
@@ -139,6 +139,8 @@ class Gateway:
                 return _preflight(request)
             self.check_token(request)
             check_path(request.raw_path)
+            if problem := cloudforms.query_problem(kind, path):
+                raise Refused(400, problem)
             body = await self.read_body(request)
             try:
                 body, fallbacks = take_fallbacks(request.headers, body)

@@ -140,3 +140,32 @@ def test_the_embedded_pool_adds_a_dormant_profile_per_installed_cloud_kind_it_la
 def test_only_the_cloud_kinds_whose_libraries_are_installed_get_a_profile(monkeypatch, kind):
     monkeypatch.setitem(sys.modules, "botocore" if kind == "bedrock" else "google.auth", None)
     assert kind not in embedded_settings(load_settings(env={})).profiles
+
+
+def test_a_dormant_cloud_profiles_first_call_made_while_the_zygote_imports_gets_a_worker(fake, tmp_path):
+    """The zygote imports the profiles' SDKs but not a dormant profile's cloud libraries (its worker imports
+    its own). A spawn for it that came during the imports was held until the zygote's next pipe event: the
+    call waited out startup_timeout (an `isopool run` of a Bedrock script hung on a loaded machine)."""
+    import time
+
+    from broker import Pool
+
+    profiles = {
+        "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
+        "bedrock": {"kind": "bedrock", "region": "us-east-1", "base_url": fake.url, "min_workers": 0,
+                    "spare_workers": 0},
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", TEST_AWS_KEY[0])
+        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_AWS_KEY[1])
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        pool = Pool(profiles=profiles, startup_timeout=300).start(wait=False)  # submitted while it imports
+        try:
+            with pool.client() as client:
+                started = time.monotonic()
+                answer = client.request("bedrock", "messages.create", model=MODELS["bedrock"], max_tokens=16,
+                                        messages=[{"role": "user", "content": "early"}], deadline=60)  # fmt: skip
+                assert answer.json()["content"], "no answer"
+                assert time.monotonic() - started < 60
+        finally:
+            pool.stop()

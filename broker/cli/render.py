@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -82,10 +83,18 @@ def tokens_table(s: Snapshot, tallies: dict[str, Tokens] | None = None, by: str 
     table = Table(by, "input", "cached read", "cache write", "output", "attempts",
                   *(["cost"] if priced else []), title=title)  # fmt: skip
     for key, t in sorted((s.tokens if tallies is None else tallies).items()):
-        cost = ["-" if t.cost is None else f"{t.cost:.4f}"] if priced else []
+        cost = [money(t.cost)] if priced else []
         table.add_row(escape(key.replace("/", " / ", 1)), f"{t.input:,}", f"{t.cache_read:,}", f"{t.cache_write:,}",
                       f"{t.output:,}", str(t.attempts), *cost)  # fmt: skip
     return table
+
+
+def money(cost: float | None) -> str:
+    """A cost with at least 3 significant digits (0.000311, not 0.0003) and at least cents; "—": no price."""
+    if cost is None:
+        return "—"
+    decimals = 2 if cost <= 0 else min(9, max(2, 2 - math.floor(math.log10(cost))))
+    return f"{cost:,.{decimals}f}"
 
 
 def token_total(s: Snapshot) -> int:

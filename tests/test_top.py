@@ -50,8 +50,12 @@ def test_top_shows_the_streams_in_flight_and_the_kills_and_retries_behind_them(f
 @pytest.mark.parametrize("lines", [24, 50])
 def test_top_fits_its_terminal_refreshes_until_q_is_pressed_and_gives_the_terminal_back(pool, client, lines):
     """Found by verify22: on a 50-line terminal, tables past its height were cut and "q quits" lost."""
-    streams = [client.submit("anthropic", "messages.create", stream=True, **anthropic_args(f"top, {n}"),
-                             **fault("drip:gap=0.5")) for n in range(40)]  # fmt: skip (most of them queued)
+    streams = [
+        client.submit(
+            "anthropic", "messages.create", stream=True, **anthropic_args(f"top, {n}"), **fault("drip:gap=0.5")
+        )
+        for n in range(40)
+    ]  # fmt: skip (most of them queued)
     controller, terminal = pty.openpty()
     proc = subprocess.Popen([ISOPOOL, "top", "--url", pool.url, "-n", "0.2"], stdin=terminal, stdout=terminal,
                             stderr=terminal, env={**os.environ, "COLUMNS": "160", "LINES": str(lines)})  # fmt: skip

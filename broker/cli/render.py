@@ -43,13 +43,21 @@ def broker_line(s: Snapshot) -> str:
     )
 
 
-def workers_table(s: Snapshot) -> Table:
-    workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
-    for w in s.workers:
+def workers_table(s: Snapshot, most: int | None = None) -> Table:
+    """The broker's workers (the first `most` of them, if given)."""
+    workers = Table(
+        "worker", "pid", "state", "requests", "served", "age", "RSS", title=shown("workers", s.workers, most)
+    )
+    for w in s.workers[:most]:
         rss = f"{w.rss / 2**20:.0f} MB" if w.rss else "-"
         requests = ", ".join(map(str, w.requests)) or "-"
         workers.add_row(w.ident, str(w.pid or "-"), w.state, requests, str(w.served), f"{w.age:.0f}s", rss)
     return workers
+
+
+def shown(title: str, rows: list, most: int | None) -> str:
+    """A table's title, saying how many of its rows it shows when that is not all of them."""
+    return title if most is None or most >= len(rows) else f"{title} ({most} of {len(rows)} shown)"
 
 
 def counters_table(s: Snapshot) -> Table:

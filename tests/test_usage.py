@@ -155,7 +155,7 @@ def test_a_price_table_gives_the_cost_per_model(fake, tmp_path, own_processes):
 def test_a_price_table_that_cannot_be_read_is_refused_at_start(tmp_path):
     bad = tmp_path / "prices.toml"
     bad.write_text('[models."claude-*"]\ninput = 3\noutput = 15\n[models."gpt-4*"]\ninput = "three"\n')
-    with pytest.raises(Exception, match=r"setting prices: .*models\."gpt-4\*"'):  # found by verify22: no glob
+    with pytest.raises(Exception, match=r"setting prices: .*models\.\"gpt-4\*\""):  # found by verify22: no glob
         Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(bad))
     with pytest.raises(Exception, match="setting prices: cannot read"):
         Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(tmp_path / "missing.toml"))

@@ -101,8 +101,8 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert first.parent_span_id == second.parent_span_id == requests[0].span_id  # both attempts of the stalled call
     assert first.name == "chat claude-fake" and attrs(first).items() >= {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-fake",
-        "server.address": "127.0.0.1", "server.port": urlsplit(fake.url).port, "isopool.attempt": 1, "isopool.retried": False,
-        "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
+        "server.address": "127.0.0.1", "server.port": urlsplit(fake.url).port, "isopool.attempt": 1,
+        "isopool.retried": False, "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
         "isopool.kill_reason": "first_event_timeout",
     }.items()  # fmt: skip
     assert first.status.code == first.status.STATUS_CODE_ERROR
@@ -276,7 +276,8 @@ def test_openai_calls_are_chat_and_a_usage_the_provider_did_not_report_is_absent
     attempts = [attrs(s) | {"name": s.name} for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT]
     assert [(a["name"], a["gen_ai.operation.name"]) for a in attempts] == [("chat gpt-fake", "chat")] * 2
     unreported, relayed = sorted(attempts, key=lambda a: "gen_ai.usage.input_tokens" in a)
-    assert not [key for key in unreported if key.startswith("gen_ai.usage.")]
+    assert not [key for key in unreported if key.startswith("gen_ai.usage.")] and unreported["gen_ai.request.stream"]
+    assert relayed["gen_ai.request.stream"] is False
     assert relayed["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.cache_creation.input_tokens" not in relayed
     assert {a["server.port"] for a in attempts} == {urlsplit(fake.url).port}
     points = {metric.name: list(metric.histogram.data_points) for metric in receiver.metrics}

@@ -114,5 +114,9 @@ def test_a_count_the_provider_did_not_report_is_none_not_zero():
     assert (spent.input_tokens, spent.output_tokens, spent.cache_read_tokens, spent.cache_write_tokens) == (None,) * 4
     check.filter(events(("", {**head, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})))
     spent = check.facts.spent(1)
-    assert (spent.input_tokens, spent.output_tokens, spent.cache_read_tokens, spent.cache_write_tokens) == (3, 2,
-                                                                                                            None, None)
+    assert (spent.input_tokens, spent.output_tokens, spent.cache_read_tokens, spent.cache_write_tokens) == (
+        3,
+        2,
+        None,
+        None,
+    )

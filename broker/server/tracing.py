@@ -176,6 +176,7 @@ class Tracing:
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": _PROVIDERS.get(kind, kind),
             "gen_ai.request.model": model,
+            "gen_ai.request.stream": req.submit.stream,
             "server.address": host,
             **({"server.port": port} if host and port else {}),
             "isopool.attempt": req.attempt,
@@ -317,7 +318,9 @@ def _response_attributes(spent: Spent) -> dict[str, Any]:
         "gen_ai.usage.cache_creation.input_tokens": spent.cache_write_tokens,
     }
     return {key: value for key, value in found.items() if value} | {
-        key: count for key, count in usage.items() if count is not None  # not reported: absent, not 0
+        key: count
+        for key, count in usage.items()
+        if count is not None  # not reported: absent, not 0
     }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 MAX_HEADER_BYTES = 4096
 
 
@@ -167,13 +167,14 @@ class Spent(msgspec.Struct, array_like=True, frozen=True, gc=False):
     sent whenever it changes (a few times an attempt): its token usage (`input_tokens` counts every
     prompt token, those read from or written to the cache included), the response's id and model and
     its finish reasons. Sent as it comes rather than with the end: a stalled attempt's worker is
-    SIGKILLed and sends no end, yet its provider billed what it reported."""
+    SIGKILLed and sends no end, yet its provider billed what it reported. A count is None until the provider
+    reports it (a Chat stream without include_usage reports none; OpenAI never reports a cache write): not 0."""
 
     rid: int
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
     response_id: str = ""
     response_model: str = ""
     finish_reasons: list[str] = []

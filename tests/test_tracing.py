@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 import pytest
@@ -100,16 +101,18 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert first.parent_span_id == second.parent_span_id == requests[0].span_id  # both attempts of the stalled call
     assert first.name == "chat claude-fake" and attrs(first).items() >= {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-fake",
-        "server.address": "127.0.0.1", "isopool.attempt": 1, "isopool.retried": False,
-        "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
+        "server.address": "127.0.0.1", "server.port": urlsplit(fake.url).port, "isopool.attempt": 1,
+        "isopool.retried": False, "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
         "isopool.kill_reason": "first_event_timeout",
     }.items()  # fmt: skip
     assert first.status.code == first.status.STATUS_CODE_ERROR
     assert (
         attrs(second)["isopool.attempt"] == 2 and attrs(second)["isopool.retried"] and "error.type" not in attrs(second)
     )
-    events = [e.name for e in requests[0].events]
-    assert events == ["worker killed", "retry queued"]
+    events = {e.name: attrs(e) for e in requests[0].events}
+    assert list(events) == ["stall detected", "worker killed", "retry queued"]
+    stall = events["stall detected"]
+    assert stall["reason"] == "first_event_timeout" and 0.9 < stall["seconds_since_last_event"] < 5  # no event yet
     assert sent["traceparent"].startswith(f"00-{trace_id.hex()}-{third.span_id.hex()}-")  # the attempt's span
     assert os.environ["ANTHROPIC_API_KEY"].encode() not in receiver.raw
     assert b"traced, clean" not in receiver.raw  # no message content without the opt-in (the last test: with it)
@@ -125,7 +128,7 @@ def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, recei
     spans = sorted(receiver.spans, key=lambda s: s.start_time_unix_nano)
     requests = [s for s in spans if s.name == "isopool.request"]
     attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
-    assert [attrs(s).get("error.type") for s in requests] == ["error:stalled", None]
+    assert [attrs(s).get("error.type") for s in requests] == ["stalled", None]  # no "error:" prefix
     assert [attrs(s).get("error.type") for s in attempts] == ["stale_timeout", "http_429", None]
     assert attrs(attempts[0])["isopool.delivered_events"] >= 1 and "isopool.kill_reason" in attrs(attempts[0])
     assert "isopool.kill_reason" not in attrs(attempts[1])  # the provider answered: no worker was killed
@@ -258,4 +261,61 @@ def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_r
     assert tracing.ignored_traceparents == 50 and all(span.parent is None for span in spans)  # traces of their own
     assert [r.getMessage() for r in caplog.records] == [
         "ignored a traceparent of 603 characters (over 512; 1 so far): those requests start traces of their own"
+    ]
+
+
+def test_openai_calls_are_chat_and_a_usage_the_provider_did_not_report_is_absent_not_zero(fake, receiver, monkeypatch,
+                                                                                          own_processes):  # fmt: skip
+    """Found by verify22: OpenAI calls were named by their path, and a Chat stream without include_usage
+    carried (and metered) 0 tokens, OpenAI ones a cache write of 0."""
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
+        assert list(client.submit("openai", "chat.completions.create", stream=True, **openai_args("no usage asked")))
+        answer = httpx.post(f"{pool.http_url}/v1/chat/completions", json=openai_args("relayed"), timeout=30)
+        assert answer.status_code == 200
+    attempts = [attrs(s) | {"name": s.name} for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT]
+    assert [(a["name"], a["gen_ai.operation.name"]) for a in attempts] == [("chat gpt-fake", "chat")] * 2
+    unreported, relayed = sorted(attempts, key=lambda a: "gen_ai.usage.input_tokens" in a)
+    assert not [key for key in unreported if key.startswith("gen_ai.usage.")] and unreported["gen_ai.request.stream"]
+    assert relayed["gen_ai.request.stream"] is False
+    assert relayed["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.cache_creation.input_tokens" not in relayed
+    assert {a["server.port"] for a in attempts} == {urlsplit(fake.url).port}
+    points = {metric.name: list(metric.histogram.data_points) for metric in receiver.metrics}
+    assert [p.count for p in points["gen_ai.client.token.usage"]] == [1, 1]  # the relayed call's input and output
+    assert all(attrs(p)["gen_ai.operation.name"] == "chat" for p in points["gen_ai.client.operation.duration"])
+    assert all("server.port" in attrs(p) for p in points["gen_ai.client.operation.duration"])
+
+
+@pytest.mark.parametrize(
+    ("method", "operation"),
+    [("chat.completions.create", "chat"), ("responses.create", "chat"), ("/chat/completions", "chat"),
+     ("/v1/chat/completions", "chat"), ("/responses", "chat"), ("/v1/messages", "chat"),
+     ("/model/anthropic.claude-x/invoke", "chat"), ("/model/m/invoke-with-response-stream", "chat"),
+     ("/projects/p/locations/l/publishers/anthropic/models/claude-x:rawPredict", "chat"),
+     ("/projects/p/locations/l/publishers/anthropic/models/claude-x:streamRawPredict", "chat"),
+     ("/openai/deployments/d/chat/completions", "chat"), ("/completions", "text_completion"),
+     ("/embeddings", "embeddings"), ("/openai/deployments/d/embeddings", "embeddings"),
+     ("models.list", "models.list")],
+)  # fmt: skip
+def test_the_operation_is_named_alike_by_sdk_method_gateway_shim_and_cloud_path(method, operation):
+    from broker.server.tracing import operation_name
+
+    assert operation_name(method) == operation
+
+
+def test_only_a_traces_endpoint_exports_traces_only_and_an_exporter_not_otlp_is_said(monkeypatch, caplog):
+    """Found by verify22: a traces endpoint alone turned metrics on too (to localhost), and
+    OTEL_TRACES_EXPORTER=console was taken for otlp."""
+    from broker.server.tracing import exporting
+
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9/v1/traces")
+    assert exporting() == (True, False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:9/v1/metrics")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    with caplog.at_level("WARNING"):
+        assert exporting() == (False, True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "OTEL_TRACES_EXPORTER=console: isopool exports only otlp (or none); traces are not exported"
     ]

@@ -132,21 +132,30 @@ def test_usage_is_kept_per_client_connection_through_the_shim_and_the_gateway(fa
 def test_a_price_table_gives_the_cost_per_model(fake, tmp_path, own_processes):
     prices = tmp_path / "prices.toml"
     prices.write_text('date = 2026-01-15\n[models."claude-*"]\ninput = 3.0\noutput = 15.0\ncache_read = 0.3\n')
-    with usage_pool(fake, prices=str(prices)) as pool, pool.client() as client:
+    with usage_pool(fake, prices=str(prices), metrics="127.0.0.1:0") as pool, pool.client() as client:
         client.request("anthropic", "messages.create", **anthropic_args("usage, priced"))
         client.request("openai", "chat.completions.create", **openai_args("usage, not priced"))
-        snapshot = client.snapshot()
+        snapshot, stats, scraped = client.snapshot(), client.stats(), scrape(pool.metrics_url)
+        table = subprocess.run([ISOPOOL, "stats", "--url", pool.url], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
     claude, gpt = snapshot.tokens["anthropic/claude-fake"], snapshot.tokens["openai/gpt-fake"]
     plain = claude.input - claude.cache_read - claude.cache_write
     want = (plain * 3.0 + claude.output * 15.0 + claude.cache_read * 0.3 + claude.cache_write * 3.0) / 1e6
-    assert claude.cost == pytest.approx(want) and claude.cost > 0 and gpt.cost == 0.0
+    assert claude.cost == pytest.approx(want) and claude.cost > 0
     assert snapshot.prices == f"{prices} (USD, 2026-01-15)"
+    # a model with no price has no cost (found by verify22: it showed 0.0), as in the request log
+    assert gpt.cost is None and stats["tokens"]["openai/gpt-fake"]["cost"] is None
+    assert [labels for name, labels in scraped if name == "isopool_cost_total"] == [
+        (("model", "claude-fake"), ("profile", "anthropic"))
+    ]
+    rows = {model: line for line in table.splitlines() for model in ("claude-fake", "gpt-fake") if model in line}
+    assert f"{claude.cost:.3g}" in rows["claude-fake"] and rows["gpt-fake"].rstrip(" │").endswith("—")
 
 
 def test_a_price_table_that_cannot_be_read_is_refused_at_start(tmp_path):
     bad = tmp_path / "prices.toml"
-    bad.write_text('[models."claude-*"]\ninput = "three"\n')
-    with pytest.raises(Exception, match="setting prices"):
+    bad.write_text('[models."claude-*"]\ninput = 3\noutput = 15\n[models."gpt-4*"]\ninput = "three"\n')
+    with pytest.raises(Exception, match=r"setting prices: .*models\.\"gpt-4\*\""):  # found by verify22: no glob
         Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(bad))
     with pytest.raises(Exception, match="setting prices: cannot read"):
         Pool(profiles={"anthropic": {"kind": "anthropic"}}, prices=str(tmp_path / "missing.toml"))

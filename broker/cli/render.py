@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,13 +43,21 @@ def broker_line(s: Snapshot) -> str:
     )
 
 
-def workers_table(s: Snapshot) -> Table:
-    workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
-    for w in s.workers:
+def workers_table(s: Snapshot, most: int | None = None) -> Table:
+    """The broker's workers (the first `most` of them, if given)."""
+    workers = Table(
+        "worker", "pid", "state", "requests", "served", "age", "RSS", title=shown("workers", s.workers, most)
+    )
+    for w in s.workers[:most]:
         rss = f"{w.rss / 2**20:.0f} MB" if w.rss else "-"
         requests = ", ".join(map(str, w.requests)) or "-"
         workers.add_row(w.ident, str(w.pid or "-"), w.state, requests, str(w.served), f"{w.age:.0f}s", rss)
     return workers
+
+
+def shown(title: str, rows: list, most: int | None) -> str:
+    """A table's title, saying how many of its rows it shows when that is not all of them."""
+    return title if most is None or most >= len(rows) else f"{title} ({most} of {len(rows)} shown)"
 
 
 def counters_table(s: Snapshot) -> Table:
@@ -82,10 +91,18 @@ def tokens_table(s: Snapshot, tallies: dict[str, Tokens] | None = None, by: str 
     table = Table(by, "input", "cached read", "cache write", "output", "attempts",
                   *(["cost"] if priced else []), title=title)  # fmt: skip
     for key, t in sorted((s.tokens if tallies is None else tallies).items()):
-        cost = ["-" if t.cost is None else f"{t.cost:.4f}"] if priced else []
+        cost = [money(t.cost)] if priced else []
         table.add_row(escape(key.replace("/", " / ", 1)), f"{t.input:,}", f"{t.cache_read:,}", f"{t.cache_write:,}",
                       f"{t.output:,}", str(t.attempts), *cost)  # fmt: skip
     return table
+
+
+def money(cost: float | None) -> str:
+    """A cost with at least 3 significant digits (0.000311, not 0.0003) and at least cents; "—": no price."""
+    if cost is None:
+        return "—"
+    decimals = 2 if cost <= 0 else min(9, max(2, 2 - math.floor(math.log10(cost))))
+    return f"{cost:,.{decimals}f}"
 
 
 def token_total(s: Snapshot) -> int:

@@ -403,9 +403,8 @@ class Flow:
         req.tries.append(f"{req.group or req.profile}:{reason or failure}")
         if reason is not None and reason.is_stall:
             self.stats.stalls[reason] += 1
-        if req.span is not None and reason is not None and reason.is_kill:
-            self.tracing.event(req.span, "worker killed", now, reason=reason.value, attempt=req.attempt,  # type: ignore[union-attr]
-                               stall=reason.is_stall)  # fmt: skip
+        if req.span is not None and reason is not None:
+            self.tracing.attempt_failed(req, reason, now)  # type: ignore[union-attr]
         if last_error and req.first_error is None and len(req.used) == 1:
             req.first_error = (code, last_error, self.router.served(req))
         if reason is Reason.DEADLINE or now >= req.deadline_at:

@@ -30,42 +30,62 @@ from . import genai
 
 log = logging.getLogger(__name__)
 
-# gen_ai.operation.name by the SDK method (or HTTP path) a call runs; others are named by themselves.
+# gen_ai.operation.name by the SDK method a call runs, or by how its HTTP path ends (relative to any base URL:
+# the gateway's, the shim's, a cloud's own form); others are named by themselves.
 _OPERATIONS = {
     "messages.create": "chat",
     "chat.completions.create": "chat",
     "responses.create": "chat",
     "completions.create": "text_completion",
     "embeddings.create": "embeddings",
-    "/v1/messages": "chat",
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
 }
+_PATH_ENDINGS = (
+    ("/chat/completions", "chat"),  # before /completions; Azure's /openai/deployments/{name}/chat/completions too
+    ("/messages", "chat"),
+    ("/responses", "chat"),
+    ("/invoke", "chat"),  # Bedrock's /model/{model}/invoke
+    ("/invoke-with-response-stream", "chat"),
+    (":rawPredict", "chat"),  # Vertex's .../models/{model}:rawPredict
+    (":streamRawPredict", "chat"),
+    ("/completions", "text_completion"),
+    ("/embeddings", "embeddings"),
+)
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai"}
 _TRACEPARENT_MAX = 512  # the W3C limit, as OpenTelemetry's propagator applies it
 _WARN_EVERY = 60.0  # seconds between warnings about ignored traceparents
 
 
-def configured() -> bool:
-    """Whether the OTEL_* environment asks for traces or metrics: an OTLP endpoint is set, the SDK not
-    disabled, and not both signals turned off."""
+def operation_name(method: str) -> str:
+    """The call's gen_ai.operation.name, from its SDK method or its HTTP path."""
+    if method in _OPERATIONS:
+        return _OPERATIONS[method]
+    path = method.split("?")[0].rstrip("/")
+    return next((name for ending, name in _PATH_ENDINGS if path.endswith(ending)), method or "call")
+
+
+def exporting() -> tuple[bool, bool]:
+    """(traces, metrics): whether the OTEL_* environment asks for each: the SDK not disabled, its exporter
+    OTLP (the default; `none` turns it off, any other is said and off) and an OTLP endpoint for it (its own
+    or the generic one)."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False, False
+    return _exporting("traces"), _exporting("metrics")
+
+
+def _exporting(signal: str) -> bool:
+    variable = f"OTEL_{signal.upper()}_EXPORTER"
+    exporter = os.environ.get(variable, "otlp").strip().lower()
+    if exporter not in ("otlp", "none"):
+        log.warning("%s=%s: isopool exports only otlp (or none); %s are not exported", variable, exporter, signal)
         return False
-    if not (_exporter("OTEL_TRACES_EXPORTER") or _exporter("OTEL_METRICS_EXPORTER")):
-        return False
-    endpoints = (
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-    )
-    return any(os.environ.get(name) for name in endpoints)
+    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    return exporter == "otlp" and any(os.environ.get(name) for name in endpoints)
 
 
 def from_environment(settings: Settings) -> Tracing | None:
     """The broker's tracing when the environment configures it and the extra is installed, else None."""
-    if not configured():
+    traces, metrics = exporting()
+    if not (traces or metrics):
         return None
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -78,14 +98,9 @@ def from_environment(settings: Settings) -> Tracing | None:
         return None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "isopool"})
     provider = TracerProvider(resource=resource)
-    if _exporter("OTEL_TRACES_EXPORTER"):
+    if traces:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # its own thread: the loop never waits
-    return Tracing(settings, provider, _meter_provider(resource) if _exporter("OTEL_METRICS_EXPORTER") else None)
-
-
-def _exporter(variable: str) -> bool:
-    """Whether this signal is exported (OTLP, the default), not turned off with `none`."""
-    return os.environ.get(variable, "otlp").strip().lower() != "none"
+    return Tracing(settings, provider, _meter_provider(resource) if metrics else None)
 
 
 def _meter_provider(resource: Any) -> Any:
@@ -115,7 +130,7 @@ class Tracing:
         self.ignored_traceparents, self._warned = 0, -_WARN_EVERY
         self._wall = time.time_ns() - time.monotonic_ns()  # the broker's clock is monotonic; spans want wall time
         self._servers = {
-            key: (profile.kind, _host(profile.kind, profile.base_url))
+            key: (profile.kind, *_server(profile.kind, profile.base_url))
             for key, (_, _, profile) in groups(settings).items()
         }
 
@@ -154,14 +169,16 @@ class Tracing:
 
     def attempt_started(self, req: Any, now: float) -> tuple[Any, str]:
         """The attempt's CLIENT span (a child of the request's), and the `traceparent` that names it."""
-        kind, host = self._servers.get(req.group, ("", ""))
-        operation = _OPERATIONS.get(req.submit.method, req.submit.method or "call")
+        kind, host, port = self._servers.get(req.group, ("", "", None))
+        operation = operation_name(req.submit.method)
         model = req.model or req.submit.model
         attributes = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": _PROVIDERS.get(kind, kind),
             "gen_ai.request.model": model,
+            "gen_ai.request.stream": req.submit.stream,
             "server.address": host,
+            **({"server.port": port} if host and port else {}),
             "isopool.attempt": req.attempt,
             "isopool.retried": req.attempt > 1,  # this attempt is a retry (or a fallback) of the request
             "isopool.profile": req.profile,
@@ -190,17 +207,28 @@ class Tracing:
         if req.output is not None and self.content:
             messages = req.output.messages(spent.finish_reasons if spent is not None else [])
             span.set_attribute("gen_ai.output.messages", _JSON(messages).decode())
-        if outcome != "ok":
-            span.set_attribute("error.type", outcome)
+        error = error_type(outcome)
+        if error:
+            span.set_attribute("error.type", error)
             if reason is not None and reason.is_stall:
-                span.set_attribute("isopool.stall_reason", outcome)
+                span.set_attribute("isopool.stall_reason", error)
             if reason is not None and reason.is_kill:
-                span.set_attribute("isopool.kill_reason", outcome)
-            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
+                span.set_attribute("isopool.kill_reason", error)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
         span.end(end_time=self._ns(now))
         if self._metrics is not None:
             first = None if req.first_event_at is None or not req.submit.stream else req.first_event_at - req.sent_at
-            self._metrics.record(span.attributes, outcome, spent, now - req.sent_at, first)
+            self._metrics.record(span.attributes, error, spent, now - req.sent_at, first)
+
+    def attempt_failed(self, req: Any, reason: Any, now: float) -> None:
+        """The request's span events for an attempt that failed for `reason`: a stall detected (and how long
+        since the attempt's last event, or since it was sent), then its worker killed."""
+        if reason.is_stall:
+            since = now - (req.last_event_at if req.last_event_at is not None else req.sent_at)
+            self.event(req.span, "stall detected", now, reason=reason.value, attempt=req.attempt,
+                       seconds_since_last_event=round(since, 3))  # fmt: skip
+        if reason.is_kill:
+            self.event(req.span, "worker killed", now, reason=reason.value, attempt=req.attempt, stall=reason.is_stall)
 
     def chunk(self, req: Any, now: float) -> None:
         """A stream's chunk after its first (one EVENT message: what the caller receives at once)."""
@@ -213,9 +241,9 @@ class Tracing:
 
     def request_ended(self, span: Any, outcome: str, attempts: int, now: float) -> None:
         span.set_attribute("isopool.attempts", attempts)
-        if outcome != "ok":
-            span.set_attribute("error.type", outcome)
-            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, outcome))
+        if error := error_type(outcome):
+            span.set_attribute("error.type", error)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
         span.end(end_time=self._ns(now))
 
     def close(self) -> None:
@@ -236,7 +264,15 @@ _BUCKETS = {
     "gen_ai.client.token.usage": [4**i for i in range(14)],  # 1, 4, 16, ... 67108864
 }
 # The span attributes the metrics carry (the conventions' required and recommended ones).
-_METRIC_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")
+_METRIC_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address",
+                      "server.port")  # fmt: skip
+
+
+def error_type(outcome: str) -> str:
+    """An outcome's error.type, one vocabulary on attempt spans, request spans and metrics ("": none): a Reason
+    of the pool's (first_event_timeout, http_429, ...) or an error code of the answer (provider_connection,
+    stalled, attempts_exhausted, cancelled, ...), without the stats' "error:" prefix."""
+    return "" if outcome == "ok" else outcome.removeprefix("error:")
 
 
 class _Metrics:
@@ -252,18 +288,19 @@ class _Metrics:
         self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                              description="Number of input and output tokens used")  # fmt: skip
 
-    def record(self, span: Any, outcome: str, spent: Spent | None, took: float, first: float | None) -> None:
+    def record(self, span: Any, error: str, spent: Spent | None, took: float, first: float | None) -> None:
         attributes = {key: span[key] for key in _METRIC_ATTRIBUTES if key in span}
         if spent is not None and spent.response_model:
             attributes["gen_ai.response.model"] = spent.response_model
-        if outcome != "ok":
-            attributes["error.type"] = outcome
+        if error:
+            attributes["error.type"] = error
         self.duration.record(took, attributes)
         if first is not None:
             self.first_chunk.record(first, attributes)
-        if spent is not None:
+        if spent is not None:  # a count the provider did not report is not recorded (the conventions: MUST NOT)
             for kind, count in (("input", spent.input_tokens), ("output", spent.output_tokens)):
-                self.tokens.record(count, attributes | {"gen_ai.token.type": kind})
+                if count is not None:
+                    self.tokens.record(count, attributes | {"gen_ai.token.type": kind})
 
 
 def _response_attributes(spent: Spent) -> dict[str, Any]:
@@ -274,12 +311,16 @@ def _response_attributes(spent: Spent) -> dict[str, Any]:
         "gen_ai.response.model": spent.response_model,
         "gen_ai.response.finish_reasons": spent.finish_reasons,
     }
-    attributes: dict[str, Any] = {key: value for key, value in found.items() if value}
-    return attributes | {
+    usage = {
         "gen_ai.usage.input_tokens": spent.input_tokens,
         "gen_ai.usage.output_tokens": spent.output_tokens,
         "gen_ai.usage.cache_read.input_tokens": spent.cache_read_tokens,
         "gen_ai.usage.cache_creation.input_tokens": spent.cache_write_tokens,
+    }
+    return {key: value for key, value in found.items() if value} | {
+        key: count
+        for key, count in usage.items()
+        if count is not None  # not reported: absent, not 0
     }
 
 
@@ -293,5 +334,7 @@ def _content_attributes(payload: bytes) -> dict[str, str]:
     return {key: _JSON(value).decode() for key, value in found.items() if value}
 
 
-def _host(kind: str, base_url: str | None) -> str:
-    return urlsplit(base_url or DEFAULT_BASE_URLS.get(kind, "")).hostname or ""
+def _server(kind: str, base_url: str | None) -> tuple[str, int | None]:
+    """server.address and server.port of a profile's base URL (its scheme's port when it names none)."""
+    url = urlsplit(base_url or DEFAULT_BASE_URLS.get(kind, ""))
+    return url.hostname or "", url.port or {"https": 443, "http": 80}.get(url.scheme)

@@ -82,7 +82,7 @@ async def _calls(families: tuple[str, ...]) -> None:
         sdk = sdks.load(family)
         async with http.AsyncClient(transport=transport) as client:
             sdk_client = sdk.client(api_key="warm-up", base_url="http://warm-up.invalid", http_client=client)
-            messages = [{"role": "user", "content": "warm-up"}]
-            for stream_flag in (True, False):
-                await run_call(sdk_client, family, sdk.resource_type, method,
-                               {**args, "messages": messages, "stream": stream_flag}, _Discard())  # fmt: skip
+            # as a broker's call comes: a prompt, and headers (its traceparent)
+            args = {**args, "messages": [{"role": "user", "content": "warm-up"}], "extra_headers": {"x-warm-up": "1"}}
+            for streaming in (True, False):
+                await run_call(sdk_client, family, sdk.resource_type, method, {**args, "stream": streaming}, _Discard())

@@ -42,9 +42,9 @@ ANSWERS = {
 
 class Upstream:
     """A raw HTTP/1.1 server on the test's loop: records each request's bytes, answers `answer` (bytes), or
-    runs it (a coroutine function of the writer) for what a well-formed answer cannot show."""
+    runs it (a coroutine function of the reader and writer) for what a well-formed answer cannot show."""
 
-    def __init__(self, answer: bytes | Callable[[asyncio.StreamWriter], Any]) -> None:
+    def __init__(self, answer: bytes | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> None:
         self.answer, self.seen = answer, []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -55,7 +55,7 @@ class Upstream:
                                if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
                 self.seen.append(head + await reader.readexactly(length))
                 if callable(self.answer):
-                    await self.answer(writer)
+                    await self.answer(reader, writer)
                     break
                 writer.write(self.answer)
                 await writer.drain()
@@ -74,21 +74,27 @@ def _request(http: Any, url: str, **extra: Any) -> Any:
                               content=b'{"model": "m"}', **extra)  # fmt: skip
 
 
-async def _both(answer: bytes, read: Callable[[Any], Any]) -> tuple[list[Any], list[bytes]]:
-    """What `read` makes of the answer through the SDK's client, then through aiohttp; the requests sent."""
-    upstream, http, session = Upstream(answer), anthropic.DefaultAsyncHttpxClient(), aio.Session(None, "anthropic")
-    got = []
+@contextlib.asynccontextmanager
+async def _clients() -> AsyncIterator[tuple[Any, aio.Session]]:
+    """The SDK's HTTP client and a worker's aiohttp session, closed on the way out."""
+    http, session = anthropic.DefaultAsyncHttpxClient(), aio.Session(None, "anthropic")
     try:
-        async with upstream.running() as url:
-            for response in (await http.send(_request(http, url), stream=True),
-                             await aio.send(session, http, _request(http, url))):  # fmt: skip
-                try:
-                    got.append(await read(response))
-                finally:
-                    await response.aclose()
+        yield http, session
     finally:
         await session.close()
         await http.aclose()
+
+
+async def _both(answer: bytes, read: Callable[[Any], Any]) -> tuple[list[Any], list[bytes]]:
+    """What `read` makes of the answer through the SDK's client, then through aiohttp; the requests sent."""
+    upstream, got = Upstream(answer), []
+    async with upstream.running() as url, _clients() as (http, session):
+        for response in (await http.send(_request(http, url), stream=True),
+                         await aio.send(session, http, _request(http, url))):  # fmt: skip
+            try:
+                got.append(await read(response))
+            finally:
+                await response.aclose()
     return got, upstream.seen
 
 
@@ -105,7 +111,9 @@ def test_the_answer_reads_as_the_sdk_clients(answer):
     the relay sends today); the body decoded, read whole or as it comes."""
 
     async def read(response: Any) -> Any:
-        body = await response.aread() if answer != "gzip stream" else b"".join([c async for c in response.aiter_bytes()])
+        body = (
+            await response.aread() if answer != "gzip stream" else b"".join([c async for c in response.aiter_bytes()])
+        )
         return response.status_code, list(response.headers.items()), response.headers.get("content-type"), body
 
     (through_sdk, through_aio), _ = asyncio.run(_both(ANSWERS[answer], read))
@@ -116,35 +124,29 @@ def test_the_answer_reads_as_the_sdk_clients(answer):
 
 async def _code(answer: Any, timeout: float | None = None) -> list[str]:
     """The error code each client's failure translates to (worker/errors.py), reading the answer whole."""
-    upstream, http, session = Upstream(answer), anthropic.DefaultAsyncHttpxClient(), aio.Session(None, "anthropic")
-    extra = {"timeout": HTTP.Timeout(timeout)} if timeout else {}
-    codes = []
-    try:
-        async with upstream.running() as url:
-            if answer is None:  # a port nobody listens on
-                url = url.rsplit(":", 1)[0] + ":9"
-            for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, r)):
+    extra, codes = {"timeout": HTTP.Timeout(timeout)} if timeout else {}, []
+    async with Upstream(answer).running() as url, _clients() as (http, session):
+        if answer is None:  # a port nobody listens on
+            url = url.rsplit(":", 1)[0] + ":9"
+        for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, r)):
+            try:
+                response = await send(_request(http, url, **extra))
                 try:
-                    response = await send(_request(http, url, **extra))
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
-                except Exception as exc:
-                    codes.append(translate(exc).code)
-                else:
-                    codes.append("no error")
-    finally:
-        await session.close()
-        await http.aclose()
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            except Exception as exc:
+                codes.append(translate(exc).code)
+            else:
+                codes.append("no error")
     return codes
 
 
-async def _silent(writer: asyncio.StreamWriter) -> None:
-    await asyncio.sleep(2)
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # until the client gives up
 
 
-async def _cut(writer: asyncio.StreamWriter) -> None:
+async def _cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nda")
     await writer.drain()
     writer.transport.abort()
@@ -167,26 +169,28 @@ def test_a_request_aiohttp_cannot_send_as_the_sdk_client_would_goes_by_that_clie
     or an encoding aiohttp cannot decode, leaves the request to the SDK's client."""
 
     async def run() -> list[Any]:
-        proxy = Upstream(ANSWERS["error"])
-        http, session = anthropic.DefaultAsyncHttpxClient(), aio.Session(None, "anthropic")
-        sent_by, sdk_send = [], http.send
-        try:
-            async with proxy.running() as proxy_url:
+        proxy, sent_by = Upstream(ANSWERS["error"]), []
+        async with proxy.running() as proxy_url, _clients() as (http, session):
+            sdk_send = http.send
+            try:
                 for env, encoding in ((proxy_url, "gzip"), ("socks5://127.0.0.1:9", "gzip"), ("", "gzip, snappy")):
                     monkeypatch.setenv("HTTP_PROXY", env)
                     aio.proxy_for.cache_clear()
                     request = _request(http, "http://upstream.invalid")
                     request.headers["accept-encoding"] = encoding
                     sent: list[Any] = []
-                    monkeypatch.setattr(http, "send", lambda r, stream, sent=sent: sent.append(r) or sdk_send(r, stream=stream))  # fmt: skip
+
+                    def counted(request: Any, stream: bool, sent: list[Any] = sent) -> Any:
+                        sent.append(request)
+                        return sdk_send(request, stream=stream)
+
+                    monkeypatch.setattr(http, "send", counted)
                     with contextlib.suppress(HTTP.ConnectError):  # the SDK's client finds no upstream.invalid
                         response = await aio.send(session, http, request)
                         await response.aclose()
                     sent_by.append("sdk" if sent else "aiohttp")
-        finally:
-            aio.proxy_for.cache_clear()
-            await session.close()
-            await http.aclose()
+            finally:
+                aio.proxy_for.cache_clear()
         assert proxy.seen[0].startswith(b"POST http://upstream.invalid/v1/models/a%3Ab/count_tokens?beta=true HTTP/1.1")
         return sent_by
 

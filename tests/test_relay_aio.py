@@ -45,9 +45,10 @@ class Upstream:
     runs it (a coroutine function of the reader and writer) for what a well-formed answer cannot show."""
 
     def __init__(self, answer: bytes | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> None:
-        self.answer, self.seen = answer, []
+        self.answer, self.seen, self.connections = answer, [], 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -155,6 +156,33 @@ async def _cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nda")
     await writer.drain()
     writer.transport.abort()
+
+
+def test_a_body_read_to_its_end_keeps_its_connection_and_one_left_unread_closes_it():
+    """Keep-alive between relayed calls; a stream closed early (a cancelled call) is cut at the upstream."""
+    gone = asyncio.Event()
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        await reader.read()  # until the client closes the connection
+        gone.set()
+
+    async def run() -> None:
+        for answer in (ANSWERS["json"], endless):
+            upstream = Upstream(answer)
+            async with upstream.running() as url, _clients() as (http, session):
+                for _ in range(2 if answer is endless else 3):
+                    response = await aio.send(session, http, _request(http, url))
+                    await (response.aiter_bytes().__anext__() if answer is endless else response.aread())
+                    await response.aclose()
+                    if answer is endless:
+                        await asyncio.wait_for(gone.wait(), 5)
+                        gone.clear()
+            assert upstream.connections == (2 if answer is endless else 1)
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize(

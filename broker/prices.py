@@ -24,7 +24,8 @@ import msgspec
 
 from .protocol import Tokens
 
-_MODELS_KEPT = 4096  # models whose glob lookup is remembered (callers name models)
+_SEE = "(see the README's 'Usage and cost')"
+_MODELS_KEPT = 4096  # models whose glob lookup is remembered, the latest (callers name models)
 
 
 # A price per million tokens: finite and not negative (a negative cost reads as a counter reset in Prometheus,
@@ -58,8 +59,9 @@ class PriceTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if model in cache:
             return cache[model]
         found = next((p for glob, p in self.models.items() if fnmatch.fnmatchcase(model, glob)), None)
-        if len(cache) < _MODELS_KEPT:
-            cache[model] = found
+        if len(cache) >= _MODELS_KEPT:  # the oldest goes: a model named since is looked up once, not at each report
+            del cache[next(iter(cache))]
+        cache[model] = found
         return found
 
     def label(self) -> str:
@@ -78,7 +80,18 @@ def load(path: str) -> PriceTable:
         raise ValueError(f"setting prices: {path!r} is not TOML: {exc}") from None
     if "date" in raw:  # a TOML date (2026-01-15, unquoted) as it was written
         raw["date"] = str(raw["date"])
+    if isinstance(raw.get("models"), dict):
+        raw["models"] = {glob: _price(path, glob, price) for glob, price in raw["models"].items()}
     try:
         return msgspec.convert({**raw, "path": path}, PriceTable)
     except msgspec.ValidationError as exc:
-        raise ValueError(f"setting prices: {path!r}: {exc} (see the README's 'Usage and cost')") from None
+        raise ValueError(f"setting prices: {path!r}: {exc} {_SEE}") from None
+
+
+def _price(path: str, glob: str, price: object) -> Price:
+    """One glob's price; ValueError naming the glob (msgspec's error would say only `$.models[...]`)."""
+    try:
+        return msgspec.convert(price, Price)
+    except msgspec.ValidationError as exc:
+        where = str(exc).replace(" - at `$`", "").replace("`$.", "`")
+        raise ValueError(f'setting prices: {path!r}: models."{glob}": {where} {_SEE}') from None

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 9
 MAX_HEADER_BYTES = 4096
 
 
@@ -90,6 +90,7 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     fallbacks: list[tuple[str, str]] | None = None  # the caller's own (profile, model) chain; "" = its own
     method: str = ""  # the SDK method or HTTP path, which names the operation in traces
     traceparent: str = ""  # the caller's trace context (W3C), when it has one: the pool's spans go under it
+    caller: str = ""  # who the caller says it is, for accounting: a gateway's token, by name (never the token)
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -166,13 +167,14 @@ class Spent(msgspec.Struct, array_like=True, frozen=True, gc=False):
     sent whenever it changes (a few times an attempt): its token usage (`input_tokens` counts every
     prompt token, those read from or written to the cache included), the response's id and model and
     its finish reasons. Sent as it comes rather than with the end: a stalled attempt's worker is
-    SIGKILLed and sends no end, yet its provider billed what it reported."""
+    SIGKILLed and sends no end, yet its provider billed what it reported. A count is None until the provider
+    reports it (a Chat stream without include_usage reports none; OpenAI never reports a cache write): not 0."""
 
     rid: int
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
     response_id: str = ""
     response_model: str = ""
     finish_reasons: list[str] = []
@@ -510,6 +512,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     tokens: dict[str, Tokens] = {}  # by "profile/model" (the model that answered)
     tokens_by_client: dict[str, Tokens] = {}  # by client connection (a hash of it, as the request log names it)
     prices: str = ""  # the price table the costs come from (its path, and its date when it gives one)
+    tokens_by_caller: dict[str, Tokens] = {}  # by the caller a request named (`Submit.caller`: a gateway token)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

@@ -7,8 +7,11 @@ import pty
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from broker import Pool
 
@@ -44,10 +47,18 @@ def test_top_shows_the_streams_in_flight_and_the_kills_and_retries_behind_them(f
     assert "first_event_timeout" in screen and "kill" in screen and "retry" in screen
 
 
-def test_top_refreshes_until_q_is_pressed_and_gives_the_terminal_back(pool):
+@pytest.mark.parametrize("lines", [24, 50])
+def test_top_fits_its_terminal_refreshes_until_q_is_pressed_and_gives_the_terminal_back(pool, client, lines):
+    """Found by verify22: on a 50-line terminal, tables past its height were cut and "q quits" lost."""
+    streams = [
+        client.submit(
+            "anthropic", "messages.create", stream=True, **anthropic_args(f"top, {n}"), **fault("drip:gap=0.5")
+        )
+        for n in range(40)
+    ]  # fmt: skip (most of them queued)
     controller, terminal = pty.openpty()
     proc = subprocess.Popen([ISOPOOL, "top", "--url", pool.url, "-n", "0.2"], stdin=terminal, stdout=terminal,
-                            stderr=terminal, env={**os.environ, "COLUMNS": "160", "LINES": "60"})  # fmt: skip
+                            stderr=terminal, env={**os.environ, "COLUMNS": "160", "LINES": str(lines)})  # fmt: skip
     os.close(terminal)
     seen = b""
     try:
@@ -56,9 +67,39 @@ def test_top_refreshes_until_q_is_pressed_and_gives_the_terminal_back(pool):
             if select.select([controller], [], [], 0.5)[0]:
                 seen += os.read(controller, 65536)
         assert seen.count(b"q quits") >= 2, seen[-2000:]
+        assert b" shown)" in seen  # the streams table says it shows only some
         os.write(controller, b"q")
         assert proc.wait(10) == 0
     finally:
         proc.kill()
         proc.wait()
         os.close(controller)
+        for stream in streams:
+            stream.cancel()
+
+
+def test_top_piped_prints_each_screen_and_says_when_the_broker_went_away(own_processes):
+    """Found by the session-27 review: piped, top showed one screen, at its end, and a broker that went
+    away mid-view read as one that never answered."""
+    profiles = {"anthropic": {"kind": "anthropic", "base_url": "http://127.0.0.1:9", "min_workers": 0}}
+    pool = Pool(profiles=profiles, **TEST_SETTINGS).start()
+    try:
+        proc = subprocess.Popen([ISOPOOL, "top", "--url", pool.url, "-n", "0.2"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+        assert proc.stdout is not None
+        timer = threading.Timer(15, pool.stop)  # for a top that prints nothing before it ends
+        timer.start()
+        screens = 0
+        while screens < 2 and (line := proc.stdout.readline()):  # read as they come, the broker still up
+            screens += "streams in flight" in line
+        timer.cancel()
+    finally:
+        pool.stop()
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert screens == 2
+    assert proc.returncode == 1 and "stopped answering" in err and "Traceback" not in err
+    assert "q quits" not in out  # no key reaches a pipe's reader

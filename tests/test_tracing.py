@@ -4,17 +4,20 @@ broker's exporter sends is decoded with the OpenTelemetry protobufs."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 import pytest
 
 from broker import Pool, StreamStalled
+from broker.server.genai import CONTENT_CHARS
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault
+from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
 
 trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="isopool[otel]")
 metrics_pb2 = pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
@@ -98,18 +101,22 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert first.parent_span_id == second.parent_span_id == requests[0].span_id  # both attempts of the stalled call
     assert first.name == "chat claude-fake" and attrs(first).items() >= {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-fake",
-        "server.address": "127.0.0.1", "isopool.attempt": 1, "isopool.retried": False,
-        "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
+        "server.address": "127.0.0.1", "server.port": urlsplit(fake.url).port, "isopool.attempt": 1,
+        "isopool.retried": False, "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
         "isopool.kill_reason": "first_event_timeout",
     }.items()  # fmt: skip
     assert first.status.code == first.status.STATUS_CODE_ERROR
     assert (
         attrs(second)["isopool.attempt"] == 2 and attrs(second)["isopool.retried"] and "error.type" not in attrs(second)
     )
-    events = [e.name for e in requests[0].events]
-    assert events == ["worker killed", "retry queued"]
+    events = {e.name: attrs(e) for e in requests[0].events}
+    assert list(events) == ["stall detected", "worker killed", "retry queued"]
+    stall = events["stall detected"]
+    assert stall["reason"] == "first_event_timeout" and 0.9 < stall["seconds_since_last_event"] < 5  # no event yet
     assert sent["traceparent"].startswith(f"00-{trace_id.hex()}-{third.span_id.hex()}-")  # the attempt's span
     assert os.environ["ANTHROPIC_API_KEY"].encode() not in receiver.raw
+    assert b"traced, clean" not in receiver.raw  # no message content without the opt-in (the last test: with it)
+    assert not any(a.key in ("gen_ai.input.messages", "gen_ai.output.messages") for s in spans for a in s.attributes)
 
 
 def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, receiver, own_processes):
@@ -121,7 +128,7 @@ def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, recei
     spans = sorted(receiver.spans, key=lambda s: s.start_time_unix_nano)
     requests = [s for s in spans if s.name == "isopool.request"]
     attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
-    assert [attrs(s).get("error.type") for s in requests] == ["error:stalled", None]
+    assert [attrs(s).get("error.type") for s in requests] == ["stalled", None]  # no "error:" prefix
     assert [attrs(s).get("error.type") for s in attempts] == ["stale_timeout", "http_429", None]
     assert attrs(attempts[0])["isopool.delivered_events"] >= 1 and "isopool.kill_reason" in attrs(attempts[0])
     assert "isopool.kill_reason" not in attrs(attempts[1])  # the provider answered: no worker was killed
@@ -155,13 +162,160 @@ def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens
         assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered"),
                                   **fault("stall-first:interval=0.05")))  # fmt: skip
         client.request("anthropic", "messages.create", **anthropic_args("metered, plain"))
+        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered, dripped"),
+                                  **fault("drip:gap=0.03")))  # fmt: skip
     points: dict[str, list[Any]] = {}
     for metric in receiver.metrics:  # cumulative: the latest export of each holds every measurement
         points[metric.name] = list(metric.histogram.data_points)
     duration = {attrs(p).get("error.type"): p.count for p in points["gen_ai.client.operation.duration"]}
-    assert duration == {"first_event_timeout": 1, None: 2}  # three attempts: the stall, its retry, the plain call
+    assert duration == {"first_event_timeout": 1, None: 3}  # the stall, its retry, the plain call, the drip
     first_chunk = points["gen_ai.client.operation.time_to_first_chunk"]
-    assert sum(p.count for p in first_chunk) == 1 and 0 < first_chunk[0].sum < 1  # the stream's retry only
+    assert sum(p.count for p in first_chunk) == 2 and 0 < first_chunk[0].sum < 2  # the streams' answered attempts
+    (per_chunk,) = points["gen_ai.client.operation.time_per_output_chunk"]  # each chunk after a stream's first
+    assert per_chunk.count >= 6 and 0.02 < per_chunk.sum / per_chunk.count < 0.2  # the drip's 0.03 s apart
+    assert attrs(per_chunk)["gen_ai.operation.name"] == "chat"
     tokens = {attrs(p)["gen_ai.token.type"]: p for p in points["gen_ai.client.token.usage"]}
-    assert tokens["input"].count == tokens["output"].count == 2 and tokens["output"].sum > 0
+    assert tokens["input"].count == tokens["output"].count == 3 and tokens["output"].sum > 0
     assert all(attrs(p)["gen_ai.provider.name"] == "anthropic" for p in points["gen_ai.client.operation.duration"])
+
+
+def params_pool(fake: Any, **settings: Any) -> Pool:
+    profiles = {
+        "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
+        "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1},
+    }
+    return Pool(profiles=profiles, **{**TEST_SETTINGS, **settings})
+
+
+def test_the_attempt_span_carries_the_calls_parameters_on_each_api(fake, receiver, own_processes):
+    anthropic_params = {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "stop_sequences": ["END"]}
+    chat_params = {"max_completion_tokens": 50, "frequency_penalty": 0.5, "presence_penalty": -0.5, "seed": 7,
+                   "n": 2, "stop": "STOP", "response_format": {"type": "json_object"}}  # fmt: skip
+    responses_params = {"max_output_tokens": 40, "temperature": 1, "text": {"format": {"type": "text"}}}
+    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
+        args = anthropic_args("params", **anthropic_params)
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=args, timeout=30)  # through the gateway: a body
+        assert answer.status_code == 200
+        client.request("openai", "chat.completions.create", **openai_args("params", **chat_params))  # SDK kwargs
+        client.request("openai", "responses.create", model="gpt-fake", input="params", **responses_params)
+    by_model = {attrs(s)["gen_ai.operation.name"] + str(attrs(s).get("gen_ai.request.max_tokens")): attrs(s)
+                for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT}  # fmt: skip
+    messages, chat, responses = by_model["chat64"], by_model["chat50"], by_model["chat40"]
+    assert messages.items() >= {"gen_ai.request.temperature": 0.5, "gen_ai.request.top_p": 0.9,
+                                "gen_ai.request.top_k": 40}.items()  # fmt: skip
+    assert chat.items() >= {"gen_ai.request.frequency_penalty": 0.5, "gen_ai.request.presence_penalty": -0.5,
+                            "gen_ai.request.seed": 7, "gen_ai.request.choice.count": 2,
+                            "gen_ai.output.type": "json"}.items()  # fmt: skip
+    assert responses["gen_ai.request.temperature"] == 1.0 and responses["gen_ai.output.type"] == "text"
+    assert "gen_ai.request.top_k" not in chat and "gen_ai.request.seed" not in messages  # only those set
+    stops = {name: [v.string_value for v in s.array_value.values] for name, s in
+             ((attrs(span).get("gen_ai.request.max_tokens"), a.value) for span in receiver.spans
+              for a in span.attributes if a.key == "gen_ai.request.stop_sequences")}  # fmt: skip
+    assert stops == {64: ["END"], 50: ["STOP"]}
+
+
+SECRET = "a prompt only an opted-in trace may carry"
+
+
+def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receiver, monkeypatch, own_processes):
+    """(Without the switch, no content: the first test of this file.)"""
+    system = [{"type": "text", "text": "you are terse"}]
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    with params_pool(fake) as pool, pool.client() as client:
+        events = list(client.submit("anthropic", "messages.create", stream=True,
+                                    **anthropic_args(SECRET, system=system)))  # fmt: skip
+        answer = client.request("openai", "chat.completions.create", **openai_args("x" * 100_000))
+        said = list(client.submit("openai", "responses.create", stream=True, model="gpt-fake", input="hi",
+                                  instructions="be kind"))  # fmt: skip
+    text = "".join(e.json()["delta"]["text"] for e in events if e.name == "content_block_delta")
+    spans = {(a["gen_ai.provider.name"], "gen_ai.system_instructions" in a): a
+             for a in (attrs(s) for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT)}  # fmt: skip
+    streamed, whole, responses = spans["anthropic", True], spans["openai", False], spans["openai", True]
+    assert json.loads(streamed["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": SECRET}]}
+    ]
+    assert json.loads(streamed["gen_ai.system_instructions"]) == [{"type": "text", "content": "you are terse"}]
+    assert json.loads(streamed["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": "end_turn"}
+    ]
+    assert text and json.loads(answer.body)["choices"][0]["message"]["content"] in whole["gen_ai.output.messages"]
+    assert CONTENT_CHARS < len(whole["gen_ai.input.messages"]) < CONTENT_CHARS + 200  # 100 000 characters sent
+    reply = "".join(e.json()["delta"] for e in said if e.name == "response.output_text.delta")
+    assert reply and json.loads(responses["gen_ai.output.messages"])[0]["parts"][0]["content"] == reply
+    assert json.loads(responses["gen_ai.system_instructions"]) == [{"type": "text", "content": "be kind"}]
+
+
+def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_request(caplog):
+    """Found by the session-27 review: a raw caller's traceparent of over 512 characters made the
+    propagator log a warning at every request."""
+    from types import SimpleNamespace
+
+    from broker.config import load_settings
+    from broker.server.tracing import Tracing
+
+    tracing = Tracing(load_settings(None), sdk_trace.TracerProvider())
+    submit = SimpleNamespace(traceparent="00-" + "a" * 600, model="m", stream=False)
+    with caplog.at_level("WARNING"):
+        spans = [tracing.request_started(SimpleNamespace(submit=submit, profile="p", payload=b""), float(n))
+                 for n in range(50)]  # fmt: skip
+    assert tracing.ignored_traceparents == 50 and all(span.parent is None for span in spans)  # traces of their own
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignored a traceparent of 603 characters (over 512; 1 so far): those requests start traces of their own"
+    ]
+
+
+def test_openai_calls_are_chat_and_a_usage_the_provider_did_not_report_is_absent_not_zero(fake, receiver, monkeypatch,
+                                                                                          own_processes):  # fmt: skip
+    """Found by verify22: OpenAI calls were named by their path, and a Chat stream without include_usage
+    carried (and metered) 0 tokens, OpenAI ones a cache write of 0."""
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
+        assert list(client.submit("openai", "chat.completions.create", stream=True, **openai_args("no usage asked")))
+        answer = httpx.post(f"{pool.http_url}/v1/chat/completions", json=openai_args("relayed"), timeout=30)
+        assert answer.status_code == 200
+    attempts = [attrs(s) | {"name": s.name} for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT]
+    assert [(a["name"], a["gen_ai.operation.name"]) for a in attempts] == [("chat gpt-fake", "chat")] * 2
+    unreported, relayed = sorted(attempts, key=lambda a: "gen_ai.usage.input_tokens" in a)
+    assert not [key for key in unreported if key.startswith("gen_ai.usage.")] and unreported["gen_ai.request.stream"]
+    assert relayed["gen_ai.request.stream"] is False
+    assert relayed["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.cache_creation.input_tokens" not in relayed
+    assert {a["server.port"] for a in attempts} == {urlsplit(fake.url).port}
+    points = {metric.name: list(metric.histogram.data_points) for metric in receiver.metrics}
+    assert [p.count for p in points["gen_ai.client.token.usage"]] == [1, 1]  # the relayed call's input and output
+    assert all(attrs(p)["gen_ai.operation.name"] == "chat" for p in points["gen_ai.client.operation.duration"])
+    assert all("server.port" in attrs(p) for p in points["gen_ai.client.operation.duration"])
+
+
+@pytest.mark.parametrize(
+    ("method", "operation"),
+    [("chat.completions.create", "chat"), ("responses.create", "chat"), ("/chat/completions", "chat"),
+     ("/v1/chat/completions", "chat"), ("/responses", "chat"), ("/v1/messages", "chat"),
+     ("/model/anthropic.claude-x/invoke", "chat"), ("/model/m/invoke-with-response-stream", "chat"),
+     ("/projects/p/locations/l/publishers/anthropic/models/claude-x:rawPredict", "chat"),
+     ("/projects/p/locations/l/publishers/anthropic/models/claude-x:streamRawPredict", "chat"),
+     ("/openai/deployments/d/chat/completions", "chat"), ("/completions", "text_completion"),
+     ("/embeddings", "embeddings"), ("/openai/deployments/d/embeddings", "embeddings"),
+     ("models.list", "models.list")],
+)  # fmt: skip
+def test_the_operation_is_named_alike_by_sdk_method_gateway_shim_and_cloud_path(method, operation):
+    from broker.server.tracing import operation_name
+
+    assert operation_name(method) == operation
+
+
+def test_only_a_traces_endpoint_exports_traces_only_and_an_exporter_not_otlp_is_said(monkeypatch, caplog):
+    """Found by verify22: a traces endpoint alone turned metrics on too (to localhost), and
+    OTEL_TRACES_EXPORTER=console was taken for otlp."""
+    from broker.server.tracing import exporting
+
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9/v1/traces")
+    assert exporting() == (True, False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://127.0.0.1:9/v1/metrics")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    with caplog.at_level("WARNING"):
+        assert exporting() == (False, True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "OTEL_TRACES_EXPORTER=console: isopool exports only otlp (or none); traces are not exported"
+    ]

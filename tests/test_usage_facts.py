@@ -57,7 +57,7 @@ def test_chat_reads_each_choices_finish_reason_and_the_usage_chunk():
     check = ChatCheck(n=2)
     head = {"id": "chatcmpl-1", "model": "gpt-x"}
     check.filter(events(("", {**head, "choices": [{"index": 0, "delta": {"content": "a"}}]})))
-    assert check.facts.changed and check.facts.model == "gpt-x" and check.facts.output == 0
+    assert check.facts.changed and check.facts.model == "gpt-x" and check.facts.output is None
     check.facts.spent(1)
     check.filter(events(("", {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"},
                                                    {"index": 1, "delta": {}, "finish_reason": "length"}]}),
@@ -92,7 +92,7 @@ def test_a_plain_body_is_read_once_and_one_of_another_shape_says_nothing():
     other = Facts()
     for body in (b"not json", b'{"usage": "lots"}', b'{"input_tokens": 12}'):  # count_tokens' answer is no usage
         other.body(body)
-    assert not other.changed and other.input == 0
+    assert not other.changed and other.input is None  # not reported
 
 
 def test_what_one_attempt_says_stays_small_whatever_the_provider_sends():
@@ -102,3 +102,21 @@ def test_what_one_attempt_says_stays_small_whatever_the_provider_sends():
         facts.finished("stop" * 1000)
     assert len(facts.id) == len(facts.model) == 256 and len(facts.finish) == 16
     assert len(Codec().frames(Kind.USAGE, facts.spent(2**40))[1]) < MAX_HEADER_BYTES / 2
+
+
+def test_a_count_the_provider_did_not_report_is_none_not_zero():
+    """Found by verify22: a Chat stream without include_usage was sent on as 0 tokens, an OpenAI answer as a
+    cache write of 0 (OpenAI never reports one)."""
+    check = ChatCheck(n=1)
+    head = {"id": "chatcmpl-1", "model": "gpt-x"}
+    check.filter(events(("", {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})))
+    spent = check.facts.spent(1)
+    assert (spent.input_tokens, spent.output_tokens, spent.cache_read_tokens, spent.cache_write_tokens) == (None,) * 4
+    check.filter(events(("", {**head, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})))
+    spent = check.facts.spent(1)
+    assert (spent.input_tokens, spent.output_tokens, spent.cache_read_tokens, spent.cache_write_tokens) == (
+        3,
+        2,
+        None,
+        None,
+    )

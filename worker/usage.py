@@ -92,7 +92,10 @@ class Facts:
     __slots__ = ("input", "output", "cache_read", "cache_write", "id", "model", "finish", "changed")
 
     def __init__(self) -> None:
-        self.input = self.output = self.cache_read = self.cache_write = 0
+        self.input: int | None = None  # None: not reported (yet), which is not 0
+        self.output: int | None = None
+        self.cache_read: int | None = None
+        self.cache_write: int | None = None
         self.id = self.model = ""
         self.finish: list[str] = []
         self.changed = False
@@ -100,13 +103,13 @@ class Facts:
     def usage(self, usage: Usage | None) -> None:
         if usage is None:
             return
-        reported = (usage.input, usage.output, usage.cached, usage.cache_creation)
-        counts = tuple(max(had, min(MAX_TOKENS, now)) for had, now in zip(self._counts(), reported, strict=True))
+        reported = (usage.input, usage.output, usage.cached, usage.cache_creation)  # -1: not in this report
+        counts = tuple(_most(had, now) for had, now in zip(self._counts(), reported, strict=True))
         if counts != self._counts():
             self.input, self.output, self.cache_read, self.cache_write = counts
             self.changed = True
 
-    def _counts(self) -> tuple[int, int, int, int]:
+    def _counts(self) -> tuple[int | None, int | None, int | None, int | None]:
         return self.input, self.output, self.cache_read, self.cache_write
 
     def name(self, ident: str | None, model: str | None) -> None:
@@ -158,3 +161,10 @@ class Facts:
         self.changed = False
         return Spent(rid, self.input, self.output, self.cache_read, self.cache_write, self.id, self.model,
                      list(self.finish))  # fmt: skip
+
+
+def _most(had: int | None, now: int) -> int | None:
+    """A cumulative count after a report of `now` (-1: the report did not give it)."""
+    if now < 0:
+        return had
+    return max(had or 0, min(MAX_TOKENS, now))

@@ -109,7 +109,10 @@ def main() -> None:
     spawns = _Spawns()
 
     def serve(timeout: float | None, loaded: set[str] | None) -> bool:
-        """Reap, read and fork what is due; False once the broker is gone (its sockets then removed)."""
+        """Fork what is due, then wait: reap, read and fork what is due; False once the broker is gone (its
+        sockets then removed). Due first: a request held while the SDKs were importing, for a kind none
+        of them is (a dormant cloud profile: its worker imports its own), is due once preloading is over."""
+        fork_due(loaded)
         for key, _ in selector.select(timeout):
             if key.fd == rfd:
                 os.read(rfd, 4096)
@@ -118,9 +121,12 @@ def main() -> None:
                 if run_dir:
                     endpoints.cleanup(run_dir, *urls, only=sockets)
                 return False
+        fork_due(loaded)
+        return True
+
+    def fork_due(loaded: set[str] | None) -> None:
         for spec in spawns.take(loaded):
             _say(Spawned(spec.ident, _fork(spec, (rfd, wfd), selector)))
-        return True
 
     # One SDK at a time, forking each one's workers as soon as it is in: the first profile's
     # workers need not wait for the second SDK's import (a second or more).

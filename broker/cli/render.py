@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from ..protocol import Snapshot
+from ..protocol import Snapshot, Tokens
 
 console = Console()
 
@@ -32,6 +33,8 @@ def print_stats(s: Snapshot) -> None:
     console.print(counters_table(s))
     if s.tokens:
         console.print(tokens_table(s))
+    if s.tokens_by_caller:
+        console.print(tokens_table(s, s.tokens_by_caller, "caller"))
 
 
 def broker_line(s: Snapshot) -> str:
@@ -40,13 +43,21 @@ def broker_line(s: Snapshot) -> str:
     )
 
 
-def workers_table(s: Snapshot) -> Table:
-    workers = Table("worker", "pid", "state", "requests", "served", "age", "RSS", title="workers")
-    for w in s.workers:
+def workers_table(s: Snapshot, most: int | None = None) -> Table:
+    """The broker's workers (the first `most` of them, if given)."""
+    workers = Table(
+        "worker", "pid", "state", "requests", "served", "age", "RSS", title=shown("workers", s.workers, most)
+    )
+    for w in s.workers[:most]:
         rss = f"{w.rss / 2**20:.0f} MB" if w.rss else "-"
         requests = ", ".join(map(str, w.requests)) or "-"
         workers.add_row(w.ident, str(w.pid or "-"), w.state, requests, str(w.served), f"{w.age:.0f}s", rss)
     return workers
+
+
+def shown(title: str, rows: list, most: int | None) -> str:
+    """A table's title, saying how many of its rows it shows when that is not all of them."""
+    return title if most is None or most >= len(rows) else f"{title} ({most} of {len(rows)} shown)"
 
 
 def counters_table(s: Snapshot) -> Table:
@@ -72,17 +83,26 @@ def counters_table(s: Snapshot) -> Table:
     return counters
 
 
-def tokens_table(s: Snapshot) -> Table:
-    """Tokens the providers reported, by profile and the model that answered (and their cost, with `prices`)."""
+def tokens_table(s: Snapshot, tallies: dict[str, Tokens] | None = None, by: str = "profile / model") -> Table:
+    """Tokens the providers reported, by profile and the model that answered, or as `tallies` (by a gateway
+    token's caller), and their cost, with `prices`."""
     priced = bool(s.prices)
-    title = f"tokens (cost from {escape(s.prices)})" if priced else "tokens"
-    table = Table("profile / model", "input", "cached read", "cache write", "output", "attempts",
+    title = f"tokens by {by} (cost from {escape(s.prices)})" if priced else f"tokens by {by}"
+    table = Table(by, "input", "cached read", "cache write", "output", "attempts",
                   *(["cost"] if priced else []), title=title)  # fmt: skip
-    for key, t in sorted(s.tokens.items()):
-        cost = ["-" if t.cost is None else f"{t.cost:.4f}"] if priced else []
+    for key, t in sorted((s.tokens if tallies is None else tallies).items()):
+        cost = [money(t.cost)] if priced else []
         table.add_row(escape(key.replace("/", " / ", 1)), f"{t.input:,}", f"{t.cache_read:,}", f"{t.cache_write:,}",
                       f"{t.output:,}", str(t.attempts), *cost)  # fmt: skip
     return table
+
+
+def money(cost: float | None) -> str:
+    """A cost with at least 3 significant digits (0.000311, not 0.0003) and at least cents; "—": no price."""
+    if cost is None:
+        return "—"
+    decimals = 2 if cost <= 0 else min(9, max(2, 2 - math.floor(math.log10(cost))))
+    return f"{cost:,.{decimals}f}"
 
 
 def token_total(s: Snapshot) -> int:

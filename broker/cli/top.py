@@ -1,5 +1,7 @@
 """`isopool top`: a running broker, live. Each refresh is one stats snapshot over the broker's
-frontend (the same request as `isopool stats`); rates are the difference between two snapshots."""
+frontend (the same request as `isopool stats`); rates are the difference between two snapshots.
+On a terminal the screen is redrawn in place; piped or written to a file, each screen is printed
+in turn (a log of screens). A broker that stops answering mid-view ends it with an error."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import termios
 import time
 import tty
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Group
 from rich.live import Live
@@ -18,12 +21,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..client.client import Client
+from ..errors import BrokerUnavailable
 from ..protocol import Snapshot
-from .render import broker_line, console, token_total, workers_table
+from .render import broker_line, console, shown, token_total, workers_table
 
 
-def frame(s: Snapshot, before: Snapshot | None, seconds: float, live: bool = True) -> Group:
-    """One screen: the broker, its rates since `before` (`seconds` earlier), workers, streams, recent events."""
+def frame(s: Snapshot, before: Snapshot | None, seconds: float, live: bool = True, height: int | None = None) -> Group:
+    """One screen: the broker, its rates since `before` (`seconds` earlier), workers, streams, recent events;
+    with `height`, its tables cut to fit that many lines (a live view's terminal: rich would crop the bottom)."""
     if before is not None and seconds > 0:
         answers = (
             sum(s.requests.values())
@@ -36,24 +41,42 @@ def frame(s: Snapshot, before: Snapshot | None, seconds: float, live: bool = Tru
         rates = "rates from the next refresh"
     queued = ", ".join(f"{escape(p)} {n}" for p, n in sorted(s.queued.items())) or "none"
     summary = f"{s.in_flight} in flight, queued: {queued}; {rates}"
-    tables = (workers_table(s), streams_table(s), recent_table(s))
-    return Group(broker_line(s), summary, *tables, *(["[dim]q quits[/]"] if live else []))
+    head, tail = [broker_line(s), summary], ["[dim]q quits[/]"] if live else []
+    room = None if height is None else height - _lines(Group(*head, *tail))
+    return Group(*head, *_tables(s, room), *tail)
 
 
-def streams_table(s: Snapshot) -> Table:
+def _tables(s: Snapshot, room: int | None) -> list[Table]:
+    """The workers, streams and recent events, in `room` lines (None: all): the longest is cut first."""
+    most = [len(s.workers), len(s.streams), len(s.recent)]
+    while True:
+        makers = (workers_table, streams_table, recent_table)
+        tables = [make(s, None if room is None else n) for make, n in zip(makers, most, strict=True)]
+        over = 0 if room is None else sum(map(_lines, tables)) - room
+        if over <= 0 or not any(most):
+            return tables
+        longest = most.index(max(most))
+        most[longest] -= min(over, most[longest])
+
+
+def _lines(renderable: Any) -> int:
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def streams_table(s: Snapshot, most: int | None = None) -> Table:
     more = f" (the {len(s.streams)} oldest of {s.in_flight})" if s.in_flight > len(s.streams) else ""
     table = Table("request", "profile / model", "worker", "attempt", "age", "last event", "delivered",
-                  title=f"streams in flight{more}")  # fmt: skip
-    for r in s.streams:
+                  title=shown(f"streams in flight{more}", s.streams, most))  # fmt: skip
+    for r in s.streams[:most]:
         last = "none yet" if r.since_event is None else f"{r.since_event:.1f}s ago"
         table.add_row(str(r.request), escape(f"{r.profile} / {r.model}"), r.worker or "waiting", str(r.attempt),
                       f"{r.age:.1f}s", last, str(r.delivered))  # fmt: skip
     return table
 
 
-def recent_table(s: Snapshot) -> Table:
-    table = Table("ago", "what", "", title="recent kills, retries and fallbacks")
-    for h in s.recent:
+def recent_table(s: Snapshot, most: int | None = None) -> Table:
+    table = Table("ago", "what", "", title=shown("recent kills, retries and fallbacks", s.recent, most))
+    for h in s.recent[:most]:
         table.add_row(f"{h.ago:.0f}s", h.what, escape(h.detail))
     return table
 
@@ -74,6 +97,10 @@ def keys() -> Iterator[Callable[[float], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+class BrokerWentAway(Exception):
+    """The broker answered, then stopped answering while top was showing it."""
+
+
 def top(url: str, interval: float, once: bool) -> None:
     """Show the broker at `url` until `q` (or Ctrl-C); with `once`, one screen and return."""
     with Client(url, broker_timeout=2.0) as client:
@@ -81,9 +108,21 @@ def top(url: str, interval: float, once: bool) -> None:
         if once:
             console.print(frame(snapshot, None, 0, live=False))
             return
-        with keys() as pressed, Live(frame(snapshot, None, 0), console=console, auto_refresh=False) as live:
+        in_place = console.is_terminal  # rich's Live would show a pipe only its last screen, at the end
+        first = frame(snapshot, None, 0, height=console.height)
+        live = Live(first, console=console, auto_refresh=False) if in_place else None
+        if live is None:
+            console.print(frame(snapshot, None, 0, live=False))
+        with keys() as pressed, live or contextlib.nullcontext():
             while pressed(interval).lower() != "q":
                 now = time.monotonic()
-                before, snapshot = snapshot, client.snapshot()
-                live.update(frame(snapshot, before, now - at), refresh=True)
+                try:
+                    before, snapshot = snapshot, client.snapshot()
+                except BrokerUnavailable:
+                    raise BrokerWentAway(f"the broker at {url} stopped answering (it went away, or hangs)") from None
+                screen = frame(snapshot, before, now - at, live=in_place, height=console.height if in_place else None)
+                if live is not None:
+                    live.update(screen, refresh=True)
+                else:
+                    console.print(screen)
                 at = now

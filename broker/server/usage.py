@@ -1,11 +1,13 @@
-"""Token usage and its cost, by profile and model (the model that answered) and by client connection.
+"""Token usage and its cost, by profile and model (the model that answered), by client connection and
+by the caller a request named (a gateway's token, by name).
 
 An attempt is billed exactly what its provider reported of it: its worker sends each change of the
 answer's usage as it passes (Kind.USAGE, worker/usage.py), and the difference from the attempt's last
 report is added here at once. So an attempt that streamed output and then stalled (its worker killed,
 no end sent) is billed what the provider had reported, and one that failed before any event (a stall
 before output, an HTTP error) reported nothing and is billed nothing. Costs come from the price table
-(setting `prices`), per report, with the answering model's price.
+(setting `prices`), per report, with the answering model's price; a model that no glob prices has no cost
+(None, not 0: as in the request log; Prometheus has no cost series for it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class _Tally:
 
     def __init__(self) -> None:
         self.input = self.output = self.cache_read = self.cache_write = self.attempts = 0
-        self.cost = 0.0
+        self.cost: float | None = None  # None: none of its tokens has a price (not a cost of 0)
 
     def add(self, delta: Tokens, new_attempt: bool) -> None:
         self.input += delta.input
@@ -35,10 +37,11 @@ class _Tally:
         self.cache_read += delta.cache_read
         self.cache_write += delta.cache_write
         self.attempts += new_attempt
-        self.cost += delta.cost or 0.0
+        if delta.cost is not None:
+            self.cost = (self.cost or 0.0) + delta.cost
 
-    def tokens(self, priced: bool) -> Tokens:
-        cost = round(self.cost, 6) if priced else None
+    def tokens(self) -> Tokens:
+        cost = None if self.cost is None else round(self.cost, 6)
         return Tokens(self.input, self.output, self.cache_read, self.cache_write, self.attempts, cost)
 
 
@@ -50,6 +53,7 @@ class Accounts:
         self._priced: dict[str, Price | None] = {}
         self.by_model: dict[str, _Tally] = {}
         self.by_client: dict[str, _Tally] = {}
+        self.by_caller: dict[str, _Tally] = {}
 
     def spent(self, req: Any, report: Spent) -> None:
         """Bill the difference between `report` and the attempt's previous one (`req.spent`)."""
@@ -64,6 +68,8 @@ class Accounts:
         key = f"{req.profile}/{answered(req)}"
         _tally(self.by_model, key, f"{req.profile}/(other models)").add(delta, first)
         _tally(self.by_client, who(req.client), "(other clients)").add(delta, first)
+        if req.submit.caller:
+            _tally(self.by_caller, req.submit.caller, "(other callers)").add(delta, first)
 
     def attempt(self, req: Any) -> Tokens | None:
         """What the current attempt of `req` was billed (None: nothing), for the request log."""
@@ -79,11 +85,11 @@ class Accounts:
 
     def snapshot(self) -> dict[str, Any]:
         """The accounts' share of the broker's `Snapshot`, by field."""
-        priced = self.prices is not None
         return {
-            "tokens": {key: tally.tokens(priced) for key, tally in self.by_model.items()},
-            "tokens_by_client": {key: tally.tokens(priced) for key, tally in self.by_client.items()},
+            "tokens": {key: tally.tokens() for key, tally in self.by_model.items()},
+            "tokens_by_client": {key: tally.tokens() for key, tally in self.by_client.items()},
             "prices": self.prices.label() if self.prices is not None else "",
+            "tokens_by_caller": {key: tally.tokens() for key, tally in self.by_caller.items()},
         }
 
 
@@ -104,7 +110,7 @@ def total(attempts: list[Tokens | None]) -> Tokens | None:
 
 
 def _billed(report: Spent) -> bool:
-    return bool(report.input_tokens or report.output_tokens or report.cache_read_tokens or report.cache_write_tokens)
+    return any(_counts(report))
 
 
 def _difference(report: Spent, was: Spent | None) -> Tokens | None:
@@ -116,9 +122,10 @@ def _difference(report: Spent, was: Spent | None) -> Tokens | None:
 
 
 def _counts(report: Spent) -> tuple[int, int, int, int]:
-    """A report's four counts, each at most MAX_TOKENS (the worker's word, bounded like its own reading)."""
+    """A report's four counts, each at most MAX_TOKENS (the worker's word, bounded like its own reading); one
+    not reported bills nothing."""
     counts = (report.input_tokens, report.output_tokens, report.cache_read_tokens, report.cache_write_tokens)
-    return tuple(min(MAX_TOKENS, n) for n in counts)  # type: ignore[return-value]
+    return tuple(min(MAX_TOKENS, n or 0) for n in counts)  # type: ignore[return-value]
 
 
 def _tally(tallies: dict[str, _Tally], key: str, other: str) -> _Tally:

@@ -25,7 +25,7 @@ from broker.config import Profile
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
 from broker.sdklib import library
 
-from . import clouds
+from . import aio, clouds
 from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, json_body, relay
 from .hygiene import check_for
 
@@ -60,12 +60,12 @@ def check_path(path: str) -> None:
         raise BadCall(problem)
 
 
-async def run_http(
-    sdk: Any, http: Any, profile: Profile, call: HttpCall, emit: Any, allow_overrides: bool = False
-) -> None:
-    """Send `call` with the worker's HTTP client `http`, the base URL and key of `sdk` (or the
-    request's own, where the pool allows overrides), and relay the answer. On a cloud profile, a
-    first-party request is put in the cloud's form, and each attempt is authorized (signed) afresh."""
+async def run_http(sdk: Any, http: Any, session: aio.Session, profile: Profile, call: HttpCall, emit: Any,
+                   allow_overrides: bool = False) -> None:  # fmt: skip
+    """Send `call` as the worker's HTTP client `http` would (by the worker's aiohttp `session`), with the
+    base URL and key of `sdk` (or the request's own, where the pool allows overrides), and relay the
+    answer. On a cloud profile, a first-party request is put in the cloud's form, and each attempt is
+    authorized (signed) afresh."""
     kind, family, cloud = profile.kind, profile.family, clouds.relay(profile.kind)
     if cloud is not None:
         call = await cloud.from_first_party(sdk, call, profile)
@@ -80,18 +80,13 @@ async def run_http(
             accumulator = STREAMABLE[(family, method)]
             path, args = cloud.stream_form(call.path, args) if cloud else (call.path, as_stream(kind, method, args))
             call, body = msgspec.structs.replace(call, path=path), _ENC.encode(args)
-    response = await send(sdk, http, call, body, allow_overrides, cloud)
+    response = await aio.send(session, http, await prepare(sdk, http, call, body, allow_overrides, cloud))
     try:
         if response.status_code >= 400:
             raise ProviderHttpError(response.status_code, response.headers.items(), await response.aread())
         await relay(response, emit, streaming, accumulator, check_for(family, method, args), raise_on_error=False)
     finally:
         await response.aclose()
-
-
-async def send(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:
-    """Open the response to `call` (with `body`)."""
-    return await http.send(await prepare(sdk, http, call, body, allow_overrides, cloud), stream=True)
 
 
 async def prepare(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:

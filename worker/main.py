@@ -47,6 +47,7 @@ from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
 from . import clouds, sdks, stacks
+from .aio import Session
 from .calls import STREAMABLE, BadCall, resolve, run_call
 from .errors import translate
 from .exchange import run_http, signed
@@ -255,7 +256,8 @@ class Worker:
         self.tasks: dict[int, asyncio.Task] = {}
         self.clients: Clients | None = None
         self.client_error: Exception | None = None
-        self.timed = TimedTransport(_ssl_context)
+        self.http = Session(_ssl_context, spec.profile.family)  # relayed and timed calls
+        self.timed = TimedTransport(self.http)
         self.placed: dict[tuple[tuple[str, str], ...], Clients] = {}  # clients moved to a call's placement
         try:
             self.clients = build_client(spec.profile)
@@ -271,7 +273,10 @@ class Worker:
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
         self.sock.attach(asyncio.get_running_loop())
-        await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
+        try:
+            await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
+        finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped
+            await self.http.close()
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
@@ -313,7 +318,8 @@ class Worker:
                                                                                 call.http)  # fmt: skip
             await run_timed(clients.sdk, self.timed, kind, call, emit, self.spec.allow_overrides, how)
         elif isinstance(call, HttpCall):
-            await run_http(clients.sdk, clients.http, self.spec.profile, call, emit, self.spec.allow_overrides)
+            await run_http(clients.sdk, clients.http, self.http, self.spec.profile, call, emit,
+                           self.spec.allow_overrides)  # fmt: skip
         else:
             kwargs = clouds.call_kwargs(self.spec.profile, call.kwargs)
             await run_call(clients.sdk, kind, clients.resource_type, call.method, kwargs, emit)

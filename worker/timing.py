@@ -9,7 +9,7 @@ watchdog, set later, still kills a worker that hangs.
 
 A server that streams one token per write makes one read per token, so the cost of a read
 decides how fast the generator is: reads go through aiohttp's C parser rather than the SDK's
-httpx stack, a stream's deadline is one timer rather than one moved at every read, and the
+httpx stack (worker/aio.py), a stream's deadline is one timer rather than one moved at every read, and the
 ticks of all the worker's streams leave together a few times a second (each keeps its own
 arrival time, so only the caller's live view waits).
 """
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ssl
 import time
-import urllib.request
 from typing import Any
 
 import aiohttp
@@ -31,6 +28,7 @@ import yarl
 from broker.eventstream import CONTENT_TYPE as EVENT_STREAM
 from broker.protocol import TICK, Code, ErrorInfo, Response, Tick, TimedCall
 
+from .aio import Session, proxy_for
 from .counts import api_of, count
 from .exchange import destination
 from .frames import FrameSplitter
@@ -43,27 +41,12 @@ _TICK = msgspec.msgpack.Encoder()
 
 
 class TimedTransport:
-    """What a worker needs for timed calls: an aiohttp session, opened on the first one (it reaches
-    a proxy the way the SDKs do, from HTTP(S)_PROXY and NO_PROXY), and the outbox of their ticks."""
+    """What a worker needs for timed calls: its aiohttp session (worker/aio.py, shared with relayed calls)
+    and the outbox of their ticks."""
 
-    def __init__(self, ssl: ssl.SSLContext | None) -> None:
-        self._ssl, self._session = ssl, None
+    def __init__(self, session: Session) -> None:
+        self.session = session.get
         self.outbox = Outbox()
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl or True)
-            # trust_env would look up ~/.netrc in a thread at every request; proxies are found below
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
-
-
-@functools.lru_cache(maxsize=64)
-def proxy_for(scheme: str, host: str) -> str | None:
-    proxies = urllib.request.getproxies_environment()
-    if not proxies or urllib.request.proxy_bypass_environment(host, proxies):
-        return None
-    return proxies.get(scheme)
 
 
 class Outbox:

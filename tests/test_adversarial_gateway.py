@@ -26,6 +26,8 @@ from broker import Pool
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles, wait_for
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 MAX = 256 * 1024  # the pool's max_message_bytes here: small, so that twice as much is quick to send
 ORIGIN = "http://app.example:3000"
 MSG = anthropic_args("through the gateway")

@@ -16,6 +16,8 @@ from broker.fake_provider import LATENCY_HEADER
 
 from .conftest import TEST_SETTINGS, openai_args
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 
 @pytest.fixture(scope="module")
 def pool(fake):

@@ -27,6 +27,8 @@ from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 POOL_ENV = {
     "ANTHROPIC_API_KEY": "sk-ant-pool-secret",
     "OPENAI_API_KEY": "sk-pool-secret",

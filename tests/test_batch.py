@@ -21,6 +21,8 @@ from broker.fake_provider.server import Latency
 
 from .conftest import TEST_SETTINGS, profiles, sdk_has, wait_for
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
 
 

@@ -21,6 +21,8 @@ from worker.usage import Facts
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 WINDOW = 0.05  # the longest window (config.MAX_COALESCE_MS): holding is certain, never a stall
 _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 

@@ -12,6 +12,8 @@ from broker.server.routing import Router
 
 from .conftest import TEST_SETTINGS, openai_args
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 
 @pytest.fixture(scope="module")
 def fakes():

@@ -22,6 +22,8 @@ from broker.shim import openai as shim_openai
 from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args, sdk_has
 from .test_resume import assert_one_message, chat_text, profile, sse_events
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 BOTH = ["prefill", "replay"]
 PATHS = ["client", "gateway-httpx", "gateway-sdk", "shim"]
 

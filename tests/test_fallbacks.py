@@ -26,6 +26,8 @@ from worker.fallback import failure_of
 
 from .conftest import TEST_SETTINGS, anthropic_args, openai_args
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 HEADERS_TIMEOUT = 1.0
 MAX_ATTEMPTS = 3
 DOWN = "gpt-fake@unavailable:for=600"  # 503 for every request, all test long

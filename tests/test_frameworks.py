@@ -16,6 +16,8 @@ from broker.shim import AsyncOpenAI
 
 from .conftest import TEST_SETTINGS, fault, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 EXTRA = "needs the frameworks extra: pip install -e '.[frameworks]' && pip install --no-deps instructor (see .ci/run)"
 
 

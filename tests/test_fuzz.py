@@ -25,6 +25,8 @@ from broker.protocol import HEADERS, PROTOCOL_VERSION, Call, Code, Codec, Heartb
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 MAX_BYTES = 64 * 1024
 CLIENT_KINDS = {Kind.SUBMIT, Kind.CANCEL, Kind.STATS, Kind.PING}
 CASES = {"frontend": 0, "backend": 0}

@@ -59,8 +59,10 @@ def versions(python: Path) -> dict[str, str]:
 
 
 def pip_install(python: Path, env: dict[str, str], *args: str) -> None:
-    out = subprocess.run([python, "-m", "pip", "install", "-q", *args], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    # --no-compile: no .pyc of every module of the pins up front (a third of the install's CPU); what the
+    # scripts import is compiled as they import it
+    out = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile", *args], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -23,6 +23,8 @@ from worker.sse import iter_batches
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, needs_sdk, openai_args, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 STALE = 8.0  # a missing `[DONE]` must not cost this
 CALLS = {  # profile, method, args, gateway path
     "anthropic": ("anthropic", "messages.create", anthropic_args, "/v1/messages"),

@@ -16,6 +16,8 @@ from examples.weather_agent import run as weather_agent
 
 from .conftest import TEST_SETTINGS, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STALL = {"x-isopool-fault": "stall-ping:after=2,interval=0.05"}

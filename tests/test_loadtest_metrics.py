@@ -233,6 +233,10 @@ def fast_and_slow(tmp_path_factory):
     return dirs
 
 
+COMPARE = pytest.mark.xdist_group("loadtest-compare")  # the tests of the two sweeps on one worker: swept once
+
+
+@COMPARE
 def test_compare_shows_the_slower_run_slower_point_by_point(fast_and_slow, tmp_path):
     fast, slow = fast_and_slow
     result = CliRunner().invoke(loadtest, ["compare", fast, slow, "--json", "--out", str(tmp_path)])
@@ -257,6 +261,7 @@ def test_compare_shows_the_slower_run_slower_point_by_point(fast_and_slow, tmp_p
     assert "(+" in row and "%)" in row, row  # slower: a positive difference, in ms and per cent
 
 
+@COMPARE
 def test_compare_takes_a_killed_run(fast_and_slow, tmp_path, own_processes):
     fast, _ = fast_and_slow
     killed = str(tmp_path / "killed")
@@ -271,6 +276,7 @@ def test_compare_takes_a_killed_run(fast_and_slow, tmp_path, own_processes):
     assert c2["metrics"]["requests_per_s"]["values"][1] > 0 and c4["metrics"]["requests_per_s"]["diff"] == [None, None]
 
 
+@COMPARE
 def test_compare_refuses_runs_that_cannot_be_matched(fast_and_slow, tmp_path, own_processes):
     fast, _ = fast_and_slow
     rate = str(tmp_path / "rate")

@@ -13,6 +13,8 @@ from broker.fake_provider.content import Reply
 
 from .conftest import TEST_SETTINGS, anthropic_args, openai_args
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 DOWN = "gpt-fake@unavailable:for=600"
 
 

@@ -29,6 +29,8 @@ from worker.resume import Diverged, Prefill, Replay, Seen
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, needs_sdk, openai_args
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 STALE = 1.0  # a stall after output is noticed this soon
 BOTH = ["prefill", "replay"]
 TOOL = {"name": "lookup", "description": "look it up", "input_schema": {

@@ -21,6 +21,8 @@ from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, openai_args, profiles
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 HEADERS_TIMEOUT = 1.0
 RETRY_AFTER_MAX = 5.0
 MAX_ATTEMPTS = 3  # the pool's, and the shim's from its SDK's default max_retries=2

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -116,13 +116,14 @@ def transports(lib: ModuleType) -> tuple[type, type]:
             await self._call.cancel()  # if it had not ended
 
     class PoolTransport(lib.BaseTransport):
-        """Sends each request of a synchronous SDK client through a pool `Client`."""
+        """Sends each request of a synchronous SDK client through a pool `Client`: this process's
+        (`connection()`), so that a forked child's calls go through its own."""
 
         def __init__(
-            self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
-            attempts: int | None = None, placement: dict[str, str] | None = None,
+            self, connection: Callable[[], Client], profile: str, base_path: str, errors: SdkErrors,
+            base_url: str = "", attempts: int | None = None, placement: dict[str, str] | None = None,
         ) -> None:  # fmt: skip
-            self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
+            self._connection, self._profile, self._base_path, self._errors = connection, profile, base_path, errors
             self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
             self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
             self.placement = placement or {}  # a cloud client's region, project or endpoint (shim/clouds.py)
@@ -138,7 +139,7 @@ def transports(lib: ModuleType) -> tuple[type, type]:
             http_call, fallbacks, fields = to_http_call(request, self._base_path, self._base_url, self.placement)
             limits = limits_of(request, self.attempts, fallbacks)
             try:
-                call = self._client.submit_http(self._profile, http_call, limits, fields)
+                call = self._connection().submit_http(self._profile, http_call, limits, fields)
                 try:
                     first = call.batch()
                     result = None if first else call.result()

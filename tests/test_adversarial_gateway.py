@@ -25,7 +25,7 @@ import pytest
 
 from broker import Pool
 
-from .conftest import TEST_SETTINGS, anthropic_args, profiles, wait_for
+from .conftest import TEST_SETTINGS, anthropic_args, http_chunks, profiles, wait_for
 
 MAX = 256 * 1024  # the pool's max_message_bytes here: small, so that twice as much is quick to send
 ORIGIN = "http://app.example:3000"
@@ -273,19 +273,6 @@ def _stream_post(tokens: int, latency: str) -> bytes:
     return head.encode() + body
 
 
-def _chunks(raw: bytes) -> list[bytes]:
-    """The chunks of a complete chunked HTTP answer, as written (its head checked and dropped)."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
-    chunks = []
-    while True:
-        size, _, rest = rest.partition(b"\r\n")
-        if int(size, 16) == 0:
-            return chunks
-        chunks.append(rest[: int(size, 16)])
-        rest = rest[int(size, 16) + 2 :]
-
-
 def _text(sse: bytes) -> str:
     """The text of an Anthropic SSE stream's deltas."""
     events = [json.loads(line[6:]) for line in sse.split(b"\n") if line.startswith(b"data: ")]
@@ -302,7 +289,8 @@ def test_a_slow_reader_gets_a_long_stream_whole_in_large_batched_writes(fake, ga
         first = sock.recv(65536)
         time.sleep(0.5)  # the stream's events pile up in the gateway meanwhile
         raw = first + b"".join(iter(lambda: sock.recv(1 << 20), b""))
-    chunks = _chunks(raw)
+    assert raw.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in raw.partition(b"\r\n\r\n")[0].lower()
+    chunks = http_chunks(raw)
     stream = b"".join(chunks)
     names = [line for line in stream.split(b"\n") if line.startswith(b"event: ")]
     assert names[0] == b"event: message_start" and names[-1] == b"event: message_stop"

@@ -21,7 +21,7 @@ from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
 from .common import latency, ms, pick, result, target
 
 ASK = {"model": "claude-bench", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-TIMEOUT = 0.2  # first_event_timeout and stale_timeout of the measured streams
+TIMEOUT = 0.2  # first_event_timeout and stale_timeout of the measured streams (the pool's floor lowered to it)
 
 
 def respawn(client: Any, repeat: int) -> list[float]:
@@ -94,7 +94,10 @@ def run(size: str) -> dict[str, Any]:
     repeat = pick(size, 30, 10, 3)
     with FakeProviderProcess() as fake:
         profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 4, "spare_workers": 2}}
-        with Pool(profiles=profiles, heartbeat_interval=0.2) as pool, pool.client() as client:
+        with (
+            Pool(profiles=profiles, heartbeat_interval=0.2, request_min_timeout=TIMEOUT) as pool,
+            pool.client() as client,
+        ):
             time.sleep(0.5)
             forked = respawn(client, repeat)
             fresh = fresh_interpreter(pick(size, 3, 3, 1))

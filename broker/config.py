@@ -80,7 +80,7 @@ class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # A profile's kind -> the SDK package whose client it runs on (its family): the cloud kinds use the
 # SDKs' own cloud clients (anthropic.AsyncAnthropicBedrock, ..., openai.AsyncAzureOpenAI).
 FAMILIES = {"anthropic": "anthropic", "openai": "openai", "bedrock": "anthropic", "vertex": "anthropic",
-            "azure": "openai"}  # fmt: skip
+            "azure": "openai", "foundry": "anthropic"}  # fmt: skip
 # The settings of the cloud kinds, and the kinds each belongs to (set on another kind: a ConfigError).
 CLOUD_SETTINGS = {
     "region": ("bedrock", "vertex"),
@@ -90,14 +90,15 @@ CLOUD_SETTINGS = {
     "endpoint": ("azure",),
     "api_version": ("azure",),
     "azure_deployments": ("azure",),
-    "auth": ("azure",),
+    "auth": ("azure", "foundry"),
+    "resource": ("foundry",),
 }
 
 
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One upstream: which SDK, where, with which key, how many workers and which limits."""
 
-    kind: Literal["anthropic", "openai", "bedrock", "vertex", "azure"]
+    kind: Literal["anthropic", "openai", "bedrock", "vertex", "azure", "foundry"]
     base_url: str | None = None
     api_key_env: str | None = None
     default_headers: dict[str, str] = {}
@@ -125,7 +126,8 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     endpoint: str | None = None  # azure: https://RESOURCE.openai.azure.com; else AZURE_OPENAI_ENDPOINT
     api_version: str | None = None  # azure: else OPENAI_API_VERSION
     azure_deployments: dict[str, str] = {}  # azure: model -> deployment name; a model not in it is its own
-    auth: Literal["key", "entra"] | None = None  # azure: "key" (api_key_env) or "entra" (azure-identity); None: key
+    auth: Literal["key", "entra"] | None = None  # azure, foundry: "key" (api_key_env) or "entra" (azure-identity)
+    resource: str | None = None  # foundry: the Foundry resource's name; else ANTHROPIC_FOUNDRY_RESOURCE (or base_url)
 
     @property
     def family(self) -> str:
@@ -211,9 +213,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: dict[str, ModelRule] = {}
     request_fallbacks: list[Target] = []  # which fallbacks a request may name itself (model: a glob)
     continue_max_bytes: int = 1024 * 1024  # events a continued stream keeps for its continuation; beyond: not continued
-    request_log: str = ""  # a JSONL file: one line per finished request (no content, never a key)
+    request_log: str = ""  # a JSONL file: one line per finished request (no content unless asked, never a key)
     request_log_max_bytes: int = 64 * 1024 * 1024  # rotated at this size (0: never)
     request_log_backups: int = 5  # rotated files kept (request_log.1, .2, ...)
+    request_log_content: bool = False  # the request's messages and its answer's text in each line (bounded)
     prices: str = ""  # a TOML price table (broker/prices.py): the cost of the tokens in stats; none shipped
 
     def __post_init__(self) -> None:

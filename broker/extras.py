@@ -26,7 +26,7 @@ def _importable(name: str) -> bool:
 
 def missing(kind: str, auth: str | None = None) -> str:
     """What a profile of `kind` (and `auth`) lacks, with the command that installs it; "" if nothing."""
-    need = _NEEDS.get("azure-entra" if kind == "azure" and auth == "entra" else kind)
+    need = _NEEDS.get("azure-entra" if kind in ("azure", "foundry") and auth == "entra" else kind)
     if need is None or all(map(_importable, need[0])):
         return ""
     return f"kind \"{kind}\" needs {need[1]}: pip install 'isopool[{need[2]}]'"

@@ -24,7 +24,7 @@ import msgspec
 
 from .protocol import Tokens
 
-_MODELS_KEPT = 4096  # models whose glob lookup is remembered (callers name models)
+_MODELS_KEPT = 4096  # models whose glob lookup is remembered, the latest (callers name models)
 
 
 # A price per million tokens: finite and not negative (a negative cost reads as a counter reset in Prometheus,
@@ -58,8 +58,9 @@ class PriceTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if model in cache:
             return cache[model]
         found = next((p for glob, p in self.models.items() if fnmatch.fnmatchcase(model, glob)), None)
-        if len(cache) < _MODELS_KEPT:
-            cache[model] = found
+        if len(cache) >= _MODELS_KEPT:  # the oldest goes: a model named since is looked up once, not at each report
+            del cache[next(iter(cache))]
+        cache[model] = found
         return found
 
     def label(self) -> str:

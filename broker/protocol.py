@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_HEADER_BYTES = 4096
 
 
@@ -90,6 +90,7 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False):
     fallbacks: list[tuple[str, str]] | None = None  # the caller's own (profile, model) chain; "" = its own
     method: str = ""  # the SDK method or HTTP path, which names the operation in traces
     traceparent: str = ""  # the caller's trace context (W3C), when it has one: the pool's spans go under it
+    caller: str = ""  # who the caller says it is, for accounting: a gateway's token, by name (never the token)
 
 
 class Ref(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -510,6 +511,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     tokens: dict[str, Tokens] = {}  # by "profile/model" (the model that answered)
     tokens_by_client: dict[str, Tokens] = {}  # by client connection (a hash of it, as the request log names it)
     prices: str = ""  # the price table the costs come from (its path, and its date when it gives one)
+    tokens_by_caller: dict[str, Tokens] = {}  # by the caller a request named (`Submit.caller`: a gateway token)
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

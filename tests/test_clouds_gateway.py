@@ -96,3 +96,32 @@ def test_azures_api_key_header_is_a_gateway_token(headers, accepted):
     else:
         with pytest.raises(Refused, match="api-key"):
             gateway.check_token(request)
+
+
+def test_a_bedrock_model_arn_reaches_the_bedrock_profile_with_its_slash_encoded(clouds, fake):
+    """An inference profile's ARN has a `/`, which the SDK sends as `%2F`: matched decoded, the request once
+    missed the Bedrock route and went to the OpenAI family's profile with its key."""
+    arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3d4e5f6"
+    before = fake.stats()["served"]
+    answer = ask(at_gateway("bedrock", clouds.http_url), "bedrock", False, arn)
+    served = fake.stats()["served"]
+    assert answer and sum(served.values()) == sum(before.values()) + 1
+    assert [k for k in served if served[k] != before.get(k)][0].startswith("bedrock")
+
+
+@pytest.mark.parametrize(
+    "path, refused",
+    [("/v1/projects/p/locations/us-east5/publishers/google/models/gemini-pro:streamGenerateContent", False),
+     ("/model/m/invoke?X-Amz-Security-Token=forged", True),
+     ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude:rawPredict?key=forged", True)],
+)  # fmt: skip
+def test_only_anthropics_vertex_models_and_no_forged_queries_take_a_cloud_route(path, refused):
+    """Vertex's route is Anthropic's publisher only (another goes the first-party way, under the OpenAI
+    profile's base URL, where it is nothing); Bedrock and Vertex take no query, which the workers would sign."""
+    gateway = Gateway(None, Settings(), token=None)  # type: ignore[arg-type]
+    request = make_mocked_request("POST", path)
+    kind = gateway.route(request)[1]
+    assert kind == ("openai" if "google" in path else "bedrock" if "/model/" in path else "vertex")
+    from broker.http import cloudforms
+
+    assert (cloudforms.query_problem(kind, request.raw_path) is not None) == refused

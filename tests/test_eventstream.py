@@ -83,6 +83,22 @@ def test_a_bad_checksum_is_a_corrupted_stream():
     assert translate(caught.value).code == Code.PROVIDER_CONNECTION  # retried while nothing was forwarded
 
 
+def test_the_events_before_a_corrupted_frame_in_the_same_read_go_out_then_the_corruption():
+    """Two good frames and a bad one in one read: the two are real events (a caller has them), the
+    corruption is raised at the next read or the end."""
+    from worker.frames import FramesCorrupted, FrameSplitter
+
+    bad = bytearray(_wire(EVENTS[2:3]))
+    bad[-1] ^= 1
+    splitter = FrameSplitter()
+    assert [name for name, _ in splitter.feed(_wire(EVENTS[:2]) + bytes(bad))] == [
+        "message_start",
+        "content_block_start",
+    ]
+    with pytest.raises(FramesCorrupted, match="ChecksumMismatch"):
+        splitter.end()
+
+
 async def _batches(wire: bytes) -> list[list[tuple[str, bytes]]]:
     from worker.frames import iter_frames
 

@@ -10,6 +10,7 @@ import pytest
 
 from broker import ConfigError, Pool, ProviderStatusError
 from broker.config import load_settings
+from broker.server.genai import CONTENT_CHARS
 from broker.server.requestlog import RequestLine, RequestLog
 
 from .conftest import TEST_SETTINGS, anthropic_args, fault, wait_for
@@ -44,6 +45,7 @@ def test_each_request_is_one_line_saying_how_each_attempt_went(fake, tmp_path, o
     assert [a["outcome"] for a in refused["attempts"]] == ["context_length"]  # what the provider refused
     assert len({line["request"] for line in lines}) == 3 and len({line["client"] for line in lines}) == 1
     assert "prompt" not in text and os.environ["ANTHROPIC_API_KEY"] not in text
+    assert all(line["content"] is None for line in lines)  # content only with request_log_content
 
 
 def test_the_log_is_rotated_by_size(fake, tmp_path, own_processes):
@@ -88,3 +90,19 @@ def test_closing_a_log_on_a_full_disk_counts_the_line_and_does_not_raise():
     log.write(RequestLine("t", 1, "c", "p", "m", "p", "ok", [], 0, 0.0))
     log.close()
     assert log.lost >= 1
+
+
+def test_with_request_log_content_a_line_has_the_messages_and_the_answers_text_bounded(fake, tmp_path,
+                                                                                      own_processes):  # fmt: skip
+    path = tmp_path / "requests.jsonl"
+    with pool_logging_to(fake, path, request_log_content=True) as pool, pool.client() as client:
+        answer = client.request("anthropic", "messages.create", **anthropic_args(PROMPT, system="be brief"))
+        client.request("anthropic", "messages.create", **anthropic_args("y" * 100_000))
+    said, long = (json.loads(line)["content"] for line in path.read_text().splitlines())
+    assert said["input"] == [{"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]
+    assert said["system"] == [{"type": "text", "content": "be brief"}]
+    text = answer.json()["content"][0]["text"]
+    assert said["output"] == [{"role": "assistant", "parts": [{"type": "text", "content": text}],
+                               "finish_reason": "end_turn"}]  # fmt: skip
+    assert len(long["input"][0]["parts"][0]["content"]) == CONTENT_CHARS  # of 100 000 sent
+    assert os.environ["ANTHROPIC_API_KEY"] not in path.read_text()

@@ -7,6 +7,7 @@ import pty
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,3 +63,30 @@ def test_top_refreshes_until_q_is_pressed_and_gives_the_terminal_back(pool):
         proc.kill()
         proc.wait()
         os.close(controller)
+
+
+def test_top_piped_prints_each_screen_and_says_when_the_broker_went_away(own_processes):
+    """Found by the session-27 review: piped, top showed one screen, at its end, and a broker that went
+    away mid-view read as one that never answered."""
+    profiles = {"anthropic": {"kind": "anthropic", "base_url": "http://127.0.0.1:9", "min_workers": 0}}
+    pool = Pool(profiles=profiles, **TEST_SETTINGS).start()
+    try:
+        proc = subprocess.Popen([ISOPOOL, "top", "--url", pool.url, "-n", "0.2"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+        assert proc.stdout is not None
+        timer = threading.Timer(15, pool.stop)  # for a top that prints nothing before it ends
+        timer.start()
+        screens = 0
+        while screens < 2 and (line := proc.stdout.readline()):  # read as they come, the broker still up
+            screens += "streams in flight" in line
+        timer.cancel()
+    finally:
+        pool.stop()
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert screens == 2
+    assert proc.returncode == 1 and "stopped answering" in err and "Traceback" not in err
+    assert "q quits" not in out  # no key reaches a pipe's reader

@@ -4,6 +4,7 @@ broker's exporter sends is decoded with the OpenTelemetry protobufs."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -13,8 +14,9 @@ import httpx2 as httpx
 import pytest
 
 from broker import Pool, StreamStalled
+from broker.server.genai import CONTENT_CHARS
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault
+from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
 
 trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="isopool[otel]")
 metrics_pb2 = pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
@@ -110,6 +112,8 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert events == ["worker killed", "retry queued"]
     assert sent["traceparent"].startswith(f"00-{trace_id.hex()}-{third.span_id.hex()}-")  # the attempt's span
     assert os.environ["ANTHROPIC_API_KEY"].encode() not in receiver.raw
+    assert b"traced, clean" not in receiver.raw  # no message content without the opt-in (the last test: with it)
+    assert not any(a.key in ("gen_ai.input.messages", "gen_ai.output.messages") for s in spans for a in s.attributes)
 
 
 def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, receiver, own_processes):
@@ -155,13 +159,103 @@ def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens
         assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered"),
                                   **fault("stall-first:interval=0.05")))  # fmt: skip
         client.request("anthropic", "messages.create", **anthropic_args("metered, plain"))
+        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered, dripped"),
+                                  **fault("drip:gap=0.03")))  # fmt: skip
     points: dict[str, list[Any]] = {}
     for metric in receiver.metrics:  # cumulative: the latest export of each holds every measurement
         points[metric.name] = list(metric.histogram.data_points)
     duration = {attrs(p).get("error.type"): p.count for p in points["gen_ai.client.operation.duration"]}
-    assert duration == {"first_event_timeout": 1, None: 2}  # three attempts: the stall, its retry, the plain call
+    assert duration == {"first_event_timeout": 1, None: 3}  # the stall, its retry, the plain call, the drip
     first_chunk = points["gen_ai.client.operation.time_to_first_chunk"]
-    assert sum(p.count for p in first_chunk) == 1 and 0 < first_chunk[0].sum < 1  # the stream's retry only
+    assert sum(p.count for p in first_chunk) == 2 and 0 < first_chunk[0].sum < 2  # the streams' answered attempts
+    (per_chunk,) = points["gen_ai.client.operation.time_per_output_chunk"]  # each chunk after a stream's first
+    assert per_chunk.count >= 6 and 0.02 < per_chunk.sum / per_chunk.count < 0.2  # the drip's 0.03 s apart
+    assert attrs(per_chunk)["gen_ai.operation.name"] == "chat"
     tokens = {attrs(p)["gen_ai.token.type"]: p for p in points["gen_ai.client.token.usage"]}
-    assert tokens["input"].count == tokens["output"].count == 2 and tokens["output"].sum > 0
+    assert tokens["input"].count == tokens["output"].count == 3 and tokens["output"].sum > 0
     assert all(attrs(p)["gen_ai.provider.name"] == "anthropic" for p in points["gen_ai.client.operation.duration"])
+
+
+def params_pool(fake: Any, **settings: Any) -> Pool:
+    profiles = {
+        "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
+        "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1},
+    }
+    return Pool(profiles=profiles, **{**TEST_SETTINGS, **settings})
+
+
+def test_the_attempt_span_carries_the_calls_parameters_on_each_api(fake, receiver, own_processes):
+    anthropic_params = {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "stop_sequences": ["END"]}
+    chat_params = {"max_completion_tokens": 50, "frequency_penalty": 0.5, "presence_penalty": -0.5, "seed": 7,
+                   "n": 2, "stop": "STOP", "response_format": {"type": "json_object"}}  # fmt: skip
+    responses_params = {"max_output_tokens": 40, "temperature": 1, "text": {"format": {"type": "text"}}}
+    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
+        args = anthropic_args("params", **anthropic_params)
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=args, timeout=30)  # through the gateway: a body
+        assert answer.status_code == 200
+        client.request("openai", "chat.completions.create", **openai_args("params", **chat_params))  # SDK kwargs
+        client.request("openai", "responses.create", model="gpt-fake", input="params", **responses_params)
+    by_model = {attrs(s)["gen_ai.operation.name"] + str(attrs(s).get("gen_ai.request.max_tokens")): attrs(s)
+                for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT}  # fmt: skip
+    messages, chat, responses = by_model["chat64"], by_model["chat50"], by_model["chat40"]
+    assert messages.items() >= {"gen_ai.request.temperature": 0.5, "gen_ai.request.top_p": 0.9,
+                                "gen_ai.request.top_k": 40}.items()  # fmt: skip
+    assert chat.items() >= {"gen_ai.request.frequency_penalty": 0.5, "gen_ai.request.presence_penalty": -0.5,
+                            "gen_ai.request.seed": 7, "gen_ai.request.choice.count": 2,
+                            "gen_ai.output.type": "json"}.items()  # fmt: skip
+    assert responses["gen_ai.request.temperature"] == 1.0 and responses["gen_ai.output.type"] == "text"
+    assert "gen_ai.request.top_k" not in chat and "gen_ai.request.seed" not in messages  # only those set
+    stops = {name: [v.string_value for v in s.array_value.values] for name, s in
+             ((attrs(span).get("gen_ai.request.max_tokens"), a.value) for span in receiver.spans
+              for a in span.attributes if a.key == "gen_ai.request.stop_sequences")}  # fmt: skip
+    assert stops == {64: ["END"], 50: ["STOP"]}
+
+
+SECRET = "a prompt only an opted-in trace may carry"
+
+
+def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receiver, monkeypatch, own_processes):
+    """(Without the switch, no content: the first test of this file.)"""
+    system = [{"type": "text", "text": "you are terse"}]
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    with params_pool(fake) as pool, pool.client() as client:
+        events = list(client.submit("anthropic", "messages.create", stream=True,
+                                    **anthropic_args(SECRET, system=system)))  # fmt: skip
+        answer = client.request("openai", "chat.completions.create", **openai_args("x" * 100_000))
+        said = list(client.submit("openai", "responses.create", stream=True, model="gpt-fake", input="hi",
+                                  instructions="be kind"))  # fmt: skip
+    text = "".join(e.json()["delta"]["text"] for e in events if e.name == "content_block_delta")
+    spans = {(a["gen_ai.provider.name"], "gen_ai.system_instructions" in a): a
+             for a in (attrs(s) for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT)}  # fmt: skip
+    streamed, whole, responses = spans["anthropic", True], spans["openai", False], spans["openai", True]
+    assert json.loads(streamed["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": SECRET}]}
+    ]
+    assert json.loads(streamed["gen_ai.system_instructions"]) == [{"type": "text", "content": "you are terse"}]
+    assert json.loads(streamed["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": "end_turn"}
+    ]
+    assert text and json.loads(answer.body)["choices"][0]["message"]["content"] in whole["gen_ai.output.messages"]
+    assert CONTENT_CHARS < len(whole["gen_ai.input.messages"]) < CONTENT_CHARS + 200  # 100 000 characters sent
+    reply = "".join(e.json()["delta"] for e in said if e.name == "response.output_text.delta")
+    assert reply and json.loads(responses["gen_ai.output.messages"])[0]["parts"][0]["content"] == reply
+    assert json.loads(responses["gen_ai.system_instructions"]) == [{"type": "text", "content": "be kind"}]
+
+
+def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_request(caplog):
+    """Found by the session-27 review: a raw caller's traceparent of over 512 characters made the
+    propagator log a warning at every request."""
+    from types import SimpleNamespace
+
+    from broker.config import load_settings
+    from broker.server.tracing import Tracing
+
+    tracing = Tracing(load_settings(None), sdk_trace.TracerProvider())
+    submit = SimpleNamespace(traceparent="00-" + "a" * 600, model="m", stream=False)
+    with caplog.at_level("WARNING"):
+        spans = [tracing.request_started(SimpleNamespace(submit=submit, profile="p", payload=b""), float(n))
+                 for n in range(50)]  # fmt: skip
+    assert tracing.ignored_traceparents == 50 and all(span.parent is None for span in spans)  # traces of their own
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignored a traceparent of 603 characters (over 512; 1 so far): those requests start traces of their own"
+    ]

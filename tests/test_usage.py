@@ -5,6 +5,7 @@ the provider had reported; the request log and the stats say it; no key anywhere
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from rich.console import Console
 from broker import Pool, StreamStalled
 from broker.batch import run
 from broker.cli.top import frame
+from broker.prices import PriceTable
 from broker.prices import load as load_prices
 from broker.protocol import Tokens
 from broker.shim import anthropic as shim_anthropic
@@ -190,3 +192,41 @@ def test_a_price_table_that_is_not_utf8_names_the_setting(tmp_path):
     path.write_bytes(b'date = "\xff"\n[models."*"]\ninput = 1\noutput = 1\n')
     with pytest.raises(ValueError, match="setting prices: .* is not TOML"):
         load_prices(str(path))
+
+
+def test_a_gateway_tokens_calls_are_accounted_to_a_hash_of_it_never_to_the_token(fake, tmp_path, own_processes):
+    token = "gateway-token-that-must-stay-secret"
+    name = f"token:{hashlib.blake2b(token.encode(), digest_size=4).hexdigest()}"
+    log = tmp_path / "requests.jsonl"
+    settings = {"http": "127.0.0.1:0", "gateway_token": token, "metrics": "127.0.0.1:0", "request_log": str(log)}
+    with usage_pool(fake, **settings) as pool:
+        before = reported(fake)
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("usage by token"),
+                            headers={"x-api-key": token}, timeout=30)  # fmt: skip
+        assert answer.status_code == 200
+        spent = spent_since(fake, before)
+        with pool.client() as client:
+            client.request("anthropic", "messages.create", **anthropic_args("usage, no caller named"))
+            snapshot, stats = client.snapshot(), json.dumps(client.stats())
+        scraped = scrape(pool.metrics_url)
+        table = subprocess.run([ISOPOOL, "stats", "--url", pool.url], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+    assert list(snapshot.tokens_by_caller) == [name] and billed(snapshot.tokens_by_caller) == spent
+    for kind in FIELDS:
+        assert scraped[("isopool_caller_tokens_total", (("caller", name), ("type", kind)))] == spent[kind]
+    row = next(line for line in table.splitlines() if name in line)
+    assert f"{spent['input']:,}" in row and f"{spent['output']:,}" in row
+    assert [json.loads(line)["caller"] for line in log.read_text().splitlines()] == [name, ""]
+    assert not any(token in text for text in (stats, table, log.read_text(), repr(scraped)))
+
+
+def test_a_price_table_remembers_the_latest_models_not_the_first_ones():
+    """Found by the session-27 review: the lookup cache kept the first 4 096 models forever, so every model
+    named after them paid the scan of all globs (60 ms with 20 000) at each usage report."""
+    table = msgspec.convert({"models": {f"model-{i}-*": {"input": 1.0, "output": 2.0} for i in range(100)}},
+                            PriceTable)  # fmt: skip
+    cache: dict = {}
+    for n in range(5000):
+        table.price(f"caller-named-{n}", cache)
+    assert len(cache) == 4096 and "caller-named-4999" in cache and "caller-named-0" not in cache
+    assert table.price("model-7-latest", cache) is table.models["model-7-*"] and "model-7-latest" in cache

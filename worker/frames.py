@@ -25,16 +25,20 @@ class FrameSplitter:
     """Raw bytes in, the events of the frames they complete out; the same interface as sse.EventSplitter
     (an event stream has no `[DONE]`: it is done when its bytes end)."""
 
-    __slots__ = ("_buffer", "_decoder", "_errors", "done", "said_done")
+    __slots__ = ("_broken", "_buffer", "_decoder", "_errors", "done", "said_done")
 
     def __init__(self) -> None:
         from anthropic.lib.bedrock._stream_decoder import AWSEventStreamDecoder
         from botocore.eventstream import EventStreamBuffer, ParserError
 
         self._buffer, self._decoder, self._errors = EventStreamBuffer(), AWSEventStreamDecoder(), ParserError
+        self._broken: FramesCorrupted | None = None
         self.done = self.said_done = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """The events of the frames `chunk` completes. Those before a corrupted frame are real: they go out,
+        and the corruption is raised at the next read (or the end)."""
+        self._raise_if_broken()
         self._buffer.add_data(chunk)
         batch = []
         try:
@@ -43,13 +47,20 @@ class FrameSplitter:
                 if sse is not None and sse.event != "ping":
                     batch.append((sse.event or "", sse.data.encode()))
         except self._errors as exc:
-            raise FramesCorrupted(f"the provider's event stream is corrupted ({type(exc).__name__}: {exc})") from None
+            self._broken = FramesCorrupted(f"the provider's event stream is corrupted ({type(exc).__name__}: {exc})")
+            if not batch:
+                self._raise_if_broken()
         return batch
 
     def end(self) -> list[tuple[str, bytes]]:
         """The bytes ended: a frame left half-read carries no event (the check then finds the stream cut short)."""
+        self._raise_if_broken()
         self.done = True
         return []
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise self._broken
 
 
 def iter_frames(

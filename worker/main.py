@@ -56,6 +56,7 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def preload(kinds: tuple[str, ...]) -> None:
     Builds the TLS trust store once (~50 ms): a TLS context is plain memory, so sharing it
     copy-on-write keeps every worker's HTTP client fresh while making it ready in ms. Then
     imports the SDKs and what they load lazily, by resolving every streamable method on
-    throwaway clients (which open no connection and are dropped before any fork)."""
+    throwaway clients (which open no connection and are dropped before any fork), and runs
+    a first call of each SDK in memory (worker/warmup.py)."""
     global _ssl_context
     families = tuple(sorted({FAMILIES[kind] for kind in kinds}))  # the SDKs the profiles' kinds run on
     libraries = [sdks.load(family).http for family in families]  # a TLS context suits httpx and httpx2 alike
@@ -102,6 +104,7 @@ def preload(kinds: tuple[str, ...]) -> None:
                 except BadCall:  # an endpoint the installed SDK predates (openai < 1.66 has no `responses`)
                     continue
                 getattr(resource.with_streaming_response, name)
+    warm_up(families)
 
 
 # The key of a client built without one of the pool's own. It never leaves the worker: only calls
@@ -318,21 +321,22 @@ class Worker:
     def _clients_for(self, call: Call | HttpCall | TimedCall) -> Clients:
         """The worker's clients, if they can run `call`: one that brings its own key needs none of the pool's.
         (A stored error is raised without the tracebacks of its earlier raises, which would pile up.)"""
-        if self.clients is None:
-            raise self.client_error.with_traceback(None)  # type: ignore[union-attr]
-        if self.clients.no_key is not None and not brings_own_key(call):
-            raise self.clients.no_key.with_traceback(None)
         http = call.http if isinstance(call, TimedCall) else call
-        if isinstance(http, HttpCall) and http.placement:
-            return self._placed(http.placement)
-        return self.clients
+        clients = self._placed(http.placement) if isinstance(http, HttpCall) and http.placement else self.clients
+        if clients is None:
+            raise self.client_error.with_traceback(None)  # type: ignore[union-attr]
+        if clients.no_key is not None and not brings_own_key(call):
+            raise clients.no_key.with_traceback(None)
+        return clients
 
-    def _placed(self, placement: dict[str, str]) -> Clients:
+    def _placed(self, placement: dict[str, str]) -> Clients | None:
         """The clients for a cloud client's placement: the worker's own where it is the profile's; with
-        allow_overrides, clients moved there (made once); else a BadCall naming both (worker/clouds)."""
-        moved = clouds.placed(self.spec.profile, self.clients.sdk, placement, self.spec.allow_overrides)  # type: ignore[union-attr]
+        allow_overrides, clients moved there (made once; the call's placement may complete a profile whose
+        own could not be built); else a BadCall naming both (worker/clouds)."""
+        sdk = self.clients.sdk if self.clients is not None else None
+        moved = clouds.placed(self.spec.profile, sdk, placement, self.spec.allow_overrides)
         if moved is None:
-            return self.clients  # type: ignore[return-value]
+            return self.clients
         key = tuple(sorted(placement.items()))
         if key not in self.placed:
             self.placed[key] = build_client(moved)

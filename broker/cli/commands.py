@@ -208,8 +208,10 @@ def stats(url: str | None, as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="Print one screen and exit (for scripts and logs).")
 def top(url: str | None, interval: float, once: bool) -> None:
     """Watch a running broker live: workers, the streams in flight with their age and last
-    event, queues, recent kills, retries and fallbacks, answers and events per second. q quits."""
+    event, queues, recent kills, retries and fallbacks, answers and events per second. q quits.
+    Piped or redirected, it prints each screen in turn."""
     from ..errors import BrokerUnavailable
+    from .top import BrokerWentAway
     from .top import top as show
 
     url = url or _default_url()
@@ -217,6 +219,8 @@ def top(url: str | None, interval: float, once: bool) -> None:
         show(url, max(0.1, interval), once)
     except BrokerUnavailable:
         raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
+    except BrokerWentAway as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from ..protocol import Snapshot
+from ..protocol import Snapshot, Tokens
 
 console = Console()
 
@@ -32,6 +32,8 @@ def print_stats(s: Snapshot) -> None:
     console.print(counters_table(s))
     if s.tokens:
         console.print(tokens_table(s))
+    if s.tokens_by_caller:
+        console.print(tokens_table(s, s.tokens_by_caller, "caller"))
 
 
 def broker_line(s: Snapshot) -> str:
@@ -72,13 +74,14 @@ def counters_table(s: Snapshot) -> Table:
     return counters
 
 
-def tokens_table(s: Snapshot) -> Table:
-    """Tokens the providers reported, by profile and the model that answered (and their cost, with `prices`)."""
+def tokens_table(s: Snapshot, tallies: dict[str, Tokens] | None = None, by: str = "profile / model") -> Table:
+    """Tokens the providers reported, by profile and the model that answered, or as `tallies` (by a gateway
+    token's caller), and their cost, with `prices`."""
     priced = bool(s.prices)
-    title = f"tokens (cost from {escape(s.prices)})" if priced else "tokens"
-    table = Table("profile / model", "input", "cached read", "cache write", "output", "attempts",
+    title = f"tokens by {by} (cost from {escape(s.prices)})" if priced else f"tokens by {by}"
+    table = Table(by, "input", "cached read", "cache write", "output", "attempts",
                   *(["cost"] if priced else []), title=title)  # fmt: skip
-    for key, t in sorted(s.tokens.items()):
+    for key, t in sorted((s.tokens if tallies is None else tallies).items()):
         cost = ["-" if t.cost is None else f"{t.cost:.4f}"] if priced else []
         table.add_row(escape(key.replace("/", " / ", 1)), f"{t.input:,}", f"{t.cache_read:,}", f"{t.cache_write:,}",
                       f"{t.output:,}", str(t.attempts), *cost)  # fmt: skip

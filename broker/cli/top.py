@@ -1,5 +1,7 @@
 """`isopool top`: a running broker, live. Each refresh is one stats snapshot over the broker's
-frontend (the same request as `isopool stats`); rates are the difference between two snapshots."""
+frontend (the same request as `isopool stats`); rates are the difference between two snapshots.
+On a terminal the screen is redrawn in place; piped or written to a file, each screen is printed
+in turn (a log of screens). A broker that stops answering mid-view ends it with an error."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..client.client import Client
+from ..errors import BrokerUnavailable
 from ..protocol import Snapshot
 from .render import broker_line, console, token_total, workers_table
 
@@ -74,6 +77,10 @@ def keys() -> Iterator[Callable[[float], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+class BrokerWentAway(Exception):
+    """The broker answered, then stopped answering while top was showing it."""
+
+
 def top(url: str, interval: float, once: bool) -> None:
     """Show the broker at `url` until `q` (or Ctrl-C); with `once`, one screen and return."""
     with Client(url, broker_timeout=2.0) as client:
@@ -81,9 +88,20 @@ def top(url: str, interval: float, once: bool) -> None:
         if once:
             console.print(frame(snapshot, None, 0, live=False))
             return
-        with keys() as pressed, Live(frame(snapshot, None, 0), console=console, auto_refresh=False) as live:
+        in_place = console.is_terminal  # rich's Live would show a pipe only its last screen, at the end
+        live = Live(frame(snapshot, None, 0), console=console, auto_refresh=False) if in_place else None
+        if live is None:
+            console.print(frame(snapshot, None, 0, live=False))
+        with keys() as pressed, live or contextlib.nullcontext():
             while pressed(interval).lower() != "q":
                 now = time.monotonic()
-                before, snapshot = snapshot, client.snapshot()
-                live.update(frame(snapshot, before, now - at), refresh=True)
+                try:
+                    before, snapshot = snapshot, client.snapshot()
+                except BrokerUnavailable:
+                    raise BrokerWentAway(f"the broker at {url} stopped answering (it went away, or hangs)") from None
+                screen = frame(snapshot, before, now - at, live=in_place)
+                if live is not None:
+                    live.update(screen, refresh=True)
+                else:
+                    console.print(screen)
                 at = now

@@ -329,7 +329,7 @@ class AsyncClient:
         header = Submit(
             rid, profile, model, stream, limits.first_event_timeout, limits.stale_timeout, limits.deadline,
             limits.max_attempts, limits.read_timeout, limits.fallbacks, method,
-            limits.traceparent or tracecontext.current(),
+            limits.traceparent or tracecontext.current(), limits.caller,
         )  # fmt: skip
         try:
             payload = self._codec.encode(call)
@@ -631,6 +631,7 @@ class CallLimits(msgspec.Struct, frozen=True):
     fallbacks: list[tuple[str, str]] | None = None  # (profile, model) tried in order, "" the call's own; the
     # pool refuses those its `request_fallbacks` does not allow
     traceparent: str = ""  # the caller's trace context (the gateway's callers); else the current span's, if any
+    caller: str = ""  # who to account the call to (the gateway: its token's name)
 
 
 def _served(error: ErrorHeader) -> Served:

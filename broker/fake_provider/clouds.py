@@ -14,6 +14,8 @@ SDKs' own credential code runs against the fake with no network:
 - Azure: `api-version` in the query (else 404), and `api-key` or a bearer token; one of the form
   `entra-N` must be one `GET /msi/token` issued: the App Service managed-identity endpoint that
   azure-identity's DefaultAzureCredential calls when IDENTITY_ENDPOINT and IDENTITY_HEADER name it.
+- Foundry (Claude in Microsoft Foundry): Anthropic's API under `/anthropic`, with `x-api-key` or such
+  an Entra ID token.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class CloudRoutes:
         app.router.add_post("/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{call}", self.vertex)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure)
         app.router.add_post("/openai/responses", self.azure)
+        app.router.add_post("/anthropic/v1/messages", self.foundry)
         app.router.add_post("/token", self.google_token)
         app.router.add_get("/msi/token", self.azure_token)
 
@@ -115,6 +118,18 @@ class CloudRoutes:
         self.provider.served[f"vertex.at:{request.match_info['project']}/{request.match_info['region']}"] += 1
         return await self.provider.answer(request, AnthropicMessages, "vertex", body, Sse(AnthropicMessages),
                                           "vertex.messages")  # fmt: skip
+
+    async def foundry(self, request: web.Request) -> web.StreamResponse:
+        """Claude in Microsoft Foundry: Anthropic's own API under /anthropic, with `x-api-key` or an Entra
+        ID token (the same issuer as Azure's)."""
+        if not request.headers.get("x-api-key") and self._bearer(request, "entra-") is not None:
+            return error_response("anthropic", 401, "authentication_error", "invalid x-api-key")
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return error_response("anthropic", 400, "invalid_request_error", str(exc))
+        return await self.provider.answer(request, AnthropicMessages, "anthropic", body, Sse(AnthropicMessages),
+                                          "foundry.messages")  # fmt: skip
 
     async def azure(self, request: web.Request) -> web.StreamResponse:
         if not request.query.get("api-version"):

@@ -19,23 +19,39 @@ import re
 from .. import eventstream
 from ..client.client import StreamEvent
 
-# The path of each cloud's requests, and the part of it its profile's base URL already holds.
+# The path of each cloud's requests, as sent (a Bedrock model ARN's `/` is `%2F`), and the part of it
+# its profile's base URL already holds. Vertex's: Anthropic's publisher only (the profile's token reaches
+# every model of the project, Claude is what the pool relays and checks).
 _FORMS = (
     ("bedrock", re.compile(r"/model/[^/]+/invoke(-with-response-stream)?"), ""),
-    ("vertex", re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/.+"), "/v1"),
+    (
+        "vertex",
+        re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/]+:(raw|streamRaw)Predict"),
+        "/v1",
+    ),
     ("azure", re.compile(r"/openai/.+"), "/openai"),
 )
+_QUERIES = {"bedrock": False, "vertex": False, "azure": True}  # whose API has query parameters (api-version)
 # Bedrock's error type per status, as its `x-amzn-ErrorType` header names it.
 _BEDROCK_ERRORS = {400: "ValidationException", 401: "UnrecognizedClientException", 403: "AccessDeniedException",
                    408: "ModelTimeoutException", 413: "ValidationException", 429: "ThrottlingException",
                    503: "ServiceUnavailableException", 504: "ModelTimeoutException"}  # fmt: skip
 
 
-def cloud_form(path: str, path_qs: str) -> tuple[str, str] | None:
-    """(cloud kind, path relative to that kind's base URL) of a request in a cloud's own form, else None."""
+def cloud_form(raw_path: str, target: str) -> tuple[str, str] | None:
+    """(cloud kind, `target` relative to that kind's base URL) of a request in a cloud's own form, else None.
+    `raw_path` and `target` (with its query) are as the caller sent them, not percent-decoded."""
     for kind, pattern, held in _FORMS:
-        if pattern.fullmatch(path):
-            return kind, path_qs[len(held) :]
+        if pattern.fullmatch(raw_path):
+            return kind, target[len(held) :]
+    return None
+
+
+def query_problem(kind: str, target: str) -> str | None:
+    """Why a cloud-form request's query is refused: Bedrock's and Vertex's APIs take none, and one the
+    workers sign (`X-Amz-Security-Token=...`) is the caller's to forge."""
+    if "?" in target and not _QUERIES.get(kind, True):
+        return f"{kind}'s API takes no query parameters: drop them"
     return None
 
 

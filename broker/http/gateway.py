@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
 import logging
 import re
@@ -103,6 +104,8 @@ class Gateway:
     def __init__(self, client: AsyncClient, settings: Settings, token: str = "") -> None:
         self.client = client
         self.token = token
+        # its callers' usage is accounted to the token, named by a short hash of it (never the token)
+        self.caller = f"token:{hashlib.blake2b(token.encode(), digest_size=4).hexdigest()}" if token else ""
         self.max_bytes = settings.max_message_bytes
         self.read_timeout = settings.gateway_read_timeout
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
@@ -119,8 +122,8 @@ class Gateway:
     def route(self, request: web.Request) -> tuple[str, str, str]:
         """(profile, kind, path relative to that kind's base URL): a cloud's own form goes to that
         cloud's profile, a first-party one to the SDK's."""
-        path = request.path_qs
-        if cloud := cloudforms.cloud_form(request.path, path):
+        path = request.raw_path  # as sent, query included: a Bedrock model ARN's `%2F` stays one
+        if cloud := cloudforms.cloud_form(request.rel_url.raw_path, path):
             kind, relative = cloud
         elif request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
             kind, relative = "anthropic", path
@@ -136,6 +139,8 @@ class Gateway:
                 return _preflight(request)
             self.check_token(request)
             check_path(request.raw_path)
+            if problem := cloudforms.query_problem(kind, path):
+                raise Refused(400, problem)
             body, top = await self.read_body(request)
             try:
                 body, fallbacks, fields = take_fallbacks(request.headers, body, top)
@@ -147,7 +152,7 @@ class Gateway:
         except Refused as exc:
             return _refusal(kind, exc)
         try:
-            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request))
+            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
             submitted = await self.client.submit_http(profile, call, limits, fields)
         except IsopoolError as exc:
             return _pool_error(kind, exc)

@@ -16,7 +16,9 @@ attempts, `<strategy>:<outcome>`), `circuit_state{circuit}` (0 closed, 1 open, 2
 `requests_in_flight`, `queue_depth{profile}`, `workers{profile,deployment,state}`,
 `request_duration_seconds` and `time_to_first_event_seconds` (histograms),
 `tokens_total{profile,model,type}` (input, output, cache_read, cache_write: as the providers reported them;
-input counts the cached tokens too) and, with a price table, `cost_total{profile,model}` (its currency).
+input counts the cached tokens too) and, with a price table, `cost_total{profile,model}` (its currency);
+the same by the caller a request named (a gateway token's name): `caller_tokens_total{caller,type}`,
+`caller_cost_total{caller}`.
 """
 
 from __future__ import annotations
@@ -103,13 +105,19 @@ def _tokens(s: Snapshot) -> list[Any]:
                                  "answered and type (input counts the cached ones too)",
                                  labels=["profile", "model", "type"])  # fmt: skip
     cost = CounterMetricFamily("isopool_cost", f"Cost of the tokens ({s.prices})", labels=["profile", "model"])
-    for key, t in sorted(s.tokens.items()):
-        profile, _, model = key.partition("/")
-        for kind in ("input", "output", "cache_read", "cache_write"):
-            tokens.add_metric([profile, model, kind], getattr(t, kind))
-        if t.cost is not None:
-            cost.add_metric([profile, model], t.cost)
-    return [tokens, cost] if s.prices else [tokens]
+    by_caller = CounterMetricFamily("isopool_caller_tokens", "Tokens the providers reported, by the caller a "
+                                    "request named (a gateway token's name) and type",
+                                    labels=["caller", "type"])  # fmt: skip
+    caller_cost = CounterMetricFamily("isopool_caller_cost", f"Cost of the tokens by caller ({s.prices})",
+                                      labels=["caller"])  # fmt: skip
+    for (tokens_of, cost_of), tallies in (((tokens, cost), s.tokens), ((by_caller, caller_cost), s.tokens_by_caller)):
+        for key, t in sorted(tallies.items()):
+            labels = list(key.partition("/")[::2]) if tallies is s.tokens else [key]
+            for kind in ("input", "output", "cache_read", "cache_write"):
+                tokens_of.add_metric([*labels, kind], getattr(t, kind))
+            if t.cost is not None:
+                cost_of.add_metric(labels, t.cost)
+    return [tokens, by_caller, cost, caller_cost] if s.prices else [tokens, by_caller]
 
 
 def _histogram(name: str, doc: str, h: HistogramSnapshot) -> HistogramMetricFamily:

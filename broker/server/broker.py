@@ -21,7 +21,7 @@ import psutil
 import zmq
 
 from .. import endpoints, prices
-from ..config import Settings
+from ..config import FAMILIES, Settings
 from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
 from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
@@ -73,7 +73,8 @@ class Broker:
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = self._router(self.backend_url, BIG_HWM)
         self.death_r, self.death_w = os.pipe()  # workers exit when the write end (ours) closes
-        kinds = tuple(dict.fromkeys(p.kind for p in settings.profiles.values()))  # imported in the profiles' order
+        # imported in the profiles' order; a dormant profile's cloud libraries only by the worker that needs them
+        kinds = tuple(dict.fromkeys(p.kind if p.min_workers else FAMILIES[p.kind] for p in settings.profiles.values()))
         zygote = Zygote(self.death_r, (self.run_dir, self.frontend_url, self.backend_url), kinds)
         # a killed worker's requests, and a flapping profile's queue, are the flow's to retry or end
         self.fleet = Fleet(

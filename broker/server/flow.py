@@ -26,12 +26,12 @@ from ..config import Limits, Settings
 from ..protocol import Code, Codec, Continuation, ErrorInfo, Event, Kind, Ref, Run, Served, StreamSnapshot, Submit
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
-from . import usage
+from . import genai, usage
 from .callers import Callers, who
 from .connections import Connections
 from .fairqueue import FairQueue
 from .fleet import Fleet
-from .requestlog import AttemptLine, RequestLine, RequestLog
+from .requestlog import AttemptLine, RequestLine, RequestLog, content
 from .resumes import Rescues
 from .retrypolicy import classify, classify_event
 from .routing import Move, Router, Same, model_of, rescue, target
@@ -87,6 +87,9 @@ class Flow:
         self.callers = Callers(frontend, self.connections, codec, settings.client_buffer, self._cut_off)
         self.request_log = request_log
         self.tracing = tracing
+        # with message content opted in (traces or the request log): each attempt's answer is kept, bounded
+        logged = bool(settings.request_log) and settings.request_log_content
+        self.keep_output = logged or (tracing is not None and tracing.content)
 
     # ----- callers --------------------------------------------------------------
 
@@ -215,6 +218,8 @@ class Flow:
             req.headers_at = now
         elif kind == Kind.RESULT and req.held is None:
             self.fleet.release(worker, req, now)
+            if req.output is not None:
+                req.output.add(payload)
             self.router.answered(req, now)
             self.stats.latency.add(now - req.accepted_at)
             if how := rescue(req):
@@ -274,6 +279,10 @@ class Flow:
         if event.error:  # the provider's error event: the caller gets it only if the call ends with it
             req.held = data
             return
+        if req.attempt_span is not None and req.last_event_at is not None and req.submit.stream:
+            self.tracing.chunk(req, now)  # type: ignore[union-attr]
+        if req.output is not None:
+            req.output.add(data)
         self._progress(req, now)
         self._deliver(req, event.count, data)
 
@@ -357,6 +366,7 @@ class Flow:
         req.first_event_at = None
         req.ending = False
         req.spent = None
+        req.output = genai.Output() if self.keep_output else None
         self.router.sent(req, now)
         # a circuit's probe is told quickly whether a silent upstream answers again (its caller still
         # has its fallbacks), rather than waiting out the whole headers_timeout
@@ -636,6 +646,8 @@ class Flow:
             delivered=req.delivered,
             took=round(now - req.accepted_at, 3),
             usage=usage.total([a.usage for a in req.attempts]),
+            caller=req.submit.caller,
+            content=content(req) if self.settings.request_log_content else None,
         ))  # fmt: skip
 
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:

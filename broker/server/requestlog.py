@@ -1,8 +1,9 @@
 """The request log (setting `request_log`): one JSON line per finished request, written off the
 broker's loop and rotated by size.
 
-A line says who asked (a hash of the connection, never a key), what (profile and model; no
-content), what happened to each attempt (where it ran, when it started, its first event, how it
+A line says who asked (a hash of the connection, never a key; the gateway token's name for a
+gateway's caller), what (profile and model; the messages and the answer's text only with
+`request_log_content`), what happened to each attempt (where it ran, when it started, its first event, how it
 ended, the tokens its provider reported) and how the request ended, with the tokens of all its
 attempts (and their cost, with a price table). The standard library's `QueueListener` writes from its own
 thread into a `RotatingFileHandler`, so a slow or full disk never holds up the broker: a line
@@ -16,10 +17,12 @@ import logging
 import logging.handlers
 import queue
 import time
+from typing import Any
 
 import msgspec
 
 from ..protocol import Tokens
+from . import genai
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,23 @@ class RequestLine(msgspec.Struct, frozen=True):
     delivered: int  # events its caller had
     took: float
     usage: Tokens | None = None  # of all its attempts
+    caller: str = ""  # who the caller said it is: a gateway's token, by name ("": a caller that said none)
+    content: Content | None = None  # with request_log_content
+
+
+class Content(msgspec.Struct, frozen=True):
+    """The request's messages and its answer's text, in the GenAI conventions' shape (genai.py), bounded."""
+
+    input: list[dict]
+    system: list[dict]
+    output: list[dict]
+
+
+def content(req: Any) -> Content:
+    """A request's messages and the text its last attempt answered (with request_log_content)."""
+    messages, system = genai.input_content(req.payload)
+    output = req.output.messages(req.spent.finish_reasons if req.spent else []) if req.output else []
+    return Content(messages, system, output)
 
 
 class _Handler(logging.handlers.RotatingFileHandler):

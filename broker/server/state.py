@@ -146,3 +146,5 @@ class Request:
     span: Any = None
     attempt_span: Any = None
     spent: Spent | None = None  # what the provider reported of this attempt's answer so far (Kind.USAGE)
+    genai: dict[str, Any] | None = None  # with traces: its gen_ai.request.* attributes (and content, opted in)
+    output: Any = None  # with message content opted in: this attempt's answer as passed on (genai.Output)

@@ -8,7 +8,9 @@ the broker opens a span (`isopool.request`, a child of the caller's span when th
 `traceparent` the worker sends on to the provider; it ends with what the provider reported of its
 answer (`gen_ai.response.*`, `gen_ai.usage.*`: Kind.USAGE, even for an attempt whose worker was
 killed). Stalls, kills, retries and fallbacks are span
-events of the request. Spans carry no message content and never a key.
+events of the request. The attempt's span carries the call's parameters (`gen_ai.request.*`, read from
+its payload once per request, genai.py); message content only when the environment opts in
+(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT), never a key.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
+
 from ..config import DEFAULT_BASE_URLS, Settings
 from ..protocol import Spent
 from ..routes import groups
+from . import genai
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ _OPERATIONS = {
     "/v1/embeddings": "embeddings",
 }
 _PROVIDERS = {"anthropic": "anthropic", "openai": "openai"}
+_TRACEPARENT_MAX = 512  # the W3C limit, as OpenTelemetry's propagator applies it
+_WARN_EVERY = 60.0  # seconds between warnings about ignored traceparents
 
 
 def configured() -> bool:
@@ -104,6 +111,8 @@ class Tracing:
         self._tracer = provider.get_tracer("isopool")
         self._metrics = _Metrics(meters.get_meter("isopool")) if meters is not None else None
         self._propagator = TraceContextTextMapPropagator()
+        self.content = genai.capture_content()  # message content on the spans (opt-in)
+        self.ignored_traceparents, self._warned = 0, -_WARN_EVERY
         self._wall = time.time_ns() - time.monotonic_ns()  # the broker's clock is monotonic; spans want wall time
         self._servers = {
             key: (profile.kind, _host(profile.kind, profile.base_url))
@@ -115,7 +124,10 @@ class Tracing:
 
     def request_started(self, req: Any, now: float) -> Any:
         """The request's span, under the caller's when it sent a `traceparent`."""
-        parent = self._propagator.extract({"traceparent": req.submit.traceparent}) if req.submit.traceparent else None
+        parent = self._parent(req.submit.traceparent) if req.submit.traceparent else None
+        req.genai = genai.request_attributes(req.payload)
+        if self.content:
+            req.genai |= _content_attributes(req.payload)
         return self._tracer.start_span(
             "isopool.request",
             context=parent,
@@ -127,6 +139,18 @@ class Tracing:
                 "isopool.stream": req.submit.stream,
             },  # fmt: skip
         )
+
+    def _parent(self, traceparent: str) -> Any:
+        """The caller's context; None for a `traceparent` past the W3C limit (counted, and said at most once
+        a minute: the propagator would warn at every request of a caller that sends one)."""
+        if len(traceparent) <= _TRACEPARENT_MAX:
+            return self._propagator.extract({"traceparent": traceparent})
+        self.ignored_traceparents += 1
+        if time.monotonic() - self._warned >= _WARN_EVERY:
+            self._warned = time.monotonic()
+            log.warning("ignored a traceparent of %d characters (over %d; %d so far): those requests start traces "
+                        "of their own", len(traceparent), _TRACEPARENT_MAX, self.ignored_traceparents)  # fmt: skip
+        return None
 
     def attempt_started(self, req: Any, now: float) -> tuple[Any, str]:
         """The attempt's CLIENT span (a child of the request's), and the `traceparent` that names it."""
@@ -143,6 +167,7 @@ class Tracing:
             "isopool.profile": req.profile,
             "isopool.deployment": req.group,
             "isopool.worker": req.worker.ident.decode() if req.worker is not None else "",
+            **(req.genai or {}),
         }
         span = self._tracer.start_span(
             f"{operation} {model}".strip(),
@@ -162,6 +187,9 @@ class Tracing:
         span.set_attribute("isopool.delivered_events", req.delivered)
         if spent is not None:
             span.set_attributes(_response_attributes(spent))
+        if req.output is not None and self.content:
+            messages = req.output.messages(spent.finish_reasons if spent is not None else [])
+            span.set_attribute("gen_ai.output.messages", _JSON(messages).decode())
         if outcome != "ok":
             span.set_attribute("error.type", outcome)
             if reason is not None and reason.is_stall:
@@ -173,6 +201,12 @@ class Tracing:
         if self._metrics is not None:
             first = None if req.first_event_at is None or not req.submit.stream else req.first_event_at - req.sent_at
             self._metrics.record(span.attributes, outcome, spent, now - req.sent_at, first)
+
+    def chunk(self, req: Any, now: float) -> None:
+        """A stream's chunk after its first (one EVENT message: what the caller receives at once)."""
+        if self._metrics is not None:
+            attributes = {key: req.attempt_span.attributes[key] for key in _METRIC_ATTRIBUTES}
+            self._metrics.per_chunk.record(now - req.last_event_at, attributes)
 
     def event(self, span: Any, name: str, now: float, **attributes: Any) -> None:
         span.add_event(name, attributes=attributes, timestamp=self._ns(now))
@@ -193,9 +227,12 @@ class Tracing:
 
 # The GenAI client metrics' bucket boundaries, as the conventions give them.
 _SECONDS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+# (the conventions give none for it: those of the server's time_per_output_token)
+_CHUNK_SECONDS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 _BUCKETS = {
     "gen_ai.client.operation.duration": _SECONDS,
     "gen_ai.client.operation.time_to_first_chunk": _SECONDS,
+    "gen_ai.client.operation.time_per_output_chunk": _CHUNK_SECONDS,
     "gen_ai.client.token.usage": [4**i for i in range(14)],  # 1, 4, 16, ... 67108864
 }
 # The span attributes the metrics carry (the conventions' required and recommended ones).
@@ -210,6 +247,8 @@ class _Metrics:
                                                description="GenAI operation duration")  # fmt: skip
         self.first_chunk = meter.create_histogram("gen_ai.client.operation.time_to_first_chunk", unit="s",
                                                   description="Time to receive the first chunk")  # fmt: skip
+        self.per_chunk = meter.create_histogram("gen_ai.client.operation.time_per_output_chunk", unit="s",
+                                                description="Time per output chunk after the first")  # fmt: skip
         self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                              description="Number of input and output tokens used")  # fmt: skip
 
@@ -242,6 +281,16 @@ def _response_attributes(spent: Spent) -> dict[str, Any]:
         "gen_ai.usage.cache_read.input_tokens": spent.cache_read_tokens,
         "gen_ai.usage.cache_creation.input_tokens": spent.cache_write_tokens,
     }
+
+
+_JSON = msgspec.json.Encoder().encode
+
+
+def _content_attributes(payload: bytes) -> dict[str, str]:
+    """The call's messages and system instructions (opt-in), as the conventions' JSON strings."""
+    messages, system = genai.input_content(payload)
+    found = {"gen_ai.input.messages": messages, "gen_ai.system_instructions": system}
+    return {key: _JSON(value).decode() for key, value in found.items() if value}
 
 
 def _host(kind: str, base_url: str | None) -> str:

@@ -1,4 +1,5 @@
-"""Token usage and its cost, by profile and model (the model that answered) and by client connection.
+"""Token usage and its cost, by profile and model (the model that answered), by client connection and
+by the caller a request named (a gateway's token, by name).
 
 An attempt is billed exactly what its provider reported of it: its worker sends each change of the
 answer's usage as it passes (Kind.USAGE, worker/usage.py), and the difference from the attempt's last
@@ -50,6 +51,7 @@ class Accounts:
         self._priced: dict[str, Price | None] = {}
         self.by_model: dict[str, _Tally] = {}
         self.by_client: dict[str, _Tally] = {}
+        self.by_caller: dict[str, _Tally] = {}
 
     def spent(self, req: Any, report: Spent) -> None:
         """Bill the difference between `report` and the attempt's previous one (`req.spent`)."""
@@ -64,6 +66,8 @@ class Accounts:
         key = f"{req.profile}/{answered(req)}"
         _tally(self.by_model, key, f"{req.profile}/(other models)").add(delta, first)
         _tally(self.by_client, who(req.client), "(other clients)").add(delta, first)
+        if req.submit.caller:
+            _tally(self.by_caller, req.submit.caller, "(other callers)").add(delta, first)
 
     def attempt(self, req: Any) -> Tokens | None:
         """What the current attempt of `req` was billed (None: nothing), for the request log."""
@@ -84,6 +88,7 @@ class Accounts:
             "tokens": {key: tally.tokens(priced) for key, tally in self.by_model.items()},
             "tokens_by_client": {key: tally.tokens(priced) for key, tally in self.by_client.items()},
             "prices": self.prices.label() if self.prices is not None else "",
+            "tokens_by_caller": {key: tally.tokens(priced) for key, tally in self.by_caller.items()},
         }
 
 

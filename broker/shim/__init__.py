@@ -3,8 +3,8 @@
     from broker.shim import anthropic          # instead of `import anthropic`
     client = anthropic.Anthropic()              # same arguments, same results, same exceptions
 
-The client classes (and the cloud ones: `AnthropicBedrock`, `AnthropicVertex`, `AzureOpenAI` and
-their async twins, whose requests the workers sign, see `clouds`) are subclasses of the installed
+The client classes (and the cloud ones: `AnthropicBedrock`, `AnthropicVertex`, `AnthropicFoundry`,
+`AzureOpenAI` and their async twins, whose requests the workers sign, see `clouds`) are subclasses of the installed
 SDKs' own, so `isinstance` checks pass;
 each is built on first use, on the HTTP library its SDK's generation uses (`broker.sdklib`), so
 only the SDK a caller uses is imported, and anthropic 0.40+ / openai 1.40+ (httpx) work as the
@@ -15,7 +15,8 @@ works, while the request itself is sent by a fresh worker process holding the po
 key, which the broker kills and replaces if its stream stalls.
 
 The pool is `pool=` (a `Pool` or a broker URL), else `$ISOPOOL_URL`, else an embedded
-pool with the default profiles, started on first use and stopped at exit.
+pool with the default profiles (and a dormant one of each installed cloud kind, see `clouds`),
+started on first use and stopped at exit.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any
 
 from ..client.client import Client
 from ..client.pool import Pool
-from ..config import DEFAULT_BASE_URLS
+from ..config import DEFAULT_BASE_URLS, load_settings
+from ..extras import missing
 from ..sdklib import library
 from . import clouds, httplib
 from .errors import SdkErrors
@@ -67,15 +69,13 @@ def pool_url(pool: Pool | str | None) -> str:
     global _embedded
     if isinstance(pool, Pool):
         return pool.url
-    if pool:
-        return pool
-    if os.environ.get("ISOPOOL_URL"):
-        return os.environ["ISOPOOL_URL"]
+    if not _names_embedded(pool):
+        return pool or os.environ["ISOPOOL_URL"]
     with _lock:
         if _embedded is None:
             # owned by this process, so its clients' keys are ours; calls queue in its broker while its
             # workers start, each profile's as soon as its SDK is imported
-            _embedded = Pool(allow_overrides=True).start(wait=False)
+            _embedded = Pool(clouds.embedded_settings(load_settings(allow_overrides=True))).start(wait=False)
             atexit.register(_embedded.stop)
         return _embedded.url
 
@@ -90,6 +90,15 @@ def boot_embedded() -> None:
             pool_url(None)
 
     threading.Thread(target=boot, name="isopool-embedded-boot", daemon=True).start()
+
+
+def _names_embedded(pool: Pool | str | None) -> bool:
+    """Whether a client of `pool` uses the embedded pool: it names none, nor does $ISOPOOL_URL."""
+    return not pool and not os.environ.get("ISOPOOL_URL")
+
+
+def _allows_overrides(url: str, broker_timeout: float) -> bool:
+    return bool(_sync_client(url, broker_timeout).stats().get("allow_overrides"))
 
 
 def _sync_client(url: str, broker_timeout: float) -> Client:
@@ -194,21 +203,24 @@ class _Sdk:
                 transport = transport.changed(**changes)
                 http_client = type(http_client)(transport=transport, **httplib.settings_of(http_client, self.lib))
             return {**kwargs, "base_url": base_url, "http_client": http_client, "max_retries": 0}
-        placement, base_path = {}, BASE_PATH
+        if cloud is not None and _names_embedded(pool) and (lacking := missing(cloud.kind)):  # it has no such profile
+            raise ImportError(f"{cls}: the pool's workers sign its requests, and {lacking}")
+        url, placement, base_path = pool_url(pool), {}, BASE_PATH
         if cloud is not None:
-            cloud.refuse_credentials(cls, {**kwargs, "base_url": base_url})
-            placement, base_path = cloud.placement_of(kwargs), BASE_PATH + cloud.relative
-            profile = profile or cloud.kind
-            kwargs = cloud.stand_in({k: v for k, v in kwargs.items() if k != cloud.endpoint})
+            given = {**kwargs, "base_url": base_url}
+            overrides = cloud.names_overrides(given) and _allows_overrides(url, broker_timeout)
+            cloud.refuse_credentials(cls, given, overrides)
+            placement, base_path = cloud.placement_of(given, overrides), BASE_PATH + cloud.relative
+            profile, base_url, kwargs = profile or cloud.kind, None, cloud.stand_in(kwargs)
         for name in _OWN_CONNECTION:  # anthropic 0.x's: a connection the worker makes (warned at the caller)
             if kwargs.pop(name, None) is not None:
                 warnings.warn(f"{name}= is ignored: the pool's workers make the HTTP requests", stacklevel=3)
         settings = httplib.settings_of(http_client, self.lib) if http_client is not None else {}
-        url, profile, base_url = pool_url(pool), profile or self.kind, str(base_url or "")
+        profile, base_url = profile or self.kind, str(base_url or "")
         if base_url.rstrip("/") == DEFAULT_BASE_URLS[self.kind]:  # spelt out, as LangChain does: the provider's
             base_url = ""
         own = cloud is None and (base_url or any(kwargs.get(name) for name in self.credentials))  # api_key="": none
-        if own and not _sync_client(url, broker_timeout).stats().get("allow_overrides"):
+        if own and not _allows_overrides(url, broker_timeout):
             raise ValueError(
                 f"the pool at {url} holds the provider keys and does not allow a client's own credentials or "
                 "base_url (setting allow_overrides); drop them, or configure a provider profile and pass "
@@ -272,9 +284,11 @@ def install() -> None:
 __all__ = [
     "Anthropic",
     "AnthropicBedrock",
+    "AnthropicFoundry",
     "AnthropicVertex",
     "AsyncAnthropic",
     "AsyncAnthropicBedrock",
+    "AsyncAnthropicFoundry",
     "AsyncAnthropicVertex",
     "AsyncAzureOpenAI",
     "AsyncOpenAI",

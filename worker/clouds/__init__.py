@@ -81,23 +81,32 @@ async def messages_in_cloud_form(sdk: Any, call: HttpCall) -> HttpCall:
     return msgspec.structs.replace(call, path=options.url, body=_ENC.encode(options.json_data))
 
 
+# What a call's placement may set of its profile (a profile's other settings are the pool's alone).
+PLACES = ("region", "project", "endpoint", "api_version", "base_url", "aws_profile")
+
+
 def placed(profile: Profile, sdk: Any, placement: dict[str, str], allow_overrides: bool) -> Profile | None:
-    """Where a cloud client's call goes (the shim's client named its region, project or endpoint): None
-    for the profile's own place; elsewhere, with allow_overrides, the profile moved there (a base_url
-    it names stays: a VPC endpoint's region); else a BadCall naming both (data pinned to one region must
-    not silently go to another)."""
+    """Where a cloud client's call goes (the shim's client named its region, project, endpoint or, where
+    the pool allows overrides, base URL): None for the profile's own place; elsewhere, with
+    allow_overrides, the profile moved there (a base_url it names stays: a VPC endpoint's region); else a
+    BadCall naming both (data pinned to one region must not silently go to another). `sdk` None: the
+    profile's own client could not be built (a dormant profile of the embedded pool, with no region or
+    api-version in the environment), so with allow_overrides the call's placement completes it."""
     if profile.kind in FIRST_PARTY:
         return None
-    own = _module(profile.kind).placement(sdk)
-    moved = {name: given for name, given in placement.items() if name in own and given != own[name]}
+    if sdk is None:
+        moved = {name: given for name, given in placement.items() if name in PLACES} if allow_overrides else {}
+    else:
+        own = _module(profile.kind).placement(sdk)
+        moved = {name: given for name, given in placement.items() if name in own and given != own[name]}
     if not moved:
         return None
     if not allow_overrides:
         name, given = next(iter(moved.items()))
         raise BadCall(f"the client names {profile.kind} {name} {given!r}, but this profile sends to {own[name]!r}: "
                       f"drop it, or send to a profile of {name} {given!r} (pool_profile=NAME)")  # fmt: skip
-    unplaced = {"base_url": None} if "endpoint" in moved else {}  # Azure's endpoint is its base URL
-    return msgspec.structs.replace(profile, **moved, **unplaced)
+    unplaced = {"base_url": None} if {"endpoint", "resource"} & set(moved) else {}  # they name the base URL
+    return msgspec.structs.replace(profile, **{**unplaced, **moved})
 
 
 def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +114,14 @@ def call_kwargs(profile: Profile, kwargs: dict[str, Any]) -> dict[str, Any]:
     if profile.kind == "azure" and (deployment := profile.azure_deployments.get(kwargs.get("model", ""))):
         return {**kwargs, "model": deployment}
     return kwargs
+
+
+async def prepared_headers(sdk: Any, request: Any, options_type: type) -> None:
+    """The credentials the SDK's own per-request hook (`_prepare_options`: Azure's and Foundry's, which call
+    an Entra ID token provider each time) puts on a request, set on `request`."""
+    options = await sdk._prepare_options(options_type.construct(method=request.method.lower(), url=str(request.url),
+                                                                headers={}))  # fmt: skip
+    request.headers.update({k: v for k, v in options.headers.items() if isinstance(v, str)})
 
 
 # The credential libraries' errors (looked up only if loaded: no other can have been raised), and the

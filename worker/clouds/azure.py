@@ -15,7 +15,7 @@ import msgspec
 from broker.config import Profile
 
 from ..calls import BadCall, json_body
-from . import STAND_IN
+from . import STAND_IN, prepared_headers
 
 _ENC = msgspec.json.Encoder()
 
@@ -96,6 +96,4 @@ async def authorize(sdk: Any, request: Any) -> None:
         request.url = request.url.copy_merge_params({"api-version": sdk._api_version})
     from openai._models import FinalRequestOptions
 
-    options = await sdk._prepare_options(FinalRequestOptions.construct(method=request.method.lower(),
-                                                                       url=str(request.url), headers={}))  # fmt: skip
-    request.headers.update({k: v for k, v in options.headers.items() if isinstance(v, str)})
+    await prepared_headers(sdk, request, FinalRequestOptions)

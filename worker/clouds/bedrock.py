@@ -29,7 +29,7 @@ def preload() -> None:
 
 
 def placement(sdk: Any) -> dict[str, str | None]:
-    return {"region": sdk.aws_region}
+    return {"region": sdk.aws_region, "aws_profile": sdk.aws_profile, "base_url": str(sdk.base_url).rstrip("/")}
 
 
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL, as Bedrock's.

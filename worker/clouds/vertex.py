@@ -47,7 +47,7 @@ def preload() -> None:
 
 
 def placement(sdk: Any) -> dict[str, str | None]:
-    return {"region": sdk.region, "project": sdk.project_id}
+    return {"region": sdk.region, "project": sdk.project_id, "base_url": str(sdk.base_url).rstrip("/")}
 
 
 # The raw-HTTP relay (worker/exchange.py): paths relative to the client's base URL (…/v1).

@@ -96,6 +96,18 @@ def needs_sdk(api: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not sdk_has(api), reason=reason)
 
 
+def http_chunks(raw: bytes) -> list[bytes]:
+    """The chunks of a complete chunked HTTP/1.1 answer (head and all) as the server wrote them, one per write."""
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    chunks = []
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return chunks
+        chunks.append(rest[: int(size, 16)])
+        rest = rest[int(size, 16) + 2 :]
+
+
 def fault(spec: str) -> dict[str, Any]:
     return {"extra_headers": {FAULT_HEADER: spec}}
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,7 +25,7 @@ import pytest
 
 from broker import Pool
 
-from .conftest import TEST_SETTINGS, anthropic_args, profiles, wait_for
+from .conftest import TEST_SETTINGS, anthropic_args, http_chunks, profiles, wait_for
 
 pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
 
@@ -261,3 +262,57 @@ def test_serve_token_auto_prints_the_token_the_gateway_then_requires(fake, tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def _stream_post(tokens: int, latency: str) -> bytes:
+    """A raw streaming POST of `tokens` tokens, the fake paced by `latency`; the gateway closes after it."""
+    body = json.dumps({"model": "claude-fake", "max_tokens": tokens, "stream": True,
+                       "messages": [{"role": "user", "content": f"batched {tokens}"}]}).encode()  # fmt: skip
+    head = (
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        f"x-isopool-latency: tokens={tokens},{latency}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _text(sse: bytes) -> str:
+    """The text of an Anthropic SSE stream's deltas."""
+    events = [json.loads(line[6:]) for line in sse.split(b"\n") if line.startswith(b"data: ")]
+    return "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+
+
+def test_a_slow_reader_gets_a_long_stream_whole_in_large_batched_writes(fake, gateway):
+    """Events that arrive together go out in one write: a caller that reads nothing for a while gets a
+    long stream in far fewer chunks than events, every event whole and in order, then the end."""
+    tokens = 3000
+    with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=30) as sock:
+        sock.sendall(_stream_post(tokens, "gap=0"))
+        sock.settimeout(30)
+        first = sock.recv(65536)
+        time.sleep(0.5)  # the stream's events pile up in the gateway meanwhile
+        raw = first + b"".join(iter(lambda: sock.recv(1 << 20), b""))
+    assert raw.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in raw.partition(b"\r\n\r\n")[0].lower()
+    chunks = http_chunks(raw)
+    stream = b"".join(chunks)
+    names = [line for line in stream.split(b"\n") if line.startswith(b"event: ")]
+    assert names[0] == b"event: message_start" and names[-1] == b"event: message_stop"
+    assert len(names) > tokens and len(chunks) < len(names) / 10, (len(chunks), len(names))
+    assert max(len(c) for c in chunks) > 64 * 1024  # one batch held many events
+    with anthropic.Anthropic(base_url=fake.url) as direct:
+        args = dict(model="claude-fake", max_tokens=tokens, messages=[{"role": "user", "content": f"batched {tokens}"}])
+        want = direct.messages.create(**args, extra_headers={"x-isopool-latency": f"tokens={tokens},gap=0"})
+    assert _text(stream) == want.content[0].text
+
+
+def test_caller_leaving_mid_stream_cancels_its_call(fake, gateway):
+    """A caller that leaves after batches were written to it cancels its call, and the provider sees it go."""
+    with gateway.client() as client:
+        cancelled = client.stats()["requests"].get("cancelled", 0)
+        disconnects = fake.stats()["disconnects"]
+        with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=15) as sock:
+            sock.sendall(_stream_post(2000, "gap=0.005"))  # ten seconds of stream
+            seen = b""
+            while b"content_block_delta" not in seen:  # output written: the call is past its first event
+                seen += sock.recv(65536)
+        wait_for(lambda: client.stats()["requests"].get("cancelled", 0) > cancelled, 5, "the call to be cancelled")
+        wait_for(lambda: fake.stats()["disconnects"] > disconnects, 5, "the provider to see the call dropped")

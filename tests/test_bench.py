@@ -17,6 +17,8 @@ import pytest
 from bench.__main__ import main as bench_main
 from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
+from .conftest import http_chunks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "startup")
 # Run by the test below, each on its own (`all` runs them too).
@@ -32,15 +34,7 @@ def _http_chunks(url: str, latency: str) -> list[bytes]:
             f"{LATENCY_HEADER}: {latency}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
         sock.sendall(head.encode() + body.encode())
-        raw = b"".join(iter(lambda: sock.recv(65536), b""))
-    rest = raw.split(b"\r\n\r\n", 1)[1]
-    chunks = []
-    while True:
-        size, _, rest = rest.partition(b"\r\n")
-        if int(size, 16) == 0:
-            return chunks
-        chunks.append(rest[: int(size, 16)])
-        rest = rest[int(size, 16) + 2 :]
+        return http_chunks(b"".join(iter(lambda: sock.recv(65536), b"")))
 
 
 def test_the_fake_writes_each_unpaced_event_in_its_own_write_and_counts_them(fake):

@@ -453,3 +453,56 @@ def test_per_call_timeout_caps_the_pools_stall_limits(pair):
         with pytest.raises(anthropic.APITimeoutError):
             client.with_options(max_retries=0).messages.create(**MSG, **slow, timeout=0.5)
         assert time.monotonic() - start < 4.5  # not the 5 s delay, nor the pool's own limits
+
+
+def test_threads_sharing_a_sync_client_each_read_their_own_streams(pair):
+    """One shim client, several threads streaming at once (each interleaving two streams of its own):
+    every stream gets its own events, whole, as the direct SDK does."""
+    direct, (claude, _) = pair
+    asks = [dict(MSG, max_tokens=200, messages=[{"role": "user", "content": f"thread {n}"}]) for n in range(8)]
+    want = [plain(list(direct[0].messages.create(stream=True, **ask))) for ask in asks]
+    got: dict[int, object] = {}
+
+    def read(n: int) -> None:
+        first, second = (claude.messages.create(stream=True, **asks[i]) for i in (n, n + 4))
+        events: tuple[list, list] = ([], [])
+        for pair_of in zip(first, second, strict=False):  # the two streams read in turn on one thread
+            events[0].append(pair_of[0])
+            events[1].append(pair_of[1])
+        events[0].extend(first)
+        events[1].extend(second)
+        got[n], got[n + 4] = plain(events[0]), plain(events[1])
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [got.get(n) for n in range(8)] == want
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_sync_client_made_before_fork_works_in_the_child(pair):
+    """A forked child (gunicorn's preload, multiprocessing's fork) uses the shim client its parent made
+    and used: its calls go through a pool connection of its own, and the parent's keeps working."""
+    direct, (claude, _) = pair
+    ask = dict(MSG, messages=[{"role": "user", "content": "after fork"}])
+    want = plain(direct[0].messages.create(**ask))
+    assert plain(claude.messages.create(**ask)) == want  # the parent's connection is in use
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        try:
+            signal.alarm(20)
+            answer = plain(claude.messages.create(**ask)) == want
+            streamed = [e.type for e in claude.messages.create(stream=True, **ask)][-1] == "message_stop"
+            os.write(writer, b"ok" if answer and streamed else b"wrong answer")
+        except BaseException as exc:
+            os.write(writer, repr(exc).encode()[:500])
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read()
+    os.waitpid(child, 0)
+    assert report == b"ok"
+    assert plain(claude.messages.create(**ask)) == want

@@ -50,6 +50,7 @@ from ..wire.curve import secure_client
 from ..wire.loopsock import LoopSocket
 from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
 from . import tracecontext
+from .fallbacks import fields_of, top_level
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -68,11 +69,16 @@ class StreamEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     def sse(self) -> bytes:
         """The event in SSE framing again, as the provider sent it (for relays)."""
-        lines = b"".join(b"data: " + line + b"\n" for line in self.data.split(b"\n"))
+        lines = b"data: " + self.data.replace(b"\n", b"\ndata: ") + b"\n"  # a line each
         return (b"event: " + self.name.encode() + b"\n" + lines + b"\n") if self.name else lines + b"\n"
 
 
 _EVENTS = msgspec.msgpack.Decoder(list[StreamEvent])
+
+
+def sse(events: list[StreamEvent]) -> bytes:
+    """Events in SSE framing, as one write."""
+    return b"".join([event.sse() for event in events])
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -124,6 +130,16 @@ class _CallState:
         self.done = True
         return _END
 
+    def gather(self, item: Any, queue: Any) -> list[StreamEvent]:
+        """The events of `item` and of every message already queued behind it, up to the call's end."""
+        events: list[StreamEvent] = []
+        while (taken := self.take(item)) is not _END:
+            events += taken
+            if queue.empty():
+                break
+            item = queue.get_nowait()
+        return events
+
     def finish(self) -> Result:
         if self.error is not None:
             raise self.error
@@ -145,6 +161,11 @@ class _Call:
     def head(self) -> Response | None:
         """A stream's HTTP status and headers: set once its first event has arrived."""
         return self._state.head
+
+    @property
+    def ended(self) -> bool:
+        """Whether the call's end (its result or error) has been taken from its queue."""
+        return self._state.done
 
     @property
     def served(self) -> Served | None:
@@ -170,6 +191,12 @@ class AsyncCall(_Call):
             if not state.done:
                 await self.cancel()
         state.finish()
+
+    async def batch(self) -> list[StreamEvent]:
+        """Every event that has arrived, waiting for one if none has: what a relay writes at once.
+        [] once the call has `ended` (then `result()` gives its end or raises its error)."""
+        state = self._state
+        return [] if state.done else state.gather(await state.sink.queue.get(), state.sink.queue)
 
     async def result(self) -> Result:
         """The end of the call, discarding any events not yet read; raises its RequestError."""
@@ -199,6 +226,11 @@ class SyncCall(_Call):
             if not state.done:
                 self.cancel()
         state.finish()
+
+    def batch(self) -> list[StreamEvent]:
+        """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
+        state = self._state
+        return [] if state.done else state.gather(state.sink.queue.get(), state.sink.queue)
 
     def result(self) -> Result:
         state = self._state
@@ -261,11 +293,17 @@ class AsyncClient:
         return AsyncCall(self, self._submit(False, profile, Call(method, kwargs), kwargs, limits))
 
     async def submit_http(
-        self, profile: str, call: HttpCall | TimedCall, limits: CallLimits | None = None
+        self,
+        profile: str,
+        call: HttpCall | TimedCall,
+        limits: CallLimits | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> AsyncCall:
-        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key."""
+        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key.
+        `fields`: its body's `model` and `stream` where the caller has read them (fallbacks.take_fallbacks)."""
         self._attach()
-        return AsyncCall(self, self._submit(False, profile, call, _body_fields(call), limits or CallLimits()))
+        fields = _body_fields(call) if fields is None else fields
+        return AsyncCall(self, self._submit(False, profile, call, fields, limits or CallLimits()))
 
     async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         """Submit and wait for the result."""
@@ -543,9 +581,12 @@ class Client:
         limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
         return self._submit(profile, Call(method, kwargs), kwargs, limits)
 
-    def submit_http(self, profile: str, call: HttpCall, limits: CallLimits | None = None) -> SyncCall:
+    def submit_http(
+        self, profile: str, call: HttpCall, limits: CallLimits | None = None, fields: dict[str, Any] | None = None
+    ) -> SyncCall:
         """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
-        return self._submit(profile, call, _body_fields(call), limits or CallLimits())
+        fields = _body_fields(call) if fields is None else fields
+        return self._submit(profile, call, fields, limits or CallLimits())
 
     def _submit(
         self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
@@ -593,28 +634,13 @@ class CallLimits(msgspec.Struct, frozen=True):
     caller: str = ""  # who to account the call to (the gateway: its token's name)
 
 
-class _BodyFields(msgspec.Struct):
-    model: Any = ""
-    stream: Any = False
-
-
-_BODY_FIELDS = msgspec.json.Decoder(_BodyFields)
-
-
 def _served(error: ErrorHeader) -> Served:
     return Served(error.rid, error.attempts, error.profile, error.deployment, error.model, error.rescue)
 
 
 def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
-    """`model` and `stream` of a JSON request body (for the broker's per-model limits), read
-    without building the rest of the body."""
-    if isinstance(call, TimedCall):
-        call = call.http
-    try:
-        fields = _BODY_FIELDS.decode(call.body) if call.body.startswith(b"{") else None
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's: nested too deep
-        return {}
-    return {"model": fields.model, "stream": fields.stream} if fields else {}
+    """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
+    return fields_of(top_level((call.http if isinstance(call, TimedCall) else call).body))
 
 
 async def _make_async(url: str, broker_timeout: float, max_message_bytes: int | None) -> AsyncClient:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from .. import eventstream
+from ..client.client import StreamEvent
 
 # The path of each cloud's requests, as sent (a Bedrock model ARN's `/` is `%2F`), and the part of it
 # its profile's base URL already holds. Vertex's: Anthropic's publisher only (the profile's token reaches
@@ -60,9 +61,9 @@ def bedrock_error(status: int, message: str) -> tuple[dict[str, str], list[tuple
     return {"message": message}, [("x-amzn-ErrorType", f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/")]
 
 
-def frame(data: bytes) -> bytes:
-    """A relayed event in Bedrock's stream: a `chunk` frame of its JSON."""
-    return eventstream.chunk(data)
+def frames(events: list[StreamEvent]) -> bytes:
+    """Relayed events in Bedrock's stream: a `chunk` frame of each one's JSON, as one write."""
+    return b"".join([eventstream.chunk(event.data) for event in events])
 
 
 def exception_frame(message: str, timeout: bool) -> bytes:

@@ -10,7 +10,8 @@ the pool's key), to the profile named by an `x-isopool-profile` header, else to 
 default Anthropic profile for `/v1/messages…` and requests carrying `anthropic-version`,
 else to the default OpenAI one. A request in a cloud's own form (Bedrock's `/model/…`,
 Vertex's `/v1/projects/…`, Azure's `/openai/…`) goes to that cloud's profile and is answered
-in its wire form (cloudforms.py). Streams are relayed event by event as they arrive.
+in its wire form (cloudforms.py). Streams are relayed as they arrive, the events that came
+together in one write.
 Retryable failures were retried by the pool within the call's budget (broker/server/retrypolicy.py);
 an error answer says `x-should-retry: false`, so that a caller's SDK does not retry it again.
 
@@ -36,20 +37,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from ..client.client import AsyncCall, AsyncClient, CallLimits
+from ..client.client import AsyncCall, AsyncClient, CallLimits, StreamEvent, sse
 from ..client.fallbacks import HEADER as FALLBACKS_HEADER
 from ..client.fallbacks import BadFallbacks, take_fallbacks
 from ..config import FAMILIES, Settings, is_loopback
@@ -141,9 +141,9 @@ class Gateway:
             check_path(request.raw_path)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
-            body = await self.read_body(request)
+            body, top = await self.read_body(request)
             try:
-                body, fallbacks = take_fallbacks(request.headers, body)
+                body, fallbacks, fields = take_fallbacks(request.headers, body, top)
             except BadFallbacks as exc:
                 raise Refused(400, str(exc)) from None
             call = HttpCall(request.method, path, _forwarded(request), body)
@@ -153,7 +153,7 @@ class Gateway:
             return _refusal(kind, exc)
         try:
             limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
-            submitted = await self.client.submit_http(profile, call, limits)
+            submitted = await self.client.submit_http(profile, call, limits, fields)
         except IsopoolError as exc:
             return _pool_error(kind, exc)
         return await self.relay(request, kind, submitted, _closing(kind, path))
@@ -182,8 +182,9 @@ class Gateway:
                 "as the API key (x-api-key, api-key or Authorization: Bearer), not a provider's key",
             )
 
-    async def read_body(self, request: web.Request) -> bytes:
-        """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object."""
+    async def read_body(self, request: web.Request) -> tuple[bytes, dict[str, msgspec.Raw] | None]:
+        """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object,
+        whose top level comes with it (read once: fallbacks and the broker's fields are taken from it)."""
         too_large = Refused(413, f"the request body is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         if (request.content_length or 0) > self.max_bytes:
             raise too_large
@@ -197,22 +198,24 @@ class Gateway:
             raise Refused(408, late) from None
         if body and (request.content_type == "application/json" or request.content_type.endswith("+json")):
             try:
-                _JSON_OBJECT.decode(body)
+                return body, _JSON_OBJECT.decode(body)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # msgspec's: too deep
                 raise Refused(400, f"the request body is not a JSON object: {exc}") from None
-        return body
+        return body, None
 
     async def relay(self, request: web.Request, kind: str, call: AsyncCall, closing: bytes) -> web.StreamResponse:
-        """Answer with the call's result or stream, a complete stream followed by `closing` (the workers
-        drop OpenAI's `[DONE]`). The server cancels this handler when the caller leaves
-        (handler_cancellation): closing the call's events then cancels it in the pool."""
-        async with contextlib.aclosing(aiter(call)) as events:
-            try:
-                first = await anext(events, None)
-            except IsopoolError as exc:
-                return _pool_error(kind, exc)
-            if first is None:
-                result = await call.result()
+        """Answer with the call's result or stream. A stream goes out a batch at a time (the events that
+        arrived together, in one write), the headers with the first batch and the end with the last: a
+        complete stream's `closing` (the workers drop OpenAI's `[DONE]`), a failed one's error event. The
+        server cancels this handler when the caller leaves (handler_cancellation): the call is then
+        cancelled in the pool."""
+        try:
+            events = await call.batch()
+            if not events:
+                try:
+                    result = await call.result()
+                except IsopoolError as exc:
+                    return _pool_error(kind, exc)
                 headers = [*result.headers, *_NOT_AGAIN] if result.status >= 400 else result.headers
                 return web.Response(status=result.status, headers=[*headers, *_served(call.served)], body=result.body)
             head = call.head
@@ -220,20 +223,21 @@ class Gateway:
             encode = _encoder(kind)
             if kind == "bedrock":  # its SDK reads event-stream frames only
                 headers = [(k, v) for k, v in headers if k.lower() != "content-type"] + [*cloudforms.STREAM_HEADERS]
-            response = web.StreamResponse(status=head.status, headers=headers)  # type: ignore[union-attr]
+            response = _Relayed(status=head.status, headers=headers)  # type: ignore[union-attr]
             await response.prepare(request)
+            while not call.ended:
+                await response.write(encode(events))
+                events = await call.batch()
             try:
-                await response.write(encode(first))
-                async for event in events:
-                    await response.write(encode(event))
-                if kind != "bedrock":
-                    await response.write(_continued(call.served))
-                if closing:
-                    await response.write(closing)
+                await call.result()
+                end = closing if kind == "bedrock" else _continued(call.served) + closing
             except IsopoolError as exc:  # after output: say it in the stream, as the provider would
-                await response.write(_error_event(kind, exc))
-            await response.write_eof()
+                end = _error_event(kind, exc)
+            await response.write_eof(encode(events) + end)
             return response
+        finally:
+            if not call.ended:
+                await call.cancel()
 
     async def _allow_origin(self, request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("origin")
@@ -271,9 +275,15 @@ def _closing(kind: str, path: str) -> bytes:
     return b"data: [DONE]\n\n" if FAMILIES[kind] == "openai" and ends else b""
 
 
-def _encoder(kind: str) -> Any:
-    """How a relayed event is written: SSE, or a Bedrock caller's event-stream frame."""
-    return (lambda event: cloudforms.frame(event.data)) if kind == "bedrock" else (lambda event: event.sse())
+class _Relayed(web.StreamResponse):
+    """A relayed stream, whose headers go out with its first write (aiohttp's `Response` does so too)."""
+
+    _send_headers_immediately = False
+
+
+def _encoder(kind: str) -> Callable[[list[StreamEvent]], bytes]:
+    """How relayed events are written: SSE, or a Bedrock caller's event-stream frames."""
+    return cloudforms.frames if kind == "bedrock" else sse
 
 
 def _encoded_size(call: HttpCall) -> int:

@@ -102,12 +102,26 @@ def _allows_overrides(url: str, broker_timeout: float) -> bool:
 
 
 def _sync_client(url: str, broker_timeout: float) -> Client:
-    """One pool connection per broker for all synchronous shim clients of this process."""
-    with _lock:
-        client = _clients.get((url, broker_timeout))
-        if client is None:
-            client = _clients[(url, broker_timeout)] = Client(url, broker_timeout)
-        return client
+    """One pool connection per broker for all synchronous shim clients of this process (looked up on each
+    request: a forked child makes its own, its parent's loop thread not being there)."""
+    client = _clients.get((url, broker_timeout))
+    if client is None:
+        with _lock:
+            client = _clients.get((url, broker_timeout))
+            if client is None:
+                client = _clients[(url, broker_timeout)] = Client(url, broker_timeout)
+    return client
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's pool connections are unusable (their loop threads stayed in the
+    parent) and its lock may have been held by another thread; both start afresh."""
+    global _lock
+    _lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class _Sdk:
@@ -219,8 +233,8 @@ class _Sdk:
                                         placement)  # fmt: skip
             client: Any = self.lib.AsyncClient(transport=transport, **settings)
         else:
-            client_of_pool = _sync_client(url, broker_timeout)
-            transport = sync_transport(client_of_pool, profile, base_path, self.errors, base_url, attempts, placement)
+            connection = functools.partial(_sync_client, url, broker_timeout)
+            transport = sync_transport(connection, profile, base_path, self.errors, base_url, attempts, placement)
             client = self.lib.Client(transport=transport, **settings)
         if not own and cloud is None:  # the pool's key then (in the worker); the SDK wants one to build requests
             kwargs["api_key"] = STAND_IN_KEY

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from ..client.client import AsyncClient, CallLimits, Client, StreamEvent
+from ..client.client import AsyncCall, AsyncClient, CallLimits, Client, StreamEvent, SyncCall, sse
 from ..client.fallbacks import HEADER as FALLBACKS
 from ..client.fallbacks import take_fallbacks
 from ..errors import IsopoolError
@@ -40,18 +40,19 @@ def limits_of(request: Any, attempts: int | None, fallbacks: list[tuple[str, str
 
 def to_http_call(
     request: Any, base_path: str, base_url: str, placement: dict[str, str] | None = None
-) -> tuple[HttpCall, list[tuple[str, str]] | None]:
+) -> tuple[HttpCall, list[tuple[str, str]] | None, dict[str, Any]]:
     """The request as the worker should send it: path relative to the shim's base URL; the
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
     the request (the worker's HTTP client sets its own, whatever the caller added); where a cloud
     client named it, its placement; and apart, the fallbacks it names (client/fallbacks.py), which are
-    the pool's, not the provider's."""
+    the pool's, not the provider's, and the body's `model` and `stream`, which the broker reads."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
     headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k) and k.lower() != FALLBACKS]
-    body, fallbacks = take_fallbacks(request.headers, request.read())
-    return HttpCall(request.method, path, headers, body, base_url, own_key(request), placement or {}), fallbacks
+    body, fallbacks, fields = take_fallbacks(request.headers, request.read())
+    call = HttpCall(request.method, path, headers, body, base_url, own_key(request), placement or {})
+    return call, fallbacks, fields
 
 
 def own_key(request: Any) -> str:
@@ -75,45 +76,54 @@ def transports(lib: ModuleType) -> tuple[type, type]:
     library's client, and a client only its own library's transport and byte streams."""
 
     class _Events(lib.SyncByteStream):
-        def __init__(self, first: StreamEvent, events: Iterator[StreamEvent], errors: SdkErrors, request: Any) -> None:
-            self._first, self._events, self._errors, self._request = first, events, errors, request
+        """A stream's events as the SDK reads them: those that arrived together, in one chunk."""
+
+        def __init__(self, first: list[StreamEvent], call: SyncCall, errors: SdkErrors, request: Any) -> None:
+            self._first, self._call, self._errors, self._request = first, call, errors, request
 
         def __iter__(self) -> Iterator[bytes]:
-            yield self._first.sse()
+            events, call = self._first, self._call
             try:
-                for event in self._events:
-                    yield event.sse()
+                while events:
+                    yield sse(events)
+                    events = call.batch()
+                call.result()
             except IsopoolError as exc:
                 raise self._errors.after_output(exc, self._request) from exc
+            finally:
+                call.cancel()  # if it had not ended: the SDK stopped reading, or Ctrl-C
 
         def close(self) -> None:
-            self._events.close()  # cancels the call if it had not ended
+            self._call.cancel()  # if it had not ended
 
     class _AsyncEvents(lib.AsyncByteStream):
-        def __init__(
-            self, first: StreamEvent, events: AsyncIterator[StreamEvent], errors: SdkErrors, request: Any
-        ) -> None:
-            self._first, self._events, self._errors, self._request = first, events, errors, request
+        def __init__(self, first: list[StreamEvent], call: AsyncCall, errors: SdkErrors, request: Any) -> None:
+            self._first, self._call, self._errors, self._request = first, call, errors, request
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
-            yield self._first.sse()
+            events, call = self._first, self._call
             try:
-                async for event in self._events:
-                    yield event.sse()
+                while events:
+                    yield sse(events)
+                    events = await call.batch()
+                await call.result()
             except IsopoolError as exc:
                 raise self._errors.after_output(exc, self._request) from exc
+            finally:
+                await call.cancel()  # if it had not ended: the SDK stopped reading, or the task was cancelled
 
         async def aclose(self) -> None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._call.cancel()  # if it had not ended
 
     class PoolTransport(lib.BaseTransport):
-        """Sends each request of a synchronous SDK client through a pool `Client`."""
+        """Sends each request of a synchronous SDK client through a pool `Client`: this process's
+        (`connection()`), so that a forked child's calls go through its own."""
 
         def __init__(
-            self, client: Client, profile: str, base_path: str, errors: SdkErrors, base_url: str = "",
-            attempts: int | None = None, placement: dict[str, str] | None = None,
+            self, connection: Callable[[], Client], profile: str, base_path: str, errors: SdkErrors,
+            base_url: str = "", attempts: int | None = None, placement: dict[str, str] | None = None,
         ) -> None:  # fmt: skip
-            self._client, self._profile, self._base_path, self._errors = client, profile, base_path, errors
+            self._connection, self._profile, self._base_path, self._errors = connection, profile, base_path, errors
             self._base_url = base_url  # the client's own upstream, for pools that allow one (embedded pools do)
             self.attempts = attempts  # each call's attempt budget in the pool (None: the pool's max_attempts)
             self.placement = placement or {}  # a cloud client's region, project or endpoint (shim/clouds.py)
@@ -126,17 +136,21 @@ def transports(lib: ModuleType) -> tuple[type, type]:
             return twin
 
         def handle_request(self, request: Any) -> Any:
-            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url, self.placement)
+            http_call, fallbacks, fields = to_http_call(request, self._base_path, self._base_url, self.placement)
+            limits = limits_of(request, self.attempts, fallbacks)
             try:
-                call = self._client.submit_http(self._profile, http_call, limits_of(request, self.attempts, fallbacks))
-                events = iter(call)
-                first = next(events, None)
+                call = self._connection().submit_http(self._profile, http_call, limits, fields)
+                try:
+                    first = call.batch()
+                    result = None if first else call.result()
+                except BaseException:  # Ctrl-C while waiting: the call goes too
+                    call.cancel()
+                    raise
             except IsopoolError as exc:
                 raise self._errors.before_output(exc, request) from exc
-            if first is None:
-                result = call.result()
+            if result is not None:
                 return lib.Response(result.status, headers=served(result.headers, call), content=result.body)
-            stream = _Events(first, events, self._errors, request)
+            stream = _Events(first, call, self._errors, request)
             return lib.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
     class AsyncPoolTransport(lib.AsyncBaseTransport):
@@ -164,19 +178,21 @@ def transports(lib: ModuleType) -> tuple[type, type]:
             loop = asyncio.get_running_loop()
             if self._client is None or self._loop is not loop:  # a client serves one event loop
                 self._client, self._loop = AsyncClient(self._url, self._broker_timeout), loop
-            http_call, fallbacks = to_http_call(request, self._base_path, self._base_url, self.placement)
+            http_call, fallbacks, fields = to_http_call(request, self._base_path, self._base_url, self.placement)
+            limits = limits_of(request, self.attempts, fallbacks)
             try:
-                call = await self._client.submit_http(
-                    self._profile, http_call, limits_of(request, self.attempts, fallbacks)
-                )
-                events = aiter(call)
-                first = await anext(events, None)
+                call = await self._client.submit_http(self._profile, http_call, limits, fields)
+                try:
+                    first = await call.batch()
+                    result = None if first else await call.result()
+                except BaseException:  # the task cancelled while waiting: so is the call
+                    await call.cancel()
+                    raise
             except IsopoolError as exc:
                 raise self._errors.before_output(exc, request) from exc
-            if first is None:
-                result = await call.result()
+            if result is not None:
                 return lib.Response(result.status, headers=served(result.headers, call), content=result.body)
-            stream = _AsyncEvents(first, events, self._errors, request)
+            stream = _AsyncEvents(first, call, self._errors, request)
             return lib.Response(call.head.status, headers=served(call.head.headers, call), stream=stream)  # type: ignore[union-attr]
 
         async def aclose(self) -> None:

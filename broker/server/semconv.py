@@ -84,6 +84,15 @@ def _usage(cache_write: str, cache_when_zero: bool) -> tuple[tuple[str, str, boo
     )
 
 
+def _streaming(prefix: str, per_chunk_buckets: tuple[float, ...]) -> dict[str, Metric]:
+    """A stream's two metrics, named under `prefix`."""
+    return {
+        "first_chunk": Metric(f"{prefix}.time_to_first_chunk", "s", "Time to receive the first chunk", SECONDS),
+        "per_chunk": Metric(f"{prefix}.time_per_output_chunk", "s", "Time per output chunk after the first",
+                            per_chunk_buckets),
+    }  # fmt: skip
+
+
 _TOKEN_USAGE = Metric("gen_ai.client.token.usage", "{token}", "Number of input and output tokens used", TOKENS)
 
 V1_41 = Conventions(
@@ -91,14 +100,13 @@ V1_41 = Conventions(
     usage=_usage("gen_ai.usage.cache_creation.input_tokens", cache_when_zero=True),
     stream_when_false=True,
     first_chunk_attribute="",
-    first_chunk=Metric("gen_ai.client.operation.time_to_first_chunk", "s", "Time to receive the first chunk",
-                       SECONDS),  # fmt: skip
-    per_chunk=Metric("gen_ai.client.operation.time_per_output_chunk", "s", "Time per output chunk after the first",
-                     CHUNK_SECONDS),  # fmt: skip
+    **_streaming("gen_ai.client.operation", per_chunk_buckets=CHUNK_SECONDS),
     default=Operation(
         Metric("gen_ai.client.operation.duration", "s", "GenAI operation duration", SECONDS),
-        (Tokens(_TOKEN_USAGE, "input_tokens", (("gen_ai.token.type", "input"),)),
-         Tokens(_TOKEN_USAGE, "output_tokens", (("gen_ai.token.type", "output"),))),
+        (
+            Tokens(_TOKEN_USAGE, "input_tokens", (("gen_ai.token.type", "input"),)),
+            Tokens(_TOKEN_USAGE, "output_tokens", (("gen_ai.token.type", "output"),)),
+        ),
     ),  # fmt: skip
 )
 
@@ -137,14 +145,15 @@ V0_1_0 = Conventions(
     usage=_usage("gen_ai.usage.cache_write.input_tokens", cache_when_zero=False),
     stream_when_false=False,
     first_chunk_attribute="gen_ai.response.time_to_first_chunk",
-    first_chunk=Metric("gen_ai.client.inference.time_to_first_chunk", "s", "Time to receive the first chunk",
-                       SECONDS),  # fmt: skip
-    per_chunk=Metric("gen_ai.client.inference.time_per_output_chunk", "s", "Time per output chunk after the first",
-                     SECONDS),  # fmt: skip
+    **_streaming("gen_ai.client.inference", per_chunk_buckets=SECONDS),
     # other operations (models.list, a path of its own) keep gen_ai.client.operation.duration, and no tokens
     default=Operation(V1_41.default.duration, ()),
-    operations={"chat": _INFERENCE, "text_completion": _INFERENCE, "generate_content": _INFERENCE,
-                "embeddings": _EMBEDDINGS},  # fmt: skip
+    operations={
+        "chat": _INFERENCE,
+        "text_completion": _INFERENCE,
+        "generate_content": _INFERENCE,
+        "embeddings": _EMBEDDINGS,
+    },  # fmt: skip
 )
 
 

@@ -319,3 +319,75 @@ def test_only_a_traces_endpoint_exports_traces_only_and_an_exporter_not_otlp_is_
     assert [r.getMessage() for r in caplog.records] == [
         "OTEL_TRACES_EXPORTER=console: isopool exports only otlp (or none); traces are not exported"
     ]
+
+
+OLD_NAMES = (
+    "gen_ai.client.operation.",
+    "gen_ai.client.token.usage",
+    "gen_ai.usage.cache_creation.",
+    "gen_ai.token.type",
+)
+
+
+def test_the_latest_conventions_opted_in_rename_spans_and_metrics_of_a_clean_call_and_a_stall(
+    fake, receiver, monkeypatch, own_processes
+):
+    """OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental: semantic-conventions-genai v0.1.0's names,
+    none of v1.41.0's (without it: the tests above)."""
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http, gen_ai_latest_experimental")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    with traced_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
+        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("latest, stalled"),
+                                  **fault("stall-first:interval=0.05")))  # fmt: skip
+        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("latest, clean", top_k=40), timeout=30)
+        assert answer.status_code == 200  # through the gateway: top_k in its body
+    stalled, retried, clean = sorted((s for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT),
+                                     key=lambda s: s.start_time_unix_nano)  # fmt: skip
+    assert [s.name for s in (stalled, retried, clean)] == ["chat claude-fake"] * 3
+    assert attrs(stalled)["error.type"] == "first_event_timeout" and attrs(stalled)["gen_ai.request.stream"]
+    assert "gen_ai.response.time_to_first_chunk" not in attrs(stalled)  # no chunk came
+    assert 0 < attrs(retried)["gen_ai.response.time_to_first_chunk"] < 2 and attrs(retried)["gen_ai.request.stream"]
+    whole = attrs(clean)
+    assert "gen_ai.request.stream" not in whole and "gen_ai.response.time_to_first_chunk" not in whole
+    top_k = next(a.value for a in clean.attributes if a.key == "gen_ai.request.top_k")
+    assert top_k.WhichOneof("value") == "int_value" and top_k.int_value == 40
+    assert whole["gen_ai.usage.input_tokens"] > 0 and whole["gen_ai.usage.output_tokens"] > 1
+    assert "gen_ai.usage.cache_read.input_tokens" not in whole  # the fake reports 0: absent, as v0.1.0 asks
+    metrics = {}
+    for metric in receiver.metrics:  # cumulative: the latest export of each holds every measurement
+        metrics[metric.name] = metric
+    assert not [name for name in metrics if name.startswith(OLD_NAMES)]
+    assert not [s for s in receiver.spans for a in s.attributes if a.key.startswith(OLD_NAMES)]
+    duration = {
+        attrs(p).get("error.type"): p.count for p in metrics["gen_ai.client.inference.duration"].histogram.data_points
+    }
+    assert duration == {"first_event_timeout": 1, None: 2}  # the stall, its retry, the clean call
+    assert metrics["gen_ai.client.inference.time_to_first_chunk"].histogram.data_points[0].count == 1
+    assert metrics["gen_ai.client.inference.time_per_output_chunk"].histogram.data_points[0].count >= 1
+    for kind in ("input_tokens", "output_tokens"):
+        counter = metrics[f"gen_ai.client.inference.usage.{kind}"]
+        assert counter.unit == "{token}" and counter.sum.is_monotonic  # a counter, not a histogram
+        (point,) = counter.sum.data_points
+        assert attrs(point)["gen_ai.token.modality"] == "unknown" and "error.type" not in attrs(point)
+        assert point.as_int == whole[f"gen_ai.usage.{kind}"] + attrs(retried)[f"gen_ai.usage.{kind}"]
+        per_call = metrics[f"gen_ai.client.inference.operation.{kind}"].histogram.data_points
+        assert sum(p.count for p in per_call) == 2 and list(per_call[0].explicit_bounds)[:3] == [1, 4, 16]
+    assert "gen_ai.client.inference.usage.reasoning.output_tokens" not in metrics  # the pool does not know them
+
+
+def test_the_conventions_are_chosen_once_from_the_opt_in_list():
+    from broker.server import semconv
+
+    for value, version in (("", semconv.V1_41), ("http", semconv.V1_41), ("gen_ai_latest_experimental", semconv.V0_1_0),
+                           ("database, GEN_AI_LATEST_EXPERIMENTAL ", semconv.V0_1_0)):  # fmt: skip
+        os.environ["OTEL_SEMCONV_STABILITY_OPT_IN"] = value
+        try:
+            assert semconv.from_environment() is version
+        finally:
+            del os.environ["OTEL_SEMCONV_STABILITY_OPT_IN"]
+    latest = semconv.V0_1_0
+    assert latest.operation("embeddings").duration.name == "gen_ai.client.embeddings.duration"
+    assert latest.operation("models.list").duration.name == "gen_ai.client.operation.duration"  # not inference
+    assert {semconv.V1_41.operation(name).duration.name for name in ("chat", "embeddings")} == {
+        "gen_ai.client.operation.duration"
+    }

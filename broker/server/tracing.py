@@ -26,7 +26,7 @@ import msgspec
 from ..config import DEFAULT_BASE_URLS, Settings
 from ..protocol import Spent
 from ..routes import groups
-from . import genai
+from . import genai, semconv
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,15 @@ def from_environment(settings: Settings) -> Tracing | None:
 
 def _meter_provider(resource: Any) -> Any:
     """The GenAI client metrics' provider: OTLP/HTTP every OTEL_METRIC_EXPORT_INTERVAL (its own thread), with
-    the bucket boundaries the conventions ask for."""
+    the bucket boundaries the conventions ask for (those of both versions: a view matches by name)."""
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
+    histograms = {m.name: m.buckets for c in (semconv.V1_41, semconv.V0_1_0) for m in c.metrics() if m.buckets}
     views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
-             for name, bounds in _BUCKETS.items()]  # fmt: skip
+             for name, bounds in histograms.items()]  # fmt: skip
     return MeterProvider([PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource, views=views)
 
 
@@ -124,7 +125,8 @@ class Tracing:
         self._trace = trace
         self._provider, self._meters = provider, meters
         self._tracer = provider.get_tracer("isopool")
-        self._metrics = _Metrics(meters.get_meter("isopool")) if meters is not None else None
+        self.names = semconv.from_environment()  # the conventions' version, once
+        self._metrics = _Metrics(meters.get_meter("isopool"), self.names) if meters is not None else None
         self._propagator = TraceContextTextMapPropagator()
         self.content = genai.capture_content()  # message content on the spans (opt-in)
         self.ignored_traceparents, self._warned = 0, -_WARN_EVERY
@@ -171,12 +173,12 @@ class Tracing:
         """The attempt's CLIENT span (a child of the request's), and the `traceparent` that names it."""
         kind, host, port = self._servers.get(req.group, ("", "", None))
         operation = operation_name(req.submit.method)
-        model = req.model or req.submit.model
+        model, stream = req.model or req.submit.model, req.submit.stream
         attributes = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": _PROVIDERS.get(kind, kind),
             "gen_ai.request.model": model,
-            "gen_ai.request.stream": req.submit.stream,
+            **({"gen_ai.request.stream": stream} if stream or self.names.stream_when_false else {}),
             "server.address": host,
             **({"server.port": port} if host and port else {}),
             "isopool.attempt": req.attempt,
@@ -203,7 +205,10 @@ class Tracing:
         span, spent = req.attempt_span, req.spent
         span.set_attribute("isopool.delivered_events", req.delivered)
         if spent is not None:
-            span.set_attributes(_response_attributes(spent))
+            span.set_attributes(_response_attributes(spent, self.names.usage))
+        first = None if req.first_event_at is None or not req.submit.stream else req.first_event_at - req.sent_at
+        if first is not None and self.names.first_chunk_attribute:
+            span.set_attribute(self.names.first_chunk_attribute, first)
         if req.output is not None and self.content:
             messages = req.output.messages(spent.finish_reasons if spent is not None else [])
             span.set_attribute("gen_ai.output.messages", _JSON(messages).decode())
@@ -217,7 +222,6 @@ class Tracing:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
         span.end(end_time=self._ns(now))
         if self._metrics is not None:
-            first = None if req.first_event_at is None or not req.submit.stream else req.first_event_at - req.sent_at
             self._metrics.record(span.attributes, error, spent, now - req.sent_at, first)
 
     def attempt_failed(self, req: Any, reason: Any, now: float) -> None:
@@ -234,7 +238,7 @@ class Tracing:
         """A stream's chunk after its first (one EVENT message: what the caller receives at once)."""
         if self._metrics is not None:
             attributes = {key: req.attempt_span.attributes[key] for key in _METRIC_ATTRIBUTES}
-            self._metrics.per_chunk.record(now - req.last_event_at, attributes)
+            self._metrics.per_chunk(now - req.last_event_at, attributes)
 
     def event(self, span: Any, name: str, now: float, **attributes: Any) -> None:
         span.add_event(name, attributes=attributes, timestamp=self._ns(now))
@@ -253,16 +257,6 @@ class Tracing:
             self._meters.shutdown()
 
 
-# The GenAI client metrics' bucket boundaries, as the conventions give them.
-_SECONDS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
-# (the conventions give none for it: those of the server's time_per_output_token)
-_CHUNK_SECONDS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
-_BUCKETS = {
-    "gen_ai.client.operation.duration": _SECONDS,
-    "gen_ai.client.operation.time_to_first_chunk": _SECONDS,
-    "gen_ai.client.operation.time_per_output_chunk": _CHUNK_SECONDS,
-    "gen_ai.client.token.usage": [4**i for i in range(14)],  # 1, 4, 16, ... 67108864
-}
 # The span attributes the metrics carry (the conventions' required and recommended ones).
 _METRIC_ATTRIBUTES = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address",
                       "server.port")  # fmt: skip
@@ -276,51 +270,54 @@ def error_type(outcome: str) -> str:
 
 
 class _Metrics:
-    """The GenAI client metrics, one measurement per provider attempt (the pool's own unit of work)."""
+    """The GenAI client metrics, one measurement per provider attempt (the pool's own unit of work), under
+    the names of the conventions' version (`names`)."""
 
-    def __init__(self, meter: Any) -> None:
-        self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
-                                               description="GenAI operation duration")  # fmt: skip
-        self.first_chunk = meter.create_histogram("gen_ai.client.operation.time_to_first_chunk", unit="s",
-                                                  description="Time to receive the first chunk")  # fmt: skip
-        self.per_chunk = meter.create_histogram("gen_ai.client.operation.time_per_output_chunk", unit="s",
-                                                description="Time per output chunk after the first")  # fmt: skip
-        self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
-                                             description="Number of input and output tokens used")  # fmt: skip
+    def __init__(self, meter: Any, names: semconv.Conventions) -> None:
+        self._names = names
+        self._record = {metric.name: _recorder(meter, metric) for metric in names.metrics()}
+        self.per_chunk = self._record[names.per_chunk.name]
 
     def record(self, span: Any, error: str, spent: Spent | None, took: float, first: float | None) -> None:
         attributes = {key: span[key] for key in _METRIC_ATTRIBUTES if key in span}
         if spent is not None and spent.response_model:
             attributes["gen_ai.response.model"] = spent.response_model
-        if error:
-            attributes["error.type"] = error
-        self.duration.record(took, attributes)
+        failed = attributes | {"error.type": error} if error else attributes
+        operation = self._names.operation(span["gen_ai.operation.name"])
+        self._record[operation.duration.name](took, failed)
         if first is not None:
-            self.first_chunk.record(first, attributes)
-        if spent is not None:  # a count the provider did not report is not recorded (the conventions: MUST NOT)
-            for kind, count in (("input", spent.input_tokens), ("output", spent.output_tokens)):
-                if count is not None:
-                    self.tokens.record(count, attributes | {"gen_ai.token.type": kind})
+            self._record[self._names.first_chunk.name](first, failed)
+        if spent is None:
+            return
+        for tokens in operation.tokens:  # a count the provider did not report is not recorded (MUST NOT)
+            count = getattr(spent, tokens.count)
+            if count is not None:
+                tagged = (failed if tokens.with_error else attributes) | dict(tokens.attributes)
+                self._record[tokens.metric.name](count, tagged)
 
 
-def _response_attributes(spent: Spent) -> dict[str, Any]:
+def _recorder(meter: Any, metric: semconv.Metric) -> Any:
+    """How to record a measurement of `metric`: a histogram's record when it has bucket boundaries, else a
+    counter's add."""
+    if metric.buckets:
+        return meter.create_histogram(metric.name, unit=metric.unit, description=metric.description).record
+    return meter.create_counter(metric.name, unit=metric.unit, description=metric.description).add
+
+
+def _response_attributes(spent: Spent, usage: tuple[tuple[str, str, bool], ...]) -> dict[str, Any]:
     """What the provider reported of the attempt's answer, in the GenAI conventions (the input tokens
-    count those read from and written to the cache, as the conventions ask)."""
+    count those read from and written to the cache, as the conventions ask); `usage`: the conventions'
+    (attribute, Spent's count, set when 0)."""
     found = {
         "gen_ai.response.id": spent.response_id,
         "gen_ai.response.model": spent.response_model,
         "gen_ai.response.finish_reasons": spent.finish_reasons,
     }
-    usage = {
-        "gen_ai.usage.input_tokens": spent.input_tokens,
-        "gen_ai.usage.output_tokens": spent.output_tokens,
-        "gen_ai.usage.cache_read.input_tokens": spent.cache_read_tokens,
-        "gen_ai.usage.cache_creation.input_tokens": spent.cache_write_tokens,
-    }
+    counts = {name: getattr(spent, count) for name, count, _ in usage}
     return {key: value for key, value in found.items() if value} | {
-        key: count
-        for key, count in usage.items()
-        if count is not None  # not reported: absent, not 0
+        name: counts[name]
+        for name, _, when_zero in usage
+        if counts[name] is not None and (when_zero or counts[name])  # not reported: absent, not 0
     }
 
 

@@ -12,6 +12,8 @@ from broker import ConfigError, Pool
 from .conftest import TEST_SETTINGS, fault, profiles
 from .test_shim import CHAT, MSG, anthropic_scenarios, openai_scenarios, plain
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 
 @pytest.fixture(scope="module")
 def gateway(fake):

@@ -27,6 +27,8 @@ from broker.shim import openai as shim_openai
 
 from .conftest import TEST_SETTINGS, fault, profiles, sdk_has, wait_for
 
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
 # What the oldest supported SDKs lack (conftest's RELEASES) is compared from the release that has it.
 COUNT_TOKENS, RESPONSES, CHAT_PARSE = (
     sdk_has("messages.count_tokens"),

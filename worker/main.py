@@ -57,7 +57,7 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
-from .warmup import warm_up
+from .warmup import warm_up, warm_up_async
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ class Worker:
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
         self.sock.attach(asyncio.get_running_loop())
+        self.warming = asyncio.create_task(warm_up_async((self.spec.profile.family,)))  # its pages copied before a call
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
         finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped

@@ -1,11 +1,13 @@
-"""A first call run in the zygote, before any fork, so that no worker's first real call pays for it.
+"""First calls run before the real ones, so that no worker's first real call pays for its first use.
 
-A forked worker's first call cost 10-30 ms more than its second (2 cores): the SDK builds its request
-option models, the HTTP library its client machinery, and the worker's stream check its decoders, each
-on first use. That lands on exactly the calls that must be quick: the retry of a stalled stream runs on
-a worker that has served nothing yet. So the zygote runs one streamed call of each SDK it preloads,
-through the same code a worker runs (`run_call`), against an in-memory transport of the SDK's own HTTP
-library (no socket, no thread, no DNS), and drops everything before it forks.
+A forked worker's first call cost 10-20 ms more than its second (2 cores, quiet): the SDK builds its
+request option models, the HTTP library its connection machinery, the worker's stream check its
+decoders, and, after the fork, every page they touch is copied on first write. That lands on exactly
+the calls that must be quick: the retry of a stalled stream runs on a spare worker that has served
+nothing yet. So the zygote runs a streamed and a plain call of each SDK it preloads through the same
+code a worker runs (`run_call`), against a provider of its own on a loopback socket (nothing leaves
+the machine), before any fork; and each worker runs them again once it has said READY, in the
+background, so that its copies of those pages are made before a call needs them.
 """
 
 from __future__ import annotations
@@ -61,28 +63,64 @@ class _Discard:
 
 
 def warm_up(families: tuple[str, ...]) -> None:
-    """One streamed and one plain (assembled) call per SDK family, on a throwaway client. A warm-up that
-    fails (an SDK generation that builds its clients otherwise) costs the first calls their speed only."""
+    """The zygote's: `calls` before any fork."""
+    asyncio.run(warm_up_async(families))
+
+
+async def warm_up_async(families: tuple[str, ...]) -> None:
+    """`calls`; one that fails (an SDK generation that builds its clients otherwise) costs the first
+    calls their speed only."""
     try:
-        asyncio.run(_calls(families))
+        await calls(families)
     except Exception:
-        log.warning("warming up %s failed; workers' first calls will be slower", ", ".join(families), exc_info=True)
+        log.warning("warming up %s failed; first calls will be slower", ", ".join(families), exc_info=True)
 
 
-def _provider(http: Any, stream: bytes) -> Any:
-    """An in-memory provider answering every request with `stream`."""
-    return lambda _: http.Response(200, headers={"content-type": "text/event-stream"}, content=stream)
+async def calls(families: tuple[str, ...]) -> None:
+    """One streamed and one plain (assembled) call per SDK family, on a throwaway client, against a
+    provider on a loopback socket of this process."""
+    answers: list[bytes] = []
+    connections: set[asyncio.Task] = set()
+    server = await asyncio.start_server(lambda r, w: _answer(r, w, answers, connections), "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        for family in families:
+            method, args, stream = _CALLS[family]
+            answers[:] = [stream]
+            sdk = sdks.load(family)
+            async with library(family).AsyncClient(verify=False) as client:  # plain HTTP: no trust store to load
+                sdk_client = sdk.client(api_key="warm-up", base_url=base_url, http_client=client)
+                # as a broker's call comes: a prompt, and headers (its traceparent)
+                args = {
+                    **args,
+                    "messages": [{"role": "user", "content": "warm-up"}],
+                    "extra_headers": {"x-warm-up": "1"},
+                }
+                for streaming in (True, False):
+                    await run_call(
+                        sdk_client, family, sdk.resource_type, method, {**args, "stream": streaming}, _Discard()
+                    )
+    finally:
+        server.close()
+        await server.wait_closed()
+        await asyncio.gather(*connections)  # each ends at its client's close: none is left to be cancelled
 
 
-async def _calls(families: tuple[str, ...]) -> None:
-    for family in families:
-        method, args, stream = _CALLS[family]
-        http = library(family)
-        transport = http.MockTransport(_provider(http, stream))
-        sdk = sdks.load(family)
-        async with http.AsyncClient(transport=transport) as client:
-            sdk_client = sdk.client(api_key="warm-up", base_url="http://warm-up.invalid", http_client=client)
-            # as a broker's call comes: a prompt, and headers (its traceparent)
-            args = {**args, "messages": [{"role": "user", "content": "warm-up"}], "extra_headers": {"x-warm-up": "1"}}
-            for streaming in (True, False):
-                await run_call(sdk_client, family, sdk.resource_type, method, {**args, "stream": streaming}, _Discard())
+async def _answer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: list[bytes], connections: set[asyncio.Task]
+) -> None:
+    """Each request on the connection (read whole) answered with the current stream, kept alive."""
+    connections.add(asyncio.current_task())  # type: ignore[arg-type]
+    try:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), 0)  # fmt: skip
+            await reader.readexactly(length)
+            body = answers[0]
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))  # fmt: skip
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()

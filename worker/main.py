@@ -57,7 +57,7 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
-from .warmup import warm_up, warm_up_async
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def preload(kinds: tuple[str, ...]) -> None:
                 except BadCall:  # an endpoint the installed SDK predates (openai < 1.66 has no `responses`)
                     continue
                 getattr(resource.with_streaming_response, name)
-    warm_up(families)
+    warm_up(families, _ssl_context)
 
 
 # The key of a client built without one of the pool's own. It never leaves the worker: only calls
@@ -273,7 +273,6 @@ class Worker:
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
         self.sock.attach(asyncio.get_running_loop())
-        self.warming = asyncio.create_task(warm_up_async((self.spec.profile.family,)))  # its pages copied before a call
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
         finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped

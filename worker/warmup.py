@@ -1,13 +1,14 @@
-"""First calls run before the real ones, so that no worker's first real call pays for its first use.
+"""First calls run in the zygote before any fork, so that no worker's first real call pays for first use.
 
 A forked worker's first call cost 10-20 ms more than its second (2 cores, quiet): the SDK builds its
 request option models, the HTTP library its connection machinery, the worker's stream check its
-decoders, and, after the fork, every page they touch is copied on first write. That lands on exactly
-the calls that must be quick: the retry of a stalled stream runs on a spare worker that has served
-nothing yet. So the zygote runs a streamed and a plain call of each SDK it preloads through the same
-code a worker runs (`run_call`), against a provider of its own on a loopback socket (nothing leaves
-the machine), before any fork; and each worker runs them again once it has said READY, in the
-background, so that its copies of those pages are made before a call needs them.
+decoders. That lands on exactly the calls that must be quick: the retry of a stalled stream runs on a
+spare worker that has served nothing yet. So the zygote runs a streamed and a plain call of each SDK it
+preloads through the same code a worker runs (`run_call`), against a provider of its own on a loopback
+socket (nothing leaves the machine), and drops everything before it forks. What remains of a first
+call's cost is the copy, after the fork, of the pages it writes: running the warm-up again in each
+worker would pre-copy them (a stall's retry 3-5 ms sooner) at ~4.5 MB more per idle worker (6 -> 10.4
+MB, `python -m bench memory`), so it is not done.
 """
 
 from __future__ import annotations
@@ -62,23 +63,19 @@ class _Discard:
     head = events = error_event = progress = ending = usage = result = error = _nothing
 
 
-def warm_up(families: tuple[str, ...]) -> None:
-    """The zygote's: `calls` before any fork."""
-    asyncio.run(warm_up_async(families))
-
-
-async def warm_up_async(families: tuple[str, ...]) -> None:
-    """`calls`; one that fails (an SDK generation that builds its clients otherwise) costs the first
-    calls their speed only."""
+def warm_up(families: tuple[str, ...], tls: Any) -> None:
+    """`calls`, before any fork; one that fails (an SDK generation that builds its clients otherwise) costs
+    the first calls their speed only."""
     try:
-        await calls(families)
+        asyncio.run(calls(families, tls))
     except Exception:
         log.warning("warming up %s failed; first calls will be slower", ", ".join(families), exc_info=True)
 
 
-async def calls(families: tuple[str, ...]) -> None:
+async def calls(families: tuple[str, ...], tls: Any = None) -> None:
     """One streamed and one plain (assembled) call per SDK family, on a throwaway client, against a
-    provider on a loopback socket of this process."""
+    provider on a loopback socket of this process. `tls`: the worker's TLS context, if it has one (a
+    client building its own costs ~30 ms and megabytes, though the loopback is plain HTTP)."""
     answers: list[bytes] = []
     connections: set[asyncio.Task] = set()
     server = await asyncio.start_server(lambda r, w: _answer(r, w, answers, connections), "127.0.0.1", 0)
@@ -88,7 +85,7 @@ async def calls(families: tuple[str, ...]) -> None:
             method, args, stream = _CALLS[family]
             answers[:] = [stream]
             sdk = sdks.load(family)
-            async with library(family).AsyncClient(verify=False) as client:  # plain HTTP: no trust store to load
+            async with library(family).AsyncClient(verify=tls or False) as client:
                 sdk_client = sdk.client(api_key="warm-up", base_url=base_url, http_client=client)
                 # as a broker's call comes: a prompt, and headers (its traceparent)
                 args = {

@@ -297,7 +297,7 @@ def test_a_slow_reader_gets_a_long_stream_whole_in_large_batched_writes(fake, ga
     names = [line for line in stream.split(b"\n") if line.startswith(b"event: ")]
     assert names[0] == b"event: message_start" and names[-1] == b"event: message_stop"
     assert len(names) > tokens and len(chunks) < len(names) / 10, (len(chunks), len(names))
-    assert max(len(c) for c in chunks) > 64 * 1024  # one batch held many events
+    assert max(len(c) for c in chunks) > 16 * 1024  # one batch held a hundred events or more
     with anthropic.Anthropic(base_url=fake.url) as direct:
         args = dict(model="claude-fake", max_tokens=tokens, messages=[{"role": "user", "content": f"batched {tokens}"}])
         want = direct.messages.create(**args, extra_headers={"x-isopool-latency": f"tokens={tokens},gap=0"})

@@ -3,7 +3,6 @@ runs (the oldest pinned ones too), or the warm-up silently does nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
@@ -24,7 +23,7 @@ def test_warm_up_runs_the_worker_call_path(family, monkeypatch):
 
     monkeypatch.setattr(warmup, "_Discard", Recording)
     threads = set(threading.enumerate())
-    asyncio.run(warmup.calls((family,)))
+    warmup.warm_up((family,), None)
     assert seen, f"the {family} warm-up call produced no events"
     assert ends[-1] is not None and ends[-1].body, "the plain (assembled) call produced no body"
     assert set(threading.enumerate()) <= threads, "the warm-up left a thread behind (the zygote forks after it)"

@@ -4,7 +4,7 @@ A forked worker's first call cost 10-20 ms more than its second (2 cores, quiet)
 request option models, the HTTP library its connection machinery, the worker's stream check its
 decoders. That lands on exactly the calls that must be quick: the retry of a stalled stream runs on a
 spare worker that has served nothing yet. So the zygote runs a streamed and a plain call of each SDK it
-preloads through the same code a worker runs (`run_call`), against a provider of its own on a loopback
+preloads through the same code a worker runs (`run_call`), against a provider of its own on a Unix
 socket (nothing leaves the machine), and drops everything before it forks. What remains of a first
 call's cost is the copy, after the fork, of the pages it writes: running the warm-up again in each
 worker would pre-copy them (a stall's retry 3-5 ms sooner) at ~4.5 MB more per idle worker (6 -> 10.4
@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
+import threading
 from typing import Any
 
 from broker.sdklib import library
@@ -66,27 +70,34 @@ class _Discard:
 def warm_up(families: tuple[str, ...], tls: Any) -> None:
     """`calls`, before any fork; one that fails (an SDK generation that builds its clients otherwise) costs
     the first calls their speed only."""
+    before = set(threading.enumerate())
     try:
         asyncio.run(calls(families, tls))
     except Exception:
         log.warning("warming up %s failed; first calls will be slower", ", ".join(families), exc_info=True)
+    for thread in set(threading.enumerate()) - before:  # an HTTP library's worker thread, told to stop with the loop
+        thread.join(timeout=1.0)
 
 
 async def calls(families: tuple[str, ...], tls: Any = None) -> None:
     """One streamed and one plain (assembled) call per SDK family, on a throwaway client, against a
-    provider on a loopback socket of this process. `tls`: the worker's TLS context, if it has one (a
-    client building its own costs ~30 ms and megabytes, though the loopback is plain HTTP)."""
+    provider on a Unix socket of this process. `tls`: the worker's TLS context, if it has one (a
+    client building its own costs ~30 ms and megabytes, though the socket carries plain HTTP)."""
     answers: list[bytes] = []
     connections: set[asyncio.Task] = set()
-    server = await asyncio.start_server(lambda r, w: _answer(r, w, answers, connections), "127.0.0.1", 0)
-    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    folder = tempfile.mkdtemp(prefix="isopool-warm-up-")
+    path = os.path.join(folder, "provider.sock")
+    server = await asyncio.start_unix_server(lambda r, w: _answer(r, w, answers, connections), path)
     try:
         for family in families:
             method, args, stream = _CALLS[family]
             answers[:] = [stream]
             sdk = sdks.load(family)
-            async with library(family).AsyncClient(verify=tls or False) as client:
-                sdk_client = sdk.client(api_key="warm-up", base_url=base_url, http_client=client)
+            http = library(family)
+            # a Unix socket: no name to resolve (a resolver's thread would outlive the loop, and the zygote forks)
+            transport = http.AsyncHTTPTransport(uds=path, verify=tls or False)
+            async with http.AsyncClient(transport=transport) as client:
+                sdk_client = sdk.client(api_key="warm-up", base_url="http://warm-up.invalid", http_client=client)
                 # as a broker's call comes: a prompt, and headers (its traceparent)
                 args = {
                     **args,
@@ -101,6 +112,7 @@ async def calls(families: tuple[str, ...], tls: Any = None) -> None:
         server.close()
         await server.wait_closed()
         await asyncio.gather(*connections)  # each ends at its client's close: none is left to be cancelled
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _answer(

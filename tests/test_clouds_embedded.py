@@ -142,6 +142,7 @@ def test_only_the_cloud_kinds_whose_libraries_are_installed_get_a_profile(monkey
     assert kind not in embedded_settings(load_settings(env={})).profiles
 
 
+@needs_clouds
 def test_a_dormant_cloud_profiles_first_call_made_while_the_zygote_imports_gets_a_worker(fake, tmp_path):
     """The zygote imports the profiles' SDKs but not a dormant profile's cloud libraries (its worker imports
     its own). A spawn for it that came during the imports was held until the zygote's next pipe event: the

@@ -27,6 +27,7 @@ from . import sdks
 from .calls import run_call
 
 log = logging.getLogger(__name__)
+_WARMED: set[str] = set()  # the SDK families this process has warmed up
 
 _ANTHROPIC = (
     b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_warm","type":"message",'
@@ -68,8 +69,13 @@ class _Discard:
 
 
 def warm_up(families: tuple[str, ...], tls: Any) -> None:
-    """`calls`, before any fork; one that fails (an SDK generation that builds its clients otherwise) costs
-    the first calls their speed only."""
+    """`calls`, before any fork, for the families not yet warmed in this process (the zygote preloads kind
+    after kind, and a cloud kind's family is a first-party one's); one that fails (an SDK generation that
+    builds its clients otherwise) costs the first calls their speed only."""
+    families = tuple(family for family in families if family not in _WARMED)
+    if not families:
+        return
+    _WARMED.update(families)
     before = set(threading.enumerate())
     try:
         asyncio.run(calls(families, tls))

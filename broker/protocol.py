@@ -513,6 +513,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     tokens_by_client: dict[str, Tokens] = {}  # by client connection (a hash of it, as the request log names it)
     prices: str = ""  # the price table the costs come from (its path, and its date when it gives one)
     tokens_by_caller: dict[str, Tokens] = {}  # by the caller a request named (`Submit.caller`: a gateway token)
+    messages: dict[str, int] = {}  # ZeroMQ messages on each hop: from_callers, to_workers, from_workers, to_callers
 
 
 # Request headers that never leave the caller's process: credentials (a worker adds its

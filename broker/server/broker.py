@@ -102,6 +102,7 @@ class Broker:
         # Whether the pass may have changed the fleet or a queue, which reconcile (~60 µs) then acts on. A
         # stream's traffic never does; the watchdog's pass runs at least once a second, for idle workers.
         self.changed = True
+        self.from_callers = self.from_workers = 0  # messages received on each hop (heartbeats not counted)
 
     # ----- set-up and tear-down -------------------------------------------------
 
@@ -231,6 +232,7 @@ class Broker:
 
     def on_frontend(self, client: bytes, frames: list[bytes], now: float) -> None:
         flow = self.flow
+        self.from_callers += 1
         try:
             kind, header, payload = self.codec.parse(frames)
         except ProtocolError as exc:
@@ -266,6 +268,7 @@ class Broker:
         if kind == Kind.HEARTBEAT:
             self.fleet.on_heartbeat(header, now)
             return
+        self.from_workers += 1
         worker = self.fleet.workers.get(ident)
         if worker is None:
             return  # a killed predecessor's last words
@@ -337,6 +340,8 @@ class Broker:
             circuits=self.flow.router.circuit_snapshots(now),
             streams=self.flow.streams(now, STREAMS_SHOWN),
             request_log_lost=self.request_log.lost if self.request_log is not None else 0,
+            messages={"from_callers": self.from_callers, "to_workers": self.flow.to_workers,
+                      "from_workers": self.from_workers, "to_callers": self.flow.callers.sent},  # fmt: skip
             **self.stats.snapshot(now),
         )
 

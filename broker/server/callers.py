@@ -43,6 +43,7 @@ class Callers:
         self.codec = codec
         self.client_buffer = client_buffer
         self.cut_off = cut_off
+        self.sent = 0  # messages sent to callers
 
     def parked(self, client: bytes) -> bool:
         conn = self.connections.get(client)
@@ -63,6 +64,7 @@ class Callers:
             return False
         try:
             send_frames(self.frontend, [client, *frames], NOBLOCK)
+            self.sent += 1
             return True
         except zmq.ZMQError as exc:
             self._lost(client, frames, gone=exc.errno == zmq.EHOSTUNREACH)  # the caller is gone (F11); else EAGAIN

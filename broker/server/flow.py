@@ -90,6 +90,7 @@ class Flow:
         # with message content opted in (traces or the request log): each attempt's answer is kept, bounded
         logged = bool(settings.request_log) and settings.request_log_content
         self.keep_output = logged or (tracing is not None and tracing.content)
+        self.to_workers = 0  # messages sent to workers
 
     # ----- callers --------------------------------------------------------------
 
@@ -652,6 +653,7 @@ class Flow:
     def _send_worker(self, worker: Worker, frames: list[bytes], now: float) -> bool:
         try:
             send_frames(self.backend, [worker.ident, *frames], NOBLOCK)
+            self.to_workers += 1
             return True
         except zmq.ZMQError:
             self.fleet.kill(worker, Reason.CRASH, now)

@@ -1,0 +1,60 @@
+"""Few messages per call on each hop (issue 21): a worker sends a call's records together (its head with
+the first events, its usage, ending and result with the last), and the broker forwards the caller's share
+of them as one message. Counted by the broker itself (the snapshot's `messages`), through a real pool,
+the fake provider over HTTP and the official SDK via the drop-in shim."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import Pool
+from broker.shim import anthropic as shim_anthropic
+
+from .conftest import TEST_SETTINGS, profiles
+
+pytestmark = pytest.mark.xdist_group(__name__)
+
+CALLS = 6
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def lone(fake):
+    """One anthropic worker; the window wide enough that a loaded machine does not split the records
+    a call produces within microseconds of each other."""
+    one = profiles(fake.url, min_workers=1, max_workers=1, spare_workers=0)
+    with Pool(profiles={"anthropic": one["anthropic"]}, **dict(TEST_SETTINGS, coalesce_ms=20)) as p:
+        yield p
+
+
+def per_call(pool, client, call) -> dict[str, float]:
+    """Messages per call on each hop, over CALLS calls (the two STATS exchanges that measure them left out)."""
+    call()  # the connection and the worker warm
+    before = client.snapshot().messages
+    for _ in range(CALLS):
+        call()
+    after = client.snapshot().messages
+    spent = {hop: after[hop] - before.get(hop, 0) for hop in after}
+    spent["from_callers"] -= 1  # the second STATS request
+    spent["to_callers"] -= 1  # the first STATS answer
+    return {hop: n / CALLS for hop, n in spent.items()}
+
+
+def test_a_tiny_stream_and_a_count_tokens_take_few_messages_on_each_hop(lone):
+    sdk = shim_anthropic.Anthropic(pool=lone)
+    with sdk, lone.client() as client:
+
+        def stream() -> None:
+            events = list(sdk.messages.create(model="claude-fake", max_tokens=8, messages=ASK, stream=True))
+            assert events[-1].type == "message_stop"
+
+        def count() -> None:
+            assert sdk.messages.count_tokens(model="claude-fake", messages=ASK).input_tokens > 0
+
+        streamed, counted = per_call(lone, client, stream), per_call(lone, client, count)
+    # a stream: its head with its first events at once (the time to first token unchanged), the rest with its end
+    assert streamed["from_callers"] == streamed["to_workers"] == 1, streamed
+    assert streamed["from_workers"] <= 2.5, streamed  # 5 to 7 on main; a slow moment may split one
+    assert streamed["to_callers"] <= 2.5, streamed  # 3 to 4 on main
+    # an answer in one piece: one message each way on each hop
+    assert counted == {"from_callers": 1, "to_workers": 1, "from_workers": 1, "to_callers": 1}, counted

@@ -4,6 +4,11 @@ Every message is a multipart ZeroMQ message of two or three frames:
 
     [kind (1 byte)] [header (msgpack, per-kind Struct, array-like)] [payload (opaque bytes)]
 
+or, from a worker to the broker and from the broker to a caller, of several such records of three
+frames each (the payload empty where there is none): what one call produced within a moment (its head
+with its first events; its last events, usage, ending and result) costs one send, one wake-up of each
+process and one poll pass, instead of one per record (`Codec.records`).
+
 The broker decodes only the kind and the header; payloads (the SDK call's arguments,
 the provider's event JSON, results and error details) are forwarded untouched.
 Field order of the array-like headers is the contract: fields are only ever appended.
@@ -21,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAX_HEADER_BYTES = 4096
 
 
@@ -540,6 +545,11 @@ def is_local_header(name: str) -> bool:
     return name.lower() in CREDENTIAL_HEADERS or is_framing_header(name)
 
 
+def split(frames: list[bytes]) -> list[list[bytes]]:
+    """The records of a message, each its own frames (one record of 2 or 3 frames, or several of 3)."""
+    return [frames] if len(frames) <= 3 else [frames[at : at + 3] for at in range(0, len(frames), 3)]
+
+
 class ProtocolError(ValueError):
     """A message that does not follow this protocol; it is answered and dropped."""
 
@@ -580,6 +590,12 @@ class Codec:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ProtocolError(f"bad {kind.name} header: {exc}") from None
         return kind, decoded, frames[2] if len(frames) == 3 else b""
+
+    def records(self, frames: list[bytes]) -> list[tuple[Kind, Any, bytes]]:
+        """Decode a message of one record (as `parse`) or of several, three frames each."""
+        if len(frames) > 3 and len(frames) % 3:
+            raise ProtocolError(f"expected records of 3 frames, got {len(frames)} frames")
+        return [self.parse(record) for record in split(frames)]
 
     def call(self, payload: bytes) -> Call | HttpCall | TimedCall | Resume:
         return self._call.decode(payload)

@@ -28,15 +28,18 @@ _BATCH = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 
 
 class Wire:
-    """A worker socket's stand-in for one function's unit test: what the emitter sent, decoded, in order."""
+    """A worker socket's stand-in for one function's unit test: the records the emitter sent, decoded, in
+    order, and how many messages carried them."""
 
     def __init__(self) -> None:
-        self.codec, self.sent, self.headers = Codec(), [], []
+        self.codec, self.sent, self.headers, self.messages = Codec(), [], [], []
 
     def send(self, frames: list[bytes]) -> None:
-        kind, header, payload = self.codec.parse(frames)
-        self.sent.append((kind, [name for name, _ in _BATCH.decode(payload)] if kind == Kind.EVENT else None))
-        self.headers.append(header)
+        records = self.codec.records(frames)
+        for kind, header, payload in records:
+            self.sent.append((kind, [name for name, _ in _BATCH.decode(payload)] if kind == Kind.EVENT else None))
+            self.headers.append(header)
+        self.messages.append([kind for kind, _, _ in records])
 
     def kinds(self) -> list[Kind]:
         return [kind for kind, _ in self.sent]
@@ -137,14 +140,40 @@ def test_a_cancelled_call_sends_what_it_held_then_its_error_and_nothing_after():
     assert wire.kinds() == [Kind.EVENT, Kind.EVENT, Kind.ERROR]
 
 
-def test_without_a_window_each_read_is_its_own_message():
+def test_a_calls_records_share_messages_the_head_with_the_first_events_the_rest_with_the_end():
+    async def scenario() -> tuple[Wire, Wire]:
+        emit, wire = emitter()
+        await emit.head(Response(200, [("content-type", "text/event-stream")]))
+        assert wire.messages == []  # it waits for the first events
+        await emit.events(events("a"))
+        assert wire.messages == [[Kind.HEAD, Kind.EVENT]]  # which go at once, with it
+        await emit.events(events("b"))
+        await emit.usage(Facts())
+        await emit.ending()
+        await emit.result(None)  # at once, with everything held
+        alone, later = emitter()
+        await alone.head(Response(200))
+        await asyncio.sleep(WINDOW * 3)  # no event within the window: the head goes on time, alone
+        return wire, later
+
+    wire, later = asyncio.run(scenario())
+    assert wire.messages == [[Kind.HEAD, Kind.EVENT], [Kind.EVENT, Kind.USAGE, Kind.ENDING, Kind.RESULT]]
+    assert later.messages == [[Kind.HEAD]]
+
+
+def test_without_a_window_each_record_is_its_own_message():
     async def scenario() -> Wire:
         emit, wire = emitter(0.0)
+        await emit.head(Response(200))
         for name in "abc":
             await emit.events(events(name))
+        await emit.usage(Facts())
+        await emit.result(None)
         return wire
 
-    assert asyncio.run(scenario()).sent == [(Kind.EVENT, [n]) for n in "abc"]
+    wire = asyncio.run(scenario())
+    assert wire.sent[1:4] == [(Kind.EVENT, [n]) for n in "abc"]
+    assert wire.messages == [[Kind.HEAD], [Kind.EVENT], [Kind.EVENT], [Kind.EVENT], [Kind.USAGE], [Kind.RESULT]]
 
 
 def test_coalesce_ms_is_bounded_well_below_any_stale_timeout():

@@ -158,95 +158,123 @@ class Emitter:
     do not wait (the broker reads as fast as it can); the methods are coroutines so that
     the call runners need not know.
 
-    With a `window` (seconds), a stream's events share messages: each message costs the worker
-    ~45 µs and the broker ~20 µs per hop, and a provider writes each token on its own. An event goes
-    out at once when no events went out in the last `window` (so the first one, and any after a
-    pause, are never delayed); otherwise it is held, with those that follow, until the window since
-    that send has passed (a timer: a stream that pauses does not keep them). Every other message
-    sends what is held first, so the order is the provider's and nothing is held past the end. The
-    broker's stale clock sees an event at most `window` late: a small fraction of any stale_timeout
-    (config.MAX_COALESCE_MS)."""
+    With a `window` (seconds), what the request produces within it shares one message (records, in the
+    provider's order: broker/protocol.py): each message costs the worker ~45 µs and the broker ~20 µs per
+    hop, a poll wake-up in each process, and a provider writes each token on its own. Events go out at once
+    when none went out in the last `window` (so the first one, and any after a pause, are never delayed),
+    with whatever waited for them (the head); otherwise they are held, with those that follow, until the
+    window since that send has passed. The head, usage, progress and the stream's ending wait at most the
+    window (the head for the first events, the rest for the end); the end (RESULT, ERROR) sends everything
+    at once. A timer sends what is held when the window passes: a stream that pauses does not keep it. The
+    broker's clocks see any record at most `window` late: a small fraction of any stale_timeout
+    (config.MAX_COALESCE_MS). Without a window each record is its own message, sent at once."""
 
     def __init__(self, sock: LoopSocket, codec: Codec, rid: int, window: float = 0.0) -> None:
         self._sock, self._codec, self._rid = sock, codec, rid
         self._seq = 0
         self._ref = codec.encode(Ref(rid))
         self._window = window
-        self._held: list[tuple[str, bytes]] = []
-        self._report: list[bytes] | None = None  # the latest USAGE while events are held: it goes out after them
+        self._out: list[bytes] = []  # the records held, in order, three frames each
+        self._held: list[tuple[str, bytes]] = []  # events held, after `_out`: the batch still open
+        self._report: list[bytes] | None = None  # the latest USAGE while events are held: it goes after them
         self._timer: asyncio.TimerHandle | None = None
         self._sent_at = -math.inf  # when events last went out (time.monotonic)
 
     async def head(self, response: Response) -> None:
-        self._send([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
+        self._hold([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
 
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
-        if self._held:
-            self._held += batch
-        elif not self._window:
-            self.send_events(batch)
-        elif (now := time.monotonic()) - self._sent_at >= self._window:
-            self._sent_at = now
-            self.send_events(batch)
-        elif batch:
-            self._held = list(batch)
-            self._timer = asyncio.get_running_loop().call_later(self._sent_at + self._window - now, self.flush)
+        self._held += batch
+        if not self._window or (now := time.monotonic()) - self._sent_at >= self._window:
+            self.flush()
+        else:
+            self._due(self._sent_at + self._window - now)
 
     def flush(self) -> None:
-        """Send the events held (the window passed, or another message is due)."""
+        """Send what is held, as one message (the window passed, or the end came)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._held:
-            batch, self._held = self._held, []
             self._sent_at = time.monotonic()
-            self.send_events(batch)
-        if self._report is not None:
-            report, self._report = self._report, None
-            self._sock.send(report)
+        self._close_batch()
+        if self._out:
+            frames, self._out = self._out, []
+            self._sock.send(frames)
 
     def send_events(self, batch: list[tuple[str, bytes]], error: bool = False) -> None:
+        """Send a batch now (a timed call's ticks), after what is held."""
+        self._close_batch()
+        self._out += self._events(batch, error)
+        self.flush()
+
+    def _events(self, batch: list[tuple[str, bytes]], error: bool = False) -> list[bytes]:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch), error))
         self._seq += len(batch)
-        self._sock.send([KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)])
+        return [KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)]
 
-    def _send(self, frames: list[bytes]) -> None:
-        """Any message but the stream's events: those held go first."""
-        if self._held or self._report is not None:
+    def _close_batch(self) -> None:
+        """The events held, then the usage that waited for them, become records in order."""
+        if self._held:
+            batch, self._held = self._held, []
+            self._out += self._events(batch)
+        if self._report is not None:
+            self._out += self._report
+            self._report = None
+
+    def _hold(self, record: list[bytes]) -> None:
+        """A record that may wait, the window at most, for others to go with."""
+        self._close_batch()
+        self._out += record
+        self._due(self._window)
+
+    def _due(self, delay: float) -> None:
+        """Send what is held within `delay` seconds (at once without a window)."""
+        if not self._window:
             self.flush()
-        self._sock.send(frames)
+            return
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer.when() > loop.time() + delay:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_later(delay, self.flush)
+
+    def _end(self, record: list[bytes]) -> None:
+        self._close_batch()
+        self._out += record
+        self.flush()
 
     async def error_event(self, event: tuple[str, bytes]) -> None:
         """The provider's mid-stream error event: the broker forwards it only if the call ends with it."""
-        if self._held or self._report is not None:
-            self.flush()
-        self.send_events([event], error=True)
+        self._close_batch()
+        self._out += self._events([event], error=True)
+        self._due(self._window)
 
     async def progress(self) -> None:
-        self._send([KIND_BYTES[Kind.PROGRESS], self._ref])
+        self._hold([KIND_BYTES[Kind.PROGRESS], self._ref, b""])
 
     async def ending(self) -> None:
         """The stream sent its terminal event: the broker stops watching it for staleness (its `[DONE]`
         or close is the worker's to wait for, a GRACE at most)."""
-        self._send([KIND_BYTES[Kind.ENDING], self._ref])
+        self._hold([KIND_BYTES[Kind.ENDING], self._ref, b""])
 
     async def usage(self, facts: Facts) -> None:
         """What the provider reported of the answer so far (its usage, id, model, finish reasons). While events
         are held it waits for them, the latest report replacing the one before (the counts add up): a server
         that reports usage in every chunk (vLLM's continuous_usage_stats) must not undo the coalescing."""
-        frames = self._codec.frames(Kind.USAGE, facts.spent(self._rid))
+        record = self._codec.frames(Kind.USAGE, facts.spent(self._rid), b"")
         if self._held:
-            self._report = frames
+            self._report = record
         else:
-            self._send(frames)
+            self._hold(record)
 
     async def result(self, response: Response | None) -> None:
         payload = b"" if response is None else self._codec.encode(response)
-        self._send([KIND_BYTES[Kind.RESULT], self._ref, payload])
+        self._end([KIND_BYTES[Kind.RESULT], self._ref, payload])
 
     async def error(self, info: ErrorInfo) -> None:
         header = self._codec.encode(ErrorHeader(self._rid, info.code))
-        self._send([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
+        self._end([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
 
 
 class Worker:

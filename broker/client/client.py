@@ -410,14 +410,18 @@ class AsyncClient:
                 pass  # nothing runs it there any more
 
     def _route(self, frames: list[bytes]) -> None:
-        """One message from the broker, to its call (run by the loop, under the socket's lock)."""
+        """One message from the broker, each of its records to its call (run by the loop, under the socket's lock)."""
         self._heard = time.monotonic()
         self._probing = False
         try:
-            kind, header, payload = self._codec.parse(frames)
+            records = self._codec.records(frames)
         except ProtocolError:
             log.warning("dropping a malformed message from the broker")
             return
+        for kind, header, payload in records:
+            self._take(kind, header, payload)
+
+    def _take(self, kind: Kind, header: Any, payload: bytes) -> None:
         state = self._calls.get(header.rid)
         if state is None:
             return

@@ -39,6 +39,8 @@ _BATCH = 512  # messages read from one socket per pass, so neither side starves 
 _HOUSEKEEPING_INTERVAL = 1.0
 # What a worker says of a running stream: the fleet and the queues stay as they were (no reconcile due).
 _STREAM_TRAFFIC = frozenset((Kind.HEAD, Kind.EVENT, Kind.PROGRESS, Kind.USAGE, Kind.ENDING))
+_REQUEST_RECORDS = _STREAM_TRAFFIC | {Kind.RESULT, Kind.ERROR}  # what may share a worker's message
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 STREAMS_SHOWN = 50  # requests in flight listed in a snapshot (the oldest): `isopool top` shows them
 
 
@@ -223,11 +225,12 @@ class Broker:
         return not self.flow.requests or now - self.draining_since > self.settings.drain_timeout  # type: ignore[operator]
 
     def _read(self, sock: zmq.Socket, handle: Any, now: float) -> None:
+        """What waits on `sock`, while its EVENTS say so (no zmq.Again raised to end each round)."""
+        get = sock.get
         for _ in range(_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
+            if not get(_EVENTS) & _POLLIN:
                 return
+            frames = recv_frames(sock)
             handle(frames[0], frames[1:], now)
 
     def on_frontend(self, client: bytes, frames: list[bytes], now: float) -> None:
@@ -261,10 +264,11 @@ class Broker:
 
     def on_backend(self, ident: bytes, frames: list[bytes], now: float) -> None:
         try:
-            kind, header, payload = self.codec.parse(frames)
+            records = self.codec.records(frames)
         except ProtocolError as exc:
             log.warning("dropping a malformed message from worker %r: %s", ident, exc)
             return
+        kind, header, payload = records[0]
         if kind == Kind.HEARTBEAT:
             self.fleet.on_heartbeat(header, now)
             return
@@ -277,6 +281,19 @@ class Broker:
             self.changed = True
             return
         worker.last_beat = now
+        if len(records) == 1:
+            self._from_worker(worker, kind, header, payload, now)
+            return
+        callers = self.flow.callers
+        callers.gather()  # each caller's share of these records goes to it as one message
+        try:
+            for kind, header, payload in records:
+                if kind in _REQUEST_RECORDS:
+                    self._from_worker(worker, kind, header, payload, now)
+        finally:
+            callers.release()
+
+    def _from_worker(self, worker: Any, kind: Kind, header: Any, payload: bytes, now: float) -> None:
         self.flow.on_worker(worker, kind, header, payload, now)
         if kind not in _STREAM_TRAFFIC:
             self.changed = True

@@ -1,6 +1,10 @@
 """The broker's frontend as the request flow sees it: sending to callers, and parking the final
 answers of a caller that stopped reading.
 
+Between `gather` and `release`, what is sent to each caller goes to it as one message (the records
+of a worker's message: a stream's head with its first events, its last events with its end); a send
+then reports success before it is tried, and a failed one cuts the caller off as any send does.
+
 A send never blocks. A caller that is gone (EHOSTUNREACH) or stopped reading (EAGAIN: `client_buffer`
 messages wait for it) has its requests cancelled by the flow; one that stopped reading keeps its final
 answers parked for `PARKED_FOR` seconds, so each of its requests still ends in one answer if it
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 import zmq
 
-from ..protocol import Code, Codec, ErrorInfo, Kind
+from ..protocol import Code, Codec, ErrorInfo, Kind, split
 from ..protocol import Error as ErrorHeader
 from ..wire.zmqio import NOBLOCK, send_frames
 from .connections import Connections
@@ -44,6 +48,7 @@ class Callers:
         self.client_buffer = client_buffer
         self.cut_off = cut_off
         self.sent = 0  # messages sent to callers
+        self._gathered: dict[bytes, list[bytes]] | None = None  # records for each caller, while gathering
 
     def parked(self, client: bytes) -> bool:
         conn = self.connections.get(client)
@@ -55,6 +60,16 @@ class Callers:
         info = self.codec.encode(ErrorInfo(code, message))
         self.send(client, self.codec.frames(Kind.ERROR, ErrorHeader(rid, code), info))
 
+    def gather(self) -> None:
+        """From now until `release`, each caller's messages are put together."""
+        self._gathered = {}
+
+    def release(self) -> None:
+        """Send each caller what was gathered for it, as one message."""
+        gathered, self._gathered = self._gathered, None
+        for client, records in (gathered or {}).items():
+            self._send(client, records)
+
     def send(self, client: bytes, frames: list[bytes]) -> bool:
         """Send to a caller; False if it is gone or stopped reading (its requests are then cancelled)."""
         conn = self.connections.get(client)
@@ -62,6 +77,12 @@ class Callers:
             if frames[0] in _ENDS:
                 conn.parked.append(frames)
             return False
+        if self._gathered is None:
+            return self._send(client, frames)
+        self._gathered.setdefault(client, []).extend(frames if len(frames) == 3 else [*frames, b""])
+        return True
+
+    def _send(self, client: bytes, frames: list[bytes]) -> bool:
         try:
             send_frames(self.frontend, [client, *frames], NOBLOCK)
             self.sent += 1
@@ -73,7 +94,10 @@ class Callers:
     def _lost(self, client: bytes, frames: list[bytes], gone: bool) -> None:
         log.info("client %s %s: cancelling its requests", who(client), "went away" if gone else "stopped reading")
         now = time.monotonic()  # a send can fail anywhere an answer is sent: the one clock reading not passed down
-        self.connections.park(client, frames if frames[0] in _ENDS else None, now)
+        self.connections.park(client, None, now)
+        for record in split(frames):  # its answers wait for it to read again
+            if record[0] in _ENDS:
+                self.connections.park(client, record, now)
         why = (
             "the caller went away"
             if gone

@@ -231,9 +231,9 @@ def test_a_connection_that_stopped_reading_gets_nothing_but_its_answers_queued(f
             wait_for(lambda: other.stats()["rejected"].get("protocol", 0) == 200, 10, "the garbage refused")
             ends = []
             while sock.poll(2000):
-                kind, header, _ = codec.parse(sock.recv_multipart())
-                if kind in (Kind.RESULT, Kind.ERROR):
-                    ends.append((kind, header.rid))
+                for kind, header, _ in codec.records(sock.recv_multipart()):
+                    if kind in (Kind.RESULT, Kind.ERROR):
+                        ends.append((kind, header.rid))
             assert ends == [(Kind.ERROR, 1)], ends[:5]
         finally:
             sock.close(0)

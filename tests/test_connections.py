@@ -92,9 +92,9 @@ def test_a_caller_that_stops_reading_is_cut_off_and_still_gets_one_answer(fake, 
             assert broker.memory_info().rss - rss_before < 50 * 2**20
             ends = []
             while sock.poll(2000):
-                kind, header, payload = codec.parse(sock.recv_multipart())
-                if kind in (Kind.RESULT, Kind.ERROR):
-                    ends.append((kind, header, payload))
+                for kind, header, payload in codec.records(sock.recv_multipart()):
+                    if kind in (Kind.RESULT, Kind.ERROR):
+                        ends.append((kind, header, payload))
             assert len(ends) == 1, ends
             kind, header, payload = ends[0]
             assert kind == Kind.ERROR and header.rid == 1 and header.code == Code.CANCELLED

@@ -97,6 +97,18 @@ def test_malformed_frames_are_rejected(frames, message):
         Codec().parse(frames)
 
 
+def test_a_message_of_several_records_reads_as_each_in_order():
+    codec = Codec()
+    head, event, end = (Kind.HEAD, Served(3), b"h"), (Kind.EVENT, Event(3, 1, 2), b"e"), (Kind.RESULT, Served(3), b"")
+    frames = [frame for record in (head, event, end) for frame in codec.frames(*record)]
+    assert codec.records(frames) == [head, event, end]
+    assert codec.records(codec.frames(Kind.ENDING, Ref(3))) == [(Kind.ENDING, Ref(3), b"")]  # one record, as parse
+    with pytest.raises(ProtocolError, match="records of 3 frames"):
+        codec.records(frames[:-1])
+    with pytest.raises(ProtocolError, match="expected 2 or 3 frames"):
+        codec.parse(frames)  # a caller's message is one record
+
+
 def test_headers_are_arrays_so_fields_can_only_be_appended():
     # Submit with only the fields an older client knew still decodes, defaults filling the rest.
     codec = Codec()

@@ -357,8 +357,12 @@ class Broker:
             circuits=self.flow.router.circuit_snapshots(now),
             streams=self.flow.streams(now, STREAMS_SHOWN),
             request_log_lost=self.request_log.lost if self.request_log is not None else 0,
-            messages={"from_callers": self.from_callers, "to_workers": self.flow.to_workers,
-                      "from_workers": self.from_workers, "to_callers": self.flow.callers.sent},  # fmt: skip
+            messages={
+                "from_callers": self.from_callers,
+                "to_workers": self.flow.to_workers,
+                "from_workers": self.from_workers,
+                "to_callers": self.flow.callers.sent,
+            },  # fmt: skip
             **self.stats.snapshot(now),
         )
 

@@ -179,6 +179,7 @@ class Emitter:
         self._report: list[bytes] | None = None  # the latest USAGE while events are held: it goes after them
         self._timer: asyncio.TimerHandle | None = None
         self._sent_at = -math.inf  # when events last went out (time.monotonic)
+        self._eventful = False  # whether `_out` holds events
 
     async def head(self, response: Response) -> None:
         self._hold([KIND_BYTES[Kind.HEAD], self._ref, self._codec.encode(response)])
@@ -195,22 +196,22 @@ class Emitter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._held:
-            self._sent_at = time.monotonic()
         self._close_batch()
         if self._out:
             frames, self._out = self._out, []
             self._sock.send(frames)
+        if self._eventful:
+            self._sent_at, self._eventful = time.monotonic(), False
 
     def send_events(self, batch: list[tuple[str, bytes]], error: bool = False) -> None:
         """Send a batch now (a timed call's ticks), after what is held."""
-        self._close_batch()
-        self._out += self._events(batch, error)
-        self.flush()
+        self._close_batch()  # the events before it are numbered first
+        self._end(self._events(batch, error))
 
     def _events(self, batch: list[tuple[str, bytes]], error: bool = False) -> list[bytes]:
         header = self._codec.encode(Event(self._rid, self._seq + 1, len(batch), error))
         self._seq += len(batch)
+        self._eventful = True
         return [KIND_BYTES[Kind.EVENT], header, self._codec.encode(batch)]
 
     def _close_batch(self) -> None:
@@ -240,15 +241,15 @@ class Emitter:
             self._timer = loop.call_later(delay, self.flush)
 
     def _end(self, record: list[bytes]) -> None:
+        """A record that goes at once, with everything held before it."""
         self._close_batch()
         self._out += record
         self.flush()
 
     async def error_event(self, event: tuple[str, bytes]) -> None:
         """The provider's mid-stream error event: the broker forwards it only if the call ends with it."""
-        self._close_batch()
-        self._out += self._events([event], error=True)
-        self._due(self._window)
+        self._close_batch()  # the events before it are numbered first
+        self._hold(self._events([event], error=True))
 
     async def progress(self) -> None:
         self._hold([KIND_BYTES[Kind.PROGRESS], self._ref, b""])

@@ -362,7 +362,7 @@ class Broker:
                 "to_workers": self.flow.to_workers,
                 "from_workers": self.from_workers,
                 "to_callers": self.flow.callers.sent,
-            },  # fmt: skip
+            },
             **self.stats.snapshot(now),
         )
 

@@ -6,8 +6,13 @@ the fake provider over HTTP and the official SDK via the drop-in shim."""
 from __future__ import annotations
 
 import pytest
+import zmq
 
 from broker import Pool
+from broker.protocol import Codec, ErrorInfo, Event, Kind, Served
+from broker.protocol import Error as ErrorHeader
+from broker.server.callers import Callers
+from broker.server.connections import Connections
 from broker.shim import anthropic as shim_anthropic
 
 from .conftest import TEST_SETTINGS, profiles
@@ -58,3 +63,50 @@ def test_a_tiny_stream_and_a_count_tokens_take_few_messages_on_each_hop(lone):
     assert streamed["to_callers"] <= 2.5, streamed  # 3 to 4 on main
     # an answer in one piece: one message each way on each hop
     assert counted == {"from_callers": 1, "to_workers": 1, "from_workers": 1, "to_callers": 1}, counted
+
+
+def answers(codec: Codec, rid: int) -> list[list[bytes]]:
+    """A stream's head, one batch of events and its end, as the broker sends each to its caller."""
+    return [codec.frames(Kind.HEAD, Served(rid), b"{}"), codec.frames(Kind.EVENT, Event(rid, 1), b"\x90"),
+            codec.frames(Kind.RESULT, Served(rid), b"")]  # fmt: skip
+
+
+def test_what_the_broker_gathers_for_a_caller_reaches_it_as_one_message():
+    ctx, codec = zmq.Context(), Codec()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://callers")
+        dealer.connect("inproc://callers")
+        dealer.send(b"hello")
+        client = router.recv_multipart()[0]
+        callers = Callers(router, Connections(100, 100, 100, 2**20), codec, 8, lambda *_: None)
+        callers.gather()
+        assert all(callers.send(client, frames) for frames in answers(codec, 4))
+        callers.release()
+        assert [kind for kind, _, _ in codec.records(dealer.recv_multipart())] == [Kind.HEAD, Kind.EVENT, Kind.RESULT]
+        assert callers.sent == 1 and not dealer.poll(0)
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+class Full:
+    """A frontend whose caller stopped reading: every send is refused (EAGAIN)."""
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        raise zmq.Again()
+
+
+def test_a_gathered_message_a_caller_cannot_take_cuts_it_off_and_parks_each_end_it_carried():
+    codec, cut = Codec(), []
+    connections = Connections(100, 100, 100, 2**20)
+    callers = Callers(Full(), connections, codec, 8, lambda client, why, now: cut.append(client))  # type: ignore[arg-type]
+    error = codec.frames(Kind.ERROR, ErrorHeader(5, "cancelled"), codec.encode(ErrorInfo("cancelled", "x")))
+    callers.gather()
+    for frames in [*answers(codec, 4), error]:
+        callers.send(b"caller", frames)
+    callers.release()
+    assert cut == [b"caller"] and callers.parked(b"caller")
+    parked = connections.get(b"caller").parked
+    assert [codec.parse(frames)[0] for frames in parked] == [Kind.RESULT, Kind.ERROR]  # each request's one answer

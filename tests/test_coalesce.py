@@ -197,15 +197,15 @@ def long_args(**extra):
 
 
 async def batches(client, **args) -> list[list]:
-    """The EVENT messages a low-level caller received for one stream, each as its list of events."""
+    """The batches of events a low-level caller received for one stream, each as its list of events."""
     call = await client.submit("anthropic", "messages.create", **args)
     got = []
-    while True:
+    while not call._state.done:
         item = call._state.take(await call._state.sink.queue.get())
-        if not isinstance(item, list):
-            call._state.finish()
-            return got
-        got.append(item)
+        if isinstance(item, list):
+            got.append(item)
+    call._state.finish()
+    return got
 
 
 def text_of(events) -> str:

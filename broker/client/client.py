@@ -120,9 +120,13 @@ class _CallState:
         self.served: Served | None = None  # who answered (from the HEAD, RESULT or ERROR header)
 
     def take(self, item: Any) -> Any:
-        """Account for one queued item; returns a list of events, or _END once the call has ended."""
+        """Account for one queued item; returns a list of events, or _END once the call has ended
+        (the last events and the end may come as one item: those events, and the call has ended)."""
         if isinstance(item, list):
             return item
+        if isinstance(item, _Last):
+            self.take(item.end)
+            return item.events
         if isinstance(item, IsopoolError):
             self.error = item  # type: ignore[assignment]
         elif isinstance(item, Result):
@@ -145,6 +149,19 @@ class _CallState:
             raise self.error
         assert self.result is not None
         return self.result
+
+
+class _Last(msgspec.Struct, frozen=True):
+    """A call's last events and its end (a Result or an error), which came in one message: queued as one
+    item, so that its reader wakes once for them."""
+
+    events: list
+    end: Any
+
+
+def _joined(first: Any, then: Any) -> Any:
+    """Two queue items of one call as one: events before more events, or before the end."""
+    return first + then if isinstance(then, list) else _Last(first, then)
 
 
 class _Call:
@@ -418,30 +435,33 @@ class AsyncClient:
         except ProtocolError:
             log.warning("dropping a malformed message from the broker")
             return
+        items: dict[_CallState, Any] = {}  # each call's share of the message, queued as one item
         for kind, header, payload in records:
-            self._take(kind, header, payload)
+            state = self._calls.get(header.rid)
+            item = None if state is None else self._take(state, kind, header, payload)
+            if item is not None:
+                items[state] = item if state not in items else _joined(items[state], item)  # type: ignore[index]
+        for state, item in items.items():
+            state.sink.put(item)
 
-    def _take(self, kind: Kind, header: Any, payload: bytes) -> None:
-        state = self._calls.get(header.rid)
-        if state is None:
-            return
+    def _take(self, state: _CallState, kind: Kind, header: Any, payload: bytes) -> Any:
+        """What one record of the broker's brings its call to queue (events, or its end), or None."""
         if kind == Kind.EVENT:
             try:
                 events = _EVENTS.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 del self._calls[header.rid]
-                info = ErrorInfo(Code.PROTOCOL, f"unreadable events from the broker: {exc}")
-                state.sink.put(error_for(info, state.rid))
-                return
+                return error_for(ErrorInfo(Code.PROTOCOL, f"unreadable events from the broker: {exc}"), state.rid)
             state.events += len(events)
-            state.sink.put(events)
-        elif kind == Kind.HEAD:
+            return events
+        if kind == Kind.HEAD:
             state.head = self._codec.response(payload)
             state.served = header
         elif kind in (Kind.RESULT, Kind.ERROR):
             del self._calls[header.rid]
             state.served = header if kind == Kind.RESULT else _served(header)
-            state.sink.put(self._ending(state, kind, payload))
+            return self._ending(state, kind, payload)
+        return None
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         """A DEALER connecting to the broker, and the monitor that reports it dropped or refused."""

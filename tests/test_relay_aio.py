@@ -94,7 +94,7 @@ async def _both(answer: bytes, read: Callable[[Any], Any], omit: str = "") -> tu
         first, second = _request(http, url), _request(http, url)
         for request in (first, second):
             request.headers.pop(omit, None)
-        for response in (await http.send(first, stream=True), await aio.send(session, http, second)):
+        for response in (await http.send(first, stream=True), await aio.send(session, http, aio.Outgoing.of(second))):
             try:
                 got.append(await read(response))
             finally:
@@ -134,7 +134,7 @@ async def _code(answer: Any, timeout: float | None = None) -> list[str]:
     async with Upstream(answer).running() as url, _clients() as (http, session):
         if answer is None:  # a port nobody listens on
             url = url.rsplit(":", 1)[0] + ":9"
-        for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, r)):
+        for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, aio.Outgoing.of(r))):
             try:
                 response = await send(_request(http, url, **extra))
                 try:
@@ -174,7 +174,7 @@ def test_a_body_read_to_its_end_keeps_its_connection_and_one_left_unread_closes_
             upstream = Upstream(answer)
             async with upstream.running() as url, _clients() as (http, session):
                 for _ in range(2 if answer is endless else 3):
-                    response = await aio.send(session, http, _request(http, url))
+                    response = await aio.send(session, http, aio.Outgoing.of(_request(http, url)))
                     await (response.aiter_bytes().__anext__() if answer is endless else response.aread())
                     await response.aclose()
                     if answer is endless:
@@ -219,7 +219,7 @@ def test_a_request_aiohttp_cannot_send_as_the_sdk_client_would_goes_by_that_clie
 
                     monkeypatch.setattr(http, "send", counted)
                     with contextlib.suppress(HTTP.ConnectError):  # the SDK's client finds no upstream.invalid
-                        response = await aio.send(session, http, request)
+                        response = await aio.send(session, http, aio.Outgoing.of(request))
                         await response.aclose()
                     sent_by.append("sdk" if sent else "aiohttp")
             finally:

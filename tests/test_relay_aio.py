@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 
-from broker.protocol import Code
+
+from broker.protocol import Code, HttpCall
 from broker.sdklib import library
 from worker import aio
 from worker.errors import translate
+from worker.exchange import request_headers
 
 HTTP = library("anthropic")
 GZ_BODY = gzip.compress(b'{"input_tokens": 7}')
@@ -239,3 +242,52 @@ def test_all_proxy_is_honoured_as_httpx_does(monkeypatch):
         assert aio.proxy_for("https", "localhost") is None
     finally:
         aio.proxy_for.cache_clear()
+
+
+SHIM_HEADERS = [("accept", "application/json"), ("anthropic-version", "2023-06-01"), ("content-type", "application/json"),
+                ("user-agent", "Anthropic/Python 0.40.0"), ("x-stainless-retry-count", "0"), ("X-Dup", "1"),
+                ("x-dup", "2"), ("x-api-key", "pool")]  # fmt: skip
+BUILDS = {  # method, URL, headers, body -> whether Outgoing.build puts it together (else the client builds it)
+    "a shim's stream": ("POST", "http://127.0.0.1:8080/v1/messages", SHIM_HEADERS, b'{"stream": true}', True),
+    "an empty POST": ("POST", "http://127.0.0.1:8080/v1/messages/count_tokens?beta=true", [], b"", True),
+    "the client's own headers replaced": ("GET", "http://h.example/v1/models?limit=2",
+                                          [("User-Agent", "mine"), ("ACCEPT", "text/plain")], b"", True),  # fmt: skip
+    "a DELETE": ("DELETE", "https://api.example.com/v1/files/f%3A1", [], b"", True),
+    "a PUT": ("PUT", "http://127.0.0.1:8080/v1/x", [], b"", False),
+    "a URL the client normalizes": ("POST", "https://API.example.com:443/v1/a b", [], b"{}", False),
+    "a Host of its own": ("GET", "http://127.0.0.1:8080/v1/models", [("host", "elsewhere")], b"", False),
+}
+
+
+@pytest.mark.parametrize("case", BUILDS)
+@pytest.mark.parametrize("client", ["httpx", "httpx2", "sdk"])
+def test_a_request_is_put_together_as_the_sdk_client_builds_it(case, client):
+    """Same method, URL, headers (case, order, Host and Content-Length where the client puts them), body,
+    timeouts and proxy as the client's `build_request`; a request it would build otherwise is left to it."""
+    method, url, headers, body, together = BUILDS[case]
+    http = {"httpx": httpx.AsyncClient, "httpx2": HTTP.AsyncClient, "sdk": anthropic.DefaultAsyncHttpxClient}[client]()
+    built = aio.Outgoing.build(http, method, url, headers, body)
+    assert (built is not None) == together
+    if together:
+        assert built == aio.Outgoing.of(http.build_request(method, url, headers=headers, content=body))
+        assert aio.Outgoing.of(built.rebuilt(http)) == built  # as the client sends it, when aiohttp cannot
+
+
+def test_a_request_whose_client_holds_a_cookie_or_has_a_header_it_cannot_encode_is_left_to_it():
+    http = HTTP.AsyncClient()
+    assert aio.Outgoing.build(http, "POST", "http://h.example/v1/messages", [("x-name", "é")], b"{}") is None
+    http.cookies.set("session", "1")
+    assert aio.Outgoing.build(http, "POST", "http://h.example/v1/messages", [], b"{}") is None
+
+
+def test_the_pool_adds_its_headers_where_the_caller_set_none_and_its_key_in_place_of_any():
+    """Names compare in any case: the caller's header wins over the profile's, the pool's key over both."""
+    (key, pool), = anthropic.AsyncAnthropic(api_key="pool").auth_headers.items()  # x-api-key or a bearer token
+    sdk = anthropic.AsyncAnthropic(api_key="pool", base_url="http://h.example",
+                                   default_headers={"x-caller": "profile", "X-Profile": "p", key.lower(): "stale"})  # fmt: skip
+    caller = [("X-Caller", "mine"), (key.upper(), "caller's"), ("Accept-Encoding", "br"), ("anthropic-version", "1")]
+    assert request_headers(sdk, HttpCall("POST", "/v1/messages", caller)) == [
+        ("X-Caller", "mine"), ("anthropic-version", "1"), ("X-Profile", "p"), (key, pool)]  # fmt: skip
+    own = HttpCall("POST", "/v1/messages", caller, base_url="http://own.example", api_key="own")
+    assert request_headers(sdk, own) == [("X-Caller", "mine"), ("anthropic-version", "1"),
+                                         *anthropic.AsyncAnthropic(api_key="own").auth_headers.items()]  # fmt: skip

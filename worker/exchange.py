@@ -17,6 +17,7 @@ retries or continues the call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
@@ -142,7 +143,7 @@ def request_headers(sdk: Any, call: HttpCall) -> list[tuple[str, str]]:
         credentials = sdk.copy(api_key=call.api_key).auth_headers
     else:
         credentials = sdk.auth_headers
-        defaults |= {k: v for k in _BILLING if isinstance(v := sdk.default_headers.get(k), str)}
+        defaults |= billing(sdk)
     names = {name.lower() for name, _ in headers}
     for name, value in defaults.items():
         if (lower := name.lower()) not in names:
@@ -150,6 +151,13 @@ def request_headers(sdk: Any, call: HttpCall) -> list[tuple[str, str]]:
             headers.append((name, value))
     replaced = {name.lower() for name in credentials}
     return [*(h for h in headers if h[0].lower() not in replaced), *credentials.items()]
+
+
+@functools.lru_cache(maxsize=16)
+def billing(sdk: Any) -> dict[str, str]:
+    """Who pays for a call with the pool's key, as the worker's SDK client read it when it was made
+    (its `default_headers` are put together afresh at every read)."""
+    return {k: v for k in _BILLING if isinstance(v := sdk.default_headers.get(k), str)}
 
 
 def profile_headers(sdk: Any) -> dict[str, str]:

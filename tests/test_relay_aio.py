@@ -14,7 +14,6 @@ import anthropic
 import httpx
 import pytest
 
-
 from broker.protocol import Code, HttpCall
 from broker.sdklib import library
 from worker import aio
@@ -244,14 +243,19 @@ def test_all_proxy_is_honoured_as_httpx_does(monkeypatch):
         aio.proxy_for.cache_clear()
 
 
-SHIM_HEADERS = [("accept", "application/json"), ("anthropic-version", "2023-06-01"), ("content-type", "application/json"),
-                ("user-agent", "Anthropic/Python 0.40.0"), ("x-stainless-retry-count", "0"), ("X-Dup", "1"),
+SHIM_HEADERS = [("accept", "application/json"), ("anthropic-version", "2023-06-01"), ("x-stainless-retry-count", "0"),
+                ("content-type", "application/json"), ("user-agent", "Anthropic/Python 0.40.0"), ("X-Dup", "1"),
                 ("x-dup", "2"), ("x-api-key", "pool")]  # fmt: skip
 BUILDS = {  # method, URL, headers, body -> whether Outgoing.build puts it together (else the client builds it)
     "a shim's stream": ("POST", "http://127.0.0.1:8080/v1/messages", SHIM_HEADERS, b'{"stream": true}', True),
     "an empty POST": ("POST", "http://127.0.0.1:8080/v1/messages/count_tokens?beta=true", [], b"", True),
-    "the client's own headers replaced": ("GET", "http://h.example/v1/models?limit=2",
-                                          [("User-Agent", "mine"), ("ACCEPT", "text/plain")], b"", True),  # fmt: skip
+    "the client's own headers replaced": (
+        "GET",
+        "http://h.example/v1/models?limit=2",
+        [("User-Agent", "mine"), ("ACCEPT", "text/plain")],
+        b"",
+        True,
+    ),  # fmt: skip
     "a DELETE": ("DELETE", "https://api.example.com/v1/files/f%3A1", [], b"", True),
     "a PUT": ("PUT", "http://127.0.0.1:8080/v1/x", [], b"", False),
     "a URL the client normalizes": ("POST", "https://API.example.com:443/v1/a b", [], b"{}", False),
@@ -282,9 +286,9 @@ def test_a_request_whose_client_holds_a_cookie_or_has_a_header_it_cannot_encode_
 
 def test_the_pool_adds_its_headers_where_the_caller_set_none_and_its_key_in_place_of_any():
     """Names compare in any case: the caller's header wins over the profile's, the pool's key over both."""
-    (key, pool), = anthropic.AsyncAnthropic(api_key="pool").auth_headers.items()  # x-api-key or a bearer token
-    sdk = anthropic.AsyncAnthropic(api_key="pool", base_url="http://h.example",
-                                   default_headers={"x-caller": "profile", "X-Profile": "p", key.lower(): "stale"})  # fmt: skip
+    ((key, pool),) = anthropic.AsyncAnthropic(api_key="pool").auth_headers.items()  # x-api-key or a bearer token
+    profile = {"x-caller": "profile", "X-Profile": "p", key.lower(): "stale"}
+    sdk = anthropic.AsyncAnthropic(api_key="pool", base_url="http://h.example", default_headers=profile)
     caller = [("X-Caller", "mine"), (key.upper(), "caller's"), ("Accept-Encoding", "br"), ("anthropic-version", "1")]
     assert request_headers(sdk, HttpCall("POST", "/v1/messages", caller)) == [
         ("X-Caller", "mine"), ("anthropic-version", "1"), ("X-Profile", "p"), (key, pool)]  # fmt: skip

@@ -35,11 +35,10 @@ def parse_block(block: bytes) -> tuple[str, bytes] | None:
 
 
 def _name(value: bytes) -> str:
-    name = _NAMES.get(value)
-    if name is None:
-        name = value.strip().decode()
-        if len(_NAMES) < 64:  # the provider's bytes: what is kept stays bounded
-            _NAMES[value] = name
+    """The name an `event:` value gives, kept for the next event of that name."""
+    name = value.strip().decode()
+    if len(_NAMES) < 64:  # the provider's bytes: what is kept stays bounded
+        _NAMES[value] = name
     return name
 
 
@@ -64,7 +63,7 @@ class EventSplitter:
             elif (named := plain[1]) is None:
                 event = "", plain[2]
             else:
-                event = _name(named), plain[2]
+                event = _NAMES.get(named) or _name(named), plain[2]
             if event is None or event[0] == "ping":
                 continue
             if event[1] == DONE:

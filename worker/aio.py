@@ -1,14 +1,17 @@
 """The worker's one aiohttp session, and a relayed request sent on it as the SDK's client would send it.
 
-A relayed request (worker/exchange.py) is built, confined and signed as before: an httpx/httpx2
-`Request` from the SDK's own client. Only the send is aiohttp's, because it costs far less: in one
-process against the fake provider (`python -m bench.httpclients`), the SDK's async client spends
-0.8-1.1 ms of CPU on a tiny request, aiohttp 0.2-0.4 ms. What that client would do is kept: the
-request's bytes (method, URL as encoded, headers in their case and order, body), its timeouts
-(connect, read), the proxy it reads from the environment, its TLS context and keep-alive expiry,
-the body decoded as it decodes it, and its view of the response headers (its own `Headers`: names
-lower-cased, a repeated one joined). A request it cannot send so (a SOCKS or HTTPS proxy, an
-encoding aiohttp cannot decode) goes by the SDK's client, as before.
+A relayed request (worker/exchange.py) is the one the SDK's own HTTP client would build, confined
+and signed as before. A first-party one is put together here (`Outgoing.build`: the client's own
+headers and timeouts read once, the request's merged as that client merges them), because building
+an httpx/httpx2 `Request` cost ~0.1 ms of the worker's CPU per call; a cloud's (signed), or one the
+client would build otherwise (a URL it normalizes, a cookie it holds, ...), is built by the client.
+Only the send is aiohttp's, because it costs far less: in one process against the fake provider
+(`python -m bench.httpclients`), the SDK's async client spends 0.8-1.1 ms of CPU on a tiny request,
+aiohttp 0.2-0.4 ms. What that client would do is kept: the request's bytes (method, URL as encoded,
+headers in their case and order, body), its timeouts (connect, read), the proxy it reads from the
+environment, its TLS context and keep-alive expiry, the body decoded as it decodes it, and its view
+of the response headers (names lower-cased, a repeated one joined). A request it cannot send so (a
+SOCKS or HTTPS proxy, an encoding aiohttp cannot decode) goes by the SDK's client, as before.
 """
 
 from __future__ import annotations

@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 
-from broker.protocol import Code
+from broker.protocol import Code, HttpCall
 from broker.sdklib import library
 from worker import aio
 from worker.errors import translate
+from worker.exchange import request_headers
 
 HTTP = library("anthropic")
 GZ_BODY = gzip.compress(b'{"input_tokens": 7}')
@@ -94,7 +96,7 @@ async def _both(answer: bytes, read: Callable[[Any], Any], omit: str = "") -> tu
         first, second = _request(http, url), _request(http, url)
         for request in (first, second):
             request.headers.pop(omit, None)
-        for response in (await http.send(first, stream=True), await aio.send(session, http, second)):
+        for response in (await http.send(first, stream=True), await aio.send(session, http, aio.Outgoing.of(second))):
             try:
                 got.append(await read(response))
             finally:
@@ -134,7 +136,7 @@ async def _code(answer: Any, timeout: float | None = None) -> list[str]:
     async with Upstream(answer).running() as url, _clients() as (http, session):
         if answer is None:  # a port nobody listens on
             url = url.rsplit(":", 1)[0] + ":9"
-        for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, r)):
+        for send in (lambda r: http.send(r, stream=True), lambda r: aio.send(session, http, aio.Outgoing.of(r))):
             try:
                 response = await send(_request(http, url, **extra))
                 try:
@@ -174,7 +176,7 @@ def test_a_body_read_to_its_end_keeps_its_connection_and_one_left_unread_closes_
             upstream = Upstream(answer)
             async with upstream.running() as url, _clients() as (http, session):
                 for _ in range(2 if answer is endless else 3):
-                    response = await aio.send(session, http, _request(http, url))
+                    response = await aio.send(session, http, aio.Outgoing.of(_request(http, url)))
                     await (response.aiter_bytes().__anext__() if answer is endless else response.aread())
                     await response.aclose()
                     if answer is endless:
@@ -219,7 +221,7 @@ def test_a_request_aiohttp_cannot_send_as_the_sdk_client_would_goes_by_that_clie
 
                     monkeypatch.setattr(http, "send", counted)
                     with contextlib.suppress(HTTP.ConnectError):  # the SDK's client finds no upstream.invalid
-                        response = await aio.send(session, http, request)
+                        response = await aio.send(session, http, aio.Outgoing.of(request))
                         await response.aclose()
                     sent_by.append("sdk" if sent else "aiohttp")
             finally:
@@ -239,3 +241,57 @@ def test_all_proxy_is_honoured_as_httpx_does(monkeypatch):
         assert aio.proxy_for("https", "localhost") is None
     finally:
         aio.proxy_for.cache_clear()
+
+
+SHIM_HEADERS = [("accept", "application/json"), ("anthropic-version", "2023-06-01"), ("x-stainless-retry-count", "0"),
+                ("content-type", "application/json"), ("user-agent", "Anthropic/Python 0.40.0"), ("X-Dup", "1"),
+                ("x-dup", "2"), ("x-api-key", "pool")]  # fmt: skip
+BUILDS = {  # method, URL, headers, body -> whether Outgoing.build puts it together (else the client builds it)
+    "a shim's stream": ("POST", "http://127.0.0.1:8080/v1/messages", SHIM_HEADERS, b'{"stream": true}', True),
+    "an empty POST": ("POST", "http://127.0.0.1:8080/v1/messages/count_tokens?beta=true", [], b"", True),
+    "the client's own headers replaced": (
+        "GET",
+        "http://h.example/v1/models?limit=2",
+        [("User-Agent", "mine"), ("ACCEPT", "text/plain")],
+        b"",
+        True,
+    ),  # fmt: skip
+    "a DELETE": ("DELETE", "https://api.example.com/v1/files/f%3A1", [], b"", True),
+    "a PUT": ("PUT", "http://127.0.0.1:8080/v1/x", [], b"", False),
+    "a URL the client normalizes": ("POST", "https://API.example.com:443/v1/a b", [], b"{}", False),
+    "a Host of its own": ("GET", "http://127.0.0.1:8080/v1/models", [("host", "elsewhere")], b"", False),
+}
+
+
+@pytest.mark.parametrize("case", BUILDS)
+@pytest.mark.parametrize("client", ["httpx", "httpx2", "sdk"])
+def test_a_request_is_put_together_as_the_sdk_client_builds_it(case, client):
+    """Same method, URL, headers (case, order, Host and Content-Length where the client puts them), body,
+    timeouts and proxy as the client's `build_request`; a request it would build otherwise is left to it."""
+    method, url, headers, body, together = BUILDS[case]
+    http = {"httpx": httpx.AsyncClient, "httpx2": HTTP.AsyncClient, "sdk": anthropic.DefaultAsyncHttpxClient}[client]()
+    built = aio.Outgoing.build(http, method, url, headers, body)
+    assert (built is not None) == together
+    if together:
+        assert built == aio.Outgoing.of(http.build_request(method, url, headers=headers, content=body))
+        assert aio.Outgoing.of(built.rebuilt(http)) == built  # as the client sends it, when aiohttp cannot
+
+
+def test_a_request_whose_client_holds_a_cookie_or_has_a_header_it_cannot_encode_is_left_to_it():
+    http = HTTP.AsyncClient()
+    assert aio.Outgoing.build(http, "POST", "http://h.example/v1/messages", [("x-name", "é")], b"{}") is None
+    http.cookies.set("session", "1")
+    assert aio.Outgoing.build(http, "POST", "http://h.example/v1/messages", [], b"{}") is None
+
+
+def test_the_pool_adds_its_headers_where_the_caller_set_none_and_its_key_in_place_of_any():
+    """Names compare in any case: the caller's header wins over the profile's, the pool's key over both."""
+    ((key, pool),) = anthropic.AsyncAnthropic(api_key="pool").auth_headers.items()  # x-api-key or a bearer token
+    profile = {"x-caller": "profile", "X-Profile": "p", key.lower(): "stale"}
+    sdk = anthropic.AsyncAnthropic(api_key="pool", base_url="http://h.example", default_headers=profile)
+    caller = [("X-Caller", "mine"), (key.upper(), "caller's"), ("Accept-Encoding", "br"), ("anthropic-version", "1")]
+    assert request_headers(sdk, HttpCall("POST", "/v1/messages", caller)) == [
+        ("X-Caller", "mine"), ("anthropic-version", "1"), ("X-Profile", "p"), (key, pool)]  # fmt: skip
+    own = HttpCall("POST", "/v1/messages", caller, base_url="http://own.example", api_key="own")
+    assert request_headers(sdk, own) == [("X-Caller", "mine"), ("anthropic-version", "1"),
+                                         *anthropic.AsyncAnthropic(api_key="own").auth_headers.items()]  # fmt: skip

@@ -161,7 +161,8 @@ async def relay(
                 at = next((i for i, (name, data) in enumerate(batch) if is_error_event(name, data)), None)
                 if at is None:
                     await emit.events(batch)
-                    await _tell(check, emit)
+                    if check.facts.changed or check.ended:  # most events say nothing of the answer
+                        await _tell(check, emit)
                     continue
                 if at:
                     await emit.events(batch[:at])

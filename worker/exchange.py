@@ -17,13 +17,13 @@ retries or continues the call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
 
 from broker.config import Profile
 from broker.protocol import CREDENTIAL_HEADERS, HttpCall, path_problem
-from broker.sdklib import library
 
 from . import aio, clouds
 from .calls import RELAYED_BY_US, STREAMABLE, BadCall, as_stream, check_headers, json_body, relay
@@ -89,29 +89,32 @@ async def run_http(sdk: Any, http: Any, session: aio.Session, profile: Profile, 
         await response.aclose()
 
 
-async def prepare(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool, cloud: Any = None) -> Any:
-    """The request for `call` (with `body`), confined to the profile's base URL and sent with the
-    worker's own credentials unless the pool allows the request's own; a cloud's signed or authorized
-    over this attempt's final request."""
+async def prepare(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overrides: bool,
+                  cloud: Any = None) -> aio.Outgoing:  # fmt: skip
+    """The request for `call` (with `body`) as the SDK's HTTP client `http` builds it, confined to the
+    profile's base URL and sent with the worker's own credentials unless the pool allows the request's
+    own; a cloud's signed or authorized over this attempt's final request."""
     if cloud is not None and (call.api_key or call.base_url):
         raise BadCall("a call to a cloud profile cannot bring its own key or base_url: the workers sign")
     url, headers = destination(sdk, call, allow_overrides)
-    request = http.build_request(call.method, url, headers=headers, content=body)
+    if cloud is None and (request := aio.Outgoing.build(http, call.method, url, headers, body)) is not None:
+        return request
+    built = http.build_request(call.method, url, headers=headers, content=body)
     if cloud is not None:
-        await cloud.authorize(sdk, request)
-    return request
+        await cloud.authorize(sdk, built)
+    return aio.Outgoing.of(built)
 
 
-async def signed(sdk: Any, http: Any, profile: Profile, call: HttpCall) -> tuple[str, Any, bytes]:
+async def signed(sdk: Any, http: Any, profile: Profile, call: HttpCall) -> tuple[str, list[tuple[str, str]], bytes]:
     """A load test's call to a cloud profile (worker/timing.py) as run_http would send it: in the cloud's
     form and signed for this attempt, as its URL, headers and body."""
     cloud = clouds.relay(profile.kind)
     call = await cloud.from_first_party(sdk, call, profile)  # type: ignore[union-attr]
     request = await prepare(sdk, http, call, call.body, False, cloud)
-    return str(request.url), request.headers, call.body
+    return request.url, request.headers, call.body
 
 
-def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, Any]:
+def destination(sdk: Any, call: HttpCall, allow_overrides: bool) -> tuple[str, list[tuple[str, str]]]:
     """Where `call` goes and with which headers: confined to the profile's base URL, with the
     worker's own credentials unless the pool allows the request's own."""
     check_path(call.path)
@@ -128,24 +131,33 @@ def check_overrides(call: HttpCall, allow_overrides: bool) -> None:
                       "to the pool's own provider")  # fmt: skip
 
 
-def request_headers(sdk: Any, call: HttpCall) -> Any:
+def request_headers(sdk: Any, call: HttpCall) -> list[tuple[str, str]]:
     """The caller's headers, then what the pool adds where the caller set none: to the profile's own
     upstream, the profile's default headers; with the pool's key, the organization and project its
     SDK client read. Last the credentials, the call's own key (sent as the worker's SDK sends a key)
-    or the pool's."""
+    or the pool's, in place of any header of their names. (Names compare in any case, as HTTP's do.)"""
     check_headers(name for name, _ in call.headers)
-    lib = library(type(sdk).__module__.partition(".")[0])  # the worker's SDK's httpx or httpx2
-    headers = lib.Headers([(k, v) for k, v in call.headers if k.lower() not in _DROPPED])
+    headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
     defaults = {} if call.base_url else profile_headers(sdk)
     if call.api_key:
         credentials = sdk.copy(api_key=call.api_key).auth_headers
     else:
         credentials = sdk.auth_headers
-        defaults |= {k: v for k in _BILLING if isinstance(v := sdk.default_headers.get(k), str)}
+        defaults |= billing(sdk)
+    names = {name.lower() for name, _ in headers}
     for name, value in defaults.items():
-        headers.setdefault(name, value)
-    headers.update(credentials)
-    return headers
+        if (lower := name.lower()) not in names:
+            names.add(lower)
+            headers.append((name, value))
+    replaced = {name.lower() for name in credentials}
+    return [*(h for h in headers if h[0].lower() not in replaced), *credentials.items()]
+
+
+@functools.lru_cache(maxsize=16)
+def billing(sdk: Any) -> dict[str, str]:
+    """Who pays for a call with the pool's key, as the worker's SDK client read it when it was made
+    (its `default_headers` are put together afresh at every read)."""
+    return {k: v for k in _BILLING if isinstance(v := sdk.default_headers.get(k), str)}
 
 
 def profile_headers(sdk: Any) -> dict[str, str]:

@@ -7,13 +7,17 @@ events: they are dropped here, which is what makes a stream that only pings look
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from .hygiene import GRACE, StreamCheck
 
 DONE = b"[DONE]"
+# The block almost every event is (an `event:` line, if any, and one `data:` line): read by one match,
+# to what parse_block makes of it; any other block is read by parse_block.
+_PLAIN = re.compile(rb"(?:event:([^\n]*)\n)?data: ?([^\n]*)")
+_NAMES: dict[bytes, str] = {}  # an `event:` value -> the name it gives, for the few names an API sends
 
 
 def parse_block(block: bytes) -> tuple[str, bytes] | None:
@@ -28,6 +32,14 @@ def parse_block(block: bytes) -> tuple[str, bytes] | None:
     if not data or name == "ping":
         return None
     return name, data[0] if len(data) == 1 else b"\n".join(data)
+
+
+def _name(value: bytes) -> str:
+    """The name an `event:` value gives, kept for the next event of that name."""
+    name = value.strip().decode()
+    if len(_NAMES) < 64:  # the provider's bytes: what is kept stays bounded
+        _NAMES[value] = name
+    return name
 
 
 class EventSplitter:
@@ -46,8 +58,13 @@ class EventSplitter:
         self.tail = blocks.pop()
         batch = []
         for block in blocks:
-            event = parse_block(block)
-            if event is None:
+            if (plain := _PLAIN.fullmatch(block)) is None:
+                event = parse_block(block)
+            elif (named := plain[1]) is None:
+                event = "", plain[2]
+            else:
+                event = _NAMES.get(named) or _name(named), plain[2]
+            if event is None or event[0] == "ping":
                 continue
             if event[1] == DONE:
                 self.done = self.said_done = True
@@ -73,40 +90,37 @@ async def iter_batches(
     """The real events of a byte stream, as lists of those completed by each read (so a
     fast stream is relayed in few messages and a slow one without delay); stops at
     OpenAI's `data: [DONE]`. With a `check`, events that are not JSON are dropped, a stream that
-    said it finished is ended if its `[DONE]` or close does not follow within GRACE, and one
-    whose bytes end before its terminal event raises StreamIncomplete. `splitter` reads another
-    wire format (frames.FrameSplitter: Bedrock's event stream) into the same events."""
+    said it finished is ended if its `[DONE]` or close does not follow within GRACE (pings after
+    the end do not extend it), and one whose bytes end before its terminal event raises
+    StreamIncomplete. `splitter` reads another wire format (frames.FrameSplitter: Bedrock's event
+    stream) into the same events. (One generator, reading the chunks itself: a stream's every read
+    passes through it.)"""
     check = check or StreamCheck()
     splitter = splitter or EventSplitter()
-    async with contextlib.aclosing(_reads(chunks, check)) as reads:
-        async for chunk in reads:
-            if batch := check.filter(splitter.feed(chunk)):
-                yield batch
-            if splitter.done:
-                break
-        else:
+    reader = aiter(chunks)
+    deadline = None
+    while True:
+        try:
+            chunk = await (anext(reader) if deadline is None else _within(reader, deadline))
+        except StopAsyncIteration:  # the close, or neither it nor `[DONE]` came in time after the end
             if batch := check.filter(splitter.end()):
                 yield batch
+            break
+        if batch := check.filter(splitter.feed(chunk)):
+            yield batch
+        if splitter.done:
+            break
+        if deadline is None and check.ended:
+            deadline = asyncio.get_running_loop().time() + GRACE
     if splitter.said_done:
         check.saw_done()
     check.finish()
 
 
-async def _reads(chunks: AsyncIterator[bytes], check: StreamCheck) -> AsyncIterator[bytes]:
-    """The chunks; once the stream said it finished, only those that come within GRACE (pings
-    after the end do not extend it)."""
-    reader = aiter(chunks)
-    async for chunk in reader:
-        yield chunk
-        if check.ended:
-            break
-    else:
-        return
-    deadline = asyncio.get_running_loop().time() + GRACE
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await anext(reader)
-        except (TimeoutError, StopAsyncIteration):  # the close, or neither it nor `[DONE]` came in time
-            return
-        yield chunk
+async def _within(reader: AsyncIterator[bytes], deadline: float) -> bytes:
+    """The next chunk, if it comes by `deadline`; else StopAsyncIteration, as at the close."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(reader)
+    except TimeoutError:
+        raise StopAsyncIteration from None

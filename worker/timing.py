@@ -136,7 +136,7 @@ async def run_timed(sdk: Any, transport: TimedTransport, kind: str, call: TimedC
     sent = time.monotonic_ns()
     try:
         async with asyncio.timeout(call.first_event_timeout):
-            response = await session.request(call.http.method, target, headers=headers.multi_items(),
+            response = await session.request(call.http.method, target, headers=[(k.lower(), v) for k, v in headers],
                                              data=body, proxy=proxy)  # fmt: skip
     except TimeoutError:
         await emit.error(ErrorInfo(Code.STALLED, f"first_event_timeout: no response in {call.first_event_timeout:g}s"))

@@ -287,7 +287,7 @@ def names_loopback(host: str) -> bool:
 
 def check_path(raw: str) -> None:
     """Refuse a path that could leave the API's root (the workers refuse it too; here before the pool)."""
-    if problem := path_problem(raw):
+    if problem := _path_problem(raw):
         raise Refused(400, problem)
 
 
@@ -328,12 +328,16 @@ def _encoded_size(call: HttpCall) -> int:
     return len(_MSGPACK.encode(msgspec.structs.replace(call, body=b""))) + len(call.body) + 4
 
 
+_path_problem = functools.lru_cache(maxsize=256)(path_problem)  # a caller sends the same few paths
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _traceparent(request: web.BaseRequest) -> str:
     """The caller's W3C trace context, if it sent a well-formed one (the pool's spans go under it)."""
-    value = request.headers.get("traceparent", "").strip().lower()
+    value = request.headers.get("traceparent")
+    if not value:
+        return ""
+    value = value.strip().lower()
     return value if _TRACEPARENT.fullmatch(value) else ""
 
 

@@ -115,6 +115,20 @@ def accepted(pool: Pool) -> int:
         return client.stats()["requests"].get("accepted", 0)
 
 
+@pytest.mark.parametrize(
+    ("path", "headers", "kind"),
+    [
+        ("/chat/completions", {}, "invalid_request_error"),
+        ("/messages", {"anthropic_version": "2023-06-01"}, "not_found_error"),
+    ],
+)
+def test_a_path_outside_the_apis_is_a_404_in_the_sdks_error_form_saying_what_is_served(gateway, path, headers, kind):
+    """A base_url missing its `/v1` (the OpenAI SDK's) gets an error its SDK reads, naming the paths served."""
+    status, _, body = send(gateway, "POST", path, BODY, content_type="application/json", **headers)
+    assert status == 404 and error_of(body)["type"] == kind
+    assert "/v1/" in error_of(body)["message"] and path in error_of(body)["message"]
+
+
 def test_body_over_max_message_bytes_is_413_and_never_reaches_the_pool(gateway):
     before = accepted(gateway)
     big = b'{"model": "claude-fake", "pad": "' + b"x" * (2 * MAX) + b'"}'
@@ -178,6 +192,15 @@ def test_token_from_a_file_or_generated_at_start_is_required(fake, tmp_path, cap
             assert status == 200  # with its token the gateway may be reached under any name
             with anthropic.Anthropic(base_url=pool.http_url, api_key=token) as client:
                 assert client.messages.create(**MSG).type == "message"
+
+
+def test_a_caller_expecting_100_continue_is_told_to_send_its_body(gateway):
+    """curl sends a larger body only once told to (or after a second's wait): the gateway tells it at once."""
+    with socket.create_connection(("127.0.0.1", _port(gateway)), timeout=10) as sock:
+        sock.sendall(raw_post("Expect: 100-continue\r\n"))
+        assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(BODY)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
 def test_stalled_request_header_is_cut_off(gateway):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anthropic
 import openai
+import psutil
 import pytest
 
 from broker import ConfigError, Pool
@@ -62,3 +63,21 @@ def test_gateway_off_loopback_needs_its_own_token(fake):
             anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="sk-provider-key").messages.create(**MSG)
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="gw-secret")
         assert client.messages.create(**MSG).type == "message"
+
+
+def _callers_ports(pool: Pool) -> set[int]:
+    """The callers' ports of the gateway's open connections, seen from the gateway's process."""
+    port = int(pool.http_url.rsplit(":", 1)[1])
+    (gateway,) = [p for p in psutil.Process(pool.pid).children() if "broker.http.gateway" in " ".join(p.cmdline())]
+    return {c.raddr.port for c in gateway.net_connections("tcp") if c.laddr.port == port and c.raddr}
+
+
+def test_an_sdk_client_keeps_one_connection_to_the_gateway_across_calls(gateway):
+    """The gateway answers keep-alive: a new TCP connection per call would cost the caller a handshake."""
+    seen: set[int] = set()
+    with anthropic.Anthropic(base_url=gateway.http_url) as client:
+        for i in range(4):
+            list(client.messages.create(stream=True, **dict(MSG, messages=[{"role": "user", "content": f"ka {i}"}])))
+            client.messages.create(**MSG)
+            seen |= _callers_ports(gateway)
+    assert len(seen) == 1, f"the SDK's calls came on {len(seen)} connections"

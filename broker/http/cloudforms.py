@@ -31,6 +31,7 @@ _FORMS = (
     ),
     ("azure", re.compile(r"/openai/.+"), "/openai"),
 )
+_STARTS = ("/model/", "/v1/projects/", "/openai/")  # what each of _FORMS starts with
 _QUERIES = {"bedrock": False, "vertex": False, "azure": True}  # whose API has query parameters (api-version)
 # Bedrock's error type per status, as its `x-amzn-ErrorType` header names it.
 _BEDROCK_ERRORS = {400: "ValidationException", 401: "UnrecognizedClientException", 403: "AccessDeniedException",
@@ -41,6 +42,8 @@ _BEDROCK_ERRORS = {400: "ValidationException", 401: "UnrecognizedClientException
 def cloud_form(raw_path: str, target: str) -> tuple[str, str] | None:
     """(cloud kind, `target` relative to that kind's base URL) of a request in a cloud's own form, else None.
     `raw_path` and `target` (with its query) are as the caller sent them, not percent-decoded."""
+    if not raw_path.startswith(_STARTS):  # a first-party request, most of them: no pattern to try
+        return None
     for kind, pattern, held in _FORMS:
         if pattern.fullmatch(raw_path):
             return kind, target[len(held) :]

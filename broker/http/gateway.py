@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -45,9 +46,10 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from ..client.client import AsyncCall, AsyncClient, CallLimits, StreamEvent, sse
 from ..client.fallbacks import HEADER as FALLBACKS_HEADER
@@ -75,17 +77,21 @@ PROFILE_HEADER = "x-isopool-profile"
 # headers, cookies, proxies' `X-Forwarded-*`, and the caller's credentials.
 FORWARDED = frozenset({"accept", "content-type", "user-agent", "idempotency-key"})
 FORWARDED_PREFIXES = ("anthropic-", "openai-", "x-stainless-", "x-isopool-", "x-amzn-bedrock-")
+_KEPT = (PROFILE_HEADER, FALLBACKS_HEADER)  # the gateway's own, under a forwarded prefix
 # Anthropic's error type per status of the gateway's own refusals; OpenAI uses invalid_request_error for all.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
+    404: "not_found_error",
     408: "timeout_error",
     413: "request_too_large",
 }
 # On an error answer after the pool's own retries: the caller's SDK (at its default max_retries) would
 # otherwise retry each 429/5xx again, multiplying the attempts. The SDKs obey this header.
 _NOT_AGAIN = (("x-should-retry", "false"),)
+# The paths served: the APIs' own (Anthropic's, OpenAI's, Vertex's `/v1/projects/…`), Bedrock's and Azure's.
+ROOTS = ("/v1/", "/model/", "/openai/")
 _HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:\d{1,5})?")
 _ENC = msgspec.json.Encoder()
 _JSON_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])  # checks the whole body, builds only its top level
@@ -111,15 +117,18 @@ class Gateway:
         self.origins = {o.strip().rstrip("/").lower() for o in settings.gateway_origins.split(",") if o.strip()}
         self.defaults = {kind: settings.default_profile(kind) for kind in FAMILIES}
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_bytes)
-        app.router.add_route("*", "/v1/{tail:.*}", self.handle)
-        for cloud in ("/model/{tail:.*}", "/openai/{tail:.*}"):  # Bedrock's and Azure's own forms (cloudforms.py)
-            app.router.add_route("*", cloud, self.handle)
-        app.on_response_prepare.append(self._allow_origin)
-        return app
+    def server(self, **options: Any) -> web.Server:
+        """aiohttp's low-level server (no application, router or signals, which cost a call a good part of
+        the gateway's time): `handle` takes every request. `options` go to aiohttp's RequestHandler."""
+        return web.Server(self.handle, request_factory=self._request, **options)
 
-    def route(self, request: web.Request) -> tuple[str, str, str]:
+    def _request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        loop = asyncio.get_running_loop()
+        request = _Request(message, payload, protocol, writer, task, loop, client_max_size=self.max_bytes)
+        request.origins = self.origins
+        return request
+
+    def route(self, request: web.BaseRequest) -> tuple[str, str, str]:
         """(profile, kind, path relative to that kind's base URL): a cloud's own form goes to that
         cloud's profile, a first-party one to the SDK's."""
         path = request.raw_path  # as sent, query included: a Bedrock model ARN's `%2F` stays one
@@ -131,13 +140,20 @@ class Gateway:
             kind, relative = "openai", path.removeprefix("/v1")
         return request.headers.get(PROFILE_HEADER) or self.defaults[kind], kind, relative
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: an answer, the pool's or the gateway's own refusal, with CORS headers for an allowed
+        browser origin (added as the answer is prepared, by `_Request`)."""
         profile, kind, path = self.route(request)
         try:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
                 return _preflight(request)
             self.check_token(request)
+            if not request.path.startswith(ROOTS):
+                served = "/v1/… (Anthropic, OpenAI, Vertex), /model/… (Bedrock) and /openai/… (Azure)"
+                raise Refused(404, f"no API at {request.path}: this gateway serves {served}; check the base_url")
+            if request.headers.get("expect"):
+                await _continue(request)
             check_path(request.raw_path)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
@@ -158,7 +174,7 @@ class Gateway:
             return _pool_error(kind, exc)
         return await self.relay(request, kind, submitted, _closing(kind, path))
 
-    def check_caller(self, request: web.Request) -> None:
+    def check_caller(self, request: web.BaseRequest) -> None:
         """Without a token, only loopback names (a rebinding page sends its own); browsers only from gateway_origins."""
         if not self.token and not names_loopback(request.headers.get("host", "")):
             raise Refused(
@@ -170,7 +186,7 @@ class Gateway:
         if origin is not None and origin.lower() not in self.origins:
             raise Refused(403, f"browser origin {origin!r} is not allowed: list it in gateway_origins to let it in")
 
-    def check_token(self, request: web.Request) -> None:
+    def check_token(self, request: web.BaseRequest) -> None:
         if not self.token:
             return
         headers = request.headers
@@ -182,15 +198,18 @@ class Gateway:
                 "as the API key (x-api-key, api-key or Authorization: Bearer), not a provider's key",
             )
 
-    async def read_body(self, request: web.Request) -> tuple[bytes, dict[str, msgspec.Raw] | None]:
+    async def read_body(self, request: web.BaseRequest) -> tuple[bytes, dict[str, msgspec.Raw] | None]:
         """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object,
         whose top level comes with it (read once: fallbacks and the broker's fields are taken from it)."""
         too_large = Refused(413, f"the request body is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         if (request.content_length or 0) > self.max_bytes:
             raise too_large
         try:
-            async with asyncio.timeout(self.read_timeout):
+            if request.content.is_eof():  # all of it came with the headers: nothing to wait for
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self.read_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
         except TimeoutError:
@@ -203,7 +222,7 @@ class Gateway:
                 raise Refused(400, f"the request body is not a JSON object: {exc}") from None
         return body, None
 
-    async def relay(self, request: web.Request, kind: str, call: AsyncCall, closing: bytes) -> web.StreamResponse:
+    async def relay(self, request: web.BaseRequest, kind: str, call: AsyncCall, closing: bytes) -> web.StreamResponse:
         """Answer with the call's result or stream. A stream goes out a batch at a time (the events that
         arrived together, in one write), the headers with the first batch and the end with the last: a
         complete stream's `closing` (the workers drop OpenAI's `[DONE]`), a failed one's error event. The
@@ -239,13 +258,27 @@ class Gateway:
             if not call.ended:
                 await call.cancel()
 
-    async def _allow_origin(self, request: web.Request, response: web.StreamResponse) -> None:
-        origin = request.headers.get("origin")
+
+class _Request(web.BaseRequest):
+    """A request to the gateway: its answer says `access-control-allow-origin` to an allowed browser origin."""
+
+    origins: set[str] = set()
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:  # aiohttp calls it as an answer starts
+        origin = self.headers.get("origin")
         if origin is not None and origin.lower() in self.origins:
             response.headers["access-control-allow-origin"] = origin
             response.headers.add("vary", "Origin")
 
 
+async def _continue(request: web.BaseRequest) -> None:
+    """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it."""
+    if request.headers["expect"].lower() == "100-continue" and request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's size is counted from its own start
+
+
+@functools.lru_cache(maxsize=64)  # a caller sends the same Host on every request
 def names_loopback(host: str) -> bool:
     """Whether a Host header names loopback (127.0.0.1, localhost, [::1]), with or without a port."""
     match = _HOST.fullmatch(host)
@@ -254,17 +287,21 @@ def names_loopback(host: str) -> bool:
 
 def check_path(raw: str) -> None:
     """Refuse a path that could leave the API's root (the workers refuse it too; here before the pool)."""
-    if problem := path_problem(raw):
+    if problem := _path_problem(raw):
         raise Refused(400, problem)
 
 
-def _forwarded(request: web.Request) -> list[tuple[str, str]]:
-    return [
-        (str(k), v)  # aiohttp's names are `istr`, which the wire cannot carry
-        for k, v in request.headers.items()
-        if (name := k.lower()) in FORWARDED
-        or (name.startswith(FORWARDED_PREFIXES) and name not in (PROFILE_HEADER, FALLBACKS_HEADER))
-    ]
+def _forwarded(request: web.BaseRequest) -> list[tuple[str, str]]:
+    return [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
+
+
+@functools.lru_cache(maxsize=256)  # an SDK sends the same header names on every request
+def _forwarded_name(name: str) -> str:
+    """The header's name as a plain `str` (aiohttp's are `istr`, which the wire cannot carry) if it goes
+    on to the provider, else ""."""
+    lower = name.lower()
+    forwarded = lower in FORWARDED or (lower.startswith(FORWARDED_PREFIXES) and lower not in _KEPT)
+    return str(name) if forwarded else ""
 
 
 def _closing(kind: str, path: str) -> bytes:
@@ -291,16 +328,20 @@ def _encoded_size(call: HttpCall) -> int:
     return len(_MSGPACK.encode(msgspec.structs.replace(call, body=b""))) + len(call.body) + 4
 
 
+_path_problem = functools.lru_cache(maxsize=256)(path_problem)  # a caller sends the same few paths
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
-def _traceparent(request: web.Request) -> str:
+def _traceparent(request: web.BaseRequest) -> str:
     """The caller's W3C trace context, if it sent a well-formed one (the pool's spans go under it)."""
-    value = request.headers.get("traceparent", "").strip().lower()
+    value = request.headers.get("traceparent")
+    if not value:
+        return ""
+    value = value.strip().lower()
     return value if _TRACEPARENT.fullmatch(value) else ""
 
 
-def _preflight(request: web.Request) -> web.Response:
+def _preflight(request: web.BaseRequest) -> web.Response:
     """A browser's CORS check from an allowed origin (Allow-Origin is added to every answer to it)."""
     headers = {
         "access-control-allow-methods": "GET, POST, DELETE",
@@ -399,12 +440,10 @@ async def serve(url: str, host: str, port: int, settings: Settings) -> None:
     async with AsyncClient(url) as client:
         # keepalive_timeout: aiohttp closes a connection whose next request has not sent all its headers
         # this long after the connection opened or its last answer: the headers' read limit.
-        runner = web.AppRunner(
-            Gateway(client, settings, token).app(),
-            access_log=None,
-            handler_cancellation=True,
-            keepalive_timeout=settings.gateway_read_timeout,
+        server = Gateway(client, settings, token).server(
+            access_log=None, handler_cancellation=True, keepalive_timeout=settings.gateway_read_timeout
         )
+        runner = web.ServerRunner(server)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()

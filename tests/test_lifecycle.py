@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import psutil
 import pytest
@@ -18,9 +19,12 @@ import pytest
 from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
 from broker.processes import Child, ChildFailed, running
-from broker.protocol import Listening, Submit
+from broker.protocol import PROTOCOL_VERSION, Listening, Ready, Submit
 from broker.server.broker import Broker
-from broker.server.state import Reason
+from broker.server.fleet import Fleet
+from broker.server.state import Reason, Worker
+from broker.server.stats import Stats
+from broker.server.watchdog import Alarm
 from broker.server.zygote import Zygote
 
 from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
@@ -328,3 +332,28 @@ def test_an_owned_child_that_says_something_else_is_refused_then_killed_and_reap
     finally:
         child.stop()
     assert child.proc.returncode == -signal.SIGKILL
+
+
+def _fleet(**profile):
+    settings = load_settings(env={}, profiles={"p": {"kind": "anthropic", **profile}})
+    return Fleet(settings, Stats(), Alarm(), None, "", -1, None, None)  # type: ignore[arg-type]
+
+
+def _ready(fleet, ident, now):
+    worker = Worker(ident, "p", 0, 0, now, group="p")
+    fleet.workers[ident] = worker
+    fleet.on_ready(worker, Ready(ident.decode(), 1, PROTOCOL_VERSION, worker.capacity, worker.token), now)
+    return worker
+
+
+def test_a_fresh_one_stream_worker_is_taken_after_those_that_have_served():
+    """One-stream workers are taken most recently used first, but a fresh fork's first request pays its
+    copy-on-write faults (~8 ms): a stall's retry goes to a worker that has served, not to the replacement
+    of an earlier kill that said READY since, and a fresh one is taken only when no other is free."""
+    fleet = _fleet()
+    warm = _ready(fleet, b"p.0.0", 1.0)
+    assert fleet.has_free("p") and fleet.take("p") is warm
+    warm.requests[7] = request = types.SimpleNamespace(key=7, worker=warm)
+    fleet.release(warm, request, 2.0)
+    fresh = _ready(fleet, b"p.1.0", 3.0)
+    assert [fleet.take("p") for _ in range(2)] == [warm, fresh]

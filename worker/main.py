@@ -272,9 +272,10 @@ class Worker:
         sock = new_socket(ctx, zmq.DEALER, identity=self.spec.ident.encode(), sndhwm=BIG_HWM)
         sock.connect(self.spec.backend)
         self.sock = LoopSocket(sock, self._on_message)
-        threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
+        # after READY: a thread's start waits for the thread to run (1-3 ms on a busy machine), off the respawn's path
+        threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         self.sock.attach(asyncio.get_running_loop())
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)

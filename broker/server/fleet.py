@@ -267,10 +267,14 @@ class Fleet:
         )
 
     def offer(self, worker: Worker) -> None:
-        """Put a worker with a free slot at the back of its group's free queue (once)."""
+        """Put a worker with a free slot in its group's free queue (once): where it is taken next, or, for a
+        one-stream worker that has served nothing (a fresh fork), where it is taken last (see `take`)."""
         if worker.free > 0 and not worker.queued_free:
             worker.queued_free = True
-            self.free[worker.group].append(worker)
+            if worker.served or self._end(worker.group) == 0:
+                self.free[worker.group].append(worker)
+            else:
+                self.free[worker.group].appendleft(worker)
 
     def has_free(self, group: str) -> bool:
         """Whether the group has a worker with a free slot (dropping, from the end taken next, those
@@ -282,9 +286,10 @@ class Fleet:
 
     def take(self, group: str) -> Worker:
         """A worker with a free slot, after `has_free`. One-stream workers are taken most recently used
-        first (a warm worker answers faster than a fresh fork, whose first request pays ~7 ms of
-        copy-on-write page faults; the idle ones are those `idle_timeout` retires); multi-stream ones in
-        turn, spreading streams so that one kill takes as few as possible."""
+        first, fresh forks last (a warm worker answers faster than a fresh fork, whose first request pays
+        ~8 ms of copy-on-write page faults: a stall's retry must not land on the replacement of an earlier
+        kill; the idle ones are those `idle_timeout` retires); multi-stream ones in turn, spreading streams
+        so that one kill takes as few as possible."""
         worker = self._take(group)
         worker.queued_free = False
         return worker

@@ -57,7 +57,7 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
-from .warmup import warm_up
+from .warmup import warm_up, warm_worker
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +277,13 @@ class Worker:
         # after READY: a thread's start waits for the thread to run (1-3 ms on a busy machine), off the respawn's path
         threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         self.sock.attach(asyncio.get_running_loop())
+        # a replacement of a worker killed with requests pays its first call's page copies now (worker/warmup.py)
+        warming = asyncio.create_task(warm_worker(self.spec.profile.family, _ssl_context)) if self.spec.warm else None
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
         finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped
+            if warming is not None:
+                warming.cancel()
             await self.http.close()
 
     def _on_message(self, frames: list[bytes]) -> None:

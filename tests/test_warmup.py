@@ -56,7 +56,7 @@ def test_preload_builds_the_message_codecs_type_information_before_any_fork():
     assert int(done.stdout.split()[-1]) < 50, "a worker's Codec still builds msgspec's type information"
 
 
-def test_the_replacement_of_a_worker_killed_with_a_stall_runs_its_first_call_once_ready(fake, own_processes):
+def test_the_replacement_of_a_worker_killed_with_a_stall_runs_a_first_call_while_idle(fake, own_processes):
     """The next stall's retry is taken on it: it holds the page copies of a first call (a worker that served
     once holds them too), which a cold spare of the same pool does not."""
     profile = {"kind": "anthropic", "base_url": fake.url, "min_workers": 3, "spare_workers": 0}

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 
 _ssl_context: ssl.SSLContext | None = None
+WARM_AFTER = 0.05  # seconds a worker spawned warm (WorkerSpec.warm) waits idle before its warm-up
 
 
 # Modules the SDKs and their HTTP stack import lazily on a first request; importing them in the
@@ -277,14 +278,21 @@ class Worker:
         # after READY: a thread's start waits for the thread to run (1-3 ms on a busy machine), off the respawn's path
         threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         self.sock.attach(asyncio.get_running_loop())
-        # a replacement of a worker killed with requests pays its first call's page copies now (worker/warmup.py)
-        warming = asyncio.create_task(warm_worker(self.spec.profile.family, _ssl_context)) if self.spec.warm else None
+        warming = asyncio.create_task(self._warm_if_idle()) if self.spec.warm else None
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
         finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped
             if warming is not None:
                 warming.cancel()
             await self.http.close()
+
+    async def _warm_if_idle(self) -> None:
+        """A replacement of a worker killed with requests, still idle WARM_AFTER after READY (a spare, where the
+        next stall's retry goes), pays its first call's page copies now (worker/warmup.py). One given requests at
+        once (a burst of kills, an overloaded machine) is warmed by them, and adds no CPU to theirs."""
+        await asyncio.sleep(WARM_AFTER)
+        if not self.tasks:
+            await warm_worker(self.spec.profile.family, _ssl_context)
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import psutil
 import pytest
@@ -18,9 +19,12 @@ import pytest
 from broker import BrokerUnavailable, Client, DeadlineExceeded, Pool, PoolSaturated, ShuttingDown
 from broker.config import load_settings
 from broker.processes import Child, ChildFailed, running
-from broker.protocol import Listening, Submit
+from broker.protocol import PROTOCOL_VERSION, Listening, Ready, Submit
 from broker.server.broker import Broker
-from broker.server.state import Reason
+from broker.server.fleet import RETRY_FIRST, Fleet
+from broker.server.state import Reason, Worker
+from broker.server.stats import Stats
+from broker.server.watchdog import Alarm
 from broker.server.zygote import Zygote
 
 from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
@@ -328,3 +332,68 @@ def test_an_owned_child_that_says_something_else_is_refused_then_killed_and_reap
     finally:
         child.stop()
     assert child.proc.returncode == -signal.SIGKILL
+
+
+class _Zygote:
+    """Records the spawns asked of it (a unit test of the fleet's choices)."""
+
+    def __init__(self):
+        self.specs = []
+
+    def spawn(self, spec):
+        self.specs.append(spec)
+        return True
+
+
+def _fleet(zygote=None, requeue=None, **profile):
+    settings = load_settings(env={}, profiles={"p": {"kind": "anthropic", **profile}})
+    return Fleet(settings, Stats(), Alarm(), zygote, "", -1, requeue, None)  # type: ignore[arg-type]
+
+
+def _ready(fleet, slot, now):
+    """A READY worker in slot `slot` of group "p", as if the fleet had spawned it."""
+    fleet.generations[("p", slot)] += 1
+    worker = Worker(f"p.{slot}.0".encode(), "p", slot, 0, now, group="p")
+    fleet.workers[worker.ident] = worker
+    fleet.on_ready(worker, Ready(worker.ident.decode(), 1, PROTOCOL_VERSION, worker.capacity, worker.token), now)
+    return worker
+
+
+def test_a_fresh_one_stream_worker_is_taken_after_those_that_have_served():
+    """One-stream workers are taken most recently used first, but a fresh fork's first request pays its
+    copy-on-write faults (~8 ms): a stall's retry goes to a worker that has served, not to the replacement
+    of an earlier kill that said READY since, and a fresh one is taken only when no other is free."""
+    fleet = _fleet()
+    warm = _ready(fleet, 0, 1.0)
+    assert fleet.has_free("p") and fleet.take("p") is warm
+    warm.requests[7] = request = types.SimpleNamespace(key=7, worker=warm)
+    fleet.release(warm, request, 2.0)
+    fresh = _ready(fleet, 1, 3.0)
+    assert [fleet.take("p") for _ in range(2)] == [warm, fresh]
+
+
+def test_a_worker_killed_with_requests_is_replaced_after_the_retries_start_by_one_that_warms_up():
+    """The replacement's fork and start (~10 ms of CPU) wait RETRY_FIRST while the retry starts on a free worker
+    (at once if a request waits), and it runs a first call once READY: the next stall's retry is taken there
+    before any fresh fork. A worker killed idle is replaced at once, cold."""
+    zygote, retried = _Zygote(), []
+    fleet = _fleet(zygote, lambda req, reason, now: retried.append(req), min_workers=3, spare_workers=0)
+    stalled, idle, _ = (_ready(fleet, slot, 1.0) for slot in range(3))
+    stalled.requests[1] = request = types.SimpleNamespace(key=1, worker=stalled, cancelled=False)
+    fleet.kill(stalled, Reason.STALE, 2.0, request)
+    assert retried == [request]
+    fleet.reconcile(2.0, {"p": 0})
+    assert zygote.specs == []
+    fleet.reconcile(2.0 + RETRY_FIRST, {"p": 0})
+    fleet.kill(idle, Reason.CRASH, 3.0)
+    fleet.reconcile(3.0, {"p": 0})
+    assert [spec.warm for spec in zygote.specs] == [True, False]
+    warm, fresh = (fleet.workers[spec.ident.encode()] for spec in zygote.specs)
+    for worker in (fresh, warm):
+        fleet.on_ready(worker, Ready(worker.ident.decode(), 1, PROTOCOL_VERSION, 1, worker.token), 4.0)
+    assert fleet.take("p") is warm
+
+    warm.requests[1] = request
+    fleet.kill(warm, Reason.STALE, 5.0, request)
+    fleet.reconcile(5.0, {"p": 1})  # a request waits: no waiting for the retries
+    assert [spec.warm for spec in zygote.specs] == [True, False, True]

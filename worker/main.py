@@ -57,12 +57,13 @@ from .resume import run_resume
 from .timing import TimedTransport, run_timed
 from .traced import traced
 from .usage import Facts
-from .warmup import warm_up
+from .warmup import warm_up, warm_worker
 
 log = logging.getLogger(__name__)
 
 
 _ssl_context: ssl.SSLContext | None = None
+WARM_AFTER = 0.05  # seconds a worker spawned warm (WorkerSpec.warm) waits idle before its warm-up
 
 
 # Modules the SDKs and their HTTP stack import lazily on a first request; importing them in the
@@ -84,8 +85,11 @@ def preload(kinds: tuple[str, ...]) -> None:
     copy-on-write keeps every worker's HTTP client fresh while making it ready in ms. Then
     imports the SDKs and what they load lazily, by resolving every streamable method on
     throwaway clients (which open no connection and are dropped before any fork), and runs
-    a first call of each SDK against a provider on a Unix socket of its own (worker/warmup.py)."""
+    a first call of each SDK against a provider on a Unix socket of its own (worker/warmup.py). And builds a
+    message Codec once: msgspec works out each message type's layout on first use, ~3.5 ms (mostly
+    copy-on-write faults) of a forked worker's start before READY otherwise."""
     global _ssl_context
+    Codec()
     families = tuple(sorted({FAMILIES[kind] for kind in kinds}))  # the SDKs the profiles' kinds run on
     libraries = [sdks.load(family).http for family in families]  # a TLS context suits httpx and httpx2 alike
     if _ssl_context is None and libraries:
@@ -298,14 +302,26 @@ class Worker:
         sock = new_socket(ctx, zmq.DEALER, identity=self.spec.ident.encode(), sndhwm=BIG_HWM)
         sock.connect(self.spec.backend)
         self.sock = LoopSocket(sock, self._on_message)
-        threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
+        # after READY: a thread's start waits for the thread to run (1-3 ms on a busy machine), off the respawn's path
+        threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True).start()
         self.sock.attach(asyncio.get_running_loop())
+        warming = asyncio.create_task(self._warm_if_idle()) if self.spec.warm else None
         try:
             await asyncio.Event().wait()  # runs until the broker goes (the heartbeat thread then exits the process)
         finally:  # or until the loop is interrupted (Ctrl-C): the pool's connections closed, not dropped
+            if warming is not None:
+                warming.cancel()
             await self.http.close()
+
+    async def _warm_if_idle(self) -> None:
+        """A replacement of a worker killed with requests, still idle WARM_AFTER after READY (a spare, where the
+        next stall's retry goes), pays its first call's page copies now (worker/warmup.py). One given requests at
+        once (a burst of kills, an overloaded machine) is warmed by them, and adds no CPU to theirs."""
+        await asyncio.sleep(WARM_AFTER)
+        if not self.tasks:
+            await warm_worker(self.spec.profile.family, _ssl_context)
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:

@@ -26,6 +26,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     allow_overrides: bool = False  # may a request name its own base_url and key (the pool's owner only)
     log_level: str = "WARNING"
     coalesce: float = 0.0  # seconds a stream's events may be held to go out together (Settings.coalesce_ms)
+    warm: bool = False  # run a first call once READY (worker/warmup.py): it replaces a worker killed with requests
 
 
 class Spawn(msgspec.Struct, frozen=True):

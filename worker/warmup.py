@@ -6,18 +6,19 @@ decoders. That lands on exactly the calls that must be quick: the retry of a sta
 spare worker that has served nothing yet. So the zygote runs a streamed and a plain call of each SDK it
 preloads through the same code a worker runs (`run_call`), against a provider of its own on a Unix
 socket (nothing leaves the machine), and drops everything before it forks. What remains of a first
-call's cost is the copy, after the fork, of the pages it writes: running the warm-up again in each
-worker would pre-copy them (a stall's retry 3-5 ms sooner) at ~4.5 MB more per idle worker (6 -> 10.4
-MB, `python -m bench memory`), so it is not done.
+call's cost is the copy, after the fork, of the pages it writes (~9 ms on 2 busy cores): running the
+warm-up again in each worker would pre-copy them at ~4.5 MB more per idle worker (6 -> 10.4 MB, `python
+-m bench memory`), so only the replacement of a worker killed with requests does it (`warm_worker`): the
+broker takes it for the next stall's retry before any fresh fork, and it holds what a worker that served
+once holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any
 
@@ -28,6 +29,7 @@ from .calls import run_call
 
 log = logging.getLogger(__name__)
 _WARMED: set[str] = set()  # the SDK families this process has warmed up
+_NAMES = itertools.count()  # of its providers' sockets
 
 _ANTHROPIC = (
     b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_warm","type":"message",'
@@ -85,14 +87,22 @@ def warm_up(families: tuple[str, ...], tls: Any) -> None:
         thread.join(timeout=1.0)
 
 
+async def warm_worker(family: str, tls: Any) -> None:
+    """`calls` in a worker, once READY, beside its requests; one that fails costs its first call its speed only."""
+    try:
+        await calls((family,), tls)
+    except Exception:
+        log.warning("warming up %s failed; the first call will be slower", family, exc_info=True)
+
+
 async def calls(families: tuple[str, ...], tls: Any = None) -> None:
     """One streamed and one plain (assembled) call per SDK family, on a throwaway client, against a
     provider on a Unix socket of this process. `tls`: the worker's TLS context, if it has one (a
     client building its own costs ~30 ms and megabytes, though the socket carries plain HTTP)."""
     answers: list[bytes] = []
     connections: set[asyncio.Task] = set()
-    folder = tempfile.mkdtemp(prefix="isopool-warm-up-")
-    path = os.path.join(folder, "provider.sock")
+    # an abstract socket name (Linux): no file to remove, even when the process is killed meanwhile
+    path = f"\0isopool-warm-up-{os.getpid()}-{next(_NAMES)}"
     server = await asyncio.start_unix_server(lambda r, w: _answer(r, w, answers, connections), path)
     try:
         for family in families:
@@ -118,7 +128,6 @@ async def calls(families: tuple[str, ...], tls: Any = None) -> None:
         server.close()
         await server.wait_closed()
         await asyncio.gather(*connections)  # each ends at its client's close: none is left to be cancelled
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _answer(

@@ -30,6 +30,11 @@ from .zygote import Zygote
 
 log = logging.getLogger(__name__)
 
+# How long the replacement of a worker killed with requests waits to be forked while none of its group's
+# requests is left waiting: the fork and the new worker's start (~10 ms of CPU) would compete with the
+# retries' first steps on a free worker, on a machine with few cores.
+RETRY_FIRST = 0.05
+
 
 class Fleet:
     def __init__(
@@ -65,6 +70,8 @@ class Fleet:
         self.spawn_failures: dict[str, int] = collections.Counter()
         self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
         self.spawn_after: dict[str, float] = collections.defaultdict(float)
+        self.retrying_until: dict[str, float] = collections.defaultdict(float)  # see RETRY_FIRST
+        self.rewarm: dict[str, int] = collections.Counter()  # kills with requests not yet matched by a warm spawn
 
     def start(self, poller: zmq.Poller) -> None:
         self.poller = poller
@@ -180,6 +187,16 @@ class Fleet:
             req.worker = None
             if not req.cancelled:
                 self.requeue(req, reason if culprit in (None, req) else Reason.NEIGHBOUR, now)
+        if any(not req.cancelled for req in requests):
+            self._replace_warm(worker.group, now)
+
+    def _replace_warm(self, group: str, now: float) -> None:
+        """A worker was killed with requests (a stall, most often): its replacement runs a first call once
+        READY, so that the next stall's retry, which it is taken for before any fresh fork, does not pay a
+        fresh fork's copy-on-write faults (~9 ms); and it is forked after RETRY_FIRST, unless requests wait."""
+        self.rewarm[group] = min(self.rewarm[group] + 1, self.replacing[group])
+        self.retrying_until[group] = now + RETRY_FIRST
+        self.alarm.by(now + RETRY_FIRST)
 
     def reconcile(self, now: float, waiting: Mapping[str, int]) -> None:
         """Keep each group at busy + needed (for its share of its profile's `waiting` requests) +
@@ -196,6 +213,8 @@ class Fleet:
             if missing < 0:
                 self._retire_idle(mine[key], -missing, now)
             if missing <= 0 or now < self.spawn_after[key]:
+                continue
+            if now < self.retrying_until[key] and not shares[key]:  # a spare's fork waits for the retries to start
                 continue
             failures = self.spawn_failures[key]
             if failures:
@@ -243,7 +262,9 @@ class Fleet:
         self.generations[(group, slot)] += 1
         ident = f"{group}.{slot}.{generation}".encode()
         profile, _, spec = self.groups[group]
-        worker = Worker(ident, profile, slot, generation, now, spec.concurrency, group=group)
+        warm = self.rewarm[group] > 0
+        self.rewarm[group] -= warm
+        worker = Worker(ident, profile, slot, generation, now, spec.concurrency, group=group, warm=warm)
         self.workers[ident] = worker
         self.stats.spawns += 1
         if self.replacing[group]:
@@ -264,13 +285,19 @@ class Fleet:
             allow_overrides=self.settings.allow_overrides,
             log_level=self.settings.log_level,
             coalesce=self.settings.coalesce_ms / 1000,
+            warm=worker.warm,
         )
 
     def offer(self, worker: Worker) -> None:
-        """Put a worker with a free slot at the back of its group's free queue (once)."""
+        """Put a worker with a free slot in its group's free queue (once): where it is taken next, or, for a
+        one-stream worker that has served nothing and does not warm up (a fresh fork), where it is taken last
+        (see `take`)."""
         if worker.free > 0 and not worker.queued_free:
             worker.queued_free = True
-            self.free[worker.group].append(worker)
+            if worker.served or worker.warm or self._end(worker.group) == 0:
+                self.free[worker.group].append(worker)
+            else:
+                self.free[worker.group].appendleft(worker)
 
     def has_free(self, group: str) -> bool:
         """Whether the group has a worker with a free slot (dropping, from the end taken next, those
@@ -282,9 +309,10 @@ class Fleet:
 
     def take(self, group: str) -> Worker:
         """A worker with a free slot, after `has_free`. One-stream workers are taken most recently used
-        first (a warm worker answers faster than a fresh fork, whose first request pays ~7 ms of
-        copy-on-write page faults; the idle ones are those `idle_timeout` retires); multi-stream ones in
-        turn, spreading streams so that one kill takes as few as possible."""
+        first, fresh forks last (a warm worker answers faster than a fresh fork, whose first request pays
+        ~8 ms of copy-on-write page faults: a stall's retry must not land on the replacement of an earlier
+        kill; the idle ones are those `idle_timeout` retires); multi-stream ones in turn, spreading streams
+        so that one kill takes as few as possible."""
         worker = self._take(group)
         worker.queued_free = False
         return worker

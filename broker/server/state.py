@@ -83,6 +83,7 @@ class Worker:
     requests: dict[int, Request] = field(default_factory=dict)
     queued_free: bool = False  # whether it sits in its group's free-slot queue
     group: str = ""  # its worker group: the profile, or `profile.deployment` (routes.py)
+    warm: bool = False  # runs a first call once READY (it replaces one killed with requests): taken as one that served
 
     @property
     def free(self) -> int:

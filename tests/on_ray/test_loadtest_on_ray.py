@@ -78,7 +78,13 @@ def test_a_point_spread_over_three_nodes_gives_one_nodes_figures(spread):
     for point in (one, three):
         assert point["summary"]["requests"] > 15 and set(point["summary"]["outcomes"]) == {"ok", "stall"}  # ~60 idle
     rate = one["summary"]["throughput"]["requests_per_s"], three["summary"]["throughput"]["requests_per_s"]
-    assert 0.7 < rate[1] / rate[0] < 1.3, rate
+    # the spread point's rate is its nodes' together (each over its own measured window: within 15%)
+    node_rates = [node["summary"]["throughput"]["requests_per_s"] for node in three["nodes"].values()]
+    assert sum(node_rates) == pytest.approx(rate[1], rel=0.15), (rate, node_rates)
+    # and one node's for the same load; but the points run one after the other on two cores shared with a Ray
+    # cluster, and the one that ran while they were busier is the slower (0.57 and 1.38 seen on a loaded
+    # machine): the band fails a spread run that lost or double counted nodes' requests (x1/3, x2, x3)
+    assert 0.4 < rate[1] / rate[0] < 1.9, rate
     ttft = one["summary"]["latency"]["ttft"]["p50"], three["summary"]["latency"]["ttft"]["p50"]
     assert abs(ttft[1] - ttft[0]) < 0.03, ttft  # the fake's 50 ms (+ one 5 ms token) either way
     assert three["generator"]["in_flight_mean"] > 4.0  # of the 6 asked for, counted across the nodes

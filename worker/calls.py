@@ -101,8 +101,7 @@ def check_headers(headers: Iterable[tuple[Any, Any]]) -> None:
     and those that frame the HTTP request itself: the worker's HTTP client sets them for its own
     connection, and a caller's would point the request, with the pool's key, elsewhere."""
     headers = [(str(name), value) for name, value in headers]
-    malformed = sorted({repr(name) for name, value in headers
-                        if not _FIELD_NAME.fullmatch(name) or (isinstance(value, str) and _CONTROL.search(value))})  # fmt: skip
+    malformed = sorted({repr(name) for name, value in headers if not _valid_field(name, value)})
     if malformed:
         raise BadCall(f"headers {', '.join(malformed)} are not valid HTTP header fields (a name is a token, a value "
                       "holds no control characters): fix them")  # fmt: skip
@@ -110,6 +109,11 @@ def check_headers(headers: Iterable[tuple[Any, Any]]) -> None:
     if refused:
         raise BadCall(f"headers {', '.join(refused)} frame the HTTP request and are set by the pool's HTTP client: "
                       "drop them")  # fmt: skip
+
+
+def _valid_field(name: str, value: Any) -> bool:
+    """A name the SDK's client sends, with a value it sends (one it drops, such as `Omit`, is no text)."""
+    return _FIELD_NAME.fullmatch(name) is not None and not (isinstance(value, str) and _CONTROL.search(value))
 
 
 def check_kwargs(kwargs: dict[str, Any]) -> None:

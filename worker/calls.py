@@ -29,6 +29,10 @@ from .sse import iter_batches
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _NOT_CALLS = {"with_raw_response", "with_streaming_response", "with_options", "copy"}
 _REFUSED_KWARGS = {"extra_query"}
+# An HTTP field name (RFC 9110 `token`) and what no field value may hold (a tab may): the SDK's client (h11)
+# refuses to send any other, and a name carrying `: value` of its own would be a second line upstream.
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # (SDK kind, method path) -> accumulator of its stream into the non-streaming body
 STREAMABLE: dict[tuple[str, str], type] = {
@@ -91,13 +95,25 @@ def json_body(body: bytes) -> dict[str, Any]:
     return args
 
 
-def check_headers(names: Iterable[str]) -> None:
-    """Refuse headers that frame the HTTP request itself: the worker's HTTP client sets them for its
-    own connection, and a caller's would point the request, with the pool's key, elsewhere."""
-    refused = sorted({str(name) for name in names if is_framing_header(str(name))})
+def check_headers(headers: Iterable[tuple[Any, Any]]) -> None:
+    """Refuse headers the SDK's client would not send (a name that is not an HTTP token: `Host: elsewhere`
+    passed the checks by name and went upstream as a second `Host` line; a value with a control character),
+    and those that frame the HTTP request itself: the worker's HTTP client sets them for its own
+    connection, and a caller's would point the request, with the pool's key, elsewhere."""
+    headers = [(str(name), value) for name, value in headers]
+    malformed = sorted({repr(name) for name, value in headers if not _valid_field(name, value)})
+    if malformed:
+        raise BadCall(f"headers {', '.join(malformed)} are not valid HTTP header fields (a name is a token, a value "
+                      "holds no control characters): fix them")  # fmt: skip
+    refused = sorted({name for name, _ in headers if is_framing_header(name)})
     if refused:
         raise BadCall(f"headers {', '.join(refused)} frame the HTTP request and are set by the pool's HTTP client: "
                       "drop them")  # fmt: skip
+
+
+def _valid_field(name: str, value: Any) -> bool:
+    """A name the SDK's client sends, with a value it sends (one it drops, such as `Omit`, is no text)."""
+    return _FIELD_NAME.fullmatch(name) is not None and not (isinstance(value, str) and _CONTROL.search(value))
 
 
 def check_kwargs(kwargs: dict[str, Any]) -> None:
@@ -110,7 +126,7 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     refused += sorted(_REFUSED_KWARGS & kwargs.keys())
     if refused:
         raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
-    check_headers(headers)
+    check_headers(headers.items())
 
 
 async def run_call(client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any) -> None:

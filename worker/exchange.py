@@ -136,7 +136,7 @@ def request_headers(sdk: Any, call: HttpCall) -> list[tuple[str, str]]:
     upstream, the profile's default headers; with the pool's key, the organization and project its
     SDK client read. Last the credentials, the call's own key (sent as the worker's SDK sends a key)
     or the pool's, in place of any header of their names. (Names compare in any case, as HTTP's do.)"""
-    check_headers(name for name, _ in call.headers)
+    check_headers(call.headers)
     headers = [(k, v) for k, v in call.headers if k.lower() not in _DROPPED]
     defaults = {} if call.base_url else profile_headers(sdk)
     if call.api_key:

@@ -19,6 +19,8 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
+import struct
 import threading
 from typing import Any
 
@@ -133,7 +135,12 @@ async def calls(families: tuple[str, ...], tls: Any = None) -> None:
 async def _answer(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: list[bytes], connections: set[asyncio.Task]
 ) -> None:
-    """Each request on the connection (read whole) answered with the current stream, kept alive."""
+    """Each request on the connection (read whole) answered with the current stream, kept alive. Only this
+    process's: any local user can reach an abstract socket, and one that held a connection open would hold
+    the warm-up (which waits for its connections to close) for ever."""
+    if _peer_pid(writer) != os.getpid():
+        writer.close()
+        return
     connections.add(asyncio.current_task())  # type: ignore[arg-type]
     try:
         while head := await reader.readuntil(b"\r\n\r\n"):
@@ -148,3 +155,9 @@ async def _answer(
         pass
     finally:
         writer.close()
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int:
+    """The process id of a Unix socket connection's other end."""
+    sock = writer.get_extra_info("socket")
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]

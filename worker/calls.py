@@ -10,6 +10,7 @@ stream and assembled here, so that its stalls are caught too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import sys
@@ -44,6 +45,7 @@ STREAMABLE: dict[tuple[str, str], type] = {
 # Response headers that describe bytes as they came off the wire: the relayed body is decoded
 # (and possibly assembled), so these would mislead whoever reads it.
 RELAYED_BY_US = {"content-length", "content-encoding", "transfer-encoding", "connection"}
+DRAIN = 0.1  # seconds a response's rest is read for after its answer was sent (openai's own _DRAIN_TIMEOUT)
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 # A stream's wire format, by its content type -> what reads its events: SSE, or Bedrock's event stream
@@ -140,6 +142,20 @@ async def run_call(client: Any, kind: str, resource_type: type, method: str, kwa
         kwargs = as_stream(kind, method, kwargs)
     async with raw(**kwargs) as resp:
         await relay(resp.http_response, emit, streaming, accumulator, check_for(kind, method, kwargs))
+        await drain(resp.http_response)
+
+
+async def drain(http: Any) -> None:
+    """Read the rest of a response whose stream ended at its `[DONE]` (the chunked body's end follows it),
+    DRAIN at most, as the SDK does: HTTP/1.1 keeps a connection only for a body read to its end, and without
+    this every call paid a new connection (the worker's connect, the provider's accept). Its answer already
+    went out: the caller waits for none of this."""
+    if http.is_closed:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DRAIN):
+            async for _ in http.stream:  # the transport's bytes: the decoding reader stopped at `[DONE]`
+                pass
 
 
 def as_stream(kind: str, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:

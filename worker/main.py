@@ -167,8 +167,9 @@ class Emitter:
     hop, a poll wake-up in each process, and a provider writes each token on its own. Events go out at once
     when none went out in the last `window` (so the first one, and any after a pause, are never delayed),
     with whatever waited for them (the head); otherwise they are held, with those that follow, until the
-    window since that send has passed. The head, usage, progress and the stream's ending wait at most the
-    window (the head for the first events, the rest for the end); the end (RESULT, ERROR) sends everything
+    window since that send has passed; progress (a stream assembled for a non-streaming call read on) goes
+    the same way. The head, usage and the stream's ending wait at most the window (the head for the first
+    events, the rest for the end); the end (RESULT, ERROR) sends everything
     at once. A timer sends what is held when the window passes: a stream that pauses does not keep it. The
     broker's clocks see any record at most `window` late: a small fraction of any stale_timeout
     (config.MAX_COALESCE_MS). Without a window each record is its own message, sent at once."""
@@ -190,6 +191,10 @@ class Emitter:
 
     async def events(self, batch: list[tuple[str, bytes]]) -> None:
         self._held += batch
+        self._pace()
+
+    def _pace(self) -> None:
+        """Send at once if no events went out in the last window, else when it has passed."""
         if not self._window or (now := time.monotonic()) - self._sent_at >= self._window:
             self.flush()
         else:
@@ -256,7 +261,12 @@ class Emitter:
         self._hold(self._events([event], error=True))
 
     async def progress(self) -> None:
-        self._hold([KIND_BYTES[Kind.PROGRESS], self._ref, b""])
+        """A stream assembled for a non-streaming call read on: paced as its events would be (held, a slow
+        stream's every token woke the worker twice: its read, then the timer)."""
+        self._close_batch()
+        self._out += [KIND_BYTES[Kind.PROGRESS], self._ref, b""]
+        self._eventful = True
+        self._pace()
 
     async def ending(self) -> None:
         """The stream sent its terminal event: the broker stops watching it for staleness (its `[DONE]`

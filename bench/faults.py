@@ -256,7 +256,7 @@ def _lost_per_stall(run: dict[str, Any], clean: float, concurrency: int, cap: fl
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    n, concurrency, cap = pick(size, (1000, 64, 60.0), (300, 32, 12.0), (24, 8, 4.0))
+    n, concurrency, cap = pick(size, (1000, 64, 60.0), (300, 32, 12.0), (16, 4, 4.0))
     clean, expected = isopool(n, concurrency, {}, cap)
     runs = {"isopool": isopool(n, concurrency, FAULTS, cap)[0]}
     runs["plain SDK"] = _threads(n, concurrency, FAULTS, cap, expected, watchdog=False)

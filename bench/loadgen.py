@@ -78,7 +78,7 @@ def _isopool(url: str, concurrency: int, seconds: float, warmup: float, tokens: 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     levels, seconds, warmup, tokens = pick(size, ((1, 64, 256), 15.0, 3.0, 500), ((1, 64, 256), 5.0, 1.5, 500),
-                                           ((8,), 1.5, 0.5, 50))  # fmt: skip
+                                           ((8,), 1.0, 0.3, 50))  # fmt: skip
     rows = []
     with FakeProviderProcess(Latency(tokens=1_000_000)) as fake:  # max_tokens decides the length; unpaced
         fake_cpu = []

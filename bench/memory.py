@@ -58,7 +58,7 @@ def growth(url: str, requests: int) -> dict[str, Any]:
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     counts = pick(size, [1, 16, 64], [1, 16], [1, 2])
-    requests = pick(size, 10_000, 1_000, 100)
+    requests = pick(size, 10_000, 1_000, 30)
     with FakeProviderProcess() as fake:
         rows = [idle(fake.url, n) for n in counts]
         grown = growth(fake.url, requests)

@@ -126,7 +126,7 @@ def _isopool(fake: FakeProviderProcess, concurrency: int, seconds: float, warmup
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     levels, seconds, warmup, tokens = pick(size, ((64, 256), 10.0, 3.0, 500), ((64, 256), 5.0, 1.5, 500),
-                                           ((8,), 1.0, 0.3, 50))  # fmt: skip
+                                           ((8,), 0.6, 0.2, 50))  # fmt: skip
     rows = []
     with FakeProviderProcess(Latency(tokens=1_000_000)) as fake:  # max_tokens decides the length; unpaced
         for concurrency in levels:

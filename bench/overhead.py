@@ -128,7 +128,7 @@ async def _async_rows(pool: Pool, fake_url: str, repeat: int) -> list[dict[str, 
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    repeat = pick(size, 1000, 200, 20)
+    repeat = pick(size, 1000, 200, 8)
     rows = []
     with FakeProviderProcess() as fake:
         profiles = {

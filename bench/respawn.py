@@ -91,7 +91,7 @@ def detection(client: Any, repeat: int) -> list[float]:
 
 def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
-    repeat = pick(size, 30, 10, 3)
+    repeat = pick(size, 30, 10, 2)
     with FakeProviderProcess() as fake:
         profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 4, "spare_workers": 2}}
         with (

@@ -191,7 +191,7 @@ def size_of(size: str, pick: Callable[..., Any]) -> dict[str, int]:
         size,
         {"repeat": 300, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 5, "long_cpu_runs": 2},
         {"repeat": 100, "warmup": 10, "cpu_calls": 100, "tokens": 5000, "long_repeat": 2, "long_cpu_runs": 1},
-        {"repeat": 5, "warmup": 2, "cpu_calls": 5, "tokens": 100, "long_repeat": 1, "long_cpu_runs": 1},
+        {"repeat": 3, "warmup": 1, "cpu_calls": 3, "tokens": 100, "long_repeat": 1, "long_cpu_runs": 1},
     )
 
 

@@ -1,4 +1,4 @@
-"""Review of issue 21's speed changes: a header the SDK's own client would never send must not reach the provider.
+"""A header the SDK's own client would never send must not reach the provider.
 
 A caller's header name is checked against the framing and credential names as a whole, so a name that carries
 `: value` of its own (`Host: elsewhere`) passed both checks and went upstream as a second `Host` (or

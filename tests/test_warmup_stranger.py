@@ -1,4 +1,4 @@
-"""Review of issue 21's speed changes: the warm-up's provider socket is an abstract Unix socket, which any local
+"""The warm-up's provider socket is an abstract Unix socket, which any local
 user can reach (its name is the process id and a count, and /proc/net/unix lists it). The warm-up waited for every
 connection to it to close: one from another user that never sent a byte held it for ever, the zygote's preload
 (no pool could start) or a replacement worker's warm-up. A stranger's connection is now closed at once."""

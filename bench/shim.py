@@ -6,7 +6,8 @@ the worker. Upstreams: the fake provider and a plain aiohttp server written apar
 its own process, writing one event per write.
 
 Targets (issue 21, on the fake): <= 0.3 ms added at the median; p99 <= 1.5x direct + 1 ms; a long
-stream >= 0.9x the direct SDK's events/s."""
+stream >= 0.9x the direct SDK's events/s. Two more paths measure, in the same run, what a bare process hop
+and a bare broker add (bench/floor.py): the floor under the first target."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 from broker import Pool
 from broker import shim as isoshim
 
-from . import sidebyside
+from . import floor, sidebyside
 from .common import pick, result
 from .sidebyside import UPSTREAMS, Clients, Path, Processes
 from .upstreams import direct, profile, profiles, upstreams, worker_pids
@@ -39,11 +40,13 @@ def run(size: str) -> dict[str, Any]:
     started = time.monotonic()
     sizes = sidebyside.size_of(size, pick)
     rows: list[dict[str, Any]] = []
-    with upstreams() as servers, Pool(profiles=profiles(servers)) as pool, pool.client() as client:
-        paths = [direct(servers), path(pool)]
+    with upstreams() as servers, Pool(profiles=profiles(servers)) as pool, pool.client() as client, \
+            floor.bare_paths(servers) as (bare, bare_pids):  # fmt: skip
+        paths = [direct(servers), path(pool), *bare]
         upstream_pids = [s.pid for s in servers.values()]
-        processes = Processes({"caller": [os.getpid()], "broker": [pool.pid], "upstream": upstream_pids},
-                              lambda: worker_pids(client))  # fmt: skip
+        processes = Processes({"caller": [os.getpid()], "broker": [pool.pid, *bare_pids["broker"]],
+                               "upstream": upstream_pids},
+                              lambda: worker_pids(client) + bare_pids["worker"])  # fmt: skip
         try:
             for upstream in UPSTREAMS:
                 rows += sidebyside.measure(paths, processes, upstream, sizes)

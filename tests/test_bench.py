@@ -22,7 +22,10 @@ from .conftest import http_chunks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "loadgen", "onewrite", "rescue", "startup")
 # Run by the test below, each on its own (`all` runs them too).
-SIDE_BY_SIDE = {"shim": ["direct SDK", "shim"], "gateway": ["direct SDK", "isopool gateway", "LiteLLM proxy"]}
+SIDE_BY_SIDE = {
+    "shim": ["direct SDK", "shim", "bare hop", "bare broker"],  # the last two: bench/floor.py's references
+    "gateway": ["direct SDK", "isopool gateway", "LiteLLM proxy"],
+}
 POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
 
@@ -185,7 +188,8 @@ def _check_rescue(data: dict) -> None:
 
 def _check_side_by_side(name: str, data: dict) -> None:
     """Every call of issue 21 along the direct SDK and the pool's path (the LiteLLM proxy skipped, with its
-    reason, at this size), to the fake and to the plain server, with each process's CPU."""
+    reason, at this size; the shim's floor references run), to the fake and to the plain server, with each
+    process's CPU; the shim's median target names what the references added in the same run."""
     paths = SIDE_BY_SIDE[name]
     rows = data["figures"]["rows"]
     assert [(r["upstream"], r["kind"]) for r in rows] == [(u, k) for u in ("fake", "plain")
@@ -193,15 +197,18 @@ def _check_side_by_side(name: str, data: dict) -> None:
     for row in rows:
         assert list(row["paths"]) == paths, row["call"]
         ran = {path: fig for path, fig in row["paths"].items() if "skipped" not in fig}
-        assert list(ran) == paths[:2]  # the LiteLLM proxy is not started at the tiny size
+        assert list(ran) == (paths if name == "shim" else paths[:2])  # no LiteLLM proxy at the tiny size
         for fig in ran.values():
             assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"])
             if row["kind"] == "latency":
-                assert fig["n"] == 3 and 0 < fig["median_ms"] <= fig["p99_ms"]
+                assert fig["n"] == 3 and 0 < fig["median_ms"] <= fig["p99_ms"] and "added_cpu_ms" in fig
             else:
                 assert fig["events_per_s"] > 0 and fig["cpu_bound_events_per_s"] > 0
         if row["kind"] == "rate":  # through the pool, exactly the events the direct SDK reads
             assert len({fig["events"] for fig in ran.values()}) == 1 and next(iter(ran.values()))["events"] >= 100
     assert data["targets"] and all(t["name"].startswith(paths[1]) for t in data["targets"])
+    medians = [t["goal"] for t in data["targets"] if t["name"].endswith("added median ms")]
+    references = ("bare hop ", "bare broker ") if name == "shim" else ()
+    assert medians and all("CPU added per call" in g and all(r in g for r in references) for g in medians)
     if name == "gateway":
         assert any(note.startswith("LiteLLM proxy skipped: not run at the tiny size") for note in data["notes"])

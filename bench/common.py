@@ -82,20 +82,27 @@ def pool_pids(stats: dict[str, Any], broker_pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system seconds `pid` has run: from the scheduler's nanosecond count of each thread where
-    Linux keeps one (psutil's figure moves in 10 ms ticks, coarse for a call of 2 ms), else psutil's."""
+    """User + system seconds `pid` has run."""
+    return sched_seconds(pid)[0]
+
+
+def sched_seconds(pid: int) -> tuple[float, float]:
+    """(seconds `pid` has run, seconds it waited, ready, for a CPU): the scheduler's nanosecond counts of
+    each thread where Linux keeps them (psutil's CPU moves in 10 ms ticks, coarse for a call of 2 ms);
+    elsewhere psutil's CPU and no wait."""
     threads = glob.glob(f"/proc/{pid}/task/*/schedstat")
     if not threads:
         times = psutil.Process(pid).cpu_times()
-        return times.user + times.system
-    total = 0
+        return times.user + times.system, 0.0
+    ran = waited = 0
     for path in threads:
         try:
             with open(path) as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+                run, wait, _ = f.read().split()
+            ran, waited = ran + int(run), waited + int(wait)
+        except (OSError, ValueError):  # a thread that ended meanwhile
             continue
-    return total / 1e9
+    return ran / 1e9, waited / 1e9
 
 
 class Target(msgspec.Struct, frozen=True):

@@ -199,7 +199,7 @@ def _check_side_by_side(name: str, data: dict) -> None:
         ran = {path: fig for path, fig in row["paths"].items() if "skipped" not in fig}
         assert list(ran) == (paths if name == "shim" else paths[:2])  # no LiteLLM proxy at the tiny size
         for fig in ran.values():
-            assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"])
+            assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"]) and fig["cpu_wait_us"] >= 0
             if row["kind"] == "latency":
                 assert fig["n"] == 3 and 0 < fig["median_ms"] <= fig["p99_ms"] and "added_cpu_ms" in fig
             else:

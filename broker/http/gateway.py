@@ -191,7 +191,8 @@ class Gateway:
             return
         headers = request.headers
         offered = headers.get("x-api-key") or headers.get("api-key") or headers.get("authorization", "")
-        if not hmac.compare_digest(offered.removeprefix("Bearer ").encode(), self.token.encode()):
+        offered_bytes = offered.removeprefix("Bearer ").encode(errors="surrogateescape")  # as it came, whatever it is
+        if not hmac.compare_digest(offered_bytes, self.token.encode()):
             raise Refused(
                 401,
                 "this gateway needs its own gateway token (gateway_token; printed at start for `auto`) "
@@ -292,7 +293,21 @@ def check_path(raw: str) -> None:
 
 
 def _forwarded(request: web.BaseRequest) -> list[tuple[str, str]]:
-    return [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
+    """The headers that go on; a value that is not UTF-8 (aiohttp keeps its bytes as surrogates) is refused:
+    the SDKs send text as UTF-8, and the pool's messages carry text."""
+    headers = [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
+    if not_text := [name for name, value in headers if not value.isascii() and not _is_utf8(value)]:
+        raise Refused(400, f"header {', '.join(not_text)}: its value is not UTF-8 text; send it as UTF-8")
+    return headers
+
+
+def _is_utf8(value: str) -> bool:
+    """Whether a header value aiohttp read came as UTF-8 (one that did not holds its bytes as surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)  # an SDK sends the same header names on every request

@@ -24,7 +24,9 @@ It is a server on a developer's laptop, so it trusts no caller:
   its origin; those get CORS answers.
 - A body is capped at the pool's `max_message_bytes` (413), must be a JSON object when it
   says it is JSON (400), and must arrive, like the headers, within `gateway_read_timeout`.
-  A path with dot segments or backslashes, however encoded, is refused (400).
+  A path with dot segments or backslashes, however encoded, is refused (400); one outside the APIs served
+  is a 404, a CORS preflight's too; an `Expect` other than `100-continue` is a 417.
+- A forwarded header's value must be UTF-8 text (400), as the SDKs send it.
 - Only the headers a provider reads go on (an allowlist), and a caller that leaves before
   its answer is complete cancels its pool call.
 
@@ -86,6 +88,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     408: "timeout_error",
     413: "request_too_large",
+    417: "invalid_request_error",
 }
 # On an error answer after the pool's own retries: the caller's SDK (at its default max_retries) would
 # otherwise retry each 429/5xx again, multiplying the attempts. The SDKs obey this header.
@@ -147,13 +150,12 @@ class Gateway:
         try:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+                check_served(request.path)  # a browser carries no credentials on a preflight
                 return _preflight(request)
             self.check_token(request)
-            if not request.path.startswith(ROOTS):
-                served = "/v1/… (Anthropic, OpenAI, Vertex), /model/… (Bedrock) and /openai/… (Azure)"
-                raise Refused(404, f"no API at {request.path}: this gateway serves {served}; check the base_url")
-            if request.headers.get("expect"):
-                await _continue(request)
+            check_served(request.path)
+            if "expect" in request.headers:
+                await _expectation(request)
             check_path(request.raw_path)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
@@ -272,11 +274,22 @@ class _Request(web.BaseRequest):
             response.headers.add("vary", "Origin")
 
 
-async def _continue(request: web.BaseRequest) -> None:
-    """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it."""
-    if request.headers["expect"].lower() == "100-continue" and request.version == HttpVersion11:
+async def _expectation(request: web.BaseRequest) -> None:
+    """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it; refuse
+    any other expectation (417, RFC 9110 §10.1.1) rather than run a request whose caller expects what it won't get."""
+    expect = request.headers["expect"]
+    if expect.strip().lower() != "100-continue":
+        raise Refused(417, f"Expect: {expect!r} cannot be met: this gateway knows only 100-continue; drop the header")
+    if request.version == HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's size is counted from its own start
+
+
+def check_served(path: str) -> None:
+    """Refuse a path outside the APIs served (an SDK's base_url missing its `/v1`, say), naming those."""
+    if not path.startswith(ROOTS):
+        served = "/v1/… (Anthropic, OpenAI, Vertex), /model/… (Bedrock) and /openai/… (Azure)"
+        raise Refused(404, f"no API at {path}: this gateway serves {served}; check the base_url")
 
 
 @functools.lru_cache(maxsize=64)  # a caller sends the same Host on every request
@@ -392,8 +405,8 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
 def _refusal(kind: str, exc: Refused) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
-    if exc.status == 408:
-        response.force_close()  # the rest of a stalled body is not waited for
+    if exc.status in (408, 417):
+        response.force_close()  # the rest of a stalled body, or of one sent with no answer expected, is not waited for
     return response
 
 

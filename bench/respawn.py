@@ -36,7 +36,9 @@ def respawn(client: Any, repeat: int) -> list[float]:
         os.kill(victim["pid"], 9)
         while not any(w["ident"] not in workers and w["state"] == "ready" for w in client.stats()["workers"]):
             if time.perf_counter() - start > RESPAWN_LIMIT:
-                raise RuntimeError(f"no ready replacement for worker {victim['ident']} {RESPAWN_LIMIT:g} s after its kill")
+                raise RuntimeError(
+                    f"no replacement for worker {victim['ident']} ready {RESPAWN_LIMIT:g} s after its kill"
+                )
             time.sleep(POLL)
         times.append(time.perf_counter() - start)
         time.sleep(0.05)

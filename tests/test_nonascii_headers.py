@@ -133,8 +133,10 @@ def raw_request(url: str, header: bytes) -> tuple[int, bytes]:
     """POST count_tokens to the gateway with this header line (its exact bytes): (status, body)."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(TOKENS).encode()
-    head = (f"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: {host}:{port}\r\nanthropic-version: 2023-06-01\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: {host}:{port}\r\nanthropic-version: 2023-06-01\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+    ).encode()
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(head + header + b"\r\n\r\n" + body)
         answer = b""

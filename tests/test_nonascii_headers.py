@@ -152,9 +152,11 @@ def test_the_gateway_relays_a_utf8_header_value_as_it_came(pool):
     assert seen == [("POST", "/v1/messages/count_tokens", [("anthropic-note", NOTE.encode())])]
 
 
-def test_the_gateway_refuses_a_header_value_that_is_not_utf8_in_the_sdks_error_form(pool):
-    (status, body), seen = recorded(lambda: raw_request(pool.http_url, "anthropic-note: café".encode("latin-1")))
+@pytest.mark.parametrize("name", ["anthropic-note", "x-isopool-profile", "x-isopool-fallbacks"])
+def test_the_gateway_refuses_a_header_value_that_is_not_utf8_in_the_sdks_error_form(pool, name):
+    """A header that goes on, or one the gateway reads itself (its profile, its fallbacks)."""
+    (status, body), seen = recorded(lambda: raw_request(pool.http_url, f"{name}: café".encode("latin-1")))
     assert status == 400 and seen == []
     error = json.loads(body)
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
-    assert "anthropic-note" in error["error"]["message"] and "UTF-8" in error["error"]["message"]
+    assert name in error["error"]["message"] and "UTF-8" in error["error"]["message"]

@@ -157,6 +157,7 @@ class Gateway:
             if "expect" in request.headers:
                 await _expectation(request)
             check_path(request.raw_path)
+            check_text(request)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
             body, top = await self.read_body(request)
@@ -306,12 +307,21 @@ def check_path(raw: str) -> None:
 
 
 def _forwarded(request: web.BaseRequest) -> list[tuple[str, str]]:
-    """The headers that go on; a value that is not UTF-8 (aiohttp keeps its bytes as surrogates) is refused:
-    the SDKs send text as UTF-8, and the pool's messages carry text."""
-    headers = [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
-    if not_text := [name for name, value in headers if not value.isascii() and not _is_utf8(value)]:
+    return [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
+
+
+def check_text(request: web.BaseRequest) -> None:
+    """Refuse a header that goes on, or that the gateway reads itself, whose value is not UTF-8 (aiohttp keeps
+    such bytes as surrogates): the SDKs send text as UTF-8, and the pool's messages carry text."""
+    not_text = [str(k) for k, v in request.headers.items() if not v.isascii() and _is_read(k) and not _is_utf8(v)]
+    if not_text:
         raise Refused(400, f"header {', '.join(not_text)}: its value is not UTF-8 text; send it as UTF-8")
-    return headers
+
+
+def _is_read(name: str) -> bool:
+    """Whether a header is read past the gateway's checks: by the provider (it goes on) or the gateway itself."""
+    lower = name.lower()
+    return lower in FORWARDED or lower.startswith(FORWARDED_PREFIXES)
 
 
 def _is_utf8(value: str) -> bool:
@@ -327,9 +337,7 @@ def _is_utf8(value: str) -> bool:
 def _forwarded_name(name: str) -> str:
     """The header's name as a plain `str` (aiohttp's are `istr`, which the wire cannot carry) if it goes
     on to the provider, else ""."""
-    lower = name.lower()
-    forwarded = lower in FORWARDED or (lower.startswith(FORWARDED_PREFIXES) and lower not in _KEPT)
-    return str(name) if forwarded else ""
+    return str(name) if _is_read(name) and name.lower() not in _KEPT else ""
 
 
 def _closing(kind: str, path: str) -> bytes:

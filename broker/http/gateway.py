@@ -26,7 +26,7 @@ It is a server on a developer's laptop, so it trusts no caller:
   says it is JSON (400), and must arrive, like the headers, within `gateway_read_timeout`.
   A path with dot segments or backslashes, however encoded, is refused (400); one outside the APIs served
   is a 404, a CORS preflight's too; an `Expect` other than `100-continue` is a 417.
-- A forwarded header's value must be UTF-8 text (400), as the SDKs send it.
+- A header value that goes on, or that the gateway reads, must be UTF-8 text (400), as the SDKs send it.
 - Only the headers a provider reads go on (an allowlist), and a caller that leaves before
   its answer is complete cancels its pool call.
 

@@ -53,21 +53,25 @@ def _spy(pid: int, out: str, rate: int, seconds: float) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
-def _functions(raw: str) -> tuple[collections.Counter, collections.Counter, int]:
-    """(self samples, inclusive samples, total samples) per `function (file)` of a py-spy raw file."""
+def _functions(raw: str) -> tuple[collections.Counter, collections.Counter, int, int]:
+    """(self samples, inclusive samples, total samples) per `function (file)` of a py-spy raw file, and the
+    number of lines skipped as corrupted (no stack, or a count that is no integer: a py-spy cut off mid-write)."""
     own: collections.Counter = collections.Counter()
     inclusive: collections.Counter = collections.Counter()
-    total = 0
+    total = skipped = 0
     with open(raw) as f:
         for line in f:
             stack, _, count = line.rstrip().rpartition(" ")
+            n = int(count) if count.isascii() and count.isdigit() else 0
+            if not stack.strip() or not n:
+                skipped += 1
+                continue
             frames = [frame.rsplit(":", 1)[0] for frame in stack.split(";")]
-            n = int(count)
             total += n
             own[frames[-1]] += n
             for frame in set(frames):
                 inclusive[frame] += n
-    return own, inclusive, total
+    return own, inclusive, total, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,9 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n== {role} (pid {pids[role]}): {used:.1f} µs CPU per {unit} (psutil, profiler running)")
         if not os.path.exists(raw) or role == "upstream":
             continue
-        own, inclusive, total = _functions(raw)
+        own, inclusive, total, skipped = _functions(raw)
         scale = 1e6 / args.rate / per
-        print(f"   samples {total} = {total * scale:.1f} µs per {unit}; top by self time, then inclusive:")
+        corrupted = f" ({skipped} corrupted lines skipped)" if skipped else ""
+        print(f"   samples {total} = {total * scale:.1f} µs per {unit}{corrupted}; top by self time, then inclusive:")
         for name, n in own.most_common(args.top):
             print(f"   self {n * scale:8.1f}  {name}")
         for name, n in inclusive.most_common(args.top + 8):

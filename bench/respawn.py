@@ -22,9 +22,12 @@ from .common import latency, ms, pick, result, target
 
 ASK = {"model": "claude-bench", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
 TIMEOUT = 0.2  # first_event_timeout and stale_timeout of the measured streams (the pool's floor lowered to it)
+POLL = 0.001  # seconds between two looks at the workers while a respawn is awaited (a tight loop took a core)
+RESPAWN_LIMIT = 30.0  # seconds a replacement may take before the run stops, saying so
 
 
 def respawn(client: Any, repeat: int) -> list[float]:
+    """Seconds from SIGKILL of a ready worker until the broker reports a ready replacement, `repeat` times."""
     times = []
     for _ in range(repeat):
         workers = {w["ident"]: w for w in client.stats()["workers"]}
@@ -32,7 +35,11 @@ def respawn(client: Any, repeat: int) -> list[float]:
         start = time.perf_counter()
         os.kill(victim["pid"], 9)
         while not any(w["ident"] not in workers and w["state"] == "ready" for w in client.stats()["workers"]):
-            pass
+            if time.perf_counter() - start > RESPAWN_LIMIT:
+                raise RuntimeError(
+                    f"no replacement for worker {victim['ident']} ready {RESPAWN_LIMIT:g} s after its kill"
+                )
+            time.sleep(POLL)
         times.append(time.perf_counter() - start)
         time.sleep(0.05)
     return times

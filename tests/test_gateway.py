@@ -11,6 +11,7 @@ import pytest
 from broker import ConfigError, Pool
 
 from .conftest import TEST_SETTINGS, fault, profiles
+from .test_nonascii_headers import raw_request
 from .test_shim import CHAT, MSG, anthropic_scenarios, openai_scenarios, plain
 
 pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
@@ -63,6 +64,7 @@ def test_gateway_off_loopback_needs_its_own_token(fake):
             anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="sk-provider-key").messages.create(**MSG)
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="gw-secret")
         assert client.messages.create(**MSG).type == "message"
+        assert raw_request(f"http://127.0.0.1:{port}", "x-api-key: gw-secrét".encode("latin-1"))[0] == 401
 
 
 def _callers_ports(pool: Pool) -> set[int]:

@@ -103,7 +103,8 @@ class Outgoing(NamedTuple):
         headers=headers, content=body)`), put together without it: its own headers, except those the
         request sets, then the request's, behind a `Host` and ahead of a `Content-Length` as it adds them.
         None where that client would build it otherwise than this says (a URL it would normalize, a
-        header it would refuse or derive from another, a cookie it holds, another method): build it so."""
+        header it would derive from another or encode otherwise, a cookie it holds, another method): build
+        it so (`built`)."""
         own = _own(http)
         target = _target(type(http.base_url), url)
         names = {name.lower() for name, _ in headers}
@@ -118,8 +119,14 @@ class Outgoing(NamedTuple):
 
     def rebuilt(self, http: Any) -> Any:
         """The same request as the SDK's client `http` builds it, to send by that client."""
-        return http.build_request(self.method, self.url, headers=self.headers, content=self.body,
-                                  extensions={"timeout": self.limits})  # fmt: skip
+        return built(http, self.method, self.url, self.headers, self.body, extensions={"timeout": self.limits})
+
+
+def built(http: Any, method: str, url: str, headers: list[tuple[str, str]], body: bytes, **extra: Any) -> Any:
+    """The request the SDK's HTTP client `http` builds, its header values encoded as UTF-8: the caller's SDK
+    (Anthropic's) sent them so, and the client's own encoding (ASCII) would refuse any other value."""
+    encoded = [(name, value.encode()) for name, value in headers]
+    return http.build_request(method, url, headers=encoded, content=body, **extra)
 
 
 # Methods whose requests the SDKs' clients build alike (a body or none): for others (PUT, PATCH, QUERY, ...)

@@ -99,10 +99,10 @@ async def prepare(sdk: Any, http: Any, call: HttpCall, body: bytes, allow_overri
     url, headers = destination(sdk, call, allow_overrides)
     if cloud is None and (request := aio.Outgoing.build(http, call.method, url, headers, body)) is not None:
         return request
-    built = http.build_request(call.method, url, headers=headers, content=body)
+    made = aio.built(http, call.method, url, headers, body)
     if cloud is not None:
-        await cloud.authorize(sdk, built)
-    return aio.Outgoing.of(built)
+        await cloud.authorize(sdk, made)
+    return aio.Outgoing.of(made)
 
 
 async def signed(sdk: Any, http: Any, profile: Profile, call: HttpCall) -> tuple[str, list[tuple[str, str]], bytes]:

@@ -24,7 +24,9 @@ It is a server on a developer's laptop, so it trusts no caller:
   its origin; those get CORS answers.
 - A body is capped at the pool's `max_message_bytes` (413), must be a JSON object when it
   says it is JSON (400), and must arrive, like the headers, within `gateway_read_timeout`.
-  A path with dot segments or backslashes, however encoded, is refused (400).
+  A path with dot segments or backslashes, however encoded, is refused (400); one outside the APIs served
+  is a 404, a CORS preflight's too; an `Expect` other than `100-continue` is a 417.
+- A header value that goes on, or that the gateway reads, must be UTF-8 text (400), as the SDKs send it.
 - Only the headers a provider reads go on (an allowlist), and a caller that leaves before
   its answer is complete cancels its pool call.
 
@@ -86,6 +88,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     408: "timeout_error",
     413: "request_too_large",
+    417: "invalid_request_error",
 }
 # On an error answer after the pool's own retries: the caller's SDK (at its default max_retries) would
 # otherwise retry each 429/5xx again, multiplying the attempts. The SDKs obey this header.
@@ -147,14 +150,14 @@ class Gateway:
         try:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+                check_served(request.path)  # a browser carries no credentials on a preflight
                 return _preflight(request)
             self.check_token(request)
-            if not request.path.startswith(ROOTS):
-                served = "/v1/… (Anthropic, OpenAI, Vertex), /model/… (Bedrock) and /openai/… (Azure)"
-                raise Refused(404, f"no API at {request.path}: this gateway serves {served}; check the base_url")
-            if request.headers.get("expect"):
-                await _continue(request)
+            check_served(request.path)
+            if "expect" in request.headers:
+                await _expectation(request)
             check_path(request.raw_path)
+            check_text(request)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
             body, top = await self.read_body(request)
@@ -191,7 +194,8 @@ class Gateway:
             return
         headers = request.headers
         offered = headers.get("x-api-key") or headers.get("api-key") or headers.get("authorization", "")
-        if not hmac.compare_digest(offered.removeprefix("Bearer ").encode(), self.token.encode()):
+        offered_bytes = offered.removeprefix("Bearer ").encode(errors="surrogateescape")  # as it came, whatever it is
+        if not hmac.compare_digest(offered_bytes, self.token.encode()):
             raise Refused(
                 401,
                 "this gateway needs its own gateway token (gateway_token; printed at start for `auto`) "
@@ -271,11 +275,22 @@ class _Request(web.BaseRequest):
             response.headers.add("vary", "Origin")
 
 
-async def _continue(request: web.BaseRequest) -> None:
-    """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it."""
-    if request.headers["expect"].lower() == "100-continue" and request.version == HttpVersion11:
+async def _expectation(request: web.BaseRequest) -> None:
+    """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it; refuse
+    any other expectation (417, RFC 9110 §10.1.1) rather than run a request whose caller expects what it won't get."""
+    expect = request.headers["expect"]
+    if expect.strip().lower() != "100-continue":
+        raise Refused(417, f"Expect: {expect!r} cannot be met: this gateway knows only 100-continue; drop the header")
+    if request.version == HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's size is counted from its own start
+
+
+def check_served(path: str) -> None:
+    """Refuse a path outside the APIs served (an SDK's base_url missing its `/v1`, say), naming those."""
+    if not path.startswith(ROOTS):
+        served = "/v1/… (Anthropic, OpenAI, Vertex), /model/… (Bedrock) and /openai/… (Azure)"
+        raise Refused(404, f"no API at {path}: this gateway serves {served}; check the base_url")
 
 
 @functools.lru_cache(maxsize=64)  # a caller sends the same Host on every request
@@ -295,13 +310,34 @@ def _forwarded(request: web.BaseRequest) -> list[tuple[str, str]]:
     return [(name, v) for k, v in request.headers.items() if (name := _forwarded_name(k))]
 
 
+def check_text(request: web.BaseRequest) -> None:
+    """Refuse a header that goes on, or that the gateway reads itself, whose value is not UTF-8 (aiohttp keeps
+    such bytes as surrogates): the SDKs send text as UTF-8, and the pool's messages carry text."""
+    not_text = [str(k) for k, v in request.headers.items() if not v.isascii() and _is_read(k) and not _is_utf8(v)]
+    if not_text:
+        raise Refused(400, f"header {', '.join(not_text)}: its value is not UTF-8 text; send it as UTF-8")
+
+
+def _is_read(name: str) -> bool:
+    """Whether a header is read past the gateway's checks: by the provider (it goes on) or the gateway itself."""
+    lower = name.lower()
+    return lower in FORWARDED or lower.startswith(FORWARDED_PREFIXES)
+
+
+def _is_utf8(value: str) -> bool:
+    """Whether a header value aiohttp read came as UTF-8 (one that did not holds its bytes as surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=256)  # an SDK sends the same header names on every request
 def _forwarded_name(name: str) -> str:
     """The header's name as a plain `str` (aiohttp's are `istr`, which the wire cannot carry) if it goes
     on to the provider, else ""."""
-    lower = name.lower()
-    forwarded = lower in FORWARDED or (lower.startswith(FORWARDED_PREFIXES) and lower not in _KEPT)
-    return str(name) if forwarded else ""
+    return str(name) if _is_read(name) and name.lower() not in _KEPT else ""
 
 
 def _closing(kind: str, path: str) -> bytes:
@@ -377,8 +413,8 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
 def _refusal(kind: str, exc: Refused) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
-    if exc.status == 408:
-        response.force_close()  # the rest of a stalled body is not waited for
+    if exc.status in (408, 417):
+        response.force_close()  # the rest of a stalled body, or of one sent with no answer expected, is not waited for
     return response
 
 

@@ -1,0 +1,83 @@
+"""The gateway's answers to a CORS preflight outside its APIs and to an expectation it cannot meet.
+
+A preflight (`OPTIONS` with `Access-Control-Request-Method`) was answered 204 on any path, telling a browser
+page that an endpoint exists where a GET or POST gets a 404; it now gets the same JSON 404 there. An `Expect`
+other than `100-continue` was ignored and the request run; it now gets 417 Expectation Failed (RFC 9110
+§10.1.1) and nothing reaches the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from broker import Pool
+
+from .conftest import TEST_SETTINGS, profiles
+from .test_adversarial_gateway import BODY, ORIGIN, error_of, raw_post, send
+
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
+
+ASKS = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,x-api-key"}
+
+
+@pytest.fixture(scope="module")
+def gateway(fake):
+    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", gateway_origins=ORIGIN)
+    with Pool(profiles=profiles(fake.url, min_workers=1, spare_workers=0), **settings) as pool:
+        yield pool
+
+
+def accepted(pool: Pool) -> int:
+    with pool.client() as client:
+        return client.stats()["requests"].get("accepted", 0)
+
+
+@pytest.mark.parametrize("path", ["/", "/chat/completions", "/messages", "/v2/messages", "/v1x"])
+def test_a_preflight_outside_the_apis_gets_the_404_a_post_gets_there(gateway, path):
+    post = send(gateway, "POST", path, BODY, content_type="application/json", Origin=ORIGIN)
+    preflight = send(gateway, "OPTIONS", path, Origin=ORIGIN, **ASKS)
+    assert preflight[0] == post[0] == 404
+    assert error_of(preflight[2]) == error_of(post[2]) and path in error_of(preflight[2])["message"]
+    assert preflight[1]["access-control-allow-origin"] == ORIGIN  # the page can read why
+    assert "access-control-allow-methods" not in preflight[1]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/model/m/invoke", "/openai/deployments"])
+def test_a_preflight_on_a_served_path_is_still_answered(gateway, path):
+    status, headers, _ = send(gateway, "OPTIONS", path, Origin=ORIGIN, **ASKS)
+    assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in headers["access-control-allow-headers"]
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("expectation", ["something-else", "100-continue, foo", "101-continue"])
+def test_an_expectation_other_than_100_continue_is_417_and_never_reaches_the_pool(gateway, expectation):
+    before = accepted(gateway)
+    with socket.create_connection(("127.0.0.1", int(gateway.http_url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(raw_post(f"Expect: {expectation}\r\nConnection: close\r\n") + BODY)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417 Expectation Failed\r\n"), answer
+    error = error_of(body)
+    assert error["type"] == "invalid_request_error" and "100-continue" in error["message"], body
+    assert expectation in error["message"]
+    assert accepted(gateway) == before
+
+
+def test_100_continue_in_any_case_still_gets_its_body_sent(gateway):
+    with socket.create_connection(("127.0.0.1", int(gateway.http_url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(raw_post("Expect: 100-Continue\r\nConnection: close\r\n"))
+        assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(BODY)
+        head, _, body = read_answer(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["type"] == "message"

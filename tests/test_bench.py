@@ -88,6 +88,7 @@ def _check_faults(figures: dict, inputs: dict) -> None:
     assert figures["clean_isopool"]["correct"] == n
     assert set(figures["contenders"]) == {"isopool", "plain SDK", "in-process watchdog", "pebble ProcessPool"}
     assert figures["contenders"]["isopool"]["correct"] == n  # every request answered correctly, faults or not
+    assert figures["clean_isopool"]["cpu_s"] > 0 and figures["contenders"]["isopool"]["cpu_s"] > 0  # the work done
     for r in figures["contenders"].values():
         assert r["correct"] + r["wrong"] + r["failed"] + r["hanging_at_cap"] + r["never_started"] <= n
 

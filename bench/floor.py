@@ -22,13 +22,14 @@ import anthropic
 import msgspec
 import openai
 import zmq
+import zmq.asyncio
 
 from broker.sdklib import library
 
 from .owned import OwnedServer, first_line
 from .sidebyside import REFERENCES, Clients, Path
 
-HOP, BROKER = REFERENCES
+HOP, BROKER, GATEWAY = REFERENCES
 _FRAMING = ("content-length", "transfer-encoding", "content-encoding")  # the answer goes back whole, decoded
 _head = msgspec.msgpack.Encoder()
 _read = msgspec.msgpack.Decoder()
@@ -73,7 +74,6 @@ async def _relay(address: str) -> None:
     """The process that holds the HTTP client: each request made with aiohttp (as a worker does), its
     whole answer sent back in one message, behind whatever envelope it came with."""
     import aiohttp
-    import zmq.asyncio
 
     sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
     sock.bind(address)
@@ -109,6 +109,34 @@ def _forward(front: str, back: str) -> None:
             return
 
 
+async def _gateway(front: str, upstreams: dict[str, str]) -> None:
+    """The least an HTTP gateway in front of the bare broker can be: aiohttp's low-level server (as the
+    pool's gateway) taking `/UPSTREAM/path`, the request sent on whole, the answer given back whole."""
+    from aiohttp import web
+
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.connect(front)
+    turn = asyncio.Lock()  # one request at a time on the socket: the bench makes one call at a time
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        upstream, _, rest = request.raw_path.lstrip("/").partition("/")
+        headers = [(str(k), v) for k, v in request.headers.items() if k.lower() not in ("host", *_FRAMING)]
+        head = (request.method, f"{upstreams[upstream]}/{rest}", headers)
+        body = await request.read()
+        async with turn:
+            await sock.send_multipart((_head.encode(head), body))
+            status, answer, data = await sock.recv_multipart()
+        return web.Response(status=_read.decode(status), headers=_read.decode(answer), body=data)
+
+    runner = web.ServerRunner(web.Server(handle))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _exit_with_stdin()
+    print(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
+    await asyncio.Event().wait()
+
+
 def _exit_with_stdin() -> None:
     """End this process when the bench closes its stdin (it is done, or died)."""
     loop = asyncio.get_running_loop()
@@ -116,18 +144,34 @@ def _exit_with_stdin() -> None:
 
 
 @contextlib.contextmanager
-def bare_paths(servers: dict[str, Any]) -> Iterator[tuple[list[Path], dict[str, list[int]]]]:
-    """The SDKs through one bare process hop, and through a bare broker to it, and their processes' pids by
-    role (the relay is the bare paths' worker)."""
-    with tempfile.TemporaryDirectory() as tmp:
+def bare_paths(servers: dict[str, Any], gateway: bool = False) -> Iterator[tuple[list[Path], dict[str, list[int]]]]:
+    """The SDKs through one bare process hop and through a bare broker to it (with `gateway`: through a bare
+    HTTP gateway in front of that broker instead), and their processes' pids by role (the relay is the bare
+    paths' worker)."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         relay, front = f"ipc://{tmp}/relay", f"ipc://{tmp}/broker"
         me = [sys.executable, "-m", "bench.floor"]
-        with (
-            OwnedServer([*me, "--relay", relay], first_line, "the bare relay", 30.0) as relay_process,
-            OwnedServer([*me, "--forward", front, relay], first_line, "the bare broker", 30.0) as broker_process,
-        ):
-            pids = {"worker": [relay_process.pid], "broker": [broker_process.pid]}
+        pids = {role: [stack.enter_context(OwnedServer([*me, *args], first_line, f"the {what}", 30.0)).pid]
+                for role, what, args in (("worker", "bare relay", ["--relay", relay]),
+                                         ("broker", "bare broker", ["--forward", front, relay]))}  # fmt: skip
+        if not gateway:
             yield [path(HOP, relay, servers), path(BROKER, front, servers)], pids
+            return
+        urls = [f"{name}={server.url}" for name, server in servers.items()]
+        http = stack.enter_context(OwnedServer([*me, "--gateway", front, *urls], first_line, "the bare gateway", 30.0))
+        pids["gateway"] = [http.pid]
+        yield [_at_gateway(http.url)], pids
+
+
+def _at_gateway(url: str) -> Path:
+    """The official SDKs at the bare gateway, each upstream under its name."""
+
+    def clients(upstream: str) -> Clients:
+        base = f"{url}/{upstream}"
+        return Clients(anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0),
+                       openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0))  # fmt: skip
+
+    return Path.of(GATEWAY, clients)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,11 +179,15 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--relay", help=argparse.SUPPRESS)
     parser.add_argument("--forward", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--gateway", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.relay:
         asyncio.run(_relay(args.relay))
     elif args.forward:
         _forward(*args.forward)
+    elif args.gateway:
+        front, *urls = args.gateway
+        asyncio.run(_gateway(front, dict(url.split("=", 1) for url in urls)))
     else:
         parser.error("run as part of `python -m bench shim`")
 

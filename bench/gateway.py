@@ -8,7 +8,9 @@ LiteLLM runs from a virtual environment of its own (bench/litellm_proxy.py); whe
 column says why.
 
 Targets (issue 21, on the fake): <= 0.3 ms added at the median; p99 <= 1.5x direct + 1 ms; a long
-stream >= 0.9x the direct SDK's events/s; the gateway ahead of LiteLLM's proxy on every figure."""
+stream >= 0.9x the direct SDK's events/s; the gateway ahead of LiteLLM's proxy on every figure. A bare gateway
+(bench/floor.py: aiohttp's low-level server in front of a bare broker and relay) runs in the same run: the
+floor under the first two targets."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import openai
 from broker import Pool
 from broker.http.gateway import PROFILE_HEADER
 
-from . import litellm_proxy, sidebyside
+from . import floor, litellm_proxy, sidebyside
 from .common import pick, result, target
 from .sidebyside import UPSTREAMS, Clients, Path, Processes
 from .upstreams import child_of, direct, profile, profiles, upstreams, worker_pids
@@ -75,9 +77,10 @@ def run(size: str) -> dict[str, Any]:
         servers = stack.enter_context(upstreams())
         pool = stack.enter_context(Pool(profiles=profiles(servers), http="127.0.0.1:0"))
         client = stack.enter_context(pool.client())
-        paths = [direct(servers), path(pool.http_url)]
-        fixed = {"caller": [os.getpid()], "gateway": [child_of(pool.pid, "broker.http.gateway")],
-                 "broker": [pool.pid], "upstream": [s.pid for s in servers.values()]}  # fmt: skip
+        bare, bare_pids = stack.enter_context(floor.bare_paths(servers, gateway=True))
+        paths = [direct(servers), path(pool.http_url), *bare]
+        fixed = {"caller": [os.getpid()], "gateway": [child_of(pool.pid, "broker.http.gateway"), *bare_pids["gateway"]],
+                 "broker": [pool.pid, *bare_pids["broker"]], "upstream": [s.pid for s in servers.values()]}  # fmt: skip
         if size == "tiny":
             paths.append(Path(LITELLM, {}, skipped="not run at the tiny size (the test suite's smoke run)"))
         else:
@@ -91,7 +94,7 @@ def run(size: str) -> dict[str, Any]:
             except litellm_proxy.Unavailable as exc:
                 paths.append(Path(LITELLM, {}, skipped=str(exc)))
         stack.callback(sidebyside.close, [p for p in paths if not p.skipped])
-        processes = Processes(fixed, lambda: worker_pids(client))  # the caller's own CPU only: no children
+        processes = Processes(fixed, lambda: worker_pids(client) + bare_pids["worker"])  # the caller's own CPU only
         for upstream in UPSTREAMS:
             rows += sidebyside.measure(paths, processes, upstream, sizes)
     inputs = {**sizes, "upstreams": list(UPSTREAMS), "paths": [p.name for p in paths]}

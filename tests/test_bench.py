@@ -24,7 +24,7 @@ SCENARIOS = ("overhead", "stream", "scale", "faults", "respawn", "memory", "load
 # Run by the test below, each on its own (`all` runs them too).
 SIDE_BY_SIDE = {
     "shim": ["direct SDK", "shim", "bare hop", "bare broker"],  # the last two: bench/floor.py's references
-    "gateway": ["direct SDK", "isopool gateway", "LiteLLM proxy"],
+    "gateway": ["direct SDK", "isopool gateway", "bare gateway", "LiteLLM proxy"],
 }
 POOL_COLUMNS = ("gateway+HTTP", "gateway+SDK(0)", "shim")
 
@@ -198,7 +198,7 @@ def _check_side_by_side(name: str, data: dict) -> None:
     for row in rows:
         assert list(row["paths"]) == paths, row["call"]
         ran = {path: fig for path, fig in row["paths"].items() if "skipped" not in fig}
-        assert list(ran) == (paths if name == "shim" else paths[:2])  # no LiteLLM proxy at the tiny size
+        assert list(ran) == [p for p in paths if p != "LiteLLM proxy"]  # no LiteLLM proxy at the tiny size
         for fig in ran.values():
             assert {"caller", "broker", "worker", "upstream"} <= set(fig["cpu_us"]) and fig["cpu_wait_us"] >= 0
             if row["kind"] == "latency":
@@ -209,7 +209,7 @@ def _check_side_by_side(name: str, data: dict) -> None:
             assert len({fig["events"] for fig in ran.values()}) == 1 and next(iter(ran.values()))["events"] >= 100
     assert data["targets"] and all(t["name"].startswith(paths[1]) for t in data["targets"])
     medians = [t["goal"] for t in data["targets"] if t["name"].endswith("added median ms")]
-    references = ("bare hop ", "bare broker ") if name == "shim" else ()
+    references = ("bare hop ", "bare broker ") if name == "shim" else ("bare gateway ",)
     assert medians and all("CPU added per call" in g and all(r in g for r in references) for g in medians)
     if name == "gateway":
         assert any(note.startswith("LiteLLM proxy skipped: not run at the tiny size") for note in data["notes"])

@@ -417,8 +417,8 @@ def _refusal(kind: str, exc: Refused, request: web.BaseRequest) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
     if exc.status in (408, 417) or ("expect" in request.headers and not request.content.is_eof()):
-        # the rest of a stalled body, of one sent with no answer expected, or of one held back for a 100 Continue
-        # never sent, is not waited for (nor the caller's next request read as it)
+        # the answer says the connection ends: the rest of a stalled body, of one sent with no answer expected, or of
+        # one held back for a 100 Continue never sent is not to come (nor the caller's next request be read as it)
         response.force_close()
     return response
 

@@ -9,6 +9,7 @@ other than `100-continue` was ignored and the request run; it now gets 417 Expec
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -81,3 +82,59 @@ def test_100_continue_in_any_case_still_gets_its_body_sent(gateway):
         head, _, body = read_answer(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert json.loads(body)["type"] == "message"
+
+
+def exchange(pool: Pool, data: bytes, whole: bool = True) -> bytes:
+    """What the gateway answers to `data` on one connection: all it sends until it closes it, or (not `whole`)
+    its first answer's head and the body its Content-Length counts."""
+    with socket.create_connection(("127.0.0.1", int(pool.http_url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(data)
+        if whole:
+            return read_answer(sock)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            answer += sock.recv(65536)
+        return answer
+
+
+def _length(answer: bytes) -> int:
+    return int(re.search(rb"\r\ncontent-length: *(\d+)", answer, re.IGNORECASE)[1])  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("lines", "status"),
+    [
+        ("Expect: 100-continue\r\nExpect: something-else\r\n", 417),  # two lines are one list (RFC 9110 §5.3)
+        ("Expect: \r\n", 200),  # an empty list: nothing expected
+        ("Expect: 100-continue,\r\n", 200),  # an empty element is ignored (RFC 9110 §5.6.1)
+    ],
+)
+def test_an_expect_list_is_read_whole_with_its_empty_elements_ignored(gateway, lines, status):
+    before = accepted(gateway)
+    answer = exchange(gateway, raw_post(lines + "Connection: close\r\n") + BODY)
+    final = answer.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert final.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert accepted(gateway) == before + (status == 200)
+
+
+HELD_BACK = "Expect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_line", "extra", "length", "status"),
+    [
+        ("POST /v2/messages", "", 90, 404),
+        ("POST /v1/%2e%2e/admin", "", 90, 400),
+        ("POST /v1/messages", "anthropic-note: caf\xe9\r\n", 90, 400),
+        ("POST /v1/messages", "", 10**9, 413),
+    ],
+)
+def test_a_request_refused_on_its_headers_is_refused_before_its_held_back_body_is_invited(
+    gateway, request_line, extra, length, status
+):
+    """A caller that waits for `100 Continue` gets the refusal instead, which says the connection closes: its
+    body, never sent, is not waited for (nor its next request read as that body)."""
+    head = f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}" + HELD_BACK.format(length=length)
+    answer = exchange(gateway, head.encode("latin-1"), whole=False)  # no body: the caller waits for the 100
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")

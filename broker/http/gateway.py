@@ -154,8 +154,6 @@ class Gateway:
                 return _preflight(request)
             self.check_token(request)
             check_served(request.path)
-            if "expect" in request.headers:
-                await _expectation(request)
             check_path(request.raw_path)
             check_text(request)
             if problem := cloudforms.query_problem(kind, path):
@@ -169,7 +167,7 @@ class Gateway:
             if _encoded_size(call) > self.max_bytes:
                 raise Refused(413, f"the request is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         except Refused as exc:
-            return _refusal(kind, exc)
+            return _refusal(kind, exc, request)
         try:
             limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
             submitted = await self.client.submit_http(profile, call, limits, fields)
@@ -204,10 +202,13 @@ class Gateway:
 
     async def read_body(self, request: web.BaseRequest) -> tuple[bytes, dict[str, msgspec.Raw] | None]:
         """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object,
-        whose top level comes with it (read once: fallbacks and the broker's fields are taken from it)."""
+        whose top level comes with it (read once: fallbacks and the broker's fields are taken from it). A caller
+        that holds it back for a `100 Continue` is told to send it here, once its headers passed every check."""
         too_large = Refused(413, f"the request body is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         if (request.content_length or 0) > self.max_bytes:
             raise too_large
+        if "expect" in request.headers:
+            await _expectation(request)
         try:
             if request.content.is_eof():  # all of it came with the headers: nothing to wait for
                 body = await request.read()
@@ -277,11 +278,13 @@ class _Request(web.BaseRequest):
 
 async def _expectation(request: web.BaseRequest) -> None:
     """Let a caller that waits for it before sending its body (curl's `Expect: 100-continue`) send it; refuse
-    any other expectation (417, RFC 9110 §10.1.1) rather than run a request whose caller expects what it won't get."""
-    expect = request.headers["expect"]
-    if expect.strip().lower() != "100-continue":
+    any other expectation (417, RFC 9110 §10.1.1) rather than run a request whose caller expects what it won't get.
+    The header is a list, its lines one list and its empty elements none (RFC 9110 §5.3, §5.6.1)."""
+    expect = ", ".join(request.headers.getall("expect"))
+    expected = {element.strip().lower() for element in expect.split(",")} - {""}
+    if expected - {"100-continue"}:
         raise Refused(417, f"Expect: {expect!r} cannot be met: this gateway knows only 100-continue; drop the header")
-    if request.version == HttpVersion11:
+    if expected and request.version == HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's size is counted from its own start
 
@@ -410,11 +413,13 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
     return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
 
 
-def _refusal(kind: str, exc: Refused) -> web.Response:
+def _refusal(kind: str, exc: Refused, request: web.BaseRequest) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
-    if exc.status in (408, 417):
-        response.force_close()  # the rest of a stalled body, or of one sent with no answer expected, is not waited for
+    if exc.status in (408, 417) or ("expect" in request.headers and not request.content.is_eof()):
+        # the answer says the connection ends: the rest of a stalled body, of one sent with no answer expected, or of
+        # one held back for a 100 Continue never sent is not to come (nor the caller's next request be read as it)
+        response.force_close()
     return response
 
 

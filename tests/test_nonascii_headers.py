@@ -21,7 +21,7 @@ import anthropic
 import openai
 import pytest
 
-from broker import Pool
+from broker import BadRequest, Pool
 from broker import shim as isoshim
 from broker.protocol import HttpCall
 
@@ -127,6 +127,18 @@ def test_a_request_the_workers_sdk_client_builds_sends_a_non_ascii_header_as_utf
         result, seen = recorded(lambda: client.submit_http("anthropic", call).result())
     assert result.status == 200
     assert seen == [("PUT", "/v1/notes", [("x-note", NOTE.encode())])]
+
+
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9", 7], ids=["bytes", "int"])
+def test_a_header_value_of_another_type_than_str_is_the_callers_bad_request(pool, value):
+    """The low-level client given a header value that is not a str: a BadRequest that says what an HttpCall
+    holds (it was an InternalError, "[internal] ValidationError"), and the pool serves the next call."""
+    with pool.client() as client:
+        call = HttpCall("POST", "/v1/messages/count_tokens", [("x-note", value)], json.dumps(TOKENS).encode())
+        with pytest.raises(BadRequest, match="header names and values are str"):
+            client.submit_http("anthropic", call).result()
+        good = HttpCall("POST", "/v1/messages/count_tokens", [], json.dumps(TOKENS).encode())
+        assert client.submit_http("anthropic", good).result().status == 200
 
 
 def raw_request(url: str, header: bytes) -> tuple[int, bytes]:

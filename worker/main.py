@@ -292,6 +292,18 @@ class Emitter:
         self._end([KIND_BYTES[Kind.ERROR], header, self._codec.encode(info)])
 
 
+def _read_call(codec: Codec, payload: bytes) -> Call | HttpCall | TimedCall | Resume:
+    """The call a RUN carries; one a caller encoded with the wrong types (a low-level client given bytes for
+    a header value) is its bad request, not the pool's internal error."""
+    try:
+        return codec.call(payload)
+    except msgspec.DecodeError as exc:  # msgspec's ValidationError is one
+        raise BadCall(
+            f"the call could not be read ({exc}): an HttpCall's method, path, header names and values are str, "
+            "its body bytes"
+        ) from None
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -348,7 +360,7 @@ class Worker:
     async def _execute(self, rid: int, payload: bytes, model: str = "", traceparent: str = "") -> None:
         emit = Emitter(self.sock, self.codec, rid, self.spec.coalesce)
         try:
-            call = self.codec.call(payload)
+            call = _read_call(self.codec, payload)
             if traceparent and isinstance(call, (Call, HttpCall)):
                 call = traced(call, traceparent)
             if isinstance(call, Resume):  # a stream that broke after output, continued (on the same model)

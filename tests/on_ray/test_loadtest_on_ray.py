@@ -78,9 +78,14 @@ def test_a_point_spread_over_three_nodes_gives_one_nodes_figures(spread):
     for point in (one, three):
         assert point["summary"]["requests"] > 15 and set(point["summary"]["outcomes"]) == {"ok", "stall"}  # ~60 idle
     rate = one["summary"]["throughput"]["requests_per_s"], three["summary"]["throughput"]["requests_per_s"]
-    # the spread point's rate is its nodes' together (each over its own measured window: within 15%)
+    # the spread point's rate is its nodes' answers together over its span: counted exactly; the nodes' own rates
+    # are each over their own span (a node starved at load 6 began late: 7.39 + 2.82 + 6.85 = 17.1 against 14.4),
+    # so their sum is only near it (a lost node's third, or a node counted twice, is far outside)
+    nodes_ok = [node["summary"]["outcomes"].get("ok", 0) for node in three["nodes"].values()]
+    assert sum(nodes_ok) == three["summary"]["outcomes"]["ok"], nodes_ok
+    assert rate[1] == pytest.approx(sum(nodes_ok) / three["summary"]["seconds"], rel=0.01)
     node_rates = [node["summary"]["throughput"]["requests_per_s"] for node in three["nodes"].values()]
-    assert sum(node_rates) == pytest.approx(rate[1], rel=0.15), (rate, node_rates)
+    assert 0.75 < sum(node_rates) / rate[1] < 1.4, (rate, node_rates)
     # and one node's for the same load; but the points run one after the other on two cores shared with a Ray
     # cluster, and the one that ran while they were busier is the slower (0.57 and 1.38 seen on a loaded
     # machine): the band fails a spread run that lost or double counted nodes' requests (x1/3, x2, x3)

@@ -28,11 +28,11 @@ from ..test_loadtest import ISOPOOL
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
 
 # c=6: two streams a node; ~150 ms a request (50 ms to the first token, 20 tokens 5 ms apart), and one
-# in 12 stalling after 5 events, cut at 0.5 s
+# in 12 stalling after 5 events, cut at 1 s (0.5 s also cut a healthy stream starved on a loaded machine)
 POINT = dict(calibrate=False, concurrency=[6], duration=2.5, warmup=0.5, output_tokens="20", fake_ttft=0.05,
-             fake_gap=0.005, stale_timeout=0.5, fake_faults={"stall-ping:after=5": 0.08}, seed=1)  # fmt: skip
+             fake_gap=0.005, stale_timeout=1.0, fake_faults={"stall-ping:after=5": 0.08}, seed=1)  # fmt: skip
 CLI_POINT = ["--no-calibrate", "-c", "6", "--duration", "2.5", "--warmup", "0.5", "--output-tokens", "20",
-             "--fake-ttft", "0.05", "--fake-gap", "0.005", "--stale-timeout", "0.5", "--fault-rate",
+             "--fake-ttft", "0.05", "--fake-gap", "0.005", "--stale-timeout", "1.0", "--fault-rate",
              "stall-ping:after=5=0.08", "--seed", "1"]  # fmt: skip
 
 
@@ -141,7 +141,7 @@ def test_a_stall_is_cut_and_counted_whichever_node_carried_it(spread):
     injected = results["fake_provider"]["faults"].get("stall-ping", 0)
     stalled = [r for r in records if r["outcome"] == "stall"]
     assert injected >= 2 and len(stalled) == injected, results["fake_provider"]  # each cut, on whichever node
-    assert all(r["stall"]["after_tokens"] == 4 and 0.45 <= r["stall"]["waited"] <= 2.0 for r in stalled)  # chat:
+    assert all(r["stall"]["after_tokens"] == 4 and 0.95 <= r["stall"]["waited"] <= 2.5 for r in stalled)  # chat:
     point = results["points"][0]  # the role chunk, then 4 tokens
     measured = [r for r in stalled if not r["warmup"]]
     assert point["summary"]["stalls"]["count"] == len(measured)

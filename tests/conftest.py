@@ -26,10 +26,12 @@ from broker import Pool  # noqa: E402
 from broker.fake_provider import FAULT_HEADER, LATENCY_HEADER, FakeProviderProcess  # noqa: E402
 from broker.protocol import Call, Codec, Kind, Submit  # noqa: E402
 
-# Small heartbeats; generous limits that a test lowers per request.
+# Small heartbeats; generous limits that a test lowers per request. A worker is declared hung after 3 s
+# without a heartbeat: two cores shared by several suites starve a healthy worker for over a second (at load
+# 18, 0.1 s x 10 killed one waiting on a silent provider: a heartbeat kill and a retry that test did not expect).
 TEST_SETTINGS: dict[str, Any] = dict(
     heartbeat_interval=0.1,
-    heartbeat_misses=10,
+    heartbeat_misses=30,
     first_event_timeout=20.0,
     stale_timeout=20.0,
     deadline=120.0,

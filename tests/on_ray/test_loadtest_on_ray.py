@@ -28,11 +28,11 @@ from ..test_loadtest import ISOPOOL
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
 
 # c=6: two streams a node; ~150 ms a request (50 ms to the first token, 20 tokens 5 ms apart), and one
-# in 12 stalling after 5 events, cut at 0.5 s
+# in 12 stalling after 5 events, cut at 1 s (0.5 s also cut a healthy stream starved on a loaded machine)
 POINT = dict(calibrate=False, concurrency=[6], duration=2.5, warmup=0.5, output_tokens="20", fake_ttft=0.05,
-             fake_gap=0.005, stale_timeout=0.5, fake_faults={"stall-ping:after=5": 0.08}, seed=1)  # fmt: skip
+             fake_gap=0.005, stale_timeout=1.0, fake_faults={"stall-ping:after=5": 0.08}, seed=1)  # fmt: skip
 CLI_POINT = ["--no-calibrate", "-c", "6", "--duration", "2.5", "--warmup", "0.5", "--output-tokens", "20",
-             "--fake-ttft", "0.05", "--fake-gap", "0.005", "--stale-timeout", "0.5", "--fault-rate",
+             "--fake-ttft", "0.05", "--fake-gap", "0.005", "--stale-timeout", "1.0", "--fault-rate",
              "stall-ping:after=5=0.08", "--seed", "1"]  # fmt: skip
 
 
@@ -78,9 +78,14 @@ def test_a_point_spread_over_three_nodes_gives_one_nodes_figures(spread):
     for point in (one, three):
         assert point["summary"]["requests"] > 15 and set(point["summary"]["outcomes"]) == {"ok", "stall"}  # ~60 idle
     rate = one["summary"]["throughput"]["requests_per_s"], three["summary"]["throughput"]["requests_per_s"]
-    # the spread point's rate is its nodes' together (each over its own measured window: within 15%)
+    # the spread point's rate is its nodes' answers together over its span: counted exactly; the nodes' own rates
+    # are each over their own span (a node starved at load 6 began late: 7.39 + 2.82 + 6.85 = 17.1 against 14.4),
+    # so their sum is only near it (a lost node's third, or a node counted twice, is far outside)
+    nodes_ok = [node["summary"]["outcomes"].get("ok", 0) for node in three["nodes"].values()]
+    assert sum(nodes_ok) == three["summary"]["outcomes"]["ok"], nodes_ok
+    assert rate[1] == pytest.approx(sum(nodes_ok) / three["summary"]["seconds"], rel=0.01)
     node_rates = [node["summary"]["throughput"]["requests_per_s"] for node in three["nodes"].values()]
-    assert sum(node_rates) == pytest.approx(rate[1], rel=0.15), (rate, node_rates)
+    assert 0.75 < sum(node_rates) / rate[1] < 1.4, (rate, node_rates)
     # and one node's for the same load; but the points run one after the other on two cores shared with a Ray
     # cluster, and the one that ran while they were busier is the slower (0.57 and 1.38 seen on a loaded
     # machine): the band fails a spread run that lost or double counted nodes' requests (x1/3, x2, x3)
@@ -136,7 +141,7 @@ def test_a_stall_is_cut_and_counted_whichever_node_carried_it(spread):
     injected = results["fake_provider"]["faults"].get("stall-ping", 0)
     stalled = [r for r in records if r["outcome"] == "stall"]
     assert injected >= 2 and len(stalled) == injected, results["fake_provider"]  # each cut, on whichever node
-    assert all(r["stall"]["after_tokens"] == 4 and 0.45 <= r["stall"]["waited"] <= 2.0 for r in stalled)  # chat:
+    assert all(r["stall"]["after_tokens"] == 4 and 0.95 <= r["stall"]["waited"] <= 2.5 for r in stalled)  # chat:
     point = results["points"][0]  # the role chunk, then 4 tokens
     measured = [r for r in stalled if not r["warmup"]]
     assert point["summary"]["stalls"]["count"] == len(measured)

@@ -86,23 +86,28 @@ def cpu_seconds(pid: int) -> float:
     return sched_seconds(pid)[0]
 
 
+_THREADS: dict[tuple[int, str], tuple[int, int]] = {}  # (pid, thread) -> its counts when last read
+
+
 def sched_seconds(pid: int) -> tuple[float, float]:
     """(seconds `pid` has run, seconds it waited, ready, for a CPU): the scheduler's nanosecond counts of
     each thread where Linux keeps them (psutil's CPU moves in 10 ms ticks, coarse for a call of 2 ms);
-    elsewhere psutil's CPU and no wait."""
+    elsewhere psutil's CPU and no wait. A thread that ended keeps the counts it had when last read (Linux
+    drops its file), so the figures never go back; one that began and ended between two readings is not
+    counted (a lower bound for a process that makes short-lived threads, such as LiteLLM's proxy)."""
     threads = glob.glob(f"/proc/{pid}/task/*/schedstat")
     if not threads:
         times = psutil.Process(pid).cpu_times()
         return times.user + times.system, 0.0
-    ran = waited = 0
     for path in threads:
         try:
             with open(path) as f:
                 run, wait, _ = f.read().split()
-            ran, waited = ran + int(run), waited + int(wait)
-        except (OSError, ValueError):  # a thread that ended meanwhile
+            _THREADS[(pid, path)] = int(run), int(wait)
+        except (OSError, ValueError):  # a thread that ended meanwhile: its last counts stand
             continue
-    return ran / 1e9, waited / 1e9
+    counts = [c for (p, _), c in _THREADS.items() if p == pid]
+    return sum(c[0] for c in counts) / 1e9, sum(c[1] for c in counts) / 1e9
 
 
 class Target(msgspec.Struct, frozen=True):

@@ -113,15 +113,20 @@ def isopool(n: int, concurrency: int, faults: dict[str, float], cap: float) -> t
         with Pool(profiles={"openai": profile}, stale_timeout=STALE, first_event_timeout=STALE,
                   max_attempts=5) as pool:  # fmt: skip
             tally = Tally(n)
+            spans: list[tuple[float, float, int]] = []  # each request's (start, end, attempts)
 
             async def lane(client: Any) -> None:
                 while (i := tally.take()) is not None:
+                    began, served = time.monotonic(), None
                     try:
-                        res = await client.request("openai", "chat.completions.create", model="gpt-bench",
+                        call = await client.submit("openai", "chat.completions.create", model="gpt-bench",
                                                    messages=_messages(i))  # fmt: skip
+                        res = await call.result()
+                        served = call.served
                         tally.answer(i, res.json()["choices"][0]["message"]["content"])
                     except RequestError:
                         tally.answer(i, None)
+                    spans.append((began - start, time.monotonic() - start, served.attempts if served else 0))
 
             async def drive() -> None:
                 async with pool.async_client() as client:
@@ -142,8 +147,17 @@ def isopool(n: int, concurrency: int, faults: dict[str, float], cap: float) -> t
     texts = {i: t for i, t in tally.answers.items() if t is not None}
     out = tally.outcome(start, cap, texts) | {"faults_injected": injected,
                                               "stalls_recovered": sum(stats["stalls"].values()),
-                                              "cpu_s": round(cpu, 2)}  # fmt: skip
+                                              "cpu_s": round(cpu, 2), "stall_floor_s": _stall_floor(spans)}  # fmt: skip
     return out, texts
+
+
+def _stall_floor(spans: list[tuple[float, float, int]]) -> float | None:
+    """The soonest the run could have ended given where its stalls fell: a stalled request is retried only
+    once silent for the stale_timeout, and its retry takes at least as long as the quickest request did.
+    The latest such bound over the requests retried after a wait that long (None without any)."""
+    quickest = min((end - began for began, end, attempts in spans if attempts == 1), default=0.0)
+    stalled = [began + STALE + quickest for began, end, attempts in spans if attempts > 1 and end - began >= STALE]
+    return round(max(stalled), 2) if stalled else None
 
 
 def _cpu_seconds(stats: dict[str, Any], broker: int, fake: int) -> float:
@@ -288,6 +302,8 @@ def run(size: str) -> dict[str, Any]:
     ratio = round(runs["isopool"]["makespan_s"] / clean_makespan, 3) if runs["isopool"]["makespan_s"] else None
     cores = psutil.cpu_count() or 1
     work = f"this run: CPU {clean['cpu_s']:g} s clean, {runs['isopool']['cpu_s']:g} s with faults, on {cores} cores"
+    if (floor := runs["isopool"]["stall_floor_s"]) is not None:
+        work += f"; its latest stall let it end no sooner than {floor:g} s = {floor / clean_makespan:.2f}x"
     figures = {"clean_isopool": clean, "contenders": runs, "isopool_makespan_vs_clean": ratio}
     inputs = {"requests": n, "concurrency": concurrency, "cap_s": cap, "fault_rates": FAULTS,
               "stale_timeout_s": STALE, "pebble_task_timeout_s": TASK_TIMEOUT, "attempts": ATTEMPTS,

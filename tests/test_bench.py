@@ -89,6 +89,7 @@ def _check_faults(figures: dict, inputs: dict) -> None:
     assert set(figures["contenders"]) == {"isopool", "plain SDK", "in-process watchdog", "pebble ProcessPool"}
     assert figures["contenders"]["isopool"]["correct"] == n  # every request answered correctly, faults or not
     assert figures["clean_isopool"]["cpu_s"] > 0 and figures["contenders"]["isopool"]["cpu_s"] > 0  # the work done
+    assert figures["clean_isopool"]["stall_floor_s"] is None  # no request waited out a stall
     for r in figures["contenders"].values():
         assert r["correct"] + r["wrong"] + r["failed"] + r["hanging_at_cap"] + r["never_started"] <= n
 

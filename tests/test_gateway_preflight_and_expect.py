@@ -53,6 +53,22 @@ def test_a_preflight_on_a_served_path_is_still_answered(gateway, path):
     assert "x-api-key" in headers["access-control-allow-headers"]
 
 
+@pytest.mark.parametrize("path", ["/v1/%2e%2e/x", "/v1/./messages", "/v1/a/%2E%2E/%2e%2e/b"])
+def test_a_preflight_on_a_path_a_post_is_refused_at_gets_that_refusal(gateway, path):
+    """A dot-segment path: the POST's 400 for the preflight too (it was told 204, the endpoint exists)."""
+    post = send(gateway, "POST", path, BODY, content_type="application/json", Origin=ORIGIN)
+    preflight = send(gateway, "OPTIONS", path, Origin=ORIGIN, **ASKS)
+    assert preflight[0] == post[0] == 400 and error_of(preflight[2]) == error_of(post[2])
+
+
+def test_a_preflight_asking_for_headers_that_are_not_utf8_is_refused(gateway):
+    """The header list a preflight asks for is echoed back: one that is not UTF-8 is refused as such a header
+    is on any request (it was cut at its first non-UTF-8 byte and echoed)."""
+    asks = dict(ASKS, **{"Access-Control-Request-Headers": "content-type,x-caf\xe9"})
+    status, _, body = send(gateway, "OPTIONS", "/v1/messages", Origin=ORIGIN, **asks)
+    assert status == 400 and "access-control-request-headers" in error_of(body)["message"].lower()
+
+
 def read_answer(sock: socket.socket) -> bytes:
     answer = b""
     while chunk := sock.recv(65536):

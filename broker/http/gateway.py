@@ -151,6 +151,7 @@ class Gateway:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
                 check_served(request.path)  # a browser carries no credentials on a preflight
+                check_path(request.raw_path)
                 return _preflight(request)
             self.check_token(request)
             check_served(request.path)
@@ -381,10 +382,14 @@ def _traceparent(request: web.BaseRequest) -> str:
 
 
 def _preflight(request: web.BaseRequest) -> web.Response:
-    """A browser's CORS check from an allowed origin (Allow-Origin is added to every answer to it)."""
+    """A browser's CORS check from an allowed origin (Allow-Origin is added to every answer to it); the headers
+    it asks for are echoed, as UTF-8 text only (see `check_text`)."""
+    asked = request.headers.get("access-control-request-headers", "")
+    if not asked.isascii() and not _is_utf8(asked):
+        raise Refused(400, "header Access-Control-Request-Headers: its value is not UTF-8 text; send it as UTF-8")
     headers = {
         "access-control-allow-methods": "GET, POST, DELETE",
-        "access-control-allow-headers": request.headers.get("access-control-request-headers", ""),
+        "access-control-allow-headers": asked,
         "access-control-max-age": "600",
     }
     return web.Response(status=204, headers=headers)

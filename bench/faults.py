@@ -26,7 +26,7 @@ from broker import Pool, RequestError
 from broker.fake_provider import FakeProviderProcess
 from broker.fake_provider.server import Latency
 
-from .common import pick, result, target
+from .common import pick, pool_pids, result, target
 
 LATENCY = Latency(ttft=0.05, gap=0.01, tokens=24)
 FAULTS = {"stall-ping:after=3,interval=1,hold=3600": 0.05, "reset:after=3": 0.02}
@@ -164,7 +164,7 @@ def _cpu_seconds(stats: dict[str, Any], broker: int, fake: int) -> float:
     """CPU seconds this process, the pool (broker, zygote, its live workers and, through the zygote, those
     it has reaped) and the fake provider have spent so far: the whole run's work on this machine's cores."""
     total = sum(os.times()[:2])
-    for pid in (broker, fake, stats["zygote_pid"], *(w["pid"] for w in stats["workers"] if w["pid"])):
+    for pid in (fake, *pool_pids(stats, broker)):
         try:
             t = psutil.Process(pid).cpu_times()
         except psutil.Error:  # a worker killed meanwhile: the zygote's children count it once reaped

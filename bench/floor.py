@@ -1,10 +1,11 @@
-"""The references behind issue 21's "+0.3 ms" (run by `python -m bench shim` as two more paths): the
-least a process boundary adds to an SDK call on this machine. `bare hop`: the official SDKs' HTTP
+"""The references behind issue 21's "+0.3 ms" (run by `python -m bench shim` and `gateway` as more paths):
+the least a process boundary adds to an SDK call on this machine. `bare hop`: the official SDKs' HTTP
 transport sends each request's bytes in one ZeroMQ message to another process, which makes the
 request with aiohttp (as a worker does) and sends status, headers and the whole body back in one
 message: no broker, no watchdog, no events relayed as they come, no retries. `bare broker`: the same
 through a Python loop that only passes messages on between callers and that process, as the
-pool's broker sits between callers and workers. Neither is a pool: what they add is a floor.
+pool's broker sits between callers and workers. `bare gateway` (gateway's run): aiohttp's low-level
+server in front of the bare broker. None is a pool: what they add is a floor.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ async def _gateway(front: str, upstreams: dict[str, str]) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     _exit_with_stdin()
-    print(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
+    print(f"http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
 
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         front, *urls = args.gateway
         asyncio.run(_gateway(front, dict(url.split("=", 1) for url in urls)))
     else:
-        parser.error("run as part of `python -m bench shim`")
+        parser.error("run as part of `python -m bench shim` or `python -m bench gateway`")
 
 
 if __name__ == "__main__":

@@ -60,11 +60,14 @@ class Processes:
 
     def cpu(self, pids: dict[str, list[int]]) -> dict[str, float]:
         """Seconds of CPU each role of `pids` has spent so far (a process gone counts 0)."""
-        return {role: sum(_sched(pid)[0] for pid in some) for role, some in pids.items()}
+        return self.sched(pids)[0]
 
-    def waits(self, pids: dict[str, list[int]]) -> float:
-        """Seconds the processes of `pids` have waited, ready, for a CPU so far (all roles together)."""
-        return sum(_sched(pid)[1] for some in pids.values() for pid in some)
+    def sched(self, pids: dict[str, list[int]]) -> tuple[dict[str, float], float]:
+        """(`cpu`, seconds the processes of `pids` have waited, ready, for a CPU so far, all roles together),
+        from one reading of each process."""
+        counts = {role: [_sched(pid) for pid in some] for role, some in pids.items()}
+        waited = sum(wait for some in counts.values() for _, wait in some)
+        return {role: sum(run for run, _ in some) for role, some in counts.items()}, waited
 
 
 def _sched(pid: int) -> tuple[float, float]:
@@ -111,10 +114,11 @@ def _cpu_per(processes: Processes, call: Callable[[], int], runs: int, per_event
     """µs of CPU of each role per call (per event with `per_event`) over `runs` calls made back to back, and
     µs the processes waited for a CPU per call: on two cores, the time a call's processes queue for one."""
     pids = processes.pids()  # read before: asking the broker costs it CPU
-    before, waited, events = processes.cpu(pids), processes.waits(pids), 0
+    (before, waited), events = processes.sched(pids), 0
     for _ in range(runs):
         events += call()
-    after, waited = processes.cpu(pids), processes.waits(pids) - waited
+    after, waited_after = processes.sched(pids)
+    waited = waited_after - waited
     count = max(events, 1) if per_event else runs
     cpu = {role: round((after[role] - before[role]) * 1e6 / count, 1) for role in after}
     return {"cpu_us": cpu, "cpu_wait_us": round(waited * 1e6 / count, 1)}

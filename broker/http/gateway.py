@@ -319,7 +319,11 @@ def check_text(request: web.BaseRequest) -> None:
     such bytes as surrogates): the SDKs send text as UTF-8, and the pool's messages carry text."""
     not_text = [str(k) for k, v in request.headers.items() if not v.isascii() and _is_read(k) and not _is_utf8(v)]
     if not_text:
-        raise Refused(400, f"header {', '.join(not_text)}: its value is not UTF-8 text; send it as UTF-8")
+        raise _not_text(not_text)
+
+
+def _not_text(names: list[str]) -> Refused:
+    return Refused(400, f"header {', '.join(names)}: its value is not UTF-8 text; send it as UTF-8")
 
 
 def _is_read(name: str) -> bool:
@@ -386,7 +390,7 @@ def _preflight(request: web.BaseRequest) -> web.Response:
     it asks for are echoed, as UTF-8 text only (see `check_text`)."""
     asked = request.headers.get("access-control-request-headers", "")
     if not asked.isascii() and not _is_utf8(asked):
-        raise Refused(400, "header Access-Control-Request-Headers: its value is not UTF-8 text; send it as UTF-8")
+        raise _not_text(["Access-Control-Request-Headers"])
     headers = {
         "access-control-allow-methods": "GET, POST, DELETE",
         "access-control-allow-headers": asked,

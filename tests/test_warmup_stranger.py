@@ -31,10 +31,20 @@ time.sleep(60)
 """
 
 
-def test_a_local_strangers_silent_connection_does_not_hold_the_warm_up():
+def test_a_local_strangers_silent_connection_does_not_hold_the_warm_up(monkeypatch):
     count = int(re.fullmatch(r"count\((\d+)\)", repr(warmup._NAMES))[1])  # the next socket's number
     name = f"isopool-warm-up-{os.getpid()}-{count}"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, name], stdout=subprocess.PIPE, text=True)
+    bind = asyncio.start_unix_server
+
+    async def bound_then_reached(*args, **kwargs):
+        """The warm-up's socket, once the stranger has reached it: on a busy machine the warm-up could
+        otherwise be over before the stranger ran at all (and the test prove nothing)."""
+        server = await bind(*args, **kwargs)
+        assert await asyncio.to_thread(holder.stdout.readline) == "connected\n"
+        return server
+
+    monkeypatch.setattr(warmup.asyncio, "start_unix_server", bound_then_reached)
     try:
         assert holder.stdout.readline().strip() == "ready"
 
@@ -42,7 +52,6 @@ def test_a_local_strangers_silent_connection_does_not_hold_the_warm_up():
             await asyncio.wait_for(warmup.calls(("anthropic",)), 20)
 
         asyncio.run(warm())  # TimeoutError before the fix: it waited on the stranger's connection
-        assert holder.stdout.readline().strip() == "connected"  # it did reach the socket
     finally:
         holder.kill()
         holder.wait()

@@ -47,6 +47,11 @@ def _most_at_once(records: list[dict]) -> int:
     return max(itertools.accumulate(step for _, step in edges))
 
 
+def _offered(records: list[dict], node: str | None = None) -> float:
+    """Seconds of requests offered, from when each was due to its end: a node's or all nodes'."""
+    return sum(r["end"] - r["scheduled"] for r in records if node in (None, r["node"]))
+
+
 @pytest.fixture(scope="package")  # package: kept while xdist interleaves the package's two modules
 def spread(cluster, tmp_path_factory):
     """The same closed-loop point, stalls included, run on this machine's one pool, then spread over the
@@ -109,7 +114,10 @@ def test_every_record_carries_its_node_and_each_node_offered_its_share(spread):
         assert node["load"] == {"concurrency": 2}
         assert _most_at_once([r for r in records if r["node"] == name]) == 2  # it offered two streams, no more
         mine = [r for r in records if r["node"] == name and not r["warmup"]]
-        assert node["summary"]["requests"] == len(mine) and 0.2 < len(mine) / measured < 0.45
+        assert node["summary"]["requests"] == len(mine) > 0
+        # its share of the time streams were offered (a stalled stream is offered until it is cut), not of
+        # the answers: a stall holds one of a node's two streams for 1 s of the 2.5 (7 of 35 answers seen)
+        assert 0.2 < _offered(records, name) / _offered(records) < 0.45
         assert 1.3 < node["generator"]["in_flight_mean"] <= 2.05  # its two streams, kept busy (1.9 idle)
         assert node["generator"]["verdict"].startswith("the generator")
     assert sum(n["summary"]["requests"] for n in nodes.values()) == measured

@@ -33,6 +33,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default: clients that know no better
 # request may set (request_min_timeout's default), so held events never look like a stall.
 MAX_COALESCE_MS = 50.0
 ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer means the zygote is stuck
+# The broker's own start (its imports, sockets, the gateway's): ~0.5 s here, seconds on a loaded machine. A worker's
+# startup_timeout may be set tighter than that, so it bounds the broker's start only when it is longer.
+BROKER_BOOT_TIMEOUT = 30.0
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -145,6 +145,13 @@ def test_hung_zygote_is_replaced_when_a_spawn_times_out(fake, own_processes):
         assert_dead({zygote})
 
 
+def test_a_tight_worker_startup_timeout_does_not_bound_the_brokers_own_start(fake, own_processes):
+    """startup_timeout is a worker's limit: at 0.05 s the broker (which takes longer to import and bind) still starts
+    (it was its start's limit too: "the pool's broker did not start within 1s" on a loaded machine)."""
+    with Pool(profiles=one_profile(fake), **dict(TEST_SETTINGS, startup_timeout=0.05)).start(wait=False) as pool:
+        assert running({pool.pid}) == {pool.pid}
+
+
 def test_sdk_environment_variables_drive_the_default_profiles(fake, own_processes, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
     monkeypatch.setenv("OPENAI_BASE_URL", fake.url + "/v1")

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from .. import endpoints
-from ..config import ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
+from ..config import BROKER_BOOT_TIMEOUT, ZYGOTE_BOOT_TIMEOUT, Settings, load_settings
 from ..errors import BrokerUnavailable
 from ..processes import Child, ChildFailed
 from ..protocol import BrokerReady
@@ -54,9 +54,9 @@ class Pool:
         self._child = Child("broker.server", handover=msgspec.json.encode(self.settings))
         self._finalizer = weakref.finalize(self, _stop, self._child, self.settings.run_dir if self._own_dir else "")
         try:
-            ready = self._child.handshake(
-                BrokerReady, "the pool's broker", self.settings.startup_timeout, "startup_timeout"
-            )
+            timeout = self.settings.startup_timeout
+            setting = "startup_timeout" if timeout >= BROKER_BOOT_TIMEOUT else ""
+            ready = self._child.handshake(BrokerReady, "the pool's broker", max(timeout, BROKER_BOOT_TIMEOUT), setting)
         except ChildFailed as exc:
             self.stop()
             raise BrokerUnavailable(str(exc)) from None

@@ -163,7 +163,8 @@ class _Sdk:
         prepare = _prepare_options_async if asynchronous else _prepare_options
         members = {"__init__": __init__, "_prepare_options": prepare, "__module__": __name__}
         if cloud is not None and cloud.decodes_sse:
-            members["_make_sse_decoder"] = lambda self: clouds.sse_decoder(sdk.module)
+            # anthropic >= 2.16 passes the request's options (Bedrock's control-plane calls answer in SSE)
+            members["_make_sse_decoder"] = lambda self, *_: clouds.sse_decoder(sdk.module)
         cls = type(name, (getattr(self.module, name),), members)
         return cls
 

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -56,16 +55,16 @@ def _offered(records: list[dict], node: str | None = None) -> float:
 def spread(cluster, tmp_path_factory):
     """The same closed-loop point, stalls included, run on this machine's one pool, then spread over the
     three nodes by `isopool loadtest --ray` (the fakes draw the same stalls, in the order requests reach
-    them). The records written 2 s after records.jsonl appeared are counted: the point (which begins
-    half a second after it appears) was still running."""
+    them). Once ten records are written, the point's results are read: it was still running."""
     tmp = tmp_path_factory.mktemp("loadtest-ray")
     single = run(Options(**POINT), str(tmp / "single"))
     out = tmp / "ray"
     driver = subprocess.Popen([*ISOPOOL, "loadtest", "--ray", cluster.address, *CLI_POINT, "--json", "-o", str(out)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        wait_for(lambda: driver.poll() is not None or (out / "records.jsonl").exists(), 120, "the point to start")
-        time.sleep(2.0)  # not a synchronisation: the time at which the records are counted
+        # ten records written: then the point must still be running (it has no results yet), or they were not
+        # written as it ran (a fixed 2 s after the file appeared found none on a machine twice as slow)
+        wait_for(lambda: driver.poll() is not None or _lines(out / "records.jsonl") > 10, 120, "ten records")
         streamed = _lines(out / "records.jsonl"), json.loads((out / "results.json").read_text())["points"]
         stdout, stderr = driver.communicate(timeout=60)
     finally:
@@ -141,7 +140,7 @@ def test_the_nodes_clocks_are_aligned_and_the_error_reported(spread):
 
 def test_records_are_written_while_the_point_runs(spread):
     lines, points = spread["streamed"]
-    assert lines > 10 and points == []  # 1.5 s into the 2.5 s point: a run killed then keeps them
+    assert lines > 10 and points == []  # written while the point ran: a run killed then keeps them
 
 
 def test_a_stall_is_cut_and_counted_whichever_node_carried_it(spread):

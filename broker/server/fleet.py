@@ -66,6 +66,12 @@ class Fleet:
         # Worker groups: one per deployment of each profile (a profile without deployments is one,
         # named after it). The maps below are by group.
         self.groups = groups(settings)
+        # Each profile's groups, their weights and the weights' total, once: reconcile runs after nearly every message.
+        self.profile_groups = {
+            name: [k for k, (n, _, _) in self.groups.items() if n == name] for name in settings.profiles
+        }
+        self.weights = {name: ([d.weight for d in p.deployments] or [1.0], sum(d.weight for d in p.deployments) or 1.0)
+                        for name, p in settings.profiles.items()}  # fmt: skip
         self.free: dict[str, collections.deque[Worker]] = {g: collections.deque() for g in self.groups}
         self.spawn_failures: dict[str, int] = collections.Counter()
         self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
@@ -220,7 +226,7 @@ class Fleet:
             if failures:
                 self.spawn_after[key] = now + min(self.settings.respawn_backoff_max, 0.05 * 2**failures)
                 self.alarm.by(self.spawn_after[key])
-                if failures >= 5 and all(self.spawn_failures[g] >= 5 for g in self.groups_of(name)):
+                if failures >= 5 and all(self.spawn_failures[g] >= 5 for g in self.profile_groups[name]):
                     self.fail_queue(name, f"workers of profile {name!r} keep failing at start; see the broker's log")
                 missing = 1
             for _ in range(missing):
@@ -231,10 +237,9 @@ class Fleet:
         each taking what its free room holds."""
         shares: dict[str, int] = {}
         for name, profile in self.settings.profiles.items():
-            keys = self.groups_of(name)
+            keys = self.profile_groups[name]
             if len(keys) == 1 or profile.strategy != "ordered":
-                total = sum(d.weight for d in profile.deployments) or 1.0
-                weights = [d.weight for d in profile.deployments] or [1.0]
+                weights, total = self.weights[name]
                 shares |= {k: -(-waiting[name] * w // total) for k, w in zip(keys, weights, strict=True)}
                 continue
             left = waiting[name]
@@ -244,9 +249,6 @@ class Fleet:
                 shares[key], left = min(left, max(0, room)), left - min(left, max(0, room))
             shares[keys[-1]] += left
         return {k: int(v) for k, v in shares.items()}
-
-    def groups_of(self, profile: str) -> list[str]:
-        return [key for key, (name, _, _) in self.groups.items() if name == profile]
 
     def _retire_idle(self, workers: list[Worker], surplus: int, now: float) -> None:
         """Scale down: stop up to `surplus` workers idle for `idle_timeout`, longest idle first."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import heapq
 import logging
 import math
@@ -63,6 +64,8 @@ class Flow:
         tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # the scopes' matching is the same for every request of a model (and the settings never change)
+        self._scoped_limits = functools.lru_cache(maxsize=1024)(settings.limits)
         self.stats = stats
         self.alarm = alarm
         self.codec = codec
@@ -132,7 +135,7 @@ class Flow:
 
     def _limits(self, sub: Submit, profile: str, model: str) -> tuple[float, float, float]:
         """(first_event_timeout, stale_timeout, deadline) of a request on one target."""
-        fet, stale, deadline = self.settings.limits(
+        fet, stale, deadline = self._scoped_limits(
             profile, model, Limits(sub.first_event_timeout, sub.stale_timeout, sub.deadline)
         )
         if sub.read_timeout:

@@ -1,8 +1,10 @@
-"""Multipart sends and receives without pyzmq's per-frame enum arithmetic.
+"""Multipart sends and receives without pyzmq's per-frame Python layers.
 
-`send_multipart` and `recv_multipart` combine `zmq.Flag` enums and read `RCVMORE`
-through the generic option path for every frame, about 4 µs per message that the
-broker pays twice per relayed message. These do the same with plain integers.
+`send_multipart` and `recv_multipart` combine `zmq.Flag` enums, and read `RCVMORE` through
+the generic option path (an enum lookup per call) for every frame; the broker pays that on
+every message it relays. These send through the backend's socket (no wrapper checking for
+draft-API options) and read each frame's own `more` flag: a three-frame message's receive
+5.7 -> 4.0 µs, its send 2.5 -> 1.4 µs (timeit over inproc, this machine).
 """
 
 from __future__ import annotations
@@ -11,28 +13,29 @@ import ctypes
 import secrets
 
 import zmq
+from zmq.backend import Socket as _Backend
 
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
+_send, _recv = _Backend.send, _Backend.recv
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
     """Send a multipart message (`flags`: 0 or NOBLOCK). ZeroMQ queues a message's frames
     atomically, so a failure on the first frame sends nothing."""
-    send = sock.send
     more = flags | _MORE
     for frame in frames[:-1]:
-        send(frame, more)
-    send(frames[-1], flags)
+        _send(sock, frame, more)
+    _send(sock, frames[-1], flags)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:
     """Receive one multipart message; raises zmq.Again if none is waiting (with NOBLOCK)."""
-    recv, get = sock.recv, sock.get
-    frames = [recv(flags)]
-    while get(_RCVMORE):
-        frames.append(recv(flags))
+    frame = _recv(sock, flags, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        frames.append(frame.bytes)
     return frames
 
 

@@ -147,9 +147,9 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
     assert lost[0]["recovered_s"] is not None and lost[0]["lost_at"] - killed_at < 10
     *first, joiner = summary["nodes"].values()  # in the order the driver gave them actors
     assert len(first) == 3 and all(n["done"] > 0 for n in first if not n["lost"])
-    # the joiner's pool started (its address is known); whether items were left for it depends on when it came
-    # (on a loaded machine the last items were already in flight: done 0 seen)
-    assert joiner["ip"] and not joiner["lost"], joiner
+    # the joiner was given an actor, and its start did not fail; whether its pool was up, and items were left for
+    # it, before the run ended depends on the machine's speed (done 0, and at half speed no pool yet, seen)
+    assert not joiner["lost"] and joiner["error"] == "", joiner
     assert pool, "the killed node ran a pool"
     wait_for(lambda: not any(alive(pid) for pid in pool), 15, "the dead node's isopool processes to end")
 

@@ -4,13 +4,16 @@ status, headers and body shape, stream framing, windows in time, prefill per mod
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the SDKs' own HTTP client: installed with them, no SDK in the way
 import pytest
 from click.testing import CliRunner
 
 from broker.cli.commands import main
-from broker.fake_provider import FAULT_HEADER
+from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
+from broker.fake_provider.server import Latency
 
 from .conftest import wait_for
 
@@ -159,3 +162,17 @@ def test_help_lists_every_new_fault():
     for kind in ("unavailable", "no-headers", "cut", "no-done", "malformed", "context-length", "content-filter"):
         assert f"  {kind} " in text, kind
     assert "retry_after_ms" in text and "-noprefill" in text
+
+
+def test_hold_keeps_streams_before_their_first_event_until_released():
+    with FakeProviderProcess(Latency(tokens=4)) as fake:
+        assert httpx.post(fake.url + "/_isopool/hold", json={"hold": "yes"}).status_code == 400
+        fake.hold()
+        with ThreadPoolExecutor(2) as threads:
+            held = threads.submit(post, fake, "anthropic", body("anthropic", "held", stream=True))
+            wait_for(lambda: fake.stats()["active"] == 1, 10, "the stream to arrive")
+            time.sleep(0.3)
+            assert not held.done() and fake.stats()["completed"] == 0
+            fake.hold(False)
+            names = [name for name, _ in events(held.result(timeout=10).text)]
+    assert names[0] == "message_start" and names[-1] == "message_stop"

@@ -88,6 +88,12 @@ class FakeProviderProcess:
     def reset(self) -> None:
         urllib.request.urlopen(urllib.request.Request(self.url + "/_isopool/reset", method="POST"), timeout=10).close()
 
+    def hold(self, held: bool = True) -> None:
+        """Hold every stream before its first event (False: let them go on)."""
+        request = urllib.request.Request(self.url + "/_isopool/hold", data=json.dumps({"hold": held}).encode(),
+                                         headers={"content-type": "application/json"}, method="POST")  # fmt: skip
+        urllib.request.urlopen(request, timeout=10).close()
+
     def stop(self) -> None:
         if self._child is not None:
             self._child.stop()

@@ -6,6 +6,9 @@ Counters of what it served and injected are at `GET /_isopool/stats` (`POST /_is
 zeroes them, empties the prefix cache and re-arms the faults chosen by header or model); the
 headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
 answered with), so that tests can check what reached the provider: keys, organization, others.
+`POST /_isopool/hold` with `{"hold": true}` keeps every stream before its first event until
+`{"hold": false}`, so that a test can see each slot of a pool busy at once on however slow a
+machine (the held streams count as active and waiting; a client that leaves is noticed).
 What a vLLM-like server shows Prometheus is at `GET /metrics` (see `metrics.py`).
 With `prefix_cache`, its usage reports cached input tokens as a server with automatic prefix
 caching would (see `prefix_cache.py`); it is off by default, since a request sent again would
@@ -92,6 +95,8 @@ class FakeProvider:
         self.cached_tokens = 0  # input tokens answered from it
         self.reported = Reported()  # the usage its answers reported, summed
         self.clouds = CloudRoutes(self)  # Bedrock, Vertex and Azure, with their credential checks
+        self.released = asyncio.Event()  # cleared while `/_isopool/hold` holds streams before their first event
+        self.released.set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -101,6 +106,7 @@ class FakeProvider:
         app.router.add_post("/v1/responses", self._endpoint(OpenAIResponses, "openai"))
         app.router.add_get("/_isopool/stats", self.stats)
         app.router.add_post("/_isopool/reset", self.reset)
+        app.router.add_post("/_isopool/hold", self.hold)
         app.router.add_get("/_isopool/requests/{rid}", self.request_headers)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics.handle)
@@ -162,6 +168,13 @@ class FakeProvider:
         self.completed = self.disconnects = self.chunks = self.cached_tokens = 0
         self.reported.reset()
         return web.json_response({"ok": True})
+
+    async def hold(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("hold"), bool):
+            return web.json_response({"error": 'send {"hold": true} or {"hold": false}'}, status=400)
+        (self.released.clear if body["hold"] else self.released.set)()
+        return web.json_response({"hold": body["hold"]})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         return self.counted(await request.json(), "messages.count_tokens")
@@ -305,10 +318,12 @@ class FakeProvider:
         return response
 
     async def _first_wait(self, request: web.Request, seconds: float, arrived: float) -> None:
-        """Wait the time to first token, counted as waiting, and observed from the stream's arrival."""
-        if seconds:
+        """Wait while held, then the time to first token, counted as waiting, and observed from the stream's arrival."""
+        if seconds or not self.released.is_set():
             self.waiting += 1
             try:
+                while not self.released.is_set():
+                    await _sleep(request, 0.05)
                 await _sleep(request, seconds)
             finally:
                 self.waiting -= 1

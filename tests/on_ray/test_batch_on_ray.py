@@ -39,11 +39,11 @@ LIMITS = dict(first_event_timeout=2.0, stale_timeout=1.0, max_attempts=5)
 TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
 
 
-def node_settings(url: str, min_workers: int = 2, max_workers: int = 4):
+def node_settings(url: str, min_workers: int = 2, max_workers: int = 4, **limits: float):
     """The Anthropic profile alone: every line is a Messages request (an OpenAI profile would start half of
     each pool's workers and import its SDK in each zygote, on every node, for nothing)."""
     anthropic = profiles(url, min_workers=min_workers, max_workers=max_workers)["anthropic"]
-    return load_settings(profiles={"anthropic": anthropic}, **{**TEST_SETTINGS, **LIMITS})
+    return load_settings(profiles={"anthropic": anthropic}, **{**TEST_SETTINGS, **LIMITS, **limits})
 
 
 def check_answers(results: list[dict], lines: list[dict]) -> None:
@@ -124,14 +124,19 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
     lines = anthropic_lines(96)
     source = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
-    # 1.3 s an item: when all 12 slots are busy at the fake, every item dealt has reached it
-    with FakeProviderProcess(Latency(ttft=0.3, gap=0.05, tokens=TOKENS)) as fake:
-        driver = start_driver(cluster, fake, source, out, tmp_path, min_workers=4)
+    # the fake holds every stream before its first event until all 12 slots hold one, however long the nodes'
+    # pools take to start (the last came up after the two others had served all 96, at half speed): each item
+    # dealt has reached the fake when the node is killed. Held is not stalled: no first-event limit cuts them.
+    with FakeProviderProcess(Latency(ttft=0.1, gap=0.02, tokens=TOKENS)) as fake:
+        fake.hold()
+        driver = start_driver(cluster, fake, source, out, tmp_path, min_workers=4, first_event_timeout=300.0,
+                              deadline=600.0)  # fmt: skip
         try:
-            wait_for(lambda: fake.stats()["active"] == 12, 90, "every node's slots to be busy")
+            wait_for(lambda: fake.stats()["active"] == 12, 180, "every node's slots to hold a stream")
             pool = cluster.kill_node(cluster.nodes[2])
             killed_at = time.time()
             cluster.add_node()  # a node that joins during the run gets an actor
+            fake.hold(False)
             stdout, stderr = driver.communicate(timeout=120)
         finally:
             driver.kill()
@@ -154,10 +159,10 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
     wait_for(lambda: not any(alive(pid) for pid in pool), 15, "the dead node's isopool processes to end")
 
 
-def start_driver(cluster, fake, source: str, out, tmp_path, min_workers: int = 2) -> subprocess.Popen:
+def start_driver(cluster, fake, source: str, out, tmp_path, min_workers: int = 2, **limits: float) -> subprocess.Popen:
     """`isopool batch --ray` in its own process, its nodes' pools configured by a config file."""
     config = tmp_path / "isopool.toml"
-    config.write_text(toml(node_settings(fake.url, min_workers=min_workers)))
+    config.write_text(toml(node_settings(fake.url, min_workers=min_workers, **limits)))
     command = [ISOPOOL, "batch", source, "-o", str(out), "--ray", cluster.address, "--per-node-concurrency", "4",
                "--json"]  # fmt: skip
     env = dict(os.environ, ISOPOOL_CONFIG=str(config))

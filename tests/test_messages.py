@@ -14,6 +14,7 @@ from broker.protocol import Error as ErrorHeader
 from broker.server.callers import Callers
 from broker.server.connections import Connections
 from broker.shim import anthropic as shim_anthropic
+from broker.wire.zmqio import recv_frames, send_frames
 
 from .conftest import TEST_SETTINGS, profiles
 
@@ -91,22 +92,37 @@ def test_what_the_broker_gathers_for_a_caller_reaches_it_as_one_message():
         ctx.term()
 
 
-class Full:
-    """A frontend whose caller stopped reading: every send is refused (EAGAIN)."""
-
-    def send(self, frame: bytes, flags: int = 0) -> None:
-        raise zmq.Again()
-
-
 def test_a_gathered_message_a_caller_cannot_take_cuts_it_off_and_parks_each_end_it_carried():
-    codec, cut = Codec(), []
-    connections = Connections(100, 100, 100, 2**20)
-    callers = Callers(Full(), connections, codec, 8, lambda client, why, now: cut.append(client))  # type: ignore[arg-type]
-    error = codec.frames(Kind.ERROR, ErrorHeader(5, "cancelled"), codec.encode(ErrorInfo("cancelled", "x")))
-    callers.gather()
-    for frames in [*answers(codec, 4), error]:
-        callers.send(b"caller", frames)
-    callers.release()
-    assert cut == [b"caller"] and callers.parked(b"caller")
-    parked = connections.get(b"caller").parked
-    assert [codec.parse(frames)[0] for frames in parked] == [Kind.RESULT, Kind.ERROR]  # each request's one answer
+    ctx, codec, cut = zmq.Context(), Codec(), []
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.sndhwm = dealer.rcvhwm = 1
+        router.bind("inproc://full")
+        dealer.connect("inproc://full")
+        dealer.send(b"hello")
+        client = router.recv_multipart()[0]
+        with pytest.raises(zmq.Again):  # a caller that stopped reading: its queue fills, then a send is refused
+            for _ in range(100):
+                router.send_multipart([client, b"filler"], zmq.NOBLOCK)
+        connections = Connections(100, 100, 100, 2**20)
+        callers = Callers(router, connections, codec, 8, lambda client, why, now: cut.append(client))
+        error = codec.frames(Kind.ERROR, ErrorHeader(5, "cancelled"), codec.encode(ErrorInfo("cancelled", "x")))
+        callers.gather()
+        for frames in [*answers(codec, 4), error]:
+            callers.send(client, frames)
+        callers.release()
+        assert cut == [client] and callers.parked(client)
+        parked = connections.get(client).parked
+        assert [codec.parse(frames)[0] for frames in parked] == [Kind.RESULT, Kind.ERROR]  # each request's one answer
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+def test_frames_go_only_through_a_zeromq_socket():
+    """The backend's send and recv read any object as a socket: a stand-in crashed the test process once."""
+    for use in (lambda: send_frames(object(), [b"x"]), lambda: recv_frames(object())):  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="a ZeroMQ socket is needed"):
+            use()

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .common import SIZES
+from .common import SIZES, verdict
 
 SCENARIOS = (
     "overhead",
@@ -64,7 +64,7 @@ def show(console: Console, name: str, module: Any, data: dict[str, Any]) -> None
         table.add_row(*("–" if cell is None else str(cell) for cell in row))
     console.print(table)
     for t in data["targets"]:
-        mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
+        mark = "[green]met[/]" if t["met"] else f"[yellow]{verdict(t)}[/]" if t.get("bound") else "[red]NOT met[/]"
         console.print(f"  target {t['name']}: {t['value']} (want {t['goal']}) {mark}")
     for note in data.get("notes", []):
         console.print(f"  note: {note}")

@@ -111,16 +111,31 @@ def sched_seconds(pid: int) -> tuple[float, float]:
 
 
 class Target(msgspec.Struct, frozen=True):
-    """One target of the issue: the figure, what it must be, and whether this run met it."""
+    """One target of the issue: the figure, what it must be, and whether this run met it; when it did not,
+    `bound` names the floor measured in the same run that misses it too (what prevents it), else ''."""
 
     name: str
     value: float | None
     goal: str
     met: bool
+    bound: str = ""
+
+    def verdict(self) -> str:
+        return "met" if self.met else f"NOT met, beyond the floor: {self.bound}" if self.bound else "NOT met"
 
 
-def target(name: str, value: float | None, goal: str, ok: Callable[[float], bool]) -> Target:
-    return Target(name, value, goal, value is not None and ok(value))
+def target(name: str, value: float | None, goal: str, ok: Callable[[float], bool],
+           floor: tuple[str, float] | None = None) -> Target:  # fmt: skip
+    """`floor`: (what, its figure) of the least a path of its kind can do in this run: it bounds the target
+    when it misses the goal too."""
+    met = value is not None and ok(value)
+    bound = f"{floor[0]} {floor[1]:.2f} misses it too" if floor is not None and not met and not ok(floor[1]) else ""
+    return Target(name, value, goal, met, bound)
+
+
+def verdict(data: dict[str, Any]) -> str:
+    """A stored target's verdict (older results have no `bound`)."""
+    return Target(**{"bound": "", **data}).verdict()
 
 
 def result(inputs: dict[str, Any], figures: dict[str, Any], targets: list[Target], started: float) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .common import verdict  # noqa: E402
+
 
 def _markdown(head: list[str], rows: list[list[Any]]) -> str:
     cells = [[("–" if c is None else str(c)).replace("|", "\\|") for c in row] for row in rows]
@@ -20,10 +22,7 @@ def _markdown(head: list[str], rows: list[list[Any]]) -> str:
 
 
 def _targets(data: dict[str, Any]) -> str:
-    return "\n".join(
-        f"- {t['name']}: **{t['value']}** (target {t['goal']}): {'met' if t['met'] else 'NOT met'}"
-        for t in data["targets"]
-    )
+    return "\n".join(f"- {t['name']}: **{t['value']}** (target {t['goal']}): {verdict(t)}" for t in data["targets"])
 
 
 def _save(fig: Any, out: str, name: str) -> str:

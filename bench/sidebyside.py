@@ -181,7 +181,8 @@ def _compare(row: dict[str, Any], direct: str) -> None:
 
 def targets(rows: list[dict[str, Any]], path: str, upstream: str = "fake") -> list:
     """Issue 21's targets for `path` on `upstream`: <= 0.3 ms added at the median, p99 <= 1.5x direct
-    + 1 ms, a long stream >= 0.9x the direct SDK's events/s."""
+    + 1 ms, a long stream >= 0.9x the direct SDK's events/s. A latency target missed is bounded when the
+    best of this run's bare references (the least a process boundary adds) misses it too."""
     out = []
     for row in rows:
         fig = row["paths"].get(path, {})
@@ -195,21 +196,28 @@ def targets(rows: list[dict[str, Any]], path: str, upstream: str = "fake") -> li
             cpu = f"CPU added per call {fig['added_cpu_ms']:+.2f}"
             floor = ", ".join([*(f"{ref} {ref_fig['added_median_ms']:+.2f}" for ref, ref_fig in refs), cpu])
             out.append(target(f"{name}: added median ms", fig["added_median_ms"], f"<= 0.3 (this run: {floor})",
-                              lambda v: v <= 0.3))  # fmt: skip
+                              lambda v: v <= 0.3, _best(refs, "added_median_ms")))  # fmt: skip
             waits = fig["cpu_wait_us"] / 1000, direct["cpu_wait_us"] / 1000
             waited = "waited for a CPU per call {:.2f} ms, direct {:.2f}".format(*waits)
             floor = ", ".join([*(f"{ref} {ref_fig['p99_ms']:.2f}" for ref, ref_fig in refs), waited])
             goal = f"<= {limit:.2f} (this run: {floor})"
-            out.append(target(f"{name}: p99 ms", fig["p99_ms"], goal, lambda v, m=limit: v <= m))
+            out.append(target(f"{name}: p99 ms", fig["p99_ms"], goal, lambda v, m=limit: v <= m, _best(refs, "p99_ms")))
         else:
             out.append(target(f"{name}: × direct events/s", fig["ratio_to_direct"], ">= 0.9", lambda v: v >= 0.9))
     return out
 
 
+def _best(refs: list[tuple[str, dict[str, Any]]], key: str) -> tuple[str, float] | None:
+    """The reference with the lowest `key`: the floor under a latency target."""
+    return min(((ref, fig[key]) for ref, fig in refs), key=lambda pair: pair[1], default=None)
+
+
 def size_of(size: str, pick: Callable[..., Any]) -> dict[str, int]:
+    """Full runs take a p99 over 1,000 calls a path: over 300 it was the third largest, and the same code's
+    gateway count_tokens p99 ranged 7.4-14.1 ms over ten blocks of 300 calls in one run."""
     return pick(
         size,
-        {"repeat": 300, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 5, "long_cpu_runs": 2},
+        {"repeat": 1000, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 5, "long_cpu_runs": 2},
         {"repeat": 100, "warmup": 10, "cpu_calls": 100, "tokens": 5000, "long_repeat": 2, "long_cpu_runs": 1},
         {"repeat": 3, "warmup": 1, "cpu_calls": 3, "tokens": 100, "long_repeat": 1, "long_cpu_runs": 1},
     )

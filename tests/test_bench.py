@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.__main__ import main as bench_main
+from bench.common import target
 from broker.fake_provider import LATENCY_HEADER, FakeProviderProcess, Latency
 
 from .conftest import http_chunks
@@ -152,7 +153,8 @@ def test_a_scenario_writes_its_figures_and_its_report(name, tmp_path):
     assert entry["machine"]["cpus"] >= 1 and entry["versions"]["anthropic"] != "not installed"
     assert entry["targets"], f"{name} states no target"
     for t in entry["targets"]:
-        assert set(t) == {"name", "value", "goal", "met"} and isinstance(t["met"], bool), t
+        assert set(t) == {"name", "value", "goal", "met", "bound"} and isinstance(t["met"], bool), t
+        assert not (t["met"] and t["bound"]), t  # a floor is named only under a target missed
     assert name in run.stderr  # its table was printed
     CHECKS[name](entry)
 
@@ -214,3 +216,13 @@ def _check_side_by_side(name: str, data: dict) -> None:
     assert medians and all("CPU added per call" in g and all(r in g for r in references) for g in medians)
     if name == "gateway":
         assert any(note.startswith("LiteLLM proxy skipped: not run at the tiny size") for note in data["notes"])
+
+
+def test_a_target_missed_is_bounded_only_when_its_floor_misses_it_too():
+    def p99(value: float, floor: float):
+        return target("p99 ms", value, "<= 6.0", lambda v: v <= 6.0, ("bare gateway", floor))
+
+    assert p99(5.0, 9.0).met and p99(5.0, 9.0).bound == "" and p99(5.0, 9.0).verdict() == "met"
+    assert p99(7.0, 5.5).verdict() == "NOT met"  # the floor meets it: ours to fix
+    assert p99(7.0, 9.13).verdict() == "NOT met, beyond the floor: bare gateway 9.13 misses it too"
+    assert target("events/s", None, ">= 0.9", lambda v: v >= 0.9).verdict() == "NOT met"

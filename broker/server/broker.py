@@ -225,12 +225,16 @@ class Broker:
         return not self.flow.requests or now - self.draining_since > self.settings.drain_timeout  # type: ignore[operator]
 
     def _read(self, sock: zmq.Socket, handle: Any, now: float) -> None:
-        """What waits on `sock`, while its EVENTS say so (no zmq.Again raised to end each round)."""
+        """What waits on `sock`: the first message poll announced, then more while its EVENTS say so
+        (no zmq.Again raised to end each round; each EVENTS read costs as much as a receive)."""
         get = sock.get
-        for _ in range(_BATCH):
-            if not get(_EVENTS) & _POLLIN:
+        for i in range(_BATCH):
+            if i and not get(_EVENTS) & _POLLIN:
                 return
-            frames = recv_frames(sock)
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:  # announced, then taken back (a peer's connection dropped meanwhile)
+                return
             handle(frames[0], frames[1:], now)
 
     def on_frontend(self, client: bytes, frames: list[bytes], now: float) -> None:

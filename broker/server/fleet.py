@@ -72,6 +72,7 @@ class Fleet:
         }
         self.weights = {name: ([d.weight for d in p.deployments] or [1.0], sum(d.weight for d in p.deployments) or 1.0)
                         for name, p in settings.profiles.items()}  # fmt: skip
+        self.no_shares = dict.fromkeys(self.groups, 0)  # nothing waiting: the usual case once a request is dealt
         self.free: dict[str, collections.deque[Worker]] = {g: collections.deque() for g in self.groups}
         self.spawn_failures: dict[str, int] = collections.Counter()
         self.replacing: dict[str, int] = collections.Counter()  # kills not yet matched by a respawn
@@ -234,7 +235,9 @@ class Fleet:
 
     def _shares(self, waiting: Mapping[str, int], mine: dict[str, list[Worker]]) -> dict[str, int]:
         """Each group's share of its profile's waiting requests: by weight, or (`ordered`) in list order,
-        each taking what its free room holds."""
+        each taking what its free room holds. Read only."""
+        if not any(waiting.values()):
+            return self.no_shares
         shares: dict[str, int] = {}
         for name, profile in self.settings.profiles.items():
             keys = self.profile_groups[name]

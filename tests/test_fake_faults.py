@@ -166,7 +166,8 @@ def test_help_lists_every_new_fault():
 
 def test_hold_keeps_streams_before_their_first_event_until_released():
     with FakeProviderProcess(Latency(tokens=4)) as fake:
-        assert httpx.post(fake.url + "/_isopool/hold", json={"hold": "yes"}).status_code == 400
+        for bad in ('{"hold": "yes"}', "[]", "not json"):
+            assert httpx.post(fake.url + "/_isopool/hold", content=bad).status_code == 400, bad
         fake.hold()
         with ThreadPoolExecutor(2) as threads:
             held = threads.submit(post, fake, "anthropic", body("anthropic", "held", stream=True))

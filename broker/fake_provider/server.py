@@ -170,7 +170,10 @@ class FakeProvider:
         return web.json_response({"ok": True})
 
     async def hold(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict) or not isinstance(body.get("hold"), bool):
             return web.json_response({"error": 'send {"hold": true} or {"hold": false}'}, status=400)
         (self.released.clear if body["hold"] else self.released.set)()

@@ -89,9 +89,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--timeline times the shim's stretches: use it with `shim`")
     tokens = TINY_STREAM if args.call == "tiny" else LONG
     profiles = {"anthropic": {"kind": "anthropic", "min_workers": 1, "max_workers": 1}}
+    out = args.out or tempfile.mkdtemp(prefix="hops-")  # read once the pool has stopped, then removed
+    os.makedirs(out, exist_ok=True)
+    try:
+        _profile(args, tokens, profiles, out)
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], out: str) -> None:
     with contextlib.ExitStack() as stack:
-        out = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="hops-"))
-        os.makedirs(out, exist_ok=True)
         fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
         profiles["anthropic"]["base_url"] = fake.url
         pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))

@@ -127,9 +127,11 @@ class Target(msgspec.Struct, frozen=True):
 def target(name: str, value: float | None, goal: str, ok: Callable[[float], bool],
            floor: tuple[str, float] | None = None) -> Target:  # fmt: skip
     """`floor`: (what, its figure) of the least a path of its kind can do in this run: it bounds the target
-    when it misses the goal too."""
+    when it misses the goal too; how far ours is above it is said with it (that part is ours)."""
     met = value is not None and ok(value)
-    bound = f"{floor[0]} {floor[1]:.2f} misses it too" if floor is not None and not met and not ok(floor[1]) else ""
+    bound = ""
+    if floor is not None and value is not None and not met and not ok(floor[1]):
+        bound = f"{floor[0]} {floor[1]:.2f} misses it too; ours {value - floor[1]:+.2f} from it"
     return Target(name, value, goal, met, bound)
 
 

@@ -224,5 +224,6 @@ def test_a_target_missed_is_bounded_only_when_its_floor_misses_it_too():
 
     assert p99(5.0, 9.0).met and p99(5.0, 9.0).bound == "" and p99(5.0, 9.0).verdict() == "met"
     assert p99(7.0, 5.5).verdict() == "NOT met"  # the floor meets it: ours to fix
-    assert p99(7.0, 9.13).verdict() == "NOT met, beyond the floor: bare gateway 9.13 misses it too"
+    assert p99(7.0, 9.13).verdict() == "NOT met, beyond the floor: bare gateway 9.13 misses it too; ours -2.13 from it"
+    assert p99(20.0, 6.1).verdict().endswith("misses it too; ours +13.90 from it")  # the floor is not to blame for all
     assert target("events/s", None, ">= 0.9", lambda v: v >= 0.9).verdict() == "NOT met"

@@ -176,4 +176,10 @@ def test_hold_keeps_streams_before_their_first_event_until_released():
             assert not held.done() and fake.stats()["completed"] == 0
             fake.hold(False)
             names = [name for name, _ in events(held.result(timeout=10).text)]
+            fake.hold()
+            fake.reset()  # a reset ends a hold too: no test is left with a held fake
+            names_after_reset = [
+                name for name, _ in events(post(fake, "anthropic", body("anthropic", "reset", stream=True)).text)
+            ]
     assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert names_after_reset[-1] == "message_stop"

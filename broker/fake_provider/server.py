@@ -3,7 +3,7 @@ OpenAI Chat Completions and OpenAI Responses APIs, and the same through Bedrock,
 OpenAI (clouds.py), with injected faults (F1-F7).
 
 Counters of what it served and injected are at `GET /_isopool/stats` (`POST /_isopool/reset`
-zeroes them, empties the prefix cache and re-arms the faults chosen by header or model); the
+zeroes them, empties the prefix cache, re-arms the faults chosen by header or model and ends a hold); the
 headers a recent request came with, at `GET /_isopool/requests/{request-id}` (the id it
 answered with), so that tests can check what reached the provider: keys, organization, others.
 `POST /_isopool/hold` with `{"hold": true}` keeps every stream before its first event until
@@ -157,6 +157,7 @@ class FakeProvider:
         return web.json_response(self.snapshot())
 
     async def reset(self, request: web.Request) -> web.Response:
+        self.released.set()
         self.served.clear()
         self.bodies.clear()
         self.conversations.clear()

@@ -64,8 +64,8 @@ def show(console: Console, name: str, module: Any, data: dict[str, Any]) -> None
         table.add_row(*("–" if cell is None else str(cell) for cell in row))
     console.print(table)
     for t in data["targets"]:
-        mark = "[green]met[/]" if t["met"] else f"[yellow]{verdict(t)}[/]" if t.get("bound") else "[red]NOT met[/]"
-        console.print(f"  target {t['name']}: {t['value']} (want {t['goal']}) {mark}")
+        colour = "green" if t["met"] else "yellow" if t.get("bound") else "red"
+        console.print(f"  target {t['name']}: {t['value']} (want {t['goal']}) [{colour}]{verdict(t)}[/]")
     for note in data.get("notes", []):
         console.print(f"  note: {note}")
 

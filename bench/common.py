@@ -137,7 +137,7 @@ def target(name: str, value: float | None, goal: str, ok: Callable[[float], bool
 
 def verdict(data: dict[str, Any]) -> str:
     """A stored target's verdict (older results have no `bound`)."""
-    return Target(**{"bound": "", **data}).verdict()
+    return Target(**data).verdict()
 
 
 def result(inputs: dict[str, Any], figures: dict[str, Any], targets: list[Target], started: float) -> dict[str, Any]:

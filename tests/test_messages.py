@@ -5,6 +5,9 @@ the fake provider over HTTP and the official SDK via the drop-in shim."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import zmq
 
@@ -72,36 +75,39 @@ def answers(codec: Codec, rid: int) -> list[list[bytes]]:
             codec.frames(Kind.RESULT, Served(rid), b"")]  # fmt: skip
 
 
-def test_what_the_broker_gathers_for_a_caller_reaches_it_as_one_message():
-    ctx, codec = zmq.Context(), Codec()
+@contextlib.contextmanager
+def a_caller(hwm: int = 1000) -> Iterator[tuple[zmq.Socket, zmq.Socket, bytes]]:
+    """A broker's frontend (a ROUTER that reports a caller it cannot reach), one caller (a DEALER) connected to it
+    over inproc with `hwm` messages queued each way at most, and the routing id the ROUTER gave that caller."""
+    ctx = zmq.Context()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.sndhwm = dealer.rcvhwm = hwm
         router.bind("inproc://callers")
         dealer.connect("inproc://callers")
         dealer.send(b"hello")
-        client = router.recv_multipart()[0]
-        callers = Callers(router, Connections(100, 100, 100, 2**20), codec, 8, lambda *_: None)
-        callers.gather()
-        assert all(callers.send(client, frames) for frames in answers(codec, 4))
-        callers.release()
-        assert [kind for kind, _, _ in codec.records(dealer.recv_multipart())] == [Kind.HEAD, Kind.EVENT, Kind.RESULT]
-        assert callers.sent == 1 and not dealer.poll(0)
+        yield router, dealer, router.recv_multipart()[0]
     finally:
         router.close(0)
         dealer.close(0)
         ctx.term()
 
 
+def test_what_the_broker_gathers_for_a_caller_reaches_it_as_one_message():
+    codec = Codec()
+    with a_caller() as (router, dealer, client):
+        callers = Callers(router, Connections(100, 100, 100, 2**20), codec, 8, lambda *_: None)
+        callers.gather()
+        assert all(callers.send(client, frames) for frames in answers(codec, 4))
+        callers.release()
+        assert [kind for kind, _, _ in codec.records(dealer.recv_multipart())] == [Kind.HEAD, Kind.EVENT, Kind.RESULT]
+        assert callers.sent == 1 and not dealer.poll(0)
+
+
 def test_a_gathered_message_a_caller_cannot_take_cuts_it_off_and_parks_each_end_it_carried():
-    ctx, codec, cut = zmq.Context(), Codec(), []
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    try:
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.sndhwm = dealer.rcvhwm = 1
-        router.bind("inproc://full")
-        dealer.connect("inproc://full")
-        dealer.send(b"hello")
-        client = router.recv_multipart()[0]
+    codec, cut = Codec(), []
+    with a_caller(hwm=1) as (router, _, client):
         with pytest.raises(zmq.Again):  # a caller that stopped reading: its queue fills, then a send is refused
             for _ in range(100):
                 router.send_multipart([client, b"filler"], zmq.NOBLOCK)
@@ -115,10 +121,6 @@ def test_a_gathered_message_a_caller_cannot_take_cuts_it_off_and_parks_each_end_
         assert cut == [client] and callers.parked(client)
         parked = connections.get(client).parked
         assert [codec.parse(frames)[0] for frames in parked] == [Kind.RESULT, Kind.ERROR]  # each request's one answer
-    finally:
-        router.close(0)
-        dealer.close(0)
-        ctx.term()
 
 
 def test_frames_go_only_through_a_zeromq_socket():

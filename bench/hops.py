@@ -2,9 +2,10 @@
 the worker while one kind of call runs in a loop, and each function's CPU is given in µs per call.
 Not a scenario (it prints, it stores nothing); a tool for the profile behind issue 21:
 
-    python -m bench.hops shim|gateway|direct tiny|long [--seconds 10] [--rate 500] [--out DIR]
+    python -m bench.hops shim|gateway|direct tiny|count|long [--seconds 10] [--rate 500] [--out DIR]
 
-`tiny`: the 8-token Anthropic stream; `long`: 5,000-token Anthropic streams (µs per event then).
+`tiny`: the 8-token Anthropic stream; `count`: `messages.count_tokens` (nothing streamed); `long`:
+5,000-token Anthropic streams (µs per event then).
 py-spy (in the venv: `pip install py-spy`) runs with --nonblocking; samples of idle threads are
 left out, so a function's figure is CPU, not waiting.
 """
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("path", choices=("shim", "gateway", "direct"))
-    parser.add_argument("call", choices=("tiny", "long"))
+    parser.add_argument("call", choices=("tiny", "count", "long"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--top", type=int, default=12)
@@ -108,6 +109,9 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
         stack.callback(sdk.close)
 
         def call() -> int:
+            if args.call == "count":
+                sdk.messages.count_tokens(model="claude-bench", messages=ASK)
+                return 0
             return read_all(sdk.messages.create(model="claude-bench", max_tokens=tokens, messages=ASK, stream=True))
 
         for _ in range(20):
@@ -129,8 +133,8 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
         cpu, wall = processes.cpu(processes.fixed), time.monotonic() - start
         for spy in spies.values():
             spy.wait()
-    per = calls if args.call == "tiny" else events
-    unit = "call" if args.call == "tiny" else "event"
+    per = events if args.call == "long" else calls
+    unit = "event" if args.call == "long" else "call"
     print(f"{args.path} {args.call}: {calls} calls, {events} events in {wall:.1f} s: {wall / calls * 1e3:.3f} ms per "
           f"call (py-spy running)")  # fmt: skip
     for role in pids:
@@ -152,12 +156,13 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
 def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
     """Median µs of each stretch of a shim call, seen from the caller's process: the SDK building the
     request, the transport sending it, the pool's answer (broker, worker, upstream and back) to the
-    loop thread, the hand-off to the calling thread, and the rest (the SDK reading the events)."""
+    thread reading the socket, from there to the call (the same thread unless another reads), and the
+    rest (the SDK reading the events)."""
     from broker.client import client as low
 
     marks: dict[str, float] = {}
     submit, take = low.Client.submit_http, low._CallState.take
-    sockets = [c._async._sock for c in isoshim._clients.values()]  # the shim's pool connections
+    sockets = [c._sock for c in isoshim._clients.values()]  # the shim's pool connections
     routes = [sock._on_message for sock in sockets]
 
     def timed_submit(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -189,8 +194,8 @@ def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
             call()
             end = time.perf_counter()
             points = [("SDK builds the request", start), ("transport sends", marks["transport"]),
-                      ("pool answers (to the loop thread)", marks["sent"]),
-                      ("hand-off to the caller thread", marks["first_message_in"]),
+                      ("pool answers (to the reading thread)", marks["sent"]),
+                      ("to the call", marks["first_message_in"]),
                       ("SDK reads the events, the rest arriving", marks["first_taken"]), ("end", end)]  # fmt: skip
             for (name, at), (_, until) in itertools.pairwise(points):
                 spans[name].append(until - at)

@@ -1,9 +1,10 @@
 """The low-level client: submit SDK calls to a broker, iterate their events, get results.
 
-`AsyncClient` is the core (one DEALER socket, read by its event loop). `Client` is the
-thin sync wrapper: it runs an `AsyncClient` on a private event-loop thread; callers send
-from their own threads, and each call's events are handed to the calling thread through
-a thread-safe queue, so iterating a stream costs no cross-thread round trip per event.
+Both clients hold one DEALER socket to the broker and route each answer to its call
+(`_Connection`). `AsyncClient`'s socket is read by its event loop. `Client` has no thread of
+its own: callers send from their own threads, and whichever thread waits for an answer reads
+the socket for all of them, in turns (readers.py), so an answer reaches its caller with no
+hand-off between threads.
 
     with Pool() as pool, pool.client() as client:
         call = client.submit("anthropic", "messages.create", model=..., max_tokens=..., messages=..., stream=True)
@@ -17,8 +18,7 @@ import asyncio
 import itertools
 import logging
 import os
-import queue
-import threading
+import select
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -47,10 +47,11 @@ from ..protocol import (
 )
 from ..protocol import Error as ErrorHeader
 from ..wire.curve import secure_client
-from ..wire.loopsock import LoopSocket
+from ..wire.shared import SharedSocket
 from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
 from . import tracecontext
 from .fallbacks import fields_of, top_level
+from .readers import Readers, ThreadSink
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -94,20 +95,31 @@ class Result(msgspec.Struct, frozen=True):
         return _JSON.decode(self.body)
 
 
-class _Sink:
-    """Where the reader task puts one call's messages: an asyncio queue, or a thread-safe one."""
+class _LoopSink:
+    """One call's answers for an `AsyncClient`: put by its loop's reader, awaited by the call's task."""
 
-    def __init__(self, threadsafe: bool) -> None:
-        self.queue: Any = queue.SimpleQueue() if threadsafe else asyncio.Queue()
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: Any) -> None:
-        self.queue.put_nowait(item)
+        self._queue.put_nowait(item)
+
+    async def get(self) -> Any:
+        return await self._queue.get()
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def get_nowait(self) -> Any:
+        return self._queue.get_nowait()
 
 
 class _CallState:
     __slots__ = ("rid", "sink", "raw", "relayed", "head", "result", "error", "done", "events", "served")
 
-    def __init__(self, rid: int, sink: _Sink, raw: bool = False, relayed: bool = False) -> None:
+    def __init__(self, rid: int, sink: Any, raw: bool = False, relayed: bool = False) -> None:
         self.rid = rid
         self.sink = sink
         self.raw = raw  # a control call (STATS, PING): the result payload is not a Response
@@ -134,14 +146,15 @@ class _CallState:
         self.done = True
         return _END
 
-    def gather(self, item: Any, queue: Any) -> list[StreamEvent]:
+    def gather(self, item: Any) -> list[StreamEvent]:
         """The events of `item` and of every message already queued behind it, up to the call's end."""
         events: list[StreamEvent] = []
+        sink = self.sink
         while (taken := self.take(item)) is not _END:
             events += taken
-            if queue.empty():
+            if sink.empty():
                 break
-            item = queue.get_nowait()
+            item = sink.get_nowait()
         return events
 
     def finish(self) -> Result:
@@ -199,7 +212,7 @@ class AsyncCall(_Call):
         state = self._state
         try:
             while not state.done:
-                item = state.take(await state.sink.queue.get())
+                item = state.take(await state.sink.get())
                 if item is _END:
                     break
                 for event in item:
@@ -213,13 +226,13 @@ class AsyncCall(_Call):
         """Every event that has arrived, waiting for one if none has: what a relay writes at once.
         [] once the call has `ended` (then `result()` gives its end or raises its error)."""
         state = self._state
-        return [] if state.done else state.gather(await state.sink.queue.get(), state.sink.queue)
+        return [] if state.done else state.gather(await state.sink.get())
 
     async def result(self) -> Result:
         """The end of the call, discarding any events not yet read; raises its RequestError."""
         state = self._state
         while not state.done:
-            state.take(await state.sink.queue.get())
+            state.take(await state.sink.get())
         return state.finish()
 
     async def cancel(self) -> None:
@@ -232,10 +245,10 @@ class SyncCall(_Call):
     _client: Client
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        state = self._state
+        state, client = self._state, self._client
         try:
             while not state.done:
-                item = state.take(state.sink.queue.get())
+                item = state.take(client._next(state.sink))
                 if item is _END:
                     break
                 yield from item
@@ -247,24 +260,18 @@ class SyncCall(_Call):
     def batch(self) -> list[StreamEvent]:
         """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
         state = self._state
-        return [] if state.done else state.gather(state.sink.queue.get(), state.sink.queue)
+        return [] if state.done else state.gather(self._client._next(state.sink))
 
     def result(self) -> Result:
-        state = self._state
-        while not state.done:
-            state.take(state.sink.queue.get())
-        return state.finish()
+        return self._client._end(self._state)
 
     def cancel(self) -> None:
-        self._client._async._cancel(self._state)
+        self._client._cancel(self._state)
 
 
-class AsyncClient:
-    """A connection to a broker, used from one event loop (or through `Client`).
-
-    The socket is a `LoopSocket`: the loop drains every waiting message straight into its
-    call's queue, and a send goes out at once from the caller, so `Client`'s threads send
-    without waking the loop's thread.
+class _Connection:
+    """What both clients share: a DEALER connected to a broker, the calls in flight on it, and each
+    answer routed to its call's sink. How the socket is read, and how a caller waits, is each client's.
 
     `broker_timeout`: with calls in flight and nothing heard for this long, the broker
     is probed; if it stays silent as long again, every call fails with BrokerUnavailable.
@@ -281,60 +288,28 @@ class AsyncClient:
             os.environ.get("ISOPOOL_MAX_MESSAGE_BYTES") or MAX_MESSAGE_BYTES
         )
         sock, monitor = self._connect()
-        self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
-        self._monitor = LoopSocket(monitor, self._on_connection_event)
+        self._sock = SharedSocket(sock, self._route)  # its lock also guards the call table
+        self._monitor = SharedSocket(monitor, self._on_connection_event)
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
-        self._watchdog: asyncio.TimerHandle | None = None
         self._heard = time.monotonic()
         self._probing = False
         self._closed = False
         self._refused = ""  # why the broker refused this client's CURVE key, once it did
 
-    async def submit(
-        self,
-        profile: str,
-        method: str,
-        /,
-        *,
-        first_event_timeout: float | None = None,
-        stale_timeout: float | None = None,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
-        **kwargs: Any,
-    ) -> AsyncCall:
-        """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
-        self._attach()
-        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
-        return AsyncCall(self, self._submit(False, profile, Call(method, kwargs), kwargs, limits))
+    def _sink(self) -> Any:
+        """An empty sink for a new call's answers."""
+        raise NotImplementedError
 
-    async def submit_http(
-        self,
-        profile: str,
-        call: HttpCall | TimedCall,
-        limits: CallLimits | None = None,
-        fields: dict[str, Any] | None = None,
-    ) -> AsyncCall:
-        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key.
-        `fields`: its body's `model` and `stream` where the caller has read them (fallbacks.take_fallbacks)."""
-        self._attach()
-        fields = _body_fields(call) if fields is None else fields
-        return AsyncCall(self, self._submit(False, profile, call, fields, limits or CallLimits()))
-
-    async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
-        """Submit and wait for the result."""
-        return await (await self.submit(profile, method, **kwargs)).result()
+    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
+        """Read the monitor of a new connection from now on, instead of `old`'s (closed here)."""
+        raise NotImplementedError
 
     def _submit(
-        self,
-        threadsafe: bool,
-        profile: str,
-        call: Call | HttpCall | TimedCall,
-        fields: dict[str, Any],
-        limits: CallLimits,
+        self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
     ) -> _CallState:
-        """Register a call and send it; safe from any thread once the loop is attached.
+        """Register a call and send it; safe from any thread.
         `fields`: the call's `model` and `stream`, which the broker reads without the payload."""
         if self._closed:
             raise ClientClosed("this client is closed")
@@ -363,17 +338,9 @@ class AsyncClient:
                 f"the call's profile, model and fallbacks take {len(frames[1])} bytes, over the pool's "
                 f"{MAX_HEADER_BYTES}: use shorter names"
             )))  # fmt: skip
-        state = _CallState(rid, _Sink(threadsafe), relayed=isinstance(call, HttpCall))
+        state = _CallState(rid, self._sink(), relayed=isinstance(call, HttpCall))
         self._send(frames, state)
         return state
-
-    def _attach(self) -> None:
-        """Have the running loop watch the socket (on first use)."""
-        if not self._sock.attached:
-            loop = asyncio.get_running_loop()
-            self._sock.attach(loop)
-            self._monitor.attach(loop)
-            self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
         """Send (registering the call first, so that its answer finds it); safe from any thread.
@@ -394,27 +361,9 @@ class AsyncClient:
                 )
                 raise BrokerUnavailable(unconnected) from None
 
-    async def snapshot(self) -> Snapshot:
-        """The broker's stats snapshot (workers, counters, histograms), typed."""
-        state = self._control(Kind.STATS, False)
-        while not state.done:
-            state.take(await state.sink.queue.get())
-        return self._codec.snapshot(state.finish().body)
-
-    async def stats(self) -> dict[str, Any]:
-        """The broker's stats snapshot as plain data (what `isopool stats --json` prints)."""
-        return msgspec.to_builtins(await self.snapshot())
-
-    async def ping(self) -> None:
-        state = self._control(Kind.PING, False)
-        while not state.done:
-            state.take(await state.sink.queue.get())
-        state.finish()
-
-    def _control(self, kind: Kind, threadsafe: bool) -> _CallState:
-        self._attach()
+    def _control(self, kind: Kind) -> _CallState:
         rid = next(self._ids)
-        state = _CallState(rid, _Sink(threadsafe), raw=True)
+        state = _CallState(rid, self._sink(), raw=True)
         self._send(self._codec.frames(kind, Ref(rid)), state)
         return state
 
@@ -427,7 +376,7 @@ class AsyncClient:
                 pass  # nothing runs it there any more
 
     def _route(self, frames: list[bytes]) -> None:
-        """One message from the broker, each of its records to its call (run by the loop, under the socket's lock)."""
+        """One message from the broker, each of its records to its call (run by the reader, under the socket's lock)."""
         self._heard = time.monotonic()
         self._probing = False
         try:
@@ -499,21 +448,19 @@ class AsyncClient:
             self._sock.sock.disable_monitor()  # as in `close`: stopped before its reader goes
             sock, monitor = self._connect()
             self._sock.replace(sock)
-            self._monitor = LoopSocket(monitor, self._on_connection_event)
-        loop = asyncio.get_running_loop()
-        self._monitor.attach(loop)
-        loop.call_soon(old_monitor.close)  # not from inside its own drain
+            self._monitor = SharedSocket(monitor, self._on_connection_event)
+        self._watch(self._monitor, old_monitor)
 
     def _check_broker(self) -> None:
-        """With calls in flight, probe a silent broker; fail every call if it stays silent."""
-        self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._check_broker)
+        """With calls in flight, probe a silent broker; fail every call if it stays silent (every
+        `broker_timeout / 2`)."""
         silent = time.monotonic() - self._heard
         if not self._calls or silent < self.broker_timeout:
             return
         try:
             if not self._probing:
                 self._probing = True
-                self._control(Kind.PING, False)
+                self._control(Kind.PING)
                 return
             if silent < 2 * self.broker_timeout:
                 return
@@ -549,26 +496,116 @@ class AsyncClient:
         return Result(response.status, response.headers, response.body, response.malformed_events)
 
     def _fail_all(self, exc: Exception) -> None:
-        """End every call with `exc`; hold the lock (a `Client` caller could be registering one)."""
+        """End every call with `exc`; hold the lock (a caller could be registering one)."""
         calls = list(self._calls.values())
         self._calls.clear()
         for state in calls:
             state.sink.put(exc)
 
-    async def close(self) -> None:
+    def _shut(self) -> bool:
+        """Cancel every call in flight and end it with ClientClosed; False if already closed."""
         if self._closed:
-            return
+            return False
         for state in list(self._calls.values()):
             self._cancel(state)
         with self._sock.lock:
             self._closed = True
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        return True
+
+    def _close_sockets(self) -> None:
         # monitor off before its socket closes: stopping a monitor whose reader is gone can block in libzmq
         self._sock.sock.disable_monitor()
         self._monitor.close()
         self._sock.close()
+
+
+class AsyncClient(_Connection):
+    """A connection to a broker, used from one event loop. Its socket is a `SharedSocket` the loop
+    drains straight into each call's queue; a send goes out at once from the caller."""
+
+    def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
+        super().__init__(url, broker_timeout, max_message_bytes)
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    _sink = _LoopSink
+
+    async def submit(
+        self,
+        profile: str,
+        method: str,
+        /,
+        *,
+        first_event_timeout: float | None = None,
+        stale_timeout: float | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        **kwargs: Any,
+    ) -> AsyncCall:
+        """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
+        self._attach()
+        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
+        return AsyncCall(self, self._submit(profile, Call(method, kwargs), kwargs, limits))
+
+    async def submit_http(
+        self,
+        profile: str,
+        call: HttpCall | TimedCall,
+        limits: CallLimits | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> AsyncCall:
+        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key.
+        `fields`: its body's `model` and `stream` where the caller has read them (fallbacks.take_fallbacks)."""
+        self._attach()
+        fields = _body_fields(call) if fields is None else fields
+        return AsyncCall(self, self._submit(profile, call, fields, limits or CallLimits()))
+
+    async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
+        """Submit and wait for the result."""
+        return await (await self.submit(profile, method, **kwargs)).result()
+
+    def _attach(self) -> None:
+        """Have the running loop watch the socket (on first use)."""
+        if not self._sock.attached:
+            loop = asyncio.get_running_loop()
+            self._sock.attach(loop)
+            self._monitor.attach(loop)
+            self._watchdog = loop.call_later(self.broker_timeout, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._on_watchdog)
+        self._check_broker()
+
+    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
+        loop = asyncio.get_running_loop()
+        monitor.attach(loop)
+        loop.call_soon(old.close)  # not from inside its own drain
+
+    async def snapshot(self) -> Snapshot:
+        """The broker's stats snapshot (workers, counters, histograms), typed."""
+        self._attach()
+        return self._codec.snapshot((await self._end(self._control(Kind.STATS))).body)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's stats snapshot as plain data (what `isopool stats --json` prints)."""
+        return msgspec.to_builtins(await self.snapshot())
+
+    async def ping(self) -> None:
+        self._attach()
+        await self._end(self._control(Kind.PING))
+
+    @staticmethod
+    async def _end(state: _CallState) -> Result:
+        while not state.done:
+            state.take(await state.sink.get())
+        return state.finish()
+
+    async def close(self) -> None:
+        if not self._shut():
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._close_sockets()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -577,18 +614,22 @@ class AsyncClient:
         await self.close()
 
 
-class Client:
-    """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe."""
+class Client(_Connection):
+    """Synchronous client; thread-safe. It has no thread of its own: the threads waiting for answers
+    take turns reading its socket (readers.py), so nothing is read while nobody waits, and a silent
+    broker is noticed by the threads that wait for it."""
 
     def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
-        self._thread.start()
-        self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
-        self.url = url
+        super().__init__(url, broker_timeout, max_message_bytes)
+        self._wake_r, self._wake_w = os.pipe()  # interrupts the reader's wait: input a send saw, or closing
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sock.on_pending = self._wake
+        self._readers = Readers(self._read)
+        self._polled: tuple[Any, Any, Any] = (None, None, None)  # (socket, monitor, their poll object)
+        self._next_check = time.monotonic() + broker_timeout
 
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    _sink = ThreadSink
 
     def submit(
         self,
@@ -603,39 +644,77 @@ class Client:
         **kwargs: Any,
     ) -> SyncCall:
         limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
-        return self._submit(profile, Call(method, kwargs), kwargs, limits)
+        return SyncCall(self, self._submit(profile, Call(method, kwargs), kwargs, limits))
 
     def submit_http(
         self, profile: str, call: HttpCall, limits: CallLimits | None = None, fields: dict[str, Any] | None = None
     ) -> SyncCall:
         """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
         fields = _body_fields(call) if fields is None else fields
-        return self._submit(profile, call, fields, limits or CallLimits())
-
-    def _submit(
-        self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
-    ) -> SyncCall:
-        return SyncCall(self, self._async._submit(True, profile, call, fields, limits))
+        return SyncCall(self, self._submit(profile, call, fields, limits or CallLimits()))
 
     def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         return self.submit(profile, method, **kwargs).result()
 
     def snapshot(self) -> Snapshot:
-        return self._run(self._async.snapshot())
+        return self._codec.snapshot(self._end(self._control(Kind.STATS)).body)
 
     def stats(self) -> dict[str, Any]:
-        return self._run(self._async.stats())
+        return msgspec.to_builtins(self.snapshot())
 
     def ping(self) -> None:
-        self._run(self._async.ping())
+        self._end(self._control(Kind.PING))
+
+    def _next(self, sink: ThreadSink) -> Any:
+        return self._readers.next(sink)
+
+    def _end(self, state: _CallState) -> Result:
+        while not state.done:
+            state.take(self._readers.next(state.sink))
+        return state.finish()
+
+    def _read(self) -> None:
+        """One round of the thread whose turn it is to read: wait until the socket, its monitor or a
+        wake-up has input (at most until the broker's next check), then hand out what came."""
+        with self._sock.lock:  # the sockets change only under it
+            sock, monitor = self._sock.sock, self._monitor.sock
+            if sock.closed:
+                return
+            if self._polled[0] is not sock or self._polled[1] is not monitor:
+                poll = select.poll()
+                for fd in (sock.FD, monitor.FD, self._wake_r):
+                    poll.register(fd, select.POLLIN)
+                self._polled = (sock, monitor, poll)
+        wait = self._next_check - time.monotonic()
+        if wait > 0:
+            self._polled[2].poll(wait * 1000)
+        with self._sock.lock:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._sock.drain()
+            self._monitor.drain()
+        if time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self.broker_timeout / 2
+            self._check_broker()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the reader is woken already
+
+    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
+        old.close()  # the reader polls the new one from its next round
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if not self._shut():
             return
-        self._run(self._async.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._readers.stop(ClientClosed("this client is closed"), self._wake)
+        self._close_sockets()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def __enter__(self) -> Client:
         return self
@@ -665,10 +744,3 @@ def _served(error: ErrorHeader) -> Served:
 def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
     """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
     return fields_of(top_level((call.http if isinstance(call, TimedCall) else call).body))
-
-
-async def _make_async(url: str, broker_timeout: float, max_message_bytes: int | None) -> AsyncClient:
-    """An AsyncClient watched by the running loop, so that other threads may send at once."""
-    client = AsyncClient(url, broker_timeout, max_message_bytes)
-    client._attach()
-    return client

@@ -540,9 +540,13 @@ def is_framing_header(name: str) -> bool:
     return name in FRAMING_HEADERS or name.startswith("proxy-")
 
 
+_LOCAL_HEADERS = CREDENTIAL_HEADERS | FRAMING_HEADERS
+
+
 def is_local_header(name: str) -> bool:
     """A header a client (the shim, the gateway) never forwards to a worker."""
-    return name.lower() in CREDENTIAL_HEADERS or is_framing_header(name)
+    name = name.lower()
+    return name in _LOCAL_HEADERS or name.startswith("proxy-")
 
 
 def split(frames: list[bytes]) -> list[list[bytes]]:

@@ -152,3 +152,20 @@ def test_closing_a_client_while_threads_wait_ends_each_wait_with_client_closed(p
     assert all(isinstance(out[f"w{i}"], ClientClosed) for i in range(3)), out
     with pytest.raises(ClientClosed):
         calls[0].result()
+
+
+def test_a_signal_handler_closing_the_client_while_its_thread_reads_ends_the_call(pool):
+    """The handler runs on the reading thread itself: closing may not wait for that reader to stop."""
+    client = pool.client()
+    call = client.submit("anthropic", "messages.create", **anthropic_args("closed by a handler"),
+                         **fault("slow-first:delay=5"))  # fmt: skip
+    previous = signal.signal(signal.SIGALRM, lambda *_: client.close())
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ClientClosed):
+            call.result()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 4

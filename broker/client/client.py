@@ -678,7 +678,7 @@ class Client(_Connection):
         wake-up has input (at most until the broker's next check), then hand out what came."""
         with self._sock.lock:  # the sockets change only under it
             sock, monitor = self._sock.sock, self._monitor.sock
-            if sock.closed:
+            if self._closed:
                 return
             if self._polled[0] is not sock or self._polled[1] is not monitor:
                 poll = select.poll()
@@ -689,8 +689,10 @@ class Client(_Connection):
         if wait > 0:
             self._polled[2].poll(wait * 1000)
         with self._sock.lock:
+            if self._closed:  # closed meanwhile, by a signal handler of this thread
+                return
             try:
-                os.read(self._wake_r, 4096)
+                os.read(self._wake_r, 65536)
             except BlockingIOError:
                 pass
             self._sock.drain()
@@ -712,9 +714,10 @@ class Client(_Connection):
         if not self._shut():
             return
         self._readers.stop(ClientClosed("this client is closed"), self._wake)
-        self._close_sockets()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._sock.lock:
+            self._close_sockets()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> Client:
         return self

@@ -47,6 +47,7 @@ class Readers:
         self._read = read
         self._mu = threading.Lock()
         self._reader: ThreadSink | None = None  # whose thread reads now
+        self._reader_thread = 0  # and which thread that is
         self._waiting: list[ThreadSink] = []  # threads that wait, each on its own sink
         self._idle = threading.Condition(self._mu)  # notified when nobody reads
         self._stopped: BaseException | None = None  # why nobody reads any more
@@ -62,6 +63,8 @@ class Readers:
                 if self._turn(sink):
                     try:
                         while not sink.items:
+                            if self._stopped is not None:  # closed by this very thread (a signal handler)
+                                raise self._stopped
                             self._read()
                     finally:
                         self._hand_on()
@@ -76,7 +79,7 @@ class Readers:
             if self._stopped is not None and not sink.items:
                 raise self._stopped
             if self._reader is None and self._stopped is None:
-                self._reader = sink
+                self._reader, self._reader_thread = sink, threading.get_ident()
                 return True
             sink.waiter = woken = threading.Event()
             self._waiting.append(sink)
@@ -94,6 +97,7 @@ class Readers:
         with self._mu:
             sink.waiter = None
             if self._reader is sink:
+                self._reader_thread = threading.get_ident()
                 return True
             self._waiting.remove(sink)
             return False
@@ -114,9 +118,10 @@ class Readers:
 
     def stop(self, why: BaseException, wake: Callable[[], None]) -> None:
         """Nobody reads again (the client is closing; a thread that waits then gets `why`): `wake` the
-        reader, wait until it has stopped."""
+        reader, wait until it has stopped (unless this is the reader's own thread: a signal handler
+        that closes the client while its thread reads)."""
         with self._mu:
             self._stopped = why
-            while self._reader is not None:
+            while self._reader is not None and self._reader_thread != threading.get_ident():
                 wake()
                 self._idle.wait(0.1)

@@ -45,21 +45,27 @@ def to_http_call(
     client's own key, if its SDK put one on the request, apart; none of the headers that frame
     the request (the worker's HTTP client sets its own, whatever the caller added); where a cloud
     client named it, its placement; and apart, the fallbacks it names (client/fallbacks.py), which are
-    the pool's, not the provider's, and the body's `model` and `stream`, which the broker reads."""
+    the pool's, not the provider's, and the body's `model` and `stream`, which the broker reads.
+    The headers are read in one pass (httpx's lookups decode every header each time)."""
     path = request.url.raw_path.decode("ascii")
     if base_path and path.startswith(base_path):
         path = path[len(base_path) :] or "/"
-    headers = [(k, v) for k, v in request.headers.items() if not is_local_header(k) and k.lower() != FALLBACKS]
-    body, fallbacks, fields = take_fallbacks(request.headers, request.read())
-    call = HttpCall(request.method, path, headers, body, base_url, own_key(request), placement or {})
+    named: dict[str, str] = {}  # each header by its lower-case name, repeated ones joined (as httpx's `get`)
+    headers = []
+    for name, value in request.headers.multi_items():
+        named[name] = f"{named[name]}, {value}" if name in named else value
+        if not is_local_header(name) and name != FALLBACKS:
+            headers.append((name, value))
+    body, fallbacks, fields = take_fallbacks(named, request.read())
+    call = HttpCall(request.method, path, headers, body, base_url, own_key(named), placement or {})
     return call, fallbacks, fields
 
 
-def own_key(request: Any) -> str:
+def own_key(headers: dict[str, str]) -> str:
     """The credential the caller's SDK put on the request (an api_key, a bearer token, one its
     credentials provider made), or "" for the stand-in: the pool's key then."""
     for name in ("authorization", "x-api-key", "api-key"):
-        key = request.headers.get(name, "").removeprefix("Bearer ")
+        key = headers.get(name, "").removeprefix("Bearer ")
         if key and key != STAND_IN_KEY:
             return key
     return ""

@@ -106,7 +106,7 @@ class Readers:
         """The reader stops: the role goes to a thread still without an answer, if any (those with
         one were woken by it)."""
         with self._mu:
-            self._reader = None
+            self._reader, self._reader_thread = None, 0  # a thread handed the role names itself as it wakes
             if self._stopped is None:
                 for other in self._waiting:
                     if not other.items:

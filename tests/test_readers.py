@@ -5,6 +5,7 @@ hands the role on."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -18,6 +19,18 @@ from .conftest import anthropic_args, fault
 
 class _Alarm(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _alarm_in(seconds: float, handler):
+    """`handler` runs on the main thread (signals go there) `seconds` from now, unless the block ended."""
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _text(result) -> str:
@@ -108,14 +121,8 @@ def test_a_reader_stopped_by_an_exception_hands_the_reading_on(client):
     def alarm(*_):
         raise _Alarm
 
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.7)
-    try:
-        with pytest.raises(_Alarm):
-            mine.result()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with _alarm_in(0.7, alarm), pytest.raises(_Alarm):
+        mine.result()
     mine.cancel()
     other.join(20)
     assert not other.is_alive(), "the waiting thread was left without a reader"
@@ -159,13 +166,7 @@ def test_a_signal_handler_closing_the_client_while_its_thread_reads_ends_the_cal
     client = pool.client()
     call = client.submit("anthropic", "messages.create", **anthropic_args("closed by a handler"),
                          **fault("slow-first:delay=5"))  # fmt: skip
-    previous = signal.signal(signal.SIGALRM, lambda *_: client.close())
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
     started = time.monotonic()
-    try:
-        with pytest.raises(ClientClosed):
-            call.result()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with _alarm_in(0.5, lambda *_: client.close()), pytest.raises(ClientClosed):
+        call.result()
     assert time.monotonic() - started < 4

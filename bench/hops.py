@@ -156,13 +156,12 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
 def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
     """Median µs of each stretch of a shim call, seen from the caller's process: the SDK building the
     request, the transport sending it, the pool's answer (broker, worker, upstream and back) to the
-    thread reading the socket, from there to the call (the same thread unless another reads), and the
-    rest (the SDK reading the events)."""
+    loop thread, the hand-off to the calling thread, and the rest (the SDK reading the events)."""
     from broker.client import client as low
 
     marks: dict[str, float] = {}
     submit, take = low.Client.submit_http, low._CallState.take
-    sockets = [c._sock for c in isoshim._clients.values()]  # the shim's pool connections
+    sockets = [c._async._sock for c in isoshim._clients.values()]  # the shim's pool connections
     routes = [sock._on_message for sock in sockets]
 
     def timed_submit(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -194,8 +193,8 @@ def timeline(sdk: Any, call: Any, calls: int) -> dict[str, float]:
             call()
             end = time.perf_counter()
             points = [("SDK builds the request", start), ("transport sends", marks["transport"]),
-                      ("pool answers (to the reading thread)", marks["sent"]),
-                      ("to the call", marks["first_message_in"]),
+                      ("pool answers (to the loop thread)", marks["sent"]),
+                      ("hand-off to the caller thread", marks["first_message_in"]),
                       ("SDK reads the events, the rest arriving", marks["first_taken"]), ("end", end)]  # fmt: skip
             for (name, at), (_, until) in itertools.pairwise(points):
                 spans[name].append(until - at)

@@ -222,7 +222,7 @@ async def batches(client, **args) -> list[list]:
     call = await client.submit("anthropic", "messages.create", **args)
     got = []
     while not call._state.done:
-        item = call._state.take(await call._state.sink.get())
+        item = call._state.take(await call._state.sink.queue.get())
         if isinstance(item, list):
             got.append(item)
     call._state.finish()

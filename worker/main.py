@@ -43,7 +43,7 @@ from broker.protocol import (
     TimedCall,
 )
 from broker.protocol import Error as ErrorHeader
-from broker.wire.shared import SharedSocket
+from broker.wire.loopsock import LoopSocket
 from broker.wire.zmqio import BIG_HWM, new_socket
 
 from . import clouds, sdks, stacks
@@ -174,7 +174,7 @@ class Emitter:
     broker's clocks see any record at most `window` late: a small fraction of any stale_timeout
     (config.MAX_COALESCE_MS). Without a window each record is its own message, sent at once."""
 
-    def __init__(self, sock: SharedSocket, codec: Codec, rid: int, window: float = 0.0) -> None:
+    def __init__(self, sock: LoopSocket, codec: Codec, rid: int, window: float = 0.0) -> None:
         self._sock, self._codec, self._rid = sock, codec, rid
         self._seq = 0
         self._ref = codec.encode(Ref(rid))
@@ -323,7 +323,7 @@ class Worker:
         ctx = zmq.Context()
         sock = new_socket(ctx, zmq.DEALER, identity=self.spec.ident.encode(), sndhwm=BIG_HWM)
         sock.connect(self.spec.backend)
-        self.sock = SharedSocket(sock, self._on_message)
+        self.sock = LoopSocket(sock, self._on_message)
         ready = Ready(self.spec.ident, os.getpid(), PROTOCOL_VERSION, self.spec.profile.concurrency, self.spec.token)
         self.sock.send(self.codec.frames(Kind.READY, ready))
         # after READY: a thread's start waits for the thread to run (1-3 ms on a busy machine), off the respawn's path

@@ -1,10 +1,9 @@
 """The low-level client: submit SDK calls to a broker, iterate their events, get results.
 
-Both clients hold one DEALER socket to the broker and route each answer to its call
-(`_Connection`). `AsyncClient`'s socket is read by its event loop. `Client` has no thread of
-its own: callers send from their own threads, and whichever thread waits for an answer reads
-the socket for all of them, in turns (readers.py), so an answer reaches its caller with no
-hand-off between threads.
+`AsyncClient` is the core (one DEALER socket, read by its event loop). `Client` is the
+thin sync wrapper: it runs an `AsyncClient` on a private event-loop thread; callers send
+from their own threads, and each call's events are handed to the calling thread through
+a thread-safe queue, so iterating a stream costs no cross-thread round trip per event.
 
     with Pool() as pool, pool.client() as client:
         call = client.submit("anthropic", "messages.create", model=..., max_tokens=..., messages=..., stream=True)
@@ -18,7 +17,8 @@ import asyncio
 import itertools
 import logging
 import os
-import select
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -47,11 +47,10 @@ from ..protocol import (
 )
 from ..protocol import Error as ErrorHeader
 from ..wire.curve import secure_client
-from ..wire.shared import SharedSocket
+from ..wire.loopsock import LoopSocket
 from ..wire.zmqio import BIG_HWM, NOBLOCK, new_socket
 from . import tracecontext
 from .fallbacks import fields_of, top_level
-from .readers import Readers, ThreadSink
 
 log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
@@ -95,31 +94,20 @@ class Result(msgspec.Struct, frozen=True):
         return _JSON.decode(self.body)
 
 
-class _LoopSink:
-    """One call's answers for an `AsyncClient`: put by its loop's reader, awaited by the call's task."""
+class _Sink:
+    """Where the reader task puts one call's messages: an asyncio queue, or a thread-safe one."""
 
-    __slots__ = ("_queue",)
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, threadsafe: bool) -> None:
+        self.queue: Any = queue.SimpleQueue() if threadsafe else asyncio.Queue()
 
     def put(self, item: Any) -> None:
-        self._queue.put_nowait(item)
-
-    async def get(self) -> Any:
-        return await self._queue.get()
-
-    def empty(self) -> bool:
-        return self._queue.empty()
-
-    def get_nowait(self) -> Any:
-        return self._queue.get_nowait()
+        self.queue.put_nowait(item)
 
 
 class _CallState:
     __slots__ = ("rid", "sink", "raw", "relayed", "head", "result", "error", "done", "events", "served")
 
-    def __init__(self, rid: int, sink: Any, raw: bool = False, relayed: bool = False) -> None:
+    def __init__(self, rid: int, sink: _Sink, raw: bool = False, relayed: bool = False) -> None:
         self.rid = rid
         self.sink = sink
         self.raw = raw  # a control call (STATS, PING): the result payload is not a Response
@@ -146,15 +134,14 @@ class _CallState:
         self.done = True
         return _END
 
-    def gather(self, item: Any) -> list[StreamEvent]:
+    def gather(self, item: Any, queue: Any) -> list[StreamEvent]:
         """The events of `item` and of every message already queued behind it, up to the call's end."""
         events: list[StreamEvent] = []
-        sink = self.sink
         while (taken := self.take(item)) is not _END:
             events += taken
-            if sink.empty():
+            if queue.empty():
                 break
-            item = sink.get_nowait()
+            item = queue.get_nowait()
         return events
 
     def finish(self) -> Result:
@@ -212,7 +199,7 @@ class AsyncCall(_Call):
         state = self._state
         try:
             while not state.done:
-                item = state.take(await state.sink.get())
+                item = state.take(await state.sink.queue.get())
                 if item is _END:
                     break
                 for event in item:
@@ -226,13 +213,13 @@ class AsyncCall(_Call):
         """Every event that has arrived, waiting for one if none has: what a relay writes at once.
         [] once the call has `ended` (then `result()` gives its end or raises its error)."""
         state = self._state
-        return [] if state.done else state.gather(await state.sink.get())
+        return [] if state.done else state.gather(await state.sink.queue.get(), state.sink.queue)
 
     async def result(self) -> Result:
         """The end of the call, discarding any events not yet read; raises its RequestError."""
         state = self._state
         while not state.done:
-            state.take(await state.sink.get())
+            state.take(await state.sink.queue.get())
         return state.finish()
 
     async def cancel(self) -> None:
@@ -245,10 +232,10 @@ class SyncCall(_Call):
     _client: Client
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        state, client = self._state, self._client
+        state = self._state
         try:
             while not state.done:
-                item = state.take(client._next(state.sink))
+                item = state.take(state.sink.queue.get())
                 if item is _END:
                     break
                 yield from item
@@ -260,18 +247,24 @@ class SyncCall(_Call):
     def batch(self) -> list[StreamEvent]:
         """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
         state = self._state
-        return [] if state.done else state.gather(self._client._next(state.sink))
+        return [] if state.done else state.gather(state.sink.queue.get(), state.sink.queue)
 
     def result(self) -> Result:
-        return self._client._end(self._state)
+        state = self._state
+        while not state.done:
+            state.take(state.sink.queue.get())
+        return state.finish()
 
     def cancel(self) -> None:
-        self._client._cancel(self._state)
+        self._client._async._cancel(self._state)
 
 
-class _Connection:
-    """What both clients share: a DEALER connected to a broker, the calls in flight on it, and each
-    answer routed to its call's sink. How the socket is read, and how a caller waits, is each client's.
+class AsyncClient:
+    """A connection to a broker, used from one event loop (or through `Client`).
+
+    The socket is a `LoopSocket`: the loop drains every waiting message straight into its
+    call's queue, and a send goes out at once from the caller, so `Client`'s threads send
+    without waking the loop's thread.
 
     `broker_timeout`: with calls in flight and nothing heard for this long, the broker
     is probed; if it stays silent as long again, every call fails with BrokerUnavailable.
@@ -288,28 +281,60 @@ class _Connection:
             os.environ.get("ISOPOOL_MAX_MESSAGE_BYTES") or MAX_MESSAGE_BYTES
         )
         sock, monitor = self._connect()
-        self._sock = SharedSocket(sock, self._route)  # its lock also guards the call table
-        self._monitor = SharedSocket(monitor, self._on_connection_event)
+        self._sock = LoopSocket(sock, self._route)  # its lock also guards the call table
+        self._monitor = LoopSocket(monitor, self._on_connection_event)
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
         self._heard = time.monotonic()
         self._probing = False
         self._closed = False
         self._refused = ""  # why the broker refused this client's CURVE key, once it did
 
-    def _sink(self) -> Any:
-        """An empty sink for a new call's answers."""
-        raise NotImplementedError
+    async def submit(
+        self,
+        profile: str,
+        method: str,
+        /,
+        *,
+        first_event_timeout: float | None = None,
+        stale_timeout: float | None = None,
+        deadline: float | None = None,
+        max_attempts: int | None = None,
+        **kwargs: Any,
+    ) -> AsyncCall:
+        """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
+        self._attach()
+        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
+        return AsyncCall(self, self._submit(False, profile, Call(method, kwargs), kwargs, limits))
 
-    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
-        """Read the monitor of a new connection from now on, instead of `old`'s (closed here)."""
-        raise NotImplementedError
+    async def submit_http(
+        self,
+        profile: str,
+        call: HttpCall | TimedCall,
+        limits: CallLimits | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> AsyncCall:
+        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key.
+        `fields`: its body's `model` and `stream` where the caller has read them (fallbacks.take_fallbacks)."""
+        self._attach()
+        fields = _body_fields(call) if fields is None else fields
+        return AsyncCall(self, self._submit(False, profile, call, fields, limits or CallLimits()))
+
+    async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
+        """Submit and wait for the result."""
+        return await (await self.submit(profile, method, **kwargs)).result()
 
     def _submit(
-        self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
+        self,
+        threadsafe: bool,
+        profile: str,
+        call: Call | HttpCall | TimedCall,
+        fields: dict[str, Any],
+        limits: CallLimits,
     ) -> _CallState:
-        """Register a call and send it; safe from any thread.
+        """Register a call and send it; safe from any thread once the loop is attached.
         `fields`: the call's `model` and `stream`, which the broker reads without the payload."""
         if self._closed:
             raise ClientClosed("this client is closed")
@@ -338,9 +363,17 @@ class _Connection:
                 f"the call's profile, model and fallbacks take {len(frames[1])} bytes, over the pool's "
                 f"{MAX_HEADER_BYTES}: use shorter names"
             )))  # fmt: skip
-        state = _CallState(rid, self._sink(), relayed=isinstance(call, HttpCall))
+        state = _CallState(rid, _Sink(threadsafe), relayed=isinstance(call, HttpCall))
         self._send(frames, state)
         return state
+
+    def _attach(self) -> None:
+        """Have the running loop watch the socket (on first use)."""
+        if not self._sock.attached:
+            loop = asyncio.get_running_loop()
+            self._sock.attach(loop)
+            self._monitor.attach(loop)
+            self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
         """Send (registering the call first, so that its answer finds it); safe from any thread.
@@ -361,9 +394,27 @@ class _Connection:
                 )
                 raise BrokerUnavailable(unconnected) from None
 
-    def _control(self, kind: Kind) -> _CallState:
+    async def snapshot(self) -> Snapshot:
+        """The broker's stats snapshot (workers, counters, histograms), typed."""
+        state = self._control(Kind.STATS, False)
+        while not state.done:
+            state.take(await state.sink.queue.get())
+        return self._codec.snapshot(state.finish().body)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's stats snapshot as plain data (what `isopool stats --json` prints)."""
+        return msgspec.to_builtins(await self.snapshot())
+
+    async def ping(self) -> None:
+        state = self._control(Kind.PING, False)
+        while not state.done:
+            state.take(await state.sink.queue.get())
+        state.finish()
+
+    def _control(self, kind: Kind, threadsafe: bool) -> _CallState:
+        self._attach()
         rid = next(self._ids)
-        state = _CallState(rid, self._sink(), raw=True)
+        state = _CallState(rid, _Sink(threadsafe), raw=True)
         self._send(self._codec.frames(kind, Ref(rid)), state)
         return state
 
@@ -376,7 +427,7 @@ class _Connection:
                 pass  # nothing runs it there any more
 
     def _route(self, frames: list[bytes]) -> None:
-        """One message from the broker, each of its records to its call (run by the reader, under the socket's lock)."""
+        """One message from the broker, each of its records to its call (run by the loop, under the socket's lock)."""
         self._heard = time.monotonic()
         self._probing = False
         try:
@@ -448,19 +499,21 @@ class _Connection:
             self._sock.sock.disable_monitor()  # as in `close`: stopped before its reader goes
             sock, monitor = self._connect()
             self._sock.replace(sock)
-            self._monitor = SharedSocket(monitor, self._on_connection_event)
-        self._watch(self._monitor, old_monitor)
+            self._monitor = LoopSocket(monitor, self._on_connection_event)
+        loop = asyncio.get_running_loop()
+        self._monitor.attach(loop)
+        loop.call_soon(old_monitor.close)  # not from inside its own drain
 
     def _check_broker(self) -> None:
-        """With calls in flight, probe a silent broker; fail every call if it stays silent (every
-        `broker_timeout / 2`)."""
+        """With calls in flight, probe a silent broker; fail every call if it stays silent."""
+        self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._check_broker)
         silent = time.monotonic() - self._heard
         if not self._calls or silent < self.broker_timeout:
             return
         try:
             if not self._probing:
                 self._probing = True
-                self._control(Kind.PING)
+                self._control(Kind.PING, False)
                 return
             if silent < 2 * self.broker_timeout:
                 return
@@ -496,116 +549,26 @@ class _Connection:
         return Result(response.status, response.headers, response.body, response.malformed_events)
 
     def _fail_all(self, exc: Exception) -> None:
-        """End every call with `exc`; hold the lock (a caller could be registering one)."""
+        """End every call with `exc`; hold the lock (a `Client` caller could be registering one)."""
         calls = list(self._calls.values())
         self._calls.clear()
         for state in calls:
             state.sink.put(exc)
 
-    def _shut(self) -> bool:
-        """Cancel every call in flight and end it with ClientClosed; False if already closed."""
+    async def close(self) -> None:
         if self._closed:
-            return False
+            return
         for state in list(self._calls.values()):
             self._cancel(state)
         with self._sock.lock:
             self._closed = True
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
-        return True
-
-    def _close_sockets(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         # monitor off before its socket closes: stopping a monitor whose reader is gone can block in libzmq
         self._sock.sock.disable_monitor()
         self._monitor.close()
         self._sock.close()
-
-
-class AsyncClient(_Connection):
-    """A connection to a broker, used from one event loop. Its socket is a `SharedSocket` the loop
-    drains straight into each call's queue; a send goes out at once from the caller."""
-
-    def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
-        super().__init__(url, broker_timeout, max_message_bytes)
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    _sink = _LoopSink
-
-    async def submit(
-        self,
-        profile: str,
-        method: str,
-        /,
-        *,
-        first_event_timeout: float | None = None,
-        stale_timeout: float | None = None,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
-        **kwargs: Any,
-    ) -> AsyncCall:
-        """Send an SDK call (`method` such as "messages.create", with the SDK's keyword arguments)."""
-        self._attach()
-        limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
-        return AsyncCall(self, self._submit(profile, Call(method, kwargs), kwargs, limits))
-
-    async def submit_http(
-        self,
-        profile: str,
-        call: HttpCall | TimedCall,
-        limits: CallLimits | None = None,
-        fields: dict[str, Any] | None = None,
-    ) -> AsyncCall:
-        """Send an HTTP request built by an SDK (the shim's transport) or a load test; the worker adds its key.
-        `fields`: its body's `model` and `stream` where the caller has read them (fallbacks.take_fallbacks)."""
-        self._attach()
-        fields = _body_fields(call) if fields is None else fields
-        return AsyncCall(self, self._submit(profile, call, fields, limits or CallLimits()))
-
-    async def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
-        """Submit and wait for the result."""
-        return await (await self.submit(profile, method, **kwargs)).result()
-
-    def _attach(self) -> None:
-        """Have the running loop watch the socket (on first use)."""
-        if not self._sock.attached:
-            loop = asyncio.get_running_loop()
-            self._sock.attach(loop)
-            self._monitor.attach(loop)
-            self._watchdog = loop.call_later(self.broker_timeout, self._on_watchdog)
-
-    def _on_watchdog(self) -> None:
-        self._watchdog = asyncio.get_running_loop().call_later(self.broker_timeout / 2, self._on_watchdog)
-        self._check_broker()
-
-    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
-        loop = asyncio.get_running_loop()
-        monitor.attach(loop)
-        loop.call_soon(old.close)  # not from inside its own drain
-
-    async def snapshot(self) -> Snapshot:
-        """The broker's stats snapshot (workers, counters, histograms), typed."""
-        self._attach()
-        return self._codec.snapshot((await self._end(self._control(Kind.STATS))).body)
-
-    async def stats(self) -> dict[str, Any]:
-        """The broker's stats snapshot as plain data (what `isopool stats --json` prints)."""
-        return msgspec.to_builtins(await self.snapshot())
-
-    async def ping(self) -> None:
-        self._attach()
-        await self._end(self._control(Kind.PING))
-
-    @staticmethod
-    async def _end(state: _CallState) -> Result:
-        while not state.done:
-            state.take(await state.sink.get())
-        return state.finish()
-
-    async def close(self) -> None:
-        if not self._shut():
-            return
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        self._close_sockets()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -614,22 +577,18 @@ class AsyncClient(_Connection):
         await self.close()
 
 
-class Client(_Connection):
-    """Synchronous client; thread-safe. It has no thread of its own: the threads waiting for answers
-    take turns reading its socket (readers.py), so nothing is read while nobody waits, and a silent
-    broker is noticed by the threads that wait for it."""
+class Client:
+    """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe."""
 
     def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
-        super().__init__(url, broker_timeout, max_message_bytes)
-        self._wake_r, self._wake_w = os.pipe()  # interrupts the reader's wait: input a send saw, or closing
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._sock.on_pending = self._wake
-        self._readers = Readers(self._read)
-        self._polled: tuple[Any, Any, Any] = (None, None, None)  # (socket, monitor, their poll object)
-        self._next_check = time.monotonic() + broker_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
+        self._thread.start()
+        self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
+        self.url = url
 
-    _sink = ThreadSink
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def submit(
         self,
@@ -644,80 +603,39 @@ class Client(_Connection):
         **kwargs: Any,
     ) -> SyncCall:
         limits = CallLimits(first_event_timeout, stale_timeout, deadline, max_attempts)
-        return SyncCall(self, self._submit(profile, Call(method, kwargs), kwargs, limits))
+        return self._submit(profile, Call(method, kwargs), kwargs, limits)
 
     def submit_http(
         self, profile: str, call: HttpCall, limits: CallLimits | None = None, fields: dict[str, Any] | None = None
     ) -> SyncCall:
         """Send an HTTP request built by an SDK (the shim's transport); the worker adds its key."""
         fields = _body_fields(call) if fields is None else fields
-        return SyncCall(self, self._submit(profile, call, fields, limits or CallLimits()))
+        return self._submit(profile, call, fields, limits or CallLimits())
+
+    def _submit(
+        self, profile: str, call: Call | HttpCall | TimedCall, fields: dict[str, Any], limits: CallLimits
+    ) -> SyncCall:
+        return SyncCall(self, self._async._submit(True, profile, call, fields, limits))
 
     def request(self, profile: str, method: str, /, **kwargs: Any) -> Result:
         return self.submit(profile, method, **kwargs).result()
 
     def snapshot(self) -> Snapshot:
-        return self._codec.snapshot(self._end(self._control(Kind.STATS)).body)
+        return self._run(self._async.snapshot())
 
     def stats(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self.snapshot())
+        return self._run(self._async.stats())
 
     def ping(self) -> None:
-        self._end(self._control(Kind.PING))
-
-    def _next(self, sink: ThreadSink) -> Any:
-        return self._readers.next(sink)
-
-    def _end(self, state: _CallState) -> Result:
-        while not state.done:
-            state.take(self._readers.next(state.sink))
-        return state.finish()
-
-    def _read(self) -> None:
-        """One round of the thread whose turn it is to read: wait until the socket, its monitor or a
-        wake-up has input (at most until the broker's next check), then hand out what came."""
-        with self._sock.lock:  # the sockets change only under it
-            sock, monitor = self._sock.sock, self._monitor.sock
-            if self._closed:
-                return
-            if self._polled[0] is not sock or self._polled[1] is not monitor:
-                poll = select.poll()
-                for fd in (sock.FD, monitor.FD, self._wake_r):
-                    poll.register(fd, select.POLLIN)
-                self._polled = (sock, monitor, poll)
-        wait = self._next_check - time.monotonic()
-        if wait > 0:
-            self._polled[2].poll(wait * 1000)
-        with self._sock.lock:
-            if self._closed:  # closed meanwhile, by a signal handler of this thread
-                return
-            try:
-                os.read(self._wake_r, 65536)
-            except BlockingIOError:
-                pass
-            self._sock.drain()
-            self._monitor.drain()
-        if time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + self.broker_timeout / 2
-            self._check_broker()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the reader is woken already
-
-    def _watch(self, monitor: SharedSocket, old: SharedSocket) -> None:
-        old.close()  # the reader polls the new one from its next round
+        self._run(self._async.ping())
 
     def close(self) -> None:
-        if not self._shut():
+        if self._loop.is_closed():
             return
-        self._readers.stop(ClientClosed("this client is closed"), self._wake)
-        with self._sock.lock:
-            self._close_sockets()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def __enter__(self) -> Client:
         return self
@@ -747,3 +665,10 @@ def _served(error: ErrorHeader) -> Served:
 def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
     """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
     return fields_of(top_level((call.http if isinstance(call, TimedCall) else call).body))
+
+
+async def _make_async(url: str, broker_timeout: float, max_message_bytes: int | None) -> AsyncClient:
+    """An AsyncClient watched by the running loop, so that other threads may send at once."""
+    client = AsyncClient(url, broker_timeout, max_message_bytes)
+    client._attach()
+    return client

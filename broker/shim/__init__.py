@@ -103,7 +103,7 @@ def _allows_overrides(url: str, broker_timeout: float) -> bool:
 
 def _sync_client(url: str, broker_timeout: float) -> Client:
     """One pool connection per broker for all synchronous shim clients of this process (looked up on each
-    request: a forked child makes its own: ZeroMQ sockets do not survive a fork)."""
+    request: a forked child makes its own, its parent's loop thread not being there)."""
     client = _clients.get((url, broker_timeout))
     if client is None:
         with _lock:
@@ -114,8 +114,8 @@ def _sync_client(url: str, broker_timeout: float) -> Client:
 
 
 def _forget_after_fork() -> None:
-    """In a forked child: the parent's pool connections are unusable (ZeroMQ sockets do not survive a
-    fork) and its lock may have been held by another thread; both start afresh."""
+    """In a forked child: the parent's pool connections are unusable (their loop threads stayed in the
+    parent) and its lock may have been held by another thread; both start afresh."""
     global _lock
     _lock = threading.Lock()
     _clients.clear()

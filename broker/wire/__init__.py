@@ -1,2 +1,2 @@
-"""Sockets shared by the client, the broker and the workers: ZeroMQ frames (`zmqio`), a socket
-shared by threads and drained by whoever reads it (`shared`) and CURVE encryption (`curve`)."""
+"""Sockets shared by the client, the broker and the workers: ZeroMQ frames (`zmqio`), a
+socket driven by an asyncio loop's reader (`loopsock`) and CURVE encryption (`curve`)."""

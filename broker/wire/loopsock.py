@@ -1,18 +1,16 @@
-"""A plain ZeroMQ socket shared by threads: any of them sends, one at a time drains it.
+"""A plain ZeroMQ socket driven by an asyncio loop through its file descriptor.
 
 `zmq.asyncio` wraps every send and receive in futures and extra loop turns, which cost
 tens of microseconds per hop; the client and the worker make several hops per request.
-Here whoever reads calls `drain` when the socket's descriptor becomes readable (an asyncio
-loop that `attach`ed it, or the `Client` thread whose turn it is to read), and `drain` hands
-every waiting message to `on_message` at once; sends go out directly, from any thread (under
-the lock). ZeroMQ's descriptor signals edges, not levels: a send may swallow the edge of a
-message that arrived meanwhile, so every send checks for one and calls `on_pending` then.
+Here the loop calls `drain` when the socket's descriptor becomes readable, and `drain`
+hands every waiting message to `on_message` at once; sends go out directly, from any
+thread (under the lock). ZeroMQ's descriptor signals edges, not levels: a send may
+swallow the edge of a message that arrived meanwhile, so every send checks for one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 from collections.abc import Callable
 
@@ -24,11 +22,10 @@ _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
 
 
-class SharedSocket:
+class LoopSocket:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
         self.sock = sock
         self.lock = threading.RLock()  # every use of the socket; hold it to do more under it
-        self.on_pending: Callable[[], None] | None = None  # a send found input waiting: have it drained
         self._on_message = on_message
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -37,9 +34,7 @@ class SharedSocket:
         return self._loop is not None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have `loop` drain the socket whenever it is readable."""
         self._loop = loop
-        self.on_pending = functools.partial(loop.call_soon_threadsafe, self.drain)
         loop.add_reader(self.sock.FD, self.drain)
         loop.call_soon(self.drain)  # messages that arrived before the loop watched
 
@@ -48,11 +43,11 @@ class SharedSocket:
         with self.lock:
             send_frames(self.sock, frames, flags)
             pending = self.sock.getsockopt(_EVENTS) & _POLLIN
-        if pending and self.on_pending is not None:
-            self.on_pending()
+        if pending and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.drain)
 
     def drain(self) -> None:
-        """Hand every waiting message to `on_message`."""
+        """Hand every waiting message to `on_message` (the loop calls this when readable)."""
         with self.lock:
             sock = self.sock
             while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:  # `on_message` may replace it
@@ -68,7 +63,7 @@ class SharedSocket:
             old.close(0)
 
     def close(self) -> None:
-        """Stop watching and close; call on the loop's thread, if attached."""
+        """Stop watching and close; call on the loop's thread."""
         with self.lock:
             if self._loop is not None and not self.sock.closed:
                 self._loop.remove_reader(self.sock.FD)

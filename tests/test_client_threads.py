@@ -1,0 +1,97 @@
+"""A synchronous `Client` shared by threads: each gets its own answers, and closing it (from another
+thread, or from a signal handler on a waiting thread) ends every wait with ClientClosed. Real pool,
+real threads."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+
+import pytest
+
+from broker import ClientClosed
+
+from .conftest import anthropic_args, fault
+
+
+@contextlib.contextmanager
+def _alarm_in(seconds: float, handler):
+    """`handler` runs on the main thread (signals go there) `seconds` from now, unless the block ended."""
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _text(result) -> str:
+    return result.json()["content"][0]["text"]
+
+
+def _answers(client, *prompts: str) -> dict[str, str]:
+    """Each prompt's answer, asked one at a time (the fake answers a body the same every time)."""
+    return {p: _text(client.request("anthropic", "messages.create", **anthropic_args(p))) for p in prompts}
+
+
+def _in_thread(name: str, work, out: dict) -> threading.Thread:
+    def run() -> None:
+        try:
+            out[name] = work()
+        except BaseException as exc:  # noqa: BLE001 - what the thread ended with is what the test checks
+            out[name] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_many_threads_sharing_a_client_each_get_their_own_answers(client):
+    want = _answers(client, *(f"t{n} c{i}" for n in range(8) for i in range(3)))
+    out: dict = {}
+
+    def calls(n: int):
+        def run() -> list[str]:
+            asks = [client.submit("anthropic", "messages.create", **anthropic_args(f"t{n} c{i}")) for i in range(3)]
+            return [_text(call.result()) for call in reversed(asks)]
+
+        return run
+
+    threads = [_in_thread(f"t{n}", calls(n), out) for n in range(8)]
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert out == {f"t{n}": [want[f"t{n} c{i}"] for i in (2, 1, 0)] for n in range(8)}
+
+
+def test_closing_a_client_while_threads_wait_ends_each_wait_with_client_closed(pool):
+    client = pool.client()
+    calls = [
+        client.submit("anthropic", "messages.create", **anthropic_args(f"w{i}"), **fault("slow-first:delay=5"))
+        for i in range(3)
+    ]
+    out: dict = {}
+    threads = [_in_thread(f"w{i}", call.result, out) for i, call in enumerate(calls)]
+    time.sleep(0.5)  # one reads, two wait on their own calls
+    started = time.monotonic()
+    client.close()
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - started < 5, "closing waited for the calls instead of ending them"
+    assert all(isinstance(out[f"w{i}"], ClientClosed) for i in range(3)), out
+    with pytest.raises(ClientClosed):
+        calls[0].result()
+
+
+def test_a_signal_handler_closing_the_client_while_its_thread_waits_ends_the_call(pool):
+    """The handler runs on the waiting thread itself: closing may not wait for that thread."""
+    client = pool.client()
+    call = client.submit("anthropic", "messages.create", **anthropic_args("closed by a handler"),
+                         **fault("slow-first:delay=5"))  # fmt: skip
+    started = time.monotonic()
+    with _alarm_in(0.5, lambda *_: client.close()), pytest.raises(ClientClosed):
+        call.result()
+    assert time.monotonic() - started < 4

@@ -95,3 +95,27 @@ def test_a_signal_handler_closing_the_client_while_its_thread_waits_ends_the_cal
     with _alarm_in(0.5, lambda *_: client.close()), pytest.raises(ClientClosed):
         call.result()
     assert time.monotonic() - started < 4
+
+
+def test_a_call_submitted_while_another_thread_closes_the_client_gets_client_closed(pool):
+    """Never ZeroMQ's own error from a socket closed under it: each submit is sent, or refused as closed."""
+    for _ in range(5):
+        client = pool.client()
+        errors: list[BaseException] = []
+
+        def submit_until_closed(client=client, errors=errors) -> None:
+            for n in range(10_000):
+                try:
+                    client.submit("anthropic", "messages.count_tokens", **anthropic_args(f"s{n}"))
+                except ClientClosed:
+                    return
+                except BaseException as exc:  # noqa: BLE001 - anything else is the defect
+                    errors.append(exc)
+                    return
+
+        submitter = threading.Thread(target=submit_until_closed)
+        submitter.start()
+        time.sleep(0.05)
+        client.close()
+        submitter.join(30)
+        assert not errors, errors

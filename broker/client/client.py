@@ -380,6 +380,10 @@ class AsyncClient:
         Never blocks: with no connection to the broker (none made yet, or refused, as a
         CURVE handshake with a key the broker does not allow is), raise BrokerUnavailable."""
         with self._sock.lock:
+            if self._closed:  # closed by another thread since the caller looked: its socket is gone
+                if state is None:
+                    return  # a cancel: nothing runs there any more
+                raise ClientClosed("this client is closed")
             if state is not None and self._refused:  # this broker refused this client's key: nothing will pass
                 raise BrokerUnavailable(self._refused)
             if state is not None:

@@ -540,13 +540,9 @@ def is_framing_header(name: str) -> bool:
     return name in FRAMING_HEADERS or name.startswith("proxy-")
 
 
-_LOCAL_HEADERS = CREDENTIAL_HEADERS | FRAMING_HEADERS
-
-
 def is_local_header(name: str) -> bool:
     """A header a client (the shim, the gateway) never forwards to a worker."""
-    name = name.lower()
-    return name in _LOCAL_HEADERS or name.startswith("proxy-")
+    return name.lower() in CREDENTIAL_HEADERS or is_framing_header(name)
 
 
 def split(frames: list[bytes]) -> list[list[bytes]]:

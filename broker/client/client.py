@@ -424,7 +424,7 @@ class AsyncClient:
 
     def _cancel(self, state: _CallState) -> None:
         """Tell the broker to stop a call; safe from any thread."""
-        if not state.done and state.rid in self._calls and not self._closed:
+        if not state.done and state.rid in self._calls:  # closed: the table is empty, and `_send` checks again
             try:
                 self._send(self._codec.frames(Kind.CANCEL, Ref(state.rid)))
             except BrokerUnavailable:

@@ -66,6 +66,7 @@ class Flow:
         self.settings = settings
         # the scopes' matching is the same for every request of a model (and the settings never change)
         self._scoped_limits = functools.lru_cache(maxsize=1024)(settings.limits)
+        self._routes = functools.lru_cache(maxsize=1024)(functools.partial(_routes, settings))
         self.stats = stats
         self.alarm = alarm
         self.codec = codec
@@ -113,11 +114,11 @@ class Flow:
             return
         fet, stale, deadline = self._limits(sub, sub.profile, sub.model)
         req = Request(self.next_key, client, sub.rid, sub, payload, sub.profile, fet, stale, now + deadline, now)
-        req.hops = hops or routes.chain(self.settings, sub.profile, sub.model)
+        chain, req.context = self._routes(sub.profile, sub.model)
+        req.hops = hops or list(chain)
         req.used = req.hops[:1]
-        req.context = routes.context_hop(self.settings, sub.profile, sub.model)
         if sub.first_event_timeout or sub.stale_timeout or sub.read_timeout:  # the pool's own, only if it set one
-            pool_fet, pool_stale, _ = self.settings.limits(sub.profile, sub.model, Limits())
+            pool_fet, pool_stale, _ = self._scoped_limits(sub.profile, sub.model, Limits())
             if fet < pool_fet:
                 req.own_limits.add(Reason.FIRST_EVENT)
             if stale < pool_stale:
@@ -661,3 +662,8 @@ class Flow:
         except zmq.ZMQError:
             self.fleet.kill(worker, Reason.CRASH, now)
             return False
+
+
+def _routes(settings: Settings, profile: str, model: str) -> tuple[tuple[routes.Hop, ...], routes.Hop | None]:
+    """A model's configured chain and context fallback on a profile (the same for every request of it)."""
+    return tuple(routes.chain(settings, profile, model)), routes.context_hop(settings, profile, model)

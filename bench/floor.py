@@ -1,11 +1,16 @@
 """The references behind issue 21's "+0.3 ms" (run by `python -m bench shim` and `gateway` as more paths):
 the least a process boundary adds to an SDK call on this machine. `bare hop`: the official SDKs' HTTP
 transport sends each request's bytes in one ZeroMQ message to another process, which makes the
-request with aiohttp (as a worker does) and sends status, headers and the whole body back in one
-message: no broker, no watchdog, no events relayed as they come, no retries. `bare broker`: the same
-through a Python loop that only passes messages on between callers and that process, as the
-pool's broker sits between callers and workers. `bare gateway` (gateway's run): aiohttp's low-level
-server in front of the bare broker. None is a pool: what they add is a floor.
+request with aiohttp (as a worker does) and sends status, headers and body back: a plain answer in
+one message; a stream as the fewest messages a relay that streams can send, its first read at once
+and, unless that read ended it, the rest in one more message at its end (a relay that held a whole
+stream back until it ended would show its caller nothing until then). No broker, no watchdog, no
+retries. `bare broker`: the same through a Python loop that only passes messages on between callers
+and that process, as the pool's broker sits between callers and workers. `bare gateway` (gateway's
+run): aiohttp's low-level server in front of the bare broker. None is a pool: what they add is a floor.
+
+Each answer message is four frames: status, headers (both empty after the first), body, and `more`
+(b"1" when another message of the same answer follows).
 """
 
 from __future__ import annotations
@@ -47,11 +52,33 @@ def _transport(lib: Any, address: str) -> Any:
         def handle_request(self, request: Any) -> Any:
             head = (request.method, str(request.url), list(request.headers.items()))
             self.sock.send_multipart((_head.encode(head), request.read()), copy=False)
-            status, headers, body = self.sock.recv_multipart()
-            return lib.Response(_read.decode(status), headers=_read.decode(headers), content=body)
+            status, headers, body, more = self.sock.recv_multipart()
+            if not more:
+                return lib.Response(_read.decode(status), headers=_read.decode(headers), content=body)
+            return lib.Response(_read.decode(status), headers=_read.decode(headers), stream=Rest(self.sock, body))
 
         def close(self) -> None:
             self.sock.close(0)
+
+    class Rest(lib.SyncByteStream):
+        """A stream's body: what came with its head, then each message that follows, to the last."""
+
+        def __init__(self, sock: zmq.Socket, first: bytes) -> None:
+            self.sock, self.first, self.more = sock, first, True
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield self.first
+            while self.more:
+                yield self._next()
+
+        def _next(self) -> bytes:
+            _, _, chunk, more = self.sock.recv_multipart()
+            self.more = bool(more)
+            return chunk
+
+        def close(self) -> None:  # read to its end, so that the next answer on the socket is the next request's
+            while self.more:
+                self._next()
 
     return Hop()
 
@@ -85,9 +112,17 @@ async def _relay(address: str) -> None:
             *envelope, head, body = await sock.recv_multipart()
             method, url, headers = _read.decode(head)
             async with session.request(method, url, data=body, headers=headers) as response:
-                data = await response.read()
                 kept = [(str(k), v) for k, v in response.headers.items() if k.lower() not in _FRAMING]
-            await sock.send_multipart((*envelope, _head.encode(response.status), _head.encode(kept), data))
+                status, answer = _head.encode(response.status), _head.encode(kept)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    await sock.send_multipart((*envelope, status, answer, await response.read(), b""))
+                    continue
+                chunks = response.content.iter_any()
+                first = await anext(chunks, b"")
+                ended = response.content.at_eof()
+                await sock.send_multipart((*envelope, status, answer, first, b"" if ended else b"1"))
+                if not ended:
+                    await sock.send_multipart((*envelope, b"", b"", b"".join([c async for c in chunks]), b""))
 
 
 def _forward(front: str, back: str) -> None:
@@ -112,22 +147,32 @@ def _forward(front: str, back: str) -> None:
 
 async def _gateway(front: str, upstreams: dict[str, str]) -> None:
     """The least an HTTP gateway in front of the bare broker can be: aiohttp's low-level server (as the
-    pool's gateway) taking `/UPSTREAM/path`, the request sent on whole, the answer given back whole."""
+    pool's gateway) taking `/UPSTREAM/path`, the request sent on whole, the answer given back as it came
+    (a stream's each message written as it arrives)."""
     from aiohttp import web
 
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.connect(front)
     turn = asyncio.Lock()  # one request at a time on the socket: the bench makes one call at a time
 
-    async def handle(request: web.BaseRequest) -> web.Response:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         upstream, _, rest = request.raw_path.lstrip("/").partition("/")
         headers = [(str(k), v) for k, v in request.headers.items() if k.lower() not in ("host", *_FRAMING)]
         head = (request.method, f"{upstreams[upstream]}/{rest}", headers)
         body = await request.read()
         async with turn:
             await sock.send_multipart((_head.encode(head), body))
-            status, answer, data = await sock.recv_multipart()
-        return web.Response(status=_read.decode(status), headers=_read.decode(answer), body=data)
+            status, answer, data, more = await sock.recv_multipart()
+            if not more:
+                return web.Response(status=_read.decode(status), headers=_read.decode(answer), body=data)
+            response = web.StreamResponse(status=_read.decode(status), headers=_read.decode(answer))
+            await response.prepare(request)
+            await response.write(data)
+            while more:
+                _, _, data, more = await sock.recv_multipart()
+                await response.write(data)
+        await response.write_eof()
+        return response
 
     runner = web.ServerRunner(web.Server(handle))
     await runner.setup()

@@ -86,6 +86,8 @@ class Side:
 @contextlib.contextmanager
 def tree_of(rev: str) -> Iterator[str]:
     """A scratch directory holding the tree of commit `rev` of this repository."""
+    if rev.startswith("-"):  # git would read it as an option (`--output=...`)
+        raise SystemExit(f"git archive {rev}: not a commit")
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev], capture_output=True)
         if archive.returncode:

@@ -45,6 +45,8 @@ def test_a_commit_that_does_not_exist_is_named_before_anything_starts():
     run = _ab("no-such-commit-anywhere", timeout=60)
     assert run.returncode != 0
     assert "git archive no-such-commit-anywhere" in run.stderr
+    run = _ab("--", "--output=/tmp/ab-escape.tar", timeout=60)  # an option, not a commit: refused, nothing written
+    assert run.returncode != 0 and not os.path.exists("/tmp/ab-escape.tar")
 
 
 @pytest.mark.skipif(subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0,

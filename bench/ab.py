@@ -9,8 +9,8 @@ REV is any commit (`HEAD`, `main~3`, a hash); its tree is taken with `git archiv
 and this tree is the working tree, uncommitted changes included. Each side is a process of its own
 (bench/ab_side.py, run with that tree first on PYTHONPATH) holding a pool of that tree and the official
 SDKs calling through it; both call the same upstream (`--upstream`: the fake provider, or the plain aiohttp
-server). Printed: per side p50 / p99 / mean ms and CPU µs per call of the caller, the broker and the worker;
-then this tree minus REV: the median of the blocks' p50 differences, with a 95% interval (bootstrap over
+server). Printed: per side p50 / p99 / mean ms and CPU µs per call of the caller, the gateway, the broker and
+the worker; then this tree minus REV: the median of the blocks' p50 differences, with a 95% interval (bootstrap over
 the blocks). An interval that holds 0 says the two cannot be told apart in this run."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .upstreams import direct, upstreams
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ab_side.py")
 CALLS = {"count": "anthropic count_tokens", "tiny": "anthropic stream, 8 tokens", "chat": "openai chat stream, 1 token"}
-ROLES = ("caller", "broker", "worker")
+ROLES = ("caller", "gateway", "broker", "worker")
 
 
 class Side:

@@ -2,13 +2,14 @@
 SDKs calling through it (the shim, or at its gateway), driven over stdin and stdout by one line each:
 
     run N     ->  the N calls' durations in seconds, as a JSON list
-    cpu       ->  CPU seconds so far of the caller (this process), the broker and the workers
+    cpu       ->  CPU seconds so far of the caller (this process), the gateway, the broker and the workers
     (end of stdin: the pool is closed and the process ends)
 
 Run by `bench.ab` as `python -c` with this file's text, so that it imports nothing of the tree it came
 from: only `broker` (the tree under test) and the SDKs. It keeps to the API every tree since the shim
 has had (`Pool(profiles=, http=)`, `broker.shim.Anthropic/OpenAI(pool=, pool_profile=)`)."""
 
+import contextlib
 import json
 import sys
 import time
@@ -48,11 +49,17 @@ def cpu(pool):
 
     broker_proc = psutil.Process(pool.pid)
     children = broker_proc.children(recursive=True)
-    return {
-        "caller": seconds(psutil.Process()),
-        "broker": seconds(broker_proc),
-        "worker": sum(seconds(c) for c in children if "worker" in " ".join(c.cmdline())),
-    }
+
+    def role(name):
+        total = 0.0
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if name in " ".join(child.cmdline()):
+                    total += seconds(child)
+        return total
+
+    return {"caller": seconds(psutil.Process()), "gateway": role("broker.http.gateway"), "broker": seconds(broker_proc),
+            "worker": role("worker.")}  # fmt: skip
 
 
 def main():

@@ -51,11 +51,14 @@ def test_a_commit_that_does_not_exist_is_named_before_anything_starts():
 
 @pytest.mark.skipif(subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0,
                     reason="not a git checkout")  # fmt: skip
-def test_this_tree_against_head_runs_both_pools_and_prints_their_difference():
-    run = _ab("HEAD", "--calls", "200", "--block", "50")
+@pytest.mark.parametrize("path", ["shim", "gateway"])
+def test_this_tree_against_head_runs_both_pools_and_prints_their_difference(path):
+    run = _ab("HEAD", "--path", path, "--calls", "200", "--block", "50")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {m[1]: m[2].split() for m in re.finditer(r"^(direct SDK|this tree|HEAD) +([\d. ]+)$", run.stdout, re.M)}
     assert set(rows) == {"direct SDK", "this tree", "HEAD"}, run.stdout
-    assert len(rows["direct SDK"]) == 3 and len(rows["this tree"]) == len(rows["HEAD"]) == 6  # + CPU of 3 roles
-    assert all(float(x) > 0 for figures in rows.values() for x in figures), run.stdout  # each side's pool did work
+    assert len(rows["direct SDK"]) == 3 and len(rows["this tree"]) == len(rows["HEAD"]) == 7  # + CPU of 4 roles
+    for name, figures in rows.items():  # each side's pool did work (the gateway's column only on its path)
+        assert all(float(x) > 0 for i, x in enumerate(figures) if i != 4), (name, run.stdout)
+    assert (float(rows["HEAD"][4]) > 0) == (path == "gateway"), run.stdout
     assert re.search(r"^this tree - HEAD, p50 of each round: [+-]\d\.\d{3} ms \(95% interval", run.stdout, re.M)

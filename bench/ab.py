@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .common import latency, percentile
+from .common import in_blocks, latency, percentile, timed
 from .sidebyside import latency_calls
 from .upstreams import direct, upstreams
 
@@ -51,9 +51,13 @@ class Side:
         self.proc = subprocess.Popen([sys.executable, "-c", source, path, call, url], cwd=tree, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      start_new_session=True)  # fmt: skip
-        ready = self._answer()
-        if not str(ready.get("ready", "")).startswith(tree):
-            raise RuntimeError(f"{name}: the side imported broker from {ready.get('ready')}, not from {tree}")
+        try:
+            ready = self._answer()
+            if not str(ready.get("ready", "")).startswith(tree):
+                raise RuntimeError(f"{name}: the side imported broker from {ready.get('ready')}, not from {tree}")
+        except BaseException:  # no caller will close it: it has not been handed out
+            self.close()
+            raise
 
     def _answer(self) -> Any:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
@@ -96,17 +100,6 @@ def tree_of(rev: str) -> Iterator[str]:
         yield tmp
 
 
-def blocks(runners: dict[str, Callable[[int], list[float]]], rounds: int, block: int) -> dict[str, list[list[float]]]:
-    """Each runner's durations per round: `block` calls each, the order turning every round (so that no
-    side always follows the same other)."""
-    names = list(runners)
-    out: dict[str, list[list[float]]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            out[name].append(runners[name](block))
-    return out
-
-
 def difference(ours: list[list[float]], theirs: list[list[float]], draws: int = 2000) -> tuple[float, float, float]:
     """Median of the per-round p50 differences (ms), and a 95% bootstrap interval of that median."""
     diffs = [(statistics.median(a) - statistics.median(b)) * 1e3 for a, b in zip(ours, theirs, strict=True)]
@@ -137,20 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             stack.callback(sides[name].close)
         baseline = direct(servers).upstreams[args.upstream]
         one = latency_calls(baseline)[CALLS[args.call]]
-
-        def direct_block(n: int) -> list[float]:
-            spent = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                one()
-                spent.append(time.perf_counter() - t0)
-            return spent
-
-        runners: dict[str, Callable[[int], list[float]]] = {"direct SDK": direct_block}
+        runners: dict[str, Callable[[int], list[float]]] = {"direct SDK": lambda n: timed(one, n)}
         runners |= {name: side.run for name, side in sides.items()}
-        blocks(runners, 2, args.block)  # warm-up: connections, the SDKs' first-call costs
+        in_blocks(runners, 2, args.block)  # warm-up: connections, the SDKs' first-call costs
         before = {name: side.cpu() for name, side in sides.items()}
-        times = blocks(runners, rounds, args.block)
+        times = in_blocks(runners, rounds, args.block)
         after = {name: side.cpu() for name, side in sides.items()}
         baseline.anthropic.close()
         baseline.openai.close()

@@ -65,6 +65,28 @@ def in_turn(calls: list[Callable[[], Any]], repeat: int, warmup: int = 20) -> li
     return times
 
 
+def in_blocks(runners: dict[str, Callable[[int], Any]], rounds: int, block: int) -> dict[str, list[Any]]:
+    """What each runner returns per round, given `block` calls a round; the order turns every round, so that
+    no runner always follows the same other (in_turn's drift argument, for runners in other processes)."""
+    names = list(runners)
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out[name].append(runners[name](block))
+    return out
+
+
+def timed(call: Callable[[], Any], n: int) -> list[float]:
+    """Seconds of each of `n` calls of `call`, one after the other."""
+    spent = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t0 = clock()
+        call()
+        spent.append(clock() - t0)
+    return spent
+
+
 def uss(pids: Iterable[int]) -> int:
     """Unique memory of the processes in bytes (gone ones count 0)."""
     total = 0

@@ -34,6 +34,7 @@ from broker import Pool
 from broker import shim as isoshim
 
 from . import floor
+from .common import in_blocks
 from .sidebyside import ASK
 from .upstreams import profiles, upstreams, worker_pids
 
@@ -124,13 +125,8 @@ def _recorded(work: Callable[[], Any], out: str) -> list[str]:
     return hist.stdout.splitlines()
 
 
-def in_turn(sdks: list[Any], n: int, block: int = 50) -> None:
-    """`n` count_tokens calls by each SDK client, in blocks taken in turn (so that the machine's drift during
-    the record hits every path alike)."""
-    for r in range(max(1, n // block)):
-        for sdk in sdks[r % len(sdks) :] + sdks[: r % len(sdks)]:
-            for _ in range(block):
-                sdk.messages.count_tokens(model="claude-bench", messages=ASK)
+def _count(sdk: Any) -> None:
+    sdk.messages.count_tokens(model="claude-bench", messages=ASK)
 
 
 def _check_perf() -> str | None:
@@ -164,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         through_bare = bare[1].upstreams["fake"].anthropic
         for sdk in (shim, through_bare):
             for _ in range(200):  # warm: connections, first-call costs (the shim connects on its first call)
-                sdk.messages.count_tokens(model="claude-bench", messages=ASK)
+                _count(sdk)
         loop = next(iter(isoshim._clients.values()))._thread.native_id  # the shim client's own thread
         others = {servers["fake"].pid: "upstream", **_threads(os.getpid(), "caller", "callerIO")}
         paths = {
@@ -173,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             "bare broker": (through_bare, BARE_CHAIN, {**_threads(bare_pids["broker"][0], "broker", "brokerIO"),
                                                        **_threads(bare_pids["worker"][0], "worker", "workerIO")}),
         }  # fmt: skip
-        sdks = [sdk for sdk, _, _ in paths.values()]
-        record = _recorded(lambda: in_turn(sdks, args.calls), os.path.join(tmp, "sched.data"))
+        # the paths in blocks of 50 taken in turn, so that the machine's drift during the record hits both alike
+        runners = {name: lambda n, sdk=sdk: [_count(sdk) for _ in range(n)] for name, (sdk, _, _) in paths.items()}
+        record = _recorded(lambda: in_blocks(runners, max(1, args.calls // 50), 50), os.path.join(tmp, "sched.data"))
         for name, (_, chain, roles) in paths.items():
             found = calls(wakeups(record, {**roles, **others}), chain)
             if not found:

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from bench.ab import ROOT, blocks, difference
+from bench.ab import ROOT, Side, difference
+from bench.common import in_blocks
 
 
 def test_blocks_turn_the_order_every_round():
@@ -20,7 +21,7 @@ def test_blocks_turn_the_order_every_round():
     def runner(name):
         return lambda n: order.append(name) or [0.001] * n
 
-    out = blocks({"a": runner("a"), "b": runner("b"), "c": runner("c")}, 3, 2)
+    out = in_blocks({"a": runner("a"), "b": runner("b"), "c": runner("c")}, 3, 2)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert {name: len(rounds) for name, rounds in out.items()} == {"a": 3, "b": 3, "c": 3}
 
@@ -62,3 +63,10 @@ def test_this_tree_against_head_runs_both_pools_and_prints_their_difference(path
         assert all(float(x) > 0 for i, x in enumerate(figures) if i != 4), (name, run.stdout)
     assert (float(rows["HEAD"][4]) > 0) == (path == "gateway"), run.stdout
     assert re.search(r"^this tree - HEAD, p50 of each round: [+-]\d\.\d{3} ms \(95% interval", run.stdout, re.M)
+
+
+def test_a_side_that_imported_another_tree_is_refused_and_stopped(tmp_path, fake, own_processes):
+    """A tree without `broker` of its own imports the installed one: that side would measure the wrong code,
+    so it is refused, and its process (with its pool) is stopped rather than left to the end of the run."""
+    with pytest.raises(RuntimeError, match="imported broker from .*, not from"):
+        Side("elsewhere", str(tmp_path), "shim", "count", fake.url)

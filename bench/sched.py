@@ -88,13 +88,18 @@ def calls(events: list[tuple[float, str]], chain: list[str]) -> list[list[float]
     return found
 
 
-def stretches(found: list[list[float]]) -> dict[str, float]:
-    """Median µs of each stretch over the calls found, and of the whole (`total`)."""
+def stretches(found: list[list[float]], of: Callable[[Iterable[float]], float] = statistics.median) -> dict[str, float]:
+    """µs of each stretch over the calls found, and of the whole (`total`): their median, or `of` them."""
     out = {}
     for n, (name, start, end) in enumerate(STRETCHES):
-        out[f"{n + 1}. {name}"] = statistics.median((c[end] - c[start]) * 1e6 for c in found)
-    out["total: request sent -> answer in the calling thread"] = statistics.median((c[-1] - c[0]) * 1e6 for c in found)
+        out[f"{n + 1}. {name}"] = of((c[end] - c[start]) * 1e6 for c in found)
+    out["total: request sent -> answer in the calling thread"] = of((c[-1] - c[0]) * 1e6 for c in found)
     return out
+
+
+def slowest(found: list[list[float]], share: float = 0.01) -> list[list[float]]:
+    """The calls whose whole took longest, `share` of them (at least one): where a tail's time went."""
+    return sorted(found, key=lambda c: c[-1] - c[0])[-max(1, round(len(found) * share)) :]
 
 
 def _threads(pid: int, main: str, io: str) -> dict[int, str]:
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if problem := _check_perf():
         parser.error(problem)
     rows: dict[str, dict[str, float]] = {}
+    tails: dict[str, dict[str, float]] = {}
     matched: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sched-"))
@@ -177,8 +183,14 @@ def main(argv: list[str] | None = None) -> None:
             if not found:
                 sys.exit(f"{name}: no call's chain of wake-ups was found in perf's record")
             rows[name], matched[name] = stretches(found), len(found)
-    print(f"count_tokens, median µs per stretch ({', '.join(f'{n}: {k} calls' for n, k in matched.items())}, perf "
-          "recording):")  # fmt: skip
+            tails[name] = stretches(slowest(found), statistics.fmean)
+    calls_ = ", ".join(f"{n}: {k} calls" for n, k in matched.items())
+    _table(f"count_tokens, median µs per stretch ({calls_}, perf recording):", rows)
+    _table("The slowest 1% of each path's calls (its tail), mean µs per stretch:", tails)
+
+
+def _table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    print(title)
     print(f"{'':56} {'shim':>7} {'bare broker':>12} {'difference':>11}")
     for stretch in rows["shim"]:
         ours, floor_ = rows["shim"][stretch], rows["bare broker"][stretch]

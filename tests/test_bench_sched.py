@@ -5,9 +5,11 @@ wake-ups that bound it."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from bench.sched import BARE_CHAIN, STRETCHES, calls, stretches, wakeups
+from bench.sched import BARE_CHAIN, STRETCHES, calls, slowest, stretches, wakeups
 
 ROLES = {10: "caller", 11: "callerIO", 20: "broker", 21: "brokerIO", 30: "worker", 31: "workerIO", 40: "upstream"}
 NAMES = {"caller": "python[10]", "callerIO": "ZMQbg/IO/0[11/10]", "broker": "python[20]",
@@ -45,3 +47,13 @@ def test_wakeups_of_threads_outside_the_roles_are_left_out():
     lines = ["   5.000000 [0001]  python[10]                 awakened: sshd[77]",
              "   5.000010 [0001]  python[10]                 awakened: ZMQbg/IO/0[11/10]"]  # fmt: skip
     assert wakeups(lines, ROLES) == [(5.00001, "caller>callerIO")]
+
+
+def test_the_tail_is_the_slowest_calls_and_their_mean_stretches():
+    """Of 200 calls, the two slowest (1%) are the tail; each stretch's figure is their mean."""
+    lines = [line for n in range(200) for line in _record(10.0 + n, (30e-6 if n in (7, 150) else 10e-6) + n * 1e-9)]
+    found = calls(wakeups(lines, ROLES), BARE_CHAIN)
+    tail = slowest(found)
+    assert [round(c[0]) for c in tail] == [17, 160]
+    first = stretches(tail, statistics.fmean)[f"1. {STRETCHES[0][0]}"]
+    assert first == pytest.approx(60, abs=0.1)  # two steps of 30 µs

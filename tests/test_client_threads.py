@@ -119,3 +119,54 @@ def test_a_call_submitted_while_another_thread_closes_the_client_gets_client_clo
         client.close()
         submitter.join(30)
         assert not errors, errors
+
+
+def test_threads_closing_one_client_at_once_each_return(pool):
+    """However the closes interleave, each returns, none raises, and the client is closed."""
+    for round_ in range(20):
+        client = pool.client()
+        call = client.submit("anthropic", "messages.create", **anthropic_args(f"c{round_}"),
+                             **fault("slow-first:delay=5"))  # fmt: skip
+        start = threading.Barrier(4)
+        out: dict = {}
+
+        def close(client=client, start=start) -> None:
+            start.wait(5)
+            client.close()
+
+        threads = [_in_thread(f"close{n}", close, out) for n in range(4)]
+        for thread in threads:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in threads), f"round {round_}: a close() never returned"
+        assert out == {f"close{n}": None for n in range(4)}, f"round {round_}: {out}"
+        with pytest.raises(ClientClosed):
+            call.result()
+
+
+def test_a_signal_handler_closing_the_client_during_its_threads_own_close_returns(pool):
+    """The handler's close runs inside the thread's own, at any point of it: both return."""
+    for delay in (0.0001, 0.0005, 0.001, 0.002, 0.005):
+        client = pool.client()
+        with _alarm_in(delay, lambda *_, client=client: client.close()):
+            client.close()
+            time.sleep(0.02)  # the alarm has gone off, during the close or after it
+        with pytest.raises(ClientClosed):
+            client.submit("anthropic", "messages.count_tokens", **anthropic_args("after"))
+
+
+def test_stats_asked_while_another_thread_closes_the_client_gets_client_closed(pool):
+    """Never the event loop's RuntimeError, nor a wait for a loop that has stopped."""
+    for _ in range(10):
+        client = pool.client()
+        out: dict = {}
+
+        def stats_until_closed(client=client):
+            while True:
+                client.stats()
+
+        asker = _in_thread("stats", stats_until_closed, out)
+        time.sleep(0.05)
+        client.close()
+        asker.join(10)
+        assert not asker.is_alive(), "stats() waited for a client that was closed"
+        assert isinstance(out["stats"], ClientClosed), out

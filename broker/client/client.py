@@ -14,6 +14,8 @@ a thread-safe queue, so iterating a stream costs no cross-thread round trip per 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 _JSON = msgspec.json.Decoder()
 _END = object()
 _REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_STOPPED_POLL = 0.25  # s: how soon a wait on the loop's thread notices that the loop stopped under it
 
 
 class StreamEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -588,11 +591,25 @@ class Client:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
         self._thread.start()
+        self._closing = threading.RLock()  # re-entrant: a signal handler may close within its thread's close
+        self._closed = False
         self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
         self.url = url
 
     def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        """Run `coro` on the loop's thread and wait for it; ClientClosed if the loop stopped (the client was
+        closed by another thread) before it could."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise ClientClosed("this client is closed") from None
+        while True:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                return future.result(_STOPPED_POLL)
+            if not self._thread.is_alive() and not future.done():
+                future.cancel()
+                raise ClientClosed("this client is closed")
 
     def submit(
         self,
@@ -634,12 +651,18 @@ class Client:
         self._run(self._async.ping())
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self._async.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        """End every call in flight with ClientClosed and stop the loop's thread. From several threads at
+        once, each returns once the client is closed; from a signal handler that interrupted its own
+        thread's close, it returns at once, and the close it interrupted goes on."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(RuntimeError):  # the loop closed already: by a handler's close in this one
+                asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result()
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
     def __enter__(self) -> Client:
         return self

@@ -5,6 +5,7 @@ real threads."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -170,3 +171,41 @@ def test_stats_asked_while_another_thread_closes_the_client_gets_client_closed(p
         asker.join(10)
         assert not asker.is_alive(), "stats() waited for a client that was closed"
         assert isinstance(out["stats"], ClientClosed), out
+
+
+def _in_child(work) -> str:
+    """What `work` ends with in a forked child: "ok", or the repr of what it raised (or "hung")."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        try:
+            signal.signal(signal.SIGALRM, lambda *_: (os.write(writer, b"hung"), os._exit(0)))
+            signal.alarm(10)
+            work()
+            os.write(writer, b"ok")
+        except BaseException as exc:  # noqa: BLE001 - the report is what it raised
+            os.write(writer, repr(exc).encode()[:500])
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read().decode()
+    os.waitpid(child, 0)
+    return report
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_client_used_in_a_forked_child_says_so_instead_of_hanging(pool):
+    """Its loop thread stayed in the parent: a call, a wait for the parent's call, stats or close in the
+    child end at once (ClientClosed, saying to make a client there; close does nothing), and the parent's
+    client goes on working."""
+    client = pool.client()
+    ask = anthropic_args("before fork")
+    slow = client.submit("anthropic", "messages.create", **ask, **fault("slow-first:delay=1"))
+    for work in (lambda: client.request("anthropic", "messages.create", **ask), slow.result,
+                 lambda: list(slow), client.stats, client.ping):  # fmt: skip
+        report = _in_child(work)
+        assert report.startswith("ClientClosed(") and "fork" in report, report
+    assert _in_child(client.close) == "ok"
+    assert _text(slow.result())
+    assert _text(client.request("anthropic", "messages.create", **ask))
+    client.close()

@@ -173,6 +173,11 @@ class _Call:
     def __init__(self, client: Any, state: _CallState) -> None:
         self._client, self._state = client, state
 
+    def _queue(self) -> Any:
+        """The call's queue, to wait on: in a forked child, a copy nothing will ever feed."""
+        _check_process(self._client.pid)
+        return self._state.sink.queue
+
     @property
     def request_id(self) -> int:
         return self._state.rid
@@ -202,7 +207,7 @@ class AsyncCall(_Call):
         state = self._state
         try:
             while not state.done:
-                item = state.take(await state.sink.queue.get())
+                item = state.take(await self._queue().get())
                 if item is _END:
                     break
                 for event in item:
@@ -216,13 +221,13 @@ class AsyncCall(_Call):
         """Every event that has arrived, waiting for one if none has: what a relay writes at once.
         [] once the call has `ended` (then `result()` gives its end or raises its error)."""
         state = self._state
-        return [] if state.done else state.gather(await state.sink.queue.get(), state.sink.queue)
+        return [] if state.done else state.gather(await self._queue().get(), state.sink.queue)
 
     async def result(self) -> Result:
         """The end of the call, discarding any events not yet read; raises its RequestError."""
         state = self._state
         while not state.done:
-            state.take(await state.sink.queue.get())
+            state.take(await self._queue().get())
         return state.finish()
 
     async def cancel(self) -> None:
@@ -238,7 +243,7 @@ class SyncCall(_Call):
         state = self._state
         try:
             while not state.done:
-                item = state.take(state.sink.queue.get())
+                item = state.take(self._queue().get())
                 if item is _END:
                     break
                 yield from item
@@ -250,12 +255,12 @@ class SyncCall(_Call):
     def batch(self) -> list[StreamEvent]:
         """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
         state = self._state
-        return [] if state.done else state.gather(state.sink.queue.get(), state.sink.queue)
+        return [] if state.done else state.gather(self._queue().get(), state.sink.queue)
 
     def result(self) -> Result:
         state = self._state
         while not state.done:
-            state.take(state.sink.queue.get())
+            state.take(self._queue().get())
         return state.finish()
 
     def cancel(self) -> None:
@@ -279,6 +284,7 @@ class AsyncClient:
 
     def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
         self.url = url
+        self.pid = os.getpid()  # its connection and loop are this process's: a forked child's copy is dead
         self.broker_timeout = broker_timeout
         self.max_message_bytes = max_message_bytes or int(
             os.environ.get("ISOPOOL_MAX_MESSAGE_BYTES") or MAX_MESSAGE_BYTES
@@ -381,7 +387,12 @@ class AsyncClient:
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
         """Send (registering the call first, so that its answer finds it); safe from any thread.
         Never blocks: with no connection to the broker (none made yet, or refused, as a
-        CURVE handshake with a key the broker does not allow is), raise BrokerUnavailable."""
+        CURVE handshake with a key the broker does not allow is), raise BrokerUnavailable. In a forked
+        child, nothing is sent: the socket (and the state of its lock) are the parent's."""
+        if os.getpid() != self.pid:
+            if state is None:
+                return  # a cancel: the call runs for the parent, who still reads it
+            _check_process(self.pid)
         with self._sock.lock:
             if self._closed:  # closed by another thread since the caller looked: its socket is gone
                 if state is None:
@@ -593,6 +604,7 @@ class Client:
         self._thread.start()
         self._closing = threading.RLock()  # re-entrant: a signal handler may close within its thread's close
         self._closed = False
+        self.pid = os.getpid()
         self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
         self.url = url
 
@@ -600,15 +612,22 @@ class Client:
         """Run `coro` on the loop's thread and wait for it; ClientClosed if the loop stopped (the client was
         closed by another thread) before it could."""
         try:
+            _check_process(self.pid)
+            if self._closed:
+                raise ClientClosed("this client is closed")
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        except RuntimeError:  # the loop is closed
+        except RuntimeError:  # the loop closed since the look
             coro.close()
             raise ClientClosed("this client is closed") from None
+        except ClientClosed:
+            coro.close()
+            raise
         while True:
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 return future.result(_STOPPED_POLL)
             if not self._thread.is_alive() and not future.done():
                 future.cancel()
+                coro.close()  # never started: the loop stopped first
                 raise ClientClosed("this client is closed")
 
     def submit(
@@ -654,6 +673,8 @@ class Client:
         """End every call in flight with ClientClosed and stop the loop's thread. From several threads at
         once, each returns once the client is closed; from a signal handler that interrupted its own
         thread's close, it returns at once, and the close it interrupted goes on."""
+        if os.getpid() != self.pid:  # a forked child's copy: the loop and the connection are the parent's
+            return
         with self._closing:
             if self._closed:
                 return
@@ -683,6 +704,16 @@ class CallLimits(msgspec.Struct, frozen=True):
     # pool refuses those its `request_fallbacks` does not allow
     traceparent: str = ""  # the caller's trace context (the gateway's callers); else the current span's, if any
     caller: str = ""  # who to account the call to (the gateway: its token's name)
+
+
+def _check_process(pid: int) -> None:
+    """ClientClosed in a forked child: a client's loop thread and connection stayed in the parent, so
+    nothing would ever answer there."""
+    if os.getpid() != pid:
+        raise ClientClosed(
+            f"this client was made in process {pid} and this is a fork of it, where its connection does not "
+            "work: make a new client in this process"
+        )
 
 
 def _served(error: ErrorHeader) -> Served:

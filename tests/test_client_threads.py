@@ -4,15 +4,20 @@ real threads."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
+import random
 import signal
 import threading
 import time
 
 import pytest
+import zmq
 
 from broker import ClientClosed
+from broker.client.client import Client
 
 from .conftest import anthropic_args, fault
 
@@ -209,3 +214,135 @@ def test_a_client_used_in_a_forked_child_says_so_instead_of_hanging(pool):
     assert _text(slow.result())
     assert _text(client.request("anthropic", "messages.create", **ask))
     client.close()
+
+
+def test_an_async_client_goes_on_in_a_new_event_loop_once_its_first_has_ended(pool):
+    """`asyncio.run` twice with one AsyncClient (a script's two phases, a test per loop): the second loop's
+    calls are answered (they went unread: the socket was still watched by the closed loop), a call the
+    first loop left behind ends there with ClientClosed, and closing from a third loop works."""
+    client = pool.async_client()
+    ask = anthropic_args("two loops")
+    left: list = []
+
+    async def first() -> str:
+        left.append(await client.submit("anthropic", "messages.create", **ask, **fault("slow-first:delay=2")))
+        return _text(await client.request("anthropic", "messages.create", **ask))
+
+    async def second() -> str:
+        return _text(await asyncio.wait_for(client.request("anthropic", "messages.create", **ask), 10))
+
+    want = asyncio.run(first())
+    assert asyncio.run(second()) == want
+    assert asyncio.run(second()) == want
+    asyncio.run(client.close())
+    with pytest.raises(ClientClosed):
+        asyncio.run(left[0].result())
+
+
+def test_an_async_client_used_from_a_second_running_loop_says_so(pool):
+    """One client, two loops running at once (two threads): the second is refused with a clear error, the
+    first goes on."""
+    client = pool.async_client()
+    ask = anthropic_args("loop owner")
+    ready, done = threading.Event(), threading.Event()
+    out: dict = {}
+
+    async def owner() -> str:
+        await client.request("anthropic", "messages.create", **ask)
+        ready.set()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+        answer = _text(await client.request("anthropic", "messages.create", **ask))
+        await client.close()
+        return answer
+
+    thread = _in_thread("owner", lambda: asyncio.run(owner()), out)
+    assert ready.wait(10)
+    with pytest.raises(ClientClosed, match="another event loop"):
+        asyncio.run(client.request("anthropic", "messages.create", **ask))
+    done.set()
+    thread.join(10)
+    assert isinstance(out["owner"], str) and out["owner"], out
+
+
+def _client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "isopool-client" and t.is_alive()]
+
+
+def test_a_signal_handler_closing_the_client_while_its_thread_sends_ends_the_call(pool):
+    """The handler's thread may hold the socket's lock, halfway through a message: the close ends the calls
+    there and returns; the socket closes once the send is done (it hung: the close waited for the loop's
+    thread, which waited for that lock)."""
+    rng = random.Random(7)
+    for round_ in range(30):
+        client = pool.client()
+        with _alarm_in(rng.uniform(0.0005, 0.02), lambda *_, client=client: client.close()):
+            with pytest.raises(ClientClosed):
+                for n in range(100_000):
+                    client.submit("anthropic", "messages.count_tokens", **anthropic_args(f"s{n}"))
+        assert client._ended.wait(5), f"round {round_}: the client's thread was left running"
+
+
+def test_a_close_interrupted_by_ctrl_c_is_finished_by_the_next(pool):
+    """A KeyboardInterrupt anywhere in close(), then close() again (a `with` block's exit, a retry): closed,
+    its thread gone and its call ended (the second close returned at once, leaving it half-open)."""
+    rng = random.Random(11)
+    interrupted = 0
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    for _ in range(60):
+        client = pool.client()
+        call = client.submit("anthropic", "messages.create", **anthropic_args("k"), **fault("slow-first:delay=5"))
+        try:
+            with _alarm_in(rng.uniform(0.00002, 0.002), interrupt):
+                client.close()
+                time.sleep(0.005)  # the alarm goes off here if not during the close
+        except KeyboardInterrupt:
+            interrupted += 1
+        client.close()
+        assert client._ended.is_set() and client._loop.is_closed()
+        with pytest.raises(ClientClosed):
+            call.result()
+    assert interrupted >= 5, "too few closes were interrupted for the test to say anything"
+
+
+def test_clients_left_unclosed_stop_once_they_are_garbage(pool):
+    """No thread and no sockets left behind by a client nobody closed (each kept its thread and 7 fds)."""
+    before = len(_client_threads())
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        client = pool.client()
+        client.stats()
+        del client
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(_client_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_client_threads()) == before
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_a_client_that_cannot_be_made_leaves_no_thread():
+    before = len(_client_threads())
+    for _ in range(3):
+        with pytest.raises(zmq.ZMQError):
+            Client("not-a-url://x")
+    assert len(_client_threads()) == before
+
+
+def test_a_close_from_the_clients_own_thread_ends_it_without_a_deadlock(pool):
+    """As a logging handler run by that thread could: the calls end, the thread stops, and a close or a call
+    from another thread then returns."""
+    client = pool.client()
+    call = client.submit("anthropic", "messages.create", **anthropic_args("own"), **fault("slow-first:delay=5"))
+    client._loop.call_soon_threadsafe(client.close)
+    with pytest.raises(ClientClosed):
+        call.result()
+    assert client._ended.wait(5)
+    out: dict = {}
+    for thread in (_in_thread("close", client.close, out), _in_thread("stats", client.stats, out)):
+        thread.join(5)
+        assert not thread.is_alive()
+    assert out["close"] is None and isinstance(out["stats"], ClientClosed), out

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -295,6 +296,7 @@ class AsyncClient:
         self._codec = Codec()
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that watches the socket
         self._watchdog: asyncio.TimerHandle | None = None
         self._heard = time.monotonic()
         self._probing = False
@@ -377,12 +379,38 @@ class AsyncClient:
         return state
 
     def _attach(self) -> None:
-        """Have the running loop watch the socket (on first use)."""
-        if not self._sock.attached:
-            loop = asyncio.get_running_loop()
-            self._sock.attach(loop)
-            self._monitor.attach(loop)
-            self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
+        """Have the running loop watch the socket: on first use, or in a new loop once the one that watched
+        it has stopped (`asyncio.run` twice); while that one runs, this one is refused."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None:
+            if self._loop.is_running():
+                raise ClientClosed(
+                    "this client is in use by another event loop, which is running: make an AsyncClient in each "
+                    "loop (or use a Client, which any thread may share)"
+                )
+            self._leave_loop()
+        self._loop = loop
+        self._sock.attach(loop)
+        self._monitor.attach(loop)
+        self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
+
+    def _leave_loop(self) -> None:
+        """The loop that watched the socket has stopped: no longer watched by it, and the calls it left in flight
+        end (cancelled at the broker; ClientClosed for anyone who awaits one, should that loop run again)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        with self._sock.lock:
+            self._sock.detach()
+            self._monitor.detach()
+            left = list(self._calls.values())
+            for state in left:
+                self._cancel(state)
+            self._calls.clear()
+        for state in left:
+            with contextlib.suppress(RuntimeError):  # a waiter's future of the closed loop cannot be woken
+                state.sink.put(ClientClosed("the event loop that made this call ended while it was in flight"))
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
         """Send (registering the call first, so that its answer finds it); safe from any thread.
@@ -576,17 +604,33 @@ class AsyncClient:
     async def close(self) -> None:
         if self._closed:
             return
-        for state in list(self._calls.values()):
-            self._cancel(state)
+        self._attach()  # from a new loop, once the one that watched the socket has stopped
+        self._end_calls()
+        self._close_sockets()
+
+    def _end_calls(self, cancel: bool = True) -> None:
+        """Closed from now on: each call in flight ends with ClientClosed, cancelled at the broker unless not
+        `cancel` (a signal handler's close, whose thread may be halfway through sending a message). Safe from
+        any thread, and again."""
         with self._sock.lock:
+            if self._closed:
+                return
+            for state in list(self._calls.values()) if cancel else ():
+                self._cancel(state)
             self._closed = True
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
+
+    def _close_sockets(self) -> None:
+        """Stop watching the sockets and close them; on the loop's thread, once the calls have ended."""
         if self._watchdog is not None:
             self._watchdog.cancel()
-        # monitor off before its socket closes: stopping a monitor whose reader is gone can block in libzmq
-        self._sock.sock.disable_monitor()
-        self._monitor.close()
-        self._sock.close()
+        with self._sock.lock:
+            if self._sock.sock.closed:
+                return
+            # monitor off before its socket closes: stopping a monitor whose reader is gone can block in libzmq
+            self._sock.sock.disable_monitor()
+            self._monitor.close()
+            self._sock.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -596,16 +640,28 @@ class AsyncClient:
 
 
 class Client:
-    """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe."""
+    """Synchronous client: an `AsyncClient` on a private event-loop thread. Thread-safe. Closed by `close()`,
+    or, left unclosed, once nothing refers to it (its thread and sockets stop then)."""
 
     def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="isopool-client", daemon=True)
+        # Its end is waited for on `_ended`, not by join(): a Ctrl-C in join() marks a running thread stopped
+        # (CPython 3.11's bpo-45274 handling), and a second join() then returns while it runs.
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=_serve, args=(self._loop, self._ended), name="isopool-client",
+                                        daemon=True)  # fmt: skip
         self._thread.start()
         self._closing = threading.RLock()  # re-entrant: a signal handler may close within its thread's close
+        self._closer = threading.local()  # `busy` in a thread that is closing (joining its own join would hang)
         self._closed = False
         self.pid = os.getpid()
-        self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
+        try:
+            self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
+        except BaseException:  # a bad URL, a CURVE key that cannot be read: the thread goes too
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._ended.wait()
+            raise
+        self._garbage = weakref.finalize(self, _stop, self._loop, self._async)  # left unclosed
         self.url = url
 
     def _run(self, coro: Any) -> Any:
@@ -623,12 +679,14 @@ class Client:
             coro.close()
             raise
         while True:
-            with contextlib.suppress(concurrent.futures.TimeoutError):
+            try:
                 return future.result(_STOPPED_POLL)
-            if not self._thread.is_alive() and not future.done():
-                future.cancel()
-                coro.close()  # never started: the loop stopped first
-                raise ClientClosed("this client is closed")
+            except concurrent.futures.TimeoutError:
+                if self._ended.is_set() and not future.done():
+                    coro.close()  # never started: the loop stopped first
+                    raise ClientClosed("this client is closed") from None
+            except concurrent.futures.CancelledError:  # the loop stopped with it under way
+                raise ClientClosed("this client is closed") from None
 
     def submit(
         self,
@@ -670,20 +728,29 @@ class Client:
         self._run(self._async.ping())
 
     def close(self) -> None:
-        """End every call in flight with ClientClosed and stop the loop's thread. From several threads at
-        once, each returns once the client is closed; from a signal handler that interrupted its own
-        thread's close, it returns at once, and the close it interrupted goes on."""
+        """End every call in flight with ClientClosed, close the sockets and stop the loop's thread. Safe from
+        several threads at once (each returns once closed) and again after an interrupted close (it finishes
+        it). From a signal handler whose thread was sending, or from the loop's own thread, it ends the calls
+        and returns at once; the sockets close as soon as that send is done."""
         if os.getpid() != self.pid:  # a forked child's copy: the loop and the connection are the parent's
             return
-        with self._closing:
-            if self._closed:
-                return
+        if self._async._sock.lock._is_owned() or threading.current_thread() is self._thread:
             self._closed = True
-            with contextlib.suppress(RuntimeError):  # the loop closed already: by a handler's close in this one
-                asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result()
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._async._end_calls(cancel=False)  # cancels could split the message this thread is sending
+            _stop(self._loop, self._async)
+            return
+        if getattr(self._closer, "busy", False):  # a signal handler inside this thread's own close
+            return
+        with self._closing:
+            self._closer.busy = True
+            try:
+                self._closed = True
+                self._garbage.detach()
+                self._async._end_calls()
+                _stop(self._loop, self._async)
+                self._ended.wait()
+            finally:
+                self._closer.busy = False
 
     def __enter__(self) -> Client:
         return self
@@ -723,6 +790,36 @@ def _served(error: ErrorHeader) -> Served:
 def _body_fields(call: HttpCall | TimedCall) -> dict[str, Any]:
     """`model` and `stream` of a JSON request body (for the broker's per-model limits)."""
     return fields_of(top_level((call.http if isinstance(call, TimedCall) else call).body))
+
+
+def _serve(loop: asyncio.AbstractEventLoop, ended: threading.Event) -> None:
+    """A `Client`'s thread: its loop until stopped; then, as `asyncio.run` does, the tasks left (a call that
+    raced the close) cancelled and let end, and the loop closed; `ended` set last."""
+    try:
+        loop.run_forever()
+    finally:
+        while tasks := asyncio.all_tasks(loop):  # those a waiting thread's future started meanwhile, too
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(asyncio.sleep(0))  # their ends passed on to the threads that wait for them
+        loop.close()
+        ended.set()
+
+
+def _stop(loop: asyncio.AbstractEventLoop, client: AsyncClient) -> None:
+    """Have a `Client`'s loop end its calls, close its sockets and stop (by `close`, again after an interrupted
+    one, or once the client is garbage): once only, a second stop would cut short the loop's last tasks."""
+
+    def shut() -> None:
+        if client._sock.sock.closed:
+            return
+        client._end_calls()
+        client._close_sockets()
+        loop.stop()
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: all that is done
+        loop.call_soon_threadsafe(shut)
 
 
 async def _make_async(url: str, broker_timeout: float, max_message_bytes: int | None) -> AsyncClient:

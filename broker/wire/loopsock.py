@@ -38,6 +38,13 @@ class LoopSocket:
         loop.add_reader(self.sock.FD, self.drain)
         loop.call_soon(self.drain)  # messages that arrived before the loop watched
 
+    def detach(self) -> None:
+        """No longer watched by its loop, which has stopped (another may attach); what arrives meanwhile waits."""
+        with self.lock:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self.sock.FD)
+            self._loop = None
+
     def send(self, frames: list[bytes], flags: int = 0) -> None:
         """Send now (`flags`: 0, or NOBLOCK to raise zmq.Again rather than wait); safe from any thread."""
         with self.lock:

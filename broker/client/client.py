@@ -14,7 +14,6 @@ a thread-safe queue, so iterating a stream costs no cross-thread round trip per 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -60,6 +59,7 @@ _JSON = msgspec.json.Decoder()
 _END = object()
 _REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _STOPPED_POLL = 0.25  # s: how soon a wait on the loop's thread notices that the loop stopped under it
+_END_POLL = 0.002  # s: how often a close looks whether the loop's thread has ended
 
 
 class StreamEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -380,7 +380,9 @@ class AsyncClient:
 
     def _attach(self) -> None:
         """Have the running loop watch the socket: on first use, or in a new loop once the one that watched
-        it has stopped (`asyncio.run` twice); while that one runs, this one is refused."""
+        it has stopped (`asyncio.run` twice); while that one runs, this one is refused. Never in a forked child:
+        its loop's selector shares the parent's epoll, so unwatching there would unwatch the parent's socket."""
+        _check_process(self.pid)
         loop = asyncio.get_running_loop()
         if loop is self._loop:
             return
@@ -432,9 +434,11 @@ class AsyncClient:
                 self._calls[state.rid] = state
             try:
                 self._sock.send(frames, NOBLOCK)
-            except zmq.Again:
+            except BaseException as exc:  # not sent, or (Ctrl-C) sent for nobody: its caller never gets the call
                 if state is not None:
-                    del self._calls[state.rid]
+                    self._calls.pop(state.rid, None)
+                if not isinstance(exc, zmq.Again):
+                    raise
                 unconnected = (
                     f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"
                 )
@@ -602,7 +606,7 @@ class AsyncClient:
             state.sink.put(exc)
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self.pid:  # a forked child's copy: the connection is the parent's
             return
         self._attach()  # from a new loop, once the one that watched the socket has stopped
         self._end_calls()
@@ -645,8 +649,9 @@ class Client:
 
     def __init__(self, url: str, broker_timeout: float = 10.0, max_message_bytes: int | None = None) -> None:
         self._loop = asyncio.new_event_loop()
-        # Its end is waited for on `_ended`, not by join(): a Ctrl-C in join() marks a running thread stopped
-        # (CPython 3.11's bpo-45274 handling), and a second join() then returns while it runs.
+        # Its end is watched for on `_ended.is_set()`, a plain read: join() and Event.wait() take locks in Python
+        # code, which a Ctrl-C between taking and entering leaves taken (join() even marks the thread stopped
+        # while it runs), and then every later wait, and the thread's own end, hangs.
         self._ended = threading.Event()
         self._thread = threading.Thread(target=_serve, args=(self._loop, self._ended), name="isopool-client",
                                         daemon=True)  # fmt: skip
@@ -659,34 +664,45 @@ class Client:
             self._async = self._run(_make_async(url, broker_timeout, max_message_bytes))
         except BaseException:  # a bad URL, a CURVE key that cannot be read: the thread goes too
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._ended.wait()
+            self._wait_ended()
             raise
         self._garbage = weakref.finalize(self, _stop, self._loop, self._async)  # left unclosed
         self.url = url
 
     def _run(self, coro: Any) -> Any:
         """Run `coro` on the loop's thread and wait for it; ClientClosed if the loop stopped (the client was
-        closed by another thread) before it could."""
+        closed by another thread) before it could. Its end comes through a SimpleQueue, whose lock is C's:
+        a Ctrl-C while waiting for a concurrent Future could leave that future's lock taken, and the loop's
+        thread, setting its result, would hang on it."""
+        ended: queue.SimpleQueue = queue.SimpleQueue()
+
+        def start() -> None:
+            self._loop.create_task(coro).add_done_callback(ended.put)
+
         try:
             _check_process(self.pid)
             if self._closed:
                 raise ClientClosed("this client is closed")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        except RuntimeError:  # the loop closed since the look
+            self._loop.call_soon_threadsafe(start)
+        except (ClientClosed, RuntimeError) as exc:  # RuntimeError: the loop closed since the look
             coro.close()
-            raise ClientClosed("this client is closed") from None
-        except ClientClosed:
-            coro.close()
-            raise
+            raise exc if isinstance(exc, ClientClosed) else ClientClosed("this client is closed") from None
         while True:
             try:
-                return future.result(_STOPPED_POLL)
-            except concurrent.futures.TimeoutError:
-                if self._ended.is_set() and not future.done():
-                    coro.close()  # never started: the loop stopped first
+                task = ended.get(timeout=_STOPPED_POLL)
+            except queue.Empty:
+                if self._ended.is_set() and ended.empty():  # the loop stopped before it started
+                    coro.close()
                     raise ClientClosed("this client is closed") from None
-            except concurrent.futures.CancelledError:  # the loop stopped with it under way
-                raise ClientClosed("this client is closed") from None
+                continue
+            if task.cancelled():  # the loop stopped with it under way
+                raise ClientClosed("this client is closed")
+            return task.result()
+
+    def _wait_ended(self) -> None:
+        """Until the loop's thread has ended (see `_ended`)."""
+        while not self._ended.is_set():
+            time.sleep(_END_POLL)
 
     def submit(
         self,
@@ -748,7 +764,7 @@ class Client:
                 self._garbage.detach()
                 self._async._end_calls()
                 _stop(self._loop, self._async)
-                self._ended.wait()
+                self._wait_ended()
             finally:
                 self._closer.busy = False
 

@@ -24,12 +24,23 @@ _send, _recv = _Backend.send, _Backend.recv
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
     """Send a multipart message (`flags`: 0 or NOBLOCK). ZeroMQ queues a message's frames
-    atomically, so a failure on the first frame sends nothing."""
+    atomically, so a failure on the first frame sends nothing. An exception that is not ZeroMQ's
+    (a Ctrl-C handler's, run between two frames) still ends the message, or the next one sent would
+    be glued onto it and both lost."""
     _check(sock)
     more = flags | _MORE
-    for frame in frames[:-1]:
-        _send(sock, frame, more)
-    _send(sock, frames[-1], flags)
+    try:
+        for frame in frames[:-1]:
+            _send(sock, frame, more)
+        _send(sock, frames[-1], flags)
+    except zmq.ZMQError:  # zmq.Again only ever on the first frame: nothing went
+        raise
+    except BaseException:
+        # Which frame it came after cannot be told (a NOBLOCK send never waits, so it came between two):
+        # one empty frame more ends the message if it was cut, and if it was whole, is a message of its
+        # own, which the peer refuses as malformed.
+        _send(sock, b"", 0)
+        raise
 
 
 def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list[bytes]:

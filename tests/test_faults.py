@@ -18,6 +18,7 @@ from broker import (
     AttemptsExhausted,
     BadRequest,
     BrokerUnavailable,
+    Cancelled,
     Pool,
     ProviderConnectionError,
     ProviderStatusError,
@@ -332,6 +333,34 @@ def test_f11_caller_vanishing_mid_stream_cancels_and_frees_slot(client, pool, fa
     wait_for(lambda: client.stats()["in_flight"] == 0, 10, "no request in flight")
     wait_for(lambda: all(not w["requests"] for w in client.stats()["workers"]), 10, "free slots")
     wait_for(lambda: fake.stats()["active"] == 0, 10, "the upstream stream to be closed")
+
+
+def test_a_cancel_that_reaches_a_worker_with_its_run_is_confirmed_and_kills_nothing(client):
+    """A worker that reads a request and its cancel in one go (it was busy, or the caller went away just
+    as the request was assigned) confirms the cancel: the task cancelled before its first step never ran
+    its body, so no confirmation went out and the worker, with its neighbours, was killed 5 s later."""
+    killed_before, cancelled_before = client.stats()["kills"], client.stats()["requests"].get("cancelled", 0)
+    workers = [w["pid"] for w in client.stats()["workers"] if w["profile"] == "anthropic" and w["pid"]]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)  # each reads nothing until both messages wait for it
+    try:
+        call = client.submit("anthropic", "messages.create", **anthropic_args("f11 run and cancel"))
+        _busy_worker_pid(client)
+        call.cancel()
+        wait_for(
+            lambda: client.stats()["requests"].get("cancelled", 0) > cancelled_before,
+            10,
+            "the broker to take the cancel",
+        )
+        time.sleep(0.1)  # the ABORT on its way behind the RUN
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    with pytest.raises(Cancelled):
+        call.result()
+    wait_for(lambda: all(not w["requests"] for w in client.stats()["workers"]), 3, "the worker to confirm")
+    assert client.stats()["kills"] == killed_before
+    assert set(workers) <= set(worker_pids(client).values())
 
 
 def test_f11_caller_abandoning_iteration_cancels(client, fake):

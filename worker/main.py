@@ -355,7 +355,9 @@ class Worker:
             self.tasks[header.rid] = asyncio.create_task(self._execute(header.rid, payload, header.model,
                                                                        header.traceparent))  # fmt: skip
         elif kind == Kind.ABORT and (task := self.tasks.get(header.rid)) is not None:
-            task.cancel()
+            # after the task's first step (its RUN may have come in this same read): a task cancelled before
+            # it never runs its body, which is what confirms the abort (else the worker is killed for it)
+            asyncio.get_running_loop().call_soon(task.cancel)
 
     async def _execute(self, rid: int, payload: bytes, model: str = "", traceparent: str = "") -> None:
         emit = Emitter(self.sock, self.codec, rid, self.spec.coalesce)

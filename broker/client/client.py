@@ -406,13 +406,9 @@ class AsyncClient:
         with self._sock.lock:
             self._sock.detach()
             self._monitor.detach()
-            left = list(self._calls.values())
-            for state in left:
+            for state in list(self._calls.values()):
                 self._cancel(state)
-            self._calls.clear()
-        for state in left:
-            with contextlib.suppress(RuntimeError):  # a waiter's future of the closed loop cannot be woken
-                state.sink.put(ClientClosed("the event loop that made this call ended while it was in flight"))
+            self._fail_all(ClientClosed("the event loop that made this call ended while it was in flight"))
 
     def _send(self, frames: list[bytes], state: _CallState | None = None) -> None:
         """Send (registering the call first, so that its answer finds it); safe from any thread.
@@ -599,11 +595,14 @@ class AsyncClient:
         return Result(response.status, response.headers, response.body, response.malformed_events)
 
     def _fail_all(self, exc: Exception) -> None:
-        """End every call with `exc`; hold the lock (a `Client` caller could be registering one)."""
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for state in calls:
-            state.sink.put(exc)
+        """End every call with `exc`; hold the lock (a `Client` caller could be registering one). Each leaves
+        the table once its end is queued: cut short (Ctrl-C), a second pass ends the rest, none is lost."""
+        for rid in list(self._calls):
+            try:
+                self._calls[rid].sink.put(exc)
+            except RuntimeError:  # a waiter of a loop that has closed cannot be woken
+                pass
+            del self._calls[rid]
 
     async def close(self) -> None:
         if self._closed or os.getpid() != self.pid:  # a forked child's copy: the connection is the parent's
@@ -621,8 +620,8 @@ class AsyncClient:
                 return
             for state in list(self._calls.values()) if cancel else ():
                 self._cancel(state)
-            self._closed = True
             self._fail_all(ClientClosed("the client was closed while this call was in flight"))
+            self._closed = True  # last: a close cut short before here is finished by the next
 
     def _close_sockets(self) -> None:
         """Stop watching the sockets and close them; on the loop's thread, once the calls have ended."""
@@ -657,7 +656,7 @@ class Client:
                                         daemon=True)  # fmt: skip
         self._thread.start()
         self._closing = threading.RLock()  # re-entrant: a signal handler may close within its thread's close
-        self._closer = threading.local()  # `busy` in a thread that is closing (joining its own join would hang)
+        self._closer = threading.local()  # `busy` in a thread that is closing: a handler's close there returns
         self._closed = False
         self.pid = os.getpid()
         try:
@@ -683,10 +682,13 @@ class Client:
             _check_process(self.pid)
             if self._closed:
                 raise ClientClosed("this client is closed")
-            self._loop.call_soon_threadsafe(start)
-        except (ClientClosed, RuntimeError) as exc:  # RuntimeError: the loop closed since the look
+            try:
+                self._loop.call_soon_threadsafe(start)
+            except RuntimeError:  # the loop closed since the look
+                raise ClientClosed("this client is closed") from None
+        except ClientClosed:
             coro.close()
-            raise exc if isinstance(exc, ClientClosed) else ClientClosed("this client is closed") from None
+            raise
         while True:
             try:
                 task = ended.get(timeout=_STOPPED_POLL)

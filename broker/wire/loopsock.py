@@ -29,10 +29,6 @@ class LoopSocket:
         self._on_message = on_message
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def attached(self) -> bool:
-        return self._loop is not None
-
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.sock.FD, self.drain)

@@ -80,7 +80,8 @@ def _lines(path) -> int:
 def test_a_point_spread_over_three_nodes_gives_one_nodes_figures(spread):
     one, three = spread["single"]["points"][0], spread["spread"]["points"][0]
     for point in (one, three):
-        assert point["summary"]["requests"] > 15 and set(point["summary"]["outcomes"]) == {"ok", "stall"}  # ~60 idle
+        # ~60 idle; 15 while the other xdist worker and the cluster's start-up took the cores (a lost node is 2/3 off)
+        assert point["summary"]["requests"] > 8 and set(point["summary"]["outcomes"]) == {"ok", "stall"}
     rate = one["summary"]["throughput"]["requests_per_s"], three["summary"]["throughput"]["requests_per_s"]
     # the spread point's rate is its nodes' answers together over its span: counted exactly; the nodes' own rates
     # are each over their own span (a node starved at load 6 began late: 7.39 + 2.82 + 6.85 = 17.1 against 14.4),
@@ -99,7 +100,8 @@ def test_a_point_spread_over_three_nodes_gives_one_nodes_figures(spread):
     # and the fake add (the spread point's 93 ms against the single one's 61 seen at half the machine's speed);
     # records timed on a node's misaligned clock would be off by far more, or come before the fake could answer
     assert all(0.05 <= t < 0.25 for t in ttft), ttft
-    assert three["generator"]["in_flight_mean"] > 4.0  # of the 6 asked for, counted across the nodes
+    # of the 6 asked for, counted across the nodes (each node's 1.26 on a loaded machine; one at a time, 3 at most)
+    assert three["generator"]["in_flight_mean"] > 3.0
     assert three["generator"]["cpu_cores_mean"] > 0  # the nodes' generator CPU, summed
 
 
@@ -120,7 +122,8 @@ def test_every_record_carries_its_node_and_each_node_offered_its_share(spread):
         # its share of the time streams were offered (a stalled stream is offered until it is cut), not of
         # the answers: a stall holds one of a node's two streams for 1 s of the 2.5 (7 of 35 answers seen)
         assert 0.2 < _offered(records, name) / _offered(records) < 0.45
-        assert 1.3 < node["generator"]["in_flight_mean"] <= 2.05  # its two streams, kept busy (1.9 idle)
+        # its two streams, kept busy: 1.9 idle, 1.26 on a loaded machine; one at a time would be at most 1
+        assert 1.0 < node["generator"]["in_flight_mean"] <= 2.05
         assert node["generator"]["verdict"].startswith("the generator")
     assert sum(n["summary"]["requests"] for n in nodes.values()) == measured
     rebuilt = rebuild(str(spread["out"]))["points"][0]  # what `report` shows from the records alone

@@ -116,7 +116,7 @@ def _versus_litellm(rows: list[dict[str, Any]]) -> list:
         for label, key in figures:
             out.append(target(f"{name}: {label} ratio", round(ours[key] / theirs[key], 3), "< 1", lambda v: v < 1))
         if row["kind"] == "rate":
-            ratio = round(ours["events_per_s"] / theirs["events_per_s"], 3)
+            ratio = round(sidebyside.paired_ratio(ours, theirs), 3)
             out.append(target(f"{name}: events/s ratio", ratio, "> 1", lambda v: v > 1))
         cpu = sum(ours["cpu_us"].get(r, 0.0) for r in ("gateway", "broker", "worker"))
         ratio = round(cpu / max(theirs["cpu_us"]["litellm"], 0.1), 3)

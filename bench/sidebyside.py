@@ -6,7 +6,7 @@ A path holds, per upstream, an Anthropic and an OpenAI client (and the model nam
 Latency calls are timed in turn (ABCABC) so that drift in machine load hits every path alike;
 then each path runs alone for the CPU figures: each process's user+system seconds (psutil)
 before and after, divided by the calls or the events. A long stream's events/s is the median
-over runs made in turn."""
+over runs made in turn; its ratio to the direct SDK's, the median of each round's."""
 
 from __future__ import annotations
 
@@ -151,8 +151,17 @@ def measure(paths: list[Path], processes: Processes, upstream: str, size: dict[s
 
 
 def _rate(events: int, seconds: list[float]) -> dict[str, Any]:
-    return {"events": events, "events_per_s": round(statistics.median(events / t for t in seconds)),
+    rates = [round(events / t) for t in seconds]
+    return {"events": events, "events_per_s": round(statistics.median(rates)), "rounds_events_per_s": rates,
             "seconds_median": round(statistics.median(seconds), 3)}  # fmt: skip
+
+
+def paired_ratio(fig: dict[str, Any], base: dict[str, Any]) -> float:
+    """The median, over the rounds, of a path's events/s over the direct SDK's in the same round. This machine's
+    speed drifts by up to 2x within a minute (a fixed pure-Python loop took 176-362 ms over 40 runs on an idle
+    machine), more than the gap measured; the calls of one round ran seconds apart, at one speed."""
+    rounds = zip(fig["rounds_events_per_s"], base["rounds_events_per_s"], strict=True)
+    return statistics.median(path / direct for path, direct in rounds)
 
 
 def cpu_bound(cpu_us: dict[str, float], cores: int) -> float:
@@ -174,7 +183,7 @@ def _compare(row: dict[str, Any], direct: str) -> None:
             # A call's processes take turns (each waits for the one before): its time is close to the CPU they spend
             fig["added_cpu_ms"] = round((sum(fig["cpu_us"].values()) - sum(base["cpu_us"].values())) / 1000, 3)
         else:
-            fig["ratio_to_direct"] = round(fig["events_per_s"] / base["events_per_s"], 3)
+            fig["ratio_to_direct"] = round(paired_ratio(fig, base), 3)
             fig["cpu_bound_events_per_s"] = round(cpu_bound(fig["cpu_us"], cores))
             fig["cpu_bound_ratio"] = round(cpu_bound(fig["cpu_us"], cores) / cpu_bound(base["cpu_us"], cores), 3)
 
@@ -217,7 +226,7 @@ def size_of(size: str, pick: Callable[..., Any]) -> dict[str, int]:
     gateway count_tokens p99 ranged 7.4-14.1 ms over ten blocks of 300 calls in one run."""
     return pick(
         size,
-        {"repeat": 1000, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 5, "long_cpu_runs": 2},
+        {"repeat": 1000, "warmup": 20, "cpu_calls": 200, "tokens": 5000, "long_repeat": 7, "long_cpu_runs": 2},
         {"repeat": 100, "warmup": 10, "cpu_calls": 100, "tokens": 5000, "long_repeat": 2, "long_cpu_runs": 1},
         {"repeat": 3, "warmup": 1, "cpu_calls": 3, "tokens": 100, "long_repeat": 1, "long_cpu_runs": 1},
     )

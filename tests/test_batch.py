@@ -268,3 +268,16 @@ def test_lane_holds_requests_to_the_rpm_and_tpm_ceilings(monkeypatch):
         assert lane._ceiling_wait(now[0], 100) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_ray_node_whose_pool_does_not_start_in_time_is_told_apart_from_a_failure(monkeypatch):
+    """asyncio's timeout has no message: the left-out node's reason read "TimeoutError: " (seen at load 6, where
+    three nodes' pools took over 120 s). A unit test of the wait, on an actor call that never answers."""
+    import asyncio
+
+    from broker.batch import cluster
+
+    monkeypatch.setattr(cluster, "NODE_START_TIMEOUT", 0.05)
+    with pytest.raises(TimeoutError) as caught:
+        asyncio.run(cluster.node_started(asyncio.sleep(10)))
+    assert cluster.short_error(caught.value) == "TimeoutError: no answer within 0.05 s (is the node overloaded?)"

@@ -185,7 +185,7 @@ class Dealer:
                 self.options.metrics_port)  # fmt: skip
         node = self.nodes[node_id] = Node(node_id, pinned_actor(self.ray, NodePool, node_id, *args))
         try:
-            info = await asyncio.wait_for(node.actor.start.remote(), NODE_START_TIMEOUT)
+            info = await node_started(node.actor.start.remote())
         except Exception as exc:  # the node's pool did not start (or the node died): leave the node out
             node.stats.lost, node.stats.error = True, short_error(exc)
             self.ray.kill(node.actor)
@@ -329,6 +329,14 @@ def pinned_actor(ray: Any, cls: type, node_id: str, *args: Any) -> Any:
         )  # fmt: skip
         .remote(*args)
     )
+
+
+async def node_started(start: Any) -> Any:
+    """A node actor's `start()`, waited for at most NODE_START_TIMEOUT: a timeout says so (asyncio's is blank)."""
+    try:
+        return await asyncio.wait_for(start, NODE_START_TIMEOUT)
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {NODE_START_TIMEOUT:g} s (is the node overloaded?)") from None
 
 
 def short_error(exc: BaseException) -> str:

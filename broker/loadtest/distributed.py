@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from ..batch.cluster import NODE_START_TIMEOUT, RayUnavailable, connected, pinned_actor, require_ray, short_error
+from ..batch.cluster import RayUnavailable, connected, node_started, pinned_actor, require_ray, short_error
 from .clock import Alignment, align
 from .node import Batch, NodeGenerator, NodeStarted
 from .options import Options, Workload
@@ -113,7 +113,7 @@ class _Driver:
             actor = pinned_actor(self.ray, NodeGenerator, node_id, msgspec.json.encode(options), workload, fake_url)
             self.nodes.append(_Node(node_id, ip, actor))
         outcomes = await asyncio.gather(
-            *(asyncio.wait_for(n.actor.start.remote(), NODE_START_TIMEOUT) for n in self.nodes), return_exceptions=True
+            *(node_started(n.actor.start.remote()) for n in self.nodes), return_exceptions=True
         )
         left_out = {}
         for node, outcome in zip(list(self.nodes), outcomes, strict=True):

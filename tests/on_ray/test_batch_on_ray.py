@@ -31,12 +31,19 @@ from ..conftest import TEST_SETTINGS, profiles, wait_for
 from ..test_batch import ISOPOOL, anthropic_lines, read_jsonl, write_jsonl
 from ..test_metrics import scrape
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
+# one worker runs the one cluster. The stalled run's set-up (the cluster's start, a local run and a cluster run)
+# took 105 s in CI with the other workers busy: 300 s is still a hang guard, 120 s was a coin toss
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(300)]
 
-# a stall cut after 1 s without events (the fakes send one every 2-50 ms): a healthy stream starved for
-# half a second on two cores at load 13 was cut too, and the exact stall counts below were one over
-LIMITS = dict(first_event_timeout=2.0, stale_timeout=1.0, max_attempts=5)
+# a stall cut after 1 s without events (the fakes send one every 2-50 ms). The injected stalls come after the
+# first event, so the first-event limit only needs to spare healthy streams: at 2 s, CI cut two of them while
+# the nodes' pools were starting workers on two cores
+LIMITS = dict(first_event_timeout=10.0, stale_timeout=1.0, max_attempts=5)
 TOKENS = 20  # the fakes' answer length, so that every answer can be checked with `Reply`
+STALLED = 30  # every tenth of the 300 items
+# Healthy streams a loaded machine starves past the 1 s limit are real stalls to the pool: cut, retried and
+# counted like the injected ones (CI at load 13 cut two). More than this many means the pool cuts healthy streams.
+STARVED_AT_MOST = 6
 
 
 def node_settings(url: str, min_workers: int = 2, max_workers: int = 4, **limits: float):
@@ -73,6 +80,7 @@ def stalled_run(cluster, tmp_path_factory):
     with FakeProviderProcess(Latency(ttft=0.02, gap=0.002, tokens=TOKENS)) as fake:
         with Pool(node_settings(fake.url, max_workers=12)) as pool:  # as many slots as the three nodes
             local = run(source, str(tmp / "local.jsonl"), pool=pool)
+        served_locally = fake.stats()
         fake.reset()
         nodes: dict = {}
         scrapes: list[dict] = []
@@ -87,7 +95,16 @@ def stalled_run(cluster, tmp_path_factory):
         summary = run(source, str(tmp / "ray.jsonl"), ray=options, on_result=on_result,
                       on_status=lambda status: nodes.update(status["nodes"]))  # fmt: skip
         served = fake.stats()
-    return dict(lines=lines, tmp=tmp, local=local, summary=summary, served=served, scrapes=scrapes)
+    return dict(lines=lines, tmp=tmp, local=local, summary=summary, served=served, served_locally=served_locally,
+                scrapes=scrapes)  # fmt: skip
+
+
+def check_stalls(summary, served: dict) -> None:
+    """Each injected stall fired once and was cut and retried once; every retry the fake saw is a stall the pool
+    recovered, and nothing else ran twice."""
+    assert served["faults"] == {"stall-ping": STALLED}
+    assert summary.stalls_recovered == summary.retries == served["repeated"]
+    assert STALLED <= summary.stalls_recovered <= STALLED + STARVED_AT_MOST
 
 
 def test_300_items_with_stalls_give_the_local_runners_output(stalled_run):
@@ -95,12 +112,13 @@ def test_300_items_with_stalls_give_the_local_runners_output(stalled_run):
     assert sorted(open(tmp / "ray.jsonl")) == sorted(open(tmp / "local.jsonl"))  # byte for byte, line for line
     check_answers(read_jsonl(tmp / "ray.jsonl"), stalled_run["lines"])
     assert summary.ok == local.ok == 300 and summary.failed == 0
-    assert summary.stalls_recovered == local.stalls_recovered == 30  # each stalled once, retried in its node
+    check_stalls(local, stalled_run["served_locally"])
+    check_stalls(summary, stalled_run["served"])  # retried in their nodes: the driver re-ran nothing
     assert len(summary.nodes) == 3 and not any(n.lost for n in summary.nodes.values())
     assert all(n.done > 0 for n in summary.nodes.values())  # every node took a share
     assert sum(n.done for n in summary.nodes.values()) == 300
-    assert sum(n.stalls_recovered for n in summary.nodes.values()) == 30
-    assert summary.reexecuted == 0 and stalled_run["served"]["repeated"] == 30  # the stalls' retries, nothing else
+    assert sum(n.stalls_recovered for n in summary.nodes.values()) == summary.stalls_recovered
+    assert summary.reexecuted == 0
 
 
 def test_node_metrics_scraped_during_the_run_match_the_summary(stalled_run):
@@ -116,7 +134,7 @@ def test_node_metrics_scraped_during_the_run_match_the_summary(stalled_run):
         assert total(end[name], "isopool_worker_kills_total", reason="stale_timeout") == node.stalls_recovered
         assert total(mid[name], "isopool_requests_total") <= total(end[name], "isopool_requests_total")
     assert 150 <= sum(total(s, "isopool_requests_total", outcome="ok") for s in mid.values()) < 300  # mid-run
-    assert sum(total(s, "isopool_stalls_total") for s in end.values()) == summary.stalls_recovered == 30
+    assert sum(total(s, "isopool_stalls_total") for s in end.values()) == summary.stalls_recovered >= STALLED
     assert sum(total(s, "isopool_request_duration_seconds_count") for s in end.values()) == 300
 
 

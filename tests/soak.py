@@ -73,10 +73,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----- a client process ------------------------------------------------------------
 
 
-async def client_main(url: str, seed: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    """Send mixed requests for `seconds`; each ends as ok, wrong, abandoned or a typed error."""
+async def client_main(url: str, seed: int, seconds: float, concurrency: int) -> None:
+    """Send mixed requests for `seconds`; each ends as ok, wrong, abandoned or a typed error, written as a JSON
+    line as it ends (a client the soak SIGKILLs has told what it saw), then `null` once all have ended."""
     rng = random.Random(seed)
-    tally: Counter[str] = Counter()
     stop = time.monotonic() + seconds
 
     async def one(client: AsyncClient, i: int) -> str:
@@ -107,11 +107,11 @@ async def client_main(url: str, seed: int, seconds: float, concurrency: int) -> 
                 outcome = f"VIOLATION: untyped {type(exc).__name__}: {exc}"
             if time.monotonic() - started > DEADLINE + 5:
                 outcome = "VIOLATION: answered after the deadline"
-            tally[outcome] += 1
+            print(json.dumps(outcome), flush=True)
 
     async with AsyncClient(url) as client:
         await asyncio.gather(*(lane(client, k) for k in range(concurrency)))
-    return dict(tally)
+    print(json.dumps(None), flush=True)
 
 
 # ----- the soak ---------------------------------------------------------------------
@@ -172,8 +172,8 @@ class Soak:
                     return
                 victim = self.procs.pop(self.rng.choice(running))
                 victim.kill()
-                victim.wait()
-                victim.stdout.close()  # type: ignore[union-attr]
+                out, _ = victim.communicate()
+                self._tally(out, finished=False)
                 self._start_client(url, remaining)
             else:
                 return
@@ -203,10 +203,11 @@ class Soak:
                 for seed, proc in self.procs.items():
                     try:
                         out, _ = proc.communicate(timeout=DEADLINE + 30)
-                        self.tallies.update(json.loads(out))
-                    except (subprocess.TimeoutExpired, json.JSONDecodeError):
+                    except subprocess.TimeoutExpired:
                         proc.kill()
-                        self.violations.append(f"client {seed} did not finish (hung) or wrote no summary")
+                        out, _ = proc.communicate()
+                    if not self._tally(out, finished=True):
+                        self.violations.append(f"client {seed} did not finish (hung or crashed)")
                 self._check_broker(watcher)
                 stats = watcher.stats()
             fake_stats = fake.stats()
@@ -231,6 +232,16 @@ class Soak:
             "broker_fds_first_last": [self.samples[0][1], self.samples[-1][1]] if self.samples else [],
             "violations": self.violations,
         }
+
+    def _tally(self, out: str, finished: bool) -> bool:
+        """Count a client's outcomes, one JSON line each (a killed client's last line may be cut off); whether
+        it wrote its closing `null`."""
+        lines = out.splitlines()
+        if not finished and lines and not out.endswith("\n"):
+            lines.pop()
+        outcomes = [json.loads(line) for line in lines]
+        self.tallies.update(o for o in outcomes if o is not None)
+        return bool(outcomes) and outcomes[-1] is None
 
     def _alive(self, deadline: float) -> set[int]:
         """The soak's processes still running (waiting until `deadline` for them to go)."""
@@ -270,7 +281,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        print(json.dumps(asyncio.run(client_main(args.client, args.seed, args.seconds, concurrency=8))))
+        asyncio.run(client_main(args.client, args.seed, args.seconds, concurrency=8))
         return 0
     report = Soak(args.minutes, args.clients).run()
     text = json.dumps(report, indent=2)

@@ -19,7 +19,7 @@ import zmq
 from broker import Cancelled, ClientClosed
 from broker.client.client import Client
 
-from .conftest import anthropic_args, fault
+from .conftest import anthropic_args, fault, wait_for
 
 
 @contextlib.contextmanager
@@ -380,6 +380,32 @@ def test_a_ctrl_c_between_two_frames_of_a_submit_loses_no_other_call(pool, monke
     asker.join(10)
     assert not asker.is_alive(), "the next call never ended"
     assert out["next"] == _answers(client, "b")["b"]
+    assert not client._async._calls
+    client.close()
+
+
+def test_a_submit_interrupted_after_its_last_frame_is_cancelled_at_the_broker(pool, monkeypatch):
+    """A Ctrl-C's handler run once the whole request has gone: the broker has it, and without a cancel would
+    run it (and the provider bill it) for a caller that never gets the answer."""
+    from broker.wire import zmqio
+
+    send, sends = zmqio._send, [0]
+
+    def interrupted(sock, data, flags):
+        send(sock, data, flags)
+        sends[0] += 1
+        if sends[0] == 3:  # a submit's last frame
+            raise KeyboardInterrupt
+
+    client = pool.client()
+    counts = client.stats()["requests"]
+    monkeypatch.setattr(zmqio, "_send", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.submit("anthropic", "messages.create", **anthropic_args("sent whole"), **fault("slow-first:delay=3"))
+    monkeypatch.setattr(zmqio, "_send", send)
+    cancelled = counts.get("cancelled", 0) + 1
+    wait_for(lambda: client.stats()["requests"].get("cancelled", 0) == cancelled, 2.5, "the call's cancel")
+    assert client.stats()["requests"]["accepted"] == counts["accepted"] + 1  # it had reached the broker
     assert not client._async._calls
     client.close()
 

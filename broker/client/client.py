@@ -434,6 +434,9 @@ class AsyncClient:
                 if state is not None:
                     self._calls.pop(state.rid, None)
                 if not isinstance(exc, zmq.Again):
+                    if state is not None:  # it may have gone whole (a cut one the broker drops): it would run anyway
+                        with contextlib.suppress(zmq.ZMQError):
+                            self._sock.send(self._codec.frames(Kind.CANCEL, Ref(state.rid)), NOBLOCK)
                     raise
                 unconnected = (
                     f"not connected to the broker at {self.url} (is it running? for tcp://, are the CURVE keys right?)"

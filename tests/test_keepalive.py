@@ -36,7 +36,10 @@ def test_one_connection_serves_a_workers_successive_chat_calls(stream):
                 (pid,) = [w.pid for w in client.snapshot().workers if w.pid]
                 time.sleep(0.2)  # the call's end sent, its response read to the end (or its connection closed)
                 seen.append(_ports_to(pid, port))
-    # Each call's rest is read for 0.1 s at most (as the SDK does): on two busy cores one such read may run out and
-    # its connection be closed, once; without the read, no connection outlived any call.
+    # Each call's rest is read for 0.1 s at most (as the SDK does): on two busy cores such a read may run out and
+    # its connection be closed (twice of four in a fresh-ci run with the Ray tests starting, [{p}, {p}, {}, {}]);
+    # without the read, no connection outlived any call. Two calls in a row on one connection show it kept.
     kept = [ports for ports in seen if ports]
-    assert len(kept) >= 3 and len(set().union(*kept)) <= 2, f"the connections after each call: {seen}"
+    assert len(kept) >= 2 and len(set().union(*kept)) <= 2, f"the connections after each call: {seen}"
+    in_a_row = [a for a, b in zip(seen, seen[1:], strict=False) if a and a == b]
+    assert in_a_row, f"no connection served two calls in a row: {seen}"

@@ -118,6 +118,12 @@ def worker_pids(client: Any) -> dict[str, int]:
     return {w["ident"]: w["pid"] for w in client.stats()["workers"] if w["pid"]}
 
 
+def fault_kills(client: Any) -> dict[str, int]:
+    """The kills so far but for idle workers retired (`scale_down`): the session's pool retires one whenever it
+    has been idle long enough, in the middle of any test (a fresh-ci run counted one during F5's slow first token)."""
+    return {reason: n for reason, n in client.stats()["kills"].items() if reason != "scale_down"}
+
+
 def assert_dead(pids: set[int]) -> None:
     wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, f"pids {pids} to be gone")
 

@@ -33,6 +33,7 @@ from .conftest import (
     anthropic_args,
     assert_dead,
     fault,
+    fault_kills,
     openai_args,
     profiles,
     sdk_has,
@@ -48,12 +49,6 @@ STREAMING = {
 
 def kills(client, reason: str) -> int:
     return client.stats()["kills"].get(reason, 0)
-
-
-def fault_kills(client) -> dict[str, int]:
-    """The kills so far but for idle workers retired (`scale_down`): the session's pool retires one whenever it
-    has been idle long enough, in the middle of any test (a fresh-ci run counted one during F5's slow first token)."""
-    return {reason: n for reason, n in client.stats()["kills"].items() if reason != "scale_down"}
 
 
 def request_pair(client, profile: str, prompt: str, spec: str, **limits):

@@ -25,7 +25,7 @@ from broker.sdklib import library
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
-from .conftest import TEST_SETTINGS, fault, profiles, sdk_has, wait_for
+from .conftest import TEST_SETTINGS, fault, fault_kills, profiles, sdk_has, wait_for
 
 pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped fixtures started once, on one worker
 
@@ -266,10 +266,10 @@ def test_seen_stream_failures_raise_the_sdks_error_classes(pair, spec, exc, pool
 def test_f5_slow_healthy_drip_is_not_killed(pair, pool):
     _, (claude, _) = pair
     with pool.client() as c:
-        kills = sum(n for reason, n in c.stats()["kills"].items() if reason != "scale_down")  # idle ones retired
+        before = fault_kills(c)
         events = list(claude.messages.create(stream=True, **MSG, **fault("drip:gap=0.2")))
         assert events[-1].type == "message_stop"
-        assert sum(n for reason, n in c.stats()["kills"].items() if reason != "scale_down") == kills
+        assert fault_kills(c) == before
 
 
 def test_hung_anthropic_stream_with_pings_is_recovered_for_async_callers(fake, pool):

@@ -44,7 +44,8 @@ class LocalCluster:
         self.nodes: list[Any] = []
         self.cluster = Cluster()  # the head is added below, so that a start that fails is shut down too
         try:
-            self.add_node(temp_dir=self.temp_dir, _system_config=HEALTH_CHECKS)
+            # no dashboard: nothing here reads it, and its process is one more interpreter starting on each run
+            self.add_node(temp_dir=self.temp_dir, include_dashboard=False, _system_config=HEALTH_CHECKS)
             for _ in range(nodes - 1):
                 self.add_node()
         except BaseException:

@@ -4,7 +4,8 @@ mid-run loses nothing and its re-run items are counted as the fake provider serv
 a SIGKILLed driver resumes; without Ray, a clear error and nothing sent; the nodes'
 metrics agree with the summary.
 
-The three-node cluster is this package's (see conftest.py). Select these tests with `-m ray`."""
+The three-node cluster is this package's (see conftest.py). Run them with `-m ray -n 0` (`pytest`
+alone leaves them out)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,12 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
         driver = start_driver(cluster, fake, source, out, tmp_path, min_workers=4, first_event_timeout=300.0,
                               deadline=600.0)  # fmt: skip
         try:
-            wait_for(lambda: fake.stats()["active"] == 12, 180, "every node's slots to hold a stream")
+            try:
+                wait_for(lambda: fake.stats()["active"] == 12, 180, "every node's slots to hold a stream")
+            except AssertionError:  # say how far it got, and what the driver said (one such run seen, not explained)
+                driver.kill()
+                held, said = fake.stats()["active"], driver.communicate()[1][-3000:]
+                raise AssertionError(f"{held} of 12 slots held a stream the driver said:\n{said}") from None
             pool = cluster.kill_node(cluster.nodes[2])
             killed_at = time.time()
             cluster.add_node()  # a node that joins during the run gets an actor

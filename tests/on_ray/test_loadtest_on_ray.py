@@ -24,7 +24,8 @@ from broker.loadtest.schedule import Share
 from ..conftest import wait_for
 from ..test_loadtest import ISOPOOL
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one worker runs the one cluster
+# one worker runs the one cluster; 300 s: the spread point's set-up (two runs) took over 120 s in CI
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(300)]
 
 # c=6: two streams a node; ~150 ms a request (50 ms to the first token, 20 tokens 5 ms apart), and one
 # in 12 stalling after 5 events, cut at 1 s (0.5 s also cut a healthy stream starved on a loaded machine)

@@ -245,7 +245,9 @@ def test_a_fast_stream_reaches_the_caller_in_few_messages_with_the_same_answer(p
     got, whole = asyncio.run(scenario())
     flat = [event for batch in got for event in batch]
     assert len(flat) > LONG  # every delta, and the events around them
-    assert len(got) < len(flat) / 10, f"{len(flat)} events came in {len(got)} messages"
+    # one message per event without coalescing; about one per ten on a quiet machine, one per eight seen in a full
+    # suite at load 5 (the fake's writes then come further apart, and a window holds fewer): a loosened bound
+    assert len(got) < len(flat) / 5, f"{len(flat)} events came in {len(got)} messages"
     assert flat[0].name == "message_start" and flat[-1].name == "message_stop"
     assert text_of(flat) == whole.json()["content"][0]["text"]
 

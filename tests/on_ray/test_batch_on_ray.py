@@ -156,7 +156,7 @@ def test_a_node_sigkilled_mid_run_loses_nothing_and_its_reruns_are_counted(clust
             except AssertionError:  # say how far it got, and what the driver said (one such run seen, not explained)
                 driver.kill()
                 held, said = fake.stats()["active"], driver.communicate()[1][-3000:]
-                raise AssertionError(f"{held} of 12 slots held a stream the driver said:\n{said}") from None
+                raise AssertionError(f"{held} of 12 slots held a stream at 180 s; the driver said:\n{said}") from None
             pool = cluster.kill_node(cluster.nodes[2])
             killed_at = time.time()
             cluster.add_node()  # a node that joins during the run gets an actor

@@ -2,10 +2,10 @@
 the worker while one kind of call runs in a loop, and each function's CPU is given in µs per call.
 Not a scenario (it prints, it stores nothing); a tool for the profile behind issue 21:
 
-    python -m bench.hops shim|gateway|direct tiny|count|long [--seconds 10] [--rate 500] [--out DIR]
+    python -m bench.hops shim|gateway|direct tiny|count|chat|long [--seconds 10] [--rate 500] [--out DIR]
 
-`tiny`: the 8-token Anthropic stream; `count`: `messages.count_tokens` (nothing streamed); `long`:
-5,000-token Anthropic streams (µs per event then).
+`tiny`: the 8-token Anthropic stream; `count`: `messages.count_tokens` (nothing streamed); `chat`: the
+one-token OpenAI chat stream; `long`: 5,000-token Anthropic streams (µs per event then).
 py-spy (in the venv: `pip install py-spy`) runs with --nonblocking; samples of idle threads are
 left out, so a function's figure is CPU, not waiting.
 """
@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import anthropic
+import openai
 
 from broker import Pool
 from broker import shim as isoshim
@@ -38,13 +39,16 @@ from .upstreams import child_of, worker_pids
 LONG = 5000
 
 
-def _client(path: str, fake: FakeProviderProcess, pool: Pool) -> Any:
+def _client(path: str, kind: str, fake: FakeProviderProcess, pool: Pool) -> Any:
+    """The SDK client of `kind` (anthropic, openai) that `path` gives an application."""
+    suffix = "" if kind == "anthropic" else "/v1"
     if path == "shim":
-        return isoshim.Anthropic(pool=pool)
+        return (isoshim.Anthropic if kind == "anthropic" else isoshim.OpenAI)(pool=pool)
+    sdk = anthropic.Anthropic if kind == "anthropic" else openai.OpenAI
     if path == "gateway":
-        return anthropic.Anthropic(base_url=pool.http_url, api_key="unused", max_retries=0,
-                                   default_headers={PROFILE_HEADER: "anthropic"})  # fmt: skip
-    return anthropic.Anthropic(base_url=fake.url, max_retries=0)
+        return sdk(base_url=pool.http_url + suffix, api_key="unused", max_retries=0,
+                   default_headers={PROFILE_HEADER: kind})  # fmt: skip
+    return sdk(base_url=fake.url + suffix, api_key="unused", max_retries=0)
 
 
 def _spy(pid: int, out: str, rate: int, seconds: float) -> subprocess.Popen:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("path", choices=("shim", "gateway", "direct"))
-    parser.add_argument("call", choices=("tiny", "count", "long"))
+    parser.add_argument("call", choices=("tiny", "count", "chat", "long"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--top", type=int, default=12)
@@ -88,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.timeline and args.path != "shim":
         parser.error("--timeline times the shim's stretches: use it with `shim`")
-    tokens = TINY_STREAM if args.call == "tiny" else LONG
-    profiles = {"anthropic": {"kind": "anthropic", "min_workers": 1, "max_workers": 1}}
+    tokens = {"tiny": TINY_STREAM, "chat": 1}.get(args.call, LONG)
+    kind = "openai" if args.call == "chat" else "anthropic"
+    profiles = {kind: {"kind": kind, "min_workers": 1, "max_workers": 1}}
     out = args.out or tempfile.mkdtemp(prefix="hops-")  # read once the pool has stopped, then removed
     os.makedirs(out, exist_ok=True)
     try:
@@ -102,16 +107,20 @@ def main(argv: list[str] | None = None) -> None:
 def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], out: str) -> None:
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
-        profiles["anthropic"]["base_url"] = fake.url
+        kind = next(iter(profiles))
+        profiles[kind]["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
         pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))
         info = stack.enter_context(pool.client())
-        sdk = _client(args.path, fake, pool)
+        sdk = _client(args.path, kind, fake, pool)
         stack.callback(sdk.close)
 
         def call() -> int:
             if args.call == "count":
                 sdk.messages.count_tokens(model="claude-bench", messages=ASK)
                 return 0
+            if args.call == "chat":
+                return read_all(sdk.chat.completions.create(model="gpt-bench", max_completion_tokens=tokens,
+                                                            messages=ASK, stream=True))  # fmt: skip
             return read_all(sdk.messages.create(model="claude-bench", max_tokens=tokens, messages=ASK, stream=True))
 
         for _ in range(20):

@@ -268,6 +268,42 @@ def test_an_async_client_used_from_a_second_running_loop_says_so(pool):
     assert isinstance(out["owner"], str) and out["owner"], out
 
 
+def test_two_loops_taking_up_a_client_at_once_one_is_answered_the_other_refused(pool, monkeypatch):
+    """Two threads' loops make their first call on one AsyncClient at the same moment, once its first loop has
+    ended: one takes the socket over and is answered, the other is refused. Both took it over before: two
+    loops watched one socket, each reading answers the other awaited."""
+    client = pool.async_client()
+    ask = anthropic_args("two at once")
+    want = _text(asyncio.run(client.request("anthropic", "messages.create", **ask)))
+    leave = client._leave_loop
+
+    def slow_leave() -> None:
+        time.sleep(0.3)  # both threads inside the hand-over at once
+        leave()
+
+    monkeypatch.setattr(client, "_leave_loop", slow_leave)
+    start, done = threading.Barrier(2), threading.Event()
+
+    async def use() -> str:
+        start.wait(10)
+        answer = _text(await asyncio.wait_for(client.request("anthropic", "messages.create", **ask), 10))
+        await asyncio.to_thread(done.wait, 20)  # this loop runs on until the other has had its answer
+        return answer
+
+    out: dict = {}
+    threads = [_in_thread(name, lambda: asyncio.run(use()), out) for name in ("a", "b")]
+    deadline = time.monotonic() + 15
+    while not out and time.monotonic() < deadline:  # the refused loop ends at once; with no refusal, neither does
+        time.sleep(0.05)
+    done.set()
+    for thread in threads:
+        thread.join(20)
+    refused = [v for v in out.values() if isinstance(v, ClientClosed)]
+    assert len(refused) == 1 and "another event loop" in str(refused[0]), out
+    assert [v for v in out.values() if not isinstance(v, ClientClosed)] == [want], out
+    asyncio.run(client.close())
+
+
 def _client_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "isopool-client" and t.is_alive()]
 

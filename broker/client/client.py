@@ -297,6 +297,7 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._calls: dict[int, _CallState] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that watches the socket
+        self._attaching = threading.Lock()  # two loops' first calls at once: one watches, the other is refused
         self._watchdog: asyncio.TimerHandle | None = None
         self._heard = time.monotonic()
         self._probing = False
@@ -386,17 +387,18 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         if loop is self._loop:
             return
-        if self._loop is not None:
-            if self._loop.is_running():
-                raise ClientClosed(
-                    "this client is in use by another event loop, which is running: make an AsyncClient in each "
-                    "loop (or use a Client, which any thread may share)"
-                )
-            self._leave_loop()
-        self._loop = loop
-        self._sock.attach(loop)
-        self._monitor.attach(loop)
-        self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
+        with self._attaching:
+            if self._loop is not None:
+                if self._loop.is_running():
+                    raise ClientClosed(
+                        "this client is in use by another event loop, which is running: make an AsyncClient in "
+                        "each loop (or use a Client, which any thread may share)"
+                    )
+                self._leave_loop()
+            self._sock.attach(loop)
+            self._monitor.attach(loop)
+            self._watchdog = loop.call_later(self.broker_timeout, self._check_broker)
+            self._loop = loop
 
     def _leave_loop(self) -> None:
         """The loop that watched the socket has stopped: no longer watched by it, and the calls it left in flight

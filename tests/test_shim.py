@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -413,6 +414,37 @@ def test_isopool_run_takes_an_existing_sdk_script_through_the_pool(tmp_path, fak
     out = subprocess.run([isopool, "run", str(script), "hi"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["broker.shim", "message_stop"]
+
+
+_UNROUTED_SCRIPT = textwrap.dedent(
+    """
+    import anthropic, openai
+    from anthropic.lib.aws import AnthropicAWS
+
+    routed = anthropic.Anthropic()
+    aws = anthropic.AnthropicAWS(api_key="k", aws_region="us-east-1", workspace_id="w")
+    bedrock = openai.BedrockOpenAI(api_key="k", aws_region="us-east-1")
+    print(type(routed).__module__, isinstance(aws, AnthropicAWS), str(aws.base_url), type(bedrock).__name__)
+    """
+)
+
+
+def test_isopool_run_warns_of_a_client_class_the_pool_does_not_route(tmp_path, pool):
+    """AnthropicAWS and BedrockOpenAI are not routed yet: under `isopool run` a script's client of either
+    is made as the SDK makes it (its calls go straight to the provider), with a warning saying so. Before,
+    nothing told the user that this client had no stall protection."""
+    script = tmp_path / "unrouted.py"
+    script.write_text(_UNROUTED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ISOPOOL_URL"))}
+    isopool = os.path.join(os.path.dirname(sys.executable), "isopool")
+    out = subprocess.run([isopool, "run", "--pool", pool.url, str(script)], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    module, is_aws, base_url, name = out.stdout.split()
+    assert (module, is_aws, name) == ("broker.shim", "True", "BedrockOpenAI") and "us-east-1" in base_url
+    warned = re.findall(r"UnroutedClientWarning: (\w+) is not routed through the isopool pool", out.stderr)
+    assert warned == ["AnthropicAWS", "BedrockOpenAI"], out.stderr
+    assert "no stall protection" in out.stderr
 
 
 _NO_CLIENT_YET = textwrap.dedent(

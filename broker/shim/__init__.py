@@ -138,9 +138,19 @@ class _Sdk:
         self.classes = {sync: self._subclass(sync, False), asynchronous: self._subclass(asynchronous, True)}
         self.classes |= {name: self._subclass(name, name.startswith("Async"), cloud)
                          for name, cloud in clouds.CLASSES[kind].items() if hasattr(self.module, name)}  # fmt: skip
+        self.unrouted = {name: _unrouted(original, sorted(self.classes)) for name, original in self._clients()
+                         if name not in self.classes}  # fmt: skip
         self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
         self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
-        self.namespace.__dict__.update(self.classes, Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
+        self.namespace.__dict__.update(self.unrouted | self.classes)
+        self.namespace.__dict__.update(Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
+
+    def _clients(self) -> list[tuple[str, type]]:
+        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside)."""
+        base = getattr(getattr(self.module, "_base_client", None), "BaseClient", None)
+        return [(name, value) for name, value in list(vars(self.module).items())
+                if inspect.isclass(value) and base is not None and issubclass(value, base)
+                and not name.startswith("_") and name not in ("Client", "AsyncClient")]  # fmt: skip
 
     def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:
         """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""
@@ -264,6 +274,29 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class UnroutedClientWarning(RuntimeWarning):
+    """A client class the pool does not route was made: its calls go straight to the provider."""
+
+
+def _unrouted(original: type, routed: list[str]) -> type:
+    """`original` unchanged but for a warning when one is made: under `isopool run` a script's client of a
+    class the pool does not route yet (AnthropicAWS, BedrockOpenAI, ...) would otherwise run unprotected
+    without a word."""
+
+    @functools.wraps(original.__init__)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            f"{original.__name__} is not routed through the isopool pool: its calls go straight to the provider, "
+            f"with no stall protection and no retries by the pool. The pool routes {', '.join(routed)}.",
+            UnroutedClientWarning,
+            stacklevel=2,
+        )
+        super(cls, self).__init__(*args, **kwargs)
+
+    cls = type(original.__name__, (original,), {"__init__": __init__, "__module__": __name__})
+    return cls
+
+
 def install() -> None:
     """Put the pool's client classes into the real `anthropic` and `openai` modules (those installed),
     and the cloud classes also into the SDK modules that define and export them (`anthropic.lib.bedrock`,
@@ -273,7 +306,7 @@ def install() -> None:
     for kind in installed():
         sdk = _sdk(kind)
         submodules = [m for n, m in list(sys.modules.items()) if n.startswith(f"{kind}.") and m is not None]
-        for name, cls in sdk.classes.items():
+        for name, cls in (sdk.unrouted | sdk.classes).items():
             original = getattr(sdk.module, name)
             for module in (sdk.module, *submodules):
                 if getattr(module, name, None) is original:
@@ -283,6 +316,7 @@ def install() -> None:
 
 
 __all__ = [
+    "UnroutedClientWarning",
     "Anthropic",
     "AnthropicBedrock",
     "AnthropicFoundry",

@@ -304,6 +304,17 @@ def test_two_loops_taking_up_a_client_at_once_one_is_answered_the_other_refused(
     asyncio.run(client.close())
 
 
+def test_a_closed_async_client_used_from_a_new_loop_says_it_is_closed(pool):
+    """Closed in one `asyncio.run`, called in the next: ClientClosed, not ZeroMQ's "Socket operation on
+    non-socket" from taking over a closed socket."""
+    client = pool.async_client()
+    asyncio.run(client.request("anthropic", "messages.create", **anthropic_args("closed then")))
+    asyncio.run(client.close())
+    for _ in range(2):
+        with pytest.raises(ClientClosed, match="this client is closed"):
+            asyncio.run(client.request("anthropic", "messages.create", **anthropic_args("closed then")))
+
+
 def _client_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "isopool-client" and t.is_alive()]
 

@@ -424,6 +424,7 @@ _UNROUTED_SCRIPT = textwrap.dedent(
     routed = anthropic.Anthropic()
     aws = anthropic.AnthropicAWS(api_key="k", aws_region="us-east-1", workspace_id="w")
     bedrock = openai.BedrockOpenAI(api_key="k", aws_region="us-east-1")
+    aws.with_options(timeout=5)  # a copy the SDK makes: warned once already
     print(type(routed).__module__, isinstance(aws, AnthropicAWS), str(aws.base_url), type(bedrock).__name__)
     """
 )
@@ -445,6 +446,17 @@ def test_isopool_run_warns_of_a_client_class_the_pool_does_not_route(tmp_path, p
     warned = re.findall(r"UnroutedClientWarning: (\w+) is not routed through the isopool pool", out.stderr)
     assert warned == ["AnthropicAWS", "BedrockOpenAI"], out.stderr
     assert "no stall protection" in out.stderr
+
+
+def test_the_shim_leaves_openais_module_level_client_unbuilt():
+    """Looking through the SDK's classes must not touch openai's lazy module attributes (`openai.chat`): asking
+    one for its class built openai's module-level client, 2 s of imports, and on openai 1.40 raised
+    OpenAIError without OPENAI_API_KEY (which the pool holds), so that `isopool run` of any script failed."""
+    script = "import openai\nfrom broker.shim import openai as pooled\nprint(pooled.OpenAI.__module__, openai._client)"
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["broker.shim", "None"]
 
 
 _NO_CLIENT_YET = textwrap.dedent(

@@ -388,6 +388,8 @@ class AsyncClient:
         if loop is self._loop:
             return
         with self._attaching:
+            if self._closed:  # its socket is gone: a call from a new loop must not reach it
+                raise ClientClosed("this client is closed")
             if self._loop is not None:
                 if self._loop.is_running():
                     raise ClientClosed(

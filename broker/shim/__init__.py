@@ -146,10 +146,12 @@ class _Sdk:
         self.namespace.__dict__.update(Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
 
     def _clients(self) -> list[tuple[str, type]]:
-        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside)."""
+        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside). Each value's type is
+        read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`) for their
+        class, which builds its module-level client (2 s of imports, and an error without OPENAI_API_KEY)."""
         base = getattr(getattr(self.module, "_base_client", None), "BaseClient", None)
         return [(name, value) for name, value in list(vars(self.module).items())
-                if inspect.isclass(value) and base is not None and issubclass(value, base)
+                if issubclass(type(value), type) and base is not None and issubclass(value, base)
                 and not name.startswith("_") and name not in ("Client", "AsyncClient")]  # fmt: skip
 
     def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:
@@ -271,6 +273,8 @@ def __getattr__(name: str) -> Any:
     for kind, classes in _CLASSES.items():
         if name in classes or (name in clouds.CLASSES[kind] and name in _sdk(kind).classes):
             return _sdk(kind).classes[name]
+        if kind in sys.modules and name in _sdk(kind).unrouted:  # pickle's lookup of one (its SDK is imported)
+            return _sdk(kind).unrouted[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -283,14 +287,20 @@ def _unrouted(original: type, routed: list[str]) -> type:
     class the pool does not route yet (AnthropicAWS, BedrockOpenAI, ...) would otherwise run unprotected
     without a word."""
 
+    warned = False
+
     @functools.wraps(original.__init__)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        warnings.warn(
-            f"{original.__name__} is not routed through the isopool pool: its calls go straight to the provider, "
-            f"with no stall protection and no retries by the pool. The pool routes {', '.join(routed)}.",
-            UnroutedClientWarning,
-            stacklevel=2,
-        )
+        nonlocal warned
+        if not warned:  # once: its copies (`with_options`) are made by the SDK, not by the caller
+            warned = True
+            warnings.warn(
+                f"{original.__name__} is not routed through the isopool pool: its calls go straight to the "
+                f"provider, with no stall protection and no retries by the pool. The pool routes "
+                f"{', '.join(routed)}.",
+                UnroutedClientWarning,
+                stacklevel=2,
+            )
         super(cls, self).__init__(*args, **kwargs)
 
     cls = type(original.__name__, (original,), {"__init__": __init__, "__module__": __name__})

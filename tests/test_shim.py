@@ -430,6 +430,10 @@ _UNROUTED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(
+    not (hasattr(anthropic, "AnthropicAWS") and hasattr(openai, "BedrockOpenAI")),
+    reason=f"AnthropicAWS, BedrockOpenAI: newer than anthropic {anthropic.__version__}, openai {openai.__version__}",
+)
 def test_isopool_run_warns_of_a_client_class_the_pool_does_not_route(tmp_path, pool):
     """AnthropicAWS and BedrockOpenAI are not routed yet: under `isopool run` a script's client of either
     is made as the SDK makes it (its calls go straight to the provider), with a warning saying so. Before,

@@ -315,6 +315,23 @@ def test_a_closed_async_client_used_from_a_new_loop_says_it_is_closed(pool):
             asyncio.run(client.request("anthropic", "messages.create", **anthropic_args("closed then")))
 
 
+def test_a_calls_end_taken_by_a_wait_a_ctrl_c_cut_short_still_ends_the_next_wait(client):
+    """CPython checks for a Ctrl-C right after a C call returns, so a wait cut short there has already taken
+    the call's end from its queue (done here by hand, as that wait would have). A caller that caught the
+    KeyboardInterrupt and asked for the result again waited forever; it gets the result."""
+    ask = anthropic_args("cut short")
+    want = _text(client.request("anthropic", "messages.create", **ask))
+    call = client.submit("anthropic", "messages.create", **ask)
+    pending = call._state.sink.queue
+    wait_for(lambda: call._state.rid not in client._async._calls and not pending.empty(), what="the end queued")
+    while not pending.empty():
+        pending.get_nowait()  # what the interrupted wait took
+    out: dict = {}
+    _in_thread("again", call.result, out).join(10)
+    assert "again" in out, "the second wait for the result never returned"
+    assert _text(out["again"]) == want
+
+
 def _client_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "isopool-client" and t.is_alive()]
 

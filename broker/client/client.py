@@ -99,13 +99,24 @@ class Result(msgspec.Struct, frozen=True):
 
 
 class _Sink:
-    """Where the reader task puts one call's messages: an asyncio queue, or a thread-safe one."""
+    """Where the reader task puts one call's messages: an asyncio queue, or a thread-safe one. The item that
+    ends the call is also kept: CPython checks for a Ctrl-C right after a C call returns, so a wait cut short
+    there has taken its item from the queue, and the next wait for that end would wait forever."""
 
     def __init__(self, threadsafe: bool) -> None:
         self.queue: Any = queue.SimpleQueue() if threadsafe else asyncio.Queue()
+        self.last: Any = None
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Any, last: bool = False) -> None:
+        if last:
+            self.last = item
         self.queue.put_nowait(item)
+
+    def get(self) -> Any:
+        """The next item, waiting for it (a thread-safe sink's); the end again if it was queued and is gone."""
+        if self.last is not None and self.queue.empty():
+            return self.last
+        return self.queue.get()
 
 
 class _CallState:
@@ -240,11 +251,15 @@ class SyncCall(_Call):
 
     _client: Client
 
+    def _next(self) -> Any:
+        _check_process(self._client.pid)  # in a forked child, nothing will ever come
+        return self._state.sink.get()
+
     def __iter__(self) -> Iterator[StreamEvent]:
         state = self._state
         try:
             while not state.done:
-                item = state.take(self._queue().get())
+                item = state.take(self._next())
                 if item is _END:
                     break
                 yield from item
@@ -256,12 +271,12 @@ class SyncCall(_Call):
     def batch(self) -> list[StreamEvent]:
         """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
         state = self._state
-        return [] if state.done else state.gather(self._queue().get(), state.sink.queue)
+        return [] if state.done else state.gather(self._next(), state.sink.queue)
 
     def result(self) -> Result:
         state = self._state
         while not state.done:
-            state.take(self._queue().get())
+            state.take(self._next())
         return state.finish()
 
     def cancel(self) -> None:
@@ -495,7 +510,7 @@ class AsyncClient:
             if item is not None:
                 items[state] = item if state not in items else _joined(items[state], item)  # type: ignore[index]
         for state, item in items.items():
-            state.sink.put(item)
+            state.sink.put(item, last=state.rid not in self._calls)  # its end left the table
 
     def _take(self, state: _CallState, kind: Kind, header: Any, payload: bytes) -> Any:
         """What one record of the broker's brings its call to queue (events, or its end), or None."""
@@ -606,7 +621,7 @@ class AsyncClient:
         the table once its end is queued: cut short (Ctrl-C), a second pass ends the rest, none is lost."""
         for rid in list(self._calls):
             try:
-                self._calls[rid].sink.put(exc)
+                self._calls[rid].sink.put(exc, last=True)
             except RuntimeError:  # a waiter of a loop that has closed cannot be woken
                 pass
             del self._calls[rid]

@@ -39,16 +39,20 @@ from .upstreams import child_of, worker_pids
 LONG = 5000
 
 
+def _base(url: str, kind: str) -> str:
+    """The base URL an SDK of `kind` takes for a server at `url` (OpenAI's paths start after /v1)."""
+    return url if kind == "anthropic" else url + "/v1"
+
+
 def _client(path: str, kind: str, fake: FakeProviderProcess, pool: Pool) -> Any:
     """The SDK client of `kind` (anthropic, openai) that `path` gives an application."""
-    suffix = "" if kind == "anthropic" else "/v1"
     if path == "shim":
         return (isoshim.Anthropic if kind == "anthropic" else isoshim.OpenAI)(pool=pool)
     sdk = anthropic.Anthropic if kind == "anthropic" else openai.OpenAI
     if path == "gateway":
-        return sdk(base_url=pool.http_url + suffix, api_key="unused", max_retries=0,
+        return sdk(base_url=_base(pool.http_url, kind), api_key="unused", max_retries=0,
                    default_headers={PROFILE_HEADER: kind})  # fmt: skip
-    return sdk(base_url=fake.url + suffix, api_key="unused", max_retries=0)
+    return sdk(base_url=_base(fake.url, kind), api_key="unused", max_retries=0)
 
 
 def _spy(pid: int, out: str, rate: int, seconds: float) -> subprocess.Popen:
@@ -108,7 +112,7 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
         kind = next(iter(profiles))
-        profiles[kind]["base_url"] = fake.url if kind == "anthropic" else fake.url + "/v1"
+        profiles[kind]["base_url"] = _base(fake.url, kind)
         pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))
         info = stack.enter_context(pool.client())
         sdk = _client(args.path, kind, fake, pool)

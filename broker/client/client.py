@@ -185,10 +185,10 @@ class _Call:
     def __init__(self, client: Any, state: _CallState) -> None:
         self._client, self._state = client, state
 
-    def _queue(self) -> Any:
-        """The call's queue, to wait on: in a forked child, a copy nothing will ever feed."""
+    def _sink(self) -> _Sink:
+        """The call's sink, to wait on: in a forked child, a copy nothing will ever feed."""
         _check_process(self._client.pid)
-        return self._state.sink.queue
+        return self._state.sink
 
     @property
     def request_id(self) -> int:
@@ -219,7 +219,7 @@ class AsyncCall(_Call):
         state = self._state
         try:
             while not state.done:
-                item = state.take(await self._queue().get())
+                item = state.take(await self._sink().queue.get())
                 if item is _END:
                     break
                 for event in item:
@@ -233,13 +233,13 @@ class AsyncCall(_Call):
         """Every event that has arrived, waiting for one if none has: what a relay writes at once.
         [] once the call has `ended` (then `result()` gives its end or raises its error)."""
         state = self._state
-        return [] if state.done else state.gather(await self._queue().get(), state.sink.queue)
+        return [] if state.done else state.gather(await self._sink().queue.get(), state.sink.queue)
 
     async def result(self) -> Result:
         """The end of the call, discarding any events not yet read; raises its RequestError."""
         state = self._state
         while not state.done:
-            state.take(await self._queue().get())
+            state.take(await self._sink().queue.get())
         return state.finish()
 
     async def cancel(self) -> None:
@@ -251,15 +251,11 @@ class SyncCall(_Call):
 
     _client: Client
 
-    def _next(self) -> Any:
-        _check_process(self._client.pid)  # in a forked child, nothing will ever come
-        return self._state.sink.get()
-
     def __iter__(self) -> Iterator[StreamEvent]:
         state = self._state
         try:
             while not state.done:
-                item = state.take(self._next())
+                item = state.take(self._sink().get())
                 if item is _END:
                     break
                 yield from item
@@ -271,12 +267,12 @@ class SyncCall(_Call):
     def batch(self) -> list[StreamEvent]:
         """As `AsyncCall.batch`: every event that has arrived, waiting for one; [] once `ended`."""
         state = self._state
-        return [] if state.done else state.gather(self._next(), state.sink.queue)
+        return [] if state.done else state.gather(self._sink().get(), state.sink.queue)
 
     def result(self) -> Result:
         state = self._state
         while not state.done:
-            state.take(self._next())
+            state.take(self._sink().get())
         return state.finish()
 
     def cancel(self) -> None:

@@ -150,8 +150,10 @@ class _Sdk:
         read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`) for their
         class, which builds its module-level client (2 s of imports, and an error without OPENAI_API_KEY)."""
         base = getattr(getattr(self.module, "_base_client", None), "BaseClient", None)
+        if base is None:
+            return []
         return [(name, value) for name, value in list(vars(self.module).items())
-                if issubclass(type(value), type) and base is not None and issubclass(value, base)
+                if issubclass(type(value), type) and issubclass(value, base)
                 and not name.startswith("_") and name not in ("Client", "AsyncClient")]  # fmt: skip
 
     def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:

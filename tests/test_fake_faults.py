@@ -3,17 +3,22 @@ status, headers and body shape, stream framing, windows in time, prefill per mod
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import socket
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the SDKs' own HTTP client: installed with them, no SDK in the way
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 from broker.cli.commands import main
 from broker.fake_provider import FAULT_HEADER, FakeProviderProcess
-from broker.fake_provider.server import Latency
+from broker.fake_provider.server import FakeProvider, Latency
 
 from .conftest import wait_for
 
@@ -183,3 +188,37 @@ def test_hold_keeps_streams_before_their_first_event_until_released():
             ]
     assert names[0] == "message_start" and names[-1] == "message_stop"
     assert names_after_reset[-1] == "message_stop"
+
+
+def test_a_client_gone_before_a_streams_headers_is_counted_not_logged_as_a_server_error(caplog):
+    """A caller that resets its connection right after sending (a closed client, a watchdog kill): the fake
+    counts a disconnect. Writing the headers raised out of the handler, and aiohttp logged "Error handling
+    request" with a traceback for each one (40 of 40 before the fix)."""
+
+    async def run() -> tuple[int, int]:
+        provider = FakeProvider(Latency(tokens=2000, gap=0.001))
+        runner = web.AppRunner(provider.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            port = runner.addresses[0][1]
+            payload = json.dumps(body("anthropic", "gone before headers", stream=True)).encode()
+            head = (f"POST {PATHS['anthropic']} HTTP/1.1\r\nhost: fake\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(payload)}\r\n\r\n").encode()  # fmt: skip
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
+                    sock.sendall(head + payload)
+                await asyncio.sleep(0.02)
+            for _ in range(100):  # each handler has met its closed connection
+                if provider.disconnects + provider.completed >= 20:
+                    break
+                await asyncio.sleep(0.05)
+            return provider.disconnects, provider.completed
+        finally:
+            await runner.cleanup()
+
+    with caplog.at_level(logging.ERROR, logger="aiohttp"):
+        disconnects, completed = asyncio.run(run())
+    assert (disconnects, completed) == (20, 0)
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")], caplog.text[-2000:]

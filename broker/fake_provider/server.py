@@ -283,7 +283,6 @@ class FakeProvider:
         raw = shaped(fmt, fmt.events(reply, body), fault)
         events = [framer.event(name, data) for name, data in raw]
         response = web.StreamResponse(headers={"content-type": framer.content_type, "cache-control": "no-cache"})
-        await response.prepare(request)
         cut = len(events)
         if fault is not None and fault.kind in (
             "stall-ping",
@@ -301,6 +300,7 @@ class FakeProvider:
         first_wait = latency.ttft * latency.slowdown(self.active)
         first_wait += fault.delay if fault is not None and fault.kind == "slow-first" else 0.0
         try:
+            await response.prepare(request)  # a client already gone fails here: counted below, not logged
             if cut:
                 await self._first_wait(request, first_wait, arrived)
             await self._write_events(request, response, events[:cut], gap, latency)

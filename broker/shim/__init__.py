@@ -140,21 +140,25 @@ class _Sdk:
                          for name, cloud in clouds.CLASSES[kind].items() if hasattr(self.module, name)}  # fmt: skip
         self.unrouted = {name: _unrouted(original, sorted(self.classes)) for name, original in self._clients()
                          if name not in self.classes}  # fmt: skip
+        self.module_clients = {name: _unrouted(original, sorted(self.classes), _MODULE_CLIENT.format(kind=kind))
+                               for name, original in self._clients(private=True)}  # fmt: skip
         self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
         self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
         self.namespace.__dict__.update(self.unrouted | self.classes)
         self.namespace.__dict__.update(Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
 
-    def _clients(self) -> list[tuple[str, type]]:
-        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside). Each value's type is
-        read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`) for their
-        class, which builds its module-level client (2 s of imports, and an error without OPENAI_API_KEY)."""
+    def _clients(self, private: bool = False) -> list[tuple[str, type]]:
+        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside); `private`: the classes
+        of its module-level client instead (openai's `_ModuleClient`, `_AzureModuleClient`, ...). Each value's
+        type is read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`) for
+        their class, which builds its module-level client (2 s of imports, and an error without OPENAI_API_KEY)."""
         base = getattr(getattr(self.module, "_base_client", None), "BaseClient", None)
         if base is None:
             return []
         return [(name, value) for name, value in list(vars(self.module).items())
                 if issubclass(type(value), type) and issubclass(value, base)
-                and not name.startswith("_") and name not in ("Client", "AsyncClient")]  # fmt: skip
+                and (name.startswith("_") and name.endswith("ModuleClient") if private
+                     else not name.startswith("_") and name not in ("Client", "AsyncClient"))]  # fmt: skip
 
     def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:
         """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""
@@ -284,10 +288,14 @@ class UnroutedClientWarning(RuntimeWarning):
     """A client class the pool does not route was made: its calls go straight to the provider."""
 
 
-def _unrouted(original: type, routed: list[str]) -> type:
+# What a warning calls the SDK's module-level client, which a script uses without making a client object.
+_MODULE_CLIENT = "{kind}'s module-level client ({kind}.chat.completions.create(...) and the like, with no client)"
+
+
+def _unrouted(original: type, routed: list[str], what: str = "") -> type:
     """`original` unchanged but for a warning when one is made: under `isopool run` a script's client of a
-    class the pool does not route yet (AnthropicAWS, BedrockOpenAI, ...) would otherwise run unprotected
-    without a word."""
+    class the pool does not route yet (AnthropicAWS, BedrockOpenAI, openai's module-level client, ...) would
+    otherwise run unprotected without a word. `what`: the name the warning gives it (the class's own name)."""
 
     warned = False
 
@@ -297,7 +305,7 @@ def _unrouted(original: type, routed: list[str]) -> type:
         if not warned:  # once: its copies (`with_options`) are made by the SDK, not by the caller
             warned = True
             warnings.warn(
-                f"{original.__name__} is not routed through the isopool pool: its calls go straight to the "
+                f"{what or original.__name__} is not routed through the isopool pool: its calls go straight to the "
                 f"provider, with no stall protection and no retries by the pool. The pool routes "
                 f"{', '.join(routed)}.",
                 UnroutedClientWarning,
@@ -313,8 +321,8 @@ def install() -> None:
     """Put the pool's client classes into the real `anthropic` and `openai` modules (those installed),
     and the cloud classes also into the SDK modules that define and export them (`anthropic.lib.bedrock`,
     `openai.lib.azure`, ...), so that a script runs through the pool without a change (`isopool run`).
-    Module-level clients such as `openai.chat.completions` are not covered: they are built from a
-    private class."""
+    Module-level clients such as `openai.chat.completions` are not routed (they are built from private
+    classes, which changed shape between releases); each warns when built, as the unrouted classes do."""
     for kind in installed():
         sdk = _sdk(kind)
         submodules = [m for n, m in list(sys.modules.items()) if n.startswith(f"{kind}.") and m is not None]
@@ -323,6 +331,8 @@ def install() -> None:
             for module in (sdk.module, *submodules):
                 if getattr(module, name, None) is original:
                     setattr(module, name, cls)
+        for name, cls in sdk.module_clients.items():  # looked up in the SDK's module when its client is built
+            setattr(sdk.module, name, cls)
         sync, asynchronous = _CLASSES[kind]
         sdk.module.Client, sdk.module.AsyncClient = sdk.classes[sync], sdk.classes[asynchronous]
 

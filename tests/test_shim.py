@@ -454,12 +454,14 @@ def test_isopool_run_warns_of_a_client_class_the_pool_does_not_route(tmp_path, p
 
 _MODULE_CLIENT_SCRIPT = textwrap.dedent(
     """
-    import os, openai
+    import os, pickle, openai
 
     openai.base_url, openai.api_key = os.environ["FAKE_URL"] + "/v1/", "sk-its-own"
     for prompt in ("module level", "again"):
         reply = openai.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": prompt}])
-    print(bool(reply.choices[0].message.content), type(openai.OpenAI()).__module__)
+    kind = type(openai._client)  # pickled by name, as with a client a process pool sends (openai 1.x's cannot be)
+    print(bool(reply.choices[0].message.content), type(openai.OpenAI()).__module__,
+          pickle.loads(pickle.dumps(kind)) is kind)
     """
 )
 
@@ -467,7 +469,8 @@ _MODULE_CLIENT_SCRIPT = textwrap.dedent(
 def test_isopool_run_warns_that_openais_module_level_client_is_not_routed(tmp_path, fake, pool):
     """`openai.chat.completions.create(...)` with no client object uses a client openai builds from a private
     class: under `isopool run` it went straight to the provider without a word. Now it warns, once, and says
-    which classes the pool routes; its calls are made as before."""
+    which classes the pool routes, at the script's own line; its calls are made as before, and its client
+    still pickles (its class is found by name in `broker.shim`)."""
     script = tmp_path / "module_client.py"
     script.write_text(_MODULE_CLIENT_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ISOPOOL_URL")} | {"FAKE_URL": fake.url}
@@ -475,8 +478,10 @@ def test_isopool_run_warns_that_openais_module_level_client_is_not_routed(tmp_pa
     out = subprocess.run([isopool, "run", "--pool", pool.url, str(script)], env=env, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "broker.shim"]  # answered (by the fake, directly); OpenAI() is routed
-    warned = re.findall(r"UnroutedClientWarning: openai's module-level client .* is not routed", out.stderr)
+    # answered (by the fake, directly); OpenAI() is routed
+    assert out.stdout.split() == ["True", "broker.shim", "True"]
+    warned = re.findall(r"module_client.py:\d+: UnroutedClientWarning: openai's module-level client .* is not routed",
+                        out.stderr)  # fmt: skip
     assert len(warned) == 1 and "The pool routes" in out.stderr and "OpenAI" in out.stderr, out.stderr
 
 

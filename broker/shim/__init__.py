@@ -279,8 +279,8 @@ def __getattr__(name: str) -> Any:
     for kind, classes in _CLASSES.items():
         if name in classes or (name in clouds.CLASSES[kind] and name in _sdk(kind).classes):
             return _sdk(kind).classes[name]
-        if kind in sys.modules and name in _sdk(kind).unrouted:  # pickle's lookup of one (its SDK is imported)
-            return _sdk(kind).unrouted[name]
+        if kind in sys.modules and name in (wrappers := _sdk(kind).unrouted | _sdk(kind).module_clients):
+            return wrappers[name]  # pickle's lookup of one (its SDK is imported)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -298,23 +298,33 @@ def _unrouted(original: type, routed: list[str], what: str = "") -> type:
     otherwise run unprotected without a word. `what`: the name the warning gives it (the class's own name)."""
 
     warned = False
+    sdk_dir = os.path.dirname(sys.modules[original.__module__.partition(".")[0]].__file__ or "") + os.sep
 
     @functools.wraps(original.__init__)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         nonlocal warned
-        if not warned:  # once: its copies (`with_options`) are made by the SDK, not by the caller
-            warned = True
+        if not warned:  # its copies (`with_options`) are made by the SDK, not by the caller: not warned of again
             warnings.warn(
                 f"{what or original.__name__} is not routed through the isopool pool: its calls go straight to the "
                 f"provider, with no stall protection and no retries by the pool. The pool routes "
                 f"{', '.join(routed)}.",
                 UnroutedClientWarning,
-                stacklevel=2,
+                stacklevel=_outside(sdk_dir),
             )
         super(cls, self).__init__(*args, **kwargs)
+        warned = True  # once made: a build that failed (no key yet, or this warning raised by -W error) warns again
 
     cls = type(original.__name__, (original,), {"__init__": __init__, "__module__": __name__})
     return cls
+
+
+def _outside(sdk_dir: str) -> int:
+    """The stack level of the first caller outside the SDK (its module-level client is built several calls
+    deep in openai): the script's line the warning then names, which a `-W` filter on its module matches."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(sdk_dir):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def install() -> None:

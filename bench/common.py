@@ -25,6 +25,11 @@ def pick(size: str, full: Any, quick: Any, tiny: Any) -> Any:
     return {"full": full, "quick": quick, "tiny": tiny}[size]
 
 
+def base_url(url: str, kind: str) -> str:
+    """The base URL an SDK of `kind` (anthropic, openai) takes for a server at `url`: OpenAI's paths start after /v1."""
+    return url + ("/v1" if kind == "openai" else "")
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 

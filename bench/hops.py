@@ -33,15 +33,11 @@ from broker import shim as isoshim
 from broker.fake_provider import FakeProviderProcess, Latency
 from broker.http.gateway import PROFILE_HEADER
 
+from .common import base_url
 from .sidebyside import ASK, TINY_STREAM, Processes, read_all
 from .upstreams import child_of, worker_pids
 
 LONG = 5000
-
-
-def _base(url: str, kind: str) -> str:
-    """The base URL an SDK of `kind` takes for a server at `url` (OpenAI's paths start after /v1)."""
-    return url if kind == "anthropic" else url + "/v1"
 
 
 def _client(path: str, kind: str, fake: FakeProviderProcess, pool: Pool) -> Any:
@@ -50,9 +46,9 @@ def _client(path: str, kind: str, fake: FakeProviderProcess, pool: Pool) -> Any:
         return (isoshim.Anthropic if kind == "anthropic" else isoshim.OpenAI)(pool=pool)
     sdk = anthropic.Anthropic if kind == "anthropic" else openai.OpenAI
     if path == "gateway":
-        return sdk(base_url=_base(pool.http_url, kind), api_key="unused", max_retries=0,
+        return sdk(base_url=base_url(pool.http_url, kind), api_key="unused", max_retries=0,
                    default_headers={PROFILE_HEADER: kind})  # fmt: skip
-    return sdk(base_url=_base(fake.url, kind), api_key="unused", max_retries=0)
+    return sdk(base_url=base_url(fake.url, kind), api_key="unused", max_retries=0)
 
 
 def _spy(pid: int, out: str, rate: int, seconds: float) -> subprocess.Popen:
@@ -112,7 +108,7 @@ def _profile(args: argparse.Namespace, tokens: int, profiles: dict[str, Any], ou
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(FakeProviderProcess(Latency(tokens=1_000_000)))
         kind = next(iter(profiles))
-        profiles[kind]["base_url"] = _base(fake.url, kind)
+        profiles[kind]["base_url"] = base_url(fake.url, kind)
         pool = stack.enter_context(Pool(profiles=profiles, http="127.0.0.1:0"))
         info = stack.enter_context(pool.client())
         sdk = _client(args.path, kind, fake, pool)

@@ -19,6 +19,8 @@ from broker.fake_provider import FAULT_HEADER, LATENCY_HEADER
 from broker.shim import anthropic as shim_anthropic
 from broker.shim import openai as shim_openai
 
+from .common import base_url
+
 PROFILE_HEADER = "x-isopool-profile"
 CLEAN = {FAULT_HEADER: "slow-first:delay=0", LATENCY_HEADER: "ttft=0,gap=0"}  # a header fault beats the model's
 
@@ -52,7 +54,7 @@ class Api:
     plain_text: Callable[[dict[str, Any]], str]  # the text of a non-streaming answer
 
     def base_url(self, root: str) -> str:
-        return root + ("/v1" if self.kind == "openai" else "")
+        return base_url(root, self.kind)
 
     def body(self, prompt: str, model: str) -> dict[str, Any]:
         extra = {"max_tokens": 64} if self.kind == "anthropic" else {}

@@ -16,6 +16,7 @@ import psutil
 
 from broker.fake_provider import FakeProviderProcess, Latency
 
+from .common import base_url
 from .owned import OwnedServer, first_line
 from .sidebyside import Clients, Path
 
@@ -39,8 +40,8 @@ def profiles(servers: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One Anthropic and one OpenAI profile per upstream, one worker each (the fake's are the defaults)."""
     out = {}
     for name, server in servers.items():
-        for kind, suffix in (("anthropic", ""), ("openai", "/v1")):
-            out[profile(kind, name)] = {"kind": kind, "base_url": server.url + suffix, "min_workers": 1,
+        for kind in ("anthropic", "openai"):
+            out[profile(kind, name)] = {"kind": kind, "base_url": base_url(server.url, kind), "min_workers": 1,
                                         "max_workers": 1}  # fmt: skip
     return out
 

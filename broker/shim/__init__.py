@@ -138,27 +138,28 @@ class _Sdk:
         self.classes = {sync: self._subclass(sync, False), asynchronous: self._subclass(asynchronous, True)}
         self.classes |= {name: self._subclass(name, name.startswith("Async"), cloud)
                          for name, cloud in clouds.CLASSES[kind].items() if hasattr(self.module, name)}  # fmt: skip
-        self.unrouted = {name: _unrouted(original, sorted(self.classes)) for name, original in self._clients()
-                         if name not in self.classes}  # fmt: skip
-        self.module_clients = {name: _unrouted(original, sorted(self.classes), _MODULE_CLIENT.format(kind=kind))
-                               for name, original in self._clients(private=True)}  # fmt: skip
+        found, routed = self._clients(), sorted(self.classes)
+        self.unrouted = {name: _unrouted(original, routed) for name, original in found.items()
+                         if not name.startswith("_") and name not in (*routed, "Client", "AsyncClient")}  # fmt: skip
+        # openai's module-level client (`openai.chat...`, no client object): `_ModuleClient`, `_AzureModuleClient`
+        self.module_clients = {name: _unrouted(original, routed, _MODULE_CLIENT.format(kind=kind))
+                               for name, original in found.items()
+                               if name.startswith("_") and name.endswith("ModuleClient")}  # fmt: skip
         self.namespace = types.ModuleType(f"broker.shim.{kind}", self.module.__doc__)
         self.namespace.__dict__.update({k: v for k, v in vars(self.module).items() if not k.startswith("_")})
         self.namespace.__dict__.update(self.unrouted | self.classes)
         self.namespace.__dict__.update(Client=self.classes[sync], AsyncClient=self.classes[asynchronous])
 
-    def _clients(self, private: bool = False) -> list[tuple[str, type]]:
-        """The SDK's public client classes (its `Client` and `AsyncClient` aliases aside); `private`: the classes
-        of its module-level client instead (openai's `_ModuleClient`, `_AzureModuleClient`, ...). Each value's
-        type is read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`) for
-        their class, which builds its module-level client (2 s of imports, and an error without OPENAI_API_KEY)."""
+    def _clients(self) -> dict[str, type]:
+        """Every client class the SDK's module holds, by the name it has there (private ones included). Each
+        value's type is read with `type()`: `isinstance` would ask openai's lazy module attributes (`openai.chat`)
+        for their class, which builds its module-level client (2 s of imports, and an error without
+        OPENAI_API_KEY)."""
         base = getattr(getattr(self.module, "_base_client", None), "BaseClient", None)
         if base is None:
-            return []
-        return [(name, value) for name, value in list(vars(self.module).items())
-                if issubclass(type(value), type) and issubclass(value, base)
-                and (name.startswith("_") and name.endswith("ModuleClient") if private
-                     else not name.startswith("_") and name not in ("Client", "AsyncClient"))]  # fmt: skip
+            return {}
+        return {name: value for name, value in list(vars(self.module).items())
+                if issubclass(type(value), type) and issubclass(value, base)}  # fmt: skip
 
     def _subclass(self, name: str, asynchronous: bool, cloud: clouds.Cloud | None = None) -> type:
         """The SDK's client class `name` with the pool's transport: `isinstance` checks still pass."""

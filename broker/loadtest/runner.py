@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 import psutil
@@ -35,13 +35,14 @@ from .machine import machine, versions
 from .measure import Measurement
 from .options import Options, Workload
 from .schedule import Share, arrivals
-from .sdkpath import measure as sdk_measure
-from .sdkpath import sdk_client
 from .search import conclude, loads, probe_note
 from .servermetrics import ServerMetrics, point_metrics
 from .summary import label, parse_slo, point_result, steady_window
 from .trace import Trace
 from .workload import APIS, Turn, to_http
+
+if TYPE_CHECKING:
+    from .sdkpath import SdkPath
 
 # The placeholder key of the fake or a URL target (the OpenAI SDK needs one; "EMPTY" as vLLM's docs use),
 # in a variable of our own for the workers to read, so the caller's ANTHROPIC_API_KEY and OPENAI_API_KEY stay
@@ -281,7 +282,7 @@ async def drive_point(
     cap = asyncio.Semaphore(share.part(load["max_concurrency"])) if load.get("max_concurrency") else None
     # the worker cuts stalls itself; the broker's watchdog only catches a worker that hangs
     backstop = CallLimits(options.first_event_timeout + _BACKSTOP, options.stale_timeout + _BACKSTOP)
-    sdk = sdk_client(workload.api, pool.url, profile) if options.sdk else None
+    sdk = _sdk_path(workload.api, pool.url, profile) if options.sdk else None
     async with AsyncClient(pool.url) as client:
 
         async def one(index: int, conversation: int, turn: int, request: Turn, scheduled: int) -> None:
@@ -293,7 +294,7 @@ async def drive_point(
                 live.in_flight += 1
                 try:
                     if sdk is not None:
-                        await sdk_measure(sdk, workload.api, request, m)
+                        await sdk.measure(request, m)
                     else:
                         pending = await client.submit_http(profile, call, backstop)
                         async for event in pending:
@@ -333,6 +334,14 @@ async def drive_point(
                 await sdk.close()
     cores = (live.cpu.seconds() - cpu_before) / (time.monotonic() - started)
     return PointRun(records, live.samples, live.lags, cores)
+
+
+def _sdk_path(api: str, pool_url: str, profile: str) -> SdkPath:
+    """--sdk's path. Imported here, not at the top: the two SDKs take seconds of CPU to import, which a
+    run without --sdk never needs."""
+    from .sdkpath import SdkPath
+
+    return SdkPath(api, pool_url, profile)
 
 
 class _Budget:

@@ -24,10 +24,19 @@ _CONNECTION = (anthropic.APIConnectionError, openai.APIConnectionError)
 _API_ERROR = (anthropic.APIError, openai.APIError)
 
 
-def sdk_client(api: str, pool_url: str, profile: str) -> Any:
-    """The shim's async client of the API's SDK, with the SDK's own retries off (a load test counts every failure)."""
-    cls = AsyncAnthropic if api == "messages" else AsyncOpenAI
-    return cls(pool=pool_url, pool_profile=profile, max_retries=0)
+class SdkPath:
+    """The shim's async client of the API's SDK, with the SDK's own retries off (a load test counts every
+    failure), and the measurement of each request through it."""
+
+    def __init__(self, api: str, pool_url: str, profile: str) -> None:
+        cls = AsyncAnthropic if api == "messages" else AsyncOpenAI
+        self.api, self.client = api, cls(pool=pool_url, pool_profile=profile, max_retries=0)
+
+    async def measure(self, turn: Turn, m: Measurement) -> None:
+        await measure(self.client, self.api, turn, m)
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 async def measure(client: Any, api: str, turn: Turn, m: Measurement) -> None:

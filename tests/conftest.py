@@ -60,6 +60,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.01)
 
 
+def settled(pool: Any) -> Any:
+    """A shared pool as a new one starts: nothing in flight, its workers ready (the test before may have
+    killed one)."""
+    with pool.client() as client:
+        wait_for(lambda: client.stats()["in_flight"] == 0, 20, "the calls of the test before to end")
+    pool.wait_ready(20)
+    return pool
+
+
 def anthropic_args(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": "claude-fake", "max_tokens": 64, "messages": [{"role": "user", "content": prompt}], **extra}
 

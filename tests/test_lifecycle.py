@@ -27,7 +27,17 @@ from broker.server.stats import Stats
 from broker.server.watchdog import Alarm
 from broker.server.zygote import Zygote
 
-from .conftest import TEST_SETTINGS, anthropic_args, assert_dead, fault, openai_args, profiles, wait_for, worker_pids
+from .conftest import (
+    TEST_SETTINGS,
+    anthropic_args,
+    assert_dead,
+    fault,
+    openai_args,
+    profiles,
+    settled,
+    wait_for,
+    worker_pids,
+)
 
 ISOPOOL = os.path.join(os.path.dirname(sys.executable), "isopool")
 
@@ -36,16 +46,40 @@ def one_profile(fake, **extra):
     return {"anthropic": profiles(fake.url)["anthropic"] | {"min_workers": 1, "spare_workers": 0, **extra}}
 
 
-def test_max_requests_per_worker_recycles_workers(fake, own_processes):
-    with Pool(profiles=one_profile(fake), max_requests_per_worker=3, **TEST_SETTINGS) as pool, pool.client() as c:
+LIMITED = pytest.mark.xdist_group(f"{__name__}.limited")  # the tests of `limited`: its pool started once, on one worker
+
+
+@pytest.fixture(scope="module")
+def _limited(fake):
+    with Pool(profiles=one_profile(fake, max_workers=1) | {"recycled": one_profile(fake)["anthropic"]},
+              max_requests_per_worker=3, queue_limit=3, **TEST_SETTINGS) as pool:  # fmt: skip
+        yield pool
+
+
+@pytest.fixture
+def limited(_limited):
+    """The pool of the LIMITED tests, started once for them all: max_requests_per_worker=3 and queue_limit=3, a
+    profile `anthropic` of one worker at most and one `recycled`. Each test gets it as a new one starts (nothing
+    in flight, its workers ready) and counts what it causes from the counts it finds."""
+    return settled(_limited)
+
+
+@LIMITED
+def test_max_requests_per_worker_recycles_workers(limited, own_processes):
+    with limited.client() as c:
+        before = c.stats()
         seen = set()
         for i in range(7):
-            seen |= set(worker_pids(c).values())
-            assert c.request("anthropic", "messages.create", **anthropic_args(f"recycle {i}")).status == 200
-        seen |= set(wait_for(lambda: worker_pids(c), 10, "a worker").values())
-        assert c.stats()["kills"]["max_requests"] == 2
+            seen |= recycled_pids(c)
+            assert c.request("recycled", "messages.create", **anthropic_args(f"recycle {i}")).status == 200
+        seen |= wait_for(lambda: recycled_pids(c), 10, "a worker")
+        assert c.stats()["kills"]["max_requests"] == before["kills"].get("max_requests", 0) + 2
         assert len(seen) == 3  # 3 + 3 + 1 requests on three successive workers
-        assert c.stats()["requests"]["ok"] == 7
+        assert c.stats()["requests"]["ok"] == before["requests"].get("ok", 0) + 7
+
+
+def recycled_pids(client) -> set[int]:
+    return {w["pid"] for w in client.stats()["workers"] if w["profile"] == "recycled" and w["pid"]}
 
 
 def test_idle_workers_beyond_min_and_spares_are_retired(fake, own_processes):
@@ -75,8 +109,9 @@ def test_deadline_ends_a_slow_request_across_retries(client):
     assert client.request("anthropic", "messages.create", **args).status == 200
 
 
-def test_burst_beyond_queue_limit_is_refused_as_saturated_never_lost(fake, own_processes):
-    with Pool(profiles=one_profile(fake, max_workers=1), queue_limit=3, **TEST_SETTINGS) as pool, pool.client() as c:
+@LIMITED
+def test_burst_beyond_queue_limit_is_refused_as_saturated_never_lost(limited, own_processes):
+    with limited.client() as c:
         calls = [
             c.submit("anthropic", "messages.create", **anthropic_args(f"burst {i}"), **fault("slow-first:delay=0.2"))
             for i in range(10)
@@ -90,7 +125,7 @@ def test_burst_beyond_queue_limit_is_refused_as_saturated_never_lost(fake, own_p
                 outcomes.append("saturated")
         assert outcomes.count(200) == 3 and outcomes.count("saturated") == 7
         stats = c.stats()
-        assert stats["in_flight"] == 0 and stats["queued"] == {"anthropic": 0}
+        assert stats["in_flight"] == 0 and stats["queued"] == {"anthropic": 0, "recycled": 0}
 
 
 def test_spawn_requests_never_block_on_a_hung_zygote(own_processes):
@@ -297,7 +332,7 @@ def test_broker_loss_ends_its_processes_and_a_restarted_broker_serves_the_same_c
             wait_for(lambda: any(w["state"] == "ready" for w in c.stats()["workers"]), 20, "a ready worker")
             assert c.request("anthropic", "messages.create", **anthropic_args("before")).status == 200
             family = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-            blocked = c.submit("anthropic", "messages.create", **anthropic_args("stuck"), **fault("silent:after=0"))
+            blocked = c.submit("anthropic", "messages.create", **anthropic_args("blocked"), **fault("silent:after=0"))
             wait_for(lambda: c.stats()["in_flight"] == 1, 10, "the request to be running")
             start = time.monotonic()
             proc.kill()

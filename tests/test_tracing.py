@@ -3,6 +3,7 @@ broker's exporter sends is decoded with the OpenTelemetry protobufs."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -17,7 +18,9 @@ import pytest
 from broker import Pool, StreamStalled
 from broker.server.genai import CONTENT_CHARS
 
-from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args
+from .conftest import TEST_SETTINGS, anthropic_args, fault, openai_args, wait_for
+
+pytestmark = pytest.mark.xdist_group(__name__)  # its module-scoped pool started once, on one worker
 
 trace_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2", reason="isopool[otel]")
 metrics_pb2 = pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
@@ -31,6 +34,7 @@ class Receiver(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.spans: list[Any] = []
         self.metrics: list[Any] = []
+        self.metric_exports = 0
         self.raw = b""
         self.lock = threading.Lock()
 
@@ -47,6 +51,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 for scope in resource.scope_spans if traces else resource.scope_metrics:
                     found = self.server.spans if traces else self.server.metrics  # type: ignore[attr-defined]
                     found.extend(scope.spans if traces else scope.metrics)
+            self.server.metric_exports += not traces  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
@@ -57,13 +62,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def receiver(monkeypatch) -> Iterator[Receiver]:
+@contextlib.contextmanager
+def receiving(env: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A receiver, and the environment that points a pool started meanwhile at it."""
     server = Receiver()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     try:
         yield server
     finally:
@@ -71,27 +77,78 @@ def receiver(monkeypatch) -> Iterator[Receiver]:
         server.server_close()
 
 
+@pytest.fixture
+def receiver(monkeypatch) -> Iterator[Receiver]:
+    with receiving(monkeypatch) as server:
+        yield server
+
+
 def attrs(span: Any) -> dict[str, Any]:
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span.attributes}
 
 
-def traced_pool(fake: Any, **settings: Any) -> Pool:
+def traced_pool(fake: Any, openai: bool = False, **settings: Any) -> Pool:
+    """A pool that finds a stall within a second; with `openai`, an OpenAI profile too."""
     profiles = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 2}}
+    if openai:
+        profiles["openai"] = {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1}
     return Pool(profiles=profiles, **{**TEST_SETTINGS, "first_event_timeout": 1.0, "stale_timeout": 1.0, **settings})
 
 
-def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_provider(fake, receiver,
+CALM_MODELS = ("fake-with-params", "gpt-unreported")
+
+
+@pytest.fixture(scope="module")
+def shared(fake: Any) -> Iterator[tuple[Receiver, Pool]]:
+    """One pool and its receiver for the tests that need no OTEL_* variable of their own: each calls a model
+    of its own and reads only that model's spans and metric points (`received`, `exported`)."""
+    with pytest.MonkeyPatch.context() as env, receiving(env) as server:
+        env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        calm = {name: TEST_SETTINGS[name] for name in ("first_event_timeout", "stale_timeout")}
+        models = dict.fromkeys(CALM_MODELS, calm)  # the tests that cause no stall: the suite's margins, not 1 s
+        pool = traced_pool(fake, openai=True, http="127.0.0.1:0", models=models).start()
+        env.undo()  # read at the broker's start; the module's other tests start pools of their own
+        with pool:
+            yield server, pool
+
+
+def received(receiver: Receiver, model: str, requests: int) -> list[Any]:
+    """The spans of the calls for `model`, once its `requests` request spans are in: a request's span ends after
+    its attempts' spans (and after their metrics are recorded), so theirs were sent with it or before."""
+
+    def found() -> list[Any] | None:
+        with receiver.lock:
+            spans = [s for s in receiver.spans if attrs(s).get("gen_ai.request.model") == model]
+        return spans if sum(s.name == "isopool.request" for s in spans) >= requests else None
+
+    return wait_for(found, what=f"the spans of {requests} requests for {model}")
+
+
+def exported(receiver: Receiver, model: str) -> dict[str, list[Any]]:
+    """Each histogram's data points for `model`, from an export of every measurement made so far (the reader
+    sends one export at a time: the second to come in from now was collected after the first came in)."""
+    seen = receiver.metric_exports
+    wait_for(lambda: receiver.metric_exports >= seen + 2, what="two more metric exports")
+    with receiver.lock:
+        latest = {metric.name: metric for metric in receiver.metrics}  # cumulative: each export holds every one
+    return {name: [p for p in metric.histogram.data_points if attrs(p).get("gen_ai.request.model") == model]
+            for name, metric in latest.items()}  # fmt: skip
+
+
+def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_provider(fake, shared,
                                                                                           own_processes):  # fmt: skip
+    (receiver, pool), model = shared, "claude-traced"
     app = sdk_trace.TracerProvider().get_tracer("app")
-    with traced_pool(fake) as pool, pool.client() as client:
+    with pool.client() as client:
         with app.start_as_current_span("the application's step") as step:
             stalled = client.submit("anthropic", "messages.create", stream=True,
-                                    **anthropic_args("traced"), **fault("stall-first:interval=0.05"))  # fmt: skip
+                                    **anthropic_args("traced", model=model),
+                                    **fault("stall-first:interval=0.05"))  # fmt: skip
             assert list(stalled)
-            clean = client.request("anthropic", "messages.create", **anthropic_args("traced, clean"))
+            clean = client.request("anthropic", "messages.create", **anthropic_args("traced, clean", model=model))
     rid = dict(clean.headers)["request-id"]
     sent = httpx.get(f"{fake.url}/_isopool/requests/{rid}").json()  # the headers the provider got
-    spans = list(receiver.spans)
+    spans = received(receiver, model, 2)
     requests = [s for s in spans if s.name == "isopool.request"]
     attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
     trace_id, step_id = step.get_span_context().trace_id.to_bytes(16, "big"), step.get_span_context().span_id
@@ -99,8 +156,8 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert all(s.parent_span_id == step_id.to_bytes(8, "big") for s in requests)  # under the caller's span
     first, second, third = sorted(attempts, key=lambda s: s.start_time_unix_nano)
     assert first.parent_span_id == second.parent_span_id == requests[0].span_id  # both attempts of the stalled call
-    assert first.name == "chat claude-fake" and attrs(first).items() >= {
-        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-fake",
+    assert first.name == f"chat {model}" and attrs(first).items() >= {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": model,
         "server.address": "127.0.0.1", "server.port": urlsplit(fake.url).port, "isopool.attempt": 1,
         "isopool.retried": False, "error.type": "first_event_timeout", "isopool.stall_reason": "first_event_timeout",
         "isopool.kill_reason": "first_event_timeout",
@@ -119,13 +176,16 @@ def test_a_stall_retried_before_output_is_followed_from_the_callers_span_to_the_
     assert not any(a.key in ("gen_ai.input.messages", "gen_ai.output.messages") for s in spans for a in s.attributes)
 
 
-def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, receiver, own_processes):
-    with traced_pool(fake) as pool, pool.client() as client:
+def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(shared, own_processes):
+    (receiver, pool), model = shared, "claude-failing"
+    with pool.client() as client:
         with pytest.raises(StreamStalled):
-            list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("traced, seen stall"),
+            list(client.submit("anthropic", "messages.create", stream=True,
+                               **anthropic_args("traced, seen stall", model=model),
                                **fault("stall-ping:after=3,interval=0.05")))  # fmt: skip
-        client.request("anthropic", "messages.create", **anthropic_args("traced, 429"), **fault("http-429"))
-    spans = sorted(receiver.spans, key=lambda s: s.start_time_unix_nano)
+        client.request("anthropic", "messages.create", **anthropic_args("traced, 429", model=model),
+                       **fault("http-429"))  # fmt: skip
+    spans = sorted(received(receiver, model, 2), key=lambda s: s.start_time_unix_nano)
     requests = [s for s in spans if s.name == "isopool.request"]
     attempts = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
     assert [attrs(s).get("error.type") for s in requests] == ["stalled", None]  # no "error:" prefix
@@ -134,39 +194,38 @@ def test_a_stall_after_output_and_a_429_are_errors_of_their_attempts(fake, recei
     assert "isopool.kill_reason" not in attrs(attempts[1])  # the provider answered: no worker was killed
     stalled, throttled, answered = (attrs(s) for s in attempts)
     assert stalled["gen_ai.usage.output_tokens"] == 1 and stalled["gen_ai.usage.input_tokens"] > 0  # message_start's
-    assert stalled["gen_ai.response.id"].startswith("msg_") and stalled["gen_ai.response.model"] == "claude-fake"
+    assert stalled["gen_ai.response.id"].startswith("msg_") and stalled["gen_ai.response.model"] == model
     assert "gen_ai.usage.input_tokens" not in throttled and "gen_ai.response.id" not in throttled  # none reported
     assert answered["gen_ai.usage.output_tokens"] > 1 and "gen_ai.usage.cache_read.input_tokens" in answered
     finish = next(a for a in attempts[2].attributes if a.key == "gen_ai.response.finish_reasons")
     assert [v.string_value for v in finish.value.array_value.values] == ["end_turn"]
 
 
-def test_the_gateway_puts_its_callers_traceparent_above_the_pools_spans(fake, receiver, own_processes):
+def test_the_gateway_puts_its_callers_traceparent_above_the_pools_spans(shared, own_processes):
+    (receiver, pool), model = shared, "claude-relayed"
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    with traced_pool(fake, http="127.0.0.1:0") as pool:
-        answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("traced through the gateway"),
-                            headers={"traceparent": f"00-{trace_id}-{parent}-01"}, timeout=30)  # fmt: skip
-        assert answer.status_code == 200
-        httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("a forged traceparent"),
-                   headers={"traceparent": "00-zz-not-one"}, timeout=30)  # fmt: skip
-    requests = [s for s in receiver.spans if s.name == "isopool.request"]
+    answer = httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("traced through the gateway", model=model),
+                        headers={"traceparent": f"00-{trace_id}-{parent}-01"}, timeout=30)  # fmt: skip
+    assert answer.status_code == 200
+    httpx.post(f"{pool.http_url}/v1/messages", json=anthropic_args("a forged traceparent", model=model),
+               headers={"traceparent": "00-zz-not-one"}, timeout=30)  # fmt: skip
+    requests = [s for s in received(receiver, model, 2) if s.name == "isopool.request"]
     assert len(requests) == 2
     assert requests[0].trace_id.hex() == trace_id and requests[0].parent_span_id.hex() == parent
     assert requests[1].trace_id.hex() != trace_id and not requests[1].parent_span_id  # a trace of its own
 
 
-def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens(fake, receiver, monkeypatch,
-                                                                                 own_processes):  # fmt: skip
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
-    with traced_pool(fake) as pool, pool.client() as client:
-        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered"),
+def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens(shared, own_processes):
+    (receiver, pool), model = shared, "claude-metered"
+    with pool.client() as client:
+        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered", model=model),
                                   **fault("stall-first:interval=0.05")))  # fmt: skip
-        client.request("anthropic", "messages.create", **anthropic_args("metered, plain"))
-        assert list(client.submit("anthropic", "messages.create", stream=True, **anthropic_args("metered, dripped"),
+        client.request("anthropic", "messages.create", **anthropic_args("metered, plain", model=model))
+        assert list(client.submit("anthropic", "messages.create", stream=True,
+                                  **anthropic_args("metered, dripped", model=model),
                                   **fault("drip:gap=0.03")))  # fmt: skip
-    points: dict[str, list[Any]] = {}
-    for metric in receiver.metrics:  # cumulative: the latest export of each holds every measurement
-        points[metric.name] = list(metric.histogram.data_points)
+    received(receiver, model, 3)
+    points = exported(receiver, model)
     duration = {attrs(p).get("error.type"): p.count for p in points["gen_ai.client.operation.duration"]}
     assert duration == {"first_event_timeout": 1, None: 3}  # the stall, its retry, the plain call, the drip
     first_chunk = points["gen_ai.client.operation.time_to_first_chunk"]
@@ -179,27 +238,30 @@ def test_the_genai_client_metrics_count_each_attempt_with_its_outcome_and_tokens
     assert all(attrs(p)["gen_ai.provider.name"] == "anthropic" for p in points["gen_ai.client.operation.duration"])
 
 
-def params_pool(fake: Any, **settings: Any) -> Pool:
+def content_pool(fake: Any) -> Pool:
     profiles = {
         "anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1},
         "openai": {"kind": "openai", "base_url": fake.url + "/v1", "min_workers": 1},
     }
-    return Pool(profiles=profiles, **{**TEST_SETTINGS, **settings})
+    return Pool(profiles=profiles, **TEST_SETTINGS)
 
 
-def test_the_attempt_span_carries_the_calls_parameters_on_each_api(fake, receiver, own_processes):
+def test_the_attempt_span_carries_the_calls_parameters_on_each_api(shared, own_processes):
+    (receiver, pool), model = shared, "fake-with-params"
     anthropic_params = {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "stop_sequences": ["END"]}
     chat_params = {"max_completion_tokens": 50, "frequency_penalty": 0.5, "presence_penalty": -0.5, "seed": 7,
                    "n": 2, "stop": "STOP", "response_format": {"type": "json_object"}}  # fmt: skip
     responses_params = {"max_output_tokens": 40, "temperature": 1, "text": {"format": {"type": "text"}}}
-    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
-        args = anthropic_args("params", **anthropic_params)
+    with pool.client() as client:
+        args = anthropic_args("params", model=model, **anthropic_params)
         answer = httpx.post(f"{pool.http_url}/v1/messages", json=args, timeout=30)  # through the gateway: a body
         assert answer.status_code == 200
-        client.request("openai", "chat.completions.create", **openai_args("params", **chat_params))  # SDK kwargs
-        client.request("openai", "responses.create", model="gpt-fake", input="params", **responses_params)
+        kwargs = openai_args("params", model=model, **chat_params)
+        client.request("openai", "chat.completions.create", **kwargs)  # SDK kwargs
+        client.request("openai", "responses.create", model=model, input="params", **responses_params)
+    spans = received(receiver, model, 3)
     by_model = {attrs(s)["gen_ai.operation.name"] + str(attrs(s).get("gen_ai.request.max_tokens")): attrs(s)
-                for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT}  # fmt: skip
+                for s in spans if s.kind == s.SPAN_KIND_CLIENT}  # fmt: skip
     messages, chat, responses = by_model["chat64"], by_model["chat50"], by_model["chat40"]
     assert messages.items() >= {"gen_ai.request.temperature": 0.5, "gen_ai.request.top_p": 0.9,
                                 "gen_ai.request.top_k": 40}.items()  # fmt: skip
@@ -209,7 +271,7 @@ def test_the_attempt_span_carries_the_calls_parameters_on_each_api(fake, receive
     assert responses["gen_ai.request.temperature"] == 1.0 and responses["gen_ai.output.type"] == "text"
     assert "gen_ai.request.top_k" not in chat and "gen_ai.request.seed" not in messages  # only those set
     stops = {name: [v.string_value for v in s.array_value.values] for name, s in
-             ((attrs(span).get("gen_ai.request.max_tokens"), a.value) for span in receiver.spans
+             ((attrs(span).get("gen_ai.request.max_tokens"), a.value) for span in spans
               for a in span.attributes if a.key == "gen_ai.request.stop_sequences")}  # fmt: skip
     assert stops == {64: ["END"], 50: ["STOP"]}
 
@@ -221,7 +283,7 @@ def test_message_content_is_on_the_spans_when_opted_in_and_bounded(fake, receive
     """(Without the switch, no content: the first test of this file.)"""
     system = [{"type": "text", "text": "you are terse"}]
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
-    with params_pool(fake) as pool, pool.client() as client:
+    with content_pool(fake) as pool, pool.client() as client:
         events = list(client.submit("anthropic", "messages.create", stream=True,
                                     **anthropic_args(SECRET, system=system)))  # fmt: skip
         answer = client.request("openai", "chat.completions.create", **openai_args("x" * 100_000))
@@ -264,23 +326,26 @@ def test_a_traceparent_past_the_w3c_limit_is_counted_and_said_once_not_at_each_r
     ]
 
 
-def test_openai_calls_are_chat_and_a_usage_the_provider_did_not_report_is_absent_not_zero(fake, receiver, monkeypatch,
+def test_openai_calls_are_chat_and_a_usage_the_provider_did_not_report_is_absent_not_zero(fake, shared,
                                                                                           own_processes):  # fmt: skip
     """Found by verify22: OpenAI calls were named by their path, and a Chat stream without include_usage
     carried (and metered) 0 tokens, OpenAI ones a cache write of 0."""
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
-    with params_pool(fake, http="127.0.0.1:0") as pool, pool.client() as client:
-        assert list(client.submit("openai", "chat.completions.create", stream=True, **openai_args("no usage asked")))
-        answer = httpx.post(f"{pool.http_url}/v1/chat/completions", json=openai_args("relayed"), timeout=30)
+    (receiver, pool), model = shared, "gpt-unreported"
+    with pool.client() as client:
+        assert list(client.submit("openai", "chat.completions.create", stream=True,
+                                  **openai_args("no usage asked", model=model)))  # fmt: skip
+        answer = httpx.post(f"{pool.http_url}/v1/chat/completions", json=openai_args("relayed", model=model),
+                            timeout=30)  # fmt: skip
         assert answer.status_code == 200
-    attempts = [attrs(s) | {"name": s.name} for s in receiver.spans if s.kind == s.SPAN_KIND_CLIENT]
-    assert [(a["name"], a["gen_ai.operation.name"]) for a in attempts] == [("chat gpt-fake", "chat")] * 2
+    spans = received(receiver, model, 2)
+    attempts = [attrs(s) | {"name": s.name} for s in spans if s.kind == s.SPAN_KIND_CLIENT]
+    assert [(a["name"], a["gen_ai.operation.name"]) for a in attempts] == [(f"chat {model}", "chat")] * 2
     unreported, relayed = sorted(attempts, key=lambda a: "gen_ai.usage.input_tokens" in a)
     assert not [key for key in unreported if key.startswith("gen_ai.usage.")] and unreported["gen_ai.request.stream"]
     assert relayed["gen_ai.request.stream"] is False
     assert relayed["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.cache_creation.input_tokens" not in relayed
     assert {a["server.port"] for a in attempts} == {urlsplit(fake.url).port}
-    points = {metric.name: list(metric.histogram.data_points) for metric in receiver.metrics}
+    points = exported(receiver, model)
     assert [p.count for p in points["gen_ai.client.token.usage"]] == [1, 1]  # the relayed call's input and output
     assert all(attrs(p)["gen_ai.operation.name"] == "chat" for p in points["gen_ai.client.operation.duration"])
     assert all("server.port" in attrs(p) for p in points["gen_ai.client.operation.duration"])

@@ -127,6 +127,11 @@ def worker_pids(client: Any) -> dict[str, int]:
     return {w["ident"]: w["pid"] for w in client.stats()["workers"] if w["pid"]}
 
 
+def profile_pids(client: Any, profile: str) -> set[int]:
+    """The pids of one profile's live workers (a shared pool's other profiles left out)."""
+    return {w["pid"] for w in client.stats()["workers"] if w["profile"] == profile and w["pid"]}
+
+
 def fault_kills(client: Any) -> dict[str, int]:
     """The kills so far but for idle workers retired (`scale_down`): the session's pool retires one whenever it
     has been idle long enough, in the middle of any test (a fresh-ci run counted one during F5's slow first token)."""

@@ -34,6 +34,7 @@ from .conftest import (
     TEST_SETTINGS,
     anthropic_args,
     fault,
+    profile_pids,
     profiles,
     settled,
     stop_reading_after_a_long_stream,
@@ -85,10 +86,6 @@ def mixed(_mixed):
 def grown(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     """What each of a shared pool's counters gained since `before`."""
     return {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
-
-
-def profile_pids(client, profile: str) -> set[int]:
-    return {w["pid"] for w in client.stats()["workers"] if w["profile"] == profile and w["pid"]}
 
 
 def test_closing_a_client_ends_its_calls_in_flight_with_client_closed(pool):

@@ -35,6 +35,7 @@ from .conftest import (
     fault,
     fault_kills,
     openai_args,
+    profile_pids,
     profiles,
     sdk_has,
     wait_for,
@@ -342,7 +343,7 @@ def test_a_cancel_that_reaches_a_worker_with_its_run_is_confirmed_and_kills_noth
     its body, so no confirmation went out and the worker, with its neighbours, was killed 5 s later."""
     killed_before, cancelled_before = fault_kills(client), client.stats()["requests"].get("cancelled", 0)
     retired_before = kills(client, "scale_down")
-    workers = [w["pid"] for w in client.stats()["workers"] if w["profile"] == "anthropic" and w["pid"]]
+    workers = profile_pids(client, "anthropic")
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)  # each reads nothing until both messages wait for it
     try:
@@ -362,7 +363,7 @@ def test_a_cancel_that_reaches_a_worker_with_its_run_is_confirmed_and_kills_noth
         call.result()
     wait_for(lambda: all(not w["requests"] for w in client.stats()["workers"]), 3, "the worker to confirm")
     assert fault_kills(client) == killed_before
-    gone = set(workers) - set(worker_pids(client).values())
+    gone = workers - set(worker_pids(client).values())
     assert len(gone) <= kills(client, "scale_down") - retired_before  # none but those retired idle
 
 

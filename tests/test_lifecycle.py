@@ -33,6 +33,7 @@ from .conftest import (
     assert_dead,
     fault,
     openai_args,
+    profile_pids,
     profiles,
     settled,
     wait_for,
@@ -70,16 +71,12 @@ def test_max_requests_per_worker_recycles_workers(limited, own_processes):
         before = c.stats()
         seen = set()
         for i in range(7):
-            seen |= recycled_pids(c)
+            seen |= profile_pids(c, "recycled")
             assert c.request("recycled", "messages.create", **anthropic_args(f"recycle {i}")).status == 200
-        seen |= wait_for(lambda: recycled_pids(c), 10, "a worker")
+        seen |= wait_for(lambda: profile_pids(c, "recycled"), 10, "a worker")
         assert c.stats()["kills"]["max_requests"] == before["kills"].get("max_requests", 0) + 2
         assert len(seen) == 3  # 3 + 3 + 1 requests on three successive workers
         assert c.stats()["requests"]["ok"] == before["requests"].get("ok", 0) + 7
-
-
-def recycled_pids(client) -> set[int]:
-    return {w["pid"] for w in client.stats()["workers"] if w["profile"] == "recycled" and w["pid"]}
 
 
 def test_idle_workers_beyond_min_and_spares_are_retired(fake, own_processes):

@@ -19,10 +19,11 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from .endpoints import listen_address
 from .errors import ConfigError
 from .extras import missing
 from .protocol import Submit
@@ -36,6 +37,49 @@ ZYGOTE_BOOT_TIMEOUT = 60.0  # importing both SDKs takes ~1-2 s here; far longer 
 # The broker's own start (its imports, sockets, the gateway's): ~0.5 s here, seconds on a loaded machine. A worker's
 # startup_timeout may be set tighter than that, so it bounds the broker's start only when it is longer.
 BROKER_BOOT_TIMEOUT = 30.0
+# The shortest heartbeat_interval: a worker idle for 2 intervals counts as silent (flow.py), and below ~10 ms the
+# GIL's switch interval (5 ms) and a busy broker's loop alone exceed that; the beats would also flood the broker.
+MIN_HEARTBEAT_INTERVAL = 0.01
+
+
+class Range(NamedTuple):
+    """Where a numeric setting may lie. Always finite: nan passes every `<=` check (a stale_timeout of nan never
+    fires), and settings reach the broker as JSON, where nan and inf become null (a crash at start)."""
+
+    low: float
+    high: float = math.inf
+    exclusive: bool = False  # low itself is refused: > low
+
+    def allows(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (value > self.low if self.exclusive else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high < math.inf:
+            return f"within {self.low:g}..{self.high:g}"
+        return f"{'>' if self.exclusive else '>='} {self.low:g}"
+
+
+# Every number of Settings, Profile, Deployment and ModelRule by name (a name means the same at every scope).
+RANGES = {
+    # 0 would make each meaningless: an instant timeout, a circuit never closed, a deployment never chosen.
+    **dict.fromkeys(("first_event_timeout", "stale_timeout", "deadline", "startup_timeout", "headers_timeout",
+                     "circuit_cooldown", "circuit_cooldown_max", "circuit_probe_timeout", "request_min_timeout",
+                     "request_max_timeout", "idle_timeout", "gateway_read_timeout", "sdk_timeout", "weight"),
+                    Range(0, exclusive=True)),
+    # 0 means something: no backoff or wait, off, unlimited, never, or another setting's value (the README).
+    **dict.fromkeys(("retry_backoff", "http_retry_backoff", "retry_after_max", "respawn_backoff_max", "drain_timeout",
+                     "client_rate", "circuit_failures", "client_queue_limit", "client_burst",
+                     "client_queue_bytes_limit", "max_requests_per_worker", "max_memory_per_worker_mb",
+                     "continue_max_bytes", "request_log_max_bytes", "request_log_backups", "min_workers",
+                     "spare_workers"), Range(0)),
+    # 0 would refuse or stop everything: no attempt, no queue, no request fits, no worker.
+    **dict.fromkeys(("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer", "max_message_bytes",
+                     "queue_bytes_limit", "request_max_attempts", "max_workers", "concurrency"), Range(1)),
+    "heartbeat_interval": Range(MIN_HEARTBEAT_INTERVAL),
+    "coalesce_ms": Range(0, MAX_COALESCE_MS),  # held events must not look like a stall
+}  # fmt: skip
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -223,47 +267,25 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prices: str = ""  # a TOML price table (broker/prices.py): the cost of the tokens in stats; none shipped
 
     def __post_init__(self) -> None:
-        positive = (
-            "first_event_timeout",
-            "headers_timeout",
-            "circuit_probe_timeout",
-            "stale_timeout",
-            "deadline",
-            "heartbeat_interval",
-            "startup_timeout",
-            "idle_timeout",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"setting {name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.request_min_timeout <= self.request_max_timeout < math.inf:
-            raise ConfigError("settings request_min_timeout and request_max_timeout: need 0 < min <= max, finite")
-        for name in ("heartbeat_misses", "max_attempts", "queue_limit", "client_buffer", "request_max_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        check_numbers(self)
+        if self.request_min_timeout > self.request_max_timeout:
+            raise ConfigError("settings request_min_timeout and request_max_timeout: need min <= max")
         if self.queue_bytes_limit < self.max_message_bytes:
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
-        for name in ("client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit",
-                     "retry_backoff", "http_retry_backoff", "retry_after_max", "circuit_failures",
-                     "continue_max_bytes", "request_log_max_bytes", "request_log_backups"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.coalesce_ms <= MAX_COALESCE_MS:  # held events must not look like a stall
-            raise ConfigError(f"setting coalesce_ms must be within 0..{MAX_COALESCE_MS} ms, got {self.coalesce_ms}")
-        if not 0 < self.circuit_cooldown <= self.circuit_cooldown_max:
-            raise ConfigError("settings circuit_cooldown and circuit_cooldown_max: need 0 < cooldown <= cooldown_max")
+        if self.circuit_cooldown > self.circuit_cooldown_max:
+            raise ConfigError("settings circuit_cooldown and circuit_cooldown_max: need cooldown <= cooldown_max")
         for name in ("http", "metrics"):
-            host, sep, port = getattr(self, name).rpartition(":")
-            if getattr(self, name) and (not sep or not port.isdigit()):
-                raise ConfigError(f"setting {name} must be HOST:PORT, got {getattr(self, name)!r}")
+            try:
+                if getattr(self, name):
+                    listen_address(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"setting {name}: {exc}") from None
         if self.http:
-            host = self.http.rpartition(":")[0]
+            host = listen_address(self.http)[0]
             if not is_loopback(host) and not (self.gateway_token or self.gateway_token_file):
                 raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
             if self.gateway_token and self.gateway_token_file:
                 raise ConfigError("settings gateway_token and gateway_token_file: set one of them, not both")
-            if not self.gateway_read_timeout > 0:
-                raise ConfigError(f"setting gateway_read_timeout must be > 0, got {self.gateway_read_timeout}")
         if self.request_log:
             check_request_log(self.request_log, self.request_log_max_bytes, self.request_log_backups)
         if self.prices:
@@ -288,10 +310,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not self.profiles:
             raise ConfigError("setting profiles: at least one provider profile is needed")
         for name, p in self.profiles.items():
-            if not (0 <= p.min_workers <= p.max_workers) or p.max_workers < 1:
-                raise ConfigError(f"profile {name}: need 0 <= min_workers <= max_workers and max_workers >= 1")
-            if p.concurrency < 1 or p.spare_workers < 0:
-                raise ConfigError(f"profile {name}: concurrency must be >= 1 and spare_workers >= 0")
+            if p.min_workers > p.max_workers:
+                raise ConfigError(f"profile {name}: need min_workers <= max_workers, got {p.min_workers} > "
+                                  f"{p.max_workers}")  # fmt: skip
             _check_cloud(name, p)
             rules = [(f"profile {name}", p.continue_streams)]
             rules += [(f"profile {name} model {glob!r}", r.continue_streams) for glob, r in p.models.items()]
@@ -336,6 +357,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             next(v for s in scopes if (v := getattr(s, f)) is not None)
             for f in ("first_event_timeout", "stale_timeout", "deadline")
         )
+
+
+def check_numbers(settings: Settings) -> None:
+    """Each number of the settings, of their model rules and of each profile's own (its deployments' and
+    model rules' too) within its RANGES entry; None inherits, so it is not checked."""
+    scopes: list[tuple[str, msgspec.Struct]] = [("setting ", settings)]
+    scopes += [(f"model {glob!r}: ", rule) for glob, rule in settings.models.items()]
+    for name, p in settings.profiles.items():
+        scopes += [(f"profile {name}: ", p), *((f"profile {name}: deployment {d.name!r}: ", d) for d in p.deployments)]
+        scopes += [(f"profile {name} model {glob!r}: ", rule) for glob, rule in p.models.items()]
+    for where, scope in scopes:
+        for field in scope.__struct_fields__:
+            allowed, value = RANGES.get(field), getattr(scope, field)
+            if allowed is not None and value is not None and not allowed.allows(value):
+                number = "an integer" if isinstance(value, int) else "a finite number"
+                raise ConfigError(f"{where}{field} must be {number} {allowed}, got {value}")
 
 
 def _check_cloud(name: str, p: Profile) -> None:

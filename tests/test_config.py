@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec.inspect as mi
 import pytest
 
-from broker.config import ConfigError, Limits, load_settings
+from broker.config import RANGES, ConfigError, Deployment, Limits, ModelRule, Profile, Settings, load_settings
 
 
 def test_defaults_are_generous_but_under_the_field_stall():
@@ -93,3 +94,75 @@ def test_socket_directory_is_private_and_one_others_can_write_is_refused(tmp_pat
     shared.chmod(0o777)
     with pytest.raises(PermissionError, match="writable by others"):
         ensure_private_dir(str(shared))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("source", ["file", "env", "keyword"])
+def test_nan_and_inf_are_refused_from_every_source(tmp_path, source, value):
+    """NaN passes `<= 0`, and turned stall detection off; inf crashed the broker (JSON has neither)."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"stale_timeout = {value}\n" if source == "file" else "")
+    env = {"ISOPOOL_STALE_TIMEOUT": value} if source == "env" else {}
+    kwargs = {"stale_timeout": float(value)} if source == "keyword" else {}
+    with pytest.raises(ConfigError, match=rf"setting stale_timeout must be .*finite.*, got {value}"):
+        load_settings(path, env=env, **kwargs)
+
+
+def _profile(**extra):
+    return {"profiles": {"p": {"kind": "openai", **extra}}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"max_memory_per_worker_mb": -1}, "setting max_memory_per_worker_mb must be an integer >= 0, got -1"),
+        ({"max_message_bytes": 0}, "setting max_message_bytes must be an integer >= 1, got 0"),
+        ({"max_message_bytes": -1}, "setting max_message_bytes must be an integer >= 1, got -1"),
+        ({"heartbeat_interval": 1e-9}, "setting heartbeat_interval must be a finite number >= 0.01, got 1e-09"),
+        ({"heartbeat_interval": float("nan")}, "setting heartbeat_interval must be a finite number >= 0.01, got nan"),
+        ({"heartbeat_interval": float("inf")}, "setting heartbeat_interval must be a finite number >= 0.01, got inf"),
+        ({"drain_timeout": -1}, "setting drain_timeout must be a finite number >= 0, got -1"),
+        ({"respawn_backoff_max": -1}, "setting respawn_backoff_max must be a finite number >= 0, got -1"),
+        ({"max_requests_per_worker": -1}, "setting max_requests_per_worker must be an integer >= 0, got -1"),
+        ({"retry_backoff": float("nan")}, "setting retry_backoff must be a finite number >= 0, got nan"),
+        ({"retry_after_max": float("nan")}, "setting retry_after_max must be a finite number >= 0, got nan"),
+        ({"client_rate": float("inf")}, "setting client_rate must be a finite number >= 0, got inf"),
+        ({"deadline": float("inf")}, "setting deadline must be a finite number > 0, got inf"),
+        ({"circuit_cooldown_max": float("inf")}, "setting circuit_cooldown_max must be a finite number > 0, got inf"),
+        ({"gateway_read_timeout": 0}, "setting gateway_read_timeout must be a finite number > 0, got 0"),
+        ({"coalesce_ms": float("nan")}, "setting coalesce_ms must be a finite number within 0..50, got nan"),
+        (_profile(sdk_timeout=float("nan")), "profile p: sdk_timeout must be a finite number > 0, got nan"),
+        (_profile(stale_timeout=-1), "profile p: stale_timeout must be a finite number > 0, got -1"),
+        (_profile(concurrency=0), "profile p: concurrency must be an integer >= 1, got 0"),
+        (_profile(models={"o3*": {"stale_timeout": float("nan")}}), r"profile p model 'o3\*': stale_timeout"),
+        ({"models": {"o3*": {"deadline": 0}}}, r"model 'o3\*': deadline must be a finite number > 0, got 0"),
+        (_profile(deployments=[{"name": "a", "weight": float("inf")}]), "deployment 'a': weight .*, got inf"),
+        (_profile(deployments=[{"name": "a", "max_workers": 0}]), "deployment 'a': max_workers .* >= 1, got 0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_setting_value_and_range(kwargs, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(env={}, **kwargs)
+
+
+def test_every_number_has_a_range():
+    """A numeric setting added without a RANGES entry would take nan, inf and any sign unchecked."""
+
+    def numeric(t):
+        return isinstance(t, mi.IntType | mi.FloatType) or isinstance(t, mi.UnionType) and any(map(numeric, t.types))
+
+    structs = (Settings, Profile, Deployment, ModelRule)
+    fields = {f.name for s in structs for f in mi.type_info(s).fields if numeric(f.type)}
+    assert fields - set(RANGES) == set()
+
+
+def test_every_default_and_every_documented_zero_still_loads():
+    """Each default given explicitly, and 0 where the README documents it as off / unlimited / derived."""
+    defaults = {name: getattr(Settings(), name) for name in Settings.__struct_fields__}
+    assert load_settings(env={}, **defaults) == Settings()
+    zeros = ["client_queue_limit", "client_rate", "client_burst", "client_queue_bytes_limit", "circuit_failures",
+             "max_requests_per_worker", "max_memory_per_worker_mb", "coalesce_ms", "continue_max_bytes",
+             "request_log_max_bytes", "request_log_backups", "retry_backoff", "http_retry_backoff",
+             "drain_timeout", "respawn_backoff_max", "retry_after_max"]  # fmt: skip
+    s = load_settings(env={}, heartbeat_interval=0.01, **dict.fromkeys(zeros, 0), **_profile(min_workers=0))
+    assert s.heartbeat_interval == 0.01 and all(getattr(s, name) == 0 for name in zeros)

@@ -13,10 +13,10 @@ import pytest
 
 import broker.batch
 from broker.batch import ledger, run, run_job
-from broker.batch.ledger import InputChanged, Ledger, OutputDamaged, OutputLocked
+from broker.batch.ledger import BatchOutputError, InputChanged, Ledger, OutputDamaged, OutputLocked
 
 from .conftest import wait_for
-from .test_batch import ISOPOOL, bodies, openai_lines, read_jsonl, write_jsonl
+from .test_batch import ISOPOOL, anthropic_lines, bodies, openai_lines, read_jsonl, write_jsonl
 
 
 def served(fake) -> int:
@@ -177,14 +177,14 @@ def test_a_full_disk_stops_sending_and_a_rerun_finishes_exactly_once(tmp_path, f
     assert bodies(results) == bodies(read_jsonl(reference))
 
 
-def test_output_lock_and_manifest_files_are_created_0600(tmp_path, pool):
+def test_output_and_manifest_files_are_created_0600(tmp_path, pool):
     out = tmp_path / "out.jsonl"
     umask = os.umask(0o022)
     try:
         run(write_jsonl(tmp_path / "in.jsonl", openai_lines(2)), str(out), pool=pool)
     finally:
         os.umask(umask)
-    for path in (out, tmp_path / "out.jsonl.lock", tmp_path / "out.jsonl.manifest"):
+    for path in (out, tmp_path / "out.jsonl.manifest"):
         assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
 
 
@@ -295,3 +295,116 @@ def test_the_summary_shows_how_many_changed_requests_ran_again(tmp_path, pool):
     assert summary.returncode == 0, summary.stderr
     row = next((line for line in summary.stdout.splitlines() if "request changed, run again" in line), "")
     assert row.split("│")[2].split()[0] == "1", summary.stdout
+
+
+def test_the_input_given_as_the_output_is_refused_by_any_of_its_names(tmp_path, fake, pool):
+    """Its requests were read as results of an earlier run: all "already done", nothing sent, exit 0."""
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, anthropic_lines(3))
+    written = source.read_bytes()
+    (tmp_path / "symlink.jsonl").symlink_to(source)
+    os.link(source, tmp_path / "hardlink.jsonl")
+    before = served(fake)
+    for name in ("in.jsonl", "symlink.jsonl", "hardlink.jsonl"):
+        refused = cli(str(source), "-o", str(tmp_path / name), "--pool", pool.url, "--json")
+        assert refused.returncode == 2, (name, refused.stdout, refused.stderr)
+        assert "is the input" in refused.stderr and "another output file" in refused.stderr, refused.stderr
+        with pytest.raises(BatchOutputError, match="is the input"):
+            run(str(tmp_path / name), str(source), pool=pool)
+    assert served(fake) == before and source.read_bytes() == written
+    assert not list(tmp_path.glob("*.manifest"))
+
+
+@pytest.mark.parametrize("lines", [openai_lines(2), anthropic_lines(2), anthropic_lines(1)])
+def test_an_output_of_request_lines_is_refused_as_not_results(tmp_path, lines):
+    """Any line with a string custom_id was taken for a result; a request is not one (nor cut as a torn
+    last line when it lacks its newline)."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("\n".join(json.dumps(line) for line in lines))  # the last line without its newline
+    written = out.read_bytes()
+    with pytest.raises(OutputDamaged) as caught:
+        Ledger(str(out))
+    assert f"{out}:1: not a result line" in str(caught.value)
+    assert out.read_bytes() == written
+
+
+def test_the_lock_is_on_the_output_file_whatever_names_it(tmp_path):
+    """A lock per name (OUT.lock) let two runs through two hard links of one output both write it: two
+    results per id. The lock holds through a rerun_changed rewrite, and leaves no file behind."""
+    out = tmp_path / "out.jsonl"
+    first = Ledger(str(out))  # the output created fresh by this run
+    os.link(out, tmp_path / "hardlink.jsonl")
+    (tmp_path / "symlink.jsonl").symlink_to(out)
+    try:
+        for name in ("out.jsonl", "hardlink.jsonl", "symlink.jsonl"):
+            with pytest.raises(OutputLocked) as caught:
+                Ledger(str(tmp_path / name))
+            assert f"pid {os.getpid()}" in str(caught.value)
+        first.match_input({"a": "1"}, "in.jsonl")
+        first.write({"custom_id": "a", "result": {"type": "succeeded"}})
+        first.match_input({"a": "2"}, "in.jsonl", rerun_changed=True)  # the output replaced by a new file
+        with pytest.raises(OutputLocked):
+            Ledger(str(out))
+    finally:
+        first.close()
+    Ledger(str(out)).close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["hardlink.jsonl", "out.jsonl", "out.jsonl.manifest", "symlink.jsonl"]  # no lock file left
+
+
+def test_requests_the_pool_refuses_are_invalid_requests_with_the_code_once(tmp_path, pool):
+    """Anthropic's api_error is a retryable server error; a request the pool refuses is the caller's."""
+    refused = [
+        {"custom_id": "unknown-arg", "params": {**anthropic_lines(1)[0]["params"], "foo_bar": 1}},
+        {"custom_id": "override", "params": {**anthropic_lines(1)[0]["params"], "extra_headers": {"x-api-key": "k"}}},
+    ]
+    out = tmp_path / "anthropic.jsonl"
+    summary = run(write_jsonl(tmp_path / "a.jsonl", refused), str(out), pool=pool)
+    assert summary.errors == {"invalid_request_error": 2}, summary.errors
+    for result in read_jsonl(out):
+        error = result["result"]["error"]["error"]
+        assert error["type"] == "invalid_request_error" and error["message"].count("bad_request") == 1, error
+
+    line = openai_lines(1)[0]
+    line["body"]["foo_bar"] = 1
+    out = tmp_path / "openai.jsonl"
+    summary = run(write_jsonl(tmp_path / "o.jsonl", [line]), str(out), pool=pool)
+    [result] = read_jsonl(out)
+    assert summary.errors == {"bad_request": 1} and result["response"] is None
+    assert result["error"]["code"] == "bad_request" and "bad_request" not in result["error"]["message"], result
+
+
+@pytest.mark.parametrize(
+    "option, value, allowed",
+    [("--rpm", "-1", "0 or more"), ("--tpm", "-5", "0 or more"), ("--concurrency", "-3", "1 or more"),
+     ("--retry-budget", "-1", "0 or more")],
+)  # fmt: skip
+def test_out_of_range_batch_options_are_refused_before_anything_runs(tmp_path, fake, pool, option, value, allowed):
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(1))
+    out = tmp_path / "out.jsonl"
+    before = served(fake)
+    refused = cli(source, "-o", str(out), "--pool", pool.url, option, value)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{option} " in refused.stderr and allowed in refused.stderr, refused.stderr
+    keyword = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError, match=allowed):
+        run(source, str(out), pool=pool, **{keyword: int(value)})
+    assert served(fake) == before and not out.exists()
+
+
+def test_a_job_with_an_out_of_range_concurrency_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="1 or more"):
+        run_job(write_jsonl(tmp_path / "in.jsonl", questions(1)), str(tmp_path / "out.jsonl"), print, concurrency=-3)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_sent(tmp_path, fake, pool):
+    """/dev/null took the answers, then failed its first fsync: "free space and re-run", exit 3."""
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(1))
+    os.mkfifo(tmp_path / "fifo")
+    before = served(fake)
+    refused = cli(source, "-o", os.devnull, "--pool", pool.url)
+    assert refused.returncode == 2 and "not a regular file" in refused.stderr, refused.stderr
+    with pytest.raises(BatchOutputError, match="not a regular file"):
+        run(source, str(tmp_path / "fifo"), pool=pool)
+    assert served(fake) == before and not (tmp_path / "fifo.manifest").exists()

@@ -4,11 +4,12 @@ from .cluster import RayOptions, RayUnavailable
 from .formats import OPENAI_URLS
 from .jobs import JobContext, load_job, run_job
 from .ledger import BatchOutputError, InputChanged, OutputDamaged, OutputLocked, OutputWriteFailed
-from .runner import BatchInputError, Summary, iter_results, load, run
+from .runner import BatchInputError, BatchOptionError, Summary, iter_results, load, run
 
 __all__ = [
     "OPENAI_URLS",
     "BatchInputError",
+    "BatchOptionError",
     "BatchOutputError",
     "InputChanged",
     "JobContext",

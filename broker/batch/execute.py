@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from ..client.client import AsyncClient
-from ..errors import IsopoolError, ProviderStatusError
+from ..errors import IsopoolError, ProviderStatusError, RequestError
 from ..protocol import Snapshot
 from .formats import Item, failed, provider_failed, succeeded
 from .lane import Lane
@@ -94,8 +94,10 @@ async def answer(client: AsyncClient, item: Item) -> tuple[dict[str, Any], float
         body = _DEC.decode(info.body) if info.body else {"message": info.message}
         record = provider_failed(item, info.status or 0, info.headers, body)
         return record, _retry_after(info.headers) if info.status in THROTTLED else None
+    except RequestError as exc:  # its str() starts with its code, which the result shows apart
+        return failed(item, str(exc.code), exc.info.message, item.kind), None
     except IsopoolError as exc:
-        return failed(item, str(getattr(exc, "code", "error")), str(exc), item.kind), None
+        return failed(item, "error", str(exc), item.kind), None
 
 
 def estimate_tokens(item: Item) -> int:

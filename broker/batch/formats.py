@@ -24,6 +24,17 @@ OPENAI_URLS = {
     "/v1/responses": "responses.create",
     "/v1/embeddings": "embeddings.create",
 }
+# Anthropic's error type per isopool error code, as the gateway answers them (broker/http/gateway.py `_status`)
+_ANTHROPIC_TYPES = {
+    "invalid": "invalid_request_error",
+    "bad_request": "invalid_request_error",
+    "stalled": "timeout_error",
+    "attempts_exhausted": "timeout_error",
+    "deadline": "timeout_error",
+    "rate_limited": "rate_limit_error",
+    "saturated": "overloaded_error",
+    "shutting_down": "overloaded_error",
+}
 _DEC = msgspec.json.Decoder()
 _CANONICAL = msgspec.json.Encoder(order="sorted")
 
@@ -134,10 +145,12 @@ def provider_failed(item: Item, status: int, headers: list[tuple[str, str]], bod
 
 
 def failed(item: Item | Invalid, code: str, message: str, kind: Format) -> dict[str, Any]:
-    """No provider answer (stalls exhausted, invalid line, ...): the error says what happened."""
+    """No provider answer (stalls exhausted, invalid line, ...): the error says what happened, its code once.
+    Anthropic's error type as the gateway answers the same error (`api_error` is a retryable server error:
+    never a request the pool refused); OpenAI's batch error carries the code itself."""
     custom_id = item.custom_id or f"line-{item.line}"
     if kind == "anthropic":
-        error = _anthropic_error("invalid_request_error" if code == "invalid" else "api_error", f"[{code}] {message}")
+        error = _anthropic_error(_ANTHROPIC_TYPES.get(code, "api_error"), f"[{code}] {message}")
         return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
     return {
         "id": _batch_request_id(custom_id),

@@ -32,7 +32,7 @@ from ..client.client import AsyncClient, Client
 from ..client.pool import Pool
 from .formats import Invalid, digest, duplicate, numbered_lines
 from .ledger import Ledger
-from .runner import BatchInputError, Summary, with_pool
+from .runner import BatchInputError, Summary, check_options, with_pool
 
 _DEC = msgspec.json.Decoder()
 _ENC = msgspec.json.Encoder()
@@ -120,12 +120,13 @@ def run_job(
     does: BatchInputError, a BatchOutputError before anything runs (with `rerun_changed`, the done ids
     whose line changed run again instead of InputChanged), OutputWriteFailed when a result cannot be written."""
     started = time.monotonic()
+    check_options(concurrency)
     function = load_job(job) if isinstance(job, str) else job
     lines, problems = _lines(input_path)
     if problems:
         raise BatchInputError(input_path, problems)
     summary = Summary(total=len(lines), format="job")
-    ledger = Ledger(output_path)
+    ledger = Ledger(output_path, source=input_path)
 
     def write(record: dict[str, Any]) -> None:
         ledger.write(record)

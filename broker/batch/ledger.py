@@ -6,11 +6,14 @@
     ├── InputChanged             done ids whose request in this input differs
     └── OutputWriteFailed        a write failed mid-run (full disk, file size limit): the run stopped
 
-One writer at a time: a run holds an exclusive `flock` on `OUT.lock` until it closes (the
-kernel drops it when the process dies, even by SIGKILL). A sibling file rather than the output
-itself, because the lock is taken before the output is read or repaired and must outlive the
-output being replaced (`rerun_changed`); it is left in place, since removing it would let two
-runs lock two different files.
+One writer at a time: a run holds an exclusive `flock` on the output file itself until it closes
+(the kernel drops it when the process dies, even by SIGKILL). On the file, not on a name, so that
+every name of it (a symlink, a hard link) is refused while a run writes it, and no lock file is
+left behind. It is taken when the output is opened, before it is read or repaired; a rewrite
+(`rerun_changed`) locks the new file before renaming it over the output, and an opener that locked
+the file just replaced opens the output again. Refused before anything is opened: the input itself
+(its requests would be read as results), and what is not a regular file (/dev/null, a FIFO: results
+written there are not kept).
 
 On start it reads the results already there (a re-run after a crash). Only a torn last line is
 repaired (cut, or given its newline when it is whole): results are appended as whole lines under
@@ -47,6 +50,7 @@ _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 _TORN = object()  # a line that is not JSON
 MODE = 0o600
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT
 SHOWN = 20  # ids or lines named in a message
 
 
@@ -125,7 +129,7 @@ def _decode(line: bytes) -> Any:
 
 
 def scan(path: str, data: bytes, valid: Callable[[Any], bool], what: str) -> _Scan:
-    """Each line of an append-only file; only the last may be torn (not JSON, or cut before its newline)."""
+    """Each line of an append-only file; only the last may be torn (cut mid-write: not JSON)."""
     lines = data.split(b"\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records: list[tuple[int, Any]] = []
@@ -136,7 +140,7 @@ def scan(path: str, data: bytes, valid: Callable[[Any], bool], what: str) -> _Sc
             record = _decode(line)
             if record is not _TORN and valid(record):
                 records.append((i + 1, record))
-            elif i == last and (record is _TORN or i == len(lines) - 1):
+            elif i == last and record is _TORN:  # a cut object is never JSON: a JSON line is not torn
                 return _Scan(records, problems, offset, False)
             else:
                 problems.append(f"{path}:{i + 1}: " + ("not JSON" if record is _TORN else f"not {what}"))
@@ -145,7 +149,11 @@ def scan(path: str, data: bytes, valid: Callable[[Any], bool], what: str) -> _Sc
 
 
 def _is_result(record: Any) -> bool:
-    return isinstance(record, dict) and isinstance(record.get("custom_id"), str)
+    """A result line as formats.py and jobs.py write them: Anthropic's (and a job's) `result`, OpenAI's
+    `response` and `error`. A request line (a custom_id with its `params` or `body`) is not one."""
+    if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+        return False
+    return isinstance(record.get("result"), dict) or ("response" in record and "error" in record)
 
 
 def _is_entry(record: Any) -> bool:
@@ -155,9 +163,9 @@ def _is_entry(record: Any) -> bool:
 class _Appender:
     """One append-only file of whole lines; a write that fails takes its partial line back."""
 
-    def __init__(self, path: str, display: str, valid: Callable[[Any], bool], what: str) -> None:
+    def __init__(self, path: str, display: str, valid: Callable[[Any], bool], what: str, locked: bool = False) -> None:
         self.path, self.display = path, display
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, MODE)
+        self.fd = _open_locked(path, display) if locked else os.open(path, _FLAGS, MODE)
         self.size = 0
         self.repaired = 0  # bytes of a torn last line cut off
         try:
@@ -200,23 +208,26 @@ class _Appender:
         self.size += len(data)
 
     def replace(self, data: bytes) -> None:
-        """Write `data` to a new file and rename it over this one (same mode): all or nothing."""
+        """Write `data` to a new file and rename it over this one (same mode, and this one's lock, taken
+        before the rename): all or nothing."""
         temporary = self.path + ".rewrite"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, MODE)
+        fd = os.open(temporary, _FLAGS | os.O_TRUNC, MODE)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.fchmod(fd, stat.S_IMODE(os.fstat(self.fd).st_mode))
             write_all(fd, data)
             os.fsync(fd)
-        finally:
+            os.replace(temporary, self.path)
+        except BaseException:
             os.close(fd)
-        os.replace(temporary, self.path)
+            raise
+        self.close()
+        self.fd, self.size = fd, len(data)
         directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
-        self.close()
-        self.fd, self.size = os.open(self.path, os.O_RDWR | os.O_APPEND), len(data)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -224,27 +235,68 @@ class _Appender:
             self.fd = -1
 
 
-def _lock(path: str, display: str) -> int:
-    """Hold `path` locked for the run, with this process's pid in it; refused if another run holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+def _open_locked(path: str, display: str) -> int:
+    """`path` opened (created if new) and locked for the run; refused if another run holds it. Opened
+    again if it was replaced (another run's rewrite) between the open and the lock."""
+    while True:
+        fd = os.open(path, _FLAGS, MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise OutputLocked(display, holder) from None
+        opened = os.fstat(fd)
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        if named and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+            return fd
         os.close(fd)
-        raise OutputLocked(display, holder) from None
-    os.ftruncate(fd, 0)
-    write_all(fd, f"{os.getpid()}\n".encode())
-    return fd
+
+
+def _holder(fd: int) -> str:
+    """The pid holding a flock on `fd`'s file, from /proc/locks (Linux; '' elsewhere)."""
+    st = os.fstat(fd)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for fields in map(str.split, locks):
+                if "FLOCK" in fields and file in fields:
+                    return fields[fields.index(file) - 1]
+    except OSError:
+        pass
+    return ""
+
+
+def refuse_unusable(path: str, source: str) -> None:
+    """Before the output is opened: refused if it is the input (by any name: its requests would be read as
+    results, and none sent) or exists and is not a regular file (results written there are not kept)."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BatchOutputError(f"cannot use {path} as the batch output: {exc}; nothing was sent") from exc
+    if os.path.exists(source) and os.path.samefile(path, source):
+        raise BatchOutputError(
+            f"{path} is the input file {source}; nothing was sent. Write the results to another output file."
+        )
+    if not stat.S_ISREG(found.st_mode):
+        raise BatchOutputError(
+            f"{path} is not a regular file, and results written there would not be kept; nothing was sent. "
+            "Write the results to a regular file (a new one, or the output of an earlier run)."
+        )
 
 
 class Ledger:
     """The output of one run: locked, recovered, and appended to one result at a time."""
 
-    def __init__(self, path: str, sync_every: int = 64, sync_interval: float = 0.2) -> None:
+    def __init__(self, path: str, sync_every: int = 64, sync_interval: float = 0.2, *, source: str = "") -> None:
+        """`source`: the input, refused as the output."""
         self.path = path
         self.done: set[str] = set()
-        self._lock = -1
         self._results: _Appender | None = None
         self._manifest: _Appender | None = None
         self._recorded: dict[str, str] = {}  # custom_id -> fingerprint of the request its result answers
@@ -253,10 +305,10 @@ class Ledger:
         self._unsynced = 0
         self._synced_at = time.monotonic()
         self._sync_every, self._sync_interval = sync_every, sync_interval
-        real = os.path.realpath(path)  # the lock and the manifest go with the file, whatever link names it
+        refuse_unusable(path, source)
+        real = os.path.realpath(path)  # the manifest goes with the file, whatever symlink names it
         try:
-            self._lock = _lock(real + ".lock", path)
-            self._results = _Appender(real, path, _is_result, "a result line")
+            self._results = _Appender(real, path, _is_result, "a result line", locked=True)
             self.done = self._index(self._results.records)
             self._manifest = _Appender(real + ".manifest", path + ".manifest", _is_entry, "a manifest entry")
             self._recorded = dict(record for _, record in self._manifest.records)
@@ -342,7 +394,8 @@ class Ledger:
             raise self._failure from exc
 
     def close(self) -> None:
-        """Sync, close the files and release the lock; a failed sync is raised (results may not be on disk)."""
+        """Sync, close the files and release the lock (the output's, last); a failed sync is raised (results
+        may not be on disk)."""
         try:
             if self._failure is None:
                 with self._stopping_on_error():
@@ -351,6 +404,3 @@ class Ledger:
             for appender in (self._manifest, self._results):
                 if appender is not None:
                     appender.close()
-            if self._lock >= 0:
-                os.close(self._lock)
-                self._lock = -1

@@ -57,6 +57,27 @@ class BatchInputError(ValueError):
         )
 
 
+class BatchOptionError(BatchInputError):
+    """An option out of range, named as on the command line and from Python. A BatchInputError, so that the
+    command line refuses it as it does invalid input (exit 2), before anything runs."""
+
+    def __init__(self, name: str, allowed: str, value: Any) -> None:
+        self.problems: list[Invalid] = []
+        option = "--" + name.replace("_", "-")
+        ValueError.__init__(self, f"{option} ({name}= from Python) must be {allowed}, got {value!r}; nothing was sent")
+
+
+def check_options(concurrency: int | None = None, retry_budget: int = 0, rpm: int = 0, tpm: int = 0) -> None:
+    """Refuse an option out of range before anything runs (a negative rpm broke the lane mid-run, a negative
+    concurrency or budget was taken silently)."""
+    if concurrency is not None and concurrency < 1:
+        raise BatchOptionError("concurrency", "1 or more", concurrency)
+    for name, value, allowed in (("retry_budget", retry_budget, "0 or more"), ("rpm", rpm, "0 or more (0: no ceiling)"),
+                                 ("tpm", tpm, "0 or more (0: no ceiling)")):  # fmt: skip
+        if value < 0:
+            raise BatchOptionError(name, allowed, value)
+
+
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
 
 
@@ -178,13 +199,15 @@ def run(
     ray: RayOptions | str | None = None,
 ) -> Summary:
     """Run the batch and return its summary. Raises before sending anything: BatchInputError for
-    invalid lines, and a BatchOutputError (from the ledger) when another run writes the output, when
-    it is damaged, or when it holds results for ids whose request in this input is different (with
+    invalid lines (BatchOptionError for an option out of range), and a BatchOutputError (from the
+    ledger) when another run writes the output, when it is the input, not a regular file or damaged,
+    or when it holds results for ids whose request in this input is different (with
     `rerun_changed`, those are run again instead); OutputWriteFailed when a result cannot be written.
 
     With `ray` (a cluster address such as "auto", or `RayOptions`), the items run on one
     pool per node of that Ray cluster instead of `pool`; this process still writes the output."""
     started = time.monotonic()
+    check_options(concurrency, retry_budget, rpm, tpm)
     if ray is not None:
         ray = RayOptions(address=ray) if isinstance(ray, str) else ray
         refused = {"pool": pool, "concurrency": concurrency, "rpm": rpm, "tpm": tpm}
@@ -201,7 +224,7 @@ def run(
         summary.count(record)
         on_result(record)
 
-    ledger = Ledger(output_path)
+    ledger = Ledger(output_path, source=input_path)
     try:
         summary.repaired_bytes = ledger.repaired
         summary.rerun_changed = len(ledger.match_input(_fingerprints(items, invalid), input_path, rerun_changed))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tempfile
+import time
 
 
 class UnsafeRunDir(PermissionError):
@@ -58,6 +60,115 @@ def _check_private(path: str, info: os.stat_result, purpose: str, instead: str) 
                            f"remove it, or {instead}")  # fmt: skip
 
 
+LOCK = "broker.lock"
+
+
+class RunDirTaken(RuntimeError):
+    """Another broker serves in the run directory: the message names it and says what to do."""
+
+
+class RunDirLock:
+    """`run_dir/broker.lock`, locked (flock) for as long as a broker serves there. Binding an ipc
+    socket replaces the file of one that exists, so a second broker in the same directory took over
+    the first one's sockets: the first went on running, unreachable, and whichever stopped first
+    removed the other's files. The kernel drops the lock when its holder dies, however it dies;
+    then that broker's zygote takes it to remove what the broker left (`free`)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, run_dir: str) -> RunDirLock:
+        """The lock, with this process's pid in it; RunDirTaken if a broker holds it. Waits a moment: a
+        killed broker's zygote holds it while it removes that broker's files."""
+        path = os.path.join(run_dir, LOCK)
+        if (fd := _locked(path, patience=1.0)) is None:
+            raise RunDirTaken(f"a broker (pid {_holder(path)}) is already serving in {run_dir}: stop it first "
+                              f"(`isopool stats` shows it), or {_OWN_DIR}")  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    @classmethod
+    def free(cls, run_dir: str) -> RunDirLock | None:
+        """The lock if no broker holds it (for removing what a killed one left), else None. Waits a moment:
+        the zygote hears of its broker's death when its pipe closes, maybe before the lock's file does."""
+        path = os.path.join(run_dir, LOCK)
+        try:
+            fd = _locked(path, patience=0.5)
+        except FileNotFoundError:  # the directory is gone
+            return None
+        return None if fd is None else cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the file, then unlock it (in that order: a newcomer never locks a file about to go). Idempotent."""
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _locked(path: str, patience: float) -> int | None:
+    """`path` (created if new) opened and locked, or None if another process holds it for `patience`
+    seconds. A file removed between the open and the lock is let go, and the one now there taken."""
+    deadline = time.monotonic() + patience
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+            continue
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read(32).strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """HOST:PORT as the host to bind (an IPv6 one in brackets, `[::1]:8080`; none: 127.0.0.1) and the
+    port (0: any free one); ValueError saying what is wanted."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    # an IPv6 host out of brackets is refused: which of its colons ends it cannot be told
+    if not sep or (":" in host and not bracketed) or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (a port within 0-65535; an IPv6 host in brackets, [::1]:8080)")
+    return host or "127.0.0.1", int(port)
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cannot_listen(server: str, host: str, port: int, exc: OSError) -> SystemExit:
+    """An HTTP child's exit when its address is taken or not its to bind: said on its stderr, which the
+    terminal shows above the broker's own refusal."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # aiohttp's own strerror repeats the address
+    return SystemExit(f"isopool {server}: cannot listen on {http_url(host, port)}: {reason}")
+
+
 def ipc_url(run_dir: str, name: str) -> str:
     return f"ipc://{os.path.join(run_dir, name + '.sock')}"
 
@@ -68,15 +179,18 @@ def restrict(url: str) -> None:
         os.chmod(url[6:], 0o600)
 
 
-def cleanup(run_dir: str, *urls: str, only: dict[str, int] | None = None) -> None:
-    """Remove the ipc socket files of `urls` (with `only`: those still the files of `inodes`),
-    then the directory if nothing else lives there."""
+def cleanup(run_dir: str, *urls: str, only: dict[str, int] | None = None, lock: RunDirLock | None = None) -> None:
+    """Remove the ipc socket files of `urls` (with `only`: those still the files of `inodes`), then
+    release `lock` (after the files: a newcomer's own sockets are never removed), then the directory
+    if nothing else lives there."""
     for path in _ipc_paths(urls):
         try:
             if only is None or os.stat(path).st_ino == only.get(path):
                 os.unlink(path)
         except FileNotFoundError:
             pass
+    if lock is not None:
+        lock.release()
     try:
         os.rmdir(run_dir)  # only if nothing else lives there
     except OSError:

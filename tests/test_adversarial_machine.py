@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -117,3 +119,84 @@ def test_run_dir_is_created_private_and_an_own_open_one_is_refused(tmp_path):
     shared.chmod(0o777)  # others may already have put sockets in it
     with pytest.raises(UnsafeRunDir, match="writable by others"):
         ensure_private_dir(str(shared))
+
+
+# a second `isopool serve` ---------------------------------------------------------------
+
+
+def _serve(tmp_path, *args: str) -> subprocess.Popen:
+    """`isopool serve` with its run dir under `tmp_path` (the same for every call) and one dormant profile."""
+    config = tmp_path / "isopool.toml"
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\n[profiles.openai]\nkind = "openai"\n'
+                      'base_url = "http://127.0.0.1:9/v1"\nmin_workers = 0\n')  # fmt: skip
+    return subprocess.Popen([*ISOPOOL, "serve", "--config", str(config), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _stats_pid(url: str) -> int:
+    from broker.client.client import Client
+
+    with Client(url, broker_timeout=5.0) as client:
+        return client.snapshot().pid
+
+
+def test_a_second_serve_in_the_same_run_dir_is_refused_and_the_first_keeps_its_sockets(tmp_path, own_processes):
+    """Binding an ipc socket replaces the file of one that exists: a second broker took over the first's
+    sockets, left it running unreachable, and removed the directory when it stopped."""
+    first = _serve(tmp_path)
+    try:
+        banner = first.stdout.readline()
+        assert "serving on ipc://" in banner, first.stderr.read()
+        url = banner.split("serving on ", 1)[1].split()[0]
+        second = _serve(tmp_path)
+        try:
+            out, err = second.communicate(timeout=60)
+        finally:
+            second.kill()  # if it started after all (it did before): its zygote follows it
+            second.wait()
+        assert second.returncode == 1 and not out, (out, err)
+        assert f"a broker (pid {first.pid}) is already serving in {tmp_path / 'run'}" in err, err
+        assert "ISOPOOL_RUN_DIR" in err and "Traceback" not in err, err
+        assert _stats_pid(url) == first.pid  # still the first one's sockets
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert first.returncode == 0 and not (tmp_path / "run").exists()  # its lock went with its sockets
+    again = _serve(tmp_path)  # and the directory is free for the next
+    try:
+        assert "serving on ipc://" in again.stdout.readline()
+    finally:
+        again.terminate()
+        again.communicate(timeout=60)
+
+
+def test_a_serve_whose_gateway_port_is_taken_says_so_without_a_traceback(tmp_path, own_processes):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = _serve(tmp_path, "--http", f"127.0.0.1:{port}")
+        out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 1 and "serving on" not in out, (out, err)
+    assert f"cannot listen on http://127.0.0.1:{port}: Address already in use" in err, err
+    assert "cannot start the broker" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_ipv6_gateway_address_in_brackets_is_served_there(tmp_path, own_processes):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    serve = _serve(tmp_path, "--http", "[::1]:0")
+    try:
+        banner = serve.stdout.readline() + serve.stdout.readline() + serve.stdout.readline()
+        assert "HTTP gateway: base_url http://[::1]:" in banner, (banner, serve.stderr.read() if serve.poll() else "")
+        gateway = banner.split("base_url ", 1)[1].split()[0]
+        try:
+            with urllib.request.urlopen(gateway + "/v1/models", timeout=20) as answer:
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 502  # the gateway's answer: its profile's provider (port 9) is unreachable
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=60)

@@ -8,7 +8,8 @@ broker's liveness pipe (fd `death_fd`) and exit by themselves when it closes.
 Its arguments are the SDK kinds to preload (comma-separated: those the broker's profiles
 name, and no other), then the broker's run dir and socket urls: its stdin closes only when
 the broker is done with them (closing, or killed), and a killed broker cannot remove its
-socket files, so the zygote does (those it saw at its start, never a newer broker's).
+socket files, so the zygote does (those it saw at its start, never a newer broker's), and its run dir lock (only
+while no broker holds it).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def main() -> None:
                 _reap()
             elif not spawns.read():
                 if run_dir:
-                    endpoints.cleanup(run_dir, *urls, only=sockets)
+                    endpoints.cleanup(run_dir, *urls, only=sockets, lock=endpoints.RunDirLock.free(run_dir))
                 return False
         fork_due(loaded)
         return True

@@ -135,7 +135,8 @@ def serve(
     response headers (headers_timeout, once) for every caller, within each call's
     max_attempts and deadline (settings headers_timeout, retry_after_max, http_retry_backoff)."""
     from ..config import ConfigError, load_settings
-    from ..endpoints import shared_run_dir
+    from ..endpoints import RunDirTaken, shared_run_dir
+    from ..processes import ChildFailed
     from ..server.serve import run_broker
 
     overrides: dict[str, object] = {
@@ -153,7 +154,7 @@ def serve(
         settings = msgspec.structs.replace(settings, run_dir=shared_run_dir())
     try:
         run_broker(settings)
-    except (PermissionError, OSError) as exc:
+    except (OSError, RunDirTaken, ChildFailed) as exc:  # ChildFailed: its gateway or metrics endpoint
         raise click.ClickException(f"cannot start the broker: {exc}") from None
 
 

@@ -35,6 +35,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from ..client.client import Client
+from ..endpoints import cannot_listen, http_url, listen_address
 from ..protocol import BUCKETS, HistogramSnapshot, Listening, Snapshot
 
 _CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
@@ -135,12 +136,15 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
     sys.stdin.readline()  # the broker's hand-over line (the gateway gets its token there; nothing here)
-    host, _, port = args.listen.rpartition(":")
+    host, port = listen_address(args.listen)
     registry = CollectorRegistry(auto_describe=False)
     with Client(args.url) as client:
         registry.register(PoolCollector(client))
-        server, _ = start_http_server(int(port), host, registry=registry)
-        print(msgspec.json.encode(Listening(f"http://{host}:{server.server_port}/metrics")).decode(), flush=True)
+        try:
+            server, _ = start_http_server(port, host, registry=registry)
+        except OSError as exc:
+            raise cannot_listen("metrics", host, port, exc) from None
+        print(msgspec.json.encode(Listening(http_url(host, server.server_port) + "/metrics")).decode(), flush=True)
         while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
             pass
         server.shutdown()

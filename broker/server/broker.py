@@ -70,6 +70,7 @@ class Broker:
         elif tcp:
             log.warning("frontend %s has no CURVE authentication (insecure): whoever reaches it can "
                         "spend the provider keys", self.frontend_url)  # fmt: skip
+        self.run_lock = endpoints.RunDirLock.take(self.run_dir)  # before binding: a bind replaces a socket file
         self.frontend = self._router(self.frontend_url, settings.client_buffer, self.curve)
         if tcp:  # the port chosen for `tcp://HOST:*`
             self.frontend_url = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -176,7 +177,7 @@ class Broker:
                     writer.close()
                 except Exception:  # an exporter's or a disk's failure must not skip the cleanup below
                     log.exception("closing %s failed", type(writer).__name__)
-        endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url)
+        endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url, lock=self.run_lock)
 
     # ----- the loop -------------------------------------------------------------
 

@@ -339,3 +339,44 @@ def test_caller_leaving_mid_stream_cancels_its_call(fake, gateway):
                 seen += sock.recv(65536)
         wait_for(lambda: client.stats()["requests"].get("cancelled", 0) > cancelled, 5, "the call to be cancelled")
         wait_for(lambda: fake.stats()["disconnects"] > disconnects, 5, "the provider to see the call dropped")
+
+
+def test_bodies_held_back_are_bounded_by_queue_bytes_limit_and_the_next_gets_a_503(fake):
+    """Callers that each sent most of a large body and held back its last byte took the gateway to half a GB
+    with 30 connections: the bodies it holds at once stay within queue_bytes_limit, a request past it is
+    answered 503 before its body is read, a small one still fits, and a body let go frees its share."""
+    settings = dict(TEST_SETTINGS, http="127.0.0.1:0", max_message_bytes=MAX, queue_bytes_limit=4 * MAX,
+                    gateway_read_timeout=60.0)  # fmt: skip
+    size = MAX - 4096
+    head = ("POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()  # fmt: skip
+
+    def answer(sock: socket.socket) -> tuple[int, dict]:
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        return reply.status, error_of(reply.read()) if reply.status >= 400 else {}
+
+    def whole() -> int:  # a body of spaces: read, then refused as no JSON object (400), unless there is no room
+        with socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) as sock:
+            sock.sendall(head + b" " * size)
+            return answer(sock)[0]
+
+    profile = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "spare_workers": 0}}
+    with Pool(profiles=profile, **settings) as pool:
+        held = [socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) for _ in range(4)]
+        try:
+            for sock in held:
+                sock.sendall(head + b" " * (size - 1))  # all but its last byte
+            time.sleep(0.5)  # each is being read
+            with socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) as sock:
+                sock.sendall(head)
+                status, error = answer(sock)  # at once, its body never sent
+            assert status == 503 and error["type"] == "overloaded_error", error
+            assert f"queue_bytes_limit {4 * MAX}" in error["message"] and "retry" in error["message"]
+            status, _, body = send(pool, "POST", "/v1/messages", BODY, content_type="application/json")
+            assert status == 200, body
+            held.pop().close()
+            wait_for(lambda: whole() == 400, 20, "the closed caller's share freed")
+        finally:
+            for sock in held:
+                sock.close()

@@ -57,6 +57,7 @@ from ..client.client import AsyncCall, AsyncClient, CallLimits, StreamEvent, sse
 from ..client.fallbacks import HEADER as FALLBACKS_HEADER
 from ..client.fallbacks import BadFallbacks, take_fallbacks
 from ..config import FAMILIES, Settings, is_loopback
+from ..endpoints import cannot_listen, http_url, listen_address
 from ..errors import (
     AttemptsExhausted,
     BadRequest,
@@ -89,6 +90,7 @@ _ANTHROPIC_TYPES = {
     408: "timeout_error",
     413: "request_too_large",
     417: "invalid_request_error",
+    503: "overloaded_error",
 }
 # On an error answer after the pool's own retries: the caller's SDK (at its default max_retries) would
 # otherwise retry each 429/5xx again, multiplying the attempts. The SDKs obey this header.
@@ -109,9 +111,30 @@ class Refused(Exception):
         self.status = status
 
 
+class Bodies:
+    """The request bytes the gateway holds at once, from the first byte read to the pool taking them:
+    within the broker's own queue_bytes_limit. Callers that each send most of a large body and hold back
+    its last byte took the gateway to half a GB with 30 connections; past the budget a request gets a 503
+    at once (before its body is read), which the SDKs retry after a backoff."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def hold(self, size: int) -> int:
+        if self.held + size > self.limit:
+            raise Refused(503, f"the gateway holds {self.held} bytes of request bodies not yet in the pool "
+                               f"(queue_bytes_limit {self.limit}): retry shortly")  # fmt: skip
+        self.held += size
+        return size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
 class Gateway:
     def __init__(self, client: AsyncClient, settings: Settings, token: str = "") -> None:
         self.client = client
+        self.bodies = Bodies(settings.queue_bytes_limit)
         self.token = token
         # its callers' usage is accounted to the token, named by a short hash of it (never the token)
         self.caller = f"token:{hashlib.blake2b(token.encode(), digest_size=4).hexdigest()}" if token else ""
@@ -147,6 +170,15 @@ class Gateway:
         """Every request: an answer, the pool's or the gateway's own refusal, with CORS headers for an allowed
         browser origin (added as the answer is prepared, by `_Request`)."""
         profile, kind, path = self.route(request)
+        submitted = await self.submit(request, profile, kind, path)
+        if isinstance(submitted, web.StreamResponse):
+            return submitted
+        return await self.relay(request, kind, submitted, _closing(kind, path))
+
+    async def submit(self, request: web.BaseRequest, profile: str, kind: str, path: str) -> AsyncCall | web.Response:
+        """The request, checked, read and handed to the pool, or the answer that refuses it. Its body is held
+        within the bodies' budget until the pool has it, and not after (the relay keeps none of it)."""
+        held = 0
         try:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
@@ -159,6 +191,7 @@ class Gateway:
             check_text(request)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
+            held = self.bodies.hold(_body_size(request, self.max_bytes))
             body, top = await self.read_body(request)
             try:
                 body, fallbacks, fields = take_fallbacks(request.headers, body, top)
@@ -167,14 +200,14 @@ class Gateway:
             call = HttpCall(request.method, path, _forwarded(request), body)
             if _encoded_size(call) > self.max_bytes:
                 raise Refused(413, f"the request is over the pool's max_message_bytes ({self.max_bytes} bytes)")
+            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
+            return await self.client.submit_http(profile, call, limits, fields)
         except Refused as exc:
             return _refusal(kind, exc, request)
-        try:
-            limits = CallLimits(fallbacks=fallbacks, traceparent=_traceparent(request), caller=self.caller)
-            submitted = await self.client.submit_http(profile, call, limits, fields)
         except IsopoolError as exc:
             return _pool_error(kind, exc)
-        return await self.relay(request, kind, submitted, _closing(kind, path))
+        finally:
+            self.bodies.release(held)
 
     def check_caller(self, request: web.BaseRequest) -> None:
         """Without a token, only loopback names (a rebinding page sends its own); browsers only from gateway_origins."""
@@ -422,6 +455,13 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
     return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
 
 
+def _body_size(request: web.BaseRequest, most: int) -> int:
+    """What a request's body may take: its Content-Length, else (chunked) the most a body may be."""
+    if request.content_length is not None:
+        return min(request.content_length, most)  # over it: refused (413) as soon as it is read
+    return most if request.body_exists else 0
+
+
 def _refusal(kind: str, exc: Refused, request: web.BaseRequest) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
@@ -495,10 +535,12 @@ async def serve(url: str, host: str, port: int, settings: Settings) -> None:
         )
         runner = web.ServerRunner(server)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise cannot_listen("gateway", host, port, exc) from None
         bound = runner.addresses[0]
-        print(_ENC.encode(Listening(f"http://{host}:{bound[1]}")).decode(), flush=True)
+        print(_ENC.encode(Listening(http_url(host, bound[1]))).decode(), flush=True)
         loop = asyncio.get_running_loop()
         closed = asyncio.Event()
         loop.add_reader(sys.stdin.fileno(), lambda: closed.set() if not sys.stdin.buffer.read1(4096) else None)
@@ -511,10 +553,10 @@ def main() -> None:
     parser.add_argument("--url", required=True, help="the broker's frontend")
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
-    host, _, port = args.listen.rpartition(":")
+    host, port = listen_address(args.listen)
     # The broker's settings come on stdin (with the token: never on the command line).
     settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
-    asyncio.run(serve(args.url, host or "127.0.0.1", int(port), settings))
+    asyncio.run(serve(args.url, host, port, settings))
 
 
 if __name__ == "__main__":

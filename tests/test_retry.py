@@ -218,10 +218,14 @@ def test_a_retry_waiting_out_its_retry_after_holds_up_none_of_its_callers_other_
 
 
 def test_the_shims_max_retries_is_its_calls_budget_in_the_pool(fake, pool):
+    """Given to the constructor or to with_options/copy, 0 included: the SDK's copy passes the client's own
+    max_retries (0 in a shim client: the pool retries) where none is given, and a given 0 was taken for none."""
     fake.reset()
-    with shim_openai.OpenAI(pool=pool, max_retries=0) as none, none.with_options(max_retries=3) as four:
+    with shim_openai.OpenAI(pool=pool, max_retries=0) as none, none.with_options(max_retries=3) as four, \
+            shim_openai.OpenAI(pool=pool) as default:  # fmt: skip
+        copies = (default.with_options(max_retries=0), default.copy(max_retries=0), default.with_options(timeout=30))
         assert none.max_retries == four.max_retries == 0  # the SDK itself never retries: the pool does
-        for sdk, attempts in ((none, 1), (four, 4)):
+        for sdk, attempts in ((none, 1), (four, 4), *zip(copies, (1, 1, 3), strict=True)):
             fake.reset()
             assert _sdk_outcome(sdk, openai_args(f"{attempts} attempts"), "unavailable:for=60")[0] == 503
             assert [len(t) for t in fake.stats()["arrivals"].values()] == [attempts]

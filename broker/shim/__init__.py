@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -58,6 +59,8 @@ _CREDENTIALS = {
     "openai": ("api_key", "admin_api_key", "workload_identity"),
 }
 _OWN_CONNECTION = ("transport", "proxies", "connection_pool_limits")
+# The max_retries given to a shim client's copy()/with_options() being made (None: none given).
+_GIVEN_RETRIES: contextvars.ContextVar[int | None] = contextvars.ContextVar("isopool_given_retries", default=None)
 
 _lock = threading.Lock()
 _embedded: Pool | None = None
@@ -179,8 +182,20 @@ class _Sdk:
             options.timeout = httplib.timeout_for(options.timeout, lib)
             return await super(cls, self)._prepare_options(options)
 
+        def copy(self, *args: Any, **kwargs: Any) -> Any:
+            """The SDK's copy() and with_options(): a max_retries given here, 0 included, goes to the copy's
+            pool budget (`options`), which cannot tell a given 0 from the one the SDK passes where none is
+            given: this client's own max_retries, 0 in a shim client, as the pool retries."""
+            given = kwargs.get("max_retries")
+            token = _GIVEN_RETRIES.set(given if isinstance(given, int) else None)
+            try:
+                return super(cls, self).copy(*args, **kwargs)
+            finally:
+                _GIVEN_RETRIES.reset(token)
+
         prepare = _prepare_options_async if asynchronous else _prepare_options
-        members = {"__init__": __init__, "_prepare_options": prepare, "__module__": __name__}
+        members = {"__init__": __init__, "_prepare_options": prepare, "copy": copy, "with_options": copy,
+                   "__module__": __name__}  # fmt: skip
         if cloud is not None and cloud.decodes_sse:
             # anthropic >= 2.16 passes the request's options (Bedrock's control-plane calls answer in SSE)
             members["_make_sse_decoder"] = lambda self, *_: clouds.sse_decoder(sdk.module)
@@ -215,8 +230,8 @@ class _Sdk:
             kwargs["timeout"] = httplib.timeout_for(kwargs["timeout"], self.lib)
         if http_client is not None and str(base_url).startswith(SHIM_BASE_URL):  # the SDK's copy()/with_options()
             transport, changes = http_client._transport, {}
-            if retries:  # with_options(max_retries=N): a copy whose calls have N + 1 attempts
-                changes["attempts"] = retries + 1
+            if (given := _GIVEN_RETRIES.get()) is not None:  # with_options(max_retries=N): N + 1 attempts a call
+                changes["attempts"] = given + 1
             if cloud is not None and (placed := cloud.placement_of(kwargs)) and placed != transport.placement:
                 changes["placement"] = {**transport.placement, **placed}  # with_options(aws_region=...)
             if changes:

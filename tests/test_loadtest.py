@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import statistics
@@ -226,6 +227,15 @@ def test_bad_options_are_refused_with_what_to_do():
             Options(calibrate=False, ray="auto", **alone)
     cli = subprocess.run(ISOPOOL + ["loadtest", "--input-tokens", "lots"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "mean=N" in cli.stderr
+
+
+@pytest.mark.parametrize("given", [{"rate": [math.nan]}, {"rate": [math.inf]}, {"duration": math.inf},
+                                   {"fake_gap": math.nan}, {"fake_faults": {"stall-ping": math.nan}}])  # fmt: skip
+def test_a_number_that_is_not_finite_is_refused_naming_its_option(given):
+    """nan passes every comparison: `--rate nan` passed the checks and crashed the schedule with a traceback."""
+    name = next(iter(given))
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be a finite number"):
+        Options(calibrate=False, **given)
 
 
 def test_multi_turn_conversations_grow_and_go_in_order(tmp_path, own_processes):

@@ -258,5 +258,5 @@ def test_numbers_that_are_not_numbers_are_refused(value):
                  ["--server-metrics", "target", "--server-metrics-interval", value]):  # fmt: skip
         refused = CliRunner().invoke(main, ["loadtest", "--no-calibrate", *args])
         assert refused.exit_code == 2, (args, refused.output)
-    with pytest.raises(ValueError, match="--speedup must be a number above 0"):
+    with pytest.raises(ValueError, match="--speedup must be a (finite )?number"):
         Options(calibrate=False, trace=__file__, speedup=float(value))

@@ -66,6 +66,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     cloud: str = ""  # bedrock, vertex or azure: through a profile of that kind (loadtest/cloudtarget.py)
 
     def __post_init__(self) -> None:
+        self._check_finite()
         if self.target not in _TARGETS and not self.target.startswith(("http://", "https://")):
             raise ValueError(f"target must be fake, anthropic, openai or an http(s):// URL, not {self.target!r}")
         if self.api and self.api not in APIS:
@@ -99,6 +100,14 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
         if self.ray and (alone := [name for name, value in apart.items() if value]):
             raise ValueError(f"{', '.join(alone)} cannot be spread over Ray nodes yet: run it without --ray")
 
+    def _check_finite(self) -> None:
+        """No nan or inf anywhere: nan passes every comparison below (`--rate nan` crashed the schedule)."""
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            numbers = value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
     def _check_cloud(self) -> None:
         if self.cloud and self.cloud not in CLOUDS:
             raise ValueError(f"--cloud must be one of {', '.join(CLOUDS)}, not {self.cloud!r}")
@@ -109,7 +118,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"--cloud {self.cloud} speaks the {CLOUDS[self.cloud]} api")
 
     def _check_trace_and_prefix(self) -> None:
-        if not (math.isfinite(self.speedup) and self.speedup > 0) or (self.speedup != 1.0 and not self.trace):
+        if not self.speedup > 0 or (self.speedup != 1.0 and not self.trace):
             raise ValueError("--speedup must be a number above 0, and goes with --trace")
         given = {"--rate": self.rate, "--concurrency": self.concurrency, "--dataset": self.dataset,
                  "--turns": self.turns > 1, "--ramp-up": self.ramp_up,

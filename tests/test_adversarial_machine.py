@@ -18,11 +18,14 @@ import sys
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from broker.endpoints import UnsafeRunDir, ensure_private_dir
 from broker.fake_provider import FakeProviderProcess
 from broker.loadtest import Options, run
+
+from .conftest import wait_for
 
 PROVIDER_KEYS = (os.environ["ANTHROPIC_API_KEY"], os.environ["OPENAI_API_KEY"])  # set by conftest
 ISOPOOL = [sys.executable, "-c", "from broker.cli import main; main()"]
@@ -200,3 +203,37 @@ def test_an_ipv6_gateway_address_in_brackets_is_served_there(tmp_path, own_proce
     finally:
         serve.terminate()
         serve.communicate(timeout=60)
+
+
+def test_a_gateway_that_dies_is_started_again_at_its_address(tmp_path, own_processes):
+    """The OOM killer's choice or a crash: the gateway's port refused every caller from then on while the broker
+    looked healthy. It is started again, at the port it had bound (one asked as :0 too), and says so."""
+    serve = _serve(tmp_path, "--http", "127.0.0.1:0")
+    try:
+        banner = "".join(serve.stdout.readline() for _ in range(3))
+        gateway = banner.split("base_url ", 1)[1].split()[0]
+
+        def child() -> psutil.Process | None:
+            found = [p for p in psutil.Process(serve.pid).children() if "broker.http.gateway" in p.cmdline()]
+            return found[0] if found else None
+
+        def answers() -> bool:
+            try:
+                urllib.request.urlopen(gateway + "/v1/models", timeout=5)
+            except urllib.error.HTTPError as exc:
+                return exc.code == 502  # the gateway's own answer: its profile's provider (port 9) is unreachable
+            except OSError:
+                return False
+            return False
+
+        assert answers()
+        first = child()
+        first.kill()
+        first.wait(10)
+        wait_for(lambda: (c := child()) is not None and c.pid != first.pid and answers(), 30, "the gateway again")
+    finally:
+        serve.terminate()
+        out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err
+    assert f"broker.http.gateway (pid {first.pid}) exited with code -9; starting it again" in err, err
+    assert "broker.http.gateway serving again at " + gateway in err, err

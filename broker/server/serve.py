@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 
 import msgspec
 
@@ -19,6 +21,7 @@ from ..protocol import BrokerReady, Listening
 from .broker import Broker
 
 log = logging.getLogger(__name__)
+RESTART_PAUSE, RESTART_PAUSE_MAX = 1.0, 30.0  # between failed starts of an HTTP child that died (doubling)
 
 
 def run_broker(settings: Settings, owned: bool = False) -> None:
@@ -35,6 +38,8 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
             children["http"] = ChildServer("broker.http.gateway", broker.frontend_url, settings.http, handover)
         if settings.metrics:
             children["metrics"] = ChildServer("broker.http.metrics", broker.frontend_url, settings.metrics)
+        for child in children.values():
+            child.supervise()
         if owned:
             urls = {name: child.url for name, child in children.items()}
             print(msgspec.json.encode(BrokerReady(broker.frontend_url, os.getpid(), **urls)).decode(), flush=True)
@@ -60,18 +65,65 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
 class ChildServer:
     """An HTTP server child of the broker (the gateway `broker.http.gateway`, the metrics endpoint
     `broker.http.metrics`): a secret, if any, goes on its stdin (never the command line); it says
-    where it listens; it stops when its stdin closes, so it never outlives the broker."""
+    where it listens; it stops when its stdin closes, so it never outlives the broker. Once
+    supervised, one that dies (the OOM killer's choice, a crash) is started again at the address it
+    had, from a thread of its own, so the broker's loop never waits on it."""
 
     def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
-        self.child = Child(module, "--url", frontend, "--listen", listen, handover=secret.encode())
+        self.module, self.frontend, self.secret = module, frontend, secret
+        self.child = self._start(listen)
+        self.url = self._listening
+        self.listen = self.url.removeprefix("http://").split("/", 1)[0]  # the port it bound, if it was 0
+        self._lock = threading.Lock()  # held while starting one: `stop` then waits, and nothing starts after it
+        self._stopped = False
+
+    def _start(self, listen: str) -> Child:
+        child = Child(self.module, "--url", self.frontend, "--listen", listen, handover=self.secret.encode())
         try:
-            self.url = self.child.handshake(Listening, f"{module} on {listen}").url
+            self._listening = child.handshake(Listening, f"{self.module} on {listen}").url
         except ChildFailed:
-            self.child.stop()
+            child.stop()
             raise
+        return child
+
+    def supervise(self) -> None:
+        threading.Thread(target=self._watch, name=f"isopool-{self.module}", daemon=True).start()
+
+    def _watch(self) -> None:
+        pause = RESTART_PAUSE
+        while True:
+            code = self.child.proc.wait()
+            with self._lock:
+                if self._stopped:
+                    return
+                log.error("%s (pid %d) exited with code %s; starting it again on %s", self.module, self.child.pid,
+                          code, self.listen)  # fmt: skip
+                self.child.stop()  # reaped, its pipes closed
+                try:
+                    self.child = self._start(self.listen)
+                    log.warning("%s serving again at %s (pid %d)", self.module, self._listening, self.child.pid)
+                    pause = RESTART_PAUSE
+                    continue
+                except ChildFailed as exc:
+                    log.error("%s did not start again (%s); trying again in %gs", self.module, exc, pause)
+            if self._wait(pause):
+                return
+            pause = min(pause * 2, RESTART_PAUSE_MAX)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds` unless stopped meanwhile (then True)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._stopped:
+                    return True
+            time.sleep(0.1)
+        return False
 
     def stop(self) -> None:
-        self.child.stop()
+        with self._lock:
+            self._stopped = True
+            self.child.stop()
 
 
 def main() -> None:

@@ -21,7 +21,9 @@ import urllib.request
 import psutil
 import pytest
 
+from broker import Pool
 from broker.endpoints import UnsafeRunDir, ensure_private_dir
+from broker.errors import WorkerConfigError
 from broker.fake_provider import FakeProviderProcess
 from broker.loadtest import Options, run
 
@@ -237,3 +239,18 @@ def test_a_gateway_that_dies_is_started_again_at_its_address(tmp_path, own_proce
     assert serve.returncode == 0, err
     assert f"broker.http.gateway (pid {first.pid}) exited with code -9; starting it again" in err, err
     assert "broker.http.gateway serving again at " + gateway in err, err
+
+
+def test_a_profiles_unset_api_key_env_is_named_and_the_sdks_own_key_never_sent_in_its_place(own_processes):
+    """A profile naming its key's variable, unset: the SDK fell back to its own (OPENAI_API_KEY), sending
+    that key to the profile's upstream, or, with none, blamed OPENAI_API_KEY, never the variable named."""
+    with FakeProviderProcess() as fake:
+        profile = {"local": {"kind": "openai", "base_url": fake.url + "/v1", "api_key_env": "ISOPOOL_TEST_UNSET_KEY",
+                             "min_workers": 1}}  # fmt: skip
+        with Pool(profiles=profile) as pool, pool.client() as client:
+            with pytest.raises(
+                WorkerConfigError, match="ISOPOOL_TEST_UNSET_KEY .the profile's api_key_env. is not set"
+            ):
+                client.request("local", "chat.completions.create", model="gpt-fake",
+                               messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+        assert fake.stats()["arrivals"] == {}  # nothing went upstream, with any key

@@ -130,8 +130,14 @@ class Clients(msgspec.Struct, frozen=True):
 def build_client(profile: Profile, api_key: str | None = None) -> Clients:
     """A fresh async SDK client for the profile, with the pool's key from the environment, or
     without one (a stand-in) when the SDK refuses to be built for want of it."""
-    key = api_key or (os.environ.get(profile.api_key_env) if profile.api_key_env else None)
+    named = profile.api_key_env
+    key = api_key or (os.environ.get(named) if named else None)
     sdk = sdks.load(profile.family)
+    if not key and named and profile.kind == profile.family:
+        # not the SDK's own variable in its place (OPENAI_API_KEY, say): that key is for another upstream
+        unset = sdk.error(f"{named} (the profile's api_key_env) is not set in the pool's environment: set it, "
+                          "then start the pool again")  # fmt: skip
+        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
     try:
         return _clients(sdk, profile, key)
     except sdk.error as exc:

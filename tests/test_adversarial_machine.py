@@ -80,6 +80,16 @@ def test_loadtest_refuses_an_api_key_env_it_cannot_use_before_anything_runs(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("target, own", [("anthropic", "ANTHROPIC_API_KEY"), ("openai", "OPENAI_API_KEY")])
+def test_loadtest_against_a_provider_without_its_key_is_refused_before_anything_runs(tmp_path, target, own):
+    """It ran keyless: every request failed, and the verdict said the generator was the limit."""
+    command = ISOPOOL + ["loadtest", "--target", target, "-n", "1", "-o", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != own}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"--target {target} sends the key in {own}, which is not set" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="making files another user owns needs root")
 NOBODY = 65534
 

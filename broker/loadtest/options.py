@@ -93,6 +93,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the fake provider takes no key: leave --api-key-env out")
         if self.api_key_env and not os.environ.get(self.api_key_env):
             raise ValueError(f"{self.api_key_env} is not set: put the target's key in it, or leave --api-key-env out")
+        own = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}.get(self.target)
+        if own and not self.api_key_env and not os.environ.get(own):  # all would fail, the generator blamed
+            raise ValueError(f"--target {self.target} sends the key in {own}, which is not set: set it, or name "
+                             "another variable with --api-key-env")  # fmt: skip
         validate_server_metrics(self.server_metrics, self.target, self.server_metrics_interval,
                                 self.server_metrics_series)  # fmt: skip
         self._check_trace_and_prefix()

@@ -40,6 +40,7 @@ BROKER_BOOT_TIMEOUT = 30.0
 # The shortest heartbeat_interval: a worker idle for 2 intervals counts as silent (flow.py), and below ~10 ms the
 # GIL's switch interval (5 ms) and a busy broker's loop alone exceed that; the beats would also flood the broker.
 MIN_HEARTBEAT_INTERVAL = 0.01
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Range(NamedTuple):
@@ -268,6 +269,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         check_numbers(self)
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"setting log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.request_min_timeout > self.request_max_timeout:
             raise ConfigError("settings request_min_timeout and request_max_timeout: need min <= max")
         if self.queue_bytes_limit < self.max_message_bytes:
@@ -407,9 +410,10 @@ def load_settings(
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+    from_env = {}
     for name in SCALAR_SETTINGS:
         if (value := env.get(f"ISOPOOL_{name.upper()}")) is not None:
-            data[name] = value
+            data[name] = from_env[name] = value
     data.update(overrides)
     if "profiles" in data:
         data["profiles"] = {
@@ -422,4 +426,7 @@ def load_settings(
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
+        where = str(exc).rpartition(" - at `$.")[2].rstrip("`")  # the setting msgspec names, if one of ours
+        if where in from_env and where not in overrides:
+            raise ConfigError(f"invalid setting: ISOPOOL_{where.upper()}={from_env[where]!r}: {exc}") from None
         raise ConfigError(f"invalid setting: {exc}") from None

@@ -198,6 +198,17 @@ def test_a_serve_whose_gateway_port_is_taken_says_so_without_a_traceback(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fake_provider_whose_port_is_taken_says_so_without_a_traceback():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fake = subprocess.run([*ISOPOOL, "fake-provider", "--port", str(port)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert fake.returncode == 1 and "Traceback" not in fake.stderr, fake.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in fake.stderr, fake.stderr
+
+
 def test_an_ipv6_gateway_address_in_brackets_is_served_there(tmp_path, own_processes):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

@@ -166,3 +166,17 @@ def test_every_default_and_every_documented_zero_still_loads():
              "drain_timeout", "respawn_backoff_max", "retry_after_max"]  # fmt: skip
     s = load_settings(env={}, heartbeat_interval=0.01, **dict.fromkeys(zeros, 0), **_profile(min_workers=0))
     assert s.heartbeat_interval == 0.01 and all(getattr(s, name) == 0 for name in zeros)
+
+
+def test_a_bad_log_level_is_refused_naming_the_levels():
+    """It passed, and `isopool serve` died in logging.basicConfig with a traceback."""
+    with pytest.raises(ConfigError, match="log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"):
+        load_settings(env={"ISOPOOL_LOG_LEVEL": "LOUD"})
+    assert load_settings(env={"ISOPOOL_LOG_LEVEL": "debug"}).log_level == "debug"
+
+
+def test_a_bad_value_from_the_environment_names_its_variable():
+    with pytest.raises(ConfigError, match="ISOPOOL_STALE_TIMEOUT='abc': Expected `float`"):
+        load_settings(env={"ISOPOOL_STALE_TIMEOUT": "abc"})
+    with pytest.raises(ConfigError, match=r"^invalid setting: Expected `float`, got `str` - at `\$.stale_timeout`$"):
+        load_settings(env={"ISOPOOL_STALE_TIMEOUT": "1"}, stale_timeout="abc")  # the keyword's, not the variable's

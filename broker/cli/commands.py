@@ -83,6 +83,9 @@ def fake_provider(
         asyncio.run(serve(host, port, latency, parse_rates(fault_rates), seed, owned, prefix_cache))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:  # the port taken, or not ours to bind
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def _default_url() -> str:

@@ -345,3 +345,12 @@ def test_every_way_a_timed_request_ends_is_told_apart(tmp_path, own_processes):
     assert {r["error"] for r in records if r["outcome"] == "http_error"} == {"HTTP 500"}
     assert all(r["chunks"] == 4 for r in records if r["outcome"] in ("connection", "stream_error", "incomplete"))
     assert all(r["chunks"] == 20 and r["e2e"] < 5 for r in records if r["outcome"] == "ok")
+
+
+def test_an_out_directory_holding_an_earlier_run_is_refused_and_left_as_it_was(tmp_path):
+    """`-o` naming an earlier run's directory overwrote its records without a word."""
+    (tmp_path / "records.jsonl").write_text('{"id": 0}\n')
+    cli = subprocess.run(ISOPOOL + ["loadtest", "-c", "1", "-n", "1", "--no-calibrate", "-o", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 2 and f"{tmp_path} holds an earlier run (records.jsonl)" in cli.stderr, cli.stderr
+    assert os.listdir(tmp_path) == ["records.jsonl"] and (tmp_path / "records.jsonl").read_text() == '{"id": 0}\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import sys
 
 import click
@@ -217,6 +218,9 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     from .scrape import EndpointError
 
     out = out or datetime.datetime.now().strftime("loadtest-%Y%m%d-%H%M%S")
+    if earlier := [name for name in ("records.jsonl", "results.json") if os.path.exists(os.path.join(out, name))]:
+        raise click.UsageError(f"{out} holds an earlier run ({', '.join(earlier)}), which this one would overwrite: "
+                               "give another --out, or remove them")  # fmt: skip
     # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the results
     notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if opts.ray and as_json else contextlib.nullcontext()
     try:

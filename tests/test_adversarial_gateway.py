@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -341,42 +342,88 @@ def test_caller_leaving_mid_stream_cancels_its_call(fake, gateway):
         wait_for(lambda: fake.stats()["disconnects"] > disconnects, 5, "the provider to see the call dropped")
 
 
-def test_bodies_held_back_are_bounded_by_queue_bytes_limit_and_the_next_gets_a_503(fake):
-    """Callers that each sent most of a large body and held back its last byte took the gateway to half a GB
-    with 30 connections: the bodies it holds at once stay within queue_bytes_limit, a request past it is
-    answered 503 before its body is read, a small one still fits, and a body let go frees its share."""
+@pytest.fixture
+def budget(fake) -> Iterator[Pool]:
+    """A gateway whose bodies' budget (queue_bytes_limit) is four of its largest bodies."""
     settings = dict(TEST_SETTINGS, http="127.0.0.1:0", max_message_bytes=MAX, queue_bytes_limit=4 * MAX,
                     gateway_read_timeout=60.0)  # fmt: skip
-    size = MAX - 4096
-    head = ("POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {size}\r\n\r\n").encode()  # fmt: skip
-
-    def answer(sock: socket.socket) -> tuple[int, dict]:
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        return reply.status, error_of(reply.read()) if reply.status >= 400 else {}
-
-    def whole() -> int:  # a body of spaces: read, then refused as no JSON object (400), unless there is no room
-        with socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) as sock:
-            sock.sendall(head + b" " * size)
-            return answer(sock)[0]
-
     profile = {"anthropic": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "spare_workers": 0}}
     with Pool(profiles=profile, **settings) as pool:
-        held = [socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) for _ in range(4)]
-        try:
-            for sock in held:
-                sock.sendall(head + b" " * (size - 1))  # all but its last byte
-            time.sleep(0.5)  # each is being read
-            with socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) as sock:
-                sock.sendall(head)
-                status, error = answer(sock)  # at once, its body never sent
-            assert status == 503 and error["type"] == "overloaded_error", error
-            assert f"queue_bytes_limit {4 * MAX}" in error["message"] and "retry" in error["message"]
-            status, _, body = send(pool, "POST", "/v1/messages", BODY, content_type="application/json")
-            assert status == 200, body
-            held.pop().close()
-            wait_for(lambda: whole() == 400, 20, "the closed caller's share freed")
-        finally:
-            for sock in held:
-                sock.close()
+        yield pool
+
+
+def _head(size: int, *extra: str) -> bytes:
+    lines = ["POST /v1/messages HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json", *extra,
+             f"Content-Length: {size}"]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    reply = http.client.HTTPResponse(sock)
+    reply.begin()
+    return reply.status, error_of(reply.read()) if reply.status >= 400 else {}
+
+
+def _whole(pool: Pool, size: int) -> tuple[int, dict]:
+    """A body of `size` spaces: read whole, then refused as no JSON object (400), unless there is no room."""
+    with socket.create_connection(("127.0.0.1", _port(pool)), timeout=15) as sock:
+        sock.sendall(_head(size) + b" " * size)
+        return _answer(sock)
+
+
+def _ok(pool: Pool) -> bool:
+    status, _, body = send(pool, "POST", "/v1/messages", BODY, content_type="application/json")
+    return status == 200
+
+
+def test_bodies_held_back_are_bounded_by_queue_bytes_limit_and_the_next_gets_a_503(budget):
+    """Callers that each sent most of a large body and held back its last byte took the gateway to half a GB
+    with 30 connections: the bodies it holds at once stay within queue_bytes_limit, a body read past it is
+    answered 503, a small one still fits, and a body let go frees its share."""
+    size = MAX - 4096
+    held = [socket.create_connection(("127.0.0.1", _port(budget)), timeout=15) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(_head(size) + b" " * (size - 1))  # all but its last byte
+        time.sleep(0.5)  # each is read as far as it came
+        status, error = _whole(budget, size)
+        assert status == 503 and error["type"] == "overloaded_error", error
+        assert f"queue_bytes_limit {4 * MAX}" in error["message"] and "retry" in error["message"]
+        assert _ok(budget)  # 4 x (MAX - 4096) held: a small body still fits
+        held.pop().close()
+        wait_for(lambda: _whole(budget, size)[0] == 400, 20, "the closed caller's share freed")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_callers_declaring_large_bodies_and_sending_none_lock_no_one_out(budget):
+    """A budget counted by Content-Length let a few callers sending headers only refuse everyone with 503."""
+    idle = [socket.create_connection(("127.0.0.1", _port(budget)), timeout=15) for _ in range(12)]
+    try:
+        for sock in idle:
+            sock.sendall(_head(MAX - 1))  # declared, never sent
+        time.sleep(0.5)
+        assert _ok(budget)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_gzip_body_counts_as_it_unpacks(budget):
+    """Counted compressed, a few KB of gzip held the gateway's memory at megabytes each."""
+    size = MAX - 4096
+    held = []
+    try:
+        for _ in range(4):
+            packer = zlib.compressobj(wbits=31)  # gzip
+            sent = packer.compress(b" " * size) + packer.flush(zlib.Z_SYNC_FLUSH)  # all of it, decodable, unfinished
+            sock = socket.create_connection(("127.0.0.1", _port(budget)), timeout=15)
+            sock.sendall(_head(len(sent) + len(packer.flush()), "Content-Encoding: gzip") + sent)
+            held.append(sock)
+        time.sleep(0.5)
+        status, error = _whole(budget, size)
+        assert status == 503 and error["type"] == "overloaded_error", error
+    finally:
+        for sock in held:
+            sock.close()

@@ -111,24 +111,43 @@ class Refused(Exception):
         self.status = status
 
 
+JsonTop = dict[str, msgspec.Raw] | None  # a JSON body's top level, each value as it came
+
+
 class Bodies:
-    """The request bytes the gateway holds at once, from the first byte read to the pool taking them:
-    within the broker's own queue_bytes_limit. Callers that each send most of a large body and hold back
-    its last byte took the gateway to half a GB with 30 connections; past the budget a request gets a 503
-    at once (before its body is read), which the SDKs retry after a backoff."""
+    """The request bytes the gateway holds at once, from the first byte read to the pool taking them,
+    within the broker's own queue_bytes_limit. Counted as they arrive (a gzip body's as decoded), not as
+    declared: 30 callers each sending most of a large body and holding back its last byte took the gateway
+    to half a GB, and counting a declared Content-Length let a few callers sending headers only lock
+    everyone out. Past the budget a request gets a 503 (its connection closed), which the SDKs retry after
+    a backoff."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.held = limit, 0
 
-    def hold(self, size: int) -> int:
-        if self.held + size > self.limit:
-            raise Refused(503, f"the gateway holds {self.held} bytes of request bodies not yet in the pool "
-                               f"(queue_bytes_limit {self.limit}): retry shortly")  # fmt: skip
-        self.held += size
-        return size
+    def share(self) -> BodyShare:
+        return BodyShare(self)
 
-    def release(self, size: int) -> None:
-        self.held -= size
+
+class BodyShare:
+    """One request's part of the gateway's Bodies: taken as its body is read, given back in one go."""
+
+    __slots__ = ("bodies", "size")
+
+    def __init__(self, bodies: Bodies) -> None:
+        self.bodies, self.size = bodies, 0
+
+    def take(self, size: int) -> None:
+        bodies = self.bodies
+        if bodies.held + size > bodies.limit:
+            raise Refused(503, f"the gateway holds {bodies.held} bytes of request bodies not yet in the pool "
+                               f"(queue_bytes_limit {bodies.limit}): retry shortly")  # fmt: skip
+        bodies.held += size
+        self.size += size
+
+    def release(self) -> None:
+        self.bodies.held -= self.size
+        self.size = 0
 
 
 class Gateway:
@@ -178,7 +197,7 @@ class Gateway:
     async def submit(self, request: web.BaseRequest, profile: str, kind: str, path: str) -> AsyncCall | web.Response:
         """The request, checked, read and handed to the pool, or the answer that refuses it. Its body is held
         within the bodies' budget until the pool has it, and not after (the relay keeps none of it)."""
-        held = 0
+        share = self.bodies.share()
         try:
             self.check_caller(request)
             if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
@@ -191,8 +210,7 @@ class Gateway:
             check_text(request)
             if problem := cloudforms.query_problem(kind, path):
                 raise Refused(400, problem)
-            held = self.bodies.hold(_body_size(request, self.max_bytes))
-            body, top = await self.read_body(request)
+            body, top = await self.read_body(request, share)
             try:
                 body, fallbacks, fields = take_fallbacks(request.headers, body, top)
             except BadFallbacks as exc:
@@ -207,7 +225,7 @@ class Gateway:
         except IsopoolError as exc:
             return _pool_error(kind, exc)
         finally:
-            self.bodies.release(held)
+            share.release()
 
     def check_caller(self, request: web.BaseRequest) -> None:
         """Without a token, only loopback names (a rebinding page sends its own); browsers only from gateway_origins."""
@@ -234,26 +252,30 @@ class Gateway:
                 "as the API key (x-api-key, api-key or Authorization: Bearer), not a provider's key",
             )
 
-    async def read_body(self, request: web.BaseRequest) -> tuple[bytes, dict[str, msgspec.Raw] | None]:
-        """The whole body, within max_message_bytes and gateway_read_timeout; a JSON one must be an object,
-        whose top level comes with it (read once: fallbacks and the broker's fields are taken from it). A caller
-        that holds it back for a `100 Continue` is told to send it here, once its headers passed every check."""
+    async def read_body(self, request: web.BaseRequest, share: BodyShare) -> tuple[bytes, JsonTop]:
+        """The whole body, within max_message_bytes, gateway_read_timeout and the gateway's budget for bodies
+        (`share` of it, taken as it arrives); a JSON one must be an object, whose top level comes with it
+        (read once: fallbacks and the broker's fields are taken from it). A caller that holds it back for a
+        `100 Continue` is told to send it here, once its headers passed every check. Read from the payload,
+        not by `request.read()`, which would keep it for the request's life (a long stream's relay)."""
         too_large = Refused(413, f"the request body is over the pool's max_message_bytes ({self.max_bytes} bytes)")
         if (request.content_length or 0) > self.max_bytes:
             raise too_large
         if "expect" in request.headers:
             await _expectation(request)
-        try:
-            if request.content.is_eof():  # all of it came with the headers: nothing to wait for
-                body = await request.read()
-            else:
-                async with asyncio.timeout(self.read_timeout):
-                    body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+        content, parts, size = request.content, [], 0
+        try:  # all of it came with the headers: nothing to wait for
+            async with asyncio.timeout(None if content.is_eof() else self.read_timeout):
+                while chunk := await content.readany():
+                    size += len(chunk)
+                    if size > self.max_bytes:  # decoded: a gzip body is as large as it unpacks
+                        raise too_large
+                    share.take(len(chunk))
+                    parts.append(chunk)
         except TimeoutError:
             late = f"the request body took longer than gateway_read_timeout ({self.read_timeout:g} s)"
             raise Refused(408, late) from None
+        body = b"".join(parts)
         if body and (request.content_type == "application/json" or request.content_type.endswith("+json")):
             try:
                 return body, _JSON_OBJECT.decode(body)
@@ -455,19 +477,13 @@ def _error(kind: str, status: int, kind_name: str, message: str) -> web.Response
     return web.Response(status=status, body=_ENC.encode(body), content_type="application/json", headers=headers)
 
 
-def _body_size(request: web.BaseRequest, most: int) -> int:
-    """What a request's body may take: its Content-Length, else (chunked) the most a body may be."""
-    if request.content_length is not None:
-        return min(request.content_length, most)  # over it: refused (413) as soon as it is read
-    return most if request.body_exists else 0
-
-
 def _refusal(kind: str, exc: Refused, request: web.BaseRequest) -> web.Response:
     name = _ANTHROPIC_TYPES[exc.status] if FAMILIES[kind] == "anthropic" else "invalid_request_error"
     response = _error(kind, exc.status, name, f"isopool gateway: {exc}")
-    if exc.status in (408, 417) or ("expect" in request.headers and not request.content.is_eof()):
-        # the answer says the connection ends: the rest of a stalled body, of one sent with no answer expected, or of
-        # one held back for a 100 Continue never sent is not to come (nor the caller's next request be read as it)
+    if exc.status in (408, 413, 417, 503) or ("expect" in request.headers and not request.content.is_eof()):
+        # the answer says the connection ends: the rest of a stalled body, of one over a limit (413, 503), of one sent
+        # with no answer expected, or of one held back for a 100 Continue never sent is not to come (nor the
+        # caller's next request be read as it)
         response.force_close()
     return response
 

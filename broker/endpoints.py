@@ -82,7 +82,15 @@ class RunDirLock:
         """The lock, with this process's pid in it; RunDirTaken if a broker holds it. Waits a moment: a
         killed broker's zygote holds it while it removes that broker's files."""
         path = os.path.join(run_dir, LOCK)
-        if (fd := _locked(path, patience=1.0)) is None:
+        for attempt in range(3):
+            try:
+                fd = _locked(path, patience=1.0)
+                break
+            except FileNotFoundError:  # a stopping broker or its zygote removed the directory: make it again
+                if attempt == 2:
+                    raise
+                ensure_private_dir(run_dir)
+        if fd is None:
             raise RunDirTaken(f"a broker (pid {_holder(path)}) is already serving in {run_dir}: stop it first "
                               f"(`isopool stats` shows it), or {_OWN_DIR}")  # fmt: skip
         os.ftruncate(fd, 0)

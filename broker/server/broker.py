@@ -160,6 +160,9 @@ class Broker:
         self.stopped = True
         for req in list(self.flow.requests.values()):
             self.flow.finish(req, Code.SHUTTING_DOWN, "the pool stopped before this request finished")
+        # The socket files and the run dir's lock go first (the connections stay, for the answers above): the
+        # zygote, stopped next, then finds nothing of ours to remove, and waits for no lock of ours to free.
+        endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url, lock=self.run_lock)
         self.fleet.close()
         os.close(self.death_w)
         if self.signals_installed:  # a late signal would write to the closed pipe ("Exception ignored ... EBADF")
@@ -177,7 +180,6 @@ class Broker:
                     writer.close()
                 except Exception:  # an exporter's or a disk's failure must not skip the cleanup below
                     log.exception("closing %s failed", type(writer).__name__)
-        endpoints.cleanup(self.run_dir, self.frontend_url, self.backend_url, lock=self.run_lock)
 
     # ----- the loop -------------------------------------------------------------
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; ruff keeps it equal to 
     from .errors import (
         AttemptsExhausted,
         BadRequest,
+        BrokerRefused,
         BrokerUnavailable,
         Cancelled,
         ClientClosed,
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncClient",
     "AttemptsExhausted",
     "BadRequest",
+    "BrokerRefused",
     "BrokerUnavailable",
     "Cancelled",
     "Client",

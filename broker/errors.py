@@ -3,6 +3,7 @@
     ConfigError (a ValueError)       a setting is missing, unknown or out of range: fix it and start again
     IsopoolError
     ├── BrokerUnavailable            no broker answered within the client's timeout
+    │   └── BrokerRefused            the broker refused this client's CURVE keys, or its lack of them
     ├── ClientClosed                 the client was used after close()
     └── RequestError                 one request ended in an error (.code, .info, .request_id)
         ├── ProviderError            the provider answered with an error (not a stall)
@@ -44,6 +45,10 @@ class IsopoolError(Exception):
 
 class BrokerUnavailable(IsopoolError):
     """No broker answered: start one (`isopool serve`) or check ISOPOOL_URL."""
+
+
+class BrokerRefused(BrokerUnavailable):
+    """The broker refused this client's CURVE keys (or its lack of them): the message says which to set."""
 
 
 class ClientClosed(IsopoolError):

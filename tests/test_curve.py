@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from broker import BrokerUnavailable, Pool
+from broker import BrokerRefused, BrokerUnavailable, Pool
 from broker.config import ConfigError, load_settings
 from broker.wire.curve import keygen
 
@@ -82,11 +82,16 @@ def test_curve_admits_the_allowed_clients_only(fake, curve, monkeypatch):
         served = fake.stats()["completed"]
         for outsider in ("mallory", None):  # a key the broker does not know; no CURVE at all
             as_client(outsider)
-            refused = "curve_clients_dir" if outsider else None  # the handshake says why
-            # a refused key ends the call at the refusal; the margin is for a loaded machine's handshake
-            wait = 5.0 if outsider else 0.3
-            with pool.client(broker_timeout=wait) as client, pytest.raises(BrokerUnavailable, match=refused):
+            # the handshake says why: a key it does not know refused; a keyless client refused or dropped, told to set
+            # its keys (it was told its key was refused, naming a key it had not set)
+            refused, error = (
+                ("curve_clients_dir", BrokerRefused) if outsider else ("ISOPOOL_CLIENT_KEY", BrokerUnavailable)
+            )
+            # a refused handshake ends the call at the refusal; the margin is for a loaded machine's handshake
+            with pool.client(broker_timeout=5.0) as client, pytest.raises(error, match=refused):
                 client.request("anthropic", "messages.create", **anthropic_args(f"from {outsider}"))
+        stats = subprocess.run([ISOPOOL, "stats", "--url", pool.url], capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 1 and "this one has none: set ISOPOOL_CLIENT_KEY" in stats.stderr, stats.stderr
         assert fake.stats()["completed"] == served  # nothing of theirs reached the provider
 
 

@@ -88,6 +88,15 @@ def fake_provider(
         raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
 
 
+def _unavailable(url: str, exc: Exception) -> click.ClickException:
+    """No broker answered, or one refused this client's CURVE keys (which the message then names)."""
+    from ..errors import BrokerRefused
+
+    if isinstance(exc, BrokerRefused):
+        return click.ClickException(str(exc))
+    return click.ClickException(f"no broker answered at {url}; start one with `isopool serve`")
+
+
 def _default_url() -> str:
     from ..endpoints import ipc_url, shared_run_dir
 
@@ -196,8 +205,8 @@ def stats(url: str | None, as_json: bool) -> None:
     with Client(url, broker_timeout=1.0) as client:
         try:
             snapshot = client.snapshot()
-        except BrokerUnavailable:
-            raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
+        except BrokerUnavailable as exc:
+            raise _unavailable(url, exc) from None
     if as_json:
         click.echo(json.dumps(msgspec.to_builtins(snapshot), indent=2))
         return
@@ -221,8 +230,8 @@ def top(url: str | None, interval: float, once: bool) -> None:
     url = url or _default_url()
     try:
         show(url, max(0.1, interval), once)
-    except BrokerUnavailable:
-        raise click.ClickException(f"no broker answered at {url}; start one with `isopool serve`") from None
+    except BrokerUnavailable as exc:
+        raise _unavailable(url, exc) from None
     except BrokerWentAway as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

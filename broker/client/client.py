@@ -30,7 +30,15 @@ import zmq
 from zmq.utils import monitor as zmq_monitor
 
 from ..config import MAX_MESSAGE_BYTES
-from ..errors import BadRequest, BrokerUnavailable, ClientClosed, IsopoolError, RequestError, error_for
+from ..errors import (
+    BadRequest,
+    BrokerRefused,
+    BrokerUnavailable,
+    ClientClosed,
+    IsopoolError,
+    RequestError,
+    error_for,
+)
 from ..protocol import (
     MAX_HEADER_BYTES,
     Call,
@@ -440,7 +448,7 @@ class AsyncClient:
                     return  # a cancel: nothing runs there any more
                 raise ClientClosed("this client is closed")
             if state is not None and self._refused:  # this broker refused this client's key: nothing will pass
-                raise BrokerUnavailable(self._refused)
+                raise BrokerRefused(self._refused)
             if state is not None:
                 self._calls[state.rid] = state
             try:
@@ -532,7 +540,7 @@ class AsyncClient:
         # The process-wide context: a private one left unclosed would block the garbage
         # collector in `term()` (an SDK client of the shim is often never closed).
         sock = new_socket(zmq.Context.instance(), zmq.DEALER, sndhwm=BIG_HWM, rcvhwm=BIG_HWM)
-        secure_client(sock, self.url)
+        self._keyed = secure_client(sock, self.url)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _REFUSED)
         sock.connect(self.url)
         return sock, monitor
@@ -549,16 +557,23 @@ class AsyncClient:
             why = self._refused = (
                 f"the broker at {self.url} refused this client's CURVE key (ISOPOOL_CLIENT_KEY): add its public key "
                 "to the broker's curve_clients_dir"
+                if self._keyed
+                else f"the broker at {self.url} takes only clients with CURVE keys, and this one has none: set "
+                "ISOPOOL_CLIENT_KEY (its secret certificate) and ISOPOOL_BROKER_KEY (the broker's public key; "
+                "`isopool keygen` makes them)"
             )
         else:
+            causes = "or the broker restarted" if self._keyed or not self.url.startswith("tcp://") else (
+                "the broker restarted, or it takes only clients with CURVE keys, and this one has none: set "
+                "ISOPOOL_CLIENT_KEY and ISOPOOL_BROKER_KEY")  # fmt: skip
             why = (f"the connection to the broker at {self.url} was dropped (a message over its max_message_bytes, "
-                   "or the broker restarted) while this call was in flight; it was not answered")  # fmt: skip
+                   f"{causes}) while this call was in flight; it was not answered")  # fmt: skip
         with self._sock.lock:
             self._sock.drain()  # answers that arrived before the drop
             if not self._calls:
                 return
             log.warning("%s (%d calls in flight)", why.partition(" while")[0], len(self._calls))
-            self._fail_all(BrokerUnavailable(why))
+            self._fail_all((BrokerRefused if event & _REFUSED else BrokerUnavailable)(why))
             old_monitor = self._monitor
             self._sock.sock.disable_monitor()  # as in `close`: stopped before its reader goes
             sock, monitor = self._connect()

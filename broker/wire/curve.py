@@ -88,15 +88,17 @@ class CurveServer:
         self._auth.stop()
 
 
-def secure_client(sock: zmq.Socket, url: str, env: dict[str, str] | None = None) -> None:
-    """Give a client socket (before it connects) its CURVE keys if `url` is tcp:// and keys are set."""
+def secure_client(sock: zmq.Socket, url: str, env: dict[str, str] | None = None) -> bool:
+    """Give a client socket (before it connects) its CURVE keys if `url` is tcp:// and keys are set;
+    whether it has them."""
     env = os.environ if env is None else env
     client, server = env.get("ISOPOOL_CLIENT_KEY"), env.get("ISOPOOL_BROKER_KEY")
     if not url.startswith("tcp://") or not (client or server):
-        return
+        return False
     if not (client and server):
         raise ConfigError("CURVE needs both ISOPOOL_CLIENT_KEY and ISOPOOL_BROKER_KEY")
     keys = load_pair(client, "ISOPOOL_CLIENT_KEY")
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_serverkey = load_public(server, "ISOPOOL_BROKER_KEY")
+    return True

@@ -15,6 +15,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -22,7 +24,7 @@ import psutil
 import pytest
 
 from broker import Pool
-from broker.endpoints import UnsafeRunDir, ensure_private_dir
+from broker.endpoints import RunDirLock, UnsafeRunDir, cleanup, ensure_private_dir
 from broker.errors import WorkerConfigError
 from broker.fake_provider import FakeProviderProcess
 from broker.loadtest import Options, run
@@ -275,3 +277,23 @@ def test_a_profiles_unset_api_key_env_is_named_and_the_sdks_own_key_never_sent_i
                 client.request("local", "chat.completions.create", model="gpt-fake",
                                messages=[{"role": "user", "content": "hi"}])  # fmt: skip
         assert fake.stats()["arrivals"] == {}  # nothing went upstream, with any key
+
+
+def test_a_broker_starting_while_a_killed_ones_zygote_cleans_up_takes_the_directory_again(tmp_path):
+    """The zygote of a killed broker holds the lock while it removes that broker's files, then the directory:
+    a broker waiting for the lock meanwhile failed with ENOENT instead of starting."""
+    run = ensure_private_dir(str(tmp_path / "run"))
+    held = RunDirLock.free(run)  # as the zygote takes it
+
+    def zygote() -> None:
+        time.sleep(0.2)
+        cleanup(run, lock=held)  # the lock's file, then the directory (empty)
+
+    thread = threading.Thread(target=zygote)
+    thread.start()
+    lock = RunDirLock.take(run)
+    thread.join()
+    try:
+        assert os.path.isdir(run) and open(os.path.join(run, "broker.lock")).read() == f"{os.getpid()}\n"
+    finally:
+        lock.release()

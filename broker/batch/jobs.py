@@ -125,7 +125,7 @@ def run_job(
     lines, problems = _lines(input_path)
     if problems:
         raise BatchInputError(input_path, problems)
-    summary = Summary(total=len(lines), format="job")
+    summary = Summary(total=len(lines), format="job", tokens=None)
     ledger = Ledger(output_path, source=input_path)
 
     def write(record: dict[str, Any]) -> None:

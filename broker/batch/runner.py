@@ -101,15 +101,17 @@ class Summary(msgspec.Struct):
     nodes: dict[str, NodeStats] = {}
     reexecuted: int = 0  # each may have reached the provider twice (and been paid twice)
     rerun_changed: int = 0  # done ids whose request changed, run again (`rerun_changed`)
-    # tokens the succeeded answers report (input counts cached ones too); the pool's stats also bill failed attempts
-    tokens: dict[str, int] = msgspec.field(default_factory=lambda: dict.fromkeys(TOKEN_TYPES, 0))
+    # tokens the succeeded answers report (input counts cached ones too); the pool's stats also bill failed attempts.
+    # None for a job: its result is the function's, whose calls' usage only the pool's stats and request log hold
+    tokens: dict[str, int] | None = msgspec.field(default_factory=lambda: dict.fromkeys(TOKEN_TYPES, 0))
 
     def count(self, record: dict[str, Any]) -> None:
         """Tally one result line, by kind of failure."""
         if is_ok(record):
             self.ok += 1
-            for kind, count in zip(TOKEN_TYPES, tokens_of(record) or (), strict=False):
-                self.tokens[kind] += count
+            if self.tokens is not None:
+                for kind, count in zip(TOKEN_TYPES, tokens_of(record) or (), strict=False):
+                    self.tokens[kind] += count
         else:
             self.failed += 1
             kind = error_kind(record)

@@ -189,6 +189,16 @@ def test_a_request_limit_that_is_not_a_positive_number_is_refused(client, fake, 
     assert fake.stats()["completed"] == served
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -5.0])
+def test_an_sdk_timeout_that_is_not_a_positive_number_is_refused_at_once(client, fake, timeout):
+    """nan reached the worker's SDK client, which failed the call as a connection error, retried as one."""
+    served = fake.stats()["completed"]
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match="timeout must be a positive, finite number of seconds"):
+        client.request("anthropic", "messages.create", **anthropic_args("bad timeout"), timeout=timeout)
+    assert time.monotonic() - started < 1.0 and fake.stats()["completed"] == served  # not tried, not retried
+
+
 def test_a_tiny_stale_timeout_is_raised_to_the_operators_floor(single, own_processes):
     """0.02 s between events would kill a healthy stream that sends one every 0.1 s, over and over.
     The pool's floor, request_min_timeout, is 2 s: a margin for a loaded machine."""

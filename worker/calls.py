@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -129,6 +130,10 @@ def check_kwargs(kwargs: dict[str, Any]) -> None:
     if refused:
         raise BadCall(f"per-request {', '.join(refused)} overrides are not allowed by this pool")
     check_headers(headers.items())
+    timeout = kwargs.get("timeout")
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and not 0 < timeout < math.inf:
+        # nan reached the SDK's HTTP client, which failed the call as a connection error, retried as one
+        raise BadCall(f"timeout must be a positive, finite number of seconds (or None), got {timeout!r}")
 
 
 async def run_call(client: Any, kind: str, resource_type: type, method: str, kwargs: dict[str, Any], emit: Any) -> None:

@@ -7,13 +7,13 @@ replayed request id, and must keep every well-formed request answered correctly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 
 import msgspec
-import psutil
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from broker import Pool
 from broker.endpoints import ipc_url
+from broker.processes import running
 from broker.protocol import HEADERS, PROTOCOL_VERSION, Call, Code, Codec, Heartbeat, Kind, Ref, Submit
 
 from .conftest import TEST_SETTINGS, anthropic_args, profiles
@@ -207,14 +208,15 @@ def test_forged_heartbeats_do_not_keep_a_hung_worker_alive(fuzz_pool):
         os.kill(victim["pid"], signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 10
-            while psutil.pid_exists(victim["pid"]) and psutil.Process(victim["pid"]).status() != "zombie":
+            while running({victim["pid"]}):  # (pid_exists then Process() raced the worker's reaping)
                 assert time.monotonic() < deadline, "forged heartbeats kept a hung worker alive"
                 sock.send_multipart(forged)
                 time.sleep(0.02)
         finally:
             sock.close(0)
-            if psutil.pid_exists(victim["pid"]):
-                os.kill(victim["pid"], signal.SIGKILL)
+            if running({victim["pid"]}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim["pid"], signal.SIGKILL)
         assert client.stats()["kills"]["heartbeat_lost"] == killed_before + 1
 
 

@@ -277,14 +277,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("setting queue_bytes_limit must be >= max_message_bytes (one request must fit)")
         if self.circuit_cooldown > self.circuit_cooldown_max:
             raise ConfigError("settings circuit_cooldown and circuit_cooldown_max: need cooldown <= cooldown_max")
+        addresses = {}
         for name in ("http", "metrics"):
             try:
-                if getattr(self, name):
-                    listen_address(getattr(self, name))
+                addresses[name] = listen_address(getattr(self, name)) if getattr(self, name) else None
             except ValueError as exc:
                 raise ConfigError(f"setting {name}: {exc}") from None
-        if self.http:
-            host = listen_address(self.http)[0]
+        if http := addresses["http"]:
+            host = http[0]
             if not is_loopback(host) and not (self.gateway_token or self.gateway_token_file):
                 raise ConfigError(f"setting http: exposing the gateway on {host} needs a gateway_token")
             if self.gateway_token and self.gateway_token_file:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import tempfile
-import time
+
+from .filelock import lock_file
 
 
 class UnsafeRunDir(PermissionError):
@@ -61,6 +61,7 @@ def _check_private(path: str, info: os.stat_result, purpose: str, instead: str) 
 
 
 LOCK = "broker.lock"
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class RunDirTaken(RuntimeError):
@@ -84,7 +85,7 @@ class RunDirLock:
         path = os.path.join(run_dir, LOCK)
         for attempt in range(3):
             try:
-                fd = _locked(path, patience=1.0)
+                fd = lock_file(path, _LOCK_FLAGS, 0o600, patience=1.0)
                 break
             except FileNotFoundError:  # a stopping broker or its zygote removed the directory: make it again
                 if attempt == 2:
@@ -103,7 +104,7 @@ class RunDirLock:
         the zygote hears of its broker's death when its pipe closes, maybe before the lock's file does."""
         path = os.path.join(run_dir, LOCK)
         try:
-            fd = _locked(path, patience=0.5)
+            fd = lock_file(path, _LOCK_FLAGS, 0o600, patience=0.5)
         except FileNotFoundError:  # the directory is gone
             return None
         return None if fd is None else cls(path, fd)
@@ -120,38 +121,12 @@ class RunDirLock:
         self.fd = -1
 
 
-def _locked(path: str, patience: float) -> int | None:
-    """`path` (created if new) opened and locked, or None if another process holds it for `patience`
-    seconds. A file removed between the open and the lock is let go, and the one now there taken."""
-    deadline = time.monotonic() + patience
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.02)
-            continue
-        if _same_file(fd, path):
-            return fd
-        os.close(fd)
-
-
 def _holder(path: str) -> str:
     try:
         with open(path) as f:
             return f.read(32).strip() or "?"
     except OSError:
         return "?"
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
-    except FileNotFoundError:
-        return False
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -173,8 +148,12 @@ def http_url(host: str, port: int) -> str:
 def cannot_listen(server: str, host: str, port: int, exc: OSError) -> SystemExit:
     """An HTTP child's exit when its address is taken or not its to bind: said on its stderr, which the
     terminal shows above the broker's own refusal."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # aiohttp's own strerror repeats the address
-    return SystemExit(f"isopool {server}: cannot listen on {http_url(host, port)}: {reason}")
+    return SystemExit(f"isopool {server}: cannot listen on {http_url(host, port)}: {bind_failure(exc)}")
+
+
+def bind_failure(exc: OSError) -> str:
+    """Why a bind failed, in the system's words (aiohttp's own strerror repeats the address)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def ipc_url(run_dir: str, name: str) -> str:

@@ -46,6 +46,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from ..filelock import lock_file
+
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder()
 _TORN = object()  # a line that is not JSON
@@ -236,29 +238,19 @@ class _Appender:
 
 
 def _open_locked(path: str, display: str) -> int:
-    """`path` opened (created if new) and locked for the run; refused if another run holds it. Opened
-    again if it was replaced (another run's rewrite) between the open and the lock."""
-    while True:
-        fd = os.open(path, _FLAGS, MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise OutputLocked(display, holder) from None
-        opened = os.fstat(fd)
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            named = None
-        if named and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
-            return fd
-        os.close(fd)
+    """`path` opened (created if new) and locked for the run; refused if another run holds it."""
+    fd = lock_file(path, _FLAGS, MODE)
+    if fd is None:
+        raise OutputLocked(display, _holder(path))
+    return fd
 
 
-def _holder(fd: int) -> str:
-    """The pid holding a flock on `fd`'s file, from /proc/locks (Linux; '' elsewhere)."""
-    st = os.fstat(fd)
+def _holder(path: str) -> str:
+    """The pid holding a flock on the file at `path`, from /proc/locks (Linux; '' elsewhere)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
     file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
         with open("/proc/locks") as locks:

@@ -84,8 +84,9 @@ def fake_provider(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except OSError as exc:  # the port taken, or not ours to bind
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+        from ..endpoints import bind_failure
+
+        raise click.ClickException(f"cannot listen on {host}:{port}: {bind_failure(exc)}") from None
 
 
 def _unavailable(url: str, exc: Exception) -> click.ClickException:

@@ -10,8 +10,6 @@ or when this process dies for any reason, so no pool outlives its owner.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import weakref
 from typing import Any
@@ -31,10 +29,9 @@ def _stop(child: Child, run_dir: str) -> None:
     """Stop the broker (closing its stdin stops it at once, killing its workers); remove the socket
     files a killed broker could not."""
     child.stop()
-    if run_dir:  # the pool's own: whatever a killed broker left there is stale
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(run_dir, endpoints.LOCK))
-        endpoints.cleanup(run_dir, endpoints.ipc_url(run_dir, "frontend"), endpoints.ipc_url(run_dir, "backend"))
+    if run_dir:  # its lock too, as a killed broker's zygote takes it
+        urls = (endpoints.ipc_url(run_dir, "frontend"), endpoints.ipc_url(run_dir, "backend"))
+        endpoints.cleanup(run_dir, *urls, lock=endpoints.RunDirLock.free(run_dir))
 
 
 class Pool:

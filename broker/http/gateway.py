@@ -264,7 +264,7 @@ class Gateway:
         if "expect" in request.headers:
             await _expectation(request)
         content, parts, size = request.content, [], 0
-        try:  # all of it came with the headers: nothing to wait for
+        try:  # no timer when all of it came with the headers: nothing to wait for
             async with asyncio.timeout(None if content.is_eof() else self.read_timeout):
                 while chunk := await content.readany():
                     size += len(chunk)

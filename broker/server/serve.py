@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import threading
-import time
 
 import msgspec
 
@@ -71,20 +70,19 @@ class ChildServer:
 
     def __init__(self, module: str, frontend: str, listen: str, secret: str = "") -> None:
         self.module, self.frontend, self.secret = module, frontend, secret
-        self.child = self._start(listen)
-        self.url = self._listening
+        self.child, self.url = self._start(listen)
         self.listen = self.url.removeprefix("http://").split("/", 1)[0]  # the port it bound, if it was 0
         self._lock = threading.Lock()  # held while starting one: `stop` then waits, and nothing starts after it
-        self._stopped = False
+        self._stopped = threading.Event()
 
-    def _start(self, listen: str) -> Child:
+    def _start(self, listen: str) -> tuple[Child, str]:
+        """A new child listening at `listen`, and its URL."""
         child = Child(self.module, "--url", self.frontend, "--listen", listen, handover=self.secret.encode())
         try:
-            self._listening = child.handshake(Listening, f"{self.module} on {listen}").url
+            return child, child.handshake(Listening, f"{self.module} on {listen}").url
         except ChildFailed:
             child.stop()
             raise
-        return child
 
     def supervise(self) -> None:
         threading.Thread(target=self._watch, name=f"isopool-{self.module}", daemon=True).start()
@@ -94,35 +92,25 @@ class ChildServer:
         while True:
             code = self.child.proc.wait()
             with self._lock:
-                if self._stopped:
+                if self._stopped.is_set():
                     return
                 log.error("%s (pid %d) exited with code %s; starting it again on %s", self.module, self.child.pid,
                           code, self.listen)  # fmt: skip
                 self.child.stop()  # reaped, its pipes closed
                 try:
-                    self.child = self._start(self.listen)
-                    log.warning("%s serving again at %s (pid %d)", self.module, self._listening, self.child.pid)
+                    self.child, url = self._start(self.listen)
+                    log.warning("%s serving again at %s (pid %d)", self.module, url, self.child.pid)
                     pause = RESTART_PAUSE
                     continue
                 except ChildFailed as exc:
                     log.error("%s did not start again (%s); trying again in %gs", self.module, exc, pause)
-            if self._wait(pause):
+            if self._stopped.wait(pause):
                 return
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep `seconds` unless stopped meanwhile (then True)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._stopped:
-                    return True
-            time.sleep(0.1)
-        return False
-
     def stop(self) -> None:
         with self._lock:
-            self._stopped = True
+            self._stopped.set()
             self.child.stop()
 
 

@@ -545,6 +545,13 @@ def is_local_header(name: str) -> bool:
     return name.lower() in CREDENTIAL_HEADERS or is_framing_header(name)
 
 
+def without_bearer(value: str) -> str:
+    """An Authorization value's credentials without their `Bearer` scheme, which may be written in any
+    case and followed by more than one space (RFC 9110, 11.1 and 11.4); any other value as it is."""
+    scheme, space, credentials = value.partition(" ")
+    return credentials.lstrip(" ") if space and scheme.lower() == "bearer" else value
+
+
 def split(frames: list[bytes]) -> list[list[bytes]]:
     """The records of a message, each its own frames (one record of 2 or 3 frames, or several of 3)."""
     return [frames] if len(frames) <= 3 else [frames[at : at + 3] for at in range(0, len(frames), 3)]

@@ -86,9 +86,10 @@ def test_the_gateways_own_bedrock_errors_are_in_bedrocks_shape(clouds):
 @pytest.mark.parametrize(
     "headers, accepted",
     [({"api-key": "tok"}, True), ({"authorization": "Bearer tok"}, True), ({"x-api-key": "tok"}, True),
-     ({"api-key": "wrong"}, False), ({}, False)],
+     ({"authorization": "bearer tok"}, True), ({"authorization": "BEARER  tok"}, True),
+     ({"authorization": "Basic tok"}, False), ({"api-key": "wrong"}, False), ({}, False)],
 )  # fmt: skip
-def test_azures_api_key_header_is_a_gateway_token(headers, accepted):
+def test_the_gateway_token_is_read_from_any_key_header_and_bearer_in_any_case(headers, accepted):
     gateway = Gateway(None, Settings(), token="tok")  # type: ignore[arg-type]
     request = make_mocked_request("POST", "/openai/deployments/d/chat/completions", headers=headers)
     if accepted:

@@ -68,7 +68,7 @@ from ..errors import (
     ShuttingDown,
     StreamStalled,
 )
-from ..protocol import HttpCall, Listening, Served, path_problem
+from ..protocol import HttpCall, Listening, Served, path_problem, without_bearer
 from . import cloudforms
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class Gateway:
             return
         headers = request.headers
         offered = headers.get("x-api-key") or headers.get("api-key") or headers.get("authorization", "")
-        offered_bytes = offered.removeprefix("Bearer ").encode(errors="surrogateescape")  # as it came, whatever it is
+        offered_bytes = without_bearer(offered).encode(errors="surrogateescape")  # as it came, whatever it is
         if not hmac.compare_digest(offered_bytes, self.token.encode()):
             raise Refused(
                 401,

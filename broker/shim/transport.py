@@ -21,7 +21,7 @@ from ..client.client import AsyncCall, AsyncClient, CallLimits, Client, StreamEv
 from ..client.fallbacks import HEADER as FALLBACKS
 from ..client.fallbacks import take_fallbacks
 from ..errors import IsopoolError
-from ..protocol import HttpCall, is_local_header
+from ..protocol import HttpCall, is_local_header, without_bearer
 from .errors import SdkErrors
 
 # The key a shim client is built with when it has none of its own (its SDK wants one to build
@@ -65,7 +65,7 @@ def own_key(headers: dict[str, str]) -> str:
     """The credential the caller's SDK put on the request (an api_key, a bearer token, one its
     credentials provider made), or "" for the stand-in: the pool's key then."""
     for name in ("authorization", "x-api-key", "api-key"):
-        key = headers.get(name, "").removeprefix("Bearer ")
+        key = without_bearer(headers.get(name, ""))
         if key and key != STAND_IN_KEY:
             return key
     return ""

@@ -297,3 +297,25 @@ def test_a_broker_starting_while_a_killed_ones_zygote_cleans_up_takes_the_direct
         assert os.path.isdir(run) and open(os.path.join(run, "broker.lock")).read() == f"{os.getpid()}\n"
     finally:
         lock.release()
+
+
+def test_an_anthropic_profile_with_no_key_anywhere_says_so_and_sends_nothing(own_processes, monkeypatch):
+    """No api_key_env and no ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the pool's environment: every call
+    was a BadRequest, the SDK's "Could not resolve authentication method", as if the caller had erred, and the
+    shim's went upstream with the shim's stand-in key."""
+    import anthropic
+
+    from broker import shim
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    unset = "no API key.*ANTHROPIC_API_KEY.*api_key_env"
+    ask = {"model": "claude-fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    with FakeProviderProcess() as fake:
+        profile = {"local": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1}}
+        with Pool(profiles=profile) as pool, pool.client() as client:
+            with pytest.raises(WorkerConfigError, match=unset):
+                client.request("local", "messages.create", **ask)
+            with pytest.raises(anthropic.APIConnectionError, match=unset):
+                shim.Anthropic(pool=pool, pool_profile="local").messages.create(**ask)
+        assert fake.stats()["arrivals"] == {}

@@ -139,9 +139,21 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
                           "then start the pool again")  # fmt: skip
         return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
     try:
-        return _clients(sdk, profile, key)
+        clients = _clients(sdk, profile, key)
     except sdk.error as exc:
         return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=exc)
+    if profile.kind == profile.family and _unauthenticated(clients.sdk):
+        unset = sdk.error("no API key: the pool's environment has no ANTHROPIC_API_KEY (nor ANTHROPIC_AUTH_TOKEN) and "
+                          "the profile names no api_key_env: set one, then start the pool again")  # fmt: skip
+        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
+    return clients
+
+
+def _unauthenticated(client: Any) -> bool:
+    """An Anthropic client built with no api_key, auth_token or credentials, which refuses every call as if
+    the caller had erred (a TypeError). The OpenAI SDK refuses to build one instead; neither has these three."""
+    return (getattr(client, "api_key", "") is None and getattr(client, "auth_token", "") is None
+            and getattr(client, "_token_cache", None) is None)  # fmt: skip
 
 
 def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:

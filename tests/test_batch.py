@@ -138,6 +138,29 @@ def test_sigkill_at_random_points_then_resume_gives_each_id_once(tmp_path):
     assert bodies(results) == bodies(read_jsonl(reference))
 
 
+def test_ctrl_c_says_what_was_kept_and_the_same_command_sends_the_rest(tmp_path):
+    """Ctrl-C printed click's bare "Aborted!" (exit 1): nothing said the results were kept, or how to go on."""
+    with FakeProviderProcess(Latency(ttft=0.05, gap=0.005, tokens=20)) as slow:
+        with Pool(profiles=profiles(slow.url, min_workers=4, max_workers=4), **TEST_SETTINGS) as pool:
+            source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(60))
+            out = tmp_path / "out.jsonl"
+            command = [ISOPOOL, "batch", source, "-o", str(out), "--pool", pool.url, "-c", "4"]
+            runner = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: _complete_lines(out) >= 5 or runner.poll() is not None, 60, "lines")
+            runner.send_signal(signal.SIGINT)
+            _, err = runner.communicate(timeout=60)
+            kept = _complete_lines(out)
+            final = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert runner.returncode == 130, err
+    assert f"interrupted: the results written so far stay in {out}; run the same command again" in err, err
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert 5 <= kept < 60
+    assert final.returncode == 0, final.stderr
+    assert json.loads(final.stdout)["already_done"] == kept
+    ids = [r["custom_id"] for r in read_jsonl(out)]
+    assert len(ids) == len(set(ids)) == 60
+
+
 def _complete_lines(path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 

@@ -175,6 +175,24 @@ def test_a_killed_run_leaves_records_that_report_renders(tmp_path, own_processes
     assert table.returncode == 0 and "TTFT" in table.stdout and "c=4" in table.stdout
 
 
+def test_ctrl_c_names_the_records_kept_and_report_renders_them(tmp_path, own_processes):
+    """Ctrl-C printed click's bare "Aborted!" (exit 1), not where the run's records are or how to read them."""
+    out = str(tmp_path / "run")
+    args = ["loadtest", "-n", "5000", "-c", "4", "--output-tokens", "20", "--fake-gap", "0.005", "--no-calibrate"]
+    proc = subprocess.Popen(ISOPOOL + [*args, "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    records = os.path.join(out, "records.jsonl")
+    try:
+        wait_for(lambda: os.path.exists(records) and os.path.getsize(records) > 5_000, 60, "records to be written")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"interrupted: what ran is in {records}; `isopool loadtest report {out}` summarizes it" in err, err
+    report = subprocess.run(ISOPOOL + ["loadtest", "report", out, "--json"], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["points"][0]["summary"]["requests"] > 0
+
+
 def test_a_sweep_has_every_field_per_point(tmp_path, own_processes):
     options = Options(concurrency=[2, 6], requests=30, output_tokens="mean=12,sd=4,min=2,max=20", warmup=0.05,
                       fake_gap=0.005, slo="ttft=500ms,tpot=0.1")  # fmt: skip

@@ -13,7 +13,7 @@ import msgspec
 
 from ..fake_provider.faults import KINDS
 from ..loadtest.cli import loadtest
-from .options import fault_rates_option, parse_rates
+from .options import fault_rates_option, interruptible, parse_rates
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -324,8 +324,9 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     ray = RayOptions(ray_address, per_node_concurrency, metrics_port) if ray_address else None
     # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the summary
     notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext()
+    again = f"the results written so far stay in {output}; run the same command again to send the rest"
     try:
-        with notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
+        with interruptible(again), notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
             if function is not None:
                 summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency or 16,

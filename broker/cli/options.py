@@ -1,10 +1,23 @@
-"""Command-line options that more than one `isopool` command takes."""
+"""What more than one `isopool` command shares: options, and how Ctrl-C ends a long one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 
 import click
+
+
+@contextlib.contextmanager
+def interruptible(hint: str) -> Iterator[None]:
+    """Ctrl-C ends the command saying `hint` (what was kept, how to go on) with exit status 130, in place of
+    click's bare "Aborted!" and status 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {hint}", err=True)
+        sys.exit(130)
 
 
 def fault_rates_option(help: str) -> Callable:

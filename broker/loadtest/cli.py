@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ..cli.options import fault_rates_option, parse_rates
+from ..cli.options import fault_rates_option, interruptible, parse_rates
 
 
 def _numbers(kind: type, text: str | None) -> list:
@@ -224,7 +224,8 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the results
     notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if opts.ray and as_json else contextlib.nullcontext()
     try:
-        with notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
+        kept = f"what ran is in {out}/records.jsonl; `isopool loadtest report {out}` summarizes it"
+        with interruptible(kept), notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
             results = run(opts, out, progress)
     except EndpointError as exc:  # checked before anything runs
         raise click.UsageError(str(exc)) from None

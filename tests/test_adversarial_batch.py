@@ -408,3 +408,14 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_sent
     with pytest.raises(BatchOutputError, match="not a regular file"):
         run(source, str(tmp_path / "fifo"), pool=pool)
     assert served(fake) == before and not (tmp_path / "fifo.manifest").exists()
+
+
+def test_a_setting_that_cannot_be_used_ends_the_command_with_its_message_not_a_traceback(tmp_path):
+    """The pool's ConfigError (here from an ISOPOOL_ variable; a cloud kind without its extra is the same) came
+    out of `isopool batch` and `isopool loadtest --cloud` as a traceback."""
+    source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(1))
+    env = dict(os.environ, ISOPOOL_STALE_TIMEOUT="nan", TMPDIR=str(tmp_path))
+    ran = subprocess.run([ISOPOOL, "batch", source, "-o", str(tmp_path / "out.jsonl")], capture_output=True,
+                         text=True, timeout=60, env=env)  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.strip() == "Error: invalid setting: setting stale_timeout must be a finite number > 0, got nan"

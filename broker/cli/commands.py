@@ -7,16 +7,29 @@ import contextlib
 import json
 import os
 import sys
+from typing import Any
 
 import click
 import msgspec
 
+from ..errors import ConfigError
 from ..fake_provider.faults import KINDS
 from ..loadtest.cli import loadtest
 from .options import fault_rates_option, interruptible, parse_rates
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """A setting that cannot be used (from the file, an ISOPOOL_ variable, or a profile whose kind needs an
+    extra) ends any command with its message, not a traceback, wherever its pool is made."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """isopool: a process-isolation worker pool for Anthropic and OpenAI SDK calls.
 
@@ -147,7 +160,7 @@ def serve(
     The pool retries a provider's 429 and 5xx, lost connections and a silence before the
     response headers (headers_timeout, once) for every caller, within each call's
     max_attempts and deadline (settings headers_timeout, retry_after_max, http_retry_backoff)."""
-    from ..config import ConfigError, load_settings
+    from ..config import load_settings
     from ..endpoints import RunDirTaken, shared_run_dir
     from ..processes import ChildFailed
     from ..server.serve import run_broker
@@ -184,7 +197,6 @@ def keygen(directory: str, name: str) -> None:
                   ISOPOOL_CLIENT_KEY=keys/alice.key_secret ISOPOOL_BROKER_KEY=keys/broker.key
     Hand out only the .key files; the .key_secret files (0600) stay with their owner."""
     from ..endpoints import UnsafeRunDir
-    from ..errors import ConfigError
     from ..wire.curve import keygen as make_keys
 
     try:

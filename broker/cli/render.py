@@ -161,7 +161,11 @@ def print_demo(s: dict[str, Any]) -> None:
     if s["lost"] or s["wrong"]:
         console.print("[red]requests were lost or answered wrongly[/]")
     elif s["failed"]:
-        console.print("[yellow]nothing lost and no wrong answer, but some requests ended in typed errors (above)[/]")
+        failed = sum(s["failed"].values())
+        console.print(
+            f"[yellow]nothing lost and no wrong answer; {failed} of {s['requests']} ended in a typed error (above): "
+            "the faults drawn for it outlasted its retries, and the error says which, as your code would be told[/]"
+        )
     else:
         console.print("[green]nothing lost: every request answered, every answer correct[/]")
 

@@ -319,3 +319,18 @@ def test_an_anthropic_profile_with_no_key_anywhere_says_so_and_sends_nothing(own
             with pytest.raises(anthropic.APIConnectionError, match=unset):
                 shim.Anthropic(pool=pool, pool_profile="local").messages.create(**ask)
         assert fake.stats()["arrivals"] == {}
+
+
+@pytest.mark.parametrize("header", [{"x-api-key": "sk-in-headers"}, {"Authorization": "Bearer sk-in-headers"}])
+def test_an_anthropic_profile_whose_key_is_in_its_default_headers_is_not_refused(own_processes, monkeypatch, header):
+    """A review's finding against the check above: the SDK takes a key header (the profile's default_headers,
+    ANTHROPIC_CUSTOM_HEADERS) as credentials, and such a profile was refused as keyless."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    with FakeProviderProcess() as fake:
+        profile = {"local": {"kind": "anthropic", "base_url": fake.url, "min_workers": 1, "default_headers": header}}
+        with Pool(profiles=profile) as pool, pool.client() as client:
+            answer = client.request("local", "messages.create", model="claude-fake", max_tokens=8,
+                                    messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+        assert answer.status == 200
+        assert sum(len(times) for times in fake.stats()["arrivals"].values()) == 1

@@ -142,7 +142,7 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
         clients = _clients(sdk, profile, key)
     except sdk.error as exc:
         return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=exc)
-    if profile.kind == profile.family and _unauthenticated(clients.sdk):
+    if profile.kind == "anthropic" and _unauthenticated(clients.sdk):  # first-party; the clouds sign otherwise
         unset = sdk.error("no API key: the pool's environment has no ANTHROPIC_API_KEY (nor ANTHROPIC_AUTH_TOKEN) and "
                           "the profile names no api_key_env: set one, then start the pool again")  # fmt: skip
         return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
@@ -150,10 +150,12 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
 
 
 def _unauthenticated(client: Any) -> bool:
-    """An Anthropic client built with no api_key, auth_token or credentials, which refuses every call as if
-    the caller had erred (a TypeError). The OpenAI SDK refuses to build one instead; neither has these three."""
-    return (getattr(client, "api_key", "") is None and getattr(client, "auth_token", "") is None
-            and getattr(client, "_token_cache", None) is None)  # fmt: skip
+    """An Anthropic client with no credentials and no key header (its api_key's or auth_token's, the profile's
+    default_headers, ANTHROPIC_CUSTOM_HEADERS), which refuses every call as if the caller had erred (a
+    TypeError). The OpenAI SDK refuses to build one instead."""
+    if getattr(client, "_token_cache", None) is not None:  # credentials (a profile, federation) add one per request
+        return False
+    return not {name.lower() for name in client.default_headers} & {"x-api-key", "authorization"}
 
 
 def _clients(sdk: sdks.Sdk, profile: Profile, key: str | None) -> Clients:

@@ -78,13 +78,19 @@ class Child:
     line on its stdin (settings or a secret: never on the command line, where `ps` shows it),
     answering with one ready line on its stdout (`handshake`), and stopping when its stdin
     closes, which also happens when this process dies. `stop` closes that pipe, waits up to
-    `grace`, then SIGKILLs the tree; `weakref.finalize` does the same if the owner never does."""
+    `grace`, then SIGKILLs the tree; `weakref.finalize` does the same if the owner never does.
+    It runs in a process group of its own: a Ctrl-C at the terminal (sent to the foreground group)
+    is its owner's to handle, and a REPL that interrupts one call keeps its pool."""
 
     def __init__(
         self, module: str, *args: str, handover: bytes | None = None, pass_fds: Sequence[int] = (), grace: float = 5.0
     ) -> None:
         self.proc = subprocess.Popen(
-            python_command(module, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds)
+            python_command(module, *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=tuple(pass_fds),
+            process_group=0,
         )
         self._finalizer = weakref.finalize(self, _stop, self.proc, grace)
         if handover is not None:

@@ -139,7 +139,8 @@ def test_sigkill_at_random_points_then_resume_gives_each_id_once(tmp_path):
 
 
 def test_ctrl_c_says_what_was_kept_and_the_same_command_sends_the_rest(tmp_path):
-    """Ctrl-C printed click's bare "Aborted!" (exit 1): nothing said the results were kept, or how to go on."""
+    """Ctrl-C printed click's bare "Aborted!" (exit 1): nothing said the results were kept, or how to go on,
+    and a shell script running batches in a loop went on to the next."""
     with FakeProviderProcess(Latency(ttft=0.05, gap=0.005, tokens=20)) as slow:
         with Pool(profiles=profiles(slow.url, min_workers=4, max_workers=4), **TEST_SETTINGS) as pool:
             source = write_jsonl(tmp_path / "in.jsonl", anthropic_lines(60))
@@ -151,7 +152,7 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_sends_the_rest(tmp_path)
             _, err = runner.communicate(timeout=60)
             kept = _complete_lines(out)
             final = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
-    assert runner.returncode == 130, err
+    assert runner.returncode == -signal.SIGINT, err  # as killed by it: a shell's loop stops (exit 130 let it go on)
     assert f"interrupted: the results written so far stay in {out}; run the same command again" in err, err
     assert "Traceback" not in err and "Aborted" not in err, err
     assert 5 <= kept < 60
@@ -159,6 +160,53 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_sends_the_rest(tmp_path)
     assert json.loads(final.stdout)["already_done"] == kept
     ids = [r["custom_id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == 60
+
+
+_SLOW_JOB = """
+import pathlib, time
+
+def run(line, ctx):
+    with open(pathlib.Path(__file__).with_name("started"), "a") as f:
+        f.write(ctx.custom_id + "\\n")
+    time.sleep(2)
+    return {"done": ctx.custom_id}
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_of_a_threaded_job_writes_what_ends_and_a_second_leaves_it(tmp_path, pool, presses):
+    """Jobs running in threads cannot be stopped: Ctrl-C waited for them saying nothing and then dropped
+    their results, which a rerun paid for again (a review's finding). Now it says it waits and writes them;
+    a second Ctrl-C leaves at once."""
+    (tmp_path / "slowjob.py").write_text(_SLOW_JOB)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": f"job-{i}", "x": i} for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    command = [ISOPOOL, "batch", source, "-o", str(out), "--job", "slowjob:run", "--pool", pool.url, "-c", "2"]
+    runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "started"
+    wait_for(lambda: started.exists() and started.read_text().count("\n") == 2, 60, "two jobs to start")
+    sent = time.monotonic()
+    runner.send_signal(signal.SIGINT)
+    if presses == 2:
+        time.sleep(0.5)
+        runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert runner.returncode == -signal.SIGINT, err
+    assert "Ctrl-C: waiting for the 2 jobs running to end, to write their results" in err, err
+    assert "Traceback" not in err, err
+    if presses == 1:
+        assert _complete_lines(out) == 2, err
+        assert f"interrupted: the results written so far stay in {out}" in err, err
+    else:
+        assert took < 1.5, took  # not the jobs' 2 s
+        assert _complete_lines(out) == 0, err
+        assert f"interrupted: no result was written to {out} yet; run the same command again to start" in err, err
+    rerun = subprocess.run([*command, "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = [r["custom_id"] for r in read_jsonl(out)]
+    assert sorted(ids) == [f"job-{i}" for i in range(6)]
+    assert started.read_text().count("\n") == (6 if presses == 1 else 8)  # run again only if unwritten
 
 
 def _complete_lines(path) -> int:

@@ -436,3 +436,41 @@ def test_a_worker_killed_with_requests_is_replaced_after_the_retries_start_by_on
     fleet.kill(warm, Reason.STALE, 5.0, request)
     fleet.reconcile(5.0, {"p": 1})  # a request waits: no waiting for the retries
     assert [spec.warm for spec in zygote.specs] == [True, False, True]
+
+
+_INTERRUPTED_SCRIPT = """
+import sys, time
+from broker import Pool
+ask = {"model": "claude-fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+with Pool(profiles={"local": {"kind": "anthropic", "base_url": sys.argv[1]}}) as pool, pool.client() as client:
+    client.request("local", "messages.create", **ask)
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:  # as a REPL does: the session goes on
+        pass
+    time.sleep(0.5)  # what the broker did with the signal, it has done
+    print(client.request("local", "messages.create", **ask).status, flush=True)
+"""
+
+
+def test_ctrl_c_at_the_terminal_reaches_the_owner_not_its_embedded_pool(tmp_path, fake, own_processes):
+    """Ctrl-C signals the terminal's whole process group: the embedded pool's broker took it as its own
+    and drained, so a REPL (or a script catching KeyboardInterrupt) had a dead pool after interrupting
+    one call, and a CLI's pool printed a traceback when it came while the broker started."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), fake.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == "200\n"
+    assert "draining" not in err, err

@@ -115,10 +115,14 @@ def run_job(
     rerun_changed: bool = False,
     on_result: Callable[[dict[str, Any]], None] = lambda record: None,
     on_start: Callable[[int], None] = lambda todo: None,
+    on_interrupt: Callable[[int], None] = lambda running: None,
 ) -> Summary:
     """Call `job(line, ctx)` once per line not yet in the output; returns the summary. Raises as `run`
     does: BatchInputError, a BatchOutputError before anything runs (with `rerun_changed`, the done ids
-    whose line changed run again instead of InputChanged), OutputWriteFailed when a result cannot be written."""
+    whose line changed run again instead of InputChanged), OutputWriteFailed when a result cannot be written.
+    On Ctrl-C a coroutine job is cancelled; a job running in a thread cannot be, so `on_interrupt(running)`
+    is told, their results are written as they end (a rerun would pay for them again), and a second
+    Ctrl-C leaves them."""
     started = time.monotonic()
     check_options(concurrency)
     function = load_job(job) if isinstance(job, str) else job
@@ -139,14 +143,18 @@ def run_job(
         todo = [(cid, data) for cid, data in lines if cid not in ledger.done]
         summary.already_done = len(lines) - len(todo)
         if todo:
-            runner = _run_async if inspect.iscoroutinefunction(function) else _run_threads
-            with_pool(pool, lambda url: runner(url, function, todo, concurrency, write, on_start))
+            if inspect.iscoroutinefunction(function):
+                with_pool(pool, lambda url: _run_async(url, function, todo, concurrency, write, on_start))
+            else:
+                with_pool(pool, lambda url: _run_threads(url, function, todo, concurrency, write, on_start,
+                                                         on_interrupt))  # fmt: skip
     finally:
         ledger.close()
     return summary.finish(started)
 
 
-def _run_threads(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):
+def _run_threads(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable,
+                 on_interrupt: Callable[[int], None]) -> None:  # fmt: skip
     from ..shim import Anthropic, OpenAI
 
     with Client(url) as client:
@@ -171,8 +179,13 @@ def _run_threads(url: str, function: Callable, todo: list, concurrency: int, wri
                     write(future.result())  # from this one thread: the ledger is not shared between threads
                     if (item := next(pending, None)) is not None:
                         running.add(executor.submit(call, *item))
+        except KeyboardInterrupt:
+            on_interrupt(len(running))
+            for future in concurrent.futures.as_completed(running):  # a second Ctrl-C leaves them
+                write(future.result())
+            raise
         finally:
-            executor.shutdown(cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_async(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):

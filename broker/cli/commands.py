@@ -15,18 +15,21 @@ import msgspec
 from ..errors import ConfigError
 from ..fake_provider.faults import KINDS
 from ..loadtest.cli import loadtest
-from .options import fault_rates_option, interruptible, parse_rates
+from .options import die_of_ctrl_c, fault_rates_option, interruptible, parse_rates
 
 
 class _Commands(click.Group):
     """A setting that cannot be used (from the file, an ISOPOOL_ variable, or a profile whose kind needs an
-    extra) ends any command with its message, not a traceback, wherever its pool is made."""
+    extra) ends any command with its message, not a traceback, wherever its pool is made; a Ctrl-C that
+    the command does not handle itself ends it as killed by SIGINT."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            die_of_ctrl_c("")
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -336,13 +339,12 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
     ray = RayOptions(ray_address, per_node_concurrency, metrics_port) if ray_address else None
     # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the summary
     notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext()
-    again = f"the results written so far stay in {output}; run the same command again to send the rest"
     try:
-        with interruptible(again), notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
+        with interruptible(lambda: _kept(output)), notices_to_stderr, BatchProgress(enabled=not as_json) as progress:
             callbacks = dict(on_result=progress.result, on_start=progress.start)
             if function is not None:
                 summary = run_job(input_path, output, function, pool=pool_url, concurrency=concurrency or 16,
-                                  rerun_changed=rerun_changed, **callbacks)  # fmt: skip
+                                  rerun_changed=rerun_changed, on_interrupt=_waiting, **callbacks)  # fmt: skip
             else:
                 summary = run(input_path, output, pool=pool_url, fmt=fmt, concurrency=concurrency,
                               retry_budget=retry_budget, rpm=rpm, tpm=tpm, skip_invalid=skip_invalid,
@@ -360,6 +362,18 @@ def batch(input_path, output, fmt, job, pool_url, concurrency, retry_budget, rpm
         print_batch(data, output)
     if summary.failed and not allow_failures:
         sys.exit(1)
+
+
+def _waiting(running: int) -> None:
+    click.echo(f"\nCtrl-C: waiting for the {running} jobs running to end, to write their results "
+               "(Ctrl-C again to leave them unwritten)", err=True)  # fmt: skip
+
+
+def _kept(output: str) -> str:
+    """What an interrupted batch leaves, and how to go on."""
+    if os.path.isfile(output) and os.path.getsize(output):
+        return f"the results written so far stay in {output}; run the same command again to send the rest"
+    return f"no result was written to {output} yet; run the same command again to start"
 
 
 @main.command("ray-cluster")

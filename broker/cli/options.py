@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import click
 
 
 @contextlib.contextmanager
-def interruptible(hint: str) -> Iterator[None]:
-    """Ctrl-C ends the command saying `hint` (what was kept, how to go on) with exit status 130, in place of
-    click's bare "Aborted!" and status 1."""
+def interruptible(hint: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C ends the command saying `hint()` (what was kept, how to go on, as it stands then), in place
+    of click's bare "Aborted!"."""
     try:
         yield
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {hint}", err=True)
-        sys.exit(130)
+        die_of_ctrl_c(hint())
+
+
+def die_of_ctrl_c(said: str) -> NoReturn:
+    """Say `said`, then end as killed by SIGINT, as Python does with an uncaught KeyboardInterrupt: a shell
+    running the command in a loop or a script stops there (an exit status, even 130, lets it go on)."""
+    click.echo(f"\ninterrupted{': ' if said else ''}{said}", err=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(130)  # were SIGINT blocked in this thread
 
 
 def fault_rates_option(help: str) -> Callable:

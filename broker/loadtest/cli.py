@@ -224,14 +224,21 @@ def loadtest(ctx: click.Context, concurrency, rate, fault_rates, out, as_json, n
     # Ray prints its cluster notices (such as a node marked dead) on stdout: keep stdout for the results
     notices_to_stderr = contextlib.redirect_stdout(sys.stderr) if opts.ray and as_json else contextlib.nullcontext()
     try:
-        kept = f"what ran is in {out}/records.jsonl; `isopool loadtest report {out}` summarizes it"
-        with interruptible(kept), notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
+        with interruptible(lambda: _kept(out)), notices_to_stderr, LoadProgress(enabled=not as_json) as progress:
             results = run(opts, out, progress)
     except EndpointError as exc:  # checked before anything runs
         raise click.UsageError(str(exc)) from None
     except RayUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     _show(results, out, as_json)
+
+
+def _kept(out: str) -> str:
+    """What an interrupted load test leaves, and how to read it."""
+    records = os.path.join(out, "records.jsonl")
+    if os.path.isfile(records) and os.path.getsize(records):
+        return f"what ran is in {records}; `isopool loadtest report {out}` summarizes it"
+    return "no request had ended: nothing to report"
 
 
 @loadtest.command()

@@ -87,7 +87,8 @@ def test_the_gateways_own_bedrock_errors_are_in_bedrocks_shape(clouds):
     "headers, accepted",
     [({"api-key": "tok"}, True), ({"authorization": "Bearer tok"}, True), ({"x-api-key": "tok"}, True),
      ({"authorization": "bearer tok"}, True), ({"authorization": "BEARER  tok"}, True),
-     ({"authorization": "Basic tok"}, False), ({"api-key": "wrong"}, False), ({}, False)],
+     ({"authorization": "Basic tok"}, False), ({"api-key": "wrong"}, False), ({}, False),
+     ({"x-api-key": "Bearer tok"}, False)],  # a key header is the key as it is: Bearer belongs to Authorization
 )  # fmt: skip
 def test_the_gateway_token_is_read_from_any_key_header_and_bearer_in_any_case(headers, accepted):
     gateway = Gateway(None, Settings(), token="tok")  # type: ignore[arg-type]

@@ -243,8 +243,8 @@ class Gateway:
         if not self.token:
             return
         headers = request.headers
-        offered = headers.get("x-api-key") or headers.get("api-key") or headers.get("authorization", "")
-        offered_bytes = without_bearer(offered).encode(errors="surrogateescape")  # as it came, whatever it is
+        offered = headers.get("x-api-key") or headers.get("api-key") or without_bearer(headers.get("authorization", ""))
+        offered_bytes = offered.encode(errors="surrogateescape")  # as it came, whatever it is
         if not hmac.compare_digest(offered_bytes, self.token.encode()):
             raise Refused(
                 401,

@@ -64,8 +64,7 @@ def to_http_call(
 def own_key(headers: dict[str, str]) -> str:
     """The credential the caller's SDK put on the request (an api_key, a bearer token, one its
     credentials provider made), or "" for the stand-in: the pool's key then."""
-    for name in ("authorization", "x-api-key", "api-key"):
-        key = without_bearer(headers.get(name, ""))
+    for key in (without_bearer(headers.get("authorization", "")), headers.get("x-api-key"), headers.get("api-key")):
         if key and key != STAND_IN_KEY:
             return key
     return ""

@@ -26,8 +26,35 @@ import psutil
 T = TypeVar("T")
 
 
+# `python -m module args` for an owned child, ignoring SIGINT from before its package is imported: the Ctrl-C a
+# terminal sends its whole foreground process group is the owner's to handle (it stops its children), so a
+# REPL that interrupts one call keeps its pool. (A process group of its own instead would put the child in
+# the background, which the terminal stops the first time it writes there under `stty tostop`.)
+_IGNORING_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+)
+
+
 def python_command(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-P", "-m", module, *args]
+    return [sys.executable, "-P", "-c", _IGNORING_CTRL_C, module, *args]
+
+
+def say_ready(line: str) -> None:
+    """An owned child's one line to its owner (`Child.handshake`). An owner gone meanwhile (stopped, or
+    interrupted while this child started) is no error here: the child's closed stdin stops it next."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes there, not into an error at exit
+        os.close(devnull)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop this process gracefully: SIGTERM, and SIGINT unless it was started ignoring it
+    (an owned child; a shell's background job)."""
+    return (signal.SIGTERM,) if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (signal.SIGTERM, signal.SIGINT)
 
 
 def running(pids: set[int]) -> set[int]:
@@ -79,8 +106,7 @@ class Child:
     answering with one ready line on its stdout (`handshake`), and stopping when its stdin
     closes, which also happens when this process dies. `stop` closes that pipe, waits up to
     `grace`, then SIGKILLs the tree; `weakref.finalize` does the same if the owner never does.
-    It runs in a process group of its own: a Ctrl-C at the terminal (sent to the foreground group)
-    is its owner's to handle, and a REPL that interrupts one call keeps its pool."""
+    It ignores the terminal's Ctrl-C, which is its owner's to handle (`python_command`)."""
 
     def __init__(
         self, module: str, *args: str, handover: bytes | None = None, pass_fds: Sequence[int] = (), grace: float = 5.0
@@ -90,7 +116,6 @@ class Child:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=tuple(pass_fds),
-            process_group=0,
         )
         self._finalizer = weakref.finalize(self, _stop, self.proc, grace)
         if handover is not None:

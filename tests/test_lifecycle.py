@@ -474,3 +474,26 @@ def test_ctrl_c_at_the_terminal_reaches_the_owner_not_its_embedded_pool(tmp_path
     assert proc.returncode == 0, err
     assert out == "200\n"
     assert "draining" not in err, err
+
+
+def test_an_owned_child_ignores_ctrl_c_in_its_owners_process_group(fake):
+    """The first fix put owned children in a process group of their own, which a terminal under `stty tostop`
+    stops the first time they log (a review's finding: the pool hung). Now they stay in the owner's group,
+    the terminal's foreground one, and ignore its Ctrl-C from their first line."""
+    pid = fake.pid
+    assert os.getpgid(pid) == os.getpgid(0)
+    with open(f"/proc/{pid}/status") as status:
+        ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1))
+
+
+def test_an_owned_child_whose_owner_is_gone_says_ready_without_a_traceback(tmp_path):
+    """A Ctrl-C while a pool started: its children, outliving their owner a moment, died on writing their ready
+    line to the closed pipe with a BrokenPipeError traceback (and the fake provider called it a bind failure)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; from broker.processes import say_ready; time.sleep(0.5); say_ready('x')"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child.stdout.close()  # the owner is gone
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 0 and err == "", err

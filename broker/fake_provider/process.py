@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 import urllib.request
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..processes import Child, ChildFailed
+from ..processes import Child, ChildFailed, say_ready, stop_signals
 from ..protocol import Listening
 from .faults import FaultPlan
 from .server import FakeProvider, Latency
@@ -34,10 +33,13 @@ async def serve(
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     url = "http://{}:{}".format(*runner.addresses[0][:2])
-    print(msgspec.json.encode(Listening(url)).decode() if exit_on_stdin_eof else f"listening {url}", flush=True)
+    if exit_on_stdin_eof:
+        say_ready(msgspec.json.encode(Listening(url)).decode())
+    else:
+        print(f"listening {url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     if exit_on_stdin_eof:
         loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(4096) or stop.set())

@@ -68,6 +68,7 @@ from ..errors import (
     ShuttingDown,
     StreamStalled,
 )
+from ..processes import say_ready
 from ..protocol import HttpCall, Listening, Served, path_problem, without_bearer
 from . import cloudforms
 
@@ -556,7 +557,7 @@ async def serve(url: str, host: str, port: int, settings: Settings) -> None:
         except OSError as exc:
             raise cannot_listen("gateway", host, port, exc) from None
         bound = runner.addresses[0]
-        print(_ENC.encode(Listening(http_url(host, bound[1]))).decode(), flush=True)
+        say_ready(_ENC.encode(Listening(http_url(host, bound[1]))).decode())
         loop = asyncio.get_running_loop()
         closed = asyncio.Event()
         loop.add_reader(sys.stdin.fileno(), lambda: closed.set() if not sys.stdin.buffer.read1(4096) else None)

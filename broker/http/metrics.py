@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from ..client.client import Client
 from ..endpoints import cannot_listen, http_url, listen_address
+from ..processes import say_ready
 from ..protocol import BUCKETS, HistogramSnapshot, Listening, Snapshot
 
 _CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
@@ -144,7 +145,7 @@ def main() -> None:
             server, _ = start_http_server(port, host, registry=registry)
         except OSError as exc:
             raise cannot_listen("metrics", host, port, exc) from None
-        print(msgspec.json.encode(Listening(http_url(host, server.server_port) + "/metrics")).decode(), flush=True)
+        say_ready(msgspec.json.encode(Listening(http_url(host, server.server_port) + "/metrics")).decode())
         while sys.stdin.buffer.read1(4096):  # until the broker closes our stdin (or dies)
             pass
         server.shutdown()

@@ -22,6 +22,7 @@ import zmq
 
 from .. import endpoints, prices
 from ..config import FAMILIES, Settings
+from ..processes import stop_signals
 from ..protocol import Code, Codec, Kind, ProtocolError, Ref, Snapshot, WorkerSnapshot
 from ..wire.curve import CurveServer
 from ..wire.zmqio import BIG_HWM, new_socket, recv_frames, seed_routing_ids
@@ -141,10 +142,11 @@ class Broker:
         self.poller.register(fd, zmq.POLLIN)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT start a graceful drain; handlers only enqueue (the wake-up pipe)."""
+        """SIGTERM/SIGINT start a graceful drain (SIGINT not in an owned broker: a Ctrl-C is its owner's);
+        handlers only enqueue (the wake-up pipe)."""
         signal.set_wakeup_fd(self.wake_w)
         self.signals_installed = True
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             signal.signal(sig, lambda *_: None)
 
     def drain(self, now: float) -> None:

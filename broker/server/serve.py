@@ -15,7 +15,7 @@ import threading
 import msgspec
 
 from ..config import Settings
-from ..processes import Child, ChildFailed
+from ..processes import Child, ChildFailed, say_ready
 from ..protocol import BrokerReady, Listening
 from .broker import Broker
 
@@ -41,7 +41,7 @@ def run_broker(settings: Settings, owned: bool = False) -> None:
             child.supervise()
         if owned:
             urls = {name: child.url for name, child in children.items()}
-            print(msgspec.json.encode(BrokerReady(broker.frontend_url, os.getpid(), **urls)).decode(), flush=True)
+            say_ready(msgspec.json.encode(BrokerReady(broker.frontend_url, os.getpid(), **urls)).decode())
         else:
             lines = [
                 f"isopool: broker pid {os.getpid()} serving on {broker.frontend_url}",

@@ -209,6 +209,39 @@ def test_ctrl_c_of_a_threaded_job_writes_what_ends_and_a_second_leaves_it(tmp_pa
     assert started.read_text().count("\n") == (6 if presses == 1 else 8)  # run again only if unwritten
 
 
+_FAST_JOB = """
+import pathlib, random, time
+
+def run(line, ctx):
+    with open(pathlib.Path(__file__).with_name("started"), "a") as f:
+        f.write(ctx.custom_id + "\\n")
+    time.sleep(random.random() / 1000)
+    return {"done": ctx.custom_id}
+"""
+
+
+def test_one_ctrl_c_among_quick_jobs_writes_every_job_that_ran(tmp_path, pool):
+    """The Ctrl-C of the fix above often landed between a job's end and its line, and that result was lost:
+    a rerun ran (and paid for) it again (a review: 1 to 23 of them in 24 of 25 tries)."""
+    (tmp_path / "fastjob.py").write_text(_FAST_JOB)
+    lines = 3000
+    source = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": f"job-{i}", "x": i} for i in range(lines)])
+    out = tmp_path / "out.jsonl"
+    command = [ISOPOOL, "batch", source, "-o", str(out), "--job", "fastjob:run", "--pool", pool.url, "-c", "16"]
+    runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: _complete_lines(out) >= 300 or runner.poll() is not None, 60, "jobs to be written")
+    runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=60)
+    started = tmp_path / "started"
+    assert runner.returncode == -signal.SIGINT, err
+    ran, written = started.read_text().count("\n"), _complete_lines(out)
+    assert ran == written < lines, (ran, written)
+    rerun = subprocess.run([*command, "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["already_done"] == written
+    assert started.read_text().count("\n") == lines  # no job ran twice
+
+
 def _complete_lines(path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 

@@ -510,6 +510,34 @@ _NO_CLIENT_YET = textwrap.dedent(
 )
 
 
+_INTERRUPTED_RUN = """
+import atexit, pathlib, time
+here = pathlib.Path(__file__).parent
+log = open(here / "log.txt", "w")
+log.write("got this far\\n")  # buffered
+atexit.register(lambda: (here / "atexit.txt").write_text("ran"))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_isopool_run_interrupted_shows_the_scripts_traceback_and_runs_its_exit_handlers(tmp_path, pool):
+    """A review found the Ctrl-C handling of this session's first version killing `isopool run` before the
+    script's atexit handlers ran and its buffers were flushed, with its traceback gone."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED_RUN)
+    isopool = os.path.join(os.path.dirname(sys.executable), "isopool")
+    proc = subprocess.Popen([isopool, "run", "--pool", pool.url, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "time.sleep(60)" in err and "KeyboardInterrupt" in err, err
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "log.txt").read_text() == "got this far\n"
+
+
 def test_isopool_run_boots_the_embedded_pool_as_the_script_starts(tmp_path, own_processes):
     """Not in the script's first client constructor: the pool boots while the script imports its SDK."""
     script = tmp_path / "no_client_yet.py"

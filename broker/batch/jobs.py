@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import inspect
 import itertools
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,20 +175,47 @@ def _run_threads(url: str, function: Callable, todo: list, concurrency: int, wri
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
         pending = iter(todo)
         running = {executor.submit(call, *item) for item in itertools.islice(pending, max(1, concurrency))}
-        try:
-            while running:
-                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    write(future.result())  # from this one thread: the ledger is not shared between threads
-                    if (item := next(pending, None)) is not None:
-                        running.add(executor.submit(call, *item))
-        except KeyboardInterrupt:
-            on_interrupt(len(running))
-            for future in concurrent.futures.as_completed(running):  # a second Ctrl-C leaves them
-                write(future.result())
-            raise
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
+        told = False
+        with _ctrl_c_noted() as pressed:
+            try:
+                while running:
+                    done, running = concurrent.futures.wait(running, _NOTICE, concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        write(future.result())  # from this one thread: the ledger is not shared between threads
+                        if not pressed.is_set() and (item := next(pending, None)) is not None:
+                            running.add(executor.submit(call, *item))
+                    if pressed.is_set() and not told:
+                        on_interrupt(len(running))
+                        told = True
+            finally:
+                executor.shutdown(wait=False, cancel_futures=True)
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+
+_NOTICE = 0.2  # seconds a first Ctrl-C may wait to be told of, while no job ends
+
+
+@contextlib.contextmanager
+def _ctrl_c_noted() -> Iterator[threading.Event]:
+    """A first Ctrl-C only sets the event, so that no result is cut off between a job's end and its line (the
+    caller stops starting jobs, writes those running as they end, then raises KeyboardInterrupt); a second
+    raises at once. Only the main thread takes signals: elsewhere, Ctrl-C stays as it was."""
+    pressed = threading.Event()
+
+    def note(signum: int, frame: Any) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    own = threading.current_thread() is threading.main_thread()
+    own = own and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, note) if own else None
+    try:
+        yield pressed
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _run_async(url: str, function: Callable, todo: list, concurrency: int, write: Callable, on_start: Callable):

@@ -421,6 +421,7 @@ def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
     the script makes is the pool's drop-in client: its calls run in worker processes
     that are killed and replaced when a stream stalls. ARGS are passed to the script."""
     import runpy
+    import traceback
 
     from ..shim import boot_embedded, install
 
@@ -430,7 +431,11 @@ def run(pool_url: str | None, script: str, args: tuple[str, ...]) -> None:
         boot_embedded()
     install()
     sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except KeyboardInterrupt:  # as Python shows the script's own: its traceback, then its atexit handlers run
+        traceback.print_exc()
+        sys.exit(130)
 
 
 @main.command()

@@ -164,7 +164,8 @@ def print_demo(s: dict[str, Any]) -> None:
         failed = sum(s["failed"].values())
         console.print(
             f"[yellow]nothing lost and no wrong answer; {failed} of {s['requests']} ended in a typed error (above): "
-            "the faults drawn for it outlasted its retries, and the error says which, as your code would be told[/]"
+            f"the faults drawn for {'it' if failed == 1 else 'each'} outlasted its retries, and the error says "
+            "which, as your code would be told[/]"
         )
     else:
         console.print("[green]nothing lost: every request answered, every answer correct[/]")

@@ -444,8 +444,8 @@ from broker import Pool
 ask = {"model": "claude-fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 with Pool(profiles={"local": {"kind": "anthropic", "base_url": sys.argv[1]}}) as pool, pool.client() as client:
     client.request("local", "messages.create", **ask)
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)  # inside: the Ctrl-C may come as soon as it is out
         time.sleep(60)
     except KeyboardInterrupt:  # as a REPL does: the session goes on
         pass

@@ -533,7 +533,7 @@ def test_isopool_run_interrupted_shows_the_scripts_traceback_and_runs_its_exit_h
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "time.sleep(60)" in err and "KeyboardInterrupt" in err, err
+    assert 'interrupted.py", line' in err and err.rstrip().endswith("KeyboardInterrupt"), err  # the script's
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert (tmp_path / "log.txt").read_text() == "got this far\n"
 

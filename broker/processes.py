@@ -112,10 +112,7 @@ class Child:
         self, module: str, *args: str, handover: bytes | None = None, pass_fds: Sequence[int] = (), grace: float = 5.0
     ) -> None:
         self.proc = subprocess.Popen(
-            python_command(module, *args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=tuple(pass_fds),
+            python_command(module, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds)
         )
         self._finalizer = weakref.finalize(self, _stop, self.proc, grace)
         if handover is not None:

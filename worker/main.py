@@ -135,18 +135,22 @@ def build_client(profile: Profile, api_key: str | None = None) -> Clients:
     sdk = sdks.load(profile.family)
     if not key and named and profile.kind == profile.family:
         # not the SDK's own variable in its place (OPENAI_API_KEY, say): that key is for another upstream
-        unset = sdk.error(f"{named} (the profile's api_key_env) is not set in the pool's environment: set it, "
-                          "then start the pool again")  # fmt: skip
-        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
+        return _keyless(sdk, profile, sdk.error(f"{named} (the profile's api_key_env) is not set in the pool's "
+                                                "environment: set it, then start the pool again"))  # fmt: skip
     try:
         clients = _clients(sdk, profile, key)
     except sdk.error as exc:
-        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=exc)
+        return _keyless(sdk, profile, exc)
     if profile.kind == "anthropic" and _unauthenticated(clients.sdk):  # first-party; the clouds sign otherwise
-        unset = sdk.error("no API key: the pool's environment has no ANTHROPIC_API_KEY (nor ANTHROPIC_AUTH_TOKEN) and "
-                          "the profile names no api_key_env: set one, then start the pool again")  # fmt: skip
-        return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=unset)
+        return _keyless(sdk, profile, sdk.error("no API key: the pool's environment has no ANTHROPIC_API_KEY (nor "
+                                                "ANTHROPIC_AUTH_TOKEN) and the profile names no api_key_env: set "
+                                                "one, then start the pool again"))  # fmt: skip
     return clients
+
+
+def _keyless(sdk: sdks.Sdk, profile: Profile, why: Exception) -> Clients:
+    """Clients on the stand-in key, for the calls that bring their own; every other call raises `why`."""
+    return msgspec.structs.replace(_clients(sdk, profile, STAND_IN_KEY), no_key=why)
 
 
 def _unauthenticated(client: Any) -> bool:

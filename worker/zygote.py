@@ -9,7 +9,8 @@ Its arguments are the SDK kinds to preload (comma-separated: those the broker's 
 name, and no other), then the broker's run dir and socket urls: its stdin closes only when
 the broker is done with them (closing, or killed), and a killed broker cannot remove its
 socket files, so the zygote does (those it saw at its start, never a newer broker's), and its run dir lock (only
-while no broker holds it).
+while no broker holds it). Like every owned child it ignores the terminal's Ctrl-C (broker/processes.py), and so
+do the workers it forks: the broker's owner handles it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ class _Spawns:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the broker's to handle: it drains, then stops us
     kinds, *places = sys.argv[1:]
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
